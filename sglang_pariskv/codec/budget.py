@@ -1,0 +1,63 @@
+"""Budget arithmetic shared by the torch oracle and the GPU kernels.
+
+Tier sizes and candidate counts are ceilings of products of floats; computed two ways
+they can disagree at exact integers. Both paths call these functions (tensor in, tensor
+out, no host sync), so they agree by construction.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sglang_pariskv.config import ParisKVConfig
+
+# ceil(x - eps): a product like 100 * 0.5 * 0.3 = 15.000000000000002 must give 15.
+_CEIL_EPS = 1e-6
+
+
+def _ceil(x: torch.Tensor) -> torch.Tensor:
+    return torch.ceil(x.to(torch.float64) - _CEIL_EPS).clamp_min(0).to(torch.int64)
+
+
+def zone_lengths(seq_lens: torch.Tensor, config: ParisKVConfig) -> torch.Tensor:
+    """Tokens between the sink and the local window, per request (>= 0)."""
+    return (seq_lens.to(torch.int64) - config.sink - config.local).clamp_min(0)
+
+
+def retrieval_ratios(
+    zone_len: torch.Tensor, config: ParisKVConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-request (candidate_ratio, collision_ratio), float64; adaptive where unset."""
+    z = zone_len.to(torch.float64)
+    cand = torch.full_like(z, 0.1)
+    coll = torch.full_like(z, 0.2)
+    for upper, c, k in ((30_000, 0.2, 0.25), (10_000, 0.25, 0.3), (5_000, 0.5, 0.5)):
+        cand = torch.where(z < upper, c, cand)
+        coll = torch.where(z < upper, k, coll)
+    if config.candidate_ratio is not None:
+        cand = torch.full_like(z, float(config.candidate_ratio))
+    if config.collision_ratio is not None:
+        coll = torch.full_like(z, float(config.collision_ratio))
+    return cand, coll
+
+
+def tier_thresholds(
+    hist_total: torch.Tensor, collision_ratio: torch.Tensor, config: ParisKVConfig
+) -> torch.Tensor:
+    """T_t = ceil(N * collision_ratio * rho_t): int64 [..., num_tiers].
+
+    ``hist_total`` is the number of keys counted in the histograms (N, per request) and
+    ``collision_ratio`` broadcasts against it.
+    """
+    rho = torch.tensor(config.tier_ratios, dtype=torch.float64, device=hist_total.device)
+    base = hist_total.to(torch.float64) * collision_ratio.to(torch.float64)
+    return _ceil(base[..., None] * rho)
+
+
+def num_candidates(
+    zone_len: torch.Tensor, candidate_ratio: torch.Tensor, config: ParisKVConfig
+) -> torch.Tensor:
+    """C = ceil(zone * candidate_ratio), raised to top-k (so the budget is filled) and
+    capped at the zone."""
+    c = _ceil(zone_len.to(torch.float64) * candidate_ratio)
+    return torch.minimum(c.clamp_min(config.topk), zone_len.to(torch.int64))

@@ -1,0 +1,174 @@
+"""One validated dataclass for every ParisKV knob.
+
+Every value that reaches the retrieval pipeline passes through :class:`ParisKVConfig`, so
+a bad flag or JSON key fails at startup with a message that names the knob, the value,
+the allowed range and the command-line flag that sets it, instead of failing mid-serving.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+#: Tier budget fractions of ParisKV's collision stage (DESIGN.md step 7).
+DEFAULT_TIER_RATIOS: tuple[float, ...] = (0.05, 0.15, 0.30, 0.50, 0.75, 1.0)
+
+
+def _flag(name: str) -> str:
+    return "--pariskv-" + name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class ParisKVConfig:
+    """Knobs of ParisKV sparse decoding.
+
+    The attended set of a long request is ``sink`` first tokens, ``local`` last tokens and
+    the ``topk`` best retrieved tokens of the zone between them. Requests of at most
+    ``dense_threshold`` tokens attend densely. ``candidate_ratio`` / ``collision_ratio``
+    of ``None`` mean "adaptive by retrieval-zone length" (see :func:`adaptive_ratios`).
+    """
+
+    topk: int = 2048
+    sink: int = 64
+    local: int = 256
+    dense_threshold: int = 8192
+    candidate_ratio: float | None = None
+    collision_ratio: float | None = None
+    tier_ratios: tuple[float, ...] = field(default=DEFAULT_TIER_RATIOS)
+    rotation_seed: int = 0
+
+    def __post_init__(self) -> None:
+        self._check_int("topk", lo=1)
+        self._check_int("sink", lo=0)
+        self._check_int("local", lo=0)
+        self._check_int("dense_threshold", lo=0)
+        self._check_int("rotation_seed", lo=0, hi=2**63 - 1)
+        for name in ("candidate_ratio", "collision_ratio"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(
+                    f"pariskv {name}={value!r} is invalid: expected a number in (0, 1] "
+                    f"or 'auto' ({_flag(name)})"
+                )
+            if not (0.0 < float(value) <= 1.0) or math.isnan(float(value)):
+                raise ValueError(
+                    f"pariskv {name}={value!r} is out of range: allowed (0, 1], or 'auto' "
+                    f"for the length-adaptive default ({_flag(name)})"
+                )
+        ratios = tuple(self.tier_ratios)
+        if not ratios or any(
+            isinstance(r, bool) or not isinstance(r, (int, float)) for r in ratios
+        ):
+            raise ValueError(
+                f"pariskv tier_ratios={self.tier_ratios!r} is invalid: expected a non-empty "
+                "list of numbers in (0, 1], strictly increasing"
+            )
+        if any(not (0.0 < r <= 1.0) for r in ratios) or any(
+            b <= a for a, b in zip(ratios, ratios[1:])
+        ):
+            raise ValueError(
+                f"pariskv tier_ratios={ratios!r} is invalid: each must be in (0, 1] and "
+                "the list strictly increasing, e.g. [0.05, 0.15, 0.3, 0.5, 0.75, 1.0]"
+            )
+        if len(ratios) > 15:
+            raise ValueError(
+                f"pariskv tier_ratios has {len(ratios)} tiers: at most 15 are supported "
+                "(a block's tier count must fit in 4 bits)"
+            )
+        object.__setattr__(self, "tier_ratios", tuple(float(r) for r in ratios))
+
+    def _check_int(self, name: str, lo: int, hi: int | None = None) -> None:
+        value = getattr(self, name)
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        if ok and value >= lo and (hi is None or value <= hi):
+            return
+        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ValueError(
+            f"pariskv {name}={value!r} is invalid: expected an integer {bound} ({_flag(name)})"
+        )
+
+    @property
+    def budget(self) -> int:
+        """Tokens attended per KV head by a sparse request: sink + local + top-k."""
+        return self.sink + self.local + self.topk
+
+    def is_dense(self, seq_len: int) -> bool:
+        """A request attends densely when short, or when retrieval could not skip anything."""
+        return seq_len <= self.dense_threshold or seq_len <= self.budget
+
+    def ratios_for(self, zone_len: int) -> tuple[float, float]:
+        """(candidate_ratio, collision_ratio) for a retrieval zone of ``zone_len`` tokens."""
+        cand, coll = adaptive_ratios(zone_len)
+        return (
+            cand if self.candidate_ratio is None else float(self.candidate_ratio),
+            coll if self.collision_ratio is None else float(self.collision_ratio),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["tier_ratios"] = list(self.tier_ratios)
+        for name in ("candidate_ratio", "collision_ratio"):
+            if d[name] is None:
+                d[name] = "auto"
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ParisKVConfig:
+        """Build from a JSON-style dict; unknown keys are errors (a typo must not be ignored)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"pariskv config has unknown key(s) {unknown}: allowed keys are {sorted(known)}"
+            )
+        kwargs = dict(data)
+        for name in ("candidate_ratio", "collision_ratio"):
+            if kwargs.get(name) == "auto":
+                kwargs[name] = None
+        if "tier_ratios" in kwargs and isinstance(kwargs["tier_ratios"], list):
+            kwargs["tier_ratios"] = tuple(kwargs["tier_ratios"])
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> ParisKVConfig:
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ValueError(
+                f"pariskv config file {path} does not exist (--pariskv-config)"
+            ) from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"pariskv config file {path} is not valid JSON: {e}") from e
+        if not isinstance(data, dict):
+            raise ValueError(f"pariskv config file {path} must hold a JSON object")
+        return cls.from_dict(data)
+
+
+def adaptive_ratios(zone_len: int) -> tuple[float, float]:
+    """Length-adaptive (candidate_ratio, collision_ratio), from the ParisKV reference.
+
+    Longer zones hold proportionally fewer relevant keys, so both the candidate pool and
+    the collision tiers shrink as the zone grows.
+    """
+    if zone_len < 5_000:
+        return 0.5, 0.5
+    if zone_len < 10_000:
+        return 0.25, 0.3
+    if zone_len < 30_000:
+        return 0.2, 0.25
+    return 0.1, 0.2
+
+
+def check_head_dim(head_dim: int) -> None:
+    """ParisKV splits keys into 8-dim blocks: head_dim must be a positive multiple of 8."""
+    if not isinstance(head_dim, int) or head_dim <= 0 or head_dim % 8:
+        raise ValueError(
+            f"ParisKV needs head_dim to be a positive multiple of 8, got {head_dim!r}: "
+            "this model is not supported; serve it without --enable-pariskv"
+        )

@@ -1,0 +1,69 @@
+import json
+
+import pytest
+
+from sglang_pariskv.config import ParisKVConfig, adaptive_ratios, check_head_dim
+
+
+def test_defaults_are_valid_and_round_trip():
+    cfg = ParisKVConfig()
+    assert cfg.budget == 64 + 256 + 2048
+    assert ParisKVConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"topk": 0}, ["topk=0", "--pariskv-topk", ">= 1"]),
+        ({"topk": 2.5}, ["topk=2.5", "integer"]),
+        ({"sink": -1}, ["sink=-1", "--pariskv-sink"]),
+        ({"local": True}, ["local=True"]),
+        ({"dense_threshold": -5}, ["dense_threshold=-5", "--pariskv-dense-threshold"]),
+        ({"candidate_ratio": 0.0}, ["candidate_ratio=0.0", "(0, 1]", "--pariskv-candidate-ratio"]),
+        ({"collision_ratio": 1.5}, ["collision_ratio=1.5", "--pariskv-collision-ratio"]),
+        ({"collision_ratio": "x"}, ["collision_ratio='x'"]),
+        ({"tier_ratios": (0.5, 0.2)}, ["tier_ratios", "increasing"]),
+        ({"tier_ratios": ()}, ["tier_ratios"]),
+    ],
+)
+def test_bad_values_name_the_knob_value_and_range(kwargs, words):
+    with pytest.raises(ValueError) as e:
+        ParisKVConfig(**kwargs)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_unknown_key_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="unknown key.*topK"):
+        ParisKVConfig.from_dict({"topK": 5})
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps({"topk": 100, "candidate_ratio": "auto", "collision_ratio": 0.3}))
+    cfg = ParisKVConfig.from_json(p)
+    assert cfg.topk == 100 and cfg.candidate_ratio is None and cfg.collision_ratio == 0.3
+    p.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        ParisKVConfig.from_json(p)
+    with pytest.raises(ValueError, match="does not exist"):
+        ParisKVConfig.from_json(tmp_path / "missing.json")
+
+
+def test_adaptive_ratios_follow_the_reference_table():
+    assert adaptive_ratios(4_999) == (0.5, 0.5)
+    assert adaptive_ratios(5_000) == (0.25, 0.3)
+    assert adaptive_ratios(10_000) == (0.2, 0.25)
+    assert adaptive_ratios(30_000) == (0.1, 0.2)
+    cfg = ParisKVConfig(candidate_ratio=0.4)
+    assert cfg.ratios_for(100_000) == (0.4, 0.2)
+
+
+def test_dense_below_threshold_or_budget():
+    cfg = ParisKVConfig(topk=100, sink=4, local=16, dense_threshold=500)
+    assert cfg.is_dense(500) and not cfg.is_dense(501)
+    cfg = ParisKVConfig(topk=100, sink=4, local=16, dense_threshold=0)
+    assert cfg.is_dense(120) and not cfg.is_dense(121)
+
+
+@pytest.mark.parametrize("d", [0, 12, 63, -8])
+def test_head_dim_must_be_multiple_of_8(d):
+    with pytest.raises(ValueError, match="multiple of 8"):
+        check_head_dim(d)
