@@ -1,0 +1,140 @@
+"""ParisKV as a transformers attention function: the codec driving a real model on CPU.
+
+This is the reference integration used by the demo and by quality tests: prefill attends
+densely (as the serving path does) and encodes every key once; each decode step encodes
+only the new key, keeps the per-layer centroid histograms incrementally, retrieves with
+``codec.retrieve`` and attends with ``codec.sparse_attention``. It also measures what a
+decode step lost against dense attention (recall of the exact top-k, attention mass).
+Batch size 1 (the demo's case); the SGLang backend is the batched, GPU path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from sglang_pariskv.codec import KeyCodes, centroid_histogram, encode_keys, retrieve
+from sglang_pariskv.codec.attention import sparse_attention
+from sglang_pariskv.codec.query import group_queries
+from sglang_pariskv.config import ParisKVConfig
+
+ATTN_NAME = "pariskv"
+
+
+@dataclass
+class StepMetrics:
+    """What one decode step of one layer attended and how much of dense it kept."""
+
+    layer: int
+    context: int
+    attended: float  #: tokens attended per KV head (mean over heads)
+    recall_at_k: float  #: |retrieved ∩ exact top-k| / k over the zone (mean over heads)
+    mass_recall: float  #: softmax mass (dense) of the attended set (mean over query heads)
+
+
+@dataclass
+class _LayerState:
+    codes: KeyCodes | None = None  # [1, N, Hkv, ...]
+    hist: torch.Tensor | None = None  # [1, Hkv, B, 256]
+
+
+@dataclass
+class ParisKVAttention:
+    """Callable registered as transformers attention implementation ``"pariskv"``."""
+
+    config: ParisKVConfig
+    dense_layers: frozenset[int] = frozenset()
+    measure: bool = True
+    metrics: list[StepMetrics] = field(default_factory=list)
+    _layers: dict[int, _LayerState] = field(default_factory=dict)
+
+    def reset(self) -> None:
+        """Forget cached codes and metrics (call before a new sequence)."""
+        self._layers.clear()
+        self.metrics.clear()
+
+    def _encode_new(self, layer: int, keys: torch.Tensor) -> _LayerState:
+        """Encode keys past the cached count (keys: [1, N, Hkv, D])."""
+        st = self._layers.setdefault(layer, _LayerState())
+        have = 0 if st.codes is None else st.codes.signs.shape[1]
+        if keys.shape[1] < have:
+            raise RuntimeError(
+                "the KV cache shrank between calls: call ParisKVAttention.reset() before "
+                "starting a new sequence"
+            )
+        if keys.shape[1] > have:
+            new = encode_keys(keys[:, have:], self.config.rotation_seed)
+            delta = centroid_histogram(new.signs, torch.tensor([new.signs.shape[1]]))
+            if st.codes is None:
+                st.codes, st.hist = new, delta
+            else:
+                st.codes = KeyCodes(*(torch.cat([a, b], 1) for a, b in zip(st.codes, new)))
+                st.hist = st.hist + delta
+        return st
+
+    def __call__(
+        self,
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        dropout: float = 0.0,
+        scaling: float | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None]:
+        if query.shape[0] != 1:
+            raise ValueError("ParisKVAttention (transformers) supports batch size 1 only")
+        layer = module.layer_idx
+        keys = key.transpose(1, 2)  # [1, N, Hkv, D]
+        st = self._encode_new(layer, keys)
+        n = keys.shape[1]
+        if query.shape[2] > 1 or layer in self.dense_layers or self.config.is_dense(n):
+            return sdpa_attention_forward(
+                module, query, key, value, attention_mask, dropout, scaling, **kwargs
+            )
+        q = query[:, :, 0, :]  # [1, Hq, D]
+        values = value.transpose(1, 2)
+        ret = retrieve(q, st.codes, torch.tensor([n]), self.config, hist=st.hist)
+        out = sparse_attention(q, keys, values, ret.positions, ret.valid, scaling)
+        if self.measure:
+            self.metrics.append(self._measure(layer, q, keys, ret.positions, ret.valid, scaling))
+        return out[:, None].to(query.dtype), None
+
+    def _measure(self, layer, q, keys, positions, valid, scaling) -> StepMetrics:
+        cfg = self.config
+        n, hkv, d = keys.shape[1], keys.shape[2], keys.shape[3]
+        scale = d**-0.5 if scaling is None else scaling
+        qg = group_queries(q.float(), hkv)[0]  # [Hkv, G, D]
+        logits = torch.einsum("hgd,nhd->hgn", qg, keys[0].float()) * scale
+        probs = torch.softmax(logits, -1)
+        attended = torch.zeros(hkv, n, dtype=torch.bool)
+        for h in range(hkv):
+            attended[h, positions[0, h][valid[0, h]]] = True
+        mass = (probs * attended[:, None]).sum(-1).mean().item()
+        zone = slice(cfg.sink, n - cfg.local)
+        target = torch.einsum("hd,nhd->hn", qg.mean(1), keys[0, zone].float())
+        k = min(cfg.topk, target.shape[1])
+        exact = target.topk(k, dim=-1).indices + cfg.sink
+        hits = torch.gather(attended, 1, exact).float().sum(-1) / k
+        return StepMetrics(
+            layer=layer,
+            context=n,
+            attended=valid[0].sum(-1).float().mean().item(),
+            recall_at_k=hits.mean().item(),
+            mass_recall=mass,
+        )
+
+
+def install(model: torch.nn.Module, attention: ParisKVAttention) -> None:
+    """Route ``model``'s attention through ``attention`` (transformers attention interface)."""
+    AttentionInterface.register(ATTN_NAME, attention)
+    model.set_attn_implementation(ATTN_NAME)
+
+
+def uninstall(model: torch.nn.Module) -> None:
+    """Back to transformers' SDPA attention."""
+    model.set_attn_implementation("sdpa")

@@ -1,0 +1,82 @@
+"""The transformers integration against dense attention and hand-computed oracles."""
+
+import types
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from sglang_pariskv.codec import encode_keys, retrieve
+from sglang_pariskv.config import ParisKVConfig
+from sglang_pariskv.hf_attention import ParisKVAttention, install, uninstall
+
+
+def tiny_llama():
+    cfg = LlamaConfig(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=4096,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@torch.inference_mode()
+def run(model, ids, steps):
+    out = model(input_ids=ids, use_cache=True)
+    past, logits = out.past_key_values, [out.logits[0, -1]]
+    for _ in range(steps):
+        tok = logits[-1].argmax().view(1, 1)
+        out = model(input_ids=tok, past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        logits.append(out.logits[0, -1])
+    return torch.stack(logits), past
+
+
+def test_dense_config_reproduces_sdpa_and_codes_track_the_cache():
+    model = tiny_llama()
+    ids = torch.randint(0, 97, (1, 300), generator=torch.Generator().manual_seed(1))
+    want, _ = run(model, ids, 5)
+    attn = ParisKVAttention(ParisKVConfig(topk=8, sink=4, local=8, dense_threshold=10_000))
+    install(model, attn)
+    got, past = run(model, ids, 5)
+    uninstall(model)
+    assert torch.allclose(got, want, atol=1e-5)
+    # The incrementally appended codes equal a one-shot encode of the final cache.
+    for layer in range(2):
+        keys = past.layers[layer].keys.transpose(1, 2)[:, : -0 or None]
+        st = attn._layers[layer]
+        full = encode_keys(keys[:, : st.codes.signs.shape[1]])
+        for a, b in zip(st.codes, full):
+            assert torch.equal(a, b)
+
+
+def test_sparse_decode_attends_exactly_the_retrieved_set():
+    gen = torch.Generator().manual_seed(2)
+    hq, hkv, d, n = 6, 2, 16, 700
+    q = torch.randn(1, hq, 1, d, generator=gen)
+    k = torch.randn(1, hkv, n, d, generator=gen)
+    v = torch.randn(1, hkv, n, d, generator=gen)
+    cfg = ParisKVConfig(topk=50, sink=4, local=16, dense_threshold=0)
+    attn = ParisKVAttention(cfg)
+    module = types.SimpleNamespace(layer_idx=0)
+    out, _ = attn(module, q, k, v, None, scaling=0.3)
+    ret = retrieve(q[:, :, 0], encode_keys(k.transpose(1, 2)), torch.tensor([n]), cfg)
+    mass = []
+    for h in range(hq):
+        kv = h // (hq // hkv)
+        pos = ret.positions[0, kv][ret.valid[0, kv]]
+        assert len(pos) == cfg.budget
+        logits = (k[0, kv].double() @ q[0, h, 0].double()) * 0.3
+        p_sel = torch.softmax(logits[pos], 0)
+        want = p_sel @ v[0, kv, pos].double()
+        assert torch.allclose(out[0, 0, h].double(), want, atol=1e-5)
+        mass.append(torch.softmax(logits, 0)[pos].sum().item())
+    (m,) = attn.metrics
+    assert abs(m.mass_recall - sum(mass) / hq) < 1e-5
+    assert m.attended == cfg.budget and m.context == n
+    assert 0.0 <= m.recall_at_k <= 1.0
