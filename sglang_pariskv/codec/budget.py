@@ -49,9 +49,8 @@ def tier_thresholds(
     ``hist_total`` is the number of keys counted in the histograms (N, per request) and
     ``collision_ratio`` broadcasts against it.
     """
-    rho = torch.tensor(config.tier_ratios, dtype=torch.float64, device=hist_total.device)
-    base = hist_total.to(torch.float64) * collision_ratio.to(torch.float64)
-    return _ceil(base[..., None] * rho)
+    rho = tier_ratio_tensor(config, hist_total.device)
+    return tier_thresholds_rho(hist_total, collision_ratio, rho)
 
 
 def num_candidates(
@@ -61,3 +60,23 @@ def num_candidates(
     capped at the zone."""
     c = _ceil(zone_len.to(torch.float64) * candidate_ratio)
     return torch.minimum(c.clamp_min(config.topk), zone_len.to(torch.int64))
+
+
+def tier_ratio_tensor(config: ParisKVConfig, device=None) -> torch.Tensor:
+    """rho of :func:`tier_thresholds` as a float64 tensor (build once, outside CUDA graphs)."""
+    return torch.tensor(config.tier_ratios, dtype=torch.float64, device=device)
+
+
+def tier_thresholds_rho(
+    hist_total: torch.Tensor, collision_ratio: torch.Tensor, rho: torch.Tensor
+) -> torch.Tensor:
+    """:func:`tier_thresholds` with rho given as a tensor (no host-to-device copy, so it
+    can run inside a CUDA graph)."""
+    base = hist_total.to(torch.float64) * collision_ratio.to(torch.float64)
+    return _ceil(base[..., None] * rho)
+
+
+def dense_mask(seq_lens: torch.Tensor, config: ParisKVConfig) -> torch.Tensor:
+    """bool per request: :meth:`ParisKVConfig.is_dense` on a tensor (no host sync)."""
+    limit = max(config.dense_threshold, config.budget)
+    return seq_lens <= limit

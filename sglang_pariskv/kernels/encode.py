@@ -1,0 +1,236 @@
+"""Encode-at-write: post-RoPE keys -> ParisKV codes in the slot-keyed pool (DESIGN.md 1-5).
+
+One fused pass per block of (token, head) rows: load the key, normalise, rotate with one
+``tl.dot`` against the D x D matrix of :func:`codec.rotation.rotation_matrix`, split into
+8-dim blocks, and write sign ids, packed 3-bit magnitudes and fp16 weights straight to the
+rows ``slot * Hkv + head`` of the pool, so no [T, Hkv, ...] temporary ever exists. The same
+pass adds each token's sign ids to its request's centroid histogram with atomics, which is
+what keeps the histograms incremental as decode appends one token at a time.
+
+Bit-exactness with :func:`codec.encode.encode_keys`: the arithmetic is the same fp32 formula,
+but summation order (norms, the rotation dot) differs, so a magnitude within float rounding
+of a Lloyd-Max threshold (or a rotated coordinate within rounding of 0) can land on the other
+side. tests/test_kernels_encode.py measures and bounds that rate.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+import triton
+import triton.language as tl
+
+from sglang_pariskv.codec.encode import KeyCodes
+from sglang_pariskv.codec.levels import magnitude_levels, magnitude_thresholds
+from sglang_pariskv.codec.rotation import rotation_matrix
+from sglang_pariskv.config import check_head_dim
+
+_FP16_MAX = 65504.0
+_TINY = 1.1754943508222875e-38  # torch.finfo(torch.float32).tiny, what codec clamps with
+
+
+@lru_cache(maxsize=32)
+def _constants(head_dim: int, seed: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(R^T fp32 [D, D], thresholds fp32 [8] (padded), levels fp32 [8]) on ``device``."""
+    rot_t = rotation_matrix(head_dim, seed, torch.float32, device).t().contiguous()
+    thr = torch.full((8,), float("inf"), dtype=torch.float32)
+    thr[:7] = magnitude_thresholds(torch.float32)
+    return rot_t, thr.to(device), magnitude_levels(torch.float32, device)
+
+
+def encode_constants(head_dim: int, seed: int, device) -> tuple[torch.Tensor, ...]:
+    """Device constants the encode kernel reads; cache them before CUDA-graph capture."""
+    return _constants(head_dim, seed, torch.device(device))
+
+
+@triton.jit
+def _encode_kernel(
+    keys_ptr,
+    stride_kt,
+    stride_kh,
+    slot_ptr,
+    req_ptr,
+    rot_t_ptr,
+    thr_ptr,
+    lev_ptr,
+    signs_ptr,
+    mags_ptr,
+    w_ptr,
+    hist_ptr,
+    num_rows,
+    H: tl.constexpr,
+    D: tl.constexpr,
+    B: tl.constexpr,
+    HAS_HIST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < num_rows
+    tok = rows // H
+    head = rows % H
+    d = tl.arange(0, D)
+    k = tl.load(
+        keys_ptr + tok[:, None].to(tl.int64) * stride_kt + head[:, None] * stride_kh + d[None, :],
+        mask=rmask[:, None],
+        other=0.0,
+    ).to(tl.float32)
+    norm = tl.sqrt(tl.sum(k * k, axis=1))
+    unit = k / tl.maximum(norm, _TINY)[:, None]
+    rot_t = tl.load(rot_t_ptr + d[:, None] * D + d[None, :])
+    x = tl.dot(unit, rot_t, input_precision=PRECISION)  # [BLOCK_M, D] rotated unit key
+    xb = tl.reshape(x, (BLOCK_M, B, 8))
+    r = tl.sqrt(tl.sum(xb * xb, axis=2))  # [BLOCK_M, B]
+    u = xb / tl.maximum(r, _TINY)[:, :, None]
+    au = tl.abs(u)
+    t = tl.zeros((BLOCK_M, B, 8), dtype=tl.int32)
+    for i in tl.static_range(7):
+        t += (au > tl.load(thr_ptr + i)).to(tl.int32)
+    a = tl.zeros((BLOCK_M, B, 8), dtype=tl.float32)
+    for i in tl.static_range(8):
+        a = tl.where(t == i, tl.load(lev_ptr + i), a)
+    alpha = tl.sum(a * au, axis=2)
+    w = tl.where(r > 0, norm[:, None] * r / tl.maximum(alpha, _TINY), 0.0)
+    w = tl.minimum(w, _FP16_MAX)
+    j = tl.arange(0, 8)
+    sign = tl.sum((xb >= 0).to(tl.int32) << j[None, None, :], axis=2)  # [BLOCK_M, B]
+    word = tl.sum(t << (3 * j)[None, None, :], axis=2)
+
+    slot = tl.load(slot_ptr + tok, mask=rmask, other=0).to(tl.int64)
+    out_row = slot * H + head
+    b = tl.arange(0, B)
+    m2 = rmask[:, None]
+    tl.store(signs_ptr + out_row[:, None] * B + b[None, :], sign.to(tl.uint8), mask=m2)
+    mag_base = mags_ptr + out_row[:, None] * (3 * B) + 3 * b[None, :]
+    tl.store(mag_base, (word & 0xFF).to(tl.uint8), mask=m2)
+    tl.store(mag_base + 1, ((word >> 8) & 0xFF).to(tl.uint8), mask=m2)
+    tl.store(mag_base + 2, ((word >> 16) & 0xFF).to(tl.uint8), mask=m2)
+    tl.store(w_ptr + out_row[:, None] * B + b[None, :], w.to(tl.float16), mask=m2)
+    if HAS_HIST:
+        req = tl.load(req_ptr + tok, mask=rmask, other=-1)
+        hrow = (req.to(tl.int64) * H + head) * B
+        hptr = hist_ptr + (hrow[:, None] + b[None, :]) * 256 + sign
+        tl.atomic_add(hptr, 1, mask=m2 & (req >= 0)[:, None], sem="relaxed")
+
+
+def encode_to_pool(
+    keys: torch.Tensor,
+    slots: torch.Tensor,
+    pool: KeyCodes,
+    hist: torch.Tensor | None = None,
+    req_ids: torch.Tensor | None = None,
+    seed: int = 0,
+    block_m: int = 32,
+    precision: str = "ieee",
+) -> None:
+    """Encode keys ``[T, Hkv, D]`` into ``pool`` rows ``slots`` (int32/int64 ``[T]``).
+
+    pool: :class:`KeyCodes` of pool tensors ``signs [S, Hkv, B]``, ``mags [S, Hkv, 3B]``,
+    ``weights [S, Hkv, B]`` (contiguous). When ``hist`` (int32 ``[max_reqs, Hkv, B, 256]``)
+    is given, ``req_ids [T]`` names each token's histogram row; a negative id skips the
+    token (e.g. a padding token). No host sync: safe inside a CUDA graph.
+    """
+    t, h, d = keys.shape
+    check_head_dim(d)
+    b = d // 8
+    if b & (b - 1):
+        raise ValueError(f"the encode kernel needs head_dim/8 a power of two, got {d}")
+    for name, x, width in (("signs", pool.signs, b), ("mags", pool.mags, 3 * b)):
+        if x.shape[1:] != (h, width) or not x.is_contiguous():
+            raise ValueError(f"pool.{name} must be contiguous [slots, {h}, {width}]")
+    if keys.stride(-1) != 1:
+        keys = keys.contiguous()
+    if t == 0:
+        return
+    rot_t, thr, lev = encode_constants(d, seed, keys.device)
+    has_hist = hist is not None
+    if has_hist and req_ids is None:
+        raise ValueError("encode_to_pool: hist given without req_ids")
+    rows = t * h
+    _encode_kernel[(triton.cdiv(rows, block_m),)](
+        keys,
+        keys.stride(0),
+        keys.stride(1),
+        slots,
+        req_ids if has_hist else slots,
+        rot_t,
+        thr,
+        lev,
+        pool.signs,
+        pool.mags,
+        pool.weights,
+        hist if has_hist else pool.signs,
+        rows,
+        H=h,
+        D=d,
+        B=b,
+        HAS_HIST=has_hist,
+        BLOCK_M=block_m,
+        PRECISION=precision,
+        num_warps=4,
+    )
+
+
+@triton.jit
+def _rebuild_hist_kernel(
+    signs_ptr,
+    rtt_ptr,
+    stride_rtt,
+    req_ptr,
+    start_ptr,
+    end_ptr,
+    hist_ptr,
+    H: tl.constexpr,
+    B: tl.constexpr,
+    HBP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    r = tl.program_id(1)
+    req = tl.load(req_ptr + r).to(tl.int64)
+    pos = tl.load(start_ptr + r) + pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    valid = pos < tl.load(end_ptr + r)
+    slot = tl.load(rtt_ptr + req * stride_rtt + pos, mask=valid, other=0).to(tl.int64)
+    hb = tl.arange(0, HBP)
+    m = valid[:, None] & (hb < H * B)[None, :]
+    sg = tl.load(signs_ptr + slot[:, None] * (H * B) + hb[None, :], mask=m, other=0)
+    hptr = hist_ptr + (req * (H * B) + hb[None, :]) * 256 + sg.to(tl.int32)
+    tl.atomic_add(hptr, 1, mask=m, sem="relaxed")
+
+
+def add_to_histograms(
+    signs: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    start: torch.Tensor,
+    end: torch.Tensor,
+    hist: torch.Tensor,
+    max_len: int,
+    block_n: int = 128,
+) -> None:
+    """Add the sign ids of positions [start, end) of each request to ``hist``.
+
+    For a radix-cache prefix hit: the prefix's codes are already in the pool (slot-keyed),
+    so the new request's histograms are rebuilt from them once, through ``req_to_token``.
+    ``max_len`` bounds end - start (it sizes the grid; the kernel masks the rest).
+    """
+    _, h, b = signs.shape
+    r = req_pool_indices.shape[0]
+    if r == 0 or max_len <= 0:
+        return
+    grid = (triton.cdiv(max_len, block_n), r)
+    _rebuild_hist_kernel[grid](
+        signs,
+        req_to_token,
+        req_to_token.stride(0),
+        req_pool_indices,
+        start,
+        end,
+        hist,
+        H=h,
+        B=b,
+        HBP=triton.next_power_of_2(h * b),
+        BLOCK_N=block_n,
+    )

@@ -1,0 +1,187 @@
+"""Candidate selection: top-C zone positions by uint8 collision score (DESIGN.md 8).
+
+Exact, stable (lower position first among equal scores), with no sort:
+  1. ``_threshold_kernel``: from the score histogram of the scan, the threshold score s*
+     (the lowest score still needed to reach C), how many keys score above it (all taken)
+     and how many of the keys *at* it to take (``take``).
+  2. ``_count_kernel``: per chunk of positions and head, how many keys score above / at s*.
+  3. an exclusive cumsum over chunks (torch) gives each chunk its output offsets, and
+     ``_write_kernel`` compacts the positions: keys above s* in position order first, then
+     the first ``take`` keys at s*, in position order.
+The selected set is exactly codec's ``select_candidates`` set; the order inside it differs
+(codec orders by score), which the rerank does not depend on.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _threshold_kernel(
+    shist_ptr, counts_ptr, thr_ptr, take_ptr, ngt_ptr, H: tl.constexpr, NBP: tl.constexpr
+):
+    row = tl.program_id(0)
+    r = row // H
+    s = tl.arange(0, NBP)
+    hist = tl.load(shist_ptr + row * NBP + s)
+    c = tl.load(counts_ptr + r).to(tl.int32)
+    suffix = tl.cumsum(hist, axis=0, reverse=True)
+    s_star = tl.max(tl.where(suffix >= c, s, -1), axis=0)
+    n_gt = tl.sum(tl.where(s > s_star, hist, 0), axis=0)
+    tl.store(thr_ptr + row, s_star)
+    tl.store(take_ptr + row, c - n_gt)
+    tl.store(ngt_ptr + row, n_gt)
+
+
+@triton.jit
+def _count_kernel(
+    scores_ptr,
+    thr_ptr,
+    zend_ptr,
+    gt_ptr,
+    eq_ptr,
+    zone_start,
+    NMAX,
+    NCH,
+    H: tl.constexpr,
+    HP: tl.constexpr,
+    CH: tl.constexpr,
+):
+    chunk = tl.program_id(0)
+    r = tl.program_id(1)
+    zend = tl.load(zend_ptr + r)
+    h = tl.arange(0, HP)
+    hmask = h < H
+    row = r * H + h
+    start = chunk * CH
+    pos = start + tl.arange(0, CH)
+    live = (start + CH > zone_start) & (start < zend)
+    m = hmask[:, None] & ((pos >= zone_start) & (pos < zend))[None, :] & live
+    sc = tl.load(scores_ptr + row[:, None].to(tl.int64) * NMAX + pos[None, :], mask=m, other=0)
+    thr = tl.load(thr_ptr + row, mask=hmask, other=0)
+    sc = sc.to(tl.int32)
+    n_gt = tl.sum((m & (sc > thr[:, None])).to(tl.int32), axis=1)
+    n_eq = tl.sum((m & (sc == thr[:, None])).to(tl.int32), axis=1)
+    tl.store(gt_ptr + row * NCH + chunk, n_gt, mask=hmask)
+    tl.store(eq_ptr + row * NCH + chunk, n_eq, mask=hmask)
+
+
+@triton.jit
+def _write_kernel(
+    scores_ptr,
+    thr_ptr,
+    take_ptr,
+    ngt_ptr,
+    zend_ptr,
+    gt_off_ptr,
+    eq_off_ptr,
+    cand_ptr,
+    zone_start,
+    NMAX,
+    NCH,
+    CMAX,
+    H: tl.constexpr,
+    HP: tl.constexpr,
+    CH: tl.constexpr,
+):
+    chunk = tl.program_id(0)
+    r = tl.program_id(1)
+    zend = tl.load(zend_ptr + r)
+    start = chunk * CH
+    if (start + CH > zone_start) & (start < zend):
+        h = tl.arange(0, HP)
+        hmask = h < H
+        row = r * H + h
+        pos = start + tl.arange(0, CH)
+        m = hmask[:, None] & ((pos >= zone_start) & (pos < zend))[None, :]
+        sc = tl.load(
+            scores_ptr + row[:, None].to(tl.int64) * NMAX + pos[None, :], mask=m, other=0
+        ).to(tl.int32)
+        thr = tl.load(thr_ptr + row, mask=hmask, other=0)
+        take = tl.load(take_ptr + row, mask=hmask, other=0)
+        n_gt = tl.load(ngt_ptr + row, mask=hmask, other=0)
+        gt = (m & (sc > thr[:, None])).to(tl.int32)
+        eq = (m & (sc == thr[:, None])).to(tl.int32)
+        gt_rank = tl.load(gt_off_ptr + row * NCH + chunk, mask=hmask, other=0)[:, None] + (
+            tl.cumsum(gt, axis=1) - gt
+        )
+        eq_rank = tl.load(eq_off_ptr + row * NCH + chunk, mask=hmask, other=0)[:, None] + (
+            tl.cumsum(eq, axis=1) - eq
+        )
+        take_eq = (eq == 1) & (eq_rank < take[:, None])
+        dest = tl.where(gt == 1, gt_rank, n_gt[:, None] + eq_rank)
+        keep = (gt == 1) | take_eq
+        tl.store(
+            cand_ptr + row[:, None].to(tl.int64) * CMAX + dest,
+            pos[None, :].broadcast_to((HP, CH)),
+            mask=keep,
+        )
+
+
+class CandidateBuffers:
+    """Preallocated scratch of :func:`select_candidates_gpu` for one (R, Hkv, NMAX)."""
+
+    def __init__(self, rows: int, nmax: int, chunk: int, device) -> None:
+        self.chunk = chunk
+        self.nch = triton.cdiv(max(nmax, 1), chunk)
+        i32 = dict(dtype=torch.int32, device=device)
+        self.thr = torch.empty(rows, **i32)
+        self.take = torch.empty(rows, **i32)
+        self.ngt = torch.empty(rows, **i32)
+        self.gt = torch.empty(rows, self.nch, **i32)
+        self.eq = torch.empty(rows, self.nch, **i32)
+        self.gt_off = torch.empty(rows, self.nch, **i32)
+        self.eq_off = torch.empty(rows, self.nch, **i32)
+
+
+def select_candidates_gpu(
+    scores: torch.Tensor,
+    score_hist: torch.Tensor,
+    counts: torch.Tensor,
+    zone_start: int,
+    zone_end: torch.Tensor,
+    cand: torch.Tensor,
+    buf: CandidateBuffers,
+) -> None:
+    """Write the top-``counts[r]`` zone positions of each (request, head) into ``cand``.
+
+    scores uint8 [R, Hkv, NMAX]; score_hist int32 [R, Hkv, NBP]; counts int [R]
+    (C from :func:`codec.budget.num_candidates`, <= zone length); zone_end int [R];
+    cand int32 [R, Hkv, CMAX] with CMAX >= max C: entries [0, C) are written.
+    """
+    r, h, nmax = scores.shape
+    if r == 0:
+        return
+    hp = triton.next_power_of_2(h)
+    rows = r * h
+    nbp = score_hist.shape[-1]
+    _threshold_kernel[(rows,)](score_hist, counts, buf.thr, buf.take, buf.ngt, H=h, NBP=nbp)
+    grid = (buf.nch, r)
+    gt, eq = buf.gt[:rows], buf.eq[:rows]
+    _count_kernel[grid](
+        scores, buf.thr, zone_end, gt, eq, zone_start, nmax, buf.nch, H=h, HP=hp, CH=buf.chunk
+    )
+    torch.cumsum(gt, dim=1, dtype=torch.int32, out=buf.gt_off[:rows])
+    torch.cumsum(eq, dim=1, dtype=torch.int32, out=buf.eq_off[:rows])
+    buf.gt_off[:rows].sub_(gt)
+    buf.eq_off[:rows].sub_(eq)
+    _write_kernel[grid](
+        scores,
+        buf.thr,
+        buf.take,
+        buf.ngt,
+        zone_end,
+        buf.gt_off,
+        buf.eq_off,
+        cand,
+        zone_start,
+        nmax,
+        buf.nch,
+        cand.shape[-1],
+        H=h,
+        HP=hp,
+        CH=buf.chunk,
+    )
