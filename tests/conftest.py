@@ -18,21 +18,35 @@ import pytest
 import torch
 
 
+class _Unavailable:
+    """A stand-in for any sgl_kernel object: attribute chains resolve (SGLang reads
+    constants such as ``scalar_types.uint4b8`` at import time), calls raise."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr: str):
+        if attr.startswith("__") and attr.endswith("__"):
+            raise AttributeError(attr)
+        return _Unavailable(f"{self._name}.{attr}")
+
+    def __call__(self, *args, **kwargs):
+        raise RuntimeError(
+            f"{self._name} was called, but sgl_kernel is a CPU-test stand-in (no NVIDIA "
+            "driver here): mark this test `gpu` and run it on the device"
+        )
+
+    def __repr__(self) -> str:
+        return f"<sgl_kernel stand-in {self._name}>"
+
+
 class _RaisingModule(types.ModuleType):
-    """A module whose every attribute is a callable that raises."""
+    """A module whose every attribute is an :class:`_Unavailable`."""
 
     def __getattr__(self, name: str):
         if name.startswith("__") and name.endswith("__"):
             raise AttributeError(name)
-
-        def _unavailable(*args, **kwargs):
-            raise RuntimeError(
-                f"{self.__name__}.{name} was called, but sgl_kernel is a CPU-test stand-in "
-                "(no NVIDIA driver here): mark this test `gpu` and run it on the device"
-            )
-
-        _unavailable.__name__ = name
-        return _unavailable
+        return _Unavailable(f"{self.__name__}.{name}")
 
 
 class _StandInFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):

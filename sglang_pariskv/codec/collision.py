@@ -29,10 +29,16 @@ def centroid_histogram(signs: torch.Tensor, seq_lens: torch.Tensor) -> torch.Ten
     signs: uint8 [R, N, H, B]; returns int32 [R, H, B, 256].
     """
     r, n, h, b = signs.shape
-    valid = torch.arange(n, device=signs.device)[None, :] < seq_lens[:, None]
-    onehot = torch.nn.functional.one_hot(signs.to(torch.int64), NUM_CENTROIDS)
-    counts = (onehot * valid[:, :, None, None, None]).sum(dim=1)
-    return counts.to(torch.int32)
+    valid = torch.arange(n, device=signs.device)[None, :] < seq_lens.to(signs.device)[:, None]
+    # Flat bin of (request, head, block, id); bincount keeps memory at O(keys).
+    base = (
+        torch.arange(r, device=signs.device)[:, None, None] * h
+        + torch.arange(h, device=signs.device)[None, :, None]
+    ) * b
+    base = (base + torch.arange(b, device=signs.device)[None, None, :]) * NUM_CENTROIDS
+    bins = base[:, None] + signs.to(torch.int64)  # [R, N, H, B]
+    counts = torch.bincount(bins[valid].reshape(-1), minlength=r * h * b * NUM_CENTROIDS)
+    return counts.reshape(r, h, b, NUM_CENTROIDS).to(torch.int32)
 
 
 def centroid_tiers(

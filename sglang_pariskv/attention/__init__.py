@@ -1,0 +1,1 @@
+"""The SGLang attention backend: dense extend + encode, sparse decode via FlashInfer."""

@@ -1,0 +1,88 @@
+"""Per-layer ParisKV codes, indexed by the same slot ids as SGLang's KV pool.
+
+A slot's code is written whenever its key is, so it is exactly as valid as the KV: radix
+cache prefix hits hand out slot ids whose codes are already there, and a reused slot is
+overwritten by its next writer together with its KV. Nothing here tracks requests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from sglang_pariskv.codec.encode import KeyCodes, encode_keys
+from sglang_pariskv.codec.layout import record_bytes
+
+#: Encoder hook: (keys [T, H, D], seed) -> KeyCodes [T, H, ...]. The GPU path swaps in
+#: the fused Triton kernel; the default is the codec (any device).
+Encoder = Callable[[torch.Tensor, int], KeyCodes]
+
+
+def code_bytes_per_token(num_kv_heads: int, head_dim: int, num_layers: int) -> int:
+    """Code bytes one token costs across all layers (counted in SGLang's cell size)."""
+    return num_kv_heads * record_bytes(head_dim) * num_layers
+
+
+class CodePool:
+    """signs / mags / weights tensors per layer, shaped ``[num_slots, kv_heads, ...]``."""
+
+    def __init__(
+        self,
+        num_slots: int,
+        num_kv_heads: int,
+        head_dim: int,
+        num_layers: int,
+        device: torch.device | str,
+        seed: int = 0,
+        encoder: Encoder | None = None,
+    ):
+        b = head_dim // 8
+        record_bytes(head_dim)  # validates head_dim
+        self.num_slots, self.num_kv_heads, self.head_dim = num_slots, num_kv_heads, head_dim
+        self.seed = seed
+        self.encoder: Encoder = encoder or encode_keys
+        self.layers: list[KeyCodes] = [
+            KeyCodes(
+                signs=torch.zeros(num_slots, num_kv_heads, b, dtype=torch.uint8, device=device),
+                mags=torch.zeros(num_slots, num_kv_heads, 3 * b, dtype=torch.uint8, device=device),
+                weights=torch.zeros(num_slots, num_kv_heads, b, dtype=torch.float16, device=device),
+            )
+            for _ in range(num_layers)
+        ]
+        #: Tokens encoded since start (for the operator's counters).
+        self.tokens_encoded = 0
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer)
+
+    def write(self, layer: int, loc: torch.Tensor, keys: torch.Tensor) -> None:
+        """Encode ``keys`` [T, H, D] and store them at slots ``loc`` [T] of ``layer``."""
+        if keys.shape[0] == 0:
+            return
+        codes = self.encoder(
+            keys.reshape(keys.shape[0], self.num_kv_heads, self.head_dim), self.seed
+        )
+        dst = self.layers[layer]
+        for d, s in zip(dst, codes):
+            d[loc] = s
+        if layer == 0:
+            self.tokens_encoded += int(keys.shape[0])
+
+    def move(self, tgt_loc: torch.Tensor, src_loc: torch.Tensor) -> None:
+        """Copy codes between slots (mirrors ``KVCache.move_kv_cache``)."""
+        for layer in self.layers:
+            for t in layer:
+                t[tgt_loc] = t[src_loc]
+
+    def get_cpu_copy(self, indices: torch.Tensor) -> list[KeyCodes]:
+        return [KeyCodes(*(t[indices].to("cpu") for t in layer)) for layer in self.layers]
+
+    def load_cpu_copy(self, copy: list[KeyCodes], indices: torch.Tensor) -> None:
+        for layer, saved in zip(self.layers, copy):
+            for t, s in zip(layer, saved):
+                t[indices] = s.to(t.device)
+
+    def gather(self, layer: int, slots: torch.Tensor) -> KeyCodes:
+        """Codes at ``slots`` (any shape) of ``layer``: the codec's token-major view."""
+        return self.layers[layer].index(slots)

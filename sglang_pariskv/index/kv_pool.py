@@ -1,0 +1,63 @@
+"""SGLang's MHA KV pool with a ParisKV code pool riding along.
+
+Every path that writes, moves or restores KV in ``MHATokenToKVPool`` does the same for the
+codes, so the codes of a slot are always those of the key stored there. The plugin swaps
+this class in for ``MHATokenToKVPool`` where SGLang builds its KV pool.
+"""
+
+from __future__ import annotations
+
+import torch
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, unwrap_write_loc
+
+from sglang_pariskv.config import ParisKVConfig
+from sglang_pariskv.index.code_pool import CodePool
+from sglang_pariskv.server_flags import ParisKVConfigError
+
+
+class ParisKVTokenToKVPool(MHATokenToKVPool):
+    """``MHATokenToKVPool`` + slot-keyed ParisKV codes (``self.pariskv``)."""
+
+    #: Set by the plugin before SGLang constructs the pool.
+    pariskv_config: ParisKVConfig = ParisKVConfig()
+
+    def __init__(self, *args, **kwargs):
+        if kwargs.get("post_capture_active"):
+            raise ParisKVConfigError(
+                "SGLANG_ENABLE_POST_CAPTURE_KV_SIZING=1 resizes the KV pool after CUDA-graph "
+                "capture, which the ParisKV code pool does not follow: unset it"
+            )
+        if kwargs.get("quant_method") is not None:
+            raise ParisKVConfigError(
+                "quantized (fp4/mxfp8) KV caches are not supported with ParisKV: pass "
+                "--kv-cache-dtype auto"
+            )
+        super().__init__(*args, **kwargs)
+        self.pariskv = CodePool(
+            num_slots=self.size + self.page_size,
+            num_kv_heads=self.head_num,
+            head_dim=self.head_dim,
+            num_layers=self.layer_num,
+            device=self.device,
+            seed=self.pariskv_config.rotation_seed,
+        )
+
+    def set_kv_buffer(self, layer, loc_info, cache_k, cache_v, *args, **kwargs):
+        super().set_kv_buffer(layer, loc_info, cache_k, cache_v, *args, **kwargs)
+        loc, _, _ = unwrap_write_loc(loc_info)
+        layer_id = kwargs.get("layer_id_override")
+        if layer_id is None:
+            layer_id = layer.layer_id
+        self.pariskv.write(layer_id - self.start_layer, loc, cache_k)
+
+    def move_kv_cache(self, tgt_loc: torch.Tensor, src_loc: torch.Tensor):
+        super().move_kv_cache(tgt_loc, src_loc)
+        self.pariskv.move(tgt_loc, src_loc)
+
+    def get_cpu_copy(self, indices, mamba_indices=None):
+        kv = super().get_cpu_copy(indices, mamba_indices)
+        return {"kv": kv, "pariskv": self.pariskv.get_cpu_copy(indices)}
+
+    def load_cpu_copy(self, kv_cache_cpu, indices, mamba_indices=None):
+        super().load_cpu_copy(kv_cache_cpu["kv"], indices, mamba_indices)
+        self.pariskv.load_cpu_copy(kv_cache_cpu["pariskv"], indices)

@@ -1,0 +1,146 @@
+"""The ``sglang.srt.plugins`` entry point: every change ParisKV makes to SGLang is here.
+
+SGLang calls :func:`register` in the launcher before it parses arguments, and again in
+each scheduler process. In the launcher we only add the flags and check them; once
+``--enable-pariskv`` has been parsed, the validated config travels to the scheduler
+processes (started with ``spawn``) in the environment variable ``SGLANG_PARISKV_CONFIG``,
+and there :func:`register` installs the serving hooks: the KV pool with ParisKV codes,
+the code bytes in the pool's per-token cell size, and the ParisKV attention backend.
+Without ``--enable-pariskv`` nothing but the (unused) flags is added.
+
+Engine API users (``sglang.Engine(...)``) call :func:`enable` before creating the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from sglang_pariskv.config import ParisKVConfig
+from sglang_pariskv.server_flags import check_server_args, config_from_args
+
+logger = logging.getLogger("sglang_pariskv")
+
+ENV_CONFIG = "SGLANG_PARISKV_CONFIG"
+
+_TARGETS = {
+    "add_cli_args": "sglang.srt.server_args.ServerArgs.add_cli_args",
+    "from_cli_args": "sglang.srt.server_args.ServerArgs.from_cli_args",
+    "kv_pool_class": "sglang.srt.mem_cache.kv_cache_configurator.MHATokenToKVPool",
+    "cell_size": "sglang.srt.model_executor.pool_configurator."
+    "DefaultPoolConfigurator._compute_cell_size",
+}
+_serving_hooks_installed = False
+
+
+def register() -> None:
+    """Entry point of group ``sglang.srt.plugins`` (see pyproject.toml)."""
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    HookRegistry.register(_TARGETS["add_cli_args"], _after_add_cli_args, HookType.AFTER)
+    HookRegistry.register(_TARGETS["from_cli_args"], _around_from_cli_args, HookType.AROUND)
+    cfg = config_from_env()
+    if cfg is not None:
+        install_serving_hooks(cfg)
+
+
+def enable(config: ParisKVConfig | None = None) -> ParisKVConfig:
+    """Turn ParisKV on for engines created afterwards in this process (Engine API)."""
+    cfg = config or ParisKVConfig()
+    os.environ[ENV_CONFIG] = json.dumps(cfg.to_dict())
+    install_serving_hooks(cfg)
+    return cfg
+
+
+def config_from_env() -> ParisKVConfig | None:
+    raw = os.environ.get(ENV_CONFIG)
+    if not raw:
+        return None
+    try:
+        return ParisKVConfig.from_dict(json.loads(raw))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{ENV_CONFIG} holds an invalid ParisKV config: {e}") from e
+
+
+def _after_add_cli_args(result, parser):
+    from sglang_pariskv.server_flags import add_cli_args
+
+    add_cli_args(parser)
+    return result
+
+
+def _around_from_cli_args(original, cls, args):
+    cfg = config_from_args(args)  # raises on bad values, before any model work
+    if cfg is None:
+        return original(cls, args)
+    if getattr(args, "attention_backend", None) is None:
+        # SGLang's default may be another backend (e.g. fa3 on Hopper); ParisKV is built
+        # on FlashInfer, so pick it explicitly rather than refuse the user's default.
+        args.attention_backend = "flashinfer"
+    check_server_args(args)
+    server_args = original(cls, args)
+    check_server_args(server_args)  # again, after SGLang resolved its own defaults
+    server_args.pariskv_config = cfg
+    os.environ[ENV_CONFIG] = json.dumps(cfg.to_dict())
+    logger.info("ParisKV enabled: %s", json.dumps(cfg.to_dict()))
+    return server_args
+
+
+def install_serving_hooks(cfg: ParisKVConfig) -> None:
+    """Swap in the ParisKV KV pool, cell size and attention backend (idempotent)."""
+    global _serving_hooks_installed
+    if _serving_hooks_installed:
+        return
+    from sglang.srt.layers.attention import attention_registry
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    from sglang_pariskv.index.kv_pool import ParisKVTokenToKVPool
+
+    ParisKVTokenToKVPool.pariskv_config = cfg
+    HookRegistry.register(_TARGETS["kv_pool_class"], ParisKVTokenToKVPool, HookType.REPLACE)
+    HookRegistry.register(_TARGETS["cell_size"], _add_code_bytes, HookType.AFTER)
+    HookRegistry.apply_hooks()
+    original = attention_registry.ATTENTION_BACKENDS["flashinfer"]
+    attention_registry.ATTENTION_BACKENDS["flashinfer"] = _backend_factory(original, cfg)
+    _serving_hooks_installed = True
+
+
+def _add_code_bytes(cell_size: int, configurator, kvc, num_layers: int) -> int:
+    """Count the ParisKV codes in SGLang's per-token KV cost, so capacity accounts for them."""
+    from sglang.srt.model_executor import pool_configurator
+
+    from sglang_pariskv.index.code_pool import code_bytes_per_token
+
+    if kvc.use_mla_backend:
+        return cell_size  # refused later by the backend factory, with a clear message
+    heads = kvc.model_config.get_num_kv_heads(pool_configurator.get_parallel().attn_tp_size)
+    extra = code_bytes_per_token(heads, kvc.model_config.head_dim, num_layers)
+    logger.info(
+        "ParisKV codes add %d B/token to the KV cell size (%d B): +%.1f%%",
+        extra,
+        cell_size,
+        100.0 * extra / max(cell_size, 1),
+    )
+    return cell_size + extra
+
+
+def _backend_factory(original, cfg: ParisKVConfig):
+    def create_pariskv_backend(runner):
+        from sglang_pariskv.server_flags import check_model
+
+        mc = runner.model_config
+        check_model(
+            use_mla=bool(runner.use_mla_backend),
+            head_dim=mc.head_dim,
+            v_head_dim=mc.v_head_dim if getattr(mc, "v_head_dim", None) else mc.head_dim,
+            sliding_window=bool(getattr(runner, "sliding_window_size", None))
+            or bool(getattr(mc, "is_hybrid_swa", False)),
+            model_name=getattr(runner.server_args, "model_path", "this model"),
+        )
+        from sglang_pariskv.attention.backend import ParisKVAttnBackend
+
+        return ParisKVAttnBackend(runner, cfg)
+
+    create_pariskv_backend.original = original
+    return create_pariskv_backend

@@ -1,0 +1,227 @@
+"""ParisKV's command-line flags and the startup checks that go with them.
+
+Everything a user can get wrong is checked here, in the launching process, before a model
+is loaded: a bad value, a flag given without ``--enable-pariskv``, or a combination with a
+SGLang feature that ParisKV does not support (yet). Each error names the flag and the fix.
+Model-dependent checks (MLA, head_dim, sliding window) run in :func:`check_model`, when the
+scheduler builds its attention backend, which is still before serving starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any
+
+from sglang_pariskv.config import ParisKVConfig, check_head_dim
+
+#: (flag, ParisKVConfig field, parser type) for every per-knob flag.
+KNOB_FLAGS: tuple[tuple[str, str, Any], ...] = (
+    ("--pariskv-topk", "topk", int),
+    ("--pariskv-sink", "sink", int),
+    ("--pariskv-local", "local", int),
+    ("--pariskv-dense-threshold", "dense_threshold", int),
+    ("--pariskv-candidate-ratio", "candidate_ratio", str),
+    ("--pariskv-collision-ratio", "collision_ratio", str),
+)
+
+
+class ParisKVConfigError(ValueError):
+    """A ParisKV flag or combination that cannot be served; the message says the fix."""
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    """Add the ParisKV flag group to SGLang's server argument parser."""
+    if any(a.dest == "enable_pariskv" for a in parser._actions):
+        return  # already added (hooks may run twice in one process)
+    defaults = ParisKVConfig()
+    g = parser.add_argument_group("ParisKV sparse decoding (sglang-pariskv)")
+    g.add_argument(
+        "--enable-pariskv",
+        action="store_true",
+        help="Decode long requests with ParisKV retrieval: attend sink + local window + "
+        "retrieved top-k tokens instead of the whole context.",
+    )
+    g.add_argument(
+        "--pariskv-topk",
+        type=int,
+        default=None,
+        help=f"Retrieved tokens per KV head per decode step (default {defaults.topk}).",
+    )
+    g.add_argument(
+        "--pariskv-sink",
+        type=int,
+        default=None,
+        help=f"First tokens always attended (default {defaults.sink}).",
+    )
+    g.add_argument(
+        "--pariskv-local",
+        type=int,
+        default=None,
+        help=f"Last tokens always attended (default {defaults.local}).",
+    )
+    g.add_argument(
+        "--pariskv-dense-threshold",
+        type=int,
+        default=None,
+        help="Requests of at most this many tokens decode densely "
+        f"(default {defaults.dense_threshold}).",
+    )
+    g.add_argument(
+        "--pariskv-candidate-ratio",
+        type=str,
+        default=None,
+        help="Fraction of the retrieval zone kept as rerank candidates, or 'auto' "
+        "(length-adaptive, the default).",
+    )
+    g.add_argument(
+        "--pariskv-collision-ratio",
+        type=str,
+        default=None,
+        help="Collision-tier budget fraction, or 'auto' (length-adaptive, the default).",
+    )
+    g.add_argument(
+        "--pariskv-config",
+        type=str,
+        default=None,
+        help="JSON file with any of the knobs above (keys: "
+        + ", ".join(f.name for f in dataclasses.fields(ParisKVConfig))
+        + "); flags given on the command line override it.",
+    )
+
+
+def _ratio(flag: str, text: str) -> float | None:
+    if text == "auto":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise ParisKVConfigError(
+            f"{flag}={text!r} is not a number: pass a value in (0, 1] or 'auto'"
+        ) from None
+
+
+def config_from_args(args: Any) -> ParisKVConfig | None:
+    """The ParisKV config the flags ask for, or None when ``--enable-pariskv`` is absent.
+
+    ``args`` is the parsed namespace (or anything with the same attributes).
+    """
+    given = [flag for flag, field, _ in KNOB_FLAGS if getattr(args, _dest(flag), None) is not None]
+    if getattr(args, "pariskv_config", None) is not None:
+        given.append("--pariskv-config")
+    if not getattr(args, "enable_pariskv", False):
+        if given:
+            raise ParisKVConfigError(
+                f"{', '.join(given)} given without --enable-pariskv: add --enable-pariskv "
+                "to use ParisKV, or drop the ParisKV flags"
+            )
+        return None
+    base: dict[str, Any] = {}
+    if args.pariskv_config is not None:
+        try:
+            base = ParisKVConfig.from_json(args.pariskv_config).to_dict()
+        except ValueError as e:
+            raise ParisKVConfigError(f"--pariskv-config {args.pariskv_config}: {e}") from e
+    for flag, field, kind in KNOB_FLAGS:
+        value = getattr(args, _dest(flag), None)
+        if value is None:
+            continue
+        base[field] = _ratio(flag, value) if kind is str else value
+    try:
+        return ParisKVConfig.from_dict(base)
+    except ValueError as e:
+        raise ParisKVConfigError(str(e)) from e
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def check_server_args(server_args: Any) -> None:
+    """Refuse SGLang settings that ParisKV cannot serve correctly, naming the fix."""
+    problems: list[str] = []
+
+    def refuse(cond: bool, msg: str) -> None:
+        if cond:
+            problems.append(msg)
+
+    for name in ("attention_backend", "decode_attention_backend", "prefill_attention_backend"):
+        value = getattr(server_args, name, None)
+        refuse(
+            value not in (None, "flashinfer"),
+            f"--{name.replace('_', '-')} {value}: ParisKV runs on the FlashInfer backend; "
+            f"drop the flag or pass --{name.replace('_', '-')} flashinfer",
+        )
+    refuse(
+        getattr(server_args, "speculative_algorithm", None) is not None,
+        "--speculative-algorithm: speculative decoding is not supported with ParisKV; "
+        "drop it or drop --enable-pariskv",
+    )
+    refuse(
+        bool(getattr(server_args, "enable_hierarchical_cache", False)),
+        "--enable-hierarchical-cache: HiCache load-back does not write ParisKV codes yet; "
+        "drop it (ParisKV has its own host offload) or drop --enable-pariskv",
+    )
+    refuse(
+        (getattr(server_args, "page_size", None) or 1) != 1,
+        f"--page-size {getattr(server_args, 'page_size', None)}: ParisKV retrieves single "
+        "tokens and needs --page-size 1 (the FlashInfer default)",
+    )
+    kv_dtype = getattr(server_args, "kv_cache_dtype", "auto") or "auto"
+    refuse(
+        kv_dtype not in ("auto", "bfloat16", "bf16", "float16", "fp16"),
+        f"--kv-cache-dtype {kv_dtype}: ParisKV supports bf16/fp16 KV caches; "
+        "pass --kv-cache-dtype auto",
+    )
+    refuse(
+        bool(getattr(server_args, "enable_dp_attention", False)),
+        "--enable-dp-attention is not supported with ParisKV; drop it",
+    )
+    refuse(
+        (getattr(server_args, "pp_size", 1) or 1) > 1,
+        "--pp-size > 1 is not supported with ParisKV; use --pp-size 1",
+    )
+    refuse(
+        (getattr(server_args, "dcp_size", 1) or 1) > 1,
+        "--dcp-size > 1 is not supported with ParisKV; use --dcp-size 1",
+    )
+    refuse(
+        (getattr(server_args, "tp_size", 1) or 1) > 1,
+        f"--tp-size {getattr(server_args, 'tp_size', None)}: tensor parallelism with "
+        "ParisKV is not available yet; use --tp-size 1",
+    )
+    for flag in ("enable_hisparse", "enable_double_sparsity"):
+        refuse(
+            bool(getattr(server_args, flag, False)),
+            f"--{flag.replace('_', '-')}: another sparse-attention method cannot be combined "
+            "with ParisKV; drop one of them",
+        )
+    if problems:
+        raise ParisKVConfigError(
+            "--enable-pariskv cannot be served with these settings:\n  - " + "\n  - ".join(problems)
+        )
+
+
+def check_model(
+    *, use_mla: bool, head_dim: int, v_head_dim: int, sliding_window: bool, model_name: str
+) -> None:
+    """Refuse model architectures ParisKV does not support (called by the scheduler)."""
+    if use_mla:
+        raise ParisKVConfigError(
+            f"{model_name} uses MLA (DeepSeek-style latent attention), which ParisKV does not "
+            "support: serve it without --enable-pariskv"
+        )
+    if sliding_window:
+        raise ParisKVConfigError(
+            f"{model_name} uses sliding-window attention layers, which ParisKV does not "
+            "support: serve it without --enable-pariskv"
+        )
+    if head_dim != v_head_dim:
+        raise ParisKVConfigError(
+            f"{model_name} has head_dim {head_dim} != v_head_dim {v_head_dim}; ParisKV needs "
+            "equal key and value head dims: serve it without --enable-pariskv"
+        )
+    try:
+        check_head_dim(head_dim)
+    except ValueError as e:
+        raise ParisKVConfigError(f"{model_name}: {e}") from e

@@ -1,0 +1,136 @@
+"""Flags and startup validation, through SGLang's real parser and plugin hooks."""
+
+import argparse
+import json
+from importlib.metadata import entry_points
+
+import pytest
+from sglang.srt.plugins.hook_registry import HookRegistry
+from sglang.srt.server_args import ServerArgs
+
+from sglang_pariskv import plugin
+from sglang_pariskv.config import ParisKVConfig
+from sglang_pariskv.server_flags import (
+    ParisKVConfigError,
+    check_model,
+    check_server_args,
+    config_from_args,
+)
+
+
+@pytest.fixture(scope="module")
+def parser():
+    import os
+
+    os.environ.pop(plugin.ENV_CONFIG, None)
+    plugin.register()
+    HookRegistry.apply_hooks()
+    p = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(p)
+    return p
+
+
+def parse(parser, *flags):
+    return parser.parse_args(["--model-path", "m", *flags])
+
+
+def test_entry_point_is_declared():
+    eps = {ep.name: ep.value for ep in entry_points(group="sglang.srt.plugins")}
+    assert eps.get("pariskv") == "sglang_pariskv.plugin:register"
+
+
+def test_without_the_flag_nothing_is_enabled(parser):
+    args = parse(parser)
+    assert args.enable_pariskv is False and config_from_args(args) is None
+    sentinel = object()
+    assert plugin._around_from_cli_args(lambda cls, a: sentinel, ServerArgs, args) is sentinel
+
+
+def test_flags_build_the_config(parser, tmp_path):
+    args = parse(
+        parser,
+        "--enable-pariskv",
+        "--pariskv-topk",
+        "512",
+        "--pariskv-sink",
+        "16",
+        "--pariskv-candidate-ratio",
+        "0.3",
+        "--pariskv-collision-ratio",
+        "auto",
+    )
+    cfg = config_from_args(args)
+    assert cfg == ParisKVConfig(topk=512, sink=16, candidate_ratio=0.3, collision_ratio=None)
+    f = tmp_path / "p.json"
+    f.write_text(json.dumps({"topk": 100, "local": 32, "dense_threshold": 4096}))
+    args = parse(parser, "--enable-pariskv", "--pariskv-config", str(f), "--pariskv-topk", "64")
+    cfg = config_from_args(args)
+    assert (cfg.topk, cfg.local, cfg.dense_threshold) == (64, 32, 4096)  # flag overrides file
+
+
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--pariskv-topk", "5"], ["--pariskv-topk", "without --enable-pariskv"]),
+        (["--enable-pariskv", "--pariskv-topk", "0"], ["topk=0", "--pariskv-topk"]),
+        (
+            ["--enable-pariskv", "--pariskv-candidate-ratio", "lots"],
+            ["--pariskv-candidate-ratio", "'lots'", "auto"],
+        ),
+        (["--enable-pariskv", "--pariskv-collision-ratio", "2"], ["collision_ratio=2.0", "(0, 1]"]),
+        (["--enable-pariskv", "--pariskv-config", "/no/such.json"], ["does not exist"]),
+    ],
+)
+def test_bad_flags_fail_early_naming_the_flag(parser, flags, words):
+    with pytest.raises(ParisKVConfigError) as e:
+        config_from_args(parse(parser, *flags))
+    for w in words:
+        assert w in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--attention-backend", "triton"], ["--attention-backend triton", "flashinfer"]),
+        (["--speculative-algorithm", "EAGLE"], ["--speculative-algorithm"]),
+        (["--enable-hierarchical-cache"], ["--enable-hierarchical-cache"]),
+        (["--page-size", "16"], ["--page-size 16", "--page-size 1"]),
+        (["--kv-cache-dtype", "fp8_e4m3"], ["--kv-cache-dtype fp8_e4m3"]),
+        (["--tp-size", "2"], ["--tp-size 2"]),
+        (["--enable-dp-attention"], ["--enable-dp-attention"]),
+    ],
+)
+def test_unsupported_combinations_are_refused(parser, flags, words):
+    args = parse(parser, "--enable-pariskv", *flags)
+    with pytest.raises(ParisKVConfigError) as e:
+        plugin._around_from_cli_args(lambda cls, a: a, ServerArgs, args)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_enabling_picks_flashinfer_and_exports_the_config(parser, monkeypatch):
+    monkeypatch.delenv(plugin.ENV_CONFIG, raising=False)
+    args = parse(parser, "--enable-pariskv", "--pariskv-topk", "256")
+    out = plugin._around_from_cli_args(lambda cls, a: a, ServerArgs, args)
+    assert out.attention_backend == "flashinfer"
+    assert out.pariskv_config.topk == 256
+    assert plugin.config_from_env() == out.pariskv_config
+    check_server_args(out)  # the resolved args pass
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"use_mla": True}, ["MLA"]),
+        ({"sliding_window": True}, ["sliding-window"]),
+        ({"head_dim": 100, "v_head_dim": 100}, ["multiple of 8"]),
+        ({"v_head_dim": 64}, ["v_head_dim 64"]),
+    ],
+)
+def test_unsupported_models_are_refused(kwargs, words):
+    base = dict(use_mla=False, head_dim=128, v_head_dim=128, sliding_window=False, model_name="m")
+    base.update(kwargs)
+    with pytest.raises(ParisKVConfigError) as e:
+        check_model(**base)
+    for w in words:
+        assert w in str(e.value)

@@ -1,0 +1,159 @@
+"""The KV pool with ParisKV codes, with real SGLang pools, allocator and radix cache."""
+
+import types
+from array import array
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams, MatchPrefixParams
+from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
+from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey
+
+from sglang_pariskv import plugin
+from sglang_pariskv.codec import encode_keys
+from sglang_pariskv.index.code_pool import code_bytes_per_token
+from sglang_pariskv.index.kv_pool import ParisKVTokenToKVPool
+from sglang_pariskv.server_flags import ParisKVConfigError
+
+H, D, LAYERS = 2, 16, 2
+
+
+def make_pool(size=256):
+    pool = ParisKVTokenToKVPool(
+        size=size,
+        page_size=1,
+        dtype=torch.bfloat16,
+        head_num=H,
+        head_dim=D,
+        layer_num=LAYERS,
+        device="cpu",
+        enable_memory_saver=False,
+        enable_alt_stream=False,
+    )
+    pool.use_native_move_kv_cache = True  # the Triton move kernel needs a GPU
+    return pool
+
+
+def layer(i):
+    return types.SimpleNamespace(layer_id=i)
+
+
+def key_of(prefix: tuple[int, ...], layer_id: int) -> torch.Tensor:
+    """The key a model would write for the last token of ``prefix``: a deterministic
+    function of the whole prefix, as in a real transformer."""
+    gen = torch.Generator().manual_seed(hash((prefix, layer_id)) % 2**31)
+    return torch.randn(H, D, generator=gen).to(torch.bfloat16)
+
+
+def assert_codes_match_kv(pool, slots):
+    for li in range(LAYERS):
+        want = encode_keys(pool.k_buffer[li][slots])
+        for got, w in zip(pool.pariskv.layers[li], want):
+            assert torch.equal(got[slots], w)
+
+
+def test_every_kv_write_move_and_restore_keeps_codes_coherent():
+    pool = make_pool()
+    loc = torch.tensor([3, 4, 9, 10, 11])
+    for li in range(LAYERS):
+        k = torch.randn(5, H, D).to(torch.bfloat16)
+        pool.set_kv_buffer(layer(li), loc, k, k.clone())
+    assert_codes_match_kv(pool, loc)
+    pool.move_kv_cache(torch.tensor([20, 21]), torch.tensor([3, 4]))
+    assert_codes_match_kv(pool, torch.tensor([20, 21, 9]))
+    saved = pool.get_cpu_copy(torch.tensor([9, 10]))
+    pool.set_kv_buffer(
+        layer(0),
+        torch.tensor([9, 10]),
+        torch.zeros(2, H, D).bfloat16(),
+        torch.zeros(2, H, D).bfloat16(),
+    )
+    pool.load_cpu_copy(saved, torch.tensor([9, 10]))
+    assert_codes_match_kv(pool, loc)
+
+
+def test_unsupported_pool_modes_are_refused():
+    with pytest.raises(ParisKVConfigError, match="POST_CAPTURE"):
+        ParisKVTokenToKVPool(
+            size=8,
+            page_size=1,
+            dtype=torch.bfloat16,
+            head_num=H,
+            head_dim=D,
+            layer_num=1,
+            device="cpu",
+            enable_memory_saver=False,
+            post_capture_active=True,
+        )
+
+
+def test_code_bytes_are_counted_in_the_cell_size(monkeypatch):
+    from sglang.srt.model_executor import pool_configurator
+
+    monkeypatch.setattr(
+        pool_configurator, "get_parallel", lambda: types.SimpleNamespace(attn_tp_size=1)
+    )
+    mc = types.SimpleNamespace(get_num_kv_heads=lambda tp: 8 // tp, head_dim=128)
+    kvc = types.SimpleNamespace(model_config=mc, use_mla_backend=False)
+    kv_cell = 8 * (128 + 128) * 32 * 2  # Llama-3.1-8B: 8 KV heads, D 128, 32 layers, bf16
+    total = plugin._add_code_bytes(kv_cell, None, kvc, 32)
+    assert total - kv_cell == code_bytes_per_token(8, 128, 32) == 8 * 96 * 32
+    assert (total - kv_cell) / kv_cell == pytest.approx(0.1875)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    ops=st.lists(
+        st.tuples(
+            st.integers(0, 3),
+            st.lists(st.integers(0, 3), min_size=1, max_size=12),
+            st.integers(0, 40),
+        ),
+        min_size=1,
+        max_size=25,
+    )
+)
+def test_radix_prefix_hits_return_slots_whose_codes_belong_to_the_prefix(ops):
+    """Random requests share prefixes through the radix cache, evictions free slots and
+    later writers reuse them; every matched slot's codes must be those of its prefix."""
+    size = 64
+    pool = make_pool(size)
+    alloc = TokenToKVPoolAllocator(size, torch.bfloat16, "cpu", pool, need_sort=False)
+    req_pool = ReqToTokenPool(size=4, max_context_len=64, device="cpu", enable_memory_saver=False)
+    cache = RadixCache(
+        CacheInitParams(
+            disable=False, req_to_token_pool=req_pool, token_to_kv_pool_allocator=alloc, page_size=1
+        )
+    )
+    for stem, tail, evict in ops:
+        tokens = tuple([stem, stem + 1] + tail)
+        match = cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", tokens))))
+        hit = match.device_indices
+        for i, slot in enumerate(hit.tolist()):
+            for li in range(LAYERS):
+                want = encode_keys(key_of(tokens[: i + 1], li)[None])
+                got = pool.pariskv.gather(li, torch.tensor([slot]))
+                assert all(torch.equal(g, w) for g, w in zip(got, want))
+        need = len(tokens) - len(hit)
+        if need == 0:
+            continue
+        cache.inc_lock_ref(match.last_device_node)  # a running request pins its prefix
+        if alloc.available_size() < need:
+            cache.evict(EvictParams(num_tokens=need))
+        new = alloc.alloc(need)
+        if new is None:
+            cache.dec_lock_ref(match.last_device_node)
+            continue
+        for li in range(LAYERS):
+            k = torch.stack([key_of(tokens[: len(hit) + j + 1], li) for j in range(need)])
+            pool.set_kv_buffer(layer(li), new, k, k.clone())
+        slots = torch.cat([hit, new])
+        res = cache.insert(InsertParams(key=RadixKey(array("q", tokens)), value=slots))
+        alloc.free(slots[len(hit) : res.prefix_len])  # duplicates of cached tokens
+        cache.dec_lock_ref(match.last_device_node)
+        if evict:
+            cache.evict(EvictParams(num_tokens=evict))
