@@ -30,6 +30,7 @@ _TARGETS = {
     "kv_pool_class": "sglang.srt.mem_cache.kv_cache_configurator.MHATokenToKVPool",
     "cell_size": "sglang.srt.model_executor.pool_configurator."
     "DefaultPoolConfigurator._compute_cell_size",
+    "post_init": "sglang.srt.server_args.ServerArgs.__post_init__",
 }
 _serving_hooks_installed = False
 
@@ -100,10 +101,18 @@ def install_serving_hooks(cfg: ParisKVConfig) -> None:
     ParisKVTokenToKVPool.pariskv_config = cfg
     HookRegistry.register(_TARGETS["kv_pool_class"], ParisKVTokenToKVPool, HookType.REPLACE)
     HookRegistry.register(_TARGETS["cell_size"], _add_code_bytes, HookType.AFTER)
+    HookRegistry.register(_TARGETS["post_init"], _after_post_init, HookType.AFTER)
     HookRegistry.apply_hooks()
     original = attention_registry.ATTENTION_BACKENDS["flashinfer"]
     attention_registry.ATTENTION_BACKENDS["flashinfer"] = _backend_factory(original, cfg)
     _serving_hooks_installed = True
+
+
+def _after_post_init(result, server_args):
+    """Once ParisKV is on, every ServerArgs (CLI or Engine API) must be servable by it:
+    a user who picked another attention backend gets an error, not dense attention."""
+    check_server_args(server_args)
+    return result
 
 
 def _add_code_bytes(cell_size: int, configurator, kvc, num_layers: int) -> int:

@@ -1,0 +1,56 @@
+"""Per-request centroid histograms, keyed by SGLang's ``req_pool_idx``.
+
+The collision tiers of a decode step need, per (request, layer, KV head, block), how many
+of the request's keys carry each sign id. Decode adds one key per request per step (a
+graph-safe scatter-add). Extend rebuilds the histograms of the extending requests from all
+their tokens: that covers fresh prompts, chunked prefill and radix-cache prefix hits alike
+(a hit hands the request slots whose codes are already in the pool, but no histogram), at
+the cost of one pass over the request's sign bytes, small next to prefill attention.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sglang_pariskv.codec.collision import NUM_CENTROIDS, centroid_histogram
+
+
+class RequestHistograms:
+    def __init__(self, max_reqs: int, num_kv_heads: int, head_dim: int, num_layers: int, device):
+        b = head_dim // 8
+        self.layers = [
+            torch.zeros(max_reqs, num_kv_heads, b, NUM_CENTROIDS, dtype=torch.int32, device=device)
+            for _ in range(num_layers)
+        ]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.layers)
+
+    def rebuild(
+        self,
+        layer: int,
+        signs: torch.Tensor,
+        req_to_token: torch.Tensor,
+        req_pool_indices: torch.Tensor,
+        seq_lens: torch.Tensor,
+    ) -> None:
+        """Recount requests ``req_pool_indices`` over their first ``seq_lens`` tokens.
+
+        signs: this layer's pool signs uint8 [slots, Hkv, B]; req_to_token [max_reqs, ctx].
+        """
+        if req_pool_indices.numel() == 0:
+            return
+        n = int(seq_lens.max())
+        slots = req_to_token[req_pool_indices.to(torch.int64), :n].to(torch.int64)
+        hist = centroid_histogram(signs[slots], seq_lens.to(slots.device))
+        self.layers[layer][req_pool_indices.to(torch.int64)] = hist
+
+    def add(self, layer: int, new_signs: torch.Tensor, req_pool_indices: torch.Tensor) -> None:
+        """Count one new key per request: new_signs uint8 [R, Hkv, B]. No host sync."""
+        hist = self.layers[layer]
+        r, h, b = new_signs.shape
+        req = req_pool_indices.to(torch.int64)[:, None, None].expand(r, h, b)
+        head = torch.arange(h, device=hist.device)[None, :, None].expand(r, h, b)
+        blk = torch.arange(b, device=hist.device)[None, None, :].expand(r, h, b)
+        ones = torch.ones(r, h, b, dtype=hist.dtype, device=hist.device)
+        hist.index_put_((req, head, blk, new_signs.to(torch.int64)), ones, accumulate=True)
