@@ -14,6 +14,8 @@ Stages of :meth:`run` (each a module of this package):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from types import SimpleNamespace
 from typing import NamedTuple
 
 import torch
@@ -73,6 +75,7 @@ class DecodeWorkspace:
         chunk: int = 1024,
         scan_block: int = 64,
         scan_tiles: int = 16,
+        scan_variant: str = "load",
     ) -> None:
         check_head_dim(head_dim)
         if num_q_heads % num_kv_heads:
@@ -83,6 +86,7 @@ class DecodeWorkspace:
         self.max_batch, self.max_context = max_batch, max_context
         self.device = torch.device(device)
         self.scan_block, self.scan_tiles = scan_block, scan_tiles
+        self.scan_variant = scan_variant
         dev = self.device
         h, b, rmax = num_kv_heads, self.b, max_batch
         self.cmax = max_candidates(config, max_context)
@@ -136,74 +140,125 @@ class DecodeWorkspace:
         hist: this layer's histograms int32 ``[max_reqs, Hkv, B, 256]``. ``stages``, when
         a dict, receives each stage's intermediate tensors (tests, benchmarks).
         """
-        cfg, h = self.config, self.hkv
-        r = q.shape[0]
-        seq = seq_lens.to(torch.int64)
-        dense = dense_mask(seq, cfg)
-        zone = torch.where(dense, 0, zone_lengths(seq, cfg))
+        self.bind(q, codes, hist, req_to_token, req_pool_indices, seq_lens)
+        for _, stage in self.stages():
+            stage()
+        st = self._st
+        if stages is not None:
+            stages.update(vars(st))
+        return DecodeOutput(st.indptr, self.kv_indices, st.dense, st.counts)
+
+    def bind(
+        self,
+        q: torch.Tensor,
+        codes: KeyCodes,
+        hist: torch.Tensor,
+        req_to_token: torch.Tensor,
+        req_pool_indices: torch.Tensor,
+        seq_lens: torch.Tensor,
+    ) -> None:
+        """Set the inputs of the stage methods (``run`` = ``bind`` + every stage)."""
+        self._st = SimpleNamespace(
+            q=q,
+            codes=codes,
+            hist=hist,
+            rtt=req_to_token,
+            rpi=req_pool_indices,
+            seq_lens=seq_lens,
+            r=q.shape[0],
+        )
+
+    def stages(self) -> list[tuple[str, Callable[[], None]]]:
+        """(name, fn) of each stage in order; the benchmark times them one by one."""
+        return [
+            ("prep", self._stage_prep),
+            ("tiers", self._stage_tiers),
+            ("scan", self._stage_scan),
+            ("select", self._stage_select),
+            ("rerank", self._stage_rerank),
+            ("topk", self._stage_topk),
+            ("assemble", self._stage_assemble),
+        ]
+
+    def _stage_prep(self) -> None:
+        """Budgets (codec.budget, on tensors), the prepared query and the tier thresholds."""
+        st, cfg = self._st, self.config
+        seq = st.seq_lens.to(torch.int64)
+        st.dense = dense_mask(seq, cfg)
+        zone = torch.where(st.dense, 0, zone_lengths(seq, cfg))
         cand_ratio, coll_ratio = retrieval_ratios(zone, cfg)
-        counts = num_candidates(zone, cand_ratio, cfg)
-        zone_end = (zone + cfg.sink).to(torch.int32)
-        seq32 = seq.to(torch.int32)
+        st.counts = num_candidates(zone, cand_ratio, cfg)
+        st.zone_end = (zone + cfg.sink).to(torch.int32)
+        st.seq32 = seq.to(torch.int32)
+        st.query = self.prepare_query(st.q)
+        total = st.hist.index_select(0, st.rpi.to(torch.int64))[:, 0, 0].sum(-1)
+        st.thresholds = tier_thresholds_rho(total, coll_ratio, self.rho)
 
-        qp = self.prepare_query(q)
-        total = hist.index_select(0, req_pool_indices.to(torch.int64))[:, 0, 0].sum(-1)
-        thresholds = tier_thresholds_rho(total, coll_ratio, self.rho)
-        tiers = centroid_tier_table(qp.blocks, hist, req_pool_indices, thresholds, self.tiers[:r])
+    def _stage_tiers(self) -> None:
+        st = self._st
+        st.tiers = centroid_tier_table(
+            st.query.blocks, st.hist, st.rpi, st.thresholds, self.tiers[: st.r]
+        )
 
-        scores, shist = self.scores[:r], self.score_hist[:r]
-        shist.zero_()
+    def _stage_scan(self) -> None:
+        st = self._st
+        st.scores, st.score_hist = self.scores[: st.r], self.score_hist[: st.r]
+        st.score_hist.zero_()
         collision_scan(
-            codes.signs,
-            req_to_token,
-            req_pool_indices,
-            seq32,
-            zone_end,
-            tiers,
-            scores,
-            shist,
-            cfg.sink,
+            st.codes.signs,
+            st.rtt,
+            st.rpi,
+            st.seq32,
+            st.zone_end,
+            st.tiers,
+            st.scores,
+            st.score_hist,
+            self.config.sink,
             self.scan_block,
             self.scan_tiles,
+            self.scan_variant,
         )
-        cand = self.cand[:r]
-        select_candidates_gpu(scores, shist, counts, cfg.sink, zone_end, cand, self.sel)
-        keys = self.keys[:r]
+
+    def _stage_select(self) -> None:
+        st = self._st
+        st.cand = self.cand[: st.r]
+        select_candidates_gpu(
+            st.scores, st.score_hist, st.counts, self.config.sink, st.zone_end, st.cand, self.sel
+        )
+
+    def _stage_rerank(self) -> None:
+        st = self._st
+        st.keys = self.keys[: st.r]
         rerank_keys(
-            cand,
-            counts,
-            req_to_token,
-            req_pool_indices,
-            codes.signs,
-            codes.mags,
-            codes.weights,
-            qp.blocks,
-            qp.norm,
-            keys,
+            st.cand,
+            st.counts,
+            st.rtt,
+            st.rpi,
+            st.codes.signs,
+            st.codes.mags,
+            st.codes.weights,
+            st.query.blocks,
+            st.query.norm,
+            st.keys,
         )
-        top = topk_positions(keys, self.k)
-        indptr = kv_indptr_for(seq, cfg, h, out=self.kv_indptr[: r * h + 1])
+
+    def _stage_topk(self) -> None:
+        st = self._st
+        st.top = topk_positions(st.keys, self.k)
+
+    def _stage_assemble(self) -> None:
+        st = self._st
+        st.indptr = kv_indptr_for(
+            st.seq32, self.config, self.hkv, out=self.kv_indptr[: st.r * self.hkv + 1]
+        )
         assemble_indices(
-            req_to_token,
-            req_pool_indices,
-            seq32,
-            dense.view(torch.int8),
-            top,
-            indptr,
+            st.rtt,
+            st.rpi,
+            st.seq32,
+            st.dense.view(torch.int8),
+            st.top,
+            st.indptr,
             self.kv_indices,
-            cfg,
+            self.config,
             self.max_row,
         )
-        if stages is not None:
-            stages.update(
-                query=qp,
-                thresholds=thresholds,
-                tiers=tiers,
-                scores=scores,
-                score_hist=shist,
-                counts=counts,
-                cand=cand,
-                keys=keys,
-                top=top,
-            )
-        return DecodeOutput(indptr, self.kv_indices, dense, counts)

@@ -1,0 +1,114 @@
+"""Collision scan (scores + score histogram) and candidate selection against codec."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from sglang_pariskv.codec.collision import collision_scores  # noqa: E402
+from sglang_pariskv.codec.select import select_candidates, zone_mask  # noqa: E402
+from sglang_pariskv.kernels.collision import collision_scan, score_bins  # noqa: E402
+from sglang_pariskv.kernels.select import (  # noqa: E402
+    CandidateBuffers,
+    select_candidates_gpu,
+)
+from sglang_pariskv.kernels.testing import make_scenario, padded_codes  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run_scan(sc, tiers, zone_start, zone_end, nmax, block_n=16, tiles=4, variant="load"):
+    r = sc.seq_lens.numel()
+    h, b = sc.pool.signs.shape[1:]
+    scores = torch.full((r, h, nmax), 255, dtype=torch.uint8, device=DEV)
+    shist = torch.zeros(r, h, score_bins(6, b), dtype=torch.int32, device=DEV)
+    collision_scan(
+        sc.pool.signs,
+        sc.req_to_token,
+        sc.req_pool_indices,
+        sc.seq_lens,
+        zone_end,
+        tiers,
+        scores,
+        shist,
+        zone_start,
+        block_n,
+        tiles,
+    )
+    return scores, shist
+
+
+@pytest.mark.parametrize("d, h, variant", [(64, 3, "load"), (128, 2, "load"), (64, 2, "gather")])
+def test_scan_scores_and_histogram_match_codec(d, h, variant):
+    lens = [300, 77, 190]
+    nmax = 320
+    sc = make_scenario(lens, h, d, nmax, DEV, seed=d)
+    gen = torch.Generator().manual_seed(2)
+    tiers = torch.randint(0, 7, (3, h, d // 8, 256), generator=gen, dtype=torch.uint8)
+    zone_start = 5
+    zone_end = torch.tensor([250, 77, 100], dtype=torch.int32)
+    scores, shist = run_scan(sc, tiers.to(DEV), zone_start, zone_end.to(DEV), nmax, variant=variant)
+    want = collision_scores(padded_codes(sc).signs.cpu(), tiers.long())  # [R, N, H]
+    for r, n in enumerate(lens):
+        assert torch.equal(scores[r, :, :n].cpu().long(), want[r, :n].T)
+        assert (scores[r, :, n:] == 255).all()  # nothing written past the sequence
+        zone = want[r, zone_start : int(zone_end[r])]  # [Z, H]
+        for hh in range(h):
+            ref = torch.bincount(zone[:, hh], minlength=shist.shape[-1])
+            assert torch.equal(shist[r, hh].cpu().long(), ref)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_selection_is_codec_set_with_stable_ties(seed):
+    gen = torch.Generator().manual_seed(seed)
+    r, h, nmax = 3, 3, 600
+    # Few distinct scores: many ties at the threshold, so the stable order matters.
+    scores = torch.randint(0, 6, (r, h, nmax), generator=gen, dtype=torch.uint8)
+    zone_start = 7
+    zone_end = torch.tensor([600, 45, 333], dtype=torch.int32)
+    counts = torch.tensor([100, 38, 1], dtype=torch.int64)
+    in_zone = zone_mask(nmax, zone_start, zone_end.long())
+    shist = torch.zeros(r, h, 128, dtype=torch.int32)
+    for i in range(r):
+        for j in range(h):
+            s = scores[i, j][in_zone[i]]
+            shist[i, j] = torch.bincount(s.long(), minlength=128).to(torch.int32)
+    cand = torch.full((r, h, 128), -1, dtype=torch.int32, device=DEV)
+    buf = CandidateBuffers(r * h, nmax, 64, DEV)
+    select_candidates_gpu(
+        scores.to(DEV), shist.to(DEV), counts.to(DEV), zone_start, zone_end.to(DEV), cand, buf
+    )
+    pos, valid = select_candidates(scores.transpose(1, 2), in_zone, counts)
+    for i in range(r):
+        c = int(counts[i])
+        for j in range(h):
+            got = cand[i, j, :c].cpu()
+            assert sorted(got.tolist()) == sorted(pos[i, j][valid[i, j]].tolist())
+            assert (cand[i, j, c:] == -1).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["load", "gather"])
+def test_scan_and_select_at_scale(cuda_device, variant):
+    lens = [70000, 131072, 9000]
+    h, d, nmax = 8, 128, 131072
+    sc = make_scenario(lens, h, d, nmax, cuda_device, seed=3)
+    tiers = torch.randint(0, 7, (3, h, 16, 256), dtype=torch.uint8, device=cuda_device)
+    zone_end = torch.tensor([n - 256 for n in lens], dtype=torch.int32, device=cuda_device)
+    scores, shist = run_scan(sc, tiers, 64, zone_end, nmax, 64, 16, variant)
+    want = collision_scores(padded_codes(sc).signs, tiers.long())
+    for r, n in enumerate(lens):
+        assert torch.equal(scores[r, :, :n].long(), want[r, :n].T)
+    counts = torch.tensor([7000, 13000, 2048], device=cuda_device)
+    cand = torch.empty(3, h, 13000, dtype=torch.int32, device=cuda_device)
+    buf = CandidateBuffers(3 * h, nmax, 1024, cuda_device)
+    select_candidates_gpu(scores, shist, counts, 64, zone_end, cand, buf)
+    in_zone = zone_mask(nmax, 64, zone_end.long())
+    pos, valid = select_candidates(scores.transpose(1, 2), in_zone, counts)
+    for r in range(3):
+        c = int(counts[r])
+        got = cand[r, :, :c].sort(-1).values.long()
+        assert torch.equal(got, pos[r, :, :c].sort(-1).values)

@@ -1,0 +1,98 @@
+"""Encode-at-write kernel against codec.encode_keys, and the histogram it maintains.
+
+On a machine without CUDA the Triton kernels run in the interpreter (TRITON_INTERPRET=1,
+set before the kernels are imported), at small sizes.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from sglang_pariskv.codec import encode_keys  # noqa: E402
+from sglang_pariskv.codec.collision import centroid_histogram  # noqa: E402
+from sglang_pariskv.kernels import add_to_histograms, encode_to_pool  # noqa: E402
+from sglang_pariskv.kernels.testing import empty_pool  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def mismatch_rates(pool, slots, ref):
+    """Fractions of sign ids / magnitude bytes that differ, and the max relative weight error
+    over blocks whose codes agree (fp16 weights: one rounding step is the floor)."""
+    sign_ok = pool.signs[slots] == ref.signs
+    mag_ok = pool.mags[slots] == ref.mags
+    signs = 1 - sign_ok.float().mean().item()
+    mags = 1 - mag_ok.float().mean().item()
+    same = sign_ok & mag_ok.reshape(*mag_ok.shape[:-1], -1, 3).all(-1)
+    got, want = pool.weights[slots].float(), ref.weights.float()
+    rel = ((got - want).abs() / want.abs().clamp_min(1e-3))[same].max().item()
+    return signs, mags, rel
+
+
+@pytest.mark.parametrize(
+    "d, h, dtype", [(64, 3, torch.float16), (128, 2, torch.bfloat16), (128, 1, torch.float32)]
+)
+def test_encode_matches_codec(d, h, dtype):
+    gen = torch.Generator().manual_seed(d + h)
+    t, slots_n = 150, 400
+    keys = (torch.randn(t, h, d, generator=gen) * 3).to(dtype)
+    keys[3, 0] = 0  # a zero key: weights 0, every sign bit set
+    slots = (torch.randperm(slots_n, generator=gen)[:t] + 1).to(DEV)
+    pool = empty_pool(slots_n + 1, h, d, DEV)
+    encode_to_pool(keys.to(DEV), slots, pool)
+    ref = encode_keys(keys.to(DEV))
+    s, m, w = mismatch_rates(pool, slots, ref)
+    # Only values within float rounding of a threshold may differ: none at this size.
+    assert s == 0.0 and m <= 2e-3
+    assert w <= 2e-3  # at most about one fp16 rounding step
+    assert torch.equal(pool.signs[0], torch.zeros_like(pool.signs[0]))  # slot 0 untouched
+
+
+def test_histograms_count_per_request_and_skip_negative_ids():
+    gen = torch.Generator().manual_seed(1)
+    t, h, d = 120, 2, 64
+    keys = torch.randn(t, h, d, generator=gen).to(DEV)
+    slots = torch.arange(1, t + 1, device=DEV)
+    req = torch.randint(0, 3, (t,), generator=gen, dtype=torch.int32)
+    req[::7] = -1
+    pool = empty_pool(t + 1, h, d, DEV)
+    hist = torch.zeros(4, h, d // 8, 256, dtype=torch.int32, device=DEV)
+    encode_to_pool(keys, slots, pool, hist, req.to(DEV))
+    for r in range(4):
+        sel = (req == r).to(DEV)
+        want = centroid_histogram(pool.signs[slots][sel][None], torch.tensor([int(sel.sum())]))
+        assert torch.equal(hist[r].cpu(), want[0].cpu())
+    # Rebuild from the pool through req_to_token (a radix-cache prefix hit).
+    rtt = torch.zeros(2, t, dtype=torch.int32, device=DEV)
+    rtt[1] = slots.to(torch.int32)
+    rebuilt = torch.zeros(2, h, d // 8, 256, dtype=torch.int32, device=DEV)
+    start = torch.tensor([10], dtype=torch.int32, device=DEV)
+    end = torch.tensor([95], dtype=torch.int32, device=DEV)
+    rpi = torch.tensor([1], dtype=torch.int32, device=DEV)
+    add_to_histograms(pool.signs, rtt, rpi, start, end, rebuilt, max_len=t)
+    want = centroid_histogram(pool.signs[slots[10:95]][None], torch.tensor([85]))
+    assert torch.equal(rebuilt[1].cpu(), want[0].cpu())
+    assert rebuilt[0].sum() == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_encode_mismatch_rate_at_scale(cuda_device, d, dtype):
+    """Real sizes: mismatches only within rounding of a threshold, so rare and bounded."""
+    t, h = 65536, 8
+    keys = (torch.randn(t, h, d, device=cuda_device) * 2).to(dtype)
+    slots = torch.randperm(2 * t, device=cuda_device)[:t] + 1
+    pool = empty_pool(2 * t + 1, h, d, cuda_device)
+    hist = torch.zeros(1, h, d // 8, 256, dtype=torch.int32, device=cuda_device)
+    req = torch.zeros(t, dtype=torch.int32, device=cuda_device)
+    encode_to_pool(keys, slots, pool, hist, req)
+    ref = encode_keys(keys)
+    s, m, w = mismatch_rates(pool, slots, ref)
+    print(f"D={d} {dtype}: sign mismatch {s:.2e}, magnitude-byte mismatch {m:.2e}, w rel {w:.2e}")
+    assert s <= 1e-5 and m <= 1e-4 and w <= 2e-3
+    assert int(hist.sum()) == t * h * (d // 8)

@@ -1,0 +1,131 @@
+"""The whole decode-step pipeline (DecodeWorkspace) against codec.pipeline.retrieve,
+CUDA-graph replay, and the FlashInfer "head as batch" decode it feeds."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from sglang_pariskv.codec import retrieve, sparse_attention  # noqa: E402
+from sglang_pariskv.config import ParisKVConfig  # noqa: E402
+from sglang_pariskv.kernels import DecodeWorkspace, max_candidates  # noqa: E402
+from sglang_pariskv.kernels.testing import make_scenario, padded_codes  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+SMALL = dict(chunk=64, scan_block=16, scan_tiles=4)
+
+
+def rows_of(out, h):
+    """{(r, h): list of slots} from the head-as-batch output."""
+    ip, idx = out.kv_indptr.cpu(), out.kv_indices.cpu()
+    rows = {}
+    for row in range(ip.numel() - 1):
+        got = idx[ip[row] : ip[row + 1]]
+        assert (got % h == row % h).all()  # index = slot * Hkv + head
+        rows[row // h, row % h] = (got // h).tolist()
+    return rows
+
+
+def check_against_codec(sc, q, cfg, out, max_diff=0):
+    h = sc.pool.signs.shape[1]
+    hist = sc.hist[sc.req_pool_indices.long()]  # the kernel's (tested in test_kernels_encode)
+    ref = retrieve(q, padded_codes(sc), sc.seq_lens.long(), cfg, hist=hist)
+    assert torch.equal(out.dense.cpu(), ref.dense.cpu())
+    assert torch.equal(out.num_candidates.cpu(), ref.num_candidates.cpu())
+    rtt = sc.req_to_token[sc.req_pool_indices.long()]
+    for (r, hh), slots in rows_of(out, h).items():
+        pos = ref.positions[r, hh][ref.valid[r, hh]]
+        want = set(rtt[r][pos].tolist())
+        assert len(slots) == len(set(slots)) == len(want)
+        assert len(set(slots) ^ want) <= 2 * max_diff, (r, hh)
+
+
+@pytest.mark.parametrize(
+    "d, h, group, dtype",
+    [(64, 2, 2, torch.float16), (128, 1, 8, torch.bfloat16), (64, 3, 1, torch.float16)],
+)
+def test_workspace_matches_codec_retrieve(d, h, group, dtype):
+    lens = [700, 90, 555]
+    cfg = ParisKVConfig(topk=24, sink=4, local=8, dense_threshold=100)
+    sc = make_scenario(lens, h, d, 720, DEV, dtype=dtype, seed=d + group)
+    q = torch.randn(3, h * group, d, generator=torch.Generator().manual_seed(1)).to(DEV)
+    ws = DecodeWorkspace(cfg, h * group, h, d, max_batch=4, max_context=720, device=DEV, **SMALL)
+    indptr_host = ws.plan(sc.seq_lens.cpu())
+    out = ws.run(q, sc.pool, sc.hist, sc.req_to_token, sc.req_pool_indices, sc.seq_lens)
+    assert torch.equal(indptr_host, out.kv_indptr.cpu())
+    check_against_codec(sc, q.float(), cfg, out)
+
+
+def test_max_candidates_covers_the_adaptive_dip():
+    cfg = ParisKVConfig(topk=100, sink=0, local=0)
+    # zone 29999 keeps 0.2 * 29999 = 6000 candidates, zone 30000..59999 fewer.
+    assert max_candidates(cfg, 40000) == 6000
+    assert max_candidates(cfg, 50) == 50
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d, group", [(128, 4), (64, 8), (128, 1)])
+def test_workspace_at_scale_and_cuda_graph_replay(cuda_device, d, group):
+    h, nmax = 8, 65536
+    cfg = ParisKVConfig(topk=2048, sink=64, local=256, dense_threshold=8192)
+    lens = [65536, 40000, 5000, 31000]
+    sc = make_scenario(lens, h, d, nmax, cuda_device, dtype=torch.bfloat16, seed=d + group)
+    q = torch.randn(4, h * group, d, device=cuda_device, dtype=torch.bfloat16)
+    ws = DecodeWorkspace(cfg, h * group, h, d, max_batch=4, max_context=nmax, device=cuda_device)
+    out = ws.run(q, sc.pool, sc.hist, sc.req_to_token, sc.req_pool_indices, sc.seq_lens)
+    check_against_codec(sc, q.float(), cfg, out, max_diff=8)
+    eager = (out.kv_indptr.clone(), out.kv_indices.clone())
+
+    # Capture with one set of lengths, replay with the real ones: same result as eager.
+    seq_buf = torch.tensor([9000, 8000, 65536, 12000], dtype=torch.int32, device=cuda_device)
+    rpi_buf = sc.req_pool_indices.flip(0).contiguous()
+    args = (sc.pool, sc.hist, sc.req_to_token)
+    ws.run(q, *args, rpi_buf, seq_buf)  # warm up (Triton compiles outside the capture)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        g_out = ws.run(q, *args, rpi_buf, seq_buf)
+    seq_buf.copy_(sc.seq_lens)
+    rpi_buf.copy_(sc.req_pool_indices)
+    ws.kv_indices.fill_(-1)
+    graph.replay()
+    n = int(eager[0][-1])
+    assert torch.equal(g_out.kv_indptr, eager[0])
+    assert torch.equal(g_out.kv_indices[:n], eager[1][:n])
+
+
+@pytest.mark.gpu
+def test_flashinfer_head_as_batch_decode_matches_codec_attention(cuda_device):
+    pytest.importorskip("flashinfer")
+    from sglang_pariskv.kernels.flashinfer_decode import HeadAsBatchDecode
+
+    h, group, d, nmax = 8, 4, 128, 32768
+    cfg = ParisKVConfig(topk=512, sink=16, local=64, dense_threshold=4096)
+    lens = [32768, 3000, 20000]
+    sc = make_scenario(lens, h, d, nmax, cuda_device, dtype=torch.bfloat16, seed=4)
+    slots = sc.pool.signs.shape[0]
+    k_pool = torch.randn(slots, h, d, device=cuda_device, dtype=torch.bfloat16)
+    v_pool = torch.randn(slots, h, d, device=cuda_device, dtype=torch.bfloat16)
+    q = torch.randn(3, h * group, d, device=cuda_device, dtype=torch.bfloat16)
+    ws = DecodeWorkspace(cfg, h * group, h, d, max_batch=3, max_context=nmax, device=cuda_device)
+    dec = HeadAsBatchDecode(ws, torch.bfloat16)
+    dec.plan(sc.seq_lens.cpu())
+    out = ws.run(q, sc.pool, sc.hist, sc.req_to_token, sc.req_pool_indices, sc.seq_lens)
+    o = dec.run(q, k_pool, v_pool)  # [R, Hq, D]
+    # Reference: codec attention over the same index sets.
+    rows = rows_of(out, h)
+    m = max(len(v) for v in rows.values())
+    positions = torch.full((3, h, m), -1, dtype=torch.long)
+    rtt = sc.req_to_token[sc.req_pool_indices.long()].cpu()
+    for (r, hh), sl in rows.items():
+        inv = {int(s): p for p, s in enumerate(rtt[r].tolist()) if p < lens[r]}
+        positions[r, hh, : len(sl)] = torch.tensor([inv[s] for s in sl])
+    kk = k_pool[sc.req_to_token[sc.req_pool_indices.long()].long()]  # [R, N, H, D]
+    vv = v_pool[sc.req_to_token[sc.req_pool_indices.long()].long()]
+    pos = positions.to(cuda_device)
+    ref = sparse_attention(q, kk, vv, pos, pos >= 0)
+    err = (o.float() - ref).norm() / ref.norm()
+    assert err < 2e-2
