@@ -1,0 +1,155 @@
+"""Evaluate every method on one layer of one trace: per-step, per-KV-head metrics.
+
+Steps are processed in chunks (all methods, all heads at once) so memory stays bounded and
+the work is a few large tensor ops per chunk. Zone-independent scores are computed once per
+chunk and reused for every budget of the sweep; ParisKV's depend on the zone (its adaptive
+ratios), so it is re-scored per budget, on the sweep's subsampled steps only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from sglang_pariskv.eval.budget import Budget
+from sglang_pariskv.eval.methods.base import Method
+from sglang_pariskv.eval.metrics import (
+    StepReference,
+    dense_probs,
+    recall_at_k,
+    take_first,
+    topk_mask,
+)
+from sglang_pariskv.eval.ranking import rank, zone_mask
+from sglang_pariskv.eval.trace import LayerTrace, StepBatch, group_mean_query
+
+METRICS = ("recall_at_100", "recall_at_budget", "mass_recall", "output_rel_err")
+
+
+@dataclass
+class LayerResult:
+    """metrics[name][metric]: float32 [S, H]; sweep_mass[name]: float32 [F, S_sweep, H]."""
+
+    metrics: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    sweep_mass: dict[str, torch.Tensor] = field(default_factory=dict)
+    sweep_steps: torch.Tensor | None = None
+
+
+def exact_scores(batch: StepBatch, keys: torch.Tensor) -> torch.Tensor:
+    """Group-mean q·k [S, H, N]: the ground truth of every recall."""
+    q = group_mean_query(batch.queries, keys.shape[1])
+    return torch.einsum("shd,nhd->shn", q, keys.float())
+
+
+def _all_scores(
+    methods: Sequence[Method], states: list, batch: StepBatch, budget: Budget, shared: dict
+) -> dict[str, torch.Tensor]:
+    out = {}
+    for method, state in zip(methods, states):
+        if method.zone_dependent:
+            out.update(method.scores(state, batch, budget))
+        else:
+            out.update({name: shared[name] for name in method.names})
+    return out
+
+
+def _main_metrics(
+    scores: dict[str, torch.Tensor],
+    batch: StepBatch,
+    trace: LayerTrace,
+    probs: torch.Tensor,
+    budget: Budget,
+    recall_k: int,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Every metric of every method on one chunk at the configured budget."""
+    seq, n = batch.seq_lens, trace.num_keys
+    ref = StepReference(probs, trace.values, seq, budget.sink, budget.local)
+    in_zone = zone_mask(seq, budget.sink, budget.local, n)
+    k = budget.retrieved(seq)
+    k100 = torch.full_like(k, recall_k)
+    length = max(recall_k, int(k.max()))
+    target, _ = rank(exact_scores(batch, trace.keys), in_zone, length)
+    truth_k, truth_100 = topk_mask(target, k, n), topk_mask(target, k100, n)
+    out = {}
+    for name, sc in scores.items():
+        ranked, valid = rank(sc, in_zone, length)
+        take, take100 = take_first(valid, k), take_first(valid, k100)
+        out[name] = {
+            "recall_at_100": recall_at_k(ranked, take100, truth_100, k100),
+            "recall_at_budget": recall_at_k(ranked, take, truth_k, k),
+            "mass_recall": ref.mass_recall(ranked, take),
+            "output_rel_err": ref.output_rel_err(ranked, take),
+        }
+    return out
+
+
+def _sweep_mass(
+    methods: Sequence[Method],
+    states: list,
+    batch: StepBatch,
+    trace: LayerTrace,
+    probs: torch.Tensor,
+    shared: dict,
+    sweep: Sequence[Budget],
+) -> dict[str, torch.Tensor]:
+    """Attention-mass recall [F, S, H] of every method at every sweep budget."""
+    n = trace.num_keys
+    seq = batch.seq_lens
+    per_budget: dict[str, list] = {}
+    for bud in sweep:
+        ref = StepReference(probs, trace.values, seq, bud.sink, bud.local, with_output=False)
+        in_zone = zone_mask(seq, bud.sink, bud.local, n)
+        k = bud.retrieved(seq)
+        for name, sc in _all_scores(methods, states, batch, bud, shared).items():
+            ranked, valid = rank(sc, in_zone, max(1, int(k.max())))
+            per_budget.setdefault(name, []).append(ref.mass_recall(ranked, take_first(valid, k)))
+    return {name: torch.stack(v) for name, v in per_budget.items()}
+
+
+def evaluate_layer(
+    trace: LayerTrace,
+    methods: Sequence[Method],
+    main: Budget,
+    sweep: Sequence[Budget] = (),
+    sweep_stride: int = 8,
+    recall_k: int = 100,
+    chunk: int = 32,
+    progress=None,
+) -> LayerResult:
+    """Metrics of every method on every step of ``trace`` at budget ``main``, plus the
+    attention-mass recall at each ``sweep`` budget on every ``sweep_stride``-th step."""
+    states = [m.prepare(trace) for m in methods]
+    steps = trace.queries.shape[0]
+    res = LayerResult(sweep_steps=torch.arange(0, steps, sweep_stride))
+    parts: dict[str, dict[str, list]] = {}
+    sweep_parts: dict[str, list] = {}
+    for lo in range(0, steps, chunk):
+        batch = StepBatch(trace.queries[lo : lo + chunk], trace.seq_lens[lo : lo + chunk])
+        probs = dense_probs(batch.queries, trace.keys, batch.seq_lens)
+        shared: dict[str, torch.Tensor] = {}
+        for method, state in zip(methods, states):
+            if not method.zone_dependent:
+                shared.update(method.scores(state, batch, main))
+        scores = _all_scores(methods, states, batch, main, shared)
+        for name, mets in _main_metrics(scores, batch, trace, probs, main, recall_k).items():
+            for metric, v in mets.items():
+                parts.setdefault(name, {}).setdefault(metric, []).append(v)
+
+        rows = torch.arange(lo, lo + len(batch.seq_lens))
+        rows = (rows[rows % sweep_stride == 0] - lo).to(batch.seq_lens.device)
+        if len(rows) and sweep:
+            sub_shared = {name: v[rows] for name, v in shared.items()}
+            got = _sweep_mass(
+                methods, states, batch.select(rows), trace, probs[rows], sub_shared, sweep
+            )
+            for name, v in got.items():
+                sweep_parts.setdefault(name, []).append(v)
+        if progress is not None:
+            progress.update(len(batch.seq_lens))
+    for name, mets in parts.items():
+        res.metrics[name] = {m: torch.cat(v).cpu() for m, v in mets.items()}
+    for name, v in sweep_parts.items():
+        res.sweep_mass[name] = torch.cat(v, dim=1).cpu()
+    return res

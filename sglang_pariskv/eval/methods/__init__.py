@@ -1,0 +1,38 @@
+"""The retrieval methods compared at equal attended budget (see ``default_methods``)."""
+
+from __future__ import annotations
+
+from sglang_pariskv.eval.methods.base import Method
+from sglang_pariskv.eval.methods.exact import ExactTopK
+from sglang_pariskv.eval.methods.pariskv import ParisKV
+from sglang_pariskv.eval.methods.pq import ProductQuantization
+from sglang_pariskv.eval.methods.quest import Quest
+from sglang_pariskv.eval.methods.simhash import SimHash
+from sglang_pariskv.eval.methods.streaming import StreamingLLM
+
+__all__ = [
+    "ExactTopK",
+    "Method",
+    "ParisKV",
+    "ProductQuantization",
+    "Quest",
+    "SimHash",
+    "StreamingLLM",
+    "default_methods",
+]
+
+#: Methods that see the exact scores: excluded from "ParisKV beats every baseline".
+ORACLES = ("exact_topk",)
+
+
+def default_methods(seed: int = 0) -> list[Method]:
+    """Every method of the comparison, with the issue's parameters."""
+    return [
+        ParisKV(outputs=("full", "stage1")),
+        ParisKV(name="pariskv_norot", outputs=("full",), rotate=False),
+        ExactTopK(),
+        StreamingLLM(),
+        Quest(page_size=16),
+        SimHash(bits=10, tables=150, seed=seed),
+        ProductQuantization(subvectors=2, centroids=64, seed=seed),
+    ]

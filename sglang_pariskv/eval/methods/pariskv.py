@@ -1,0 +1,199 @@
+"""ParisKV and its ablations, built from the codec's own pieces.
+
+``codec.retrieve`` returns one top-k set per step; the evaluation needs the whole ranking
+(to cut it at every budget), so we assemble the same stages into a score:
+
+* collision score per key (``centroid_tiers`` + ``collision_scores``, with the codec's
+  adaptive ratios and tier thresholds for this step's zone);
+* candidates: the ``ceil(zone * candidate_ratio)`` best collision scores (earlier wins ties);
+* rerank estimate ||q|| Σ_b w_b <v_b, q_b> for candidates (``decode_directions`` and the
+  weights folded into one "effective key" per token, so the estimate is one matmul).
+
+Candidates rank first by estimate, then the other zone keys by collision score. Cutting this
+ranking at k gives exactly ``codec.retrieve`` with ``topk = k``: for k <= C it is the rerank of
+the C candidates; for k > C the codec raises C to k, which is the next keys by collision
+score (tests/test_eval_pariskv.py checks the equivalence against ``codec.retrieve``).
+
+Ablations: stage 1 only (rank by collision score, no rerank), and no rotation. The codec
+always rotates by R; feeding it R^T·x instead of x makes the rotation a no-op
+(R·R^T = I), which removes it without touching the codec.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from sglang_pariskv.codec.budget import (
+    num_candidates,
+    retrieval_ratios,
+    tier_thresholds,
+    zone_lengths,
+)
+from sglang_pariskv.codec.collision import (
+    NUM_CENTROIDS,
+    centroid_histogram,
+    centroid_tiers,
+)
+from sglang_pariskv.codec.encode import decode_directions, encode_keys
+from sglang_pariskv.codec.query import prepare_query
+from sglang_pariskv.codec.rotation import rotation_matrix
+from sglang_pariskv.config import ParisKVConfig
+from sglang_pariskv.eval.budget import Budget
+from sglang_pariskv.eval.trace import LayerTrace, StepBatch
+
+# Candidates outrank every non-candidate: collision scores are < 6 * 16 * 15, estimates are
+# |<q, k>| << 1e9 for any real model.
+_CANDIDATE_OFFSET = 1e9
+
+
+@dataclass
+class ParisKVState:
+    signs: torch.Tensor  #: uint8 [N, H, B]: sign ids (the collision codes)
+    eff_keys: torch.Tensor  #: float32 [N, H, D]: w_b * v_b per block, flattened
+    base_len: int  #: keys counted in ``base_hist``
+    base_hist: torch.Tensor  #: int32 [H, B, 256] over keys[:base_len]
+    cum_hist: torch.Tensor  #: int32 [G, H, B, 256]: + keys[base_len : base_len + g + 1]
+
+    def hist_at(self, seq_lens: torch.Tensor) -> torch.Tensor:
+        """Centroid histograms over keys[:seq_len], per step: int32 [S, H, B, 256].
+
+        What the serving path keeps incrementally (prefix histogram + one key per step)."""
+        extra = seq_lens - self.base_len
+        if (extra < 0).any():
+            raise ValueError("a step attends fewer keys than the histogram base")
+        h = self.base_hist[None].expand(len(seq_lens), -1, -1, -1)
+        if self.cum_hist.shape[0] == 0:
+            return h.clone()
+        grown = self.cum_hist[(extra - 1).clamp_min(0)]
+        return torch.where((extra > 0)[:, None, None, None], h + grown, h)
+
+
+def fast_collision_scores(signs: torch.Tensor, tiers: torch.Tensor) -> torch.Tensor:
+    """``codec.collision_scores`` for one shared key set and many steps, one block at a time.
+
+    signs uint8 [N, H, B] (the same keys for every step), tiers [S, H, B, 256] ->
+    int64 [S, H, N] (the codec returns [S, N, H]; tests check they agree). Gathering per
+    block from the small [S, H, 256] tier table avoids the codec's [S, N, H, B] int64
+    intermediate, which dominates the evaluation's run time at 8K tokens.
+    """
+    s, h, b, _ = tiers.shape
+    n = signs.shape[0]
+    ids = signs.permute(2, 1, 0).to(torch.int64)  # [B, H, N]
+    t = tiers.to(torch.int32)
+    out = torch.zeros(s, h, n, dtype=torch.int32, device=tiers.device)
+    for blk in range(b):
+        out += torch.gather(t[:, :, blk], -1, ids[blk][None].expand(s, h, n))
+    return out.to(torch.int64)
+
+
+class ParisKV:
+    """ParisKV retrieval scores; ``outputs`` picks which of the family to report.
+
+    outputs: names among {"full", "stage1"}, mapped to ``name`` and ``name + "_stage1"``.
+    rotate: False removes the Hadamard rotation (ablation).
+    gqa: "mean" (the codec: one group-mean query per KV head) or "max" (every query head
+    retrieves on its own; a key's collision score and estimate are the group maximum).
+    """
+
+    zone_dependent = True
+
+    def __init__(
+        self,
+        config: ParisKVConfig | None = None,
+        name: str = "pariskv",
+        outputs: tuple[str, ...] = ("full", "stage1"),
+        rotate: bool = True,
+        gqa: str = "mean",
+    ) -> None:
+        if gqa not in ("mean", "max"):
+            raise ValueError(f"gqa must be 'mean' or 'max', got {gqa!r}")
+        self.config = config or ParisKVConfig()
+        self.rotate, self.gqa = rotate, gqa
+        self._out = {"full": name, "stage1": name + "_stage1"}
+        self.names = tuple(self._out[o] for o in outputs)
+        self.outputs = outputs
+
+    def _unrotate(self, x: torch.Tensor) -> torch.Tensor:
+        """R^T x (as x @ R): the codec's rotation of it gives back x."""
+        if self.rotate:
+            return x
+        r = rotation_matrix(x.shape[-1], self.config.rotation_seed, torch.float64, x.device)
+        return (x.to(torch.float64) @ r).to(x.dtype)
+
+    def prepare(self, trace: LayerTrace) -> ParisKVState:
+        codes = encode_keys(self._unrotate(trace.keys), self.config.rotation_seed)
+        n, h, b = codes.signs.shape
+        eff = decode_directions(codes) * codes.weights.float()[..., None]  # [N, H, B, 8]
+        base = int(trace.seq_lens.min())
+        base_hist = centroid_histogram(codes.signs[None], torch.tensor([base]))[0]
+        new = torch.nn.functional.one_hot(codes.signs[base:].to(torch.int64), NUM_CENTROIDS)
+        return ParisKVState(
+            signs=codes.signs,
+            eff_keys=eff.reshape(n, h, b * 8),
+            base_len=base,
+            base_hist=base_hist,
+            cum_hist=torch.cumsum(new.to(torch.int32), 0, dtype=torch.int32),
+        )
+
+    def step_config(self, budget: Budget) -> ParisKVConfig:
+        """The codec config of this budget: its sink/window, never dense (we evaluate
+        retrieval itself), top-k irrelevant (the ranking serves every k)."""
+        return dataclasses.replace(
+            self.config, sink=budget.sink, local=budget.local, topk=1, dense_threshold=0
+        )
+
+    def scores(self, state: ParisKVState, batch: StepBatch, budget: Budget) -> dict:
+        cfg = self.step_config(budget)
+        seq_lens = batch.seq_lens.to(torch.int64)
+        n, h, b = state.signs.shape
+        s = seq_lens.shape[0]
+        zone = zone_lengths(seq_lens, cfg)
+        cand_ratio, coll_ratio = retrieval_ratios(zone, cfg)
+        counts = num_candidates(zone, cand_ratio, cfg)
+
+        hist = state.hist_at(seq_lens)
+        heads = h if self.gqa == "mean" else batch.queries.shape[1]
+        group = heads // h
+        q = prepare_query(self._unrotate(batch.queries), heads, cfg.rotation_seed)
+        thresholds = tier_thresholds(seq_lens, coll_ratio, cfg)
+        signs = state.signs
+        if group > 1:
+            hist = hist.repeat_interleave(group, dim=1)
+            signs = signs.repeat_interleave(group, dim=1)
+        tiers = centroid_tiers(q.blocks, hist, thresholds)
+        coll = fast_collision_scores(signs, tiers)
+        eff = state.eff_keys.repeat_interleave(group, dim=1) if group > 1 else state.eff_keys
+        est = torch.einsum("shd,nhd->shn", q.blocks.flatten(-2).float(), eff) * q.norm[..., None]
+        if group > 1:
+            coll = coll.reshape(s, h, group, n).amax(2)
+            est = est.reshape(s, h, group, n).amax(2)
+        out = {}
+        if "stage1" in self.outputs:
+            out[self._out["stage1"]] = coll
+        if "full" in self.outputs:
+            out[self._out["full"]] = self._rerank(coll, est, counts, seq_lens, cfg)
+        return out
+
+    @staticmethod
+    def _rerank(
+        coll: torch.Tensor,
+        est: torch.Tensor,
+        counts: torch.Tensor,
+        seq_lens: torch.Tensor,
+        cfg: ParisKVConfig,
+    ) -> torch.Tensor:
+        """Candidates (top-``counts`` zone keys by collision score, earlier first on ties)
+        scored by estimate above every non-candidate, which keeps its collision score."""
+        s, h, n = coll.shape
+        pos = torch.arange(n, device=coll.device)
+        in_zone = (pos[None] >= cfg.sink) & (pos[None] < (seq_lens - cfg.local)[:, None])
+        key = coll.to(torch.float64) - pos.to(torch.float64) / (n + 1)
+        key = key.masked_fill(~in_zone[:, None], float("-inf"))
+        cmax = int(counts.max())
+        top = torch.topk(key, cmax, dim=-1).indices  # [S, H, Cmax]
+        keep = torch.arange(cmax, device=coll.device)[None, None] < counts[:, None, None]
+        cand = torch.zeros_like(coll, dtype=torch.bool).scatter_(-1, top, keep.expand_as(top))
+        return torch.where(cand, _CANDIDATE_OFFSET + est.to(torch.float64), key)
