@@ -35,9 +35,9 @@ class HeadAsBatchDecode:
         rows = indptr.numel() - 1
         last = torch.ones(rows, dtype=torch.int32)
         self.wrapper.plan(
-            indptr.to(self.ws.device, non_blocking=True),
-            self.ws.kv_indices,
-            last.to(self.ws.device, non_blocking=True),
+            indptr,
+            self.ws.kv_indices,  # filled by ws.run, read by wrapper.run (same tensor)
+            last,
             self.group,
             1,
             self.ws.d,
