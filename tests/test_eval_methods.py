@@ -20,7 +20,7 @@ from sglang_pariskv.eval.methods import (
 from sglang_pariskv.eval.methods.pariskv import fast_collision_scores
 from sglang_pariskv.eval.methods.simhash import count_collisions_naive
 from sglang_pariskv.eval.ranking import rank, zone_mask
-from sglang_pariskv.eval.trace import LayerTrace, StepBatch
+from sglang_pariskv.eval.trace import LayerTrace
 
 N_PROMPT, N_GEN, H, G, D = 600, 8, 2, 3, 64
 PLANT = 300  # a prompt position in the zone
@@ -49,9 +49,9 @@ def planted_trace(seed: int = 0) -> LayerTrace:
 
 def _ranked(method, trace, length):
     state = method.prepare(trace)
-    batch = StepBatch(trace.queries, trace.seq_lens)
+    batch = BUDGET.batch(trace.queries, trace.seq_lens)
     in_zone = zone_mask(trace.seq_lens, BUDGET.sink, BUDGET.local, trace.num_keys)
-    return {n: rank(s, in_zone, length)[0] for n, s in method.scores(state, batch, BUDGET).items()}
+    return {n: rank(s, in_zone, length)[0] for n, s in method.scores(state, batch).items()}
 
 
 @pytest.mark.parametrize(

@@ -37,6 +37,15 @@ class Budget:
         zone = self.zone_end(seq_lens) - self.sink
         return torch.minimum(self.attended(seq_lens) - self.sink - self.local, zone).clamp_min(0)
 
+    def batch(self, queries: torch.Tensor, seq_lens: torch.Tensor):
+        """A :class:`~sglang_pariskv.eval.trace.StepBatch` of these steps at this budget."""
+        from sglang_pariskv.eval.trace import StepBatch
+
+        full = torch.ones_like(seq_lens, dtype=torch.int64)
+        return StepBatch(
+            queries, seq_lens, full * self.sink, full * self.local, self.retrieved(seq_lens)
+        )
+
     def zone_end(self, seq_lens: torch.Tensor) -> torch.Tensor:
         """First position of the local window per step; the zone is [sink, zone_end)."""
         return (seq_lens.to(torch.int64) - self.local).clamp_min(self.sink)

@@ -1,9 +1,11 @@
 """Evaluate every method on one layer of one trace: per-step, per-KV-head metrics.
 
 Steps are processed in chunks (all methods, all heads at once) so memory stays bounded and
-the work is a few large tensor ops per chunk. Zone-independent scores are computed once per
-chunk and reused for every budget of the sweep; ParisKV's depend on the zone (its adaptive
-ratios), so it is re-scored per budget, on the sweep's subsampled steps only.
+the work is a few large tensor ops per chunk. The budget sweep stacks every sweep budget's
+copy of the chunk's subsampled steps into one batch with per-row sink/window/k, so each
+method scores and ranks once per chunk for the whole sweep; zone-independent scores are
+reused from the main pass, and only ParisKV (whose adaptive ratios follow the zone) is
+re-scored.
 """
 
 from __future__ import annotations
@@ -43,31 +45,31 @@ def exact_scores(batch: StepBatch, keys: torch.Tensor) -> torch.Tensor:
     return torch.einsum("shd,nhd->shn", q, keys.float())
 
 
-def _all_scores(
-    methods: Sequence[Method], states: list, batch: StepBatch, budget: Budget, shared: dict
+def score_all(
+    methods: Sequence[Method], states: list, batch: StepBatch, shared: dict | None
 ) -> dict[str, torch.Tensor]:
+    """Scores of every method; zone-independent ones come from ``shared`` when given."""
     out = {}
     for method, state in zip(methods, states):
-        if method.zone_dependent:
-            out.update(method.scores(state, batch, budget))
-        else:
+        if shared is not None and not method.zone_dependent:
             out.update({name: shared[name] for name in method.names})
+        else:
+            out.update(method.scores(state, batch))
     return out
 
 
-def _main_metrics(
+def main_metrics(
     scores: dict[str, torch.Tensor],
     batch: StepBatch,
     trace: LayerTrace,
     probs: torch.Tensor,
-    budget: Budget,
     recall_k: int,
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """Every metric of every method on one chunk at the configured budget."""
+    """Every metric of every method on one chunk at its (per-row) budget."""
     seq, n = batch.seq_lens, trace.num_keys
-    ref = StepReference(probs, trace.values, seq, budget.sink, budget.local)
-    in_zone = zone_mask(seq, budget.sink, budget.local, n)
-    k = budget.retrieved(seq)
+    ref = StepReference(probs, trace.values, seq, batch.sink, batch.local)
+    in_zone = zone_mask(seq, batch.sink, batch.local, n)
+    k = batch.retrieved
     k100 = torch.full_like(k, recall_k)
     length = max(recall_k, int(k.max()))
     target, _ = rank(exact_scores(batch, trace.keys), in_zone, length)
@@ -85,27 +87,19 @@ def _main_metrics(
     return out
 
 
-def _sweep_mass(
-    methods: Sequence[Method],
-    states: list,
-    batch: StepBatch,
-    trace: LayerTrace,
-    probs: torch.Tensor,
-    shared: dict,
-    sweep: Sequence[Budget],
+def sweep_mass(
+    scores: dict[str, torch.Tensor], batch: StepBatch, trace: LayerTrace, probs: torch.Tensor
 ) -> dict[str, torch.Tensor]:
-    """Attention-mass recall [F, S, H] of every method at every sweep budget."""
+    """Attention-mass recall [rows, H] of every method on a stacked (per-row budget) batch."""
     n = trace.num_keys
-    seq = batch.seq_lens
-    per_budget: dict[str, list] = {}
-    for bud in sweep:
-        ref = StepReference(probs, trace.values, seq, bud.sink, bud.local, with_output=False)
-        in_zone = zone_mask(seq, bud.sink, bud.local, n)
-        k = bud.retrieved(seq)
-        for name, sc in _all_scores(methods, states, batch, bud, shared).items():
-            ranked, valid = rank(sc, in_zone, max(1, int(k.max())))
-            per_budget.setdefault(name, []).append(ref.mass_recall(ranked, take_first(valid, k)))
-    return {name: torch.stack(v) for name, v in per_budget.items()}
+    ref = StepReference(probs, trace.values, batch.seq_lens, batch.sink, batch.local, False)
+    in_zone = zone_mask(batch.seq_lens, batch.sink, batch.local, n)
+    length = max(1, int(batch.retrieved.max()))
+    out = {}
+    for name, sc in scores.items():
+        ranked, valid = rank(sc, in_zone, length)
+        out[name] = ref.mass_recall(ranked, take_first(valid, batch.retrieved))
+    return out
 
 
 def evaluate_layer(
@@ -126,26 +120,28 @@ def evaluate_layer(
     parts: dict[str, dict[str, list]] = {}
     sweep_parts: dict[str, list] = {}
     for lo in range(0, steps, chunk):
-        batch = StepBatch(trace.queries[lo : lo + chunk], trace.seq_lens[lo : lo + chunk])
+        batch = main.batch(trace.queries[lo : lo + chunk], trace.seq_lens[lo : lo + chunk])
         probs = dense_probs(batch.queries, trace.keys, batch.seq_lens)
-        shared: dict[str, torch.Tensor] = {}
+        shared = {}
         for method, state in zip(methods, states):
             if not method.zone_dependent:
-                shared.update(method.scores(state, batch, main))
-        scores = _all_scores(methods, states, batch, main, shared)
-        for name, mets in _main_metrics(scores, batch, trace, probs, main, recall_k).items():
+                shared.update(method.scores(state, batch))
+        scores = score_all(methods, states, batch, shared)
+        for name, mets in main_metrics(scores, batch, trace, probs, recall_k).items():
             for metric, v in mets.items():
                 parts.setdefault(name, {}).setdefault(metric, []).append(v)
 
         rows = torch.arange(lo, lo + len(batch.seq_lens))
         rows = (rows[rows % sweep_stride == 0] - lo).to(batch.seq_lens.device)
         if len(rows) and sweep:
-            sub_shared = {name: v[rows] for name, v in shared.items()}
-            got = _sweep_mass(
-                methods, states, batch.select(rows), trace, probs[rows], sub_shared, sweep
-            )
+            sub = batch.select(rows)
+            stacked = StepBatch.concat([b.batch(sub.queries, sub.seq_lens) for b in sweep])
+            reps = len(sweep)
+            sub_shared = {name: v[rows].repeat(reps, 1, 1) for name, v in shared.items()}
+            sc = score_all(methods, states, stacked, sub_shared)
+            got = sweep_mass(sc, stacked, trace, probs[rows].repeat(reps, 1, 1))
             for name, v in got.items():
-                sweep_parts.setdefault(name, []).append(v)
+                sweep_parts.setdefault(name, []).append(v.reshape(reps, len(rows), -1))
         if progress is not None:
             progress.update(len(batch.seq_lens))
     for name, mets in parts.items():

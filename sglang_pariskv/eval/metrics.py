@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from sglang_pariskv.eval.ranking import per_row
+
 
 def dense_probs(
     queries: torch.Tensor, keys: torch.Tensor, seq_lens: torch.Tensor, scale: float | None = None
@@ -28,11 +30,15 @@ def dense_probs(
     return torch.softmax(logits, -1).reshape(s, hq, n)
 
 
-def fixed_mask(seq_lens: torch.Tensor, sink: int, local: int, n: int) -> torch.Tensor:
-    """bool [S, n]: the sink [0, sink) and the local window [seq_len - local, seq_len)."""
+def fixed_mask(
+    seq_lens: torch.Tensor, sink: int | torch.Tensor, local: int | torch.Tensor, n: int
+) -> torch.Tensor:
+    """bool [S, n]: the sink [0, sink) and the local window [seq_len - local, seq_len)
+    (sink and local: ints or per-row [S] tensors)."""
     pos = torch.arange(n, device=seq_lens.device)[None, :]
     end = seq_lens.to(torch.int64)[:, None]
-    return (pos < torch.minimum(end, torch.tensor(sink))) | ((pos >= end - local) & (pos < end))
+    start = end - per_row(local, seq_lens)
+    return ((pos < per_row(sink, seq_lens)) | (pos >= start)) & (pos < end)
 
 
 def take_first(valid: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -52,8 +58,8 @@ class StepReference:
         probs: torch.Tensor,
         values: torch.Tensor,
         seq_lens: torch.Tensor,
-        sink: int,
-        local: int,
+        sink: int | torch.Tensor,
+        local: int | torch.Tensor,
         with_output: bool = True,
     ) -> None:
         s, hq, n = probs.shape

@@ -5,11 +5,20 @@ from __future__ import annotations
 import torch
 
 
-def zone_mask(seq_lens: torch.Tensor, sink: int, local: int, n: int) -> torch.Tensor:
-    """bool [S, n]: position p of step s is in the retrieval zone [sink, seq_len - local)."""
-    pos = torch.arange(n, device=seq_lens.device)
-    end = (seq_lens.to(torch.int64) - local)[:, None]
-    return (pos[None, :] >= sink) & (pos[None, :] < end)
+def per_row(x: int | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """An int or an [S] tensor as an int64 column [S, 1] (per-row budgets broadcast)."""
+    t = torch.as_tensor(x, dtype=torch.int64, device=like.device)
+    return t.expand(like.shape[0]).reshape(-1, 1) if t.dim() == 0 else t.reshape(-1, 1)
+
+
+def zone_mask(
+    seq_lens: torch.Tensor, sink: int | torch.Tensor, local: int | torch.Tensor, n: int
+) -> torch.Tensor:
+    """bool [S, n]: position p of step s is in the retrieval zone [sink, seq_len - local)
+    (sink and local: ints or per-row [S] tensors)."""
+    pos = torch.arange(n, device=seq_lens.device)[None, :]
+    end = seq_lens.to(torch.int64)[:, None] - per_row(local, seq_lens)
+    return (pos >= per_row(sink, seq_lens)) & (pos < end)
 
 
 def rank(

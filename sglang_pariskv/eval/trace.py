@@ -43,13 +43,26 @@ class LayerTrace:
 
 @dataclass
 class StepBatch:
-    """A chunk of decode steps of one layer: queries [S, Hq, D], seq_lens [S]."""
+    """A batch of decode steps of one layer, each with its own budget's sink and window.
 
-    queries: torch.Tensor
-    seq_lens: torch.Tensor
+    Rows may repeat a step under different budgets (the budget sweep stacks them), so the
+    zone [sink, seq_len - local) is per row."""
+
+    queries: torch.Tensor  #: [S, Hq, D]
+    seq_lens: torch.Tensor  #: int64 [S]
+    sink: torch.Tensor  #: int64 [S]
+    local: torch.Tensor  #: int64 [S]
+    retrieved: torch.Tensor  #: int64 [S]: zone tokens the budget retrieves
 
     def select(self, rows: torch.Tensor) -> StepBatch:
-        return StepBatch(self.queries[rows], self.seq_lens[rows])
+        return StepBatch(*(t[rows] for t in self.fields()))
+
+    def fields(self) -> tuple[torch.Tensor, ...]:
+        return (self.queries, self.seq_lens, self.sink, self.local, self.retrieved)
+
+    @staticmethod
+    def concat(batches: list[StepBatch]) -> StepBatch:
+        return StepBatch(*(torch.cat(ts) for ts in zip(*(b.fields() for b in batches))))
 
 
 def group_mean_query(queries: torch.Tensor, num_kv_heads: int) -> torch.Tensor:

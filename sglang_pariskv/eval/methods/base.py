@@ -12,7 +12,6 @@ from typing import Any, Protocol
 
 import torch
 
-from sglang_pariskv.eval.budget import Budget
 from sglang_pariskv.eval.trace import LayerTrace, StepBatch
 
 
@@ -21,7 +20,8 @@ class Method(Protocol):
 
     ``names`` lists the score tensors :meth:`scores` returns (a family such as ParisKV
     full / stage-1 shares one collision pass). ``zone_dependent`` is true when scores depend
-    on the zone (sink/local sizes), so they must be recomputed per budget.
+    on the zone (sink/local sizes), so they must be recomputed per budget; others are
+    scored once per step and reused for every budget.
     """
 
     names: tuple[str, ...]
@@ -32,6 +32,7 @@ class Method(Protocol):
         anything; every key is encoded as it would be on arrival)."""
         ...
 
-    def scores(self, state: Any, batch: StepBatch, budget: Budget) -> dict[str, torch.Tensor]:
-        """Scores [S, Hkv, N] (float, higher first) for each name in ``names``."""
+    def scores(self, state: Any, batch: StepBatch) -> dict[str, torch.Tensor]:
+        """Scores [S, Hkv, N] (higher first; integer scores tie-break by earlier position)
+        for each name in ``names``. Zone-dependent methods read ``batch.sink/local``."""
         ...

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from sglang_pariskv.eval.budget import Budget
 from sglang_pariskv.eval.trace import LayerTrace, StepBatch, group_mean_query
 
 
@@ -17,6 +16,6 @@ class ExactTopK:
     def prepare(self, trace: LayerTrace) -> torch.Tensor:
         return trace.keys.float()
 
-    def scores(self, state: torch.Tensor, batch: StepBatch, budget: Budget) -> dict:
+    def scores(self, state: torch.Tensor, batch: StepBatch) -> dict:
         q = group_mean_query(batch.queries, state.shape[1])  # [S, H, D]
         return {self.names[0]: torch.einsum("shd,nhd->shn", q, state)}

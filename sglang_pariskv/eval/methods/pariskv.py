@@ -30,7 +30,6 @@ from sglang_pariskv.codec.budget import (
     num_candidates,
     retrieval_ratios,
     tier_thresholds,
-    zone_lengths,
 )
 from sglang_pariskv.codec.collision import (
     NUM_CENTROIDS,
@@ -41,7 +40,6 @@ from sglang_pariskv.codec.encode import decode_directions, encode_keys
 from sglang_pariskv.codec.query import prepare_query
 from sglang_pariskv.codec.rotation import rotation_matrix
 from sglang_pariskv.config import ParisKVConfig
-from sglang_pariskv.eval.budget import Budget
 from sglang_pariskv.eval.trace import LayerTrace, StepBatch
 
 # Candidates outrank every non-candidate: collision scores are < 6 * 16 * 15, estimates are
@@ -138,19 +136,18 @@ class ParisKV:
             cum_hist=torch.cumsum(new.to(torch.int32), 0, dtype=torch.int32),
         )
 
-    def step_config(self, budget: Budget) -> ParisKVConfig:
-        """The codec config of this budget: its sink/window, never dense (we evaluate
-        retrieval itself), top-k irrelevant (the ranking serves every k)."""
-        return dataclasses.replace(
-            self.config, sink=budget.sink, local=budget.local, topk=1, dense_threshold=0
-        )
+    def step_config(self) -> ParisKVConfig:
+        """The codec config for scoring: never dense (we evaluate retrieval itself), top-k
+        irrelevant (the ranking serves every k). Sink and window come per row from the
+        batch; ratios and tiers only read the config's ratio knobs."""
+        return dataclasses.replace(self.config, topk=1, dense_threshold=0)
 
-    def scores(self, state: ParisKVState, batch: StepBatch, budget: Budget) -> dict:
-        cfg = self.step_config(budget)
+    def scores(self, state: ParisKVState, batch: StepBatch) -> dict:
+        cfg = self.step_config()
         seq_lens = batch.seq_lens.to(torch.int64)
         n, h, b = state.signs.shape
         s = seq_lens.shape[0]
-        zone = zone_lengths(seq_lens, cfg)
+        zone = (seq_lens - batch.sink - batch.local).clamp_min(0)  # codec zone_lengths, per row
         cand_ratio, coll_ratio = retrieval_ratios(zone, cfg)
         counts = num_candidates(zone, cand_ratio, cfg)
 
@@ -174,7 +171,7 @@ class ParisKV:
         if "stage1" in self.outputs:
             out[self._out["stage1"]] = coll
         if "full" in self.outputs:
-            out[self._out["full"]] = self._rerank(coll, est, counts, seq_lens, cfg)
+            out[self._out["full"]] = self._rerank(coll, est, counts, batch)
         return out
 
     @staticmethod
@@ -182,14 +179,14 @@ class ParisKV:
         coll: torch.Tensor,
         est: torch.Tensor,
         counts: torch.Tensor,
-        seq_lens: torch.Tensor,
-        cfg: ParisKVConfig,
+        batch: StepBatch,
     ) -> torch.Tensor:
         """Candidates (top-``counts`` zone keys by collision score, earlier first on ties)
         scored by estimate above every non-candidate, which keeps its collision score."""
         s, h, n = coll.shape
         pos = torch.arange(n, device=coll.device)
-        in_zone = (pos[None] >= cfg.sink) & (pos[None] < (seq_lens - cfg.local)[:, None])
+        end = batch.seq_lens - batch.local
+        in_zone = (pos[None] >= batch.sink[:, None]) & (pos[None] < end[:, None])
         key = coll.to(torch.float64) - pos.to(torch.float64) / (n + 1)
         key = key.masked_fill(~in_zone[:, None], float("-inf"))
         cmax = int(counts.max())

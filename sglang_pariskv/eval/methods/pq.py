@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 
-from sglang_pariskv.eval.budget import Budget
 from sglang_pariskv.eval.trace import LayerTrace, StepBatch, group_mean_query
 
 
@@ -73,7 +72,7 @@ class ProductQuantization:
             centroids=cent.reshape(h, self.m, self.c, sub), codes=codes.reshape(h, self.m, n)
         )
 
-    def scores(self, state: PQState, batch: StepBatch, budget: Budget) -> dict:
+    def scores(self, state: PQState, batch: StepBatch) -> dict:
         h, m, c, sub = state.centroids.shape
         q = group_mean_query(batch.queries, h).reshape(-1, h, m, sub)
         lut = torch.einsum("shmd,hmcd->shmc", q, state.centroids)  # [S, H, M, C]

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import torch
 
-from sglang_pariskv.eval.budget import Budget
 from sglang_pariskv.eval.trace import LayerTrace, StepBatch, group_mean_query
 
 
@@ -46,7 +45,7 @@ class Quest:
             num_keys=n,
         )
 
-    def scores(self, state: QuestState, batch: StepBatch, budget: Budget) -> dict:
+    def scores(self, state: QuestState, batch: StepBatch) -> dict:
         ps = self.page_size
         q = group_mean_query(batch.queries, state.run_min.shape[2])  # [S, H, D]
         qp, qn = q.clamp_min(0), q.clamp_max(0)

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import torch
 
-from sglang_pariskv.eval.budget import Budget
 from sglang_pariskv.eval.trace import LayerTrace, StepBatch, group_mean_query
 
 
@@ -71,7 +70,7 @@ class SimHash:
             num_keys=n,
         )
 
-    def scores(self, state: SimHashState, batch: StepBatch, budget: Budget) -> dict:
+    def scores(self, state: SimHashState, batch: StepBatch) -> dict:
         h = state.key_codes.shape[1]
         q = group_mean_query(batch.queries, h)  # queries are not centred (MagicPIG)
         qc = hash_codes(q, state.proj, self.bits)  # [S, H, L]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 
-from sglang_pariskv.eval.budget import Budget
 from sglang_pariskv.eval.trace import LayerTrace, StepBatch
 
 
@@ -20,7 +19,7 @@ class StreamingLLM:
     def prepare(self, trace: LayerTrace) -> tuple[int, int]:
         return trace.num_keys, trace.num_kv_heads
 
-    def scores(self, state: tuple[int, int], batch: StepBatch, budget: Budget) -> dict:
+    def scores(self, state: tuple[int, int], batch: StepBatch) -> dict:
         n, h = state
         pos = torch.arange(n, device=batch.queries.device)
         return {self.names[0]: pos.expand(batch.queries.shape[0], h, n)}

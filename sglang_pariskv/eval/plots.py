@@ -1,0 +1,76 @@
+"""PNG plots of the retrieval-quality run (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from sglang_pariskv.eval.summary import LAYER_GROUPS  # noqa: E402
+
+
+def _smooth(values: list[float], window: int = 32) -> torch.Tensor:
+    """Moving average (valid part) so per-step noise does not hide a trend."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if len(t) <= window:
+        return t
+    return t.unfold(0, window, 1).mean(-1)
+
+
+def plot_all(summary: dict, out_dir: Path, prefix: str = "retrieval_quality") -> list[Path]:
+    """Recall@100 vs decode step, mass recall vs budget, per-layer-group bars."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = sorted(summary, key=lambda n: -summary[n]["mass_recall"])
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for name in names:
+        y = _smooth(summary[name]["recall_at_100_by_step"])
+        x = torch.arange(len(y)) + (len(summary[name]["recall_at_100_by_step"]) - len(y)) // 2
+        ax.plot(x.numpy(), y.numpy(), label=name, lw=1.5)
+    ax.set(xlabel="decode step", ylabel="recall@100 (32-step moving mean)", ylim=(0, 1.02))
+    ax.set_title("Drift: recall@100 over 1024 generated tokens (keys appended, no refit)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    paths.append(out_dir / f"{prefix}_recall_by_step.png")
+    fig.tight_layout()
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name in names:
+        sweep = summary[name].get("mass_recall_vs_budget")
+        if not sweep:
+            continue
+        xs = [100 * float(f) for f in sweep]
+        ax.plot(xs, list(sweep.values()), marker="o", label=name)
+    ax.set(xlabel="attended budget (% of context)", ylabel="attention-mass recall")
+    ax.set_title("Attention-mass recall vs budget (sink + window + retrieved)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    paths.append(out_dir / f"{prefix}_mass_vs_budget.png")
+    fig.tight_layout()
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(10, 5))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        g = summary[name]["by_layer_group"]
+        ys = [g[k]["mass_recall"] for k in LAYER_GROUPS]
+        xs = [j + i * width for j in range(len(LAYER_GROUPS))]
+        ax.bar(xs, ys, width, label=name)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(LAYER_GROUPS))], LAYER_GROUPS)
+    ax.set(ylabel="attention-mass recall at the configured budget", ylim=(0, 1.02))
+    ax.set_title("Attention-mass recall by layer group")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, ncol=3)
+    paths.append(out_dir / f"{prefix}_layer_groups.png")
+    fig.tight_layout()
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
