@@ -30,7 +30,7 @@ B = D // 8
 DTYPE = torch.bfloat16
 KV_BYTES_PER_SLOT = 2 * HKV * D * 2  # K and V, bf16
 CODE_BYTES_PER_SLOT = HKV * 6 * B
-STAGES = ("prep", "tiers", "scan", "select", "rerank", "topk", "assemble")
+STAGES = ("query", "tiers", "scan", "select", "rerank", "topk", "assemble")
 
 
 def bench_ms(fn) -> float:
@@ -168,8 +168,8 @@ def bench_case(n: int, batch: int, pools: Pools, dev, scan_cfg: dict, hbm: float
 
     ws = DecodeWorkspace(cfg, HQ, HKV, D, batch, n, dev, **scan_cfg)
     dec = HeadAsBatchDecode(ws, DTYPE)
-    dec.plan(seq.cpu())
-    args = (q, pools.codes, hist, rtt, rpi, seq)
+    dec.plan(seq.cpu())  # plans the workspace too
+    args = (q, pools.codes, hist, rtt, rpi)
     out = ws.run(*args)
     rows = out.kv_indptr.diff()
     assert bool((rows == cfg.budget).all()), "every row of a long request holds the budget"
@@ -203,25 +203,27 @@ def scan_sweep(pools: Pools, dev, n: int, batch: int) -> dict:
     cfg = ParisKVConfig(topk=2048, sink=64, local=256)
     rtt, rpi, seq, hist, q = case_inputs(n, batch, pools, dev)
     results = {}
-    for variant in ("load", "gather"):
-        for block_n, tiles in ((32, 32), (64, 16), (128, 8), (256, 8)):
-            key = f"{variant},{block_n}x{tiles}"
-            kw = dict(scan_variant=variant, scan_block=block_n, scan_tiles=tiles)
-            try:
-                ws = DecodeWorkspace(cfg, HQ, HKV, D, batch, n, dev, **kw)
-                ws.run(q, pools.codes, hist, rtt, rpi, seq)
-                ws.bind(q, pools.codes, hist, rtt, rpi, seq)
-                for name, fn in ws.stages():
-                    if name == "scan":
-                        break
-                    fn()
-                g = graph_of(ws._stage_scan)
-                ms = bench_ms(g.replay)
-                results[key] = {"ms": ms, "gbps": scan_bytes(n, batch) / ms / 1e6, **kw}
-                del ws, g
-            except Exception as e:
-                results[key] = {"error": f"{type(e).__name__}: {e}"[:300], **kw}
-            print(f"  scan {key}: {results[key]}", flush=True)
+    settings = [("cuda", 256, 8)]
+    settings += [("load", bn, t) for bn, t in ((256, 8), (512, 4))]
+    for variant, block_n, tiles in settings:
+        key = f"{variant},{block_n}x{tiles}" if variant != "cuda" else "cuda"
+        kw = dict(scan_variant=variant, scan_block=block_n, scan_tiles=tiles)
+        try:
+            ws = DecodeWorkspace(cfg, HQ, HKV, D, batch, n, dev, **kw)
+            ws.plan(seq.cpu())
+            ws.run(q, pools.codes, hist, rtt, rpi)
+            ws.bind(q, pools.codes, hist, rtt, rpi)
+            for name, fn in ws.stages():
+                if name == "scan":
+                    break
+                fn()
+            g = graph_of(ws._stage_scan)
+            ms = bench_ms(g.replay)
+            results[key] = {"ms": ms, "gbps": scan_bytes(n, batch) / ms / 1e6, **kw}
+            del ws, g
+        except Exception as e:
+            results[key] = {"error": f"{type(e).__name__}: {e}"[:300], **kw}
+        print(f"  scan {key}: {results[key]}", flush=True)
     torch.cuda.empty_cache()
     return results
 
@@ -279,7 +281,7 @@ def main() -> None:
     pools = Pools(slots, dev)
     print(f"pools: {slots} slots ready after {time.time() - t0:.0f}s", flush=True)
 
-    scan_cfg = dict(scan_variant="load", scan_block=64, scan_tiles=16)
+    scan_cfg = dict(scan_variant="auto", scan_block=256, scan_tiles=8)
     if not args.no_sweep:
         sweep = scan_sweep(pools, dev, 131072, 8)
         report["scan_sweep_128k_b8"] = sweep

@@ -102,13 +102,50 @@ def test_scan_and_select_at_scale(cuda_device, variant):
     want = collision_scores(padded_codes(sc).signs, tiers.long())
     for r, n in enumerate(lens):
         assert torch.equal(scores[r, :, :n].long(), want[r, :n].T)
+        zone = want[r, 64 : int(zone_end[r])]
+        for hh in range(h):
+            ref = torch.bincount(zone[:, hh], minlength=shist.shape[-1])
+            assert torch.equal(shist[r, hh].long(), ref)
     counts = torch.tensor([7000, 13000, 2048], device=cuda_device)
     cand = torch.empty(3, h, 13000, dtype=torch.int32, device=cuda_device)
     buf = CandidateBuffers(3 * h, nmax, 1024, cuda_device)
     select_candidates_gpu(scores, shist, counts, 64, zone_end, cand, buf)
+    suffix = shist.flip(-1).cumsum(-1).flip(-1)  # keys scoring >= s
+    for r in range(3):
+        thr = (suffix[r] >= counts[r]).sum(-1) - 1
+        assert torch.equal(buf.thr[r * h : (r + 1) * h].long(), thr)
     in_zone = zone_mask(nmax, 64, zone_end.long())
     pos, valid = select_candidates(scores.transpose(1, 2), in_zone, counts)
     for r in range(3):
         c = int(counts[r])
         got = cand[r, :, :c].sort(-1).values.long()
         assert torch.equal(got, pos[r, :, :c].sort(-1).values)
+
+
+@pytest.mark.gpu
+def test_cuda_scan_matches_triton(cuda_device):
+    from sglang_pariskv.kernels.cuda_scan import collision_scan_cuda, cuda_scan_available
+
+    assert cuda_scan_available()
+    for d, h in ((128, 8), (64, 4), (128, 2)):
+        lens = [50000, 3000, 131072]
+        nmax = 131072
+        sc = make_scenario(lens, h, d, nmax, cuda_device, seed=d + h)
+        tiers = torch.randint(0, 7, (3, h, d // 8, 256), dtype=torch.uint8, device=cuda_device)
+        zone_end = torch.tensor([n - 256 for n in lens], dtype=torch.int32, device=cuda_device)
+        want_s, want_h = run_scan(sc, tiers, 64, zone_end, nmax, 64, 16)
+        scores = torch.full_like(want_s, 255)
+        shist = torch.zeros_like(want_h)
+        collision_scan_cuda(
+            sc.pool.signs,
+            sc.req_to_token,
+            sc.req_pool_indices,
+            sc.seq_lens.long(),
+            zone_end.long(),
+            tiers,
+            scores,
+            shist,
+            64,
+        )
+        assert torch.equal(scores, want_s)
+        assert torch.equal(shist, want_h)

@@ -10,7 +10,7 @@ if not torch.cuda.is_available():
 
 from sglang_pariskv.codec.query import prepare_query  # noqa: E402
 from sglang_pariskv.codec.select import estimate_inner_products, rerank_topk  # noqa: E402
-from sglang_pariskv.kernels.rerank import EMPTY_KEY, rerank_keys, topk_positions  # noqa: E402
+from sglang_pariskv.kernels.rerank import EMPTY_KEY, rerank_keys, topk_slots  # noqa: E402
 from sglang_pariskv.kernels.testing import make_scenario, padded_codes  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -27,14 +27,14 @@ def rerank_case(lens, h, d, group, cmax, counts, k, seed, device):
         for j in range(h):
             cand[i, j] = torch.randperm(n, generator=gen)[:cmax].to(torch.int32)
     cand = cand.to(device)
+    rtt = sc.req_to_token[sc.req_pool_indices.long()]  # [R, N]: position -> slot
+    cand_slots = torch.gather(rtt[:, None].expand(r, h, -1), 2, cand.long()).to(torch.int32)
     counts = torch.tensor(counts, device=device)
     keys = torch.empty(r, h, cmax, dtype=torch.int64, device=device)
     est = torch.empty(r, h, cmax, dtype=torch.float32, device=device)
     rerank_keys(
-        cand,
+        cand_slots,
         counts,
-        sc.req_to_token,
-        sc.req_pool_indices,
         sc.pool.signs,
         sc.pool.mags,
         sc.pool.weights,
@@ -46,21 +46,22 @@ def rerank_case(lens, h, d, group, cmax, counts, k, seed, device):
     codes = padded_codes(sc)
     valid = torch.arange(cmax, device=device)[None, None] < counts[:, None, None]
     valid = valid.expand(r, h, cmax)
-    top = topk_positions(keys, k)
+    top = topk_slots(keys, k)
     want_pos, want_valid = rerank_topk(codes, qp, cand.long(), valid, k)
+    want_pos = torch.gather(rtt[:, None].expand(r, h, -1), 2, want_pos).long()  # as slots
+    cand = cand_slots
     return sc, qp, cand, counts, keys, est, top, want_pos, want_valid, codes, valid
 
 
 @pytest.mark.parametrize("d, h, group", [(64, 2, 3), (128, 1, 8), (128, 3, 1)])
 def test_rerank_estimates_and_topk_match_codec(d, h, group):
-    _, qp, cand, counts, keys, est, top, want_pos, want_valid, codes, valid = rerank_case(
+    sc, qp, cand, counts, keys, est, top, want_pos, want_valid, codes, valid = rerank_case(
         [200, 150], h, d, group, 96, [96, 40], 16, d + h, DEV
     )
     r = 2
-    reqs = torch.arange(r, device=DEV)[:, None, None]
     heads = torch.arange(h, device=DEV)[None, :, None]
     ref = estimate_inner_products(
-        codes.index(reqs, cand.long(), heads), qp.blocks[:, :, None], qp.norm[..., None]
+        sc.pool.index(cand.long(), heads), qp.blocks[:, :, None], qp.norm[..., None]
     )
     torch.testing.assert_close(est[valid], ref[valid], rtol=1e-5, atol=1e-5)
     assert (keys[~valid] == EMPTY_KEY).all()

@@ -75,13 +75,13 @@ def _assemble_kernel(
         seq = tl.load(seq_ptr + r).to(tl.int32)
         dense = tl.load(dense_ptr + r)
         j = i - SINK - LOCAL
-        top = tl.load(
-            top_ptr + row.to(tl.int64) * K + j, mask=valid & (j >= 0) & (dense == 0), other=0
-        )
-        pos = tl.where(i < SINK, i, tl.where(i < SINK + LOCAL, seq - LOCAL + (i - SINK), top))
+        is_top = (j >= 0) & (dense == 0)
+        top = tl.load(top_ptr + row.to(tl.int64) * K + j, mask=valid & is_top, other=0)
+        pos = tl.where(i < SINK, i, seq - LOCAL + (i - SINK))
         pos = tl.where(dense != 0, i, pos)
         req = tl.load(req_ptr + r).to(tl.int64)
-        slot = tl.load(rtt_ptr + req * stride_rtt + pos, mask=valid, other=0)
+        slot = tl.load(rtt_ptr + req * stride_rtt + pos, mask=valid & ~is_top, other=0)
+        slot = tl.where(is_top, top, slot)
         tl.store(out_ptr + start + i, slot * H + h, mask=valid)
 
 
@@ -90,16 +90,16 @@ def assemble_indices(
     req_pool_indices: torch.Tensor,
     seq_lens: torch.Tensor,
     dense: torch.Tensor,
-    top_positions: torch.Tensor,
+    top_slots: torch.Tensor,
     kv_indptr: torch.Tensor,
     kv_indices: torch.Tensor,
     config: ParisKVConfig,
     max_row: int,
     block: int = 512,
 ) -> None:
-    """Write ``kv_indices`` (int32) of every row; ``top_positions`` int32 [R, Hkv, K] holds
-    each sparse row's top-k positions (K >= config.topk)."""
-    r, h, k = top_positions.shape
+    """Write ``kv_indices`` (int32) of every row; ``top_slots`` int32 [R, Hkv, K] holds
+    each sparse row's top-k KV slots (K >= config.topk)."""
+    r, h, k = top_slots.shape
     if r == 0:
         return
     _assemble_kernel[(r * h, triton.cdiv(max_row, block))](
@@ -108,7 +108,7 @@ def assemble_indices(
         req_pool_indices,
         seq_lens,
         dense,
-        top_positions,
+        top_slots,
         kv_indptr,
         kv_indices,
         k,

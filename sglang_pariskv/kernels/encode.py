@@ -26,8 +26,10 @@ from sglang_pariskv.codec.levels import magnitude_levels, magnitude_thresholds
 from sglang_pariskv.codec.rotation import rotation_matrix
 from sglang_pariskv.config import check_head_dim
 
-_FP16_MAX = 65504.0
-_TINY = 1.1754943508222875e-38  # torch.finfo(torch.float32).tiny, what codec clamps with
+_FP16_MAX = tl.constexpr(65504.0)
+_TINY = tl.constexpr(
+    1.1754943508222875e-38
+)  # torch.finfo(torch.float32).tiny, what codec clamps with
 
 
 @lru_cache(maxsize=32)

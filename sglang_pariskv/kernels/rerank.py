@@ -1,12 +1,13 @@
 """Rerank candidates with the 3-bit estimator and keep the final top-k (DESIGN.md 9).
 
 ``_rerank_kernel`` decodes each candidate's record (signs, packed magnitudes, fp16 weights,
-read through ``req_to_token`` at row ``slot * Hkv + head``) and computes
-``||q|| * sum_b w_b <v_b, q_b>`` like :func:`codec.select.estimate_inner_products`. It
-writes a sortable int64 key: the estimate's order-preserving int32 image in the high word
-and ``~position`` in the low word, so one ``torch.topk`` gives a deterministic top-k with
-ties broken by lower position (codec breaks them by candidate order: the two differ only
-for candidates whose float32 estimates are bit-identical).
+pool row ``slot * Hkv + head``; candidates arrive as KV slots, so there is no dependent
+``req_to_token`` load) and computes ``||q|| * sum_b w_b <v_b, q_b>`` like
+:func:`codec.select.estimate_inner_products`. It writes a sortable int64 key: the
+estimate's order-preserving int32 image in the high word and ``~slot`` in the low word,
+so one ``torch.topk`` gives a deterministic top-k, ties broken by lower slot (codec breaks
+them by candidate order: the two differ only for candidates whose float32 estimates are
+bit-identical).
 """
 
 from __future__ import annotations
@@ -25,9 +26,6 @@ EMPTY_KEY = -(2**31 - 1) * 2**32
 def _rerank_kernel(
     cand_ptr,
     counts_ptr,
-    rtt_ptr,
-    stride_rtt,
-    req_ptr,
     signs_ptr,
     mags_ptr,
     w_ptr,
@@ -52,9 +50,7 @@ def _rerank_kernel(
     out = row.to(tl.int64) * CMAX + idx
     if blk * BLOCK_C < c:
         valid = idx < c
-        req = tl.load(req_ptr + r).to(tl.int64)
-        pos = tl.load(cand_ptr + out, mask=valid, other=0)
-        slot = tl.load(rtt_ptr + req * stride_rtt + pos, mask=valid, other=0).to(tl.int64)
+        slot = tl.load(cand_ptr + out, mask=valid, other=0).to(tl.int64)
         rec = slot * H + h
         b = tl.arange(0, B)
         j = tl.arange(0, 8)
@@ -78,7 +74,7 @@ def _rerank_kernel(
             tl.store(est_ptr + out, est, mask=valid)
         bits = est.to(tl.int32, bitcast=True)
         okey = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # order-preserving int32
-        low = (tl.full((BLOCK_C,), 1, tl.int64) << 32) - 1 - pos.to(tl.int64)  # ~pos, 32 bit
+        low = (tl.full((BLOCK_C,), 1, tl.int64) << 32) - 1 - slot  # ~slot, 32 bit
         key = (okey.to(tl.int64) << 32) | low
         tl.store(key_ptr + out, tl.where(valid, key, EMPTY), mask=idx < CMAX)
     else:
@@ -88,8 +84,6 @@ def _rerank_kernel(
 def rerank_keys(
     cand: torch.Tensor,
     counts: torch.Tensor,
-    req_to_token: torch.Tensor,
-    req_pool_indices: torch.Tensor,
     signs: torch.Tensor,
     mags: torch.Tensor,
     weights: torch.Tensor,
@@ -99,7 +93,7 @@ def rerank_keys(
     est: torch.Tensor | None = None,
     block_c: int = 64,
 ) -> None:
-    """Sort keys int64 ``[R, Hkv, CMAX]`` of candidates ``cand`` (int32 positions, first
+    """Sort keys int64 ``[R, Hkv, CMAX]`` of candidates ``cand`` (int32 KV slots, first
     ``counts[r]`` valid); empty entries get :data:`EMPTY_KEY`. ``est`` (float32, same
     shape), when given, receives the raw estimates (for tests)."""
     r, h, cmax = cand.shape
@@ -110,9 +104,6 @@ def rerank_keys(
     _rerank_kernel[(r * h, triton.cdiv(cmax, block_c))](
         cand,
         counts,
-        req_to_token,
-        req_to_token.stride(0),
-        req_pool_indices,
         signs,
         mags,
         weights,
@@ -140,9 +131,9 @@ def _levels(device) -> torch.Tensor:
     return _LEVELS[key]
 
 
-def topk_positions(keys: torch.Tensor, k: int) -> torch.Tensor:
-    """int32 [R, Hkv, k] positions of the k largest keys (unordered; the attended set is a
-    set). Entries that came from empty slots are garbage: callers use min(k, C) of them."""
+def topk_slots(keys: torch.Tensor, k: int) -> torch.Tensor:
+    """int32 [R, Hkv, k] KV slots of the k largest keys (unordered; the attended set is a
+    set). Entries that came from empty keys are garbage: callers use min(k, C) of them."""
     k = min(k, keys.shape[-1])
     top = torch.topk(keys, k, dim=-1, sorted=False).values
     return (0xFFFFFFFF - (top & 0xFFFFFFFF)).to(torch.int32)

@@ -28,7 +28,8 @@ def _threshold_kernel(
     s = tl.arange(0, NBP)
     hist = tl.load(shist_ptr + row * NBP + s)
     c = tl.load(counts_ptr + r).to(tl.int32)
-    suffix = tl.cumsum(hist, axis=0, reverse=True)
+    # suffix[s] = keys scoring >= s (a forward scan: no reverse-scan dependence)
+    suffix = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist
     s_star = tl.max(tl.where(suffix >= c, s, -1), axis=0)
     n_gt = tl.sum(tl.where(s > s_star, hist, 0), axis=0)
     tl.store(thr_ptr + row, s_star)
@@ -79,6 +80,9 @@ def _write_kernel(
     gt_off_ptr,
     eq_off_ptr,
     cand_ptr,
+    rtt_ptr,
+    stride_rtt,
+    req_ptr,
     zone_start,
     NMAX,
     NCH,
@@ -86,6 +90,7 @@ def _write_kernel(
     H: tl.constexpr,
     HP: tl.constexpr,
     CH: tl.constexpr,
+    WRITE_SLOTS: tl.constexpr,
 ):
     chunk = tl.program_id(0)
     r = tl.program_id(1)
@@ -114,9 +119,13 @@ def _write_kernel(
         take_eq = (eq == 1) & (eq_rank < take[:, None])
         dest = tl.where(gt == 1, gt_rank, n_gt[:, None] + eq_rank)
         keep = (gt == 1) | take_eq
+        val = pos
+        if WRITE_SLOTS:  # the rerank then reads codes without a dependent req_to_token load
+            req = tl.load(req_ptr + r).to(tl.int64)
+            val = tl.load(rtt_ptr + req * stride_rtt + pos, mask=(pos >= zone_start) & (pos < zend))
         tl.store(
             cand_ptr + row[:, None].to(tl.int64) * CMAX + dest,
-            pos[None, :].broadcast_to((HP, CH)),
+            val[None, :].broadcast_to((HP, CH)),
             mask=keep,
         )
 
@@ -145,8 +154,11 @@ def select_candidates_gpu(
     zone_end: torch.Tensor,
     cand: torch.Tensor,
     buf: CandidateBuffers,
+    req_to_token: torch.Tensor | None = None,
+    req_pool_indices: torch.Tensor | None = None,
 ) -> None:
-    """Write the top-``counts[r]`` zone positions of each (request, head) into ``cand``.
+    """Write the top-``counts[r]`` zone positions of each (request, head) into ``cand``
+    (their KV slots ``req_to_token[req_pool_indices[r], pos]`` when those are given).
 
     scores uint8 [R, Hkv, NMAX]; score_hist int32 [R, Hkv, NBP]; counts int [R]
     (C from :func:`codec.budget.num_candidates`, <= zone length); zone_end int [R];
@@ -157,6 +169,7 @@ def select_candidates_gpu(
         return
     hp = triton.next_power_of_2(h)
     rows = r * h
+    slots = req_to_token is not None
     nbp = score_hist.shape[-1]
     _threshold_kernel[(rows,)](score_hist, counts, buf.thr, buf.take, buf.ngt, H=h, NBP=nbp)
     grid = (buf.nch, r)
@@ -177,6 +190,9 @@ def select_candidates_gpu(
         buf.gt_off,
         buf.eq_off,
         cand,
+        req_to_token if slots else cand,
+        req_to_token.stride(0) if slots else 0,
+        req_pool_indices if slots else cand,
         zone_start,
         nmax,
         buf.nch,
@@ -184,4 +200,5 @@ def select_candidates_gpu(
         H=h,
         HP=hp,
         CH=buf.chunk,
+        WRITE_SLOTS=slots,
     )

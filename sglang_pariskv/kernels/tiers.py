@@ -39,12 +39,13 @@ def _tier_kernel(
     bit = ((c[:, None] >> j[None, :]) & 1) == 1
     s = tl.sum(tl.where(bit, q[None, :], -q[None, :]), axis=1)  # [256]
     hrow = hist_ptr + (req * HB + hb) * 256
-    pre = tl.zeros((256,), dtype=tl.int64)
-    for c0 in tl.static_range(0, 256, CHUNK):
+    pre = tl.zeros((256,), dtype=tl.int32)
+    # Small chunks of "better" candidates keep the [CHUNK, 256] compare tile in registers.
+    for c0 in range(0, 256, CHUNK):
         c2 = c0 + tl.arange(0, CHUNK)
         bit2 = ((c2[:, None] >> j[None, :]) & 1) == 1
         s2 = tl.sum(tl.where(bit2, q[None, :], -q[None, :]), axis=1)  # [CHUNK]
-        n2 = tl.load(hrow + c2).to(tl.int64)
+        n2 = tl.load(hrow + c2)
         better = (s2[:, None] > s[None, :]) | (
             (s2[:, None] == s[None, :]) & (c2[:, None] < c[None, :])
         )
@@ -61,7 +62,7 @@ def centroid_tier_table(
     req_pool_indices: torch.Tensor,
     thresholds: torch.Tensor,
     out: torch.Tensor | None = None,
-    chunk: int = 32,
+    chunk: int | None = None,
 ) -> torch.Tensor:
     """uint8 [R, Hkv, B, 256]: codec's ``centroid_tiers`` for requests ``req_pool_indices``.
 
@@ -75,6 +76,8 @@ def centroid_tier_table(
         out = torch.empty((r, h, b, NUM_CENTROIDS), dtype=torch.uint8, device=hist.device)
     if r == 0:
         return out
+    if chunk is None:  # small on the GPU (registers); large in the CPU interpreter (speed)
+        chunk = 8 if hist.is_cuda else 64
     qb = query_blocks.to(torch.float32).contiguous()
     _tier_kernel[(r * h * b,)](
         qb,

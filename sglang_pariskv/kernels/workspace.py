@@ -1,15 +1,21 @@
 """The decode-step retrieval pipeline as one CUDA-graph-capturable ``plan``/``run`` object.
 
 Modelled on FlashInfer's wrappers: buffers are preallocated once from (max batch, max
-context); :meth:`DecodeWorkspace.plan` does the host-side part (row offsets from the CPU
-sequence lengths, which FlashInfer's own ``plan`` needs on the host); :meth:`run` launches
-only fixed-shape device work (no ``.item()``, no host sync, grids sized from the maxima),
-so a graph captured once replays correctly for any lengths up to ``max_context``.
+context). :meth:`DecodeWorkspace.plan` is the host-side part: from the CPU sequence lengths
+(SGLang has them as ``seq_lens_cpu``) it computes, with the :mod:`codec.budget` functions
+themselves, every per-request number of the step (dense flag, zone end, candidate count C,
+tier thresholds, and the ``kv_indptr`` FlashInfer's own plan needs on the host) and copies
+them to a device buffer with one non-blocking copy. :meth:`run` launches only fixed-shape
+device work (no ``.item()``, no host sync, grids sized from the maxima), so a graph
+captured once replays correctly after any later ``plan`` with lengths <= ``max_context``.
+
+The tier thresholds take N = seq_len: the histograms count every written token of the
+request (the decoded token included), so their total is seq_len by construction.
 
 Stages of :meth:`run` (each a module of this package):
-  query prep (torch) -> tiers (``tiers.py``) -> collision scan + score histogram
-  (``collision.py``) -> candidate selection (``select.py``) -> rerank + top-k
-  (``rerank.py``) -> index assembly (``assemble.py``).
+  query (``query.py``) -> tiers (``tiers.py``) -> collision scan + score histogram
+  (``collision.py`` / CUDA ``cuda_scan.py``) -> candidate selection (``select.py``) ->
+  rerank + top-k (``rerank.py``) -> index assembly (``assemble.py``).
 """
 
 from __future__ import annotations
@@ -24,19 +30,23 @@ from sglang_pariskv.codec.budget import (
     dense_mask,
     num_candidates,
     retrieval_ratios,
-    tier_ratio_tensor,
-    tier_thresholds_rho,
+    tier_thresholds,
     zone_lengths,
 )
 from sglang_pariskv.codec.encode import KeyCodes
-from sglang_pariskv.codec.query import PreparedQuery, group_queries
+from sglang_pariskv.codec.query import PreparedQuery
 from sglang_pariskv.codec.rotation import rotation_matrix
 from sglang_pariskv.config import ParisKVConfig, check_head_dim
 from sglang_pariskv.kernels.assemble import assemble_indices, kv_indptr_for, max_row_length
 from sglang_pariskv.kernels.collision import collision_scan, score_bins
-from sglang_pariskv.kernels.rerank import rerank_keys, topk_positions
+from sglang_pariskv.kernels.cuda_scan import collision_scan_cuda, cuda_scan_available
+from sglang_pariskv.kernels.query import prepare_query_gpu
+from sglang_pariskv.kernels.rerank import rerank_keys, topk_slots
 from sglang_pariskv.kernels.select import CandidateBuffers, select_candidates_gpu
 from sglang_pariskv.kernels.tiers import centroid_tier_table
+
+#: Per-request int64 fields of the plan buffer, in order (then the tier thresholds).
+_FIELDS = ("seq", "dense", "counts", "zone_end")
 
 
 def max_candidates(config: ParisKVConfig, max_context: int) -> int:
@@ -50,17 +60,16 @@ def max_candidates(config: ParisKVConfig, max_context: int) -> int:
 class DecodeOutput(NamedTuple):
     kv_indptr: torch.Tensor  #: int32 [R * Hkv + 1]
     kv_indices: torch.Tensor  #: int32 [capacity]; entries [0, kv_indptr[-1]) are valid
-    dense: torch.Tensor  #: bool [R]
-    num_candidates: torch.Tensor  #: int64 [R]
+    dense: torch.Tensor  #: int64 [R], 1 where the request attends densely
+    num_candidates: torch.Tensor  #: int64 [R]: C of each request (0 if dense)
 
 
 class DecodeWorkspace:
     """Preallocated state of ParisKV decode retrieval for one layer shape.
 
-    One instance serves every layer (buffers are reused layer after layer). Inputs of
-    :meth:`run` are SGLang's: ``req_to_token`` int32 ``[max_reqs, max_context]``,
-    ``req_pool_indices`` [R], ``seq_lens`` [R] (including the token being decoded, whose
-    code and histogram count must already be written).
+    One instance serves every layer (buffers are reused layer after layer; ``plan`` once
+    per decode step, ``run`` once per layer). Inputs of :meth:`run` are SGLang's:
+    ``req_to_token`` int32 ``[max_reqs, max_context]``, ``req_pool_indices`` int32 [R].
     """
 
     def __init__(
@@ -73,9 +82,9 @@ class DecodeWorkspace:
         max_context: int,
         device: torch.device | str = "cuda",
         chunk: int = 1024,
-        scan_block: int = 64,
-        scan_tiles: int = 16,
-        scan_variant: str = "load",
+        scan_block: int = 256,
+        scan_tiles: int = 8,
+        scan_variant: str = "auto",
     ) -> None:
         check_head_dim(head_dim)
         if num_q_heads % num_kv_heads:
@@ -85,17 +94,24 @@ class DecodeWorkspace:
         self.b = head_dim // 8
         self.max_batch, self.max_context = max_batch, max_context
         self.device = torch.device(device)
-        self.scan_block, self.scan_tiles = scan_block, scan_tiles
+        if scan_variant == "auto":
+            cuda = self.device.type == "cuda" and cuda_scan_available()
+            scan_variant = "cuda" if cuda else "load"
         self.scan_variant = scan_variant
+        self.scan_block, self.scan_tiles = scan_block, scan_tiles
         dev = self.device
         h, b, rmax = num_kv_heads, self.b, max_batch
+        self.nt = len(config.tier_ratios)
         self.cmax = max_candidates(config, max_context)
         self.k = min(config.topk, self.cmax)
         self.max_row = max_row_length(config, max_context)
-        self.nbp = score_bins(len(config.tier_ratios), b)
-        self.rot_t = rotation_matrix(head_dim, config.rotation_seed, torch.float32, dev).t()
-        self.rot_t = self.rot_t.contiguous()
-        self.rho = tier_ratio_tensor(config, dev)
+        self.nbp = score_bins(self.nt, b)
+        self.rot = rotation_matrix(head_dim, config.rotation_seed, torch.float32, dev)
+        self.meta = torch.zeros((len(_FIELDS) + self.nt) * rmax, dtype=torch.int64, device=dev)
+        self.query = PreparedQuery(
+            blocks=torch.empty(rmax, h, b, 8, dtype=torch.float32, device=dev),
+            norm=torch.empty(rmax, h, dtype=torch.float32, device=dev),
+        )
         self.tiers = torch.empty(rmax, h, b, 256, dtype=torch.uint8, device=dev)
         self.scores = torch.empty(rmax, h, max_context, dtype=torch.uint8, device=dev)
         self.score_hist = torch.zeros(rmax, h, self.nbp, dtype=torch.int32, device=dev)
@@ -104,26 +120,44 @@ class DecodeWorkspace:
         self.sel = CandidateBuffers(rmax * h, max_context, chunk, dev)
         self.kv_indptr = torch.zeros(rmax * h + 1, dtype=torch.int32, device=dev)
         self.kv_indices = torch.zeros(rmax * h * self.max_row, dtype=torch.int32, device=dev)
+        self._r: int | None = None
 
     # -- host side -------------------------------------------------------------------
     def plan(self, seq_lens_cpu: torch.Tensor) -> torch.Tensor:
-        """Host ``kv_indptr`` (int32, CPU) of the next :meth:`run`: what FlashInfer's plan
-        takes. Needs no device work; equal to the indptr that :meth:`run` writes."""
-        if seq_lens_cpu.numel() > self.max_batch:
-            raise ValueError(f"batch {seq_lens_cpu.numel()} > max_batch {self.max_batch}")
-        if seq_lens_cpu.numel() and int(seq_lens_cpu.max()) > self.max_context:
+        """Plan the next :meth:`run` (s) from CPU sequence lengths [R] (the decoded token
+        included). Returns the host ``kv_indptr`` (int32 [R * Hkv + 1]) that FlashInfer's
+        plan takes; the same array is copied to :attr:`kv_indptr` for the device."""
+        seq = seq_lens_cpu.detach().to("cpu", torch.int64)
+        r = seq.numel()
+        if r > self.max_batch:
+            raise ValueError(f"batch {r} > max_batch {self.max_batch}")
+        if r and int(seq.max()) > self.max_context:
             raise ValueError(f"a sequence is longer than max_context {self.max_context}")
-        return kv_indptr_for(seq_lens_cpu.cpu(), self.config, self.hkv)
+        cfg, rmax = self.config, self.max_batch
+        dense = dense_mask(seq, cfg)
+        zone = torch.where(dense, 0, zone_lengths(seq, cfg))
+        cand_ratio, coll_ratio = retrieval_ratios(zone, cfg)
+        counts = num_candidates(zone, cand_ratio, cfg)
+        thresholds = tier_thresholds(seq, coll_ratio, cfg)
+        host = torch.zeros(self.meta.numel(), dtype=torch.int64, pin_memory=self._pin())
+        for i, field in enumerate((seq, dense.to(torch.int64), counts, zone + cfg.sink)):
+            host[i * rmax : i * rmax + r] = field
+        host[len(_FIELDS) * rmax : len(_FIELDS) * rmax + r * self.nt] = thresholds.flatten()
+        self.meta.copy_(host, non_blocking=True)
+        indptr = kv_indptr_for(seq, cfg, self.hkv)
+        n = indptr.numel()
+        self.kv_indptr[:n].copy_(indptr.pin_memory() if self._pin() else indptr, non_blocking=True)
+        self._r = r
+        return indptr
+
+    def _pin(self) -> bool:
+        return self.device.type == "cuda"
+
+    def _meta(self, field: str, r: int) -> torch.Tensor:
+        i = _FIELDS.index(field) * self.max_batch
+        return self.meta[i : i + r]
 
     # -- device side -----------------------------------------------------------------
-    def prepare_query(self, q: torch.Tensor) -> PreparedQuery:
-        """codec.query.prepare_query with the rotation cached on the device."""
-        mean = group_queries(q.to(torch.float32), self.hkv).mean(dim=2)
-        norm = torch.linalg.vector_norm(mean, dim=-1)
-        unit = mean / norm.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
-        blocks = (unit @ self.rot_t).reshape(*unit.shape[:-1], self.b, 8)
-        return PreparedQuery(blocks=blocks.contiguous(), norm=norm.contiguous())
-
     def run(
         self,
         q: torch.Tensor,
@@ -131,16 +165,16 @@ class DecodeWorkspace:
         hist: torch.Tensor,
         req_to_token: torch.Tensor,
         req_pool_indices: torch.Tensor,
-        seq_lens: torch.Tensor,
         stages: dict | None = None,
     ) -> DecodeOutput:
         """Retrieve and assemble the attended indices of decode queries ``q [R, Hq, D]``.
 
         codes: this layer's pool (:class:`KeyCodes` of ``[slots, Hkv, ...]`` tensors);
-        hist: this layer's histograms int32 ``[max_reqs, Hkv, B, 256]``. ``stages``, when
-        a dict, receives each stage's intermediate tensors (tests, benchmarks).
+        hist: this layer's histograms int32 ``[max_reqs, Hkv, B, 256]``. The batch must be
+        the one of the last :meth:`plan`. ``stages``, when a dict, receives each stage's
+        intermediate tensors (tests, benchmarks).
         """
-        self.bind(q, codes, hist, req_to_token, req_pool_indices, seq_lens)
+        self.bind(q, codes, hist, req_to_token, req_pool_indices)
         for _, stage in self.stages():
             stage()
         st = self._st
@@ -155,23 +189,32 @@ class DecodeWorkspace:
         hist: torch.Tensor,
         req_to_token: torch.Tensor,
         req_pool_indices: torch.Tensor,
-        seq_lens: torch.Tensor,
     ) -> None:
         """Set the inputs of the stage methods (``run`` = ``bind`` + every stage)."""
+        r = q.shape[0]
+        if r != self._r:
+            raise ValueError(f"run() with batch {r} but the last plan() was for {self._r}")
+        nt, rmax = self.nt, self.max_batch
+        t0 = len(_FIELDS) * rmax
         self._st = SimpleNamespace(
             q=q,
             codes=codes,
             hist=hist,
             rtt=req_to_token,
             rpi=req_pool_indices,
-            seq_lens=seq_lens,
-            r=q.shape[0],
+            r=r,
+            seq=self._meta("seq", r),
+            dense=self._meta("dense", r),
+            counts=self._meta("counts", r),
+            zone_end=self._meta("zone_end", r),
+            thresholds=self.meta[t0 : t0 + r * nt].view(r, nt),
+            indptr=self.kv_indptr[: r * self.hkv + 1],
         )
 
     def stages(self) -> list[tuple[str, Callable[[], None]]]:
         """(name, fn) of each stage in order; the benchmark times them one by one."""
         return [
-            ("prep", self._stage_prep),
+            ("query", self._stage_query),
             ("tiers", self._stage_tiers),
             ("scan", self._stage_scan),
             ("select", self._stage_select),
@@ -180,19 +223,10 @@ class DecodeWorkspace:
             ("assemble", self._stage_assemble),
         ]
 
-    def _stage_prep(self) -> None:
-        """Budgets (codec.budget, on tensors), the prepared query and the tier thresholds."""
-        st, cfg = self._st, self.config
-        seq = st.seq_lens.to(torch.int64)
-        st.dense = dense_mask(seq, cfg)
-        zone = torch.where(st.dense, 0, zone_lengths(seq, cfg))
-        cand_ratio, coll_ratio = retrieval_ratios(zone, cfg)
-        st.counts = num_candidates(zone, cand_ratio, cfg)
-        st.zone_end = (zone + cfg.sink).to(torch.int32)
-        st.seq32 = seq.to(torch.int32)
-        st.query = self.prepare_query(st.q)
-        total = st.hist.index_select(0, st.rpi.to(torch.int64))[:, 0, 0].sum(-1)
-        st.thresholds = tier_thresholds_rho(total, coll_ratio, self.rho)
+    def _stage_query(self) -> None:
+        st = self._st
+        out = PreparedQuery(self.query.blocks[: st.r], self.query.norm[: st.r])
+        st.query = prepare_query_gpu(st.q, self.hkv, self.rot, out)
 
     def _stage_tiers(self) -> None:
         st = self._st
@@ -204,26 +238,32 @@ class DecodeWorkspace:
         st = self._st
         st.scores, st.score_hist = self.scores[: st.r], self.score_hist[: st.r]
         st.score_hist.zero_()
-        collision_scan(
-            st.codes.signs,
-            st.rtt,
-            st.rpi,
-            st.seq32,
-            st.zone_end,
-            st.tiers,
-            st.scores,
-            st.score_hist,
-            self.config.sink,
-            self.scan_block,
-            self.scan_tiles,
-            self.scan_variant,
-        )
+        args = (st.codes.signs, st.rtt, st.rpi, st.seq, st.zone_end, st.tiers, st.scores)
+        if self.scan_variant == "cuda":
+            collision_scan_cuda(*args, st.score_hist, self.config.sink)
+        else:
+            collision_scan(
+                *args,
+                st.score_hist,
+                self.config.sink,
+                self.scan_block,
+                self.scan_tiles,
+                self.scan_variant,
+            )
 
     def _stage_select(self) -> None:
         st = self._st
         st.cand = self.cand[: st.r]
         select_candidates_gpu(
-            st.scores, st.score_hist, st.counts, self.config.sink, st.zone_end, st.cand, self.sel
+            st.scores,
+            st.score_hist,
+            st.counts,
+            self.config.sink,
+            st.zone_end,
+            st.cand,
+            self.sel,
+            st.rtt,
+            st.rpi,
         )
 
     def _stage_rerank(self) -> None:
@@ -232,8 +272,6 @@ class DecodeWorkspace:
         rerank_keys(
             st.cand,
             st.counts,
-            st.rtt,
-            st.rpi,
             st.codes.signs,
             st.codes.mags,
             st.codes.weights,
@@ -244,18 +282,15 @@ class DecodeWorkspace:
 
     def _stage_topk(self) -> None:
         st = self._st
-        st.top = topk_positions(st.keys, self.k)
+        st.top = topk_slots(st.keys, self.k)
 
     def _stage_assemble(self) -> None:
         st = self._st
-        st.indptr = kv_indptr_for(
-            st.seq32, self.config, self.hkv, out=self.kv_indptr[: st.r * self.hkv + 1]
-        )
         assemble_indices(
             st.rtt,
             st.rpi,
-            st.seq32,
-            st.dense.view(torch.int8),
+            st.seq,
+            st.dense,
             st.top,
             st.indptr,
             self.kv_indices,

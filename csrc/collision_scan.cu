@@ -1,0 +1,150 @@
+// ParisKV collision scan (CUDA): uint8 key scores + zone score histogram.
+//
+// Same contract as sglang_pariskv/kernels/collision.py (the Triton fallback). Why CUDA:
+// each (token, head, block) needs one lookup in a 256-entry tier table; Triton can only
+// do that as a gathered global load (L1 wavefront bound, ~2 lookups/cycle/SM) or through
+// tl.gather (slower still). Here the request's whole tier table ([Hkv, B, 256] bytes) sits
+// in shared memory and a warp works on one head, so the 32 lanes of a lookup hit one
+// 256-byte column (at most 2-way bank conflicts).
+//
+// Block = one request, a contiguous run of `tpb` positions. Warp w handles head w % H and
+// token group w / H. The run's slots are staged in shared memory first (coalesced), then
+// each lane loads its token's B sign bytes (one 8/16-byte load) for UNROLL tokens at once.
+// Built with plain nvcc into a shared library and called through ctypes (no torch
+// headers: a few seconds to compile); the launch goes on the caller's stream, so it is
+// CUDA-graph capturable.
+
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace {
+
+template <int B>
+struct SignRow;
+template <>
+struct SignRow<16> {
+  using T = uint4;
+  __device__ static inline uint32_t word(const T& v, int i) {
+    return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+  }
+};
+template <>
+struct SignRow<8> {
+  using T = uint2;
+  __device__ static inline uint32_t word(const T& v, int i) { return i == 0 ? v.x : v.y; }
+};
+
+constexpr int UNROLL = 4;
+
+template <int B>
+__global__ void scan_kernel(const uint8_t* __restrict__ signs, const int32_t* __restrict__ rtt,
+                            int64_t stride_rtt, const int32_t* __restrict__ req_idx,
+                            const int64_t* __restrict__ seq, const int64_t* __restrict__ zend,
+                            const uint8_t* __restrict__ tiers, uint8_t* __restrict__ scores,
+                            int32_t* __restrict__ shist, int64_t zone_start, int64_t nmax, int H,
+                            int nbp, int tpb) {
+  extern __shared__ __align__(16) uint8_t smem[];
+  const int r = blockIdx.y;
+  const int64_t len = seq[r];
+  const int64_t start = static_cast<int64_t>(blockIdx.x) * tpb;
+  if (start >= len) return;
+  const int HB = H * B;
+  uint8_t* tbl = smem;
+  int32_t* hist = reinterpret_cast<int32_t*>(smem + HB * 256);
+  int32_t* slots = hist + H * nbp;
+
+  const int64_t req = req_idx[r];
+  const int64_t end = min(start + tpb, len);
+  const int n = static_cast<int>(end - start);
+  const uint4* src = reinterpret_cast<const uint4*>(tiers + static_cast<int64_t>(r) * HB * 256);
+  for (int i = threadIdx.x; i < HB * 16; i += blockDim.x) reinterpret_cast<uint4*>(tbl)[i] = src[i];
+  for (int i = threadIdx.x; i < H * nbp; i += blockDim.x) hist[i] = 0;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) slots[i] = rtt[req * stride_rtt + start + i];
+  __syncthreads();
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int groups = (blockDim.x >> 5) / H;
+  const int h = warp % H, g = warp / H;
+  const uint8_t* col = tbl + h * B * 256;
+  const int64_t ze = zend[r];
+  uint8_t* out = scores + (static_cast<int64_t>(r) * H + h) * nmax + start;
+  int32_t* hh = hist + h * nbp;
+  using Row = typename SignRow<B>::T;
+
+  for (int base = g * 32 * UNROLL; base < n; base += groups * 32 * UNROLL) {
+    Row v[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const int i = base + u * 32 + lane;
+      if (i < n) {
+        const int64_t slot = slots[i];
+        v[u] = *reinterpret_cast<const Row*>(signs + (slot * H + h) * B);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const int i = base + u * 32 + lane;
+      if (i < n) {
+        int s = 0;
+#pragma unroll
+        for (int b = 0; b < B; ++b) {
+          const uint32_t id = (SignRow<B>::word(v[u], b >> 2) >> ((b & 3) * 8)) & 0xFFu;
+          s += col[b * 256 + id];
+        }
+        out[i] = static_cast<uint8_t>(s);
+        const int64_t pos = start + i;
+        if (pos >= zone_start && pos < ze) atomicAdd(&hh[s], 1);
+      }
+    }
+  }
+  __syncthreads();
+  int32_t* dst = shist + static_cast<int64_t>(r) * H * nbp;
+  for (int i = threadIdx.x; i < H * nbp; i += blockDim.x) {
+    const int c = hist[i];
+    if (c) atomicAdd(&dst[i], c);
+  }
+}
+
+}  // namespace
+
+extern "C" int pariskv_collision_scan(const void* signs, const void* rtt, int64_t stride_rtt,
+                                      const void* req_idx, const void* seq, const void* zend,
+                                      const void* tiers, void* scores, void* shist,
+                                      int64_t zone_start, int64_t nmax, int R, int H, int B,
+                                      int nbp, int tpb, void* stream) {
+  if (R == 0) return 0;
+  int warps = H;
+  if (H <= 8 && 8 % H == 0) warps = 8;
+  if (warps * 32 > 1024) return -1;
+  const size_t smem = static_cast<size_t>(H) * B * 256 + static_cast<size_t>(H) * nbp * 4 +
+                      static_cast<size_t>(tpb) * 4;
+  dim3 grid(static_cast<unsigned>((nmax + tpb - 1) / tpb), static_cast<unsigned>(R));
+  dim3 block(warps * 32);
+  auto st = static_cast<cudaStream_t>(stream);
+  // Opt in to large shared memory once per instantiation (outside any graph capture in
+  // practice: the first call is the eager warm-up).
+  static bool opted[2] = {false, false};
+#define PARISKV_LAUNCH(BB)                                                                   \
+  do {                                                                                       \
+    if (smem > 48 * 1024 && !opted[BB == 16]) {                                              \
+      cudaFuncSetAttribute(scan_kernel<BB>, cudaFuncAttributeMaxDynamicSharedMemorySize,      \
+                           227 * 1024);                                                      \
+      opted[BB == 16] = true;                                                                \
+    }                                                                                        \
+    scan_kernel<BB><<<grid, block, smem, st>>>(                                              \
+        static_cast<const uint8_t*>(signs), static_cast<const int32_t*>(rtt), stride_rtt,    \
+        static_cast<const int32_t*>(req_idx), static_cast<const int64_t*>(seq),              \
+        static_cast<const int64_t*>(zend), static_cast<const uint8_t*>(tiers),               \
+        static_cast<uint8_t*>(scores), static_cast<int32_t*>(shist), zone_start, nmax, H,    \
+        nbp, tpb);                                                                           \
+  } while (0)
+  if (B == 16) {
+    PARISKV_LAUNCH(16);
+  } else if (B == 8) {
+    PARISKV_LAUNCH(8);
+  } else {
+    return -2;
+  }
+#undef PARISKV_LAUNCH
+  return static_cast<int>(cudaGetLastError());
+}

@@ -1,0 +1,121 @@
+"""Loader of the CUDA collision scan (csrc/collision_scan.cu), with the Triton fallback.
+
+The CUDA source is compiled on first use with plain ``nvcc`` into a shared library (no
+torch headers, so seconds rather than a minute) cached under
+``~/.cache/sglang_pariskv/<source hash>/``, and called through ctypes on the current
+stream (CUDA-graph capturable). Anything that stops that (no nvcc, no source file,
+compile error) makes :func:`cuda_scan_available` false and callers use the Triton kernel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "collision_scan.cu"
+
+
+def _nvcc() -> str | None:
+    for cand in (
+        os.environ.get("CUDA_HOME", "") + "/bin/nvcc",
+        shutil.which("nvcc") or "",
+        "/usr/local/cuda/bin/nvcc",
+    ):
+        if cand and os.path.exists(cand):
+            return cand
+    return None
+
+
+@cache
+def _library() -> ctypes.CDLL | None:
+    if not torch.cuda.is_available() or not SOURCE.exists():
+        return None
+    nvcc = _nvcc()
+    if nvcc is None:
+        return None
+    src = SOURCE.read_bytes()
+    major, minor = torch.cuda.get_device_capability()
+    arch = f"{major}{minor}"
+    tag = hashlib.sha256(src + arch.encode()).hexdigest()[:16]
+    out_dir = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sglang_pariskv"
+    lib = out_dir / tag / "libpariskv_scan.so"
+    if not lib.exists():
+        lib.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
+        os.close(fd)
+        cmd = [nvcc, "-O3", "-shared", "-Xcompiler", "-fPIC", "-std=c++17"]
+        cmd += [f"-gencode=arch=compute_{arch},code=sm_{arch}", "-o", tmp, str(SOURCE)]
+        try:
+            subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+        except (subprocess.SubprocessError, OSError):
+            Path(tmp).unlink(missing_ok=True)
+            return None
+        os.replace(tmp, lib)  # atomic: concurrent builders (TP ranks) never see half a file
+    dll = ctypes.CDLL(str(lib))
+    fn = dll.pariskv_collision_scan
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    fn.argtypes = [p, p, i64, p, p, p, p, p, p, i64, i64, i32, i32, i32, i32, i32, p]
+    fn.restype = i32
+    return dll
+
+
+def cuda_scan_available() -> bool:
+    return _library() is not None
+
+
+def collision_scan_cuda(
+    signs: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    seq_lens: torch.Tensor,
+    zone_end: torch.Tensor,
+    tiers: torch.Tensor,
+    scores: torch.Tensor,
+    score_hist: torch.Tensor,
+    zone_start: int,
+    tokens_per_block: int = 1024,
+) -> None:
+    """CUDA twin of :func:`collision.collision_scan` (``seq_lens`` / ``zone_end`` int64,
+    ``req_pool_indices`` and ``req_to_token`` int32; every tensor contiguous)."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the CUDA collision scan is unavailable (no nvcc or no source)")
+    _, h, b = signs.shape
+    r, _, nmax = scores.shape
+    for name, t, dt in (
+        ("req_to_token", req_to_token, torch.int32),
+        ("req_pool_indices", req_pool_indices, torch.int32),
+        ("seq_lens", seq_lens, torch.int64),
+        ("zone_end", zone_end, torch.int64),
+    ):
+        if t.dtype != dt:
+            raise TypeError(f"collision_scan_cuda: {name} must be {dt}, got {t.dtype}")
+    rc = lib.pariskv_collision_scan(
+        signs.data_ptr(),
+        req_to_token.data_ptr(),
+        req_to_token.stride(0),
+        req_pool_indices.data_ptr(),
+        seq_lens.data_ptr(),
+        zone_end.data_ptr(),
+        tiers.data_ptr(),
+        scores.data_ptr(),
+        score_hist.data_ptr(),
+        zone_start,
+        nmax,
+        r,
+        h,
+        b,
+        score_hist.shape[-1],
+        tokens_per_block,
+        torch.cuda.current_stream(signs.device).cuda_stream,
+    )
+    if rc != 0:
+        raise RuntimeError(f"pariskv_collision_scan failed with code {rc}")
