@@ -1,26 +1,34 @@
 """``ParisKVAttnBackend``: SGLang's FlashInfer backend with ParisKV sparse decoding.
 
-Extend (prefill, chunked prefill, prefix-cache hits) runs FlashInfer's dense attention
-unchanged; the KV pool encodes every key it stores (``index.kv_pool``). Decode batches
-whose requests are all at or below the dense threshold also run unchanged. Otherwise each
-layer retrieves per (request, KV head) and one FlashInfer call attends over
-sink + local window + top-k (dense rows for the short requests of a mixed batch).
+* Extend (prefill, chunked prefill, radix prefix hits): FlashInfer's dense attention,
+  unchanged. The KV pool encodes every key it stores (``index.kv_pool``); afterwards the
+  extending requests' centroid histograms are rebuilt from all their tokens.
+* Decode: every step adds the new key to its request's histograms. Requests at or below
+  the dense threshold attend through SGLang's own dense decode call, so their outputs are
+  exactly dense ones. Longer requests attend through one "head as batch" FlashInfer call
+  over the indices the retrieval workspace assembled (sink + local window + top-k per KV
+  head). In a mixed batch the dense call is planned with one token for the sparse rows
+  and the sparse call's dense rows are discarded, so each request pays for one attention.
+* CUDA graphs: all host work (both plans) runs in ``init_forward_metadata_out_graph``;
+  the captured layer work (encode, histogram add, retrieval kernels, two FlashInfer runs,
+  a select) has fixed shapes and no host sync.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import time
 from dataclasses import dataclass
 
 import torch
 from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
-from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 from sglang_pariskv.attention.sparse_decode import HeadAsBatchDecode
-from sglang_pariskv.codec.pipeline import retrieve
+from sglang_pariskv.codec.budget import dense_mask
 from sglang_pariskv.config import ParisKVConfig
+from sglang_pariskv.index.histograms import RequestHistograms
 from sglang_pariskv.index.kv_pool import ParisKVTokenToKVPool
+from sglang_pariskv.kernels.workspace import DecodeWorkspace
 from sglang_pariskv.server_flags import ParisKVConfigError
 
 logger = logging.getLogger("sglang_pariskv")
@@ -28,14 +36,31 @@ logger = logging.getLogger("sglang_pariskv")
 
 @dataclass
 class DecodeStats:
-    """Counters an operator reads (exported as metrics by the plugin)."""
+    """Counters an operator reads (tokens are per request, summed over steps)."""
 
+    decode_steps: int = 0
     sparse_steps: int = 0
-    dense_steps: int = 0
-    dense_fallback_requests: int = 0
+    dense_request_steps: int = 0
+    sparse_request_steps: int = 0
     attended_tokens: int = 0
     context_tokens: int = 0
-    retrieval_seconds: float = 0.0
+
+
+@contextlib.contextmanager
+def _dense_rows_only(forward_batch, dense_cpu: torch.Tensor, dense_dev: torch.Tensor):
+    """Show the dense planner 1-token sparse requests (their dense output is discarded)."""
+    fb = forward_batch
+    saved = (fb.seq_lens, fb.seq_lens_cpu, fb.seq_lens_sum)
+    bs = dense_cpu.numel()
+    seq = fb.seq_lens.clone()
+    seq[:bs] = torch.where(dense_dev, fb.seq_lens[:bs], 1)
+    seq_cpu = fb.seq_lens_cpu.clone()
+    seq_cpu[:bs] = torch.where(dense_cpu, fb.seq_lens_cpu[:bs], 1)
+    fb.seq_lens, fb.seq_lens_cpu, fb.seq_lens_sum = seq, seq_cpu, int(seq_cpu[:bs].sum())
+    try:
+        yield
+    finally:
+        fb.seq_lens, fb.seq_lens_cpu, fb.seq_lens_sum = saved
 
 
 class ParisKVAttnBackend(FlashInferAttnBackend):
@@ -49,89 +74,134 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             )
         self.config = config
         self.codes = pool.pariskv
-        mc = model_runner.model_config
-        self.num_kv_heads = pool.head_num
-        self.num_q_heads = mc.num_attention_heads // max(1, model_runner.tp_size)
-        self.head_dim = pool.head_dim
-        self.sparse = HeadAsBatchDecode(
-            self.num_kv_heads,
-            self.num_q_heads // self.num_kv_heads,
-            self.head_dim,
-            torch.device(model_runner.device),
+        self.hkv, self.d = pool.head_num, pool.head_dim
+        self.hq = model_runner.model_config.num_attention_heads // max(1, model_runner.tp_size)
+        rtt = self.req_to_token_pool.req_to_token
+        device = torch.device(model_runner.device)
+        self.hists = RequestHistograms(rtt.shape[0], self.hkv, self.d, pool.layer_num, device)
+        self.ws = DecodeWorkspace(
+            config,
+            self.hq,
+            self.hkv,
+            self.d,
+            max_batch=rtt.shape[0],
+            max_context=rtt.shape[1],
+            device=device,
         )
-        self._sparse_batch = False
+        self.eager_sparse = HeadAsBatchDecode(self.ws, pool.dtype)
+        self.graph_sparse: dict[int, HeadAsBatchDecode] = {}
+        self._sparse: HeadAsBatchDecode | None = None  # active sparse call, None: all dense
+        self._dense_dev = torch.zeros(rtt.shape[0], dtype=torch.bool, device=device)
         self.stats = DecodeStats()
-
-    def init_cuda_graph_state(self, *args, **kwargs):
-        raise ParisKVConfigError(
-            "ParisKV decode does not run inside CUDA graphs yet: pass "
-            "--cuda-graph-backend-decode disabled together with --enable-pariskv"
+        logger.info(
+            "ParisKV backend: codes %.1f MiB, histograms %.1f MiB (%d request slots), config %s",
+            self.codes.nbytes() / 2**20,
+            self.hists.nbytes() / 2**20,
+            rtt.shape[0],
+            config.to_dict(),
         )
+
+    # -- metadata (host side) ---------------------------------------------------------
+    def _plan_decode(self, forward_batch, plan_dense, sparse: HeadAsBatchDecode, force: bool):
+        bs = forward_batch.batch_size
+        seq_cpu = forward_batch.seq_lens_cpu[:bs]
+        dense_cpu = dense_mask(seq_cpu, self.config)
+        self.stats.decode_steps += 1
+        self.stats.dense_request_steps += int(dense_cpu.sum())
+        if bool(dense_cpu.all()) and not force:
+            self._sparse = None
+            plan_dense()
+            return
+        self.stats.sparse_steps += 1
+        self.stats.sparse_request_steps += int((~dense_cpu).sum())
+        self.stats.attended_tokens += int((~dense_cpu).sum()) * self.config.budget
+        self.stats.context_tokens += int(seq_cpu[~dense_cpu].sum())
+        self._dense_dev[:bs].copy_(dense_cpu, non_blocking=True)
+        with _dense_rows_only(forward_batch, dense_cpu, self._dense_dev[:bs]):
+            plan_dense()
+        sparse.plan(seq_cpu)
+        self._sparse = sparse
 
     def init_forward_metadata(self, forward_batch):
-        super().init_forward_metadata(forward_batch)
-        self._sparse_batch = False
-        if not forward_batch.forward_mode.is_decode():
-            return
-        seq_lens = forward_batch.seq_lens_cpu
-        if seq_lens is None:
-            seq_lens = forward_batch.seq_lens.cpu()
-        dense = torch.tensor([self.config.is_dense(int(s)) for s in seq_lens])
-        if bool(dense.all()):
-            self.stats.dense_steps += 1
-            return
-        self._sparse_batch = True
-        self.stats.sparse_steps += 1
-        self.stats.dense_fallback_requests += int(dense.sum())
-        row = torch.where(dense, seq_lens.to(torch.int64), self.config.budget)
-        self.stats.attended_tokens += int(row.sum())
-        self.stats.context_tokens += int(seq_lens.sum())
-        self.sparse.plan(
-            row.repeat_interleave(self.num_kv_heads),
-            q_dtype=self.token_to_kv_pool.dtype,
-            kv_dtype=self.token_to_kv_pool.dtype,
+        if not forward_batch.forward_mode.is_decode() or forward_batch.batch_size == 0:
+            self._sparse = None
+            return super().init_forward_metadata(forward_batch)
+        if forward_batch.seq_lens_cpu is None:
+            forward_batch.seq_lens_cpu = forward_batch.seq_lens.cpu()
+        self._plan_decode(
+            forward_batch,
+            lambda: super(ParisKVAttnBackend, self).init_forward_metadata(forward_batch),
+            self.eager_sparse,
+            force=False,
         )
 
-    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
-        if not self._sparse_batch or layer.is_cross_attention:
-            return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
-        if k is not None and save_kv_cache:
-            self.token_to_kv_pool.set_kv_buffer(
-                layer,
-                KVWriteLoc(forward_batch.out_cache_loc, None),
-                k,
-                v,
-                *self._kv_write_scales(layer),
-            )
-        t0 = time.perf_counter()
-        flat = self.retrieve_indices(q, layer.layer_id, forward_batch)
-        self.stats.retrieval_seconds += time.perf_counter() - t0
+    def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
+        mode = forward_batch.forward_mode
+        if not mode.is_decode():
+            return super().init_forward_metadata_out_graph(forward_batch, in_capture)
         bs = forward_batch.batch_size
-        out = self.sparse.run(
-            q.reshape(bs, self.num_q_heads, self.head_dim),
+        if bs not in self.graph_sparse:
+            self.graph_sparse[bs] = HeadAsBatchDecode(self.ws, self.codes_dtype, graph_batch=bs)
+        # A captured graph always holds the sparse path (dense rows are selected out).
+        self._plan_decode(
+            forward_batch,
+            lambda: super(ParisKVAttnBackend, self).init_forward_metadata_out_graph(
+                forward_batch, in_capture
+            ),
+            self.graph_sparse[bs],
+            force=True,
+        )
+
+    @property
+    def codes_dtype(self) -> torch.dtype:
+        return self.token_to_kv_pool.dtype
+
+    # -- layer work (device side) -----------------------------------------------------
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
+        out = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
+        if k is not None and save_kv_cache and not layer.is_cross_attention:
+            local = layer.layer_id - self.token_to_kv_pool.start_layer
+            self.hists.rebuild(
+                local,
+                self.codes.layers[local].signs,
+                self.req_to_token_pool.req_to_token,
+                forward_batch.req_pool_indices,
+                forward_batch.seq_lens,
+                max_len=int(forward_batch.seq_lens_cpu.max())
+                if forward_batch.seq_lens_cpu is not None
+                else None,
+            )
+        return out
+
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
+        out = super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
+        if layer.is_cross_attention:
+            return out
+        local = layer.layer_id - self.token_to_kv_pool.start_layer
+        bs = forward_batch.batch_size
+        codes = self.codes.layers[local]
+        if save_kv_cache and k is not None:
+            loc = forward_batch.out_cache_loc[:bs]
+            self.hists.add(local, codes.signs[loc], forward_batch.req_pool_indices[:bs])
+        if self._sparse is None:
+            return out
+        q3 = q.reshape(-1, self.hq, self.d)[:bs]
+        self.ws.run(
+            q3,
+            codes,
+            self.hists.layers[local],
+            self.req_to_token_pool.req_to_token,
+            forward_batch.req_pool_indices[:bs],
+            forward_batch.seq_lens[:bs],
+        )
+        sparse = self._sparse.run(
+            q3,
             self.token_to_kv_pool.get_key_buffer(layer.layer_id),
             self.token_to_kv_pool.get_value_buffer(layer.layer_id),
-            flat,
             sm_scale=layer.scaling,
             logits_soft_cap=layer.logit_cap or 0.0,
         )
-        return out.reshape(bs, self.num_q_heads * self.head_dim)
-
-    def retrieve_indices(self, q, layer_id: int, forward_batch) -> torch.Tensor:
-        """Pages (``slot * Hkv + head``) each row attends, concatenated in row order."""
-        bs, hkv = forward_batch.batch_size, self.num_kv_heads
-        seq_lens = forward_batch.seq_lens.to(torch.int64)
-        n_max = (
-            int(forward_batch.seq_lens_cpu.max())
-            if forward_batch.seq_lens_cpu is not None
-            else int(seq_lens.max())
-        )
-        slots = self.req_to_token_pool.req_to_token[forward_batch.req_pool_indices, :n_max]
-        slots = slots.to(torch.int64)
-        local = layer_id - self.token_to_kv_pool.start_layer
-        codes = self.codes.gather(local, slots)  # [bs, n_max, Hkv, ...]
-        ret = retrieve(q.reshape(bs, self.num_q_heads, self.head_dim), codes, seq_lens, self.config)
-        pos = ret.positions.clamp_min(0)  # [bs, Hkv, M]
-        slot_of = torch.gather(slots, 1, pos.reshape(bs, -1)).reshape(pos.shape)
-        pages = slot_of * hkv + torch.arange(hkv, device=pos.device)[None, :, None]
-        return pages[ret.valid].to(torch.int32)
+        out = out.view(-1, self.hq * self.d)
+        keep_dense = self._dense_dev[:bs, None]
+        out[:bs] = torch.where(keep_dense, out[:bs], sparse.reshape(bs, -1).to(out.dtype))
+        return out

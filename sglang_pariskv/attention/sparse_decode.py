@@ -2,10 +2,12 @@
 
 SGLang's KV pool of a layer is ``[slots, Hkv, D]``. Viewed as ``[slots * Hkv, 1, 1, D]``
 (pages of one token, one KV head), the key of (slot, head) is page ``slot * Hkv + head``,
-so one FlashInfer batch row per (request, KV head) can attend to its own retrieved tokens,
-with that KV head's GQA group as the row's query heads. Row lengths (sink + local + top-k
-for sparse requests, the full length for dense ones) are the same in every layer, so the
-wrapper is planned once per decode batch and each layer only rewrites the index buffer.
+so one FlashInfer batch row per (request, KV head) attends to its own retrieved tokens,
+with that KV head's GQA group as the row's query heads. Row lengths depend only on the
+sequence lengths, so the wrapper is planned once per decode batch on the host (from
+``DecodeWorkspace.plan``) and every layer's ``DecodeWorkspace.run`` rewrites the index
+buffer the wrapper reads. With ``graph_batch`` set, the wrapper uses fixed buffers so the
+per-layer work can be captured in a CUDA graph and replayed after each re-plan.
 """
 
 from __future__ import annotations
@@ -13,67 +15,73 @@ from __future__ import annotations
 import torch
 from flashinfer import BatchDecodeWithPagedKVCacheWrapper
 
-#: Float workspace for split-KV partial results (same order as SGLang's own).
+from sglang_pariskv.kernels.workspace import DecodeWorkspace
+
+#: Float workspace for split-KV partial results.
 WORKSPACE_BYTES = 128 * 1024 * 1024
 
 
 class HeadAsBatchDecode:
-    """Plan once per batch (row lengths), run per layer (row indices)."""
+    """plan (host, per batch) / run (device, per layer) around FlashInfer decode."""
 
-    def __init__(self, num_kv_heads: int, group: int, head_dim: int, device: torch.device):
-        self.num_kv_heads, self.group, self.head_dim = num_kv_heads, group, head_dim
-        self.workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
-        # Tensor-core decode handles any GQA group size (the CUDA-core kernel does not).
+    def __init__(
+        self,
+        workspace: DecodeWorkspace,
+        kv_dtype: torch.dtype,
+        graph_batch: int | None = None,
+    ) -> None:
+        self.ws = workspace
+        self.kv_dtype = kv_dtype
+        self.group = workspace.hq // workspace.hkv
+        dev = workspace.device
+        self.float_workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=dev)
+        kwargs = {}
+        if graph_batch is not None:
+            rows = graph_batch * workspace.hkv
+            self._last_page_len = torch.ones(rows, dtype=torch.int32, device=dev)
+            kwargs = dict(
+                use_cuda_graph=True,
+                paged_kv_indptr_buffer=workspace.kv_indptr[: rows + 1],
+                paged_kv_indices_buffer=workspace.kv_indices,
+                paged_kv_last_page_len_buffer=self._last_page_len,
+            )
+        # Tensor-core decode handles every GQA group size (the CUDA-core kernel does not).
         self.wrapper = BatchDecodeWithPagedKVCacheWrapper(
-            self.workspace, "NHD", use_tensor_cores=True
+            self.float_workspace, "NHD", use_tensor_cores=True, **kwargs
         )
-        self.indices: torch.Tensor | None = None
-        self.row_lens: torch.Tensor | None = None
 
-    def plan(self, row_lens: torch.Tensor, q_dtype: torch.dtype, kv_dtype: torch.dtype) -> None:
-        """row_lens: int [R * Hkv] tokens per row (request-major, head-minor)."""
-        dev = self.workspace.device
-        row_lens = row_lens.to(device=dev, dtype=torch.int32)
-        indptr = torch.zeros(row_lens.numel() + 1, dtype=torch.int32, device=dev)
-        indptr[1:] = torch.cumsum(row_lens, 0)
-        total = int(indptr[-1])
-        self.indices = torch.zeros(max(total, 1), dtype=torch.int32, device=dev)
-        self.row_lens = row_lens
+    def plan(self, seq_lens_cpu: torch.Tensor) -> None:
+        """Host-side planning from the CPU sequence lengths."""
+        indptr = self.ws.plan(seq_lens_cpu)
+        rows = indptr.numel() - 1
         self.wrapper.plan(
             indptr,
-            self.indices,
-            torch.ones(row_lens.numel(), dtype=torch.int32, device=dev),
+            self.ws.kv_indices,  # written by ws.run, read by wrapper.run (same tensor)
+            torch.ones(rows, dtype=torch.int32),
             num_qo_heads=self.group,
             num_kv_heads=1,
-            head_dim=self.head_dim,
+            head_dim=self.ws.d,
             page_size=1,
-            q_data_type=q_dtype,
-            kv_data_type=kv_dtype,
+            q_data_type=self.kv_dtype,
+            kv_data_type=self.kv_dtype,
         )
 
     def run(
         self,
         q: torch.Tensor,
-        k_buffer: torch.Tensor,
-        v_buffer: torch.Tensor,
-        flat_indices: torch.Tensor,
-        sm_scale: float,
+        k_pool: torch.Tensor,
+        v_pool: torch.Tensor,
+        sm_scale: float | None = None,
         logits_soft_cap: float = 0.0,
     ) -> torch.Tensor:
-        """q [R, Hq, D]; k/v_buffer [slots, Hkv, D]; flat_indices: the rows' pages
-        (``slot * Hkv + head``) concatenated in row order. Returns [R, Hq, D]."""
-        if self.indices is None:
-            raise RuntimeError("HeadAsBatchDecode.run called before plan")
-        n = flat_indices.numel()
-        if n != int(self.row_lens.sum()):
-            raise RuntimeError(
-                f"ParisKV retrieved {n} tokens but the plan holds {int(self.row_lens.sum())}"
-            )
-        self.indices[:n] = flat_indices
+        """Attention of q ``[R, Hq, D]`` over the indices of the last ``ws.run``."""
         r, hq, d = q.shape
-        pages = k_buffer.shape[0] * k_buffer.shape[1]
-        k = k_buffer.view(pages, 1, 1, d)
-        v = v_buffer.view(pages, 1, 1, d)
-        q_rows = q.reshape(r * self.num_kv_heads, self.group, d)
-        out = self.wrapper.run(q_rows, (k, v), sm_scale=sm_scale, logits_soft_cap=logits_soft_cap)
-        return out.reshape(r, hq, d)
+        k = k_pool.view(-1, 1, 1, d)
+        v = v_pool.view(-1, 1, 1, d)
+        out = self.wrapper.run(
+            q.reshape(r * self.ws.hkv, self.group, d),
+            (k, v),
+            sm_scale=sm_scale,
+            logits_soft_cap=logits_soft_cap,
+        )
+        return out.view(r, hq, d)

@@ -41,7 +41,11 @@ class CodePool:
         record_bytes(head_dim)  # validates head_dim
         self.num_slots, self.num_kv_heads, self.head_dim = num_slots, num_kv_heads, head_dim
         self.seed = seed
-        self.encoder: Encoder = encoder or encode_keys
+        # On CUDA the fused Triton kernel writes codes in place (encoder None); elsewhere
+        # (and in tests) the codec encodes and we scatter.
+        if encoder is None and torch.device(device).type != "cuda":
+            encoder = encode_keys
+        self.encoder: Encoder | None = encoder
         self.layers: list[KeyCodes] = [
             KeyCodes(
                 signs=torch.zeros(num_slots, num_kv_heads, b, dtype=torch.uint8, device=device),
@@ -60,12 +64,15 @@ class CodePool:
         """Encode ``keys`` [T, H, D] and store them at slots ``loc`` [T] of ``layer``."""
         if keys.shape[0] == 0:
             return
-        codes = self.encoder(
-            keys.reshape(keys.shape[0], self.num_kv_heads, self.head_dim), self.seed
-        )
+        keys = keys.reshape(keys.shape[0], self.num_kv_heads, self.head_dim)
         dst = self.layers[layer]
-        for d, s in zip(dst, codes):
-            d[loc] = s
+        if self.encoder is None:
+            from sglang_pariskv.kernels.encode import encode_to_pool
+
+            encode_to_pool(keys, loc, dst, seed=self.seed)  # fused Triton pass, in place
+        else:
+            for d, s in zip(dst, self.encoder(keys, self.seed)):
+                d[loc] = s
         if layer == 0:
             self.tokens_encoded += int(keys.shape[0])
 

@@ -33,17 +33,27 @@ class RequestHistograms:
         req_to_token: torch.Tensor,
         req_pool_indices: torch.Tensor,
         seq_lens: torch.Tensor,
+        max_len: int | None = None,
     ) -> None:
         """Recount requests ``req_pool_indices`` over their first ``seq_lens`` tokens.
 
-        signs: this layer's pool signs uint8 [slots, Hkv, B]; req_to_token [max_reqs, ctx].
+        signs: this layer's pool signs uint8 [slots, Hkv, B]; req_to_token [max_reqs, ctx];
+        ``max_len`` (>= max(seq_lens), from the host) avoids a device sync.
         """
         if req_pool_indices.numel() == 0:
             return
-        n = int(seq_lens.max())
-        slots = req_to_token[req_pool_indices.to(torch.int64), :n].to(torch.int64)
-        hist = centroid_histogram(signs[slots], seq_lens.to(slots.device))
-        self.layers[layer][req_pool_indices.to(torch.int64)] = hist
+        hist = self.layers[layer]
+        rows = req_pool_indices.to(torch.int64)
+        n = int(seq_lens.max()) if max_len is None else max_len
+        if hist.is_cuda:
+            from sglang_pariskv.kernels.encode import add_to_histograms
+
+            hist[rows] = 0
+            start = torch.zeros_like(seq_lens)
+            add_to_histograms(signs, req_to_token, rows, start, seq_lens, hist, n)
+            return
+        slots = req_to_token[rows, :n].to(torch.int64)
+        hist[rows] = centroid_histogram(signs[slots], seq_lens.to(slots.device))
 
     def add(self, layer: int, new_signs: torch.Tensor, req_pool_indices: torch.Tensor) -> None:
         """Count one new key per request: new_signs uint8 [R, Hkv, B]. No host sync."""

