@@ -132,3 +132,20 @@ def test_histograms_follow_appended_keys():
     seq = trace.seq_lens[[0, 5]]
     want = centroid_histogram(codes.signs[None].expand(2, -1, -1, -1).contiguous(), seq)
     assert torch.equal(state.hist_at(seq), want)
+
+
+def test_top_count_mask_matches_stable_sort():
+    from sglang_pariskv.eval.methods.pariskv import top_count_mask
+
+    g = torch.Generator().manual_seed(5)
+    scores = torch.randint(-1, 12, (4, 2, 50), generator=g)
+    counts = torch.tensor([0, 7, 20, 49])
+    got = top_count_mask(scores, counts)
+    for s in range(4):
+        for h in range(2):
+            row = scores[s, h]
+            valid = (row >= 0).nonzero().flatten()
+            order = valid[torch.sort(row[valid], descending=True, stable=True).indices]
+            want = torch.zeros(50, dtype=torch.bool)
+            want[order[: counts[s]]] = True
+            assert torch.equal(got[s, h], want), (s, h)

@@ -32,7 +32,12 @@ def fake_capture(prompt: int = 700, decode: int = 24, layers: int = 3, seed: int
 def test_run_writes_summary_and_plots(tmp_path):
     spec = ContextSpec("tiny", "synthetic", 700)
     settings = RetrievalSettings(
-        sweep=(0.05, 0.1, 0.2), sweep_stride=4, n_decode=24, chunk=8, contexts=(spec,)
+        sweep=(0.05, 0.1, 0.2),
+        sweep_stride=4,
+        n_decode=24,
+        chunk=8,
+        contexts=(spec,),
+        dense_first=1,
     )
     out = tmp_path / "rq.json"
     doc = run_retrieval(
@@ -49,6 +54,10 @@ def test_run_writes_summary_and_plots(tmp_path):
     # The sweep at the configured fraction reproduces the main pass on the same steps.
     assert abs(exact["mass_recall_vs_budget"]["0.10"] - exact["mass_recall"]) < 0.05
     assert len(list(tmp_path.glob("rq_*.png"))) == 3
+    dense = saved["summary"]["pariskv_dense_first1"]
+    assert dense["by_layer"]["mass_recall"][0] == 1.0
+    assert dense["attended_fraction"] > saved["summary"]["pariskv"]["attended_fraction"]
+    assert "pq_rel_err_generated_keys" in saved["diagnostics"]["tiny"]
 
 
 def test_drift_slope():

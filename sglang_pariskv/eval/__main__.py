@@ -69,7 +69,19 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--cache-dir", type=Path, default=None)
     r.add_argument("--out", type=Path, default=Path("benchmarks/results/retrieval_quality.json"))
     r.add_argument("--no-plots", action="store_true")
-    r.add_argument("--threads", type=int, default=0)
+    r.add_argument(
+        "--dense-first",
+        type=int,
+        default=0,
+        help="also report pariskv with the first N layers dense (derived, higher budget)",
+    )
+    r.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: on a shared CPU, OpenMP threads waiting on a "
+        "descheduled peer made every op several times slower; 0 keeps torch's default)",
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -92,6 +104,7 @@ def main(argv: list[str] | None = None) -> None:
         seed=args.seed,
         device=args.device,
         contexts=contexts,
+        dense_first=args.dense_first,
     )
     command = "python -m sglang_pariskv.eval " + shlex.join(argv)
     run_retrieval(

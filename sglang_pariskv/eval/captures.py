@@ -28,8 +28,9 @@ class ContextSpec:
     tokens: int
 
     def prompt_tokens(self, n_decode: int) -> int:
-        """Target prompt length: ``tokens``, shortened so prompt + decode fits the model."""
-        return min(self.tokens, MAX_POSITIONS - n_decode)
+        """Target prompt length: ``tokens``, shortened so prompt + decode fits the model
+        (with a 64-token margin: the generator lands within a few tokens of its target)."""
+        return min(self.tokens, MAX_POSITIONS - n_decode - 64)
 
 
 #: 2K / 4K / 8K, one task each, so every length and every task of the generator is covered.

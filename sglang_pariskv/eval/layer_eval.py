@@ -37,6 +37,7 @@ class LayerResult:
     metrics: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     sweep_mass: dict[str, torch.Tensor] = field(default_factory=dict)
     sweep_steps: torch.Tensor | None = None
+    diagnostics: dict[str, float] = field(default_factory=dict)
 
 
 def exact_scores(batch: StepBatch, keys: torch.Tensor) -> torch.Tensor:
@@ -117,6 +118,9 @@ def evaluate_layer(
     states = [m.prepare(trace) for m in methods]
     steps = trace.queries.shape[0]
     res = LayerResult(sweep_steps=torch.arange(0, steps, sweep_stride))
+    for method, state in zip(methods, states):
+        if hasattr(method, "diagnostics"):
+            res.diagnostics.update(method.diagnostics(state, trace))
     parts: dict[str, dict[str, list]] = {}
     sweep_parts: dict[str, list] = {}
     for lo in range(0, steps, chunk):

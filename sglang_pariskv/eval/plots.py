@@ -24,7 +24,10 @@ def _smooth(values: list[float], window: int = 32) -> torch.Tensor:
 def plot_all(summary: dict, out_dir: Path, prefix: str = "retrieval_quality") -> list[Path]:
     """Recall@100 vs decode step, mass recall vs budget, per-layer-group bars."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    names = sorted(summary, key=lambda n: -summary[n]["mass_recall"])
+    # Derived entries off the equal budget (first layers dense) stay out of the plots.
+    names = sorted(
+        (n for n in summary if "dense_first" not in n), key=lambda n: -summary[n]["mass_recall"]
+    )
     paths = []
 
     fig, ax = plt.subplots(figsize=(9, 5))

@@ -182,15 +182,34 @@ class ParisKV:
         batch: StepBatch,
     ) -> torch.Tensor:
         """Candidates (top-``counts`` zone keys by collision score, earlier first on ties)
-        scored by estimate above every non-candidate, which keeps its collision score."""
+        scored by estimate above every non-candidate, which keeps its collision order."""
         s, h, n = coll.shape
         pos = torch.arange(n, device=coll.device)
         end = batch.seq_lens - batch.local
         in_zone = (pos[None] >= batch.sink[:, None]) & (pos[None] < end[:, None])
+        cand = top_count_mask(torch.where(in_zone[:, None], coll, -1), counts)
         key = coll.to(torch.float64) - pos.to(torch.float64) / (n + 1)
-        key = key.masked_fill(~in_zone[:, None], float("-inf"))
-        cmax = int(counts.max())
-        top = torch.topk(key, cmax, dim=-1).indices  # [S, H, Cmax]
-        keep = torch.arange(cmax, device=coll.device)[None, None] < counts[:, None, None]
-        cand = torch.zeros_like(coll, dtype=torch.bool).scatter_(-1, top, keep.expand_as(top))
         return torch.where(cand, _CANDIDATE_OFFSET + est.to(torch.float64), key)
+
+
+def top_count_mask(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """bool [S, H, N]: the ``counts[s]`` highest small-integer scores per row, earlier
+    position first among equals (``select_candidates``' stable order); scores < 0 never.
+
+    Scores are collision counts (< 256), so a per-row histogram finds the threshold score
+    in one pass instead of sorting N keys."""
+    s, h, n = scores.shape
+    top = int(scores.max()) + 1 if scores.numel() else 1
+    clipped = scores.clamp_min(-1) + 1  # -1 (out of zone) -> bin 0
+    hist = torch.zeros(s, h, top + 1, dtype=torch.int64, device=scores.device)
+    hist.scatter_add_(-1, clipped, torch.ones_like(clipped))
+    hist[..., 0] = 0  # out-of-zone keys are never candidates
+    at_or_above = torch.flip(torch.cumsum(torch.flip(hist, [-1]), -1), [-1])  # [S, H, top+1]
+    need = counts[:, None, None].to(torch.int64)
+    # Threshold bin: the highest bin b with at_or_above[b] >= need (bin 0 if none).
+    ok = at_or_above >= need
+    thr = (ok * torch.arange(top + 1, device=scores.device)).amax(-1, keepdim=True)
+    above = torch.gather(at_or_above, -1, (thr + 1).clamp_max(top)) * (thr < top)
+    tie = clipped == thr
+    tie_rank = torch.cumsum(tie.to(torch.int32), -1)
+    return (clipped > thr) | (tie & (tie_rank <= need - above) & (thr > 0))

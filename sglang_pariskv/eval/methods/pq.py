@@ -58,7 +58,7 @@ class ProductQuantization:
     names = ("pqcache",)
     zone_dependent = False
 
-    def __init__(self, subvectors: int = 2, centroids: int = 64, iters: int = 25, seed: int = 0):
+    def __init__(self, subvectors: int = 2, centroids: int = 64, iters: int = 15, seed: int = 0):
         self.m, self.c, self.iters, self.seed = subvectors, centroids, iters, seed
 
     def prepare(self, trace: LayerTrace) -> PQState:
@@ -71,6 +71,22 @@ class ProductQuantization:
         return PQState(
             centroids=cent.reshape(h, self.m, self.c, sub), codes=codes.reshape(h, self.m, n)
         )
+
+    def diagnostics(self, state: PQState, trace: LayerTrace) -> dict[str, float]:
+        """Relative reconstruction error ||k - k_hat|| / ||k|| of prompt vs generated keys:
+        if generated keys are further from the stale centroids, PQ drifts."""
+        h, m, c, sub = state.centroids.shape
+        rec = torch.gather(
+            state.centroids, 2, state.codes[..., None].expand(-1, -1, -1, sub)
+        )  # [H,M,N,d]
+        rec = rec.permute(2, 0, 1, 3).reshape(trace.num_keys, h, m * sub)
+        err = torch.linalg.vector_norm(rec - trace.keys.float(), dim=-1)
+        rel = err / torch.linalg.vector_norm(trace.keys.float(), dim=-1).clamp_min(1e-12)
+        p = trace.prompt_len
+        return {
+            "pq_rel_err_prompt_keys": float(rel[:p].mean()),
+            "pq_rel_err_generated_keys": float(rel[p:].mean()) if rel.shape[0] > p else 0.0,
+        }
 
     def scores(self, state: PQState, batch: StepBatch) -> dict:
         h, m, c, sub = state.centroids.shape

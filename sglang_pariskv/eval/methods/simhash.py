@@ -31,10 +31,10 @@ class SimHashState:
 
 def hash_codes(x: torch.Tensor, proj: torch.Tensor, bits: int) -> torch.Tensor:
     """[..., D] -> int64 [..., L]: the K-bit bucket id of x in each table."""
-    signs = (x.float() @ proj >= 0).to(torch.int64)
+    signs = (x.float() @ proj >= 0).to(torch.float32)
     signs = signs.reshape(*signs.shape[:-1], -1, bits)
-    weights = 1 << torch.arange(bits, device=x.device)
-    return (signs * weights).sum(-1)
+    weights = 2.0 ** torch.arange(bits, device=x.device, dtype=torch.float32)
+    return (signs @ weights).to(torch.int64)  # exact: integers < 2^24
 
 
 def count_collisions_naive(key_codes: torch.Tensor, query_codes: torch.Tensor) -> torch.Tensor:
