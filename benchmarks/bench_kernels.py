@@ -79,7 +79,7 @@ class Pools:
         for s in range(1, slots, step):
             e = min(s + step, slots)
             idx = torch.arange(s, e, device=dev)
-            encode_to_pool(self.k[s:e], idx, self.codes)
+            encode_to_pool(self.k[s:e], idx, self.codes, rotation="dot")
         torch.cuda.synchronize()
 
 
@@ -94,17 +94,40 @@ def bench_encode(pools: Pools, dev, n: int = 32768, backends=("fa2", "auto")) ->
     hist = torch.zeros(1, HKV, B, 256, dtype=torch.int32, device=dev)
     req = torch.zeros(n, dtype=torch.int32, device=dev)
     out = {"tokens": n}
-    for prec in ("ieee", "tf32x3"):
-        for bm in (32, 64):
+    variants = [
+        ("dot", "ieee", 32, 4, True),
+        ("dot", "ieee", 32, 8, True),
+        ("dot", "tf32x3", 32, 4, True),
+        ("fwht", "ieee", 16, 4, True),
+        ("fwht", "ieee", 32, 4, True),
+        ("fwht", "ieee", 64, 4, True),
+        ("fwht", "ieee", 32, 4, False),
+    ]
+    for rot, prec, bm, nw, with_hist in variants:
+        key = f"encode_ms[{rot},{prec},bm{bm},w{nw}{'' if with_hist else ',nohist'}]"
 
-            def fn(bm=bm, prec=prec):
-                encode_to_pool(keys, slots, pools.codes, hist, req, block_m=bm, precision=prec)
+        def fn(rot=rot, prec=prec, bm=bm, nw=nw, with_hist=with_hist):
+            h = hist if with_hist else None
+            r = req if with_hist else None
+            encode_to_pool(
+                keys,
+                slots,
+                pools.codes,
+                h,
+                r,
+                block_m=bm,
+                precision=prec,
+                rotation=rot,
+                num_warps=nw,
+            )
 
-            try:
-                out[f"encode_ms[{prec},bm{bm}]"] = bench_ms(fn)
-            except Exception as e:  # a variant that fails to compile is reported, not fatal
-                out[f"encode_ms[{prec},bm{bm}]"] = f"failed: {type(e).__name__}: {e}"[:200]
-    encode_to_pool(keys, slots, pools.codes)  # leave the pool as the reference encodes it
+        try:
+            out[key] = bench_ms(fn)
+        except Exception as e:  # a variant that fails to compile is reported, not fatal
+            out[key] = f"failed: {type(e).__name__}: {e}"[:200]
+    encode_to_pool(
+        keys, slots, pools.codes, rotation="dot"
+    )  # leave the pool as the reference encodes it
     q = torch.randn(n, HQ, D, device=dev, dtype=DTYPE)
     k, v = pools.k[1 : n + 1], pools.v[1 : n + 1]
     for backend in backends:
@@ -116,7 +139,11 @@ def bench_encode(pools: Pools, dev, n: int = 32768, backends=("fa2", "auto")) ->
             out[f"prefill_ms[{backend}]"] = bench_ms(fn)
         except Exception as e:
             out[f"prefill_ms[{backend}]"] = f"failed: {type(e).__name__}: {e}"[:200]
-    enc = [v for kk, v in out.items() if kk.startswith("encode_ms") and isinstance(v, float)]
+    enc = [
+        v
+        for kk, v in out.items()
+        if kk.startswith("encode_ms") and "nohist" not in kk and isinstance(v, float)
+    ]
     pre = [v for kk, v in out.items() if kk.startswith("prefill_ms") and isinstance(v, float)]
     out["encode_ms"] = min(enc) if enc else None
     out["prefill_ms"] = min(pre) if pre else None
@@ -203,11 +230,13 @@ def scan_sweep(pools: Pools, dev, n: int, batch: int) -> dict:
     cfg = ParisKVConfig(topk=2048, sink=64, local=256)
     rtt, rpi, seq, hist, q = case_inputs(n, batch, pools, dev)
     results = {}
-    settings = [("cuda", 256, 8)]
-    settings += [("load", bn, t) for bn, t in ((256, 8), (512, 4))]
-    for variant, block_n, tiles in settings:
-        key = f"{variant},{block_n}x{tiles}" if variant != "cuda" else "cuda"
-        kw = dict(scan_variant=variant, scan_block=block_n, scan_tiles=tiles)
+    settings = [("cuda", tpb) for tpb in (512, 1024, 2048)] + [("load", 256)]
+    for variant, size in settings:
+        key = f"{variant},{size}"
+        if variant == "cuda":
+            kw = dict(scan_variant=variant, cuda_tokens_per_block=size)
+        else:
+            kw = dict(scan_variant=variant, scan_block=size, scan_tiles=8)
         try:
             ws = DecodeWorkspace(cfg, HQ, HKV, D, batch, n, dev, **kw)
             ws.plan(seq.cpu())
@@ -281,14 +310,14 @@ def main() -> None:
     pools = Pools(slots, dev)
     print(f"pools: {slots} slots ready after {time.time() - t0:.0f}s", flush=True)
 
-    scan_cfg = dict(scan_variant="auto", scan_block=256, scan_tiles=8)
+    scan_cfg = dict(scan_variant="auto")
     if not args.no_sweep:
         sweep = scan_sweep(pools, dev, 131072, 8)
         report["scan_sweep_128k_b8"] = sweep
         ok = [v for v in sweep.values() if "ms" in v]
         if ok:
             best = min(ok, key=lambda v: v["ms"])
-            scan_cfg = {k: best[k] for k in ("scan_variant", "scan_block", "scan_tiles")}
+            scan_cfg = {k: v for k, v in best.items() if k not in ("ms", "gbps")}
     report["scan_config"] = scan_cfg
     report["cases"] = []
     for n, b in cases:

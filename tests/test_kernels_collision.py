@@ -124,9 +124,9 @@ def test_scan_and_select_at_scale(cuda_device, variant):
 
 @pytest.mark.gpu
 def test_cuda_scan_matches_triton(cuda_device):
-    from sglang_pariskv.kernels.cuda_scan import collision_scan_cuda, cuda_scan_available
+    from sglang_pariskv.kernels.cuda_ops import collision_scan_cuda, cuda_available
 
-    assert cuda_scan_available()
+    assert cuda_available()
     for d, h in ((128, 8), (64, 4), (128, 2)):
         lens = [50000, 3000, 131072]
         nmax = 131072

@@ -34,16 +34,22 @@ def mismatch_rates(pool, slots, ref):
 
 
 @pytest.mark.parametrize(
-    "d, h, dtype", [(64, 3, torch.float16), (128, 2, torch.bfloat16), (128, 1, torch.float32)]
+    "d, h, dtype, rotation",
+    [
+        (64, 3, torch.float16, "dot"),
+        (128, 2, torch.bfloat16, "dot"),
+        (128, 1, torch.float32, "fwht"),
+        (64, 2, torch.bfloat16, "fwht"),
+    ],
 )
-def test_encode_matches_codec(d, h, dtype):
+def test_encode_matches_codec(d, h, dtype, rotation):
     gen = torch.Generator().manual_seed(d + h)
     t, slots_n = 150, 400
     keys = (torch.randn(t, h, d, generator=gen) * 3).to(dtype)
     keys[3, 0] = 0  # a zero key: weights 0, every sign bit set
     slots = (torch.randperm(slots_n, generator=gen)[:t] + 1).to(DEV)
     pool = empty_pool(slots_n + 1, h, d, DEV)
-    encode_to_pool(keys.to(DEV), slots, pool)
+    encode_to_pool(keys.to(DEV), slots, pool, rotation=rotation)
     ref = encode_keys(keys.to(DEV))
     s, m, w = mismatch_rates(pool, slots, ref)
     # Only values within float rounding of a threshold may differ: none at this size.
@@ -82,7 +88,8 @@ def test_histograms_count_per_request_and_skip_negative_ids():
 @pytest.mark.gpu
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_encode_mismatch_rate_at_scale(cuda_device, d, dtype):
+@pytest.mark.parametrize("rotation", ["dot", "fwht"])
+def test_encode_mismatch_rate_at_scale(cuda_device, d, dtype, rotation):
     """Real sizes: mismatches only within rounding of a threshold, so rare and bounded."""
     t, h = 65536, 8
     keys = (torch.randn(t, h, d, device=cuda_device) * 2).to(dtype)
@@ -90,9 +97,14 @@ def test_encode_mismatch_rate_at_scale(cuda_device, d, dtype):
     pool = empty_pool(2 * t + 1, h, d, cuda_device)
     hist = torch.zeros(1, h, d // 8, 256, dtype=torch.int32, device=cuda_device)
     req = torch.zeros(t, dtype=torch.int32, device=cuda_device)
-    encode_to_pool(keys, slots, pool, hist, req)
+    encode_to_pool(keys, slots, pool, hist, req, rotation=rotation)
     ref = encode_keys(keys)
     s, m, w = mismatch_rates(pool, slots, ref)
-    print(f"D={d} {dtype}: sign mismatch {s:.2e}, magnitude-byte mismatch {m:.2e}, w rel {w:.2e}")
-    assert s <= 1e-5 and m <= 1e-4 and w <= 2e-3
+    print(
+        f"D={d} {dtype} {rotation}: sign mismatch {s:.2e}, "
+        f"magnitude-byte mismatch {m:.2e}, w rel {w:.2e}"
+    )
+    # bf16 keys cancel exactly more often (few mantissa bits): a rotated coordinate that is
+    # 0 up to rounding flips its sign bit, hence the looser sign bound.
+    assert s <= 5e-5 and m <= 1e-4 and w <= 2e-3
     assert int(hist.sum()) == t * h * (d // 8)

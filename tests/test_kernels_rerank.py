@@ -10,13 +10,13 @@ if not torch.cuda.is_available():
 
 from sglang_pariskv.codec.query import prepare_query  # noqa: E402
 from sglang_pariskv.codec.select import estimate_inner_products, rerank_topk  # noqa: E402
-from sglang_pariskv.kernels.rerank import EMPTY_KEY, rerank_keys, topk_slots  # noqa: E402
+from sglang_pariskv.kernels.rerank import levels, rerank_estimates, topk_slots  # noqa: E402
 from sglang_pariskv.kernels.testing import make_scenario, padded_codes  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def rerank_case(lens, h, d, group, cmax, counts, k, seed, device):
+def rerank_case(lens, h, d, group, cmax, counts, k, seed, device, cuda=False):
     sc = make_scenario(lens, h, d, max(lens), device, seed=seed)
     gen = torch.Generator().manual_seed(seed)
     r = len(lens)
@@ -30,23 +30,20 @@ def rerank_case(lens, h, d, group, cmax, counts, k, seed, device):
     rtt = sc.req_to_token[sc.req_pool_indices.long()]  # [R, N]: position -> slot
     cand_slots = torch.gather(rtt[:, None].expand(r, h, -1), 2, cand.long()).to(torch.int32)
     counts = torch.tensor(counts, device=device)
-    keys = torch.empty(r, h, cmax, dtype=torch.int64, device=device)
     est = torch.empty(r, h, cmax, dtype=torch.float32, device=device)
-    rerank_keys(
-        cand_slots,
-        counts,
-        sc.pool.signs,
-        sc.pool.mags,
-        sc.pool.weights,
-        qp.blocks.contiguous(),
-        qp.norm.contiguous(),
-        keys,
-        est,
-    )
+    args = (cand_slots, counts, sc.pool.signs, sc.pool.mags, sc.pool.weights)
+    qargs = (qp.blocks.contiguous(), qp.norm.contiguous())
+    if cuda:
+        from sglang_pariskv.kernels.cuda_ops import rerank_cuda
+
+        rerank_cuda(*args, *qargs, levels(device), est)
+    else:
+        rerank_estimates(*args, *qargs, est)
+    keys = est
     codes = padded_codes(sc)
     valid = torch.arange(cmax, device=device)[None, None] < counts[:, None, None]
     valid = valid.expand(r, h, cmax)
-    top = topk_slots(keys, k)
+    top = topk_slots(est, cand_slots, k)
     want_pos, want_valid = rerank_topk(codes, qp, cand.long(), valid, k)
     want_pos = torch.gather(rtt[:, None].expand(r, h, -1), 2, want_pos).long()  # as slots
     cand = cand_slots
@@ -64,7 +61,7 @@ def test_rerank_estimates_and_topk_match_codec(d, h, group):
         sc.pool.index(cand.long(), heads), qp.blocks[:, :, None], qp.norm[..., None]
     )
     torch.testing.assert_close(est[valid], ref[valid], rtol=1e-5, atol=1e-5)
-    assert (keys[~valid] == EMPTY_KEY).all()
+    assert (est[~valid] == float("-inf")).all()
     for i in range(r):
         for j in range(h):
             got = set(top[i, j].tolist())
@@ -79,10 +76,17 @@ def test_rerank_estimates_and_topk_match_codec(d, h, group):
 
 
 @pytest.mark.gpu
-def test_rerank_at_scale(cuda_device):
-    *_, top, want_pos, want_valid, _, _ = rerank_case(
-        [131072, 50000], 8, 128, 4, 13000, [13000, 5000], 2048, 0, cuda_device
+@pytest.mark.parametrize("cuda, d", [(False, 128), (True, 128), (True, 64)])
+def test_rerank_at_scale(cuda_device, cuda, d):
+    sc, qp, cand, counts, _, est, top, want_pos, want_valid, _, valid = rerank_case(
+        [131072, 50000], 8, d, 4, 13000, [13000, 5000], 2048, 0, cuda_device, cuda
     )
+    heads = torch.arange(8, device=cuda_device)[None, :, None]
+    ref = estimate_inner_products(
+        sc.pool.index(cand.long(), heads), qp.blocks[:, :, None], qp.norm[..., None]
+    )
+    torch.testing.assert_close(est[valid], ref[valid], rtol=1e-4, atol=1e-4)
+    assert (est[~valid] == float("-inf")).all()
     for i in range(2):
         got = top[i].sort(-1).values
         want = want_pos[i].sort(-1).values.to(got.dtype)

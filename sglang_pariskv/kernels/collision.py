@@ -48,7 +48,7 @@ def _scan_kernel(
         hb = h[:, None] * B + b[None, :]  # [HP, B]
         hmask = h < H
         tier_base = tiers_ptr + (r * (H * B) + hb).to(tl.int64) * 256  # [HP, B]
-        acc = tl.zeros((HP * NBP,), dtype=tl.int32)
+        acc = tl.zeros((2 * HP * NBP,), dtype=tl.int32)
         for i in range(TILES):
             pos = start + i * BLOCK_N + tl.arange(0, BLOCK_N)
             valid = pos < seq
@@ -66,10 +66,12 @@ def _scan_kernel(
                 mask=smask,
             )
             in_zone = (pos >= zone_start) & (pos < zend)
-            key = tl.reshape(h[None, :] * NBP + score, (BLOCK_N * HP,))
-            zm = tl.reshape(in_zone[:, None] & hmask[None, :], (BLOCK_N * HP,))
-            acc += tl.histogram(key, HP * NBP, mask=zm)
-        bins = tl.arange(0, HP * NBP)
+            # Out-of-zone entries go to a dump bin in an upper half that is dropped
+            # (tl.histogram's mask argument is ignored by the GPU lowering in Triton 3.6).
+            zm = in_zone[:, None] & hmask[None, :]
+            key = tl.where(zm, h[None, :] * NBP + score, HP * NBP)
+            acc += tl.histogram(tl.reshape(key, (BLOCK_N * HP,)), 2 * HP * NBP)
+        bins = tl.arange(0, 2 * HP * NBP)
         tl.atomic_add(
             shist_ptr + r * (H * NBP) + bins,
             acc,
@@ -109,7 +111,7 @@ def _scan_gather_kernel(
         zend = tl.load(zend_ptr + r)
         b = tl.arange(0, B)
         c = tl.arange(0, 256)
-        acc = tl.zeros((HP * NBP,), dtype=tl.int32)
+        acc = tl.zeros((2 * HP * NBP,), dtype=tl.int32)
         for i in range(TILES):
             pos = start + i * BLOCK_N + tl.arange(0, BLOCK_N)
             valid = pos < seq
@@ -131,8 +133,9 @@ def _scan_gather_kernel(
                     score.to(tl.uint8),
                     mask=valid,
                 )
-                acc += tl.histogram(h * NBP + score, HP * NBP, mask=in_zone)
-        bins = tl.arange(0, HP * NBP)
+                key = tl.where(in_zone, h * NBP + score, HP * NBP)  # dump bin: see _scan_kernel
+                acc += tl.histogram(key, 2 * HP * NBP)
+        bins = tl.arange(0, 2 * HP * NBP)
         tl.atomic_add(
             shist_ptr + r * (H * NBP) + bins,
             acc,

@@ -1,10 +1,10 @@
-"""Loader of the CUDA collision scan (csrc/collision_scan.cu), with the Triton fallback.
+"""Loader of the CUDA kernels under csrc/ (collision scan, rerank); Triton is the fallback.
 
-The CUDA source is compiled on first use with plain ``nvcc`` into a shared library (no
+Each CUDA source is compiled on first use with plain ``nvcc`` into a shared library (no
 torch headers, so seconds rather than a minute) cached under
 ``~/.cache/sglang_pariskv/<source hash>/``, and called through ctypes on the current
 stream (CUDA-graph capturable). Anything that stops that (no nvcc, no source file,
-compile error) makes :func:`cuda_scan_available` false and callers use the Triton kernel.
+compile error) makes :func:`cuda_available` false and callers use the Triton kernels.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "collision_scan.cu"
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
 
 
 def _nvcc() -> str | None:
@@ -35,24 +35,25 @@ def _nvcc() -> str | None:
 
 
 @cache
-def _library() -> ctypes.CDLL | None:
-    if not torch.cuda.is_available() or not SOURCE.exists():
+def _library(name: str) -> ctypes.CDLL | None:
+    source = CSRC / f"{name}.cu"
+    if not torch.cuda.is_available() or not source.exists():
         return None
     nvcc = _nvcc()
     if nvcc is None:
         return None
-    src = SOURCE.read_bytes()
+    src = source.read_bytes()
     major, minor = torch.cuda.get_device_capability()
     arch = f"{major}{minor}"
     tag = hashlib.sha256(src + arch.encode()).hexdigest()[:16]
     out_dir = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sglang_pariskv"
-    lib = out_dir / tag / "libpariskv_scan.so"
+    lib = out_dir / tag / f"libpariskv_{name}.so"
     if not lib.exists():
         lib.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
         os.close(fd)
         cmd = [nvcc, "-O3", "-shared", "-Xcompiler", "-fPIC", "-std=c++17"]
-        cmd += [f"-gencode=arch=compute_{arch},code=sm_{arch}", "-o", tmp, str(SOURCE)]
+        cmd += [f"-gencode=arch=compute_{arch},code=sm_{arch}", "-o", tmp, str(source)]
         try:
             subprocess.run(cmd, check=True, capture_output=True, timeout=300)
         except (subprocess.SubprocessError, OSError):
@@ -60,15 +61,20 @@ def _library() -> ctypes.CDLL | None:
             return None
         os.replace(tmp, lib)  # atomic: concurrent builders (TP ranks) never see half a file
     dll = ctypes.CDLL(str(lib))
-    fn = dll.pariskv_collision_scan
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    fn.argtypes = [p, p, i64, p, p, p, p, p, p, i64, i64, i32, i32, i32, i32, i32, p]
+    if name == "collision_scan":
+        fn = dll.pariskv_collision_scan
+        fn.argtypes = [p, p, i64, p, p, p, p, p, p, i64, i64, i32, i32, i32, i32, i32, p]
+    else:
+        fn = dll.pariskv_rerank
+        fn.argtypes = [p, p, p, p, p, p, p, p, p, i64, i32, i32, i32, p]
     fn.restype = i32
     return dll
 
 
-def cuda_scan_available() -> bool:
-    return _library() is not None
+def cuda_available() -> bool:
+    """Both CUDA kernels built (or already cached) for this GPU."""
+    return _library("collision_scan") is not None and _library("rerank") is not None
 
 
 def collision_scan_cuda(
@@ -85,7 +91,7 @@ def collision_scan_cuda(
 ) -> None:
     """CUDA twin of :func:`collision.collision_scan` (``seq_lens`` / ``zone_end`` int64,
     ``req_pool_indices`` and ``req_to_token`` int32; every tensor contiguous)."""
-    lib = _library()
+    lib = _library("collision_scan")
     if lib is None:
         raise RuntimeError("the CUDA collision scan is unavailable (no nvcc or no source)")
     _, h, b = signs.shape
@@ -119,3 +125,41 @@ def collision_scan_cuda(
     )
     if rc != 0:
         raise RuntimeError(f"pariskv_collision_scan failed with code {rc}")
+
+
+def rerank_cuda(
+    cand: torch.Tensor,
+    counts: torch.Tensor,
+    signs: torch.Tensor,
+    mags: torch.Tensor,
+    weights: torch.Tensor,
+    query_blocks: torch.Tensor,
+    query_norm: torch.Tensor,
+    levels: torch.Tensor,
+    est: torch.Tensor,
+) -> None:
+    """CUDA twin of :func:`rerank.rerank_estimates` (``counts`` int64; contiguous)."""
+    lib = _library("rerank")
+    if lib is None:
+        raise RuntimeError("the CUDA rerank is unavailable (no nvcc or no source)")
+    if counts.dtype != torch.int64 or cand.dtype != torch.int32:
+        raise TypeError("rerank_cuda: counts must be int64 and cand int32")
+    r, h, cmax = cand.shape
+    rc = lib.pariskv_rerank(
+        cand.data_ptr(),
+        counts.data_ptr(),
+        signs.data_ptr(),
+        mags.data_ptr(),
+        weights.data_ptr(),
+        query_blocks.data_ptr(),
+        query_norm.data_ptr(),
+        levels.data_ptr(),
+        est.data_ptr(),
+        cmax,
+        r,
+        h,
+        signs.shape[-1],
+        torch.cuda.current_stream(cand.device).cuda_stream,
+    )
+    if rc != 0:
+        raise RuntimeError(f"pariskv_rerank failed with code {rc}")

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from sglang_pariskv.codec.encode import KeyCodes
 from sglang_pariskv.codec.levels import magnitude_levels, magnitude_thresholds
-from sglang_pariskv.codec.rotation import rotation_matrix
+from sglang_pariskv.codec.rotation import rotation_matrix, rotation_signs
 from sglang_pariskv.config import check_head_dim
 
 _FP16_MAX = tl.constexpr(65504.0)
@@ -41,9 +41,27 @@ def _constants(head_dim: int, seed: int, device: torch.device) -> tuple[torch.Te
     return rot_t, thr.to(device), magnitude_levels(torch.float32, device)
 
 
+@lru_cache(maxsize=32)
+def _signs(head_dim: int, seed: int, device: torch.device) -> torch.Tensor:
+    return rotation_signs(head_dim, seed).to(torch.float32).to(device)
+
+
 def encode_constants(head_dim: int, seed: int, device) -> tuple[torch.Tensor, ...]:
     """Device constants the encode kernel reads; cache them before CUDA-graph capture."""
     return _constants(head_dim, seed, torch.device(device))
+
+
+@triton.jit
+def _fwht(x, BLOCK_M: tl.constexpr, D: tl.constexpr, LOG2D: tl.constexpr):
+    """Unnormalised Walsh-Hadamard transform (Sylvester order) of each row of x [BM, D]:
+    LOG2D butterfly stages (a, b) -> (a + b, a - b) at strides 1, 2, 4, ..."""
+    for stage in tl.static_range(LOG2D):
+        h: tl.constexpr = 1 << stage
+        y = tl.reshape(x, (BLOCK_M, D // (2 * h), 2, h))
+        a, b = tl.split(tl.permute(y, (0, 1, 3, 2)))
+        y = tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2))
+        x = tl.reshape(y, (BLOCK_M, D))
+    return x
 
 
 @triton.jit
@@ -67,6 +85,8 @@ def _encode_kernel(
     HAS_HIST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     PRECISION: tl.constexpr,
+    FWHT: tl.constexpr,
+    LOG2D: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -81,8 +101,12 @@ def _encode_kernel(
     ).to(tl.float32)
     norm = tl.sqrt(tl.sum(k * k, axis=1))
     unit = k / tl.maximum(norm, _TINY)[:, None]
-    rot_t = tl.load(rot_t_ptr + d[:, None] * D + d[None, :])
-    x = tl.dot(unit, rot_t, input_precision=PRECISION)  # [BLOCK_M, D] rotated unit key
+    if FWHT:  # R x = H (s * x) / sqrt(D): D log D adds instead of a D x D product
+        sgn = tl.load(rot_t_ptr + d)  # the diagonal signs s
+        x = _fwht(unit * sgn[None, :], BLOCK_M, D, LOG2D) * (1.0 / tl.sqrt(D * 1.0))
+    else:
+        rot_t = tl.load(rot_t_ptr + d[:, None] * D + d[None, :])
+        x = tl.dot(unit, rot_t, input_precision=PRECISION)  # [BLOCK_M, D] rotated unit key
     xb = tl.reshape(x, (BLOCK_M, B, 8))
     r = tl.sqrt(tl.sum(xb * xb, axis=2))  # [BLOCK_M, B]
     u = xb / tl.maximum(r, _TINY)[:, :, None]
@@ -126,13 +150,17 @@ def encode_to_pool(
     seed: int = 0,
     block_m: int = 32,
     precision: str = "ieee",
+    rotation: str = "dot",
+    num_warps: int = 4,
 ) -> None:
     """Encode keys ``[T, Hkv, D]`` into ``pool`` rows ``slots`` (int32/int64 ``[T]``).
 
     pool: :class:`KeyCodes` of pool tensors ``signs [S, Hkv, B]``, ``mags [S, Hkv, 3B]``,
     ``weights [S, Hkv, B]`` (contiguous). When ``hist`` (int32 ``[max_reqs, Hkv, B, 256]``)
     is given, ``req_ids [T]`` names each token's histogram row; a negative id skips the
-    token (e.g. a padding token). No host sync: safe inside a CUDA graph.
+    token (e.g. a padding token). No host sync: safe inside a CUDA graph. ``rotation``:
+    "dot" (one ``tl.dot`` with the D x D matrix) or "fwht" (butterflies; needs D a power
+    of two, so the rotation is one Hadamard block).
     """
     t, h, d = keys.shape
     check_head_dim(d)
@@ -147,6 +175,11 @@ def encode_to_pool(
     if t == 0:
         return
     rot_t, thr, lev = encode_constants(d, seed, keys.device)
+    fwht = rotation == "fwht"
+    if fwht:
+        if d & (d - 1):
+            raise ValueError(f"rotation='fwht' needs a power-of-two head_dim, got {d}")
+        rot_t = _signs(d, seed, keys.device)
     has_hist = hist is not None
     if has_hist and req_ids is None:
         raise ValueError("encode_to_pool: hist given without req_ids")
@@ -171,7 +204,9 @@ def encode_to_pool(
         HAS_HIST=has_hist,
         BLOCK_M=block_m,
         PRECISION=precision,
-        num_warps=4,
+        FWHT=fwht,
+        LOG2D=d.bit_length() - 1,
+        num_warps=num_warps,
     )
 
 

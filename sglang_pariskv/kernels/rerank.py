@@ -3,11 +3,11 @@
 ``_rerank_kernel`` decodes each candidate's record (signs, packed magnitudes, fp16 weights,
 pool row ``slot * Hkv + head``; candidates arrive as KV slots, so there is no dependent
 ``req_to_token`` load) and computes ``||q|| * sum_b w_b <v_b, q_b>`` like
-:func:`codec.select.estimate_inner_products`. It writes a sortable int64 key: the
-estimate's order-preserving int32 image in the high word and ``~slot`` in the low word,
-so one ``torch.topk`` gives a deterministic top-k, ties broken by lower slot (codec breaks
-them by candidate order: the two differ only for candidates whose float32 estimates are
-bit-identical).
+:func:`codec.select.estimate_inner_products`, writing float32 estimates with ``-inf`` at
+and past each row's count C. :func:`topk_slots` is one ``torch.topk`` over the row and a
+gather of the winners' slots. Ties between bit-identical float32 estimates are broken
+arbitrarily (codec keeps the earlier candidate); the tests allow exactly that difference.
+The CUDA twin (csrc/rerank.cu, :func:`cuda_ops.rerank_cuda`) is used where it builds.
 """
 
 from __future__ import annotations
@@ -17,9 +17,6 @@ import triton
 import triton.language as tl
 
 from sglang_pariskv.codec.levels import magnitude_levels
-
-#: Key of an empty candidate slot: below every real key.
-EMPTY_KEY = -(2**31 - 1) * 2**32
 
 
 @triton.jit
@@ -32,14 +29,11 @@ def _rerank_kernel(
     qb_ptr,
     qn_ptr,
     lev_ptr,
-    key_ptr,
     est_ptr,
     CMAX,
     H: tl.constexpr,
     B: tl.constexpr,
     BLOCK_C: tl.constexpr,
-    WRITE_EST: tl.constexpr,
-    EMPTY: tl.constexpr,
 ):
     row = tl.program_id(0)  # r * H + h
     blk = tl.program_id(1)
@@ -70,18 +64,12 @@ def _rerank_kernel(
         per_block = tl.sum(v * q[None, :, :], axis=2)  # [BLOCK_C, B]
         w = tl.load(w_ptr + rec[:, None] * B + b[None, :], mask=m2, other=0.0).to(tl.float32)
         est = tl.sum(per_block * w, axis=1) * tl.load(qn_ptr + row)
-        if WRITE_EST:
-            tl.store(est_ptr + out, est, mask=valid)
-        bits = est.to(tl.int32, bitcast=True)
-        okey = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # order-preserving int32
-        low = (tl.full((BLOCK_C,), 1, tl.int64) << 32) - 1 - slot  # ~slot, 32 bit
-        key = (okey.to(tl.int64) << 32) | low
-        tl.store(key_ptr + out, tl.where(valid, key, EMPTY), mask=idx < CMAX)
+        tl.store(est_ptr + out, tl.where(valid, est, float("-inf")), mask=idx < CMAX)
     else:
-        tl.store(key_ptr + out, tl.full((BLOCK_C,), EMPTY, tl.int64), mask=idx < CMAX)
+        tl.store(est_ptr + out, tl.full((BLOCK_C,), float("-inf"), tl.float32), mask=idx < CMAX)
 
 
-def rerank_keys(
+def rerank_estimates(
     cand: torch.Tensor,
     counts: torch.Tensor,
     signs: torch.Tensor,
@@ -89,18 +77,15 @@ def rerank_keys(
     weights: torch.Tensor,
     query_blocks: torch.Tensor,
     query_norm: torch.Tensor,
-    keys: torch.Tensor,
-    est: torch.Tensor | None = None,
+    est: torch.Tensor,
     block_c: int = 64,
 ) -> None:
-    """Sort keys int64 ``[R, Hkv, CMAX]`` of candidates ``cand`` (int32 KV slots, first
-    ``counts[r]`` valid); empty entries get :data:`EMPTY_KEY`. ``est`` (float32, same
-    shape), when given, receives the raw estimates (for tests)."""
+    """Estimates float32 ``est [R, Hkv, CMAX]`` of candidates ``cand`` (int32 KV slots,
+    the first ``counts[r]`` valid; the rest get ``-inf``)."""
     r, h, cmax = cand.shape
     if r == 0:
         return
     b = signs.shape[-1]
-    lev = _levels(cand.device)
     _rerank_kernel[(r * h, triton.cdiv(cmax, block_c))](
         cand,
         counts,
@@ -109,31 +94,29 @@ def rerank_keys(
         weights,
         query_blocks,
         query_norm,
-        lev,
-        keys,
-        est if est is not None else keys,
+        levels(cand.device),
+        est,
         cmax,
         H=h,
         B=b,
         BLOCK_C=block_c,
-        WRITE_EST=est is not None,
-        EMPTY=EMPTY_KEY,
     )
 
 
 _LEVELS: dict = {}
 
 
-def _levels(device) -> torch.Tensor:
+def levels(device) -> torch.Tensor:
+    """The 8 magnitude levels as a cached device tensor (no copy inside a CUDA graph)."""
     key = str(device)
     if key not in _LEVELS:
         _LEVELS[key] = magnitude_levels(torch.float32, device)
     return _LEVELS[key]
 
 
-def topk_slots(keys: torch.Tensor, k: int) -> torch.Tensor:
-    """int32 [R, Hkv, k] KV slots of the k largest keys (unordered; the attended set is a
-    set). Entries that came from empty keys are garbage: callers use min(k, C) of them."""
-    k = min(k, keys.shape[-1])
-    top = torch.topk(keys, k, dim=-1, sorted=False).values
-    return (0xFFFFFFFF - (top & 0xFFFFFFFF)).to(torch.int32)
+def topk_slots(est: torch.Tensor, cand: torch.Tensor, k: int) -> torch.Tensor:
+    """int32 [R, Hkv, k] KV slots of the k best estimates (unordered: the attended set is
+    a set). Entries picked from ``-inf`` estimates are garbage: callers use min(k, C)."""
+    k = min(k, est.shape[-1])
+    idx = torch.topk(est, k, dim=-1, sorted=False).indices
+    return torch.gather(cand, -1, idx)

@@ -1,13 +1,13 @@
 """Candidate selection: top-C zone positions by uint8 collision score (DESIGN.md 8).
 
 Exact, stable (lower position first among equal scores), with no sort:
-  1. ``_threshold_kernel``: from the score histogram of the scan, the threshold score s*
-     (the lowest score still needed to reach C), how many keys score above it (all taken)
-     and how many of the keys *at* it to take (``take``).
-  2. ``_count_kernel``: per chunk of positions and head, how many keys score above / at s*.
-  3. an exclusive cumsum over chunks (torch) gives each chunk its output offsets, and
-     ``_write_kernel`` compacts the positions: keys above s* in position order first, then
-     the first ``take`` keys at s*, in position order.
+  1. ``_count_kernel``: from the score histogram of the scan, the threshold score s* (the
+     lowest score still needed to reach C), how many keys score above it (all taken) and
+     how many of the keys *at* it to take; and per chunk of positions and head, how many
+     keys score above / at s*.
+  2. ``_prefix_kernel``: exclusive prefix over chunks: each chunk's output offsets.
+  3. ``_write_kernel`` compacts the positions (or their KV slots): keys above s* in
+     position order first, then the first ``take`` keys at s*, in position order.
 The selected set is exactly codec's ``select_candidates`` set; the order inside it differs
 (codec orders by score), which the rerank does not depend on.
 """
@@ -20,28 +20,14 @@ import triton.language as tl
 
 
 @triton.jit
-def _threshold_kernel(
-    shist_ptr, counts_ptr, thr_ptr, take_ptr, ngt_ptr, H: tl.constexpr, NBP: tl.constexpr
-):
-    row = tl.program_id(0)
-    r = row // H
-    s = tl.arange(0, NBP)
-    hist = tl.load(shist_ptr + row * NBP + s)
-    c = tl.load(counts_ptr + r).to(tl.int32)
-    # suffix[s] = keys scoring >= s (a forward scan: no reverse-scan dependence)
-    suffix = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist
-    s_star = tl.max(tl.where(suffix >= c, s, -1), axis=0)
-    n_gt = tl.sum(tl.where(s > s_star, hist, 0), axis=0)
-    tl.store(thr_ptr + row, s_star)
-    tl.store(take_ptr + row, c - n_gt)
-    tl.store(ngt_ptr + row, n_gt)
-
-
-@triton.jit
 def _count_kernel(
     scores_ptr,
-    thr_ptr,
+    shist_ptr,
+    counts_ptr,
     zend_ptr,
+    thr_ptr,
+    take_ptr,
+    ngt_ptr,
     gt_ptr,
     eq_ptr,
     zone_start,
@@ -49,25 +35,51 @@ def _count_kernel(
     NCH,
     H: tl.constexpr,
     HP: tl.constexpr,
+    NBP: tl.constexpr,
     CH: tl.constexpr,
 ):
+    """Threshold s* per head (recomputed by every program from the small score histogram:
+    cheaper than a launch) and this chunk's counts of keys above / at s*."""
     chunk = tl.program_id(0)
     r = tl.program_id(1)
-    zend = tl.load(zend_ptr + r)
     h = tl.arange(0, HP)
     hmask = h < H
     row = r * H + h
+    s = tl.arange(0, NBP)
+    hist = tl.load(shist_ptr + row[:, None] * NBP + s[None, :], mask=hmask[:, None], other=0)
+    c = tl.load(counts_ptr + r).to(tl.int32)
+    # suffix[s] = keys scoring >= s (a forward scan: no reverse-scan dependence)
+    suffix = tl.sum(hist, axis=1)[:, None] - tl.cumsum(hist, axis=1) + hist
+    thr = tl.max(tl.where(suffix >= c, s[None, :], -1), axis=1)  # [HP]
+    n_gt_all = tl.sum(tl.where(s[None, :] > thr[:, None], hist, 0), axis=1)
+    if chunk == 0:
+        tl.store(thr_ptr + row, thr, mask=hmask)
+        tl.store(take_ptr + row, c - n_gt_all, mask=hmask)
+        tl.store(ngt_ptr + row, n_gt_all, mask=hmask)
+    zend = tl.load(zend_ptr + r)
     start = chunk * CH
     pos = start + tl.arange(0, CH)
     live = (start + CH > zone_start) & (start < zend)
     m = hmask[:, None] & ((pos >= zone_start) & (pos < zend))[None, :] & live
     sc = tl.load(scores_ptr + row[:, None].to(tl.int64) * NMAX + pos[None, :], mask=m, other=0)
-    thr = tl.load(thr_ptr + row, mask=hmask, other=0)
     sc = sc.to(tl.int32)
     n_gt = tl.sum((m & (sc > thr[:, None])).to(tl.int32), axis=1)
     n_eq = tl.sum((m & (sc == thr[:, None])).to(tl.int32), axis=1)
     tl.store(gt_ptr + row * NCH + chunk, n_gt, mask=hmask)
     tl.store(eq_ptr + row * NCH + chunk, n_eq, mask=hmask)
+
+
+@triton.jit
+def _prefix_kernel(gt_ptr, eq_ptr, gt_off_ptr, eq_off_ptr, NCH, NCHP: tl.constexpr):
+    """Exclusive prefix over chunks of both counts, one (request, head) row per program."""
+    row = tl.program_id(0)
+    i = tl.arange(0, NCHP)
+    m = i < NCH
+    base = row.to(tl.int64) * NCH
+    gt = tl.load(gt_ptr + base + i, mask=m, other=0)
+    eq = tl.load(eq_ptr + base + i, mask=m, other=0)
+    tl.store(gt_off_ptr + base + i, tl.cumsum(gt, axis=0) - gt, mask=m)
+    tl.store(eq_off_ptr + base + i, tl.cumsum(eq, axis=0) - eq, mask=m)
 
 
 @triton.jit
@@ -171,16 +183,29 @@ def select_candidates_gpu(
     rows = r * h
     slots = req_to_token is not None
     nbp = score_hist.shape[-1]
-    _threshold_kernel[(rows,)](score_hist, counts, buf.thr, buf.take, buf.ngt, H=h, NBP=nbp)
     grid = (buf.nch, r)
     gt, eq = buf.gt[:rows], buf.eq[:rows]
     _count_kernel[grid](
-        scores, buf.thr, zone_end, gt, eq, zone_start, nmax, buf.nch, H=h, HP=hp, CH=buf.chunk
+        scores,
+        score_hist,
+        counts,
+        zone_end,
+        buf.thr,
+        buf.take,
+        buf.ngt,
+        gt,
+        eq,
+        zone_start,
+        nmax,
+        buf.nch,
+        H=h,
+        HP=hp,
+        NBP=nbp,
+        CH=buf.chunk,
     )
-    torch.cumsum(gt, dim=1, dtype=torch.int32, out=buf.gt_off[:rows])
-    torch.cumsum(eq, dim=1, dtype=torch.int32, out=buf.eq_off[:rows])
-    buf.gt_off[:rows].sub_(gt)
-    buf.eq_off[:rows].sub_(eq)
+    _prefix_kernel[(rows,)](
+        gt, eq, buf.gt_off, buf.eq_off, buf.nch, NCHP=triton.next_power_of_2(buf.nch)
+    )
     _write_kernel[grid](
         scores,
         buf.thr,

@@ -18,6 +18,20 @@ from sglang_pariskv.codec.collision import NUM_CENTROIDS
 
 
 @triton.jit
+def _centroid_scores(c, q0, q1, q2, q3, q4, q5, q6, q7):
+    """sum_j (+q_j if bit j of c else -q_j), in a fixed order (elementwise, float64)."""
+    s = tl.where((c & 1) != 0, q0, -q0)
+    s += tl.where((c & 2) != 0, q1, -q1)
+    s += tl.where((c & 4) != 0, q2, -q2)
+    s += tl.where((c & 8) != 0, q3, -q3)
+    s += tl.where((c & 16) != 0, q4, -q4)
+    s += tl.where((c & 32) != 0, q5, -q5)
+    s += tl.where((c & 64) != 0, q6, -q6)
+    s += tl.where((c & 128) != 0, q7, -q7)
+    return s
+
+
+@triton.jit
 def _tier_kernel(
     qb_ptr,
     hist_ptr,
@@ -33,23 +47,30 @@ def _tier_kernel(
     r = pid // HB
     hb = pid % HB
     req = tl.load(req_ptr + r).to(tl.int64)
-    j = tl.arange(0, 8)
-    q = tl.load(qb_ptr + pid.to(tl.int64) * 8 + j).to(tl.float64)
+    qp = qb_ptr + pid.to(tl.int64) * 8
+    q0 = tl.load(qp).to(tl.float64)
+    q1 = tl.load(qp + 1).to(tl.float64)
+    q2 = tl.load(qp + 2).to(tl.float64)
+    q3 = tl.load(qp + 3).to(tl.float64)
+    q4 = tl.load(qp + 4).to(tl.float64)
+    q5 = tl.load(qp + 5).to(tl.float64)
+    q6 = tl.load(qp + 6).to(tl.float64)
+    q7 = tl.load(qp + 7).to(tl.float64)
     c = tl.arange(0, 256)
-    bit = ((c[:, None] >> j[None, :]) & 1) == 1
-    s = tl.sum(tl.where(bit, q[None, :], -q[None, :]), axis=1)  # [256]
+    s = _centroid_scores(c, q0, q1, q2, q3, q4, q5, q6, q7)  # [256]
     hrow = hist_ptr + (req * HB + hb) * 256
-    pre = tl.zeros((256,), dtype=tl.int32)
-    # Small chunks of "better" candidates keep the [CHUNK, 256] compare tile in registers.
+    # acc[k, c] sums, over the "better" candidates c2 = c0 + k, n[c2] * [c2 beats c]: the
+    # loop is elementwise and the one cross-thread reduction happens after it.
+    acc = tl.zeros((CHUNK, 256), dtype=tl.int32)
     for c0 in range(0, 256, CHUNK):
         c2 = c0 + tl.arange(0, CHUNK)
-        bit2 = ((c2[:, None] >> j[None, :]) & 1) == 1
-        s2 = tl.sum(tl.where(bit2, q[None, :], -q[None, :]), axis=1)  # [CHUNK]
+        s2 = _centroid_scores(c2, q0, q1, q2, q3, q4, q5, q6, q7)  # [CHUNK]
         n2 = tl.load(hrow + c2)
         better = (s2[:, None] > s[None, :]) | (
             (s2[:, None] == s[None, :]) & (c2[:, None] < c[None, :])
         )
-        pre += tl.sum(tl.where(better, n2[:, None], 0), axis=0)
+        acc += tl.where(better, n2[:, None], 0)
+    pre = tl.sum(acc, axis=0)  # keys of better-ranked centroids
     t = tl.arange(0, NTP)
     thr = tl.load(thr_ptr + r * NT + t, mask=t < NT, other=-1)
     tiers = tl.sum((pre[:, None] < thr[None, :]).to(tl.int32), axis=1)
@@ -77,7 +98,7 @@ def centroid_tier_table(
     if r == 0:
         return out
     if chunk is None:  # small on the GPU (registers); large in the CPU interpreter (speed)
-        chunk = 8 if hist.is_cuda else 64
+        chunk = 16 if hist.is_cuda else 64
     qb = query_blocks.to(torch.float32).contiguous()
     _tier_kernel[(r * h * b,)](
         qb,

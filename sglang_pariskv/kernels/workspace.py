@@ -39,9 +39,9 @@ from sglang_pariskv.codec.rotation import rotation_matrix
 from sglang_pariskv.config import ParisKVConfig, check_head_dim
 from sglang_pariskv.kernels.assemble import assemble_indices, kv_indptr_for, max_row_length
 from sglang_pariskv.kernels.collision import collision_scan, score_bins
-from sglang_pariskv.kernels.cuda_scan import collision_scan_cuda, cuda_scan_available
+from sglang_pariskv.kernels.cuda_ops import collision_scan_cuda, cuda_available, rerank_cuda
 from sglang_pariskv.kernels.query import prepare_query_gpu
-from sglang_pariskv.kernels.rerank import rerank_keys, topk_slots
+from sglang_pariskv.kernels.rerank import levels, rerank_estimates, topk_slots
 from sglang_pariskv.kernels.select import CandidateBuffers, select_candidates_gpu
 from sglang_pariskv.kernels.tiers import centroid_tier_table
 
@@ -85,7 +85,10 @@ class DecodeWorkspace:
         scan_block: int = 256,
         scan_tiles: int = 8,
         scan_variant: str = "auto",
+        cuda_tokens_per_block: int = 1024,
     ) -> None:
+        """``scan_variant``: "cuda" (csrc/ kernels for the scan and the rerank), "load" or
+        "gather" (Triton scan variants, Triton rerank), or "auto" (cuda where it builds)."""
         check_head_dim(head_dim)
         if num_q_heads % num_kv_heads:
             raise ValueError(f"{num_q_heads} query heads over {num_kv_heads} KV heads")
@@ -95,9 +98,10 @@ class DecodeWorkspace:
         self.max_batch, self.max_context = max_batch, max_context
         self.device = torch.device(device)
         if scan_variant == "auto":
-            cuda = self.device.type == "cuda" and cuda_scan_available()
+            cuda = self.device.type == "cuda" and cuda_available()
             scan_variant = "cuda" if cuda else "load"
         self.scan_variant = scan_variant
+        self.cuda_tpb = cuda_tokens_per_block
         self.scan_block, self.scan_tiles = scan_block, scan_tiles
         dev = self.device
         h, b, rmax = num_kv_heads, self.b, max_batch
@@ -116,7 +120,8 @@ class DecodeWorkspace:
         self.scores = torch.empty(rmax, h, max_context, dtype=torch.uint8, device=dev)
         self.score_hist = torch.zeros(rmax, h, self.nbp, dtype=torch.int32, device=dev)
         self.cand = torch.empty(rmax, h, self.cmax, dtype=torch.int32, device=dev)
-        self.keys = torch.empty(rmax, h, self.cmax, dtype=torch.int64, device=dev)
+        self.est = torch.empty(rmax, h, self.cmax, dtype=torch.float32, device=dev)
+        self.levels = levels(dev)
         self.sel = CandidateBuffers(rmax * h, max_context, chunk, dev)
         self.kv_indptr = torch.zeros(rmax * h + 1, dtype=torch.int32, device=dev)
         self.kv_indices = torch.zeros(rmax * h * self.max_row, dtype=torch.int32, device=dev)
@@ -240,7 +245,7 @@ class DecodeWorkspace:
         st.score_hist.zero_()
         args = (st.codes.signs, st.rtt, st.rpi, st.seq, st.zone_end, st.tiers, st.scores)
         if self.scan_variant == "cuda":
-            collision_scan_cuda(*args, st.score_hist, self.config.sink)
+            collision_scan_cuda(*args, st.score_hist, self.config.sink, self.cuda_tpb)
         else:
             collision_scan(
                 *args,
@@ -268,21 +273,17 @@ class DecodeWorkspace:
 
     def _stage_rerank(self) -> None:
         st = self._st
-        st.keys = self.keys[: st.r]
-        rerank_keys(
-            st.cand,
-            st.counts,
-            st.codes.signs,
-            st.codes.mags,
-            st.codes.weights,
-            st.query.blocks,
-            st.query.norm,
-            st.keys,
-        )
+        st.est = self.est[: st.r]
+        codes = st.codes
+        args = (st.cand, st.counts, codes.signs, codes.mags, codes.weights)
+        if self.scan_variant == "cuda":
+            rerank_cuda(*args, st.query.blocks, st.query.norm, self.levels, st.est)
+        else:
+            rerank_estimates(*args, st.query.blocks, st.query.norm, st.est)
 
     def _stage_topk(self) -> None:
         st = self._st
-        st.top = topk_slots(st.keys, self.k)
+        st.top = topk_slots(st.est, st.cand, self.k)
 
     def _stage_assemble(self) -> None:
         st = self._st
