@@ -92,3 +92,31 @@ def test_rerank_at_scale(cuda_device, cuda, d):
         want = want_pos[i].sort(-1).values.to(got.dtype)
         agree = (got[:, :, None] == want[:, None, :]).any(-1).float().mean()
         assert agree >= 0.999  # only float-rounding ties at the k-th estimate may differ
+
+
+@pytest.mark.gpu
+def test_cuda_topk_matches_torch_topk(cuda_device):
+    from sglang_pariskv.kernels.cuda_ops import topk_cuda
+
+    r, h, cmax, k = 3, 8, 20000, 2048
+    est = torch.randn(r, h, cmax, device=cuda_device)
+    est[0, 0, :500] = 1.5  # a block of exact ties straddling the threshold
+    counts = torch.tensor([20000, 9000, 1000], device=cuda_device)
+    valid = torch.arange(cmax, device=cuda_device) < counts[:, None, None]
+    est = torch.where(valid, est, float("-inf"))
+    cand = torch.randperm(10**6, device=cuda_device)[: r * h * cmax].view(r, h, cmax).int()
+    out = torch.full((r, h, k), -1, dtype=torch.int32, device=cuda_device)
+    topk_cuda(est, cand, counts, out)
+    want = topk_slots(est, cand, k)
+    for i in range(r):
+        n = min(k, int(counts[i]))
+        for j in range(h):
+            got = out[i, j, :n].sort().values
+            assert len(set(got.tolist())) == n
+            kth = est[i, j].topk(n).values[-1]
+            strictly = set(cand[i, j][est[i, j] > kth].tolist())
+            assert strictly <= set(got.tolist())  # everything above the k-th value is in
+            at = set(cand[i, j][est[i, j] == kth].tolist())
+            assert set(got.tolist()) <= strictly | at
+            if n == k and i == 1:
+                assert torch.equal(got, want[i, j].sort().values)

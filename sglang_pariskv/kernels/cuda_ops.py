@@ -1,4 +1,5 @@
-"""Loader of the CUDA kernels under csrc/ (collision scan, rerank); Triton is the fallback.
+"""Loader of the CUDA kernels under csrc/ (collision scan, rerank, top-k); Triton / torch
+are the fallbacks.
 
 Each CUDA source is compiled on first use with plain ``nvcc`` into a shared library (no
 torch headers, so seconds rather than a minute) cached under
@@ -65,16 +66,19 @@ def _library(name: str) -> ctypes.CDLL | None:
     if name == "collision_scan":
         fn = dll.pariskv_collision_scan
         fn.argtypes = [p, p, i64, p, p, p, p, p, p, i64, i64, i32, i32, i32, i32, i32, p]
-    else:
+    elif name == "rerank":
         fn = dll.pariskv_rerank
         fn.argtypes = [p, p, p, p, p, p, p, p, p, i64, i32, i32, i32, p]
+    else:
+        fn = dll.pariskv_topk
+        fn.argtypes = [p, p, p, p, i64, i32, i32, i32, p]
     fn.restype = i32
     return dll
 
 
 def cuda_available() -> bool:
-    """Both CUDA kernels built (or already cached) for this GPU."""
-    return _library("collision_scan") is not None and _library("rerank") is not None
+    """Every CUDA kernel built (or already cached) for this GPU."""
+    return all(_library(n) is not None for n in ("collision_scan", "rerank", "topk"))
 
 
 def collision_scan_cuda(
@@ -163,3 +167,27 @@ def rerank_cuda(
     )
     if rc != 0:
         raise RuntimeError(f"pariskv_rerank failed with code {rc}")
+
+
+def topk_cuda(
+    est: torch.Tensor, cand: torch.Tensor, counts: torch.Tensor, out: torch.Tensor
+) -> None:
+    """CUDA twin of :func:`rerank.topk_slots`: ``out`` int32 [R, Hkv, k] receives the KV
+    slots of each row's min(k, C) best estimates (unordered); rows with C = 0 untouched."""
+    lib = _library("topk")
+    if lib is None:
+        raise RuntimeError("the CUDA top-k is unavailable (no nvcc or no source)")
+    r, h, cmax = est.shape
+    rc = lib.pariskv_topk(
+        est.data_ptr(),
+        cand.data_ptr(),
+        counts.data_ptr(),
+        out.data_ptr(),
+        cmax,
+        out.shape[-1],
+        r,
+        h,
+        torch.cuda.current_stream(est.device).cuda_stream,
+    )
+    if rc != 0:
+        raise RuntimeError(f"pariskv_topk failed with code {rc}")

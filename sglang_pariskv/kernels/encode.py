@@ -56,8 +56,7 @@ def _fwht(x, BLOCK_M: tl.constexpr, D: tl.constexpr, LOG2D: tl.constexpr):
     """Unnormalised Walsh-Hadamard transform (Sylvester order) of each row of x [BM, D]:
     LOG2D butterfly stages (a, b) -> (a + b, a - b) at strides 1, 2, 4, ..."""
     for stage in tl.static_range(LOG2D):
-        h: tl.constexpr = 1 << stage
-        y = tl.reshape(x, (BLOCK_M, D // (2 * h), 2, h))
+        y = tl.reshape(x, (BLOCK_M, D // (2 << stage), 2, 1 << stage))
         a, b = tl.split(tl.permute(y, (0, 1, 3, 2)))
         y = tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2))
         x = tl.reshape(y, (BLOCK_M, D))

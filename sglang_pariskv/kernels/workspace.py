@@ -39,7 +39,12 @@ from sglang_pariskv.codec.rotation import rotation_matrix
 from sglang_pariskv.config import ParisKVConfig, check_head_dim
 from sglang_pariskv.kernels.assemble import assemble_indices, kv_indptr_for, max_row_length
 from sglang_pariskv.kernels.collision import collision_scan, score_bins
-from sglang_pariskv.kernels.cuda_ops import collision_scan_cuda, cuda_available, rerank_cuda
+from sglang_pariskv.kernels.cuda_ops import (
+    collision_scan_cuda,
+    cuda_available,
+    rerank_cuda,
+    topk_cuda,
+)
 from sglang_pariskv.kernels.query import prepare_query_gpu
 from sglang_pariskv.kernels.rerank import levels, rerank_estimates, topk_slots
 from sglang_pariskv.kernels.select import CandidateBuffers, select_candidates_gpu
@@ -121,6 +126,7 @@ class DecodeWorkspace:
         self.score_hist = torch.zeros(rmax, h, self.nbp, dtype=torch.int32, device=dev)
         self.cand = torch.empty(rmax, h, self.cmax, dtype=torch.int32, device=dev)
         self.est = torch.empty(rmax, h, self.cmax, dtype=torch.float32, device=dev)
+        self.top = torch.zeros(rmax, h, self.k, dtype=torch.int32, device=dev)
         self.levels = levels(dev)
         self.sel = CandidateBuffers(rmax * h, max_context, chunk, dev)
         self.kv_indptr = torch.zeros(rmax * h + 1, dtype=torch.int32, device=dev)
@@ -283,7 +289,11 @@ class DecodeWorkspace:
 
     def _stage_topk(self) -> None:
         st = self._st
-        st.top = topk_slots(st.est, st.cand, self.k)
+        if self.scan_variant == "cuda":
+            st.top = self.top[: st.r]
+            topk_cuda(st.est, st.cand, st.counts, st.top)
+        else:
+            st.top = topk_slots(st.est, st.cand, self.k)
 
     def _stage_assemble(self) -> None:
         st = self._st
