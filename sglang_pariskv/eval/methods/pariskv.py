@@ -92,8 +92,9 @@ class ParisKV:
 
     outputs: names among {"full", "stage1"}, mapped to ``name`` and ``name + "_stage1"``.
     rotate: False removes the Hadamard rotation (ablation).
-    gqa: "mean" (the codec: one group-mean query per KV head) or "max" (every query head
-    retrieves on its own; a key's collision score and estimate are the group maximum).
+    gqa: "mean" (the codec: one group-mean query per KV head), "max" (every query head
+    retrieves on its own; a key's collision score and estimate are the group maximum) or
+    "shared" (one token set for all KV heads of the layer: scores summed over KV heads).
     """
 
     zone_dependent = True
@@ -106,8 +107,8 @@ class ParisKV:
         rotate: bool = True,
         gqa: str = "mean",
     ) -> None:
-        if gqa not in ("mean", "max"):
-            raise ValueError(f"gqa must be 'mean' or 'max', got {gqa!r}")
+        if gqa not in ("mean", "max", "shared"):
+            raise ValueError(f"gqa must be 'mean', 'max' or 'shared', got {gqa!r}")
         self.config = config or ParisKVConfig()
         self.rotate, self.gqa = rotate, gqa
         self._out = {"full": name, "stage1": name + "_stage1"}
@@ -152,7 +153,7 @@ class ParisKV:
         counts = num_candidates(zone, cand_ratio, cfg)
 
         hist = state.hist_at(seq_lens)
-        heads = h if self.gqa == "mean" else batch.queries.shape[1]
+        heads = batch.queries.shape[1] if self.gqa == "max" else h
         group = heads // h
         q = prepare_query(self._unrotate(batch.queries), heads, cfg.rotation_seed)
         thresholds = tier_thresholds(seq_lens, coll_ratio, cfg)
@@ -167,6 +168,9 @@ class ParisKV:
         if group > 1:
             coll = coll.reshape(s, h, group, n).amax(2)
             est = est.reshape(s, h, group, n).amax(2)
+        if self.gqa == "shared":
+            coll = coll.sum(1, keepdim=True).expand(s, h, n)
+            est = est.sum(1, keepdim=True).expand(s, h, n)
         out = {}
         if "stage1" in self.outputs:
             out[self._out["stage1"]] = coll
