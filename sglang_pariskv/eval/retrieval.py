@@ -26,6 +26,8 @@ from sglang_pariskv.eval.methods import Method
 from sglang_pariskv.eval.plots import plot_all
 from sglang_pariskv.eval.summary import LAYER_GROUPS, summarize, table
 
+#: Sources whose uncommitted edits would make the run irreproducible from the commit.
+_EVAL_SOURCES = ("sglang_pariskv/eval", "sglang_pariskv/codec", "sglang_pariskv/config.py")
 BASELINES = ("streaming", "quest", "magicpig_simhash", "pqcache")
 
 
@@ -50,7 +52,7 @@ def git_commit() -> str:
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "sglang_pariskv"],
+            ["git", "status", "--porcelain", "--", *_EVAL_SOURCES],
             capture_output=True,
             text=True,
         ).stdout.strip()
