@@ -94,9 +94,13 @@ def test_workspace_at_scale_and_cuda_graph_replay(cuda_device, d, group):
     rpi_buf.copy_(sc.req_pool_indices)
     ws.kv_indices.fill_(-1)
     graph.replay()
-    n = int(eager[0][-1])
     assert torch.equal(g_out.kv_indptr, eager[0])
-    assert torch.equal(g_out.kv_indices[:n], eager[1][:n])
+    # Same attended set per row (the CUDA top-k compacts with atomics: order within a row's
+    # top-k segment is unspecified).
+    ip = eager[0].tolist()
+    for row in range(len(ip) - 1):
+        got = g_out.kv_indices[ip[row] : ip[row + 1]].sort().values
+        assert torch.equal(got, eager[1][ip[row] : ip[row + 1]].sort().values)
 
 
 @pytest.mark.gpu
