@@ -75,7 +75,9 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         self.config = config
         self.codes = pool.pariskv
         self.hkv, self.d = pool.head_num, pool.head_dim
-        self.hq = model_runner.model_config.num_attention_heads // max(1, model_runner.tp_size)
+        self.hq = model_runner.model_config.num_attention_heads // max(
+            1, getattr(model_runner, "tp_size", 1)
+        )
         rtt = self.req_to_token_pool.req_to_token
         device = torch.device(model_runner.device)
         self.hists = RequestHistograms(rtt.shape[0], self.hkv, self.d, pool.layer_num, device)
@@ -192,7 +194,6 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             self.hists.layers[local],
             self.req_to_token_pool.req_to_token,
             forward_batch.req_pool_indices[:bs],
-            forward_batch.seq_lens[:bs],
         )
         sparse = self._sparse.run(
             q3,
