@@ -15,9 +15,17 @@ from sglang_pariskv.kernels.select import (  # noqa: E402
     CandidateBuffers,
     select_candidates_gpu,
 )
-from sglang_pariskv.kernels.testing import make_scenario, padded_codes  # noqa: E402
+from sglang_pariskv.kernels.testing import (  # noqa: E402
+    fresh_interpreter_fallback,  # noqa: E402
+    make_scenario,
+    padded_codes,
+)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+# A whole-suite run may import Triton (via SGLang) before the interpreter is enabled: then
+# this module reruns itself in a fresh subprocess instead.
+_interpreter_guard, test_module_in_fresh_interpreter = fresh_interpreter_fallback(__file__)
 
 
 def run_scan(sc, tiers, zone_start, zone_end, nmax, block_n=16, tiles=4, variant="load"):

@@ -15,9 +15,16 @@ if not torch.cuda.is_available():
 from sglang_pariskv.codec import encode_keys  # noqa: E402
 from sglang_pariskv.codec.collision import centroid_histogram  # noqa: E402
 from sglang_pariskv.kernels import add_to_histograms, encode_to_pool  # noqa: E402
-from sglang_pariskv.kernels.testing import empty_pool  # noqa: E402
+from sglang_pariskv.kernels.testing import (
+    empty_pool,  # noqa: E402
+    fresh_interpreter_fallback,  # noqa: E402
+)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+# A whole-suite run may import Triton (via SGLang) before the interpreter is enabled: then
+# this module reruns itself in a fresh subprocess instead.
+_interpreter_guard, test_module_in_fresh_interpreter = fresh_interpreter_fallback(__file__)
 
 
 def mismatch_rates(pool, slots, ref):

@@ -11,9 +11,17 @@ if not torch.cuda.is_available():
 from sglang_pariskv.codec.query import prepare_query  # noqa: E402
 from sglang_pariskv.codec.select import estimate_inner_products, rerank_topk  # noqa: E402
 from sglang_pariskv.kernels.rerank import levels, rerank_estimates, topk_slots  # noqa: E402
-from sglang_pariskv.kernels.testing import make_scenario, padded_codes  # noqa: E402
+from sglang_pariskv.kernels.testing import (  # noqa: E402
+    fresh_interpreter_fallback,  # noqa: E402
+    make_scenario,
+    padded_codes,
+)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+# A whole-suite run may import Triton (via SGLang) before the interpreter is enabled: then
+# this module reruns itself in a fresh subprocess instead.
+_interpreter_guard, test_module_in_fresh_interpreter = fresh_interpreter_fallback(__file__)
 
 
 def rerank_case(lens, h, d, group, cmax, counts, k, seed, device, cuda=False):

@@ -11,9 +11,14 @@ if not torch.cuda.is_available():
 from sglang_pariskv.codec.budget import tier_thresholds  # noqa: E402
 from sglang_pariskv.codec.collision import centroid_tiers  # noqa: E402
 from sglang_pariskv.config import ParisKVConfig  # noqa: E402
+from sglang_pariskv.kernels.testing import fresh_interpreter_fallback  # noqa: E402
 from sglang_pariskv.kernels.tiers import centroid_tier_table  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+# A whole-suite run may import Triton (via SGLang) before the interpreter is enabled: then
+# this module reruns itself in a fresh subprocess instead.
+_interpreter_guard, test_module_in_fresh_interpreter = fresh_interpreter_fallback(__file__)
 
 
 def check(qb, hist, rpi, thr):

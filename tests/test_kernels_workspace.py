@@ -12,9 +12,17 @@ if not torch.cuda.is_available():
 from sglang_pariskv.codec import retrieve, sparse_attention  # noqa: E402
 from sglang_pariskv.config import ParisKVConfig  # noqa: E402
 from sglang_pariskv.kernels import DecodeWorkspace, max_candidates  # noqa: E402
-from sglang_pariskv.kernels.testing import make_scenario, padded_codes  # noqa: E402
+from sglang_pariskv.kernels.testing import (  # noqa: E402
+    fresh_interpreter_fallback,  # noqa: E402
+    make_scenario,
+    padded_codes,
+)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+# A whole-suite run may import Triton (via SGLang) before the interpreter is enabled: then
+# this module reruns itself in a fresh subprocess instead.
+_interpreter_guard, test_module_in_fresh_interpreter = fresh_interpreter_fallback(__file__)
 SMALL = dict(chunk=64, scan_block=16, scan_tiles=4)
 
 

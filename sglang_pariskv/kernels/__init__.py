@@ -1,20 +1,46 @@
-"""Triton fast paths of :mod:`sglang_pariskv.codec` (each tested against it).
+"""GPU fast paths of :mod:`sglang_pariskv.codec` (each tested against it).
 
-Write side: :func:`encode_to_pool` (keys -> pool codes + histogram counts),
-:func:`add_to_histograms` (prefix hits). Read side: :class:`DecodeWorkspace` runs one
-decode step's retrieval (tiers, collision scan, candidate selection, rerank, top-k, index
-assembly) with fixed shapes so it can be captured in a CUDA graph; its output feeds one
-FlashInfer decode call in the "head as batch" layout (see :mod:`.assemble`).
+Write side:
+  * :func:`encode_to_pool` — keys ``[T, Hkv, D]`` -> code pool rows ``slots`` (codec's
+    ``KeyCodes`` layout: signs uint8 ``[S, Hkv, B]``, mags uint8 ``[S, Hkv, 3B]``, weights
+    fp16 ``[S, Hkv, B]``) and +1 in the per-request histograms int32
+    ``[max_reqs, Hkv, B, 256]`` (Triton, one fused pass).
+  * :func:`add_to_histograms` — rebuild histogram counts from pool codes through
+    ``req_to_token`` (radix-cache prefix hits).
+
+Read side: :class:`DecodeWorkspace` (``plan(seq_lens_cpu)`` once per step on the host,
+``run(q, codes, hist, req_to_token, req_pool_indices)`` per layer, CUDA-graph capturable)
+returns ``kv_indptr`` / ``kv_indices`` for one FlashInfer decode call in the "head as
+batch" layout; :class:`flashinfer_decode.HeadAsBatchDecode` wraps that call. The collision
+scan, rerank and top-k have CUDA versions under ``csrc/`` (built with nvcc on first use,
+:func:`cuda_available`); Triton / torch versions are the fallback. On a machine without
+CUDA, importing this package turns on Triton's interpreter (``TRITON_INTERPRET=1``).
 """
 
-from sglang_pariskv.kernels.assemble import kv_indptr_for, row_lengths
-from sglang_pariskv.kernels.encode import add_to_histograms, encode_to_pool
-from sglang_pariskv.kernels.workspace import DecodeOutput, DecodeWorkspace, max_candidates
+import os
+
+import torch
+
+# Without CUDA the kernels can only run in Triton's interpreter (CPU tests, small sizes).
+# Triton decides interpreted-or-compiled when a @triton.jit function is defined, so this
+# must happen before the submodules below are imported, whoever imports the package first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from sglang_pariskv.kernels.assemble import kv_indptr_for, row_lengths  # noqa: E402
+from sglang_pariskv.kernels.cuda_ops import cuda_available  # noqa: E402
+from sglang_pariskv.kernels.encode import add_to_histograms, encode_to_pool  # noqa: E402
+from sglang_pariskv.kernels.workspace import (  # noqa: E402
+    DecodeOutput,
+    DecodeWorkspace,
+    max_candidates,
+)
 
 __all__ = [
     "DecodeOutput",
     "DecodeWorkspace",
     "add_to_histograms",
+    "cuda_available",
     "encode_to_pool",
     "kv_indptr_for",
     "max_candidates",
