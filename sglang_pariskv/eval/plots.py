@@ -21,6 +21,14 @@ def _smooth(values: list[float], window: int = 32) -> torch.Tensor:
     return t.unfold(0, window, 1).mean(-1)
 
 
+def replot(json_path: Path) -> list[Path]:
+    """Redraw the plots of a saved run (no re-evaluation)."""
+    import json
+
+    doc = json.loads(Path(json_path).read_text())
+    return plot_all(doc["summary"], Path(json_path).parent, Path(json_path).stem)
+
+
 def plot_all(summary: dict, out_dir: Path, prefix: str = "retrieval_quality") -> list[Path]:
     """Recall@100 vs decode step, mass recall vs budget, per-layer-group bars."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -68,10 +76,11 @@ def plot_all(summary: dict, out_dir: Path, prefix: str = "retrieval_quality") ->
         xs = [j + i * width for j in range(len(LAYER_GROUPS))]
         ax.bar(xs, ys, width, label=name)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(LAYER_GROUPS))], LAYER_GROUPS)
-    ax.set(ylabel="attention-mass recall at the configured budget", ylim=(0, 1.02))
-    ax.set_title("Attention-mass recall by layer group")
+    low = min(summary[n]["by_layer_group"][k]["mass_recall"] for n in names for k in LAYER_GROUPS)
+    ax.set(ylabel="attention-mass recall at the configured budget", ylim=(max(0, low - 0.05), 1))
+    ax.set_title("Attention-mass recall by layer group (thirds of depth)")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, ncol=3)
+    ax.legend(fontsize=8, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.08))
     paths.append(out_dir / f"{prefix}_layer_groups.png")
     fig.tight_layout()
     fig.savefig(paths[-1], dpi=120)
