@@ -27,6 +27,19 @@ RESULTS = Path(__file__).resolve().parent / "results" / "e2e.json"
 PASSKEY_CFG = {"topk": 100, "sink": 32, "local": 64, "dense_threshold": 1024}
 
 
+def _read_stats(stats_dir: str) -> dict:
+    """Sum the ParisKV counters the scheduler processes wrote (none: ParisKV never ran)."""
+    files = sorted(Path(stats_dir).glob("pariskv-*.json"))
+    if not files:
+        return {}
+    total: dict = {}
+    for f in files:
+        for k, v in json.loads(f.read_text()).items():
+            if isinstance(v, (int, float)):
+                total[k] = total.get(k, 0) + v
+    return total
+
+
 def _engine(model_path: str, pariskv: dict | None, **kwargs):
     """An sglang Engine; with ``pariskv`` set, ParisKV is enabled before it starts."""
     import sglang
@@ -44,6 +57,10 @@ def _engine(model_path: str, pariskv: dict | None, **kwargs):
 
 def _passkey_worker(model_path, pariskv, prompts, greedy_prompts, out_q):
     try:
+        import tempfile
+
+        stats_dir = tempfile.mkdtemp(prefix="pariskv-stats-")
+        os.environ["SGLANG_PARISKV_STATS_DIR"] = stats_dir
         eng = _engine(model_path, pariskv, context_length=8192, mem_fraction_static=0.6)
         params = {"temperature": 0, "max_new_tokens": 12}
         t0 = time.perf_counter()
@@ -97,6 +114,11 @@ def run_passkey(contexts: list[int], trials: int, cfg: dict) -> dict:
     short = [tasks.format_chat(tok, tasks.passkey(tok, 600, 0.5, s)) for s in range(4)]
     dense = _run_isolated(_passkey_worker, model, None, prompts, short)
     sparse = _run_isolated(_passkey_worker, model, cfg, prompts, short)
+    if dense["stats"] or not sparse["stats"].get("sparse_request_steps"):
+        raise RuntimeError(
+            "ParisKV did not run as expected (is sglang-pariskv installed with its entry "
+            f"point?): dense stats {dense['stats']}, pariskv stats {sparse['stats']}"
+        )
     budget = cfg["sink"] + cfg["local"] + cfg["topk"]
     by_ctx = {}
     for ctx in contexts:
@@ -120,8 +142,8 @@ def run_passkey(contexts: list[int], trials: int, cfg: dict) -> dict:
         "config": cfg,
         "by_context": by_ctx,
         "greedy_identical_below_threshold": dense["greedy_ids"] == sparse["greedy_ids"],
-        "dense_seconds": dense["seconds"],
-        "pariskv_seconds": sparse["seconds"],
+        "identical_answer_texts": sum(a == b for a, b in zip(dense["texts"], sparse["texts"])),
+        "pariskv_stats": sparse["stats"],
     }
 
 

@@ -17,8 +17,12 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
@@ -32,6 +36,10 @@ from sglang_pariskv.kernels.workspace import DecodeWorkspace
 from sglang_pariskv.server_flags import ParisKVConfigError
 
 logger = logging.getLogger("sglang_pariskv")
+
+#: When set (benchmarks, debugging), each scheduler process rewrites its ParisKV counters
+#: to ``$SGLANG_PARISKV_STATS_DIR/pariskv-<pid>.json`` at start and at every decode step.
+STATS_DIR_ENV = "SGLANG_PARISKV_STATS_DIR"
 
 
 @dataclass
@@ -95,6 +103,7 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         self._sparse: HeadAsBatchDecode | None = None  # active sparse call, None: all dense
         self._dense_dev = torch.zeros(rtt.shape[0], dtype=torch.bool, device=device)
         self.stats = DecodeStats()
+        self._dump_stats()
         logger.info(
             "ParisKV backend: codes %.1f MiB, histograms %.1f MiB (%d request slots), config %s",
             self.codes.nbytes() / 2**20,
@@ -103,12 +112,31 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             config.to_dict(),
         )
 
+    def snapshot(self) -> dict:
+        """Counters for operators: decode steps, attended fraction, encode work."""
+        st = dataclasses.asdict(self.stats)
+        st["tokens_encoded"] = self.codes.tokens_encoded
+        st["attended_fraction"] = st["attended_tokens"] / max(st["context_tokens"], 1)
+        st["config"] = self.config.to_dict()
+        return st
+
+    def _dump_stats(self) -> None:
+        out = os.environ.get(STATS_DIR_ENV)
+        if not out:
+            return
+        path = Path(out) / f"pariskv-{os.getpid()}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.snapshot()))
+        tmp.replace(path)
+
     # -- metadata (host side) ---------------------------------------------------------
     def _plan_decode(self, forward_batch, plan_dense, sparse: HeadAsBatchDecode, force: bool):
         bs = forward_batch.batch_size
         seq_cpu = forward_batch.seq_lens_cpu[:bs]
         dense_cpu = dense_mask(seq_cpu, self.config)
         self.stats.decode_steps += 1
+        self._dump_stats()
         self.stats.dense_request_steps += int(dense_cpu.sum())
         if bool(dense_cpu.all()) and not force:
             self._sparse = None
