@@ -12,7 +12,7 @@
 Candidates rank first by estimate, then the other zone keys by collision score. Cutting this
 ranking at k gives exactly ``codec.retrieve`` with ``topk = k``: for k <= C it is the rerank of
 the C candidates; for k > C the codec raises C to k, which is the next keys by collision
-score (tests/test_eval_pariskv.py checks the equivalence against ``codec.retrieve``).
+score (tests/test_eval_methods.py and ``eval.codec_check`` check it against ``codec.retrieve``).
 
 Ablations: stage 1 only (rank by collision score, no rerank), and no rotation. The codec
 always rotates by R; feeding it R^T·x instead of x makes the rotation a no-op
@@ -42,8 +42,8 @@ from sglang_pariskv.codec.rotation import rotation_matrix
 from sglang_pariskv.config import ParisKVConfig
 from sglang_pariskv.eval.trace import LayerTrace, StepBatch
 
-# Candidates outrank every non-candidate: collision scores are < 6 * 16 * 15, estimates are
-# |<q, k>| << 1e9 for any real model.
+# Candidates outrank every non-candidate: collision scores are <= 15 tiers x B blocks, estimates
+# are |<q, k>| << 1e9 for any real model.
 _CANDIDATE_OFFSET = 1e9
 
 
