@@ -88,7 +88,15 @@ def _run_isolated(target, *args):
     q = ctx.Queue()
     p = ctx.Process(target=target, args=(*args, q))
     p.start()
-    res = q.get()
+    import queue
+
+    while True:  # a crashed engine must fail the bench, not hang it
+        try:
+            res = q.get(timeout=5)
+            break
+        except queue.Empty:
+            if not p.is_alive():
+                raise RuntimeError(f"engine process died with exit code {p.exitcode}") from None
     p.join()
     if "error" in res:
         raise RuntimeError(res["error"])

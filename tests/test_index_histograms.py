@@ -27,3 +27,10 @@ def test_duplicate_requests_in_one_add_accumulate():
     hists = RequestHistograms(max_reqs=1, num_kv_heads=1, head_dim=8, num_layers=1, device="cpu")
     hists.add(0, torch.tensor([[[5]], [[5]]], dtype=torch.uint8), torch.tensor([0, 0]))
     assert hists.layers[0][0, 0, 0, 5] == 2
+
+
+def test_masked_rows_are_not_counted():
+    hists = RequestHistograms(max_reqs=2, num_kv_heads=1, head_dim=8, num_layers=1, device="cpu")
+    signs = torch.tensor([[[7]], [[9]]], dtype=torch.uint8)
+    hists.add(0, signs, torch.tensor([1, 0]), weight=torch.tensor([True, False]))
+    assert hists.layers[0][1, 0, 0, 7] == 1 and hists.layers[0].sum() == 1

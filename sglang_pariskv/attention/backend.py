@@ -212,7 +212,11 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         codes = self.codes.layers[local]
         if save_kv_cache and k is not None:
             loc = forward_batch.out_cache_loc[:bs]
-            self.hists.add(local, codes.signs[loc], forward_batch.req_pool_indices[:bs])
+            # Rows padded in by CUDA-graph replay have seq_len 1 (a real decode has >= 2).
+            real = forward_batch.seq_lens[:bs] > 1
+            self.hists.add(
+                local, codes.signs[loc], forward_batch.req_pool_indices[:bs], weight=real
+            )
         if self._sparse is None:
             return out
         q3 = q.reshape(-1, self.hq, self.d)[:bs]
@@ -221,7 +225,7 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             codes,
             self.hists.layers[local],
             self.req_to_token_pool.req_to_token,
-            forward_batch.req_pool_indices[:bs],
+            forward_batch.req_pool_indices[:bs].to(torch.int32),
         )
         sparse = self._sparse.run(
             q3,

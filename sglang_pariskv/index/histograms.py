@@ -63,4 +63,6 @@ class RequestHistograms:
         head = torch.arange(h, device=hist.device)[None, :, None].expand(r, h, b)
         blk = torch.arange(b, device=hist.device)[None, None, :].expand(r, h, b)
         ones = torch.ones(r, h, b, dtype=hist.dtype, device=hist.device)
+        if weight is not None:
+            ones = ones * weight.to(hist.dtype)[:, None, None]
         hist.index_put_((req, head, blk, new_signs.to(torch.int64)), ones, accumulate=True)
