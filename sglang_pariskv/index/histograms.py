@@ -55,8 +55,16 @@ class RequestHistograms:
         slots = req_to_token[rows, :n].to(torch.int64)
         hist[rows] = centroid_histogram(signs[slots], seq_lens.to(slots.device))
 
-    def add(self, layer: int, new_signs: torch.Tensor, req_pool_indices: torch.Tensor) -> None:
-        """Count one new key per request: new_signs uint8 [R, Hkv, B]. No host sync."""
+    def add(
+        self,
+        layer: int,
+        new_signs: torch.Tensor,
+        req_pool_indices: torch.Tensor,
+        weight: torch.Tensor | None = None,
+    ) -> None:
+        """Count one new key per request: new_signs uint8 [R, Hkv, B]. No host sync.
+
+        ``weight`` (bool [R]) masks out rows that are not real requests (graph padding)."""
         hist = self.layers[layer]
         r, h, b = new_signs.shape
         req = req_pool_indices.to(torch.int64)[:, None, None].expand(r, h, b)
