@@ -101,6 +101,13 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         self.eager_sparse = HeadAsBatchDecode(self.ws, pool.dtype)
         self.graph_sparse: dict[int, HeadAsBatchDecode] = {}
         self._sparse: HeadAsBatchDecode | None = None  # active sparse call, None: all dense
+        # Softmax scale and soft cap of the model's attention: FlashInfer plans them per
+        # batch (and a captured graph bakes them in), so all layers must share them.
+        self._scale: tuple[float, float] | None = None
+        model = getattr(model_runner, "model", None)
+        for module in model.modules() if model is not None else ():
+            if type(module).__name__ == "RadixAttention":
+                self._check_scale(module)
         self._dense_dev = torch.zeros(rtt.shape[0], dtype=torch.bool, device=device)
         self.stats = DecodeStats()
         self._dump_stats()
@@ -149,7 +156,8 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         self._dense_dev[:bs].copy_(dense_cpu, non_blocking=True)
         with _dense_rows_only(forward_batch, dense_cpu, self._dense_dev[:bs]):
             plan_dense()
-        sparse.plan(seq_cpu)
+        scale, cap = self._scale or (self.d**-0.5, 0.0)
+        sparse.plan(seq_cpu, sm_scale=scale, logits_soft_cap=cap)
         self._sparse = sparse
 
     def init_forward_metadata(self, forward_batch):
@@ -187,7 +195,19 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         return self.token_to_kv_pool.dtype
 
     # -- layer work (device side) -----------------------------------------------------
+    def _check_scale(self, layer) -> None:
+        scale = (float(layer.scaling), float(layer.logit_cap or 0.0))
+        if self._scale is None:
+            self._scale = scale
+        elif scale != self._scale:
+            raise ParisKVConfigError(
+                f"layer {layer.layer_id} uses softmax scale/soft cap {scale}, others "
+                f"{self._scale}: ParisKV needs one scale for all layers; serve this model "
+                "without --enable-pariskv"
+            )
+
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
+        self._check_scale(layer)
         out = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
         if k is not None and save_kv_cache and not layer.is_cross_attention:
             local = layer.layer_id - self.token_to_kv_pool.start_layer
@@ -231,8 +251,6 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             q3,
             self.token_to_kv_pool.get_key_buffer(layer.layer_id),
             self.token_to_kv_pool.get_value_buffer(layer.layer_id),
-            sm_scale=layer.scaling,
-            logits_soft_cap=layer.logit_cap or 0.0,
         )
         out = out.view(-1, self.hq * self.d)
         keep_dense = self._dense_dev[:bs, None]

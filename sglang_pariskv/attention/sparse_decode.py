@@ -50,8 +50,14 @@ class HeadAsBatchDecode:
             self.float_workspace, "NHD", use_tensor_cores=True, **kwargs
         )
 
-    def plan(self, seq_lens_cpu: torch.Tensor) -> None:
-        """Host-side planning from the CPU sequence lengths."""
+    def plan(
+        self,
+        seq_lens_cpu: torch.Tensor,
+        sm_scale: float | None = None,
+        logits_soft_cap: float = 0.0,
+    ) -> None:
+        """Host-side planning from the CPU sequence lengths. FlashInfer fixes the softmax
+        scale and soft cap at plan time, so every layer of the batch shares them."""
         indptr = self.ws.plan(seq_lens_cpu)
         rows = indptr.numel() - 1
         self.wrapper.plan(
@@ -64,24 +70,14 @@ class HeadAsBatchDecode:
             page_size=1,
             q_data_type=self.kv_dtype,
             kv_data_type=self.kv_dtype,
+            sm_scale=sm_scale,
+            logits_soft_cap=logits_soft_cap or None,
         )
 
-    def run(
-        self,
-        q: torch.Tensor,
-        k_pool: torch.Tensor,
-        v_pool: torch.Tensor,
-        sm_scale: float | None = None,
-        logits_soft_cap: float = 0.0,
-    ) -> torch.Tensor:
+    def run(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
         """Attention of q ``[R, Hq, D]`` over the indices of the last ``ws.run``."""
         r, hq, d = q.shape
         k = k_pool.view(-1, 1, 1, d)
         v = v_pool.view(-1, 1, 1, d)
-        out = self.wrapper.run(
-            q.reshape(r * self.ws.hkv, self.group, d),
-            (k, v),
-            sm_scale=sm_scale,
-            logits_soft_cap=logits_soft_cap,
-        )
+        out = self.wrapper.run(q.reshape(r * self.ws.hkv, self.group, d), (k, v))
         return out.view(r, hq, d)
