@@ -75,6 +75,7 @@ def _passkey_worker(model_path, pariskv, prompts, greedy_prompts, out_q):
                 "texts": [o["text"] for o in outs],
                 "greedy_ids": [o["output_ids"] for o in greedy],
                 "seconds": elapsed,
+                "stats": _read_stats(stats_dir),
             }
         )
     except Exception as e:  # surface the child's error in the parent
@@ -184,13 +185,44 @@ def _merge(section: str, value: dict) -> None:
     RESULTS.write_text(json.dumps(data, indent=2))
 
 
+def plot(results: Path = RESULTS) -> Path:
+    """PNG of the passkey section: accuracy per context, dense vs ParisKV, with budgets."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = json.loads(results.read_text())["passkey"]
+    ctxs = list(data["by_context"])
+    rows = [data["by_context"][c] for c in ctxs]
+    x = range(len(ctxs))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar([i - 0.2 for i in x], [r["dense_acc"] for r in rows], 0.4, label="dense")
+    ax.bar([i + 0.2 for i in x], [r["pariskv_acc"] for r in rows], 0.4, label="ParisKV")
+    ax.set_xticks(
+        list(x), [f"{c}\n({100 * r['budget_fraction']:.1f}% attended)" for c, r in zip(ctxs, rows)]
+    )
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel(f"passkey accuracy ({rows[0]['trials']} trials)")
+    ax.set_title("SmolLM2-135M on SGLang: dense vs --enable-pariskv")
+    ax.legend(loc="lower left")
+    fig.tight_layout()
+    out = results.with_suffix(".png")
+    fig.savefig(out, dpi=120)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("passkey")
     p.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096, 8000])
     p.add_argument("--trials", type=int, default=30)
+    sub.add_parser("plot", help="redraw benchmarks/results/e2e.png from e2e.json")
     args = ap.parse_args(argv)
+    if args.cmd == "plot":
+        print(plot())
+        return 0
     if args.cmd == "passkey":
         res = run_passkey(args.contexts, args.trials, PASSKEY_CFG)
         _merge("passkey", res)
@@ -201,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['agreement']:>6.2f} {r['budget_fraction']:>7.3f}"
             )
         print("greedy identical below threshold:", res["greedy_identical_below_threshold"])
+        plot()
     return 0
 
 
