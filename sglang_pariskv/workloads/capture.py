@@ -1,0 +1,434 @@
+"""Record the post-RoPE queries, keys and values a real model attends with.
+
+ParisKV's codec and retrieval are judged on real attention traces, not random vectors: real
+keys have outlier channels, RoPE structure and attention sinks that random data lacks. This
+module runs a transformers causal LM on CPU over a prompt plus greedy decoding and records,
+per layer:
+
+* the key and value of every position (prompt and generated), as they sit in the KV cache,
+  i.e. keys after RoPE;
+* the query of the last prompt position and of every decode step, after RoPE;
+* the attention output per head (before ``o_proj``) for those same queries, so a retrieval
+  scheme can be scored against the exact output the model computed.
+
+How: transformers 5.x dispatches attention through ``AttentionInterface``. We register a
+function under :data:`CAPTURE_ATTN` that copies ``query``/``key``/``value`` (shaped
+``[batch, heads, seq, head_dim]``, post-RoPE, keys/values already concatenated with the cache)
+and then calls the stock ``sdpa`` implementation, and register the ``sdpa`` mask builder under
+the same name so it receives exactly the mask ``sdpa`` would. Generation is therefore
+bit-identical to plain ``sdpa``.
+
+Step convention, for a prompt of P tokens and ``n_decode`` generated tokens: the prefill
+query at position P-1 produces generated token 0; every generated token is then fed back
+(including the last, whose own prediction is discarded) so that every token in
+``token_ids`` has a key. Hence ``keys`` has ``P + n_decode`` rows, ``queries`` has
+``n_decode + 1`` rows and ``query_positions == arange(P - 1, P + n_decode)``; the query at
+position ``p`` attends to ``keys[: p + 1]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from collections.abc import Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+CAPTURE_ATTN = "pariskv_capture"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Capture:
+    """Attention inputs/outputs of one prompt + greedy decode, per layer.
+
+    Shapes (N = prompt_len + n_decode, S = n_decode + 1):
+    ``keys[l]``/``values[l]``: [N, Hkv, D]; ``queries[l]``/``outputs[l]``: [S, Hq, D];
+    ``query_positions``: [S]; ``token_ids``: [N].
+    """
+
+    keys: list[Tensor]
+    values: list[Tensor]
+    queries: list[Tensor]
+    query_positions: Tensor
+    prompt_len: int
+    token_ids: Tensor
+    text: str
+    outputs: list[Tensor] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.keys)
+
+    @property
+    def n_decode(self) -> int:
+        return int(self.token_ids.numel()) - self.prompt_len
+
+    def save(self, path: str | Path) -> None:
+        """Write with ``torch.save``; a plain dict of tensors so it loads without this class."""
+        torch.save(
+            {
+                "format_version": FORMAT_VERSION,
+                "keys": self.keys,
+                "values": self.values,
+                "queries": self.queries,
+                "outputs": self.outputs,
+                "query_positions": self.query_positions,
+                "prompt_len": self.prompt_len,
+                "token_ids": self.token_ids,
+                "text": self.text,
+                "meta": self.meta,
+            },
+            Path(path),
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> Capture:
+        data = torch.load(Path(path), map_location="cpu", weights_only=True)
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(
+                f"{path} has capture format {version!r}, this code reads {FORMAT_VERSION}; "
+                "re-run `python -m sglang_pariskv.workloads.capture` to regenerate it."
+            )
+        return cls(
+            keys=data["keys"],
+            values=data["values"],
+            queries=data["queries"],
+            outputs=data["outputs"],
+            query_positions=data["query_positions"],
+            prompt_len=int(data["prompt_len"]),
+            token_ids=data["token_ids"],
+            text=data["text"],
+            meta=data["meta"],
+        )
+
+
+class _Recorder:
+    """Preallocated per-layer buffers filled by :func:`_capture_attention`.
+
+    The decode loop tells it which cache rows are new (``kv_start:kv_end``) and which query
+    row to keep (``q_row``) before each forward, so nothing depends on the cache class.
+    """
+
+    def __init__(
+        self,
+        n_layers: int,
+        n_kv: int,
+        n_q: int,
+        head_dim: int,
+        n_tokens: int,
+        n_steps: int,
+        dtype: torch.dtype,
+    ) -> None:
+        def buf(rows: int, heads: int) -> list[Tensor]:
+            return [torch.zeros(rows, heads, head_dim, dtype=dtype) for _ in range(n_layers)]
+
+        self.keys = buf(n_tokens, n_kv)
+        self.values = buf(n_tokens, n_kv)
+        self.queries = buf(n_steps, n_q)
+        self.outputs = buf(n_steps, n_q)
+        self.kv_start = 0
+        self.kv_end = 0
+        self.q_row = 0
+        self.seen = [0] * n_layers
+
+    def record(self, layer: int, query: Tensor, key: Tensor, value: Tensor, out: Tensor) -> None:
+        if query.shape[0] != 1:
+            raise ValueError(f"capture supports batch size 1, got {query.shape[0]}")
+        if key.shape[2] < self.kv_end:
+            raise RuntimeError(
+                f"layer {layer}: attention got {key.shape[2]} keys but the cache should hold "
+                f"{self.kv_end}; the model's cache is not the one capture() created."
+            )
+        s, e = self.kv_start, self.kv_end
+        self.keys[layer][s:e] = key[0, :, s:e].transpose(0, 1)
+        self.values[layer][s:e] = value[0, :, s:e].transpose(0, 1)
+        self.queries[layer][self.q_row] = query[0, :, -1]
+        self.outputs[layer][self.q_row] = out[0, -1]  # sdpa returns [batch, seq, heads, D]
+        self.seen[layer] += 1
+
+
+def _preallocated_cache(n_layers: int, capacity: int) -> Any:
+    """A cache that behaves like ``DynamicCache`` but never reallocates.
+
+    Why: ``DynamicCache`` re-concatenates every layer's keys and values at each decode step
+    (O(N) copy per step; at 8K tokens two thirds of the step time on CPU), and
+    ``StaticCache`` hands attention the whole padded buffer plus an explicit mask, which
+    pushes CPU sdpa onto a slower path. Returning growing views of one preallocated buffer
+    keeps the exact inputs sdpa would see with ``DynamicCache`` at none of the copy cost.
+    """
+    from transformers.cache_utils import Cache, DynamicLayer
+
+    class PreallocatedLayer(DynamicLayer):
+        def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+            super().lazy_initialization(key_states, value_states)
+            b, h, _, _ = key_states.shape
+            kw = {"dtype": key_states.dtype, "device": key_states.device}
+            self._k = torch.empty(b, h, capacity, key_states.shape[-1], **kw)
+            self._v = torch.empty(b, h, capacity, value_states.shape[-1], **kw)
+            self._len = 0
+
+        def update(
+            self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any
+        ) -> tuple[Tensor, Tensor]:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            start, end = self._len, self._len + key_states.shape[-2]
+            if end > capacity:
+                raise RuntimeError(f"capture cache overflow: {end} > capacity {capacity}")
+            self._k[:, :, start:end] = key_states
+            self._v[:, :, start:end] = value_states
+            self._len = end
+            self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
+            return self.keys, self.values
+
+    return Cache(layers=[PreallocatedLayer() for _ in range(n_layers)])
+
+
+_ACTIVE: ContextVar[_Recorder | None] = ContextVar("pariskv_capture_recorder", default=None)
+
+
+def _capture_attention(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    **kwargs: Any,
+) -> tuple[Tensor, Tensor | None]:
+    """AttentionInterface entry: run sdpa, then copy q/k/v/output if a recorder is active."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    out, weights = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    recorder = _ACTIVE.get()
+    if recorder is not None:
+        recorder.record(module.layer_idx, query, key, value, out)
+    return out, weights
+
+
+def register_capture_attention() -> str:
+    """Register :data:`CAPTURE_ATTN` with transformers (idempotent) and return the name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(CAPTURE_ATTN, _capture_attention)
+    # Without a mask function under the same name, transformers passes mask=None to custom
+    # attention, which is wrong for any padded or static cache.
+    AttentionMaskInterface.register(CAPTURE_ATTN, sdpa_mask)
+    return CAPTURE_ATTN
+
+
+@contextlib.contextmanager
+def capture_attention(model: PreTrainedModel) -> Iterator[None]:
+    """Temporarily switch ``model`` to the capture attention; restores the previous one."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(register_capture_attention())
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
+def _eos_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    ids = {tokenizer.eos_token_id}
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+        ids.add(im_end)
+    return {i for i in ids if i is not None}
+
+
+def answer_text(tokenizer: PreTrainedTokenizerBase, generated: Tensor) -> str:
+    """Decode generated ids up to (not including) the first end-of-turn token."""
+    ids = generated.tolist()
+    stops = _eos_ids(tokenizer)
+    for i, tok in enumerate(ids):
+        if tok in stops:
+            ids = ids[:i]
+            break
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+@torch.no_grad()
+def capture(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: Tensor,
+    n_decode: int,
+    progress: bool = True,
+    store_dtype: torch.dtype = torch.float32,
+) -> Capture:
+    """Prefill ``prompt_ids`` then greedily generate ``n_decode`` tokens, recording attention.
+
+    Generation does not stop at end-of-turn: a fixed ``n_decode`` keeps trace shapes
+    predictable (``text`` is cut at the first end-of-turn token; ``token_ids`` is not).
+    ``store_dtype=torch.float16`` halves memory for long captures.
+    """
+    ids = prompt_ids.reshape(-1).to(torch.long)
+    if ids.numel() < 1 or n_decode < 1:
+        raise ValueError(
+            f"need a non-empty prompt and n_decode >= 1, got {ids.numel()}, {n_decode}"
+        )
+    cfg = model.config
+    prompt_len = int(ids.numel())
+    n_total = prompt_len + n_decode
+    limit = getattr(cfg, "max_position_embeddings", None)
+    if limit is not None and n_total > limit:
+        raise ValueError(
+            f"prompt ({prompt_len}) + n_decode ({n_decode}) = {n_total} tokens exceeds the "
+            f"model's max_position_embeddings ({limit}); shorten the prompt or n_decode."
+        )
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    n_steps = n_decode + 1
+    rec = _Recorder(
+        cfg.num_hidden_layers,
+        cfg.num_key_value_heads,
+        cfg.num_attention_heads,
+        head_dim,
+        n_total,
+        n_steps,
+        store_dtype,
+    )
+    device = model.device
+    cache = _preallocated_cache(cfg.num_hidden_layers, n_total)
+    token_ids = torch.empty(n_total, dtype=torch.long)
+    token_ids[:prompt_len] = ids
+
+    t0 = time.monotonic()
+    token = _ACTIVE.set(rec)
+    try:
+        with capture_attention(model):
+            rec.kv_start, rec.kv_end, rec.q_row = 0, prompt_len, 0
+            out = model(
+                input_ids=ids[None].to(device),
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            prefill_s = time.monotonic() - t0
+            bar = _progress(n_decode, progress)
+            for step in range(n_decode):
+                pos = prompt_len + step
+                nxt = int(out.logits[0, -1].argmax())
+                token_ids[pos] = nxt
+                rec.kv_start, rec.kv_end, rec.q_row = pos, pos + 1, step + 1
+                out = model(
+                    input_ids=torch.tensor([[nxt]], device=device),
+                    position_ids=torch.tensor([[pos]], device=device),
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+                bar.update(1)
+            bar.close()
+    finally:
+        _ACTIVE.reset(token)
+
+    if any(n != n_steps for n in rec.seen):
+        raise RuntimeError(
+            f"capture attention ran {rec.seen} times per layer, expected {n_steps}: the model "
+            "does not route attention through transformers' AttentionInterface."
+        )
+    total_s = time.monotonic() - t0
+    return Capture(
+        keys=rec.keys,
+        values=rec.values,
+        queries=rec.queries,
+        outputs=rec.outputs,
+        query_positions=torch.arange(prompt_len - 1, n_total),
+        prompt_len=prompt_len,
+        token_ids=token_ids,
+        text=answer_text(tokenizer, token_ids[prompt_len:]),
+        meta={
+            "model": getattr(cfg, "name_or_path", ""),
+            "store_dtype": str(store_dtype),
+            "prefill_s": prefill_s,
+            "total_s": total_s,
+        },
+    )
+
+
+class _NullBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    if not enabled:
+        return _NullBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="decode", unit="tok", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI: build a seeded task prompt, capture it on SmolLM2 and save the trace."""
+    from . import tasks
+    from .smollm2 import load_smollm2
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--task", choices=sorted(tasks.TASKS), default="passkey")
+    p.add_argument(
+        "--context", type=int, default=8192, help="total prompt tokens (<= 8192 - n_decode)"
+    )
+    p.add_argument("--n-decode", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--filler", choices=tasks.FILLERS, default="simple")
+    p.add_argument("--fp16", action="store_true", help="store tensors as float16")
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+
+    model, tokenizer = load_smollm2()
+    limit = model.config.max_position_embeddings
+    if args.context + args.n_decode > limit:
+        args.context = limit - args.n_decode
+        print(
+            f"context clipped to {args.context} to leave room for {args.n_decode} decode tokens "
+            f"within {limit} positions",
+            file=sys.stderr,
+        )
+    task = tasks.make_task(args.task, tokenizer, args.context, seed=args.seed, filler=args.filler)
+    prompt_ids = torch.tensor(tasks.format_chat(tokenizer, task))
+    print(
+        f"{args.task}: {prompt_ids.numel()} prompt tokens, answer {task.answer!r}", file=sys.stderr
+    )
+    cap = capture(
+        model,
+        tokenizer,
+        prompt_ids,
+        args.n_decode,
+        store_dtype=torch.float16 if args.fp16 else torch.float32,
+    )
+    cap.meta.update(
+        task=args.task,
+        seed=args.seed,
+        answer=task.answer,
+        task_meta=task.meta,
+        correct=tasks.score(task, cap.text),
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    cap.save(args.out)
+    print(
+        f"saved {args.out}: prefill {cap.meta['prefill_s']:.1f}s, "
+        f"total {cap.meta['total_s']:.1f}s, "
+        f"answer {cap.text[:80]!r} correct={cap.meta['correct']}",
+        file=sys.stderr,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,478 @@
+"""Seeded synthetic long-context tasks (passkey, multi-key needle, variable tracking).
+
+Why synthetic and in code: the machines reach no dataset hub, and a retrieval benchmark
+needs prompts whose length, needle position and answer are known exactly. Every task is a
+pure function of (tokenizer, target size, parameters, seed): the filler is built from word
+lists with a seeded ``random.Random``, so the same seed always yields the same prompt.
+
+Sizing: ``target_tokens`` is the length of what the model actually receives, i.e.
+``len(format_chat(tokenizer, task))`` (chat template, document, question and the start of
+the assistant reply). Generators hit it to within a sentence or so (a few tokens).
+
+Answer extraction: each task stores an ``answer_prefix`` in ``meta`` (e.g. "The pass key
+is"). ``format_chat`` appends it after the assistant header, so the model's first generated
+tokens are the answer itself. Together with the instruction repeated after the document and
+the default "simple" filler, this is what lets SmolLM2-135M-Instruct answer the passkey
+through ~8K tokens (see the comments at ``_INSTRUCTION_PASSKEY`` and ``FILLERS``).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+class Tokenizer(Protocol):
+    """The slice of a Hugging Face tokenizer the generators need."""
+
+    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
+
+
+@dataclass(frozen=True)
+class Task:
+    """One prompt with its expected answer.
+
+    ``prompt`` is the user message (document + question); ``meta`` carries the generator
+    parameters, ``answer_prefix``, needle positions and the measured ``n_tokens``.
+    """
+
+    prompt: str
+    answer: str
+    kind: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- filler text
+#
+# Two filler styles, both digit-free so needles stay unique:
+#
+# * "simple" (default): short descriptive sentences over a small vocabulary ("The river is
+#   calm. Here we go."), in the spirit of the classic passkey filler but drawn at random
+#   rather than cycled, so keys are not exact periodic copies. SmolLM2-135M retrieves a
+#   passkey through ~8K tokens of it.
+# * "narrative": longer varied sentences about people and places. More natural text, but
+#   at ~8K tokens SmolLM2-135M loses needles placed early (it answers with the first two
+#   digits), so it is opt-in for experiments that want a harder, more realistic haystack.
+
+FILLERS = ("simple", "narrative")
+
+
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(text.split("|"))
+
+
+_SIMPLE_NOUNS = _words("grass|sky|sun|sea|road|house|tree|river|stone|cloud|field|door")
+_SIMPLE_ADJS = _words("green|blue|yellow|calm|long|old|tall|wide|grey|white|quiet|warm")
+_SIMPLE_EXTRA = _words("Here we go.|There and back again.|The day goes on.|Nothing happens.")
+
+_SUBJECTS = _words(
+    "the old fisherman|a quiet librarian|the village baker|my neighbour|the young painter|"
+    "a travelling merchant|the river guide|an elderly farmer|the school teacher|a curious child|"
+    "the ship captain|the gardener|a tired shepherd|the night watchman|our cousin|the tailor|"
+    "a wandering poet|the blacksmith|the mayor|a retired sailor"
+)
+_VERBS = _words(
+    "walked along|looked at|talked about|dreamed of|painted|repaired|cleaned|sold|described|"
+    "remembered|visited|admired|photographed|ignored|measured|carried|followed|studied|"
+    "sketched|wrote about"
+)
+_OBJECTS = _words(
+    "the wooden bridge|a basket of apples|the stone wall|the lighthouse|an empty barn|"
+    "the marketplace|a field of wheat|the narrow street|the copper kettle|a broken fence|"
+    "the orchard|the harbour|a flock of geese|the chapel bell|a pile of firewood|"
+    "the mountain path|the windmill|a row of cottages|the village square|the frozen lake"
+)
+_TIMES = _words(
+    "in the morning|after lunch|before sunset|late at night|during the storm|on a cold day|"
+    "in early spring|at the end of summer|on market day|at dawn|while it rained|"
+    "under a grey sky|in the autumn|at midday|on the first warm evening"
+)
+_COMMENTS = _words(
+    "Nobody was in a hurry.|The air smelled of rain and cut grass.|It was an ordinary day.|"
+    "Birds circled slowly overhead.|A dog barked somewhere far away.|The wind was gentle.|"
+    "Everything felt calm and familiar.|Smoke rose from a distant chimney.|"
+    "The clouds moved slowly towards the hills.|Children laughed near the fountain.|"
+    "The road was dusty and quiet.|A cart rattled past the gate.|The grass was still wet."
+)
+_TEMPLATES = (
+    "{S} {V} {O} {T}.",
+    "{T}, {s} {V} {O}.",
+    "{S} {V} {O}, and then {s2} {V2} {O2}.",
+    "{S} {V} {O} {T}. {C}",
+    "Some say that {s} once {V} {O} {T}.",
+    "{C} {S} {V} {O}.",
+)
+
+
+def _cap(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def _simple_sentence(rng: random.Random) -> str:
+    if rng.random() < 0.25:
+        return rng.choice(_SIMPLE_EXTRA)
+    return f"The {rng.choice(_SIMPLE_NOUNS)} is {rng.choice(_SIMPLE_ADJS)}."
+
+
+def _narrative_sentence(rng: random.Random) -> str:
+    subj = rng.choice(_SUBJECTS)
+    text = rng.choice(_TEMPLATES).format(
+        S=_cap(subj),
+        s=subj,
+        s2=rng.choice(_SUBJECTS),
+        V=rng.choice(_VERBS),
+        V2=rng.choice(_VERBS),
+        O=rng.choice(_OBJECTS),
+        O2=rng.choice(_OBJECTS),
+        T=rng.choice(_TIMES),
+        C=rng.choice(_COMMENTS),
+    )
+    return _cap(text)
+
+
+def filler_sentence(rng: random.Random, style: str = "simple") -> str:
+    """One random filler sentence of the given style (see ``FILLERS``)."""
+    if style == "simple":
+        return _simple_sentence(rng)
+    if style == "narrative":
+        return _narrative_sentence(rng)
+    raise ValueError(f"unknown filler style {style!r}; choose one of {FILLERS}")
+
+
+# --------------------------------------------------------------------------- assembly
+
+# Prompt recipe, found by trying variants on SmolLM2-135M-Instruct with greedy decoding: the
+# instruction is given both before the document and again right before the question, the
+# question asks for "the number only", and the assistant turn is pre-filled with the answer
+# prefix. Without the repeated instruction the model often ignores the document and
+# free-associates ("The pass key is a small wooden door ...") even at 600 tokens.
+_INSTRUCTION_PASSKEY = (
+    "There is an important piece of information hidden inside a lot of irrelevant text. "
+    "Find it and memorize it. I will quiz you about it."
+)
+_INSTRUCTION_MULTIKEY = (
+    "Some special magic numbers are hidden inside the following text. Memorize them. "
+    "I will quiz you about them."
+)
+_INSTRUCTION_VARTRACK = (
+    "Memorize and track the chain(s) of variable assignments hidden in the following text."
+)
+_NUMBER_ONLY = "Answer with the number only."
+
+
+def _ntok(tokenizer: Tokenizer, text: str) -> int:
+    return len(tokenizer.encode(text, add_special_tokens=False))
+
+
+def _chat_overhead(tokenizer: Tokenizer, answer_prefix: str) -> int:
+    """Tokens format_chat adds around the user message (template + answer prefix)."""
+    probe = Task(prompt="", answer="", kind="probe", meta={"answer_prefix": answer_prefix})
+    return len(format_chat(tokenizer, probe))
+
+
+def _assemble(
+    tokenizer: Tokenizer,
+    target_tokens: int,
+    rng: random.Random,
+    header: str,
+    question: str,
+    answer_prefix: str,
+    needles: Sequence[tuple[float, str]],
+    filler: str,
+) -> tuple[str, dict[str, Any]]:
+    """Fill a document to ``target_tokens`` total and insert ``needles`` at relative depths.
+
+    A needle's depth is the fraction of the filler sentences (in tokens) that precede it.
+    Returns the user message and layout facts for ``meta``.
+    """
+    if filler not in FILLERS:
+        raise ValueError(f"unknown filler style {filler!r}; choose one of {FILLERS}")
+    for depth, _ in needles:
+        if not 0.0 <= depth <= 1.0:
+            raise ValueError(f"needle depth must be in [0, 1], got {depth}")
+    fixed = _chat_overhead(tokenizer, answer_prefix) + _ntok(
+        tokenizer, f"{header}\n\n\n\n{question}"
+    )
+    fixed += sum(_ntok(tokenizer, " " + text) for _, text in needles)
+    budget = target_tokens - fixed
+    if budget < 16:
+        raise ValueError(
+            f"target_tokens={target_tokens} leaves no room for filler (instructions, question "
+            f"and needles already take {fixed} tokens); ask for at least {fixed + 16}."
+        )
+    # Draw sentences until the budget is covered; counting them one by one with a leading
+    # space matches how they tokenize inside the joined document to within a token or two.
+    sentences: list[str] = []
+    counts: list[int] = []
+    total = 0
+    while total < budget:
+        s = filler_sentence(rng, filler)
+        n = _ntok(tokenizer, " " + s)
+        if total + n > budget and total + n - budget > budget - total:
+            break  # stopping here lands nearer the target than taking one more sentence
+        sentences.append(s)
+        counts.append(n)
+        total += n
+    cum = [0]
+    for n in counts:
+        cum.append(cum[-1] + n)
+    filler_total = cum[-1]
+
+    # Insertion slot for each needle: the sentence boundary nearest its depth.
+    slots: dict[int, list[str]] = {}
+    placed = []
+    for depth, text in needles:
+        want = depth * filler_total
+        idx = min(range(len(cum)), key=lambda i: abs(cum[i] - want))
+        slots.setdefault(idx, []).append(text)
+        placed.append(
+            {
+                "text": text,
+                "depth": depth,
+                "sentence_index": idx,
+                "actual_depth": cum[idx] / max(filler_total, 1),
+            }
+        )
+    parts: list[str] = []
+    for i in range(len(sentences) + 1):
+        parts.extend(slots.get(i, []))
+        if i < len(sentences):
+            parts.append(sentences[i])
+    document = " ".join(parts)
+    prompt = f"{header}\n\n{document}\n\n{question}"
+    return prompt, {"needles": placed, "answer_prefix": answer_prefix, "filler": filler}
+
+
+def _finish(tokenizer: Tokenizer, task: Task) -> Task:
+    task.meta["n_tokens"] = len(format_chat(tokenizer, task))
+    return task
+
+
+# --------------------------------------------------------------------------- generators
+
+
+def passkey(
+    tokenizer: Tokenizer,
+    target_tokens: int,
+    depth: float = 0.5,
+    seed: int = 0,
+    filler: str = "simple",
+) -> Task:
+    """A 5-digit pass key hidden once at relative ``depth`` (0 = start, 1 = end) of the filler."""
+    rng = random.Random(f"passkey-{seed}")
+    key = str(rng.randint(10000, 99999))
+    needle = f"The pass key is {key}. Remember it. {key} is the pass key."
+    prompt, meta = _assemble(
+        tokenizer,
+        target_tokens,
+        rng,
+        header=_INSTRUCTION_PASSKEY,
+        question=f"{_INSTRUCTION_PASSKEY} What is the pass key? {_NUMBER_ONLY}",
+        answer_prefix="The pass key is",
+        needles=[(depth, needle)],
+        filler=filler,
+    )
+    meta.update(seed=seed, depth=depth, target_tokens=target_tokens, needle=needle)
+    return _finish(tokenizer, Task(prompt=prompt, answer=key, kind="passkey", meta=meta))
+
+
+_KEY_WORDS = (
+    "apple",
+    "river",
+    "falcon",
+    "marble",
+    "lantern",
+    "orchid",
+    "glacier",
+    "violin",
+    "compass",
+    "thunder",
+    "meadow",
+    "saffron",
+    "harbor",
+    "pepper",
+    "crystal",
+    "badger",
+    "willow",
+    "canyon",
+    "ember",
+    "quartz",
+    "tulip",
+    "raven",
+    "copper",
+    "velvet",
+    "summit",
+    "pebble",
+    "cedar",
+    "comet",
+)
+
+
+def multikey_needle(
+    tokenizer: Tokenizer,
+    target_tokens: int,
+    n_keys: int = 4,
+    seed: int = 0,
+    filler: str = "simple",
+) -> Task:
+    """``n_keys`` "special magic number" needles at seeded depths; asks for one of them."""
+    if not 1 <= n_keys <= len(_KEY_WORDS):
+        raise ValueError(f"n_keys must be in [1, {len(_KEY_WORDS)}], got {n_keys}")
+    rng = random.Random(f"multikey-{seed}")
+    words = rng.sample(_KEY_WORDS, n_keys)
+    numbers = [str(n) for n in rng.sample(range(1_000_000, 10_000_000), n_keys)]
+    depths = sorted(rng.uniform(0.05, 0.95) for _ in range(n_keys))
+    order = rng.sample(range(n_keys), n_keys)  # which word sits at which depth
+    needles = [
+        (depths[j], f"The special magic number for {words[i]} is {numbers[i]}.")
+        for j, i in enumerate(order)
+    ]
+    target = rng.randrange(n_keys)
+    word = words[target]
+    prompt, meta = _assemble(
+        tokenizer,
+        target_tokens,
+        rng,
+        header=_INSTRUCTION_MULTIKEY,
+        question=f"{_INSTRUCTION_MULTIKEY} What is the special magic number for {word}? "
+        f"{_NUMBER_ONLY}",
+        answer_prefix=f"The special magic number for {word} is",
+        needles=needles,
+        filler=filler,
+    )
+    meta.update(
+        seed=seed,
+        n_keys=n_keys,
+        target_tokens=target_tokens,
+        query=word,
+        keys=dict(zip(words, numbers)),
+    )
+    return _finish(
+        tokenizer, Task(prompt=prompt, answer=numbers[target], kind="multikey_needle", meta=meta)
+    )
+
+
+def _var_name(rng: random.Random, used: set[str]) -> str:
+    while True:
+        name = "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5))
+        if name not in used:
+            used.add(name)
+            return name
+
+
+def variable_tracking(
+    tokenizer: Tokenizer,
+    target_tokens: int,
+    n_chains: int = 2,
+    chain_len: int = 4,
+    seed: int = 0,
+    filler: str = "simple",
+) -> Task:
+    """Chains ``VAR A = 12345``, ``VAR B = VAR A``, ... scattered in order through the filler.
+
+    Chain 0 is the one asked about; the others are distractors with different values.
+    The answer is the space-separated names of chain 0, in assignment order.
+    """
+    if n_chains < 1 or chain_len < 1:
+        raise ValueError(f"need n_chains >= 1 and chain_len >= 1, got {n_chains}, {chain_len}")
+    rng = random.Random(f"vartrack-{seed}")
+    used: set[str] = set()
+    values = [str(v) for v in rng.sample(range(10000, 100000), n_chains)]
+    chains = [[_var_name(rng, used) for _ in range(chain_len)] for _ in range(n_chains)]
+    statements: list[tuple[float, str]] = []
+    for c, names in enumerate(chains):
+        depths = sorted(rng.uniform(0.05, 0.95) for _ in names)
+        for k, name in enumerate(names):
+            rhs = values[c] if k == 0 else f"VAR {names[k - 1]}"
+            statements.append((depths[k], f"VAR {name} = {rhs} ."))
+    statements.sort(key=lambda d: d[0])
+    value = values[0]
+    prompt, meta = _assemble(
+        tokenizer,
+        target_tokens,
+        rng,
+        header=_INSTRUCTION_VARTRACK,
+        question=f"{_INSTRUCTION_VARTRACK} Find all variables that are assigned the value "
+        f"{value} in the text above.",
+        answer_prefix="Answer: According to the chain(s) of variable assignments in the text "
+        "above, "
+        f"{chain_len} variables are assigned the value {value}, they are:",
+        needles=statements,
+        filler=filler,
+    )
+    meta.update(
+        seed=seed,
+        n_chains=n_chains,
+        chain_len=chain_len,
+        target_tokens=target_tokens,
+        value=value,
+        chains=chains,
+        values=values,
+    )
+    answer = " ".join(chains[0])
+    return _finish(
+        tokenizer, Task(prompt=prompt, answer=answer, kind="variable_tracking", meta=meta)
+    )
+
+
+# --------------------------------------------------------------------------- chat + scoring
+
+
+def format_chat(tokenizer: Any, task: Task) -> list[int]:
+    """Token ids the model sees: chat template (user = task.prompt) + the answer prefix.
+
+    The answer prefix is appended after the assistant header so the model's first tokens are
+    the answer. A tokenizer without a chat template gets the plain ``prompt\\n\\nprefix``.
+    """
+    prefix = task.meta.get("answer_prefix", "")
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": task.prompt}],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=False,
+        )
+        ids = list(ids)
+        if prefix:
+            ids += tokenizer.encode(prefix, add_special_tokens=False)
+        return ids
+    text = f"{task.prompt}\n\n{prefix}" if prefix else task.prompt
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def score(task: Task, generated_text: str) -> bool:
+    """Whether the model's continuation (after the answer prefix) answers ``task``.
+
+    Numeric tasks: the first number in the reply must equal the answer. Variable tracking:
+    every expected name must appear and no other 5-letter upper-case name may.
+    """
+    if task.kind in ("passkey", "multikey_needle"):
+        m = re.search(r"\d+", generated_text)
+        return m is not None and m.group(0) == task.answer
+    if task.kind == "variable_tracking":
+        want = set(task.answer.split())
+        got = set(re.findall(r"\b[A-Z]{5}\b", generated_text))
+        return got == want
+    raise ValueError(f"unknown task kind {task.kind!r}")
+
+
+TASKS: dict[str, Callable[..., Task]] = {
+    "passkey": passkey,
+    "multikey_needle": multikey_needle,
+    "variable_tracking": variable_tracking,
+}
+
+
+def make_task(
+    name: str, tokenizer: Tokenizer, target_tokens: int, seed: int = 0, filler: str = "simple"
+) -> Task:
+    """Build task ``name`` with default parameters (passkey depth is drawn from the seed)."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
+    if name == "passkey":
+        depth = random.Random(f"depth-{seed}").uniform(0.05, 0.95)
+        return passkey(tokenizer, target_tokens, depth=depth, seed=seed, filler=filler)
+    return TASKS[name](tokenizer, target_tokens, seed=seed, filler=filler)
