@@ -184,9 +184,9 @@ def dense_decode_ms(n: int, batch: int, rtt, q, pools: Pools, dev) -> float:
 
 
 def bench_case(n: int, batch: int, pools: Pools, dev, scan_cfg: dict, hbm: float) -> dict:
+    from sglang_pariskv.attention.sparse_decode import HeadAsBatchDecode
     from sglang_pariskv.config import ParisKVConfig
     from sglang_pariskv.kernels import DecodeWorkspace
-    from sglang_pariskv.kernels.flashinfer_decode import HeadAsBatchDecode
 
     cfg = ParisKVConfig(topk=2048, sink=64, local=256)
     rtt, rpi, seq, hist, q = case_inputs(n, batch, pools, dev)

@@ -114,7 +114,7 @@ def test_workspace_at_scale_and_cuda_graph_replay(cuda_device, d, group):
 @pytest.mark.gpu
 def test_flashinfer_head_as_batch_decode_matches_codec_attention(cuda_device):
     pytest.importorskip("flashinfer")
-    from sglang_pariskv.kernels.flashinfer_decode import HeadAsBatchDecode
+    from sglang_pariskv.attention.sparse_decode import HeadAsBatchDecode
 
     h, group, d, nmax = 8, 4, 128, 32768
     cfg = ParisKVConfig(topk=512, sink=16, local=64, dense_threshold=4096)
