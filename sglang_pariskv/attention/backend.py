@@ -89,12 +89,17 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         rtt = self.req_to_token_pool.req_to_token
         device = torch.device(model_runner.device)
         self.hists = RequestHistograms(rtt.shape[0], self.hkv, self.d, pool.layer_num, device)
+        # The workspace scales with batch x context: size it by the running-request
+        # limit (the decode batch bound), not by the request pool's slot count.
+        max_batch = min(
+            getattr(model_runner, "max_running_requests", None) or rtt.shape[0], rtt.shape[0]
+        )
         self.ws = DecodeWorkspace(
             config,
             self.hq,
             self.hkv,
             self.d,
-            max_batch=rtt.shape[0],
+            max_batch=max_batch,
             max_context=rtt.shape[1],
             device=device,
         )
