@@ -94,16 +94,7 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         max_batch = min(
             getattr(model_runner, "max_running_requests", None) or rtt.shape[0], rtt.shape[0]
         )
-        self.ws = DecodeWorkspace(
-            config,
-            self.hq,
-            self.hkv,
-            self.d,
-            max_batch=max_batch,
-            max_context=rtt.shape[1],
-            device=device,
-        )
-        self.eager_sparse = HeadAsBatchDecode(self.ws, pool.dtype)
+        self._build_workspace(max_batch)
         self.graph_sparse: dict[int, HeadAsBatchDecode] = {}
         self._sparse: HeadAsBatchDecode | None = None  # active sparse call, None: all dense
         # Softmax scale and soft cap of the model's attention: FlashInfer plans them per
@@ -123,6 +114,24 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             rtt.shape[0],
             config.to_dict(),
         )
+
+    def _build_workspace(self, max_batch: int) -> None:
+        rtt = self.req_to_token_pool.req_to_token
+        self.ws = DecodeWorkspace(
+            self.config,
+            self.hq,
+            self.hkv,
+            self.d,
+            max_batch=max_batch,
+            max_context=rtt.shape[1],
+            device=rtt.device,
+        )
+        self.eager_sparse = HeadAsBatchDecode(self.ws, self.token_to_kv_pool.dtype)
+
+    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int, *args, **kwargs):
+        super().init_cuda_graph_state(max_bs, max_num_tokens, *args, **kwargs)
+        if max_bs > self.ws.max_batch:  # graphs are captured up to max_bs rows
+            self._build_workspace(max_bs)
 
     def snapshot(self) -> dict:
         """Counters for operators: decode steps, attended fraction, encode work."""
