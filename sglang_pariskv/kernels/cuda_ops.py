@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
@@ -21,7 +22,9 @@ from pathlib import Path
 
 import torch
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
+#: Shipped inside the package (package data) so a wheel install has the sources too.
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
+logger = logging.getLogger("sglang_pariskv")
 
 
 def _nvcc() -> str | None:
@@ -42,6 +45,11 @@ def _library(name: str) -> ctypes.CDLL | None:
         return None
     nvcc = _nvcc()
     if nvcc is None:
+        logger.warning(
+            "ParisKV: nvcc not found (set CUDA_HOME); the CUDA %s kernel falls back to "
+            "its slower Triton/torch version",
+            name,
+        )
         return None
     src = source.read_bytes()
     major, minor = torch.cuda.get_device_capability()
@@ -57,8 +65,16 @@ def _library(name: str) -> ctypes.CDLL | None:
         cmd += [f"-gencode=arch=compute_{arch},code=sm_{arch}", "-o", tmp, str(source)]
         try:
             subprocess.run(cmd, check=True, capture_output=True, timeout=300)
-        except (subprocess.SubprocessError, OSError):
+        except (subprocess.SubprocessError, OSError) as e:
             Path(tmp).unlink(missing_ok=True)
+            detail = getattr(e, "stderr", b"") or b""
+            logger.warning(
+                "ParisKV: building the CUDA %s kernel failed (%s); falling back to its "
+                "slower Triton/torch version. %s",
+                name,
+                e,
+                detail.decode(errors="replace")[-2000:],
+            )
             return None
         os.replace(tmp, lib)  # atomic: concurrent builders (TP ranks) never see half a file
     dll = ctypes.CDLL(str(lib))
