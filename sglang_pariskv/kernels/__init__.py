@@ -12,7 +12,7 @@ Read side: :class:`DecodeWorkspace` (``plan(seq_lens_cpu)`` once per step on the
 ``run(q, codes, hist, req_to_token, req_pool_indices)`` per layer, CUDA-graph capturable)
 returns ``kv_indptr`` / ``kv_indices`` for one FlashInfer decode call in the "head as
 batch" layout; ``attention.sparse_decode.HeadAsBatchDecode`` wraps that call. The collision
-scan, rerank and top-k have CUDA versions under ``sglang_pariskv/csrc/`` (built with nvcc on first use,
+scan, rerank and top-k have CUDA versions in ``sglang_pariskv/csrc`` (nvcc on first use,
 :func:`cuda_available`); Triton / torch versions are the fallback. On a machine without
 CUDA, importing this package turns on Triton's interpreter (``TRITON_INTERPRET=1``).
 """
