@@ -24,6 +24,11 @@ logger = logging.getLogger("sglang_pariskv")
 
 ENV_CONFIG = "SGLANG_PARISKV_CONFIG"
 
+#: ParisKV keeps centroid histograms per request slot (Hkv * head_dim/8 KiB per layer:
+#: 4 MiB per slot for a Llama-3.1-8B shape) and SGLang sizes its request pool at 2048-4096
+#: slots unless told otherwise, so without a cap the histograms alone could take ~16 GiB.
+DEFAULT_MAX_RUNNING_REQUESTS = 256
+
 _TARGETS = {
     "add_cli_args": "sglang.srt.server_args.ServerArgs.add_cli_args",
     "from_cli_args": "sglang.srt.server_args.ServerArgs.from_cli_args",
@@ -80,6 +85,7 @@ def _around_from_cli_args(original, cls, args):
         # on FlashInfer, so pick it explicitly rather than refuse the user's default.
         args.attention_backend = "flashinfer"
     check_server_args(args)
+    _cap_running_requests(args)
     server_args = original(cls, args)
     check_server_args(server_args)  # again, after SGLang resolved its own defaults
     server_args.pariskv_config = cfg
@@ -112,7 +118,19 @@ def _after_post_init(result, server_args):
     """Once ParisKV is on, every ServerArgs (CLI or Engine API) must be servable by it:
     a user who picked another attention backend gets an error, not dense attention."""
     check_server_args(server_args)
+    _cap_running_requests(server_args)
     return result
+
+
+def _cap_running_requests(args) -> None:
+    """Bound the request slots (and so the per-request histograms) unless the user chose."""
+    if getattr(args, "max_running_requests", None) is None:
+        args.max_running_requests = DEFAULT_MAX_RUNNING_REQUESTS
+        logger.warning(
+            "ParisKV: --max-running-requests not given; using %d (each request slot holds "
+            "ParisKV histograms). Pass --max-running-requests to choose another bound.",
+            DEFAULT_MAX_RUNNING_REQUESTS,
+        )
 
 
 def _add_code_bytes(cell_size: int, configurator, kvc, num_layers: int) -> int:

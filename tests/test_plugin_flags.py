@@ -134,3 +134,18 @@ def test_unsupported_models_are_refused(kwargs, words):
         check_model(**base)
     for w in words:
         assert w in str(e.value)
+
+
+def test_enabling_bounds_request_slots_unless_the_user_chose(parser, monkeypatch):
+    monkeypatch.delenv(plugin.ENV_CONFIG, raising=False)
+    args = parse(parser, "--enable-pariskv")
+    out = plugin._around_from_cli_args(lambda cls, a: a, ServerArgs, args)
+    assert out.max_running_requests == plugin.DEFAULT_MAX_RUNNING_REQUESTS
+    args = parse(parser, "--enable-pariskv", "--max-running-requests", "1000")
+    out = plugin._around_from_cli_args(lambda cls, a: a, ServerArgs, args)
+    assert out.max_running_requests == 1000
+    args = parse(parser)  # without ParisKV, SGLang's own default stays
+    assert (
+        plugin._around_from_cli_args(lambda cls, a: a, ServerArgs, args).max_running_requests
+        is None
+    )
