@@ -33,6 +33,7 @@ from sglang_pariskv.config import ParisKVConfig
 from sglang_pariskv.index.histograms import RequestHistograms
 from sglang_pariskv.index.kv_pool import ParisKVTokenToKVPool
 from sglang_pariskv.kernels.workspace import DecodeWorkspace
+from sglang_pariskv.metrics import BatchCounts
 from sglang_pariskv.server_flags import ParisKVConfigError
 
 logger = logging.getLogger("sglang_pariskv")
@@ -47,6 +48,7 @@ class DecodeStats:
     """Counters an operator reads (tokens are per request, summed over steps)."""
 
     decode_steps: int = 0
+    prefix_tokens_reused: int = 0
     sparse_steps: int = 0
     dense_request_steps: int = 0
     sparse_request_steps: int = 0
@@ -106,6 +108,17 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
                 self._check_scale(module)
         self._dense_dev = torch.zeros(rtt.shape[0], dtype=torch.bool, device=device)
         self.stats = DecodeStats()
+        self.metrics = None
+        args = model_runner.server_args
+        if getattr(args, "enable_metrics", False):
+            from sglang_pariskv.metrics import process_metrics
+
+            self.metrics = process_metrics(
+                {
+                    "model_name": str(getattr(args, "served_model_name", None) or args.model_path),
+                    "tp_rank": str(getattr(model_runner, "tp_rank", 0)),
+                }
+            )
         self._dump_stats()
         logger.info(
             "ParisKV backend: codes %.1f MiB, histograms %.1f MiB (%d request slots), config %s",
@@ -158,15 +171,25 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         dense_cpu = dense_mask(seq_cpu, self.config)
         self.stats.decode_steps += 1
         self._dump_stats()
-        self.stats.dense_request_steps += int(dense_cpu.sum())
+        real = seq_cpu > 1  # CUDA-graph padding rows have seq_len 1; a real decode has >= 2
+        dense_rows = int((dense_cpu & real).sum())
+        self.stats.dense_request_steps += dense_rows
+        self._emit(BatchCounts(tokens_encoded=int(real.sum()), dense_requests=dense_rows))
         if bool(dense_cpu.all()) and not force:
             self._sparse = None
             plan_dense()
             return
+        sparse_rows = int((~dense_cpu).sum())
+        counts = BatchCounts(
+            sparse_requests=sparse_rows,
+            attended_tokens=sparse_rows * self.config.budget,
+            context_tokens=int(seq_cpu[~dense_cpu].sum()),
+        )
         self.stats.sparse_steps += 1
-        self.stats.sparse_request_steps += int((~dense_cpu).sum())
-        self.stats.attended_tokens += int((~dense_cpu).sum()) * self.config.budget
-        self.stats.context_tokens += int(seq_cpu[~dense_cpu].sum())
+        self.stats.sparse_request_steps += counts.sparse_requests
+        self.stats.attended_tokens += counts.attended_tokens
+        self.stats.context_tokens += counts.context_tokens
+        self._emit(counts)
         self._dense_dev[:bs].copy_(dense_cpu, non_blocking=True)
         with _dense_rows_only(forward_batch, dense_cpu, self._dense_dev[:bs]):
             plan_dense()
@@ -174,9 +197,26 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         sparse.plan(seq_cpu, sm_scale=scale, logits_soft_cap=cap)
         self._sparse = sparse
 
+    def _emit(self, counts: BatchCounts) -> None:
+        if self.metrics is not None:
+            self.metrics.add(counts)
+
+    def _count_extend(self, forward_batch) -> None:
+        """Extend encodes its new tokens; its prefix tokens' codes are reused, not redone."""
+        new = forward_batch.extend_seq_lens_cpu
+        prefix = forward_batch.extend_prefix_lens_cpu
+        counts = BatchCounts(
+            tokens_encoded=int(sum(new)) if new is not None else 0,
+            prefix_tokens_reused=int(sum(prefix)) if prefix is not None else 0,
+        )
+        self.stats.prefix_tokens_reused += counts.prefix_tokens_reused
+        self._emit(counts)
+
     def init_forward_metadata(self, forward_batch):
         if not forward_batch.forward_mode.is_decode() or forward_batch.batch_size == 0:
             self._sparse = None
+            if forward_batch.forward_mode.is_extend():
+                self._count_extend(forward_batch)
             return super().init_forward_metadata(forward_batch)
         if forward_batch.seq_lens_cpu is None:
             forward_batch.seq_lens_cpu = forward_batch.seq_lens.cpu()
@@ -190,6 +230,8 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
         mode = forward_batch.forward_mode
         if not mode.is_decode():
+            if mode.is_extend() and not in_capture:
+                self._count_extend(forward_batch)
             return super().init_forward_metadata_out_graph(forward_batch, in_capture)
         bs = forward_batch.batch_size
         if bs not in self.graph_sparse:
