@@ -1,0 +1,103 @@
+"""Host-side decode planning of the ParisKV backend, without a GPU.
+
+The dense FlashInfer planner must see the sparse rows of a mixed batch as 1-token rows
+(their dense output is discarded), the sparse planner the true lengths, and the counters
+must not count CUDA-graph padding rows (seq_len 1)."""
+
+import types
+
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+
+from sglang_pariskv.attention.backend import DecodeStats, ParisKVAttnBackend
+from sglang_pariskv.config import ParisKVConfig
+from sglang_pariskv.metrics import ParisKVMetrics
+
+LABELS = {"model_name": "m", "tp_rank": "0"}
+
+
+@pytest.fixture
+def backend(monkeypatch):
+    monkeypatch.delenv("SGLANG_PARISKV_STATS_DIR", raising=False)
+    b = object.__new__(ParisKVAttnBackend)  # host-side state only; no FlashInfer, no GPU
+    b.config = ParisKVConfig(topk=100, sink=8, local=32, dense_threshold=1000)
+    b.stats = DecodeStats()
+    b.registry = CollectorRegistry()
+    b.metrics = ParisKVMetrics(LABELS, registry=b.registry)
+    b._dense_dev = torch.zeros(8, dtype=torch.bool)
+    b._scale = (0.125, 0.0)
+    b.d = 64
+    return b
+
+
+def batch(lens):
+    seq = torch.tensor(lens)
+    return types.SimpleNamespace(
+        batch_size=len(lens),
+        seq_lens=seq.clone(),
+        seq_lens_cpu=seq.clone(),
+        seq_lens_sum=int(seq.sum()),
+    )
+
+
+def run_plan(b, fb, force=False):
+    seen = {}
+
+    def plan_dense():
+        seen["dense_lens"] = fb.seq_lens_cpu.tolist()
+        seen["dense_dev_lens"] = fb.seq_lens.tolist()
+        seen["dense_sum"] = fb.seq_lens_sum
+
+    def plan_sparse(seq, sm_scale, logits_soft_cap):
+        seen["sparse_lens"] = seq.tolist()
+        seen["scale"] = sm_scale
+
+    sparse = types.SimpleNamespace(plan=plan_sparse)
+    b._plan_decode(fb, plan_dense, sparse, force=force)
+    return seen, sparse
+
+
+def val(b, name):
+    return b.registry.get_sample_value(f"sglang:pariskv_{name}", LABELS) or 0
+
+
+def test_mixed_batch_plans_sparse_rows_as_one_token_for_the_dense_call(backend):
+    fb = batch([5000, 300, 9000])
+    seen, sparse = run_plan(backend, fb)
+    assert seen["dense_lens"] == [1, 300, 1] == seen["dense_dev_lens"]
+    assert seen["dense_sum"] == 302
+    assert seen["sparse_lens"] == [5000, 300, 9000] and seen["scale"] == 0.125
+    assert fb.seq_lens_cpu.tolist() == [5000, 300, 9000]  # restored after planning
+    assert backend._dense_dev[:3].tolist() == [False, True, False]
+    assert backend._sparse is sparse
+    assert val(backend, "sparse_request_steps_total") == 2
+    assert val(backend, "dense_request_steps_total") == 1
+    assert val(backend, "attended_tokens_total") == 2 * backend.config.budget
+    assert val(backend, "context_tokens_total") == 14000
+    assert val(backend, "tokens_encoded_total") == 3
+
+
+def test_all_dense_batch_takes_the_plain_dense_path(backend):
+    fb = batch([400, 1000])
+    seen, _ = run_plan(backend, fb)
+    assert seen["dense_lens"] == [400, 1000] and "sparse_lens" not in seen
+    assert backend._sparse is None
+    assert val(backend, "dense_request_steps_total") == 2
+
+
+def test_graph_padding_rows_are_not_counted(backend):
+    fb = batch([5000, 1, 1, 1])  # a captured bs-4 graph replayed for one real request
+    seen, _ = run_plan(backend, fb, force=True)
+    assert seen["sparse_lens"] == [5000, 1, 1, 1]
+    assert val(backend, "tokens_encoded_total") == 1
+    assert val(backend, "dense_request_steps_total") == 0
+    assert val(backend, "sparse_request_steps_total") == 1
+
+
+def test_extend_counts_new_and_reused_prefix_tokens(backend):
+    fb = types.SimpleNamespace(extend_seq_lens_cpu=[100, 7], extend_prefix_lens_cpu=[0, 4000])
+    backend._count_extend(fb)
+    assert val(backend, "tokens_encoded_total") == 107
+    assert val(backend, "prefix_tokens_reused_total") == 4000
+    assert backend.stats.prefix_tokens_reused == 4000
