@@ -67,6 +67,39 @@ def test_workspace_matches_codec_retrieve(d, h, group, dtype):
     check_against_codec(sc, q.float(), cfg, out)
 
 
+def test_elided_dense_rows_are_one_token_and_sparse_rows_unchanged():
+    lens = [700, 90, 555]
+    h, group, d = 2, 2, 64
+    cfg = ParisKVConfig(topk=24, sink=4, local=8, dense_threshold=100)
+    sc = make_scenario(lens, h, d, 720, DEV, dtype=torch.float16, seed=5)
+    q = torch.randn(3, h * group, d, generator=torch.Generator().manual_seed(2)).to(DEV)
+    outs = []
+    for elide in (False, True):
+        ws = DecodeWorkspace(
+            cfg,
+            h * group,
+            h,
+            d,
+            max_batch=4,
+            max_context=720,
+            device=DEV,
+            elide_dense_rows=elide,
+            **SMALL,
+        )
+        indptr_host = ws.plan(sc.seq_lens.cpu())
+        out = ws.run(q, sc.pool, sc.hist, sc.req_to_token, sc.req_pool_indices)
+        assert torch.equal(indptr_host, out.kv_indptr.cpu())
+        outs.append({k: sorted(v) for k, v in rows_of(out, h).items()})
+    full, elided = outs
+    rtt = sc.req_to_token[sc.req_pool_indices.long()].cpu()
+    for (r, hh), slots in elided.items():
+        if lens[r] <= cfg.dense_threshold:
+            assert slots == [int(rtt[r, 0])]  # one token: the request's first
+            assert len(full[r, hh]) == lens[r]
+        else:
+            assert slots == full[r, hh]
+
+
 def test_max_candidates_covers_the_adaptive_dip():
     cfg = ParisKVConfig(topk=100, sink=0, local=0)
     # zone 29999 keeps 0.2 * 29999 = 6000 candidates, zone 30000..59999 fewer.

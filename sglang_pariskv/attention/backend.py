@@ -138,6 +138,7 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             max_batch=max_batch,
             max_context=rtt.shape[1],
             device=rtt.device,
+            elide_dense_rows=True,  # dense requests go through SGLang's own decode call
         )
         self.eager_sparse = HeadAsBatchDecode(self.ws, self.token_to_kv_pool.dtype)
 

@@ -21,10 +21,14 @@ from sglang_pariskv.codec.budget import dense_mask
 from sglang_pariskv.config import ParisKVConfig
 
 
-def row_lengths(seq_lens: torch.Tensor, config: ParisKVConfig) -> torch.Tensor:
-    """Attended tokens per request (int64 [R]): seq_len if dense, else sink + local + top-k."""
+def row_lengths(
+    seq_lens: torch.Tensor, config: ParisKVConfig, elide_dense: bool = False
+) -> torch.Tensor:
+    """Attended tokens per request (int64 [R]): seq_len if dense (1 with ``elide_dense``,
+    when the caller attends dense requests elsewhere), else sink + local + top-k."""
     seq = seq_lens.to(torch.int64)
-    return torch.where(dense_mask(seq, config), seq, config.budget)
+    dense_len = torch.ones_like(seq) if elide_dense else seq
+    return torch.where(dense_mask(seq, config), dense_len, config.budget)
 
 
 def kv_indptr_for(
@@ -32,9 +36,10 @@ def kv_indptr_for(
     config: ParisKVConfig,
     num_kv_heads: int,
     out: torch.Tensor | None = None,
+    elide_dense: bool = False,
 ) -> torch.Tensor:
     """int32 [R * Hkv + 1] row offsets of the head-as-batch layout (host or device)."""
-    lens = row_lengths(seq_lens, config).repeat_interleave(num_kv_heads)
+    lens = row_lengths(seq_lens, config, elide_dense).repeat_interleave(num_kv_heads)
     if out is None:
         out = torch.empty(lens.numel() + 1, dtype=torch.int32, device=seq_lens.device)
     out[:1].zero_()

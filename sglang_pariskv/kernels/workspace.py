@@ -91,6 +91,7 @@ class DecodeWorkspace:
         scan_tiles: int = 8,
         scan_variant: str = "auto",
         cuda_tokens_per_block: int = 1024,
+        elide_dense_rows: bool = False,
     ) -> None:
         """``scan_variant``: "cuda" (csrc/ kernels for the scan and the rerank), "load" or
         "gather" (Triton scan variants, Triton rerank), or "auto" (cuda where it builds)."""
@@ -113,7 +114,11 @@ class DecodeWorkspace:
         self.nt = len(config.tier_ratios)
         self.cmax = max_candidates(config, max_context)
         self.k = min(config.topk, self.cmax)
-        self.max_row = max_row_length(config, max_context)
+        # With elide_dense_rows, dense requests get one-token rows: the caller attends them
+        # through its own dense call and discards these rows (SGLang backend), so neither
+        # the index buffer nor the sparse attention pays for their full length.
+        self.elide_dense_rows = elide_dense_rows
+        self.max_row = config.budget if elide_dense_rows else max_row_length(config, max_context)
         self.nbp = score_bins(self.nt, b)
         self.rot = rotation_matrix(head_dim, config.rotation_seed, torch.float32, dev)
         self.meta = torch.zeros((len(_FIELDS) + self.nt) * rmax, dtype=torch.int64, device=dev)
@@ -155,7 +160,7 @@ class DecodeWorkspace:
             host[i * rmax : i * rmax + r] = field
         host[len(_FIELDS) * rmax : len(_FIELDS) * rmax + r * self.nt] = thresholds.flatten()
         self.meta.copy_(host, non_blocking=True)
-        indptr = kv_indptr_for(seq, cfg, self.hkv)
+        indptr = kv_indptr_for(seq, cfg, self.hkv, elide_dense=self.elide_dense_rows)
         n = indptr.numel()
         self.kv_indptr[:n].copy_(indptr.pin_memory() if self._pin() else indptr, non_blocking=True)
         self._r = r
