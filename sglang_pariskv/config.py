@@ -150,19 +150,27 @@ class ParisKVConfig:
         return cls.from_dict(data)
 
 
+#: (zone length below which it applies, candidate_ratio, collision_ratio), shortest first,
+#: then the ratios of longer zones: the ParisKV reference's adaptive defaults. Both the
+#: scalar lookup below and the tensor one in ``codec.budget`` read this one table.
+ADAPTIVE_RATIO_TABLE: tuple[tuple[int, float, float], ...] = (
+    (5_000, 0.5, 0.5),
+    (10_000, 0.25, 0.3),
+    (30_000, 0.2, 0.25),
+)
+LONG_ZONE_RATIOS: tuple[float, float] = (0.1, 0.2)
+
+
 def adaptive_ratios(zone_len: int) -> tuple[float, float]:
     """Length-adaptive (candidate_ratio, collision_ratio), from the ParisKV reference.
 
     Longer zones hold proportionally fewer relevant keys, so both the candidate pool and
     the collision tiers shrink as the zone grows.
     """
-    if zone_len < 5_000:
-        return 0.5, 0.5
-    if zone_len < 10_000:
-        return 0.25, 0.3
-    if zone_len < 30_000:
-        return 0.2, 0.25
-    return 0.1, 0.2
+    for upper, cand, coll in ADAPTIVE_RATIO_TABLE:
+        if zone_len < upper:
+            return cand, coll
+    return LONG_ZONE_RATIOS
 
 
 def check_head_dim(head_dim: int) -> None:

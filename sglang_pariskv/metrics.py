@@ -3,24 +3,42 @@
 With ``--enable-metrics`` SGLang runs prometheus_client in multiprocess mode: metrics made
 in the scheduler process (where the attention backend lives) are written to
 ``PROMETHEUS_MULTIPROC_DIR`` and served by the HTTP server's ``/metrics``. The backend
-feeds these counters once per batch from host-side values it already has (no device sync).
+feeds these counters once per batch from host-side values it already has (no device sync;
+counting on the host also stays right when the layer work is a replayed CUDA graph).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+
+#: Help text of each counter ``sglang:pariskv_<field>_total``.
+COUNTER_HELP = {
+    "tokens_encoded": "Keys encoded into ParisKV codes.",
+    "prefix_tokens_reused": "Extend prefix tokens (radix-cache hits, earlier chunks) whose "
+    "codes were reused instead of re-encoded.",
+    "sparse_request_steps": "Decode steps of requests served by ParisKV retrieval.",
+    "dense_request_steps": "Decode steps of requests served densely (at or below the dense "
+    "threshold).",
+    "attended_tokens": "Tokens attended per KV head by sparse decode rows.",
+    "context_tokens": "Context tokens of sparse decode rows (the dense cost avoided).",
+}
 
 
 @dataclass
 class BatchCounts:
-    """What one batch added to the counters (all host-side integers)."""
+    """What one batch adds to the counters (host-side integers); also used as totals."""
 
     tokens_encoded: int = 0  #: new keys whose codes were written
     prefix_tokens_reused: int = 0  #: extend prefix tokens whose codes were already there
-    sparse_requests: int = 0  #: decode rows served by retrieval
-    dense_requests: int = 0  #: decode rows served densely (at/below the threshold)
+    sparse_request_steps: int = 0  #: decode rows served by retrieval
+    dense_request_steps: int = 0  #: decode rows served densely (at/below the threshold)
     attended_tokens: int = 0  #: tokens attended by the sparse rows (per KV head)
     context_tokens: int = 0  #: context length of the sparse rows
+
+    def accumulate(self, other: BatchCounts) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
 
 class ParisKVMetrics:
@@ -30,52 +48,26 @@ class ParisKVMetrics:
         from prometheus_client import REGISTRY, Counter, Gauge
 
         reg = REGISTRY if registry is None else registry
-        names = list(labels)
         self.labels = labels
-
-        def counter(name: str, doc: str):
-            return Counter(f"sglang:pariskv_{name}", doc, labelnames=names, registry=reg)
-
-        self.tokens_encoded = counter("tokens_encoded", "Keys encoded into ParisKV codes.")
-        self.prefix_tokens_reused = counter(
-            "prefix_tokens_reused",
-            "Extend prefix tokens (radix-cache hits, earlier chunks) whose codes were reused.",
-        )
-        self.sparse_requests = counter(
-            "sparse_request_steps", "Decode steps of requests served by ParisKV retrieval."
-        )
-        self.dense_requests = counter(
-            "dense_request_steps",
-            "Decode steps of requests served densely (at or below the dense threshold).",
-        )
-        self.attended_tokens = counter(
-            "attended_tokens", "Tokens attended per KV head by sparse decode rows."
-        )
-        self.context_tokens = counter(
-            "context_tokens", "Context tokens of sparse decode rows (the dense cost avoided)."
-        )
+        self.counters = {
+            name: Counter(f"sglang:pariskv_{name}", doc, labelnames=list(labels), registry=reg)
+            for name, doc in COUNTER_HELP.items()
+        }
         self.attended_fraction = Gauge(
             "sglang:pariskv_attended_fraction",
             "Attended / context tokens of the last sparse decode batch.",
-            labelnames=names,
+            labelnames=list(labels),
             registry=reg,
             multiprocess_mode="mostrecent",
         )
 
     def add(self, c: BatchCounts) -> None:
-        lab = self.labels
-        for metric, value in (
-            (self.tokens_encoded, c.tokens_encoded),
-            (self.prefix_tokens_reused, c.prefix_tokens_reused),
-            (self.sparse_requests, c.sparse_requests),
-            (self.dense_requests, c.dense_requests),
-            (self.attended_tokens, c.attended_tokens),
-            (self.context_tokens, c.context_tokens),
-        ):
+        for name, counter in self.counters.items():
+            value = getattr(c, name)
             if value:
-                metric.labels(**lab).inc(value)
+                counter.labels(**self.labels).inc(value)
         if c.context_tokens:
-            self.attended_fraction.labels(**lab).set(c.attended_tokens / c.context_tokens)
+            self.attended_fraction.labels(**self.labels).set(c.attended_tokens / c.context_tokens)
 
 
 _PROCESS_METRICS: ParisKVMetrics | None = None

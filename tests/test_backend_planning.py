@@ -100,4 +100,4 @@ def test_extend_counts_new_and_reused_prefix_tokens(backend):
     backend._count_extend(fb)
     assert val(backend, "tokens_encoded_total") == 107
     assert val(backend, "prefix_tokens_reused_total") == 4000
-    assert backend.stats.prefix_tokens_reused == 4000
+    assert backend.stats.totals.prefix_tokens_reused == 4000

@@ -67,3 +67,13 @@ def test_dense_below_threshold_or_budget():
 def test_head_dim_must_be_multiple_of_8(d):
     with pytest.raises(ValueError, match="multiple of 8"):
         check_head_dim(d)
+
+
+def test_tensor_ratios_match_the_scalar_table_at_every_band_edge():
+    import torch
+
+    from sglang_pariskv.codec.budget import retrieval_ratios
+
+    zones = [0, 4_999, 5_000, 9_999, 10_000, 29_999, 30_000, 10**6]
+    cand, coll = retrieval_ratios(torch.tensor(zones), ParisKVConfig())
+    assert list(zip(cand.tolist(), coll.tolist())) == [adaptive_ratios(z) for z in zones]

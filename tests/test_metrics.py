@@ -9,14 +9,14 @@ def test_counters_accumulate_per_label_set():
     m.add(BatchCounts(tokens_encoded=1000, prefix_tokens_reused=4000))
     m.add(
         BatchCounts(
-            sparse_requests=2,
-            dense_requests=1,
+            sparse_request_steps=2,
+            dense_request_steps=1,
             attended_tokens=4000,
             context_tokens=100_000,
             tokens_encoded=3,
         )
     )
-    m.add(BatchCounts(sparse_requests=2, attended_tokens=4000, context_tokens=60_000))
+    m.add(BatchCounts(sparse_request_steps=2, attended_tokens=4000, context_tokens=60_000))
     lab = {"model_name": "m", "tp_rank": "0"}
 
     def val(name):

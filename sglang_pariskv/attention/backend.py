@@ -45,15 +45,11 @@ STATS_DIR_ENV = "SGLANG_PARISKV_STATS_DIR"
 
 @dataclass
 class DecodeStats:
-    """Counters an operator reads (tokens are per request, summed over steps)."""
+    """Counters an operator reads: steps, plus the summed per-batch counts."""
 
     decode_steps: int = 0
-    prefix_tokens_reused: int = 0
-    sparse_steps: int = 0
-    dense_request_steps: int = 0
-    sparse_request_steps: int = 0
-    attended_tokens: int = 0
-    context_tokens: int = 0
+    sparse_steps: int = 0  #: decode steps that ran the retrieval path
+    totals: BatchCounts = dataclasses.field(default_factory=BatchCounts)
 
 
 @contextlib.contextmanager
@@ -106,6 +102,8 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         for module in model.modules() if model is not None else ():
             if type(module).__name__ == "RadixAttention":
                 self._check_scale(module)
+        # Found at init: every layer is already checked; else learn it at the first prefill.
+        self._scale_checked_at_init = self._scale is not None
         self._dense_dev = torch.zeros(rtt.shape[0], dtype=torch.bool, device=device)
         self.stats = DecodeStats()
         self.metrics = None
@@ -149,8 +147,8 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
 
     def snapshot(self) -> dict:
         """Counters for operators: decode steps, attended fraction, encode work."""
-        st = dataclasses.asdict(self.stats)
-        st["tokens_encoded"] = self.codes.tokens_encoded
+        st = dataclasses.asdict(self.stats.totals)
+        st.update(decode_steps=self.stats.decode_steps, sparse_steps=self.stats.sparse_steps)
         st["attended_fraction"] = st["attended_tokens"] / max(st["context_tokens"], 1)
         st["config"] = self.config.to_dict()
         return st
@@ -170,27 +168,24 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         bs = forward_batch.batch_size
         seq_cpu = forward_batch.seq_lens_cpu[:bs]
         dense_cpu = dense_mask(seq_cpu, self.config)
-        self.stats.decode_steps += 1
-        self._dump_stats()
         real = seq_cpu > 1  # CUDA-graph padding rows have seq_len 1; a real decode has >= 2
-        dense_rows = int((dense_cpu & real).sum())
-        self.stats.dense_request_steps += dense_rows
-        self._emit(BatchCounts(tokens_encoded=int(real.sum()), dense_requests=dense_rows))
-        if bool(dense_cpu.all()) and not force:
+        sparse_rows = ~dense_cpu
+        run_sparse = force or bool(sparse_rows.any())
+        self.stats.decode_steps += 1
+        self.stats.sparse_steps += int(run_sparse)
+        self._emit(
+            BatchCounts(
+                tokens_encoded=int(real.sum()),
+                dense_request_steps=int((dense_cpu & real).sum()),
+                sparse_request_steps=int(sparse_rows.sum()),
+                attended_tokens=int(sparse_rows.sum()) * self.config.budget,
+                context_tokens=int(seq_cpu[sparse_rows].sum()),
+            )
+        )
+        if not run_sparse:
             self._sparse = None
             plan_dense()
             return
-        sparse_rows = int((~dense_cpu).sum())
-        counts = BatchCounts(
-            sparse_requests=sparse_rows,
-            attended_tokens=sparse_rows * self.config.budget,
-            context_tokens=int(seq_cpu[~dense_cpu].sum()),
-        )
-        self.stats.sparse_steps += 1
-        self.stats.sparse_request_steps += counts.sparse_requests
-        self.stats.attended_tokens += counts.attended_tokens
-        self.stats.context_tokens += counts.context_tokens
-        self._emit(counts)
         self._dense_dev[:bs].copy_(dense_cpu, non_blocking=True)
         with _dense_rows_only(forward_batch, dense_cpu, self._dense_dev[:bs]):
             plan_dense()
@@ -199,8 +194,10 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         self._sparse = sparse
 
     def _emit(self, counts: BatchCounts) -> None:
+        self.stats.totals.accumulate(counts)
         if self.metrics is not None:
             self.metrics.add(counts)
+        self._dump_stats()
 
     def _count_extend(self, forward_batch) -> None:
         """Extend encodes its new tokens; its prefix tokens' codes are reused, not redone."""
@@ -210,7 +207,6 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             tokens_encoded=int(sum(new)) if new is not None else 0,
             prefix_tokens_reused=int(sum(prefix)) if prefix is not None else 0,
         )
-        self.stats.prefix_tokens_reused += counts.prefix_tokens_reused
         self._emit(counts)
 
     def init_forward_metadata(self, forward_batch):
@@ -236,7 +232,9 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             return super().init_forward_metadata_out_graph(forward_batch, in_capture)
         bs = forward_batch.batch_size
         if bs not in self.graph_sparse:
-            self.graph_sparse[bs] = HeadAsBatchDecode(self.ws, self.codes_dtype, graph_batch=bs)
+            self.graph_sparse[bs] = HeadAsBatchDecode(
+                self.ws, self.token_to_kv_pool.dtype, graph_batch=bs
+            )
         # A captured graph always holds the sparse path (dense rows are selected out).
         self._plan_decode(
             forward_batch,
@@ -246,10 +244,6 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             self.graph_sparse[bs],
             force=True,
         )
-
-    @property
-    def codes_dtype(self) -> torch.dtype:
-        return self.token_to_kv_pool.dtype
 
     # -- layer work (device side) -----------------------------------------------------
     def _check_scale(self, layer) -> None:
@@ -264,7 +258,8 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             )
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
-        self._check_scale(layer)
+        if not self._scale_checked_at_init:
+            self._check_scale(layer)
         out = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
         if k is not None and save_kv_cache and not layer.is_cross_attention:
             local = layer.layer_id - self.token_to_kv_pool.start_layer

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from sglang_pariskv.config import ParisKVConfig
+from sglang_pariskv.config import ADAPTIVE_RATIO_TABLE, LONG_ZONE_RATIOS, ParisKVConfig
 
 # ceil(x - eps): a product like 100 * 0.5 * 0.3 = 15.000000000000002 must give 15.
 _CEIL_EPS = 1e-6
@@ -29,9 +29,9 @@ def retrieval_ratios(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-request (candidate_ratio, collision_ratio), float64; adaptive where unset."""
     z = zone_len.to(torch.float64)
-    cand = torch.full_like(z, 0.1)
-    coll = torch.full_like(z, 0.2)
-    for upper, c, k in ((30_000, 0.2, 0.25), (10_000, 0.25, 0.3), (5_000, 0.5, 0.5)):
+    cand = torch.full_like(z, LONG_ZONE_RATIOS[0])
+    coll = torch.full_like(z, LONG_ZONE_RATIOS[1])
+    for upper, c, k in reversed(ADAPTIVE_RATIO_TABLE):  # shortest band applied last wins
         cand = torch.where(z < upper, c, cand)
         coll = torch.where(z < upper, k, coll)
     if config.candidate_ratio is not None:

@@ -36,10 +36,6 @@ class Retrieval:
     dense: torch.Tensor  #: bool [R]: request attended densely
     num_candidates: torch.Tensor  #: int64 [R]: candidates kept by the collision stage
 
-    def attended(self) -> torch.Tensor:
-        """Tokens attended per request and head, int64 [R, Hkv]."""
-        return self.valid.sum(-1)
-
 
 def retrieve(
     query: torch.Tensor,

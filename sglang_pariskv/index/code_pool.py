@@ -54,8 +54,6 @@ class CodePool:
             )
             for _ in range(num_layers)
         ]
-        #: Tokens encoded since start (for the operator's counters).
-        self.tokens_encoded = 0
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.layers for t in layer)
@@ -73,8 +71,6 @@ class CodePool:
         else:
             for d, s in zip(dst, self.encoder(keys, self.seed)):
                 d[loc] = s
-        if layer == 0:
-            self.tokens_encoded += int(keys.shape[0])
 
     def move(self, tgt_loc: torch.Tensor, src_loc: torch.Tensor) -> None:
         """Copy codes between slots (mirrors ``KVCache.move_kv_cache``)."""
