@@ -107,18 +107,22 @@ def install_serving_hooks(cfg: ParisKVConfig) -> None:
     ParisKVTokenToKVPool.pariskv_config = cfg
     HookRegistry.register(_TARGETS["kv_pool_class"], ParisKVTokenToKVPool, HookType.REPLACE)
     HookRegistry.register(_TARGETS["cell_size"], _add_code_bytes, HookType.AFTER)
-    HookRegistry.register(_TARGETS["post_init"], _after_post_init, HookType.AFTER)
+    HookRegistry.register(_TARGETS["post_init"], _around_post_init, HookType.AROUND)
     HookRegistry.apply_hooks()
     original = attention_registry.ATTENTION_BACKENDS["flashinfer"]
     attention_registry.ATTENTION_BACKENDS["flashinfer"] = _backend_factory(original, cfg)
     _serving_hooks_installed = True
 
 
-def _after_post_init(result, server_args):
+def _around_post_init(original, server_args):
     """Once ParisKV is on, every ServerArgs (CLI or Engine API) must be servable by it:
-    a user who picked another attention backend gets an error, not dense attention."""
-    check_server_args(server_args)
+    a user who picked another attention backend gets an error, not dense attention.
+
+    The request-slot cap goes in before SGLang's own ``__post_init__``: that call
+    resolves the config, after which ServerArgs fields are read-only."""
     _cap_running_requests(server_args)
+    result = original(server_args)
+    check_server_args(server_args)
     return result
 
 

@@ -149,3 +149,27 @@ def test_enabling_bounds_request_slots_unless_the_user_chose(parser, monkeypatch
         plugin._around_from_cli_args(lambda cls, a: a, ServerArgs, args).max_running_requests
         is None
     )
+
+
+def _resolving_post_init(server_args):
+    """Stand-in for ServerArgs.__post_init__ (which needs an accelerator): like it, it
+    ends by materializing the config, after which ServerArgs refuses assignments."""
+    object.__setattr__(server_args, "_declarations_materialized", True)
+
+
+@pytest.mark.parametrize("given, expected", [(None, 256), (1000, 1000)])
+def test_engine_api_post_init_caps_slots_before_sglang_resolves(given, expected):
+    sa = object.__new__(ServerArgs)  # the Engine API path: ServerArgs(**kwargs)
+    object.__setattr__(sa, "max_running_requests", given)
+    plugin._around_post_init(_resolving_post_init, sa)
+    assert sa.max_running_requests == expected
+    with pytest.raises(AttributeError, match="read-only"):
+        sa.max_running_requests = 7  # real ServerArgs guard: the cap had to come first
+
+
+def test_engine_api_post_init_refuses_unsupported_settings():
+    sa = object.__new__(ServerArgs)
+    object.__setattr__(sa, "max_running_requests", None)
+    object.__setattr__(sa, "attention_backend", "triton")
+    with pytest.raises(ParisKVConfigError, match="--attention-backend triton"):
+        plugin._around_post_init(_resolving_post_init, sa)
