@@ -28,17 +28,10 @@ RESULTS = Path(__file__).resolve().parent / "results" / "e2e.json"
 PASSKEY_CFG = {"topk": 100, "sink": 32, "local": 64, "dense_threshold": 1024}
 
 
-def _read_stats(stats_dir: str) -> dict:
-    """Sum the ParisKV counters the scheduler processes wrote (none: ParisKV never ran)."""
-    files = sorted(Path(stats_dir).glob("pariskv-*.json"))
-    if not files:
-        return {}
-    total: dict = {}
-    for f in files:
-        for k, v in json.loads(f.read_text()).items():
-            if isinstance(v, (int, float)):
-                total[k] = total.get(k, 0) + v
-    return total
+def _read_stats(stats_dir) -> dict:
+    from sglang_pariskv.stats_file import read_stats_dir
+
+    return read_stats_dir(stats_dir)
 
 
 def _engine(model_path: str, pariskv: dict | None, **kwargs):
@@ -178,7 +171,7 @@ LLAMA_8B = {
 }
 
 
-def _throughput_worker(model_dir, pariskv, input_len, batches, output_len, out_q):
+def _throughput_worker(model_dir, pariskv, input_len, batches, output_len, engine_kwargs, out_q):
     """One engine per (mode, input length); every batch whose KV fits, ascending.
 
     Decode time per step is measured as a difference: the same cached prompts are
@@ -198,7 +191,7 @@ def _throughput_worker(model_dir, pariskv, input_len, batches, output_len, out_q
             skip_tokenizer_init=True,
             context_length=input_len + output_len + 64,
             max_running_requests=max(batches),
-            mem_fraction_static=0.85,
+            **{"mem_fraction_static": 0.85, **engine_kwargs},
         )
         info = eng.get_server_info()
         capacity = int(
@@ -300,7 +293,16 @@ def step_bytes(shape: dict, input_len: int, batch: int, cfg: dict | None) -> dic
     return {"weights": weights, "per_request": signs + rerank + attended}
 
 
-def run_throughput(inputs: list[int], batches: list[int], output_len: int, cfg: dict) -> dict:
+def run_throughput(
+    inputs: list[int],
+    batches: list[int],
+    output_len: int,
+    cfg: dict,
+    engine_kwargs: dict | None = None,
+    shards: int = 1,
+) -> dict:
+    """Dense and ParisKV engines per input length; ``shards`` GPUs split each step's bytes
+    (tensor parallelism), so the floor is per GPU."""
     import tempfile
 
     model_dir = Path(tempfile.mkdtemp(prefix="llama8b-shape-"))
@@ -309,8 +311,9 @@ def run_throughput(inputs: list[int], batches: list[int], output_len: int, cfg: 
     cases = []
     engines = {}
     for n in inputs:
-        dense = _run_isolated(_throughput_worker, str(model_dir), None, n, batches, output_len)
-        sparse = _run_isolated(_throughput_worker, str(model_dir), cfg, n, batches, output_len)
+        args = (n, batches, output_len, engine_kwargs or {})
+        dense = _run_isolated(_throughput_worker, str(model_dir), None, *args)
+        sparse = _run_isolated(_throughput_worker, str(model_dir), cfg, *args)
         if dense["stats"] or not sparse["stats"].get("sparse_request_steps"):
             raise RuntimeError(
                 f"ParisKV did not run as expected at input {n}: dense stats "
@@ -337,7 +340,7 @@ def run_throughput(inputs: list[int], batches: list[int], output_len: int, cfg: 
                     case[f"{mode}_error"] = row["error"]
                     continue
                 b = step_bytes(LLAMA_8B, n, d["batch"], mcfg)
-                total = b["weights"] + d["batch"] * b["per_request"]
+                total = (b["weights"] + d["batch"] * b["per_request"]) / shards
                 case[f"{mode}_floor_ms"] = 1000 * total / (bandwidth * 1e9)
                 case[f"{mode}_over_floor"] = row["ms_per_token"] / case[f"{mode}_floor_ms"]
             if case["dense_tok_s"] and case["pariskv_tok_s"]:

@@ -300,14 +300,10 @@ def _server_info(url: str) -> dict:
         return {"error": repr(e)[:200]}
 
 
-def _read_stats(stats_dir: Path) -> dict:
-    """Totals of the per-process stats files the ParisKV backend writes (none: never built)."""
-    total: dict = {}
-    for f in sorted(stats_dir.glob("pariskv-*.json")):
-        for k, v in json.loads(f.read_text()).items():
-            if isinstance(v, (int, float)):
-                total[k] = total.get(k, 0) + v
-    return total
+def _read_stats(stats_dir) -> dict:
+    from sglang_pariskv.stats_file import read_stats_dir
+
+    return read_stats_dir(stats_dir)
 
 
 # --------------------------------------------------------------------------- one server

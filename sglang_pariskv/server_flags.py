@@ -185,11 +185,8 @@ def check_server_args(server_args: Any) -> None:
         (getattr(server_args, "dcp_size", 1) or 1) > 1,
         "--dcp-size > 1 is not supported with ParisKV; use --dcp-size 1",
     )
-    refuse(
-        (getattr(server_args, "tp_size", 1) or 1) > 1,
-        f"--tp-size {getattr(server_args, 'tp_size', None)}: tensor parallelism with "
-        "ParisKV is not available yet; use --tp-size 1",
-    )
+    # --tp-size N is supported: each rank's pool, histograms and retrieval cover its own
+    # KV heads (retrieval is per KV head, so no collective is needed).
     for flag in ("enable_hisparse", "enable_double_sparsity"):
         refuse(
             bool(getattr(server_args, flag, False)),

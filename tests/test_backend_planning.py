@@ -28,6 +28,7 @@ def backend(monkeypatch):
     b._dense_dev = torch.zeros(8, dtype=torch.bool)
     b._scale = (0.125, 0.0)
     b.d = 64
+    b._stats_path = None
     return b
 
 

@@ -96,7 +96,6 @@ def test_bad_flags_fail_early_naming_the_flag(parser, flags, words):
         (["--enable-hierarchical-cache"], ["--enable-hierarchical-cache"]),
         (["--page-size", "16"], ["--page-size 16", "--page-size 1"]),
         (["--kv-cache-dtype", "fp8_e4m3"], ["--kv-cache-dtype fp8_e4m3"]),
-        (["--tp-size", "2"], ["--tp-size 2"]),
         (["--enable-dp-attention"], ["--enable-dp-attention"]),
     ],
 )

@@ -529,7 +529,7 @@ def account(text, n_out):
             d = os.environ.get("SGLANG_PARISKV_STATS_DIR")
             if d:
                 os.makedirs(d, exist_ok=True)
-                with open(os.path.join(d, f"pariskv-{os.getpid()}.json"), "w") as f:
+                with open(os.path.join(d, f"pariskv-tp0-{os.getpid()}.json"), "w") as f:
                     json.dump(counts, f)
     return len(words), hit
 

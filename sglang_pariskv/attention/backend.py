@@ -18,11 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
@@ -35,12 +32,9 @@ from sglang_pariskv.index.kv_pool import ParisKVTokenToKVPool
 from sglang_pariskv.kernels.workspace import DecodeWorkspace
 from sglang_pariskv.metrics import BatchCounts
 from sglang_pariskv.server_flags import ParisKVConfigError
+from sglang_pariskv.stats_file import stats_path, write_stats
 
 logger = logging.getLogger("sglang_pariskv")
-
-#: When set (benchmarks, debugging), each scheduler process rewrites its ParisKV counters
-#: to ``$SGLANG_PARISKV_STATS_DIR/pariskv-<pid>.json`` at start and at every decode step.
-STATS_DIR_ENV = "SGLANG_PARISKV_STATS_DIR"
 
 
 @dataclass
@@ -81,8 +75,12 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         self.config = config
         self.codes = pool.pariskv
         self.hkv, self.d = pool.head_num, pool.head_dim
-        self.hq = model_runner.model_config.num_attention_heads // max(
-            1, getattr(model_runner, "tp_size", 1)
+        # Under tensor parallelism this rank holds its share of the query and KV heads
+        # (the pool is built with the rank's KV heads); retrieval is per KV head, so each
+        # rank indexes and retrieves over its own heads with no collective.
+        self.tp_rank = int(getattr(model_runner, "tp_rank", 0) or 0)
+        self.hq = model_runner.model_config.get_num_attention_heads(
+            max(1, int(getattr(model_runner, "tp_size", 1) or 1))
         )
         rtt = self.req_to_token_pool.req_to_token
         device = torch.device(model_runner.device)
@@ -107,14 +105,17 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         self._dense_dev = torch.zeros(rtt.shape[0], dtype=torch.bool, device=device)
         self.stats = DecodeStats()
         self.metrics = None
+        self._stats_path = stats_path(self.tp_rank)
         args = model_runner.server_args
-        if getattr(args, "enable_metrics", False):
+        # Every TP rank counts the same requests: rank 0 exports them (as SGLang's own
+        # scheduler metrics do), so operators' sums are not multiplied by the TP size.
+        if getattr(args, "enable_metrics", False) and self.tp_rank == 0:
             from sglang_pariskv.metrics import process_metrics
 
             self.metrics = process_metrics(
                 {
                     "model_name": str(getattr(args, "served_model_name", None) or args.model_path),
-                    "tp_rank": str(getattr(model_runner, "tp_rank", 0)),
+                    "tp_rank": str(self.tp_rank),
                 }
             )
         self._dump_stats()
@@ -154,14 +155,8 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         return st
 
     def _dump_stats(self) -> None:
-        out = os.environ.get(STATS_DIR_ENV)
-        if not out:
-            return
-        path = Path(out) / f"pariskv-{os.getpid()}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.snapshot()))
-        tmp.replace(path)
+        if self._stats_path is not None:
+            write_stats(self._stats_path, self.snapshot())
 
     # -- metadata (host side) ---------------------------------------------------------
     def _plan_decode(self, forward_batch, plan_dense, sparse: HeadAsBatchDecode, force: bool):
