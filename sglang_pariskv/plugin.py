@@ -88,7 +88,8 @@ def _around_from_cli_args(original, cls, args):
     _cap_running_requests(args)
     server_args = original(cls, args)
     check_server_args(server_args)  # again, after SGLang resolved its own defaults
-    server_args.pariskv_config = cfg
+    # The config travels in the environment only: resolved ServerArgs are read-only in
+    # SGLang 0.5.17 (and ``pariskv_config`` is the --pariskv-config path's dest anyway).
     os.environ[ENV_CONFIG] = json.dumps(cfg.to_dict())
     logger.info("ParisKV enabled: %s", json.dumps(cfg.to_dict()))
     return server_args

@@ -125,5 +125,7 @@ def test_tensor_parallel_flags_are_accepted():
     ServerArgs.add_cli_args(parser)
     plugin._after_add_cli_args(None, parser)
     args = parser.parse_args(["--model-path", "m", "--enable-pariskv", "--tp-size", "2"])
-    out = plugin._around_from_cli_args(lambda cls, a: a, ServerArgs, args)
-    assert out.tp_size == 2 and out.pariskv_config is not None
+    from tests.test_plugin_flags import resolve
+
+    out = plugin._around_from_cli_args(resolve, ServerArgs, args)
+    assert out.tp_size == 2 and plugin.config_from_env() is not None
