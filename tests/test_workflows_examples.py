@@ -187,7 +187,15 @@ def test_parse_filters_and_rejects_garbage():
     assert prom.parse(text, prefix="other") == {"other_metric_total": 5.0}
     with pytest.raises(ValueError):
         prom.parse('sglang:pariskv_a_total{l="x} 2\n')
-    assert prom.delta({"a": 1.0}, {"a": 4.0, "b": 2.0}) == {"a": 3.0, "b": 2.0}
+    assert prom.delta({"a_total": 1.0}, {"a_total": 4.0, "b_total": 2.0}) == {
+        "a_total": 3.0,
+        "b_total": 2.0,
+    }
+    p = prom.PREFIX
+    before = {f"{p}attended_tokens_total": 10.0, f"{p}context_tokens_total": 100.0}
+    after = {f"{p}attended_tokens_total": 30.0, f"{p}context_tokens_total": 500.0}
+    after[f"{p}attended_fraction"] = 0.9  # a gauge: the last batch's value, not a delta
+    assert prom.delta(before, after)[f"{p}attended_fraction"] == 20.0 / 400.0
     assert prom.delta({"a": 1.0}, None) == {}
 
 

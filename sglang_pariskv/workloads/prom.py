@@ -75,8 +75,15 @@ def scrape(endpoint: str, prefix: str = PREFIX, timeout: float = 10.0) -> dict[s
 
 
 def delta(before: dict[str, float] | None, after: dict[str, float] | None) -> dict[str, float]:
-    """``after - before`` per metric (a metric missing before counts from 0)."""
+    """``after - before`` per counter (``*_total``; one missing before counts from 0), plus
+    the attended fraction of the interval derived from the two token counters.
+
+    Gauges are left out: the difference of two "last batch" values means nothing."""
     if after is None:
         return {}
     before = before or {}
-    return {k: v - before.get(k, 0.0) for k, v in after.items()}
+    out = {k: v - before.get(k, 0.0) for k, v in after.items() if k.endswith("_total")}
+    attended, context = (out.get(f"{PREFIX}{n}_tokens_total") for n in ("attended", "context"))
+    if attended is not None and context:
+        out[f"{PREFIX}attended_fraction"] = attended / context
+    return out
