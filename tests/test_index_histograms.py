@@ -34,3 +34,14 @@ def test_masked_rows_are_not_counted():
     signs = torch.tensor([[[7]], [[9]]], dtype=torch.uint8)
     hists.add(0, signs, torch.tensor([1, 0]), weight=torch.tensor([True, False]))
     assert hists.layers[0][1, 0, 0, 7] == 1 and hists.layers[0].sum() == 1
+
+
+def test_add_decode_reads_the_new_keys_from_the_pool_and_skips_padding():
+    gen = torch.Generator().manual_seed(3)
+    signs = torch.randint(0, 256, (30, 2, 2), generator=gen).to(torch.uint8)
+    a = RequestHistograms(max_reqs=3, num_kv_heads=2, head_dim=16, num_layers=1, device="cpu")
+    b = RequestHistograms(max_reqs=3, num_kv_heads=2, head_dim=16, num_layers=1, device="cpu")
+    loc, rpi, seq = torch.tensor([4, 9, 0]), torch.tensor([2, 0, 1]), torch.tensor([5, 8, 1])
+    a.add_decode(0, signs, loc, rpi, seq)
+    b.add(0, signs[loc[:2]], rpi[:2])
+    assert torch.equal(a.layers[0], b.layers[0]) and a.layers[0][1].sum() == 0

@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 
 from sglang_pariskv.codec import encode_keys  # noqa: E402
 from sglang_pariskv.codec.collision import centroid_histogram  # noqa: E402
-from sglang_pariskv.kernels import add_to_histograms, encode_to_pool  # noqa: E402
+from sglang_pariskv.kernels import add_decode_keys, add_to_histograms, encode_to_pool  # noqa: E402
 from sglang_pariskv.kernels.testing import (
     empty_pool,  # noqa: E402
     fresh_interpreter_fallback,  # noqa: E402
@@ -90,6 +90,27 @@ def test_histograms_count_per_request_and_skip_negative_ids():
     want = centroid_histogram(pool.signs[slots[10:95]][None], torch.tensor([85]))
     assert torch.equal(rebuilt[1].cpu(), want[0].cpu())
     assert rebuilt[0].sum() == 0
+
+
+def test_decode_key_counts_equal_the_torch_scatter_add():
+    """Each real row adds its new key's sign ids to its request; padding rows (seq_len 1)
+    add nothing; a request listed twice gets both keys (atomics)."""
+    gen = torch.Generator().manual_seed(2)
+    slots, h, b, reqs = 64, 3, 8, 5
+    signs = torch.randint(0, 256, (slots, h, b), generator=gen).to(torch.uint8)
+    loc = torch.tensor([5, 17, 3, 40, 63, 0])
+    rpi = torch.tensor([4, 0, 2, 4, 1, 0], dtype=torch.int32)
+    seq = torch.tensor([9, 2, 1, 300, 7, 1])  # rows 2 and 5 are graph padding
+    start = torch.randint(0, 5, (reqs, h, b, 256), generator=gen, dtype=torch.int32)
+    want = start.clone()
+    for r in range(len(loc)):
+        if seq[r] > 1:
+            for hh in range(h):
+                for bb in range(b):
+                    want[int(rpi[r]), hh, bb, int(signs[loc[r], hh, bb])] += 1
+    got = start.clone().to(DEV)
+    add_decode_keys(signs.to(DEV), loc.to(DEV), rpi.to(DEV), seq.to(DEV), got)
+    assert torch.equal(got.cpu(), want)
 
 
 @pytest.mark.gpu

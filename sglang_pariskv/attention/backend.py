@@ -92,6 +92,7 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         )
         self._build_workspace(max_batch)
         self.graph_sparse: dict[int, HeadAsBatchDecode] = {}
+        self._rpi32: torch.Tensor | None = None
         self._sparse: HeadAsBatchDecode | None = None  # active sparse call, None: all dense
         # Softmax scale and soft cap of the model's attention: FlashInfer plans them per
         # batch (and a captured graph bakes them in), so all layers must share them.
@@ -161,6 +162,7 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
     # -- metadata (host side) ---------------------------------------------------------
     def _plan_decode(self, forward_batch, plan_dense, sparse: HeadAsBatchDecode, force: bool):
         bs = forward_batch.batch_size
+        self._rpi32 = None  # int32 request indices: cast by the step's first layer
         seq_cpu = forward_batch.seq_lens_cpu[:bs]
         dense_cpu = dense_mask(seq_cpu, self.config)
         real = seq_cpu > 1  # CUDA-graph padding rows have seq_len 1; a real decode has >= 2
@@ -278,21 +280,26 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         bs = forward_batch.batch_size
         codes = self.codes.layers[local]
         if save_kv_cache and k is not None:
-            loc = forward_batch.out_cache_loc[:bs]
-            # Rows padded in by CUDA-graph replay have seq_len 1 (a real decode has >= 2).
-            real = forward_batch.seq_lens[:bs] > 1
-            self.hists.add(
-                local, codes.signs[loc], forward_batch.req_pool_indices[:bs], weight=real
+            # Rows padded in by CUDA-graph replay have seq_len 1 (a real decode has >= 2)
+            # and are skipped.
+            self.hists.add_decode(
+                local,
+                codes.signs,
+                forward_batch.out_cache_loc[:bs],
+                forward_batch.req_pool_indices[:bs],
+                forward_batch.seq_lens[:bs],
             )
         if self._sparse is None:
             return out
+        if self._rpi32 is None:  # first sparse layer of the step (or of a captured graph)
+            self._rpi32 = forward_batch.req_pool_indices[:bs].to(torch.int32)
         q3 = q.reshape(-1, self.hq, self.d)[:bs]
         self.ws.run(
             q3,
             codes,
             self.hists.layers[local],
             self.req_to_token_pool.req_to_token,
-            forward_batch.req_pool_indices[:bs].to(torch.int32),
+            self._rpi32,
         )
         sparse = self._sparse.run(
             q3,

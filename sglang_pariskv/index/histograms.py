@@ -55,6 +55,27 @@ class RequestHistograms:
         slots = req_to_token[rows, :n].to(torch.int64)
         hist[rows] = centroid_histogram(signs[slots], seq_lens.to(slots.device))
 
+    def add_decode(
+        self,
+        layer: int,
+        signs: torch.Tensor,
+        out_cache_loc: torch.Tensor,
+        req_pool_indices: torch.Tensor,
+        seq_lens: torch.Tensor,
+    ) -> None:
+        """Count each decode row's new key, read from the pool at ``out_cache_loc``.
+
+        signs: this layer's pool signs uint8 [slots, Hkv, B]. Rows with ``seq_lens <= 1``
+        are CUDA-graph padding (a real decode row has at least 2 tokens) and count nothing.
+        On CUDA this is one Triton launch; elsewhere it is :meth:`add`."""
+        hist = self.layers[layer]
+        if hist.is_cuda:
+            from sglang_pariskv.kernels.encode import add_decode_keys
+
+            add_decode_keys(signs, out_cache_loc, req_pool_indices, seq_lens, hist)
+            return
+        self.add(layer, signs[out_cache_loc], req_pool_indices, weight=seq_lens > 1)
+
     def add(
         self,
         layer: int,

@@ -7,6 +7,7 @@ Write side:
     ``[max_reqs, Hkv, B, 256]`` (Triton, one fused pass).
   * :func:`add_to_histograms` — rebuild histogram counts from pool codes through
     ``req_to_token`` (radix-cache prefix hits).
+  * :func:`add_decode_keys` — +1 per decode row for its new key (one launch per layer).
 
 Read side: :class:`DecodeWorkspace` (``plan(seq_lens_cpu)`` once per step on the host,
 ``run(q, codes, hist, req_to_token, req_pool_indices)`` per layer, CUDA-graph capturable)
@@ -29,7 +30,11 @@ if not torch.cuda.is_available():
 
 from sglang_pariskv.kernels.assemble import kv_indptr_for, row_lengths  # noqa: E402
 from sglang_pariskv.kernels.cuda_ops import cuda_available  # noqa: E402
-from sglang_pariskv.kernels.encode import add_to_histograms, encode_to_pool  # noqa: E402
+from sglang_pariskv.kernels.encode import (  # noqa: E402
+    add_decode_keys,
+    add_to_histograms,
+    encode_to_pool,
+)
 from sglang_pariskv.kernels.workspace import (  # noqa: E402
     DecodeOutput,
     DecodeWorkspace,
@@ -39,6 +44,7 @@ from sglang_pariskv.kernels.workspace import (  # noqa: E402
 __all__ = [
     "DecodeOutput",
     "DecodeWorkspace",
+    "add_decode_keys",
     "add_to_histograms",
     "cuda_available",
     "encode_to_pool",

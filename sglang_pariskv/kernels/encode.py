@@ -275,3 +275,53 @@ def add_to_histograms(
         HBP=triton.next_power_of_2(h * b),
         BLOCK_N=block_n,
     )
+
+
+@triton.jit
+def _add_decode_hist_kernel(
+    signs_ptr,
+    loc_ptr,
+    req_ptr,
+    seq_ptr,
+    hist_ptr,
+    H: tl.constexpr,
+    B: tl.constexpr,
+    HBP: tl.constexpr,
+):
+    r = tl.program_id(0)
+    real = tl.load(seq_ptr + r) > 1  # CUDA-graph padding rows have seq_len 1
+    slot = tl.load(loc_ptr + r).to(tl.int64)
+    req = tl.load(req_ptr + r).to(tl.int64)
+    hb = tl.arange(0, HBP)
+    m = (hb < H * B) & real
+    sg = tl.load(signs_ptr + slot * (H * B) + hb, mask=m, other=0)
+    tl.atomic_add(hist_ptr + (req * (H * B) + hb) * 256 + sg.to(tl.int32), 1, mask=m, sem="relaxed")
+
+
+def add_decode_keys(
+    signs: torch.Tensor,
+    out_cache_loc: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    seq_lens: torch.Tensor,
+    hist: torch.Tensor,
+) -> None:
+    """Count each decode row's new key (slot ``out_cache_loc[r]``) in its request's histograms.
+
+    One launch per layer, no host sync (CUDA-graph safe): the alternative, a torch
+    ``index_put_(accumulate=True)``, sorts its indices and takes several kernels. Rows with
+    ``seq_lens <= 1`` are CUDA-graph padding and are skipped.
+    """
+    _, h, b = signs.shape
+    r = out_cache_loc.shape[0]
+    if r == 0:
+        return
+    _add_decode_hist_kernel[(r,)](
+        signs,
+        out_cache_loc,
+        req_pool_indices,
+        seq_lens,
+        hist,
+        H=h,
+        B=b,
+        HBP=triton.next_power_of_2(h * b),
+    )
