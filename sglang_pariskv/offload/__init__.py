@@ -1,0 +1,17 @@
+"""Host offload (issue 6): the bulk KV in pinned host memory, fetched over UVA.
+
+* :mod:`.host_pool` — :class:`HostKVPool`, slot-keyed K/V of every layer in pinned host
+  memory, and :func:`check_host_memory`, the startup check of ``--pariskv-host-pool-gb``.
+* :mod:`.hot_cache` — :class:`HotCache`, a direct-mapped GPU cache of recently fetched
+  (slot, head) rows whose data buffer is the staging area FlashInfer reads.
+* :mod:`.fetch` — :class:`OffloadFetcher`, the per-layer step: the retrieval workspace's
+  ``kv_indices`` -> cache lookup -> UVA gather of the misses
+  (:mod:`sglang_pariskv.kernels.uva_gather`) -> staging indices for FlashInfer.
+
+Not wired into serving yet: docs/architecture.md, "Host offload (in progress)", has the
+plan. Only the torch-only modules are imported here; ``fetch`` pulls in Triton.
+"""
+
+from sglang_pariskv.offload.host_pool import HostKVPool, check_host_memory, host_pool_slots
+
+__all__ = ["HostKVPool", "check_host_memory", "host_pool_slots"]

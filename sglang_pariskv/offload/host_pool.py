@@ -1,0 +1,246 @@
+"""Pinned host storage of K and V for every layer, indexed by SGLang's KV slot id.
+
+Layout: one tensor ``data`` of shape ``[layers, slots, Hkv, 2, D]`` (2 = K, V).
+
+* Rows are keyed by slot, like :class:`sglang_pariskv.index.code_pool.CodePool`: a radix
+  cache prefix hit hands out slot ids whose host rows are already written, and a reused
+  slot is overwritten by its next writer. Nothing here tracks requests.
+* The unit of retrieval is one (slot, head) pair: ParisKV selects a top-k per KV head.
+  Putting K and V of a (slot, layer, head) side by side makes that unit one contiguous
+  ``2·D`` row (512 B at D = 128, bf16): one read per retrieved pair instead of two
+  scattered 256 B reads. The issue's UVA numbers (H100: 50 GB/s for 2 KB rows,
+  13 GB/s for 256 B rows scattered over a 4 GB pool, bound by address translation)
+  charge per scattered row, so halving the row count is what matters.
+  :meth:`layer_rows` views a layer as ``[slots·Hkv, 2·D]``; row ``slot·Hkv + head`` is the
+  same number FlashInfer's "head as batch" ``kv_indices`` already hold.
+* All heads of a slot are contiguous too (``Hkv·2·D`` elements: 2 KB for a
+  Qwen2.5-7B shape, 4 KB for Llama-3.1-8B), so a slot-granular fetch of whole 2 KB rows
+  (:meth:`slot_rows`, the 50 GB/s regime) is the same gather over another view. Which wins
+  depends on how much the heads' top-k sets overlap; both are measurable with
+  ``kernels.uva_gather.gather_bandwidth``.
+* Layer-major: one layer's rows occupy one contiguous ``slots·Hkv·2·D`` range, so a
+  layer's fetch touches 1/L of the pool's address range (fewer translations) and a
+  layer's write of a run of slots is contiguous. ``data[l, :, :, 0]`` is a strided
+  ``[slots, Hkv, D]`` K view; FlashInfer's paged kernels take page and head strides from
+  the tensor (``page.cuh``), so that view is readable by them as well.
+
+Pinning: with CUDA, the memory is a plain CPU allocation registered with
+``cudaHostRegister`` (portable | mapped), as SGLang's HiCache host pool does, rather than
+``torch.empty(pin_memory=True)``: torch's caching host allocator rounds every block up to
+a power of two, so a 40 GiB pool would pin 64 GiB. Without CUDA (tests) it is plain memory.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from sglang_pariskv.server_flags import ParisKVConfigError
+
+#: Host memory left to the OS, SGLang and the Python process by :func:`check_host_memory`.
+DEFAULT_RESERVE_BYTES = 4 * 2**30
+_CUDA_HOST_REGISTER_PORTABLE_MAPPED = 0x01 | 0x02
+
+
+def bytes_per_slot(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Host bytes one KV slot takes across all layers (K and V)."""
+    return num_layers * num_kv_heads * 2 * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def host_pool_slots(
+    gb: float, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+) -> int:
+    """Slots that ``--pariskv-host-pool-gb gb`` (GiB) holds."""
+    return int(gb * 2**30) // bytes_per_slot(num_layers, num_kv_heads, head_dim, dtype)
+
+
+def _mem_available(meminfo: str | Path) -> int:
+    for line in Path(meminfo).read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            value, unit = line.split()[1:3]
+            if unit.lower() != "kb":
+                break
+            return int(value) * 1024
+    raise ParisKVConfigError(
+        f"cannot read MemAvailable from {meminfo} to check --pariskv-host-pool-gb: "
+        "run on Linux >= 3.14 or serve without --pariskv-offload host"
+    )
+
+
+def check_host_memory(
+    nbytes: int,
+    meminfo: str | Path = "/proc/meminfo",
+    reserve_bytes: int = DEFAULT_RESERVE_BYTES,
+) -> None:
+    """Refuse a host pool of ``nbytes`` that would not fit in available host memory.
+
+    Pinned pages cannot be swapped or reclaimed, so overcommitting them starves the OS
+    and SGLang (or gets the server OOM-killed mid-run); this check runs before anything is
+    allocated. MemAvailable counts reclaimable page cache as available.
+    """
+    avail = _mem_available(meminfo)
+    usable = avail - reserve_bytes
+    if nbytes <= usable:
+        return
+    gib = 2**30
+    if usable < gib:
+        fix = "this host has no room for a host pool: serve without --pariskv-offload host"
+    else:
+        fix = (
+            f"pass --pariskv-host-pool-gb {math.floor(usable / gib)} or less, or free host "
+            "memory (other processes) first"
+        )
+    raise ParisKVConfigError(
+        f"--pariskv-host-pool-gb asks for {nbytes / gib:.1f} GiB of pinned host memory, but "
+        f"{meminfo} reports {avail / gib:.1f} GiB available and "
+        f"{reserve_bytes / gib:.1f} GiB is kept for the system: {fix}"
+    )
+
+
+def _register(t: torch.Tensor) -> None:
+    cudart = torch.cuda.cudart()
+    rc = cudart.cudaHostRegister(
+        t.data_ptr(), t.numel() * t.element_size(), _CUDA_HOST_REGISTER_PORTABLE_MAPPED
+    )
+    if int(rc) != 0:
+        raise RuntimeError(
+            f"cudaHostRegister of the {t.numel() * t.element_size() / 2**30:.1f} GiB host KV "
+            f"pool failed ({cudart.cudaGetErrorString(rc)}): lower --pariskv-host-pool-gb"
+        )
+
+
+class HostKVPool:
+    """K/V of ``num_slots`` slots x ``num_layers`` layers in (pinned) host memory."""
+
+    def __init__(
+        self,
+        num_slots: int,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.bfloat16,
+        pin: bool | None = None,
+        check_memory: bool = True,
+        meminfo: str | Path = "/proc/meminfo",
+    ):
+        """``pin``: None pins when CUDA is available. ``check_memory`` runs
+        :func:`check_host_memory` (reading ``meminfo``) before allocating."""
+        if pin is None:
+            pin = torch.cuda.is_available()
+        if pin and not torch.cuda.is_available():
+            raise ValueError("a pinned host pool needs CUDA")
+        self.num_slots, self.num_layers = num_slots, num_layers
+        self.num_kv_heads, self.head_dim, self.dtype = num_kv_heads, head_dim, dtype
+        shape = (num_layers, num_slots, num_kv_heads, 2, head_dim)
+        if check_memory:
+            check_host_memory(
+                num_slots * bytes_per_slot(num_layers, num_kv_heads, head_dim, dtype), meminfo
+            )
+        self.data = torch.empty(shape, dtype=dtype)
+        self.pinned = False
+        if pin:
+            _register(self.data)
+            self.pinned = True
+
+    # -- views -----------------------------------------------------------------------
+    @property
+    def row_width(self) -> int:
+        """Elements of one (slot, head) row: K then V."""
+        return 2 * self.head_dim
+
+    def layer_rows(self, layer: int) -> torch.Tensor:
+        """``[slots·Hkv, 2·D]``: row ``slot·Hkv + head`` = [K | V] of that pair."""
+        return self.data[layer].view(self.num_slots * self.num_kv_heads, self.row_width)
+
+    def slot_rows(self, layer: int) -> torch.Tensor:
+        """``[slots, Hkv·2·D]``: all heads of a slot, one contiguous row."""
+        return self.data[layer].view(self.num_slots, self.num_kv_heads * self.row_width)
+
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+    # -- writes ----------------------------------------------------------------------
+    def write(
+        self,
+        layer: int,
+        slots: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        stream: torch.cuda.Stream | None = None,
+        use_kernel: bool | None = None,
+    ) -> torch.cuda.Event | None:
+        """Store ``k``, ``v`` ``[T, Hkv, D]`` (or ``[T, Hkv·D]``) at ``slots`` [T] of ``layer``.
+
+        GPU sources are written by a UVA scatter kernel (no host sync, CUDA-graph safe),
+        on ``stream`` when given: the stream first waits for the current one, the inputs
+        are kept alive for it, and the returned event marks completion (the reader of
+        these slots waits on it; prefill copy-out uses this to stay off the forward
+        stream). CPU sources are copied by torch. ``use_kernel`` forces the kernel path
+        (tests run it under Triton's interpreter on CPU).
+        """
+        t = k.shape[0]
+        if t == 0:
+            return None
+        if use_kernel is None:
+            use_kernel = k.is_cuda and self.pinned
+        if not use_kernel:
+            self._write_torch(layer, slots, k, v)
+            return None
+        if stream is None:
+            self._write_kernel(layer, slots, k, v)
+            return None
+        stream.wait_stream(torch.cuda.current_stream(k.device))
+        with torch.cuda.stream(stream):
+            self._write_kernel(layer, slots, k, v)
+        for x in (slots, k, v):
+            x.record_stream(stream)
+        event = torch.cuda.Event()
+        event.record(stream)
+        return event
+
+    def _shape_kv(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], self.num_kv_heads, self.head_dim).to(self.dtype)
+
+    def _write_torch(self, layer, slots, k, v) -> None:
+        idx = slots.to("cpu", torch.int64)
+        dst = self.data[layer]
+        dst[idx, :, 0] = self._shape_kv(k).cpu()
+        dst[idx, :, 1] = self._shape_kv(v).cpu()
+
+    def _write_kernel(self, layer, slots, k, v) -> None:
+        from sglang_pariskv.kernels.uva_gather import scatter_rows
+
+        h, d = self.num_kv_heads, self.head_dim
+        # Destination rows of D elements: (slot·Hkv + head)·2 + {0: K, 1: V}.
+        base = (slots.to(torch.int64)[:, None] * h + torch.arange(h, device=slots.device)) * 2
+        dst = self.data[layer].view(self.num_slots * h * 2, d)
+        for part, x in ((0, k), (1, v)):
+            scatter_rows(self._shape_kv(x).reshape(-1, d), dst, (base + part).reshape(-1))
+
+    def move(self, tgt: torch.Tensor, src: torch.Tensor) -> None:
+        """Copy every layer's rows of slots ``src`` to ``tgt`` (mirrors
+        ``KVCache.move_kv_cache``; host-side, synchronous). The hot cache must drop
+        ``tgt`` afterwards (``OffloadFetcher.move`` does both)."""
+        t, s = tgt.to("cpu", torch.int64), src.to("cpu", torch.int64)
+        self.data[:, t] = self.data[:, s]
+
+    # -- reads (oracle / helpers) ----------------------------------------------------
+    def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k, v) ``[T, Hkv, D]`` CPU copies of ``slots`` of ``layer``."""
+        rows = self.data[layer][slots.to("cpu", torch.int64)]
+        return rows[:, :, 0].clone(), rows[:, :, 1].clone()
+
+    def close(self) -> None:
+        """Unregister the pinned memory (the tensor stays usable as plain memory)."""
+        if self.pinned:
+            torch.cuda.cudart().cudaHostUnregister(self.data.data_ptr())
+            self.pinned = False
+
+    def __del__(self):
+        # Freeing registered memory without unregistering leaves the pages pinned.
+        try:
+            self.close()
+        except Exception:
+            pass
