@@ -49,6 +49,18 @@ def _interpreted() -> bool:
     return isinstance(_copy_rows_kernel, InterpretedFunction)
 
 
+def host_accessible(t: torch.Tensor) -> bool:
+    """Whether a GPU kernel can address host tensor ``t``: pinned per torch, or registered
+    with the driver (asked directly, as Triton's launcher does)."""
+    if t.is_pinned():
+        return True
+    try:
+        _device_pointer(t.data_ptr())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def kernel_arg(t: torch.Tensor, on_gpu: bool | None = None):
     """``t`` as a kernel pointer argument: device tensors as is, pinned host tensors as a
     :class:`HostPointer`; pageable host memory is refused (a GPU kernel cannot read it)."""
@@ -56,7 +68,7 @@ def kernel_arg(t: torch.Tensor, on_gpu: bool | None = None):
         on_gpu = not _interpreted()
     if not on_gpu or t.is_cuda:
         return t
-    if not t.is_pinned():
+    if not host_accessible(t):
         raise ValueError(
             f"a {tuple(t.shape)} {t.dtype} host tensor is not pinned, so a GPU kernel cannot "
             "read it over UVA: allocate it with offload.HostKVPool (cudaHostRegister) or "
