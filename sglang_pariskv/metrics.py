@@ -45,7 +45,7 @@ class ParisKVMetrics:
     """prometheus_client counters ``sglang:pariskv_*`` with SGLang-style labels."""
 
     def __init__(self, labels: dict[str, str], registry=None):
-        from prometheus_client import REGISTRY, Counter, Gauge
+        from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 
         reg = REGISTRY if registry is None else registry
         self.labels = labels
@@ -60,6 +60,18 @@ class ParisKVMetrics:
             registry=reg,
             multiprocess_mode="mostrecent",
         )
+        self.retrieval_seconds = Histogram(
+            "sglang:pariskv_retrieval_seconds",
+            "GPU time of ParisKV retrieval per decode step, summed over layers "
+            "(recorded when SGLANG_PARISKV_TIME_RETRIEVAL=1).",
+            labelnames=list(labels),
+            buckets=(1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1),
+            registry=reg,
+        )
+
+    def observe_retrieval(self, seconds: float) -> None:
+        """One decode step's retrieval GPU time, summed over layers."""
+        self.retrieval_seconds.labels(**self.labels).observe(seconds)
 
     def add(self, c: BatchCounts) -> None:
         for name, counter in self.counters.items():

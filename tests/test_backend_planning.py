@@ -29,6 +29,7 @@ def backend(monkeypatch):
     b._scale = (0.125, 0.0)
     b.d = 64
     b._stats_path = None
+    b.timer = None
     return b
 
 
@@ -102,3 +103,25 @@ def test_extend_counts_new_and_reused_prefix_tokens(backend):
     assert val(backend, "tokens_encoded_total") == 107
     assert val(backend, "prefix_tokens_reused_total") == 4000
     assert backend.stats.totals.prefix_tokens_reused == 4000
+
+
+def test_retrieval_time_is_read_back_at_the_next_sparse_step_and_exported(backend):
+    from sglang_pariskv.attention.retrieval_timer import RetrievalTimer
+    from tests.test_retrieval_timer import Clock, FakeEvent
+
+    clock = Clock()
+    backend.timer = RetrievalTimer(2, make_event=lambda: FakeEvent(clock))
+    run_plan(backend, batch([5000]))  # sparse step: armed
+    for layer in range(2):  # what forward_decode does around each layer's retrieval
+        backend.timer.start(layer)
+        clock.now += 1.5
+        backend.timer.stop(layer)
+    run_plan(backend, batch([300]))  # dense step: reads the last step back, then disarms
+    assert backend.stats.retrieval_steps_timed == 1
+    assert backend.stats.retrieval_seconds == pytest.approx(0.003)
+    backend.timer.start(0)  # a dense step's layers record nothing
+    assert backend.timer._events["eager"][0][0].t == 0.0
+    count = backend.registry.get_sample_value("sglang:pariskv_retrieval_seconds_count", LABELS)
+    total = backend.registry.get_sample_value("sglang:pariskv_retrieval_seconds_sum", LABELS)
+    assert count == 1 and total == pytest.approx(0.003)
+    assert backend.snapshot()["retrieval_seconds"] == pytest.approx(0.003)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
 
+from sglang_pariskv.attention.retrieval_timer import RetrievalTimer, timing_requested
 from sglang_pariskv.attention.sparse_decode import HeadAsBatchDecode
 from sglang_pariskv.codec.budget import dense_mask
 from sglang_pariskv.config import ParisKVConfig
@@ -43,6 +44,8 @@ class DecodeStats:
 
     decode_steps: int = 0
     sparse_steps: int = 0  #: decode steps that ran the retrieval path
+    retrieval_steps_timed: int = 0  #: steps whose retrieval GPU time was read back
+    retrieval_seconds: float = 0.0  #: their summed retrieval GPU time
     totals: BatchCounts = dataclasses.field(default_factory=BatchCounts)
 
 
@@ -104,6 +107,10 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         # Found at init: every layer is already checked; else learn it at the first prefill.
         self._scale_checked_at_init = self._scale is not None
         self._dense_dev = torch.zeros(rtt.shape[0], dtype=torch.bool, device=device)
+        # Retrieval GPU time per step (SGLANG_PARISKV_TIME_RETRIEVAL=1; see retrieval_timer).
+        self.timer = (
+            RetrievalTimer(pool.layer_num) if timing_requested() and device.type == "cuda" else None
+        )
         self.stats = DecodeStats()
         self.metrics = None
         self._stats_path = stats_path(self.tp_rank)
@@ -150,7 +157,12 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
     def snapshot(self) -> dict:
         """Counters for operators: decode steps, attended fraction, encode work."""
         st = dataclasses.asdict(self.stats.totals)
-        st.update(decode_steps=self.stats.decode_steps, sparse_steps=self.stats.sparse_steps)
+        st.update(
+            decode_steps=self.stats.decode_steps,
+            sparse_steps=self.stats.sparse_steps,
+            retrieval_steps_timed=self.stats.retrieval_steps_timed,
+            retrieval_seconds=self.stats.retrieval_seconds,
+        )
         st["attended_fraction"] = st["attended_tokens"] / max(st["context_tokens"], 1)
         st["config"] = self.config.to_dict()
         return st
@@ -160,7 +172,9 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             write_stats(self._stats_path, self.snapshot())
 
     # -- metadata (host side) ---------------------------------------------------------
-    def _plan_decode(self, forward_batch, plan_dense, sparse: HeadAsBatchDecode, force: bool):
+    def _plan_decode(
+        self, forward_batch, plan_dense, sparse: HeadAsBatchDecode, force: bool, key="eager"
+    ):
         bs = forward_batch.batch_size
         self._rpi32 = None  # int32 request indices: cast by the step's first layer
         seq_cpu = forward_batch.seq_lens_cpu[:bs]
@@ -179,6 +193,9 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
                 context_tokens=int(seq_cpu[sparse_rows].sum()),
             )
         )
+        if self.timer is not None:
+            timer = self.timer
+            self._observe_retrieval(timer.begin_step(key) if run_sparse else timer.disarm())
         if not run_sparse:
             self._sparse = None
             plan_dense()
@@ -189,6 +206,14 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         scale, cap = self._scale or (self.d**-0.5, 0.0)
         sparse.plan(seq_cpu, sm_scale=scale, logits_soft_cap=cap)
         self._sparse = sparse
+
+    def _observe_retrieval(self, seconds: float | None) -> None:
+        if seconds is None:
+            return
+        self.stats.retrieval_steps_timed += 1
+        self.stats.retrieval_seconds += seconds
+        if self.metrics is not None:
+            self.metrics.observe_retrieval(seconds)
 
     def _emit(self, counts: BatchCounts) -> None:
         self.stats.totals.accumulate(counts)
@@ -240,6 +265,7 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             ),
             self.graph_sparse[bs],
             force=True,
+            key=bs,
         )
 
     # -- layer work (device side) -----------------------------------------------------
@@ -294,6 +320,8 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         if self._rpi32 is None:  # first sparse layer of the step (or of a captured graph)
             self._rpi32 = forward_batch.req_pool_indices[:bs].to(torch.int32)
         q3 = q.reshape(-1, self.hq, self.d)[:bs]
+        if self.timer is not None:
+            self.timer.start(local)
         self.ws.run(
             q3,
             codes,
@@ -301,6 +329,8 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             self.req_to_token_pool.req_to_token,
             self._rpi32,
         )
+        if self.timer is not None:
+            self.timer.stop(local)
         sparse = self._sparse.run(
             q3,
             self.token_to_kv_pool.get_key_buffer(layer.layer_id),
