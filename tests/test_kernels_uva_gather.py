@@ -100,6 +100,8 @@ def test_gather_workspace_shaped_with_count_mask_and_positions():
 def test_scatter_rows_and_pool_kernel_write_equal_torch_write():
     gen = torch.Generator().manual_seed(5)
     dst = random_bits(300, 24, torch.float16, seed=6)
+    if DEV == "cuda":  # the GPU kernel writes host memory over UVA: it must be pinned
+        dst = dst.pin_memory()
     want = dst.clone()
     src = random_bits(50, 24, torch.float16, seed=7).to(DEV)
     rows = torch.randperm(300, generator=gen)[:50]
@@ -156,17 +158,4 @@ def test_gpu_pinned_pool_gather_bit_exact_and_graph_replay(idx_dtype):
     assert bits_equal(dst, want)
     with pytest.raises(ValueError, match="not pinned"):
         gather_rows(torch.zeros(16, 2 * d, dtype=torch.bfloat16), idx[:4], dst)
-    pool.close()
-
-
-@pytest.mark.gpu
-def test_gpu_cuda_view_aliases_pinned_host_memory():
-    from sglang_pariskv.kernels.uva_gather import cuda_view
-
-    pool = HostKVPool(1024, 1, 2, 64)
-    view = cuda_view(pool.data)
-    assert view.is_cuda and view.shape == pool.data.shape
-    view.view(torch.int16).fill_(7)  # a CUDA kernel writes host memory
-    torch.cuda.synchronize()
-    assert bool((pool.data.view(torch.int16) == 7).all())
     pool.close()

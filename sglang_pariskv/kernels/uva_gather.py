@@ -240,28 +240,6 @@ def _device_pointer(host_ptr: int) -> int:
     return out.value
 
 
-class _CudaArray:
-    def __init__(self, ptr: int, shape: tuple[int, ...], typestr: str):
-        self.__cuda_array_interface__ = {
-            "shape": shape,
-            "typestr": typestr,
-            "data": (ptr, False),
-            "version": 3,
-            "strides": None,
-        }
-
-
-def cuda_view(t: torch.Tensor) -> torch.Tensor:
-    """A CUDA tensor aliasing the pinned host tensor ``t`` (zero copy, through
-    ``__cuda_array_interface__``): every CUDA kernel, FlashInfer's included, then reads and
-    writes host memory over PCIe. The view does not own the memory: keep ``t`` alive."""
-    if not t.is_contiguous() or not t.is_pinned():
-        raise ValueError("cuda_view needs a contiguous pinned host tensor")
-    typestr = {1: "|u1", 2: "<i2", 4: "<i4", 8: "<i8"}[t.element_size()]
-    arr = _CudaArray(_device_pointer(t.data_ptr()), tuple(t.shape), typestr)
-    return torch.as_tensor(arr, device="cuda").view(t.dtype)
-
-
 def gather_bandwidth(
     src: torch.Tensor, num_rows: int, iters: int = 20, seed: int = 0
 ) -> dict[str, float]:
