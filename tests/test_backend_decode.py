@@ -1,0 +1,180 @@
+"""ParisKVAttnBackend's decode layer against a float64 torch oracle, on the CPU.
+
+Real pieces: SGLang's ReqToTokenPool, ParisKV's KV pool (codes written with every KV
+write), the backend's host planning, histogram maintenance (rebuilt at "extend",
+incremented per decode step), the retrieval workspace (Triton interpreter) and the
+dense/sparse row selection. Stand-ins, because they are FlashInfer GPU kernels: SGLang's
+dense decode call (a torch dense attention that also stores the step's KV, as FlashInfer's
+backend does) and the head-as-batch FlashInfer call (a torch attention over the
+workspace's ``kv_indices``). The oracle is independent of both: ``codec.retrieve`` over
+the request's codes, then float64 attention over the positions it selects (all positions
+for requests at or below the dense threshold).
+"""
+
+import os
+import types
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from sglang.srt.layers.attention.flashinfer_backend import (  # noqa: E402
+    FlashInferAttnBackend,
+)
+from sglang.srt.mem_cache.memory_pool import ReqToTokenPool  # noqa: E402
+
+from sglang_pariskv.attention.backend import DecodeStats, ParisKVAttnBackend  # noqa: E402
+from sglang_pariskv.codec import retrieve, sparse_attention  # noqa: E402
+from sglang_pariskv.config import ParisKVConfig  # noqa: E402
+from sglang_pariskv.index.histograms import RequestHistograms  # noqa: E402
+from sglang_pariskv.index.kv_pool import ParisKVTokenToKVPool  # noqa: E402
+from sglang_pariskv.kernels import DecodeWorkspace  # noqa: E402
+from sglang_pariskv.kernels.testing import fresh_interpreter_fallback  # noqa: E402
+
+_interpreter_guard, test_module_in_fresh_interpreter = fresh_interpreter_fallback(__file__)
+
+HQ, HKV, D, MAX_CTX = 4, 2, 16, 512
+CFG = ParisKVConfig(topk=16, sink=4, local=8, dense_threshold=64)
+SCALE = D**-0.5
+
+
+class TorchHeadAsBatch:
+    """Stand-in for HeadAsBatchDecode: row r*Hkv + h attends its query group over
+    ``kv_indices`` = slot * Hkv + h, exactly the layout FlashInfer is given."""
+
+    def __init__(self, ws):
+        self.ws = ws
+
+    def plan(self, seq_lens_cpu, sm_scale=None, logits_soft_cap=0.0):
+        self.ws.plan(seq_lens_cpu)
+        self.scale = sm_scale
+
+    def run(self, q, k_pool, v_pool):
+        r, hq, d = q.shape
+        g = hq // HKV
+        ip, idx = self.ws.kv_indptr, self.ws.kv_indices
+        kf, vf = k_pool.reshape(-1, d).float(), v_pool.reshape(-1, d).float()
+        out = torch.zeros(r, hq, d)
+        for row in range(r * HKV):
+            i, h = divmod(row, HKV)
+            sel = idx[ip[row] : ip[row + 1]].long()
+            qq = q[i, h * g : (h + 1) * g].float()
+            w = torch.softmax(qq @ kf[sel].T * self.scale, -1)
+            out[i, h * g : (h + 1) * g] = w @ vf[sel]
+        return out
+
+
+def dense_decode_stand_in(self, q, k, v, layer, fb, save_kv_cache=True):
+    """SGLang's FlashInfer decode: store the step's KV, attend every request densely."""
+    pool = self.token_to_kv_pool
+    if save_kv_cache:
+        pool.set_kv_buffer(layer, fb.out_cache_loc, k, v)
+    rtt = self.req_to_token_pool.req_to_token
+    out = []
+    for i in range(fb.batch_size):
+        slots = rtt[fb.req_pool_indices[i], : int(fb.seq_lens[i])].long()
+        kk = pool.get_key_buffer(0)[slots].float()  # [n, Hkv, D]
+        vv = pool.get_value_buffer(0)[slots].float()
+        qq = q.view(-1, HQ, D)[i].float()
+        kh = kk.repeat_interleave(HQ // HKV, 1)
+        vh = vv.repeat_interleave(HQ // HKV, 1)
+        w = torch.softmax(torch.einsum("hd,nhd->hn", qq, kh) * SCALE, -1)
+        out.append(torch.einsum("hn,nhd->hd", w, vh).reshape(-1))
+    return torch.stack(out).to(q.dtype)
+
+
+@pytest.fixture
+def setup(monkeypatch):
+    monkeypatch.delenv("SGLANG_PARISKV_STATS_DIR", raising=False)
+    monkeypatch.setattr(FlashInferAttnBackend, "forward_decode", dense_decode_stand_in)
+    monkeypatch.setattr(FlashInferAttnBackend, "init_forward_metadata", lambda self, fb: None)
+    pool = ParisKVTokenToKVPool(
+        size=2048,
+        page_size=1,
+        dtype=torch.float32,
+        head_num=HKV,
+        head_dim=D,
+        layer_num=1,
+        device="cpu",
+        enable_memory_saver=False,
+        enable_alt_stream=False,
+    )
+    rtp = ReqToTokenPool(size=4, max_context_len=MAX_CTX, device="cpu", enable_memory_saver=False)
+    b = object.__new__(ParisKVAttnBackend)  # no FlashInfer workspace: CPU stand-ins above
+    ws = DecodeWorkspace(
+        CFG, HQ, HKV, D, max_batch=4, max_context=MAX_CTX, device="cpu",
+        elide_dense_rows=True, chunk=64, scan_block=16, scan_tiles=4,
+    )  # fmt: skip
+    b.__dict__.update(
+        config=CFG, token_to_kv_pool=pool, req_to_token_pool=rtp, codes=pool.pariskv,
+        hkv=HKV, d=D, hq=HQ, tp_rank=0, ws=ws, eager_sparse=TorchHeadAsBatch(ws),
+        hists=RequestHistograms(4, HKV, D, 1, "cpu"), graph_sparse={}, _sparse=None,
+        _rpi32=None, _scale=(SCALE, 0.0), _scale_checked_at_init=True,
+        _dense_dev=torch.zeros(4, dtype=torch.bool), stats=DecodeStats(), metrics=None,
+        _stats_path=None, timer=None,
+    )  # fmt: skip
+    return b, pool, rtp
+
+
+def oracle(pool, rtp, rpi, seq, q):
+    """Float64: retrieve over the requests' own codes, attend the selected positions."""
+    out = []
+    for i in range(len(rpi)):
+        slots = rtp.req_to_token[rpi[i], : seq[i]].long()
+        codes = pool.pariskv.layers[0].index(slots[None])
+        sel = retrieve(q[i : i + 1].double(), codes, torch.tensor([seq[i]]), CFG)
+        kk = pool.get_key_buffer(0)[slots][None].double()
+        vv = pool.get_value_buffer(0)[slots][None].double()
+        out.append(sparse_attention(q[i : i + 1].double(), kk, vv, sel.positions, sel.valid))
+    return torch.cat(out)
+
+
+def test_mixed_batch_decode_matches_the_oracle_over_steps(setup):
+    b, pool, rtp = setup
+    gen = torch.Generator().manual_seed(0)
+    rpi, seq = [3, 1], [300, 40]  # one sparse request (300 > 64), one dense (40)
+    layer = types.SimpleNamespace(layer_id=0, is_cross_attention=False)
+    next_slot = 1
+    for i, n in zip(rpi, seq):  # "prefill": KV (and codes) written, histograms rebuilt
+        slots = torch.arange(next_slot, next_slot + n)
+        next_slot += n
+        rtp.req_to_token[i, :n] = slots.to(torch.int32)
+        k = torch.randn(n, HKV, D, generator=gen)
+        pool.set_kv_buffer(layer, slots, k, torch.randn(n, HKV, D, generator=gen))
+    b.hists.rebuild(
+        0, pool.pariskv.layers[0].signs, rtp.req_to_token, torch.tensor(rpi), torch.tensor(seq)
+    )
+    for _step in range(3):
+        seq = [n + 1 for n in seq]
+        loc = torch.arange(next_slot, next_slot + len(rpi))
+        next_slot += len(rpi)
+        for j, i in enumerate(rpi):
+            rtp.req_to_token[i, seq[j] - 1] = int(loc[j])
+        fb = types.SimpleNamespace(
+            forward_mode=types.SimpleNamespace(is_decode=lambda: True, is_extend=lambda: False),
+            batch_size=len(rpi),
+            seq_lens=torch.tensor(seq),
+            seq_lens_cpu=torch.tensor(seq),
+            seq_lens_sum=sum(seq),
+            req_pool_indices=torch.tensor(rpi),
+            out_cache_loc=loc,
+        )
+        q = torch.randn(len(rpi), HQ, D, generator=gen)
+        k = torch.randn(len(rpi), HKV, D, generator=gen)
+        v = torch.randn(len(rpi), HKV, D, generator=gen)
+        b.init_forward_metadata(fb)
+        got = b.forward_decode(q.reshape(len(rpi), -1), k, v, layer, fb).view(-1, HQ, D)
+        want = oracle(pool, rtp, rpi, seq, q)
+        assert b._dense_dev[:2].tolist() == [False, True]
+        torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-5)
+    # The histograms the backend kept incrementally equal a fresh count.
+    for j, i in enumerate(rpi):
+        fresh = RequestHistograms(4, HKV, D, 1, "cpu")
+        fresh.rebuild(
+            0, pool.pariskv.layers[0].signs, rtp.req_to_token, torch.tensor([i]),
+            torch.tensor([seq[j]]),
+        )  # fmt: skip
+        assert torch.equal(b.hists.layers[0][i], fresh.layers[0][i])
+    assert b.stats.sparse_steps == 3 and b.stats.totals.sparse_request_steps == 3
