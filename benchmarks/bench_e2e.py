@@ -98,6 +98,20 @@ def _run_isolated(target, *args):
     return res
 
 
+def passkey_prompts(tok, contexts: list[int], trials: int) -> tuple[list, list]:
+    """``trials`` passkey tasks per context, needle depths spread evenly: the
+    (context, task) pairs and their chat-formatted token ids, in the same order."""
+    from sglang_pariskv.workloads import tasks
+
+    task_list, prompts = [], []
+    for ctx in contexts:
+        for seed in range(trials):
+            t = tasks.passkey(tok, ctx, depth=(seed + 0.5) / trials, seed=seed)
+            task_list.append((ctx, t))
+            prompts.append(tasks.format_chat(tok, t))
+    return task_list, prompts
+
+
 def run_passkey(contexts: list[int], trials: int, cfg: dict) -> dict:
     from transformers import AutoTokenizer
 
@@ -106,12 +120,7 @@ def run_passkey(contexts: list[int], trials: int, cfg: dict) -> dict:
 
     model = str(ensure_smollm2())
     tok = AutoTokenizer.from_pretrained(model)
-    task_list, prompts = [], []
-    for ctx in contexts:
-        for seed in range(trials):
-            t = tasks.passkey(tok, ctx, depth=(seed + 0.5) / trials, seed=seed)
-            task_list.append((ctx, t))
-            prompts.append(tasks.format_chat(tok, t))
+    task_list, prompts = passkey_prompts(tok, contexts, trials)
     # Greedy-equality prompts, all below the dense threshold: ParisKV must leave them
     # bit-identical (same kernels, same plans).
     short = [tasks.format_chat(tok, tasks.passkey(tok, 600, 0.5, s)) for s in range(4)]

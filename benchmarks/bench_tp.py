@@ -84,12 +84,7 @@ def run_correctness(tp: int, contexts: list[int], trials: int, new_tokens: int) 
     src = ensure_smollm2()
     model = str(widen_checkpoint(src, cache_root() / "SmolLM2-135M-Instruct-hf-wide2"))
     tok = AutoTokenizer.from_pretrained(model)
-    task_list, prompts = [], []
-    for ctx in contexts:
-        for seed in range(trials):
-            t = tasks.passkey(tok, ctx, depth=(seed + 0.5) / trials, seed=seed)
-            task_list.append((ctx, t))
-            prompts.append(tasks.format_chat(tok, t))
+    task_list, prompts = e2e.passkey_prompts(tok, contexts, trials)
     cfg = e2e.PASSKEY_CFG
     runs = {}
     for mode, pk in (("dense", None), ("pariskv", cfg)):

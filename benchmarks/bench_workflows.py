@@ -36,7 +36,6 @@ import platform
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -140,11 +139,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _median(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
 
 
 def _check_plugin_installed() -> None:
@@ -324,6 +318,7 @@ def _warm_up(srv: Server, cfg: dict, docs: dict, qa, chat) -> None:
 def _run_mode(srv: Server, cfg: dict, docs: dict, qa, chat) -> dict:
     """Both workflows, with a /metrics scrape around each."""
     from sglang_pariskv.workloads import documents, prom
+    from sglang_pariskv.workloads.stream_stats import median
 
     ign = cfg["ignore_eos"]
     model_name = chat.first_model(srv.url)
@@ -335,8 +330,8 @@ def _run_mode(srv: Server, cfg: dict, docs: dict, qa, chat) -> dict:
         runs.append(qa.run_fork_qa(srv.url, doc, qs, cfg["fork_max_tokens"], "chatml", ign))
     counters = prom.delta(before, _scrape(srv.url))
     out["frontend_fork_qa"] = {
-        "ttft_ms": _median(r["ttft_ms"] for r in runs),
-        "tok_s": _median(a["decode_tok_s"] for r in runs for a in r["answers"]),
+        "ttft_ms": median(r["ttft_ms"] for r in runs),
+        "tok_s": median(a["decode_tok_s"] for r in runs for a in r["answers"]),
         "counters": counters,
         "radix_cached_tokens": sum(r["cached_tokens"] for r in runs),
         "answers": [documents.extract_code(a["answer"]) for r in runs for a in r["answers"]],

@@ -18,13 +18,13 @@ and decode rate are measured per branch.
 from __future__ import annotations
 
 import argparse
-import statistics
 import threading
 import time
 
 import sglang as sgl
 
 from sglang_pariskv.workloads import documents, prom
+from sglang_pariskv.workloads.stream_stats import decode_rate, median
 
 
 @sgl.function
@@ -141,7 +141,7 @@ def run_fork_qa(
                 "answer": a,
                 "grade": documents.grade(a, q.answer),
                 "fork_ttft_ms": 1000 * (g["first"] - g["start"]) if g else None,
-                "decode_tok_s": (n_out - 1) / span if n_out and n_out > 1 and span > 0 else None,
+                "decode_tok_s": decode_rate(n_out, span),
                 "completion_tokens": n_out,
                 "prompt_tokens": meta.get("prompt_tokens"),
                 "cached_tokens": meta.get("cached_tokens"),
@@ -154,17 +154,12 @@ def run_fork_qa(
         "correct": sum(r["grade"] == "correct" for r in rows),
         "ttft_ms": 1000 * (min(firsts) - t0) if firsts else None,
         "doc_prefill_ms": 1000 * sum(p["end"] - p["start"] for p in backend.prefills),
-        "fork_ttft_ms_median": _median([r["fork_ttft_ms"] for r in rows]),
-        "decode_tok_s_median": _median(rates),
+        "fork_ttft_ms_median": median([r["fork_ttft_ms"] for r in rows]),
+        "decode_tok_s_median": median(rates),
         "completion_tokens": sum(r["completion_tokens"] or 0 for r in rows),
         "cached_tokens": sum(r["cached_tokens"] or 0 for r in rows),
         "wall_s": wall,
     }
-
-
-def _median(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import threading
 import time
 import urllib.request
 
 from sglang_pariskv.workloads import documents, prom
+from sglang_pariskv.workloads.stream_stats import decode_rate, median
 
 
 def _post_stream(url: str, body: dict, timeout: float):
@@ -87,7 +87,7 @@ def stream_chat(
         "text": "".join(parts),
         "ttft_ms": 1000 * (first - start) if first is not None else None,
         "e2e_ms": 1000 * (end - start),
-        "decode_tok_s": (n_out - 1) / span if n_out and n_out > 1 and span > 0 else None,
+        "decode_tok_s": decode_rate(n_out, span),
         "completion_tokens": n_out,
         "prompt_tokens": usage.get("prompt_tokens"),
         "cached_tokens": details.get("cached_tokens"),  # needs --enable-cache-report
@@ -170,21 +170,16 @@ def run_chat_workload(
         "doc_tokens": document.n_tokens,
         "requests": records,
         "correct": sum(r["grade"] == "correct" for r in records),
-        "ttft_ms_median": _median(r["ttft_ms"] for r in records),
+        "ttft_ms_median": median(r["ttft_ms"] for r in records),
         "ttft_ms_median_by_turn": [
-            _median(r["ttft_ms"] for r in records if r["turn"] == t) for t in range(turns)
+            median(r["ttft_ms"] for r in records if r["turn"] == t) for t in range(turns)
         ],
-        "decode_tok_s_median": _median(r["decode_tok_s"] for r in records),
+        "decode_tok_s_median": median(r["decode_tok_s"] for r in records),
         "completion_tokens": out_tokens,
         "cached_tokens": sum(r["cached_tokens"] or 0 for r in records),
         "aggregate_tok_s": out_tokens / wall if wall > 0 else None,
         "wall_s": wall,
     }
-
-
-def _median(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
 
 
 def main(argv: list[str] | None = None) -> int:

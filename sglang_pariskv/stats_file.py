@@ -18,16 +18,17 @@ STATS_DIR_ENV = "SGLANG_PARISKV_STATS_DIR"
 
 
 def stats_path(tp_rank: int) -> Path | None:
-    """Where this process writes its counters, or None when the variable is unset."""
+    """Where this process writes its counters (the folder created once, here, not at
+    every batch's write), or None when the variable is unset."""
     out = os.environ.get(STATS_DIR_ENV)
     if not out:
         return None
+    Path(out).mkdir(parents=True, exist_ok=True)
     return Path(out) / f"pariskv-tp{tp_rank}-{os.getpid()}.json"
 
 
 def write_stats(path: Path, snapshot: dict) -> None:
     """Atomic rewrite (a reader never sees half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(snapshot))
     tmp.replace(path)

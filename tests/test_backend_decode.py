@@ -29,9 +29,9 @@ from sglang_pariskv.attention.backend import DecodeStats, ParisKVAttnBackend  # 
 from sglang_pariskv.codec import retrieve, sparse_attention  # noqa: E402
 from sglang_pariskv.config import ParisKVConfig  # noqa: E402
 from sglang_pariskv.index.histograms import RequestHistograms  # noqa: E402
-from sglang_pariskv.index.kv_pool import ParisKVTokenToKVPool  # noqa: E402
 from sglang_pariskv.kernels import DecodeWorkspace  # noqa: E402
 from sglang_pariskv.kernels.testing import fresh_interpreter_fallback  # noqa: E402
+from tests.test_plugin_pool import make_pool  # noqa: E402
 
 _interpreter_guard, test_module_in_fresh_interpreter = fresh_interpreter_fallback(__file__)
 
@@ -90,17 +90,7 @@ def setup(monkeypatch):
     monkeypatch.delenv("SGLANG_PARISKV_STATS_DIR", raising=False)
     monkeypatch.setattr(FlashInferAttnBackend, "forward_decode", dense_decode_stand_in)
     monkeypatch.setattr(FlashInferAttnBackend, "init_forward_metadata", lambda self, fb: None)
-    pool = ParisKVTokenToKVPool(
-        size=2048,
-        page_size=1,
-        dtype=torch.float32,
-        head_num=HKV,
-        head_dim=D,
-        layer_num=1,
-        device="cpu",
-        enable_memory_saver=False,
-        enable_alt_stream=False,
-    )
+    pool = make_pool(2048, heads=HKV, head_dim=D, layers=1, dtype=torch.float32)
     rtp = ReqToTokenPool(size=4, max_context_len=MAX_CTX, device="cpu", enable_memory_saver=False)
     b = object.__new__(ParisKVAttnBackend)  # no FlashInfer workspace: CPU stand-ins above
     ws = DecodeWorkspace(

@@ -22,14 +22,15 @@ from sglang_pariskv.server_flags import ParisKVConfigError
 H, D, LAYERS = 2, 16, 2
 
 
-def make_pool(size=256):
+def make_pool(size=256, heads=H, head_dim=D, layers=LAYERS, dtype=torch.bfloat16):
+    """A CPU ParisKV KV pool (shared by the pool, TP and backend-decode tests)."""
     pool = ParisKVTokenToKVPool(
         size=size,
         page_size=1,
-        dtype=torch.bfloat16,
-        head_num=H,
-        head_dim=D,
-        layer_num=LAYERS,
+        dtype=dtype,
+        head_num=heads,
+        head_dim=head_dim,
+        layer_num=layers,
         device="cpu",
         enable_memory_saver=False,
         enable_alt_stream=False,

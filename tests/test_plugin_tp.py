@@ -20,23 +20,14 @@ from sglang_pariskv.config import ParisKVConfig
 from sglang_pariskv.index.code_pool import code_bytes_per_token
 from sglang_pariskv.index.histograms import RequestHistograms
 from sglang_pariskv.index.kv_pool import ParisKVTokenToKVPool
+from tests.test_plugin_pool import make_pool as make_cpu_pool
 
 HKV, GROUP, D, LAYERS, TP = 4, 2, 32, 2, 2
 CFG = ParisKVConfig(topk=24, sink=4, local=8, dense_threshold=64)
 
 
 def make_pool(heads: int, size: int = 512) -> ParisKVTokenToKVPool:
-    return ParisKVTokenToKVPool(
-        size=size,
-        page_size=1,
-        dtype=torch.bfloat16,
-        head_num=heads,
-        head_dim=D,
-        layer_num=LAYERS,
-        device="cpu",
-        enable_memory_saver=False,
-        enable_alt_stream=False,
-    )
+    return make_cpu_pool(size, heads=heads, head_dim=D, layers=LAYERS)
 
 
 def shard(x: torch.Tensor, rank: int, dim: int = 1) -> torch.Tensor:
