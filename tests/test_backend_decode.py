@@ -168,3 +168,40 @@ def test_mixed_batch_decode_matches_the_oracle_over_steps(setup):
         )  # fmt: skip
         assert torch.equal(b.hists.layers[0][i], fresh.layers[0][i])
     assert b.stats.sparse_steps == 3 and b.stats.totals.sparse_request_steps == 3
+
+
+def test_step_tensors_are_made_inside_every_captured_run(setup, monkeypatch):
+    """SGLang's decode graph capture plans once (``init_forward_metadata_out_graph``), then
+    runs the forward twice (warm-up, then the recorded run), each preceded by
+    ``init_forward_metadata_in_graph``. A tensor the layers read must be produced inside
+    the recorded run, else every replay reads the warm-up's stale copy (the cause of the
+    passkey collapse found on the H100 in session 3)."""
+    b, pool, rtp = setup
+    monkeypatch.setattr(
+        FlashInferAttnBackend, "init_forward_metadata_out_graph", lambda self, fb, c=False: None
+    )
+    layer = types.SimpleNamespace(layer_id=0, is_cross_attention=False)
+    gen = torch.Generator().manual_seed(1)
+    n = 200
+    rtp.req_to_token[2, :n] = torch.arange(1, n + 1, dtype=torch.int32)
+    pool.set_kv_buffer(layer, torch.arange(1, n + 1), torch.randn(n, HKV, D, generator=gen),
+                       torch.randn(n, HKV, D, generator=gen))  # fmt: skip
+    b.graph_sparse[1] = TorchHeadAsBatch(b.ws)
+    fb = types.SimpleNamespace(
+        forward_mode=types.SimpleNamespace(is_decode=lambda: True, is_extend=lambda: False),
+        batch_size=1, seq_lens=torch.tensor([n]), seq_lens_cpu=torch.tensor([n]),
+        seq_lens_sum=n, req_pool_indices=torch.tensor([2]), out_cache_loc=torch.tensor([n]),
+    )  # fmt: skip
+    q = torch.randn(1, HQ * D, generator=gen)
+    kv = torch.randn(1, HKV, D, generator=gen)
+    b.init_forward_metadata_out_graph(fb, in_capture=True)
+    with pytest.raises(RuntimeError, match="step tensors"):
+        b.forward_decode(q, kv, kv, layer, fb, save_kv_cache=False)
+    read = []
+    for _run in ("warm-up", "recorded"):
+        b.init_forward_metadata_in_graph(fb)
+        read.append(b._rpi32)
+        b.forward_decode(q, kv, kv, layer, fb, save_kv_cache=False)
+        assert b._rpi32 is read[-1]  # every layer of the run reads the run's own tensor
+    assert read[1] is not read[0]
+    assert read[1].dtype == torch.int32 and read[1].tolist() == [2]

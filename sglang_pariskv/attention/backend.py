@@ -176,7 +176,7 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         self, forward_batch, plan_dense, sparse: HeadAsBatchDecode, force: bool, key="eager"
     ):
         bs = forward_batch.batch_size
-        self._rpi32 = None  # int32 request indices: cast by the step's first layer
+        self._rpi32 = None  # set by _prepare_step_tensors once the plan is made
         seq_cpu = forward_batch.seq_lens_cpu[:bs]
         dense_cpu = dense_mask(seq_cpu, self.config)
         real = seq_cpu > 1  # CUDA-graph padding rows have seq_len 1; a real decode has >= 2
@@ -245,6 +245,24 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             self.eager_sparse,
             force=False,
         )
+        self._prepare_step_tensors(forward_batch)
+
+    def init_forward_metadata_in_graph(self, forward_batch):
+        super().init_forward_metadata_in_graph(forward_batch)
+        self._prepare_step_tensors(forward_batch)
+
+    def _prepare_step_tensors(self, forward_batch) -> None:
+        """Device tensors every layer of a sparse decode step reads, made once per step.
+
+        Under CUDA graphs this runs in ``init_forward_metadata_in_graph``, i.e. inside
+        every warm-up and capture run, so the cast is a node of the captured graph and is
+        replayed with it. Made lazily by the first layer instead, it was skipped on the
+        capture run (the warm-up run had already set it), and every replay read the
+        warm-up's request indices: retrieval over the wrong requests' histograms."""
+        if self._sparse is None or not forward_batch.forward_mode.is_decode():
+            return
+        bs = forward_batch.batch_size
+        self._rpi32 = forward_batch.req_pool_indices[:bs].to(torch.int32)
 
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
         mode = forward_batch.forward_mode
@@ -317,8 +335,11 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             )
         if self._sparse is None:
             return out
-        if self._rpi32 is None:  # first sparse layer of the step (or of a captured graph)
-            self._rpi32 = forward_batch.req_pool_indices[:bs].to(torch.int32)
+        if self._rpi32 is None:
+            raise RuntimeError(
+                "ParisKV decode ran without its step tensors: init_forward_metadata (eager) "
+                "or init_forward_metadata_in_graph (CUDA graphs) must precede the layers"
+            )
         q3 = q.reshape(-1, self.hq, self.d)[:bs]
         if self.timer is not None:
             self.timer.start(local)
@@ -337,6 +358,7 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             self.token_to_kv_pool.get_value_buffer(layer.layer_id),
         )
         out = out.view(-1, self.hq * self.d)
+        head = out[:bs]  # one in-place select kernel, not a where plus a copy back
         keep_dense = self._dense_dev[:bs, None]
-        out[:bs] = torch.where(keep_dense, out[:bs], sparse.reshape(bs, -1).to(out.dtype))
+        torch.where(keep_dense, head, sparse.reshape(bs, -1).to(out.dtype), out=head)
         return out
