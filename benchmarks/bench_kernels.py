@@ -30,7 +30,7 @@ B = D // 8
 DTYPE = torch.bfloat16
 KV_BYTES_PER_SLOT = 2 * HKV * D * 2  # K and V, bf16
 CODE_BYTES_PER_SLOT = HKV * 6 * B
-STAGES = ("query", "tiers", "scan", "select", "rerank", "topk", "assemble")
+STAGES = ("query_tiers", "scan", "select", "rerank", "topk", "assemble")
 
 
 def bench_ms(fn) -> float:
@@ -392,7 +392,7 @@ def plot(path: Path) -> None:
     ax1.set_title(f"Decode attention per layer, {report['device']}")
     ax1.legend()
     bottom = [0.0] * len(cases)
-    names = list(STAGES) + ["sparse_attention"]
+    names = list(dict.fromkeys(n for c in cases for n in c["stages_ms"]))  # as recorded
     for name in names:
         vals = [c["stages_ms"].get(name, 0.0) for c in cases]
         ax2.bar(list(x), vals, 0.6, bottom=bottom, label=name)

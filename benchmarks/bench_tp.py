@@ -1,6 +1,8 @@
 """Tensor parallelism with ParisKV: ``--tp-size 2`` against ``--tp-size 1``, same run.
 
     python benchmarks/bench_tp.py correctness --tp 2
+    python benchmarks/bench_tp.py correctness --tp 2 --modes dense --runs-dir /tmp/tp-runs
+    python benchmarks/bench_tp.py correctness --tp 2 --modes pariskv --runs-dir /tmp/tp-runs
     python benchmarks/bench_tp.py throughput --tp 2 --inputs 131072 --batches 1 2 4
     python benchmarks/bench_tp.py plot
 
@@ -73,7 +75,20 @@ def _agreement(a: list[list[int]], b: list[list[int]]) -> dict:
     }
 
 
-def run_correctness(tp: int, contexts: list[int], trials: int, new_tokens: int) -> dict:
+def run_correctness(
+    tp: int,
+    contexts: list[int],
+    trials: int,
+    new_tokens: int,
+    modes: tuple[str, ...] = ("dense", "pariskv"),
+    runs_dir: Path | None = None,
+) -> dict | None:
+    """Greedy outputs at TP=1 and TP=``tp`` for ``modes`` (ParisKV required; dense, the
+    baseline for how much TP alone changes greedy outputs, when asked for).
+
+    With ``runs_dir``, each (mode, tp) run is saved there and reused, so the engine runs
+    can be split over several calls (``--modes dense`` then ``--modes pariskv``) on a host
+    whose calls are time-limited; returns None until the ParisKV runs exist."""
     from transformers import AutoTokenizer
 
     from sglang_pariskv.config import ParisKVConfig
@@ -89,17 +104,29 @@ def run_correctness(tp: int, contexts: list[int], trials: int, new_tokens: int) 
     runs = {}
     for mode, pk in (("dense", None), ("pariskv", cfg)):
         for t in (1, tp):
-            runs[(mode, t)] = e2e._run_isolated(_greedy_worker, model, pk, t, prompts, new_tokens)
+            saved = runs_dir / f"{mode}_tp{t}.json" if runs_dir is not None else None
+            if mode in modes:
+                runs[(mode, t)] = e2e._run_isolated(
+                    _greedy_worker, model, pk, t, prompts, new_tokens
+                )
+                if saved is not None:
+                    saved.parent.mkdir(parents=True, exist_ok=True)
+                    saved.write_text(json.dumps(runs[(mode, t)]))
+            elif saved is not None and saved.exists():
+                runs[(mode, t)] = json.loads(saved.read_text())
+    if ("pariskv", 1) not in runs or ("pariskv", tp) not in runs:
+        return None
+    done = [m for m in ("dense", "pariskv") if (m, 1) in runs and (m, tp) in runs]
     for t in (1, tp):
-        if runs[("dense", t)]["stats"] or not runs[("pariskv", t)]["stats"].get(
-            "sparse_request_steps"
-        ):
+        if ("dense", t) in runs and runs[("dense", t)]["stats"]:
+            raise RuntimeError(f"the dense run at tp {t} ran ParisKV")
+        if not runs[("pariskv", t)]["stats"].get("sparse_request_steps"):
             raise RuntimeError(f"ParisKV did not run as expected at tp {t}")
     by_ctx = {}
     for ctx in contexts:
         idx = [i for i, (c, _) in enumerate(task_list) if c == ctx]
         row = {"trials": len(idx), "sparse": not ParisKVConfig.from_dict(cfg).is_dense(ctx)}
-        for mode in ("dense", "pariskv"):
+        for mode in done:
             pick = (
                 [runs[(mode, 1)]["ids"][i] for i in idx],
                 [runs[(mode, tp)]["ids"][i] for i in idx],
@@ -116,6 +143,7 @@ def run_correctness(tp: int, contexts: list[int], trials: int, new_tokens: int) 
         "heads; exactly equivalent), real weights",
         "config": cfg,
         "new_tokens": new_tokens,
+        "modes": done,
         "by_context": by_ctx,
         "pariskv_stats": {str(t): runs[("pariskv", t)]["stats"] for t in (1, tp)},
     }
@@ -140,6 +168,8 @@ def plot(results: Path = RESULTS) -> Path:
         tp = data["tp"]
         x = range(len(ctxs))
         for off, mode in ((-0.2, "dense"), (0.2, "pariskv")):
+            if mode not in c.get("modes", ("dense", "pariskv")):
+                continue
             vals = [
                 c["by_context"][k][f"{mode}_tp{tp}_vs_tp1"]["identical"]
                 / c["by_context"][k][f"{mode}_tp{tp}_vs_tp1"]["prompts"]
@@ -176,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--contexts", type=int, nargs="+", default=[800, 4096, 8000])
     c.add_argument("--trials", type=int, default=10)
     c.add_argument("--new-tokens", type=int, default=24)
+    c.add_argument("--modes", nargs="+", choices=("dense", "pariskv"), default=["dense", "pariskv"])
+    c.add_argument("--runs-dir", type=Path, help="save / reuse each (mode, tp) run here")
     t = sub.add_parser("throughput")
     t.add_argument("--tp", type=int, default=2)
     t.add_argument("--inputs", type=int, nargs="+", default=[131072])
@@ -187,14 +219,23 @@ def main(argv: list[str] | None = None) -> int:
         print(plot())
         return 0
     if args.cmd == "correctness":
-        res = run_correctness(args.tp, args.contexts, args.trials, args.new_tokens)
+        res = run_correctness(
+            args.tp, args.contexts, args.trials, args.new_tokens, tuple(args.modes), args.runs_dir
+        )
+        if res is None:
+            print(f"saved {args.modes} runs in {args.runs_dir}; run the other mode(s) next")
+            return 0
         _merge("correctness", res, args.tp)
         for ctx, r in res["by_context"].items():
-            d, p = r[f"dense_tp{args.tp}_vs_tp1"], r[f"pariskv_tp{args.tp}_vs_tp1"]
+            same = " ".join(
+                f"{m} {r[k]['identical']}/{r[k]['prompts']}"
+                for m in res["modes"]
+                if (k := f"{m}_tp{args.tp}_vs_tp1") in r
+            )
             print(
-                f"{ctx:>6} sparse={r['sparse']!s:5} identical dense {d['identical']}/"
-                f"{d['prompts']} pariskv {p['identical']}/{p['prompts']} acc pariskv "
-                f"tp1 {r['pariskv_tp1_acc']:.2f} tp{args.tp} {r[f'pariskv_tp{args.tp}_acc']:.2f}"
+                f"{ctx:>6} sparse={r['sparse']!s:5} identical tp{args.tp} vs tp1: {same}; "
+                f"pariskv acc tp1 {r['pariskv_tp1_acc']:.2f} "
+                f"tp{args.tp} {r[f'pariskv_tp{args.tp}_acc']:.2f}"
             )
     else:
         cfg = {"topk": 2048, "sink": 64, "local": 256, "dense_threshold": 8192}

@@ -69,8 +69,9 @@ def test_scan_scores_and_histogram_match_codec(d, h, variant):
             assert torch.equal(shist[r, hh].cpu().long(), ref)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_selection_is_codec_set_with_stable_ties(seed):
+# chunk 4: 150 chunks, so a chunk's offset sums its predecessors over several tiles.
+@pytest.mark.parametrize("seed,chunk", [(0, 64), (1, 64), (2, 4)])
+def test_selection_is_codec_set_with_stable_ties(seed, chunk):
     gen = torch.Generator().manual_seed(seed)
     r, h, nmax = 3, 3, 600
     # Few distinct scores: many ties at the threshold, so the stable order matters.
@@ -85,7 +86,7 @@ def test_selection_is_codec_set_with_stable_ties(seed):
             s = scores[i, j][in_zone[i]]
             shist[i, j] = torch.bincount(s.long(), minlength=128).to(torch.int32)
     cand = torch.full((r, h, 128), -1, dtype=torch.int32, device=DEV)
-    buf = CandidateBuffers(r * h, nmax, 64, DEV)
+    buf = CandidateBuffers(r * h, nmax, chunk, DEV)
     select_candidates_gpu(
         scores.to(DEV), shist.to(DEV), counts.to(DEV), zone_start, zone_end.to(DEV), cand, buf
     )
@@ -135,7 +136,8 @@ def test_cuda_scan_matches_triton(cuda_device):
     from sglang_pariskv.kernels.cuda_ops import collision_scan_cuda, cuda_available
 
     assert cuda_available()
-    for d, h in ((128, 8), (64, 4), (128, 2)):
+    # Every run length the auto choice (workspace.scan_tokens_per_block) can pick.
+    for (d, h), tpb in zip(((128, 8), (64, 4), (128, 2), (128, 8)), (1024, 256, 512, 2048)):
         lens = [50000, 3000, 131072]
         nmax = 131072
         sc = make_scenario(lens, h, d, nmax, cuda_device, seed=d + h)
@@ -154,6 +156,7 @@ def test_cuda_scan_matches_triton(cuda_device):
             scores,
             shist,
             64,
+            tpb,
         )
         assert torch.equal(scores, want_s)
         assert torch.equal(shist, want_h)

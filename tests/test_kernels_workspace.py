@@ -176,3 +176,20 @@ def test_flashinfer_head_as_batch_decode_matches_codec_attention(cuda_device):
     ref = sparse_attention(q, kk, vv, pos, pos >= 0)
     err = (o.float() - ref).norm() / ref.norm()
     assert err < 2e-2
+
+
+def test_scan_run_length_fills_the_gpu_at_small_batches():
+    from sglang_pariskv.kernels.workspace import SCAN_TOKENS_PER_BLOCK, scan_tokens_per_block
+
+    for ctx in (8192, 32768, 131072, 1 << 20):
+        for batch in (1, 2, 8, 64):
+            tpb = scan_tokens_per_block(ctx, batch, 132)
+            assert tpb in SCAN_TOKENS_PER_BLOCK
+            blocks = -(-ctx // tpb) * batch
+            # Either enough blocks for 4 per SM, or the smallest run is already in use ...
+            assert blocks >= 4 * 132 or tpb == SCAN_TOKENS_PER_BLOCK[-1]
+            # ... and never a shorter run than needed (a longer one would still fill it).
+            longer = [t for t in SCAN_TOKENS_PER_BLOCK if t > tpb]
+            assert all(-(-ctx // t) * batch < 4 * 132 for t in longer)
+    assert scan_tokens_per_block(131072, 1, 132) == 256
+    assert scan_tokens_per_block(131072, 8, 132) == 1024

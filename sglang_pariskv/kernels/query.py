@@ -17,6 +17,23 @@ _TINY = tl.constexpr(1.1754943508222875e-38)
 
 
 @triton.jit
+def group_unit_mean(
+    q_ptr, stride_qr, stride_qh, r, h, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr
+):
+    """Mean of KV head h's query group for request r (fp32 [D]) as (unit vector, norm)."""
+    g = tl.arange(0, GP)
+    d = tl.arange(0, D)
+    qs = tl.load(
+        q_ptr + r.to(tl.int64) * stride_qr + (h * G + g[:, None]) * stride_qh + d[None, :],
+        mask=(g < G)[:, None],
+        other=0.0,
+    ).to(tl.float32)
+    mean = tl.sum(qs, axis=0) / G
+    norm = tl.sqrt(tl.sum(mean * mean, axis=0))
+    return mean / tl.maximum(norm, _TINY), norm
+
+
+@triton.jit
 def _query_kernel(
     q_ptr,
     stride_qr,
@@ -33,16 +50,8 @@ def _query_kernel(
     pid = tl.program_id(0)  # r * H + h
     r = pid // H
     h = pid % H
-    g = tl.arange(0, GP)
     d = tl.arange(0, D)
-    qs = tl.load(
-        q_ptr + r.to(tl.int64) * stride_qr + (h * G + g[:, None]) * stride_qh + d[None, :],
-        mask=(g < G)[:, None],
-        other=0.0,
-    ).to(tl.float32)
-    mean = tl.sum(qs, axis=0) / G
-    norm = tl.sqrt(tl.sum(mean * mean, axis=0))
-    unit = mean / tl.maximum(norm, _TINY)
+    unit, norm = group_unit_mean(q_ptr, stride_qr, stride_qh, r, h, G, GP, D)
     tl.store(norm_ptr + pid, norm)
     for i0 in tl.static_range(0, D, ROWS):
         i = i0 + tl.arange(0, ROWS)

@@ -32,33 +32,20 @@ def _centroid_scores(c, q0, q1, q2, q3, q4, q5, q6, q7):
 
 
 @triton.jit
-def _tier_kernel(
-    qb_ptr,
-    hist_ptr,
-    req_ptr,
-    thr_ptr,
-    out_ptr,
-    HB: tl.constexpr,
-    NT: tl.constexpr,
-    NTP: tl.constexpr,
-    CHUNK: tl.constexpr,
-):
-    pid = tl.program_id(0)  # r * HB + hb
-    r = pid // HB
-    hb = pid % HB
-    req = tl.load(req_ptr + r).to(tl.int64)
-    qp = qb_ptr + pid.to(tl.int64) * 8
-    q0 = tl.load(qp).to(tl.float64)
-    q1 = tl.load(qp + 1).to(tl.float64)
-    q2 = tl.load(qp + 2).to(tl.float64)
-    q3 = tl.load(qp + 3).to(tl.float64)
-    q4 = tl.load(qp + 4).to(tl.float64)
-    q5 = tl.load(qp + 5).to(tl.float64)
-    q6 = tl.load(qp + 6).to(tl.float64)
-    q7 = tl.load(qp + 7).to(tl.float64)
+def block_tiers(qv, hrow, thr_row, NT: tl.constexpr, NTP: tl.constexpr, CHUNK: tl.constexpr):
+    """Tier of each of the 256 centroids of one (request, head, block): query block ``qv``
+    (fp32 [8]), the block's key histogram row ``hrow`` and the request's thresholds."""
+    j = tl.arange(0, 8)
+    q0 = tl.sum(tl.where(j == 0, qv, 0.0)).to(tl.float64)  # exact: the other terms are 0
+    q1 = tl.sum(tl.where(j == 1, qv, 0.0)).to(tl.float64)
+    q2 = tl.sum(tl.where(j == 2, qv, 0.0)).to(tl.float64)
+    q3 = tl.sum(tl.where(j == 3, qv, 0.0)).to(tl.float64)
+    q4 = tl.sum(tl.where(j == 4, qv, 0.0)).to(tl.float64)
+    q5 = tl.sum(tl.where(j == 5, qv, 0.0)).to(tl.float64)
+    q6 = tl.sum(tl.where(j == 6, qv, 0.0)).to(tl.float64)
+    q7 = tl.sum(tl.where(j == 7, qv, 0.0)).to(tl.float64)
     c = tl.arange(0, 256)
     s = _centroid_scores(c, q0, q1, q2, q3, q4, q5, q6, q7)  # [256]
-    hrow = hist_ptr + (req * HB + hb) * 256
     # acc[k, c] sums, over the "better" candidates c2 = c0 + k, n[c2] * [c2 beats c]: the
     # loop is elementwise and the one cross-thread reduction happens after it.
     acc = tl.zeros((CHUNK, 256), dtype=tl.int32)
@@ -72,9 +59,31 @@ def _tier_kernel(
         acc += tl.where(better, n2[:, None], 0)
     pre = tl.sum(acc, axis=0)  # keys of better-ranked centroids
     t = tl.arange(0, NTP)
-    thr = tl.load(thr_ptr + r * NT + t, mask=t < NT, other=-1)
-    tiers = tl.sum((pre[:, None] < thr[None, :]).to(tl.int32), axis=1)
-    tl.store(out_ptr + pid.to(tl.int64) * 256 + c, tiers.to(tl.uint8))
+    thr = tl.load(thr_row + t, mask=t < NT, other=-1)
+    return tl.sum((pre[:, None] < thr[None, :]).to(tl.int32), axis=1)
+
+
+@triton.jit
+def _tier_kernel(
+    qb_ptr,
+    hist_ptr,
+    req_ptr,
+    thr_ptr,
+    out_ptr,
+    HB: tl.constexpr,
+    NT: tl.constexpr,
+    NTP: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    pid = tl.program_id(0)  # r * HB + hb
+    r = pid // HB
+    req = tl.load(req_ptr + r).to(tl.int64)
+    qp = qb_ptr + pid.to(tl.int64) * 8
+    tiers = block_tiers(
+        tl.load(qp + tl.arange(0, 8)), hist_ptr + (req * HB + pid % HB) * 256,
+        thr_ptr + r * NT, NT, NTP, CHUNK,
+    )  # fmt: skip
+    tl.store(out_ptr + pid.to(tl.int64) * 256 + tl.arange(0, 256), tiers.to(tl.uint8))
 
 
 def centroid_tier_table(

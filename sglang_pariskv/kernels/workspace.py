@@ -13,9 +13,10 @@ The tier thresholds take N = seq_len: the histograms count every written token o
 request (the decoded token included), so their total is seq_len by construction.
 
 Stages of :meth:`run` (each a module of this package):
-  query (``query.py``) -> tiers (``tiers.py``) -> collision scan + score histogram
-  (``collision.py`` / CUDA ``cuda_scan.py``) -> candidate selection (``select.py``) ->
-  rerank + top-k (``rerank.py``) -> index assembly (``assemble.py``).
+  query prep + tier table (``query_tiers.py``, one launch fusing ``query.py`` and
+  ``tiers.py``) -> collision scan + score histogram (``collision.py`` / CUDA
+  ``cuda_ops.py``) -> candidate selection (``select.py``) -> rerank + top-k
+  (``rerank.py``) -> index assembly (``assemble.py``).
 """
 
 from __future__ import annotations
@@ -46,12 +47,31 @@ from sglang_pariskv.kernels.cuda_ops import (
     topk_cuda,
 )
 from sglang_pariskv.kernels.query import prepare_query_gpu
+from sglang_pariskv.kernels.query_tiers import query_tier_table
 from sglang_pariskv.kernels.rerank import levels, rerank_estimates, topk_slots
 from sglang_pariskv.kernels.select import CandidateBuffers, select_candidates_gpu
 from sglang_pariskv.kernels.tiers import centroid_tier_table
 
 #: Per-request int64 fields of the plan buffer, in order (then the tier thresholds).
 _FIELDS = ("seq", "dense", "counts", "zone_end")
+
+
+#: Scan block sizes (positions per CUDA block) the auto choice picks from, largest first.
+SCAN_TOKENS_PER_BLOCK = (2048, 1024, 512, 256)
+
+
+def scan_tokens_per_block(max_context: int, batch: int, num_sms: int) -> int:
+    """Positions per block of the CUDA scan for a batch of ``batch`` requests.
+
+    The grid is fixed by ``max_context`` (CUDA graphs bake it in), one block per run of
+    positions per request. Large runs amortise loading the request's tier table into shared
+    memory, but at batch 1-2 they leave most SMs idle (128K positions / 2048 = 64 blocks on
+    132 SMs, a latency-bound 40 us per layer on the H100): take the largest run that still
+    gives every SM about four blocks."""
+    for tpb in SCAN_TOKENS_PER_BLOCK:
+        if -(-max_context // tpb) * batch >= 4 * num_sms:
+            return tpb
+    return SCAN_TOKENS_PER_BLOCK[-1]
 
 
 def max_candidates(config: ParisKVConfig, max_context: int) -> int:
@@ -90,11 +110,13 @@ class DecodeWorkspace:
         scan_block: int = 256,
         scan_tiles: int = 8,
         scan_variant: str = "auto",
-        cuda_tokens_per_block: int = 1024,
+        cuda_tokens_per_block: int | None = None,
         elide_dense_rows: bool = False,
     ) -> None:
         """``scan_variant``: "cuda" (csrc/ kernels for the scan and the rerank), "load" or
-        "gather" (Triton scan variants, Triton rerank), or "auto" (cuda where it builds)."""
+        "gather" (Triton scan variants, Triton rerank), or "auto" (cuda where it builds).
+        ``cuda_tokens_per_block``: the CUDA scan's run length; None picks it per batch
+        (:func:`scan_tokens_per_block`)."""
         check_head_dim(head_dim)
         if num_q_heads % num_kv_heads:
             raise ValueError(f"{num_q_heads} query heads over {num_kv_heads} KV heads")
@@ -107,7 +129,12 @@ class DecodeWorkspace:
             cuda = self.device.type == "cuda" and cuda_available()
             scan_variant = "cuda" if cuda else "load"
         self.scan_variant = scan_variant
-        self.cuda_tpb = cuda_tokens_per_block
+        self.cuda_tpb = cuda_tokens_per_block  # None: scan_tokens_per_block per batch
+        self.num_sms = (
+            torch.cuda.get_device_properties(self.device).multi_processor_count
+            if self.device.type == "cuda"
+            else 132
+        )
         self.scan_block, self.scan_tiles = scan_block, scan_tiles
         dev = self.device
         h, b, rmax = num_kv_heads, self.b, max_batch
@@ -230,14 +257,24 @@ class DecodeWorkspace:
     def stages(self) -> list[tuple[str, Callable[[], None]]]:
         """(name, fn) of each stage in order; the benchmark times them one by one."""
         return [
-            ("query", self._stage_query),
-            ("tiers", self._stage_tiers),
+            ("query_tiers", self._stage_query_tiers),
             ("scan", self._stage_scan),
             ("select", self._stage_select),
             ("rerank", self._stage_rerank),
             ("topk", self._stage_topk),
             ("assemble", self._stage_assemble),
         ]
+
+    def _stage_query_tiers(self) -> None:
+        """Query prep, tier table and score-histogram reset in one launch (the fused
+        form of :meth:`_stage_query` + :meth:`_stage_tiers`, which tests compare it to)."""
+        st = self._st
+        st.query = PreparedQuery(self.query.blocks[: st.r], self.query.norm[: st.r])
+        st.tiers = self.tiers[: st.r]
+        st.score_hist = self.score_hist[: st.r]
+        query_tier_table(
+            st.q, self.rot, st.hist, st.rpi, st.thresholds, st.query, st.tiers, st.score_hist
+        )
 
     def _stage_query(self) -> None:
         st = self._st
@@ -252,11 +289,11 @@ class DecodeWorkspace:
 
     def _stage_scan(self) -> None:
         st = self._st
-        st.scores, st.score_hist = self.scores[: st.r], self.score_hist[: st.r]
-        st.score_hist.zero_()
+        st.scores = self.scores[: st.r]  # st.score_hist: zeroed by _stage_query_tiers
         args = (st.codes.signs, st.rtt, st.rpi, st.seq, st.zone_end, st.tiers, st.scores)
         if self.scan_variant == "cuda":
-            collision_scan_cuda(*args, st.score_hist, self.config.sink, self.cuda_tpb)
+            tpb = self.cuda_tpb or scan_tokens_per_block(self.max_context, st.r, self.num_sms)
+            collision_scan_cuda(*args, st.score_hist, self.config.sink, tpb)
         else:
             collision_scan(
                 *args,
