@@ -120,3 +120,31 @@ def test_tensor_parallel_flags_are_accepted():
 
     out = plugin._around_from_cli_args(resolve, ServerArgs, args)
     assert out.tp_size == 2 and plugin.config_from_env() is not None
+
+
+def test_backend_takes_query_heads_per_rank_from_the_attention_layers(monkeypatch):
+    """The backend's per-rank head count comes from the model's RadixAttention layers, as
+    SGLang sharded them (ModelRunner has no tp_size attribute to read it from: the first
+    TP=2 run took the full count and failed in graph capture)."""
+    from sglang.srt.layers.radix_attention import RadixAttention
+
+    from sglang_pariskv.attention import backend
+    from sglang_pariskv.server_flags import ParisKVConfigError
+
+    def runner(*num_heads, tp_rank=None):
+        layers = torch.nn.ModuleList(
+            RadixAttention(h, 64, 0.125, 3, layer_id=i) for i, h in enumerate(num_heads)
+        )
+        mc = types.SimpleNamespace(get_num_attention_heads=lambda tp: 18 // tp)
+        ps = types.SimpleNamespace(tp_rank=tp_rank) if tp_rank is not None else None
+        return types.SimpleNamespace(model=layers, model_config=mc, ps=ps)
+
+    assert backend.query_heads_per_rank(runner(9, 9, 9)) == 9  # 18 heads over TP=2
+    assert backend.tp_rank(runner(9, tp_rank=1)) == 1
+    with pytest.raises(ParisKVConfigError, match="different query head counts"):
+        backend.query_heads_per_rank(runner(9, 18))
+    # No attention layers found: SGLang's attention-TP size divides the model's heads.
+    import sglang.srt.runtime_context as rc
+
+    monkeypatch.setattr(rc, "get_parallel", lambda: types.SimpleNamespace(attn_tp_size=2))
+    assert backend.query_heads_per_rank(runner()) == 9

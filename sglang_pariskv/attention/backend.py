@@ -66,6 +66,41 @@ def _dense_rows_only(forward_batch, dense_cpu: torch.Tensor, dense_dev: torch.Te
         fb.seq_lens, fb.seq_lens_cpu, fb.seq_lens_sum = saved
 
 
+def query_heads_per_rank(model_runner) -> int:
+    """Query heads this rank attends with, as the model's attention layers were built.
+
+    ``ModelRunner`` in SGLang 0.5.17 has no ``tp_size`` attribute (the parallel state is
+    in ``model_runner.ps`` / ``get_parallel()``): reading one with a default of 1 gave
+    every TP rank the full head count, which the first TP=2 run on two H200s exposed.
+    The layers' ``tp_q_head_num`` is what the query tensor is shaped by, so use it."""
+    model = getattr(model_runner, "model", None)
+    heads = {
+        int(m.tp_q_head_num)
+        for m in (model.modules() if model is not None else ())
+        if type(m).__name__ == "RadixAttention"
+    }
+    if len(heads) > 1:
+        raise ParisKVConfigError(
+            f"attention layers with different query head counts {sorted(heads)}: ParisKV "
+            "needs one shape for all layers; serve this model without --enable-pariskv"
+        )
+    if heads:
+        return heads.pop()
+    from sglang.srt.runtime_context import get_parallel
+
+    return model_runner.model_config.get_num_attention_heads(get_parallel().attn_tp_size)
+
+
+def tp_rank(model_runner) -> int:
+    """This process's tensor-parallel rank (0 without TP)."""
+    ps = getattr(model_runner, "ps", None)
+    if ps is not None and getattr(ps, "tp_rank", None) is not None:
+        return int(ps.tp_rank)
+    from sglang.srt.runtime_context import get_parallel
+
+    return int(get_parallel().tp_rank)
+
+
 class ParisKVAttnBackend(FlashInferAttnBackend):
     def __init__(self, model_runner, config: ParisKVConfig):
         super().__init__(model_runner, init_new_workspace=model_runner.init_new_workspace)
@@ -81,10 +116,7 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         # Under tensor parallelism this rank holds its share of the query and KV heads
         # (the pool is built with the rank's KV heads); retrieval is per KV head, so each
         # rank indexes and retrieves over its own heads with no collective.
-        self.tp_rank = int(getattr(model_runner, "tp_rank", 0) or 0)
-        self.hq = model_runner.model_config.get_num_attention_heads(
-            max(1, int(getattr(model_runner, "tp_size", 1) or 1))
-        )
+        self.tp_rank, self.hq = tp_rank(model_runner), query_heads_per_rank(model_runner)
         rtt = self.req_to_token_pool.req_to_token
         device = torch.device(model_runner.device)
         self.hists = RequestHistograms(rtt.shape[0], self.hkv, self.d, pool.layer_num, device)
@@ -339,6 +371,11 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             raise RuntimeError(
                 "ParisKV decode ran without its step tensors: init_forward_metadata (eager) "
                 "or init_forward_metadata_in_graph (CUDA graphs) must precede the layers"
+            )
+        if q.numel() < bs * self.hq * self.d:
+            raise RuntimeError(
+                f"ParisKV decode: query of {q.numel()} values for {bs} requests x "
+                f"{self.hq} heads x {self.d}: the backend's per-rank head count is wrong"
             )
         q3 = q.reshape(-1, self.hq, self.d)[:bs]
         if self.timer is not None:
