@@ -63,7 +63,7 @@ class ParisKVMetrics:
         self.retrieval_seconds = Histogram(
             "sglang:pariskv_retrieval_seconds",
             "GPU time of ParisKV retrieval per decode step, summed over layers "
-            "(recorded when SGLANG_PARISKV_TIME_RETRIEVAL=1).",
+            "(GPU time from timing events, read back without a sync).",
             labelnames=list(labels),
             buckets=(1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1),
             registry=reg,

@@ -74,3 +74,14 @@ def test_unrecorded_layers_and_dense_steps_are_left_out():
     assert timer.disarm() == 0.003  # next step is all dense: read back, nothing armed
     run_layers(clock, timer, [9.0, 9.0, 9.0])
     assert timer.poll() is None
+
+
+def test_timing_follows_metrics_unless_the_env_says_otherwise(monkeypatch):
+    from sglang_pariskv.attention.retrieval_timer import ENV, timing_requested
+
+    monkeypatch.delenv(ENV, raising=False)
+    assert timing_requested(enable_metrics=True) and not timing_requested(enable_metrics=False)
+    monkeypatch.setenv(ENV, "0")
+    assert not timing_requested(enable_metrics=True)
+    monkeypatch.setenv(ENV, "1")
+    assert timing_requested(enable_metrics=False)

@@ -139,14 +139,13 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         # Found at init: every layer is already checked; else learn it at the first prefill.
         self._scale_checked_at_init = self._scale is not None
         self._dense_dev = torch.zeros(rtt.shape[0], dtype=torch.bool, device=device)
-        # Retrieval GPU time per step (SGLANG_PARISKV_TIME_RETRIEVAL=1; see retrieval_timer).
-        self.timer = (
-            RetrievalTimer(pool.layer_num) if timing_requested() and device.type == "cuda" else None
-        )
+        args = model_runner.server_args
+        # Retrieval GPU time per step: on with --enable-metrics (see retrieval_timer).
+        timed = timing_requested(bool(getattr(args, "enable_metrics", False)))
+        self.timer = RetrievalTimer(pool.layer_num) if timed and device.type == "cuda" else None
         self.stats = DecodeStats()
         self.metrics = None
         self._stats_path = stats_path(self.tp_rank)
-        args = model_runner.server_args
         # Every TP rank counts the same requests: rank 0 exports them (as SGLang's own
         # scheduler metrics do), so operators' sums are not multiplied by the TP size.
         if getattr(args, "enable_metrics", False) and self.tp_rank == 0:
