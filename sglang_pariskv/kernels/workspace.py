@@ -46,11 +46,9 @@ from sglang_pariskv.kernels.cuda_ops import (
     rerank_cuda,
     topk_cuda,
 )
-from sglang_pariskv.kernels.query import prepare_query_gpu
 from sglang_pariskv.kernels.query_tiers import query_tier_table
 from sglang_pariskv.kernels.rerank import levels, rerank_estimates, topk_slots
 from sglang_pariskv.kernels.select import CandidateBuffers, select_candidates_gpu
-from sglang_pariskv.kernels.tiers import centroid_tier_table
 
 #: Per-request int64 fields of the plan buffer, in order (then the tier thresholds).
 _FIELDS = ("seq", "dense", "counts", "zone_end")
@@ -266,25 +264,13 @@ class DecodeWorkspace:
         ]
 
     def _stage_query_tiers(self) -> None:
-        """Query prep, tier table and score-histogram reset in one launch (the fused
-        form of :meth:`_stage_query` + :meth:`_stage_tiers`, which tests compare it to)."""
+        """Query prep, tier table and score-histogram reset in one launch."""
         st = self._st
         st.query = PreparedQuery(self.query.blocks[: st.r], self.query.norm[: st.r])
         st.tiers = self.tiers[: st.r]
         st.score_hist = self.score_hist[: st.r]
         query_tier_table(
             st.q, self.rot, st.hist, st.rpi, st.thresholds, st.query, st.tiers, st.score_hist
-        )
-
-    def _stage_query(self) -> None:
-        st = self._st
-        out = PreparedQuery(self.query.blocks[: st.r], self.query.norm[: st.r])
-        st.query = prepare_query_gpu(st.q, self.hkv, self.rot, out)
-
-    def _stage_tiers(self) -> None:
-        st = self._st
-        st.tiers = centroid_tier_table(
-            st.query.blocks, st.hist, st.rpi, st.thresholds, self.tiers[: st.r]
         )
 
     def _stage_scan(self) -> None:
