@@ -141,14 +141,15 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         self._dense_dev = torch.zeros(rtt.shape[0], dtype=torch.bool, device=device)
         args = model_runner.server_args
         # Retrieval GPU time per step: on with --enable-metrics (see retrieval_timer).
-        timed = timing_requested(bool(getattr(args, "enable_metrics", False)))
+        metrics_on = bool(getattr(args, "enable_metrics", False))
+        timed = timing_requested(metrics_on)
         self.timer = RetrievalTimer(pool.layer_num) if timed and device.type == "cuda" else None
         self.stats = DecodeStats()
         self.metrics = None
         self._stats_path = stats_path(self.tp_rank)
         # Every TP rank counts the same requests: rank 0 exports them (as SGLang's own
         # scheduler metrics do), so operators' sums are not multiplied by the TP size.
-        if getattr(args, "enable_metrics", False) and self.tp_rank == 0:
+        if metrics_on and self.tp_rank == 0:
             from sglang_pariskv.metrics import process_metrics
 
             self.metrics = process_metrics(

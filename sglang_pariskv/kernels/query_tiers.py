@@ -24,7 +24,7 @@ import triton.language as tl
 
 from sglang_pariskv.codec.query import PreparedQuery
 from sglang_pariskv.kernels.query import group_unit_mean
-from sglang_pariskv.kernels.tiers import block_tiers
+from sglang_pariskv.kernels.tiers import block_tiers, default_chunk
 
 
 @triton.jit
@@ -93,8 +93,8 @@ def query_tier_table(
         return
     if q.stride(-1) != 1:
         q = q.contiguous()
-    if chunk is None:  # as in tiers.centroid_tier_table
-        chunk = 16 if hist.is_cuda else 64
+    if chunk is None:
+        chunk = default_chunk(hist)
     _query_tier_kernel[(r * h * b,)](
         q,
         q.stride(0),

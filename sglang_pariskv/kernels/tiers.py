@@ -86,6 +86,12 @@ def _tier_kernel(
     tl.store(out_ptr + pid.to(tl.int64) * 256 + tl.arange(0, 256), tiers.to(tl.uint8))
 
 
+def default_chunk(hist: torch.Tensor) -> int:
+    """Centroids compared per loop step of :func:`block_tiers`: small on the GPU
+    (registers), large in the CPU interpreter (speed)."""
+    return 16 if hist.is_cuda else 64
+
+
 def centroid_tier_table(
     query_blocks: torch.Tensor,
     hist: torch.Tensor,
@@ -106,8 +112,8 @@ def centroid_tier_table(
         out = torch.empty((r, h, b, NUM_CENTROIDS), dtype=torch.uint8, device=hist.device)
     if r == 0:
         return out
-    if chunk is None:  # small on the GPU (registers); large in the CPU interpreter (speed)
-        chunk = 16 if hist.is_cuda else 64
+    if chunk is None:
+        chunk = default_chunk(hist)
     qb = query_blocks.to(torch.float32).contiguous()
     _tier_kernel[(r * h * b,)](
         qb,
