@@ -309,9 +309,15 @@ def run_throughput(
     cfg: dict,
     engine_kwargs: dict | None = None,
     shards: int = 1,
-) -> dict:
+    modes: tuple[str, ...] = ("dense", "pariskv"),
+    runs_dir: Path | None = None,
+) -> dict | None:
     """Dense and ParisKV engines per input length; ``shards`` GPUs split each step's bytes
-    (tensor parallelism), so the floor is per GPU."""
+    (tensor parallelism), so the floor is per GPU.
+
+    ``modes`` runs only those engines; with ``runs_dir`` each engine's result is saved
+    there and the other mode's is read back, so one comparison can span two device calls
+    (each call has a wall-clock limit). Returns None while a mode is still missing."""
     import tempfile
 
     model_dir = Path(tempfile.mkdtemp(prefix="llama8b-shape-"))
@@ -321,8 +327,19 @@ def run_throughput(
     engines = {}
     for n in inputs:
         args = (n, batches, output_len, engine_kwargs or {})
-        dense = _run_isolated(_throughput_worker, str(model_dir), None, *args)
-        sparse = _run_isolated(_throughput_worker, str(model_dir), cfg, *args)
+        got = {}
+        for mode, mcfg in (("dense", None), ("pariskv", cfg)):
+            saved = runs_dir / f"throughput_{mode}_{n}.json" if runs_dir is not None else None
+            if mode in modes:
+                got[mode] = _run_isolated(_throughput_worker, str(model_dir), mcfg, *args)
+                if saved is not None:
+                    saved.parent.mkdir(parents=True, exist_ok=True)
+                    saved.write_text(json.dumps(got[mode]))
+            elif saved is not None and saved.exists():
+                got[mode] = json.loads(saved.read_text())
+        if len(got) < 2:
+            return None
+        dense, sparse = got["dense"], got["pariskv"]
         if dense["stats"] or not sparse["stats"].get("sparse_request_steps"):
             raise RuntimeError(
                 f"ParisKV did not run as expected at input {n}: dense stats "

@@ -4,6 +4,7 @@
     python benchmarks/bench_tp.py correctness --tp 2 --modes dense --runs-dir /tmp/tp-runs
     python benchmarks/bench_tp.py correctness --tp 2 --modes pariskv --runs-dir /tmp/tp-runs
     python benchmarks/bench_tp.py throughput --tp 2 --inputs 131072 --batches 1 2 4
+    python benchmarks/bench_tp.py throughput --tp 2 --modes dense --runs-dir /tmp/tp-runs
     python benchmarks/bench_tp.py plot
 
 ``correctness`` serves SmolLM2-135M with every attention head duplicated (an exactly
@@ -213,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--inputs", type=int, nargs="+", default=[131072])
     t.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4])
     t.add_argument("--output-len", type=int, default=256)
+    t.add_argument("--modes", nargs="+", choices=("dense", "pariskv"), default=["dense", "pariskv"])
+    t.add_argument("--runs-dir", type=Path, help="save / reuse each mode's engine run here")
     sub.add_parser("plot")
     args = ap.parse_args(argv)
     if args.cmd == "plot":
@@ -240,8 +243,18 @@ def main(argv: list[str] | None = None) -> int:
     else:
         cfg = {"topk": 2048, "sink": 64, "local": 256, "dense_threshold": 8192}
         res = e2e.run_throughput(
-            args.inputs, args.batches, args.output_len, cfg, {"tp_size": args.tp}, args.tp
+            args.inputs,
+            args.batches,
+            args.output_len,
+            cfg,
+            {"tp_size": args.tp},
+            args.tp,
+            tuple(args.modes),
+            args.runs_dir,
         )
+        if res is None:
+            print(f"saved {args.modes} runs in {args.runs_dir}; run the other mode next")
+            return 0
         _merge("throughput", res, args.tp)
         for case in res["cases"]:
             print(case)
