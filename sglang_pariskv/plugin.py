@@ -13,6 +13,7 @@ Engine API users (``sglang.Engine(...)``) call :func:`enable` before creating th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -35,6 +36,10 @@ _TARGETS = {
     "kv_pool_class": "sglang.srt.mem_cache.kv_cache_configurator.MHATokenToKVPool",
     "cell_size": "sglang.srt.model_executor.pool_configurator."
     "DefaultPoolConfigurator._compute_cell_size",
+    "pool_sizes": "sglang.srt.model_executor.pool_configurator."
+    "DefaultPoolConfigurator.calculate_pool_sizes",
+    "pool_sizes_from_max": "sglang.srt.model_executor.pool_configurator."
+    "DefaultPoolConfigurator.calculate_pool_sizes_from_max_tokens",
     "post_init": "sglang.srt.server_args.ServerArgs.__post_init__",
 }
 _serving_hooks_installed = False
@@ -85,6 +90,12 @@ def _around_from_cli_args(original, cls, args):
         # on FlashInfer, so pick it explicitly rather than refuse the user's default.
         args.attention_backend = "flashinfer"
     check_server_args(args)
+    if cfg.offloaded:
+        from sglang_pariskv.offload.host_pool import check_host_memory
+
+        # Every TP rank pins its own pool: check them all before any model work.
+        ranks = int(getattr(args, "tp_size", 1) or 1)
+        check_host_memory(int(cfg.host_pool_gb * 2**30) * ranks)
     _cap_running_requests(args)
     server_args = original(cls, args)
     check_server_args(server_args)  # again, after SGLang resolved its own defaults
@@ -106,8 +117,15 @@ def install_serving_hooks(cfg: ParisKVConfig) -> None:
     from sglang_pariskv.index.kv_pool import ParisKVTokenToKVPool
 
     ParisKVTokenToKVPool.pariskv_config = cfg
-    HookRegistry.register(_TARGETS["kv_pool_class"], ParisKVTokenToKVPool, HookType.REPLACE)
-    HookRegistry.register(_TARGETS["cell_size"], _add_code_bytes, HookType.AFTER)
+    pool_class = ParisKVTokenToKVPool
+    if cfg.offloaded:
+        from sglang_pariskv.offload.kv_pool import HostOffloadKVPool
+
+        pool_class = HostOffloadKVPool
+        for target in ("pool_sizes", "pool_sizes_from_max"):
+            HookRegistry.register(_TARGETS[target], _cap_to_host_pool, HookType.AFTER)
+    HookRegistry.register(_TARGETS["kv_pool_class"], pool_class, HookType.REPLACE)
+    HookRegistry.register(_TARGETS["cell_size"], _cell_size_hook(cfg), HookType.AFTER)
     HookRegistry.register(_TARGETS["post_init"], _around_post_init, HookType.AROUND)
     HookRegistry.apply_hooks()
     original = attention_registry.ATTENTION_BACKENDS["flashinfer"]
@@ -138,8 +156,22 @@ def _cap_running_requests(args) -> None:
         )
 
 
-def _add_code_bytes(cell_size: int, configurator, kvc, num_layers: int) -> int:
-    """Count the ParisKV codes in SGLang's per-token KV cost, so capacity accounts for them."""
+def _cell_size_hook(cfg: ParisKVConfig):
+    def add_code_bytes(cell_size: int, configurator, kvc, num_layers: int) -> int:
+        return _add_code_bytes(cell_size, configurator, kvc, num_layers, cfg)
+
+    return add_code_bytes
+
+
+def _add_code_bytes(
+    cell_size: int, configurator, kvc, num_layers: int, cfg: ParisKVConfig | None = None
+) -> int:
+    """Count the ParisKV codes in SGLang's per-token KV cost, so capacity accounts for them.
+
+    With ``--pariskv-offload host`` the K/V bytes are in host memory: the GPU cost of a
+    token is its codes alone, and the host pool's slot count (``--pariskv-host-pool-gb``
+    over the K/V bytes per token) is recorded on the configurator for
+    :func:`_cap_to_host_pool`."""
     from sglang.srt.model_executor import pool_configurator
 
     from sglang_pariskv.index.code_pool import code_bytes_per_token
@@ -148,6 +180,19 @@ def _add_code_bytes(cell_size: int, configurator, kvc, num_layers: int) -> int:
         return cell_size  # refused later by the backend factory, with a clear message
     heads = kvc.model_config.get_num_kv_heads(pool_configurator.get_parallel().attn_tp_size)
     extra = code_bytes_per_token(heads, kvc.model_config.head_dim, num_layers)
+    if cfg is not None and cfg.offloaded:
+        slots = int(cfg.host_pool_gb * 2**30) // cell_size
+        if configurator is not None:
+            configurator._pariskv_host_slots = slots
+        logger.info(
+            "ParisKV offload: K/V (%d B/token) in a %.1f GiB host pool = %d tokens; the GPU "
+            "holds %d B/token of codes",
+            cell_size,
+            cfg.host_pool_gb,
+            slots,
+            extra,
+        )
+        return extra
     logger.info(
         "ParisKV codes add %d B/token to the KV cell size (%d B): +%.1f%%",
         extra,
@@ -155,6 +200,29 @@ def _add_code_bytes(cell_size: int, configurator, kvc, num_layers: int) -> int:
         100.0 * extra / max(cell_size, 1),
     )
     return cell_size + extra
+
+
+def _cap_to_host_pool(result, configurator, *args, **kwargs):
+    """With host offload, no more tokens than the host pool holds (page-aligned)."""
+    slots = getattr(configurator, "_pariskv_host_slots", None)
+    if slots is None or result.max_total_num_tokens <= slots:
+        return result
+    page = int(args[-1]) if args else int(kwargs.get("page_size", 1))
+    capped = slots // page * page
+    if capped <= 0:
+        from sglang_pariskv.server_flags import ParisKVConfigError
+
+        raise ParisKVConfigError(
+            f"--pariskv-host-pool-gb holds {slots} tokens, less than one page: pass a "
+            "larger --pariskv-host-pool-gb"
+        )
+    logger.info(
+        "ParisKV offload: %d tokens fit the GPU's codes budget, the host pool holds %d: serving %d",
+        result.max_total_num_tokens,
+        slots,
+        capped,
+    )
+    return dataclasses.replace(result, max_total_num_tokens=capped)
 
 
 def _backend_factory(original, cfg: ParisKVConfig):

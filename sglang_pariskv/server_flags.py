@@ -13,7 +13,7 @@ import argparse
 import dataclasses
 from typing import Any
 
-from sglang_pariskv.config import ParisKVConfig, check_head_dim
+from sglang_pariskv.config import OFFLOAD_MODES, ParisKVConfig, check_head_dim
 
 #: (flag, ParisKVConfig field, parser type) for every per-knob flag.
 KNOB_FLAGS: tuple[tuple[str, str, Any], ...] = (
@@ -23,6 +23,9 @@ KNOB_FLAGS: tuple[tuple[str, str, Any], ...] = (
     ("--pariskv-dense-threshold", "dense_threshold", int),
     ("--pariskv-candidate-ratio", "candidate_ratio", str),
     ("--pariskv-collision-ratio", "collision_ratio", str),
+    ("--pariskv-offload", "offload", None),
+    ("--pariskv-host-pool-gb", "host_pool_gb", float),
+    ("--pariskv-hot-cache-lines", "hot_cache_lines", int),
 )
 
 
@@ -79,6 +82,28 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         type=str,
         default=None,
         help="Collision-tier budget fraction, or 'auto' (length-adaptive, the default).",
+    )
+    g.add_argument(
+        "--pariskv-offload",
+        choices=OFFLOAD_MODES,
+        default=None,
+        help="'host': keep every token's K/V in pinned host memory and fetch the retrieved "
+        "rows over UVA (the GPU keeps codes and a hot cache), for contexts whose KV does "
+        "not fit on the GPU (default none).",
+    )
+    g.add_argument(
+        "--pariskv-host-pool-gb",
+        type=float,
+        default=None,
+        help="GiB of pinned host memory for the K/V pool with --pariskv-offload host "
+        "(per GPU); it caps the tokens the server holds.",
+    )
+    g.add_argument(
+        "--pariskv-hot-cache-lines",
+        type=int,
+        default=None,
+        help="GPU hot-cache lines per layer with --pariskv-offload host "
+        f"(default {defaults.hot_cache_lines}; 0 = none: attention reads host rows directly).",
     )
     g.add_argument(
         "--pariskv-config",

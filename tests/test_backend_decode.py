@@ -31,6 +31,9 @@ from sglang_pariskv.config import ParisKVConfig  # noqa: E402
 from sglang_pariskv.index.histograms import RequestHistograms  # noqa: E402
 from sglang_pariskv.kernels import DecodeWorkspace  # noqa: E402
 from sglang_pariskv.kernels.testing import fresh_interpreter_fallback  # noqa: E402
+from sglang_pariskv.offload.fetch import OffloadFetcher  # noqa: E402
+from sglang_pariskv.offload.hot_cache import HotCache  # noqa: E402
+from sglang_pariskv.offload.kv_pool import HostOffloadKVPool  # noqa: E402
 from tests.test_plugin_pool import make_pool  # noqa: E402
 
 _interpreter_guard, test_module_in_fresh_interpreter = fresh_interpreter_fallback(__file__)
@@ -48,8 +51,16 @@ class TorchHeadAsBatch:
         self.ws = ws
 
     def plan(self, seq_lens_cpu, sm_scale=None, logits_soft_cap=0.0):
-        self.ws.plan(seq_lens_cpu)
+        self.rows = self.ws.plan(seq_lens_cpu).numel() - 1
         self.scale = sm_scale
+
+    def entries(self):
+        return self.rows * self.ws.max_row
+
+    def run_staged(self, q, staging_kv):
+        """Host offload: the indices are rows of the hot cache's [rows, 2, 1, 1, D]."""
+        kv = staging_kv.view(-1, 2, staging_kv.shape[-1])
+        return self.run(q, kv[:, 0], kv[:, 1])
 
     def run(self, q, k_pool, v_pool):
         r, hq, d = q.shape
@@ -85,12 +96,18 @@ def dense_decode_stand_in(self, q, k, v, layer, fb, save_kv_cache=True):
     return torch.stack(out).to(q.dtype)
 
 
-@pytest.fixture
-def setup(monkeypatch):
+@pytest.fixture(params=["gpu_pool", "host_offload"])
+def setup(monkeypatch, request):
+    """The backend over SGLang's pool, or over host offload's pool with a hot cache (the
+    dense stand-in then reads the host pool, the sparse call the staged rows)."""
     monkeypatch.delenv("SGLANG_PARISKV_STATS_DIR", raising=False)
     monkeypatch.setattr(FlashInferAttnBackend, "forward_decode", dense_decode_stand_in)
     monkeypatch.setattr(FlashInferAttnBackend, "init_forward_metadata", lambda self, fb: None)
-    pool = make_pool(2048, heads=HKV, head_dim=D, layers=1, dtype=torch.float32)
+    offload = request.param == "host_offload"
+    pool = make_pool(
+        2048, heads=HKV, head_dim=D, layers=1, dtype=torch.float32,
+        cls=HostOffloadKVPool if offload else None,
+    )  # fmt: skip
     rtp = ReqToTokenPool(size=4, max_context_len=MAX_CTX, device="cpu", enable_memory_saver=False)
     b = object.__new__(ParisKVAttnBackend)  # no FlashInfer workspace: CPU stand-ins above
     ws = DecodeWorkspace(
@@ -103,8 +120,13 @@ def setup(monkeypatch):
         hists=RequestHistograms(4, HKV, D, 1, "cpu"), graph_sparse={}, _sparse=None,
         _rpi32=None, _scale=(SCALE, 0.0), _scale_checked_at_init=True,
         _dense_dev=torch.zeros(4, dtype=torch.bool), stats=DecodeStats(), metrics=None,
-        _stats_path=None, timer=None,
+        _stats_path=None, timer=None, fetcher=None, _hot_cache_stats={},
     )  # fmt: skip
+    if offload:
+        # 32 lines for ~2x(28 + 2) rows per step: hits, conflicts and overflow all occur
+        cache = HotCache(1, 32, HKV, 2 * D, ws.kv_indices.numel(), torch.float32, "cpu")
+        pool.hot_cache = cache
+        b.fetcher = OffloadFetcher(pool.host, cache)
     return b, pool, rtp
 
 
@@ -168,6 +190,9 @@ def test_mixed_batch_decode_matches_the_oracle_over_steps(setup):
         )  # fmt: skip
         assert torch.equal(b.hists.layers[0][i], fresh.layers[0][i])
     assert b.stats.sparse_steps == 3 and b.stats.totals.sparse_request_steps == 3
+    if b.fetcher is not None:  # the offloaded run went through the cache and reused rows
+        st = b.fetcher.cache.stats()
+        assert st["hits"] > 0 and st["misses"] > 0 and st["rows_fetched"] > 0
 
 
 def test_step_tensors_are_made_inside_every_captured_run(setup, monkeypatch):

@@ -85,9 +85,9 @@ def test_gather_workspace_shaped_with_count_mask_and_positions():
     count = indptr[-1:] - m  # the last row is not valid this step
     mask = torch.rand(capacity, generator=gen) < 0.7
     pos = torch.randperm(capacity + 10, generator=gen)[:capacity]
-    sentinel = random_bits(capacity + 10, 2 * d, torch.bfloat16, seed=4)
+    sentinel = random_bits(capacity + 10, d, torch.bfloat16, seed=4)
     got, want = sentinel.clone().to(DEV), sentinel.clone()
-    src = pool.layer_rows(0)
+    src = pool.layer_rows(0, 1)
     gather_rows(src, buf.to(DEV), got, pos.to(DEV), mask.to(DEV), count.to(DEV))
     gather_rows_reference(src, buf, want, pos, mask, count)
     assert bits_equal(got, want)
@@ -137,15 +137,15 @@ def test_gpu_pinned_pool_gather_bit_exact_and_graph_replay(idx_dtype):
     pool.data.view(torch.int16).copy_(
         torch.randint(-32768, 32767, pool.data.shape, dtype=torch.int16)
     )
-    src = pool.layer_rows(0)
+    src = pool.layer_rows(0, 0)
     gen = torch.Generator().manual_seed(0)
     indptr, indices = workspace_like_indices(2, h, 2368, slots, gen)
     n = indices.numel()
     idx = indices.to(idx_dtype).cuda()
     count = indptr[-1:].cuda()
-    dst = torch.zeros(n, 2 * d, dtype=torch.bfloat16, device="cuda")
+    dst = torch.zeros(n, d, dtype=torch.bfloat16, device="cuda")
     gather_rows(src, idx, dst, num_valid=count)
-    want = torch.zeros(n, 2 * d, dtype=torch.bfloat16)
+    want = torch.zeros(n, d, dtype=torch.bfloat16)
     gather_rows_reference(src, indices, want)
     assert bits_equal(dst, want)
     graph = torch.cuda.CUDAGraph()
@@ -157,5 +157,5 @@ def test_gpu_pinned_pool_gather_bit_exact_and_graph_replay(idx_dtype):
     gather_rows_reference(src, indices2, want)
     assert bits_equal(dst, want)
     with pytest.raises(ValueError, match="not pinned"):
-        gather_rows(torch.zeros(16, 2 * d, dtype=torch.bfloat16), idx[:4], dst)
+        gather_rows(torch.zeros(16, d, dtype=torch.bfloat16), idx[:4], dst)
     pool.close()

@@ -2,7 +2,8 @@
 step, with hot-cache reuse, invalidation on writes, and the real DecodeWorkspace's output.
 
 CPU: the UVA gather runs in Triton's interpreter on a plain-memory pool. `gpu` tests: a
-pinned pool, CUDA-graph replay, and FlashInfer over the staging buffer vs over the pool."""
+pinned pool, CUDA-graph replay, and FlashInfer over the staging buffer and over the host
+pool's CUDA views (zero-copy, no hot cache) vs over a GPU pool."""
 
 import os
 
@@ -200,8 +201,7 @@ def test_gpu_flashinfer_over_staging_equals_flashinfer_over_the_pool():
 
     h, group, d, slots, r, m = 4, 7, 128, 1 << 15, 2, 2368
     f = make_fetcher(slots, 1, h, d, lines=1 << 14, entries=r * h * m, seed=7)
-    kv = f.pool.data[0].cuda()  # [slots, Hkv, 2, D]: the GPU pool of the same KV
-    k_pool, v_pool = kv[:, :, 0].contiguous(), kv[:, :, 1].contiguous()
+    k_pool, v_pool = f.pool.data[0].cuda()  # [2, slots, Hkv, D]: a GPU pool, same KV
     gen = torch.Generator().manual_seed(8)
     indptr = torch.arange(r * h + 1, dtype=torch.int32) * m
     indices = torch.cat(
@@ -211,9 +211,11 @@ def test_gpu_flashinfer_over_staging_equals_flashinfer_over_the_pool():
     q = torch.randn(r * h, group, d, generator=gen).bfloat16().cuda()
     ws = torch.empty(128 << 20, dtype=torch.uint8, device="cuda")
     outs = []
+    k_host, v_host = f.pool.cuda_views("cuda")  # the host pool read directly over UVA
     for idx, cache in (
         (indices, (k_pool.view(-1, 1, 1, d), v_pool.view(-1, 1, 1, d))),
         (staged.cpu(), f.staging_kv()),
+        (indices, (k_host[0].view(-1, 1, 1, d), v_host[0].view(-1, 1, 1, d))),
     ):
         w = BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=True)
         w.plan(
@@ -222,4 +224,4 @@ def test_gpu_flashinfer_over_staging_equals_flashinfer_over_the_pool():
             kv_data_type=torch.bfloat16,
         )  # fmt: skip
         outs.append(w.run(q, cache))
-    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])

@@ -34,24 +34,33 @@ def small_pool(**kw):
     return HostKVPool(**args, check_memory=False)
 
 
-def test_row_of_slot_head_is_k_then_v_contiguous():
+def test_layer_k_and_v_are_sglang_shaped_and_rows_are_slot_head():
     pool = small_pool()
     slots = torch.tensor([5, 17, 39])
     k, v = kv(3, 2, 16, seed=0)
     pool.write(1, slots, k, v)
-    rows = pool.layer_rows(1)
-    for i, s in enumerate(slots.tolist()):
-        for h in range(2):
-            row = rows[s * 2 + h]  # the head-as-batch index slot * Hkv + head
-            assert torch.equal(row[:16], k[i, h]) and torch.equal(row[16:], v[i, h])
-        # all heads of a slot: one contiguous row
-        assert torch.equal(pool.slot_rows(1)[s].view(2, 2, 16)[:, 0], k[i])
-    assert rows.is_contiguous() and rows.data_ptr() == pool.data[1].data_ptr()
+    # data[l, 0] / data[l, 1]: contiguous [slots, Hkv, D], SGLang's k_buffer / v_buffer
+    for part, x in ((0, k), (1, v)):
+        buf = pool.data[1, part]
+        assert buf.shape == (40, 2, 16) and buf.is_contiguous()
+        assert torch.equal(buf[slots], x)
+        rows = pool.layer_rows(1, part)
+        assert rows.data_ptr() == buf.data_ptr() and rows.shape == (80, 16)
+        for i, s in enumerate(slots.tolist()):
+            for h in range(2):
+                assert torch.equal(rows[s * 2 + h], x[i, h])  # head-as-batch row slot*Hkv+h
+            assert torch.equal(pool.slot_rows(1, part)[s].view(2, 16), x[i])
     # other layers untouched by a write to layer 1 (storage is uninitialised, maybe NaN
     # bits: compare the bits before/after a second write)
     before = pool.data[0].view(torch.int16).clone()
     pool.write(1, slots, v, k)
     assert torch.equal(pool.data[0].view(torch.int16), before)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
+def test_cuda_views_need_a_pinned_pool():
+    with pytest.raises(ValueError, match="pinned pool"):
+        small_pool().cuda_views("cuda")
 
 
 def test_write_read_roundtrip_scattered_slots_and_flat_heads():
@@ -141,5 +150,13 @@ def test_pool_is_pinned_on_cuda_and_gpu_writes_land_in_host_memory():
     torch.cuda.current_stream().wait_event(event)
     torch.cuda.synchronize()
     assert torch.equal(pool.read(0, slots)[1], v2.cpu())
+    # SGLang's view: CUDA tensors over the same host memory, read and written by kernels
+    kb, vb = pool.cuda_views("cuda")
+    assert kb[1].is_cuda and kb[1].data_ptr() == pool.data[1, 0].data_ptr()
+    assert torch.equal(kb[1][slots], k) and torch.equal(vb[0][slots], v2)
+    k3 = torch.randn(300, 4, 128, device="cuda").bfloat16()
+    vb[1][slots] = k3  # an index_put kernel writing host memory over UVA
+    torch.cuda.synchronize()
+    assert torch.equal(pool.read(1, slots)[1], k3.cpu())
     pool.close()
     assert not host_accessible(pool.data)

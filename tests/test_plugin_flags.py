@@ -79,6 +79,23 @@ def test_flags_build_the_config(parser, tmp_path):
         ),
         (["--enable-pariskv", "--pariskv-collision-ratio", "2"], ["collision_ratio=2.0", "(0, 1]"]),
         (["--enable-pariskv", "--pariskv-config", "/no/such.json"], ["does not exist"]),
+        (
+            ["--enable-pariskv", "--pariskv-offload", "host"],
+            ["--pariskv-offload host", "--pariskv-host-pool-gb G"],
+        ),
+        (
+            ["--enable-pariskv", "--pariskv-host-pool-gb", "8"],
+            ["--pariskv-host-pool-gb 8", "without --pariskv-offload host"],
+        ),
+        (
+            ["--enable-pariskv", "--pariskv-offload", "host", "--pariskv-host-pool-gb", "-1"],
+            ["host_pool_gb=-1.0", "--pariskv-host-pool-gb"],
+        ),
+        (
+            ["--enable-pariskv", "--pariskv-hot-cache-lines", "-4"],
+            ["hot_cache_lines=-4", "--pariskv-hot-cache-lines"],
+        ),
+        (["--pariskv-offload", "host"], ["--pariskv-offload", "without --enable-pariskv"]),
     ],
 )
 def test_bad_flags_fail_early_naming_the_flag(parser, flags, words):
@@ -105,6 +122,27 @@ def test_unsupported_combinations_are_refused(parser, flags, words):
         plugin._around_from_cli_args(resolve, ServerArgs, args)
     for w in words:
         assert w in str(e.value)
+
+
+def test_offload_flags_build_the_config_and_check_host_memory(parser, monkeypatch):
+    args = parse(
+        parser, "--enable-pariskv", "--pariskv-offload", "host", "--pariskv-host-pool-gb",
+        "48", "--pariskv-hot-cache-lines", "0",
+    )  # fmt: skip
+    cfg = config_from_args(args)
+    assert cfg.offloaded and cfg.host_pool_gb == 48.0 and cfg.hot_cache_lines == 0
+    assert ParisKVConfig.from_dict(cfg.to_dict()) == cfg  # travels to the scheduler intact
+    asked = []
+
+    def fake_check(nbytes):
+        asked.append(nbytes)
+        raise ParisKVConfigError("short")
+
+    monkeypatch.setattr("sglang_pariskv.offload.host_pool.check_host_memory", fake_check)
+    args.tp_size = 2  # each TP rank pins its own pool
+    with pytest.raises(ParisKVConfigError, match="short"):
+        plugin._around_from_cli_args(resolve, ServerArgs, args)
+    assert asked == [2 * 48 * 2**30]
 
 
 def test_enabling_picks_flashinfer_and_exports_the_config(parser, monkeypatch):

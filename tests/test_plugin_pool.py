@@ -22,9 +22,10 @@ from sglang_pariskv.server_flags import ParisKVConfigError
 H, D, LAYERS = 2, 16, 2
 
 
-def make_pool(size=256, heads=H, head_dim=D, layers=LAYERS, dtype=torch.bfloat16):
-    """A CPU ParisKV KV pool (shared by the pool, TP and backend-decode tests)."""
-    pool = ParisKVTokenToKVPool(
+def make_pool(size=256, heads=H, head_dim=D, layers=LAYERS, dtype=torch.bfloat16, cls=None):
+    """A CPU ParisKV KV pool (shared by the pool, TP and backend-decode tests); ``cls``
+    picks another pool class (host offload's)."""
+    pool = (cls or ParisKVTokenToKVPool)(
         size=size,
         page_size=1,
         dtype=dtype,
@@ -57,8 +58,11 @@ def assert_codes_match_kv(pool, slots):
             assert torch.equal(got[slots], w)
 
 
-def test_every_kv_write_move_and_restore_keeps_codes_coherent():
-    pool = make_pool()
+@pytest.mark.parametrize("offload", [False, True])
+def test_every_kv_write_move_and_restore_keeps_codes_coherent(offload):
+    from sglang_pariskv.offload.kv_pool import HostOffloadKVPool
+
+    pool = make_pool(cls=HostOffloadKVPool if offload else None)
     loc = torch.tensor([3, 4, 9, 10, 11])
     for li in range(LAYERS):
         k = torch.randn(5, H, D).to(torch.bfloat16)

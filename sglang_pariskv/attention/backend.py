@@ -32,6 +32,9 @@ from sglang_pariskv.index.histograms import RequestHistograms
 from sglang_pariskv.index.kv_pool import ParisKVTokenToKVPool
 from sglang_pariskv.kernels.workspace import DecodeWorkspace
 from sglang_pariskv.metrics import BatchCounts
+from sglang_pariskv.offload.fetch import OffloadFetcher
+from sglang_pariskv.offload.hot_cache import HotCache
+from sglang_pariskv.offload.kv_pool import HostOffloadKVPool
 from sglang_pariskv.server_flags import ParisKVConfigError
 from sglang_pariskv.stats_file import stats_path, write_stats
 
@@ -102,6 +105,9 @@ def tp_rank(model_runner) -> int:
 
 
 class ParisKVAttnBackend(FlashInferAttnBackend):
+    #: Host offload's hot cache + fetcher; None without offload (or with a zero-line cache).
+    fetcher: OffloadFetcher | None = None
+
     def __init__(self, model_runner, config: ParisKVConfig):
         super().__init__(model_runner, init_new_workspace=model_runner.init_new_workspace)
         pool = model_runner.token_to_kv_pool
@@ -145,6 +151,7 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         timed = timing_requested(metrics_on)
         self.timer = RetrievalTimer(pool.layer_num) if timed and device.type == "cuda" else None
         self.stats = DecodeStats()
+        self._hot_cache_stats: dict[str, float] = {}
         self.metrics = None
         self._stats_path = stats_path(self.tp_rank)
         # Every TP rank counts the same requests: rank 0 exports them (as SGLang's own
@@ -180,6 +187,33 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             elide_dense_rows=True,  # dense requests go through SGLang's own decode call
         )
         self.eager_sparse = HeadAsBatchDecode(self.ws, self.token_to_kv_pool.dtype)
+        self._build_fetcher()
+
+    def _build_fetcher(self) -> None:
+        """Host offload: the hot cache and fetcher the sparse call reads through. Sized
+        by the workspace (its overflow rows hold one step's misses), so rebuilt with it."""
+        pool = self.token_to_kv_pool
+        self.fetcher = None
+        if not isinstance(pool, HostOffloadKVPool) or self.config.hot_cache_lines == 0:
+            return  # no offload, or zero-copy: FlashInfer reads the host rows directly
+        cache = HotCache(
+            pool.layer_num,
+            self.config.hot_cache_lines,
+            self.hkv,
+            2 * self.d,
+            max_entries=self.ws.kv_indices.numel(),
+            dtype=pool.dtype,
+            device=self.ws.device,
+        )
+        pool.hot_cache = None  # drop the old cache (and its memory) before the new one
+        pool.hot_cache = cache
+        self.fetcher = OffloadFetcher(pool.host, cache)
+        logger.info(
+            "ParisKV offload: host pool %.1f GiB, hot cache %d lines/layer (%.1f MiB)",
+            pool.host_bytes() / 2**30,
+            self.config.hot_cache_lines,
+            cache.nbytes() / 2**20,
+        )
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int, *args, **kwargs):
         super().init_cuda_graph_state(max_bs, max_num_tokens, *args, **kwargs)
@@ -197,11 +231,20 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         )
         st["attended_fraction"] = st["attended_tokens"] / max(st["context_tokens"], 1)
         st["config"] = self.config.to_dict()
+        if self.fetcher is not None:
+            st["hot_cache"] = self._hot_cache_stats
         return st
 
+    #: The hot-cache counters live on the GPU: read them (a device sync) only every this
+    #: many decode steps, and only when stats are written.
+    HOT_CACHE_READ_EVERY = 64
+
     def _dump_stats(self) -> None:
-        if self._stats_path is not None:
-            write_stats(self._stats_path, self.snapshot())
+        if self._stats_path is None:
+            return
+        if self.fetcher is not None and self.stats.decode_steps % self.HOT_CACHE_READ_EVERY == 1:
+            self._hot_cache_stats = self.fetcher.cache.stats()
+        write_stats(self._stats_path, self.snapshot())
 
     # -- metadata (host side) ---------------------------------------------------------
     def _plan_decode(
@@ -389,11 +432,23 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         )
         if self.timer is not None:
             self.timer.stop(local)
-        sparse = self._sparse.run(
-            q3,
-            self.token_to_kv_pool.get_key_buffer(layer.layer_id),
-            self.token_to_kv_pool.get_value_buffer(layer.layer_id),
-        )
+        if self.fetcher is not None:
+            # Host offload: stage the retrieved rows in the hot cache (misses come over
+            # UVA) and rewrite the indices, in place, to their staging rows.
+            rows = self._sparse.rows
+            self.fetcher.fetch(
+                local,
+                self.ws.kv_indptr[: rows + 1],
+                self.ws.kv_indices[: self._sparse.entries()],
+                out=self.ws.kv_indices[: self._sparse.entries()],
+            )
+            sparse = self._sparse.run_staged(q3, self.fetcher.staging_kv())
+        else:  # the GPU pool, or (offload without a hot cache) the host pool's CUDA views
+            sparse = self._sparse.run(
+                q3,
+                self.token_to_kv_pool.get_key_buffer(layer.layer_id),
+                self.token_to_kv_pool.get_value_buffer(layer.layer_id),
+            )
         out = out.view(-1, self.hq * self.d)
         head = out[:bs]  # one in-place select kernel, not a where plus a copy back
         keep_dense = self._dense_dev[:bs, None]

@@ -35,6 +35,7 @@ class HeadAsBatchDecode:
         self.group = workspace.hq // workspace.hkv
         dev = workspace.device
         self.float_workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=dev)
+        self.rows = 0  #: head-as-batch rows of the last plan (batch x Hkv)
         kwargs = {}
         if graph_batch is not None:
             rows = graph_batch * workspace.hkv
@@ -59,7 +60,7 @@ class HeadAsBatchDecode:
         """Host-side planning from the CPU sequence lengths. FlashInfer fixes the softmax
         scale and soft cap at plan time, so every layer of the batch shares them."""
         indptr = self.ws.plan(seq_lens_cpu)
-        rows = indptr.numel() - 1
+        rows = self.rows = indptr.numel() - 1
         self.wrapper.plan(
             indptr,
             self.ws.kv_indices,  # written by ws.run, read by wrapper.run (same tensor)
@@ -81,3 +82,14 @@ class HeadAsBatchDecode:
         v = v_pool.view(-1, 1, 1, d)
         out = self.wrapper.run(q.reshape(r * self.ws.hkv, self.group, d), (k, v))
         return out.view(r, hq, d)
+
+    def run_staged(self, q: torch.Tensor, staging_kv: torch.Tensor) -> torch.Tensor:
+        """As :meth:`run`, over a staging buffer ``[rows, 2, 1, 1, D]`` (host offload's
+        hot cache) whose row numbers ``offload.fetch`` wrote into the same index buffer."""
+        r, hq, d = q.shape
+        out = self.wrapper.run(q.reshape(r * self.ws.hkv, self.group, d), staging_kv)
+        return out.view(r, hq, d)
+
+    def entries(self) -> int:
+        """Upper bound of this plan's ``kv_indices`` entries: rows x the longest row."""
+        return self.rows * self.ws.max_row

@@ -42,13 +42,18 @@ class ParisKVTokenToKVPool(MHATokenToKVPool):
             seed=self.pariskv_config.rotation_seed,
         )
 
-    def set_kv_buffer(self, layer, loc_info, cache_k, cache_v, *args, **kwargs):
-        super().set_kv_buffer(layer, loc_info, cache_k, cache_v, *args, **kwargs)
+    def written_slots(self, layer, loc_info, kwargs) -> tuple[int, torch.Tensor]:
+        """(this pool's layer index, slot ids) of a ``set_kv_buffer`` call."""
         loc, _, _ = unwrap_write_loc(loc_info)
         layer_id = kwargs.get("layer_id_override")
         if layer_id is None:
             layer_id = layer.layer_id
-        self.pariskv.write(layer_id - self.start_layer, loc, cache_k)
+        return layer_id - self.start_layer, loc
+
+    def set_kv_buffer(self, layer, loc_info, cache_k, cache_v, *args, **kwargs):
+        super().set_kv_buffer(layer, loc_info, cache_k, cache_v, *args, **kwargs)
+        local, loc = self.written_slots(layer, loc_info, kwargs)
+        self.pariskv.write(local, loc, cache_k)
 
     def move_kv_cache(self, tgt_loc: torch.Tensor, src_loc: torch.Tensor):
         super().move_kv_cache(tgt_loc, src_loc)

@@ -73,7 +73,10 @@ class OffloadFetcher:
         dev = kv_indices.device
         valid = torch.arange(e, device=dev) < kv_indptr[-1].to(torch.int64)
         lk = self.cache.lookup(layer, kv_indices, valid)
-        gather_rows(self.pool.layer_rows(layer), lk.rows, self.cache.data, lk.pos, lk.fill)
+        d = self.pool.head_dim
+        for part in (0, 1):  # K into the row's first half, V into its second
+            dst = self.cache.data[:, part * d : (part + 1) * d]
+            gather_rows(self.pool.layer_rows(layer, part), lk.rows, dst, lk.pos, lk.fill)
         self.cache.insert(layer, lk)
         if out is None:
             out = torch.empty(e, dtype=torch.int32, device=dev)
@@ -87,5 +90,8 @@ def fetch_reference(
     """The rows FlashInfer must see, in entry order: ``[kv_indptr[-1], 2·D]`` (CPU)."""
     n = int(kv_indptr[-1])
     rows = torch.empty(n, pool.row_width, dtype=pool.dtype)
-    gather_rows_reference(pool.layer_rows(layer), kv_indices[:n].cpu(), rows)
+    d = pool.head_dim
+    for part in (0, 1):
+        idx = kv_indices[:n].cpu()
+        gather_rows_reference(pool.layer_rows(layer, part), idx, rows[:, part * d : (part + 1) * d])
     return rows

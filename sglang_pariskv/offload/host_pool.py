@@ -1,28 +1,25 @@
 """Pinned host storage of K and V for every layer, indexed by SGLang's KV slot id.
 
-Layout: one tensor ``data`` of shape ``[layers, slots, Hkv, 2, D]`` (2 = K, V).
+Layout: one tensor ``data`` of shape ``[layers, 2, slots, Hkv, D]`` (2 = K, V), so that
+``data[l, 0]`` and ``data[l, 1]`` are exactly the contiguous ``[slots, Hkv, D]`` buffers
+SGLang's ``MHATokenToKVPool`` keeps per layer on the GPU.
 
+* That is what lets SGLang run unchanged over host-resident K/V (``offload.kv_pool``):
+  :meth:`cuda_views` wraps each layer's K and V as CUDA tensors over the same memory
+  (``offload.cuda_alias``), and SGLang's store kernel, KV moves and FlashInfer's prefill
+  and dense decode read and write them over PCIe. An interleaved ``[slots, Hkv, 2, D]``
+  layout (one 512 B row per (slot, head) instead of two 256 B rows) would halve the
+  scattered reads of a fetch, but SGLang's store path views the cache as ``[-1, Hkv·D]``
+  rows, which a strided K view cannot be; serving unchanged won.
 * Rows are keyed by slot, like :class:`sglang_pariskv.index.code_pool.CodePool`: a radix
   cache prefix hit hands out slot ids whose host rows are already written, and a reused
   slot is overwritten by its next writer. Nothing here tracks requests.
-* The unit of retrieval is one (slot, head) pair: ParisKV selects a top-k per KV head.
-  Putting K and V of a (slot, layer, head) side by side makes that unit one contiguous
-  ``2·D`` row (512 B at D = 128, bf16): one read per retrieved pair instead of two
-  scattered 256 B reads. The issue's UVA numbers (H100: 50 GB/s for 2 KB rows,
-  13 GB/s for 256 B rows scattered over a 4 GB pool, bound by address translation)
-  charge per scattered row, so halving the row count is what matters.
-  :meth:`layer_rows` views a layer as ``[slots·Hkv, 2·D]``; row ``slot·Hkv + head`` is the
-  same number FlashInfer's "head as batch" ``kv_indices`` already hold.
-* All heads of a slot are contiguous too (``Hkv·2·D`` elements: 2 KB for a
-  Qwen2.5-7B shape, 4 KB for Llama-3.1-8B), so a slot-granular fetch of whole 2 KB rows
-  (:meth:`slot_rows`, the 50 GB/s regime) is the same gather over another view. Which wins
-  depends on how much the heads' top-k sets overlap; both are measurable with
-  ``kernels.uva_gather.gather_bandwidth``.
-* Layer-major: one layer's rows occupy one contiguous ``slots·Hkv·2·D`` range, so a
-  layer's fetch touches 1/L of the pool's address range (fewer translations) and a
-  layer's write of a run of slots is contiguous. ``data[l, :, :, 0]`` is a strided
-  ``[slots, Hkv, D]`` K view; FlashInfer's paged kernels take page and head strides from
-  the tensor (``page.cuh``), so that view is readable by them as well.
+* The unit of retrieval is one (slot, head) pair: :meth:`layer_rows` views a layer's K
+  (or V) as ``[slots·Hkv, D]``; row ``slot·Hkv + head`` is the number FlashInfer's "head
+  as batch" ``kv_indices`` already hold. The issue's UVA numbers (H100: 50 GB/s for 2 KB
+  rows, 13 GB/s for 256 B rows scattered over a 4 GB pool) charge per scattered row.
+* Layer-major: one layer's K occupies one contiguous ``slots·Hkv·D`` range, so a layer's
+  fetch touches a small part of the pool's address range (fewer translations).
 
 Pinning: with CUDA, the memory is a plain CPU allocation registered with
 ``cudaHostRegister`` (portable | mapped), as SGLang's HiCache host pool does, rather than
@@ -133,7 +130,7 @@ class HostKVPool:
             raise ValueError("a pinned host pool needs CUDA")
         self.num_slots, self.num_layers = num_slots, num_layers
         self.num_kv_heads, self.head_dim, self.dtype = num_kv_heads, head_dim, dtype
-        shape = (num_layers, num_slots, num_kv_heads, 2, head_dim)
+        shape = (num_layers, 2, num_slots, num_kv_heads, head_dim)
         if check_memory:
             check_host_memory(
                 num_slots * bytes_per_slot(num_layers, num_kv_heads, head_dim, dtype), meminfo
@@ -147,16 +144,30 @@ class HostKVPool:
     # -- views -----------------------------------------------------------------------
     @property
     def row_width(self) -> int:
-        """Elements of one (slot, head) row: K then V."""
+        """Elements of one (slot, head) pair, K and V together (a hot-cache row)."""
         return 2 * self.head_dim
 
-    def layer_rows(self, layer: int) -> torch.Tensor:
-        """``[slots·Hkv, 2·D]``: row ``slot·Hkv + head`` = [K | V] of that pair."""
-        return self.data[layer].view(self.num_slots * self.num_kv_heads, self.row_width)
+    def layer_rows(self, layer: int, part: int) -> torch.Tensor:
+        """``[slots·Hkv, D]`` of K (``part`` 0) or V (1): row ``slot·Hkv + head``."""
+        return self.data[layer, part].view(self.num_slots * self.num_kv_heads, self.head_dim)
 
-    def slot_rows(self, layer: int) -> torch.Tensor:
-        """``[slots, Hkv·2·D]``: all heads of a slot, one contiguous row."""
-        return self.data[layer].view(self.num_slots, self.num_kv_heads * self.row_width)
+    def slot_rows(self, layer: int, part: int) -> torch.Tensor:
+        """``[slots, Hkv·D]``: all heads of a slot's K (or V), one contiguous row."""
+        return self.data[layer, part].view(self.num_slots, self.num_kv_heads * self.head_dim)
+
+    def cuda_views(self, device: torch.device | str) -> tuple[list, list]:
+        """Per-layer K and V ``[slots, Hkv, D]`` as CUDA tensors over this host memory
+        (SGLang's ``k_buffer`` / ``v_buffer``). Kept on the pool: the aliases borrow its
+        memory, so the pool must outlive them."""
+        if not self.pinned:
+            raise ValueError("CUDA views need a pinned pool (pin=True, CUDA available)")
+        from sglang_pariskv.offload.cuda_alias import cuda_alias
+
+        self._views = (
+            [cuda_alias(self.data[layer, 0], device) for layer in range(self.num_layers)],
+            [cuda_alias(self.data[layer, 1], device) for layer in range(self.num_layers)],
+        )
+        return self._views
 
     def nbytes(self) -> int:
         return self.data.numel() * self.data.element_size()
@@ -205,32 +216,28 @@ class HostKVPool:
 
     def _write_torch(self, layer, slots, k, v) -> None:
         idx = slots.to("cpu", torch.int64)
-        dst = self.data[layer]
-        dst[idx, :, 0] = self._shape_kv(k).cpu()
-        dst[idx, :, 1] = self._shape_kv(v).cpu()
+        self.data[layer, 0, idx] = self._shape_kv(k).cpu()
+        self.data[layer, 1, idx] = self._shape_kv(v).cpu()
 
     def _write_kernel(self, layer, slots, k, v) -> None:
         from sglang_pariskv.kernels.uva_gather import scatter_rows
 
-        h, d = self.num_kv_heads, self.head_dim
-        # Destination rows of D elements: (slot·Hkv + head)·2 + {0: K, 1: V}.
-        base = (slots.to(torch.int64)[:, None] * h + torch.arange(h, device=slots.device)) * 2
-        dst = self.data[layer].view(self.num_slots * h * 2, d)
+        w = self.num_kv_heads * self.head_dim
         for part, x in ((0, k), (1, v)):
-            scatter_rows(self._shape_kv(x).reshape(-1, d), dst, (base + part).reshape(-1))
+            scatter_rows(self._shape_kv(x).reshape(-1, w), self.slot_rows(layer, part), slots)
 
     def move(self, tgt: torch.Tensor, src: torch.Tensor) -> None:
         """Copy every layer's rows of slots ``src`` to ``tgt`` (mirrors
         ``KVCache.move_kv_cache``; host-side, synchronous). The hot cache must drop
         ``tgt`` afterwards (``OffloadFetcher.move`` does both)."""
         t, s = tgt.to("cpu", torch.int64), src.to("cpu", torch.int64)
-        self.data[:, t] = self.data[:, s]
+        self.data[:, :, t] = self.data[:, :, s]
 
     # -- reads (oracle / helpers) ----------------------------------------------------
     def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(k, v) ``[T, Hkv, D]`` CPU copies of ``slots`` of ``layer``."""
-        rows = self.data[layer][slots.to("cpu", torch.int64)]
-        return rows[:, :, 0].clone(), rows[:, :, 1].clone()
+        idx = slots.to("cpu", torch.int64)
+        return self.data[layer, 0, idx].clone(), self.data[layer, 1, idx].clone()
 
     def close(self) -> None:
         """Unregister the pinned memory (the tensor stays usable as plain memory)."""

@@ -1,0 +1,76 @@
+"""The KV pool of ``--pariskv-offload host``: K/V in pinned host memory, codes on the GPU.
+
+SGLang keeps working unchanged: its ``k_buffer[l]`` / ``v_buffer[l]`` are CUDA views of
+the host pool (:meth:`HostKVPool.cuda_views`), so the KV store of extend and decode, KV
+moves, FlashInfer's prefill over a cached prefix and the dense decode of short requests
+read and write host memory over PCIe. Only the sparse decode of long requests, which
+needs a few thousand rows per KV head, is routed through the GPU hot cache
+(``attention.backend`` + ``offload.fetch``). The GPU keeps the ParisKV codes of every
+token (about a fifth of the KV bytes), so capacity is set by host memory, not HBM.
+
+Every write and move drops the written slots' rows from the hot cache (when the backend
+has attached one): a slot freed by one request and reused by another must not serve the
+first request's KV from the cache.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sglang_pariskv.index.kv_pool import ParisKVTokenToKVPool
+from sglang_pariskv.offload.host_pool import HostKVPool
+from sglang_pariskv.offload.hot_cache import HotCache
+from sglang_pariskv.server_flags import ParisKVConfigError
+
+
+class HostOffloadKVPool(ParisKVTokenToKVPool):
+    """``ParisKVTokenToKVPool`` whose K/V buffers live in a :class:`HostKVPool`."""
+
+    #: Attached by the attention backend once it knows the decode workspace's capacity.
+    hot_cache: HotCache | None = None
+
+    def _create_buffers_normal(self):
+        layout = str(getattr(self, "kv_cache_layout", "nhd")).lower()
+        if getattr(self, "use_hnd", False) or layout != "nhd":
+            raise ParisKVConfigError(
+                "--pariskv-offload host keeps SGLang's default NHD KV layout in host memory: "
+                "unset SGLANG_USE_HND_KVCACHE and any KV layout override"
+            )
+        on_gpu = torch.device(self.device).type == "cuda"
+        self.host = HostKVPool(
+            self.size + self.page_size,
+            self.layer_num,
+            self.head_num,
+            self.head_dim,
+            dtype=self.store_dtype,
+            pin=on_gpu,
+        )
+        if on_gpu:
+            self.k_buffer, self.v_buffer = self.host.cuda_views(self.device)
+        else:  # CPU tests: the host tensors are the buffers
+            self.k_buffer = [self.host.data[i, 0] for i in range(self.layer_num)]
+            self.v_buffer = [self.host.data[i, 1] for i in range(self.layer_num)]
+
+    def _clear_buffers(self):
+        super()._clear_buffers()
+        self.host.close()
+
+    def host_bytes(self) -> int:
+        return self.host.nbytes()
+
+    def _invalidate(self, loc: torch.Tensor, layer: int | None = None) -> None:
+        if self.hot_cache is not None and loc.numel():
+            self.hot_cache.invalidate(loc.to(self.hot_cache.tags.device), layer)
+
+    def set_kv_buffer(self, layer, loc_info, cache_k, cache_v, *args, **kwargs):
+        super().set_kv_buffer(layer, loc_info, cache_k, cache_v, *args, **kwargs)
+        local, loc = self.written_slots(layer, loc_info, kwargs)
+        self._invalidate(loc, local)
+
+    def move_kv_cache(self, tgt_loc: torch.Tensor, src_loc: torch.Tensor):
+        super().move_kv_cache(tgt_loc, src_loc)
+        self._invalidate(tgt_loc)
+
+    def load_cpu_copy(self, kv_cache_cpu, indices, mamba_indices=None):
+        super().load_cpu_copy(kv_cache_cpu, indices, mamba_indices)
+        self._invalidate(indices)

@@ -1,0 +1,113 @@
+"""Host offload's KV pool with real SGLang objects: K/V land in the host pool, SGLang's
+readers see them, every writer drops stale hot-cache rows, and capacity is set by the
+host pool (the GPU is charged for the codes only)."""
+
+import types
+
+import pytest
+import torch
+from sglang.srt.model_executor.pool_configurator import MemoryPoolConfig
+
+from sglang_pariskv import plugin
+from sglang_pariskv.config import ParisKVConfig
+from sglang_pariskv.index.code_pool import code_bytes_per_token
+from sglang_pariskv.offload.hot_cache import HotCache
+from sglang_pariskv.offload.kv_pool import HostOffloadKVPool
+from tests.test_plugin_pool import LAYERS, D, H, layer, make_pool
+
+
+def offload_pool(size=256):
+    pool = make_pool(size, cls=HostOffloadKVPool)
+    pool.hot_cache = HotCache(LAYERS, 64, H, 2 * D, 128, torch.bfloat16, "cpu")
+    return pool
+
+
+def cached_rows(cache, layer_id):
+    return set(cache.tags[layer_id][cache.tags[layer_id] >= 0].tolist())
+
+
+def fill_cache(pool, slots):
+    """Tag the rows of ``slots`` (all heads, all layers) as cached."""
+    rows = (slots[:, None] * H + torch.arange(H)).reshape(-1)
+    for li in range(LAYERS):
+        lk = pool.hot_cache.lookup(li, rows, torch.ones_like(rows, dtype=torch.bool))
+        pool.hot_cache.insert(li, lk)
+    return set(rows.tolist())
+
+
+def test_kv_lives_in_the_host_pool_and_sglang_reads_it():
+    pool = offload_pool()
+    loc = torch.tensor([3, 4, 9])
+    k, v = torch.randn(3, H, D).bfloat16(), torch.randn(3, H, D).bfloat16()
+    pool.set_kv_buffer(layer(1), loc, k, v)
+    got_k, got_v = pool.host.read(1, loc)
+    assert torch.equal(got_k, k) and torch.equal(got_v, v)
+    kb, vb = pool.get_kv_buffer(1)  # what FlashInfer is handed
+    assert kb.data_ptr() == pool.host.data[1, 0].data_ptr()
+    assert torch.equal(kb[loc], k) and torch.equal(vb[loc], v)
+    assert pool.host.num_slots == 256 + 1  # SGLang's size + the padding page
+
+
+def test_every_writer_drops_the_written_slots_from_the_hot_cache():
+    pool = offload_pool()
+    rows = fill_cache(pool, torch.arange(10, 20))
+    assert cached_rows(pool.hot_cache, 0) == rows == cached_rows(pool.hot_cache, 1)
+    # a write to layer 0 of slots 12, 13: only layer 0's rows of those slots go
+    kv = torch.zeros(2, H, D).bfloat16()
+    pool.set_kv_buffer(layer(0), torch.tensor([12, 13]), kv, kv)
+    gone = {s * H + h for s in (12, 13) for h in range(H)}
+    assert cached_rows(pool.hot_cache, 0) == rows - gone
+    assert cached_rows(pool.hot_cache, 1) == rows
+    # a move into slots 15, 16 (every layer), then a restore into slot 19
+    pool.move_kv_cache(torch.tensor([15, 16]), torch.tensor([1, 2]))
+    gone |= {s * H + h for s in (15, 16) for h in range(H)}
+    assert cached_rows(pool.hot_cache, 1) == rows - {s * H + h for s in (15, 16) for h in range(H)}
+    saved = pool.get_cpu_copy(torch.tensor([19]))
+    pool.load_cpu_copy(saved, torch.tensor([19]))
+    gone |= {19 * H + h for h in range(H)}
+    assert cached_rows(pool.hot_cache, 0) == rows - gone
+
+
+def test_without_a_hot_cache_writes_still_work():
+    pool = make_pool(cls=HostOffloadKVPool)
+    assert pool.hot_cache is None
+    kv = torch.ones(1, H, D).bfloat16()
+    pool.set_kv_buffer(layer(0), torch.tensor([7]), kv, kv)
+    assert torch.equal(pool.host.read(0, torch.tensor([7]))[0], kv)
+
+
+def kvc(heads=4, head_dim=128):
+    mc = types.SimpleNamespace(get_num_kv_heads=lambda tp: heads // tp, head_dim=head_dim)
+    return types.SimpleNamespace(model_config=mc, use_mla_backend=False)
+
+
+def test_offload_charges_the_gpu_for_codes_and_caps_tokens_at_the_host_pool(monkeypatch):
+    from sglang.srt.model_executor import pool_configurator
+
+    monkeypatch.setattr(
+        pool_configurator, "get_parallel", lambda: types.SimpleNamespace(attn_tp_size=1)
+    )
+    cfg = ParisKVConfig(offload="host", host_pool_gb=56.0)
+    kv_cell = 4 * 2 * 128 * 28 * 2  # Qwen2.5-7B-1M shape: 57344 B/token
+    configurator = types.SimpleNamespace()
+    cell = plugin._cell_size_hook(cfg)(kv_cell, configurator, kvc(), 28)
+    assert cell == code_bytes_per_token(4, 128, 28)  # the K/V bytes are not on the GPU
+    slots = 56 * 2**30 // kv_cell
+    assert configurator._pariskv_host_slots == slots == 1048576
+    # SGLang sized the pool from the GPU budget / codes: more than the host holds
+    big = MemoryPoolConfig(max_total_num_tokens=3_000_000)
+    capped = plugin._cap_to_host_pool(big, configurator, 10**12, 1)
+    assert capped.max_total_num_tokens == slots
+    small = MemoryPoolConfig(max_total_num_tokens=1000)
+    assert plugin._cap_to_host_pool(small, configurator, 10**9, 1) is small
+    assert plugin._cap_to_host_pool(big, types.SimpleNamespace(), 10**12, 1) is big
+    # without offload the codes are added to the K/V cell as before
+    assert plugin._cell_size_hook(ParisKVConfig())(kv_cell, None, kvc(), 28) == kv_cell + cell
+
+
+def test_a_host_pool_smaller_than_a_page_is_refused():
+    from sglang_pariskv.server_flags import ParisKVConfigError
+
+    conf = types.SimpleNamespace(_pariskv_host_slots=10)
+    with pytest.raises(ParisKVConfigError, match="--pariskv-host-pool-gb"):
+        plugin._cap_to_host_pool(MemoryPoolConfig(max_total_num_tokens=64), conf, 1, 16)
