@@ -377,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         case["pariskv_over_floor"] = case["pariskv_ms_per_token"] / floor
         report["cases"].append(case)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2))  # kept if a later case fails
         keys = ("context", "batch", "dense_ms_per_token", "pariskv_ms_per_token",
                 "pariskv_direct_ms_per_token", "floor_ms", "hot_cache_hit_rate")  # fmt: skip
         print(json.dumps({k: case[k] for k in keys}), flush=True)
