@@ -184,8 +184,14 @@ def run_offload_equivalence(contexts: list[int], trials: int, cfg: dict) -> dict
     base = got["gpu_pool"]
     res = {"config": cfg, "contexts": contexts, "trials": trials, "runs": {}}
     for name, r in got.items():
-        if not r["stats"].get("sparse_request_steps"):
-            raise RuntimeError(f"{name}: ParisKV did not run: stats {r['stats']}")
+        st = r["stats"]
+        if not st.get("sparse_request_steps"):
+            raise RuntimeError(f"{name}: ParisKV did not run: stats {st}")
+        if ("offload" in runs[name]) != bool(st.get("offload_host_pool_gib")):
+            raise RuntimeError(f"{name}: host offload was not as configured: stats {st}")
+        cached = st.get("hot_cache_hits", 0) + st.get("hot_cache_misses", 0)
+        if bool(runs[name].get("hot_cache_lines")) != bool(cached):
+            raise RuntimeError(f"{name}: the hot cache was not as configured: stats {st}")
         res["runs"][name] = {
             "config": runs[name],
             "identical_texts": sum(a == b for a, b in zip(r["texts"], base["texts"])),
@@ -193,7 +199,10 @@ def run_offload_equivalence(contexts: list[int], trials: int, cfg: dict) -> dict
             "greedy_identical_below_threshold": r["greedy_ids"] == base["greedy_ids"],
             "passkey_acc": sum(tasks.score(t, x) for (_, t), x in zip(task_list, r["texts"]))
             / len(prompts),
-            "hot_cache": r["stats"].get("hot_cache"),
+            "offload_host_pool_gib": r["stats"].get("offload_host_pool_gib"),
+            "hot_cache": {
+                k: r["stats"].get(f"hot_cache_{k}") for k in ("hits", "misses", "rows_fetched")
+            },
             "seconds": r["seconds"],
         }
     return res
@@ -550,7 +559,8 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{name:>18}: identical {r['identical_texts']}/{r['prompts']}, greedy below "
                 f"threshold identical {r['greedy_identical_below_threshold']}, passkey acc "
-                f"{r['passkey_acc']:.2f}, hot cache {r['hot_cache']}"
+                f"{r['passkey_acc']:.2f}, host pool {r['offload_host_pool_gib']} GiB, "
+                f"hot cache {r['hot_cache']}"
             )
         return 0
     if args.cmd == "passkey":

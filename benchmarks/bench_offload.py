@@ -13,13 +13,15 @@ decode step), in the same run:
 * ParisKV with ``--pariskv-offload host``: the K/V of every token in a pinned
   :class:`HostKVPool` (written by the UVA scatter kernel), codes and centroid histograms
   on the GPU. Per layer: retrieval (``DecodeWorkspace.run``), the hot-cache fetch
-  (``OffloadFetcher.fetch``: lookup, UVA gather of the misses), and FlashInfer's
-  head-as-batch decode over the staged rows. ``retrieval``, ``fetch`` and ``attention``
-  are differences of graphs (retrieval; + fetch; + attention). Queries follow a random
-  walk (``q += drift * |q| * noise``), so the top-k drifts between steps as in decoding
-  and the hot cache is measured, not assumed; the hit rate is counted on the GPU over the
-  timed steps. ``direct``: the same step with no hot cache, FlashInfer reading the
-  retrieved rows from host memory through the pool's CUDA views (zero-copy).
+  (``OffloadFetcher.fetch``: the fused Triton lookup + UVA gather of the misses +
+  insert, ``kernels.hot_cache_fetch``; ``ops``: the same with HotCache's tensor ops),
+  and FlashInfer's head-as-batch decode over the staged rows. ``retrieval``, ``fetch``
+  and ``attention`` are differences of graphs (retrieval; + fetch; + attention).
+  Queries follow a random walk (``q += drift * |q| * noise``), so the top-k drifts
+  between steps as in decoding and the hot cache is measured, not assumed; the hit rate
+  is counted on the GPU over the timed steps. ``direct``: the same step with no hot
+  cache, FlashInfer reading the retrieved rows from host memory through the pool's CUDA
+  views (zero-copy).
 * dense: FlashInfer decode over all N tokens of a GPU KV pool of all layers, when weights
   + that pool fit in 90% of the GPU (otherwise OOM: the pool is allocated to find out).
 
@@ -204,7 +206,8 @@ def pariskv_case(
     dec.plan(seq)
     rows, entries = dec.rows, dec.entries()
     cache = HotCache(L, lines, HKV, 2 * D, ws.kv_indices.numel(), DTYPE, dev)
-    fetcher = OffloadFetcher(st.host, cache)
+    fetcher = OffloadFetcher(st.host, cache)  # fused Triton fetch on CUDA
+    ops = OffloadFetcher(st.host, cache, fused=False)  # HotCache's tensor ops (reference)
     gen = torch.Generator(device=dev).manual_seed(0)
     qs = [torch.randn(batch, HQ, D, device=dev, dtype=DTYPE, generator=gen) for _ in range(L)]
     out = torch.empty(batch, HQ, D, device=dev, dtype=DTYPE)
@@ -218,9 +221,9 @@ def pariskv_case(
     def retrieve(layer):
         ws.run(qs[layer], st.codes.layers[layer], hists.layers[layer], rtt, rpi)
 
-    def fetch(layer):
+    def fetch(layer, f=fetcher):
         idx = ws.kv_indices[:entries]
-        fetcher.fetch(layer, ws.kv_indptr[: rows + 1], idx, out=idx)
+        f.fetch(layer, ws.kv_indptr[: rows + 1], idx, out=idx)
 
     def step_retrieval():
         for layer in range(L):
@@ -237,6 +240,12 @@ def pariskv_case(
             fetch(layer)
             out.copy_(dec.run_staged(qs[layer], fetcher.staging_kv()))
 
+    def step_full_ops():
+        for layer in range(L):
+            retrieve(layer)
+            fetch(layer, ops)
+            out.copy_(dec.run_staged(qs[layer], ops.staging_kv()))
+
     def step_direct():
         for layer in range(L):
             retrieve(layer)
@@ -247,6 +256,7 @@ def pariskv_case(
         ("retrieval", step_retrieval),
         ("retrieval_fetch", step_fetch),
         ("full", step_full),
+        ("full_ops", step_full_ops),
         ("direct", step_direct),
     ):
         if name == "direct" and not direct:
@@ -362,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
             "fetch_ms": r["retrieval_fetch"] - r["retrieval"],
             "attention_ms": r["full"] - r["retrieval_fetch"],
             "pariskv_ms_per_token": per_batch[b] + r["full"],
+            "pariskv_ops_fetch_ms_per_token": per_batch[b] + r["full_ops"],
             "pariskv_direct_ms_per_token": per_batch[b] + r["direct"] if "direct" in r else None,
             "hot_cache_hit_rate": hc["hit_rate"],
             "hot_cache": hc,

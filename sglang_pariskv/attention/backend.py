@@ -231,18 +231,19 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         )
         st["attended_fraction"] = st["attended_tokens"] / max(st["context_tokens"], 1)
         st["config"] = self.config.to_dict()
-        if self.fetcher is not None:
-            st["hot_cache"] = self._hot_cache_stats
+        pool = getattr(self, "token_to_kv_pool", None)
+        if isinstance(pool, HostOffloadKVPool):
+            st["offload_host_pool_gib"] = pool.host_bytes() / 2**30
+            for key in ("hits", "misses", "rows_fetched"):  # flat: stats files sum numbers
+                st[f"hot_cache_{key}"] = self._hot_cache_stats.get(key, 0)
         return st
-
-    #: The hot-cache counters live on the GPU: read them (a device sync) only every this
-    #: many decode steps, and only when stats are written.
-    HOT_CACHE_READ_EVERY = 64
 
     def _dump_stats(self) -> None:
         if self._stats_path is None:
             return
-        if self.fetcher is not None and self.stats.decode_steps % self.HOT_CACHE_READ_EVERY == 1:
+        if self.fetcher is not None:
+            # The hot-cache counters live on the GPU: reading them syncs the device once
+            # per batch, which only stats-file runs (SGLANG_PARISKV_STATS_DIR) pay.
             self._hot_cache_stats = self.fetcher.cache.stats()
         write_stats(self._stats_path, self.snapshot())
 

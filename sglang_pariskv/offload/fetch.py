@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from sglang_pariskv.kernels.hot_cache_fetch import FetchScratch, hot_cache_fetch
 from sglang_pariskv.kernels.uva_gather import gather_rows, gather_rows_reference
 from sglang_pariskv.offload.host_pool import HostKVPool
 from sglang_pariskv.offload.hot_cache import HotCache
@@ -33,12 +34,18 @@ from sglang_pariskv.offload.hot_cache import HotCache
 class OffloadFetcher:
     """Host pool + hot cache: write (with invalidation), move, and per-layer fetch."""
 
-    def __init__(self, pool: HostKVPool, cache: HotCache):
+    def __init__(self, pool: HostKVPool, cache: HotCache, fused: bool | None = None):
+        """``fused``: the four-launch Triton fetch (``kernels.hot_cache_fetch``) instead of
+        the tensor-op lookup + gather + insert; default on CUDA."""
         if cache.row_width != pool.row_width or cache.hkv != pool.num_kv_heads:
             raise ValueError("the hot cache's rows must be the host pool's (slot, head) rows")
         if cache.num_layers != pool.num_layers:
             raise ValueError("one cache layer per pool layer")
         self.pool, self.cache = pool, cache
+        self.fused = cache.data.is_cuda if fused is None else fused
+        self.scratch = (
+            FetchScratch(cache.lines, cache.max_entries, cache.data.device) if self.fused else None
+        )
 
     def write(self, layer, slots, k, v, stream=None):
         """Store new KV in the host pool and drop the rows' cached copies (the slots may
@@ -71,6 +78,15 @@ class OffloadFetcher:
         """
         e = kv_indices.numel()
         dev = kv_indices.device
+        if out is None:
+            out = torch.empty(e, dtype=torch.int32, device=dev)
+        if self.fused:
+            hot_cache_fetch(
+                layer, kv_indices, kv_indptr[-1:], self.cache.tags[layer], self.cache.data,
+                self.cache.counters[layer], self.pool.layer_rows(layer, 0),
+                self.pool.layer_rows(layer, 1), out, self.scratch, self.cache.overflow_base,
+            )  # fmt: skip
+            return out
         valid = torch.arange(e, device=dev) < kv_indptr[-1].to(torch.int64)
         lk = self.cache.lookup(layer, kv_indices, valid)
         d = self.pool.head_dim
@@ -78,8 +94,6 @@ class OffloadFetcher:
             dst = self.cache.data[:, part * d : (part + 1) * d]
             gather_rows(self.pool.layer_rows(layer, part), lk.rows, dst, lk.pos, lk.fill)
         self.cache.insert(layer, lk)
-        if out is None:
-            out = torch.empty(e, dtype=torch.int32, device=dev)
         out.copy_(lk.pos)
         return out
 
