@@ -160,7 +160,9 @@ def run_passkey(contexts: list[int], trials: int, cfg: dict) -> dict:
     }
 
 
-def run_offload_equivalence(contexts: list[int], trials: int, cfg: dict) -> dict:
+def run_offload_equivalence(
+    contexts: list[int], trials: int, cfg: dict, only: list[str] | None = None
+) -> dict:
     """``--pariskv-offload host`` (hot cache, and direct host reads) against ParisKV over
     SGLang's GPU pool: the rows attended are bit-identical, so every greedy output must be.
     Prompts below the dense threshold cover SGLang's own prefill and dense decode reading
@@ -178,9 +180,15 @@ def run_offload_equivalence(contexts: list[int], trials: int, cfg: dict) -> dict
     runs = {
         "gpu_pool": cfg,
         "offload_hot_cache": {**host, "hot_cache_lines": 4096},
+        "offload_hot_cache_tensor_ops": {**host, "hot_cache_lines": 4096},
         "offload_direct": {**host, "hot_cache_lines": 0},
     }
-    got = {n: _run_isolated(_passkey_worker, model, c, prompts, short) for n, c in runs.items()}
+    runs = {n: c for n, c in runs.items() if n == "gpu_pool" or not only or n in only}
+    got = {}
+    for n, c in runs.items():
+        os.environ["SGLANG_PARISKV_FUSED_FETCH"] = "0" if n.endswith("tensor_ops") else "1"
+        got[n] = _run_isolated(_passkey_worker, model, c, prompts, short)
+    os.environ.pop("SGLANG_PARISKV_FUSED_FETCH")
     base = got["gpu_pool"]
     res = {"config": cfg, "contexts": contexts, "trials": trials, "runs": {}}
     for name, r in got.items():
@@ -195,6 +203,11 @@ def run_offload_equivalence(contexts: list[int], trials: int, cfg: dict) -> dict
         res["runs"][name] = {
             "config": runs[name],
             "identical_texts": sum(a == b for a, b in zip(r["texts"], base["texts"])),
+            "differing": [
+                {"prompt": i, "context": task_list[i][0], "gpu_pool": b, "this": a}
+                for i, (a, b) in enumerate(zip(r["texts"], base["texts"]))
+                if a != b
+            ],
             "prompts": len(prompts),
             "greedy_identical_below_threshold": r["greedy_ids"] == base["greedy_ids"],
             "passkey_acc": sum(tasks.score(t, x) for (_, t), x in zip(task_list, r["texts"]))
@@ -530,6 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     o = sub.add_parser("offload", help="host offload's outputs vs the GPU pool's (SmolLM2)")
     o.add_argument("--contexts", type=int, nargs="+", default=[4096, 8000])
     o.add_argument("--trials", type=int, default=10)
+    o.add_argument("--runs", nargs="+", help="offload variants to run (default all)")
     sub.add_parser("plot", help="redraw benchmarks/results/e2e.png from e2e.json")
     args = ap.parse_args(argv)
     if args.cmd == "plot":
@@ -553,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
         plot()
         return 0
     if args.cmd == "offload":
-        res = run_offload_equivalence(args.contexts, args.trials, PASSKEY_CFG)
+        res = run_offload_equivalence(args.contexts, args.trials, PASSKEY_CFG, args.runs)
         _merge("offload_equivalence", res)
         for name, r in res["runs"].items():
             print(

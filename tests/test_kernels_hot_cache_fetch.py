@@ -75,3 +75,28 @@ def test_fused_fetch_refuses_mismatched_staging_rows():
             torch.zeros(3, dtype=torch.int64), k, k, torch.zeros(4, dtype=torch.int32),
             FetchScratch(4, 4, "cpu"), 4,
         )  # fmt: skip
+
+
+def test_fused_fetch_serves_fresh_rows_across_rewrites_and_layers():
+    """Serving's pattern: per step, each layer rewrites some slots (new KV, invalidated),
+    then fetches; the staged rows must always be the host's current rows."""
+    from sglang_pariskv.offload.fetch import fetch_reference
+
+    h, d, slots, layers, entries, lines = 2, 8, 40, 3, 64, 16
+    ref, fused = twin_fetchers(slots, layers, h, d, lines, entries, seed=3)
+    gen = torch.Generator().manual_seed(4)
+    for t, rows in enumerate(steps(gen, slots * h, entries, 8)):
+        for layer in range(layers):
+            new = torch.randperm(slots, generator=gen)[:3]
+            k, v = (torch.randn(3, h, d, generator=gen).bfloat16() for _ in range(2))
+            for f in (ref, fused):
+                f.write(layer, new.to(DEV), k.to(DEV), v.to(DEV))
+            indptr = torch.tensor([0, entries - t], dtype=torch.int32, device=DEV)
+            want = ref.fetch(layer, indptr, rows.to(DEV))
+            buf = rows.to(DEV).clone()
+            got = fused.fetch(layer, indptr, buf, out=buf)
+            assert torch.equal(got, want), (t, layer)
+            n = entries - t
+            host = fetch_reference(fused.pool, layer, indptr.cpu(), rows)
+            staged = fused.cache.data[got[:n].long()].cpu()
+            assert torch.equal(staged.view(torch.int16), host.view(torch.int16)), (t, layer)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -207,7 +208,9 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         )
         pool.hot_cache = None  # drop the old cache (and its memory) before the new one
         pool.hot_cache = cache
-        self.fetcher = OffloadFetcher(pool.host, cache)
+        # SGLANG_PARISKV_FUSED_FETCH=0 selects HotCache's tensor-op fetch (A/B checks).
+        fused = os.environ.get("SGLANG_PARISKV_FUSED_FETCH", "1") != "0"
+        self.fetcher = OffloadFetcher(pool.host, cache, fused=fused and cache.data.is_cuda)
         logger.info(
             "ParisKV offload: host pool %.1f GiB, hot cache %d lines/layer (%.1f MiB)",
             pool.host_bytes() / 2**30,
