@@ -102,8 +102,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         "--pariskv-hot-cache-lines",
         type=int,
         default=None,
-        help="GPU hot-cache lines per layer with --pariskv-offload host "
-        f"(default {defaults.hot_cache_lines}; 0 = none: attention reads host rows directly).",
+        help="GPU hot-cache lines per layer with --pariskv-offload host (default "
+        f"{defaults.hot_cache_lines}: none, attention reads the retrieved host rows directly; "
+        "e.g. 65536 caches rows reused across steps, faster, experimental).",
     )
     g.add_argument(
         "--pariskv-config",

@@ -127,10 +127,10 @@ def test_unsupported_combinations_are_refused(parser, flags, words):
 def test_offload_flags_build_the_config_and_check_host_memory(parser, monkeypatch):
     args = parse(
         parser, "--enable-pariskv", "--pariskv-offload", "host", "--pariskv-host-pool-gb",
-        "48", "--pariskv-hot-cache-lines", "0",
+        "48", "--pariskv-hot-cache-lines", "4096",
     )  # fmt: skip
     cfg = config_from_args(args)
-    assert cfg.offloaded and cfg.host_pool_gb == 48.0 and cfg.hot_cache_lines == 0
+    assert cfg.offloaded and cfg.host_pool_gb == 48.0 and cfg.hot_cache_lines == 4096
     assert ParisKVConfig.from_dict(cfg.to_dict()) == cfg  # travels to the scheduler intact
     asked = []
 
