@@ -56,7 +56,8 @@ def _passkey_worker(model_path, pariskv, prompts, greedy_prompts, out_q):
 
         stats_dir = tempfile.mkdtemp(prefix="pariskv-stats-")
         os.environ["SGLANG_PARISKV_STATS_DIR"] = stats_dir
-        eng = _engine(model_path, pariskv, context_length=8192, mem_fraction_static=0.6)
+        extra = json.loads(os.environ.get("PARISKV_BENCH_ENGINE_ARGS", "{}"))
+        eng = _engine(model_path, pariskv, context_length=8192, mem_fraction_static=0.6, **extra)
         params = {"temperature": 0, "max_new_tokens": 12}
         t0 = time.perf_counter()
         outs = eng.generate(input_ids=prompts, sampling_params=params)
@@ -544,6 +545,11 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("--contexts", type=int, nargs="+", default=[4096, 8000])
     o.add_argument("--trials", type=int, default=10)
     o.add_argument("--runs", nargs="+", help="offload variants to run (default all)")
+    o.add_argument(
+        "--disable-radix-cache",
+        action="store_true",
+        help="no prefix reuse: tells a cache divergence from scheduling-dependent prefix hits",
+    )
     sub.add_parser("plot", help="redraw benchmarks/results/e2e.png from e2e.json")
     args = ap.parse_args(argv)
     if args.cmd == "plot":
@@ -567,7 +573,10 @@ def main(argv: list[str] | None = None) -> int:
         plot()
         return 0
     if args.cmd == "offload":
+        if args.disable_radix_cache:  # read by the engine processes (spawned children)
+            os.environ["PARISKV_BENCH_ENGINE_ARGS"] = json.dumps({"disable_radix_cache": True})
         res = run_offload_equivalence(args.contexts, args.trials, PASSKEY_CFG, args.runs)
+        res["disable_radix_cache"] = args.disable_radix_cache
         _merge("offload_equivalence", res)
         for name, r in res["runs"].items():
             print(

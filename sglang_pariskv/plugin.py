@@ -128,6 +128,9 @@ def install_serving_hooks(cfg: ParisKVConfig) -> None:
     HookRegistry.register(_TARGETS["cell_size"], _cell_size_hook(cfg), HookType.AFTER)
     HookRegistry.register(_TARGETS["post_init"], _around_post_init, HookType.AROUND)
     HookRegistry.apply_hooks()
+    import sglang.srt.models.utils  # noqa: F401  (patched before any model binds it)
+
+    disable_fused_kv_store()
     original = attention_registry.ATTENTION_BACKENDS["flashinfer"]
     attention_registry.ATTENTION_BACKENDS["flashinfer"] = _backend_factory(original, cfg)
     _serving_hooks_installed = True
@@ -225,9 +228,38 @@ def _cap_to_host_pool(result, configurator, *args, **kwargs):
     return dataclasses.replace(result, max_total_num_tokens=capped)
 
 
+def _no_fused_kv_store(forward_batch) -> bool:
+    """ParisKV's replacement for SGLang's ``enable_fused_set_kv_buffer``: always False."""
+    return False
+
+
+def disable_fused_kv_store() -> list[str]:
+    """Make models store K/V through the pool's ``set_kv_buffer`` (which writes the codes
+    and, with offload, drops stale hot-cache rows) instead of inside their fused RoPE
+    kernel (Qwen3-MoE, gpt-oss, ... on CUDA with a bf16 cache), which writes the pool's
+    buffers directly and would leave those slots without codes. Models bind the helper
+    by name at import, so every loaded model module is patched, as well as
+    ``sglang.srt.models.utils`` for modules imported later. Returns the patched modules."""
+    import sys
+
+    patched = []
+    for name, mod in list(sys.modules.items()):
+        if not name.startswith("sglang.srt.models.") or mod is None:
+            continue
+        fn = getattr(mod, "enable_fused_set_kv_buffer", None)
+        if fn is not None and fn is not _no_fused_kv_store:
+            mod.enable_fused_set_kv_buffer = _no_fused_kv_store
+            patched.append(name)
+    return patched
+
+
 def _backend_factory(original, cfg: ParisKVConfig):
     def create_pariskv_backend(runner):
         from sglang_pariskv.server_flags import check_model
+
+        patched = disable_fused_kv_store()  # the model is loaded: its modules are bound
+        if patched:
+            logger.info("ParisKV: K/V stores go through the KV pool in %s", patched)
 
         mc = runner.model_config
         check_model(

@@ -230,3 +230,54 @@ def test_step_tensors_are_made_inside_every_captured_run(setup, monkeypatch):
         assert b._rpi32 is read[-1]  # every layer of the run reads the run's own tensor
     assert read[1] is not read[0]
     assert read[1].dtype == torch.int32 and read[1].tolist() == [2]
+
+
+def test_slots_reused_by_a_new_request_are_never_served_stale(setup):
+    """Request A decodes (its rows enter the hot cache with offload), finishes, and its
+    slots go to request B, whose prefill writes new K/V there; B's decode must attend B's
+    K/V (the oracle reads the pool). Then A's slots are reused once more, mid-run, by C
+    while B keeps decoding. Both runs (GPU pool, host offload) must match the oracle."""
+    b, pool, rtp = setup
+    gen = torch.Generator().manual_seed(7)
+    layer = types.SimpleNamespace(layer_id=0, is_cross_attention=False)
+
+    def prefill(req, slots):
+        rtp.req_to_token[req, : len(slots)] = slots.to(torch.int32)
+        n = len(slots)
+        pool.set_kv_buffer(layer, slots, torch.randn(n, HKV, D, generator=gen),
+                           torch.randn(n, HKV, D, generator=gen))  # fmt: skip
+        b.hists.rebuild(0, pool.pariskv.layers[0].signs, rtp.req_to_token,
+                        torch.tensor([req]), torch.tensor([n]))  # fmt: skip
+
+    def decode(reqs, seqs, locs):
+        for r, s, loc in zip(reqs, seqs, locs):
+            rtp.req_to_token[r, s - 1] = loc
+        fb = types.SimpleNamespace(
+            forward_mode=types.SimpleNamespace(is_decode=lambda: True, is_extend=lambda: False),
+            batch_size=len(reqs), seq_lens=torch.tensor(seqs), seq_lens_cpu=torch.tensor(seqs),
+            seq_lens_sum=sum(seqs), req_pool_indices=torch.tensor(reqs),
+            out_cache_loc=torch.tensor(locs),
+        )  # fmt: skip
+        q = torch.randn(len(reqs), HQ, D, generator=gen)
+        k = torch.randn(len(reqs), HKV, D, generator=gen)
+        b.init_forward_metadata(fb)
+        got = b.forward_decode(q.reshape(len(reqs), -1), k, k.clone(), layer, fb)
+        want = oracle(pool, rtp, reqs, seqs, q)
+        torch.testing.assert_close(got.view(-1, HQ, D).double(), want, atol=2e-5, rtol=1e-5)
+
+    a_slots = torch.randperm(600, generator=gen)[:300] + 1  # scattered, as an allocator
+    prefill(0, a_slots)
+    for t in range(3):
+        decode([0], [301 + t], [700 + t])
+    # A finishes; B gets A's slots (new K/V) and decodes with them
+    prefill(1, a_slots)
+    decode([1], [301], [800])
+    decode([1], [302], [801])
+    # C's prefill rewrites half of those slots while B still maps them (an allocator
+    # would not do this; it is the harshest case for a cache): the backend must serve
+    # what the pool now holds, as B's oracle (which reads the pool) does, never an
+    # older cached copy.
+    prefill(2, a_slots[:150])
+    decode([1, 2], [303, 151], [802, 900])
+    if b.fetcher is not None:
+        assert b.fetcher.cache.stats()["hits"] > 0  # cached rows were reused, and stayed right

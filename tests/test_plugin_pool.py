@@ -162,3 +162,21 @@ def test_radix_prefix_hits_return_slots_whose_codes_belong_to_the_prefix(ops):
         cache.dec_lock_ref(match.last_device_node)
         if evict:
             cache.evict(EvictParams(num_tokens=evict))
+
+
+def test_fused_rope_kv_stores_are_routed_through_the_pool(monkeypatch):
+    """Models that store K/V inside their fused RoPE kernel would bypass set_kv_buffer
+    (no codes): every loaded model module's helper is replaced by one that says no."""
+    import sys
+
+    import sglang.srt.models.utils as mutils
+
+    fake = types.ModuleType("sglang.srt.models.fake_moe")
+    fake.enable_fused_set_kv_buffer = mutils.enable_fused_set_kv_buffer
+    monkeypatch.setitem(sys.modules, "sglang.srt.models.fake_moe", fake)
+    monkeypatch.setattr(mutils, "enable_fused_set_kv_buffer", mutils.enable_fused_set_kv_buffer)
+    patched = plugin.disable_fused_kv_store()
+    assert {"sglang.srt.models.fake_moe", "sglang.srt.models.utils"} <= set(patched)
+    assert fake.enable_fused_set_kv_buffer(object()) is False
+    assert mutils.enable_fused_set_kv_buffer(object()) is False
+    assert "sglang.srt.models.fake_moe" not in plugin.disable_fused_kv_store()  # idempotent
