@@ -24,6 +24,14 @@ COUNTER_HELP = {
     "context_tokens": "Context tokens of sparse decode rows (the dense cost avoided).",
 }
 
+#: Help text of the host-offload hot-cache counters ``sglang:pariskv_hot_cache_<field>_total``
+#: (read back from the GPU without a sync, so they trail the served batches slightly).
+HOT_CACHE_HELP = {
+    "hits": "Retrieved (slot, KV head) rows served from the GPU hot cache (host offload).",
+    "misses": "Retrieved rows not in the hot cache, read from host memory (host offload).",
+    "rows_fetched": "Rows copied from host memory into the hot cache (host offload).",
+}
+
 
 @dataclass
 class BatchCounts:
@@ -53,6 +61,12 @@ class ParisKVMetrics:
             name: Counter(f"sglang:pariskv_{name}", doc, labelnames=list(labels), registry=reg)
             for name, doc in COUNTER_HELP.items()
         }
+        self.hot_cache = {
+            name: Counter(
+                f"sglang:pariskv_hot_cache_{name}", doc, labelnames=list(labels), registry=reg
+            )
+            for name, doc in HOT_CACHE_HELP.items()
+        }
         self.attended_fraction = Gauge(
             "sglang:pariskv_attended_fraction",
             "Attended / context tokens of the last sparse decode batch.",
@@ -72,6 +86,12 @@ class ParisKVMetrics:
     def observe_retrieval(self, seconds: float) -> None:
         """One decode step's retrieval GPU time, summed over layers."""
         self.retrieval_seconds.labels(**self.labels).observe(seconds)
+
+    def add_hot_cache(self, delta: dict[str, int]) -> None:
+        """Increments of the hot-cache counters (``offload.counters``)."""
+        for name, counter in self.hot_cache.items():
+            if delta.get(name, 0) > 0:
+                counter.labels(**self.labels).inc(delta[name])
 
     def add(self, c: BatchCounts) -> None:
         for name, counter in self.counters.items():

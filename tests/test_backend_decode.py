@@ -31,6 +31,7 @@ from sglang_pariskv.config import ParisKVConfig  # noqa: E402
 from sglang_pariskv.index.histograms import RequestHistograms  # noqa: E402
 from sglang_pariskv.kernels import DecodeWorkspace  # noqa: E402
 from sglang_pariskv.kernels.testing import fresh_interpreter_fallback  # noqa: E402
+from sglang_pariskv.offload.counters import HotCacheCounterReader  # noqa: E402
 from sglang_pariskv.offload.fetch import OffloadFetcher  # noqa: E402
 from sglang_pariskv.offload.hot_cache import HotCache  # noqa: E402
 from sglang_pariskv.offload.kv_pool import HostOffloadKVPool  # noqa: E402
@@ -120,13 +121,14 @@ def setup(monkeypatch, request):
         hists=RequestHistograms(4, HKV, D, 1, "cpu"), graph_sparse={}, _sparse=None,
         _rpi32=None, _scale=(SCALE, 0.0), _scale_checked_at_init=True,
         _dense_dev=torch.zeros(4, dtype=torch.bool), stats=DecodeStats(), metrics=None,
-        _stats_path=None, timer=None, fetcher=None, _hot_cache_stats={},
+        _stats_path=None, timer=None, fetcher=None,
     )  # fmt: skip
     if offload:
         # 32 lines for ~2x(28 + 2) rows per step: hits, conflicts and overflow all occur
         cache = HotCache(1, 32, HKV, 2 * D, ws.kv_indices.numel(), torch.float32, "cpu")
         pool.hot_cache = cache
         b.fetcher = OffloadFetcher(pool.host, cache)
+        b.hot_cache_reader = HotCacheCounterReader(cache)
     return b, pool, rtp
 
 
@@ -193,6 +195,19 @@ def test_mixed_batch_decode_matches_the_oracle_over_steps(setup):
     if b.fetcher is not None:  # the offloaded run went through the cache and reused rows
         st = b.fetcher.cache.stats()
         assert st["hits"] > 0 and st["misses"] > 0 and st["rows_fetched"] > 0
+        # what operators see: the reader's totals in the snapshot and the metrics
+        from prometheus_client import CollectorRegistry
+
+        from sglang_pariskv.metrics import ParisKVMetrics
+
+        reg = CollectorRegistry()
+        b.metrics = ParisKVMetrics({"tp_rank": "0"}, registry=reg)
+        b.init_forward_metadata(fb)  # the next batch's planning polls the counters
+        snap = b.snapshot()
+        assert snap["hot_cache_hits"] == st["hits"] and snap["hot_cache_misses"] == st["misses"]
+        assert snap["offload_host_pool_gib"] > 0
+        got = reg.get_sample_value("sglang:pariskv_hot_cache_hits_total", {"tp_rank": "0"})
+        assert got == st["hits"]
 
 
 def test_step_tensors_are_made_inside_every_captured_run(setup, monkeypatch):

@@ -6,6 +6,7 @@ entry's staging row must equal the host row it names."""
 import math
 import random
 
+import pytest
 import torch
 
 from sglang_pariskv.offload.hot_cache import HotCache
@@ -169,3 +170,28 @@ def test_duplicate_rows_share_one_line_and_one_fetch():
     assert_rows_served(cache, host, 1, rows, 6, lk)
     lk = run_step(cache, host, 1, rows, 6)  # 25 and 4 hit; 9 stays in overflow
     assert lk.hit.tolist() == [False, True, False, False, True, True]
+
+
+def test_counter_reader_reports_increments_once():
+    from sglang_pariskv.offload.counters import HotCacheCounterReader
+
+    cache = HotCache(2, 8, H, W, 16, torch.float32, "cpu")
+    reader = HotCacheCounterReader(cache)
+    cache.counters += torch.tensor([[3, 1, 1], [2, 2, 1]])
+    assert reader.poll() == {"hits": 5, "misses": 3, "rows_fetched": 2}
+    assert reader.poll() == {"hits": 0, "misses": 0, "rows_fetched": 0}
+    cache.counters[1, 0] += 4
+    assert reader.poll()["hits"] == 4 and reader.totals["hits"] == 9
+
+
+@pytest.mark.gpu
+def test_gpu_counter_reader_never_syncs_and_catches_up():
+    from sglang_pariskv.offload.counters import HotCacheCounterReader
+
+    cache = HotCache(2, 8, H, W, 16, torch.float32, "cuda")
+    reader = HotCacheCounterReader(cache)
+    cache.counters += 1
+    first = reader.poll()  # enqueues the copy; nothing readable yet
+    assert first == {"hits": 0, "misses": 0, "rows_fetched": 0}
+    torch.cuda.synchronize()
+    assert reader.poll() == {"hits": 2, "misses": 2, "rows_fetched": 2}

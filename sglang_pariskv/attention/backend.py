@@ -33,6 +33,7 @@ from sglang_pariskv.index.histograms import RequestHistograms
 from sglang_pariskv.index.kv_pool import ParisKVTokenToKVPool
 from sglang_pariskv.kernels.workspace import DecodeWorkspace
 from sglang_pariskv.metrics import BatchCounts
+from sglang_pariskv.offload.counters import HotCacheCounterReader
 from sglang_pariskv.offload.fetch import OffloadFetcher
 from sglang_pariskv.offload.hot_cache import HotCache
 from sglang_pariskv.offload.kv_pool import HostOffloadKVPool
@@ -152,7 +153,6 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         timed = timing_requested(metrics_on)
         self.timer = RetrievalTimer(pool.layer_num) if timed and device.type == "cuda" else None
         self.stats = DecodeStats()
-        self._hot_cache_stats: dict[str, float] = {}
         self.metrics = None
         self._stats_path = stats_path(self.tp_rank)
         # Every TP rank counts the same requests: rank 0 exports them (as SGLang's own
@@ -211,6 +211,7 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         # SGLANG_PARISKV_FUSED_FETCH=0 selects HotCache's tensor-op fetch (A/B checks).
         fused = os.environ.get("SGLANG_PARISKV_FUSED_FETCH", "1") != "0"
         self.fetcher = OffloadFetcher(pool.host, cache, fused=fused and cache.data.is_cuda)
+        self.hot_cache_reader = HotCacheCounterReader(cache)
         logger.info(
             "ParisKV offload: host pool %.1f GiB, hot cache %d lines/layer (%.1f MiB)",
             pool.host_bytes() / 2**30,
@@ -237,18 +238,14 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         pool = getattr(self, "token_to_kv_pool", None)
         if isinstance(pool, HostOffloadKVPool):
             st["offload_host_pool_gib"] = pool.host_bytes() / 2**30
+            totals = self.hot_cache_reader.totals if self.fetcher is not None else {}
             for key in ("hits", "misses", "rows_fetched"):  # flat: stats files sum numbers
-                st[f"hot_cache_{key}"] = self._hot_cache_stats.get(key, 0)
+                st[f"hot_cache_{key}"] = totals.get(key, 0)
         return st
 
     def _dump_stats(self) -> None:
-        if self._stats_path is None:
-            return
-        if self.fetcher is not None:
-            # The hot-cache counters live on the GPU: reading them syncs the device once
-            # per batch, which only stats-file runs (SGLANG_PARISKV_STATS_DIR) pay.
-            self._hot_cache_stats = self.fetcher.cache.stats()
-        write_stats(self._stats_path, self.snapshot())
+        if self._stats_path is not None:
+            write_stats(self._stats_path, self.snapshot())
 
     # -- metadata (host side) ---------------------------------------------------------
     def _plan_decode(
@@ -263,6 +260,10 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         run_sparse = force or bool(sparse_rows.any())
         self.stats.decode_steps += 1
         self.stats.sparse_steps += int(run_sparse)
+        if self.fetcher is not None and (self.metrics is not None or self._stats_path):
+            delta = self.hot_cache_reader.poll()  # no sync: copies behind the queued work
+            if self.metrics is not None:
+                self.metrics.add_hot_cache(delta)
         self._emit(
             BatchCounts(
                 tokens_encoded=int(real.sum()),
