@@ -44,6 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_e2e import hbm_bandwidth_gbs, step_bytes  # noqa: E402
 from bench_kernels import graph_of  # noqa: E402
 
 SHAPE = {
@@ -102,14 +103,6 @@ class Weights:
             for j in range(4):
                 torch.mm(self.ins[j], self.mats[j], out=self.outs[j])
         torch.mm(self.ins[4], self.mats[4], out=self.outs[4])
-
-
-def hbm_gbps(dev) -> float:
-    n = 1 << 31
-    src = torch.empty(n, dtype=torch.uint8, device=dev).fill_(1)
-    dst = torch.empty_like(src)
-    g = graph_of(lambda: dst.copy_(src))
-    return 2 * n / time_steps(g.replay, steps=10) / 1e6
 
 
 def dense_case(n: int, batch: int, weights_bytes: int, dev) -> dict:
@@ -287,8 +280,6 @@ def uva_gather_gbps(st: OffloadState, rows: int) -> float:
 
 def floor_ms(n: int, batch: int, weights_bytes: int, miss_rows: float, hbm: float, uva: float):
     """(bytes from HBM) / hbm + (bytes over PCIe) / uva, in ms; see the module docstring."""
-    from bench_e2e import step_bytes
-
     b = step_bytes(SHAPE, n, batch, {"topk": 2048, "sink": 64, "local": 256})
     gpu_bytes = weights_bytes + batch * b["per_request"]
     pcie_bytes = miss_rows * 2 * D * 2
@@ -311,8 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     dev = torch.device("cuda")
     cases = [tuple(int(x) for x in c.split("x")) for c in args.cases]
     t0 = time.perf_counter()
-    hbm = hbm_gbps(dev)
-    torch.cuda.empty_cache()
+    hbm = hbm_bandwidth_gbs()
     report = {
         "device": torch.cuda.get_device_name(dev),
         "python": platform.python_version(),

@@ -197,6 +197,9 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         self.fetcher = None
         if not isinstance(pool, HostOffloadKVPool) or self.config.hot_cache_lines == 0:
             return  # no offload, or zero-copy: FlashInfer reads the host rows directly
+        # Drop every reference to the old cache (rebuilt for a larger workspace) before
+        # allocating the new one, so the two never coexist in GPU memory.
+        pool.hot_cache = self.hot_cache_reader = None
         cache = HotCache(
             pool.layer_num,
             self.config.hot_cache_lines,
@@ -206,7 +209,6 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             dtype=pool.dtype,
             device=self.ws.device,
         )
-        pool.hot_cache = None  # drop the old cache (and its memory) before the new one
         pool.hot_cache = cache
         # SGLANG_PARISKV_FUSED_FETCH=0 selects HotCache's tensor-op fetch (A/B checks).
         fused = os.environ.get("SGLANG_PARISKV_FUSED_FETCH", "1") != "0"

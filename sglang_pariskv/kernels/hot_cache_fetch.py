@@ -32,7 +32,8 @@ import triton.language as tl
 
 from sglang_pariskv.kernels.uva_gather import kernel_arg
 
-_INVALID, _HIT, _MISS, _INSTALL = 0, 1, 2, 3
+#: ``state[i]`` codes written by the kernels: 0 invalid, 1 hit, 2 miss, 3 install.
+#: ``first[line]`` when no entry installs into the line:
 _IDLE_FIRST = 2**31 - 1
 
 
