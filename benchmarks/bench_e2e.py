@@ -50,7 +50,25 @@ def _engine(model_path: str, pariskv: dict | None, **kwargs):
     )
 
 
-def _passkey_worker(model_path, pariskv, prompts, greedy_prompts, out_q):
+def _top_logprobs(meta_info: dict) -> list[list[list]]:
+    """Per answer token, its ``[logprob, token_id]`` candidates, best first.
+
+    SGLang's ``meta_info["output_top_logprobs"]`` holds, per output token, a list of
+    ``(logprob, token_id, text)`` tuples, or None where no logprobs were computed (then []
+    here). Plain lists of floats and ints, so the result pickles and serialises to JSON."""
+    return [
+        sorted(([float(lp), int(tid)] for lp, tid, *_ in tops or ()), reverse=True)
+        for tops in meta_info.get("output_top_logprobs") or []
+    ]
+
+
+def _passkey_worker(model_path, pariskv, prompts, greedy_prompts, sequential, logprobs, out_q):
+    """Serves ``prompts`` (12 new tokens) and ``greedy_prompts`` (32) with one engine.
+
+    ``sequential`` sends one request at a time instead of one batch: SGLang's batch
+    composition (what is prefilled and decoded together) then no longer depends on timing,
+    and neither do the batch-size-dependent GEMM numerics. ``logprobs`` also returns the
+    top-2 logprobs of each answer token, to tell near-ties from real divergences."""
     try:
         import tempfile
 
@@ -58,17 +76,23 @@ def _passkey_worker(model_path, pariskv, prompts, greedy_prompts, out_q):
         os.environ["SGLANG_PARISKV_STATS_DIR"] = stats_dir
         extra = json.loads(os.environ.get("PARISKV_BENCH_ENGINE_ARGS", "{}"))
         eng = _engine(model_path, pariskv, context_length=8192, mem_fraction_static=0.6, **extra)
-        params = {"temperature": 0, "max_new_tokens": 12}
+
+        def gen(batch, params, **kw):
+            if sequential:
+                return [eng.generate(input_ids=q, sampling_params=params, **kw) for q in batch]
+            return eng.generate(input_ids=batch, sampling_params=params, **kw)
+
+        lp = {"return_logprob": True, "top_logprobs_num": 2} if logprobs else {}
         t0 = time.perf_counter()
-        outs = eng.generate(input_ids=prompts, sampling_params=params)
+        outs = gen(prompts, {"temperature": 0, "max_new_tokens": 12}, **lp)
         elapsed = time.perf_counter() - t0
-        greedy = eng.generate(
-            input_ids=greedy_prompts, sampling_params={"temperature": 0, "max_new_tokens": 32}
-        )
+        greedy = gen(greedy_prompts, {"temperature": 0, "max_new_tokens": 32})
         eng.shutdown()
         out_q.put(
             {
                 "texts": [o["text"] for o in outs],
+                "ids": [list(o["output_ids"]) for o in outs],
+                "top_logprobs": [_top_logprobs(o["meta_info"]) for o in outs] if logprobs else None,
                 "greedy_ids": [o["output_ids"] for o in greedy],
                 "seconds": elapsed,
                 "stats": _read_stats(stats_dir),
@@ -126,8 +150,8 @@ def run_passkey(contexts: list[int], trials: int, cfg: dict) -> dict:
     # Greedy-equality prompts, all below the dense threshold: ParisKV must leave them
     # bit-identical (same kernels, same plans).
     short = [tasks.format_chat(tok, tasks.passkey(tok, 600, 0.5, s)) for s in range(4)]
-    dense = _run_isolated(_passkey_worker, model, None, prompts, short)
-    sparse = _run_isolated(_passkey_worker, model, cfg, prompts, short)
+    dense = _run_isolated(_passkey_worker, model, None, prompts, short, False, False)
+    sparse = _run_isolated(_passkey_worker, model, cfg, prompts, short, False, False)
     if dense["stats"] or not sparse["stats"].get("sparse_request_steps"):
         raise RuntimeError(
             "ParisKV did not run as expected (is sglang-pariskv installed with its entry "
@@ -161,13 +185,101 @@ def run_passkey(contexts: list[int], trials: int, cfg: dict) -> dict:
     }
 
 
+#: ``offload`` variants only run when named in ``--runs``.
+OFFLOAD_OPT_IN = ("gpu_pool_repeat", "offload_copy_stream")
+
+
+def _offload_variants(cfg: dict) -> dict[str, dict]:
+    host = {**cfg, "offload": "host", "host_pool_gb": 2.0}
+    return {
+        "gpu_pool": cfg,
+        "gpu_pool_repeat": cfg,
+        "offload_hot_cache": {**host, "hot_cache_lines": 4096},
+        "offload_hot_cache_tensor_ops": {**host, "hot_cache_lines": 4096},
+        "offload_direct": {**host, "hot_cache_lines": 0},
+        "offload_copy_stream": {**host, "hot_cache_lines": 0, "prefill_copy": "side_stream"},
+    }
+
+
+def offload_run_configs(cfg: dict, only: list[str] | None = None) -> dict[str, dict]:
+    """The ParisKV configs of the ``offload`` variants to run, baseline first.
+
+    ``gpu_pool`` (the baseline) always runs. ``gpu_pool_repeat`` is a second engine with the
+    baseline's config: its differences from ``gpu_pool`` are SGLang's own run-to-run noise,
+    the yardstick for the offload variants' differences; it is opt-in so that the default
+    set stays the GPU pool and the three offload variants."""
+    return {
+        n: c
+        for n, c in _offload_variants(cfg).items()
+        if n == "gpu_pool" or (n in only if only else n not in OFFLOAD_OPT_IN)
+    }
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    """Index of the first token where ``a`` and ``b`` differ (the shorter one's length if one
+    is a prefix of the other); None if they are equal."""
+    for j, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return j
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def margin_at(top_logprobs: list[list[list]] | None, j: int | None) -> float | None:
+    """top-1 minus top-2 logprob of answer token ``j`` (None where not known), from
+    candidates listed best first as ``_top_logprobs`` gives them: near 0, the greedy choice
+    there is a near-tie that any change in summation order can flip."""
+    if top_logprobs is None or j is None or j >= len(top_logprobs) or len(top_logprobs[j]) < 2:
+        return None
+    return float(top_logprobs[j][0][0] - top_logprobs[j][1][0])
+
+
+def answer_differences(base: dict, run: dict, contexts: list[int]) -> list[dict]:
+    """The prompts whose answers differ between ``base`` (gpu_pool) and ``run``.
+
+    Both are worker results (``texts``, ``ids``, ``top_logprobs``). Each entry names the
+    first differing answer token and the baseline's top-1/top-2 margin there: a small margin
+    (< ~0.1) where the run took the baseline's second choice points at numerics flipping a
+    near-tie, a large one at a real divergence (different rows attended)."""
+    out = []
+    for i, (bt, t) in enumerate(zip(base["texts"], run["texts"])):
+        b_ids, ids = base["ids"][i], run["ids"][i]
+        if bt == t and b_ids == ids:
+            continue
+        j = first_difference(b_ids, ids)
+        b_top = base["top_logprobs"][i] if base.get("top_logprobs") else None
+        r_top = run["top_logprobs"][i] if run.get("top_logprobs") else None
+        b_margin = margin_at(b_top, j)
+        out.append(
+            {
+                "prompt": i,
+                "context": contexts[i],
+                "gpu_pool": bt,
+                "this": t,
+                "gpu_pool_ids": list(b_ids),
+                "this_ids": list(ids),
+                "first_diff_token": j,
+                "baseline_margin_at_diff": b_margin,
+                "this_margin_at_diff": margin_at(r_top, j),
+                "this_is_baseline_top2": None
+                if b_margin is None
+                else (j < len(ids) and ids[j] == b_top[j][1][1]),
+            }
+        )
+    return out
+
+
 def run_offload_equivalence(
-    contexts: list[int], trials: int, cfg: dict, only: list[str] | None = None
+    contexts: list[int],
+    trials: int,
+    cfg: dict,
+    only: list[str] | None = None,
+    sequential: bool = False,
 ) -> dict:
     """``--pariskv-offload host`` (hot cache, and direct host reads) against ParisKV over
     SGLang's GPU pool: the rows attended are bit-identical, so every greedy output must be.
     Prompts below the dense threshold cover SGLang's own prefill and dense decode reading
-    K/V from host memory through the pool's CUDA views."""
+    K/V from host memory through the pool's CUDA views. ``sequential``: one request at a
+    time, so that batch composition is the same in every engine (see ``_passkey_worker``)."""
     from transformers import AutoTokenizer
 
     from sglang_pariskv.workloads import tasks
@@ -177,21 +289,20 @@ def run_offload_equivalence(
     tok = AutoTokenizer.from_pretrained(model)
     task_list, prompts = passkey_prompts(tok, contexts, trials)
     short = [tasks.format_chat(tok, tasks.passkey(tok, 600, 0.5, s)) for s in range(4)]
-    host = {**cfg, "offload": "host", "host_pool_gb": 2.0}
-    runs = {
-        "gpu_pool": cfg,
-        "offload_hot_cache": {**host, "hot_cache_lines": 4096},
-        "offload_hot_cache_tensor_ops": {**host, "hot_cache_lines": 4096},
-        "offload_direct": {**host, "hot_cache_lines": 0},
-    }
-    runs = {n: c for n, c in runs.items() if n == "gpu_pool" or not only or n in only}
+    runs = offload_run_configs(cfg, only)
     got = {}
     for n, c in runs.items():
         os.environ["SGLANG_PARISKV_FUSED_FETCH"] = "0" if n.endswith("tensor_ops") else "1"
-        got[n] = _run_isolated(_passkey_worker, model, c, prompts, short)
+        got[n] = _run_isolated(_passkey_worker, model, c, prompts, short, sequential, True)
     os.environ.pop("SGLANG_PARISKV_FUSED_FETCH")
     base = got["gpu_pool"]
-    res = {"config": cfg, "contexts": contexts, "trials": trials, "runs": {}}
+    res = {
+        "config": cfg,
+        "contexts": contexts,
+        "trials": trials,
+        "sequential": sequential,
+        "runs": {},
+    }
     for name, r in got.items():
         st = r["stats"]
         if not st.get("sparse_request_steps"):
@@ -201,19 +312,19 @@ def run_offload_equivalence(
         cached = st.get("hot_cache_hits", 0) + st.get("hot_cache_misses", 0)
         if bool(runs[name].get("hot_cache_lines")) != bool(cached):
             raise RuntimeError(f"{name}: the hot cache was not as configured: stats {st}")
+        copy_stream = runs[name].get("prefill_copy") == "side_stream"
+        if copy_stream != bool(st.get("offload_copy_stream_stores")):
+            raise RuntimeError(f"{name}: the prefill copy stream was not as configured: {st}")
         res["runs"][name] = {
             "config": runs[name],
             "identical_texts": sum(a == b for a, b in zip(r["texts"], base["texts"])),
-            "differing": [
-                {"prompt": i, "context": task_list[i][0], "gpu_pool": b, "this": a}
-                for i, (a, b) in enumerate(zip(r["texts"], base["texts"]))
-                if a != b
-            ],
+            "differing": answer_differences(base, r, [c for c, _ in task_list]),
             "prompts": len(prompts),
             "greedy_identical_below_threshold": r["greedy_ids"] == base["greedy_ids"],
             "passkey_acc": sum(tasks.score(t, x) for (_, t), x in zip(task_list, r["texts"]))
             / len(prompts),
             "offload_host_pool_gib": r["stats"].get("offload_host_pool_gib"),
+            "copy_stream_stores": r["stats"].get("offload_copy_stream_stores"),
             "hot_cache": {
                 k: r["stats"].get(f"hot_cache_{k}") for k in ("hits", "misses", "rows_fetched")
             },
@@ -531,7 +642,19 @@ def _plot_throughput(ax, data: dict) -> None:
     ax.legend(loc="upper left")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _describe_difference(d: dict) -> str:
+    def fmt(m):
+        return "n/a" if m is None else f"{m:.3f}"
+
+    return (
+        f"prompt {d['prompt']} (context {d['context']}): first differing token "
+        f"{d['first_diff_token']}, gpu_pool margin there {fmt(d['baseline_margin_at_diff'])} "
+        f"(this run {fmt(d['this_margin_at_diff'])}), took gpu_pool's 2nd choice "
+        f"{d['this_is_baseline_top2']}"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("passkey")
@@ -544,14 +667,29 @@ def main(argv: list[str] | None = None) -> int:
     o = sub.add_parser("offload", help="host offload's outputs vs the GPU pool's (SmolLM2)")
     o.add_argument("--contexts", type=int, nargs="+", default=[4096, 8000])
     o.add_argument("--trials", type=int, default=10)
-    o.add_argument("--runs", nargs="+", help="offload variants to run (default all)")
+    o.add_argument(
+        "--runs",
+        nargs="+",
+        choices=list(_offload_variants(PASSKEY_CFG)),
+        help=f"variants to run besides gpu_pool (default: all but {', '.join(OFFLOAD_OPT_IN)})",
+    )
     o.add_argument(
         "--disable-radix-cache",
         action="store_true",
         help="no prefix reuse: tells a cache divergence from scheduling-dependent prefix hits",
     )
+    o.add_argument(
+        "--sequential",
+        action="store_true",
+        help="one request at a time: batch composition, hence GEMM numerics, the same in "
+        "every engine",
+    )
     sub.add_parser("plot", help="redraw benchmarks/results/e2e.png from e2e.json")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.cmd == "plot":
         print(plot())
         return 0
@@ -575,7 +713,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "offload":
         if args.disable_radix_cache:  # read by the engine processes (spawned children)
             os.environ["PARISKV_BENCH_ENGINE_ARGS"] = json.dumps({"disable_radix_cache": True})
-        res = run_offload_equivalence(args.contexts, args.trials, PASSKEY_CFG, args.runs)
+        res = run_offload_equivalence(
+            args.contexts, args.trials, PASSKEY_CFG, args.runs, args.sequential
+        )
         res["disable_radix_cache"] = args.disable_radix_cache
         _merge("offload_equivalence", res)
         for name, r in res["runs"].items():
@@ -585,6 +725,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['passkey_acc']:.2f}, host pool {r['offload_host_pool_gib']} GiB, "
                 f"hot cache {r['hot_cache']}"
             )
+            for d in r["differing"]:
+                print(f"{'':>20}{_describe_difference(d)}")
         return 0
     if args.cmd == "passkey":
         res = run_passkey(args.contexts, args.trials, PASSKEY_CFG)

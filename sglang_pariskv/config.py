@@ -18,6 +18,11 @@ from typing import Any
 #: host memory read over UVA).
 OFFLOAD_MODES: tuple[str, ...] = ("none", "host")
 
+#: How extend (prefill) K/V reaches the host pool with ``offload="host"``: "inline" (the
+#: forward stream stores it over PCIe) or "side_stream" (a copy stream does, overlapping
+#: the following layers; readers wait for it).
+PREFILL_COPY_MODES: tuple[str, ...] = ("inline", "side_stream")
+
 #: Tier budget fractions of ParisKV's collision stage (DESIGN.md step 7).
 DEFAULT_TIER_RATIOS: tuple[float, ...] = (0.05, 0.15, 0.30, 0.50, 0.75, 1.0)
 
@@ -53,6 +58,9 @@ class ParisKVConfig:
     #: serving runs with the cache one answer in 10 differed from the GPU pool's, with
     #: no cause found yet (see docs/architecture.md); direct reads never differed.
     hot_cache_lines: int = 0
+    #: With ``offload="host"``: "side_stream" stores extend K/V to host memory on a copy
+    #: stream instead of the forward stream (see :data:`PREFILL_COPY_MODES`).
+    prefill_copy: str = "inline"
 
     def __post_init__(self) -> None:
         self._check_int("topk", lo=1)
@@ -121,6 +129,18 @@ class ParisKVConfig:
                 f"--pariskv-host-pool-gb {gb:g} given without --pariskv-offload host: add "
                 "--pariskv-offload host, or drop --pariskv-host-pool-gb"
             )
+        if self.prefill_copy not in PREFILL_COPY_MODES:
+            raise ValueError(
+                f"pariskv prefill_copy={self.prefill_copy!r} is invalid: expected one of "
+                f"{list(PREFILL_COPY_MODES)} (--pariskv-prefill-copy)"
+            )
+        if self.offload == "none":
+            for name, default in (("hot_cache_lines", 0), ("prefill_copy", "inline")):
+                if getattr(self, name) != default:
+                    raise ValueError(
+                        f"{_flag(name)} {getattr(self, name)} applies to host offload only: "
+                        f"add --pariskv-offload host, or drop {_flag(name)}"
+                    )
 
     @property
     def offloaded(self) -> bool:

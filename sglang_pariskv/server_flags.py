@@ -13,7 +13,12 @@ import argparse
 import dataclasses
 from typing import Any
 
-from sglang_pariskv.config import OFFLOAD_MODES, ParisKVConfig, check_head_dim
+from sglang_pariskv.config import (
+    OFFLOAD_MODES,
+    PREFILL_COPY_MODES,
+    ParisKVConfig,
+    check_head_dim,
+)
 
 #: (flag, ParisKVConfig field, parser type) for every per-knob flag.
 KNOB_FLAGS: tuple[tuple[str, str, Any], ...] = (
@@ -26,6 +31,7 @@ KNOB_FLAGS: tuple[tuple[str, str, Any], ...] = (
     ("--pariskv-offload", "offload", None),
     ("--pariskv-host-pool-gb", "host_pool_gb", float),
     ("--pariskv-hot-cache-lines", "hot_cache_lines", int),
+    ("--pariskv-prefill-copy", "prefill_copy", None),
 )
 
 
@@ -105,6 +111,14 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         help="GPU hot-cache lines per layer with --pariskv-offload host (default "
         f"{defaults.hot_cache_lines}: none, attention reads the retrieved host rows directly; "
         "e.g. 65536 caches rows reused across steps, faster, experimental).",
+    )
+    g.add_argument(
+        "--pariskv-prefill-copy",
+        choices=PREFILL_COPY_MODES,
+        default=None,
+        help="How extend K/V reaches host memory with --pariskv-offload host: 'inline' "
+        "(the forward stream stores it over PCIe, the default) or 'side_stream' (a copy "
+        "stream does, overlapping the following layers; experimental).",
     )
     g.add_argument(
         "--pariskv-config",

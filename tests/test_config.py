@@ -24,6 +24,10 @@ def test_defaults_are_valid_and_round_trip():
         ({"collision_ratio": "x"}, ["collision_ratio='x'"]),
         ({"tier_ratios": (0.5, 0.2)}, ["tier_ratios", "increasing"]),
         ({"tier_ratios": ()}, ["tier_ratios"]),
+        (
+            {"offload": "host", "host_pool_gb": 4, "prefill_copy": "later"},
+            ["prefill_copy='later'", "side_stream", "--pariskv-prefill-copy"],
+        ),
     ],
 )
 def test_bad_values_name_the_knob_value_and_range(kwargs, words):

@@ -96,6 +96,14 @@ def test_flags_build_the_config(parser, tmp_path):
             ["hot_cache_lines=-4", "--pariskv-hot-cache-lines"],
         ),
         (["--pariskv-offload", "host"], ["--pariskv-offload", "without --enable-pariskv"]),
+        (
+            ["--enable-pariskv", "--pariskv-prefill-copy", "side_stream"],
+            ["--pariskv-prefill-copy side_stream", "add --pariskv-offload host"],
+        ),
+        (
+            ["--enable-pariskv", "--pariskv-hot-cache-lines", "4096"],
+            ["--pariskv-hot-cache-lines 4096", "host offload only"],
+        ),
     ],
 )
 def test_bad_flags_fail_early_naming_the_flag(parser, flags, words):
@@ -127,10 +135,11 @@ def test_unsupported_combinations_are_refused(parser, flags, words):
 def test_offload_flags_build_the_config_and_check_host_memory(parser, monkeypatch):
     args = parse(
         parser, "--enable-pariskv", "--pariskv-offload", "host", "--pariskv-host-pool-gb",
-        "48", "--pariskv-hot-cache-lines", "4096",
+        "48", "--pariskv-hot-cache-lines", "4096", "--pariskv-prefill-copy", "side_stream",
     )  # fmt: skip
     cfg = config_from_args(args)
     assert cfg.offloaded and cfg.host_pool_gb == 48.0 and cfg.hot_cache_lines == 4096
+    assert cfg.prefill_copy == "side_stream"
     assert ParisKVConfig.from_dict(cfg.to_dict()) == cfg  # travels to the scheduler intact
     asked = []
 

@@ -240,6 +240,8 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         pool = getattr(self, "token_to_kv_pool", None)
         if isinstance(pool, HostOffloadKVPool):
             st["offload_host_pool_gib"] = pool.host_bytes() / 2**30
+            wb = pool.write_behind
+            st["offload_copy_stream_stores"] = wb.stores if wb is not None else 0
             totals = self.hot_cache_reader.totals if self.fetcher is not None else {}
             for key in ("hits", "misses", "rows_fetched"):  # flat: stats files sum numbers
                 st[f"hot_cache_{key}"] = totals.get(key, 0)
@@ -313,7 +315,16 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         )
         self._emit(counts)
 
+    def _drain_host_writes(self) -> None:
+        """Decode reads host K/V in every layer, and a replayed graph cannot wait for the
+        copy stream by itself: the step's stream waits for pending stores up front."""
+        pool = self.token_to_kv_pool
+        if isinstance(pool, HostOffloadKVPool):
+            pool.drain_writes()
+
     def init_forward_metadata(self, forward_batch):
+        if forward_batch.forward_mode.is_decode():
+            self._drain_host_writes()
         if not forward_batch.forward_mode.is_decode() or forward_batch.batch_size == 0:
             self._sparse = None
             if forward_batch.forward_mode.is_extend():
@@ -352,6 +363,8 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             if mode.is_extend() and not in_capture:
                 self._count_extend(forward_batch)
             return super().init_forward_metadata_out_graph(forward_batch, in_capture)
+        if not in_capture:
+            self._drain_host_writes()
         bs = forward_batch.batch_size
         if bs not in self.graph_sparse:
             self.graph_sparse[bs] = HeadAsBatchDecode(
@@ -383,7 +396,18 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
         if not self._scale_checked_at_init:
             self._check_scale(layer)
-        out = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
+        pool = self.token_to_kv_pool
+        # A ragged extend attends to its new K/V from k, v (to the pool only for its
+        # prefix), so with a copy stream their store may trail this forward
+        # (offload.write_behind); a paged extend reads them back from the pool at once.
+        deferring = isinstance(pool, HostOffloadKVPool) and pool.write_behind is not None
+        if deferring:
+            pool.defer_writes = bool(getattr(self.forward_metadata, "use_ragged", False))
+        try:
+            out = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
+        finally:
+            if deferring:
+                pool.defer_writes = False
         if k is not None and save_kv_cache and not layer.is_cross_attention:
             local = layer.layer_id - self.token_to_kv_pool.start_layer
             self.hists.rebuild(
