@@ -197,3 +197,18 @@ def test_copy_stream_on_cuda_orders_readers_keeps_inputs_alive_and_skips_capture
     assert torch.equal(out, k2)
     pool.write_behind.synchronize()
     pool.host.close()
+
+
+def test_side_stream_with_paged_extends_is_said_at_startup(caplog):
+    from sglang_pariskv.attention.backend import ParisKVAttnBackend
+
+    b = object.__new__(ParisKVAttnBackend)
+    b.config = SIDE
+    b.use_paged, b.enable_deterministic, b.is_multimodal = False, True, False
+    with caplog.at_level("WARNING"):
+        b._warn_inline_prefill_copy()
+    assert "--enable-deterministic-inference" in caplog.text and "no effect" in caplog.text
+    caplog.clear()
+    b.enable_deterministic = False
+    b._warn_inline_prefill_copy()
+    assert not caplog.text

@@ -166,6 +166,7 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
                     "tp_rank": str(self.tp_rank),
                 }
             )
+        self._warn_inline_prefill_copy()
         self._dump_stats()
         logger.info(
             "ParisKV backend: codes %.1f MiB, histograms %.1f MiB (%d request slots), config %s",
@@ -174,6 +175,28 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             rtt.shape[0],
             config.to_dict(),
         )
+
+    def _warn_inline_prefill_copy(self) -> None:
+        """--pariskv-prefill-copy side_stream defers only ragged extends' stores; say so at
+        startup when SGLang's FlashInfer backend will run every extend paged."""
+        if self.config.prefill_copy != "side_stream":
+            return
+        why = [
+            name
+            for name, on in (
+                ("SGLANG_FLASHINFER_USE_PAGED", getattr(self, "use_paged", False)),
+                ("--enable-deterministic-inference", getattr(self, "enable_deterministic", False)),
+                ("a multimodal model", getattr(self, "is_multimodal", False)),
+            )
+            if on
+        ]
+        if why:
+            logger.warning(
+                "--pariskv-prefill-copy side_stream has no effect with %s: FlashInfer reads "
+                "each extend's K/V back from the pool, so their stores stay on the forward "
+                "stream",
+                " and ".join(why),
+            )
 
     def _build_workspace(self, max_batch: int) -> None:
         rtt = self.req_to_token_pool.req_to_token
