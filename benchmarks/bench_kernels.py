@@ -208,6 +208,12 @@ def bench_case(n: int, batch: int, pools: Pools, dev, scan_cfg: dict, hbm: float
     graphs = [(name, graph_of(fn)) for name, fn in ws.stages()]
     for name, g in graphs:
         stages[name] = bench_ms(g.replay)
+    # The multi-program radix top-k on the same estimates, next to the workspace's own.
+    from sglang_pariskv.kernels.radix_topk import RadixTopK
+
+    st, radix = ws._st, RadixTopK(batch * HKV, dev)
+    top = torch.empty_like(ws.top[:batch])
+    stages["topk_radix"] = bench_ms(graph_of(lambda: radix(st.est, st.cand, st.counts, top)).replay)
     stages["sparse_attention"] = sparse
     res.update(
         pariskv_ms=retrieval + sparse,

@@ -179,6 +179,7 @@ def pariskv_case(
     dev,
     steps: int,
     direct: bool = True,
+    topk: str = "auto",
 ) -> dict:
     from sglang_pariskv.attention.sparse_decode import HeadAsBatchDecode
     from sglang_pariskv.config import ParisKVConfig
@@ -194,7 +195,7 @@ def pariskv_case(
     hists = RequestHistograms(batch, HKV, D, L, dev)
     for layer in range(L):
         hists.rebuild(layer, st.codes.layers[layer].signs, rtt, rpi, seq.to(dev), max_len=n)
-    ws = DecodeWorkspace(cfg, HQ, HKV, D, batch, n, dev, elide_dense_rows=True)
+    ws = DecodeWorkspace(cfg, HQ, HKV, D, batch, n, dev, elide_dense_rows=True, topk_variant=topk)
     dec = HeadAsBatchDecode(ws, DTYPE, graph_batch=batch)
     dec.plan(seq)
     rows, entries = dec.rows, dec.entries()
@@ -293,6 +294,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--drift", type=float, default=0.25)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--no-direct", action="store_true", help="skip the no-hot-cache variant")
+    ap.add_argument(
+        "--topk",
+        choices=("auto", "radix", "cuda"),
+        default="auto",
+        help="final top-k: the workspace default (CUDA, one block per row) or the "
+        "multi-program radix top-k (kernels/radix_topk.py)",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--plot", type=Path, help="only draw the PNG of an existing JSON")
     args = ap.parse_args(argv)
@@ -315,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
             "local": 256,
             "offload": "host",
             "hot_cache_lines": args.hot_cache_lines,
+            "topk_variant": args.topk,
         },  # fmt: skip
         "query_drift": args.drift,
         "hbm_copy_gbs": hbm,
@@ -348,8 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     report["weights_bytes"] = wbytes
     for n, b in cases:
         r = pariskv_case(
-            n, b, st, args.hot_cache_lines, args.drift, dev, args.steps, not args.no_direct
-        )
+            n, b, st, args.hot_cache_lines, args.drift, dev, args.steps, not args.no_direct,
+            args.topk,
+        )  # fmt: skip
         torch.cuda.empty_cache()
         hc = r["hot_cache"]
         miss_rows = hc["rows_fetched"] / hc["steps"]

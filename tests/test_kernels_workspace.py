@@ -52,15 +52,23 @@ def check_against_codec(sc, q, cfg, out, max_diff=0):
 
 
 @pytest.mark.parametrize(
-    "d, h, group, dtype",
-    [(64, 2, 2, torch.float16), (128, 1, 8, torch.bfloat16), (64, 3, 1, torch.float16)],
+    "d, h, group, dtype, topk",
+    [
+        (64, 2, 2, torch.float16, "auto"),
+        (128, 1, 8, torch.bfloat16, "auto"),
+        (64, 3, 1, torch.float16, "auto"),
+        (64, 3, 1, torch.float16, "radix"),
+    ],
 )
-def test_workspace_matches_codec_retrieve(d, h, group, dtype):
+def test_workspace_matches_codec_retrieve(d, h, group, dtype, topk):
     lens = [700, 90, 555]
     cfg = ParisKVConfig(topk=24, sink=4, local=8, dense_threshold=100)
     sc = make_scenario(lens, h, d, 720, DEV, dtype=dtype, seed=d + group)
     q = torch.randn(3, h * group, d, generator=torch.Generator().manual_seed(1)).to(DEV)
-    ws = DecodeWorkspace(cfg, h * group, h, d, max_batch=4, max_context=720, device=DEV, **SMALL)
+    ws = DecodeWorkspace(
+        cfg, h * group, h, d, max_batch=4, max_context=720, device=DEV, topk_variant=topk,
+        **SMALL,
+    )  # fmt: skip
     indptr_host = ws.plan(sc.seq_lens.cpu())
     out = ws.run(q, sc.pool, sc.hist, sc.req_to_token, sc.req_pool_indices)
     assert torch.equal(indptr_host, out.kv_indptr.cpu())
@@ -108,14 +116,19 @@ def test_max_candidates_covers_the_adaptive_dip():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("d, group", [(128, 4), (64, 8), (128, 1)])
-def test_workspace_at_scale_and_cuda_graph_replay(cuda_device, d, group):
+@pytest.mark.parametrize(
+    "d, group, topk", [(128, 4, "auto"), (64, 8, "auto"), (128, 1, "auto"), (128, 4, "radix")]
+)
+def test_workspace_at_scale_and_cuda_graph_replay(cuda_device, d, group, topk):
     h, nmax = 8, 65536
     cfg = ParisKVConfig(topk=2048, sink=64, local=256, dense_threshold=8192)
     lens = [65536, 40000, 5000, 31000]
     sc = make_scenario(lens, h, d, nmax, cuda_device, dtype=torch.bfloat16, seed=d + group)
     q = torch.randn(4, h * group, d, device=cuda_device, dtype=torch.bfloat16)
-    ws = DecodeWorkspace(cfg, h * group, h, d, max_batch=4, max_context=nmax, device=cuda_device)
+    ws = DecodeWorkspace(
+        cfg, h * group, h, d, max_batch=4, max_context=nmax, device=cuda_device,
+        topk_variant=topk,
+    )  # fmt: skip
     assert ws.scan_variant == "cuda"  # nvcc is on the device image: the CUDA scan is used
     ws.plan(sc.seq_lens.cpu())
     out = ws.run(q, sc.pool, sc.hist, sc.req_to_token, sc.req_pool_indices)

@@ -31,7 +31,7 @@ from sglang_pariskv.codec.budget import dense_mask
 from sglang_pariskv.config import ParisKVConfig
 from sglang_pariskv.index.histograms import RequestHistograms
 from sglang_pariskv.index.kv_pool import ParisKVTokenToKVPool
-from sglang_pariskv.kernels.workspace import DecodeWorkspace
+from sglang_pariskv.kernels.workspace import TOPK_VARIANTS, DecodeWorkspace
 from sglang_pariskv.metrics import BatchCounts
 from sglang_pariskv.offload.counters import HotCacheCounterReader
 from sglang_pariskv.offload.fetch import OffloadFetcher
@@ -104,6 +104,17 @@ def tp_rank(model_runner) -> int:
     from sglang.srt.runtime_context import get_parallel
 
     return int(get_parallel().tp_rank)
+
+
+def topk_variant_from_env() -> str:
+    """``SGLANG_PARISKV_TOPK`` (radix / cuda / torch; default auto): the final top-k's
+    implementation, for A/B runs of the multi-program radix top-k."""
+    value = os.environ.get("SGLANG_PARISKV_TOPK", "auto")
+    if value != "auto" and value not in TOPK_VARIANTS:
+        raise ParisKVConfigError(
+            f"SGLANG_PARISKV_TOPK={value!r}: expected auto or one of {list(TOPK_VARIANTS)}"
+        )
+    return value
 
 
 class ParisKVAttnBackend(FlashInferAttnBackend):
@@ -209,6 +220,7 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             max_context=rtt.shape[1],
             device=rtt.device,
             elide_dense_rows=True,  # dense requests go through SGLang's own decode call
+            topk_variant=topk_variant_from_env(),
         )
         self.eager_sparse = HeadAsBatchDecode(self.ws, self.token_to_kv_pool.dtype)
         self._build_fetcher()

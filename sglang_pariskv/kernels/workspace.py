@@ -47,8 +47,12 @@ from sglang_pariskv.kernels.cuda_ops import (
     topk_cuda,
 )
 from sglang_pariskv.kernels.query_tiers import query_tier_table
+from sglang_pariskv.kernels.radix_topk import RadixTopK
 from sglang_pariskv.kernels.rerank import levels, rerank_estimates, topk_slots
 from sglang_pariskv.kernels.select import CandidateBuffers, select_candidates_gpu
+
+#: Implementations of the final top-k (see ``DecodeWorkspace``).
+TOPK_VARIANTS = ("radix", "cuda", "torch")
 
 #: Per-request int64 fields of the plan buffer, in order (then the tier thresholds).
 _FIELDS = ("seq", "dense", "counts", "zone_end")
@@ -110,11 +114,14 @@ class DecodeWorkspace:
         scan_variant: str = "auto",
         cuda_tokens_per_block: int | None = None,
         elide_dense_rows: bool = False,
+        topk_variant: str = "auto",
     ) -> None:
         """``scan_variant``: "cuda" (csrc/ kernels for the scan and the rerank), "load" or
         "gather" (Triton scan variants, Triton rerank), or "auto" (cuda where it builds).
         ``cuda_tokens_per_block``: the CUDA scan's run length; None picks it per batch
-        (:func:`scan_tokens_per_block`)."""
+        (:func:`scan_tokens_per_block`). ``topk_variant``: "radix" (Triton, many programs
+        per row: :mod:`kernels.radix_topk`), "cuda" (csrc/, one block per row), "torch",
+        or "auto" (cuda with the cuda scan, else torch)."""
         check_head_dim(head_dim)
         if num_q_heads % num_kv_heads:
             raise ValueError(f"{num_q_heads} query heads over {num_kv_heads} KV heads")
@@ -127,6 +134,11 @@ class DecodeWorkspace:
             cuda = self.device.type == "cuda" and cuda_available()
             scan_variant = "cuda" if cuda else "load"
         self.scan_variant = scan_variant
+        if topk_variant == "auto":
+            topk_variant = "cuda" if scan_variant == "cuda" else "torch"
+        if topk_variant not in TOPK_VARIANTS:
+            raise ValueError(f"topk_variant {topk_variant!r}: expected one of {TOPK_VARIANTS}")
+        self.topk_variant = topk_variant
         self.cuda_tpb = cuda_tokens_per_block  # None: scan_tokens_per_block per batch
         self.num_sms = (
             torch.cuda.get_device_properties(self.device).multi_processor_count
@@ -159,6 +171,7 @@ class DecodeWorkspace:
         self.top = torch.zeros(rmax, h, self.k, dtype=torch.int32, device=dev)
         self.levels = levels(dev)
         self.sel = CandidateBuffers(rmax * h, max_context, chunk, dev)
+        self.radix = RadixTopK(rmax * h, dev) if topk_variant == "radix" else None
         self.kv_indptr = torch.zeros(rmax * h + 1, dtype=torch.int32, device=dev)
         self.kv_indices = torch.zeros(rmax * h * self.max_row, dtype=torch.int32, device=dev)
         self._r: int | None = None
@@ -317,11 +330,12 @@ class DecodeWorkspace:
 
     def _stage_topk(self) -> None:
         st = self._st
-        if self.scan_variant == "cuda":
-            st.top = self.top[: st.r]
-            topk_cuda(st.est, st.cand, st.counts, st.top)
-        else:
+        if self.topk_variant == "torch":
             st.top = topk_slots(st.est, st.cand, self.k)
+            return
+        st.top = self.top[: st.r]
+        top_k = self.radix if self.topk_variant == "radix" else topk_cuda
+        top_k(st.est, st.cand, st.counts, st.top)
 
     def _stage_assemble(self) -> None:
         st = self._st
