@@ -180,16 +180,16 @@ def plot(paths: list[Path], out: Path | None = None) -> Path:
     import matplotlib.pyplot as plt
 
     runs = [json.loads(p.read_text()) for p in paths]
+    topks = sorted({x["topk"] for run_ in runs for x in run_["summary"]})
+    budget = {x["topk"]: x["budget_fraction"] for run_ in runs for x in run_["summary"]}
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.8 / len(runs)
     for j, run_ in enumerate(runs):
-        s = run_["summary"]
-        xs = [i + (j - (len(runs) - 1) / 2) * width for i in range(len(s))]
+        off = (j - (len(runs) - 1) / 2) * width
+        xs = [topks.index(x["topk"]) + off for x in run_["summary"]]
         label = f"ParisKV, candidate ratio {run_.get('candidate_ratio', 'auto')}"
-        ax.bar(xs, [x["pariskv_acc"] for x in s], width, label=label)
-        ax.set_xticks(
-            range(len(s)), [f"top-k {x['topk']}\n{100 * x['budget_fraction']:.1f}%" for x in s]
-        )
+        ax.bar(xs, [x["pariskv_acc"] for x in run_["summary"]], width, label=label)
+    ax.set_xticks(range(len(topks)), [f"top-k {k}\n{100 * budget[k]:.1f}%" for k in topks])
     ax.axhline(runs[0]["summary"][0]["dense_acc"], color="k", ls="--", label="dense")
     ax.set_ylim(0, 1)
     ax.set_ylabel(f"passkey accuracy ({runs[0]['summary'][0]['trials']} prompts)")
