@@ -33,6 +33,7 @@ from sglang_pariskv.index.histograms import RequestHistograms
 from sglang_pariskv.index.kv_pool import ParisKVTokenToKVPool
 from sglang_pariskv.kernels.workspace import TOPK_VARIANTS, DecodeWorkspace
 from sglang_pariskv.metrics import BatchCounts
+from sglang_pariskv.offload.counters import FIELDS as HOT_CACHE_FIELDS
 from sglang_pariskv.offload.counters import HotCacheCounterReader
 from sglang_pariskv.offload.fetch import OffloadFetcher
 from sglang_pariskv.offload.hot_cache import HotCache
@@ -278,7 +279,7 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             wb = pool.write_behind
             st["offload_copy_stream_stores"] = wb.stores if wb is not None else 0
             totals = self.hot_cache_reader.totals if self.fetcher is not None else {}
-            for key in ("hits", "misses", "rows_fetched"):  # flat: stats files sum numbers
+            for key in HOT_CACHE_FIELDS:  # flat: stats files sum numbers
                 st[f"hot_cache_{key}"] = totals.get(key, 0)
         return st
 

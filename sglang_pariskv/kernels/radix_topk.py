@@ -33,6 +33,7 @@ import triton.language as tl
 #: bins of the three radix levels (11, 11 and 10 bits of the key)
 _NB1, _NB2, _NB3 = 2048, 2048, 1024
 HIST_WIDTH = _NB1 + _NB2 + _NB3
+_HIST_ROW = tl.constexpr(HIST_WIDTH)  # a row's stride in the histogram buffer, in kernels
 #: keys per program step; a program walks its chunk in blocks of this many
 BLOCK = 2048
 
@@ -98,7 +99,7 @@ def _histogram_kernel(
 ):
     row, kk, lo, hi = _row_chunk(counts_ptr, CHUNK, K, H)
     if (kk > 0) & (lo < hi):
-        hrow = hist_ptr + row.to(tl.int64) * 5120
+        hrow = hist_ptr + row.to(tl.int64) * _HIST_ROW
         out = hrow + (LEVEL - 1) * 2048
         prefix = 0
         if LEVEL > 1:
@@ -137,7 +138,7 @@ def _emit_kernel(
 ):
     row, kk, lo, hi = _row_chunk(counts_ptr, CHUNK, K, H)
     if (kk > 0) & (lo < hi):
-        kth, above = _thresholds(hist_ptr + row.to(tl.int64) * 5120, kk, 3)
+        kth, above = _thresholds(hist_ptr + row.to(tl.int64) * _HIST_ROW, kk, 3)
         ties = kk - above  # keys equal to the k-th that make the cut
         base = row.to(tl.int64) * CMAX
         orow = out_ptr + row.to(tl.int64) * K

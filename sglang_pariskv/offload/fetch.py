@@ -104,8 +104,7 @@ def fetch_reference(
     """The rows FlashInfer must see, in entry order: ``[kv_indptr[-1], 2·D]`` (CPU)."""
     n = int(kv_indptr[-1])
     rows = torch.empty(n, pool.row_width, dtype=pool.dtype)
-    d = pool.head_dim
+    d, idx = pool.head_dim, kv_indices[:n].cpu()
     for part in (0, 1):
-        idx = kv_indices[:n].cpu()
         gather_rows_reference(pool.layer_rows(layer, part), idx, rows[:, part * d : (part + 1) * d])
     return rows
