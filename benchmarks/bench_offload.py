@@ -180,7 +180,10 @@ def pariskv_case(
     steps: int,
     direct: bool = True,
     topk: str = "auto",
+    stages: tuple[str, ...] | None = None,
 ) -> dict:
+    """Times the step graphs named in ``stages`` (all five by default) for one case; see the
+    module docstring for what each covers."""
     from sglang_pariskv.attention.sparse_decode import HeadAsBatchDecode
     from sglang_pariskv.config import ParisKVConfig
     from sglang_pariskv.index.histograms import RequestHistograms
@@ -253,7 +256,7 @@ def pariskv_case(
         ("full_ops", step_full_ops),
         ("direct", step_direct),
     ):
-        if name == "direct" and not direct:
+        if (name == "direct" and not direct) or (stages is not None and name not in stages):
             continue
         cache.reset()
         g = graph_of(fn)
@@ -301,6 +304,12 @@ def main(argv: list[str] | None = None) -> int:
         help="final top-k: the workspace default (CUDA, one block per row) or the "
         "multi-program radix top-k (kernels/radix_topk.py)",
     )
+    ap.add_argument(
+        "--compare-topk",
+        choices=("radix", "cuda"),
+        help="also time retrieval and the direct step with this top-k, in the same run, for "
+        "a side-by-side ratio (recorded per case as topk_compare)",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--plot", type=Path, help="only draw the PNG of an existing JSON")
     args = ap.parse_args(argv)
@@ -324,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             "offload": "host",
             "hot_cache_lines": args.hot_cache_lines,
             "topk_variant": args.topk,
+            "compare_topk": args.compare_topk,
         },  # fmt: skip
         "query_drift": args.drift,
         "hbm_copy_gbs": hbm,
@@ -387,12 +397,24 @@ def main(argv: list[str] | None = None) -> int:
             per_batch[b] + case["dense_attention_ms"] if "dense_attention_ms" in case else None
         )
         case["pariskv_over_floor"] = case["pariskv_ms_per_token"] / floor
+        if args.compare_topk:
+            stages = ("retrieval", "direct") if not args.no_direct else ("retrieval",)
+            r2 = pariskv_case(n, b, st, args.hot_cache_lines, args.drift, dev, args.steps,
+                              not args.no_direct, args.compare_topk, stages)  # fmt: skip
+            torch.cuda.empty_cache()
+            case["topk_compare"] = {
+                "variant": args.compare_topk,
+                "retrieval_ms": r2["retrieval"],
+                "pariskv_direct_ms_per_token": per_batch[b] + r2["direct"] if "direct" in r2
+                else None,
+            }  # fmt: skip
         report["cases"].append(case)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2))  # kept if a later case fails
         keys = ("context", "batch", "dense_ms_per_token", "pariskv_ms_per_token",
-                "pariskv_direct_ms_per_token", "floor_ms", "hot_cache_hit_rate")  # fmt: skip
-        print(json.dumps({k: case[k] for k in keys}), flush=True)
+                "pariskv_direct_ms_per_token", "floor_ms", "hot_cache_hit_rate", "retrieval_ms",
+                "topk_compare")  # fmt: skip
+        print(json.dumps({k: case.get(k) for k in keys}), flush=True)
     st.host.close()
     report["wall_s"] = time.perf_counter() - t0
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -415,6 +437,14 @@ def print_table(report: dict) -> None:
             f"{c['retrieval_ms']:5.2f} {c['fetch_ms']:6.2f} {c['attention_ms']:5.2f} "
             f"{c['hot_cache_hit_rate']:.2f}"
         )
+        cmp = c.get("topk_compare")
+        if cmp:
+            print(
+                f"{'':>13} top-k {cmp['variant']}: retrieval {cmp['retrieval_ms']:.2f} ms "
+                f"(vs {c['retrieval_ms']:.2f}), direct "
+                f"{cmp['pariskv_direct_ms_per_token'] or 0:.2f} ms "
+                f"(vs {c['pariskv_direct_ms_per_token'] or 0:.2f})"
+            )
 
 
 def plot(path: Path) -> Path:
