@@ -199,6 +199,51 @@ def test_copy_stream_on_cuda_orders_readers_keeps_inputs_alive_and_skips_capture
     pool.host.close()
 
 
+def test_a_store_keeps_the_rows_it_was_given_when_the_inputs_are_rewritten(pool):
+    """SGLang's breakable prefill graph hands attention weak references into its memory
+    pool; the next captured segment rewrites them while the store may still be pending.
+    The rows stored are the ones passed in, not whatever the buffers hold at drain."""
+    slots = torch.tensor([3, 9, 17])
+    k, v = kv(3, 5)
+    k_ref, v_ref, slots_ref = k.clone(), v.clone(), slots.clone()
+    deferred_write(pool, 0, slots, k, v)
+    k.fill_(7.0), v.fill_(-7.0), slots.fill_(1)  # the next segment reuses the memory
+    kb, vb = pool.get_kv_buffer(0)
+    assert torch.equal(kb[slots_ref], k_ref) and torch.equal(vb[slots_ref], v_ref)
+    assert not kb[1].eq(7.0).any()
+
+
+@pytest.mark.gpu
+def test_copy_stream_on_cuda_stores_a_snapshot_of_inputs_rewritten_in_place(monkeypatch):
+    """The GPU side of the test above, made deterministic: the copy stream is held busy
+    (a 50 ms spin) so it reaches the scatter only after the forward stream has rewritten
+    the inputs in place, as the next segment of a breakable prefill graph does. Scattering
+    from the caller's buffers instead of a snapshot stores the 7s (the race that made
+    ``offload_copy_stream`` differ from the GPU pool in bench_e2e's serving run)."""
+    monkeypatch.setattr(ParisKVTokenToKVPool, "pariskv_config", SIDE)
+    n, heads, dim = 4096, 4, 128
+    pool = HostOffloadKVPool(
+        size=8192, page_size=1, dtype=torch.bfloat16, head_num=heads, head_dim=dim,
+        layer_num=1, device="cuda", enable_memory_saver=False, enable_alt_stream=False,
+    )  # fmt: skip
+    slots = torch.randperm(8192, device="cuda")[:n] + 1
+    k = torch.randn(n, heads, dim, device="cuda").bfloat16()
+    v = torch.randn(n, heads, dim, device="cuda").bfloat16()
+    k_ref, v_ref, slots_ref = k.clone(), v.clone(), slots.clone()
+    torch.cuda.synchronize()
+    with torch.cuda.stream(pool.write_behind.stream):
+        torch.cuda._sleep(100_000_000)  # ~50 ms of GPU clock cycles on the copy stream
+    deferred_write(pool, 0, slots, k, v)
+    k.fill_(7.0), v.fill_(7.0)
+    slots.copy_(torch.arange(1, n + 1, device="cuda"))
+    kb, vb = pool.get_kv_buffer(0)
+    got_k, got_v = kb[slots_ref], vb[slots_ref]
+    torch.cuda.synchronize()
+    assert torch.equal(got_k, k_ref) and torch.equal(got_v, v_ref)
+    pool.write_behind.synchronize()
+    pool.host.close()
+
+
 def test_side_stream_with_paged_extends_is_said_at_startup(caplog):
     from sglang_pariskv.attention.backend import ParisKVAttnBackend
 

@@ -185,11 +185,17 @@ class HostKVPool:
         """Store ``k``, ``v`` ``[T, Hkv, D]`` (or ``[T, Hkv·D]``) at ``slots`` [T] of ``layer``.
 
         GPU sources are written by a UVA scatter kernel (no host sync, CUDA-graph safe),
-        on ``stream`` when given: the stream first waits for the current one, the inputs
-        are kept alive for it, and the returned event marks completion (the reader of
-        these slots waits on it; prefill copy-out uses this to stay off the forward
-        stream). CPU sources are copied by torch. ``use_kernel`` forces the kernel path
-        (tests run it under Triton's interpreter on CPU).
+        on ``stream`` when given: the stream scatters from a snapshot of ``slots``, ``k``
+        and ``v`` taken on the current stream, and the returned event marks completion
+        (the reader of these slots waits on it; prefill copy-out uses this to stay off
+        the forward stream). CPU sources are copied by torch. ``use_kernel`` forces the
+        kernel path (tests run it under Triton's interpreter on CPU).
+
+        Why a snapshot and not ``record_stream`` on the inputs: under SGLang's default
+        breakable prefill CUDA graph, attention gets weak references into the graph's
+        memory pool, and the next captured segment overwrites them while the copy stream
+        may still be reading. ``record_stream`` only guards the caching allocator, not a
+        graph pool. The HBM copy costs microseconds against the PCIe store it feeds.
         """
         t = k.shape[0]
         if t == 0:
@@ -202,11 +208,12 @@ class HostKVPool:
         if stream is None:
             self._write_kernel(layer, slots, k, v)
             return None
+        slots, k, v = slots.clone(), k.clone(), v.clone()  # owned by the caching allocator
         stream.wait_stream(torch.cuda.current_stream(k.device))
         with torch.cuda.stream(stream):
             self._write_kernel(layer, slots, k, v)
         for x in (slots, k, v):
-            x.record_stream(stream)
+            x.record_stream(stream)  # not freed for reuse before the copy stream is done
         event = torch.cuda.Event()
         event.record(stream)
         return event
