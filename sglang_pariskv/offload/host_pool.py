@@ -191,11 +191,13 @@ class HostKVPool:
         the forward stream). CPU sources are copied by torch. ``use_kernel`` forces the
         kernel path (tests run it under Triton's interpreter on CPU).
 
-        Why a snapshot and not ``record_stream`` on the inputs: under SGLang's default
-        breakable prefill CUDA graph, attention gets weak references into the graph's
-        memory pool, and the next captured segment overwrites them while the copy stream
-        may still be reading. ``record_stream`` only guards the caching allocator, not a
-        graph pool. The HBM copy costs microseconds against the PCIe store it feeds.
+        Why a snapshot and not only ``record_stream`` on the inputs: under SGLang's
+        default breakable prefill CUDA graph, attention gets weak references into the
+        graph's memory pool, which the next captured segment may rewrite while the copy
+        stream still reads them; ``record_stream`` guards the caching allocator, not a
+        graph pool. A precaution: no such corruption has been observed (see
+        tests/test_offload_write_behind.py). The HBM copy costs microseconds against the
+        PCIe store it feeds.
         """
         t = k.shape[0]
         if t == 0:

@@ -12,8 +12,8 @@ the store to a copy stream and goes on with the layer's MLP and the next layers.
 Ordering contract (the pool, ``offload.kv_pool``, keeps it):
 
 * :meth:`WriteBehind.write` — the forward stream snapshots the inputs (they may be
-  weak references into a prefill CUDA graph's pool, rewritten by the next segment), the
-  copy stream waits for it, scatters the snapshot, and records the layer's event.
+  weak references into a prefill CUDA graph's pool, which the next segment may rewrite),
+  the copy stream waits for it, scatters the snapshot, and records the layer's event.
 * :meth:`WriteBehind.drain` / :meth:`drain_all` — the calling stream waits for a layer's
   (every layer's) pending stores: a device-side wait, no host sync. Each reader drains
   first: SGLang takes the buffers through the pool's getters, moves and CPU copies drain
