@@ -22,6 +22,11 @@ Four launches plus a memset of the histograms. Output is the KV slots of each ro
 ``min(k, C)`` best estimates, unordered (a set, as FlashInfer attends it); among keys equal
 to the k-th, which are taken is arbitrary, as in the CUDA and torch versions. The oracle
 is :func:`kernels.rerank.topk_slots` (``torch.topk``).
+
+Measured on the H100 (benchmarks/results/kernels_topk_radix.json): slower than the CUDA
+top-k, 177 vs 146 us per layer at 1M x 1 and 963 vs 158 us at 1M x 8, so it is opt-in
+(``SGLANG_PARISKV_TOPK=radix``) and the CUDA one stays the default. Not profiled yet; the
+global atomics of the histogram launches are the first suspect at batch 8.
 """
 
 from __future__ import annotations
