@@ -184,9 +184,19 @@ def _add_code_bytes(
     heads = kvc.model_config.get_num_kv_heads(pool_configurator.get_parallel().attn_tp_size)
     extra = code_bytes_per_token(heads, kvc.model_config.head_dim, num_layers)
     if cfg is not None and cfg.offloaded:
+        from sglang_pariskv.offload.hot_cache import HotCache
+
         slots = int(cfg.host_pool_gb * 2**30) // cell_size
+        # the K/V cell is 2 (K, V) x heads x head_dim x layers elements
+        elt = max(cell_size // (2 * heads * kvc.model_config.head_dim * num_layers), 1)
+        hot = HotCache.lines_nbytes(
+            num_layers, cfg.hot_cache_lines, 2 * kvc.model_config.head_dim, elt
+        )
         if configurator is not None:
             configurator._pariskv_host_slots = slots
+            # the hot cache is allocated after SGLang sizes its pools: keep its bytes out
+            configurator._pariskv_reserved_tokens = -(-hot // max(extra, 1))
+            configurator._pariskv_reserved_gib = hot / 2**30
         logger.info(
             "ParisKV offload: K/V (%d B/token) in a %.1f GiB host pool = %d tokens; the GPU "
             "holds %d B/token of codes",
@@ -206,25 +216,41 @@ def _add_code_bytes(
 
 
 def _cap_to_host_pool(result, configurator, *args, **kwargs):
-    """With host offload, no more tokens than the host pool holds (page-aligned)."""
+    """With host offload, no more tokens than the host pool holds, nor than the GPU's
+    codes budget once the hot cache's lines are set aside (page-aligned)."""
+    from sglang_pariskv.server_flags import ParisKVConfigError
+
     slots = getattr(configurator, "_pariskv_host_slots", None)
-    if slots is None or result.max_total_num_tokens <= slots:
+    if slots is None:
+        return result
+    reserved = getattr(configurator, "_pariskv_reserved_tokens", 0)
+    gpu = result.max_total_num_tokens - reserved
+    if gpu <= 0:
+        raise ParisKVConfigError(
+            f"the GPU hot cache ({configurator._pariskv_reserved_gib:.2f} GiB) leaves no GPU "
+            "memory for the codes of any token: lower --pariskv-hot-cache-lines (0 = none) "
+            "or raise --mem-fraction-static"
+        )
+    if result.max_total_num_tokens <= slots and not reserved:
         return result
     page = int(args[-1]) if args else int(kwargs.get("page_size", 1))
-    capped = slots // page * page
+    capped = min(slots, gpu) // page * page
     if capped <= 0:
-        from sglang_pariskv.server_flags import ParisKVConfigError
-
         raise ParisKVConfigError(
             f"--pariskv-host-pool-gb holds {slots} tokens, less than one page: pass a "
             "larger --pariskv-host-pool-gb"
         )
     logger.info(
-        "ParisKV offload: %d tokens fit the GPU's codes budget, the host pool holds %d: serving %d",
+        "ParisKV offload: %d tokens fit the GPU's codes budget (%d after the hot cache's "
+        "%.2f GiB), the host pool holds %d: serving %d",
         result.max_total_num_tokens,
+        gpu,
+        getattr(configurator, "_pariskv_reserved_gib", 0.0),
         slots,
         capped,
     )
+    if capped == result.max_total_num_tokens:
+        return result
     return dataclasses.replace(result, max_total_num_tokens=capped)
 
 

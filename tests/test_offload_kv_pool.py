@@ -98,11 +98,36 @@ def test_offload_charges_the_gpu_for_codes_and_caps_tokens_at_the_host_pool(monk
     big = MemoryPoolConfig(max_total_num_tokens=3_000_000)
     capped = plugin._cap_to_host_pool(big, configurator, 10**12, 1)
     assert capped.max_total_num_tokens == slots
-    small = MemoryPoolConfig(max_total_num_tokens=1000)
-    assert plugin._cap_to_host_pool(small, configurator, 10**9, 1) is small
     assert plugin._cap_to_host_pool(big, types.SimpleNamespace(), 10**12, 1) is big
+    # the default hot cache (65536 lines x 28 layers of K+V rows of one head, bf16, plus an
+    # int64 tag each) is allocated after SGLang sizes its pools: its bytes come off the
+    # GPU's codes budget, in tokens of codes
+    hot_bytes = 28 * 65536 * (2 * 128 * 2 + 8)
+    reserved = -(-hot_bytes // cell)
+    assert configurator._pariskv_reserved_tokens == reserved
+    gpu_bound = MemoryPoolConfig(max_total_num_tokens=500_000)
+    got = plugin._cap_to_host_pool(gpu_bound, configurator, 10**9, 1)
+    assert got.max_total_num_tokens == 500_000 - reserved
+    paged = plugin._cap_to_host_pool(gpu_bound, configurator, 10**9, 64)
+    assert paged.max_total_num_tokens == (500_000 - reserved) // 64 * 64
+    # no hot cache: nothing is set aside, and a GPU-bound pool is left as SGLang made it
+    direct = types.SimpleNamespace()
+    cfg0 = ParisKVConfig(offload="host", host_pool_gb=56.0, hot_cache_lines=0)
+    plugin._cell_size_hook(cfg0)(kv_cell, direct, kvc(), 28)
+    assert direct._pariskv_reserved_tokens == 0
+    assert plugin._cap_to_host_pool(gpu_bound, direct, 10**9, 1) is gpu_bound
     # without offload the codes are added to the K/V cell as before
     assert plugin._cell_size_hook(ParisKVConfig())(kv_cell, None, kvc(), 28) == kv_cell + cell
+
+
+def test_a_hot_cache_that_leaves_no_room_for_codes_is_refused():
+    from sglang_pariskv.server_flags import ParisKVConfigError
+
+    conf = types.SimpleNamespace(
+        _pariskv_host_slots=10**6, _pariskv_reserved_tokens=5000, _pariskv_reserved_gib=0.9
+    )
+    with pytest.raises(ParisKVConfigError, match="--pariskv-hot-cache-lines"):
+        plugin._cap_to_host_pool(MemoryPoolConfig(max_total_num_tokens=4000), conf, 1, 1)
 
 
 def test_a_host_pool_smaller_than_a_page_is_refused():

@@ -77,6 +77,13 @@ class HotCache:
         self._entry = torch.arange(max_entries, device=dev)
         self._heads = torch.arange(num_kv_heads, device=dev)
 
+    @staticmethod
+    def lines_nbytes(num_layers: int, lines: int, row_width: int, element_size: int) -> int:
+        """GPU bytes of the cache lines (data and tags), known before the workspace: what
+        capacity planning reserves (``plugin._cap_to_host_pool``). The overflow rows
+        (one step's misses) come on top, sized by the workspace."""
+        return num_layers * lines * (row_width * element_size + 8)
+
     @property
     def overflow_base(self) -> int:
         return self.num_layers * self.lines
