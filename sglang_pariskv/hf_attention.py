@@ -41,15 +41,39 @@ class _LayerState:
     hist: torch.Tensor | None = None  # [1, Hkv, B, 256]
 
 
+def exact_retrieval(q: torch.Tensor, keys: torch.Tensor, config: ParisKVConfig):
+    """Sink + local window + the zone's top-k by the exact inner product of the GQA
+    group-mean query (the query ParisKV's codes approximate), as (positions, valid)
+    ``[1, Hkv, M]``: the ceiling of any retrieval at this budget, which tells what the
+    budget itself loses from what the codes lose. q: [1, Hq, D]; keys: [1, N, Hkv, D]."""
+    n, hkv = keys.shape[1], keys.shape[2]
+    lo = min(config.sink, n)
+    hi = max(n - config.local, lo)
+    qm = group_queries(q.float(), hkv).mean(2)  # [1, Hkv, D]
+    scores = torch.einsum("rhd,rnhd->rhn", qm, keys[:, lo:hi].float())
+    top = scores.topk(min(config.topk, hi - lo), dim=-1).indices + lo
+    fixed = torch.cat([torch.arange(lo), torch.arange(hi, n)])
+    positions = torch.cat([fixed[None, None].expand(1, hkv, -1), top], -1)
+    return positions, torch.ones_like(positions, dtype=torch.bool)
+
+
 @dataclass
 class ParisKVAttention:
-    """Callable registered as transformers attention implementation ``"pariskv"``."""
+    """Callable registered as transformers attention implementation ``"pariskv"``.
+
+    ``selection="exact"`` swaps ParisKV's retrieval for :func:`exact_retrieval` (same
+    sink, window and top-k), the reference that bounds what any retrieval can do."""
 
     config: ParisKVConfig
     dense_layers: frozenset[int] = frozenset()
     measure: bool = True
+    selection: str = "pariskv"
     metrics: list[StepMetrics] = field(default_factory=list)
     _layers: dict[int, _LayerState] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.selection not in ("pariskv", "exact"):
+            raise ValueError(f"selection={self.selection!r}: expected 'pariskv' or 'exact'")
 
     def reset(self) -> None:
         """Forget cached codes and metrics (call before a new sequence)."""
@@ -98,10 +122,14 @@ class ParisKVAttention:
             )
         q = query[:, :, 0, :]  # [1, Hq, D]
         values = value.transpose(1, 2)
-        ret = retrieve(q, st.codes, torch.tensor([n]), self.config, hist=st.hist)
-        out = sparse_attention(q, keys, values, ret.positions, ret.valid, scaling)
+        if self.selection == "exact":
+            positions, valid = exact_retrieval(q, keys, self.config)
+        else:
+            ret = retrieve(q, st.codes, torch.tensor([n]), self.config, hist=st.hist)
+            positions, valid = ret.positions, ret.valid
+        out = sparse_attention(q, keys, values, positions, valid, scaling)
         if self.measure:
-            self.metrics.append(self._measure(layer, q, keys, ret.positions, ret.valid, scaling))
+            self.metrics.append(self._measure(layer, q, keys, positions, valid, scaling))
         return out[:, None].to(query.dtype), None
 
     def _measure(self, layer, q, keys, positions, valid, scaling) -> StepMetrics:

@@ -2,6 +2,7 @@
 
 import types
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -80,3 +81,48 @@ def test_sparse_decode_attends_exactly_the_retrieved_set():
     assert abs(m.mass_recall - sum(mass) / hq) < 1e-5
     assert m.attended == cfg.budget and m.context == n
     assert 0.0 <= m.recall_at_k <= 1.0
+
+
+def test_exact_retrieval_is_sink_window_and_the_brute_force_top_k():
+    """Oracle: float64 scores of every zone key by the group-mean query, ranked by sort."""
+    from sglang_pariskv.hf_attention import exact_retrieval
+
+    g = torch.Generator().manual_seed(3)
+    n, hq, hkv, d = 300, 6, 3, 16
+    q = torch.randn(1, hq, d, generator=g)
+    keys = torch.randn(1, n, hkv, d, generator=g)
+    cfg = ParisKVConfig(topk=20, sink=4, local=8, dense_threshold=0)
+    positions, valid = exact_retrieval(q, keys, cfg)
+    assert positions.shape == (1, hkv, 4 + 8 + 20) and bool(valid.all())
+    qm = q.double().reshape(hkv, hq // hkv, d).mean(1)  # [Hkv, D], HF group order
+    for h in range(hkv):
+        got = set(positions[0, h].tolist())
+        assert set(range(4)) | set(range(n - 8, n)) <= got
+        scores = keys[0, 4 : n - 8, h].double() @ qm[h]
+        best = (scores.argsort(descending=True)[:20] + 4).tolist()
+        assert got - set(range(4)) - set(range(n - 8, n)) == set(best)
+    # a zone shorter than top-k: every key once
+    short, _ = exact_retrieval(q, keys[:, :30], cfg)
+    assert sorted(short[0, 0].tolist()) == list(range(30))
+
+
+def test_exact_selection_attends_what_exact_retrieval_picks():
+    from sglang_pariskv.codec.attention import sparse_attention
+    from sglang_pariskv.hf_attention import ParisKVAttention, exact_retrieval
+
+    with pytest.raises(ValueError, match="selection"):
+        ParisKVAttention(ParisKVConfig(), selection="topk")
+    g = torch.Generator().manual_seed(4)
+    n, hq, hkv, d = 200, 4, 2, 16
+    q = torch.randn(1, hq, 1, d, generator=g)
+    k = torch.randn(1, hkv, n, d, generator=g)
+    v = torch.randn(1, hkv, n, d, generator=g)
+    cfg = ParisKVConfig(topk=16, sink=4, local=8, dense_threshold=0)
+    attn = ParisKVAttention(cfg, measure=False, selection="exact")
+    module = torch.nn.Module()
+    module.layer_idx = 0
+    out, _ = attn(module, q, k, v, None, scaling=d**-0.5)
+    keys, values = k.transpose(1, 2), v.transpose(1, 2)
+    pos, valid = exact_retrieval(q[:, :, 0], keys, cfg)
+    want = sparse_attention(q[:, :, 0].double(), keys.double(), values.double(), pos, valid)
+    assert torch.allclose(out[:, 0].double(), want, atol=1e-5)
