@@ -186,7 +186,7 @@ def run_passkey(contexts: list[int], trials: int, cfg: dict) -> dict:
 
 
 #: ``offload`` variants only run when named in ``--runs``.
-OFFLOAD_OPT_IN = ("gpu_pool_repeat", "offload_copy_stream")
+OFFLOAD_OPT_IN = ("gpu_pool_repeat", "offload_copy_stream", "offload_default")
 
 
 def _offload_variants(cfg: dict) -> dict[str, dict]:
@@ -198,6 +198,8 @@ def _offload_variants(cfg: dict) -> dict[str, dict]:
         "offload_hot_cache_tensor_ops": {**host, "hot_cache_lines": 4096},
         "offload_direct": {**host, "hot_cache_lines": 0},
         "offload_copy_stream": {**host, "hot_cache_lines": 0, "prefill_copy": "side_stream"},
+        # what a user gets from --pariskv-offload host alone (the default hot cache)
+        "offload_default": host,
     }
 
 
@@ -282,6 +284,7 @@ def run_offload_equivalence(
     time, so that batch composition is the same in every engine (see ``_passkey_worker``)."""
     from transformers import AutoTokenizer
 
+    from sglang_pariskv.config import ParisKVConfig
     from sglang_pariskv.workloads import tasks
     from sglang_pariskv.workloads.smollm2 import ensure_smollm2
 
@@ -310,7 +313,7 @@ def run_offload_equivalence(
         if ("offload" in runs[name]) != bool(st.get("offload_host_pool_gib")):
             raise RuntimeError(f"{name}: host offload was not as configured: stats {st}")
         cached = st.get("hot_cache_hits", 0) + st.get("hot_cache_misses", 0)
-        if bool(runs[name].get("hot_cache_lines")) != bool(cached):
+        if bool(ParisKVConfig.from_dict(runs[name]).hot_cache_lines) != bool(cached):
             raise RuntimeError(f"{name}: the hot cache was not as configured: stats {st}")
         copy_stream = runs[name].get("prefill_copy") == "side_stream"
         if copy_stream != bool(st.get("offload_copy_stream_stores")):
