@@ -189,8 +189,15 @@ def _add_code_bytes(
         slots = int(cfg.host_pool_gb * 2**30) // cell_size
         # the K/V cell is 2 (K, V) x heads x head_dim x layers elements
         elt = max(cell_size // (2 * heads * kvc.model_config.head_dim * num_layers), 1)
-        hot = HotCache.lines_nbytes(
-            num_layers, cfg.hot_cache_lines, 2 * kvc.model_config.head_dim, elt
+        # overflow rows: one step's retrieved entries at the most requests SGLang runs
+        # (the plugin sets --max-running-requests when it is not given)
+        max_reqs = getattr(getattr(kvc, "server_args", None), "max_running_requests", None)
+        entries = (max_reqs or DEFAULT_MAX_RUNNING_REQUESTS) * heads * cfg.budget
+        row = 2 * kvc.model_config.head_dim
+        hot = (
+            HotCache.planned_nbytes(num_layers, cfg.hot_cache_lines, row, elt, entries)
+            if cfg.hot_cache_lines
+            else 0
         )
         if configurator is not None:
             configurator._pariskv_host_slots = slots

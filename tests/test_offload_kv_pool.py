@@ -100,11 +100,18 @@ def test_offload_charges_the_gpu_for_codes_and_caps_tokens_at_the_host_pool(monk
     assert capped.max_total_num_tokens == slots
     assert plugin._cap_to_host_pool(big, types.SimpleNamespace(), 10**12, 1) is big
     # the default hot cache (65536 lines x 28 layers of K+V rows of one head, bf16, plus an
-    # int64 tag each) is allocated after SGLang sizes its pools: its bytes come off the
-    # GPU's codes budget, in tokens of codes
-    hot_bytes = 28 * 65536 * (2 * 128 * 2 + 8)
+    # int64 tag each, and overflow rows for one step of 256 requests x 4 heads x
+    # (2048 + 64 + 256) entries) is allocated after SGLang sizes its pools: its bytes come
+    # off the GPU's codes budget, in tokens of codes
+    hot_bytes = 28 * 65536 * (2 * 128 * 2 + 8) + 256 * 4 * (2048 + 64 + 256) * 2 * 128 * 2
     reserved = -(-hot_bytes // cell)
     assert configurator._pariskv_reserved_tokens == reserved
+    few = types.SimpleNamespace()  # --max-running-requests 8: fewer overflow rows
+    k8 = kvc()
+    k8.server_args = types.SimpleNamespace(max_running_requests=8)
+    plugin._cell_size_hook(cfg)(kv_cell, few, k8, 28)
+    few_bytes = 28 * 65536 * (2 * 128 * 2 + 8) + 8 * 4 * (2048 + 64 + 256) * 2 * 128 * 2
+    assert few._pariskv_reserved_tokens == -(-few_bytes // cell)
     gpu_bound = MemoryPoolConfig(max_total_num_tokens=500_000)
     got = plugin._cap_to_host_pool(gpu_bound, configurator, 10**9, 1)
     assert got.max_total_num_tokens == 500_000 - reserved

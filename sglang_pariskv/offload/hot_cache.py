@@ -78,11 +78,16 @@ class HotCache:
         self._heads = torch.arange(num_kv_heads, device=dev)
 
     @staticmethod
-    def lines_nbytes(num_layers: int, lines: int, row_width: int, element_size: int) -> int:
-        """GPU bytes of the cache lines (data and tags), known before the workspace: what
-        capacity planning reserves (``plugin._cap_to_host_pool``). The overflow rows
-        (one step's misses) come on top, sized by the workspace."""
-        return num_layers * lines * (row_width * element_size + 8)
+    def planned_nbytes(
+        num_layers: int, lines: int, row_width: int, element_size: int, max_entries: int
+    ) -> int:
+        """GPU bytes of a cache built with these sizes (lines with their tags, plus the
+        overflow rows of one step's entries), before it exists: what capacity planning
+        sets aside (``plugin._cap_to_host_pool``), since the cache is allocated after
+        SGLang has sized its pools."""
+        return num_layers * lines * (row_width * element_size + 8) + (
+            max_entries * row_width * element_size
+        )
 
     @property
     def overflow_base(self) -> int:
