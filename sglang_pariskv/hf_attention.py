@@ -52,7 +52,7 @@ def exact_retrieval(q: torch.Tensor, keys: torch.Tensor, config: ParisKVConfig):
     qm = group_queries(q.float(), hkv).mean(2)  # [1, Hkv, D]
     scores = torch.einsum("rhd,rnhd->rhn", qm, keys[:, lo:hi].float())
     top = scores.topk(min(config.topk, hi - lo), dim=-1).indices + lo
-    fixed = torch.cat([torch.arange(lo), torch.arange(hi, n)])
+    fixed = torch.cat([torch.arange(lo), torch.arange(hi, n)]).to(keys.device)
     positions = torch.cat([fixed[None, None].expand(1, hkv, -1), top], -1)
     return positions, torch.ones_like(positions, dtype=torch.bool)
 

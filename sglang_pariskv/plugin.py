@@ -224,7 +224,7 @@ def _add_code_bytes(
 
 def _cap_to_host_pool(result, configurator, *args, **kwargs):
     """With host offload, no more tokens than the host pool holds, nor than the GPU's
-    codes budget once the hot cache's lines are set aside (page-aligned)."""
+    codes budget once the hot cache (lines and overflow rows) is set aside (page-aligned)."""
     from sglang_pariskv.server_flags import ParisKVConfigError
 
     slots = getattr(configurator, "_pariskv_host_slots", None)
@@ -243,9 +243,15 @@ def _cap_to_host_pool(result, configurator, *args, **kwargs):
     page = int(args[-1]) if args else int(kwargs.get("page_size", 1))
     capped = min(slots, gpu) // page * page
     if capped <= 0:
+        if slots <= gpu:
+            raise ParisKVConfigError(
+                f"--pariskv-host-pool-gb holds {slots} tokens, less than one page: pass a "
+                "larger --pariskv-host-pool-gb"
+            )
         raise ParisKVConfigError(
-            f"--pariskv-host-pool-gb holds {slots} tokens, less than one page: pass a "
-            "larger --pariskv-host-pool-gb"
+            f"the GPU hot cache ({configurator._pariskv_reserved_gib:.2f} GiB) leaves room for "
+            f"the codes of {gpu} tokens, less than one page: lower --pariskv-hot-cache-lines "
+            "(0 = none) or raise --mem-fraction-static"
         )
     logger.info(
         "ParisKV offload: %d tokens fit the GPU's codes budget (%d after the hot cache's "

@@ -135,6 +135,9 @@ def test_a_hot_cache_that_leaves_no_room_for_codes_is_refused():
     )
     with pytest.raises(ParisKVConfigError, match="--pariskv-hot-cache-lines"):
         plugin._cap_to_host_pool(MemoryPoolConfig(max_total_num_tokens=4000), conf, 1, 1)
+    # room for 10 tokens of codes, less than a page of 16: the cache is named, not the pool
+    with pytest.raises(ParisKVConfigError, match="--pariskv-hot-cache-lines"):
+        plugin._cap_to_host_pool(MemoryPoolConfig(max_total_num_tokens=5010), conf, 1, 16)
 
 
 def test_a_host_pool_smaller_than_a_page_is_refused():

@@ -201,7 +201,7 @@ def test_copy_stream_on_cuda_orders_readers_keeps_inputs_alive_and_skips_capture
 
 def test_a_store_keeps_the_rows_it_was_given_when_the_inputs_are_rewritten(pool):
     """SGLang's breakable prefill graph hands attention weak references into its memory
-    pool; the next captured segment rewrites them while the store may still be pending.
+    pool, which the next captured segment may rewrite while the store is still pending.
     The rows stored are the ones passed in, not whatever the buffers hold at drain."""
     slots = torch.tensor([3, 9, 17])
     k, v = kv(3, 5)
