@@ -159,18 +159,23 @@ def test_backend_defers_only_ragged_extends_and_decode_drains_first(pool, monkey
     assert torch.equal(pool.host.read(1, slots)[0], k)
 
 
+def cuda_side_stream_pool(monkeypatch, heads: int, dim: int, layers: int):
+    """A bf16 host-offload pool of 8192 slots on the GPU with the copy stream on."""
+    monkeypatch.setattr(ParisKVTokenToKVPool, "pariskv_config", SIDE)
+    return HostOffloadKVPool(
+        size=8192, page_size=1, dtype=torch.bfloat16, head_num=heads, head_dim=dim,
+        layer_num=layers, device="cuda", enable_memory_saver=False, enable_alt_stream=False,
+    )  # fmt: skip
+
+
 @pytest.mark.gpu
 def test_copy_stream_on_cuda_orders_readers_keeps_inputs_alive_and_skips_capture(monkeypatch):
     """On the GPU: a deferred 16 MiB store is read right after on the forward stream
     through the getters (without their wait, the gather races the copy), the store's
     freed inputs are not reused before the copy stream is done with them, and a CUDA
     graph captured while a store is pending neither fails nor waits inside the graph."""
-    monkeypatch.setattr(ParisKVTokenToKVPool, "pariskv_config", SIDE)
     n, heads, dim = 8000, 4, 128
-    pool = HostOffloadKVPool(
-        size=8192, page_size=1, dtype=torch.bfloat16, head_num=heads, head_dim=dim,
-        layer_num=2, device="cuda", enable_memory_saver=False, enable_alt_stream=False,
-    )  # fmt: skip
+    pool = cuda_side_stream_pool(monkeypatch, heads, dim, layers=2)
     assert pool.write_behind.on_cuda
     slots = torch.randperm(8192, device="cuda")[:n] + 1
     k = torch.randn(n, heads, dim, device="cuda").bfloat16()
@@ -223,12 +228,8 @@ def test_copy_stream_on_cuda_stores_the_rows_given_when_inputs_are_rewritten(mon
     removed (tried in session 6), though the same spin makes a bare ``scatter_rows``
     on a copy stream store the rewritten values; what orders the pool's path is not
     known, so this guards the behaviour, not the snapshot itself."""
-    monkeypatch.setattr(ParisKVTokenToKVPool, "pariskv_config", SIDE)
     n, heads, dim = 4096, 4, 128
-    pool = HostOffloadKVPool(
-        size=8192, page_size=1, dtype=torch.bfloat16, head_num=heads, head_dim=dim,
-        layer_num=1, device="cuda", enable_memory_saver=False, enable_alt_stream=False,
-    )  # fmt: skip
+    pool = cuda_side_stream_pool(monkeypatch, heads, dim, layers=1)
     slots = torch.randperm(8192, device="cuda")[:n] + 1
     k = torch.randn(n, heads, dim, device="cuda").bfloat16()
     v = torch.randn(n, heads, dim, device="cuda").bfloat16()
