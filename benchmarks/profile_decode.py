@@ -24,19 +24,77 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_e2e as e2e  # noqa: E402
 
+GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
+
+#: Kernel-name fragments of each category, first match wins ("other": everything else).
+CATEGORIES = (
+    (
+        "pariskv",
+        (
+            "scan_kernel",
+            "rerank_kernel",
+            "topk_kernel",
+            "_query_tier",
+            "_count_kernel",
+            "_write_kernel",
+            "_assemble",
+            "_add_decode",
+            "_encode",
+            "pariskv",
+        ),
+    ),
+    ("attention", ("flashinfer", "BatchDecode", "BatchPrefill", "PersistentVariableLength")),
+    ("gemm", ("gemm", "cutlass", "nvjet", "xmma", "cublas", "splitK", "Kernel2")),
+)
+
+
+def category(name: str) -> str:
+    for cat, parts in CATEGORIES:
+        if any(p in name for p in parts):
+            return cat
+    return "other"
+
+
+def _gpu_events(f: Path) -> list[dict]:
+    opener = gzip.open if f.suffix == ".gz" else open
+    with opener(f, "rt") as fh:
+        events = json.load(fh)
+    events = events.get("traceEvents", events) if isinstance(events, dict) else events
+    return [ev for ev in events if ev.get("ph") == "X" and ev.get("cat") in GPU_CATS]
+
 
 def kernel_times_us(trace_files: list[Path]) -> Counter:
     """Summed duration (µs) per GPU kernel / memcpy name over chrome traces."""
     total: Counter = Counter()
     for f in trace_files:
-        opener = gzip.open if f.suffix == ".gz" else open
-        with opener(f, "rt") as fh:
-            events = json.load(fh)
-        events = events.get("traceEvents", events) if isinstance(events, dict) else events
-        for ev in events:
-            if ev.get("ph") == "X" and ev.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"):
-                total[ev["name"]] += float(ev.get("dur", 0.0))
+        for ev in _gpu_events(f):
+            total[ev["name"]] += float(ev.get("dur", 0.0))
     return total
+
+
+def busy_and_span_us(trace_files: list[Path]) -> tuple[float, float]:
+    """(time with at least one GPU op running, first op start to last op end), summed over
+    traces: span - busy is the GPU's idle time inside the profiled window (launch gaps,
+    host work the GPU waits for)."""
+    busy = span = 0.0
+    for f in trace_files:
+        iv = sorted(
+            (float(ev["ts"]), float(ev["ts"]) + float(ev.get("dur", 0.0)))
+            for ev in _gpu_events(f)
+            if "ts" in ev
+        )
+        if not iv:
+            continue
+        span += iv[-1][1] - iv[0][0]
+        cur_s, cur_e = iv[0]
+        for s, e in iv[1:]:
+            if s > cur_e:
+                busy += cur_e - cur_s
+                cur_s, cur_e = s, e
+            else:
+                cur_e = max(cur_e, e)
+        busy += cur_e - cur_s
+    return busy, span
 
 
 def _profile_worker(model_dir, pariskv, input_len, batch, steps, out_dir, out_q):
@@ -75,34 +133,59 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--out", type=Path, default=Path(tempfile.mkdtemp(prefix="profile-")))
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument(
+        "--reuse",
+        type=Path,
+        help="a folder holding an earlier call's profile_<mode>.json: that mode is not re-run "
+        "(one comparison can span two device calls)",
+    )
     args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
     model_dir = Path(tempfile.mkdtemp(prefix="llama8b-shape-"))
     (model_dir / "config.json").write_text(json.dumps(e2e.LLAMA_8B))
     cfg = {"topk": 2048, "sink": 64, "local": 256, "dense_threshold": 8192}
-    per_step = {}
-    for mode, pk in (("dense", None), ("pariskv", cfg)):
+    per_step, windows = {}, {}
+    for mode, pk in (("pariskv", cfg), ("dense", None)):
+        saved = args.reuse / f"profile_{mode}.json" if args.reuse else None
+        if saved is not None and saved.exists():
+            got = json.loads(saved.read_text())
+            per_step[mode], windows[mode] = got["kernels_us_per_step"], got["window"]
+            continue
         out_dir = tempfile.mkdtemp(prefix=f"trace-{mode}-")
         res = e2e._run_isolated(
             _profile_worker, str(model_dir), pk, args.input_len, args.batch, args.steps, out_dir
         )
         # The profiled window covers steps + 2 scheduler steps, all decode after the
         # radix-cached one-token extend; normalise by the decode steps profiled.
-        times = kernel_times_us([Path(f) for f in res["files"]])
-        per_step[mode] = {k: v / (args.steps + 2) for k, v in times.items()}
+        if "error" in res:
+            raise RuntimeError(f"{mode} engine failed: {res['error']}")
+        files = [Path(f) for f in res["files"]]
+        n = args.steps + 2
+        per_step[mode] = {k: v / n for k, v in kernel_times_us(files).items()}
+        busy, span = busy_and_span_us(files)
+        windows[mode] = {"busy_us_per_step": busy / n, "span_us_per_step": span / n}
+        (args.out / f"profile_{mode}.json").write_text(
+            json.dumps({"kernels_us_per_step": per_step[mode], "window": windows[mode]})
+        )
     names = set(per_step["dense"]) | set(per_step["pariskv"])
     rows = sorted(
         names,
         key=lambda n: -abs(per_step["pariskv"].get(n, 0) - per_step["dense"].get(n, 0)),
     )
+    cats = [c for c, _ in CATEGORIES] + ["other"]
     summary = {
         "input_len": args.input_len,
         "batch": args.batch,
         "steps": args.steps,
         "device_info": e2e._device_info(),
         "total_us_per_step": {m: sum(v.values()) for m, v in per_step.items()},
+        "window": windows,
+        "categories_us_per_step": {
+            m: {c: sum(t for k, t in v.items() if category(k) == c) for c in cats}
+            for m, v in per_step.items()
+        },
         "kernels_us_per_step": per_step,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "profile_decode.json").write_text(json.dumps(summary, indent=2))
     print(f"{'kernel':<70} {'dense us':>9} {'pkv us':>9}")
     for n in rows[: args.top]:
@@ -110,6 +193,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{n[:70]:<70} {d:>9.1f} {p:>9.1f}")
     t = summary["total_us_per_step"]
     print(f"{'TOTAL GPU time per step':<70} {t['dense']:>9.1f} {t['pariskv']:>9.1f}")
+    c = summary["categories_us_per_step"]
+    for cat in cats:
+        print(f"{'  category ' + cat:<70} {c['dense'][cat]:>9.1f} {c['pariskv'][cat]:>9.1f}")
+    for key in ("busy_us_per_step", "span_us_per_step"):
+        print(f"{key:<70} {windows['dense'][key]:>9.1f} {windows['pariskv'][key]:>9.1f}")
     return 0
 
 

@@ -25,3 +25,29 @@ def test_kernel_times_sum_gpu_events_by_name(tmp_path):
     b.write_text(json.dumps([{"ph": "X", "cat": "kernel", "name": "topk", "dur": 1.0}]))
     got = kernel_times_us([a, b])
     assert got == {"scan": 15.5, "Memcpy HtoD": 2.0, "topk": 1.0}
+
+
+def test_busy_merges_overlaps_and_span_counts_gaps(tmp_path):
+    from profile_decode import busy_and_span_us
+
+    events = [  # [0, 10) and [5, 12) overlap -> 12 busy; [20, 25) after an idle gap of 8
+        {"ph": "X", "cat": "kernel", "name": "a", "ts": 0.0, "dur": 10.0},
+        {"ph": "X", "cat": "kernel", "name": "b", "ts": 5.0, "dur": 7.0},
+        {"ph": "X", "cat": "gpu_memset", "name": "c", "ts": 20.0, "dur": 5.0},
+        {"ph": "X", "cat": "cpu_op", "name": "host", "ts": 100.0, "dur": 50.0},
+    ]
+    f = tmp_path / "t.trace.json"
+    f.write_text(json.dumps(events))
+    assert busy_and_span_us([f, f]) == (34.0, 50.0)
+
+
+def test_categories_of_kernel_names():
+    from profile_decode import category
+
+    assert category("void (anonymous namespace)::scan_kernel<16>(unsigned char const*)") == (
+        "pariskv"
+    )
+    assert category("_count_kernel") == "pariskv"
+    assert category("flashinfer::BatchDecodeWithPagedKVCacheKernel<...>") == "attention"
+    assert category("nvjet_tst_128x64_64x4_1x2_h_bz_TNT") == "gemm"
+    assert category("void at::native::elementwise_kernel<128, 2>") == "other"
