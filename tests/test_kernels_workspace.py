@@ -108,6 +108,14 @@ def test_elided_dense_rows_are_one_token_and_sparse_rows_unchanged():
             assert slots == full[r, hh]
 
 
+def test_fused_select_needs_the_cuda_kernels():
+    cfg = ParisKVConfig(topk=64, sink=8, local=16, dense_threshold=256)
+    with pytest.raises(ValueError, match="CUDA kernels"):
+        DecodeWorkspace(cfg, 4, 2, 64, 2, 1024, "cpu", scan_variant="load", fused_select=True)
+    ws = DecodeWorkspace(cfg, 4, 2, 64, 2, 1024, "cpu", scan_variant="load")
+    assert not ws.fused_select  # the Triton write + rerank path
+
+
 def test_max_candidates_covers_the_adaptive_dip():
     cfg = ParisKVConfig(topk=100, sink=0, local=0)
     # zone 29999 keeps 0.2 * 29999 = 6000 candidates, zone 30000..59999 fewer.

@@ -111,11 +111,11 @@ extern "C" int pariskv_collision_scan(const void* signs, const void* rtt, int64_
                                       const void* req_idx, const void* seq, const void* zend,
                                       const void* tiers, void* scores, void* shist,
                                       int64_t zone_start, int64_t nmax, int R, int H, int B,
-                                      int nbp, int tpb, void* stream) {
+                                      int nbp, int tpb, int warps, void* stream) {
   if (R == 0) return 0;
-  int warps = H;
-  if (H <= 8 && 8 % H == 0) warps = 8;
-  if (warps * 32 > 1024) return -1;
+  // warps: a multiple of H (each warp scans one head); 0 picks 8 (or H when H > 8).
+  if (warps <= 0) warps = (H <= 8 && 8 % H == 0) ? 8 : H;
+  if (warps % H != 0 || warps * 32 > 1024) return -1;
   const size_t smem = static_cast<size_t>(H) * B * 256 + static_cast<size_t>(H) * nbp * 4 +
                       static_cast<size_t>(tpb) * 4;
   dim3 grid(static_cast<unsigned>((nmax + tpb - 1) / tpb), static_cast<unsigned>(R));

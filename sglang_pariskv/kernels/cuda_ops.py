@@ -81,10 +81,13 @@ def _library(name: str) -> ctypes.CDLL | None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     if name == "collision_scan":
         fn = dll.pariskv_collision_scan
-        fn.argtypes = [p, p, i64, p, p, p, p, p, p, i64, i64, i32, i32, i32, i32, i32, p]
+        fn.argtypes = [p, p, i64, p, p, p, p, p, p, i64, i64, i32, i32, i32, i32, i32, i32, p]
     elif name == "rerank":
         fn = dll.pariskv_rerank
         fn.argtypes = [p, p, p, p, p, p, p, p, p, i64, i32, i32, i32, p]
+    elif name == "select_rerank":
+        fn = dll.pariskv_select_rerank
+        fn.argtypes = [p] * 9 + [i64] + [p] * 9 + [i64, i64, i32, i64] + [i32] * 4 + [p]
     else:
         fn = dll.pariskv_topk
         fn.argtypes = [p, p, p, p, i64, i32, i32, i32, p]
@@ -94,7 +97,8 @@ def _library(name: str) -> ctypes.CDLL | None:
 
 def cuda_available() -> bool:
     """Every CUDA kernel built (or already cached) for this GPU."""
-    return all(_library(n) is not None for n in ("collision_scan", "rerank", "topk"))
+    names = ("collision_scan", "rerank", "select_rerank", "topk")
+    return all(_library(n) is not None for n in names)
 
 
 def collision_scan_cuda(
@@ -108,9 +112,11 @@ def collision_scan_cuda(
     score_hist: torch.Tensor,
     zone_start: int,
     tokens_per_block: int = 1024,
+    warps: int = 0,
 ) -> None:
     """CUDA twin of :func:`collision.collision_scan` (``seq_lens`` / ``zone_end`` int64,
-    ``req_pool_indices`` and ``req_to_token`` int32; every tensor contiguous)."""
+    ``req_pool_indices`` and ``req_to_token`` int32; every tensor contiguous). ``warps``
+    per block: a multiple of the KV heads (0: the kernel's default, 8 for <= 8 heads)."""
     lib = _library("collision_scan")
     if lib is None:
         raise RuntimeError("the CUDA collision scan is unavailable (no nvcc or no source)")
@@ -141,6 +147,7 @@ def collision_scan_cuda(
         b,
         score_hist.shape[-1],
         tokens_per_block,
+        warps,
         torch.cuda.current_stream(signs.device).cuda_stream,
     )
     if rc != 0:
@@ -183,6 +190,75 @@ def rerank_cuda(
     )
     if rc != 0:
         raise RuntimeError(f"pariskv_rerank failed with code {rc}")
+
+
+def select_rerank_cuda(
+    scores: torch.Tensor,
+    buf,
+    counts: torch.Tensor,
+    zone_start: int,
+    zone_end: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    signs: torch.Tensor,
+    mags: torch.Tensor,
+    weights: torch.Tensor,
+    query_blocks: torch.Tensor,
+    query_norm: torch.Tensor,
+    levels: torch.Tensor,
+    cand: torch.Tensor,
+    est: torch.Tensor,
+) -> None:
+    """Candidate write + rerank in one launch (csrc/select_rerank.cu), after
+    :func:`select.count_candidates` filled ``buf`` (a :class:`select.CandidateBuffers`):
+    ``cand`` receives exactly the KV slots the Triton write would, ``est`` their
+    estimates (as :func:`rerank.rerank_estimates`), -inf at and past each row's C."""
+    lib = _library("select_rerank")
+    if lib is None:
+        raise RuntimeError("the CUDA candidate write + rerank is unavailable (no nvcc)")
+    for name, t, dt in (
+        ("counts", counts, torch.int64),
+        ("zone_end", zone_end, torch.int64),
+        ("req_to_token", req_to_token, torch.int32),
+        ("req_pool_indices", req_pool_indices, torch.int32),
+        ("cand", cand, torch.int32),
+        ("est", est, torch.float32),
+    ):
+        if t.dtype != dt:
+            raise TypeError(f"select_rerank_cuda: {name} must be {dt}, got {t.dtype}")
+    r, h, nmax = scores.shape
+    rc = lib.pariskv_select_rerank(
+        scores.data_ptr(),
+        buf.thr.data_ptr(),
+        buf.take.data_ptr(),
+        buf.ngt.data_ptr(),
+        buf.gt.data_ptr(),
+        buf.eq.data_ptr(),
+        zone_end.data_ptr(),
+        counts.data_ptr(),
+        req_to_token.data_ptr(),
+        req_to_token.stride(0),
+        req_pool_indices.data_ptr(),
+        signs.data_ptr(),
+        mags.data_ptr(),
+        weights.data_ptr(),
+        query_blocks.data_ptr(),
+        query_norm.data_ptr(),
+        levels.data_ptr(),
+        cand.data_ptr(),
+        est.data_ptr(),
+        zone_start,
+        nmax,
+        buf.nch,
+        cand.shape[-1],
+        r,
+        h,
+        signs.shape[-1],
+        buf.chunk,
+        torch.cuda.current_stream(scores.device).cuda_stream,
+    )
+    if rc != 0:
+        raise RuntimeError(f"pariskv_select_rerank failed with code {rc}")
 
 
 def topk_cuda(

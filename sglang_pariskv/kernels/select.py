@@ -151,6 +151,42 @@ class CandidateBuffers:
         self.eq = torch.empty(rows, self.nch, **i32)
 
 
+def count_candidates(
+    scores: torch.Tensor,
+    score_hist: torch.Tensor,
+    counts: torch.Tensor,
+    zone_start: int,
+    zone_end: torch.Tensor,
+    buf: CandidateBuffers,
+) -> None:
+    """The count pass alone: per (request, head) row the threshold score, the keys above
+    it and at it to take (``buf.thr`` / ``buf.ngt`` / ``buf.take``), and per chunk of
+    ``buf.chunk`` positions the keys above / at it (``buf.gt`` / ``buf.eq``). The CUDA
+    candidate write + rerank (``csrc/select_rerank.cu``) starts from these."""
+    r, h, nmax = scores.shape
+    if r == 0:
+        return
+    rows = r * h
+    _count_kernel[(buf.nch, r)](
+        scores,
+        score_hist,
+        counts,
+        zone_end,
+        buf.thr,
+        buf.take,
+        buf.ngt,
+        buf.gt[:rows],
+        buf.eq[:rows],
+        zone_start,
+        nmax,
+        buf.nch,
+        H=h,
+        HP=triton.next_power_of_2(h),
+        NBP=score_hist.shape[-1],
+        CH=buf.chunk,
+    )
+
+
 def select_candidates_gpu(
     scores: torch.Tensor,
     score_hist: torch.Tensor,
@@ -172,38 +208,17 @@ def select_candidates_gpu(
     r, h, nmax = scores.shape
     if r == 0:
         return
-    hp = triton.next_power_of_2(h)
+    count_candidates(scores, score_hist, counts, zone_start, zone_end, buf)
     rows = r * h
     slots = req_to_token is not None
-    nbp = score_hist.shape[-1]
-    grid = (buf.nch, r)
-    gt, eq = buf.gt[:rows], buf.eq[:rows]
-    _count_kernel[grid](
-        scores,
-        score_hist,
-        counts,
-        zone_end,
-        buf.thr,
-        buf.take,
-        buf.ngt,
-        gt,
-        eq,
-        zone_start,
-        nmax,
-        buf.nch,
-        H=h,
-        HP=hp,
-        NBP=nbp,
-        CH=buf.chunk,
-    )
-    _write_kernel[grid](
+    _write_kernel[(buf.nch, r)](
         scores,
         buf.thr,
         buf.take,
         buf.ngt,
         zone_end,
-        gt,
-        eq,
+        buf.gt[:rows],
+        buf.eq[:rows],
         cand,
         req_to_token if slots else cand,
         req_to_token.stride(0) if slots else 0,
@@ -213,7 +228,7 @@ def select_candidates_gpu(
         buf.nch,
         cand.shape[-1],
         H=h,
-        HP=hp,
+        HP=triton.next_power_of_2(h),
         CH=buf.chunk,
         PB=min(128, triton.next_power_of_2(buf.nch)),
         WRITE_SLOTS=slots,

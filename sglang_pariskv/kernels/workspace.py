@@ -16,7 +16,9 @@ Stages of :meth:`run` (each a module of this package):
   query prep + tier table (``query_tiers.py``, one launch fusing ``query.py`` and
   ``tiers.py``) -> collision scan + score histogram (``collision.py`` / CUDA
   ``cuda_ops.py``) -> candidate selection (``select.py``) -> rerank + top-k
-  (``rerank.py``) -> index assembly (``assemble.py``).
+  (``rerank.py``) -> index assembly (``assemble.py``). With the CUDA kernels the
+  selection's candidate write is fused into the rerank (``csrc/select_rerank.cu``): the
+  "select" stage is then the count pass alone.
 """
 
 from __future__ import annotations
@@ -44,12 +46,20 @@ from sglang_pariskv.kernels.cuda_ops import (
     collision_scan_cuda,
     cuda_available,
     rerank_cuda,
+    select_rerank_cuda,
     topk_cuda,
 )
 from sglang_pariskv.kernels.query_tiers import query_tier_table
 from sglang_pariskv.kernels.radix_topk import RadixTopK
 from sglang_pariskv.kernels.rerank import levels, rerank_estimates, topk_slots
-from sglang_pariskv.kernels.select import CandidateBuffers, select_candidates_gpu
+from sglang_pariskv.kernels.select import (
+    CandidateBuffers,
+    count_candidates,
+    select_candidates_gpu,
+)
+
+#: Positions per block of csrc/select_rerank.cu (its count pass must use the same chunks).
+SELECT_RERANK_CHUNK = 1024
 
 #: Implementations of the final top-k (see ``DecodeWorkspace``).
 TOPK_VARIANTS = ("radix", "cuda", "torch")
@@ -115,13 +125,21 @@ class DecodeWorkspace:
         cuda_tokens_per_block: int | None = None,
         elide_dense_rows: bool = False,
         topk_variant: str = "auto",
+        fused_select: bool | None = None,
+        cuda_scan_warps: int = 0,
+        tier_warps: int = 4,
+        tier_chunk: int | None = None,
     ) -> None:
         """``scan_variant``: "cuda" (csrc/ kernels for the scan and the rerank), "load" or
         "gather" (Triton scan variants, Triton rerank), or "auto" (cuda where it builds).
         ``cuda_tokens_per_block``: the CUDA scan's run length; None picks it per batch
         (:func:`scan_tokens_per_block`). ``topk_variant``: "radix" (Triton, many programs
         per row: :mod:`kernels.radix_topk`), "cuda" (csrc/, one block per row), "torch",
-        or "auto" (cuda with the cuda scan, else torch)."""
+        or "auto" (cuda with the cuda scan, else torch). ``fused_select``: write the
+        candidates and rerank them in one CUDA launch (``csrc/select_rerank.cu``) after
+        the count pass; None: with the cuda scan. False: Triton write, then the rerank.
+        ``cuda_scan_warps``: warps per block of the CUDA scan (0: its default).
+        ``tier_warps`` / ``tier_chunk``: launch shape of the query + tier kernel."""
         check_head_dim(head_dim)
         if num_q_heads % num_kv_heads:
             raise ValueError(f"{num_q_heads} query heads over {num_kv_heads} KV heads")
@@ -139,6 +157,15 @@ class DecodeWorkspace:
         if topk_variant not in TOPK_VARIANTS:
             raise ValueError(f"topk_variant {topk_variant!r}: expected one of {TOPK_VARIANTS}")
         self.topk_variant = topk_variant
+        if fused_select is None:
+            fused_select = scan_variant == "cuda"
+        if fused_select and scan_variant != "cuda":
+            raise ValueError("fused_select needs the CUDA kernels (scan_variant='cuda')")
+        if fused_select and chunk != SELECT_RERANK_CHUNK:
+            raise ValueError(f"fused_select needs chunk={SELECT_RERANK_CHUNK}, got {chunk}")
+        self.fused_select = fused_select
+        self.cuda_scan_warps = cuda_scan_warps
+        self.tier_warps, self.tier_chunk = tier_warps, tier_chunk
         self.cuda_tpb = cuda_tokens_per_block  # None: scan_tokens_per_block per batch
         self.num_sms = (
             torch.cuda.get_device_properties(self.device).multi_processor_count
@@ -283,7 +310,16 @@ class DecodeWorkspace:
         st.tiers = self.tiers[: st.r]
         st.score_hist = self.score_hist[: st.r]
         query_tier_table(
-            st.q, self.rot, st.hist, st.rpi, st.thresholds, st.query, st.tiers, st.score_hist
+            st.q,
+            self.rot,
+            st.hist,
+            st.rpi,
+            st.thresholds,
+            st.query,
+            st.tiers,
+            st.score_hist,
+            self.tier_chunk,
+            self.tier_warps,
         )
 
     def _stage_scan(self) -> None:
@@ -292,7 +328,7 @@ class DecodeWorkspace:
         args = (st.codes.signs, st.rtt, st.rpi, st.seq, st.zone_end, st.tiers, st.scores)
         if self.scan_variant == "cuda":
             tpb = self.cuda_tpb or scan_tokens_per_block(self.max_context, st.r, self.num_sms)
-            collision_scan_cuda(*args, st.score_hist, self.config.sink, tpb)
+            collision_scan_cuda(*args, st.score_hist, self.config.sink, tpb, self.cuda_scan_warps)
         else:
             collision_scan(
                 *args,
@@ -304,8 +340,13 @@ class DecodeWorkspace:
             )
 
     def _stage_select(self) -> None:
+        """The count pass, then (unless fused into the rerank) the candidate write."""
         st = self._st
         st.cand = self.cand[: st.r]
+        if self.fused_select:
+            args = (st.scores, st.score_hist, st.counts, self.config.sink, st.zone_end)
+            count_candidates(*args, self.sel)
+            return
         select_candidates_gpu(
             st.scores,
             st.score_hist,
@@ -322,6 +363,25 @@ class DecodeWorkspace:
         st = self._st
         st.est = self.est[: st.r]
         codes = st.codes
+        if self.fused_select:
+            select_rerank_cuda(
+                st.scores,
+                self.sel,
+                st.counts,
+                self.config.sink,
+                st.zone_end,
+                st.rtt,
+                st.rpi,
+                codes.signs,
+                codes.mags,
+                codes.weights,
+                st.query.blocks,
+                st.query.norm,
+                self.levels,
+                st.cand,
+                st.est,
+            )
+            return
         args = (st.cand, st.counts, codes.signs, codes.mags, codes.weights)
         if self.scan_variant == "cuda":
             rerank_cuda(*args, st.query.blocks, st.query.norm, self.levels, st.est)

@@ -1,0 +1,236 @@
+// ParisKV candidate write + rerank in one kernel (CUDA).
+//
+// Replaces the Triton `_write_kernel` of kernels/select.py followed by the rerank: at
+// decode batch sizes each of those was a separate latency-bound launch (22 and 41 us per
+// layer at 128K x 2 in an SGLang profile, H100), and the rerank re-read the candidate
+// list the write had just stored. Inputs are the count pass of kernels/select.py
+// (`_count_kernel`: threshold score s*, how many keys at s* to take, how many score above
+// it, and per chunk of positions the keys above / at s*).
+//
+// Block = one chunk of CH positions of one (request, KV head) row, CH / 4 threads, 4
+// positions per thread. Same contract as the Triton write: keys above s* in position
+// order first, then the first `take` keys at s* in position order, so the candidate array
+// is identical to the Triton path's. Each kept position's destination is its rank: the
+// chunk's base (the counts of the chunks before it, summed by the block) plus an
+// exclusive block scan of the per-thread counts. The kept (position, destination) pairs go
+// to a shared list, and the block then reranks them like csrc/rerank.cu did: one thread
+// per candidate, one shared-memory lookup per term in a per-row table
+//   T[b][j][sign * 8 + t] = (sign ? +1 : -1) * a[t] * q_bj,
+// est = ||q|| * sum_b w_b * sum_j T[b][j][...]. It writes the candidate's KV slot and its
+// estimate at the destination; estimates at and past the row's count C are -inf.
+
+#include <cstdint>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+namespace {
+
+constexpr int CH = 1024;           // positions per block: the count pass's chunk
+constexpr int THREADS = CH / 4;    // 4 positions per thread
+constexpr int WARPS = THREADS / 32;
+
+template <int B>
+__global__ void __launch_bounds__(THREADS)
+    select_rerank_kernel(const uint8_t* __restrict__ scores, const int32_t* __restrict__ thr,
+                         const int32_t* __restrict__ take, const int32_t* __restrict__ ngt,
+                         const int32_t* __restrict__ gt_cnt, const int32_t* __restrict__ eq_cnt,
+                         const int64_t* __restrict__ zend, const int64_t* __restrict__ counts,
+                         const int32_t* __restrict__ rtt, int64_t stride_rtt,
+                         const int32_t* __restrict__ req_idx, const uint8_t* __restrict__ signs,
+                         const uint8_t* __restrict__ mags, const __half* __restrict__ weights,
+                         const float* __restrict__ qb, const float* __restrict__ qn,
+                         const float* __restrict__ levels, int32_t* __restrict__ cand,
+                         float* __restrict__ est, int64_t zone_start, int64_t nmax, int nch,
+                         int64_t cmax, int H) {
+  __shared__ float table[B * 8 * 16];
+  __shared__ unsigned long long warp_sums[WARPS];
+  __shared__ int warp_scan[WARPS];
+  __shared__ int list_pos[CH];
+  __shared__ int list_dest[CH];
+  __shared__ int n_list;
+
+  const int row = blockIdx.y;
+  const int r = row / H, h = row % H;
+  const int chunk = blockIdx.x;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t c = counts[r];
+  float* out_est = est + static_cast<int64_t>(row) * cmax;
+  int32_t* out_cand = cand + static_cast<int64_t>(row) * cmax;
+
+  // -inf past the row's count, spread over the row's blocks (a top-k may read whole rows).
+  for (int64_t i = c + static_cast<int64_t>(chunk) * THREADS + tid; i < cmax;
+       i += static_cast<int64_t>(gridDim.x) * THREADS)
+    out_est[i] = -INFINITY;
+
+  const int64_t start = static_cast<int64_t>(chunk) * CH;
+  const int64_t ze = zend[r];
+  if (c <= 0 || start >= ze || start + CH <= zone_start) return;
+
+  // The row's rerank table (independent of the selection below).
+  const float* q = qb + static_cast<int64_t>(row) * B * 8;
+  for (int i = tid; i < B * 8 * 16; i += THREADS) {
+    const int bj = i >> 4, e = i & 15;
+    const float v = levels[e & 7] * q[bj];
+    table[i] = (e & 8) ? v : -v;
+  }
+  if (tid == 0) n_list = 0;
+
+  // This chunk's base: keys above / at s* in the chunks before it (packed: gt | eq << 32).
+  unsigned long long before = 0;
+  const int32_t* gtr = gt_cnt + static_cast<int64_t>(row) * nch;
+  const int32_t* eqr = eq_cnt + static_cast<int64_t>(row) * nch;
+  for (int i = tid; i < chunk; i += THREADS)
+    before += static_cast<unsigned long long>(gtr[i]) |
+              (static_cast<unsigned long long>(eqr[i]) << 32);
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) before += __shfl_xor_sync(0xffffffffu, before, off);
+  if (lane == 0) warp_sums[warp] = before;
+
+  // Four positions per thread: flags of "above s*" and "at s*" (zone positions only).
+  const int s_thr = thr[row];
+  const int64_t p0 = start + 4 * tid;
+  uint32_t packed = 0;
+  if ((nmax & 3) == 0 && p0 + 3 < nmax) {  // aligned: one 4-byte load
+    packed = *reinterpret_cast<const uint32_t*>(scores + static_cast<int64_t>(row) * nmax + p0);
+  } else {
+    for (int u = 0; u < 4; ++u)
+      if (p0 + u < nmax)
+        packed |= static_cast<uint32_t>(scores[static_cast<int64_t>(row) * nmax + p0 + u])
+                  << (8 * u);
+  }
+  int gt_bits = 0, eq_bits = 0;
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    const int64_t p = p0 + u;
+    const int s = (packed >> (8 * u)) & 0xFF;
+    const bool zone = p >= zone_start && p < ze;
+    gt_bits |= (zone && s > s_thr) << u;
+    eq_bits |= (zone && s == s_thr) << u;
+  }
+  // Exclusive block scan of the per-thread counts (packed: gt | eq << 16; <= CH each).
+  const int mine = __popc(gt_bits) | (__popc(eq_bits) << 16);
+  int incl = mine;
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const int y = __shfl_up_sync(0xffffffffu, incl, off);
+    if (lane >= off) incl += y;
+  }
+  if (lane == 31) warp_scan[warp] = incl;
+  __syncthreads();
+  if (warp == 0) {
+    unsigned long long b = lane < WARPS ? warp_sums[lane] : 0ull;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) b += __shfl_xor_sync(0xffffffffu, b, off);
+    int w = lane < WARPS ? warp_scan[lane] : 0;
+    int x = w;
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+      const int y = __shfl_up_sync(0xffffffffu, x, off);
+      if (lane >= off) x += y;
+    }
+    __syncwarp();
+    if (lane < WARPS) warp_scan[lane] = x - w;  // exclusive prefix of the warps
+    if (lane == 0) warp_sums[0] = b;
+  }
+  __syncthreads();
+  const unsigned long long base = warp_sums[0];
+  const int excl = incl - mine + warp_scan[warp];
+  int gt_rank = static_cast<int>(base & 0xFFFFFFFFull) + (excl & 0xFFFF);
+  int eq_rank = static_cast<int>(base >> 32) + (excl >> 16);
+  const int n_take = take[row], n_above = ngt[row];
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    int dest = -1;
+    if ((gt_bits >> u) & 1) {
+      dest = gt_rank++;
+    } else if ((eq_bits >> u) & 1) {
+      if (eq_rank < n_take) dest = n_above + eq_rank;
+      ++eq_rank;
+    }
+    if (dest >= 0) {
+      const int k = atomicAdd(&n_list, 1);
+      list_pos[k] = static_cast<int>(p0 + u - start);
+      list_dest[k] = dest;
+    }
+  }
+  __syncthreads();
+
+  const int n = n_list;
+  const int64_t req = req_idx[r];
+  const float norm = qn[row];
+  for (int i = tid; i < n; i += THREADS) {
+    const int dest = list_dest[i];
+    const int32_t slot = rtt[req * stride_rtt + start + list_pos[i]];
+    const int64_t rec = static_cast<int64_t>(slot) * H + h;
+    uint8_t s[B];
+    uint8_t m[3 * B];
+    __half w[B];
+    if constexpr (B == 16) {
+      *reinterpret_cast<uint4*>(s) = *reinterpret_cast<const uint4*>(signs + rec * 16);
+#pragma unroll
+      for (int j = 0; j < 3; ++j)
+        reinterpret_cast<uint4*>(m)[j] = reinterpret_cast<const uint4*>(mags + rec * 48)[j];
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+        reinterpret_cast<uint4*>(w)[j] = reinterpret_cast<const uint4*>(weights + rec * 16)[j];
+    } else {
+      *reinterpret_cast<uint2*>(s) = *reinterpret_cast<const uint2*>(signs + rec * 8);
+#pragma unroll
+      for (int j = 0; j < 3; ++j)
+        reinterpret_cast<uint2*>(m)[j] = reinterpret_cast<const uint2*>(mags + rec * 24)[j];
+      *reinterpret_cast<uint4*>(w) = *reinterpret_cast<const uint4*>(weights + rec * 8);
+    }
+    float acc = 0.f;
+#pragma unroll
+    for (int b = 0; b < B; ++b) {
+      const uint32_t word = m[3 * b] | (m[3 * b + 1] << 8) | (m[3 * b + 2] << 16);
+      const uint32_t sg = s[b];
+      float dot = 0.f;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const uint32_t e = ((word >> (3 * j)) & 7u) | (((sg >> j) & 1u) << 3);
+        dot += table[(b * 8 + j) * 16 + e];
+      }
+      acc += __half2float(w[b]) * dot;
+    }
+    out_cand[dest] = slot;
+    out_est[dest] = acc * norm;
+  }
+}
+
+}  // namespace
+
+extern "C" int pariskv_select_rerank(const void* scores, const void* thr, const void* take,
+                                     const void* ngt, const void* gt_cnt, const void* eq_cnt,
+                                     const void* zend, const void* counts, const void* rtt,
+                                     int64_t stride_rtt, const void* req_idx, const void* signs,
+                                     const void* mags, const void* weights, const void* qb,
+                                     const void* qn, const void* levels, void* cand, void* est,
+                                     int64_t zone_start, int64_t nmax, int nch, int64_t cmax,
+                                     int R, int H, int B, int chunk, void* stream) {
+  if (R == 0) return 0;
+  if (chunk != CH) return -3;  // the count pass must use the same chunk
+  if (static_cast<int64_t>(nch) * CH < nmax) return -4;
+  dim3 grid(static_cast<unsigned>(nch), static_cast<unsigned>(R * H));
+  auto st = static_cast<cudaStream_t>(stream);
+#define PARISKV_LAUNCH(BB)                                                                    \
+  select_rerank_kernel<BB><<<grid, THREADS, 0, st>>>(                                         \
+      static_cast<const uint8_t*>(scores), static_cast<const int32_t*>(thr),                  \
+      static_cast<const int32_t*>(take), static_cast<const int32_t*>(ngt),                    \
+      static_cast<const int32_t*>(gt_cnt), static_cast<const int32_t*>(eq_cnt),               \
+      static_cast<const int64_t*>(zend), static_cast<const int64_t*>(counts),                 \
+      static_cast<const int32_t*>(rtt), stride_rtt, static_cast<const int32_t*>(req_idx),     \
+      static_cast<const uint8_t*>(signs), static_cast<const uint8_t*>(mags),                  \
+      static_cast<const __half*>(weights), static_cast<const float*>(qb),                     \
+      static_cast<const float*>(qn), static_cast<const float*>(levels),                       \
+      static_cast<int32_t*>(cand), static_cast<float*>(est), zone_start, nmax, nch, cmax, H)
+  if (B == 16) {
+    PARISKV_LAUNCH(16);
+  } else if (B == 8) {
+    PARISKV_LAUNCH(8);
+  } else {
+    return -2;
+  }
+#undef PARISKV_LAUNCH
+  return static_cast<int>(cudaGetLastError());
+}

@@ -1,0 +1,91 @@
+"""CUDA candidate write + rerank (csrc/select_rerank.cu) against the Triton candidate write
+(the same array, exactly) and the codec's float estimator (the estimates)."""
+
+import pytest
+import torch
+
+from sglang_pariskv.codec.select import estimate_inner_products, zone_mask
+from sglang_pariskv.kernels.rerank import levels
+from sglang_pariskv.kernels.select import (
+    CandidateBuffers,
+    count_candidates,
+    select_candidates_gpu,
+)
+from sglang_pariskv.kernels.testing import make_scenario
+
+pytestmark = pytest.mark.gpu
+
+
+def score_histogram(scores, zone_start, zone_end, bins=128):
+    r, h, nmax = scores.shape
+    in_zone = zone_mask(nmax, zone_start, zone_end.long())
+    hist = torch.zeros(r, h, bins, dtype=torch.int32, device=scores.device)
+    for i in range(r):
+        for j in range(h):
+            s = scores[i, j][in_zone[i]].long()
+            hist[i, j] = torch.bincount(s, minlength=bins).to(torch.int32)
+    return hist
+
+
+@pytest.mark.parametrize(
+    "d, h, distinct, nmax",
+    [
+        (128, 8, 6, 70001),  # few distinct scores: long runs of ties at the threshold;
+        (64, 3, 40, 40000),  # an odd NMAX takes the unaligned score loads
+        (128, 2, 200, 131072),
+    ],
+)
+def test_fused_write_and_rerank_match_triton_write_and_codec(cuda_device, d, h, distinct, nmax):
+    from sglang_pariskv.codec.query import prepare_query
+    from sglang_pariskv.kernels.cuda_ops import select_rerank_cuda
+
+    lens = [nmax, nmax // 2 + 17, 5000, 3000]
+    sc = make_scenario(lens, h, d, nmax, cuda_device, seed=d + h)
+    r = len(lens)
+    gen = torch.Generator(device="cpu").manual_seed(distinct)
+    scores = torch.randint(0, distinct, (r, h, nmax), generator=gen, dtype=torch.uint8)
+    scores = scores.to(cuda_device)
+    zone_start = 64
+    zone_end = torch.tensor([n - 256 for n in lens], dtype=torch.int64, device=cuda_device)
+    zone_end[3] = 600  # a zone shorter than one chunk (and C = 0: a dense row)
+    shist = score_histogram(scores, zone_start, zone_end)
+    # row 2 takes its whole zone (5000 - 256 - 64 = 4680 keys): the threshold is its lowest score
+    counts = torch.tensor([9000, 4000, 4680, 0], dtype=torch.int64, device=cuda_device)
+    cmax = 9100
+    q = torch.randn(r, h * 4, d, generator=gen).to(cuda_device)
+    qp = prepare_query(q, h)
+    qb, qn = qp.blocks.contiguous().float(), qp.norm.contiguous().float()
+
+    want = torch.full((r, h, cmax), -1, dtype=torch.int32, device=cuda_device)
+    buf = CandidateBuffers(r * h, nmax, 1024, cuda_device)
+    args = (scores, shist, counts, zone_start, zone_end)
+    select_candidates_gpu(*args, want, buf, sc.req_to_token, sc.req_pool_indices)
+
+    got = torch.full((r, h, cmax), -1, dtype=torch.int32, device=cuda_device)
+    est = torch.full((r, h, cmax), 7.0, dtype=torch.float32, device=cuda_device)
+    buf2 = CandidateBuffers(r * h, nmax, 1024, cuda_device)
+    count_candidates(*args, buf2)
+    select_rerank_cuda(
+        scores, buf2, counts, zone_start, zone_end, sc.req_to_token, sc.req_pool_indices,
+        sc.pool.signs, sc.pool.mags, sc.pool.weights, qb, qn, levels(cuda_device), got, est,
+    )  # fmt: skip
+    torch.cuda.synchronize()
+    valid = torch.arange(cmax, device=cuda_device)[None, None] < counts[:, None, None]
+    assert torch.equal(got[valid.expand_as(got)], want[valid.expand_as(want)])
+    assert (got[~valid.expand_as(got)] == -1).all()  # nothing written past C
+    heads = torch.arange(h, device=cuda_device)[None, :, None]
+    ref = estimate_inner_products(
+        sc.pool.index(got.clamp(min=0).long(), heads), qb[:, :, None], qn[..., None]
+    )
+    v = valid.expand_as(est)
+    torch.testing.assert_close(est[v], ref[v].float(), rtol=1e-4, atol=1e-4)
+    assert (est[~v] == float("-inf")).all()
+
+
+def test_fused_select_refuses_a_mismatched_chunk(cuda_device):
+    from sglang_pariskv.config import ParisKVConfig
+    from sglang_pariskv.kernels import DecodeWorkspace
+
+    cfg = ParisKVConfig(topk=64, sink=8, local=16, dense_threshold=256)
+    with pytest.raises(ValueError, match="chunk=1024"):
+        DecodeWorkspace(cfg, 8, 2, 64, 2, 4096, cuda_device, chunk=512, fused_select=True)
