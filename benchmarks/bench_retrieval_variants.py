@@ -30,12 +30,11 @@ VARIANTS = {
     "session6": dict(fused_select=False),
     "fused": dict(fused_select=True),
     "fused_scan16w": dict(fused_select=True, cuda_scan_warps=16),
-    "fused_scan32w": dict(fused_select=True, cuda_scan_warps=32),
-    "fused_scan32w_tpb1024": dict(
-        fused_select=True, cuda_scan_warps=32, cuda_tokens_per_block=1024
+    "fused_pairs": dict(fused_select=True, cuda_scan_pairs=True),
+    "fused_pairs16w": dict(fused_select=True, cuda_scan_pairs=True, cuda_scan_warps=16),
+    "fused_pairs16w_tpb1024": dict(
+        fused_select=True, cuda_scan_pairs=True, cuda_scan_warps=16, cuda_tokens_per_block=1024
     ),
-    "fused_tier8w": dict(fused_select=True, tier_warps=8),
-    "fused_tier8w_c8": dict(fused_select=True, tier_warps=8, tier_chunk=8),
 }
 
 

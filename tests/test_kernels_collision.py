@@ -136,8 +136,12 @@ def test_cuda_scan_matches_triton(cuda_device):
     from sglang_pariskv.kernels.cuda_ops import collision_scan_cuda, cuda_available
 
     assert cuda_available()
-    # Every run length the auto choice (workspace.scan_tokens_per_block) can pick.
-    for (d, h), tpb in zip(((128, 8), (64, 4), (128, 2), (128, 8)), (1024, 256, 512, 2048)):
+    # Every run length the auto choice (workspace.scan_tokens_per_block) can pick; both
+    # lane layouts, with default and wider blocks.
+    shapes = ((128, 8), (64, 4), (128, 2), (128, 8), (128, 8), (64, 3), (128, 8))
+    tpbs = (1024, 256, 512, 2048, 1024, 256, 512)
+    layouts = ((0, False), (0, False), (0, False), (0, False), (0, True), (6, True), (16, True))
+    for (d, h), tpb, (warps, pairs) in zip(shapes, tpbs, layouts):
         lens = [50000, 3000, 131072]
         nmax = 131072
         sc = make_scenario(lens, h, d, nmax, cuda_device, seed=d + h)
@@ -157,6 +161,8 @@ def test_cuda_scan_matches_triton(cuda_device):
             shist,
             64,
             tpb,
+            warps,
+            pairs,
         )
         assert torch.equal(scores, want_s)
         assert torch.equal(shist, want_h)

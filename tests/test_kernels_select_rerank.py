@@ -16,7 +16,7 @@ from sglang_pariskv.kernels.testing import make_scenario
 pytestmark = pytest.mark.gpu
 
 
-def score_histogram(scores, zone_start, zone_end, bins=128):
+def score_histogram(scores, zone_start, zone_end, bins=256):
     r, h, nmax = scores.shape
     in_zone = zone_mask(nmax, zone_start, zone_end.long())
     hist = torch.zeros(r, h, bins, dtype=torch.int32, device=scores.device)

@@ -105,17 +105,91 @@ __global__ void scan_kernel(const uint8_t* __restrict__ signs, const int32_t* __
   }
 }
 
+// Same contract, (token, head) pairs laid out along the lanes: lane l of a warp takes pair
+// p = t * H + h, so one warp load covers whole sign rows of consecutive tokens (all H
+// heads, H * B contiguous bytes per slot) instead of one B-byte piece per 128-byte line.
+// The price: the lanes of a lookup hit H different tier columns (more bank conflicts).
+template <int B>
+__global__ void scan_pairs_kernel(const uint8_t* __restrict__ signs,
+                                  const int32_t* __restrict__ rtt, int64_t stride_rtt,
+                                  const int32_t* __restrict__ req_idx,
+                                  const int64_t* __restrict__ seq, const int64_t* __restrict__ zend,
+                                  const uint8_t* __restrict__ tiers, uint8_t* __restrict__ scores,
+                                  int32_t* __restrict__ shist, int64_t zone_start, int64_t nmax,
+                                  int H, int nbp, int tpb) {
+  extern __shared__ __align__(16) uint8_t smem[];
+  const int r = blockIdx.y;
+  const int64_t len = seq[r];
+  const int64_t start = static_cast<int64_t>(blockIdx.x) * tpb;
+  if (start >= len) return;
+  const int HB = H * B;
+  uint8_t* tbl = smem;
+  int32_t* hist = reinterpret_cast<int32_t*>(smem + HB * 256);
+  int32_t* slots = hist + H * nbp;
+
+  const int64_t req = req_idx[r];
+  const int64_t end = min(start + tpb, len);
+  const int n = static_cast<int>(end - start);
+  const uint4* src = reinterpret_cast<const uint4*>(tiers + static_cast<int64_t>(r) * HB * 256);
+  for (int i = threadIdx.x; i < HB * 16; i += blockDim.x) reinterpret_cast<uint4*>(tbl)[i] = src[i];
+  for (int i = threadIdx.x; i < H * nbp; i += blockDim.x) hist[i] = 0;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) slots[i] = rtt[req * stride_rtt + start + i];
+  __syncthreads();
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int warps = blockDim.x >> 5;
+  const int total = n * H;
+  const int64_t ze = zend[r];
+  uint8_t* out = scores + static_cast<int64_t>(r) * H * nmax + start;
+  using Row = typename SignRow<B>::T;
+
+  for (int base = warp * 32 * UNROLL; base < total; base += warps * 32 * UNROLL) {
+    Row v[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const int p = base + u * 32 + lane;
+      if (p < total) {
+        const int t = p / H, h = p - t * H;
+        v[u] = *reinterpret_cast<const Row*>(signs + (static_cast<int64_t>(slots[t]) * H + h) * B);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const int p = base + u * 32 + lane;
+      if (p < total) {
+        const int t = p / H, h = p - t * H;
+        const uint8_t* col = tbl + h * B * 256;
+        int s = 0;
+#pragma unroll
+        for (int b = 0; b < B; ++b) {
+          const uint32_t id = (SignRow<B>::word(v[u], b >> 2) >> ((b & 3) * 8)) & 0xFFu;
+          s += col[b * 256 + id];
+        }
+        out[static_cast<int64_t>(h) * nmax + t] = static_cast<uint8_t>(s);
+        const int64_t pos = start + t;
+        if (pos >= zone_start && pos < ze) atomicAdd(&hist[h * nbp + s], 1);
+      }
+    }
+  }
+  __syncthreads();
+  int32_t* dst = shist + static_cast<int64_t>(r) * H * nbp;
+  for (int i = threadIdx.x; i < H * nbp; i += blockDim.x) {
+    const int c = hist[i];
+    if (c) atomicAdd(&dst[i], c);
+  }
+}
+
 }  // namespace
 
 extern "C" int pariskv_collision_scan(const void* signs, const void* rtt, int64_t stride_rtt,
                                       const void* req_idx, const void* seq, const void* zend,
                                       const void* tiers, void* scores, void* shist,
                                       int64_t zone_start, int64_t nmax, int R, int H, int B,
-                                      int nbp, int tpb, int warps, void* stream) {
+                                      int nbp, int tpb, int warps, int pairs, void* stream) {
   if (R == 0) return 0;
   // warps: a multiple of H (each warp scans one head); 0 picks 8 (or H when H > 8).
   if (warps <= 0) warps = (H <= 8 && 8 % H == 0) ? 8 : H;
-  if (warps % H != 0 || warps * 32 > 1024) return -1;
+  if ((!pairs && warps % H != 0) || warps * 32 > 1024) return -1;
   const size_t smem = static_cast<size_t>(H) * B * 256 + static_cast<size_t>(H) * nbp * 4 +
                       static_cast<size_t>(tpb) * 4;
   dim3 grid(static_cast<unsigned>((nmax + tpb - 1) / tpb), static_cast<unsigned>(R));
@@ -123,15 +197,15 @@ extern "C" int pariskv_collision_scan(const void* signs, const void* rtt, int64_
   auto st = static_cast<cudaStream_t>(stream);
   // Opt in to large shared memory once per instantiation (outside any graph capture in
   // practice: the first call is the eager warm-up).
-  static bool opted[2] = {false, false};
+  static bool opted[2][2] = {{false, false}, {false, false}};
 #define PARISKV_LAUNCH(BB)                                                                   \
   do {                                                                                       \
-    if (smem > 48 * 1024 && !opted[BB == 16]) {                                              \
-      cudaFuncSetAttribute(scan_kernel<BB>, cudaFuncAttributeMaxDynamicSharedMemorySize,      \
-                           227 * 1024);                                                      \
-      opted[BB == 16] = true;                                                                \
+    auto kernel = pairs ? scan_pairs_kernel<BB> : scan_kernel<BB>;                           \
+    if (smem > 48 * 1024 && !opted[pairs != 0][BB == 16]) {                                  \
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 227 * 1024); \
+      opted[pairs != 0][BB == 16] = true;                                                    \
     }                                                                                        \
-    scan_kernel<BB><<<grid, block, smem, st>>>(                                              \
+    kernel<<<grid, block, smem, st>>>(                                                       \
         static_cast<const uint8_t*>(signs), static_cast<const int32_t*>(rtt), stride_rtt,    \
         static_cast<const int32_t*>(req_idx), static_cast<const int64_t*>(seq),              \
         static_cast<const int64_t*>(zend), static_cast<const uint8_t*>(tiers),               \

@@ -81,7 +81,7 @@ def _library(name: str) -> ctypes.CDLL | None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     if name == "collision_scan":
         fn = dll.pariskv_collision_scan
-        fn.argtypes = [p, p, i64, p, p, p, p, p, p, i64, i64, i32, i32, i32, i32, i32, i32, p]
+        fn.argtypes = [p, p, i64, p, p, p, p, p, p, i64, i64] + [i32] * 7 + [p]
     elif name == "rerank":
         fn = dll.pariskv_rerank
         fn.argtypes = [p, p, p, p, p, p, p, p, p, i64, i32, i32, i32, p]
@@ -113,10 +113,12 @@ def collision_scan_cuda(
     zone_start: int,
     tokens_per_block: int = 1024,
     warps: int = 0,
+    pairs: bool = False,
 ) -> None:
     """CUDA twin of :func:`collision.collision_scan` (``seq_lens`` / ``zone_end`` int64,
     ``req_pool_indices`` and ``req_to_token`` int32; every tensor contiguous). ``warps``
-    per block: a multiple of the KV heads (0: the kernel's default, 8 for <= 8 heads)."""
+    per block: a multiple of the KV heads (0: the kernel's default, 8 for <= 8 heads).
+    ``pairs``: lanes take (token, head) pairs, so warp loads cover whole sign rows."""
     lib = _library("collision_scan")
     if lib is None:
         raise RuntimeError("the CUDA collision scan is unavailable (no nvcc or no source)")
@@ -148,6 +150,7 @@ def collision_scan_cuda(
         score_hist.shape[-1],
         tokens_per_block,
         warps,
+        int(pairs),
         torch.cuda.current_stream(signs.device).cuda_stream,
     )
     if rc != 0:

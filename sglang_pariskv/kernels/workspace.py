@@ -127,6 +127,7 @@ class DecodeWorkspace:
         topk_variant: str = "auto",
         fused_select: bool | None = None,
         cuda_scan_warps: int = 0,
+        cuda_scan_pairs: bool = False,
         tier_warps: int = 4,
         tier_chunk: int | None = None,
     ) -> None:
@@ -138,7 +139,8 @@ class DecodeWorkspace:
         or "auto" (cuda with the cuda scan, else torch). ``fused_select``: write the
         candidates and rerank them in one CUDA launch (``csrc/select_rerank.cu``) after
         the count pass; None: with the cuda scan. False: Triton write, then the rerank.
-        ``cuda_scan_warps``: warps per block of the CUDA scan (0: its default).
+        ``cuda_scan_warps``: warps per block of the CUDA scan (0: its default);
+        ``cuda_scan_pairs``: its (token, head)-pairs lane layout.
         ``tier_warps`` / ``tier_chunk``: launch shape of the query + tier kernel."""
         check_head_dim(head_dim)
         if num_q_heads % num_kv_heads:
@@ -164,7 +166,7 @@ class DecodeWorkspace:
         if fused_select and chunk != SELECT_RERANK_CHUNK:
             raise ValueError(f"fused_select needs chunk={SELECT_RERANK_CHUNK}, got {chunk}")
         self.fused_select = fused_select
-        self.cuda_scan_warps = cuda_scan_warps
+        self.cuda_scan_warps, self.cuda_scan_pairs = cuda_scan_warps, cuda_scan_pairs
         self.tier_warps, self.tier_chunk = tier_warps, tier_chunk
         self.cuda_tpb = cuda_tokens_per_block  # None: scan_tokens_per_block per batch
         self.num_sms = (
