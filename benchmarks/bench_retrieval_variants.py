@@ -27,10 +27,10 @@ import bench_kernels as bk  # noqa: E402
 
 #: name -> DecodeWorkspace keyword arguments; the first is the reference.
 VARIANTS = {
-    "session6": dict(fused_select=False),
-    "fused": dict(fused_select=True),
-    "fused_scan16w": dict(fused_select=True, cuda_scan_warps=16),
-    "fused_pairs": dict(fused_select=True, cuda_scan_pairs=True),
+    "session6": dict(fused_select=False, cuda_scan_warps=0, cuda_scan_pairs=False),
+    "fused": dict(fused_select=True, cuda_scan_warps=0, cuda_scan_pairs=False),
+    "fused_scan16w": dict(fused_select=True, cuda_scan_warps=16, cuda_scan_pairs=False),
+    "fused_pairs": dict(fused_select=True, cuda_scan_warps=0, cuda_scan_pairs=True),
     "fused_pairs16w": dict(fused_select=True, cuda_scan_pairs=True, cuda_scan_warps=16),
     "fused_pairs16w_tpb1024": dict(
         fused_select=True, cuda_scan_pairs=True, cuda_scan_warps=16, cuda_tokens_per_block=1024

@@ -69,21 +69,28 @@ _FIELDS = ("seq", "dense", "counts", "zone_end")
 
 
 #: Scan block sizes (positions per CUDA block) the auto choice picks from, largest first.
-SCAN_TOKENS_PER_BLOCK = (2048, 1024, 512, 256)
+SCAN_TOKENS_PER_BLOCK = (1024, 512, 256)
 
 
 def scan_tokens_per_block(max_context: int, batch: int, num_sms: int) -> int:
     """Positions per block of the CUDA scan for a batch of ``batch`` requests.
 
     The grid is fixed by ``max_context`` (CUDA graphs bake it in), one block per run of
-    positions per request. Large runs amortise loading the request's tier table into shared
-    memory, but at batch 1-2 they leave most SMs idle (128K positions / 2048 = 64 blocks on
-    132 SMs, a latency-bound 40 us per layer on the H100): take the largest run that still
-    gives every SM about four blocks."""
+    positions per request. Every block first copies the request's whole tier table (32 KiB
+    at 8 KV heads x head dim 128) into shared memory, so short runs spend as many bytes on
+    tables as on signs: with 16-warp blocks, 1024-position runs were the fastest or within
+    1% at 128K x 1/2/8 and 1M x 1 on the H100 (benchmarks/results/retrieval_variants.json;
+    at 128K x 2 the session-6 rule's 256 took 39.7 us, 1024 32.4 us). Shorter runs only
+    when 1024 would leave more than every other SM idle."""
     for tpb in SCAN_TOKENS_PER_BLOCK:
-        if -(-max_context // tpb) * batch >= 4 * num_sms:
+        if -(-max_context // tpb) * batch * 2 >= num_sms:
             return tpb
     return SCAN_TOKENS_PER_BLOCK[-1]
+
+
+#: CUDA scan launch shape (see ``scan_tokens_per_block``): 16 warps, (token, head) pairs.
+CUDA_SCAN_WARPS = 16
+CUDA_SCAN_PAIRS = True
 
 
 def max_candidates(config: ParisKVConfig, max_context: int) -> int:
@@ -126,8 +133,8 @@ class DecodeWorkspace:
         elide_dense_rows: bool = False,
         topk_variant: str = "auto",
         fused_select: bool | None = None,
-        cuda_scan_warps: int = 0,
-        cuda_scan_pairs: bool = False,
+        cuda_scan_warps: int = CUDA_SCAN_WARPS,
+        cuda_scan_pairs: bool = CUDA_SCAN_PAIRS,
         tier_warps: int = 4,
         tier_chunk: int | None = None,
     ) -> None:
@@ -139,8 +146,8 @@ class DecodeWorkspace:
         or "auto" (cuda with the cuda scan, else torch). ``fused_select``: write the
         candidates and rerank them in one CUDA launch (``csrc/select_rerank.cu``) after
         the count pass; None: with the cuda scan. False: Triton write, then the rerank.
-        ``cuda_scan_warps``: warps per block of the CUDA scan (0: its default);
-        ``cuda_scan_pairs``: its (token, head)-pairs lane layout.
+        ``cuda_scan_warps``: warps per block of the CUDA scan (0: the kernel's own
+        default of 8); ``cuda_scan_pairs``: its (token, head)-pairs lane layout.
         ``tier_warps`` / ``tier_chunk``: launch shape of the query + tier kernel."""
         check_head_dim(head_dim)
         if num_q_heads % num_kv_heads:
