@@ -36,6 +36,33 @@ struct SignRow<8> {
 
 constexpr int UNROLL = 4;
 
+// Shared memory of a scan block: the request's tier table [H, B, 256], a zeroed score
+// histogram [H, nbp] and the run's KV slots [tpb]. Returns the run's length.
+template <int B>
+__device__ inline int stage_run(uint8_t* smem, const uint8_t* __restrict__ tiers,
+                                const int32_t* __restrict__ rtt, int64_t stride_rtt, int64_t req,
+                                int64_t len, int r, int64_t start, int H, int nbp, int tpb) {
+  const int HB = H * B;
+  int32_t* hist = reinterpret_cast<int32_t*>(smem + HB * 256);
+  int32_t* slots = hist + H * nbp;
+  const int n = static_cast<int>(min(start + tpb, len) - start);
+  const uint4* src = reinterpret_cast<const uint4*>(tiers + static_cast<int64_t>(r) * HB * 256);
+  for (int i = threadIdx.x; i < HB * 16; i += blockDim.x) reinterpret_cast<uint4*>(smem)[i] = src[i];
+  for (int i = threadIdx.x; i < H * nbp; i += blockDim.x) hist[i] = 0;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) slots[i] = rtt[req * stride_rtt + start + i];
+  __syncthreads();
+  return n;
+}
+
+// Adds the block's score histogram into the request's global one.
+__device__ inline void flush_hist(const int32_t* hist, int32_t* __restrict__ dst, int size) {
+  __syncthreads();
+  for (int i = threadIdx.x; i < size; i += blockDim.x) {
+    const int c = hist[i];
+    if (c) atomicAdd(&dst[i], c);
+  }
+}
+
 template <int B>
 __global__ void scan_kernel(const uint8_t* __restrict__ signs, const int32_t* __restrict__ rtt,
                             int64_t stride_rtt, const int32_t* __restrict__ req_idx,
@@ -45,22 +72,12 @@ __global__ void scan_kernel(const uint8_t* __restrict__ signs, const int32_t* __
                             int nbp, int tpb) {
   extern __shared__ __align__(16) uint8_t smem[];
   const int r = blockIdx.y;
-  const int64_t len = seq[r];
   const int64_t start = static_cast<int64_t>(blockIdx.x) * tpb;
-  if (start >= len) return;
-  const int HB = H * B;
+  if (start >= seq[r]) return;
   uint8_t* tbl = smem;
-  int32_t* hist = reinterpret_cast<int32_t*>(smem + HB * 256);
-  int32_t* slots = hist + H * nbp;
-
-  const int64_t req = req_idx[r];
-  const int64_t end = min(start + tpb, len);
-  const int n = static_cast<int>(end - start);
-  const uint4* src = reinterpret_cast<const uint4*>(tiers + static_cast<int64_t>(r) * HB * 256);
-  for (int i = threadIdx.x; i < HB * 16; i += blockDim.x) reinterpret_cast<uint4*>(tbl)[i] = src[i];
-  for (int i = threadIdx.x; i < H * nbp; i += blockDim.x) hist[i] = 0;
-  for (int i = threadIdx.x; i < n; i += blockDim.x) slots[i] = rtt[req * stride_rtt + start + i];
-  __syncthreads();
+  int32_t* hist = reinterpret_cast<int32_t*>(smem + H * B * 256);
+  const int32_t* slots = hist + H * nbp;
+  const int n = stage_run<B>(smem, tiers, rtt, stride_rtt, req_idx[r], seq[r], r, start, H, nbp, tpb);
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int groups = (blockDim.x >> 5) / H;
@@ -97,12 +114,7 @@ __global__ void scan_kernel(const uint8_t* __restrict__ signs, const int32_t* __
       }
     }
   }
-  __syncthreads();
-  int32_t* dst = shist + static_cast<int64_t>(r) * H * nbp;
-  for (int i = threadIdx.x; i < H * nbp; i += blockDim.x) {
-    const int c = hist[i];
-    if (c) atomicAdd(&dst[i], c);
-  }
+  flush_hist(hist, shist + static_cast<int64_t>(r) * H * nbp, H * nbp);
 }
 
 // Same contract, (token, head) pairs laid out along the lanes: lane l of a warp takes pair
@@ -119,22 +131,12 @@ __global__ void scan_pairs_kernel(const uint8_t* __restrict__ signs,
                                   int H, int nbp, int tpb) {
   extern __shared__ __align__(16) uint8_t smem[];
   const int r = blockIdx.y;
-  const int64_t len = seq[r];
   const int64_t start = static_cast<int64_t>(blockIdx.x) * tpb;
-  if (start >= len) return;
-  const int HB = H * B;
+  if (start >= seq[r]) return;
   uint8_t* tbl = smem;
-  int32_t* hist = reinterpret_cast<int32_t*>(smem + HB * 256);
-  int32_t* slots = hist + H * nbp;
-
-  const int64_t req = req_idx[r];
-  const int64_t end = min(start + tpb, len);
-  const int n = static_cast<int>(end - start);
-  const uint4* src = reinterpret_cast<const uint4*>(tiers + static_cast<int64_t>(r) * HB * 256);
-  for (int i = threadIdx.x; i < HB * 16; i += blockDim.x) reinterpret_cast<uint4*>(tbl)[i] = src[i];
-  for (int i = threadIdx.x; i < H * nbp; i += blockDim.x) hist[i] = 0;
-  for (int i = threadIdx.x; i < n; i += blockDim.x) slots[i] = rtt[req * stride_rtt + start + i];
-  __syncthreads();
+  int32_t* hist = reinterpret_cast<int32_t*>(smem + H * B * 256);
+  const int32_t* slots = hist + H * nbp;
+  const int n = stage_run<B>(smem, tiers, rtt, stride_rtt, req_idx[r], seq[r], r, start, H, nbp, tpb);
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int warps = blockDim.x >> 5;
@@ -171,12 +173,7 @@ __global__ void scan_pairs_kernel(const uint8_t* __restrict__ signs,
       }
     }
   }
-  __syncthreads();
-  int32_t* dst = shist + static_cast<int64_t>(r) * H * nbp;
-  for (int i = threadIdx.x; i < H * nbp; i += blockDim.x) {
-    const int c = hist[i];
-    if (c) atomicAdd(&dst[i], c);
-  }
+  flush_hist(hist, shist + static_cast<int64_t>(r) * H * nbp, H * nbp);
 }
 
 }  // namespace

@@ -4,14 +4,14 @@
 // (candidate, head): it loads the record's signs, packed magnitudes and fp16 weights with
 // vector loads (all independent, so many are in flight), and evaluates
 //   est = ||q|| * sum_b w_b * sum_j sign_bj * a[t_bj] * q_bj
-// with one shared-memory lookup per term in a per-(request, head) table
-//   T[b][j][sign * 8 + t] = (sign ? +1 : -1) * a[t] * q_bj   (B * 8 * 16 floats),
-// whose 16 entries for one (b, j) sit in 16 distinct banks: conflict-free.
+// with one shared-memory lookup per term in a per-(request, head) table (rerank_record.cuh).
 // Entries at or past a row's count C get -inf, so a top-k over the whole row is valid.
 
 #include <cstdint>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+
+#include "rerank_record.cuh"
 
 namespace {
 
@@ -31,12 +31,8 @@ __global__ void rerank_kernel(const int32_t* __restrict__ cand, const int64_t* _
     if (idx < cmax) out[idx] = -INFINITY;
     return;
   }
-  const float* q = qb + static_cast<int64_t>(row) * B * 8;
-  for (int i = threadIdx.x; i < B * 8 * 16; i += blockDim.x) {
-    const int bj = i >> 4, e = i & 15;
-    const float v = levels[e & 7] * q[bj];
-    table[i] = (e & 8) ? v : -v;
-  }
+  pariskv::build_rerank_table<B>(table, qb + static_cast<int64_t>(row) * B * 8, levels,
+                                  threadIdx.x, blockDim.x);
   __syncthreads();
   if (idx >= cmax) return;
   if (idx >= c) {
@@ -44,39 +40,7 @@ __global__ void rerank_kernel(const int32_t* __restrict__ cand, const int64_t* _
     return;
   }
   const int64_t rec = static_cast<int64_t>(cand[static_cast<int64_t>(row) * cmax + idx]) * H + h;
-  uint8_t s[B];
-  uint8_t m[3 * B];
-  __half w[B];
-  // Vector loads: signs B bytes, mags 3B bytes, weights 2B bytes (alignment: B, 3B and
-  // 2B times the row index, all multiples of 8 for B in {8, 16}).
-  if constexpr (B == 16) {
-    *reinterpret_cast<uint4*>(s) = *reinterpret_cast<const uint4*>(signs + rec * 16);
-#pragma unroll
-    for (int i = 0; i < 3; ++i)
-      reinterpret_cast<uint4*>(m)[i] = reinterpret_cast<const uint4*>(mags + rec * 48)[i];
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-      reinterpret_cast<uint4*>(w)[i] = reinterpret_cast<const uint4*>(weights + rec * 16)[i];
-  } else {
-    *reinterpret_cast<uint2*>(s) = *reinterpret_cast<const uint2*>(signs + rec * 8);
-#pragma unroll
-    for (int i = 0; i < 3; ++i)
-      reinterpret_cast<uint2*>(m)[i] = reinterpret_cast<const uint2*>(mags + rec * 24)[i];
-    *reinterpret_cast<uint4*>(w) = *reinterpret_cast<const uint4*>(weights + rec * 8);
-  }
-  float acc = 0.f;
-#pragma unroll
-  for (int b = 0; b < B; ++b) {
-    const uint32_t word = m[3 * b] | (m[3 * b + 1] << 8) | (m[3 * b + 2] << 16);
-    const uint32_t sg = s[b];
-    float dot = 0.f;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const uint32_t e = ((word >> (3 * j)) & 7u) | (((sg >> j) & 1u) << 3);
-      dot += table[(b * 8 + j) * 16 + e];
-    }
-    acc += __half2float(w[b]) * dot;
-  }
+  const float acc = pariskv::rerank_estimate<B>(signs, mags, weights, rec, table);
   out[idx] = acc * qn[row];
 }
 

@@ -13,15 +13,15 @@
 // is identical to the Triton path's. Each kept position's destination is its rank: the
 // chunk's base (the counts of the chunks before it, summed by the block) plus an
 // exclusive block scan of the per-thread counts. The kept (position, destination) pairs go
-// to a shared list, and the block then reranks them like csrc/rerank.cu did: one thread
-// per candidate, one shared-memory lookup per term in a per-row table
-//   T[b][j][sign * 8 + t] = (sign ? +1 : -1) * a[t] * q_bj,
-// est = ||q|| * sum_b w_b * sum_j T[b][j][...]. It writes the candidate's KV slot and its
-// estimate at the destination; estimates at and past the row's count C are -inf.
+// to a shared list, and the block then reranks them as csrc/rerank.cu does (one thread per
+// candidate, rerank_record.cuh). It writes the candidate's KV slot and its estimate at the
+// destination; estimates at and past the row's count C are -inf.
 
 #include <cstdint>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+
+#include "rerank_record.cuh"
 
 namespace {
 
@@ -67,12 +67,8 @@ __global__ void __launch_bounds__(THREADS)
   if (c <= 0 || start >= ze || start + CH <= zone_start) return;
 
   // The row's rerank table (independent of the selection below).
-  const float* q = qb + static_cast<int64_t>(row) * B * 8;
-  for (int i = tid; i < B * 8 * 16; i += THREADS) {
-    const int bj = i >> 4, e = i & 15;
-    const float v = levels[e & 7] * q[bj];
-    table[i] = (e & 8) ? v : -v;
-  }
+  pariskv::build_rerank_table<B>(table, qb + static_cast<int64_t>(row) * B * 8, levels, tid,
+                                  THREADS);
   if (tid == 0) n_list = 0;
 
   // This chunk's base: keys above / at s* in the chunks before it (packed: gt | eq << 32).
@@ -162,37 +158,7 @@ __global__ void __launch_bounds__(THREADS)
     const int dest = list_dest[i];
     const int32_t slot = rtt[req * stride_rtt + start + list_pos[i]];
     const int64_t rec = static_cast<int64_t>(slot) * H + h;
-    uint8_t s[B];
-    uint8_t m[3 * B];
-    __half w[B];
-    if constexpr (B == 16) {
-      *reinterpret_cast<uint4*>(s) = *reinterpret_cast<const uint4*>(signs + rec * 16);
-#pragma unroll
-      for (int j = 0; j < 3; ++j)
-        reinterpret_cast<uint4*>(m)[j] = reinterpret_cast<const uint4*>(mags + rec * 48)[j];
-#pragma unroll
-      for (int j = 0; j < 2; ++j)
-        reinterpret_cast<uint4*>(w)[j] = reinterpret_cast<const uint4*>(weights + rec * 16)[j];
-    } else {
-      *reinterpret_cast<uint2*>(s) = *reinterpret_cast<const uint2*>(signs + rec * 8);
-#pragma unroll
-      for (int j = 0; j < 3; ++j)
-        reinterpret_cast<uint2*>(m)[j] = reinterpret_cast<const uint2*>(mags + rec * 24)[j];
-      *reinterpret_cast<uint4*>(w) = *reinterpret_cast<const uint4*>(weights + rec * 8);
-    }
-    float acc = 0.f;
-#pragma unroll
-    for (int b = 0; b < B; ++b) {
-      const uint32_t word = m[3 * b] | (m[3 * b + 1] << 8) | (m[3 * b + 2] << 16);
-      const uint32_t sg = s[b];
-      float dot = 0.f;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const uint32_t e = ((word >> (3 * j)) & 7u) | (((sg >> j) & 1u) << 3);
-        dot += table[(b * 8 + j) * 16 + e];
-      }
-      acc += __half2float(w[b]) * dot;
-    }
+    const float acc = pariskv::rerank_estimate<B>(signs, mags, weights, rec, table);
     out_cand[dest] = slot;
     out_est[dest] = acc * norm;
   }

@@ -3,7 +3,7 @@ are the fallbacks.
 
 Each CUDA source is compiled on first use with plain ``nvcc`` into a shared library (no
 torch headers, so seconds rather than a minute) cached under
-``~/.cache/sglang_pariskv/<source hash>/``, and called through ctypes on the current
+``~/.cache/sglang_pariskv/<hash of the source and the csrc/ headers>/``, and called through ctypes on the current
 stream (CUDA-graph capturable). Anything that stops that (no nvcc, no source file,
 compile error) makes :func:`cuda_available` false and callers use the Triton kernels.
 """
@@ -51,7 +51,7 @@ def _library(name: str) -> ctypes.CDLL | None:
             name,
         )
         return None
-    src = source.read_bytes()
+    src = source.read_bytes() + b"".join(h.read_bytes() for h in sorted(CSRC.glob("*.cuh")))
     major, minor = torch.cuda.get_device_capability()
     arch = f"{major}{minor}"
     tag = hashlib.sha256(src + arch.encode()).hexdigest()[:16]
