@@ -3,9 +3,10 @@ are the fallbacks.
 
 Each CUDA source is compiled on first use with plain ``nvcc`` into a shared library (no
 torch headers, so seconds rather than a minute) cached under
-``~/.cache/sglang_pariskv/<hash of the source and the csrc/ headers>/``, and called through ctypes on the current
-stream (CUDA-graph capturable). Anything that stops that (no nvcc, no source file,
-compile error) makes :func:`cuda_available` false and callers use the Triton kernels.
+``~/.cache/sglang_pariskv/<hash of the source and the csrc/ headers>/``, and called
+through ctypes on the current stream (CUDA-graph capturable). Anything that stops that (no
+nvcc, no source file, compile error) makes :func:`cuda_available` false and callers use
+the Triton kernels.
 """
 
 from __future__ import annotations
@@ -95,6 +96,13 @@ def _library(name: str) -> ctypes.CDLL | None:
     return dll
 
 
+def _require_dtypes(op: str, **tensors: tuple[torch.Tensor, torch.dtype]) -> None:
+    """The ctypes calls pass raw pointers: a wrong dtype would be read as garbage."""
+    for name, (t, dt) in tensors.items():
+        if t.dtype != dt:
+            raise TypeError(f"{op}: {name} must be {dt}, got {t.dtype}")
+
+
 def cuda_available() -> bool:
     """Every CUDA kernel built (or already cached) for this GPU."""
     names = ("collision_scan", "rerank", "select_rerank", "topk")
@@ -124,14 +132,13 @@ def collision_scan_cuda(
         raise RuntimeError("the CUDA collision scan is unavailable (no nvcc or no source)")
     _, h, b = signs.shape
     r, _, nmax = scores.shape
-    for name, t, dt in (
-        ("req_to_token", req_to_token, torch.int32),
-        ("req_pool_indices", req_pool_indices, torch.int32),
-        ("seq_lens", seq_lens, torch.int64),
-        ("zone_end", zone_end, torch.int64),
-    ):
-        if t.dtype != dt:
-            raise TypeError(f"collision_scan_cuda: {name} must be {dt}, got {t.dtype}")
+    _require_dtypes(
+        "collision_scan_cuda",
+        req_to_token=(req_to_token, torch.int32),
+        req_pool_indices=(req_pool_indices, torch.int32),
+        seq_lens=(seq_lens, torch.int64),
+        zone_end=(zone_end, torch.int64),
+    )
     rc = lib.pariskv_collision_scan(
         signs.data_ptr(),
         req_to_token.data_ptr(),
@@ -172,8 +179,7 @@ def rerank_cuda(
     lib = _library("rerank")
     if lib is None:
         raise RuntimeError("the CUDA rerank is unavailable (no nvcc or no source)")
-    if counts.dtype != torch.int64 or cand.dtype != torch.int32:
-        raise TypeError("rerank_cuda: counts must be int64 and cand int32")
+    _require_dtypes("rerank_cuda", counts=(counts, torch.int64), cand=(cand, torch.int32))
     r, h, cmax = cand.shape
     rc = lib.pariskv_rerank(
         cand.data_ptr(),
@@ -219,16 +225,15 @@ def select_rerank_cuda(
     lib = _library("select_rerank")
     if lib is None:
         raise RuntimeError("the CUDA candidate write + rerank is unavailable (no nvcc)")
-    for name, t, dt in (
-        ("counts", counts, torch.int64),
-        ("zone_end", zone_end, torch.int64),
-        ("req_to_token", req_to_token, torch.int32),
-        ("req_pool_indices", req_pool_indices, torch.int32),
-        ("cand", cand, torch.int32),
-        ("est", est, torch.float32),
-    ):
-        if t.dtype != dt:
-            raise TypeError(f"select_rerank_cuda: {name} must be {dt}, got {t.dtype}")
+    _require_dtypes(
+        "select_rerank_cuda",
+        counts=(counts, torch.int64),
+        zone_end=(zone_end, torch.int64),
+        req_to_token=(req_to_token, torch.int32),
+        req_pool_indices=(req_pool_indices, torch.int32),
+        cand=(cand, torch.int32),
+        est=(est, torch.float32),
+    )
     r, h, nmax = scores.shape
     rc = lib.pariskv_select_rerank(
         scores.data_ptr(),

@@ -81,7 +81,6 @@ def query_tier_table(
     tiers_out: torch.Tensor,
     score_hist: torch.Tensor,
     chunk: int | None = None,
-    num_warps: int = 4,
 ) -> None:
     """q ``[R, Hq, D]`` (last dim contiguous) -> ``query_out`` (blocks fp32 [R, Hkv, B, 8],
     norm fp32 [R, Hkv]), ``tiers_out`` uint8 [R, Hkv, B, 256], and ``score_hist`` int32
@@ -117,5 +116,5 @@ def query_tier_table(
         NTP=max(triton.next_power_of_2(nt), 2),
         NBP=nbp,
         CHUNK=chunk,
-        num_warps=num_warps,
+        num_warps=4,
     )

@@ -135,8 +135,6 @@ class DecodeWorkspace:
         fused_select: bool | None = None,
         cuda_scan_warps: int = CUDA_SCAN_WARPS,
         cuda_scan_pairs: bool = CUDA_SCAN_PAIRS,
-        tier_warps: int = 4,
-        tier_chunk: int | None = None,
     ) -> None:
         """``scan_variant``: "cuda" (csrc/ kernels for the scan and the rerank), "load" or
         "gather" (Triton scan variants, Triton rerank), or "auto" (cuda where it builds).
@@ -147,8 +145,7 @@ class DecodeWorkspace:
         candidates and rerank them in one CUDA launch (``csrc/select_rerank.cu``) after
         the count pass; None: with the cuda scan. False: Triton write, then the rerank.
         ``cuda_scan_warps``: warps per block of the CUDA scan (0: the kernel's own
-        default of 8); ``cuda_scan_pairs``: its (token, head)-pairs lane layout.
-        ``tier_warps`` / ``tier_chunk``: launch shape of the query + tier kernel."""
+        default of 8); ``cuda_scan_pairs``: its (token, head)-pairs lane layout."""
         check_head_dim(head_dim)
         if num_q_heads % num_kv_heads:
             raise ValueError(f"{num_q_heads} query heads over {num_kv_heads} KV heads")
@@ -174,7 +171,6 @@ class DecodeWorkspace:
             raise ValueError(f"fused_select needs chunk={SELECT_RERANK_CHUNK}, got {chunk}")
         self.fused_select = fused_select
         self.cuda_scan_warps, self.cuda_scan_pairs = cuda_scan_warps, cuda_scan_pairs
-        self.tier_warps, self.tier_chunk = tier_warps, tier_chunk
         self.cuda_tpb = cuda_tokens_per_block  # None: scan_tokens_per_block per batch
         self.num_sms = (
             torch.cuda.get_device_properties(self.device).multi_processor_count
@@ -327,8 +323,6 @@ class DecodeWorkspace:
             st.query,
             st.tiers,
             st.score_hist,
-            self.tier_chunk,
-            self.tier_warps,
         )
 
     def _stage_scan(self) -> None:
