@@ -54,6 +54,19 @@ __device__ inline int stage_run(uint8_t* smem, const uint8_t* __restrict__ tiers
   return n;
 }
 
+// One key's score: the sum over its B blocks of the tier of its sign pattern, looked up in
+// its head's tier column `col` ([B, 256] bytes of shared memory).
+template <int B>
+__device__ __forceinline__ int key_score(const typename SignRow<B>::T& v, const uint8_t* col) {
+  int s = 0;
+#pragma unroll
+  for (int b = 0; b < B; ++b) {
+    const uint32_t id = (SignRow<B>::word(v, b >> 2) >> ((b & 3) * 8)) & 0xFFu;
+    s += col[b * 256 + id];
+  }
+  return s;
+}
+
 // Adds the block's score histogram into the request's global one.
 __device__ inline void flush_hist(const int32_t* hist, int32_t* __restrict__ dst, int size) {
   __syncthreads();
@@ -102,12 +115,7 @@ __global__ void scan_kernel(const uint8_t* __restrict__ signs, const int32_t* __
     for (int u = 0; u < UNROLL; ++u) {
       const int i = base + u * 32 + lane;
       if (i < n) {
-        int s = 0;
-#pragma unroll
-        for (int b = 0; b < B; ++b) {
-          const uint32_t id = (SignRow<B>::word(v[u], b >> 2) >> ((b & 3) * 8)) & 0xFFu;
-          s += col[b * 256 + id];
-        }
+        const int s = key_score<B>(v[u], col);
         out[i] = static_cast<uint8_t>(s);
         const int64_t pos = start + i;
         if (pos >= zone_start && pos < ze) atomicAdd(&hh[s], 1);
@@ -160,13 +168,7 @@ __global__ void scan_pairs_kernel(const uint8_t* __restrict__ signs,
       const int p = base + u * 32 + lane;
       if (p < total) {
         const int t = p / H, h = p - t * H;
-        const uint8_t* col = tbl + h * B * 256;
-        int s = 0;
-#pragma unroll
-        for (int b = 0; b < B; ++b) {
-          const uint32_t id = (SignRow<B>::word(v[u], b >> 2) >> ((b & 3) * 8)) & 0xFFu;
-          s += col[b * 256 + id];
-        }
+        const int s = key_score<B>(v[u], tbl + h * B * 256);
         out[static_cast<int64_t>(h) * nmax + t] = static_cast<uint8_t>(s);
         const int64_t pos = start + t;
         if (pos >= zone_start && pos < ze) atomicAdd(&hist[h * nbp + s], 1);
@@ -184,7 +186,8 @@ extern "C" int pariskv_collision_scan(const void* signs, const void* rtt, int64_
                                       int64_t zone_start, int64_t nmax, int R, int H, int B,
                                       int nbp, int tpb, int warps, int pairs, void* stream) {
   if (R == 0) return 0;
-  // warps: a multiple of H (each warp scans one head); 0 picks 8 (or H when H > 8).
+  // warps: a multiple of H unless pairs (a warp then scans one head); 0 picks 8 (or H
+  // when H > 8).
   if (warps <= 0) warps = (H <= 8 && 8 % H == 0) ? 8 : H;
   if ((!pairs && warps % H != 0) || warps * 32 > 1024) return -1;
   const size_t smem = static_cast<size_t>(H) * B * 256 + static_cast<size_t>(H) * nbp * 4 +

@@ -94,7 +94,16 @@ __global__ void __launch_bounds__(THREADS)
     const int64_t i = tid + static_cast<int64_t>(j) * THREADS;
     kc[j] = i < c ? order_key(e[i]) : 0u;
   }
-  const int64_t rest = static_cast<int64_t>(CACHED) * THREADS + tid;
+  // Visits this thread's keys (key, index in the row): the cached ones, then the rest.
+  const auto for_each_key = [&](auto&& visit) {
+#pragma unroll
+    for (int j = 0; j < CACHED; ++j) {
+      const int64_t i = tid + static_cast<int64_t>(j) * THREADS;
+      if (i < c) visit(kc[j], i);
+    }
+    for (int64_t i = static_cast<int64_t>(CACHED) * THREADS + tid; i < c; i += THREADS)
+      visit(order_key(e[i]), i);
+  };
   uint32_t prefix = 0, mask = 0;
   int need = kk;
   for (int pass = 0; pass < 3; ++pass) {
@@ -102,15 +111,9 @@ __global__ void __launch_bounds__(THREADS)
     const int nb = pass == 2 ? 1024 : 2048;
     for (int i = tid; i < nb; i += THREADS) hist[i] = 0;
     __syncthreads();
-#pragma unroll
-    for (int j = 0; j < CACHED; ++j) {
-      const int64_t i = tid + static_cast<int64_t>(j) * THREADS;
-      if (i < c && (kc[j] & mask) == prefix) atomicAdd(&hist[(kc[j] >> shift) & (nb - 1)], 1);
-    }
-    for (int64_t i = rest; i < c; i += THREADS) {
-      const uint32_t key = order_key(e[i]);
+    for_each_key([&](uint32_t key, int64_t) {
       if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & (nb - 1)], 1);
-    }
+    });
     __syncthreads();
     find_bin(hist, nb, need, warp_suf, &sel_bin, &sel_above);
     prefix |= static_cast<uint32_t>(sel_bin) << shift;
@@ -124,26 +127,14 @@ __global__ void __launch_bounds__(THREADS)
   }
   __syncthreads();
   const int n_gt = kk - need;  // keys strictly above the threshold key `prefix`
-#pragma unroll
-  for (int j = 0; j < CACHED; ++j) {
-    const int64_t i = tid + static_cast<int64_t>(j) * THREADS;
-    if (i >= c) continue;
-    if (kc[j] > prefix) {
-      o[atomicAdd(&cnt_gt, 1)] = cd[i];
-    } else if (kc[j] == prefix) {
-      const int t = atomicAdd(&cnt_eq, 1);
-      if (t < need) o[n_gt + t] = cd[i];
-    }
-  }
-  for (int64_t i = rest; i < c; i += THREADS) {
-    const uint32_t key = order_key(e[i]);
+  for_each_key([&](uint32_t key, int64_t i) {
     if (key > prefix) {
       o[atomicAdd(&cnt_gt, 1)] = cd[i];
     } else if (key == prefix) {
       const int t = atomicAdd(&cnt_eq, 1);
       if (t < need) o[n_gt + t] = cd[i];
     }
-  }
+  });
 }
 
 }  // namespace
