@@ -1,7 +1,7 @@
 """Decode retrieval per layer, launch variants side by side: the same inputs, the same run.
 
-Each variant is a set of ``DecodeWorkspace`` keyword arguments (fused candidate write +
-rerank, CUDA-scan warps and run length, query/tier kernel warps). For every (N, batch)
+Each variant is a set of ``DecodeWorkspace`` keyword arguments (which kernel does the
+query + tier table, how many blocks share each top-k row). For every (N, batch)
 case each variant's whole ``DecodeWorkspace.run`` is captured in a CUDA graph and timed
 (``triton.testing.do_bench`` median, L2 flushed before each repetition, as in
 bench_kernels.py), with each stage also timed alone; the retrieved index set of every
@@ -25,16 +25,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_kernels as bk  # noqa: E402
 
-#: name -> DecodeWorkspace keyword arguments; the first is the reference.
+#: name -> DecodeWorkspace keyword arguments; the first is the reference. Session 7's
+#: variants (fused write + rerank, scan warps and lane layout) are in
+#: results/retrieval_variants_session7.json; its winner is the "session7" row here (with
+#: this session's top-k code at cluster 1, which is session 7's single-block kernel).
 VARIANTS = {
-    "session6": dict(fused_select=False, cuda_scan_warps=0, cuda_scan_pairs=False),
-    "fused": dict(fused_select=True, cuda_scan_warps=0, cuda_scan_pairs=False),
-    "fused_scan16w": dict(fused_select=True, cuda_scan_warps=16, cuda_scan_pairs=False),
-    "fused_pairs": dict(fused_select=True, cuda_scan_warps=0, cuda_scan_pairs=True),
-    "fused_pairs16w": dict(fused_select=True, cuda_scan_pairs=True, cuda_scan_warps=16),
-    "fused_pairs16w_tpb1024": dict(
-        fused_select=True, cuda_scan_pairs=True, cuda_scan_warps=16, cuda_tokens_per_block=1024
-    ),
+    "session7": dict(cuda_query_tiers=False, cuda_topk_cluster=1),
+    "cuda_query_tiers": dict(cuda_query_tiers=True, cuda_topk_cluster=1),
+    "topk_cluster4": dict(cuda_query_tiers=False, cuda_topk_cluster=4),
+    "topk_cluster8": dict(cuda_query_tiers=False, cuda_topk_cluster=8),
+    "session8": dict(),  # the defaults: CUDA query + tiers, 8-block top-k clusters
 }
 
 

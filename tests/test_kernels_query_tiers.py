@@ -1,5 +1,6 @@
-"""Fused query prep + tier table + score-histogram reset, against its oracles: the codec's
-query prep (float64 torch) and the codec's tier rule applied to the blocks it wrote."""
+"""Fused query prep + tier table + score-histogram reset (the Triton kernel, and its CUDA
+twin csrc/query_tiers.cu on the GPU), against its oracles: the codec's query prep (float64
+torch) and the codec's tier rule applied to the blocks it wrote."""
 
 import os
 
@@ -46,3 +47,52 @@ def test_fused_query_tiers_match_codec(hq, hkv, d):
     # The tiers are exactly the codec's rule over the blocks the kernel wrote.
     assert torch.equal(tiers.cpu().long(), centroid_tiers(out.blocks.cpu(), hist[rpi.long()], thr))
     assert not shist.any()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "hq, hkv, d, dtype, ties",
+    [
+        (32, 8, 128, torch.bfloat16, False),  # the Llama-3.1-8B shape
+        (9, 3, 64, torch.float16, False),  # SmolLM2's shape, G = 3
+        (4, 2, 64, torch.float32, True),  # zeros and repeated values: score ties
+        (8, 8, 32, torch.bfloat16, True),
+    ],
+)
+def test_cuda_query_tiers_match_codec(cuda_device, hq, hkv, d, dtype, ties):
+    from sglang_pariskv.kernels.cuda_ops import query_tier_table_cuda
+
+    gen = torch.Generator().manual_seed(hq * d + ties)
+    r, b, nbp = 3, d // 8, 97
+    cfg = ParisKVConfig()
+    if ties:  # identity rotation, coordinates in {0, +-1, +-2}: many equal scores
+        q = torch.randint(-2, 3, (r, hq, d), generator=gen).to(dtype)
+        rot = torch.eye(d, device=cuda_device)
+    else:
+        q = torch.randn(r, hq, d, generator=gen).to(dtype)
+        rot = rotation_matrix(d, cfg.rotation_seed, torch.float32, cuda_device)
+    hist = (torch.rand(5, hkv, b, 256, generator=gen) ** 4 * 100).to(torch.int32)
+    rpi = torch.tensor([4, 0, 2], dtype=torch.int32)
+    n = hist[rpi.long(), 0, 0].sum(-1)
+    thr = tier_thresholds(n, torch.full((r,), 0.2), cfg).contiguous()
+    out = PreparedQuery(
+        blocks=torch.full((r, hkv, b, 8), float("nan"), device=cuda_device),
+        norm=torch.full((r, hkv), float("nan"), device=cuda_device),
+    )
+    tiers = torch.full((r, hkv, b, 256), 99, dtype=torch.uint8, device=cuda_device)
+    shist = torch.full((r, hkv, nbp), 7, dtype=torch.int32, device=cuda_device)
+    dev = dict(device=cuda_device)
+    query_tier_table_cuda(
+        q.to(**dev), rot, hist.to(**dev), rpi.to(**dev), thr.to(**dev), out, tiers, shist
+    )
+    torch.cuda.synchronize()
+    mean = q.double().reshape(r, hkv, hq // hkv, d).mean(2)
+    norm = mean.norm(dim=-1)
+    want = (mean / norm[..., None]) @ rot.cpu().double().T
+    torch.testing.assert_close(out.blocks.cpu().double().flatten(2), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.norm.cpu().double(), norm, atol=1e-5, rtol=1e-5)
+    got = tiers.cpu().long()
+    assert torch.equal(got, centroid_tiers(out.blocks.cpu(), hist[rpi.long()], thr))
+    assert not shist.any()
+    if ties:  # the case exercises the tie rule: some block has equal centroid scores
+        assert got.unique().numel() > 1

@@ -95,7 +95,7 @@ def test_matches_the_cuda_top_k_at_one_million_candidates(cuda_device):
     counts = torch.tensor([cmax, 60000], device=cuda_device)
     cand, out = run(est, counts, k)
     ref = torch.full_like(out, -7)
-    topk_cuda(est, cand, counts, ref)
+    topk_cuda(est, cand, counts, ref, cluster=8)
     for i in range(r):
         c = int(counts[i])
         for j in range(h):

@@ -103,22 +103,29 @@ def test_rerank_at_scale(cuda_device, cuda, d):
 
 
 @pytest.mark.gpu
-def test_cuda_topk_matches_torch_topk(cuda_device):
+@pytest.mark.parametrize("cluster", [1, 2, 8])
+def test_cuda_topk_matches_torch_topk(cuda_device, cluster):
     from sglang_pariskv.kernels.cuda_ops import topk_cuda
 
-    r, h, cmax, k = 3, 8, 20000, 2048
+    # Row 0 is longer than the registers of one block (16 x 1024 keys) and of an 8-block
+    # cluster (8 x 1024 x 8): the tail is re-read.
+    r, h, cmax, k = 3, 4, 70000, 2048
     est = torch.randn(r, h, cmax, device=cuda_device)
-    est[0, 0, :500] = 1.5  # a block of exact ties straddling the threshold
-    counts = torch.tensor([20000, 9000, 1000], device=cuda_device)
+    est[0, 0, :500] = 1.5  # a block of exact ties, all above the threshold
+    est[0, 1, :3000] = est[0, 1].topk(1500).values[-1]  # 3000 ties straddling the cut
+    counts = torch.tensor([70000, 9000, 1000], device=cuda_device)
     valid = torch.arange(cmax, device=cuda_device) < counts[:, None, None]
     est = torch.where(valid, est, float("-inf"))
     cand = torch.randperm(10**6, device=cuda_device)[: r * h * cmax].view(r, h, cmax).int()
-    out = torch.full((r, h, k), -1, dtype=torch.int32, device=cuda_device)
-    topk_cuda(est, cand, counts, out)
+    flat = torch.full((r * h * k + 64,), -1, dtype=torch.int32, device=cuda_device)
+    out = flat[: r * h * k].view(r, h, k)
+    topk_cuda(est, cand, counts, out, cluster)
+    assert (flat[r * h * k :] == -1).all()  # nothing past the last row
     want = topk_slots(est, cand, k)
     for i in range(r):
         n = min(k, int(counts[i]))
         for j in range(h):
+            assert (out[i, j, n:] == -1).all()  # nothing past min(k, C)
             got = out[i, j, :n].sort().values
             assert len(set(got.tolist())) == n
             kth = est[i, j].topk(n).values[-1]
@@ -126,5 +133,5 @@ def test_cuda_topk_matches_torch_topk(cuda_device):
             assert strictly <= set(got.tolist())  # everything above the k-th value is in
             at = set(cand[i, j][est[i, j] == kth].tolist())
             assert set(got.tolist()) <= strictly | at
-            if n == k and i == 1:
+            if n == k and (i, j) != (0, 1):
                 assert torch.equal(got, want[i, j].sort().values)

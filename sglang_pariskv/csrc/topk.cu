@@ -1,18 +1,31 @@
 // ParisKV final top-k (CUDA): the k best rerank estimates of each (request, head) row.
 //
-// Replaces torch.topk (several launches, ~40 us of fixed cost) with one block per row:
-// a 3-pass radix select on order-preserving uint32 keys of the float estimates (11, 11
-// and 10 bits; shared-memory histograms, the target bin found by a block-wide suffix
-// scan), then one compaction pass that writes the winners' KV slots. Each thread keeps up
-// to 16 keys in registers (rows up to 16K candidates are read once); longer rows re-read
-// the rest from L2, where the rerank just wrote them. Among keys equal to
-// the threshold, which ones are taken is arbitrary (set semantics; ties between float32
-// estimates are measure-zero events). Tried and dropped: warp-aggregated histogram atomics
-// (__match_any_sync), slower on the H100 (43 vs 30 us per layer at 128K x 1, 222 vs 146 us
-// at 1M x 1, bench_kernels.py, session 6): shared-atomic contention is not what costs here.
+// Replaces torch.topk (several launches, ~40 us of fixed cost) with one thread-block
+// cluster per row: a 3-pass radix select on order-preserving uint32 keys of the float
+// estimates (11, 11 and 10 bits; shared-memory histograms, the target bin found by a
+// block-wide suffix scan), then one compaction pass that writes the winners' KV slots.
+//
+// Why clusters: with one block per row, a decode batch has only R x Hkv blocks (16 at
+// 128K x 2), so the select ran on 16 of 132 SMs, issue-latency bound (ncu: 18.7 us,
+// 0.4 instructions per scheduler per cycle). A cluster of `ncl` blocks (Hopper thread
+// block clusters) splits the row's keys; each block histograms its share into its own
+// shared memory and, after a cluster barrier, sums the ncl histograms through
+// distributed shared memory, so every block finds the same target bin. The compaction
+// reserves each block's output range with one atomic on the leader block's counters.
+// ncl = 1 is the single-block kernel.
+//
+// Each thread keeps up to 16 keys in registers (rows up to 16K x ncl candidates are read
+// once); longer rows re-read the rest from L2, where the rerank just wrote them. Among
+// keys equal to the threshold, which ones are taken is arbitrary (set semantics; ties
+// between float32 estimates are measure-zero events). Tried and dropped: warp-aggregated
+// histogram atomics (__match_any_sync), slower on the H100 (43 vs 30 us per layer at 128K
+// x 1, 222 vs 146 us at 1M x 1, bench_kernels.py, session 6).
 
+#include <cooperative_groups.h>
 #include <cstdint>
 #include <cuda_runtime.h>
+
+namespace cg = cooperative_groups;
 
 namespace {
 
@@ -23,7 +36,6 @@ __device__ __forceinline__ uint32_t order_key(float f) {
 
 constexpr int THREADS = 1024;
 constexpr int WARPS = THREADS / 32;
-constexpr int CACHED = 16;  // keys per thread kept in registers: rows of up to 16K read once
 
 // Finds the bin holding the `need`-th largest key: every thread owns nb / THREADS adjacent
 // bins, a block-wide suffix scan of their sums (warp shuffles, then the warp totals)
@@ -72,38 +84,79 @@ __device__ __forceinline__ void find_bin(const int* hist, int nb, int need, int*
   __syncthreads();
 }
 
+// Exclusive prefix over the block's threads of v (and the block total, in *total).
+__device__ __forceinline__ uint64_t block_exclusive_scan(uint64_t v, uint64_t* warp_tmp,
+                                                         uint64_t* total) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  uint64_t incl = v;
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const uint64_t y = __shfl_up_sync(0xffffffffu, incl, off);
+    if (lane >= off) incl += y;
+  }
+  if (lane == 31) warp_tmp[warp] = incl;
+  __syncthreads();
+  if (warp == 0) {
+    const uint64_t w = warp_tmp[lane];
+    uint64_t x = w;
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+      const uint64_t y = __shfl_up_sync(0xffffffffu, x, off);
+      if (lane >= off) x += y;
+    }
+    __syncwarp();
+    warp_tmp[lane] = x - w;  // exclusive prefix of the warps
+    if (lane == 31) *total = x;
+  }
+  __syncthreads();
+  return incl - v + warp_tmp[warp];
+}
+
+// CACHED: keys per thread kept in registers (rows of up to CACHED x 1024 x ncl keys are
+// read once).
+template <int CACHED>
 __global__ void __launch_bounds__(THREADS)
     topk_kernel(const float* __restrict__ est, const int32_t* __restrict__ cand,
                 const int64_t* __restrict__ counts, int32_t* __restrict__ out, int64_t cmax,
                 int k, int H) {
-  __shared__ int hist[2048];
+  __shared__ int hist[2048];    // this block's share
+  __shared__ int merged[2048];  // the cluster's sum
   __shared__ int warp_suf[WARPS];
-  __shared__ int sel_bin, sel_above, cnt_gt, cnt_eq;
-  const int row = blockIdx.x;
+  __shared__ uint64_t warp_tmp[WARPS];
+  __shared__ int sel_bin, sel_above;
+  // Packed (keys above the threshold) | (keys at it) << 32: this block's total, the
+  // leader's count of output positions reserved so far, and this block's reservation.
+  __shared__ uint64_t block_total, row_cnt, block_base;
+  cg::cluster_group cluster = cg::this_cluster();
+  const int ncl = static_cast<int>(cluster.num_blocks());
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int row = blockIdx.x / ncl;
   const int64_t c = counts[row / H];
   const int kk = static_cast<int>(min(static_cast<int64_t>(k), c));
-  if (kk <= 0) return;
+  if (kk <= 0) return;  // the whole cluster returns: the row is the cluster's
   const float* e = est + static_cast<int64_t>(row) * cmax;
   const int32_t* cd = cand + static_cast<int64_t>(row) * cmax;
   int32_t* o = out + static_cast<int64_t>(row) * k;
   const int tid = threadIdx.x;
-  // Keys i = tid + j * THREADS (j < CACHED) live in registers; the rest are re-read.
+  const int64_t first = static_cast<int64_t>(rank) * THREADS + tid;
+  const int64_t stride = static_cast<int64_t>(ncl) * THREADS;
+  // Keys i = first + j * stride (j < CACHED) live in registers; the rest are re-read.
   uint32_t kc[CACHED];
 #pragma unroll
   for (int j = 0; j < CACHED; ++j) {
-    const int64_t i = tid + static_cast<int64_t>(j) * THREADS;
+    const int64_t i = first + j * stride;
     kc[j] = i < c ? order_key(e[i]) : 0u;
   }
   // Visits this thread's keys (key, index in the row): the cached ones, then the rest.
   const auto for_each_key = [&](auto&& visit) {
 #pragma unroll
     for (int j = 0; j < CACHED; ++j) {
-      const int64_t i = tid + static_cast<int64_t>(j) * THREADS;
+      const int64_t i = first + j * stride;
       if (i < c) visit(kc[j], i);
     }
-    for (int64_t i = static_cast<int64_t>(CACHED) * THREADS + tid; i < c; i += THREADS)
-      visit(order_key(e[i]), i);
+    for (int64_t i = first + CACHED * stride; i < c; i += stride) visit(order_key(e[i]), i);
   };
+  if (tid == 0) row_cnt = 0;
   uint32_t prefix = 0, mask = 0;
   int need = kk;
   for (int pass = 0; pass < 3; ++pass) {
@@ -114,36 +167,67 @@ __global__ void __launch_bounds__(THREADS)
     for_each_key([&](uint32_t key, int64_t) {
       if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & (nb - 1)], 1);
     });
-    __syncthreads();
-    find_bin(hist, nb, need, warp_suf, &sel_bin, &sel_above);
+    cluster.sync();  // every block's share is complete
+    for (int i = tid; i < nb; i += THREADS) {
+      int s = 0;
+      for (int q = 0; q < ncl; ++q) s += cluster.map_shared_rank(hist, q)[i];
+      merged[i] = s;
+    }
+    cluster.sync();  // no block reads a share any more: the next pass may reset it
+    find_bin(merged, nb, need, warp_suf, &sel_bin, &sel_above);
     prefix |= static_cast<uint32_t>(sel_bin) << shift;
     mask |= static_cast<uint32_t>(nb - 1) << shift;
     need -= sel_above;
     __syncthreads();
   }
+  // Compaction: keys above the threshold key `prefix` (all kk - need of them are taken),
+  // then keys equal to it while the cluster's count of them stays below `need`.
+  uint64_t mine = 0;
+  for_each_key([&](uint32_t key, int64_t) {
+    mine += key > prefix ? 1ull : static_cast<uint64_t>(key == prefix) << 32;
+  });
+  uint64_t at = block_exclusive_scan(mine, warp_tmp, &block_total);
   if (tid == 0) {
-    cnt_gt = 0;
-    cnt_eq = 0;
+    auto* leader = reinterpret_cast<unsigned long long*>(cluster.map_shared_rank(&row_cnt, 0));
+    block_base = atomicAdd(leader, static_cast<unsigned long long>(block_total));
   }
-  __syncthreads();
-  const int n_gt = kk - need;  // keys strictly above the threshold key `prefix`
+  cluster.sync();  // reservations done (and the leader outlives every remote atomic)
+  at += block_base;
+  const int n_gt = kk - need;
+  int64_t gt_at = static_cast<int64_t>(at & 0xFFFFFFFFull);
+  int64_t eq_at = static_cast<int64_t>(at >> 32);
   for_each_key([&](uint32_t key, int64_t i) {
     if (key > prefix) {
-      o[atomicAdd(&cnt_gt, 1)] = cd[i];
+      o[gt_at++] = cd[i];
     } else if (key == prefix) {
-      const int t = atomicAdd(&cnt_eq, 1);
-      if (t < need) o[n_gt + t] = cd[i];
+      if (eq_at < need) o[n_gt + eq_at] = cd[i];
+      ++eq_at;
     }
   });
 }
 
 }  // namespace
 
+// cluster: blocks per row (1, 2, 4 or 8: the portable cluster sizes).
 extern "C" int pariskv_topk(const void* est, const void* cand, const void* counts, void* out,
-                            int64_t cmax, int k, int R, int H, void* stream) {
+                            int64_t cmax, int k, int R, int H, int cluster, void* stream) {
   if (R == 0 || k == 0) return 0;
-  topk_kernel<<<R * H, THREADS, 0, static_cast<cudaStream_t>(stream)>>>(
-      static_cast<const float*>(est), static_cast<const int32_t*>(cand),
+  if (cluster != 1 && cluster != 2 && cluster != 4 && cluster != 8) return -2;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(R * H * cluster));
+  cfg.blockDim = dim3(THREADS);
+  cfg.stream = static_cast<cudaStream_t>(stream);
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = static_cast<unsigned>(cluster);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  // Single blocks cache 16 keys per thread (64 registers, a little spill); cluster blocks
+  // hold a share of the row and cache 8 (no spill).
+  const cudaError_t err = cudaLaunchKernelEx(
+      &cfg, cluster == 1 ? topk_kernel<16> : topk_kernel<8>, static_cast<const float*>(est), static_cast<const int32_t*>(cand),
       static_cast<const int64_t*>(counts), static_cast<int32_t*>(out), cmax, k, H);
-  return static_cast<int>(cudaGetLastError());
+  return static_cast<int>(err != cudaSuccess ? err : cudaGetLastError());
 }

@@ -1,5 +1,5 @@
-"""Loader of the CUDA kernels under csrc/ (collision scan, rerank, top-k); Triton / torch
-are the fallbacks.
+"""Loader of the CUDA kernels under csrc/ (query + tier table, collision scan, rerank,
+top-k); Triton / torch are the fallbacks.
 
 Each CUDA source is compiled on first use with plain ``nvcc`` into a shared library (no
 torch headers, so seconds rather than a minute) cached under
@@ -89,9 +89,12 @@ def _library(name: str) -> ctypes.CDLL | None:
     elif name == "select_rerank":
         fn = dll.pariskv_select_rerank
         fn.argtypes = [p] * 9 + [i64] + [p] * 9 + [i64, i64, i32, i64] + [i32] * 4 + [p]
+    elif name == "query_tiers":
+        fn = dll.pariskv_query_tiers
+        fn.argtypes = [p, i64, i64, i32] + [p] * 8 + [i32] * 6 + [p]
     else:
         fn = dll.pariskv_topk
-        fn.argtypes = [p, p, p, p, i64, i32, i32, i32, p]
+        fn.argtypes = [p, p, p, p, i64, i32, i32, i32, i32, p]
     fn.restype = i32
     return dll
 
@@ -105,8 +108,71 @@ def _require_dtypes(op: str, **tensors: tuple[torch.Tensor, torch.dtype]) -> Non
 
 def cuda_available() -> bool:
     """Every CUDA kernel built (or already cached) for this GPU."""
-    names = ("collision_scan", "rerank", "select_rerank", "topk")
+    names = ("collision_scan", "rerank", "select_rerank", "topk", "query_tiers")
     return all(_library(n) is not None for n in names)
+
+
+#: dtype codes of csrc/query_tiers.cu's query argument.
+_QUERY_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def query_tier_table_cuda(
+    q: torch.Tensor,
+    rotation: torch.Tensor,
+    hist: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    thresholds: torch.Tensor,
+    query_out,
+    tiers_out: torch.Tensor,
+    score_hist: torch.Tensor,
+) -> None:
+    """CUDA twin of :func:`query_tiers.query_tier_table` (csrc/query_tiers.cu): same
+    arguments and outputs; ``query_out`` is a :class:`codec.query.PreparedQuery`."""
+    lib = _library("query_tiers")
+    if lib is None:
+        raise RuntimeError("the CUDA query + tier table is unavailable (no nvcc or no source)")
+    if q.dtype not in _QUERY_DTYPES:
+        raise TypeError(f"query_tier_table_cuda: q must be one of {list(_QUERY_DTYPES)}")
+    _require_dtypes(
+        "query_tier_table_cuda",
+        rotation=(rotation, torch.float32),
+        hist=(hist, torch.int32),
+        req_pool_indices=(req_pool_indices, torch.int32),
+        thresholds=(thresholds, torch.int64),
+        blocks=(query_out.blocks, torch.float32),
+        norm=(query_out.norm, torch.float32),
+        tiers=(tiers_out, torch.uint8),
+        score_hist=(score_hist, torch.int32),
+    )
+    r, hq, _ = q.shape
+    _, h, b, _ = tiers_out.shape
+    if r == 0:
+        return
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    rc = lib.pariskv_query_tiers(
+        q.data_ptr(),
+        q.stride(0),
+        q.stride(1),
+        _QUERY_DTYPES[q.dtype],
+        rotation.data_ptr(),
+        hist.data_ptr(),
+        req_pool_indices.data_ptr(),
+        thresholds.contiguous().data_ptr(),
+        query_out.blocks.data_ptr(),
+        query_out.norm.data_ptr(),
+        tiers_out.data_ptr(),
+        score_hist.data_ptr(),
+        r,
+        h,
+        b,
+        hq // h,
+        thresholds.shape[-1],
+        score_hist.shape[-1],
+        torch.cuda.current_stream(q.device).cuda_stream,
+    )
+    if rc != 0:
+        raise RuntimeError(f"pariskv_query_tiers failed with code {rc}")
 
 
 def collision_scan_cuda(
@@ -269,11 +335,23 @@ def select_rerank_cuda(
         raise RuntimeError(f"pariskv_select_rerank failed with code {rc}")
 
 
+#: Thread blocks per row of the CUDA top-k (a Hopper thread-block cluster; see topk.cu).
+TOPK_CLUSTER_SIZES = (1, 2, 4, 8)
+
+
 def topk_cuda(
-    est: torch.Tensor, cand: torch.Tensor, counts: torch.Tensor, out: torch.Tensor
+    est: torch.Tensor,
+    cand: torch.Tensor,
+    counts: torch.Tensor,
+    out: torch.Tensor,
+    cluster: int = 1,
 ) -> None:
     """CUDA twin of :func:`rerank.topk_slots`: ``out`` int32 [R, Hkv, k] receives the KV
-    slots of each row's min(k, C) best estimates (unordered); rows with C = 0 untouched."""
+    slots of each row's min(k, C) best estimates (unordered); rows with C = 0 untouched.
+    ``cluster``: blocks per row, one of :data:`TOPK_CLUSTER_SIZES` (above 1 needs
+    thread-block clusters: compute capability 9.0 or newer)."""
+    if cluster not in TOPK_CLUSTER_SIZES:
+        raise ValueError(f"topk_cuda: cluster {cluster} is not one of {TOPK_CLUSTER_SIZES}")
     lib = _library("topk")
     if lib is None:
         raise RuntimeError("the CUDA top-k is unavailable (no nvcc or no source)")
@@ -287,6 +365,7 @@ def topk_cuda(
         out.shape[-1],
         r,
         h,
+        cluster,
         torch.cuda.current_stream(est.device).cuda_stream,
     )
     if rc != 0:

@@ -13,8 +13,8 @@ The tier thresholds take N = seq_len: the histograms count every written token o
 request (the decoded token included), so their total is seq_len by construction.
 
 Stages of :meth:`run` (each a module of this package):
-  query prep + tier table (``query_tiers.py``, one launch fusing ``query.py`` and
-  ``tiers.py``) -> collision scan + score histogram (``collision.py`` / CUDA
+  query prep + tier table (one launch: ``csrc/query_tiers.cu``, or ``query_tiers.py``
+  fusing ``query.py`` and ``tiers.py``) -> collision scan + score histogram (``collision.py`` / CUDA
   ``cuda_ops.py``) -> candidate selection (``select.py``) -> rerank + top-k
   (``rerank.py``) -> index assembly (``assemble.py``). With the CUDA kernels the
   selection's candidate write is fused into the rerank (``csrc/select_rerank.cu``): the
@@ -45,6 +45,7 @@ from sglang_pariskv.kernels.collision import collision_scan, score_bins
 from sglang_pariskv.kernels.cuda_ops import (
     collision_scan_cuda,
     cuda_available,
+    query_tier_table_cuda,
     rerank_cuda,
     select_rerank_cuda,
     topk_cuda,
@@ -79,14 +80,18 @@ def scan_tokens_per_block(max_context: int, batch: int, num_sms: int) -> int:
     positions per request. Every block first copies the request's whole tier table (32 KiB
     at 8 KV heads x head dim 128) into shared memory, so short runs spend as many bytes on
     tables as on signs: with 16-warp blocks, 1024-position runs were the fastest or within
-    1% at 128K x 1/2/8 and 1M x 1 on the H100 (benchmarks/results/retrieval_variants.json;
-    at 128K x 2 the session-6 rule's 256 took 39.7 us, 1024 32.4 us). Shorter runs only
-    when 1024 would leave more than every other SM idle."""
+    1% at 128K x 1/2/8 and 1M x 1 on the H100
+    (benchmarks/results/retrieval_variants_session7.json; at 128K x 2 the session-6 rule's
+    256 took 39.7 us, 1024 32.4 us). Shorter runs only when 1024 would leave more than
+    every other SM idle."""
     for tpb in SCAN_TOKENS_PER_BLOCK:
         if -(-max_context // tpb) * batch * 2 >= num_sms:
             return tpb
     return SCAN_TOKENS_PER_BLOCK[-1]
 
+
+#: Blocks per row of the CUDA top-k on GPUs with thread-block clusters (compute 9.0+).
+CUDA_TOPK_CLUSTER = 8
 
 #: CUDA scan launch shape (see ``scan_tokens_per_block``): 16 warps, (token, head) pairs.
 CUDA_SCAN_WARPS = 16
@@ -135,6 +140,8 @@ class DecodeWorkspace:
         fused_select: bool | None = None,
         cuda_scan_warps: int = CUDA_SCAN_WARPS,
         cuda_scan_pairs: bool = CUDA_SCAN_PAIRS,
+        cuda_query_tiers: bool | None = None,
+        cuda_topk_cluster: int | None = None,
     ) -> None:
         """``scan_variant``: "cuda" (csrc/ kernels for the scan and the rerank), "load" or
         "gather" (Triton scan variants, Triton rerank), or "auto" (cuda where it builds).
@@ -145,7 +152,11 @@ class DecodeWorkspace:
         candidates and rerank them in one CUDA launch (``csrc/select_rerank.cu``) after
         the count pass; None: with the cuda scan. False: Triton write, then the rerank.
         ``cuda_scan_warps``: warps per block of the CUDA scan (0: the kernel's own
-        default of 8); ``cuda_scan_pairs``: its (token, head)-pairs lane layout."""
+        default of 8); ``cuda_scan_pairs``: its (token, head)-pairs lane layout.
+        ``cuda_query_tiers``: the query prep + tier table in CUDA (csrc/query_tiers.cu)
+        rather than Triton; None: with the cuda scan. ``cuda_topk_cluster``: blocks per
+        row of the CUDA top-k; None: :data:`CUDA_TOPK_CLUSTER` where the GPU has clusters
+        (compute capability 9.0+), else 1."""
         check_head_dim(head_dim)
         if num_q_heads % num_kv_heads:
             raise ValueError(f"{num_q_heads} query heads over {num_kv_heads} KV heads")
@@ -171,6 +182,17 @@ class DecodeWorkspace:
             raise ValueError(f"fused_select needs chunk={SELECT_RERANK_CHUNK}, got {chunk}")
         self.fused_select = fused_select
         self.cuda_scan_warps, self.cuda_scan_pairs = cuda_scan_warps, cuda_scan_pairs
+        if cuda_query_tiers is None:
+            cuda_query_tiers = scan_variant == "cuda"
+        if cuda_query_tiers and scan_variant != "cuda":
+            raise ValueError("cuda_query_tiers needs the CUDA kernels (scan_variant='cuda')")
+        self.cuda_query_tiers = cuda_query_tiers
+        if cuda_topk_cluster is None:
+            hopper = (
+                self.device.type == "cuda" and torch.cuda.get_device_capability(self.device)[0] >= 9
+            )
+            cuda_topk_cluster = CUDA_TOPK_CLUSTER if hopper else 1
+        self.cuda_topk_cluster = cuda_topk_cluster
         self.cuda_tpb = cuda_tokens_per_block  # None: scan_tokens_per_block per batch
         self.num_sms = (
             torch.cuda.get_device_properties(self.device).multi_processor_count
@@ -314,7 +336,8 @@ class DecodeWorkspace:
         st.query = PreparedQuery(self.query.blocks[: st.r], self.query.norm[: st.r])
         st.tiers = self.tiers[: st.r]
         st.score_hist = self.score_hist[: st.r]
-        query_tier_table(
+        fn = query_tier_table_cuda if self.cuda_query_tiers else query_tier_table
+        fn(
             st.q,
             self.rot,
             st.hist,
@@ -397,8 +420,10 @@ class DecodeWorkspace:
             st.top = topk_slots(st.est, st.cand, self.k)
             return
         st.top = self.top[: st.r]
-        top_k = self.radix if self.topk_variant == "radix" else topk_cuda
-        top_k(st.est, st.cand, st.counts, st.top)
+        if self.topk_variant == "radix":
+            self.radix(st.est, st.cand, st.counts, st.top)
+        else:
+            topk_cuda(st.est, st.cand, st.counts, st.top, self.cuda_topk_cluster)
 
     def _stage_assemble(self) -> None:
         st = self._st
