@@ -28,13 +28,13 @@ import bench_kernels as bk  # noqa: E402
 #: name -> DecodeWorkspace keyword arguments; the first is the reference. Session 7's
 #: variants (fused write + rerank, scan warps and lane layout) are in
 #: results/retrieval_variants_session7.json; its winner is the "session7" row here (with
-#: this session's top-k code at cluster 1, which is session 7's single-block kernel).
+#: this session's top-k code at cluster 1: session 7's single-block kernel, whose
+#: compaction is unchanged).
 VARIANTS = {
     "session7": dict(cuda_query_tiers=False, cuda_topk_cluster=1),
     "cuda_query_tiers": dict(cuda_query_tiers=True, cuda_topk_cluster=1),
-    "topk_cluster4": dict(cuda_query_tiers=False, cuda_topk_cluster=4),
     "topk_cluster8": dict(cuda_query_tiers=False, cuda_topk_cluster=8),
-    "session8": dict(),  # the defaults: CUDA query + tiers, 8-block top-k clusters
+    "session8": dict(),  # the defaults: CUDA query + tiers, top-k cluster by row length
 }
 
 

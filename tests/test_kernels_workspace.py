@@ -214,3 +214,18 @@ def test_scan_run_length_fills_the_gpu_at_small_batches():
             assert all(2 * -(-ctx // t) * batch < 132 for t in longer)
     assert scan_tokens_per_block(131072, 1, 132) == 1024  # the measured best
     assert scan_tokens_per_block(32768, 1, 132) == 256
+
+
+def test_topk_cluster_only_for_rows_longer_than_one_block(monkeypatch):
+    """One block per top-k row up to the keys its registers hold, 8-block clusters beyond
+    (thread-block clusters need compute capability 9.0); never on the CPU."""
+    from sglang_pariskv.kernels import workspace as wsm
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    assert wsm.topk_cluster_for(13076, cuda) == 1  # 128K tokens
+    assert wsm.topk_cluster_for(wsm.TOPK_ONE_BLOCK_KEYS, cuda) == 1
+    assert wsm.topk_cluster_for(wsm.TOPK_ONE_BLOCK_KEYS + 1, cuda) == wsm.CUDA_TOPK_CLUSTER
+    assert wsm.topk_cluster_for(104826, torch.device("cpu")) == 1
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    assert wsm.topk_cluster_for(104826, cuda) == 1

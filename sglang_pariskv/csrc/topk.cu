@@ -11,8 +11,8 @@
 // block clusters) splits the row's keys; each block histograms its share into its own
 // shared memory and, after a cluster barrier, sums the ncl histograms through
 // distributed shared memory, so every block finds the same target bin. The compaction
-// reserves each block's output range with one atomic on the leader block's counters.
-// ncl = 1 is the single-block kernel.
+// takes output positions from the leader block's counters (one atomic per warp). ncl = 1
+// is the single-block kernel (no cluster barriers).
 //
 // Each thread keeps up to 16 keys in registers (rows up to 16K x ncl candidates are read
 // once); longer rows re-read the rest from L2, where the rerank just wrote them. Among
@@ -84,37 +84,9 @@ __device__ __forceinline__ void find_bin(const int* hist, int nb, int need, int*
   __syncthreads();
 }
 
-// Exclusive prefix over the block's threads of v (and the block total, in *total).
-__device__ __forceinline__ uint64_t block_exclusive_scan(uint64_t v, uint64_t* warp_tmp,
-                                                         uint64_t* total) {
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  uint64_t incl = v;
-#pragma unroll
-  for (int off = 1; off < 32; off <<= 1) {
-    const uint64_t y = __shfl_up_sync(0xffffffffu, incl, off);
-    if (lane >= off) incl += y;
-  }
-  if (lane == 31) warp_tmp[warp] = incl;
-  __syncthreads();
-  if (warp == 0) {
-    const uint64_t w = warp_tmp[lane];
-    uint64_t x = w;
-#pragma unroll
-    for (int off = 1; off < 32; off <<= 1) {
-      const uint64_t y = __shfl_up_sync(0xffffffffu, x, off);
-      if (lane >= off) x += y;
-    }
-    __syncwarp();
-    warp_tmp[lane] = x - w;  // exclusive prefix of the warps
-    if (lane == 31) *total = x;
-  }
-  __syncthreads();
-  return incl - v + warp_tmp[warp];
-}
-
 // CACHED: keys per thread kept in registers (rows of up to CACHED x 1024 x ncl keys are
-// read once).
-template <int CACHED>
+// read once). CLUSTER: launched as clusters of ncl > 1 blocks.
+template <int CACHED, bool CLUSTER>
 __global__ void __launch_bounds__(THREADS)
     topk_kernel(const float* __restrict__ est, const int32_t* __restrict__ cand,
                 const int64_t* __restrict__ counts, int32_t* __restrict__ out, int64_t cmax,
@@ -122,41 +94,41 @@ __global__ void __launch_bounds__(THREADS)
   __shared__ int hist[2048];    // this block's share
   __shared__ int merged[2048];  // the cluster's sum
   __shared__ int warp_suf[WARPS];
-  __shared__ uint64_t warp_tmp[WARPS];
   __shared__ int sel_bin, sel_above;
-  // Packed (keys above the threshold) | (keys at it) << 32: this block's total, the
-  // leader's count of output positions reserved so far, and this block's reservation.
-  __shared__ uint64_t block_total, row_cnt, block_base;
+  __shared__ int row_gt, row_eq;  // the leader's: output positions taken so far
   cg::cluster_group cluster = cg::this_cluster();
-  const int ncl = static_cast<int>(cluster.num_blocks());
-  const int rank = static_cast<int>(cluster.block_rank());
+  const int ncl = CLUSTER ? static_cast<int>(cluster.num_blocks()) : 1;
+  const int rank = CLUSTER ? static_cast<int>(cluster.block_rank()) : 0;
   const int row = blockIdx.x / ncl;
-  const int64_t c = counts[row / H];
-  const int kk = static_cast<int>(min(static_cast<int64_t>(k), c));
+  const int c = static_cast<int>(min(counts[row / H], cmax));  // cmax < 2^31 (launcher)
+  const int kk = min(k, c);
   if (kk <= 0) return;  // the whole cluster returns: the row is the cluster's
   const float* e = est + static_cast<int64_t>(row) * cmax;
   const int32_t* cd = cand + static_cast<int64_t>(row) * cmax;
   int32_t* o = out + static_cast<int64_t>(row) * k;
   const int tid = threadIdx.x;
-  const int64_t first = static_cast<int64_t>(rank) * THREADS + tid;
-  const int64_t stride = static_cast<int64_t>(ncl) * THREADS;
+  const int first = rank * THREADS + tid;
+  const int stride = ncl * THREADS;
   // Keys i = first + j * stride (j < CACHED) live in registers; the rest are re-read.
   uint32_t kc[CACHED];
 #pragma unroll
   for (int j = 0; j < CACHED; ++j) {
-    const int64_t i = first + j * stride;
+    const int i = first + j * stride;
     kc[j] = i < c ? order_key(e[i]) : 0u;
   }
   // Visits this thread's keys (key, index in the row): the cached ones, then the rest.
   const auto for_each_key = [&](auto&& visit) {
 #pragma unroll
     for (int j = 0; j < CACHED; ++j) {
-      const int64_t i = first + j * stride;
+      const int i = first + j * stride;
       if (i < c) visit(kc[j], i);
     }
-    for (int64_t i = first + CACHED * stride; i < c; i += stride) visit(order_key(e[i]), i);
+    for (int i = first + CACHED * stride; i < c; i += stride) visit(order_key(e[i]), i);
   };
-  if (tid == 0) row_cnt = 0;
+  if (tid == 0) {
+    row_gt = 0;
+    row_eq = 0;
+  }
   uint32_t prefix = 0, mask = 0;
   int need = kk;
   for (int pass = 0; pass < 3; ++pass) {
@@ -164,46 +136,68 @@ __global__ void __launch_bounds__(THREADS)
     const int nb = pass == 2 ? 1024 : 2048;
     for (int i = tid; i < nb; i += THREADS) hist[i] = 0;
     __syncthreads();
-    for_each_key([&](uint32_t key, int64_t) {
+    for_each_key([&](uint32_t key, int) {
       if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & (nb - 1)], 1);
     });
-    cluster.sync();  // every block's share is complete
-    for (int i = tid; i < nb; i += THREADS) {
-      int s = 0;
-      for (int q = 0; q < ncl; ++q) s += cluster.map_shared_rank(hist, q)[i];
-      merged[i] = s;
+    const int* total = hist;
+    if (CLUSTER) {
+      cluster.sync();  // every block's share is complete
+      for (int i = tid; i < nb; i += THREADS) {
+        int s = 0;
+        for (int q = 0; q < ncl; ++q) s += cluster.map_shared_rank(hist, q)[i];
+        merged[i] = s;
+      }
+      cluster.sync();  // no block reads a share any more: the next pass may reset it
+      total = merged;
+    } else {
+      __syncthreads();
     }
-    cluster.sync();  // no block reads a share any more: the next pass may reset it
-    find_bin(merged, nb, need, warp_suf, &sel_bin, &sel_above);
+    find_bin(total, nb, need, warp_suf, &sel_bin, &sel_above);
     prefix |= static_cast<uint32_t>(sel_bin) << shift;
     mask |= static_cast<uint32_t>(nb - 1) << shift;
     need -= sel_above;
     __syncthreads();
   }
   // Compaction: keys above the threshold key `prefix` (all kk - need of them are taken),
-  // then keys equal to it while the cluster's count of them stays below `need`.
-  uint64_t mine = 0;
-  for_each_key([&](uint32_t key, int64_t) {
-    mine += key > prefix ? 1ull : static_cast<uint64_t>(key == prefix) << 32;
-  });
-  uint64_t at = block_exclusive_scan(mine, warp_tmp, &block_total);
-  if (tid == 0) {
-    auto* leader = reinterpret_cast<unsigned long long*>(cluster.map_shared_rank(&row_cnt, 0));
-    block_base = atomicAdd(leader, static_cast<unsigned long long>(block_total));
-  }
-  cluster.sync();  // reservations done (and the leader outlives every remote atomic)
-  at += block_base;
+  // then keys equal to it while the row's count of them stays below `need`.
   const int n_gt = kk - need;
-  int64_t gt_at = static_cast<int64_t>(at & 0xFFFFFFFFull);
-  int64_t eq_at = static_cast<int64_t>(at >> 32);
-  for_each_key([&](uint32_t key, int64_t i) {
+  if (!CLUSTER) {
+    for_each_key([&](uint32_t key, int i) {
+      if (key > prefix) {
+        o[atomicAdd(&row_gt, 1)] = cd[i];
+      } else if (key == prefix) {
+        const int t = atomicAdd(&row_eq, 1);
+        if (t < need) o[n_gt + t] = cd[i];
+      }
+    });
+    return;
+  }
+  // In a cluster, output positions come from the leader's counters: one distributed
+  // shared-memory atomic per warp and kind (ballots).
+  int* cnt_gt = cluster.map_shared_rank(&row_gt, 0);
+  int* cnt_eq = cluster.map_shared_rank(&row_eq, 0);
+  const int lane = tid & 31;
+  const unsigned below = (1u << lane) - 1u;
+  for_each_key([&](uint32_t key, int i) {
+    const unsigned act = __activemask();
+    const int leader = __ffs(act) - 1;
+    const unsigned gt = __ballot_sync(act, key > prefix);
+    const unsigned eq = __ballot_sync(act, key == prefix);
+    int base_gt = 0, base_eq = 0;
+    if (lane == leader) {
+      if (gt) base_gt = atomicAdd(cnt_gt, __popc(gt));
+      if (eq) base_eq = atomicAdd(cnt_eq, __popc(eq));
+    }
+    base_gt = __shfl_sync(act, base_gt, leader);
+    base_eq = __shfl_sync(act, base_eq, leader);
     if (key > prefix) {
-      o[gt_at++] = cd[i];
+      o[base_gt + __popc(gt & below)] = cd[i];
     } else if (key == prefix) {
-      if (eq_at < need) o[n_gt + eq_at] = cd[i];
-      ++eq_at;
+      const int t = base_eq + __popc(eq & below);
+      if (t < need) o[n_gt + t] = cd[i];
     }
   });
+  cluster.sync();  // the leader outlives every remote atomic
 }
 
 }  // namespace
@@ -212,6 +206,7 @@ __global__ void __launch_bounds__(THREADS)
 extern "C" int pariskv_topk(const void* est, const void* cand, const void* counts, void* out,
                             int64_t cmax, int k, int R, int H, int cluster, void* stream) {
   if (R == 0 || k == 0) return 0;
+  if (cmax >= (int64_t{1} << 31) - static_cast<int64_t>(8) * THREADS) return -3;
   if (cluster != 1 && cluster != 2 && cluster != 4 && cluster != 8) return -2;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(static_cast<unsigned>(R * H * cluster));
@@ -227,7 +222,7 @@ extern "C" int pariskv_topk(const void* est, const void* cand, const void* count
   // Single blocks cache 16 keys per thread (64 registers, a little spill); cluster blocks
   // hold a share of the row and cache 8 (no spill).
   const cudaError_t err = cudaLaunchKernelEx(
-      &cfg, cluster == 1 ? topk_kernel<16> : topk_kernel<8>, static_cast<const float*>(est), static_cast<const int32_t*>(cand),
+      &cfg, cluster == 1 ? topk_kernel<16, false> : topk_kernel<8, true>, static_cast<const float*>(est), static_cast<const int32_t*>(cand),
       static_cast<const int64_t*>(counts), static_cast<int32_t*>(out), cmax, k, H);
   return static_cast<int>(err != cudaSuccess ? err : cudaGetLastError());
 }

@@ -90,8 +90,23 @@ def scan_tokens_per_block(max_context: int, batch: int, num_sms: int) -> int:
     return SCAN_TOKENS_PER_BLOCK[-1]
 
 
-#: Blocks per row of the CUDA top-k on GPUs with thread-block clusters (compute 9.0+).
+#: Blocks per row of the CUDA top-k for rows longer than one block's registers hold
+#: (:data:`TOPK_ONE_BLOCK_KEYS`), on GPUs with thread-block clusters (compute 9.0+).
 CUDA_TOPK_CLUSTER = 8
+#: Candidates one top-k block keeps in registers (csrc/topk.cu: 1024 threads x 16).
+TOPK_ONE_BLOCK_KEYS = 16 * 1024
+
+
+def topk_cluster_for(cmax: int, device: torch.device) -> int:
+    """Blocks per top-k row. Rows that fit one block's registers stay on one block: an
+    8-block cluster made 128K x 2 slower (42 vs 29 us: a cluster needs 8 free SMs of one
+    GPC, so 16 rows of 8 did not all fit at once) and 128K x 1 no faster. Longer rows
+    (1M tokens: C = 104826) are split: 35 vs 166 us on the H100 at 1M x 1
+    (benchmarks/results/retrieval_variants.json)."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
+        return 1
+    return 1 if cmax <= TOPK_ONE_BLOCK_KEYS else CUDA_TOPK_CLUSTER
+
 
 #: CUDA scan launch shape (see ``scan_tokens_per_block``): 16 warps, (token, head) pairs.
 CUDA_SCAN_WARPS = 16
@@ -155,8 +170,7 @@ class DecodeWorkspace:
         default of 8); ``cuda_scan_pairs``: its (token, head)-pairs lane layout.
         ``cuda_query_tiers``: the query prep + tier table in CUDA (csrc/query_tiers.cu)
         rather than Triton; None: with the cuda scan. ``cuda_topk_cluster``: blocks per
-        row of the CUDA top-k; None: :data:`CUDA_TOPK_CLUSTER` where the GPU has clusters
-        (compute capability 9.0+), else 1."""
+        row of the CUDA top-k; None: :func:`topk_cluster_for` the longest row."""
         check_head_dim(head_dim)
         if num_q_heads % num_kv_heads:
             raise ValueError(f"{num_q_heads} query heads over {num_kv_heads} KV heads")
@@ -187,12 +201,6 @@ class DecodeWorkspace:
         if cuda_query_tiers and scan_variant != "cuda":
             raise ValueError("cuda_query_tiers needs the CUDA kernels (scan_variant='cuda')")
         self.cuda_query_tiers = cuda_query_tiers
-        if cuda_topk_cluster is None:
-            hopper = (
-                self.device.type == "cuda" and torch.cuda.get_device_capability(self.device)[0] >= 9
-            )
-            cuda_topk_cluster = CUDA_TOPK_CLUSTER if hopper else 1
-        self.cuda_topk_cluster = cuda_topk_cluster
         self.cuda_tpb = cuda_tokens_per_block  # None: scan_tokens_per_block per batch
         self.num_sms = (
             torch.cuda.get_device_properties(self.device).multi_processor_count
@@ -205,6 +213,7 @@ class DecodeWorkspace:
         self.nt = len(config.tier_ratios)
         self.cmax = max_candidates(config, max_context)
         self.k = min(config.topk, self.cmax)
+        self.cuda_topk_cluster = cuda_topk_cluster or topk_cluster_for(self.cmax, dev)
         # With elide_dense_rows, dense requests get one-token rows: the caller attends them
         # through its own dense call and discards these rows (SGLang backend), so neither
         # the index buffer nor the sparse attention pays for their full length.
