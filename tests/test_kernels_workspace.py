@@ -229,3 +229,32 @@ def test_topk_cluster_only_for_rows_longer_than_one_block(monkeypatch):
     assert wsm.topk_cluster_for(104826, torch.device("cpu")) == 1
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
     assert wsm.topk_cluster_for(104826, cuda) == 1
+
+
+@pytest.mark.parametrize("pairs", [False, True])
+def test_scan_lane_layout_reaches_the_cuda_kernel(monkeypatch, pairs):
+    """``cuda_scan_pairs`` is passed to the CUDA scan (it was once dropped on the way, so
+    every pipeline run used one layout whatever the flag said)."""
+    from types import SimpleNamespace
+
+    from sglang_pariskv.kernels import workspace as wsm
+
+    seen = {}
+
+    def record(*args, **kwargs):
+        seen["args"] = args
+
+    monkeypatch.setattr(wsm, "collision_scan_cuda", record)
+    cfg = ParisKVConfig(topk=64, sink=8, local=16, dense_threshold=256)
+    ws = DecodeWorkspace(
+        cfg, 4, 2, 64, 2, 1024, "cpu", scan_variant="cuda", cuda_scan_pairs=pairs,
+        cuda_scan_warps=16, cuda_tokens_per_block=512,
+    )  # fmt: skip
+    ws.plan(torch.tensor([1000, 700]))
+    codes = SimpleNamespace(signs=torch.zeros(4096, 2, 8, dtype=torch.uint8))
+    rtt = torch.zeros(2, 1024, dtype=torch.int32)
+    ws.bind(torch.zeros(2, 4, 64), codes, None, rtt, torch.tensor([0, 1], dtype=torch.int32))
+    ws._st.tiers = ws.tiers[:2]
+    ws._st.score_hist = ws.score_hist[:2]
+    ws._stage_scan()
+    assert seen["args"][-3:] == (512, 16, pairs)  # run length, warps, lane layout

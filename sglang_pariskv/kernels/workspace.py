@@ -363,7 +363,14 @@ class DecodeWorkspace:
         args = (st.codes.signs, st.rtt, st.rpi, st.seq, st.zone_end, st.tiers, st.scores)
         if self.scan_variant == "cuda":
             tpb = self.cuda_tpb or scan_tokens_per_block(self.max_context, st.r, self.num_sms)
-            collision_scan_cuda(*args, st.score_hist, self.config.sink, tpb, self.cuda_scan_warps)
+            collision_scan_cuda(
+                *args,
+                st.score_hist,
+                self.config.sink,
+                tpb,
+                self.cuda_scan_warps,
+                self.cuda_scan_pairs,
+            )
         else:
             collision_scan(
                 *args,
