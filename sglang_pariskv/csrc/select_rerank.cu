@@ -12,7 +12,7 @@
 // order first, then the first `take` keys at s* in position order, so the candidate array
 // is identical to the Triton path's. Each kept position's destination is its rank: the
 // chunk's base (the counts of the chunks before it, summed by the block) plus an
-// exclusive block scan of the per-thread counts. The kept (KV slot, destination) pairs go
+// exclusive block scan of the per-thread counts. The kept (position, destination) pairs go
 // to a shared list, and the block then reranks them as csrc/rerank.cu does (one thread per
 // candidate, rerank_record.cuh). It writes the candidate's KV slot and its estimate at the
 // destination; estimates at and past the row's count C are -inf.
@@ -45,7 +45,7 @@ __global__ void __launch_bounds__(THREADS)
   __shared__ float table[B * 8 * 16];
   __shared__ unsigned long long warp_sums[WARPS];
   __shared__ int warp_scan[WARPS];
-  __shared__ int32_t list_slot[CH];
+  __shared__ int list_pos[CH];
   __shared__ int list_dest[CH];
   __shared__ int n_list;
 
@@ -93,24 +93,6 @@ __global__ void __launch_bounds__(THREADS)
       if (p0 + u < nmax)
         packed |= static_cast<uint32_t>(scores[static_cast<int64_t>(row) * nmax + p0 + u])
                   << (8 * u);
-  }
-  // The four positions' KV slots, loaded now, in parallel with the scores: the candidates'
-  // code loads then wait on one round trip fewer. Only entries below the zone end (so
-  // below seq_len, inside the request's req_to_token row) are read.
-  int32_t slot4[4];
-  {
-    const int32_t* rrow = rtt + req_idx[r] * stride_rtt;
-    if (p0 + 3 < ze && (stride_rtt & 3) == 0 && (reinterpret_cast<uintptr_t>(rrow) & 15) == 0) {
-      const int4 v = *reinterpret_cast<const int4*>(rrow + p0);
-      slot4[0] = v.x;
-      slot4[1] = v.y;
-      slot4[2] = v.z;
-      slot4[3] = v.w;
-    } else {
-#pragma unroll
-      for (int u = 0; u < 4; ++u)
-        slot4[u] = (p0 + u >= zone_start && p0 + u < ze) ? rrow[p0 + u] : 0;
-    }
   }
   int gt_bits = 0, eq_bits = 0;
 #pragma unroll
@@ -163,17 +145,18 @@ __global__ void __launch_bounds__(THREADS)
     }
     if (dest >= 0) {
       const int k = atomicAdd(&n_list, 1);
-      list_slot[k] = slot4[u];
+      list_pos[k] = static_cast<int>(p0 + u - start);
       list_dest[k] = dest;
     }
   }
   __syncthreads();
 
   const int n = n_list;
+  const int64_t req = req_idx[r];
   const float norm = qn[row];
   for (int i = tid; i < n; i += THREADS) {
     const int dest = list_dest[i];
-    const int32_t slot = list_slot[i];
+    const int32_t slot = rtt[req * stride_rtt + start + list_pos[i]];
     const int64_t rec = static_cast<int64_t>(slot) * H + h;
     const float acc = pariskv::rerank_estimate<B>(signs, mags, weights, rec, table);
     out_cand[dest] = slot;
