@@ -39,8 +39,6 @@ VARIANTS = {
     # to the kernel: every pipeline run so far used the warp-per-head layout.
     "session8_scan_pairs": dict(cuda_scan_pairs=True),
     "session8_scan_per_head": dict(cuda_scan_pairs=False),
-    # Single-block top-k rows: value-binned select (default) or the radix select alone.
-    "session8_radix_topk": dict(cuda_topk_value_bins=False),
 }
 
 

@@ -103,8 +103,8 @@ def test_rerank_at_scale(cuda_device, cuda, d):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cluster, value_bins", [(1, True), (1, False), (2, True), (8, True)])
-def test_cuda_topk_matches_torch_topk(cuda_device, cluster, value_bins):
+@pytest.mark.parametrize("cluster", [1, 2, 8])
+def test_cuda_topk_matches_torch_topk(cuda_device, cluster):
     from sglang_pariskv.kernels.cuda_ops import topk_cuda
 
     # Row 0 is longer than the registers of one block (16 x 1024 keys) and of an 8-block
@@ -113,15 +113,13 @@ def test_cuda_topk_matches_torch_topk(cuda_device, cluster, value_bins):
     est = torch.randn(r, h, cmax, device=cuda_device)
     est[0, 0, :500] = 1.5  # a block of exact ties, all above the threshold
     est[0, 1, :3000] = est[0, 1].topk(1500).values[-1]  # 3000 ties straddling the cut
-    est[1, 2, 5] = 1e4  # an outlier stretches the value bins: a fuller threshold bin
-    est[1, 3] = 0.5  # every key equal: no value range to bin (the radix fallback)
     counts = torch.tensor([70000, 9000, 1000], device=cuda_device)
     valid = torch.arange(cmax, device=cuda_device) < counts[:, None, None]
     est = torch.where(valid, est, float("-inf"))
     cand = torch.randperm(10**6, device=cuda_device)[: r * h * cmax].view(r, h, cmax).int()
     flat = torch.full((r * h * k + 64,), -1, dtype=torch.int32, device=cuda_device)
     out = flat[: r * h * k].view(r, h, k)
-    topk_cuda(est, cand, counts, out, cluster, value_bins)
+    topk_cuda(est, cand, counts, out, cluster)
     assert (flat[r * h * k :] == -1).all()  # nothing past the last row
     want = topk_slots(est, cand, k)
     for i in range(r):
@@ -135,5 +133,5 @@ def test_cuda_topk_matches_torch_topk(cuda_device, cluster, value_bins):
             assert strictly <= set(got.tolist())  # everything above the k-th value is in
             at = set(cand[i, j][est[i, j] == kth].tolist())
             assert set(got.tolist()) <= strictly | at
-            if n == k and (i, j) not in ((0, 1), (1, 3)):
+            if n == k and (i, j) != (0, 1):
                 assert torch.equal(got, want[i, j].sort().values)

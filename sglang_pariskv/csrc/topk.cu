@@ -1,29 +1,25 @@
 // ParisKV final top-k (CUDA): the k best rerank estimates of each (request, head) row.
 //
-// Replaces torch.topk (several launches, ~40 us of fixed cost). Two shapes:
+// Replaces torch.topk (several launches, ~40 us of fixed cost) with one thread-block
+// cluster per row: a 3-pass radix select on order-preserving uint32 keys of the float
+// estimates (11, 11 and 10 bits; shared-memory histograms, the target bin found by a
+// block-wide suffix scan), then one compaction pass that writes the winners' KV slots.
 //
-// * One block per row (rows that fit its registers): a value-binned select
-//   (`value_bin_topk`: one histogram pass over 2048 bins linear between the row's min and
-//   max, then an exact rank of the threshold bin's few keys), with the radix select below
-//   as its fallback when the threshold bin is crowded (heavy ties).
-// * One thread-block cluster per row (longer rows): with one block per row a decode batch
-//   has only R x Hkv blocks (16 at 128K x 2), so a 1M-token row's 105K keys went through
-//   one SM. A cluster of `ncl` blocks (Hopper thread-block clusters) splits the row's
-//   keys; each block histograms its share into its own shared memory and, after a
-//   cluster barrier, sums the ncl histograms through distributed shared memory, so every
-//   block finds the same target bin. Output positions come from the leader block's
-//   counters (one atomic per warp).
+// Why clusters: with one block per row, a decode batch has only R x Hkv blocks (16 at
+// 128K x 2), so the select ran on 16 of 132 SMs, issue-latency bound (ncu: 18.7 us,
+// 0.4 instructions per scheduler per cycle). A cluster of `ncl` blocks (Hopper thread
+// block clusters) splits the row's keys; each block histograms its share into its own
+// shared memory and, after a cluster barrier, sums the ncl histograms through
+// distributed shared memory, so every block finds the same target bin. The compaction
+// takes output positions from the leader block's counters (one atomic per warp). ncl = 1
+// is the single-block kernel (no cluster barriers).
 //
-// The radix select: 3 passes on order-preserving uint32 keys of the float estimates (11,
-// 11 and 10 bits; shared-memory histograms, the target bin found by a block-wide suffix
-// scan), then one compaction pass that writes the winners' KV slots. Each thread keeps up
-// to 16 keys in registers (8 in a cluster); longer rows re-read the rest from L2, where
-// the rerank just wrote them. Among keys equal to the threshold, which ones are taken is
-// arbitrary (set semantics; ties between float32 estimates are measure-zero events).
-// Tried and dropped: warp-aggregated histogram atomics (__match_any_sync), slower on the
-// H100 (43 vs 30 us per layer at 128K x 1, 222 vs 146 us at 1M x 1, session 6); clusters
-// for 13K-key rows (128K tokens): the barriers cost what the split saves (42 vs 29 us at
-// 128K x 2, 16 clusters of 8 blocks did not fit at once).
+// Each thread keeps up to 16 keys in registers (rows up to 16K x ncl candidates are read
+// once); longer rows re-read the rest from L2, where the rerank just wrote them. Among
+// keys equal to the threshold, which ones are taken is arbitrary (set semantics; ties
+// between float32 estimates are measure-zero events). Tried and dropped: warp-aggregated
+// histogram atomics (__match_any_sync), slower on the H100 (43 vs 30 us per layer at 128K
+// x 1, 222 vs 146 us at 1M x 1, bench_kernels.py, session 6).
 
 #include <cooperative_groups.h>
 #include <cstdint>
@@ -38,12 +34,7 @@ __device__ __forceinline__ uint32_t order_key(float f) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-__device__ __forceinline__ float from_order_key(uint32_t k) {
-  return __uint_as_float((k & 0x80000000u) ? (k & 0x7FFFFFFFu) : ~k);
-}
-
 constexpr int THREADS = 1024;
-constexpr int LIST = 1024;  // threshold-bin keys the single-block fast path ranks directly
 constexpr int WARPS = THREADS / 32;
 
 // Finds the bin holding the `need`-th largest key: every thread owns nb / THREADS adjacent
@@ -93,99 +84,13 @@ __device__ __forceinline__ void find_bin(const int* hist, int nb, int need, int*
   __syncthreads();
 }
 
-// Single-block fast path: one histogram pass over 2048 bins linear in the estimate
-// between the row's min and max (estimates cluster in a few exponents, so the radix
-// select's first 11-bit pass resolves little and its next two passes re-scan every key),
-// then an exact rank of the keys in the threshold bin among themselves. The bin map is
-// monotone in the value, so every key of a higher bin beats every key of the threshold
-// bin. Returns false, having written nothing, when the row's range is degenerate or the
-// threshold bin holds more than LIST keys (heavy ties): the caller's radix select then
-// runs. Within the threshold bin, equal estimates are taken lower index first.
-template <typename ForEach>
-__device__ bool value_bin_topk(int* hist, int* warp_suf, int* sel_bin, int* sel_above,
-                               int* row_gt, const ForEach& for_each_key, int kk,
-                               const int32_t* __restrict__ cd, int32_t* __restrict__ o) {
-  __shared__ float list_v[LIST];
-  __shared__ int list_i[LIST];
-  __shared__ int list_n;
-  __shared__ uint32_t red_hi[WARPS], red_lo[WARPS];
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  uint32_t hi = 0u, lo = 0xFFFFFFFFu;
-  for_each_key([&](uint32_t key, int) {
-    hi = max(hi, key);
-    lo = min(lo, key);
-  });
-  hi = __reduce_max_sync(0xffffffffu, hi);
-  lo = __reduce_min_sync(0xffffffffu, lo);
-  if (lane == 0) {
-    red_hi[warp] = hi;
-    red_lo[warp] = lo;
-  }
-  for (int i = tid; i < 2048; i += THREADS) hist[i] = 0;
-  if (tid == 0) list_n = 0;
-  __syncthreads();
-  hi = 0u;
-  lo = 0xFFFFFFFFu;
-#pragma unroll
-  for (int w = 0; w < WARPS; ++w) {
-    hi = max(hi, red_hi[w]);
-    lo = min(lo, red_lo[w]);
-  }
-  const float vmax = from_order_key(hi), vmin = from_order_key(lo);
-  const float scale = 2048.f / (vmax - vmin);
-  if (!(vmax > vmin) || !isfinite(scale) || !(scale > 0.f)) return false;  // uniform
-  const auto bin_of = [&](uint32_t key) {
-    return min(2047, static_cast<int>((from_order_key(key) - vmin) * scale));
-  };
-  for_each_key([&](uint32_t key, int) { atomicAdd(&hist[bin_of(key)], 1); });
-  __syncthreads();
-  find_bin(hist, 2048, kk, warp_suf, sel_bin, sel_above);
-  const int sb = *sel_bin, above = *sel_above, crowd = hist[sb];
-  __syncthreads();  // every thread has read hist[sb] before the radix path may reset it
-  if (crowd > LIST) return false;  // the same answer in every thread
-  // Keys of higher bins are all taken (output positions by one atomic per warp); the
-  // threshold bin's keys go to the list.
-  const unsigned below = (1u << lane) - 1u;
-  for_each_key([&](uint32_t key, int i) {
-    const int b = bin_of(key);
-    const unsigned act = __activemask();
-    const int leader = __ffs(act) - 1;
-    const unsigned up = __ballot_sync(act, b > sb);
-    int base = 0;
-    if (lane == leader && up) base = atomicAdd(row_gt, __popc(up));
-    base = __shfl_sync(act, base, leader);
-    if (b > sb) {
-      o[base + __popc(up & below)] = cd[i];
-    } else if (b == sb) {
-      const int t = atomicAdd(&list_n, 1);
-      list_v[t] = from_order_key(key);
-      list_i[t] = i;
-    }
-  });
-  __syncthreads();
-  // Rank each threshold-bin key among the others (higher value, then lower index first);
-  // the best kk - above fill output positions above .. kk - 1, one each.
-  const int m = list_n, need = kk - above;
-  for (int t = tid; t < m; t += THREADS) {
-    const float v = list_v[t];
-    const int i = list_i[t];
-    int r = 0;
-    for (int u = 0; u < m; ++u) {
-      const float w = list_v[u];
-      r += w > v || (w == v && list_i[u] < i);
-    }
-    if (r < need) o[above + r] = cd[i];
-  }
-  return true;
-}
-
 // CACHED: keys per thread kept in registers (rows of up to CACHED x 1024 x ncl keys are
 // read once). CLUSTER: launched as clusters of ncl > 1 blocks.
 template <int CACHED, bool CLUSTER>
 __global__ void __launch_bounds__(THREADS)
     topk_kernel(const float* __restrict__ est, const int32_t* __restrict__ cand,
                 const int64_t* __restrict__ counts, int32_t* __restrict__ out, int64_t cmax,
-                int k, int H, int value_bins) {
+                int k, int H) {
   __shared__ int hist[2048];    // this block's share
   __shared__ int merged[2048];  // the cluster's sum
   __shared__ int warp_suf[WARPS];
@@ -223,10 +128,6 @@ __global__ void __launch_bounds__(THREADS)
   if (tid == 0) {
     row_gt = 0;
     row_eq = 0;
-  }
-  if constexpr (!CLUSTER) {
-    if (value_bins && value_bin_topk(hist, warp_suf, &sel_bin, &sel_above, &row_gt, for_each_key, kk, cd, o))
-      return;  // else (a crowded threshold bin) the radix select below
   }
   uint32_t prefix = 0, mask = 0;
   int need = kk;
@@ -301,11 +202,9 @@ __global__ void __launch_bounds__(THREADS)
 
 }  // namespace
 
-// cluster: blocks per row (1, 2, 4 or 8: the portable cluster sizes). value_bins: the
-// single-block value-binned select (else the radix select alone).
+// cluster: blocks per row (1, 2, 4 or 8: the portable cluster sizes).
 extern "C" int pariskv_topk(const void* est, const void* cand, const void* counts, void* out,
-                            int64_t cmax, int k, int R, int H, int cluster, int value_bins,
-                            void* stream) {
+                            int64_t cmax, int k, int R, int H, int cluster, void* stream) {
   if (R == 0 || k == 0) return 0;
   if (cmax >= (int64_t{1} << 31) - static_cast<int64_t>(8) * THREADS) return -3;
   if (cluster != 1 && cluster != 2 && cluster != 4 && cluster != 8) return -2;
@@ -324,6 +223,6 @@ extern "C" int pariskv_topk(const void* est, const void* cand, const void* count
   // hold a share of the row and cache 8 (no spill).
   const cudaError_t err = cudaLaunchKernelEx(
       &cfg, cluster == 1 ? topk_kernel<16, false> : topk_kernel<8, true>, static_cast<const float*>(est), static_cast<const int32_t*>(cand),
-      static_cast<const int64_t*>(counts), static_cast<int32_t*>(out), cmax, k, H, value_bins);
+      static_cast<const int64_t*>(counts), static_cast<int32_t*>(out), cmax, k, H);
   return static_cast<int>(err != cudaSuccess ? err : cudaGetLastError());
 }

@@ -94,7 +94,7 @@ def _library(name: str) -> ctypes.CDLL | None:
         fn.argtypes = [p, i64, i64, i32] + [p] * 8 + [i32] * 6 + [p]
     else:
         fn = dll.pariskv_topk
-        fn.argtypes = [p, p, p, p, i64, i32, i32, i32, i32, i32, p]
+        fn.argtypes = [p, p, p, p, i64, i32, i32, i32, i32, p]
     fn.restype = i32
     return dll
 
@@ -345,13 +345,11 @@ def topk_cuda(
     counts: torch.Tensor,
     out: torch.Tensor,
     cluster: int = 1,
-    value_bins: bool = True,
 ) -> None:
     """CUDA twin of :func:`rerank.topk_slots`: ``out`` int32 [R, Hkv, k] receives the KV
     slots of each row's min(k, C) best estimates (unordered); rows with C = 0 untouched.
     ``cluster``: blocks per row, one of :data:`TOPK_CLUSTER_SIZES` (above 1 needs
-    thread-block clusters: compute capability 9.0 or newer). ``value_bins``: single blocks
-    first try the value-binned select (csrc/topk.cu), else only the radix select."""
+    thread-block clusters: compute capability 9.0 or newer)."""
     if cluster not in TOPK_CLUSTER_SIZES:
         raise ValueError(f"topk_cuda: cluster {cluster} is not one of {TOPK_CLUSTER_SIZES}")
     lib = _library("topk")
@@ -368,7 +366,6 @@ def topk_cuda(
         r,
         h,
         cluster,
-        int(value_bins),
         torch.cuda.current_stream(est.device).cuda_stream,
     )
     if rc != 0:

@@ -157,7 +157,6 @@ class DecodeWorkspace:
         cuda_scan_pairs: bool = CUDA_SCAN_PAIRS,
         cuda_query_tiers: bool | None = None,
         cuda_topk_cluster: int | None = None,
-        cuda_topk_value_bins: bool = True,
     ) -> None:
         """``scan_variant``: "cuda" (csrc/ kernels for the scan and the rerank), "load" or
         "gather" (Triton scan variants, Triton rerank), or "auto" (cuda where it builds).
@@ -171,8 +170,7 @@ class DecodeWorkspace:
         default of 8); ``cuda_scan_pairs``: its (token, head)-pairs lane layout.
         ``cuda_query_tiers``: the query prep + tier table in CUDA (csrc/query_tiers.cu)
         rather than Triton; None: with the cuda scan. ``cuda_topk_cluster``: blocks per
-        row of the CUDA top-k; None: :func:`topk_cluster_for` the longest row.
-        ``cuda_topk_value_bins``: single-block rows try the value-binned select first."""
+        row of the CUDA top-k; None: :func:`topk_cluster_for` the longest row."""
         check_head_dim(head_dim)
         if num_q_heads % num_kv_heads:
             raise ValueError(f"{num_q_heads} query heads over {num_kv_heads} KV heads")
@@ -216,7 +214,6 @@ class DecodeWorkspace:
         self.cmax = max_candidates(config, max_context)
         self.k = min(config.topk, self.cmax)
         self.cuda_topk_cluster = cuda_topk_cluster or topk_cluster_for(self.cmax, dev)
-        self.cuda_topk_value_bins = cuda_topk_value_bins
         # With elide_dense_rows, dense requests get one-token rows: the caller attends them
         # through its own dense call and discards these rows (SGLang backend), so neither
         # the index buffer nor the sparse attention pays for their full length.
@@ -442,14 +439,7 @@ class DecodeWorkspace:
         if self.topk_variant == "radix":
             self.radix(st.est, st.cand, st.counts, st.top)
         else:
-            topk_cuda(
-                st.est,
-                st.cand,
-                st.counts,
-                st.top,
-                self.cuda_topk_cluster,
-                self.cuda_topk_value_bins,
-            )
+            topk_cuda(st.est, st.cand, st.counts, st.top, self.cuda_topk_cluster)
 
     def _stage_assemble(self) -> None:
         st = self._st
