@@ -1,0 +1,158 @@
+"""ParisKV retrieval kernels inside a model-like decode step vs alone: where do they slow down?
+
+SGLang's profile of a 128K x 2 step (results/profile_decode_128k_b2.json) times the
+candidate write + rerank at 36 us per layer, while bench_retrieval_variants.py times the
+same kernel at about 19.5 us alone. This bench replays one CUDA graph of ``--layers``
+layers' retrieval in three settings and reports each retrieval kernel's mean duration
+(torch.profiler, CUPTI kernel times):
+
+* ``alone``: every layer reads the same code pool, nothing else runs;
+* ``per_layer_pools``: each layer has its own code pool (as in SGLang: 32 pools);
+* ``step``: per-layer pools plus a weight-streaming matmul between layers sized like the
+  layer's weight GEMMs (Llama-3.1-8B: about 436 MB per layer in bf16).
+
+    python benchmarks/bench_retrieval_in_step.py --out benchmarks/results/retrieval_in_step.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_kernels as bk  # noqa: E402
+
+#: Kernel-name fragments of the retrieval stages, in pipeline order.
+STAGE_KERNELS = {
+    "query_tiers": "query_tiers_kernel",
+    "scan": "scan_",
+    "count": "_count_kernel",
+    "write_rerank": "select_rerank_kernel",
+    "topk": "topk_kernel",
+    "assemble": "_assemble_kernel",
+}
+MODES = ("alone", "per_layer_pools", "step")
+
+
+def stage_means_us(events: list[tuple[str, float]]) -> dict[str, float]:
+    """Mean duration (us) per retrieval stage from (kernel name, duration us) pairs; kernels
+    of no stage (the matmul, copies) are left out."""
+    acc: dict[str, list[float]] = defaultdict(list)
+    for name, us in events:
+        for stage, frag in STAGE_KERNELS.items():
+            if frag in name:
+                acc[stage].append(us)
+                break
+    return {s: sum(v) / len(v) for s, v in acc.items()}
+
+
+def kernel_events(prof) -> list[tuple[str, float]]:
+    out = []
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            out.append((e.name, e.time_range.elapsed_us()))
+    return out
+
+
+def run(n: int, batch: int, layers: int, weight_mb: float, dev) -> dict:
+    from sglang_pariskv.codec.encode import KeyCodes
+    from sglang_pariskv.config import ParisKVConfig
+    from sglang_pariskv.kernels import DecodeWorkspace
+
+    pools = bk.Pools(n * batch + 1, dev)
+    rtt, rpi, seq, hist, q = bk.case_inputs(n, batch, pools, dev)
+    del pools.k, pools.v
+    codes = [pools.codes] + [KeyCodes(*(t.clone() for t in pools.codes)) for _ in range(layers - 1)]
+    cols = int(weight_mb * 1e6 / 2 / 4096)
+    w = torch.randn(4096, cols, device=dev, dtype=torch.bfloat16)
+    x = torch.randn(batch, 4096, device=dev, dtype=torch.bfloat16)
+    cfg = ParisKVConfig(topk=2048, sink=64, local=256)
+    ws = DecodeWorkspace(cfg, bk.HQ, bk.HKV, bk.D, batch, n, dev)
+    ws.plan(seq.cpu())
+    res = {}
+    for mode in MODES:
+
+        def step(mode=mode):
+            for layer in range(layers):
+                if mode == "step":
+                    torch.matmul(x, w)
+                pool = codes[0] if mode == "alone" else codes[layer]
+                ws.run(q, pool, hist, rtt, rpi)
+
+        g = bk.graph_of(step)
+        for _ in range(3):
+            g.replay()
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                g.replay()
+            torch.cuda.synchronize()
+        res[mode] = stage_means_us(kernel_events(prof))
+        res[mode]["step_ms"] = bk.bench_ms(g.replay)
+        print(mode, {k: round(v, 1) for k, v in res[mode].items()}, flush=True)
+    return res
+
+
+def plot(path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rep = json.loads(path.read_text())
+    stages = list(STAGE_KERNELS)
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    wdt = 0.8 / len(MODES)
+    for i, mode in enumerate(MODES):
+        vals = [rep["modes"][mode].get(s, 0.0) for s in stages]
+        ax.bar([j + (i - 1) * wdt for j in range(len(stages))], vals, wdt, label=mode)
+    ax.set_xticks(range(len(stages)), stages)
+    ax.set_ylabel("mean kernel time per layer (us)")
+    ax.set_title(f"retrieval kernels in a step vs alone, {rep['N'] // 1024}K x {rep['batch']}, "
+                 f"{rep['device']}")  # fmt: skip
+    ax.legend()
+    fig.tight_layout()
+    out = path.with_suffix(".png")
+    fig.savefig(out, dpi=110)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=131072)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--weight-mb", type=float, default=436.0)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/retrieval_in_step.json"))
+    args = ap.parse_args(argv)
+    dev = torch.device("cuda")
+    t0 = time.time()
+    rep = {
+        "device": torch.cuda.get_device_name(dev),
+        "versions": bk.versions(),
+        "command": "python " + " ".join(sys.argv),
+        "N": args.n,
+        "batch": args.batch,
+        "layers": args.layers,
+        "weight_mb_per_layer": args.weight_mb,
+        "modes": run(args.n, args.batch, args.layers, args.weight_mb, dev),
+    }
+    rep["wall_s"] = time.time() - t0
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(rep, indent=1))
+    try:
+        print(plot(args.out))
+    except ImportError as e:  # no matplotlib on the host: the JSON is the result
+        print(f"no plot: {e}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
