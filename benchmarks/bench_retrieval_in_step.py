@@ -35,6 +35,8 @@ STAGE_KERNELS = {
     "scan": "scan_",
     "count": "_count_kernel",
     "write_rerank": "select_rerank_kernel",
+    "write": "_write_kernel",
+    "rerank": "rerank_kernel",
     "topk": "topk_kernel",
     "assemble": "_assemble_kernel",
 }
@@ -61,7 +63,14 @@ def kernel_events(prof) -> list[tuple[str, float]]:
     return out
 
 
-def run(n: int, batch: int, layers: int, weight_mb: float, dev) -> dict:
+#: DecodeWorkspace keyword arguments compared (``--variants``).
+VARIANTS = {
+    "default": {},
+    "unfused_select": dict(fused_select=False),  # Triton candidate write, then CUDA rerank
+}
+
+
+def run(n: int, batch: int, layers: int, weight_mb: float, dev, variants: list[str]) -> dict:
     from sglang_pariskv.codec.encode import KeyCodes
     from sglang_pariskv.config import ParisKVConfig
     from sglang_pariskv.kernels import DecodeWorkspace
@@ -74,8 +83,15 @@ def run(n: int, batch: int, layers: int, weight_mb: float, dev) -> dict:
     w = torch.randn(4096, cols, device=dev, dtype=torch.bfloat16)
     x = torch.randn(batch, 4096, device=dev, dtype=torch.bfloat16)
     cfg = ParisKVConfig(topk=2048, sink=64, local=256)
-    ws = DecodeWorkspace(cfg, bk.HQ, bk.HKV, bk.D, batch, n, dev)
-    ws.plan(seq.cpu())
+    res = {}
+    for variant in variants:
+        ws = DecodeWorkspace(cfg, bk.HQ, bk.HKV, bk.D, batch, n, dev, **VARIANTS[variant])
+        ws.plan(seq.cpu())
+        res[variant] = modes_of(ws, codes, q, hist, rtt, rpi, x, w, layers)
+    return res
+
+
+def modes_of(ws, codes, q, hist, rtt, rpi, x, w, layers: int) -> dict:
     res = {}
     for mode in MODES:
 
@@ -96,7 +112,7 @@ def run(n: int, batch: int, layers: int, weight_mb: float, dev) -> dict:
             torch.cuda.synchronize()
         res[mode] = stage_means_us(kernel_events(prof))
         res[mode]["step_ms"] = bk.bench_ms(g.replay)
-        print(mode, {k: round(v, 1) for k, v in res[mode].items()}, flush=True)
+        print(ws.fused_select, mode, {k: round(v, 1) for k, v in res[mode].items()}, flush=True)
     return res
 
 
@@ -111,10 +127,10 @@ def plot(path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(9, 4.5))
     wdt = 0.8 / len(MODES)
     for i, mode in enumerate(MODES):
-        vals = [rep["modes"][mode].get(s, 0.0) for s in stages]
+        vals = [rep["variants"]["default"][mode].get(s, 0.0) for s in stages]
         ax.bar([j + (i - 1) * wdt for j in range(len(stages))], vals, wdt, label=mode)
     ax.set_xticks(range(len(stages)), stages)
-    ax.set_ylabel("mean kernel time per layer (us)")
+    ax.set_ylabel("mean kernel time per layer (us), default variant")
     ax.set_title(f"retrieval kernels in a step vs alone, {rep['N'] // 1024}K x {rep['batch']}, "
                  f"{rep['device']}")  # fmt: skip
     ax.legend()
@@ -130,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--weight-mb", type=float, default=436.0)
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/retrieval_in_step.json"))
     args = ap.parse_args(argv)
     dev = torch.device("cuda")
@@ -142,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch": args.batch,
         "layers": args.layers,
         "weight_mb_per_layer": args.weight_mb,
-        "modes": run(args.n, args.batch, args.layers, args.weight_mb, dev),
+        "variants": run(args.n, args.batch, args.layers, args.weight_mb, dev, args.variants),
     }
     rep["wall_s"] = time.time() - t0
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -24,46 +24,68 @@ __device__ inline void build_rerank_table(float* table, const float* q, const fl
   }
 }
 
-// sum_b w_b * <v_b, q_b> of pool row `rec` (= slot * Hkv + head); the caller scales by ||q||.
-// Vector loads: signs B bytes, mags 3B bytes, weights 2B bytes (alignment: B, 3B and 2B
-// times the row index, all multiples of 8 for B in {8, 16}).
+// Copies N bytes from `src` (aligned to the widest vector dividing N) to `dst`.
+template <int N>
+__device__ __forceinline__ void load_bytes(uint8_t* dst, const uint8_t* __restrict__ src) {
+  if constexpr (N % 16 == 0) {
+#pragma unroll
+    for (int i = 0; i < N / 16; ++i)
+      reinterpret_cast<uint4*>(dst)[i] = reinterpret_cast<const uint4*>(src)[i];
+  } else if constexpr (N % 8 == 0) {
+#pragma unroll
+    for (int i = 0; i < N / 8; ++i)
+      reinterpret_cast<uint2*>(dst)[i] = reinterpret_cast<const uint2*>(src)[i];
+  } else {
+#pragma unroll
+    for (int i = 0; i < N / 4; ++i)
+      reinterpret_cast<uint32_t*>(dst)[i] = reinterpret_cast<const uint32_t*>(src)[i];
+  }
+}
+
+// sum over blocks b0 .. b0 + NB - 1 of w_b * <v_b, q_b> of pool row `rec` (= slot * Hkv +
+// head); the caller scales by ||q||. NB divides B and b0 is a multiple of NB, so every
+// load is aligned (signs NB bytes, mags 3 NB bytes, weights 2 NB bytes per part, at
+// multiples of those sizes). Splitting a record over threads shortens each thread's
+// chain of dependent loads and adds.
+template <int B, int NB>
+__device__ inline float rerank_partial(const uint8_t* __restrict__ signs,
+                                       const uint8_t* __restrict__ mags,
+                                       const __half* __restrict__ weights, int64_t rec,
+                                       const float* table, int b0) {
+  static_assert(B % NB == 0 && NB % 4 == 0, "NB must divide B and be a multiple of 4");
+  uint8_t s[NB];
+  uint8_t m[3 * NB];
+  __half w[NB];
+  load_bytes<NB>(s, signs + rec * B + b0);
+  load_bytes<3 * NB>(m, mags + rec * 3 * B + 3 * b0);
+  load_bytes<2 * NB>(reinterpret_cast<uint8_t*>(w),
+                     reinterpret_cast<const uint8_t*>(weights + rec * B + b0));
+  float acc = 0.f;
+#pragma unroll
+  for (int bb = 0; bb < NB; ++bb) {
+    const int b = b0 + bb;
+    const uint32_t word = m[3 * bb] | (m[3 * bb + 1] << 8) | (m[3 * bb + 2] << 16);
+    const uint32_t sg = s[bb];
+    float dot0 = 0.f, dot1 = 0.f;  // two chains of adds, not one
+#pragma unroll
+    for (int j = 0; j < 8; j += 2) {
+      const uint32_t e0 = ((word >> (3 * j)) & 7u) | (((sg >> j) & 1u) << 3);
+      const uint32_t e1 = ((word >> (3 * j + 3)) & 7u) | (((sg >> (j + 1)) & 1u) << 3);
+      dot0 += table[(b * 8 + j) * 16 + e0];
+      dot1 += table[(b * 8 + j + 1) * 16 + e1];
+    }
+    acc += __half2float(w[bb]) * (dot0 + dot1);
+  }
+  return acc;
+}
+
+// The whole record: sum_b w_b * <v_b, q_b>.
 template <int B>
 __device__ inline float rerank_estimate(const uint8_t* __restrict__ signs,
                                         const uint8_t* __restrict__ mags,
                                         const __half* __restrict__ weights, int64_t rec,
                                         const float* table) {
-  uint8_t s[B];
-  uint8_t m[3 * B];
-  __half w[B];
-  if constexpr (B == 16) {
-    *reinterpret_cast<uint4*>(s) = *reinterpret_cast<const uint4*>(signs + rec * 16);
-#pragma unroll
-    for (int i = 0; i < 3; ++i)
-      reinterpret_cast<uint4*>(m)[i] = reinterpret_cast<const uint4*>(mags + rec * 48)[i];
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-      reinterpret_cast<uint4*>(w)[i] = reinterpret_cast<const uint4*>(weights + rec * 16)[i];
-  } else {
-    *reinterpret_cast<uint2*>(s) = *reinterpret_cast<const uint2*>(signs + rec * 8);
-#pragma unroll
-    for (int i = 0; i < 3; ++i)
-      reinterpret_cast<uint2*>(m)[i] = reinterpret_cast<const uint2*>(mags + rec * 24)[i];
-    *reinterpret_cast<uint4*>(w) = *reinterpret_cast<const uint4*>(weights + rec * 8);
-  }
-  float acc = 0.f;
-#pragma unroll
-  for (int b = 0; b < B; ++b) {
-    const uint32_t word = m[3 * b] | (m[3 * b + 1] << 8) | (m[3 * b + 2] << 16);
-    const uint32_t sg = s[b];
-    float dot = 0.f;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const uint32_t e = ((word >> (3 * j)) & 7u) | (((sg >> j) & 1u) << 3);
-      dot += table[(b * 8 + j) * 16 + e];
-    }
-    acc += __half2float(w[b]) * dot;
-  }
-  return acc;
+  return rerank_partial<B, B>(signs, mags, weights, rec, table, 0);
 }
 
 }  // namespace pariskv

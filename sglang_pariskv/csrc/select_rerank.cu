@@ -154,13 +154,21 @@ __global__ void __launch_bounds__(THREADS)
   const int n = n_list;
   const int64_t req = req_idx[r];
   const float norm = qn[row];
-  for (int i = tid; i < n; i += THREADS) {
-    const int dest = list_dest[i];
+  // Two threads per candidate (adjacent lanes), half of the record's blocks each: a
+  // block keeps about 100 of its 1024 positions, so one thread each left most lanes idle
+  // behind one long chain of loads and adds.
+  for (int t = tid; t < 2 * n; t += THREADS) {
+    const int i = t >> 1, part = t & 1;
     const int32_t slot = rtt[req * stride_rtt + start + list_pos[i]];
     const int64_t rec = static_cast<int64_t>(slot) * H + h;
-    const float acc = pariskv::rerank_estimate<B>(signs, mags, weights, rec, table);
-    out_cand[dest] = slot;
-    out_est[dest] = acc * norm;
+    const int b0 = part * (B / 2);
+    float acc = pariskv::rerank_partial<B, B / 2>(signs, mags, weights, rec, table, b0);
+    acc += __shfl_xor_sync(__activemask(), acc, 1);  // both lanes of a pair are active
+    if (part == 0) {
+      const int dest = list_dest[i];
+      out_cand[dest] = slot;
+      out_est[dest] = acc * norm;
+    }
   }
 }
 
