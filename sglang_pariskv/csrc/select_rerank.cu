@@ -157,7 +157,7 @@ __global__ void __launch_bounds__(THREADS)
   // SPLIT threads per candidate (adjacent lanes), B / SPLIT of the record's blocks each: a
   // block keeps about 100 of its 1024 positions, so one thread each left most lanes idle
   // behind one long chain of loads and adds (36.3 us per layer at 128K x 2 in a 32-layer
-  // graph; 2 threads: 34.2, bench_retrieval_in_step.py).
+  // graph; 2 threads: 34.2; 4 threads: 32.5, bench_retrieval_in_step.py).
   constexpr int SPLIT = B >= 16 ? 4 : 2;
   for (int t = tid; t < SPLIT * n; t += THREADS) {
     const int i = t / SPLIT, part = t % SPLIT;
