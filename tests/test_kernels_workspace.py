@@ -258,3 +258,11 @@ def test_scan_lane_layout_reaches_the_cuda_kernel(monkeypatch, pairs):
     ws._st.score_hist = ws.score_hist[:2]
     ws._stage_scan()
     assert seen["args"][-3:] == (512, 16, pairs)  # run length, warps, lane layout
+
+
+def test_bad_topk_cluster_fails_at_construction():
+    cfg = ParisKVConfig(topk=64, sink=8, local=16, dense_threshold=256)
+    with pytest.raises(ValueError, match="expected one of"):
+        DecodeWorkspace(cfg, 4, 2, 64, 2, 1024, "cpu", scan_variant="load", cuda_topk_cluster=3)
+    with pytest.raises(ValueError, match="thread-block clusters"):
+        DecodeWorkspace(cfg, 4, 2, 64, 2, 1024, "cpu", scan_variant="load", cuda_topk_cluster=8)

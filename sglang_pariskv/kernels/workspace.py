@@ -14,8 +14,8 @@ request (the decoded token included), so their total is seq_len by construction.
 
 Stages of :meth:`run` (each a module of this package):
   query prep + tier table (one launch: ``csrc/query_tiers.cu``, or ``query_tiers.py``
-  fusing ``query.py`` and ``tiers.py``) -> collision scan + score histogram (``collision.py`` / CUDA
-  ``cuda_ops.py``) -> candidate selection (``select.py``) -> rerank + top-k
+  fusing ``query.py`` and ``tiers.py``) -> collision scan + score histogram
+  (``collision.py`` / CUDA ``cuda_ops.py``) -> candidate selection (``select.py``) -> rerank + top-k
   (``rerank.py``) -> index assembly (``assemble.py``). With the CUDA kernels the
   selection's candidate write is fused into the rerank (``csrc/select_rerank.cu``): the
   "select" stage is then the count pass alone.
@@ -43,6 +43,7 @@ from sglang_pariskv.config import ParisKVConfig, check_head_dim
 from sglang_pariskv.kernels.assemble import assemble_indices, kv_indptr_for, max_row_length
 from sglang_pariskv.kernels.collision import collision_scan, score_bins
 from sglang_pariskv.kernels.cuda_ops import (
+    TOPK_CLUSTER_SIZES,
     collision_scan_cuda,
     cuda_available,
     query_tier_table_cuda,
@@ -101,11 +102,23 @@ def topk_cluster_for(cmax: int, device: torch.device) -> int:
     """Blocks per top-k row. Rows that fit one block's registers stay on one block: an
     8-block cluster made 128K x 2 slower (42 vs 29 us: a cluster needs 8 free SMs of one
     GPC, so 16 rows of 8 did not all fit at once) and 128K x 1 no faster. Longer rows
-    (1M tokens: C = 104826) are split: 35 vs 166 us on the H100 at 1M x 1
-    (benchmarks/results/retrieval_variants.json)."""
+    (1M tokens: C = 104826) are split: 35 us on the H100 at 1M x 1 against 87.5 for
+    session 7's single-block run (benchmarks/results/retrieval_variants*.json)."""
     if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
         return 1
     return 1 if cmax <= TOPK_ONE_BLOCK_KEYS else CUDA_TOPK_CLUSTER
+
+
+def check_topk_cluster(cluster: int, device: torch.device) -> None:
+    """A cluster size the CUDA top-k can launch here, or a ValueError now (not at the
+    first decode step)."""
+    if cluster not in TOPK_CLUSTER_SIZES:
+        raise ValueError(f"cuda_topk_cluster={cluster}: expected one of {TOPK_CLUSTER_SIZES}")
+    if cluster > 1 and (device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9):
+        raise ValueError(
+            f"cuda_topk_cluster={cluster} needs thread-block clusters (compute capability 9.0+,"
+            " e.g. H100); use 1"
+        )
 
 
 #: CUDA scan launch shape (see ``scan_tokens_per_block``): 16 warps, (token, head) pairs.
@@ -214,6 +227,7 @@ class DecodeWorkspace:
         self.cmax = max_candidates(config, max_context)
         self.k = min(config.topk, self.cmax)
         self.cuda_topk_cluster = cuda_topk_cluster or topk_cluster_for(self.cmax, dev)
+        check_topk_cluster(self.cuda_topk_cluster, dev)
         # With elide_dense_rows, dense requests get one-token rows: the caller attends them
         # through its own dense call and discards these rows (SGLang backend), so neither
         # the index buffer nor the sparse attention pays for their full length.
