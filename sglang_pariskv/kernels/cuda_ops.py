@@ -39,6 +39,24 @@ def _nvcc() -> str | None:
     return None
 
 
+_P, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+#: csrc/<name>.cu: what it computes (for messages) and the argument types of its entry
+#: point ``pariskv_<name>`` (the last argument is always the stream).
+_KERNELS: dict[str, tuple[str, list]] = {
+    "collision_scan": (
+        "collision scan",
+        [_P, _P, _I64, _P, _P, _P, _P, _P, _P, _I64, _I64] + [_I32] * 7 + [_P],
+    ),
+    "rerank": ("rerank", [_P] * 9 + [_I64, _I32, _I32, _I32, _P]),
+    "select_rerank": (
+        "candidate write + rerank",
+        [_P] * 9 + [_I64] + [_P] * 9 + [_I64, _I64, _I32, _I64] + [_I32] * 4 + [_P],
+    ),
+    "topk": ("top-k", [_P, _P, _P, _P, _I64] + [_I32] * 4 + [_P]),
+    "query_tiers": ("query + tier table", [_P, _I64, _I64, _I32] + [_P] * 8 + [_I32] * 6 + [_P]),
+}
+
+
 @cache
 def _library(name: str) -> ctypes.CDLL | None:
     source = CSRC / f"{name}.cu"
@@ -79,24 +97,21 @@ def _library(name: str) -> ctypes.CDLL | None:
             return None
         os.replace(tmp, lib)  # atomic: concurrent builders (TP ranks) never see half a file
     dll = ctypes.CDLL(str(lib))
-    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    if name == "collision_scan":
-        fn = dll.pariskv_collision_scan
-        fn.argtypes = [p, p, i64, p, p, p, p, p, p, i64, i64] + [i32] * 7 + [p]
-    elif name == "rerank":
-        fn = dll.pariskv_rerank
-        fn.argtypes = [p, p, p, p, p, p, p, p, p, i64, i32, i32, i32, p]
-    elif name == "select_rerank":
-        fn = dll.pariskv_select_rerank
-        fn.argtypes = [p] * 9 + [i64] + [p] * 9 + [i64, i64, i32, i64] + [i32] * 4 + [p]
-    elif name == "query_tiers":
-        fn = dll.pariskv_query_tiers
-        fn.argtypes = [p, i64, i64, i32] + [p] * 8 + [i32] * 6 + [p]
-    else:
-        fn = dll.pariskv_topk
-        fn.argtypes = [p, p, p, p, i64, i32, i32, i32, i32, p]
-    fn.restype = i32
+    fn = getattr(dll, f"pariskv_{name}")
+    fn.argtypes = _KERNELS[name][1]
+    fn.restype = ctypes.c_int
     return dll
+
+
+def _launch(name: str, device: torch.device, *args) -> None:
+    """Call ``pariskv_<name>(*args, stream)`` on ``device``'s current stream (so it is
+    CUDA-graph capturable); a missing build or a nonzero return code raises."""
+    lib = _library(name)
+    if lib is None:
+        raise RuntimeError(f"the CUDA {_KERNELS[name][0]} is unavailable (no nvcc or no source)")
+    rc = getattr(lib, f"pariskv_{name}")(*args, torch.cuda.current_stream(device).cuda_stream)
+    if rc != 0:
+        raise RuntimeError(f"pariskv_{name} failed with code {rc}")
 
 
 def _require_dtypes(op: str, **tensors: tuple[torch.Tensor, torch.dtype]) -> None:
@@ -108,8 +123,7 @@ def _require_dtypes(op: str, **tensors: tuple[torch.Tensor, torch.dtype]) -> Non
 
 def cuda_available() -> bool:
     """Every CUDA kernel built (or already cached) for this GPU."""
-    names = ("collision_scan", "rerank", "select_rerank", "topk", "query_tiers")
-    return all(_library(n) is not None for n in names)
+    return all(_library(n) is not None for n in _KERNELS)
 
 
 #: dtype codes of csrc/query_tiers.cu's query argument.
@@ -128,9 +142,6 @@ def query_tier_table_cuda(
 ) -> None:
     """CUDA twin of :func:`query_tiers.query_tier_table` (csrc/query_tiers.cu): same
     arguments and outputs; ``query_out`` is a :class:`codec.query.PreparedQuery`."""
-    lib = _library("query_tiers")
-    if lib is None:
-        raise RuntimeError("the CUDA query + tier table is unavailable (no nvcc or no source)")
     if q.dtype not in _QUERY_DTYPES:
         raise TypeError(f"query_tier_table_cuda: q must be one of {list(_QUERY_DTYPES)}")
     _require_dtypes(
@@ -150,7 +161,9 @@ def query_tier_table_cuda(
         return
     if q.stride(-1) != 1:
         q = q.contiguous()
-    rc = lib.pariskv_query_tiers(
+    _launch(
+        "query_tiers",
+        q.device,
         q.data_ptr(),
         q.stride(0),
         q.stride(1),
@@ -169,10 +182,7 @@ def query_tier_table_cuda(
         hq // h,
         thresholds.shape[-1],
         score_hist.shape[-1],
-        torch.cuda.current_stream(q.device).cuda_stream,
     )
-    if rc != 0:
-        raise RuntimeError(f"pariskv_query_tiers failed with code {rc}")
 
 
 def collision_scan_cuda(
@@ -193,9 +203,6 @@ def collision_scan_cuda(
     ``req_pool_indices`` and ``req_to_token`` int32; every tensor contiguous). ``warps``
     per block: a multiple of the KV heads (0: the kernel's default, 8 for <= 8 heads).
     ``pairs``: lanes take (token, head) pairs, so warp loads cover whole sign rows."""
-    lib = _library("collision_scan")
-    if lib is None:
-        raise RuntimeError("the CUDA collision scan is unavailable (no nvcc or no source)")
     _, h, b = signs.shape
     r, _, nmax = scores.shape
     _require_dtypes(
@@ -205,7 +212,9 @@ def collision_scan_cuda(
         seq_lens=(seq_lens, torch.int64),
         zone_end=(zone_end, torch.int64),
     )
-    rc = lib.pariskv_collision_scan(
+    _launch(
+        "collision_scan",
+        signs.device,
         signs.data_ptr(),
         req_to_token.data_ptr(),
         req_to_token.stride(0),
@@ -224,10 +233,7 @@ def collision_scan_cuda(
         tokens_per_block,
         warps,
         int(pairs),
-        torch.cuda.current_stream(signs.device).cuda_stream,
     )
-    if rc != 0:
-        raise RuntimeError(f"pariskv_collision_scan failed with code {rc}")
 
 
 def rerank_cuda(
@@ -242,12 +248,11 @@ def rerank_cuda(
     est: torch.Tensor,
 ) -> None:
     """CUDA twin of :func:`rerank.rerank_estimates` (``counts`` int64; contiguous)."""
-    lib = _library("rerank")
-    if lib is None:
-        raise RuntimeError("the CUDA rerank is unavailable (no nvcc or no source)")
     _require_dtypes("rerank_cuda", counts=(counts, torch.int64), cand=(cand, torch.int32))
     r, h, cmax = cand.shape
-    rc = lib.pariskv_rerank(
+    _launch(
+        "rerank",
+        cand.device,
         cand.data_ptr(),
         counts.data_ptr(),
         signs.data_ptr(),
@@ -261,10 +266,7 @@ def rerank_cuda(
         r,
         h,
         signs.shape[-1],
-        torch.cuda.current_stream(cand.device).cuda_stream,
     )
-    if rc != 0:
-        raise RuntimeError(f"pariskv_rerank failed with code {rc}")
 
 
 def select_rerank_cuda(
@@ -288,9 +290,6 @@ def select_rerank_cuda(
     :func:`select.count_candidates` filled ``buf`` (a :class:`select.CandidateBuffers`):
     ``cand`` receives exactly the KV slots the Triton write would, ``est`` their
     estimates (as :func:`rerank.rerank_estimates`), -inf at and past each row's C."""
-    lib = _library("select_rerank")
-    if lib is None:
-        raise RuntimeError("the CUDA candidate write + rerank is unavailable (no nvcc)")
     _require_dtypes(
         "select_rerank_cuda",
         counts=(counts, torch.int64),
@@ -301,7 +300,9 @@ def select_rerank_cuda(
         est=(est, torch.float32),
     )
     r, h, nmax = scores.shape
-    rc = lib.pariskv_select_rerank(
+    _launch(
+        "select_rerank",
+        scores.device,
         scores.data_ptr(),
         buf.thr.data_ptr(),
         buf.take.data_ptr(),
@@ -329,10 +330,7 @@ def select_rerank_cuda(
         h,
         signs.shape[-1],
         buf.chunk,
-        torch.cuda.current_stream(scores.device).cuda_stream,
     )
-    if rc != 0:
-        raise RuntimeError(f"pariskv_select_rerank failed with code {rc}")
 
 
 #: Thread blocks per row of the CUDA top-k (a Hopper thread-block cluster; see topk.cu).
@@ -352,11 +350,10 @@ def topk_cuda(
     thread-block clusters: compute capability 9.0 or newer)."""
     if cluster not in TOPK_CLUSTER_SIZES:
         raise ValueError(f"topk_cuda: cluster {cluster} is not one of {TOPK_CLUSTER_SIZES}")
-    lib = _library("topk")
-    if lib is None:
-        raise RuntimeError("the CUDA top-k is unavailable (no nvcc or no source)")
     r, h, cmax = est.shape
-    rc = lib.pariskv_topk(
+    _launch(
+        "topk",
+        est.device,
         est.data_ptr(),
         cand.data_ptr(),
         counts.data_ptr(),
@@ -366,7 +363,4 @@ def topk_cuda(
         r,
         h,
         cluster,
-        torch.cuda.current_stream(est.device).cuda_stream,
     )
-    if rc != 0:
-        raise RuntimeError(f"pariskv_topk failed with code {rc}")

@@ -1,0 +1,52 @@
+"""The ctypes launcher of kernels/cuda_ops.py, with a stand-in library (no GPU needed):
+arguments reach ``pariskv_<name>`` with the current stream last, and a missing build or a
+nonzero return code raises."""
+
+import types
+
+import pytest
+import torch
+
+from sglang_pariskv.kernels import cuda_ops
+
+
+def fake_library(calls, rc):
+    class Lib:
+        def __getattr__(self, symbol):
+            def entry(*args):
+                calls.append((symbol, args))
+                return rc
+
+            return entry
+
+    return Lib()
+
+
+@pytest.fixture
+def stream(monkeypatch):
+    monkeypatch.setattr(
+        torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=77)
+    )
+
+
+def test_topk_arguments_reach_its_entry_point_with_the_stream_last(monkeypatch, stream):
+    calls = []
+    monkeypatch.setattr(cuda_ops, "_library", lambda name: fake_library(calls, 0))
+    est, cand = torch.zeros(2, 3, 40), torch.zeros(2, 3, 40, dtype=torch.int32)
+    counts, out = torch.zeros(2, dtype=torch.int64), torch.zeros(2, 3, 16, dtype=torch.int32)
+    cuda_ops.topk_cuda(est, cand, counts, out, cluster=4)
+    ptrs = (est.data_ptr(), cand.data_ptr(), counts.data_ptr(), out.data_ptr())
+    assert calls == [("pariskv_topk", (*ptrs, 40, 16, 2, 3, 4, 77))]
+
+
+def test_nonzero_code_and_missing_build_raise(monkeypatch, stream):
+    monkeypatch.setattr(cuda_ops, "_library", lambda name: fake_library([], 3))
+    with pytest.raises(RuntimeError, match="pariskv_topk failed with code 3"):
+        cuda_ops._launch("topk", torch.device("cpu"), 1, 2)
+    monkeypatch.setattr(cuda_ops, "_library", lambda name: None)
+    with pytest.raises(RuntimeError, match="the CUDA top-k is unavailable"):
+        cuda_ops._launch("topk", torch.device("cpu"), 1, 2)
+
+
+def test_every_kernel_has_a_csrc_source():
+    assert {p.stem for p in cuda_ops.CSRC.glob("*.cu")} == set(cuda_ops._KERNELS)
