@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_e2e as e2e  # noqa: E402
 
 GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
+MODES = ("pariskv", "dense")
 
 #: Kernel-name fragments of each category, first match wins ("other": everything else).
 CATEGORIES = (
@@ -70,6 +71,34 @@ def kernel_times_us(trace_files: list[Path]) -> Counter:
         for ev in _gpu_events(f):
             total[ev["name"]] += float(ev.get("dur", 0.0))
     return total
+
+
+def graph_kernel_times_us(trace_files: list[Path]) -> tuple[Counter, int]:
+    """Summed duration (µs) per kernel name of the kernels launched by ``cudaGraphLaunch``
+    (SGLang's CUDA-graph decode steps: one launch per step), and the number of launches.
+    Eager work in the window (the extend step, its prefill kernels) is left out, so the
+    totals / launches are exact per-decode-step times."""
+    total: Counter = Counter()
+    launches = 0
+    for f in trace_files:
+        opener = gzip.open if f.suffix == ".gz" else open
+        with opener(f, "rt") as fh:
+            events = json.load(fh)
+        events = events.get("traceEvents", events) if isinstance(events, dict) else events
+        graph_corr = {
+            ev.get("args", {}).get("correlation")
+            for ev in events
+            if ev.get("ph") == "X" and str(ev.get("name", "")).startswith("cudaGraphLaunch")
+        }
+        graph_corr.discard(None)
+        hit = set()
+        for ev in events:
+            corr = ev.get("args", {}).get("correlation")
+            if ev.get("ph") == "X" and ev.get("cat") in GPU_CATS and corr in graph_corr:
+                total[ev["name"]] += float(ev.get("dur", 0.0))
+                hit.add(corr)
+        launches += len(hit)
+    return total, launches
 
 
 def busy_and_span_us(trace_files: list[Path]) -> tuple[float, float]:
@@ -133,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--out", type=Path, default=Path(tempfile.mkdtemp(prefix="profile-")))
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     ap.add_argument(
         "--reuse",
         type=Path,
@@ -144,12 +174,15 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = Path(tempfile.mkdtemp(prefix="llama8b-shape-"))
     (model_dir / "config.json").write_text(json.dumps(e2e.LLAMA_8B))
     cfg = {"topk": 2048, "sink": 64, "local": 256, "dense_threshold": 8192}
-    per_step, windows = {}, {}
+    per_step, windows, graph_steps = {}, {}, {}
     for mode, pk in (("pariskv", cfg), ("dense", None)):
+        if mode not in args.modes:
+            continue
         saved = args.reuse / f"profile_{mode}.json" if args.reuse else None
         if saved is not None and saved.exists():
             got = json.loads(saved.read_text())
             per_step[mode], windows[mode] = got["kernels_us_per_step"], got["window"]
+            graph_steps[mode] = got.get("graph_steps", {"graph_launches": 0})
             continue
         out_dir = tempfile.mkdtemp(prefix=f"trace-{mode}-")
         res = e2e._run_isolated(
@@ -162,11 +195,30 @@ def main(argv: list[str] | None = None) -> int:
         files = [Path(f) for f in res["files"]]
         n = args.steps + 2
         per_step[mode] = {k: v / n for k, v in kernel_times_us(files).items()}
+        graph_total, launches = graph_kernel_times_us(files)
+        graph_steps[mode] = {
+            "graph_launches": launches,
+            "kernels_us_per_step": {k: v / launches for k, v in graph_total.items()}
+            if launches
+            else {},
+        }
+        if not launches:
+            print(f"{mode}: no cudaGraphLaunch-correlated kernels in the trace", flush=True)
         busy, span = busy_and_span_us(files)
         windows[mode] = {"busy_us_per_step": busy / n, "span_us_per_step": span / n}
         (args.out / f"profile_{mode}.json").write_text(
-            json.dumps({"kernels_us_per_step": per_step[mode], "window": windows[mode]})
+            json.dumps(
+                {
+                    "kernels_us_per_step": per_step[mode],
+                    "window": windows[mode],
+                    "graph_steps": graph_steps[mode],
+                }
+            )
         )
+    for mode in MODES:  # a mode not run shows as zeros
+        per_step.setdefault(mode, {})
+        windows.setdefault(mode, {"busy_us_per_step": 0.0, "span_us_per_step": 0.0})
+        graph_steps.setdefault(mode, {"graph_launches": 0, "kernels_us_per_step": {}})
     names = set(per_step["dense"]) | set(per_step["pariskv"])
     rows = sorted(
         names,
@@ -185,6 +237,15 @@ def main(argv: list[str] | None = None) -> int:
             for m, v in per_step.items()
         },
         "kernels_us_per_step": per_step,
+        # Decode steps alone: kernels of the CUDA-graph replays / the number of replays.
+        "graph_steps": graph_steps,
+        "graph_categories_us_per_step": {
+            m: {
+                c: sum(t for k, t in v.get("kernels_us_per_step", {}).items() if category(k) == c)
+                for c in cats
+            }
+            for m, v in graph_steps.items()
+        },
     }
     (args.out / "profile_decode.json").write_text(json.dumps(summary, indent=2))
     print(f"{'kernel':<70} {'dense us':>9} {'pkv us':>9}")
@@ -196,6 +257,14 @@ def main(argv: list[str] | None = None) -> int:
     c = summary["categories_us_per_step"]
     for cat in cats:
         print(f"{'  category ' + cat:<70} {c['dense'][cat]:>9.1f} {c['pariskv'][cat]:>9.1f}")
+    gc = summary["graph_categories_us_per_step"]
+    print("decode steps alone (CUDA-graph kernels / graph launches):")
+    for cat in cats:
+        d, p = gc["dense"][cat], gc["pariskv"][cat]
+        print(f"{'  graph category ' + cat:<70} {d:>9.1f} {p:>9.1f}")
+    gp = graph_steps["pariskv"].get("kernels_us_per_step", {})
+    for name, us in sorted(gp.items(), key=lambda x: -x[1])[: args.top]:
+        print(f"  pariskv graph {name[:62]:<62} {us:>9.1f}")
     for key in ("busy_us_per_step", "span_us_per_step"):
         print(f"{key:<70} {windows['dense'][key]:>9.1f} {windows['pariskv'][key]:>9.1f}")
     return 0

@@ -51,3 +51,30 @@ def test_categories_of_kernel_names():
     assert category("flashinfer::BatchDecodeWithPagedKVCacheKernel<...>") == "attention"
     assert category("nvjet_tst_128x64_64x4_1x2_h_bz_TNT") == "gemm"
     assert category("void at::native::elementwise_kernel<128, 2>") == "other"
+
+
+def test_graph_kernels_are_those_correlated_to_graph_launches(tmp_path):
+    from profile_decode import graph_kernel_times_us
+
+    def rt(name, corr):
+        return {"ph": "X", "cat": "cuda_runtime", "name": name, "args": {"correlation": corr}}
+
+    def k(name, corr, dur):
+        return {"ph": "X", "cat": "kernel", "name": name, "dur": dur, "args": {"correlation": corr}}
+
+    events = [
+        rt("cudaLaunchKernel", 1),  # the eager extend step: left out
+        k("prefill", 1, 100.0),
+        rt("cudaGraphLaunch", 2),  # two decode replays, two kernels each
+        k("scan", 2, 10.0),
+        k("topk", 2, 4.0),
+        rt("cudaGraphLaunch_v10000", 3),
+        k("scan", 3, 12.0),
+        k("topk", 3, 6.0),
+        rt("cudaGraphLaunch", 4),  # a launch with no kernel in the window: not a step
+    ]
+    f = tmp_path / "t.trace.json"
+    f.write_text(json.dumps({"traceEvents": events}))
+    total, launches = graph_kernel_times_us([f])
+    assert launches == 2
+    assert total == {"scan": 22.0, "topk": 10.0}
