@@ -13,7 +13,8 @@ pools, so no layer reads another's rows from L2) and reports each kernel's mean 
 (torch.profiler / CUPTI), beside the byte floor of the sparse call: the K and V rows it
 must read at the device-copy bandwidth measured in the same run, and a plain
 ``index_select`` gather of the same rows. Variants of the sparse call: tensor-core
-FlashInfer decode (the default), CUDA-core decode, tensor cores without split-KV.
+FlashInfer decode (the default), CUDA-core decode, tensor cores without split-KV or with
+a fixed split size, and FlashInfer's Hopper (FA3) backend.
 
     python benchmarks/bench_sparse_attention.py --out benchmarks/results/sparse_attention.json
 """
@@ -39,6 +40,9 @@ SPARSE_VARIANTS = {
     "tensor_cores": ({"use_tensor_cores": True}, {}),
     "cuda_cores": ({"use_tensor_cores": False}, {}),
     "tensor_cores_no_split": ({"use_tensor_cores": True}, {"disable_split_kv": True}),
+    "tensor_cores_split_256": ({"use_tensor_cores": True}, {"fixed_split_size": 256}),
+    "tensor_cores_split_512": ({"use_tensor_cores": True}, {"fixed_split_size": 512}),
+    "tensor_cores_fa3": ({"use_tensor_cores": True, "backend": "fa3"}, {}),
 }
 
 
