@@ -21,7 +21,7 @@ __global__ void rerank_kernel(const int32_t* __restrict__ cand, const int64_t* _
                               const __half* __restrict__ weights, const float* __restrict__ qb,
                               const float* __restrict__ qn, const float* __restrict__ levels,
                               float* __restrict__ est, int64_t cmax, int H) {
-  __shared__ float table[B * 8 * 16];
+  __shared__ float table[B * pariskv::kRerankTableFloats];
   const int row = blockIdx.y;
   const int r = row / H, h = row % H;
   const int64_t c = counts[r];
@@ -31,7 +31,7 @@ __global__ void rerank_kernel(const int32_t* __restrict__ cand, const int64_t* _
     if (idx < cmax) out[idx] = -INFINITY;
     return;
   }
-  pariskv::build_rerank_table<B>(table, qb + static_cast<int64_t>(row) * B * 8, levels,
+  pariskv::build_rerank_table<B, B>(table, qb + static_cast<int64_t>(row) * B * 8, levels,
                                   threadIdx.x, blockDim.x);
   __syncthreads();
   if (idx >= cmax) return;

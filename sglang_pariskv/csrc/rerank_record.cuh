@@ -4,8 +4,16 @@
 //
 //   est = ||q|| * sum_b w_b * sum_j sign_bj * a[t_bj] * q_bj
 // with one shared-memory lookup per term in a per-(request, head) table
-//   T[b][j][sign * 8 + t] = (sign ? +1 : -1) * a[t] * q_bj   (B * 8 * 16 floats),
-// whose 16 entries for one (b, j) sit in 16 distinct banks: conflict-free.
+//   T[b][j][t] = a[t] * q_bj   (B * 8 * 8 floats; the sign flips the loaded float's sign bit).
+//
+// Bank layout. A record may be split over NPART threads (adjacent lanes), part p taking
+// blocks [p * NB, (p + 1) * NB). At one lookup instruction every lane is at the same j, and
+// the lanes of one part read the same 8-entry subtable (b, j) (equal t: the same word, a
+// broadcast). Subtable (b, j) sits at b * 64 + ((j ^ part(b)) * 8), so its 8 words fall in
+// bank group (j ^ part) % 4: up to four parts read four disjoint groups of 8 banks and a
+// lookup is conflict-free. (A 16-entry table with the sign in the index put every part at
+// one j in the same 16 banks: 4-way conflicts with four parts, 61% excess shared
+// wavefronts in ncu at 128K x 2.)
 #pragma once
 
 #include <cstdint>
@@ -13,14 +21,22 @@
 
 namespace pariskv {
 
-// Fill `table` (shared, B * 8 * 16 floats) from the row's rotated query blocks `q` (B * 8).
-template <int B>
+constexpr int kRerankTableFloats = 64;  // per block b: 8 dims j x 8 levels t
+
+// Word offset of subtable (b, j) for records split in parts of NB blocks.
+template <int NB>
+__device__ __forceinline__ int rerank_subtable(int b, int j) {
+  return b * 64 + ((j ^ ((b / NB) & 3)) << 3);
+}
+
+// Fill `table` (shared, B * 64 floats) from the row's rotated query blocks `q` (B * 8), laid
+// out for records split in parts of NB blocks (NB = B: one thread per record).
+template <int B, int NB>
 __device__ inline void build_rerank_table(float* table, const float* q, const float* levels,
                                           int tid, int nthreads) {
-  for (int i = tid; i < B * 8 * 16; i += nthreads) {
-    const int bj = i >> 4, e = i & 15;
-    const float v = levels[e & 7] * q[bj];
-    table[i] = (e & 8) ? v : -v;
+  for (int i = tid; i < B * 64; i += nthreads) {
+    const int b = i >> 6, j = (i >> 3) & 7, t = i & 7;
+    table[rerank_subtable<NB>(b, j) + t] = levels[t] * q[b * 8 + j];
   }
 }
 
@@ -46,7 +62,7 @@ __device__ __forceinline__ void load_bytes(uint8_t* dst, const uint8_t* __restri
 // head); the caller scales by ||q||. NB divides B and b0 is a multiple of NB, so every
 // load is aligned (signs NB bytes, mags 3 NB bytes, weights 2 NB bytes per part, at
 // multiples of those sizes). Splitting a record over threads shortens each thread's
-// chain of dependent loads and adds.
+// chain of dependent loads and adds. `table` was built with the same NB.
 template <int B, int NB>
 __device__ inline float rerank_partial(const uint8_t* __restrict__ signs,
                                        const uint8_t* __restrict__ mags,
@@ -60,26 +76,27 @@ __device__ inline float rerank_partial(const uint8_t* __restrict__ signs,
   load_bytes<3 * NB>(m, mags + rec * 3 * B + 3 * b0);
   load_bytes<2 * NB>(reinterpret_cast<uint8_t*>(w),
                      reinterpret_cast<const uint8_t*>(weights + rec * B + b0));
+  const int swz = ((b0 / NB) & 3) << 3;  // this part's subtable swizzle (rerank_subtable)
   float acc = 0.f;
 #pragma unroll
   for (int bb = 0; bb < NB; ++bb) {
-    const int b = b0 + bb;
+    const float* tb = table + (b0 + bb) * 64;
     const uint32_t word = m[3 * bb] | (m[3 * bb + 1] << 8) | (m[3 * bb + 2] << 16);
-    const uint32_t sg = s[bb];
+    const uint32_t neg = ~static_cast<uint32_t>(s[bb]);  // bit j set: sign_bj is -1
     float dot0 = 0.f, dot1 = 0.f;  // two chains of adds, not one
 #pragma unroll
     for (int j = 0; j < 8; j += 2) {
-      const uint32_t e0 = ((word >> (3 * j)) & 7u) | (((sg >> j) & 1u) << 3);
-      const uint32_t e1 = ((word >> (3 * j + 3)) & 7u) | (((sg >> (j + 1)) & 1u) << 3);
-      dot0 += table[(b * 8 + j) * 16 + e0];
-      dot1 += table[(b * 8 + j + 1) * 16 + e1];
+      const float v0 = tb[((j << 3) ^ swz) + ((word >> (3 * j)) & 7u)];
+      const float v1 = tb[(((j + 1) << 3) ^ swz) + ((word >> (3 * j + 3)) & 7u)];
+      dot0 += __uint_as_float(__float_as_uint(v0) ^ ((neg << (31 - j)) & 0x80000000u));
+      dot1 += __uint_as_float(__float_as_uint(v1) ^ ((neg << (30 - j)) & 0x80000000u));
     }
     acc += __half2float(w[bb]) * (dot0 + dot1);
   }
   return acc;
 }
 
-// The whole record: sum_b w_b * <v_b, q_b>.
+// The whole record: sum_b w_b * <v_b, q_b> (table built with NB = B).
 template <int B>
 __device__ inline float rerank_estimate(const uint8_t* __restrict__ signs,
                                         const uint8_t* __restrict__ mags,

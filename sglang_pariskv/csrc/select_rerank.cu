@@ -30,7 +30,7 @@ constexpr int THREADS = CH / 4;    // 4 positions per thread
 constexpr int WARPS = THREADS / 32;
 
 template <int B>
-__global__ void __launch_bounds__(THREADS)
+__global__ void __launch_bounds__(THREADS, 8)
     select_rerank_kernel(const uint8_t* __restrict__ scores, const int32_t* __restrict__ thr,
                          const int32_t* __restrict__ take, const int32_t* __restrict__ ngt,
                          const int32_t* __restrict__ gt_cnt, const int32_t* __restrict__ eq_cnt,
@@ -42,7 +42,13 @@ __global__ void __launch_bounds__(THREADS)
                          const float* __restrict__ levels, int32_t* __restrict__ cand,
                          float* __restrict__ est, int64_t zone_start, int64_t nmax, int nch,
                          int64_t cmax, int H) {
-  __shared__ float table[B * 8 * 16];
+  // SPLIT threads per candidate (adjacent lanes), B / SPLIT of the record's blocks each: a
+  // block keeps about 100 of its 1024 positions, so one thread each left most lanes idle
+  // behind one long chain of loads and adds (36.3 us per layer at 128K x 2 in a 32-layer
+  // graph; 2 threads: 34.2; 4 threads: 32.5, bench_retrieval_in_step.py).
+  constexpr int SPLIT = B >= 16 ? 4 : 2;
+  constexpr int NB = B / SPLIT;
+  __shared__ float table[B * pariskv::kRerankTableFloats];
   __shared__ unsigned long long warp_sums[WARPS];
   __shared__ int warp_scan[WARPS];
   __shared__ int list_pos[CH];
@@ -67,7 +73,7 @@ __global__ void __launch_bounds__(THREADS)
   if (c <= 0 || start >= ze || start + CH <= zone_start) return;
 
   // The row's rerank table (independent of the selection below).
-  pariskv::build_rerank_table<B>(table, qb + static_cast<int64_t>(row) * B * 8, levels, tid,
+  pariskv::build_rerank_table<B, NB>(table, qb + static_cast<int64_t>(row) * B * 8, levels, tid,
                                   THREADS);
   if (tid == 0) n_list = 0;
 
@@ -154,20 +160,19 @@ __global__ void __launch_bounds__(THREADS)
   const int n = n_list;
   const int64_t req = req_idx[r];
   const float norm = qn[row];
-  // SPLIT threads per candidate (adjacent lanes), B / SPLIT of the record's blocks each: a
-  // block keeps about 100 of its 1024 positions, so one thread each left most lanes idle
-  // behind one long chain of loads and adds (36.3 us per layer at 128K x 2 in a 32-layer
-  // graph; 2 threads: 34.2; 4 threads: 32.5, bench_retrieval_in_step.py).
-  constexpr int SPLIT = B >= 16 ? 4 : 2;
-  for (int t = tid; t < SPLIT * n; t += THREADS) {
+  // The warp enters each round together (t0 is warp-uniform), so the shuffle mask is the
+  // ballot of the live lanes: whole groups of SPLIT lanes, as SPLIT divides 32.
+  for (int t0 = tid - lane; t0 < SPLIT * n; t0 += THREADS) {
+    const int t = t0 + lane;
+    const bool live = t < SPLIT * n;
+    const unsigned mask = __ballot_sync(0xffffffffu, live);
+    if (!live) continue;
     const int i = t / SPLIT, part = t % SPLIT;
     const int32_t slot = rtt[req * stride_rtt + start + list_pos[i]];
     const int64_t rec = static_cast<int64_t>(slot) * H + h;
-    const int b0 = part * (B / SPLIT);
-    float acc = pariskv::rerank_partial<B, B / SPLIT>(signs, mags, weights, rec, table, b0);
-    const unsigned act = __activemask();  // whole groups of SPLIT lanes
+    float acc = pariskv::rerank_partial<B, NB>(signs, mags, weights, rec, table, part * NB);
 #pragma unroll
-    for (int off = 1; off < SPLIT; off <<= 1) acc += __shfl_xor_sync(act, acc, off);
+    for (int off = 1; off < SPLIT; off <<= 1) acc += __shfl_xor_sync(mask, acc, off);
     if (part == 0) {
       const int dest = list_dest[i];
       out_cand[dest] = slot;

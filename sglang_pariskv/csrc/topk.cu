@@ -19,7 +19,9 @@
 // keys equal to the threshold, which ones are taken is arbitrary (set semantics; ties
 // between float32 estimates are measure-zero events). Tried and dropped: warp-aggregated
 // histogram atomics (__match_any_sync), slower on the H100 (43 vs 30 us per layer at 128K
-// x 1, 222 vs 146 us at 1M x 1, bench_kernels.py, session 6).
+// x 1, 222 vs 146 us at 1M x 1, bench_kernels.py, session 6); a value-binned one-pass
+// select (session 8); clusters for 13K-key rows (session 9: 2 blocks 17.8, 4 blocks 16.5
+// vs 16.3 us single, in a 32-layer graph at 128K x 2).
 
 #include <cooperative_groups.h>
 #include <cstdint>
@@ -159,45 +161,45 @@ __global__ void __launch_bounds__(THREADS)
     __syncthreads();
   }
   // Compaction: keys above the threshold key `prefix` (all kk - need of them are taken),
-  // then keys equal to it while the row's count of them stays below `need`.
+  // then keys equal to it while the row's count of them stays below `need`. Output
+  // positions come from the row's counters (the leader block's in a cluster: distributed
+  // shared memory), one atomic per warp and kind (ballots), not one per key: 2048 keys
+  // bumping one shared counter serialise.
   const int n_gt = kk - need;
-  if (!CLUSTER) {
-    for_each_key([&](uint32_t key, int i) {
-      if (key > prefix) {
-        o[atomicAdd(&row_gt, 1)] = cd[i];
-      } else if (key == prefix) {
-        const int t = atomicAdd(&row_eq, 1);
-        if (t < need) o[n_gt + t] = cd[i];
-      }
-    });
-    return;
-  }
-  // In a cluster, output positions come from the leader's counters: one distributed
-  // shared-memory atomic per warp and kind (ballots).
-  int* cnt_gt = cluster.map_shared_rank(&row_gt, 0);
-  int* cnt_eq = cluster.map_shared_rank(&row_eq, 0);
+  int* cnt_gt = CLUSTER ? cluster.map_shared_rank(&row_gt, 0) : &row_gt;
+  int* cnt_eq = CLUSTER ? cluster.map_shared_rank(&row_eq, 0) : &row_eq;
   const int lane = tid & 31;
   const unsigned below = (1u << lane) - 1u;
-  for_each_key([&](uint32_t key, int i) {
-    const unsigned act = __activemask();
-    const int leader = __ffs(act) - 1;
-    const unsigned gt = __ballot_sync(act, key > prefix);
-    const unsigned eq = __ballot_sync(act, key == prefix);
+  // Called by all 32 lanes together (`valid` false for lanes past the row's end).
+  const auto emit = [&](uint32_t key, int i, bool valid) {
+    const unsigned gt = __ballot_sync(0xffffffffu, valid && key > prefix);
+    const unsigned eq = __ballot_sync(0xffffffffu, valid && key == prefix);
     int base_gt = 0, base_eq = 0;
-    if (lane == leader) {
+    if (lane == 0) {
       if (gt) base_gt = atomicAdd(cnt_gt, __popc(gt));
       if (eq) base_eq = atomicAdd(cnt_eq, __popc(eq));
     }
-    base_gt = __shfl_sync(act, base_gt, leader);
-    base_eq = __shfl_sync(act, base_eq, leader);
-    if (key > prefix) {
+    base_gt = __shfl_sync(0xffffffffu, base_gt, 0);
+    base_eq = __shfl_sync(0xffffffffu, base_eq, 0);
+    if ((gt >> lane) & 1) {
       o[base_gt + __popc(gt & below)] = cd[i];
-    } else if (key == prefix) {
+    } else if ((eq >> lane) & 1) {
       const int t = base_eq + __popc(eq & below);
       if (t < need) o[n_gt + t] = cd[i];
     }
-  });
-  cluster.sync();  // the leader outlives every remote atomic
+  };
+#pragma unroll
+  for (int j = 0; j < CACHED; ++j) {
+    const int i = first + j * stride;
+    emit(kc[j], i, i < c);
+  }
+  // The tail past the registers, in warp-uniform rounds (first - lane is the warp's base).
+#pragma unroll 1  // (unrolled, ptxas spilled the cached keys: 32 registers + stack)
+  for (int i0 = first - lane + CACHED * stride; i0 < c; i0 += stride) {
+    const int i = i0 + lane;
+    emit(i < c ? order_key(e[i]) : 0u, i, i < c);
+  }
+  if (CLUSTER) cluster.sync();  // the leader outlives every remote atomic
 }
 
 }  // namespace
