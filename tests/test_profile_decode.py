@@ -65,16 +65,20 @@ def test_graph_kernels_are_those_correlated_to_graph_launches(tmp_path):
     events = [
         rt("cudaLaunchKernel", 1),  # the eager extend step: left out
         k("prefill", 1, 100.0),
-        rt("cudaGraphLaunch", 2),  # two decode replays, two kernels each
+        rt("cudaGraphLaunch", 2),  # two decode steps: a forward graph and a small one each
         k("scan", 2, 10.0),
         k("topk", 2, 4.0),
+        rt("cudaGraphLaunch", 5),
+        k("sample", 5, 1.0),
         rt("cudaGraphLaunch_v10000", 3),
         k("scan", 3, 12.0),
         k("topk", 3, 6.0),
+        rt("cudaGraphLaunch", 6),
+        k("sample", 6, 1.5),
         rt("cudaGraphLaunch", 4),  # a launch with no kernel in the window: not a step
     ]
     f = tmp_path / "t.trace.json"
     f.write_text(json.dumps({"traceEvents": events}))
-    total, launches = graph_kernel_times_us([f])
-    assert launches == 2
-    assert total == {"scan": 22.0, "topk": 10.0}
+    total, steps = graph_kernel_times_us([f])
+    assert steps == 2  # the small graphs (under half the largest launch) are not steps
+    assert total == {"scan": 22.0, "topk": 10.0, "sample": 2.5}

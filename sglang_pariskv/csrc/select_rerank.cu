@@ -30,7 +30,7 @@ constexpr int THREADS = CH / 4;    // 4 positions per thread
 constexpr int WARPS = THREADS / 32;
 
 template <int B>
-__global__ void __launch_bounds__(THREADS, 8)
+__global__ void __launch_bounds__(THREADS)
     select_rerank_kernel(const uint8_t* __restrict__ scores, const int32_t* __restrict__ thr,
                          const int32_t* __restrict__ take, const int32_t* __restrict__ ngt,
                          const int32_t* __restrict__ gt_cnt, const int32_t* __restrict__ eq_cnt,
