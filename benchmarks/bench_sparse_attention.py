@@ -17,6 +17,7 @@ FlashInfer decode (the default), CUDA-core decode, tensor cores without split-KV
 a fixed split size, and FlashInfer's Hopper (FA3) backend.
 
     python benchmarks/bench_sparse_attention.py --out benchmarks/results/sparse_attention.json
+    python benchmarks/bench_sparse_attention.py --plot benchmarks/results/sparse_attention.json
 """
 
 from __future__ import annotations
@@ -194,13 +195,50 @@ def run(n: int, batch: int, layers: int, dev) -> dict:
     return res
 
 
+def plot(path: Path) -> Path:
+    """Bar chart of the per-layer times in the report at ``path`` (written beside it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rep = json.loads(path.read_text())
+    bars = [
+        ("byte floor of the sparse call", rep["floor_us"]),
+        ("dense one-token call + where", rep["dense_one_token_and_where"]["us_per_layer"]),
+    ]
+    bars += [
+        (f"sparse: {name}", v["us_per_layer"])
+        for name, v in rep["variants"].items()
+        if "us_per_layer" in v
+    ]
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(bars) + 1.2))
+    ax.barh([b[0] for b in bars][::-1], [b[1] for b in bars][::-1], color="tab:blue")
+    for i, (_, v) in enumerate(bars[::-1]):
+        ax.text(v, i, f" {v:.1f}", va="center", fontsize=8)
+    ax.set_xlabel("us per layer (32-layer CUDA graph)")
+    ax.set_title(
+        f"attention side of a ParisKV decode layer, {rep['N'] // 1024}K x {rep['batch']}, "
+        f"{rep['device']}",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    out = path.with_suffix(".png")
+    fig.savefig(out, dpi=110)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=131072)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/sparse_attention.json"))
+    ap.add_argument("--plot", type=Path, help="only redraw the PNG of an earlier report")
     args = ap.parse_args(argv)
+    if args.plot:
+        print(plot(args.plot))
+        return 0
     dev = torch.device("cuda")
     t0 = time.time()
     rep = {
@@ -222,6 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'dense 1-token call + where':<40} {dense_us:>9.2f}")
     for name, v in rep["variants"].items():
         print(f"{'sparse ' + name:<40} {v.get('us_per_layer', float('nan')):>9.2f}")
+    try:
+        print(plot(args.out))
+    except ImportError as e:  # no matplotlib on the host: the JSON is the result
+        print(f"no plot: {e}")
     return 0
 
 
