@@ -12,8 +12,8 @@ def test_stage_means_group_kernels_by_name_and_drop_the_rest():
     events = [
         ("void (anonymous namespace)::select_rerank_kernel<16>(...)", 30.0),
         ("void (anonymous namespace)::select_rerank_kernel<16>(...)", 40.0),
-        ("void (anonymous namespace)::scan_pairs_kernel<16>(...)", 20.0),
-        ("void (anonymous namespace)::scan_kernel<16>(...)", 24.0),
+        ("void (anonymous namespace)::scan_kernel<16, true>(...)", 20.0),
+        ("void (anonymous namespace)::scan_kernel<16, false>(...)", 24.0),
         ("(anonymous namespace)::topk_kernel<16, false>(...)", 15.0),
         ("nvjet_sm90_tst_128x8_64x12_2x1_v_bz_TNT", 500.0),  # the matmul: no stage
         ("_count_kernel", 3.0),
