@@ -50,3 +50,32 @@ def test_nonzero_code_and_missing_build_raise(monkeypatch, stream):
 
 def test_every_kernel_has_a_csrc_source():
     assert {p.stem for p in cuda_ops.CSRC.glob("*.cu")} == set(cuda_ops._KERNELS)
+
+
+def test_query_copy_pointer_reaches_the_kernel_and_a_wrong_buffer_fails(monkeypatch, stream):
+    from sglang_pariskv.codec.query import PreparedQuery
+
+    calls = []
+    monkeypatch.setattr(cuda_ops, "_library", lambda name: fake_library(calls, 0))
+    r, hq, h, d = 2, 8, 2, 64
+    q = torch.zeros(r, hq, d, dtype=torch.bfloat16)
+    out = PreparedQuery(torch.zeros(r, h, d // 8, 8), torch.zeros(r, h))
+    tiers = torch.zeros(r, h, d // 8, 256, dtype=torch.uint8)
+    args = (
+        q,
+        torch.zeros(d, d),
+        torch.zeros(4, h, d // 8, 256, dtype=torch.int32),
+        torch.zeros(r, dtype=torch.int32),
+        torch.zeros(r, 6, dtype=torch.int64),
+        out,
+        tiers,
+        torch.zeros(r, h, 49, dtype=torch.int32),
+    )
+    copy = torch.empty_like(q)
+    cuda_ops.query_tier_table_cuda(*args, query_copy=copy)
+    cuda_ops.query_tier_table_cuda(*args)
+    (_, with_copy), (_, without) = calls
+    assert with_copy[12] == copy.data_ptr() and without[12] == 0
+    assert with_copy[:12] == without[:12] and with_copy[13:] == without[13:]
+    with pytest.raises(ValueError, match="query_copy must be contiguous"):
+        cuda_ops.query_tier_table_cuda(*args, query_copy=torch.empty(r, hq, d))  # fp32

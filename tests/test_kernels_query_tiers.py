@@ -82,10 +82,16 @@ def test_cuda_query_tiers_match_codec(cuda_device, hq, hkv, d, dtype, ties):
     tiers = torch.full((r, hkv, b, 256), 99, dtype=torch.uint8, device=cuda_device)
     shist = torch.full((r, hkv, nbp), 7, dtype=torch.int32, device=cuda_device)
     dev = dict(device=cuda_device)
+    # A strided query (SGLang's q is a view of the QKV projection) and the copy it yields.
+    wide = torch.zeros(r, (hq + 2 * hkv) * d, dtype=dtype)
+    wide[:, : hq * d] = q.reshape(r, -1)
+    q_dev = wide.to(**dev)[:, : hq * d].view(r, hq, d)
+    copy = torch.full((r, hq, d), 3.0, dtype=dtype, device=cuda_device)
     query_tier_table_cuda(
-        q.to(**dev), rot, hist.to(**dev), rpi.to(**dev), thr.to(**dev), out, tiers, shist
+        q_dev, rot, hist.to(**dev), rpi.to(**dev), thr.to(**dev), out, tiers, shist, copy
     )
     torch.cuda.synchronize()
+    assert torch.equal(copy.cpu(), q)
     mean = q.double().reshape(r, hkv, hq // hkv, d).mean(2)
     norm = mean.norm(dim=-1)
     want = (mean / norm[..., None]) @ rot.cpu().double().T

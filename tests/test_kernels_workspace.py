@@ -73,6 +73,8 @@ def test_workspace_matches_codec_retrieve(d, h, group, dtype, topk):
     out = ws.run(q, sc.pool, sc.hist, sc.req_to_token, sc.req_pool_indices)
     assert torch.equal(indptr_host, out.kv_indptr.cpu())
     check_against_codec(sc, q.float(), cfg, out)
+    # The query copy comes only from the CUDA query kernel; without it callers use q.
+    assert (ws.contiguous_query(q) is None) == (not ws.cuda_query_tiers)
 
 
 def test_elided_dense_rows_are_one_token_and_sparse_rows_unchanged():
@@ -177,11 +179,18 @@ def test_flashinfer_head_as_batch_decode_matches_codec_attention(cuda_device):
     slots = sc.pool.signs.shape[0]
     k_pool = torch.randn(slots, h, d, device=cuda_device, dtype=torch.bfloat16)
     v_pool = torch.randn(slots, h, d, device=cuda_device, dtype=torch.bfloat16)
-    q = torch.randn(3, h * group, d, device=cuda_device, dtype=torch.bfloat16)
+    # The query as SGLang passes it: a strided view of the QKV projection's output.
+    qkv = torch.randn(3, (h * group + 2 * h) * d, device=cuda_device, dtype=torch.bfloat16)
+    q = qkv[:, : h * group * d].view(3, h * group, d)
     ws = DecodeWorkspace(cfg, h * group, h, d, max_batch=3, max_context=nmax, device=cuda_device)
     dec = HeadAsBatchDecode(ws, torch.bfloat16)
     dec.plan(sc.seq_lens.cpu())
     out = ws.run(q, sc.pool, sc.hist, sc.req_to_token, sc.req_pool_indices)
+    # The CUDA query kernel copied this query (the sparse call reads the copy); another
+    # tensor, even of equal values, gets no copy.
+    qc = ws.contiguous_query(q)
+    assert qc is not None and qc.is_contiguous() and torch.equal(qc, q)
+    assert ws.contiguous_query(q.clone()) is None
     o = dec.run(q, k_pool, v_pool)  # [R, Hq, D]
     # Reference: codec attention over the same index sets.
     rows = rows_of(out, h)

@@ -75,19 +75,27 @@ class HeadAsBatchDecode:
             logits_soft_cap=logits_soft_cap or None,
         )
 
+    def _query_rows(self, q: torch.Tensor) -> torch.Tensor:
+        """q ``[R, Hq, D]`` as FlashInfer rows ``[R * Hkv, G, D]``: the workspace's
+        contiguous copy of this query when its last run made one (no copy kernel)."""
+        r, _, d = q.shape
+        qc = self.ws.contiguous_query(q)
+        return (q if qc is None else qc).reshape(r * self.ws.hkv, self.group, d)
+
     def run(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
-        """Attention of q ``[R, Hq, D]`` over the indices of the last ``ws.run``."""
+        """Attention of q ``[R, Hq, D]`` over the indices of the last ``ws.run`` (which
+        must have run on the same query)."""
         r, hq, d = q.shape
         k = k_pool.view(-1, 1, 1, d)
         v = v_pool.view(-1, 1, 1, d)
-        out = self.wrapper.run(q.reshape(r * self.ws.hkv, self.group, d), (k, v))
+        out = self.wrapper.run(self._query_rows(q), (k, v))
         return out.view(r, hq, d)
 
     def run_staged(self, q: torch.Tensor, staging_kv: torch.Tensor) -> torch.Tensor:
         """As :meth:`run`, over a staging buffer ``[rows, 2, 1, 1, D]`` (host offload's
         hot cache) whose row numbers ``offload.fetch`` wrote into the same index buffer."""
         r, hq, d = q.shape
-        out = self.wrapper.run(q.reshape(r * self.ws.hkv, self.group, d), staging_kv)
+        out = self.wrapper.run(self._query_rows(q), staging_kv)
         return out.view(r, hq, d)
 
     def entries(self) -> int:

@@ -21,7 +21,10 @@
 //      exclusive prefix of the counts in sorted order;
 //   5. tier_c = how many tier thresholds exceed pre_c.
 // Block b = 0 also writes the norm and zeroes the (request, head) score histogram that the
-// collision scan accumulates into next.
+// collision scan accumulates into next, and (when `q_copy` is given) copies the KV head's
+// G query heads into a contiguous [R, Hq, D] buffer: the sparse FlashInfer call needs its
+// query rows as [R * Hkv, G, D], which a strided query (a view of the QKV projection) can
+// only become through a copy, a separate kernel of about 2.8 us per layer in a graph.
 
 #include <cstdint>
 #include <cuda_bf16.h>
@@ -50,8 +53,8 @@ __global__ void __launch_bounds__(THREADS)
                        const float* __restrict__ rot, const int32_t* __restrict__ hist,
                        const int32_t* __restrict__ req_idx, const int64_t* __restrict__ thr,
                        float* __restrict__ blocks, float* __restrict__ norm_out,
-                       uint8_t* __restrict__ tiers, int32_t* __restrict__ shist, int H, int B,
-                       int G, int D, int NT, int NBP) {
+                       uint8_t* __restrict__ tiers, int32_t* __restrict__ shist,
+                       T* __restrict__ q_copy, int H, int B, int G, int D, int NT, int NBP) {
   __shared__ float unit[256];
   __shared__ float red[WARPS];
   __shared__ float qv[8];
@@ -75,7 +78,13 @@ __global__ void __launch_bounds__(THREADS)
   float m = 0.f;
   if (tid < D) {
     const T* qh = q + r * stride_qr + static_cast<int64_t>(h) * G * stride_qh + tid;
-    for (int g = 0; g < G; ++g) m += to_f32(qh[g * stride_qh]);
+    T* qc = (q_copy != nullptr && b == 0) ? q_copy + static_cast<int64_t>(rh) * G * D + tid
+                                          : nullptr;
+    for (int g = 0; g < G; ++g) {
+      const T x = qh[g * stride_qh];
+      m += to_f32(x);
+      if (qc != nullptr) qc[g * D] = x;
+    }
     m /= static_cast<float>(G);
   }
   const float sq = warp_sum(m * m);
@@ -173,8 +182,8 @@ __global__ void __launch_bounds__(THREADS)
 extern "C" int pariskv_query_tiers(const void* q, int64_t stride_qr, int64_t stride_qh,
                                    int dtype, const void* rot, const void* hist,
                                    const void* req_idx, const void* thr, void* blocks,
-                                   void* norm, void* tiers, void* shist, int R, int H, int B,
-                                   int G, int NT, int NBP, void* stream) {
+                                   void* norm, void* tiers, void* shist, void* q_copy, int R,
+                                   int H, int B, int G, int NT, int NBP, void* stream) {
   if (R == 0) return 0;
   const int D = B * 8;
   if (D > 256 || G <= 0) return -2;
@@ -187,7 +196,7 @@ extern "C" int pariskv_query_tiers(const void* q, int64_t stride_qr, int64_t str
       static_cast<const int32_t*>(hist), static_cast<const int32_t*>(req_idx),               \
       static_cast<const int64_t*>(thr), static_cast<float*>(blocks),                         \
       static_cast<float*>(norm), static_cast<uint8_t*>(tiers), static_cast<int32_t*>(shist), \
-      H, B, G, D, NT, NBP)
+      static_cast<TT*>(q_copy), H, B, G, D, NT, NBP)
   if (dtype == 0) {
     PARISKV_LAUNCH(float);
   } else if (dtype == 1) {

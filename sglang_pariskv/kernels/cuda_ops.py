@@ -53,7 +53,7 @@ _KERNELS: dict[str, tuple[str, list]] = {
         [_P] * 9 + [_I64] + [_P] * 9 + [_I64, _I64, _I32, _I64] + [_I32] * 4 + [_P],
     ),
     "topk": ("top-k", [_P, _P, _P, _P, _I64] + [_I32] * 4 + [_P]),
-    "query_tiers": ("query + tier table", [_P, _I64, _I64, _I32] + [_P] * 8 + [_I32] * 6 + [_P]),
+    "query_tiers": ("query + tier table", [_P, _I64, _I64, _I32] + [_P] * 9 + [_I32] * 6 + [_P]),
 }
 
 
@@ -139,9 +139,12 @@ def query_tier_table_cuda(
     query_out,
     tiers_out: torch.Tensor,
     score_hist: torch.Tensor,
+    query_copy: torch.Tensor | None = None,
 ) -> None:
     """CUDA twin of :func:`query_tiers.query_tier_table` (csrc/query_tiers.cu): same
-    arguments and outputs; ``query_out`` is a :class:`codec.query.PreparedQuery`."""
+    arguments and outputs; ``query_out`` is a :class:`codec.query.PreparedQuery`.
+    ``query_copy``, when given (contiguous ``[R, Hq, D]``, q's dtype), receives a copy of
+    ``q`` from the same launch."""
     if q.dtype not in _QUERY_DTYPES:
         raise TypeError(f"query_tier_table_cuda: q must be one of {list(_QUERY_DTYPES)}")
     _require_dtypes(
@@ -161,6 +164,13 @@ def query_tier_table_cuda(
         return
     if q.stride(-1) != 1:
         q = q.contiguous()
+    if query_copy is not None and (
+        query_copy.shape != q.shape or query_copy.dtype != q.dtype or not query_copy.is_contiguous()
+    ):
+        raise ValueError(
+            f"query_tier_table_cuda: query_copy must be contiguous {tuple(q.shape)} {q.dtype}, "
+            f"got {tuple(query_copy.shape)} {query_copy.dtype}"
+        )
     _launch(
         "query_tiers",
         q.device,
@@ -176,6 +186,7 @@ def query_tier_table_cuda(
         query_out.norm.data_ptr(),
         tiers_out.data_ptr(),
         score_hist.data_ptr(),
+        0 if query_copy is None else query_copy.data_ptr(),
         r,
         h,
         b,

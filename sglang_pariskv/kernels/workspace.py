@@ -134,6 +134,11 @@ def max_candidates(config: ParisKVConfig, max_context: int) -> int:
     return max(int(num_candidates(zone, cand, config).max()), 1)
 
 
+def _tensor_key(t: torch.Tensor) -> tuple:
+    """Identity of a tensor's data (pointer, shape, strides): static under CUDA graphs."""
+    return (t.data_ptr(), tuple(t.shape), t.stride())
+
+
 class DecodeOutput(NamedTuple):
     kv_indptr: torch.Tensor  #: int32 [R * Hkv + 1]
     kv_indices: torch.Tensor  #: int32 [capacity]; entries [0, kv_indptr[-1]) are valid
@@ -251,6 +256,10 @@ class DecodeWorkspace:
         self.radix = RadixTopK(rmax * h, dev) if topk_variant == "radix" else None
         self.kv_indptr = torch.zeros(rmax * h + 1, dtype=torch.int32, device=dev)
         self.kv_indices = torch.zeros(rmax * h * self.max_row, dtype=torch.int32, device=dev)
+        # Contiguous copy of the last run's query, written by the CUDA query + tier kernel
+        # (allocated at the first run, in the query's dtype): see contiguous_query.
+        self._query_copy: torch.Tensor | None = None
+        self._query_copied_from: tuple | None = None  # (data_ptr, shape, strides) of that query
         self._r: int | None = None
 
     # -- host side -------------------------------------------------------------------
@@ -359,17 +368,27 @@ class DecodeWorkspace:
         st.query = PreparedQuery(self.query.blocks[: st.r], self.query.norm[: st.r])
         st.tiers = self.tiers[: st.r]
         st.score_hist = self.score_hist[: st.r]
-        fn = query_tier_table_cuda if self.cuda_query_tiers else query_tier_table
-        fn(
-            st.q,
-            self.rot,
-            st.hist,
-            st.rpi,
-            st.thresholds,
-            st.query,
-            st.tiers,
-            st.score_hist,
-        )
+        args = (st.q, self.rot, st.hist, st.rpi, st.thresholds, st.query, st.tiers, st.score_hist)
+        self._query_copied_from = None
+        if not self.cuda_query_tiers:
+            query_tier_table(*args)
+            return
+        q = st.q
+        if self._query_copy is None or self._query_copy.dtype != q.dtype:
+            self._query_copy = torch.empty(
+                self.max_batch, *q.shape[1:], dtype=q.dtype, device=q.device
+            )
+        query_tier_table_cuda(*args, query_copy=self._query_copy[: st.r])
+        self._query_copied_from = _tensor_key(q)
+
+    def contiguous_query(self, q: torch.Tensor) -> torch.Tensor | None:
+        """``q`` as a contiguous tensor if the last run was on this very tensor and the CUDA
+        query + tier kernel copied it as a by-product; else None (use ``q``). The sparse
+        FlashInfer call reads its query as ``[R * Hkv, G, D]`` rows, which a strided query
+        (SGLang's view of the QKV projection) can only become through a copy kernel."""
+        if self._query_copied_from is None or self._query_copied_from != _tensor_key(q):
+            return None
+        return self._query_copy[: q.shape[0]]
 
     def _stage_scan(self) -> None:
         st = self._st
