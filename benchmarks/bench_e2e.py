@@ -667,6 +667,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--inputs", type=int, nargs="+", default=[32768, 131072])
     t.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     t.add_argument("--output-len", type=int, default=256)
+    t.add_argument("--modes", nargs="+", choices=("dense", "pariskv"), default=["dense", "pariskv"])
+    t.add_argument(
+        "--runs-dir",
+        type=Path,
+        help="save each engine's rows here and read the other mode's back, so one comparison "
+        "can span two device calls (run --modes dense, then --modes pariskv)",
+    )
     o = sub.add_parser("offload", help="host offload's outputs vs the GPU pool's (SmolLM2)")
     o.add_argument("--contexts", type=int, nargs="+", default=[4096, 8000])
     o.add_argument("--trials", type=int, default=10)
@@ -698,7 +705,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cmd == "throughput":
         cfg = {"topk": 2048, "sink": 64, "local": 256, "dense_threshold": 8192}
-        res = run_throughput(args.inputs, args.batches, args.output_len, cfg)
+        res = run_throughput(
+            args.inputs,
+            args.batches,
+            args.output_len,
+            cfg,
+            modes=tuple(args.modes),
+            runs_dir=args.runs_dir,
+        )
+        if res is None:
+            print(f"saved {args.modes} in {args.runs_dir}; run the other mode with the same dir")
+            return 0
         _merge("throughput", res)
         print(f"HBM copy bandwidth {res['hbm_copy_gbs']:.0f} GB/s")
         print(
