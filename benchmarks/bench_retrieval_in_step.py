@@ -63,6 +63,20 @@ def kernel_events(prof) -> list[tuple[str, float]]:
     return out
 
 
+def profiled_graph(step, replays: int = 5):
+    """Capture ``step`` in a CUDA graph, warm it up, and profile ``replays`` replays:
+    (the graph, (kernel name, duration us) of every kernel run)."""
+    g = bk.graph_of(step)
+    for _ in range(3):
+        g.replay()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            g.replay()
+        torch.cuda.synchronize()
+    return g, kernel_events(prof)
+
+
 #: DecodeWorkspace keyword arguments compared (``--variants``).
 VARIANTS = {
     "default": {},
@@ -104,15 +118,8 @@ def modes_of(ws, codes, q, hist, rtt, rpi, x, w, layers: int) -> dict:
                 pool = codes[0] if mode == "alone" else codes[layer]
                 ws.run(q, pool, hist, rtt, rpi)
 
-        g = bk.graph_of(step)
-        for _ in range(3):
-            g.replay()
-        torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(5):
-                g.replay()
-            torch.cuda.synchronize()
-        res[mode] = stage_means_us(kernel_events(prof))
+        g, events = profiled_graph(step)
+        res[mode] = stage_means_us(events)
         res[mode]["step_ms"] = bk.bench_ms(g.replay)
         print(ws.fused_select, mode, {k: round(v, 1) for k, v in res[mode].items()}, flush=True)
     return res

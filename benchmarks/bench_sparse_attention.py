@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_kernels as bk  # noqa: E402
-from bench_retrieval_in_step import kernel_events  # noqa: E402
+from bench_retrieval_in_step import profiled_graph  # noqa: E402
 
 #: Sparse-call variants: (FlashInfer wrapper kwargs, plan kwargs).
 SPARSE_VARIANTS = {
@@ -78,16 +78,10 @@ def short(name: str) -> str:
 
 
 def profile_graph(step, layers: int, replays: int = 5) -> tuple[dict, float]:
-    g = bk.graph_of(step)
-    for _ in range(3):
-        g.replay()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(replays):
-            g.replay()
-        torch.cuda.synchronize()
-    per_kernel = mean_by_kernel(kernel_events(prof), layers, replays)
-    return per_kernel, bk.bench_ms(g.replay) * 1e3 / layers
+    """(per-layer time of each kernel, per-layer wall time) of ``layers`` layers of
+    ``step`` replayed as one CUDA graph."""
+    g, events = profiled_graph(step, replays)
+    return mean_by_kernel(events, layers, replays), bk.bench_ms(g.replay) * 1e3 / layers
 
 
 def run(n: int, batch: int, layers: int, dev) -> dict:

@@ -56,12 +56,20 @@ def category(name: str) -> str:
     return "other"
 
 
-def _gpu_events(f: Path) -> list[dict]:
+def _trace_events(f: Path) -> list[dict]:
+    """All events of a chrome trace (plain or gzipped; a list or ``{"traceEvents": ...}``)."""
     opener = gzip.open if f.suffix == ".gz" else open
     with opener(f, "rt") as fh:
         events = json.load(fh)
-    events = events.get("traceEvents", events) if isinstance(events, dict) else events
-    return [ev for ev in events if ev.get("ph") == "X" and ev.get("cat") in GPU_CATS]
+    return events.get("traceEvents", events) if isinstance(events, dict) else events
+
+
+def _is_gpu(ev: dict) -> bool:
+    return ev.get("ph") == "X" and ev.get("cat") in GPU_CATS
+
+
+def _gpu_events(f: Path) -> list[dict]:
+    return [ev for ev in _trace_events(f) if _is_gpu(ev)]
 
 
 def kernel_times_us(trace_files: list[Path]) -> Counter:
@@ -84,10 +92,7 @@ def graph_kernel_times_us(trace_files: list[Path]) -> tuple[Counter, int]:
     total: Counter = Counter()
     steps = 0
     for f in trace_files:
-        opener = gzip.open if f.suffix == ".gz" else open
-        with opener(f, "rt") as fh:
-            events = json.load(fh)
-        events = events.get("traceEvents", events) if isinstance(events, dict) else events
+        events = _trace_events(f)
         graph_corr = {
             ev.get("args", {}).get("correlation")
             for ev in events
@@ -97,7 +102,7 @@ def graph_kernel_times_us(trace_files: list[Path]) -> tuple[Counter, int]:
         per_launch: Counter = Counter()
         for ev in events:
             corr = ev.get("args", {}).get("correlation")
-            if ev.get("ph") == "X" and ev.get("cat") in GPU_CATS and corr in graph_corr:
+            if _is_gpu(ev) and corr in graph_corr:
                 total[ev["name"]] += float(ev.get("dur", 0.0))
                 per_launch[corr] += float(ev.get("dur", 0.0))
         if per_launch:

@@ -83,8 +83,7 @@ class HeadAsBatchDecode:
         return (q if qc is None else qc).reshape(r * self.ws.hkv, self.group, d)
 
     def run(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
-        """Attention of q ``[R, Hq, D]`` over the indices of the last ``ws.run`` (which
-        must have run on the same query)."""
+        """Attention of q ``[R, Hq, D]`` over the indices of the last ``ws.run``."""
         r, hq, d = q.shape
         k = k_pool.view(-1, 1, 1, d)
         v = v_pool.view(-1, 1, 1, d)

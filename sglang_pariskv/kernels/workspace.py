@@ -98,13 +98,18 @@ CUDA_TOPK_CLUSTER = 8
 TOPK_ONE_BLOCK_KEYS = 16 * 1024
 
 
+def _has_clusters(device: torch.device) -> bool:
+    """Thread-block clusters: a CUDA device of compute capability 9.0 or newer."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def topk_cluster_for(cmax: int, device: torch.device) -> int:
     """Blocks per top-k row. Rows that fit one block's registers stay on one block: an
     8-block cluster made 128K x 2 slower (42 vs 29 us: a cluster needs 8 free SMs of one
     GPC, so 16 rows of 8 did not all fit at once) and 128K x 1 no faster. Longer rows
     (1M tokens: C = 104826) are split: 35 us on the H100 at 1M x 1 against 87.5 for
     session 7's single-block run (benchmarks/results/retrieval_variants*.json)."""
-    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
+    if not _has_clusters(device):
         return 1
     return 1 if cmax <= TOPK_ONE_BLOCK_KEYS else CUDA_TOPK_CLUSTER
 
@@ -114,7 +119,7 @@ def check_topk_cluster(cluster: int, device: torch.device) -> None:
     first decode step)."""
     if cluster not in TOPK_CLUSTER_SIZES:
         raise ValueError(f"cuda_topk_cluster={cluster}: expected one of {TOPK_CLUSTER_SIZES}")
-    if cluster > 1 and (device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9):
+    if cluster > 1 and not _has_clusters(device):
         raise ValueError(
             f"cuda_topk_cluster={cluster} needs thread-block clusters (compute capability 9.0+,"
             " e.g. H100); use 1"
