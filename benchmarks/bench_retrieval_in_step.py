@@ -83,10 +83,31 @@ VARIANTS = {
     "unfused_select": dict(fused_select=False),  # Triton candidate write, then CUDA rerank
     "topk_cluster2": dict(cuda_topk_cluster=2),  # 13K-key rows over 2 blocks
     "topk_cluster4": dict(cuda_topk_cluster=4),
+    # collision scan: lane layouts, loads a round ahead, session 9's kernel
+    "scan_prefetch": dict(cuda_scan_prefetch=True),
+    "scan_head": dict(cuda_scan_pairs=False),
+    "scan_head_prefetch": dict(cuda_scan_pairs=False, cuda_scan_prefetch=True),
+    "scan_session9": dict(cuda_scan_session9=True),
+    "scan_head_session9": dict(cuda_scan_pairs=False, cuda_scan_session9=True),
+    "scan_staged": dict(cuda_scan_staged=True),
+    "scan_staged_c64": dict(cuda_scan_staged=True, cuda_scan_chunk=64),
+    "scan_staged_c256": dict(cuda_scan_staged=True, cuda_scan_chunk=256),
+    "scan_staged_s3": dict(cuda_scan_staged=True, cuda_scan_stages=3),
+    "scan_staged_c64_s3": dict(cuda_scan_staged=True, cuda_scan_chunk=64, cuda_scan_stages=3),
+    "scan_staged_w8": dict(cuda_scan_staged=True, cuda_scan_warps=8),
+    "scan_staged_t512": dict(cuda_scan_staged=True, cuda_tokens_per_block=512),
 }
 
 
-def run(n: int, batch: int, layers: int, weight_mb: float, dev, variants: list[str]) -> dict:
+def run(
+    n: int,
+    batch: int,
+    layers: int,
+    weight_mb: float,
+    dev,
+    variants: list[str],
+    modes: tuple[str, ...] = MODES,
+) -> dict:
     from sglang_pariskv.codec.encode import KeyCodes
     from sglang_pariskv.config import ParisKVConfig
     from sglang_pariskv.kernels import DecodeWorkspace
@@ -103,13 +124,13 @@ def run(n: int, batch: int, layers: int, weight_mb: float, dev, variants: list[s
     for variant in variants:
         ws = DecodeWorkspace(cfg, bk.HQ, bk.HKV, bk.D, batch, n, dev, **VARIANTS[variant])
         ws.plan(seq.cpu())
-        res[variant] = modes_of(ws, codes, q, hist, rtt, rpi, x, w, layers)
+        res[variant] = modes_of(ws, codes, q, hist, rtt, rpi, x, w, layers, modes)
     return res
 
 
-def modes_of(ws, codes, q, hist, rtt, rpi, x, w, layers: int) -> dict:
+def modes_of(ws, codes, q, hist, rtt, rpi, x, w, layers: int, modes=MODES) -> dict:
     res = {}
-    for mode in MODES:
+    for mode in modes:
 
         def step(mode=mode):
             for layer in range(layers):
@@ -136,7 +157,7 @@ def plot(path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(9, 4.5))
     wdt = 0.8 / len(MODES)
     for i, mode in enumerate(MODES):
-        vals = [rep["variants"]["default"][mode].get(s, 0.0) for s in stages]
+        vals = [rep["variants"]["default"].get(mode, {}).get(s, 0.0) for s in stages]
         ax.bar([j + (i - 1) * wdt for j in range(len(stages))], vals, wdt, label=mode)
     ax.set_xticks(range(len(stages)), stages)
     ax.set_ylabel("mean kernel time per layer (us), default variant")
@@ -156,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--weight-mb", type=float, default=436.0)
     ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS)[:2])
+    ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/retrieval_in_step.json"))
     args = ap.parse_args(argv)
     dev = torch.device("cuda")
@@ -168,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
         "batch": args.batch,
         "layers": args.layers,
         "weight_mb_per_layer": args.weight_mb,
-        "variants": run(args.n, args.batch, args.layers, args.weight_mb, dev, args.variants),
+        "variants": run(
+            args.n, args.batch, args.layers, args.weight_mb, dev, args.variants, tuple(args.modes)
+        ),
     }
     rep["wall_s"] = time.time() - t0
     args.out.parent.mkdir(parents=True, exist_ok=True)

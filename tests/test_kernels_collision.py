@@ -28,11 +28,13 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 _interpreter_guard, test_module_in_fresh_interpreter = fresh_interpreter_fallback(__file__)
 
 
-def run_scan(sc, tiers, zone_start, zone_end, nmax, block_n=16, tiles=4, variant="load"):
+def run_scan(
+    sc, tiers, zone_start, zone_end, nmax, block_n=16, tiles=4, variant="load", num_tiers=6
+):
     r = sc.seq_lens.numel()
     h, b = sc.pool.signs.shape[1:]
     scores = torch.full((r, h, nmax), 255, dtype=torch.uint8, device=DEV)
-    shist = torch.zeros(r, h, score_bins(6, b), dtype=torch.int32, device=DEV)
+    shist = torch.zeros(r, h, score_bins(num_tiers, b), dtype=torch.int32, device=DEV)
     collision_scan(
         sc.pool.signs,
         sc.req_to_token,
@@ -137,17 +139,36 @@ def test_cuda_scan_matches_triton(cuda_device):
 
     assert cuda_available()
     # Every run length the auto choice (workspace.scan_tokens_per_block) can pick; both
-    # lane layouts, with default and wider blocks.
+    # lane layouts, with default and wider blocks; loads a round ahead or not; the staged
+    # kernel with byte and 4-bit tier tables.
     shapes = ((128, 8), (64, 4), (128, 2), (128, 8), (128, 8), (64, 3), (128, 8))
-    tpbs = (1024, 256, 512, 2048, 1024, 256, 512)
-    layouts = ((0, False), (0, False), (0, False), (0, False), (0, True), (6, True), (16, True))
-    for (d, h), tpb, (warps, pairs) in zip(shapes, tpbs, layouts):
+    shapes += ((128, 8), (64, 4), (128, 2), (64, 3), (128, 8), (64, 6), (128, 8))
+    shapes += ((128, 8), (64, 3), (128, 2), (64, 4), (128, 8), (64, 6), (128, 5))
+    tpbs = (1024, 256, 512, 2048, 1024, 256, 512, 1024, 256, 2048, 512, 1024, 1024, 1024)
+    tpbs += (1024, 256, 512, 2048, 1024, 256, 512)
+    layouts = (  # (warps, pairs, prefetch, session 9's kernel, staged (chunk, stages))
+        (0, False, False, False, None), (0, False, False, False, None),
+        (0, False, False, False, None), (0, False, False, False, None),
+        (0, True, False, False, None), (6, True, False, False, None),
+        (16, True, False, False, None), (16, False, False, False, None),
+        (0, False, True, False, None), (0, False, True, False, None),
+        (6, True, True, False, None), (16, True, True, False, None),
+        (12, True, False, False, None), (16, True, False, True, None),
+        (16, False, False, False, (128, 2)), (16, False, False, False, (64, 3)),
+        (7, False, False, False, (256, 2)), (16, False, False, False, (128, 3)),
+        (16, False, False, False, (64, 2)), (8, False, False, False, (128, 2)),
+        (16, False, False, False, (256, 3)),
+    )  # fmt: skip
+    for (d, h), tpb, layout in zip(shapes, tpbs, layouts, strict=True):
+        warps, pairs, prefetch, session9, staged = layout
         lens = [50000, 3000, 131072]
         nmax = 131072
         sc = make_scenario(lens, h, d, nmax, cuda_device, seed=d + h)
-        tiers = torch.randint(0, 7, (3, h, d // 8, 256), dtype=torch.uint8, device=cuda_device)
+        top = 15 if staged else 6  # tiers up to 15 (ParisKVConfig's limit)
+        shape = (3, h, d // 8, 256)
+        tiers = torch.randint(0, top + 1, shape, dtype=torch.uint8, device=cuda_device)
         zone_end = torch.tensor([n - 256 for n in lens], dtype=torch.int32, device=cuda_device)
-        want_s, want_h = run_scan(sc, tiers, 64, zone_end, nmax, 64, 16)
+        want_s, want_h = run_scan(sc, tiers, 64, zone_end, nmax, 64, 16, num_tiers=top)
         scores = torch.full_like(want_s, 255)
         shist = torch.zeros_like(want_h)
         collision_scan_cuda(
@@ -163,6 +184,10 @@ def test_cuda_scan_matches_triton(cuda_device):
             tpb,
             warps,
             pairs,
+            prefetch,
+            session9,
+            staged is not None,
+            *(staged or (128, 2)),
         )
         assert torch.equal(scores, want_s)
         assert torch.equal(shist, want_h)

@@ -209,11 +209,18 @@ def collision_scan_cuda(
     tokens_per_block: int = 1024,
     warps: int = 0,
     pairs: bool = False,
+    prefetch: bool = False,
+    session9: bool = False,
+    staged: bool = False,
+    staged_chunk: int = 128,
+    staged_stages: int = 2,
 ) -> None:
     """CUDA twin of :func:`collision.collision_scan` (``seq_lens`` / ``zone_end`` int64,
     ``req_pool_indices`` and ``req_to_token`` int32; every tensor contiguous). ``warps``
     per block: a multiple of the KV heads (0: the kernel's default, 8 for <= 8 heads).
-    ``pairs``: lanes take (token, head) pairs, so warp loads cover whole sign rows."""
+    ``pairs``: lanes take (token, head) pairs, so warp loads cover whole sign rows.
+    ``prefetch``: each lane loads its next round's signs before scoring the current one.
+    ``session9``: session 9's kernel, kept to time against."""
     _, h, b = signs.shape
     r, _, nmax = scores.shape
     _require_dtypes(
@@ -243,7 +250,12 @@ def collision_scan_cuda(
         score_hist.shape[-1],
         tokens_per_block,
         warps,
-        int(pairs),
+        int(pairs)
+        | (2 if prefetch else 0)
+        | (4 if session9 else 0)
+        | (8 if staged else 0)
+        | ({64: 0, 128: 1, 256: 2}[staged_chunk] << 4)
+        | (64 if staged_stages == 3 else 0),
     )
 
 

@@ -129,6 +129,7 @@ def check_topk_cluster(cluster: int, device: torch.device) -> None:
 #: CUDA scan launch shape (see ``scan_tokens_per_block``): 16 warps, (token, head) pairs.
 CUDA_SCAN_WARPS = 16
 CUDA_SCAN_PAIRS = True
+CUDA_SCAN_PREFETCH = False
 
 
 def max_candidates(config: ParisKVConfig, max_context: int) -> int:
@@ -178,6 +179,11 @@ class DecodeWorkspace:
         fused_select: bool | None = None,
         cuda_scan_warps: int = CUDA_SCAN_WARPS,
         cuda_scan_pairs: bool = CUDA_SCAN_PAIRS,
+        cuda_scan_prefetch: bool = CUDA_SCAN_PREFETCH,
+        cuda_scan_session9: bool = False,
+        cuda_scan_staged: bool = False,
+        cuda_scan_chunk: int = 128,
+        cuda_scan_stages: int = 2,
         cuda_query_tiers: bool | None = None,
         cuda_topk_cluster: int | None = None,
     ) -> None:
@@ -190,7 +196,8 @@ class DecodeWorkspace:
         candidates and rerank them in one CUDA launch (``csrc/select_rerank.cu``) after
         the count pass; None: with the cuda scan. False: Triton write, then the rerank.
         ``cuda_scan_warps``: warps per block of the CUDA scan (0: the kernel's own
-        default of 8); ``cuda_scan_pairs``: its (token, head)-pairs lane layout.
+        default of 8); ``cuda_scan_pairs``: its (token, head)-pairs lane layout;
+        ``cuda_scan_prefetch``: its lanes load a round ahead.
         ``cuda_query_tiers``: the query prep + tier table in CUDA (csrc/query_tiers.cu)
         rather than Triton; None: with the cuda scan. ``cuda_topk_cluster``: blocks per
         row of the CUDA top-k; None: :func:`topk_cluster_for` the longest row."""
@@ -219,6 +226,10 @@ class DecodeWorkspace:
             raise ValueError(f"fused_select needs chunk={SELECT_RERANK_CHUNK}, got {chunk}")
         self.fused_select = fused_select
         self.cuda_scan_warps, self.cuda_scan_pairs = cuda_scan_warps, cuda_scan_pairs
+        self.cuda_scan_prefetch = cuda_scan_prefetch
+        self.cuda_scan_session9 = cuda_scan_session9
+        self.cuda_scan_staged = cuda_scan_staged
+        self.cuda_scan_chunk, self.cuda_scan_stages = cuda_scan_chunk, cuda_scan_stages
         if cuda_query_tiers is None:
             cuda_query_tiers = scan_variant == "cuda"
         if cuda_query_tiers and scan_variant != "cuda":
@@ -408,6 +419,11 @@ class DecodeWorkspace:
                 tpb,
                 self.cuda_scan_warps,
                 self.cuda_scan_pairs,
+                self.cuda_scan_prefetch,
+                self.cuda_scan_session9,
+                self.cuda_scan_staged,
+                self.cuda_scan_chunk,
+                self.cuda_scan_stages,
             )
         else:
             collision_scan(
