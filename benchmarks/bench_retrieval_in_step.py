@@ -83,19 +83,6 @@ VARIANTS = {
     "unfused_select": dict(fused_select=False),  # Triton candidate write, then CUDA rerank
     "topk_cluster2": dict(cuda_topk_cluster=2),  # 13K-key rows over 2 blocks
     "topk_cluster4": dict(cuda_topk_cluster=4),
-    # collision scan: lane layouts, loads a round ahead, session 9's kernel
-    "scan_prefetch": dict(cuda_scan_prefetch=True),
-    "scan_head": dict(cuda_scan_pairs=False),
-    "scan_head_prefetch": dict(cuda_scan_pairs=False, cuda_scan_prefetch=True),
-    "scan_session9": dict(cuda_scan_session9=True),
-    "scan_head_session9": dict(cuda_scan_pairs=False, cuda_scan_session9=True),
-    "scan_staged": dict(cuda_scan_staged=True),
-    "scan_staged_c64": dict(cuda_scan_staged=True, cuda_scan_chunk=64),
-    "scan_staged_c256": dict(cuda_scan_staged=True, cuda_scan_chunk=256),
-    "scan_staged_s3": dict(cuda_scan_staged=True, cuda_scan_stages=3),
-    "scan_staged_c64_s3": dict(cuda_scan_staged=True, cuda_scan_chunk=64, cuda_scan_stages=3),
-    "scan_staged_w8": dict(cuda_scan_staged=True, cuda_scan_warps=8),
-    "scan_staged_t512": dict(cuda_scan_staged=True, cuda_tokens_per_block=512),
 }
 
 

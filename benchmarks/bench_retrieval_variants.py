@@ -35,10 +35,8 @@ VARIANTS = {
     "cuda_query_tiers": dict(cuda_query_tiers=True, cuda_topk_cluster=1),
     "topk_cluster8": dict(cuda_query_tiers=False, cuda_topk_cluster=8),
     "session8": dict(),  # the defaults: CUDA query + tiers, top-k cluster by row length
-    # Session 7 chose the (token, head)-pairs scan, but the workspace never passed the flag
-    # to the kernel: every pipeline run so far used the warp-per-head layout.
-    "session8_scan_pairs": dict(cuda_scan_pairs=True),
-    "session8_scan_per_head": dict(cuda_scan_pairs=False),
+    # (session 8 also timed the scan's two lane layouts here; session 10 replaced both with
+    # the staged scan: results/scan_kernels.json)
 }
 
 

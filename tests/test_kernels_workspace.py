@@ -240,10 +240,10 @@ def test_topk_cluster_only_for_rows_longer_than_one_block(monkeypatch):
     assert wsm.topk_cluster_for(104826, cuda) == 1
 
 
-@pytest.mark.parametrize("pairs, prefetch", [(False, True), (True, False)])
-def test_scan_lane_layout_reaches_the_cuda_kernel(monkeypatch, pairs, prefetch):
-    """The scan layout flags are passed to the CUDA scan (``cuda_scan_pairs`` was once
-    dropped on the way, so every pipeline run used one layout whatever the flag said)."""
+@pytest.mark.parametrize("warps, tpb", [(16, 512), (8, 1024)])
+def test_scan_launch_shape_reaches_the_cuda_kernel(monkeypatch, warps, tpb):
+    """The scan's launch shape is passed to the CUDA scan (a layout flag was once dropped
+    on the way, so every pipeline run used one layout whatever the flag said)."""
     from types import SimpleNamespace
 
     from sglang_pariskv.kernels import workspace as wsm
@@ -256,8 +256,8 @@ def test_scan_lane_layout_reaches_the_cuda_kernel(monkeypatch, pairs, prefetch):
     monkeypatch.setattr(wsm, "collision_scan_cuda", record)
     cfg = ParisKVConfig(topk=64, sink=8, local=16, dense_threshold=256)
     ws = DecodeWorkspace(
-        cfg, 4, 2, 64, 2, 1024, "cpu", scan_variant="cuda", cuda_scan_pairs=pairs,
-        cuda_scan_prefetch=prefetch, cuda_scan_warps=16, cuda_tokens_per_block=512,
+        cfg, 4, 2, 64, 2, 1024, "cpu", scan_variant="cuda", cuda_scan_warps=warps,
+        cuda_tokens_per_block=tpb,
     )  # fmt: skip
     ws.plan(torch.tensor([1000, 700]))
     codes = SimpleNamespace(signs=torch.zeros(4096, 2, 8, dtype=torch.uint8))
@@ -266,8 +266,14 @@ def test_scan_lane_layout_reaches_the_cuda_kernel(monkeypatch, pairs, prefetch):
     ws._st.tiers = ws.tiers[:2]
     ws._st.score_hist = ws.score_hist[:2]
     ws._stage_scan()
-    # run length, warps, layout
-    assert seen["args"][-7:] == (512, 16, pairs, prefetch, False, False, 128, 2)[-7:]
+    assert seen["args"][-2:] == (tpb, warps)  # run length, warps
+
+
+@pytest.mark.parametrize("warps", [-1, 17])
+def test_bad_scan_warps_fail_at_construction(warps):
+    cfg = ParisKVConfig(topk=64, sink=8, local=16, dense_threshold=256)
+    with pytest.raises(ValueError, match="cuda_scan_warps"):
+        DecodeWorkspace(cfg, 4, 2, 64, 2, 1024, "cpu", scan_variant="load", cuda_scan_warps=warps)
 
 
 def test_bad_topk_cluster_fails_at_construction():

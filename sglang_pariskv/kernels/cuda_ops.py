@@ -45,7 +45,7 @@ _P, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _KERNELS: dict[str, tuple[str, list]] = {
     "collision_scan": (
         "collision scan",
-        [_P, _P, _I64, _P, _P, _P, _P, _P, _P, _I64, _I64] + [_I32] * 7 + [_P],
+        [_P, _P, _I64, _P, _P, _P, _P, _P, _P, _I64, _I64] + [_I32] * 6 + [_P],
     ),
     "rerank": ("rerank", [_P] * 9 + [_I64, _I32, _I32, _I32, _P]),
     "select_rerank": (
@@ -208,19 +208,11 @@ def collision_scan_cuda(
     zone_start: int,
     tokens_per_block: int = 1024,
     warps: int = 0,
-    pairs: bool = False,
-    prefetch: bool = False,
-    session9: bool = False,
-    staged: bool = False,
-    staged_chunk: int = 128,
-    staged_stages: int = 2,
 ) -> None:
     """CUDA twin of :func:`collision.collision_scan` (``seq_lens`` / ``zone_end`` int64,
-    ``req_pool_indices`` and ``req_to_token`` int32; every tensor contiguous). ``warps``
-    per block: a multiple of the KV heads (0: the kernel's default, 8 for <= 8 heads).
-    ``pairs``: lanes take (token, head) pairs, so warp loads cover whole sign rows.
-    ``prefetch``: each lane loads its next round's signs before scoring the current one.
-    ``session9``: session 9's kernel, kept to time against."""
+    ``req_pool_indices`` and ``req_to_token`` int32; every tensor contiguous). A block
+    scans ``tokens_per_block`` positions of one request with ``warps`` warps (1-16; 0:
+    16), staging the signs through shared memory (csrc/collision_scan.cu)."""
     _, h, b = signs.shape
     r, _, nmax = scores.shape
     _require_dtypes(
@@ -250,12 +242,6 @@ def collision_scan_cuda(
         score_hist.shape[-1],
         tokens_per_block,
         warps,
-        int(pairs)
-        | (2 if prefetch else 0)
-        | (4 if session9 else 0)
-        | (8 if staged else 0)
-        | ({64: 0, 128: 1, 256: 2}[staged_chunk] << 4)
-        | (64 if staged_stages == 3 else 0),
     )
 
 

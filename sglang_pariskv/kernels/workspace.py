@@ -83,8 +83,9 @@ def scan_tokens_per_block(max_context: int, batch: int, num_sms: int) -> int:
     tables as on signs: with 16-warp blocks, 1024-position runs were the fastest or within
     1% at 128K x 1/2/8 and 1M x 1 on the H100
     (benchmarks/results/retrieval_variants_session7.json; at 128K x 2 the session-6 rule's
-    256 took 39.7 us, 1024 32.4 us). Shorter runs only when 1024 would leave more than
-    every other SM idle."""
+    256 took 39.7 us, 1024 32.4 us), and for session 10's staged scan 1024 still beat 512
+    at 128K x 2 (21.0 vs 22.2 us, results/scan_kernels.json). Shorter runs only when 1024
+    would leave more than every other SM idle."""
     for tpb in SCAN_TOKENS_PER_BLOCK:
         if -(-max_context // tpb) * batch * 2 >= num_sms:
             return tpb
@@ -126,10 +127,8 @@ def check_topk_cluster(cluster: int, device: torch.device) -> None:
         )
 
 
-#: CUDA scan launch shape (see ``scan_tokens_per_block``): 16 warps, (token, head) pairs.
+#: CUDA scan warps per block (see ``scan_tokens_per_block``).
 CUDA_SCAN_WARPS = 16
-CUDA_SCAN_PAIRS = True
-CUDA_SCAN_PREFETCH = False
 
 
 def max_candidates(config: ParisKVConfig, max_context: int) -> int:
@@ -178,12 +177,6 @@ class DecodeWorkspace:
         topk_variant: str = "auto",
         fused_select: bool | None = None,
         cuda_scan_warps: int = CUDA_SCAN_WARPS,
-        cuda_scan_pairs: bool = CUDA_SCAN_PAIRS,
-        cuda_scan_prefetch: bool = CUDA_SCAN_PREFETCH,
-        cuda_scan_session9: bool = False,
-        cuda_scan_staged: bool = False,
-        cuda_scan_chunk: int = 128,
-        cuda_scan_stages: int = 2,
         cuda_query_tiers: bool | None = None,
         cuda_topk_cluster: int | None = None,
     ) -> None:
@@ -195,9 +188,7 @@ class DecodeWorkspace:
         or "auto" (cuda with the cuda scan, else torch). ``fused_select``: write the
         candidates and rerank them in one CUDA launch (``csrc/select_rerank.cu``) after
         the count pass; None: with the cuda scan. False: Triton write, then the rerank.
-        ``cuda_scan_warps``: warps per block of the CUDA scan (0: the kernel's own
-        default of 8); ``cuda_scan_pairs``: its (token, head)-pairs lane layout;
-        ``cuda_scan_prefetch``: its lanes load a round ahead.
+        ``cuda_scan_warps``: warps per block of the CUDA scan (1-16; 0: 16).
         ``cuda_query_tiers``: the query prep + tier table in CUDA (csrc/query_tiers.cu)
         rather than Triton; None: with the cuda scan. ``cuda_topk_cluster``: blocks per
         row of the CUDA top-k; None: :func:`topk_cluster_for` the longest row."""
@@ -225,11 +216,9 @@ class DecodeWorkspace:
         if fused_select and chunk != SELECT_RERANK_CHUNK:
             raise ValueError(f"fused_select needs chunk={SELECT_RERANK_CHUNK}, got {chunk}")
         self.fused_select = fused_select
-        self.cuda_scan_warps, self.cuda_scan_pairs = cuda_scan_warps, cuda_scan_pairs
-        self.cuda_scan_prefetch = cuda_scan_prefetch
-        self.cuda_scan_session9 = cuda_scan_session9
-        self.cuda_scan_staged = cuda_scan_staged
-        self.cuda_scan_chunk, self.cuda_scan_stages = cuda_scan_chunk, cuda_scan_stages
+        if not 0 <= cuda_scan_warps <= 16:
+            raise ValueError(f"cuda_scan_warps={cuda_scan_warps}: expected 0 (auto) to 16")
+        self.cuda_scan_warps = cuda_scan_warps
         if cuda_query_tiers is None:
             cuda_query_tiers = scan_variant == "cuda"
         if cuda_query_tiers and scan_variant != "cuda":
@@ -418,12 +407,6 @@ class DecodeWorkspace:
                 self.config.sink,
                 tpb,
                 self.cuda_scan_warps,
-                self.cuda_scan_pairs,
-                self.cuda_scan_prefetch,
-                self.cuda_scan_session9,
-                self.cuda_scan_staged,
-                self.cuda_scan_chunk,
-                self.cuda_scan_stages,
             )
         else:
             collision_scan(
