@@ -280,5 +280,7 @@ def test_bad_topk_cluster_fails_at_construction():
     cfg = ParisKVConfig(topk=64, sink=8, local=16, dense_threshold=256)
     with pytest.raises(ValueError, match="expected one of"):
         DecodeWorkspace(cfg, 4, 2, 64, 2, 1024, "cpu", scan_variant="load", cuda_topk_cluster=3)
+    with pytest.raises(ValueError, match="expected one of"):  # 0 is not "auto" (None is)
+        DecodeWorkspace(cfg, 4, 2, 64, 2, 1024, "cpu", scan_variant="load", cuda_topk_cluster=0)
     with pytest.raises(ValueError, match="thread-block clusters"):
         DecodeWorkspace(cfg, 4, 2, 64, 2, 1024, "cpu", scan_variant="load", cuda_topk_cluster=8)

@@ -31,6 +31,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "warp_scan.cuh"
 namespace {
 
 constexpr int THREADS = 256;  // one per centroid
@@ -159,12 +160,7 @@ __global__ void __launch_bounds__(THREADS)
       }
     }
   }
-  int incl = n;
-#pragma unroll
-  for (int off = 1; off < 32; off <<= 1) {
-    const int y = __shfl_up_sync(0xffffffffu, incl, off);
-    if (lane >= off) incl += y;
-  }
+  const int incl = warp_inclusive_sum(n);
   if (lane == 31) warp_total[warp] = incl;
   __syncthreads();
   int pre = incl - n;

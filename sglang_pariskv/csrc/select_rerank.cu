@@ -22,6 +22,7 @@
 #include <cuda_runtime.h>
 
 #include "rerank_record.cuh"
+#include "warp_scan.cuh"
 
 namespace {
 
@@ -111,25 +112,15 @@ __global__ void __launch_bounds__(THREADS)
   }
   // Exclusive block scan of the per-thread counts (packed: gt | eq << 16; <= CH each).
   const int mine = __popc(gt_bits) | (__popc(eq_bits) << 16);
-  int incl = mine;
-#pragma unroll
-  for (int off = 1; off < 32; off <<= 1) {
-    const int y = __shfl_up_sync(0xffffffffu, incl, off);
-    if (lane >= off) incl += y;
-  }
+  const int incl = warp_inclusive_sum(mine);
   if (lane == 31) warp_scan[warp] = incl;
   __syncthreads();
   if (warp == 0) {
     unsigned long long b = lane < WARPS ? warp_sums[lane] : 0ull;
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) b += __shfl_xor_sync(0xffffffffu, b, off);
-    int w = lane < WARPS ? warp_scan[lane] : 0;
-    int x = w;
-#pragma unroll
-    for (int off = 1; off < 32; off <<= 1) {
-      const int y = __shfl_up_sync(0xffffffffu, x, off);
-      if (lane >= off) x += y;
-    }
+    const int w = lane < WARPS ? warp_scan[lane] : 0;
+    const int x = warp_inclusive_sum(w);
     __syncwarp();
     if (lane < WARPS) warp_scan[lane] = x - w;  // exclusive prefix of the warps
     if (lane == 0) warp_sums[0] = b;

@@ -27,6 +27,7 @@
 #include <cstdint>
 #include <cuda_runtime.h>
 
+#include "warp_scan.cuh"
 namespace cg = cooperative_groups;
 
 namespace {
@@ -50,22 +51,13 @@ __device__ __forceinline__ void find_bin(const int* hist, int nb, int need, int*
   const int per = nb / THREADS, base = tid * per;
   int s = 0;
   for (int j = 0; j < per; ++j) s += hist[base + j];
-  int suf = s;  // keys in this thread's bins and those of the higher lanes of its warp
-#pragma unroll
-  for (int off = 1; off < 32; off <<= 1) {
-    const int v = __shfl_down_sync(0xffffffffu, suf, off);
-    if (lane + off < 32) suf += v;
-  }
+  // keys in this thread's bins and those of the higher lanes of its warp
+  const int suf = warp_inclusive_suffix_sum(s);
   if (lane == 0) warp_suf[warp] = suf;
   __syncthreads();
   if (warp == 0) {
     const int w = warp_suf[lane];
-    int x = w;  // suffix over the warps from `lane` up
-#pragma unroll
-    for (int off = 1; off < 32; off <<= 1) {
-      const int v = __shfl_down_sync(0xffffffffu, x, off);
-      if (lane + off < 32) x += v;
-    }
+    const int x = warp_inclusive_suffix_sum(w);  // over the warps from `lane` up
     __syncwarp();
     warp_suf[lane] = x - w;  // keys in the warps above
   }

@@ -236,7 +236,9 @@ class DecodeWorkspace:
         self.nt = len(config.tier_ratios)
         self.cmax = max_candidates(config, max_context)
         self.k = min(config.topk, self.cmax)
-        self.cuda_topk_cluster = cuda_topk_cluster or topk_cluster_for(self.cmax, dev)
+        self.cuda_topk_cluster = (
+            topk_cluster_for(self.cmax, dev) if cuda_topk_cluster is None else cuda_topk_cluster
+        )
         check_topk_cluster(self.cuda_topk_cluster, dev)
         # With elide_dense_rows, dense requests get one-token rows: the caller attends them
         # through its own dense call and discards these rows (SGLang backend), so neither
