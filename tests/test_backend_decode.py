@@ -121,7 +121,7 @@ def setup(monkeypatch, request):
         hists=RequestHistograms(4, HKV, D, 1, "cpu"), graph_sparse={}, _sparse=None,
         _rpi32=None, _scale=(SCALE, 0.0), _scale_checked_at_init=True,
         _dense_dev=torch.zeros(4, dtype=torch.bool), stats=DecodeStats(), metrics=None,
-        _stats_path=None, timer=None, fetcher=None,
+        _stats_path=None, timer=None, fetcher=None, _retrieval_stream=None,
     )  # fmt: skip
     if offload:
         # 32 lines for ~2x(28 + 2) rows per step: hits, conflicts and overflow all occur

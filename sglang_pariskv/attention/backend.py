@@ -107,6 +107,15 @@ def tp_rank(model_runner) -> int:
     return int(get_parallel().tp_rank)
 
 
+def overlap_from_env() -> bool:
+    """``SGLANG_PARISKV_OVERLAP`` (1 default, 0 off): run each decode layer's retrieval and
+    sparse call on a second stream, concurrently with SGLang's dense decode call."""
+    value = os.environ.get("SGLANG_PARISKV_OVERLAP", "1")
+    if value not in ("0", "1"):
+        raise ParisKVConfigError(f"SGLANG_PARISKV_OVERLAP={value!r}: expected 0 or 1")
+    return value == "1"
+
+
 def topk_variant_from_env() -> str:
     """``SGLANG_PARISKV_TOPK`` (radix / cuda / torch; default auto): the final top-k's
     implementation, for A/B runs of the multi-program radix top-k."""
@@ -159,6 +168,12 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         # Found at init: every layer is already checked; else learn it at the first prefill.
         self._scale_checked_at_init = self._scale is not None
         self._dense_dev = torch.zeros(rtt.shape[0], dtype=torch.bool, device=device)
+        # The stream a decode layer's retrieval and sparse call run on, forked from the
+        # forward stream right after the KV write (GPU pool only: host offload's fetch
+        # and write-behind streams keep the serial order).
+        overlap = device.type == "cuda" and overlap_from_env()
+        overlap = overlap and not isinstance(pool, HostOffloadKVPool)
+        self._retrieval_stream = torch.cuda.Stream(device) if overlap else None
         args = model_runner.server_args
         # Retrieval GPU time per step: on with --enable-metrics (see retrieval_timer).
         metrics_on = bool(getattr(args, "enable_metrics", False))
@@ -459,9 +474,41 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         return out
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
+        fork = self._fork_stream(layer, k, save_kv_cache)
+        if fork is not None:
+            self.token_to_kv_pool.fork_after_write = fork
         out = super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
+        if fork is not None and self.token_to_kv_pool.fork_after_write is not None:
+            # SGLang stored no KV through the pool: fork here instead (no overlap).
+            self.token_to_kv_pool.fork_after_write = None
+            fork.wait_stream(torch.cuda.current_stream())
         if layer.is_cross_attention:
             return out
+        with torch.cuda.stream(fork) if fork is not None else contextlib.nullcontext():
+            sparse = self._sparse_decode(q, k, layer, forward_batch, save_kv_cache)
+        if fork is not None:
+            torch.cuda.current_stream().wait_stream(fork)
+        if sparse is None:
+            return out
+        out = out.view(-1, self.hq * self.d)
+        bs = forward_batch.batch_size
+        head = out[:bs]  # one in-place select kernel, not a where plus a copy back
+        keep_dense = self._dense_dev[:bs, None]
+        torch.where(keep_dense, head, sparse.reshape(bs, -1).to(out.dtype), out=head)
+        return out
+
+    def _fork_stream(self, layer, k, save_kv_cache: bool) -> torch.cuda.Stream | None:
+        """The retrieval stream when this decode layer can overlap its retrieval with the
+        dense call: a sparse step on the GPU pool that writes this layer's KV."""
+        if self._retrieval_stream is None or self._sparse is None or self.fetcher is not None:
+            return None
+        if layer.is_cross_attention or k is None or not save_kv_cache:
+            return None
+        return self._retrieval_stream
+
+    def _sparse_decode(self, q, k, layer, forward_batch, save_kv_cache: bool):
+        """The new key into its request's histograms, then (on a sparse step) retrieval and
+        the head-as-batch FlashInfer call: the sparse rows' output [bs, Hq, D], or None."""
         local = layer.layer_id - self.token_to_kv_pool.start_layer
         bs = forward_batch.batch_size
         codes = self.codes.layers[local]
@@ -476,7 +523,7 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
                 forward_batch.seq_lens[:bs],
             )
         if self._sparse is None:
-            return out
+            return None
         if self._rpi32 is None:
             raise RuntimeError(
                 "ParisKV decode ran without its step tensors: init_forward_metadata (eager) "
@@ -516,8 +563,4 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
                 self.token_to_kv_pool.get_key_buffer(layer.layer_id),
                 self.token_to_kv_pool.get_value_buffer(layer.layer_id),
             )
-        out = out.view(-1, self.hq * self.d)
-        head = out[:bs]  # one in-place select kernel, not a where plus a copy back
-        keep_dense = self._dense_dev[:bs, None]
-        torch.where(keep_dense, head, sparse.reshape(bs, -1).to(out.dtype), out=head)
-        return out
+        return sparse
