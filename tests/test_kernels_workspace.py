@@ -284,3 +284,43 @@ def test_bad_topk_cluster_fails_at_construction():
         DecodeWorkspace(cfg, 4, 2, 64, 2, 1024, "cpu", scan_variant="load", cuda_topk_cluster=0)
     with pytest.raises(ValueError, match="thread-block clusters"):
         DecodeWorkspace(cfg, 4, 2, 64, 2, 1024, "cpu", scan_variant="load", cuda_topk_cluster=8)
+
+
+def test_cuda_scan_shared_memory_matches_the_kernels_layout():
+    """The startup check's byte count is the kernel's (csrc/collision_scan.cu): table,
+    histogram, slots, two chunks of staged rows with the odd-multiple stride."""
+    from sglang_pariskv.kernels import workspace as wsm
+
+    # 8 KV heads x 128: 32 KiB table, 4 KiB histogram (128 bins), 4 KiB slots, 2 x 128 x 144
+    assert wsm.cuda_scan_shared_bytes(8, 16, 128, 1024, 128) == 32768 + 4096 + 4096 + 36864
+    # 3 KV heads x 64 (odd: no padding): 2 x 32 x 24 staged bytes
+    assert wsm.cuda_scan_shared_bytes(3, 8, 64, 1023, 32) == 6144 + 768 + 4096 + 1536
+
+
+def test_cuda_scan_too_big_for_shared_memory_falls_back_or_fails_early(monkeypatch, caplog):
+    """Very many KV heads per rank: auto falls back to Triton with a warning; an explicit
+    scan_variant='cuda' is refused at construction, not at the first decode step."""
+    from types import SimpleNamespace
+
+    from sglang_pariskv.kernels import workspace as wsm
+
+    props = SimpleNamespace(
+        shared_memory_per_block_optin=227 * 1024, multi_processor_count=132, major=9, minor=0
+    )
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: props)
+    monkeypatch.setattr(wsm, "cuda_available", lambda: True)
+    cfg = ParisKVConfig(topk=64, sink=8, local=16, dense_threshold=256)
+    fake_cuda = torch.device("cuda")
+    with pytest.raises(ValueError, match="shared memory"):
+        wsm.check_cuda_scan_fits(64, 16, 128, fake_cuda)  # 256 KiB of tier table alone
+    wsm.check_cuda_scan_fits(8, 16, 128, fake_cuda)  # Llama-3.1-8B: fits
+    with caplog.at_level("WARNING", logger="sglang_pariskv"):
+        try:
+            ws = DecodeWorkspace(cfg, 64, 64, 128, 1, 1024, fake_cuda)
+            assert ws.scan_variant == "load"
+        except RuntimeError as e:  # no GPU here: stops at the first allocation
+            assert not torch.cuda.is_available(), e
+    assert "falling back to the Triton kernels" in caplog.text
+    with pytest.raises(ValueError, match="shared memory"):
+        DecodeWorkspace(cfg, 64, 64, 128, 1, 1024, fake_cuda, scan_variant="cuda")

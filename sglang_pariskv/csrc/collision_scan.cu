@@ -93,7 +93,8 @@ __device__ __forceinline__ int key_score(const typename SignRow<B>::T& v, const 
 }
 
 // Shared memory of a scan block: tier table [H * B, 256] bytes, score histogram [H, nbp],
-// the run's KV slots [tpb] and kStages chunk buffers [chunk, staged_stride].
+// the run's KV slots [tpb] and kStages chunk buffers [chunk, staged_stride]. Mirrored by
+// kernels/workspace.py's cuda_scan_shared_bytes (the startup check).
 inline size_t scan_smem_bytes(int H, int B, int nbp, int tpb, int chunk) {
   return static_cast<size_t>(H) * B * 256 + static_cast<size_t>(H) * nbp * 4 +
          static_cast<size_t>((tpb + 3) & ~3) * 4 +
@@ -211,14 +212,19 @@ extern "C" int pariskv_collision_scan(const void* signs, const void* rtt, int64_
   if (warps <= 0) warps = 16;
   if (warps > 16 || tpb <= 0) return -1;
   if (B != 16 && B != 8) return -2;
+  // The device's opt-in shared memory per block (227 KB on the H100, 163 KB on the A100):
+  // the longest chunk that fits. DecodeWorkspace checks the shortest fits at startup.
+  int dev = 0, optin = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
   int chunk = 0;
   size_t smem = 0;
   for (int c : kChunks) {
     chunk = c;
     smem = scan_smem_bytes(H, B, nbp, tpb, c);
-    if (smem <= 227 * 1024) break;
+    if (smem <= static_cast<size_t>(optin)) break;
   }
-  if (smem > 227 * 1024) return -3;
+  if (smem > static_cast<size_t>(optin)) return -3;
   dim3 grid(static_cast<unsigned>((nmax + tpb - 1) / tpb), static_cast<unsigned>(R));
   dim3 block(warps * 32);
   auto kernel = B == 16 ? scan_kernel<16> : scan_kernel<8>;
@@ -226,7 +232,7 @@ extern "C" int pariskv_collision_scan(const void* signs, const void* rtt, int64_
   // practice: the first call is the eager warm-up).
   static bool opted[2] = {false, false};
   if (smem > 48 * 1024 && !opted[B == 16]) {
-    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 227 * 1024);
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin);
     opted[B == 16] = true;
   }
   kernel<<<grid, block, smem, static_cast<cudaStream_t>(stream)>>>(

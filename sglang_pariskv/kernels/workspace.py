@@ -23,6 +23,7 @@ Stages of :meth:`run` (each a module of this package):
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import NamedTuple
@@ -65,6 +66,8 @@ SELECT_RERANK_CHUNK = 1024
 
 #: Implementations of the final top-k (see ``DecodeWorkspace``).
 TOPK_VARIANTS = ("radix", "cuda", "torch")
+
+logger = logging.getLogger("sglang_pariskv")
 
 #: Per-request int64 fields of the plan buffer, in order (then the tier thresholds).
 _FIELDS = ("seq", "dense", "counts", "zone_end")
@@ -129,6 +132,29 @@ def check_topk_cluster(cluster: int, device: torch.device) -> None:
 
 #: CUDA scan warps per block (see ``scan_tokens_per_block``).
 CUDA_SCAN_WARPS = 16
+#: The CUDA scan's shortest chunk of staged tokens (csrc/collision_scan.cu's kChunks).
+CUDA_SCAN_MIN_CHUNK = 32
+
+
+def cuda_scan_shared_bytes(hkv: int, b: int, nbp: int, tpb: int, chunk: int) -> int:
+    """Shared memory of one CUDA scan block (csrc/collision_scan.cu's scan_smem_bytes):
+    tier table, score histogram, the run's slots, two chunks of staged sign rows."""
+    stride = hkv * b + (0 if hkv % 2 else b)
+    return hkv * b * 256 + hkv * nbp * 4 + -(-tpb // 4) * 4 * 4 + 2 * chunk * stride
+
+
+def check_cuda_scan_fits(hkv: int, b: int, nbp: int, device: torch.device) -> None:
+    """A ValueError now, not at the first decode step, when even the CUDA scan's shortest
+    chunks need more shared memory than this GPU gives a block (very many KV heads per
+    rank): the fix is the Triton scan or more tensor parallelism."""
+    optin = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+    need = cuda_scan_shared_bytes(hkv, b, nbp, max(SCAN_TOKENS_PER_BLOCK), CUDA_SCAN_MIN_CHUNK)
+    if need > optin:
+        raise ValueError(
+            f"the CUDA collision scan needs {need} bytes of shared memory per block for "
+            f"{hkv} KV heads x head_dim {8 * b}, more than this GPU's {optin}: use "
+            "scan_variant='load' (Triton) or split the KV heads over more GPUs (--tp-size)"
+        )
 
 
 def max_candidates(config: ParisKVConfig, max_context: int) -> int:
@@ -200,9 +226,18 @@ class DecodeWorkspace:
         self.b = head_dim // 8
         self.max_batch, self.max_context = max_batch, max_context
         self.device = torch.device(device)
+        nbp = score_bins(len(config.tier_ratios), head_dim // 8)
         if scan_variant == "auto":
             cuda = self.device.type == "cuda" and cuda_available()
+            if cuda:
+                try:
+                    check_cuda_scan_fits(num_kv_heads, head_dim // 8, nbp, self.device)
+                except ValueError as e:
+                    logger.warning("ParisKV: %s; falling back to the Triton kernels", e)
+                    cuda = False
             scan_variant = "cuda" if cuda else "load"
+        elif scan_variant == "cuda" and self.device.type == "cuda":
+            check_cuda_scan_fits(num_kv_heads, head_dim // 8, nbp, self.device)
         self.scan_variant = scan_variant
         if topk_variant == "auto":
             topk_variant = "cuda" if scan_variant == "cuda" else "torch"
