@@ -226,18 +226,19 @@ class DecodeWorkspace:
         self.b = head_dim // 8
         self.max_batch, self.max_context = max_batch, max_context
         self.device = torch.device(device)
-        nbp = score_bins(len(config.tier_ratios), head_dim // 8)
+        self.nt = len(config.tier_ratios)
+        self.nbp = score_bins(self.nt, self.b)
         if scan_variant == "auto":
             cuda = self.device.type == "cuda" and cuda_available()
             if cuda:
                 try:
-                    check_cuda_scan_fits(num_kv_heads, head_dim // 8, nbp, self.device)
+                    check_cuda_scan_fits(num_kv_heads, self.b, self.nbp, self.device)
                 except ValueError as e:
                     logger.warning("ParisKV: %s; falling back to the Triton kernels", e)
                     cuda = False
             scan_variant = "cuda" if cuda else "load"
         elif scan_variant == "cuda" and self.device.type == "cuda":
-            check_cuda_scan_fits(num_kv_heads, head_dim // 8, nbp, self.device)
+            check_cuda_scan_fits(num_kv_heads, self.b, self.nbp, self.device)
         self.scan_variant = scan_variant
         if topk_variant == "auto":
             topk_variant = "cuda" if scan_variant == "cuda" else "torch"
@@ -268,7 +269,6 @@ class DecodeWorkspace:
         self.scan_block, self.scan_tiles = scan_block, scan_tiles
         dev = self.device
         h, b, rmax = num_kv_heads, self.b, max_batch
-        self.nt = len(config.tier_ratios)
         self.cmax = max_candidates(config, max_context)
         self.k = min(config.topk, self.cmax)
         self.cuda_topk_cluster = (
@@ -280,7 +280,6 @@ class DecodeWorkspace:
         # the index buffer nor the sparse attention pays for their full length.
         self.elide_dense_rows = elide_dense_rows
         self.max_row = config.budget if elide_dense_rows else max_row_length(config, max_context)
-        self.nbp = score_bins(self.nt, b)
         self.rot = rotation_matrix(head_dim, config.rotation_seed, torch.float32, dev)
         self.meta = torch.zeros((len(_FIELDS) + self.nt) * rmax, dtype=torch.int64, device=dev)
         self.query = PreparedQuery(
