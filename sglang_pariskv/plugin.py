@@ -42,6 +42,15 @@ _TARGETS = {
     "DefaultPoolConfigurator.calculate_pool_sizes_from_max_tokens",
     "post_init": "sglang.srt.server_args.ServerArgs.__post_init__",
 }
+_GRAPH_RUNNER = "sglang.srt.model_executor.runner.decode_cuda_graph_runner.DecodeCudaGraphRunner"
+#: SGLang's decode graph runner, hooked to capture a dense-step graph next to each
+#: sparse-step one (see :func:`_around_capture_one_shape`).
+_GRAPH_TARGETS = {
+    "capture_one_shape": f"{_GRAPH_RUNNER}.capture_one_shape",
+    "graph_variant": f"{_GRAPH_RUNNER}._resolve_lora_variant",
+}
+#: Both graph hooks took: captures are labelled only if replays will be too.
+_graph_hooks_applied = False
 _serving_hooks_installed = False
 
 
@@ -127,7 +136,12 @@ def install_serving_hooks(cfg: ParisKVConfig) -> None:
     HookRegistry.register(_TARGETS["kv_pool_class"], pool_class, HookType.REPLACE)
     HookRegistry.register(_TARGETS["cell_size"], _cell_size_hook(cfg), HookType.AFTER)
     HookRegistry.register(_TARGETS["post_init"], _around_post_init, HookType.AROUND)
+    HookRegistry.register(
+        _GRAPH_TARGETS["capture_one_shape"], _around_capture_one_shape, HookType.AROUND
+    )
+    HookRegistry.register(_GRAPH_TARGETS["graph_variant"], _around_graph_variant, HookType.AROUND)
     HookRegistry.apply_hooks()
+    _check_graph_hooks(HookRegistry._patched)
     import sglang.srt.models.utils  # noqa: F401  (patched before any model binds it)
 
     disable_fused_kv_store()
@@ -315,3 +329,74 @@ def _backend_factory(original, cfg: ParisKVConfig):
 
     create_pariskv_backend.original = original
     return create_pariskv_backend
+
+
+# -- dense-step CUDA graphs ------------------------------------------------------------
+# A captured decode graph holds the retrieval path of every layer, and replaying it costs
+# its launches even when no request of the step is above the dense threshold. SGLang's
+# decode runner already keeps per-variant graphs (ShapeKey.variant_label: "lora" /
+# "nolora"), so each batch size gets a sparse-step and a dense-step variant, and a replay
+# picks the one ParisKVAttnBackend.step_is_sparse names for its batch.
+
+
+def graph_variant_label(base: str | None, step: str) -> str:
+    """SGLang's variant label of a decode graph (None, or LoRA's "lora" / "nolora") with
+    the ParisKV step graph ("sparse" / "dense") added."""
+    tag = f"pariskv_{step}"
+    return tag if base is None else f"{base}+{tag}"
+
+
+def _check_graph_hooks(patched: set[str]) -> bool:
+    """Dense-step graphs need both hooks (labelled captures without labelled replays would
+    find no graph); SGLang's registry logs and skips a hook it cannot apply."""
+    global _graph_hooks_applied
+    _graph_hooks_applied = all(t in patched for t in _GRAPH_TARGETS.values())
+    if not _graph_hooks_applied:
+        logger.warning(
+            "ParisKV: could not hook SGLang's decode CUDA graph runner (%s); every decode "
+            "graph holds the retrieval path, so steps of short requests also pay its "
+            "launches",
+            sorted(_GRAPH_TARGETS.values()),
+        )
+    return _graph_hooks_applied
+
+
+def _graph_backend(runner):
+    """The runner's ParisKV backend when it keeps dense-step graphs, else None (another
+    backend; SGLANG_PARISKV_DENSE_GRAPHS=0; PD multiplexing, whose per-stream backends
+    the hooks do not track; or hooks that did not take)."""
+    from sglang_pariskv.attention.backend import ParisKVAttnBackend
+
+    backend = getattr(runner, "attn_backend", None)
+    if not _graph_hooks_applied or getattr(runner, "enable_pdmux", False):
+        return None
+    if isinstance(backend, ParisKVAttnBackend) and backend.dense_graphs_enabled:
+        return backend
+    return None
+
+
+def _around_capture_one_shape(original, runner, size, forward, stream_idx=None, variant_label=None):
+    """Capture each batch size twice: with the retrieval path, and without it."""
+    from sglang_pariskv.attention.backend import STEP_GRAPHS
+
+    backend = _graph_backend(runner)
+    if backend is None:
+        return original(runner, size, forward, stream_idx, variant_label)
+    for step in STEP_GRAPHS:
+        with backend.capturing(step):
+            original(runner, size, forward, stream_idx, graph_variant_label(variant_label, step))
+    return None
+
+
+def _around_graph_variant(original, runner, forward_batch):
+    """The graph a decode batch replays: the sparse-step one iff some request needs
+    retrieval (the backend plans the step by the same rule)."""
+    label = original(runner, forward_batch)
+    backend = _graph_backend(runner)
+    if backend is None or not backend.dense_graphs_captured:
+        return label
+    seq = forward_batch.seq_lens_cpu
+    if seq is None:
+        seq = forward_batch.seq_lens.cpu()
+    step = "sparse" if backend.step_is_sparse(seq[: forward_batch.batch_size]) else "dense"
+    return graph_variant_label(label, step)

@@ -43,7 +43,7 @@ def batch(lens):
     )
 
 
-def run_plan(b, fb, force=False):
+def run_plan(b, fb, graph=None):
     seen = {}
 
     def plan_dense():
@@ -56,7 +56,7 @@ def run_plan(b, fb, force=False):
         seen["scale"] = sm_scale
 
     sparse = types.SimpleNamespace(plan=plan_sparse)
-    b._plan_decode(fb, plan_dense, sparse, force=force)
+    b._plan_decode(fb, plan_dense, sparse, graph=graph)
     return seen, sparse
 
 
@@ -90,7 +90,7 @@ def test_all_dense_batch_takes_the_plain_dense_path(backend):
 
 def test_graph_padding_rows_are_not_counted(backend):
     fb = batch([5000, 1, 1, 1])  # a captured bs-4 graph replayed for one real request
-    seen, _ = run_plan(backend, fb, force=True)
+    seen, _ = run_plan(backend, fb, graph="sparse")
     assert seen["sparse_lens"] == [5000, 1, 1, 1]
     assert val(backend, "tokens_encoded_total") == 1
     assert val(backend, "dense_request_steps_total") == 0

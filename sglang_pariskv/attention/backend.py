@@ -15,7 +15,11 @@
   before the select. ``SGLANG_PARISKV_OVERLAP=0`` keeps one stream.
 * CUDA graphs: all host work (both plans) runs in ``init_forward_metadata_out_graph``;
   the captured layer work (encode, histogram add, retrieval kernels, two FlashInfer runs,
-  a select) has fixed shapes and no host sync.
+  a select) has fixed shapes and no host sync. Each batch size gets two graphs
+  (``plugin.py`` hooks SGLang's decode graph runner): a sparse-step graph with the
+  retrieval path and a dense-step graph without it, replayed when no request of the step
+  is above the dense threshold, so short-request traffic does not pay for the retrieval
+  kernels' launches. ``SGLANG_PARISKV_DENSE_GRAPHS=0`` captures the sparse graph only.
 """
 
 from __future__ import annotations
@@ -120,6 +124,19 @@ def overlap_from_env() -> bool:
     return value == "1"
 
 
+def dense_graphs_from_env() -> bool:
+    """``SGLANG_PARISKV_DENSE_GRAPHS`` (1 default, 0 off): capture a second, dense-step
+    CUDA graph per batch size, replayed by steps without a request above the threshold."""
+    value = os.environ.get("SGLANG_PARISKV_DENSE_GRAPHS", "1")
+    if value not in ("0", "1"):
+        raise ParisKVConfigError(f"SGLANG_PARISKV_DENSE_GRAPHS={value!r}: expected 0 or 1")
+    return value == "1"
+
+
+#: The two decode graphs per batch size: with the retrieval path, and without it.
+STEP_GRAPHS: tuple[str, ...] = ("sparse", "dense")
+
+
 def topk_variant_from_env() -> str:
     """``SGLANG_PARISKV_TOPK`` (radix / cuda / torch; default auto): the final top-k's
     implementation, for A/B runs of the multi-program radix top-k."""
@@ -134,6 +151,11 @@ def topk_variant_from_env() -> str:
 class ParisKVAttnBackend(FlashInferAttnBackend):
     #: Host offload's hot cache + fetcher; None without offload (or with a zero-line cache).
     fetcher: OffloadFetcher | None = None
+    #: Dense-step graphs wanted (``SGLANG_PARISKV_DENSE_GRAPHS``), captured by plugin.py's
+    #: hook, and the graph being captured ("sparse" / "dense"; None outside a capture).
+    dense_graphs_enabled: bool = True
+    dense_graphs_captured: bool = False
+    _capture_step: str | None = None
 
     def __init__(self, model_runner, config: ParisKVConfig):
         super().__init__(model_runner, init_new_workspace=model_runner.init_new_workspace)
@@ -172,6 +194,7 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         # Found at init: every layer is already checked; else learn it at the first prefill.
         self._scale_checked_at_init = self._scale is not None
         self._dense_dev = torch.zeros(rtt.shape[0], dtype=torch.bool, device=device)
+        self.dense_graphs_enabled = dense_graphs_from_env()
         # The stream a decode layer's retrieval and sparse call run on, forked from the
         # forward stream right after the KV write (GPU pool only: host offload's fetch
         # and write-behind streams keep the serial order).
@@ -307,16 +330,48 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             write_stats(self._stats_path, self.snapshot())
 
     # -- metadata (host side) ---------------------------------------------------------
+    def step_is_sparse(self, seq_lens_cpu: torch.Tensor) -> bool:
+        """Whether a decode step runs the retrieval path: some request is above the dense
+        threshold. The graph runner picks the step's graph with it (plugin.py) and
+        ``_plan_decode`` plans with it; CUDA-graph padding rows (seq_len 1) are dense, so
+        the padded batch and the real one give the same answer."""
+        return bool((~dense_mask(seq_lens_cpu, self.config)).any())
+
+    @contextlib.contextmanager
+    def capturing(self, step: str):
+        """Capture the ``step`` graph ("sparse" or "dense") of a batch size: the sparse one
+        holds the retrieval path whatever the capture batch's lengths are."""
+        if step not in STEP_GRAPHS:
+            raise ValueError(f"unknown decode graph {step!r}: expected one of {STEP_GRAPHS}")
+        self._capture_step = step
+        try:
+            yield
+        finally:
+            self._capture_step = None
+        if step == "dense":
+            self.dense_graphs_captured = True
+
     def _plan_decode(
-        self, forward_batch, plan_dense, sparse: HeadAsBatchDecode, force: bool, key="eager"
+        self,
+        forward_batch,
+        plan_dense,
+        sparse: HeadAsBatchDecode,
+        graph: str | None = None,
+        key="eager",
     ):
+        """Plan both calls of a decode step. ``graph``: the CUDA graph the step captures or
+        replays, "sparse" (it holds the retrieval path, run even if no request needs it)
+        or "dense" (it does not); None (eager, or a replay whose graph the runner picked
+        by :meth:`step_is_sparse`): as the lengths say."""
         bs = forward_batch.batch_size
         self._rpi32 = None  # set by _prepare_step_tensors once the plan is made
         seq_cpu = forward_batch.seq_lens_cpu[:bs]
         dense_cpu = dense_mask(seq_cpu, self.config)
         real = seq_cpu > 1  # CUDA-graph padding rows have seq_len 1; a real decode has >= 2
         sparse_rows = ~dense_cpu
-        run_sparse = force or bool(sparse_rows.any())
+        if graph is not None and graph not in STEP_GRAPHS:
+            raise ValueError(f"unknown decode graph {graph!r}: expected one of {STEP_GRAPHS}")
+        run_sparse = graph == "sparse" or (graph is None and self.step_is_sparse(seq_cpu))
         self.stats.decode_steps += 1
         self.stats.sparse_steps += int(run_sparse)
         if self.fetcher is not None and (self.metrics is not None or self._stats_path):
@@ -391,7 +446,6 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             forward_batch,
             lambda: super(ParisKVAttnBackend, self).init_forward_metadata(forward_batch),
             self.eager_sparse,
-            force=False,
         )
         self._prepare_step_tensors(forward_batch)
 
@@ -425,16 +479,26 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             self.graph_sparse[bs] = HeadAsBatchDecode(
                 self.ws, self.token_to_kv_pool.dtype, graph_batch=bs
             )
-        # A captured graph always holds the sparse path (dense rows are selected out).
         self._plan_decode(
             forward_batch,
             lambda: super(ParisKVAttnBackend, self).init_forward_metadata_out_graph(
                 forward_batch, in_capture
             ),
             self.graph_sparse[bs],
-            force=True,
+            graph=self._graph_step(in_capture),
             key=bs,
         )
+
+    def _graph_step(self, in_capture: bool) -> str | None:
+        """The graph of this capture or replay, for :meth:`_plan_decode`. A capture is of
+        the graph the plugin's hook named (the sparse one when no hook ran). With
+        dense-step graphs captured, a replay's graph is the one the runner picked by
+        :meth:`step_is_sparse` (None: plan by the lengths); without them
+        (``SGLANG_PARISKV_DENSE_GRAPHS=0``, or a runner the hook did not reach) every
+        graph is a sparse one, whose dense rows are selected out."""
+        if in_capture:
+            return self._capture_step or "sparse"
+        return None if self.dense_graphs_captured else "sparse"
 
     # -- layer work (device side) -----------------------------------------------------
     def _check_scale(self, layer) -> None:

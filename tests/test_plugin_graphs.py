@@ -1,0 +1,197 @@
+"""Dense-step CUDA graphs: each decode batch size is captured with and without the
+retrieval path, and a replay takes the graph its own plan needs.
+
+The hooks wrap SGLang's decode graph runner; here they run around a stand-in capture
+and resolve (a real capture needs a GPU) against the host-side backend of
+test_backend_planning, whose ``_plan_decode`` is the real one."""
+
+import inspect
+import logging
+import pkgutil
+import random
+import types
+
+import pytest
+import torch
+
+from sglang_pariskv import plugin
+from sglang_pariskv.attention.backend import STEP_GRAPHS, dense_graphs_from_env
+from sglang_pariskv.server_flags import ParisKVConfigError
+from tests.test_backend_planning import backend, batch  # noqa: F401  (fixture)
+
+CAPTURE_SIZES = (8, 4, 2, 1)  # SGLang captures the largest first
+
+
+@pytest.fixture
+def hooks_on(monkeypatch):
+    monkeypatch.setattr(plugin, "_graph_hooks_applied", True)
+
+
+def fake_runner(b, pdmux=False):
+    return types.SimpleNamespace(attn_backend=b, enable_pdmux=pdmux)
+
+
+def capture_all(b, runner, base_label=None):
+    """What DecodeCudaGraphRunner.capture does per size, with a stand-in capture that
+    plans the capture batch (every row seq_len 1) as the backend would and records the
+    graph's key and whether it holds the retrieval path."""
+    graphs = {}
+
+    def capture_one_shape(runner_, size, forward, stream_idx=None, variant_label=None):
+        assert runner_ is runner and stream_idx is None
+        fb = batch([1] * size)
+        sparse = types.SimpleNamespace(plan=lambda *a, **k: None)
+        b._plan_decode(fb, lambda: None, sparse, graph=b._graph_step(in_capture=True))
+        graphs[(size, variant_label)] = b._sparse is not None
+
+    for size in CAPTURE_SIZES:
+        plugin._around_capture_one_shape(capture_one_shape, runner, size, None, None, base_label)
+    return graphs
+
+
+def replay(b, runner, lens, graphs, base_label=None):
+    """SGLang's replay: pad to the next captured size with seq_len-1 rows, plan on the
+    padded view, then resolve the graph's label from the real batch."""
+    size = min(s for s in CAPTURE_SIZES if s >= len(lens))
+    padded = batch(lens + [1] * (size - len(lens)))
+    sparse = types.SimpleNamespace(plan=lambda *a, **k: None)
+    b._plan_decode(padded, lambda: None, sparse, graph=b._graph_step(in_capture=False))
+    label = plugin._around_graph_variant(lambda r, fb: base_label, runner, batch(lens))
+    return (size, label), b._sparse is not None
+
+
+def test_graph_targets_are_sglang_decode_runner_methods_with_the_hooked_signatures():
+    capture = pkgutil.resolve_name(plugin._GRAPH_TARGETS["capture_one_shape"])
+    resolve = pkgutil.resolve_name(plugin._GRAPH_TARGETS["graph_variant"])
+    assert list(inspect.signature(capture).parameters) == [
+        "self",
+        "size",
+        "forward",
+        "stream_idx",
+        "variant_label",
+    ]
+    assert list(inspect.signature(resolve).parameters) == ["self", "forward_batch"]
+
+
+def test_each_size_is_captured_with_and_without_retrieval(backend, hooks_on):  # noqa: F811
+    graphs = capture_all(backend, fake_runner(backend))
+    want = {}
+    for size in CAPTURE_SIZES:
+        want[(size, "pariskv_sparse")] = True  # holds retrieval though every row is short
+        want[(size, "pariskv_dense")] = False
+    assert graphs == want
+    assert backend.dense_graphs_captured and backend._capture_step is None
+
+
+def test_lora_labels_keep_their_variant(backend, hooks_on):  # noqa: F811
+    runner = fake_runner(backend)
+    graphs = capture_all(backend, runner, base_label="nolora")
+    assert set(graphs) == {(s, f"nolora+pariskv_{g}") for s in CAPTURE_SIZES for g in STEP_GRAPHS}
+    key, _ = replay(backend, runner, [20000], graphs, base_label="nolora")
+    assert key == (1, "nolora+pariskv_sparse")
+
+
+def test_a_replay_takes_a_captured_graph_that_matches_its_plan(backend, hooks_on):  # noqa: F811
+    runner = fake_runner(backend)
+    graphs = capture_all(backend, runner)
+    limit = max(backend.config.dense_threshold, backend.config.budget)
+    rng = random.Random(0)
+    seen = set()
+    for _ in range(300):
+        n = rng.randint(1, max(CAPTURE_SIZES))
+        lens = [rng.choice([2, limit, limit + 1, rng.randint(2, 3 * limit)]) for _ in range(n)]
+        key, planned_sparse = replay(backend, runner, lens, graphs)
+        assert key in graphs, key
+        needs = any(x > limit for x in lens)
+        # the graph holds retrieval iff the plan ran it iff a request needs it
+        assert graphs[key] == planned_sparse == needs, (lens, key)
+        if needs:
+            assert backend._dense_dev[: len(lens)].tolist() == [x <= limit for x in lens]
+        seen.add(key[1])
+    assert seen == {"pariskv_sparse", "pariskv_dense"}
+
+
+def test_without_dense_graphs_every_graph_holds_retrieval(backend, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("SGLANG_PARISKV_DENSE_GRAPHS", "0")
+    backend.dense_graphs_enabled = dense_graphs_from_env()
+    monkeypatch.setattr(plugin, "_graph_hooks_applied", True)
+    runner = fake_runner(backend)
+    graphs = capture_all(backend, runner)
+    assert graphs == {(s, None): True for s in CAPTURE_SIZES}
+    key, planned_sparse = replay(backend, runner, [300, 400], graphs)
+    assert key == (2, None) and planned_sparse  # dense rows are selected out
+    assert backend._dense_dev[:2].tolist() == [True, True]
+
+
+@pytest.mark.parametrize("why", ["hooks did not take", "pd multiplexing"])
+def test_runners_the_hooks_do_not_track_keep_one_graph_per_size(backend, monkeypatch, why):  # noqa: F811
+    monkeypatch.setattr(plugin, "_graph_hooks_applied", why != "hooks did not take")
+    runner = fake_runner(backend, pdmux=why == "pd multiplexing")
+    graphs = capture_all(backend, runner)
+    assert graphs == {(s, None): True for s in CAPTURE_SIZES}
+    assert not backend.dense_graphs_captured
+    key, planned_sparse = replay(backend, runner, [300], graphs)
+    assert key == (1, None) and planned_sparse
+
+
+def test_a_missing_graph_hook_is_logged_and_turns_dense_graphs_off(monkeypatch, caplog):
+    monkeypatch.setattr(plugin, "_graph_hooks_applied", True)
+    with caplog.at_level(logging.WARNING, logger="sglang_pariskv"):
+        assert not plugin._check_graph_hooks({plugin._GRAPH_TARGETS["capture_one_shape"]})
+    assert "could not hook" in caplog.text and not plugin._graph_hooks_applied
+    assert plugin._check_graph_hooks(set(plugin._GRAPH_TARGETS.values()))
+
+
+def test_the_dense_graphs_switch_takes_0_or_1(monkeypatch):
+    monkeypatch.setenv("SGLANG_PARISKV_DENSE_GRAPHS", "yes")
+    with pytest.raises(ParisKVConfigError, match="SGLANG_PARISKV_DENSE_GRAPHS"):
+        dense_graphs_from_env()
+    monkeypatch.delenv("SGLANG_PARISKV_DENSE_GRAPHS")
+    assert dense_graphs_from_env()
+
+
+def test_an_unknown_graph_name_is_refused(backend):  # noqa: F811
+    with pytest.raises(ValueError, match="unknown decode graph"):
+        with backend.capturing("sparse-ish"):
+            pass
+    with pytest.raises(ValueError, match="unknown decode graph"):
+        backend._plan_decode(batch([5]), lambda: None, None, graph="both")
+    assert torch.is_tensor(backend._dense_dev)
+
+
+INSTALL_SCRIPT = """
+import types
+import torch
+import tests.conftest  # the sgl_kernel stand-in on a machine without a GPU
+from sglang.srt.model_executor.runner.decode_cuda_graph_runner import DecodeCudaGraphRunner
+from sglang_pariskv import plugin
+from sglang_pariskv.attention.backend import ParisKVAttnBackend
+from sglang_pariskv.config import ParisKVConfig
+
+plugin.enable(ParisKVConfig())
+assert plugin._graph_hooks_applied
+b = object.__new__(ParisKVAttnBackend)
+b.dense_graphs_enabled, b.dense_graphs_captured, b.config = True, True, ParisKVConfig()
+runner = object.__new__(DecodeCudaGraphRunner)
+runner.attn_backend, runner.enable_pdmux = b, False
+fb = types.SimpleNamespace(lora_ids=None, batch_size=1, seq_lens_cpu=torch.tensor([50000]))
+print(DecodeCudaGraphRunner._resolve_lora_variant(runner, fb))
+"""
+
+
+def test_enabling_hooks_sglangs_real_decode_graph_runner():
+    """plugin.enable applies both hooks to SGLang's class (in a child process: hooks are
+    process-wide), and the wrapped method labels a long request's step as sparse."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    env.pop(plugin.ENV_CONFIG, None)
+    out = subprocess.run(
+        [sys.executable, "-c", INSTALL_SCRIPT], cwd=root, env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "pariskv_sparse"
