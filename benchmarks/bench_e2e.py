@@ -466,9 +466,9 @@ def step_bytes(shape: dict, input_len: int, batch: int, cfg: dict | None) -> dic
     per_layer = h * (q_dim + 2 * kv_dim) + q_dim * h + 3 * h * inter
     weights = 2 * (layers * per_layer + vocab * h)  # bf16; the embedding is a gather
     kv_row = 2 * 2 * d * kv_heads * layers  # K and V, bf16, all layers
-    if cfg is None:
+    c = None if cfg is None else ParisKVConfig.from_dict(cfg)
+    if c is None or c.is_dense(input_len):  # a short request attends densely either way
         return {"weights": weights, "per_request": kv_row * input_len}
-    c = ParisKVConfig.from_dict(cfg)
     zone = max(input_len - c.sink - c.local, 0)
     cand_ratio = c.candidate_ratio or adaptive_ratios(zone)[0]
     cand = min(max(int(zone * cand_ratio + 0.999), c.topk), zone)
@@ -477,6 +477,33 @@ def step_bytes(shape: dict, input_len: int, batch: int, cfg: dict | None) -> dic
     rerank = cand * heads * 5 * (d // 8)
     attended = c.budget * kv_row
     return {"weights": weights, "per_request": signs + rerank + attended}
+
+
+def check_engines_ran(
+    input_len: int, output_len: int, cfg: dict, dense_stats: dict, pariskv_stats: dict
+) -> None:
+    """Raise unless the stats files say each engine decoded as its mode should: the dense
+    engine without ParisKV; the ParisKV one with retrieval when the requests are above
+    the dense threshold, and with dense steps only when they stay at or below it (its
+    ``sparse_steps`` then counts decode steps that still ran the retrieval kernels: 0
+    with dense-step graphs, every graph replay with ``SGLANG_PARISKV_DENSE_GRAPHS=0``)."""
+    from sglang_pariskv.config import ParisKVConfig
+
+    c = ParisKVConfig.from_dict(cfg)
+    limit = max(c.dense_threshold, c.budget)
+    sparse_req = pariskv_stats.get("sparse_request_steps", 0)
+    dense_req = pariskv_stats.get("dense_request_steps", 0)
+    if input_len > limit:
+        ok = sparse_req > 0
+    elif input_len + output_len <= limit:
+        ok = dense_req > 0 and sparse_req == 0
+    else:  # requests cross the threshold while decoding
+        ok = dense_req > 0 and sparse_req > 0
+    if dense_stats or not ok:
+        raise RuntimeError(
+            f"ParisKV did not run as expected at input {input_len} (dense above "
+            f"{limit} tokens): dense stats {dense_stats}, pariskv stats {pariskv_stats}"
+        )
 
 
 def run_throughput(
@@ -517,11 +544,7 @@ def run_throughput(
         if len(got) < 2:
             return None
         dense, sparse = got["dense"], got["pariskv"]
-        if dense["stats"] or not sparse["stats"].get("sparse_request_steps"):
-            raise RuntimeError(
-                f"ParisKV did not run as expected at input {n}: dense stats "
-                f"{dense['stats']}, pariskv stats {sparse['stats']}"
-            )
+        check_engines_ran(n, output_len, cfg, dense["stats"], sparse["stats"])
         engines[str(n)] = {
             "dense_capacity_tokens": dense["capacity_tokens"],
             "pariskv_capacity_tokens": sparse["capacity_tokens"],
@@ -560,6 +583,8 @@ def run_throughput(
         "rerank codes of the candidates + attended KV rows) / hbm_copy_gbs",
         "engines": engines,
         "cases": cases,
+        # A/B switches (SGLANG_PARISKV_OVERLAP, SGLANG_PARISKV_DENSE_GRAPHS, ...) as run
+        "pariskv_env": {k: v for k, v in os.environ.items() if k.startswith("SGLANG_PARISKV_")},
     }
 
 

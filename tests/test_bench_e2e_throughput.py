@@ -1,0 +1,56 @@
+"""``bench_e2e.py throughput``'s bookkeeping, without engines: which engine stats prove
+each mode ran as it should, and the byte floor of short (dense) requests."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import bench_e2e  # noqa: E402
+
+CFG = {"topk": 2048, "sink": 64, "local": 256, "dense_threshold": 8192}
+
+
+@pytest.mark.parametrize(
+    ("input_len", "output_len", "stats", "ok"),
+    [
+        (131072, 256, {"sparse_request_steps": 512, "dense_request_steps": 0}, True),
+        (131072, 256, {"sparse_request_steps": 0, "dense_request_steps": 512}, False),
+        (
+            4096,
+            256,
+            {"sparse_request_steps": 0, "dense_request_steps": 512, "sparse_steps": 0},
+            True,
+        ),
+        (4096, 256, {"sparse_request_steps": 3, "dense_request_steps": 509}, False),
+        (4096, 256, {}, False),  # the stats file never showed ParisKV
+        (8000, 256, {"sparse_request_steps": 60, "dense_request_steps": 200}, True),
+        (8000, 256, {"sparse_request_steps": 0, "dense_request_steps": 260}, False),
+    ],
+)
+def test_each_engine_must_have_decoded_as_its_mode_says(input_len, output_len, stats, ok):
+    if ok:
+        bench_e2e.check_engines_ran(input_len, output_len, CFG, {}, stats)
+    else:
+        with pytest.raises(RuntimeError, match="did not run as expected"):
+            bench_e2e.check_engines_ran(input_len, output_len, CFG, {}, stats)
+
+
+def test_a_dense_engine_with_pariskv_stats_is_refused():
+    with pytest.raises(RuntimeError, match="dense stats"):
+        bench_e2e.check_engines_ran(
+            131072, 256, CFG, {"decode_steps": 1}, {"sparse_request_steps": 1}
+        )
+
+
+def test_short_requests_have_the_dense_floor_and_long_ones_a_smaller_one():
+    shape = bench_e2e.LLAMA_8B
+    for n in (1024, 8192):
+        assert bench_e2e.step_bytes(shape, n, 1, CFG) == bench_e2e.step_bytes(shape, n, 1, None)
+    long_dense = bench_e2e.step_bytes(shape, 131072, 1, None)["per_request"]
+    long_sparse = bench_e2e.step_bytes(shape, 131072, 1, CFG)["per_request"]
+    kv_row = 2 * 2 * shape["head_dim"] * shape["num_key_value_heads"] * shape["num_hidden_layers"]
+    assert long_dense == 131072 * kv_row
+    assert 2336 * kv_row < long_sparse < long_dense / 10  # attended rows + codes read
