@@ -467,7 +467,8 @@ def step_bytes(shape: dict, input_len: int, batch: int, cfg: dict | None) -> dic
     weights = 2 * (layers * per_layer + vocab * h)  # bf16; the embedding is a gather
     kv_row = 2 * 2 * d * kv_heads * layers  # K and V, bf16, all layers
     c = None if cfg is None else ParisKVConfig.from_dict(cfg)
-    if c is None or c.is_dense(input_len):  # a short request attends densely either way
+    # short requests, or a step whose long ones hold too few tokens, attend densely
+    if c is None or c.is_dense(input_len) or input_len * batch < c.min_sparse_tokens:
         return {"weights": weights, "per_request": kv_row * input_len}
     zone = max(input_len - c.sink - c.local, 0)
     cand_ratio = c.candidate_ratio or adaptive_ratios(zone)[0]

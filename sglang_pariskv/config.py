@@ -49,6 +49,11 @@ class ParisKVConfig:
     sink: int = 64
     local: int = 256
     dense_threshold: int = 8192
+    #: A decode step retrieves only if its requests above ``dense_threshold`` hold at least
+    #: this many context tokens together; otherwise the whole step attends densely (exact,
+    #: and faster while their K/V read costs less than retrieval's per-layer launches).
+    #: 0: off, every request above the threshold retrieves.
+    min_sparse_tokens: int = 0
     candidate_ratio: float | None = None
     collision_ratio: float | None = None
     tier_ratios: tuple[float, ...] = field(default=DEFAULT_TIER_RATIOS)
@@ -75,6 +80,7 @@ class ParisKVConfig:
         self._check_int("sink", lo=0)
         self._check_int("local", lo=0)
         self._check_int("dense_threshold", lo=0)
+        self._check_int("min_sparse_tokens", lo=0)
         self._check_int("rotation_seed", lo=0, hi=2**63 - 1)
         self._check_int("hot_cache_lines", lo=0, hi=2**30)
         self._check_offload()
@@ -141,6 +147,12 @@ class ParisKVConfig:
             raise ValueError(
                 f"pariskv prefill_copy={self.prefill_copy!r} is invalid: expected one of "
                 f"{list(PREFILL_COPY_MODES)} (--pariskv-prefill-copy)"
+            )
+        if self.offload == "host" and self.min_sparse_tokens:
+            raise ValueError(
+                f"--pariskv-min-sparse-tokens {self.min_sparse_tokens} with --pariskv-offload "
+                "host would attend long requests densely over PCIe, which host offload "
+                "exists to avoid: drop --pariskv-min-sparse-tokens"
             )
         if self.offload == "none":
             for name, default in (("hot_cache_lines", 0), ("prefill_copy", "inline")):

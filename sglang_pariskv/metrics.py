@@ -19,7 +19,7 @@ COUNTER_HELP = {
     "codes were reused instead of re-encoded.",
     "sparse_request_steps": "Decode steps of requests served by ParisKV retrieval.",
     "dense_request_steps": "Decode steps of requests served densely (at or below the dense "
-    "threshold).",
+    "threshold, or in a step below --pariskv-min-sparse-tokens).",
     "attended_tokens": "Tokens attended per KV head by sparse decode rows.",
     "context_tokens": "Context tokens of sparse decode rows (the dense cost avoided).",
 }
@@ -40,7 +40,7 @@ class BatchCounts:
     tokens_encoded: int = 0  #: new keys whose codes were written
     prefix_tokens_reused: int = 0  #: extend prefix tokens whose codes were already there
     sparse_request_steps: int = 0  #: decode rows served by retrieval
-    dense_request_steps: int = 0  #: decode rows served densely (at/below the threshold)
+    dense_request_steps: int = 0  #: decode rows served densely (short, or a dense step)
     attended_tokens: int = 0  #: tokens attended by the sparse rows (per KV head)
     context_tokens: int = 0  #: context length of the sparse rows
 

@@ -27,6 +27,7 @@ KNOB_FLAGS: tuple[tuple[str, str, Any], ...] = (
     ("--pariskv-sink", "sink", int),
     ("--pariskv-local", "local", int),
     ("--pariskv-dense-threshold", "dense_threshold", int),
+    ("--pariskv-min-sparse-tokens", "min_sparse_tokens", int),
     ("--pariskv-candidate-ratio", "candidate_ratio", str),
     ("--pariskv-collision-ratio", "collision_ratio", str),
     ("--pariskv-offload", "offload", None),
@@ -76,6 +77,14 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="Requests of at most this many tokens decode densely "
         f"(default {defaults.dense_threshold}).",
+    )
+    g.add_argument(
+        "--pariskv-min-sparse-tokens",
+        type=int,
+        default=None,
+        help="A decode step retrieves only if its requests above the dense threshold hold "
+        "at least this many tokens together; otherwise the whole step decodes densely "
+        f"(default {defaults.min_sparse_tokens}: off).",
     )
     g.add_argument(
         "--pariskv-candidate-ratio",

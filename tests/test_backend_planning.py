@@ -4,6 +4,7 @@ The dense FlashInfer planner must see the sparse rows of a mixed batch as 1-toke
 (their dense output is discarded), the sparse planner the true lengths, and the counters
 must not count CUDA-graph padding rows (seq_len 1)."""
 
+import dataclasses
 import types
 
 import pytest
@@ -125,3 +126,33 @@ def test_retrieval_time_is_read_back_at_the_next_sparse_step_and_exported(backen
     total = backend.registry.get_sample_value("sglang:pariskv_retrieval_seconds_sum", LABELS)
     assert count == 1 and total == pytest.approx(0.003)
     assert backend.snapshot()["retrieval_seconds"] == pytest.approx(0.003)
+
+
+@pytest.mark.parametrize(
+    ("lens", "sparse"),
+    [([20000], False), ([20000, 500], False), ([20000, 20000], True), ([40000, 300], True)],
+)
+def test_a_step_below_min_sparse_tokens_attends_densely(backend, lens, sparse):
+    """min_sparse_tokens 30000: the long requests of a step must hold 30000 tokens in all,
+    else every request of the step takes SGLang's dense call, and counts as dense."""
+    backend.config = dataclasses.replace(backend.config, min_sparse_tokens=30000)
+    fb = batch(lens)
+    seen, _ = run_plan(backend, fb)
+    limit = backend.config.dense_threshold
+    assert backend.step_is_sparse(fb.seq_lens_cpu) is sparse
+    assert ("sparse_lens" in seen) is sparse and (backend._sparse is not None) is sparse
+    long = [x > limit for x in lens]
+    if sparse:
+        assert seen["dense_lens"] == [1 if lg else x for x, lg in zip(lens, long)]
+        assert backend._dense_dev[: len(lens)].tolist() == [not lg for lg in long]
+    else:
+        assert seen["dense_lens"] == lens
+    assert val(backend, "sparse_request_steps_total") == (sum(long) if sparse else 0)
+    assert val(backend, "dense_request_steps_total") == len(lens) - (sum(long) if sparse else 0)
+
+
+def test_padding_rows_do_not_change_a_steps_kind(backend):
+    backend.config = dataclasses.replace(backend.config, min_sparse_tokens=30000)
+    for lens in ([20000], [20000, 20000], [300], [31000]):
+        padded = torch.tensor(lens + [1] * 5)
+        assert backend.step_is_sparse(torch.tensor(lens)) == backend.step_is_sparse(padded)

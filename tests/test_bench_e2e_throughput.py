@@ -54,3 +54,10 @@ def test_short_requests_have_the_dense_floor_and_long_ones_a_smaller_one():
     kv_row = 2 * 2 * shape["head_dim"] * shape["num_key_value_heads"] * shape["num_hidden_layers"]
     assert long_dense == 131072 * kv_row
     assert 2336 * kv_row < long_sparse < long_dense / 10  # attended rows + codes read
+
+
+def test_a_step_below_min_sparse_tokens_has_the_dense_floor():
+    shape, cfg = bench_e2e.LLAMA_8B, {**CFG, "min_sparse_tokens": 65536}
+    dense = bench_e2e.step_bytes(shape, 32768, 1, None)
+    assert bench_e2e.step_bytes(shape, 32768, 1, cfg) == dense  # 32K < 64K: dense step
+    assert bench_e2e.step_bytes(shape, 32768, 2, cfg)["per_request"] < dense["per_request"]

@@ -19,6 +19,11 @@ def test_defaults_are_valid_and_round_trip():
         ({"sink": -1}, ["sink=-1", "--pariskv-sink"]),
         ({"local": True}, ["local=True"]),
         ({"dense_threshold": -5}, ["dense_threshold=-5", "--pariskv-dense-threshold"]),
+        ({"min_sparse_tokens": -1}, ["min_sparse_tokens=-1", "--pariskv-min-sparse-tokens"]),
+        (
+            {"offload": "host", "host_pool_gb": 4, "min_sparse_tokens": 65536},
+            ["--pariskv-min-sparse-tokens 65536", "PCIe", "drop"],
+        ),
         ({"candidate_ratio": 0.0}, ["candidate_ratio=0.0", "(0, 1]", "--pariskv-candidate-ratio"]),
         ({"collision_ratio": 1.5}, ["collision_ratio=1.5", "--pariskv-collision-ratio"]),
         ({"collision_ratio": "x"}, ["collision_ratio='x'"]),
@@ -81,3 +86,25 @@ def test_tensor_ratios_match_the_scalar_table_at_every_band_edge():
     zones = [0, 4_999, 5_000, 9_999, 10_000, 29_999, 30_000, 10**6]
     cand, coll = retrieval_ratios(torch.tensor(zones), ParisKVConfig())
     assert list(zip(cand.tolist(), coll.tolist())) == [adaptive_ratios(z) for z in zones]
+
+
+def test_step_dense_mask_is_the_per_request_rule_unless_the_long_ones_hold_too_few_tokens():
+    import random
+
+    import torch
+
+    from sglang_pariskv.codec.budget import step_dense_mask
+
+    rng = random.Random(0)
+    for min_tokens in (0, 1, 50_000):
+        cfg = ParisKVConfig(
+            topk=100, sink=4, local=16, dense_threshold=500, min_sparse_tokens=min_tokens
+        )
+        for _ in range(200):
+            lens = [
+                rng.choice([2, 500, 501, rng.randint(2, 60_000)]) for _ in range(rng.randint(1, 6))
+            ]
+            per_request = [cfg.is_dense(x) for x in lens]
+            long_tokens = sum(x for x, d in zip(lens, per_request) if not d)
+            want = [True] * len(lens) if long_tokens < min_tokens else per_request
+            assert step_dense_mask(torch.tensor(lens), cfg).tolist() == want

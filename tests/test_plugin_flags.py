@@ -58,9 +58,13 @@ def test_flags_build_the_config(parser, tmp_path):
         "0.3",
         "--pariskv-collision-ratio",
         "auto",
+        "--pariskv-min-sparse-tokens",
+        "49152",
     )
     cfg = config_from_args(args)
-    assert cfg == ParisKVConfig(topk=512, sink=16, candidate_ratio=0.3, collision_ratio=None)
+    assert cfg == ParisKVConfig(
+        topk=512, sink=16, candidate_ratio=0.3, collision_ratio=None, min_sparse_tokens=49152
+    )
     f = tmp_path / "p.json"
     f.write_text(json.dumps({"topk": 100, "local": 32, "dense_threshold": 4096}))
     args = parse(parser, "--enable-pariskv", "--pariskv-config", str(f), "--pariskv-topk", "64")

@@ -5,6 +5,7 @@ The hooks wrap SGLang's decode graph runner; here they run around a stand-in cap
 and resolve (a real capture needs a GPU) against the host-side backend of
 test_backend_planning, whose ``_plan_decode`` is the real one."""
 
+import dataclasses
 import inspect
 import logging
 import pkgutil
@@ -91,7 +92,13 @@ def test_lora_labels_keep_their_variant(backend, hooks_on):  # noqa: F811
     assert key == (1, "nolora+pariskv_sparse")
 
 
-def test_a_replay_takes_a_captured_graph_that_matches_its_plan(backend, hooks_on):  # noqa: F811
+@pytest.mark.parametrize("min_sparse_tokens", [0, 2500])
+def test_a_replay_takes_a_captured_graph_that_matches_its_plan(
+    backend,  # noqa: F811
+    hooks_on,
+    min_sparse_tokens,
+):
+    backend.config = dataclasses.replace(backend.config, min_sparse_tokens=min_sparse_tokens)
     runner = fake_runner(backend)
     graphs = capture_all(backend, runner)
     limit = max(backend.config.dense_threshold, backend.config.budget)
@@ -102,8 +109,9 @@ def test_a_replay_takes_a_captured_graph_that_matches_its_plan(backend, hooks_on
         lens = [rng.choice([2, limit, limit + 1, rng.randint(2, 3 * limit)]) for _ in range(n)]
         key, planned_sparse = replay(backend, runner, lens, graphs)
         assert key in graphs, key
-        needs = any(x > limit for x in lens)
-        # the graph holds retrieval iff the plan ran it iff a request needs it
+        long_tokens = sum(x for x in lens if x > limit)
+        needs = long_tokens > 0 and long_tokens >= min_sparse_tokens
+        # the graph holds retrieval iff the plan ran it iff the step needs it
         assert graphs[key] == planned_sparse == needs, (lens, key)
         if needs:
             assert backend._dense_dev[: len(lens)].tolist() == [x <= limit for x in lens]

@@ -35,7 +35,7 @@ from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
 
 from sglang_pariskv.attention.retrieval_timer import RetrievalTimer, timing_requested
 from sglang_pariskv.attention.sparse_decode import HeadAsBatchDecode
-from sglang_pariskv.codec.budget import dense_mask
+from sglang_pariskv.codec.budget import step_dense_mask
 from sglang_pariskv.config import ParisKVConfig
 from sglang_pariskv.index.histograms import RequestHistograms
 from sglang_pariskv.index.kv_pool import ParisKVTokenToKVPool
@@ -332,10 +332,11 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
     # -- metadata (host side) ---------------------------------------------------------
     def step_is_sparse(self, seq_lens_cpu: torch.Tensor) -> bool:
         """Whether a decode step runs the retrieval path: some request is above the dense
-        threshold. The graph runner picks the step's graph with it (plugin.py) and
-        ``_plan_decode`` plans with it; CUDA-graph padding rows (seq_len 1) are dense, so
-        the padded batch and the real one give the same answer."""
-        return bool((~dense_mask(seq_lens_cpu, self.config)).any())
+        threshold (and, with ``min_sparse_tokens``, those hold enough tokens in all). The
+        graph runner picks the step's graph with it (plugin.py) and ``_plan_decode`` plans
+        with it; CUDA-graph padding rows (seq_len 1) are dense and add no tokens, so the
+        padded batch and the real one give the same answer."""
+        return bool((~step_dense_mask(seq_lens_cpu, self.config)).any())
 
     @contextlib.contextmanager
     def capturing(self, step: str):
@@ -366,7 +367,7 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         bs = forward_batch.batch_size
         self._rpi32 = None  # set by _prepare_step_tensors once the plan is made
         seq_cpu = forward_batch.seq_lens_cpu[:bs]
-        dense_cpu = dense_mask(seq_cpu, self.config)
+        dense_cpu = step_dense_mask(seq_cpu, self.config)
         real = seq_cpu > 1  # CUDA-graph padding rows have seq_len 1; a real decode has >= 2
         sparse_rows = ~dense_cpu
         if graph is not None and graph not in STEP_GRAPHS:

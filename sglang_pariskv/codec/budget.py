@@ -80,3 +80,14 @@ def dense_mask(seq_lens: torch.Tensor, config: ParisKVConfig) -> torch.Tensor:
     """bool per request: :meth:`ParisKVConfig.is_dense` on a tensor (no host sync)."""
     limit = max(config.dense_threshold, config.budget)
     return seq_lens <= limit
+
+
+def step_dense_mask(seq_lens_cpu: torch.Tensor, config: ParisKVConfig) -> torch.Tensor:
+    """bool per request of one decode step: :func:`dense_mask`, or every request when
+    those above the threshold hold fewer than ``config.min_sparse_tokens`` tokens in all
+    (the step then attends densely; see :class:`ParisKVConfig`). Host tensors: the
+    serving planner decides per step before anything is launched."""
+    dense = dense_mask(seq_lens_cpu, config)
+    if config.min_sparse_tokens and int(seq_lens_cpu[~dense].sum()) < config.min_sparse_tokens:
+        return torch.ones_like(dense)
+    return dense
