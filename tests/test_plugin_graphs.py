@@ -14,6 +14,8 @@ import types
 
 import pytest
 import torch
+from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
+from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
 from sglang_pariskv import plugin
 from sglang_pariskv.attention.backend import STEP_GRAPHS, dense_graphs_from_env
@@ -28,37 +30,68 @@ def hooks_on(monkeypatch):
     monkeypatch.setattr(plugin, "_graph_hooks_applied", True)
 
 
+@pytest.fixture
+def graph_backend(backend, monkeypatch):  # noqa: F811
+    """The host-side backend with SGLang's FlashInfer graph metadata faked as it behaves:
+    every capture makes new decode wrappers and keeps only the last per batch size in
+    ``decode_cuda_graph_metadata``; a replay plans ``decode_cuda_graph_metadata[bs]``."""
+
+    def flashinfer_out_graph(self, fb, in_capture=False):
+        bs = fb.batch_size
+        if in_capture:
+            self.decode_cuda_graph_metadata[bs] = self.forward_metadata = object()
+        else:
+            self.planned.append(self.decode_cuda_graph_metadata[bs])
+
+    monkeypatch.setattr(
+        FlashInferAttnBackend, "init_forward_metadata_out_graph", flashinfer_out_graph
+    )
+    stand_in = types.SimpleNamespace(plan=lambda *a, **k: None)
+    backend.__dict__.update(
+        decode_cuda_graph_metadata={}, planned=[], _graph_wrappers={},
+        graph_sparse=dict.fromkeys(CAPTURE_SIZES, stand_in),
+        token_to_kv_pool=types.SimpleNamespace(),
+    )  # fmt: skip
+    return backend
+
+
 def fake_runner(b, pdmux=False):
     return types.SimpleNamespace(attn_backend=b, enable_pdmux=pdmux)
 
 
+def decode_batch(lens):
+    fb = batch(lens)
+    fb.forward_mode = ForwardMode.DECODE
+    return fb
+
+
 def capture_all(b, runner, base_label=None):
     """What DecodeCudaGraphRunner.capture does per size, with a stand-in capture that
-    plans the capture batch (every row seq_len 1) as the backend would and records the
-    graph's key and whether it holds the retrieval path."""
-    graphs = {}
+    runs the backend's capture-time init on the capture batch (every row seq_len 1) and
+    records, per graph key, whether the graph holds the retrieval path and the FlashInfer
+    wrappers its kernels were recorded with."""
+    graphs, wrappers = {}, {}
 
     def capture_one_shape(runner_, size, forward, stream_idx=None, variant_label=None):
         assert runner_ is runner and stream_idx is None
-        fb = batch([1] * size)
-        sparse = types.SimpleNamespace(plan=lambda *a, **k: None)
-        b._plan_decode(fb, lambda: None, sparse, graph=b._graph_step(in_capture=True))
+        b.init_forward_metadata_out_graph(decode_batch([1] * size), in_capture=True)
         graphs[(size, variant_label)] = b._sparse is not None
+        wrappers[(size, variant_label)] = b.forward_metadata
 
     for size in CAPTURE_SIZES:
         plugin._around_capture_one_shape(capture_one_shape, runner, size, None, None, base_label)
-    return graphs
+    return graphs, wrappers
 
 
-def replay(b, runner, lens, graphs, base_label=None):
-    """SGLang's replay: pad to the next captured size with seq_len-1 rows, plan on the
-    padded view, then resolve the graph's label from the real batch."""
+def replay(b, runner, lens, base_label=None):
+    """SGLang's replay: pad to the next captured size with seq_len-1 rows, init the
+    metadata on the padded view, then resolve the graph's label from the real batch.
+    Returns the graph key, whether the plan ran retrieval, and the wrappers planned."""
     size = min(s for s in CAPTURE_SIZES if s >= len(lens))
-    padded = batch(lens + [1] * (size - len(lens)))
-    sparse = types.SimpleNamespace(plan=lambda *a, **k: None)
-    b._plan_decode(padded, lambda: None, sparse, graph=b._graph_step(in_capture=False))
+    padded = decode_batch(lens + [1] * (size - len(lens)))
+    b.init_forward_metadata_out_graph(padded, in_capture=False)
     label = plugin._around_graph_variant(lambda r, fb: base_label, runner, batch(lens))
-    return (size, label), b._sparse is not None
+    return (size, label), b._sparse is not None, b.planned[-1]
 
 
 def test_graph_targets_are_sglang_decode_runner_methods_with_the_hooked_signatures():
@@ -74,71 +107,79 @@ def test_graph_targets_are_sglang_decode_runner_methods_with_the_hooked_signatur
     assert list(inspect.signature(resolve).parameters) == ["self", "forward_batch"]
 
 
-def test_each_size_is_captured_with_and_without_retrieval(backend, hooks_on):  # noqa: F811
-    graphs = capture_all(backend, fake_runner(backend))
+def test_each_size_is_captured_with_and_without_retrieval(graph_backend, hooks_on):
+    b = graph_backend
+    graphs, wrappers = capture_all(b, fake_runner(b))
     want = {}
     for size in CAPTURE_SIZES:
         want[(size, "pariskv_sparse")] = True  # holds retrieval though every row is short
         want[(size, "pariskv_dense")] = False
     assert graphs == want
-    assert backend.dense_graphs_captured and backend._capture_step is None
+    assert b.dense_graphs_captured and b._capture_step is None
+    assert len({id(w) for w in wrappers.values()}) == len(wrappers)  # one set per graph
 
 
-def test_lora_labels_keep_their_variant(backend, hooks_on):  # noqa: F811
-    runner = fake_runner(backend)
-    graphs = capture_all(backend, runner, base_label="nolora")
+def test_lora_labels_keep_their_variant(graph_backend, hooks_on):
+    b = graph_backend
+    runner = fake_runner(b)
+    graphs, _ = capture_all(b, runner, base_label="nolora")
     assert set(graphs) == {(s, f"nolora+pariskv_{g}") for s in CAPTURE_SIZES for g in STEP_GRAPHS}
-    key, _ = replay(backend, runner, [20000], graphs, base_label="nolora")
+    key, _, _ = replay(b, runner, [20000], base_label="nolora")
     assert key == (1, "nolora+pariskv_sparse")
 
 
 @pytest.mark.parametrize("min_sparse_tokens", [0, 2500])
 def test_a_replay_takes_a_captured_graph_that_matches_its_plan(
-    backend,  # noqa: F811
-    hooks_on,
-    min_sparse_tokens,
+    graph_backend, hooks_on, min_sparse_tokens
 ):
-    backend.config = dataclasses.replace(backend.config, min_sparse_tokens=min_sparse_tokens)
-    runner = fake_runner(backend)
-    graphs = capture_all(backend, runner)
-    limit = max(backend.config.dense_threshold, backend.config.budget)
+    """The key exists, the graph holds retrieval iff the plan ran it iff the step needs
+    it, and SGLang's replay-time FlashInfer plan goes to the wrappers that graph's
+    kernels were recorded with (each wrapper owns the int workspace its plan fills)."""
+    b = graph_backend
+    b.config = dataclasses.replace(b.config, min_sparse_tokens=min_sparse_tokens)
+    runner = fake_runner(b)
+    graphs, wrappers = capture_all(b, runner)
+    limit = max(b.config.dense_threshold, b.config.budget)
     rng = random.Random(0)
     seen = set()
     for _ in range(300):
         n = rng.randint(1, max(CAPTURE_SIZES))
         lens = [rng.choice([2, limit, limit + 1, rng.randint(2, 3 * limit)]) for _ in range(n)]
-        key, planned_sparse = replay(backend, runner, lens, graphs)
+        key, planned_sparse, planned_wrappers = replay(b, runner, lens)
         assert key in graphs, key
         long_tokens = sum(x for x in lens if x > limit)
         needs = long_tokens > 0 and long_tokens >= min_sparse_tokens
-        # the graph holds retrieval iff the plan ran it iff the step needs it
         assert graphs[key] == planned_sparse == needs, (lens, key)
+        assert planned_wrappers is wrappers[key], (lens, key)
         if needs:
-            assert backend._dense_dev[: len(lens)].tolist() == [x <= limit for x in lens]
+            assert b._dense_dev[: len(lens)].tolist() == [x <= limit for x in lens]
         seen.add(key[1])
     assert seen == {"pariskv_sparse", "pariskv_dense"}
 
 
-def test_without_dense_graphs_every_graph_holds_retrieval(backend, monkeypatch):  # noqa: F811
+def test_without_dense_graphs_every_graph_holds_retrieval(graph_backend, monkeypatch):
+    b = graph_backend
     monkeypatch.setenv("SGLANG_PARISKV_DENSE_GRAPHS", "0")
-    backend.dense_graphs_enabled = dense_graphs_from_env()
+    b.dense_graphs_enabled = dense_graphs_from_env()
     monkeypatch.setattr(plugin, "_graph_hooks_applied", True)
-    runner = fake_runner(backend)
-    graphs = capture_all(backend, runner)
+    runner = fake_runner(b)
+    graphs, wrappers = capture_all(b, runner)
     assert graphs == {(s, None): True for s in CAPTURE_SIZES}
-    key, planned_sparse = replay(backend, runner, [300, 400], graphs)
+    key, planned_sparse, planned_wrappers = replay(b, runner, [300, 400])
     assert key == (2, None) and planned_sparse  # dense rows are selected out
-    assert backend._dense_dev[:2].tolist() == [True, True]
+    assert planned_wrappers is wrappers[key]
+    assert b._dense_dev[:2].tolist() == [True, True]
 
 
 @pytest.mark.parametrize("why", ["hooks did not take", "pd multiplexing"])
-def test_runners_the_hooks_do_not_track_keep_one_graph_per_size(backend, monkeypatch, why):  # noqa: F811
+def test_runners_the_hooks_do_not_track_keep_one_graph_per_size(graph_backend, monkeypatch, why):
+    b = graph_backend
     monkeypatch.setattr(plugin, "_graph_hooks_applied", why != "hooks did not take")
-    runner = fake_runner(backend, pdmux=why == "pd multiplexing")
-    graphs = capture_all(backend, runner)
+    runner = fake_runner(b, pdmux=why == "pd multiplexing")
+    graphs, _ = capture_all(b, runner)
     assert graphs == {(s, None): True for s in CAPTURE_SIZES}
-    assert not backend.dense_graphs_captured
-    key, planned_sparse = replay(backend, runner, [300], graphs)
+    assert not b.dense_graphs_captured
+    key, planned_sparse, _ = replay(b, runner, [300])
     assert key == (1, None) and planned_sparse
 
 

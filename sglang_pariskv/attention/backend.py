@@ -156,6 +156,12 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
     dense_graphs_enabled: bool = True
     dense_graphs_captured: bool = False
     _capture_step: str | None = None
+    #: Each (batch size, step graph)'s FlashInfer decode wrappers. SGLang's FlashInfer
+    #: backend makes new wrappers at every capture and keeps only the last per batch size
+    #: in ``decode_cuda_graph_metadata``, which is what a replay plans; a wrapper owns its
+    #: int workspace (the plan the captured kernels read), so a replay of the other graph
+    #: must plan that graph's own wrappers, which it then finds here.
+    _graph_wrappers: dict
 
     def __init__(self, model_runner, config: ParisKVConfig):
         super().__init__(model_runner, init_new_workspace=model_runner.init_new_workspace)
@@ -195,6 +201,7 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         self._scale_checked_at_init = self._scale is not None
         self._dense_dev = torch.zeros(rtt.shape[0], dtype=torch.bool, device=device)
         self.dense_graphs_enabled = dense_graphs_from_env()
+        self._graph_wrappers = {}
         # The stream a decode layer's retrieval and sparse call run on, forked from the
         # forward stream right after the KV write (GPU pool only: host offload's fetch
         # and write-behind streams keep the serial order).
@@ -480,15 +487,22 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             self.graph_sparse[bs] = HeadAsBatchDecode(
                 self.ws, self.token_to_kv_pool.dtype, graph_batch=bs
             )
+        graph = self._graph_step(in_capture)
+        if not in_capture and self.dense_graphs_captured:
+            step = "sparse" if self.step_is_sparse(forward_batch.seq_lens_cpu[:bs]) else "dense"
+            # SGLang plans decode_cuda_graph_metadata[bs]: make it the replayed graph's own
+            self.decode_cuda_graph_metadata[bs] = self._graph_wrappers[(bs, step)]
         self._plan_decode(
             forward_batch,
             lambda: super(ParisKVAttnBackend, self).init_forward_metadata_out_graph(
                 forward_batch, in_capture
             ),
             self.graph_sparse[bs],
-            graph=self._graph_step(in_capture),
+            graph=graph,
             key=bs,
         )
+        if in_capture and self._capture_step is not None:
+            self._graph_wrappers[(bs, self._capture_step)] = self.decode_cuda_graph_metadata[bs]
 
     def _graph_step(self, in_capture: bool) -> str | None:
         """The graph of this capture or replay, for :meth:`_plan_decode`. A capture is of
