@@ -487,7 +487,7 @@ def check_engines_ran(
     engine without ParisKV; the ParisKV one with retrieval when the requests are above
     the dense threshold, and with dense steps only when they stay at or below it (its
     ``sparse_steps`` then counts decode steps that still ran the retrieval kernels: 0
-    with dense-step graphs, every graph replay with ``SGLANG_PARISKV_DENSE_GRAPHS=0``)."""
+    with dense-step graphs, ``SGLANG_PARISKV_DENSE_GRAPHS=1``; every graph replay without)."""
     from sglang_pariskv.config import ParisKVConfig
 
     c = ParisKVConfig.from_dict(cfg)

@@ -363,7 +363,7 @@ def _check_graph_hooks(patched: set[str]) -> bool:
 
 def _graph_backend(runner):
     """The runner's ParisKV backend when it keeps dense-step graphs, else None (another
-    backend; SGLANG_PARISKV_DENSE_GRAPHS=0; PD multiplexing, whose per-stream backends
+    backend; SGLANG_PARISKV_DENSE_GRAPHS not 1; PD multiplexing, whose per-stream backends
     the hooks do not track; or hooks that did not take)."""
     from sglang_pariskv.attention.backend import ParisKVAttnBackend
 

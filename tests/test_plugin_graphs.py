@@ -48,7 +48,7 @@ def graph_backend(backend, monkeypatch):  # noqa: F811
     )
     stand_in = types.SimpleNamespace(plan=lambda *a, **k: None)
     backend.__dict__.update(
-        decode_cuda_graph_metadata={}, planned=[], _graph_wrappers={},
+        decode_cuda_graph_metadata={}, planned=[], _graph_wrappers={}, dense_graphs_enabled=True,
         graph_sparse=dict.fromkeys(CAPTURE_SIZES, stand_in),
         token_to_kv_pool=types.SimpleNamespace(),
     )  # fmt: skip
@@ -196,6 +196,8 @@ def test_the_dense_graphs_switch_takes_0_or_1(monkeypatch):
     with pytest.raises(ParisKVConfigError, match="SGLANG_PARISKV_DENSE_GRAPHS"):
         dense_graphs_from_env()
     monkeypatch.delenv("SGLANG_PARISKV_DENSE_GRAPHS")
+    assert not dense_graphs_from_env()  # opt-in until run on a GPU
+    monkeypatch.setenv("SGLANG_PARISKV_DENSE_GRAPHS", "1")
     assert dense_graphs_from_env()
 
 

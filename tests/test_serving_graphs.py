@@ -4,10 +4,10 @@ A small Llama-shaped model with SGLang's seeded dummy weights serves the same pr
 four engines; every comparison is between paths that must compute bit-identical logits,
 so greedy outputs must match token for token:
 
-* dense-step graphs on vs ``SGLANG_PARISKV_DENSE_GRAPHS=0``: a step without a request
-  above the threshold replays the graph without retrieval instead of the one whose
-  dense rows are selected out (same FlashInfer call either way), and fewer steps run the
-  retrieval kernels;
+* dense-step graphs (``SGLANG_PARISKV_DENSE_GRAPHS=1``) vs without (``=0``): a step
+  without a request above the threshold replays the graph without retrieval instead of
+  the one whose dense rows are selected out (same FlashInfer call either way), and
+  fewer steps run the retrieval kernels;
 * ``min_sparse_tokens`` above any step's tokens vs plain SGLang (no plugin): every step
   is SGLang's own dense decode.
 """
@@ -101,7 +101,7 @@ def _serve(model_dir, pariskv, **env):
 
 
 def test_dense_step_graphs_give_the_same_tokens_and_skip_retrieval(model_dir):
-    on = _serve(model_dir, CFG)
+    on = _serve(model_dir, CFG, SGLANG_PARISKV_DENSE_GRAPHS="1")
     off = _serve(model_dir, CFG, SGLANG_PARISKV_DENSE_GRAPHS="0")
     assert on["outs"] == off["outs"]
     s_on, s_off = on["stats"], off["stats"]
@@ -113,7 +113,9 @@ def test_dense_step_graphs_give_the_same_tokens_and_skip_retrieval(model_dir):
 
 def test_min_sparse_tokens_above_every_step_is_sglangs_dense_decode(model_dir):
     plain = _serve(model_dir, None)
-    dense_steps = _serve(model_dir, {**CFG, "min_sparse_tokens": 10**9})
+    dense_steps = _serve(
+        model_dir, {**CFG, "min_sparse_tokens": 10**9}, SGLANG_PARISKV_DENSE_GRAPHS="1"
+    )
     assert dense_steps["outs"] == plain["outs"]
     st = dense_steps["stats"]
     assert st["sparse_steps"] == 0 and st["sparse_request_steps"] == 0

@@ -42,8 +42,8 @@ class RetrievalTimer:
 
     Arm it only for steps that run the sparse path: those with a request above the
     threshold (the backend's ``step_is_sparse``), eager or replaying the sparse-step
-    graph, and, with ``SGLANG_PARISKV_DENSE_GRAPHS=0``, every graph replay (each graph
-    recorded the layers' events at capture).
+    graph, and, without dense-step graphs (``SGLANG_PARISKV_DENSE_GRAPHS``), every graph
+    replay (each graph recorded the layers' events at capture).
     Layers that never record (e.g. cross-attention) are left out of the sum."""
 
     def __init__(self, num_layers: int, make_event: Callable[[], Any] = _cuda_event):
