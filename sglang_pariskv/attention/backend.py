@@ -231,10 +231,12 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         self._warn_inline_prefill_copy()
         self._dump_stats()
         logger.info(
-            "ParisKV backend: codes %.1f MiB, histograms %.1f MiB (%d request slots), config %s",
+            "ParisKV backend: codes %.1f MiB, histograms %.1f MiB (%d request slots), "
+            "dense-step graphs %s, config %s",
             self.codes.nbytes() / 2**20,
             self.hists.nbytes() / 2**20,
             rtt.shape[0],
+            "on" if self.dense_graphs_enabled else "off (SGLANG_PARISKV_DENSE_GRAPHS=1 for on)",
             config.to_dict(),
         )
 
@@ -509,8 +511,8 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         """The graph of this capture or replay, for :meth:`_plan_decode`. A capture is of
         the graph the plugin's hook named (the sparse one when no hook ran). With
         dense-step graphs captured, a replay's graph is the one the runner picked by
-        :meth:`step_is_sparse` (None: plan by the lengths); without them
-        (``SGLANG_PARISKV_DENSE_GRAPHS=0``, or a runner the hook did not reach) every
+        :meth:`step_is_sparse` (None: plan by the lengths); without them (the default,
+        ``SGLANG_PARISKV_DENSE_GRAPHS`` not 1, or a runner the hook did not reach) every
         graph is a sparse one, whose dense rows are selected out."""
         if in_capture:
             return self._capture_step or "sparse"
