@@ -235,6 +235,23 @@ def check_server_args(server_args: Any) -> None:
         (getattr(server_args, "dcp_size", 1) or 1) > 1,
         "--dcp-size > 1 is not supported with ParisKV; use --dcp-size 1",
     )
+    refuse(
+        bool(getattr(server_args, "enable_pdmux", False)),
+        "--enable-pdmux: PD multiplexing builds one attention backend per SM group, each "
+        "with its own ParisKV histograms, so decode would not see those prefill built; "
+        "drop --enable-pdmux",
+    )
+    refuse(
+        bool(getattr(server_args, "enable_two_batch_overlap", False)),
+        "--enable-two-batch-overlap: its micro-batches run on separate attention backends "
+        "with separate ParisKV histograms; drop --enable-two-batch-overlap",
+    )
+    mode = getattr(server_args, "disaggregation_mode", "null") or "null"
+    refuse(
+        mode != "null",
+        f"--disaggregation-mode {mode}: PD disaggregation moves KV between servers without "
+        "the ParisKV codes and histograms; serve PD-disaggregated without --enable-pariskv",
+    )
     # --tp-size N is supported: each rank's pool, histograms and retrieval cover its own
     # KV heads (retrieval is per KV head, so no collective is needed).
     for flag in ("enable_hisparse", "enable_double_sparsity"):

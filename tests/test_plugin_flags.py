@@ -126,6 +126,9 @@ def test_bad_flags_fail_early_naming_the_flag(parser, flags, words):
         (["--page-size", "16"], ["--page-size 16", "--page-size 1"]),
         (["--kv-cache-dtype", "fp8_e4m3"], ["--kv-cache-dtype fp8_e4m3"]),
         (["--enable-dp-attention"], ["--enable-dp-attention"]),
+        (["--enable-pdmux"], ["--enable-pdmux", "histograms"]),
+        (["--enable-two-batch-overlap"], ["--enable-two-batch-overlap"]),
+        (["--disaggregation-mode", "decode"], ["--disaggregation-mode decode", "codes"]),
     ],
 )
 def test_unsupported_combinations_are_refused(parser, flags, words):
