@@ -246,6 +246,12 @@ def check_server_args(server_args: Any) -> None:
         "--enable-two-batch-overlap: its micro-batches run on separate attention backends "
         "with separate ParisKV histograms; drop --enable-two-batch-overlap",
     )
+    refuse(
+        bool(getattr(server_args, "enable_torch_compile", False)),
+        "--enable-torch-compile: ParisKV's decode path (its CUDA kernels and FlashInfer "
+        "plans) has not been run under torch.compile; drop --enable-torch-compile (CUDA "
+        "graphs stay on)",
+    )
     mode = getattr(server_args, "disaggregation_mode", "null") or "null"
     refuse(
         mode != "null",

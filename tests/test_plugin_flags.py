@@ -128,6 +128,7 @@ def test_bad_flags_fail_early_naming_the_flag(parser, flags, words):
         (["--enable-dp-attention"], ["--enable-dp-attention"]),
         (["--enable-pdmux"], ["--enable-pdmux", "histograms"]),
         (["--enable-two-batch-overlap"], ["--enable-two-batch-overlap"]),
+        (["--enable-torch-compile"], ["--enable-torch-compile", "CUDA graphs stay on"]),
         (["--disaggregation-mode", "decode"], ["--disaggregation-mode decode", "codes"]),
     ],
 )
