@@ -491,19 +491,18 @@ def check_engines_ran(
     from sglang_pariskv.config import ParisKVConfig
 
     c = ParisKVConfig.from_dict(cfg)
-    limit = max(c.dense_threshold, c.budget)
     sparse_req = pariskv_stats.get("sparse_request_steps", 0)
     dense_req = pariskv_stats.get("dense_request_steps", 0)
-    if input_len > limit:
+    if not c.is_dense(input_len):
         ok = sparse_req > 0
-    elif input_len + output_len <= limit:
+    elif c.is_dense(input_len + output_len):
         ok = dense_req > 0 and sparse_req == 0
     else:  # requests cross the threshold while decoding
         ok = dense_req > 0 and sparse_req > 0
     if dense_stats or not ok:
         raise RuntimeError(
-            f"ParisKV did not run as expected at input {input_len} (dense above "
-            f"{limit} tokens): dense stats {dense_stats}, pariskv stats {pariskv_stats}"
+            f"ParisKV did not run as expected at input {input_len} (dense threshold "
+            f"{c.dense_threshold}): dense stats {dense_stats}, pariskv stats {pariskv_stats}"
         )
 
 

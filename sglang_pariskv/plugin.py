@@ -398,5 +398,4 @@ def _around_graph_variant(original, runner, forward_batch):
     seq = forward_batch.seq_lens_cpu
     if seq is None:
         seq = forward_batch.seq_lens.cpu()
-    step = "sparse" if backend.step_is_sparse(seq[: forward_batch.batch_size]) else "dense"
-    return graph_variant_label(label, step)
+    return graph_variant_label(label, backend.step_graph(seq[: forward_batch.batch_size]))

@@ -115,23 +115,25 @@ def tp_rank(model_runner) -> int:
     return int(get_parallel().tp_rank)
 
 
+def _env_switch(name: str, default: str) -> bool:
+    """A 0/1 switch from the environment; any other value is refused, naming it."""
+    value = os.environ.get(name, default)
+    if value not in ("0", "1"):
+        raise ParisKVConfigError(f"{name}={value!r}: expected 0 or 1")
+    return value == "1"
+
+
 def overlap_from_env() -> bool:
     """``SGLANG_PARISKV_OVERLAP`` (1 default, 0 off): run each decode layer's retrieval and
     sparse call on a second stream, concurrently with SGLang's dense decode call."""
-    value = os.environ.get("SGLANG_PARISKV_OVERLAP", "1")
-    if value not in ("0", "1"):
-        raise ParisKVConfigError(f"SGLANG_PARISKV_OVERLAP={value!r}: expected 0 or 1")
-    return value == "1"
+    return _env_switch("SGLANG_PARISKV_OVERLAP", "1")
 
 
 def dense_graphs_from_env() -> bool:
     """``SGLANG_PARISKV_DENSE_GRAPHS`` (0 default, 1 on): capture a second, dense-step
     CUDA graph per batch size, replayed by steps that need no retrieval. Off by default
     until its GPU test (tests/test_serving_graphs.py) has run on a device."""
-    value = os.environ.get("SGLANG_PARISKV_DENSE_GRAPHS", "0")
-    if value not in ("0", "1"):
-        raise ParisKVConfigError(f"SGLANG_PARISKV_DENSE_GRAPHS={value!r}: expected 0 or 1")
-    return value == "1"
+    return _env_switch("SGLANG_PARISKV_DENSE_GRAPHS", "0")
 
 
 #: The two decode graphs per batch size: with the retrieval path, and without it.
@@ -348,6 +350,11 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         padded batch and the real one give the same answer."""
         return bool((~step_dense_mask(seq_lens_cpu, self.config)).any())
 
+    def step_graph(self, seq_lens_cpu: torch.Tensor) -> str:
+        """The decode graph a step with dense-step graphs replays: "sparse" iff
+        :meth:`step_is_sparse`, else "dense" (the runner's label and the plan both ask)."""
+        return "sparse" if self.step_is_sparse(seq_lens_cpu) else "dense"
+
     @contextlib.contextmanager
     def capturing(self, step: str):
         """Capture the ``step`` graph ("sparse" or "dense") of a batch size: the sparse one
@@ -372,8 +379,7 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
     ):
         """Plan both calls of a decode step. ``graph``: the CUDA graph the step captures or
         replays, "sparse" (it holds the retrieval path, run even if no request needs it)
-        or "dense" (it does not); None (eager, or a replay whose graph the runner picked
-        by :meth:`step_is_sparse`): as the lengths say."""
+        or "dense" (it does not); None (eager): as the lengths say."""
         bs = forward_batch.batch_size
         self._rpi32 = None  # set by _prepare_step_tensors once the plan is made
         seq_cpu = forward_batch.seq_lens_cpu[:bs]
@@ -382,7 +388,7 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         sparse_rows = ~dense_cpu
         if graph is not None and graph not in STEP_GRAPHS:
             raise ValueError(f"unknown decode graph {graph!r}: expected one of {STEP_GRAPHS}")
-        run_sparse = graph == "sparse" or (graph is None and self.step_is_sparse(seq_cpu))
+        run_sparse = graph == "sparse" or (graph is None and bool(sparse_rows.any()))
         self.stats.decode_steps += 1
         self.stats.sparse_steps += int(run_sparse)
         if self.fetcher is not None and (self.metrics is not None or self._stats_path):
@@ -490,11 +496,10 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             self.graph_sparse[bs] = HeadAsBatchDecode(
                 self.ws, self.token_to_kv_pool.dtype, graph_batch=bs
             )
-        graph = self._graph_step(in_capture)
+        graph = self._graph_step(forward_batch, in_capture)
         if not in_capture and self.dense_graphs_captured:
-            step = "sparse" if self.step_is_sparse(forward_batch.seq_lens_cpu[:bs]) else "dense"
             # SGLang plans decode_cuda_graph_metadata[bs]: make it the replayed graph's own
-            self.decode_cuda_graph_metadata[bs] = self._graph_wrappers[(bs, step)]
+            self.decode_cuda_graph_metadata[bs] = self._graph_wrappers[(bs, graph)]
         self._plan_decode(
             forward_batch,
             lambda: super(ParisKVAttnBackend, self).init_forward_metadata_out_graph(
@@ -507,16 +512,18 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         if in_capture and self._capture_step is not None:
             self._graph_wrappers[(bs, self._capture_step)] = self.decode_cuda_graph_metadata[bs]
 
-    def _graph_step(self, in_capture: bool) -> str | None:
+    def _graph_step(self, forward_batch, in_capture: bool) -> str:
         """The graph of this capture or replay, for :meth:`_plan_decode`. A capture is of
         the graph the plugin's hook named (the sparse one when no hook ran). With
         dense-step graphs captured, a replay's graph is the one the runner picked by
-        :meth:`step_is_sparse` (None: plan by the lengths); without them (the default,
-        ``SGLANG_PARISKV_DENSE_GRAPHS`` not 1, or a runner the hook did not reach) every
-        graph is a sparse one, whose dense rows are selected out."""
+        :meth:`step_graph`; without them (the default, ``SGLANG_PARISKV_DENSE_GRAPHS``
+        not 1, or a runner the hook did not reach) every graph is a sparse one, whose
+        dense rows are selected out."""
         if in_capture:
             return self._capture_step or "sparse"
-        return None if self.dense_graphs_captured else "sparse"
+        if self.dense_graphs_captured:
+            return self.step_graph(forward_batch.seq_lens_cpu[: forward_batch.batch_size])
+        return "sparse"
 
     # -- layer work (device side) -----------------------------------------------------
     def _check_scale(self, layer) -> None:
