@@ -35,8 +35,9 @@ def _read_stats(stats_dir) -> dict:
     return read_stats_dir(stats_dir)
 
 
-def _engine(model_path: str, pariskv: dict | None, **kwargs):
-    """An sglang Engine; with ``pariskv`` set, ParisKV is enabled before it starts."""
+def _engine(model_path: str, pariskv: dict | None, stats_dir: str | None = None, **kwargs):
+    """An sglang Engine; with ``pariskv`` set, ParisKV is enabled before it starts (and
+    writes its counters to ``stats_dir``, which :func:`_read_stats` reads)."""
     import sglang
 
     os.environ.pop("SGLANG_PARISKV_CONFIG", None)
@@ -44,7 +45,7 @@ def _engine(model_path: str, pariskv: dict | None, **kwargs):
         from sglang_pariskv.config import ParisKVConfig
         from sglang_pariskv.plugin import enable
 
-        enable(ParisKVConfig.from_dict(pariskv))
+        enable(ParisKVConfig.from_dict({**pariskv, "stats_dir": stats_dir}))
     return sglang.Engine(
         model_path=model_path, attention_backend="flashinfer", log_level="warning", **kwargs
     )
@@ -73,9 +74,10 @@ def _passkey_worker(model_path, pariskv, prompts, greedy_prompts, sequential, lo
         import tempfile
 
         stats_dir = tempfile.mkdtemp(prefix="pariskv-stats-")
-        os.environ["SGLANG_PARISKV_STATS_DIR"] = stats_dir
         extra = json.loads(os.environ.get("PARISKV_BENCH_ENGINE_ARGS", "{}"))
-        eng = _engine(model_path, pariskv, context_length=8192, mem_fraction_static=0.6, **extra)
+        eng = _engine(
+            model_path, pariskv, stats_dir, context_length=8192, mem_fraction_static=0.6, **extra
+        )
 
         def gen(batch, params, **kw):
             if sequential:
@@ -186,7 +188,7 @@ def run_passkey(contexts: list[int], trials: int, cfg: dict) -> dict:
 
 
 #: ``offload`` variants only run when named in ``--runs``.
-OFFLOAD_OPT_IN = ("gpu_pool_repeat", "offload_copy_stream", "offload_default")
+OFFLOAD_OPT_IN = ("gpu_pool_repeat", "offload_default")
 
 
 def _offload_variants(cfg: dict) -> dict[str, dict]:
@@ -195,9 +197,7 @@ def _offload_variants(cfg: dict) -> dict[str, dict]:
         "gpu_pool": cfg,
         "gpu_pool_repeat": cfg,
         "offload_hot_cache": {**host, "hot_cache_lines": 4096},
-        "offload_hot_cache_tensor_ops": {**host, "hot_cache_lines": 4096},
         "offload_direct": {**host, "hot_cache_lines": 0},
-        "offload_copy_stream": {**host, "hot_cache_lines": 0, "prefill_copy": "side_stream"},
         # what a user gets from --pariskv-offload host alone (the default hot cache)
         "offload_default": host,
     }
@@ -295,9 +295,7 @@ def run_offload_equivalence(
     runs = offload_run_configs(cfg, only)
     got = {}
     for n, c in runs.items():
-        os.environ["SGLANG_PARISKV_FUSED_FETCH"] = "0" if n.endswith("tensor_ops") else "1"
         got[n] = _run_isolated(_passkey_worker, model, c, prompts, short, sequential, True)
-    os.environ.pop("SGLANG_PARISKV_FUSED_FETCH")
     base = got["gpu_pool"]
     res = {
         "config": cfg,
@@ -315,9 +313,6 @@ def run_offload_equivalence(
         cached = st.get("hot_cache_hits", 0) + st.get("hot_cache_misses", 0)
         if bool(ParisKVConfig.from_dict(runs[name]).hot_cache_lines) != bool(cached):
             raise RuntimeError(f"{name}: the hot cache was not as configured: stats {st}")
-        copy_stream = runs[name].get("prefill_copy") == "side_stream"
-        if copy_stream != bool(st.get("offload_copy_stream_stores")):
-            raise RuntimeError(f"{name}: the prefill copy stream was not as configured: {st}")
         res["runs"][name] = {
             "config": runs[name],
             "identical_texts": sum(a == b for a, b in zip(r["texts"], base["texts"])),
@@ -327,7 +322,6 @@ def run_offload_equivalence(
             "passkey_acc": sum(tasks.score(t, x) for (_, t), x in zip(task_list, r["texts"]))
             / len(prompts),
             "offload_host_pool_gib": r["stats"].get("offload_host_pool_gib"),
-            "copy_stream_stores": r["stats"].get("offload_copy_stream_stores"),
             "hot_cache": {
                 k: r["stats"].get(f"hot_cache_{k}") for k in ("hits", "misses", "rows_fetched")
             },
@@ -369,10 +363,10 @@ def _throughput_worker(model_dir, pariskv, input_len, batches, output_len, engin
 
     try:
         stats_dir = tempfile.mkdtemp(prefix="pariskv-stats-")
-        os.environ["SGLANG_PARISKV_STATS_DIR"] = stats_dir
         eng = _engine(
             model_dir,
             pariskv,
+            stats_dir,
             load_format="dummy",
             skip_tokenizer_init=True,
             context_length=input_len + output_len + 64,
@@ -486,8 +480,8 @@ def check_engines_ran(
     """Raise unless the stats files say each engine decoded as its mode should: the dense
     engine without ParisKV; the ParisKV one with retrieval when the requests are above
     the dense threshold, and with dense steps only when they stay at or below it (its
-    ``sparse_steps`` then counts decode steps that still ran the retrieval kernels: 0
-    with dense-step graphs, ``SGLANG_PARISKV_DENSE_GRAPHS=1``; every graph replay without)."""
+    ``sparse_steps`` then counts decode steps that still ran the retrieval kernels: 0,
+    as such steps replay the dense-step graph)."""
     from sglang_pariskv.config import ParisKVConfig
 
     c = ParisKVConfig.from_dict(cfg)
@@ -583,8 +577,6 @@ def run_throughput(
         "rerank codes of the candidates + attended KV rows) / hbm_copy_gbs",
         "engines": engines,
         "cases": cases,
-        # A/B switches (SGLANG_PARISKV_OVERLAP, SGLANG_PARISKV_DENSE_GRAPHS, ...) as run
-        "pariskv_env": {k: v for k, v in os.environ.items() if k.startswith("SGLANG_PARISKV_")},
     }
 
 

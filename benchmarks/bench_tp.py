@@ -36,12 +36,9 @@ RESULTS = Path(__file__).resolve().parent / "results" / "tp.json"
 
 def _greedy_worker(model_path, pariskv, tp, prompts, new_tokens, out_q):
     try:
-        import os
-
         stats_dir = tempfile.mkdtemp(prefix="pariskv-stats-")
-        os.environ["SGLANG_PARISKV_STATS_DIR"] = stats_dir
         eng = e2e._engine(
-            model_path, pariskv, tp_size=tp, context_length=8192, mem_fraction_static=0.6
+            model_path, pariskv, stats_dir, tp_size=tp, context_length=8192, mem_fraction_static=0.6
         )
         t0 = time.perf_counter()
         outs = eng.generate(

@@ -238,7 +238,9 @@ def _prepare_model(setup: str) -> tuple[str, str]:
     )
 
 
-def _server_cmd(model: str, port: int, cfg: dict, pariskv: bool, extra: list[str]) -> list[str]:
+def _server_cmd(
+    model: str, port: int, cfg: dict, pariskv: bool, extra: list[str], stats_dir: str | None = None
+) -> list[str]:
     cmd = [
         sys.executable,
         "-m",
@@ -257,6 +259,8 @@ def _server_cmd(model: str, port: int, cfg: dict, pariskv: bool, extra: list[str
         cmd.append("--enable-pariskv")
         for k, v in cfg["pariskv"].items():
             cmd += [f"--pariskv-{k.replace('_', '-')}", str(v)]
+        if stats_dir is not None:
+            cmd += ["--pariskv-stats-dir", stats_dir]
     return cmd + extra
 
 
@@ -411,9 +415,11 @@ def run_setup(setup: str, args) -> dict:
     for mode in ("dense", "pariskv"):
         stats_dir = log_dir / f"{setup}-{mode}-stats"
         shutil.rmtree(stats_dir, ignore_errors=True)
-        env = dict(os.environ, SGLANG_PARISKV_STATS_DIR=str(stats_dir))
+        env = dict(os.environ)
         env.pop("SGLANG_PARISKV_CONFIG", None)
-        cmd = _server_cmd(model, _free_port(), cfg, mode == "pariskv", args.server_arg)
+        cmd = _server_cmd(
+            model, _free_port(), cfg, mode == "pariskv", args.server_arg, str(stats_dir)
+        )
         commands[mode] = " ".join(cmd)
         srv = Server(f"{setup}/{mode}", cmd, log_dir / f"{setup}-{mode}.log", env)
         _ACTIVE.append(srv)

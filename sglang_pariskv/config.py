@@ -18,10 +18,6 @@ from typing import Any
 #: host memory read over UVA).
 OFFLOAD_MODES: tuple[str, ...] = ("none", "host")
 
-#: How extend (prefill) K/V reaches the host pool with ``offload="host"``: "inline" (the
-#: forward stream stores it over PCIe) or "side_stream" (a copy stream does, overlapping
-#: the following layers; readers wait for it).
-PREFILL_COPY_MODES: tuple[str, ...] = ("inline", "side_stream")
 #: Hot-cache lines per layer when host offload does not name a count: 65536 rows of
 #: (slot, KV head) per layer, 0.9 GiB at the Qwen2.5-7B shape (28 layers, K+V of D 128),
 #: the size bench_offload measured (hit rate 0.76 at 1M tokens, batch 1).
@@ -29,6 +25,12 @@ DEFAULT_HOT_CACHE_LINES: int = 65536
 
 #: Tier budget fractions of ParisKV's collision stage (DESIGN.md step 7).
 DEFAULT_TIER_RATIOS: tuple[float, ...] = (0.05, 0.15, 0.30, 0.50, 0.75, 1.0)
+
+
+class ParisKVConfigError(ValueError):
+    """A ParisKV setting, or a combination with the model or SGLang's flags, that cannot be
+    served. The message names the flag (or model property) and the fix; the launcher
+    prints it as one line, before any model work."""
 
 
 def _flag(name: str) -> str:
@@ -68,9 +70,10 @@ class ParisKVConfig:
     #: offload: 18.3 vs 26.0 ms per token at 1M (H100, benchmarks/results/offload*.json),
     #: and one request at a time its serving answers equal the GPU pool's.
     hot_cache_lines: int | None = None
-    #: With ``offload="host"``: "side_stream" stores extend K/V to host memory on a copy
-    #: stream instead of the forward stream (see :data:`PREFILL_COPY_MODES`).
-    prefill_copy: str = "inline"
+    #: A folder where every scheduler process rewrites its counters as JSON after each
+    #: batch (``pariskv-tp<rank>-<pid>.json``): the interface for scripts and benchmarks
+    #: that run no Prometheus scraper. None: no files.
+    stats_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.hot_cache_lines is None:
@@ -84,17 +87,22 @@ class ParisKVConfig:
         self._check_int("rotation_seed", lo=0, hi=2**63 - 1)
         self._check_int("hot_cache_lines", lo=0, hi=2**30)
         self._check_offload()
+        if self.stats_dir is not None and not (isinstance(self.stats_dir, str) and self.stats_dir):
+            raise ParisKVConfigError(
+                f"pariskv stats_dir={self.stats_dir!r} is invalid: expected a folder path "
+                "(--pariskv-stats-dir)"
+            )
         for name in ("candidate_ratio", "collision_ratio"):
             value = getattr(self, name)
             if value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(
+                raise ParisKVConfigError(
                     f"pariskv {name}={value!r} is invalid: expected a number in (0, 1] "
                     f"or 'auto' ({_flag(name)})"
                 )
             if not (0.0 < float(value) <= 1.0) or math.isnan(float(value)):
-                raise ValueError(
+                raise ParisKVConfigError(
                     f"pariskv {name}={value!r} is out of range: allowed (0, 1], or 'auto' "
                     f"for the length-adaptive default ({_flag(name)})"
                 )
@@ -102,19 +110,19 @@ class ParisKVConfig:
         if not ratios or any(
             isinstance(r, bool) or not isinstance(r, (int, float)) for r in ratios
         ):
-            raise ValueError(
+            raise ParisKVConfigError(
                 f"pariskv tier_ratios={self.tier_ratios!r} is invalid: expected a non-empty "
                 "list of numbers in (0, 1], strictly increasing"
             )
         if any(not (0.0 < r <= 1.0) for r in ratios) or any(
             b <= a for a, b in zip(ratios, ratios[1:])
         ):
-            raise ValueError(
+            raise ParisKVConfigError(
                 f"pariskv tier_ratios={ratios!r} is invalid: each must be in (0, 1] and "
                 "the list strictly increasing, e.g. [0.05, 0.15, 0.3, 0.5, 0.75, 1.0]"
             )
         if len(ratios) > 15:
-            raise ValueError(
+            raise ParisKVConfigError(
                 f"pariskv tier_ratios has {len(ratios)} tiers: at most 15 are supported "
                 "(a block's tier count must fit in 4 bits)"
             )
@@ -122,45 +130,38 @@ class ParisKVConfig:
 
     def _check_offload(self) -> None:
         if self.offload not in OFFLOAD_MODES:
-            raise ValueError(
+            raise ParisKVConfigError(
                 f"pariskv offload={self.offload!r} is invalid: expected one of "
                 f"{list(OFFLOAD_MODES)} (--pariskv-offload)"
             )
         gb = self.host_pool_gb
         if isinstance(gb, bool) or not isinstance(gb, (int, float)) or not gb >= 0:
-            raise ValueError(
+            raise ParisKVConfigError(
                 f"pariskv host_pool_gb={gb!r} is invalid: expected GiB >= 0 "
                 "(--pariskv-host-pool-gb)"
             )
         object.__setattr__(self, "host_pool_gb", float(gb))
         if self.offload == "host" and gb <= 0:
-            raise ValueError(
+            raise ParisKVConfigError(
                 "--pariskv-offload host needs the host pool's size: pass "
                 "--pariskv-host-pool-gb G (GiB of pinned host memory per GPU)"
             )
         if self.offload == "none" and gb > 0:
-            raise ValueError(
+            raise ParisKVConfigError(
                 f"--pariskv-host-pool-gb {gb:g} given without --pariskv-offload host: add "
                 "--pariskv-offload host, or drop --pariskv-host-pool-gb"
             )
-        if self.prefill_copy not in PREFILL_COPY_MODES:
-            raise ValueError(
-                f"pariskv prefill_copy={self.prefill_copy!r} is invalid: expected one of "
-                f"{list(PREFILL_COPY_MODES)} (--pariskv-prefill-copy)"
-            )
         if self.offload == "host" and self.min_sparse_tokens:
-            raise ValueError(
+            raise ParisKVConfigError(
                 f"--pariskv-min-sparse-tokens {self.min_sparse_tokens} with --pariskv-offload "
                 "host would attend long requests densely over PCIe, which host offload "
                 "exists to avoid: drop --pariskv-min-sparse-tokens"
             )
-        if self.offload == "none":
-            for name, default in (("hot_cache_lines", 0), ("prefill_copy", "inline")):
-                if getattr(self, name) != default:
-                    raise ValueError(
-                        f"{_flag(name)} {getattr(self, name)} applies to host offload only: "
-                        f"add --pariskv-offload host, or drop {_flag(name)}"
-                    )
+        if self.offload == "none" and self.hot_cache_lines:
+            raise ParisKVConfigError(
+                f"--pariskv-hot-cache-lines {self.hot_cache_lines} applies to host offload "
+                "only: add --pariskv-offload host, or drop --pariskv-hot-cache-lines"
+            )
 
     @property
     def offloaded(self) -> bool:
@@ -173,7 +174,7 @@ class ParisKVConfig:
         if ok and value >= lo and (hi is None or value <= hi):
             return
         bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise ValueError(
+        raise ParisKVConfigError(
             f"pariskv {name}={value!r} is invalid: expected an integer {bound} ({_flag(name)})"
         )
 
@@ -208,7 +209,7 @@ class ParisKVConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(
+            raise ParisKVConfigError(
                 f"pariskv config has unknown key(s) {unknown}: allowed keys are {sorted(known)}"
             )
         kwargs = dict(data)
@@ -224,13 +225,13 @@ class ParisKVConfig:
         try:
             data = json.loads(Path(path).read_text())
         except FileNotFoundError:
-            raise ValueError(
+            raise ParisKVConfigError(
                 f"pariskv config file {path} does not exist (--pariskv-config)"
             ) from None
         except json.JSONDecodeError as e:
-            raise ValueError(f"pariskv config file {path} is not valid JSON: {e}") from e
+            raise ParisKVConfigError(f"pariskv config file {path} is not valid JSON: {e}") from e
         if not isinstance(data, dict):
-            raise ValueError(f"pariskv config file {path} must hold a JSON object")
+            raise ParisKVConfigError(f"pariskv config file {path} must hold a JSON object")
         return cls.from_dict(data)
 
 
@@ -260,7 +261,7 @@ def adaptive_ratios(zone_len: int) -> tuple[float, float]:
 def check_head_dim(head_dim: int) -> None:
     """ParisKV splits keys into 8-dim blocks: head_dim must be a positive multiple of 8."""
     if not isinstance(head_dim, int) or head_dim <= 0 or head_dim % 8:
-        raise ValueError(
+        raise ParisKVConfigError(
             f"ParisKV needs head_dim to be a positive multiple of 8, got {head_dim!r}: "
             "this model is not supported; serve it without --enable-pariskv"
         )

@@ -17,8 +17,9 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 
-from sglang_pariskv.config import ParisKVConfig
+from sglang_pariskv.config import ParisKVConfig, ParisKVConfigError
 from sglang_pariskv.server_flags import check_server_args, config_from_args
 
 logger = logging.getLogger("sglang_pariskv")
@@ -91,6 +92,16 @@ def _after_add_cli_args(result, parser):
 
 
 def _around_from_cli_args(original, cls, args):
+    """The launcher's argument step. A setting ParisKV cannot serve ends the launch here
+    with one line naming the flag and the fix, as argparse reports a bad argument."""
+    try:
+        return _server_args_from_cli(original, cls, args)
+    except ParisKVConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _server_args_from_cli(original, cls, args):
     cfg = config_from_args(args)  # raises on bad values, before any model work
     if cfg is None:
         return original(cls, args)
@@ -125,7 +136,6 @@ def install_serving_hooks(cfg: ParisKVConfig) -> None:
 
     from sglang_pariskv.index.kv_pool import ParisKVTokenToKVPool
 
-    ParisKVTokenToKVPool.pariskv_config = cfg
     pool_class = ParisKVTokenToKVPool
     if cfg.offloaded:
         from sglang_pariskv.offload.kv_pool import HostOffloadKVPool
@@ -133,6 +143,8 @@ def install_serving_hooks(cfg: ParisKVConfig) -> None:
         pool_class = HostOffloadKVPool
         for target in ("pool_sizes", "pool_sizes_from_max"):
             HookRegistry.register(_TARGETS[target], _cap_to_host_pool, HookType.AFTER)
+    # SGLang constructs the pool itself: the config travels as the class's own attribute.
+    pool_class = type(pool_class.__name__, (pool_class,), {"pariskv_config": cfg})
     HookRegistry.register(_TARGETS["kv_pool_class"], pool_class, HookType.REPLACE)
     HookRegistry.register(_TARGETS["cell_size"], _cell_size_hook(cfg), HookType.AFTER)
     HookRegistry.register(_TARGETS["post_init"], _around_post_init, HookType.AROUND)
@@ -239,8 +251,6 @@ def _add_code_bytes(
 def _cap_to_host_pool(result, configurator, *args, **kwargs):
     """With host offload, no more tokens than the host pool holds, nor than the GPU's
     codes budget once the hot cache (lines and overflow rows) is set aside (page-aligned)."""
-    from sglang_pariskv.server_flags import ParisKVConfigError
-
     slots = getattr(configurator, "_pariskv_host_slots", None)
     if slots is None:
         return result
@@ -334,14 +344,14 @@ def _backend_factory(original, cfg: ParisKVConfig):
 # -- dense-step CUDA graphs ------------------------------------------------------------
 # A captured decode graph holds the retrieval path of every layer, and replaying it costs
 # its launches even when no request of the step is above the dense threshold. SGLang's
-# decode runner already keeps per-variant graphs (ShapeKey.variant_label: "lora" /
-# "nolora"), so each batch size gets a sparse-step and a dense-step variant, and a replay
-# picks the one ParisKVAttnBackend.step_is_sparse names for its batch.
+# decode runner already keeps per-variant graphs (ShapeKey.variant_label), so each batch
+# size gets a sparse-step and a dense-step variant, and a replay picks the one
+# ParisKVAttnBackend.step_graph names for its batch (attention/step_graphs.py).
 
 
 def graph_variant_label(base: str | None, step: str) -> str:
-    """SGLang's variant label of a decode graph (None, or LoRA's "lora" / "nolora") with
-    the ParisKV step graph ("sparse" / "dense") added."""
+    """SGLang's variant label of a decode graph (None without LoRA) with the ParisKV step
+    graph ("sparse" / "dense") added."""
     tag = f"pariskv_{step}"
     return tag if base is None else f"{base}+{tag}"
 
@@ -362,22 +372,19 @@ def _check_graph_hooks(patched: set[str]) -> bool:
 
 
 def _graph_backend(runner):
-    """The runner's ParisKV backend when it keeps dense-step graphs, else None (another
-    backend; SGLANG_PARISKV_DENSE_GRAPHS not 1; PD multiplexing, whose per-stream backends
-    the hooks do not track; or hooks that did not take)."""
+    """The runner's ParisKV backend when the graph hooks took, else None (another backend,
+    or hooks that did not take: every graph is then a sparse-step one)."""
     from sglang_pariskv.attention.backend import ParisKVAttnBackend
 
     backend = getattr(runner, "attn_backend", None)
-    if not _graph_hooks_applied or getattr(runner, "enable_pdmux", False):
-        return None
-    if isinstance(backend, ParisKVAttnBackend) and backend.dense_graphs_enabled:
+    if _graph_hooks_applied and isinstance(backend, ParisKVAttnBackend):
         return backend
     return None
 
 
 def _around_capture_one_shape(original, runner, size, forward, stream_idx=None, variant_label=None):
     """Capture each batch size twice: with the retrieval path, and without it."""
-    from sglang_pariskv.attention.backend import STEP_GRAPHS
+    from sglang_pariskv.attention.step_graphs import STEP_GRAPHS
 
     backend = _graph_backend(runner)
     if backend is None:
@@ -393,7 +400,7 @@ def _around_graph_variant(original, runner, forward_batch):
     retrieval (the backend plans the step by the same rule)."""
     label = original(runner, forward_batch)
     backend = _graph_backend(runner)
-    if backend is None or not backend.dense_graphs_captured:
+    if backend is None or not backend.graphs.captured:
         return label
     seq = forward_batch.seq_lens_cpu
     if seq is None:

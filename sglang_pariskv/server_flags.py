@@ -16,8 +16,8 @@ from typing import Any
 from sglang_pariskv.config import (
     DEFAULT_HOT_CACHE_LINES,
     OFFLOAD_MODES,
-    PREFILL_COPY_MODES,
     ParisKVConfig,
+    ParisKVConfigError,
     check_head_dim,
 )
 
@@ -33,12 +33,8 @@ KNOB_FLAGS: tuple[tuple[str, str, Any], ...] = (
     ("--pariskv-offload", "offload", None),
     ("--pariskv-host-pool-gb", "host_pool_gb", float),
     ("--pariskv-hot-cache-lines", "hot_cache_lines", int),
-    ("--pariskv-prefill-copy", "prefill_copy", None),
+    ("--pariskv-stats-dir", "stats_dir", None),
 )
-
-
-class ParisKVConfigError(ValueError):
-    """A ParisKV flag or combination that cannot be served; the message says the fix."""
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -123,12 +119,12 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         "attention reads the retrieved host rows directly).",
     )
     g.add_argument(
-        "--pariskv-prefill-copy",
-        choices=PREFILL_COPY_MODES,
+        "--pariskv-stats-dir",
+        type=str,
         default=None,
-        help="How extend K/V reaches host memory with --pariskv-offload host: 'inline' "
-        "(the forward stream stores it over PCIe, the default) or 'side_stream' (a copy "
-        "stream does, overlapping the following layers; experimental).",
+        help="Folder where each scheduler process rewrites its ParisKV counters as JSON "
+        "after every batch, for scripts without a Prometheus scraper (default: none; "
+        "--enable-metrics exports the same counters to Prometheus).",
     )
     g.add_argument(
         "--pariskv-config",
@@ -251,6 +247,20 @@ def check_server_args(server_args: Any) -> None:
         "--enable-torch-compile: ParisKV's decode path (its CUDA kernels and FlashInfer "
         "plans) has not been run under torch.compile; drop --enable-torch-compile (CUDA "
         "graphs stay on)",
+    )
+    refuse(
+        bool(
+            getattr(server_args, "enable_lora", False) or getattr(server_args, "lora_paths", None)
+        ),
+        "--enable-lora / --lora-paths: LoRA adapters add decode CUDA graph variants that "
+        "ParisKV's per-graph FlashInfer plans do not track; serve LoRA without "
+        "--enable-pariskv",
+    )
+    refuse(
+        bool(getattr(server_args, "enable_deterministic_inference", False)),
+        "--enable-deterministic-inference: ParisKV's top-k compaction breaks ties between "
+        "equal scores in launch order, so repeated runs may attend different tokens; drop "
+        "--enable-deterministic-inference or drop --enable-pariskv",
     )
     mode = getattr(server_args, "disaggregation_mode", "null") or "null"
     refuse(

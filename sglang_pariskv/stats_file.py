@@ -1,4 +1,4 @@
-"""ParisKV's counters as JSON files, for benchmarks and debugging (``SGLANG_PARISKV_STATS_DIR``).
+"""ParisKV's counters as JSON files, for benchmarks and debugging (``--pariskv-stats-dir``).
 
 Prometheus (``--enable-metrics``) is the operator's interface; this file is the one a
 script can read without a running HTTP server. Each scheduler process rewrites
@@ -14,17 +14,12 @@ import json
 import os
 from pathlib import Path
 
-STATS_DIR_ENV = "SGLANG_PARISKV_STATS_DIR"
 
-
-def stats_path(tp_rank: int) -> Path | None:
+def stats_path(stats_dir: str | Path, tp_rank: int) -> Path:
     """Where this process writes its counters (the folder created once, here, not at
-    every batch's write), or None when the variable is unset."""
-    out = os.environ.get(STATS_DIR_ENV)
-    if not out:
-        return None
-    Path(out).mkdir(parents=True, exist_ok=True)
-    return Path(out) / f"pariskv-tp{tp_rank}-{os.getpid()}.json"
+    every batch's write)."""
+    Path(stats_dir).mkdir(parents=True, exist_ok=True)
+    return Path(stats_dir) / f"pariskv-tp{tp_rank}-{os.getpid()}.json"
 
 
 def write_stats(path: Path, snapshot: dict) -> None:

@@ -11,6 +11,7 @@ the request's codes, then float64 attention over the positions it selects (all p
 for requests at or below the dense threshold).
 """
 
+import dataclasses
 import os
 import types
 
@@ -25,15 +26,15 @@ from sglang.srt.layers.attention.flashinfer_backend import (  # noqa: E402
 )
 from sglang.srt.mem_cache.memory_pool import ReqToTokenPool  # noqa: E402
 
-from sglang_pariskv.attention.backend import DecodeStats, ParisKVAttnBackend  # noqa: E402
+from sglang_pariskv.attention.backend import ParisKVAttnBackend  # noqa: E402
+from sglang_pariskv.attention.observability import DecodeObserver  # noqa: E402
+from sglang_pariskv.attention.offload_wiring import OffloadDecode  # noqa: E402
+from sglang_pariskv.attention.step_graphs import StepGraphs  # noqa: E402
 from sglang_pariskv.codec import retrieve, sparse_attention  # noqa: E402
 from sglang_pariskv.config import ParisKVConfig  # noqa: E402
 from sglang_pariskv.index.histograms import RequestHistograms  # noqa: E402
 from sglang_pariskv.kernels import DecodeWorkspace  # noqa: E402
 from sglang_pariskv.kernels.testing import fresh_interpreter_fallback  # noqa: E402
-from sglang_pariskv.offload.counters import HotCacheCounterReader  # noqa: E402
-from sglang_pariskv.offload.fetch import OffloadFetcher  # noqa: E402
-from sglang_pariskv.offload.hot_cache import HotCache  # noqa: E402
 from sglang_pariskv.offload.kv_pool import HostOffloadKVPool  # noqa: E402
 from tests.test_plugin_pool import make_pool  # noqa: E402
 
@@ -101,7 +102,6 @@ def dense_decode_stand_in(self, q, k, v, layer, fb, save_kv_cache=True):
 def setup(monkeypatch, request):
     """The backend over SGLang's pool, or over host offload's pool with a hot cache (the
     dense stand-in then reads the host pool, the sparse call the staged rows)."""
-    monkeypatch.delenv("SGLANG_PARISKV_STATS_DIR", raising=False)
     monkeypatch.setattr(FlashInferAttnBackend, "forward_decode", dense_decode_stand_in)
     monkeypatch.setattr(FlashInferAttnBackend, "init_forward_metadata", lambda self, fb: None)
     offload = request.param == "host_offload"
@@ -119,16 +119,14 @@ def setup(monkeypatch, request):
         config=CFG, token_to_kv_pool=pool, req_to_token_pool=rtp, codes=pool.pariskv,
         hkv=HKV, d=D, hq=HQ, tp_rank=0, ws=ws, eager_sparse=TorchHeadAsBatch(ws),
         hists=RequestHistograms(4, HKV, D, 1, "cpu"), graph_sparse={}, _sparse=None,
-        _rpi32=None, _scale=(SCALE, 0.0), _scale_checked_at_init=True,
-        _dense_dev=torch.zeros(4, dtype=torch.bool), stats=DecodeStats(), metrics=None,
-        _stats_path=None, timer=None, fetcher=None, _retrieval_stream=None,
+        _rpi32=None, scale=(SCALE, 0.0), _dense_dev=torch.zeros(4, dtype=torch.bool),
+        offload=None, _retrieval_stream=None, graphs=StepGraphs(),
     )  # fmt: skip
+    b.observer = DecodeObserver(num_layers=1, tp_rank=0, extra_snapshot=b._offload_snapshot)
     if offload:
         # 32 lines for ~2x(28 + 2) rows per step: hits, conflicts and overflow all occur
-        cache = HotCache(1, 32, HKV, 2 * D, ws.kv_indices.numel(), torch.float32, "cpu")
-        pool.hot_cache = cache
-        b.fetcher = OffloadFetcher(pool.host, cache)
-        b.hot_cache_reader = HotCacheCounterReader(cache)
+        small = dataclasses.replace(CFG, offload="host", host_pool_gb=1.0, hot_cache_lines=32)
+        b.offload = OffloadDecode(pool, small, ws)
     return b, pool, rtp
 
 
@@ -191,9 +189,10 @@ def test_mixed_batch_decode_matches_the_oracle_over_steps(setup):
             torch.tensor([seq[j]]),
         )  # fmt: skip
         assert torch.equal(b.hists.layers[0][i], fresh.layers[0][i])
-    assert b.stats.sparse_steps == 3 and b.stats.totals.sparse_request_steps == 3
-    if b.fetcher is not None:  # the offloaded run went through the cache and reused rows
-        st = b.fetcher.cache.stats()
+    assert b.observer.stats.sparse_steps == 3
+    assert b.observer.stats.totals.sparse_request_steps == 3
+    if b.offload is not None:  # the offloaded run went through the cache and reused rows
+        st = b.offload.fetcher.cache.stats()
         assert st["hits"] > 0 and st["misses"] > 0 and st["rows_fetched"] > 0
         # what operators see: the reader's totals in the snapshot and the metrics
         from prometheus_client import CollectorRegistry
@@ -201,7 +200,7 @@ def test_mixed_batch_decode_matches_the_oracle_over_steps(setup):
         from sglang_pariskv.metrics import ParisKVMetrics
 
         reg = CollectorRegistry()
-        b.metrics = ParisKVMetrics({"tp_rank": "0"}, registry=reg)
+        b.observer.metrics = ParisKVMetrics({"tp_rank": "0"}, registry=reg)
         b.init_forward_metadata(fb)  # the next batch's planning polls the counters
         snap = b.snapshot()
         assert snap["hot_cache_hits"] == st["hits"] and snap["hot_cache_misses"] == st["misses"]
@@ -214,8 +213,8 @@ def test_step_tensors_are_made_inside_every_captured_run(setup, monkeypatch):
     """SGLang's decode graph capture plans once (``init_forward_metadata_out_graph``), then
     runs the forward twice (warm-up, then the recorded run), each preceded by
     ``init_forward_metadata_in_graph``. A tensor the layers read must be produced inside
-    the recorded run, else every replay reads the warm-up's stale copy (the cause of the
-    passkey collapse found on the H100 in session 3)."""
+    the recorded run, else every replay reads the warm-up's stale copy (on a GPU that
+    collapsed passkey retrieval under CUDA graphs)."""
     b, pool, rtp = setup
     monkeypatch.setattr(
         FlashInferAttnBackend, "init_forward_metadata_out_graph", lambda self, fb, c=False: None
@@ -294,5 +293,5 @@ def test_slots_reused_by_a_new_request_are_never_served_stale(setup):
     # older cached copy.
     prefill(2, a_slots[:150])
     decode([1, 2], [303, 151], [802, 900])
-    if b.fetcher is not None:
-        assert b.fetcher.cache.stats()["hits"] > 0  # cached rows were reused, and stayed right
+    if b.offload is not None:  # cached rows were reused, and stayed right
+        assert b.offload.fetcher.cache.stats()["hits"] > 0

@@ -11,7 +11,8 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from sglang_pariskv.attention.backend import DecodeStats, ParisKVAttnBackend
+from sglang_pariskv.attention.backend import ParisKVAttnBackend
+from sglang_pariskv.attention.observability import DecodeObserver
 from sglang_pariskv.config import ParisKVConfig
 from sglang_pariskv.metrics import ParisKVMetrics
 
@@ -19,18 +20,15 @@ LABELS = {"model_name": "m", "tp_rank": "0"}
 
 
 @pytest.fixture
-def backend(monkeypatch):
-    monkeypatch.delenv("SGLANG_PARISKV_STATS_DIR", raising=False)
+def backend():
     b = object.__new__(ParisKVAttnBackend)  # host-side state only; no FlashInfer, no GPU
     b.config = ParisKVConfig(topk=100, sink=8, local=32, dense_threshold=1000)
-    b.stats = DecodeStats()
     b.registry = CollectorRegistry()
-    b.metrics = ParisKVMetrics(LABELS, registry=b.registry)
+    metrics = ParisKVMetrics(LABELS, registry=b.registry)
+    b.observer = DecodeObserver(num_layers=2, tp_rank=0, metrics=metrics)
     b._dense_dev = torch.zeros(8, dtype=torch.bool)
-    b._scale = (0.125, 0.0)
+    b.scale = (0.125, 0.0)
     b.d = 64
-    b._stats_path = None
-    b.timer = None
     return b
 
 
@@ -100,10 +98,10 @@ def test_graph_padding_rows_are_not_counted(backend):
 
 def test_extend_counts_new_and_reused_prefix_tokens(backend):
     fb = types.SimpleNamespace(extend_seq_lens_cpu=[100, 7], extend_prefix_lens_cpu=[0, 4000])
-    backend._count_extend(fb)
+    backend.observer.extend(fb)
     assert val(backend, "tokens_encoded_total") == 107
     assert val(backend, "prefix_tokens_reused_total") == 4000
-    assert backend.stats.totals.prefix_tokens_reused == 4000
+    assert backend.observer.stats.totals.prefix_tokens_reused == 4000
 
 
 def test_retrieval_time_is_read_back_at_the_next_sparse_step_and_exported(backend):
@@ -111,17 +109,17 @@ def test_retrieval_time_is_read_back_at_the_next_sparse_step_and_exported(backen
     from tests.test_retrieval_timer import Clock, FakeEvent
 
     clock = Clock()
-    backend.timer = RetrievalTimer(2, make_event=lambda: FakeEvent(clock))
+    backend.observer.timer = RetrievalTimer(2, make_event=lambda: FakeEvent(clock))
     run_plan(backend, batch([5000]))  # sparse step: armed
     for layer in range(2):  # what forward_decode does around each layer's retrieval
-        backend.timer.start(layer)
+        backend.observer.timer.start(layer)
         clock.now += 1.5
-        backend.timer.stop(layer)
+        backend.observer.timer.stop(layer)
     run_plan(backend, batch([300]))  # dense step: reads the last step back, then disarms
-    assert backend.stats.retrieval_steps_timed == 1
-    assert backend.stats.retrieval_seconds == pytest.approx(0.003)
-    backend.timer.start(0)  # a dense step's layers record nothing
-    assert backend.timer._events["eager"][0][0].t == 0.0
+    assert backend.observer.stats.retrieval_steps_timed == 1
+    assert backend.observer.stats.retrieval_seconds == pytest.approx(0.003)
+    backend.observer.timer.start(0)  # a dense step's layers record nothing
+    assert backend.observer.timer._events["eager"][0][0].t == 0.0
     count = backend.registry.get_sample_value("sglang:pariskv_retrieval_seconds_count", LABELS)
     total = backend.registry.get_sample_value("sglang:pariskv_retrieval_seconds_sum", LABELS)
     assert count == 1 and total == pytest.approx(0.003)

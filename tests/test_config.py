@@ -29,10 +29,9 @@ def test_defaults_are_valid_and_round_trip():
         ({"collision_ratio": "x"}, ["collision_ratio='x'"]),
         ({"tier_ratios": (0.5, 0.2)}, ["tier_ratios", "increasing"]),
         ({"tier_ratios": ()}, ["tier_ratios"]),
-        (
-            {"offload": "host", "host_pool_gb": 4, "prefill_copy": "later"},
-            ["prefill_copy='later'", "side_stream", "--pariskv-prefill-copy"],
-        ),
+        ({"stats_dir": ""}, ["stats_dir=''", "--pariskv-stats-dir"]),
+        ({"stats_dir": 3}, ["stats_dir=3", "folder"]),
+        ({"hot_cache_lines": 8}, ["--pariskv-hot-cache-lines 8", "host offload only"]),
     ],
 )
 def test_bad_values_name_the_knob_value_and_range(kwargs, words):

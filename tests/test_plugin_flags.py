@@ -100,10 +100,7 @@ def test_flags_build_the_config(parser, tmp_path):
             ["hot_cache_lines=-4", "--pariskv-hot-cache-lines"],
         ),
         (["--pariskv-offload", "host"], ["--pariskv-offload", "without --enable-pariskv"]),
-        (
-            ["--enable-pariskv", "--pariskv-prefill-copy", "side_stream"],
-            ["--pariskv-prefill-copy side_stream", "add --pariskv-offload host"],
-        ),
+        (["--pariskv-stats-dir", "/tmp/x"], ["--pariskv-stats-dir", "without --enable-pariskv"]),
         (
             ["--enable-pariskv", "--pariskv-hot-cache-lines", "4096"],
             ["--pariskv-hot-cache-lines 4096", "host offload only"],
@@ -130,14 +127,28 @@ def test_bad_flags_fail_early_naming_the_flag(parser, flags, words):
         (["--enable-two-batch-overlap"], ["--enable-two-batch-overlap"]),
         (["--enable-torch-compile"], ["--enable-torch-compile", "CUDA graphs stay on"]),
         (["--disaggregation-mode", "decode"], ["--disaggregation-mode decode", "codes"]),
+        (["--enable-lora"], ["--enable-lora", "without --enable-pariskv"]),
+        (["--enable-deterministic-inference"], ["--enable-deterministic-inference", "ties"]),
     ],
 )
-def test_unsupported_combinations_are_refused(parser, flags, words):
+def test_unsupported_combinations_are_refused(parser, flags, words, capsys):
+    """The launcher stops with argparse's exit code and one error line, no traceback."""
     args = parse(parser, "--enable-pariskv", *flags)
-    with pytest.raises(ParisKVConfigError) as e:
+    with pytest.raises(SystemExit) as e:
         plugin._around_from_cli_args(resolve, ServerArgs, args)
+    assert e.value.code == 2 and e.value.__cause__ is None
+    err = capsys.readouterr().err
+    assert err.startswith("error: --enable-pariskv cannot be served")
     for w in words:
-        assert w in str(e.value)
+        assert w in err
+
+
+def test_a_bad_flag_value_is_one_error_line(parser, capsys):
+    args = parse(parser, "--enable-pariskv", "--pariskv-topk", "0")
+    with pytest.raises(SystemExit):
+        plugin._around_from_cli_args(resolve, ServerArgs, args)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--pariskv-topk" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize(
@@ -173,11 +184,11 @@ def test_a_hot_cache_without_offload_is_refused(parser):
 def test_offload_flags_build_the_config_and_check_host_memory(parser, monkeypatch):
     args = parse(
         parser, "--enable-pariskv", "--pariskv-offload", "host", "--pariskv-host-pool-gb",
-        "48", "--pariskv-hot-cache-lines", "4096", "--pariskv-prefill-copy", "side_stream",
+        "48", "--pariskv-hot-cache-lines", "4096", "--pariskv-stats-dir", "/tmp/counters",
     )  # fmt: skip
     cfg = config_from_args(args)
     assert cfg.offloaded and cfg.host_pool_gb == 48.0 and cfg.hot_cache_lines == 4096
-    assert cfg.prefill_copy == "side_stream"
+    assert cfg.stats_dir == "/tmp/counters"
     assert ParisKVConfig.from_dict(cfg.to_dict()) == cfg  # travels to the scheduler intact
     asked = []
 
@@ -187,7 +198,7 @@ def test_offload_flags_build_the_config_and_check_host_memory(parser, monkeypatc
 
     monkeypatch.setattr("sglang_pariskv.offload.host_pool.check_host_memory", fake_check)
     args.tp_size = 2  # each TP rank pins its own pool
-    with pytest.raises(ParisKVConfigError, match="short"):
+    with pytest.raises(SystemExit):
         plugin._around_from_cli_args(resolve, ServerArgs, args)
     assert asked == [2 * 48 * 2**30]
 

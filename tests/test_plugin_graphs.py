@@ -18,8 +18,7 @@ from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
 from sglang_pariskv import plugin
-from sglang_pariskv.attention.backend import STEP_GRAPHS, dense_graphs_from_env
-from sglang_pariskv.server_flags import ParisKVConfigError
+from sglang_pariskv.attention.step_graphs import StepGraphs
 from tests.test_backend_planning import backend, batch  # noqa: F401  (fixture)
 
 CAPTURE_SIZES = (8, 4, 2, 1)  # SGLang captures the largest first
@@ -48,15 +47,15 @@ def graph_backend(backend, monkeypatch):  # noqa: F811
     )
     stand_in = types.SimpleNamespace(plan=lambda *a, **k: None)
     backend.__dict__.update(
-        decode_cuda_graph_metadata={}, planned=[], _graph_wrappers={}, dense_graphs_enabled=True,
+        decode_cuda_graph_metadata={}, planned=[], graphs=StepGraphs(),
         graph_sparse=dict.fromkeys(CAPTURE_SIZES, stand_in),
         token_to_kv_pool=types.SimpleNamespace(),
     )  # fmt: skip
     return backend
 
 
-def fake_runner(b, pdmux=False):
-    return types.SimpleNamespace(attn_backend=b, enable_pdmux=pdmux)
+def fake_runner(b):
+    return types.SimpleNamespace(attn_backend=b)
 
 
 def decode_batch(lens):
@@ -115,17 +114,8 @@ def test_each_size_is_captured_with_and_without_retrieval(graph_backend, hooks_o
         want[(size, "pariskv_sparse")] = True  # holds retrieval though every row is short
         want[(size, "pariskv_dense")] = False
     assert graphs == want
-    assert b.dense_graphs_captured and b._capture_step is None
+    assert b.graphs.captured and b.graphs.capture_step is None
     assert len({id(w) for w in wrappers.values()}) == len(wrappers)  # one set per graph
-
-
-def test_lora_labels_keep_their_variant(graph_backend, hooks_on):
-    b = graph_backend
-    runner = fake_runner(b)
-    graphs, _ = capture_all(b, runner, base_label="nolora")
-    assert set(graphs) == {(s, f"nolora+pariskv_{g}") for s in CAPTURE_SIZES for g in STEP_GRAPHS}
-    key, _, _ = replay(b, runner, [20000], base_label="nolora")
-    assert key == (1, "nolora+pariskv_sparse")
 
 
 @pytest.mark.parametrize("min_sparse_tokens", [0, 2500])
@@ -157,30 +147,19 @@ def test_a_replay_takes_a_captured_graph_that_matches_its_plan(
     assert seen == {"pariskv_sparse", "pariskv_dense"}
 
 
-def test_without_dense_graphs_every_graph_holds_retrieval(graph_backend, monkeypatch):
+def test_without_the_runner_hooks_every_graph_holds_retrieval(graph_backend, monkeypatch):
+    """Hooks that did not take (another SGLang runner): one graph per size, which holds
+    retrieval, and dense rows of a replay are selected out."""
     b = graph_backend
-    monkeypatch.setenv("SGLANG_PARISKV_DENSE_GRAPHS", "0")
-    b.dense_graphs_enabled = dense_graphs_from_env()
-    monkeypatch.setattr(plugin, "_graph_hooks_applied", True)
+    monkeypatch.setattr(plugin, "_graph_hooks_applied", False)
     runner = fake_runner(b)
     graphs, wrappers = capture_all(b, runner)
     assert graphs == {(s, None): True for s in CAPTURE_SIZES}
+    assert not b.graphs.captured
     key, planned_sparse, planned_wrappers = replay(b, runner, [300, 400])
-    assert key == (2, None) and planned_sparse  # dense rows are selected out
+    assert key == (2, None) and planned_sparse
     assert planned_wrappers is wrappers[key]
     assert b._dense_dev[:2].tolist() == [True, True]
-
-
-@pytest.mark.parametrize("why", ["hooks did not take", "pd multiplexing"])
-def test_runners_the_hooks_do_not_track_keep_one_graph_per_size(graph_backend, monkeypatch, why):
-    b = graph_backend
-    monkeypatch.setattr(plugin, "_graph_hooks_applied", why != "hooks did not take")
-    runner = fake_runner(b, pdmux=why == "pd multiplexing")
-    graphs, _ = capture_all(b, runner)
-    assert graphs == {(s, None): True for s in CAPTURE_SIZES}
-    assert not b.dense_graphs_captured
-    key, planned_sparse, _ = replay(b, runner, [300])
-    assert key == (1, None) and planned_sparse
 
 
 def test_a_missing_graph_hook_is_logged_and_turns_dense_graphs_off(monkeypatch, caplog):
@@ -191,17 +170,8 @@ def test_a_missing_graph_hook_is_logged_and_turns_dense_graphs_off(monkeypatch, 
     assert plugin._check_graph_hooks(set(plugin._GRAPH_TARGETS.values()))
 
 
-def test_the_dense_graphs_switch_takes_0_or_1(monkeypatch):
-    monkeypatch.setenv("SGLANG_PARISKV_DENSE_GRAPHS", "yes")
-    with pytest.raises(ParisKVConfigError, match="SGLANG_PARISKV_DENSE_GRAPHS"):
-        dense_graphs_from_env()
-    monkeypatch.delenv("SGLANG_PARISKV_DENSE_GRAPHS")
-    assert not dense_graphs_from_env()  # opt-in until run on a GPU
-    monkeypatch.setenv("SGLANG_PARISKV_DENSE_GRAPHS", "1")
-    assert dense_graphs_from_env()
-
-
 def test_an_unknown_graph_name_is_refused(backend):  # noqa: F811
+    backend.graphs = StepGraphs()
     with pytest.raises(ValueError, match="unknown decode graph"):
         with backend.capturing("sparse-ish"):
             pass
@@ -217,14 +187,16 @@ import tests.conftest  # the sgl_kernel stand-in on a machine without a GPU
 from sglang.srt.model_executor.runner.decode_cuda_graph_runner import DecodeCudaGraphRunner
 from sglang_pariskv import plugin
 from sglang_pariskv.attention.backend import ParisKVAttnBackend
+from sglang_pariskv.attention.step_graphs import StepGraphs
 from sglang_pariskv.config import ParisKVConfig
 
 plugin.enable(ParisKVConfig())
 assert plugin._graph_hooks_applied
 b = object.__new__(ParisKVAttnBackend)
-b.dense_graphs_enabled, b.dense_graphs_captured, b.config = True, True, ParisKVConfig()
+b.graphs, b.config = StepGraphs(), ParisKVConfig()
+b.graphs.captured = True
 runner = object.__new__(DecodeCudaGraphRunner)
-runner.attn_backend, runner.enable_pdmux = b, False
+runner.attn_backend = b
 fb = types.SimpleNamespace(lora_ids=None, batch_size=1, seq_lens_cpu=torch.tensor([50000]))
 print(DecodeCudaGraphRunner._resolve_lora_variant(runner, fb))
 """

@@ -1,5 +1,7 @@
 """RetrievalTimer's host logic with stand-in events (the CUDA events need a GPU)."""
 
+import pytest
+
 from sglang_pariskv.attention.retrieval_timer import RetrievalTimer
 
 
@@ -76,12 +78,26 @@ def test_unrecorded_layers_and_dense_steps_are_left_out():
     assert timer.poll() is None
 
 
-def test_timing_follows_metrics_unless_the_env_says_otherwise(monkeypatch):
-    from sglang_pariskv.attention.retrieval_timer import ENV, timing_requested
+@pytest.mark.parametrize(
+    "metrics, stats_dir, on_cuda, timed",
+    [
+        (True, None, True, True),
+        (False, "d", True, True),
+        (False, None, True, False),
+        (True, "d", False, False),  # timing events need CUDA
+    ],
+)
+def test_timing_is_on_when_something_reads_it(tmp_path, metrics, stats_dir, on_cuda, timed):
+    from types import SimpleNamespace
 
-    monkeypatch.delenv(ENV, raising=False)
-    assert timing_requested(enable_metrics=True) and not timing_requested(enable_metrics=False)
-    monkeypatch.setenv(ENV, "0")
-    assert not timing_requested(enable_metrics=True)
-    monkeypatch.setenv(ENV, "1")
-    assert timing_requested(enable_metrics=False)
+    from sglang_pariskv.attention.observability import DecodeObserver
+    from sglang_pariskv.config import ParisKVConfig
+
+    cfg = ParisKVConfig(stats_dir=str(tmp_path / stats_dir) if stats_dir else None)
+    args = SimpleNamespace(enable_metrics=metrics, served_model_name="m", model_path="m")
+    obs = DecodeObserver.for_server(
+        num_layers=2, tp_rank=1, server_args=args, config=cfg, on_cuda=on_cuda
+    )
+    assert (obs.timer is not None) is timed
+    assert obs.metrics is None  # rank 1 never exports: rank 0 counts every request
+    assert (obs.path is not None) is (stats_dir is not None)

@@ -1,19 +1,17 @@
 """Dense-step CUDA graphs and ``min_sparse_tokens`` through real SGLang engines (GPU).
 
-A small Llama-shaped model with SGLang's seeded dummy weights serves the same prompts in
-four engines; every comparison is between paths that must compute bit-identical logits,
-so greedy outputs must match token for token:
+A small Llama-shaped model with SGLang's seeded dummy weights serves the same prompts
+with and without ParisKV. Where ParisKV must compute exactly SGLang's logits, greedy
+outputs must match token for token:
 
-* dense-step graphs (``SGLANG_PARISKV_DENSE_GRAPHS=1``) vs without (``=0``): a step
-  without a request above the threshold replays the graph without retrieval instead of
-  the one whose dense rows are selected out (same FlashInfer call either way), and
-  fewer steps run the retrieval kernels;
-* ``min_sparse_tokens`` above any step's tokens vs plain SGLang (no plugin): every step
-  is SGLang's own dense decode.
+* short requests (every step at or below the dense threshold) replay the dense-step
+  graph, which is SGLang's own decode: same tokens as plain SGLang, and no step runs the
+  retrieval kernels;
+* requests that cross the threshold while decoding: same tokens up to the crossing;
+* ``min_sparse_tokens`` above any step's tokens: every step is SGLang's dense decode.
 """
 
 import json
-import os
 import sys
 import tempfile
 import traceback
@@ -61,14 +59,13 @@ def _prompts() -> dict[str, tuple[list[list[int]], int]]:
     }
 
 
-def _worker(model_dir, pariskv, env, out_q):
+def _worker(model_dir, pariskv, groups, out_q):
     try:
-        os.environ.update(env)
         stats_dir = tempfile.mkdtemp(prefix="pariskv-stats-")
-        os.environ["SGLANG_PARISKV_STATS_DIR"] = stats_dir
         eng = bench_e2e._engine(
             model_dir,
             pariskv,
+            stats_dir,
             load_format="dummy",
             skip_tokenizer_init=True,
             context_length=2048,
@@ -78,6 +75,8 @@ def _worker(model_dir, pariskv, env, out_q):
         )
         outs = {}
         for name, (prompts, new) in _prompts().items():
+            if name not in groups:
+                continue
             res = eng.generate(
                 input_ids=prompts,
                 sampling_params={"max_new_tokens": new, "temperature": 0, "ignore_eos": True},
@@ -96,26 +95,34 @@ def model_dir(tmp_path_factory):
     return str(d)
 
 
-def _serve(model_dir, pariskv, **env):
-    return bench_e2e._run_isolated(_worker, model_dir, pariskv, env)
+def _serve(model_dir, pariskv, groups=("short", "crossing", "long", "mixed")):
+    return bench_e2e._run_isolated(_worker, model_dir, pariskv, tuple(groups))
 
 
-def test_dense_step_graphs_give_the_same_tokens_and_skip_retrieval(model_dir):
-    on = _serve(model_dir, CFG, SGLANG_PARISKV_DENSE_GRAPHS="1")
-    off = _serve(model_dir, CFG, SGLANG_PARISKV_DENSE_GRAPHS="0")
-    assert on["outs"] == off["outs"]
-    s_on, s_off = on["stats"], off["stats"]
-    assert s_on["decode_steps"] == s_off["decode_steps"] > 0
-    assert s_on["sparse_request_steps"] == s_off["sparse_request_steps"] > 0
-    # "short" alone never needs retrieval: 63 graph steps at least run without it
-    assert s_on["sparse_steps"] <= s_off["sparse_steps"] - 63, (s_on, s_off)
+@pytest.fixture(scope="module")
+def plain(model_dir):
+    return _serve(model_dir, None)
 
 
-def test_min_sparse_tokens_above_every_step_is_sglangs_dense_decode(model_dir):
-    plain = _serve(model_dir, None)
-    dense_steps = _serve(
-        model_dir, {**CFG, "min_sparse_tokens": 10**9}, SGLANG_PARISKV_DENSE_GRAPHS="1"
-    )
+def test_short_requests_decode_as_sglang_without_retrieval_kernels(model_dir, plain):
+    short = _serve(model_dir, CFG, groups=["short"])
+    assert short["outs"]["short"] == plain["outs"]["short"]
+    st = short["stats"]
+    assert st["decode_steps"] >= 63 and st["dense_request_steps"] > 0
+    assert st["sparse_steps"] == 0 and st["sparse_request_steps"] == 0, st
+
+
+def test_requests_crossing_the_threshold_match_sglang_until_they_cross(model_dir, plain):
+    got = _serve(model_dir, CFG)
+    assert got["stats"]["sparse_request_steps"] > 0  # long rows retrieved
+    dense_tokens = CFG["dense_threshold"] - 220  # prompt 220: dense while seq <= threshold
+    for a, b in zip(got["outs"]["crossing"], plain["outs"]["crossing"]):
+        assert a[:dense_tokens] == b[:dense_tokens]
+    assert got["outs"]["short"] == plain["outs"]["short"]
+
+
+def test_min_sparse_tokens_above_every_step_is_sglangs_dense_decode(model_dir, plain):
+    dense_steps = _serve(model_dir, {**CFG, "min_sparse_tokens": 10**9})
     assert dense_steps["outs"] == plain["outs"]
     st = dense_steps["stats"]
     assert st["sparse_steps"] == 0 and st["sparse_request_steps"] == 0

@@ -520,6 +520,8 @@ import json, os, re, sys, threading, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 port = int(sys.argv[sys.argv.index("--port") + 1])
 pariskv = "--enable-pariskv" in sys.argv and not os.environ.get("FAKE_PARISKV_BROKEN")
+flag = "--pariskv-stats-dir"
+STATS_DIR = sys.argv[sys.argv.index(flag) + 1] if flag in sys.argv else None
 t_start = time.time()
 lock = threading.Lock()
 counts = {"tokens_encoded": 0, "prefix_tokens_reused": 0, "sparse_request_steps": 0}
@@ -534,7 +536,7 @@ def account(text, n_out):
             counts["tokens_encoded"] += len(words) - hit + n_out
             counts["prefix_tokens_reused"] += hit
             counts["sparse_request_steps"] += n_out
-            d = os.environ.get("SGLANG_PARISKV_STATS_DIR")
+            d = STATS_DIR
             if d:
                 os.makedirs(d, exist_ok=True)
                 with open(os.path.join(d, f"pariskv-tp0-{os.getpid()}.json"), "w") as f:

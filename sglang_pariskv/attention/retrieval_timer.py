@@ -7,28 +7,16 @@ share one set. The host reads a step's events at the next step's planning, only 
 have completed (``query()``), so serving never waits on them; a step still in flight is
 skipped, not waited for.
 
-On when SGLang's ``--enable-metrics`` is (it feeds ``sglang:pariskv_retrieval_seconds``);
-``SGLANG_PARISKV_TIME_RETRIEVAL=1`` turns it on without metrics (stats file only) and
-``=0`` off. Verified under CUDA graphs on the H100 (session 3): SmolLM2 passkey answers
+On when SGLang's ``--enable-metrics`` (it feeds ``sglang:pariskv_retrieval_seconds``) or
+``--pariskv-stats-dir`` is given. Under CUDA graphs on an H100 the SmolLM2 passkey answers
 were identical with it on, and it read back the retrieval time of 38 of 80 decode steps
 (the others were still in flight at the next planning, and are skipped, not waited for).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
-
-ENV = "SGLANG_PARISKV_TIME_RETRIEVAL"
-
-
-def timing_requested(enable_metrics: bool = False) -> bool:
-    """The env variable when set, else whether SGLang exports metrics."""
-    value = os.environ.get(ENV)
-    if value is None:
-        return enable_metrics
-    return value not in ("", "0", "false", "False")
 
 
 def _cuda_event() -> Any:
@@ -42,8 +30,7 @@ class RetrievalTimer:
 
     Arm it only for steps that run the sparse path: those with a request above the
     threshold (the backend's ``step_is_sparse``), eager or replaying the sparse-step
-    graph, and, without dense-step graphs (``SGLANG_PARISKV_DENSE_GRAPHS``), every graph
-    replay (each graph recorded the layers' events at capture).
+    graph (the dense-step graph records no events).
     Layers that never record (e.g. cross-attention) are left out of the sum."""
 
     def __init__(self, num_layers: int, make_event: Callable[[], Any] = _cuda_event):

@@ -10,9 +10,8 @@ from __future__ import annotations
 import torch
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, unwrap_write_loc
 
-from sglang_pariskv.config import ParisKVConfig
+from sglang_pariskv.config import ParisKVConfig, ParisKVConfigError
 from sglang_pariskv.index.code_pool import CodePool
-from sglang_pariskv.server_flags import ParisKVConfigError
 
 
 class ParisKVTokenToKVPool(MHATokenToKVPool):
@@ -50,18 +49,10 @@ class ParisKVTokenToKVPool(MHATokenToKVPool):
             layer_id = layer.layer_id
         return layer_id - self.start_layer, loc
 
-    #: A stream to fork after the next KV write (set by ParisKVAttnBackend for one decode
-    #: layer): it waits for the write and its codes, so the retrieval it then runs
-    #: overlaps the dense decode call SGLang issues right after the write.
-    fork_after_write: torch.cuda.Stream | None = None
-
     def set_kv_buffer(self, layer, loc_info, cache_k, cache_v, *args, **kwargs):
         super().set_kv_buffer(layer, loc_info, cache_k, cache_v, *args, **kwargs)
         local, loc = self.written_slots(layer, loc_info, kwargs)
         self.pariskv.write(local, loc, cache_k)
-        stream, self.fork_after_write = self.fork_after_write, None
-        if stream is not None:
-            stream.wait_stream(torch.cuda.current_stream())
 
     def move_kv_cache(self, tgt_loc: torch.Tensor, src_loc: torch.Tensor):
         super().move_kv_cache(tgt_loc, src_loc)

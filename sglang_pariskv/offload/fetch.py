@@ -47,12 +47,11 @@ class OffloadFetcher:
             FetchScratch(cache.lines, cache.max_entries, cache.data.device) if self.fused else None
         )
 
-    def write(self, layer, slots, k, v, stream=None):
+    def write(self, layer, slots, k, v) -> None:
         """Store new KV in the host pool and drop the rows' cached copies (the slots may
-        have held another request's KV). Returns the pool's completion event, if any."""
-        event = self.pool.write(layer, slots, k, v, stream=stream)
+        have held another request's KV)."""
+        self.pool.write(layer, slots, k, v)
         self.cache.invalidate(slots.to(self.cache.tags.device), layer)
-        return event
 
     def move(self, tgt: torch.Tensor, src: torch.Tensor) -> None:
         self.pool.move(tgt, src)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from sglang_pariskv.server_flags import ParisKVConfigError
+from sglang_pariskv.config import ParisKVConfigError
 
 #: Host memory left to the OS, SGLang and the Python process by :func:`check_host_memory`.
 DEFAULT_RESERVE_BYTES = 4 * 2**30
@@ -179,46 +179,22 @@ class HostKVPool:
         slots: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        stream: torch.cuda.Stream | None = None,
         use_kernel: bool | None = None,
-    ) -> torch.cuda.Event | None:
+    ) -> None:
         """Store ``k``, ``v`` ``[T, Hkv, D]`` (or ``[T, Hkv·D]``) at ``slots`` [T] of ``layer``.
 
-        GPU sources are written by a UVA scatter kernel (no host sync, CUDA-graph safe),
-        on ``stream`` when given: the stream scatters from a snapshot of ``slots``, ``k``
-        and ``v`` taken on the current stream, and the returned event marks completion
-        (the reader of these slots waits on it; prefill copy-out uses this to stay off
-        the forward stream). CPU sources are copied by torch. ``use_kernel`` forces the
+        GPU sources are written by a UVA scatter kernel on the current stream (no host
+        sync, CUDA-graph safe); CPU sources are copied by torch. ``use_kernel`` forces the
         kernel path (tests run it under Triton's interpreter on CPU).
-
-        Why a snapshot and not only ``record_stream`` on the inputs: under SGLang's
-        default breakable prefill CUDA graph, attention gets weak references into the
-        graph's memory pool, which the next captured segment may rewrite while the copy
-        stream still reads them; ``record_stream`` guards the caching allocator, not a
-        graph pool. A precaution: no such corruption has been observed (see
-        tests/test_offload_write_behind.py). The HBM copy costs microseconds against the
-        PCIe store it feeds.
         """
-        t = k.shape[0]
-        if t == 0:
-            return None
+        if k.shape[0] == 0:
+            return
         if use_kernel is None:
             use_kernel = k.is_cuda and self.pinned
-        if not use_kernel:
+        if use_kernel:
+            self._write_kernel(layer, slots, k, v)
+        else:
             self._write_torch(layer, slots, k, v)
-            return None
-        if stream is None:
-            self._write_kernel(layer, slots, k, v)
-            return None
-        slots, k, v = slots.clone(), k.clone(), v.clone()  # owned by the caching allocator
-        stream.wait_stream(torch.cuda.current_stream(k.device))
-        with torch.cuda.stream(stream):
-            self._write_kernel(layer, slots, k, v)
-        for x in (slots, k, v):
-            x.record_stream(stream)  # not freed for reuse before the copy stream is done
-        event = torch.cuda.Event()
-        event.record(stream)
-        return event
 
     def _shape_kv(self, x: torch.Tensor) -> torch.Tensor:
         return x.reshape(x.shape[0], self.num_kv_heads, self.head_dim).to(self.dtype)
