@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -27,6 +30,46 @@ def write_stats(path: Path, snapshot: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(snapshot))
     tmp.replace(path)
+
+
+class StatsWriter:
+    """Rewrites one process's stats file on a background thread.
+
+    Why: building the snapshot, a JSON dump and an atomic rename cost 0.3-1.3 ms, and the
+    counters change every batch; done inline, that host time lands on every decode step
+    (at batch 1 it was most of ParisKV's cost over dense). The scheduler only signals a
+    change (:meth:`notify`); the thread reads the counters through ``snapshot`` and
+    writes at most every ``interval`` seconds, so the file trails them by about that
+    much. Counters are plain ints read under the GIL: a snapshot taken mid-batch may mix
+    two batches' values, never a half-written number."""
+
+    def __init__(self, path: Path, snapshot: Callable[[], dict], interval: float = 0.02):
+        self.path, self.snapshot, self.interval = path, snapshot, interval
+        self._requested = self._written = 0
+        self._changed = threading.Event()
+        self._cond = threading.Condition()
+        threading.Thread(target=self._run, name="pariskv-stats", daemon=True).start()
+
+    def notify(self) -> None:
+        self._requested += 1
+        self._changed.set()
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until the counters as of now are on disk (tests, shutdown)."""
+        want = self._requested
+        with self._cond:
+            return self._cond.wait_for(lambda: self._written >= want, timeout)
+
+    def _run(self) -> None:
+        while True:
+            self._changed.wait()
+            self._changed.clear()
+            seen = self._requested
+            write_stats(self.path, self.snapshot())
+            with self._cond:
+                self._written = seen
+                self._cond.notify_all()
+            time.sleep(self.interval)  # let changes coalesce
 
 
 def read_stats_dir(stats_dir: str | Path) -> dict:

@@ -19,3 +19,28 @@ def test_rank0_files_are_summed_and_other_ranks_ignored(tmp_path):
 
 def test_an_empty_directory_reads_as_nothing_ran(tmp_path):
     assert read_stats_dir(tmp_path) == {}
+
+
+def test_the_writer_thread_keeps_file_io_off_the_callers_thread(tmp_path, monkeypatch):
+    """notify() returns at once even when a write is slow, and flush() leaves the newest
+    counters on disk (changes made while a write was under way included)."""
+    import time
+
+    from sglang_pariskv import stats_file
+
+    real_write = stats_file.write_stats
+
+    def slow_write(path, snapshot):
+        time.sleep(0.05)
+        real_write(path, snapshot)
+
+    monkeypatch.setattr(stats_file, "write_stats", slow_write)
+    counters = {"decode_steps": 0}
+    writer = stats_file.StatsWriter(tmp_path / "s.json", lambda: dict(counters), interval=0.0)
+    t0 = time.perf_counter()
+    for _ in range(200):
+        counters["decode_steps"] += 1
+        writer.notify()
+    assert time.perf_counter() - t0 < 0.05  # 200 changes cost less than one write
+    assert writer.flush()
+    assert json.loads((tmp_path / "s.json").read_text()) == {"decode_steps": 200}

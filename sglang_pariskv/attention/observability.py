@@ -17,7 +17,7 @@ from typing import Any
 
 from sglang_pariskv.attention.retrieval_timer import RetrievalTimer
 from sglang_pariskv.metrics import BatchCounts, ParisKVMetrics
-from sglang_pariskv.stats_file import stats_path, write_stats
+from sglang_pariskv.stats_file import StatsWriter, stats_path
 
 
 @dataclass
@@ -51,6 +51,7 @@ class DecodeObserver:
         self.metrics = metrics
         self.timer = RetrievalTimer(num_layers) if timed else None
         self.path: Path | None = stats_path(stats_dir, tp_rank) if stats_dir else None
+        self.writer = StatsWriter(self.path, self.snapshot) if self.path is not None else None
         self.extra_snapshot = extra_snapshot
         self.config_dict = config_dict or {}
 
@@ -155,5 +156,7 @@ class DecodeObserver:
         return st
 
     def dump(self) -> None:
-        if self.path is not None:
-            write_stats(self.path, self.snapshot())
+        """Tell the stats file's writer thread the counters changed (no snapshot, no file
+        I/O here: this runs in every batch's planning)."""
+        if self.writer is not None:
+            self.writer.notify()
