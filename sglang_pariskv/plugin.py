@@ -325,7 +325,12 @@ def _backend_factory(original, cfg: ParisKVConfig):
             logger.info("ParisKV: K/V stores go through the KV pool in %s", patched)
 
         mc = runner.model_config
+        from sglang.srt.runtime_context import get_parallel
+
+        tp = get_parallel().attn_tp_size
         check_model(
+            num_q_heads=mc.get_num_attention_heads(tp),
+            num_kv_heads=mc.get_num_kv_heads(tp),
             use_mla=bool(runner.use_mla_backend),
             head_dim=mc.head_dim,
             v_head_dim=mc.v_head_dim if getattr(mc, "v_head_dim", None) else mc.head_dim,
@@ -333,6 +338,14 @@ def _backend_factory(original, cfg: ParisKVConfig):
             or bool(getattr(mc, "is_hybrid_swa", False)),
             model_name=getattr(runner.server_args, "model_path", "this model"),
         )
+        if str(runner.device).startswith("cuda"):
+            import torch
+
+            from sglang_pariskv.config import check_compute_capability
+
+            dev = torch.device(runner.device)
+            name = torch.cuda.get_device_name(dev)
+            check_compute_capability(torch.cuda.get_device_capability(dev), name)
         from sglang_pariskv.attention.backend import ParisKVAttnBackend
 
         return ParisKVAttnBackend(runner, cfg)

@@ -18,7 +18,7 @@ from sglang_pariskv.config import (
     OFFLOAD_MODES,
     ParisKVConfig,
     ParisKVConfigError,
-    check_head_dim,
+    check_serving_shape,
 )
 
 #: (flag, ParisKVConfig field, parser type) for every per-knob flag.
@@ -278,12 +278,19 @@ def check_server_args(server_args: Any) -> None:
         )
     if problems:
         raise ParisKVConfigError(
-            "--enable-pariskv cannot be served with these settings:\n  - " + "\n  - ".join(problems)
+            "--enable-pariskv cannot be served with these settings: " + "; ".join(problems)
         )
 
 
 def check_model(
-    *, use_mla: bool, head_dim: int, v_head_dim: int, sliding_window: bool, model_name: str
+    *,
+    use_mla: bool,
+    head_dim: int,
+    v_head_dim: int,
+    sliding_window: bool,
+    model_name: str,
+    num_q_heads: int,
+    num_kv_heads: int,
 ) -> None:
     """Refuse model architectures ParisKV does not support (called by the scheduler)."""
     if use_mla:
@@ -301,7 +308,4 @@ def check_model(
             f"{model_name} has head_dim {head_dim} != v_head_dim {v_head_dim}; ParisKV needs "
             "equal key and value head dims: serve it without --enable-pariskv"
         )
-    try:
-        check_head_dim(head_dim)
-    except ValueError as e:
-        raise ParisKVConfigError(f"{model_name}: {e}") from e
+    check_serving_shape(head_dim, num_q_heads, num_kv_heads, model_name)

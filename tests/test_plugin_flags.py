@@ -217,17 +217,54 @@ def test_enabling_picks_flashinfer_and_exports_the_config(parser, monkeypatch):
     [
         ({"use_mla": True}, ["MLA"]),
         ({"sliding_window": True}, ["sliding-window"]),
-        ({"head_dim": 100, "v_head_dim": 100}, ["multiple of 8"]),
         ({"v_head_dim": 64}, ["v_head_dim 64"]),
+        ({"num_q_heads": 12, "num_kv_heads": 8}, ["12 query heads for 8 KV heads", "--tp-size"]),
+    ]
+    + [
+        ({"head_dim": d, "v_head_dim": d}, [f"head_dim {d}", "64 or 128"])
+        for d in (32, 80, 96, 256)
     ],
 )
 def test_unsupported_models_are_refused(kwargs, words):
-    base = dict(use_mla=False, head_dim=128, v_head_dim=128, sliding_window=False, model_name="m")
+    base = dict(
+        use_mla=False, head_dim=128, v_head_dim=128, sliding_window=False, model_name="m",
+        num_q_heads=32, num_kv_heads=8,
+    )  # fmt: skip
     base.update(kwargs)
     with pytest.raises(ParisKVConfigError) as e:
         check_model(**base)
     for w in words:
         assert w in str(e.value)
+
+
+@pytest.mark.parametrize("head_dim", [32, 64, 80, 96, 128, 256])
+@pytest.mark.parametrize("group", [1, 4, 7, 8])
+def test_every_head_dim_and_gqa_group_is_served_or_refused_at_startup(head_dim, group):
+    """What the startup check accepts is exactly what the kernels are built for:
+    head_dim 64 and 128 with any GQA group (tests/test_kernels_workspace.py runs those on
+    the GPU against the codec); every other head_dim is refused naming it."""
+    from sglang_pariskv.config import SERVING_HEAD_DIMS
+    from sglang_pariskv.kernels.workspace import DecodeWorkspace
+
+    kw = dict(use_mla=False, head_dim=head_dim, v_head_dim=head_dim, sliding_window=False,
+              model_name="m", num_q_heads=2 * group, num_kv_heads=2)  # fmt: skip
+    if head_dim in SERVING_HEAD_DIMS:
+        check_model(**kw)
+        return
+    with pytest.raises(ParisKVConfigError, match=f"head_dim {head_dim}"):
+        check_model(**kw)
+    with pytest.raises(ParisKVConfigError, match=f"head_dim {head_dim}"):
+        DecodeWorkspace(ParisKVConfig(), 2 * group, 2, head_dim, max_batch=1, max_context=64,
+                        device="cpu")  # fmt: skip
+
+
+def test_gpus_older_than_ampere_are_refused():
+    from sglang_pariskv.config import check_compute_capability
+
+    check_compute_capability((8, 0))
+    check_compute_capability((9, 0))
+    with pytest.raises(ParisKVConfigError, match="compute capability 7.5"):
+        check_compute_capability((7, 5), "Tesla T4")
 
 
 def test_enabling_bounds_request_slots_unless_the_user_chose(parser, monkeypatch):
