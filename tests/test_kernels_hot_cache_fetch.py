@@ -4,22 +4,14 @@ step, with conflicts, protected lines, duplicate rows and a partial valid count.
 
 CPU: Triton's interpreter on a plain-memory pool. `gpu`: a pinned pool over UVA."""
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
-from sglang_pariskv.kernels.testing import fresh_interpreter_fallback  # noqa: E402
-from sglang_pariskv.offload.fetch import OffloadFetcher  # noqa: E402
-from sglang_pariskv.offload.host_pool import HostKVPool  # noqa: E402
-from sglang_pariskv.offload.hot_cache import HotCache  # noqa: E402
+from sglang_pariskv.offload.fetch import OffloadFetcher
+from sglang_pariskv.offload.host_pool import HostKVPool
+from sglang_pariskv.offload.hot_cache import HotCache
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-
-_interpreter_guard, test_module_in_fresh_interpreter = fresh_interpreter_fallback(__file__)
 
 
 def twin_fetchers(slots, layers, h, d, lines, entries, seed):
