@@ -195,7 +195,6 @@ def _offload_variants(cfg: dict) -> dict[str, dict]:
         "gpu_pool": cfg,
         "gpu_pool_repeat": cfg,
         "offload_hot_cache": {**host, "hot_cache_lines": 4096},
-        "offload_hot_cache_tensor_ops": {**host, "hot_cache_lines": 4096},
         "offload_direct": {**host, "hot_cache_lines": 0},
         "offload_copy_stream": {**host, "hot_cache_lines": 0, "prefill_copy": "side_stream"},
         # what a user gets from --pariskv-offload host alone (the default hot cache)
@@ -209,7 +208,7 @@ def offload_run_configs(cfg: dict, only: list[str] | None = None) -> dict[str, d
     ``gpu_pool`` (the baseline) always runs. ``gpu_pool_repeat`` is a second engine with the
     baseline's config: its differences from ``gpu_pool`` are SGLang's own run-to-run noise,
     the yardstick for the offload variants' differences; it is opt-in so that the default
-    set stays the GPU pool and the three offload variants."""
+    set stays the GPU pool and the two offload variants."""
     return {
         n: c
         for n, c in _offload_variants(cfg).items()
@@ -295,9 +294,7 @@ def run_offload_equivalence(
     runs = offload_run_configs(cfg, only)
     got = {}
     for n, c in runs.items():
-        os.environ["SGLANG_PARISKV_FUSED_FETCH"] = "0" if n.endswith("tensor_ops") else "1"
         got[n] = _run_isolated(_passkey_worker, model, c, prompts, short, sequential, True)
-    os.environ.pop("SGLANG_PARISKV_FUSED_FETCH")
     base = got["gpu_pool"]
     res = {
         "config": cfg,

@@ -27,6 +27,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
+
 class _Unavailable:
     """A stand-in for any sgl_kernel object: attribute chains resolve (SGLang reads
     constants such as ``scalar_types.uint4b8`` at import time), calls raise."""

@@ -96,7 +96,5 @@ class TensorOpFetcher:
         self.pool.write(layer, slots, k, v)
         self.cache.invalidate(slots.to(self.cache.tags.device), layer)
 
-    def fetch(
-        self, layer: int, kv_indptr: torch.Tensor, kv_indices: torch.Tensor
-    ) -> torch.Tensor:
+    def fetch(self, layer: int, kv_indptr: torch.Tensor, kv_indices: torch.Tensor) -> torch.Tensor:
         return fetch(self.pool, self.cache, layer, kv_indptr, kv_indices)

@@ -15,7 +15,6 @@ import types
 
 import pytest
 import torch
-
 from sglang.srt.layers.attention.flashinfer_backend import (
     FlashInferAttnBackend,
 )

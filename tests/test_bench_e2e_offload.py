@@ -118,7 +118,6 @@ def test_default_variants_unchanged_and_repeat_opt_in():
     assert list(default) == [
         "gpu_pool",
         "offload_hot_cache",
-        "offload_hot_cache_tensor_ops",
         "offload_direct",
     ]
     picked = bench_e2e.offload_run_configs(

@@ -126,10 +126,7 @@ def test_encode_mismatch_rate_at_scale(cuda_device, d, dtype):
     encode_to_pool(keys, slots, pool, hist, req)
     ref = encode_keys(keys)
     s, m, w = mismatch_rates(pool, slots, ref)
-    print(
-        f"D={d} {dtype}: sign mismatch {s:.2e}, "
-        f"magnitude-byte mismatch {m:.2e}, w rel {w:.2e}"
-    )
+    print(f"D={d} {dtype}: sign mismatch {s:.2e}, magnitude-byte mismatch {m:.2e}, w rel {w:.2e}")
     # bf16 keys cancel exactly more often (few mantissa bits): a rotated coordinate that is
     # 0 up to rounding flips its sign bit, hence the looser sign bound.
     assert s <= 5e-5 and m <= 1e-4 and w <= 2e-3

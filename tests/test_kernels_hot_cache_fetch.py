@@ -1,6 +1,7 @@
-"""The fused hot-cache fetch (four Triton launches) against the tensor-op lookup, gather and
-insert of tests/hot_cache_oracle.py: same staging positions, tags, counters and staged rows, step after
-step, with conflicts, protected lines, duplicate rows and a partial valid count.
+"""The fused hot-cache fetch (four Triton launches) against the tensor-op lookup, gather
+and insert of tests/hot_cache_oracle.py: same staging positions, tags, counters and staged
+rows, step after step, with conflicts, protected lines, duplicate rows and a partial
+valid count.
 
 CPU: Triton's interpreter on a plain-memory pool. `gpu`: a pinned pool over UVA."""
 

@@ -3,8 +3,6 @@
 On CPU the kernel runs in Triton's interpreter over CPU tensors; the `gpu` tests run it
 over a pinned HostKVPool through UVA (the path serving will use)."""
 
-import os
-
 import pytest
 import torch
 

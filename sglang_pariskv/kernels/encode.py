@@ -2,10 +2,11 @@
 
 One fused pass per block of (token, head) rows: load the key, normalise, rotate (the
 rotation of :func:`codec.rotation.rotation_matrix` is a sign flip then one Hadamard block
-for a power-of-two D, applied as log2(D) butterfly stages), split into 8-dim blocks, and write sign ids, packed 3-bit magnitudes and fp16 weights straight to the
-rows ``slot * Hkv + head`` of the pool, so no [T, Hkv, ...] temporary ever exists. The same
-pass adds each token's sign ids to its request's centroid histogram with atomics, which is
-what keeps the histograms incremental as decode appends one token at a time.
+for a power-of-two D, applied as log2(D) butterfly stages), split into 8-dim blocks, and
+write sign ids, packed 3-bit magnitudes and fp16 weights straight to the rows
+``slot * Hkv + head`` of the pool, so no [T, Hkv, ...] temporary ever exists. The same
+pass adds each token's sign ids to its request's centroid histogram with atomics, which
+is what keeps the histograms incremental as decode appends one token at a time.
 
 Bit-exactness with :func:`codec.encode.encode_keys`: the arithmetic is the same fp32 formula,
 but summation order (norms, the butterflies) differs, so a magnitude within float rounding

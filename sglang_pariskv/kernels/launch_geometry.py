@@ -3,7 +3,7 @@
 :class:`kernels.workspace.DecodeWorkspace` asks these functions, never a caller: the CUDA
 scan's run length per batch (:func:`scan_tokens_per_block`), the top-k's blocks per row
 (:func:`topk_cluster_for`), and whether the scan's shared memory fits this GPU at all
-(:func:`check_cuda_scan_fits`). The constants mirror the kernels' own.
+(:func:`check_cuda_kernels_fit`). The constants mirror the kernels' own.
 """
 
 from __future__ import annotations

@@ -13,23 +13,13 @@ The tier thresholds take N = seq_len: the histograms count every written token o
 request (the decoded token included), so their total is seq_len by construction.
 
 Each stage has one implementation per machine, chosen at construction: the CUDA kernels
-of ``csrc/`` where they build for this GPU (:func:`cuda_kernels_usable`), else Triton and
-torch. Stages of :meth:`run`:
-
-==============  ===================================  ==================================
-stage           CUDA                                 Triton / torch
-==============  ===================================  ==================================
-query_tiers     ``csrc/query_tiers.cu``              ``query_tiers.py``
-scan            ``csrc/collision_scan.cu``           ``collision.py``
-select          count pass (``select.py``)           count + write (``select.py``)
-rerank          write + rerank                       ``rerank.py``
-                (``csrc/select_rerank.cu``)
-topk            ``csrc/topk.cu``                     ``torch.topk`` (``rerank.py``)
-assemble        ``assemble.py``                      ``assemble.py``
-==============  ===================================  ==================================
-
-Launch geometry of the CUDA kernels (scan run length, top-k cluster) follows the rules
-of :mod:`kernels.launch_geometry`.
+of ``csrc/`` where they build and fit the shape (:func:`cuda_kernels_usable`; launch shapes
+from :mod:`kernels.launch_geometry`), else Triton and torch. Stages of :meth:`run`, CUDA /
+Triton: query_tiers (``csrc/query_tiers.cu`` / ``query_tiers.py``), scan
+(``csrc/collision_scan.cu`` / ``collision.py``), select (``select.py``: the count pass; the
+Triton path also writes the candidates), rerank (``csrc/select_rerank.cu``, which writes
+the candidates too / ``rerank.py``), topk (``csrc/topk.cu`` / ``torch.topk``), assemble
+(``assemble.py``).
 """
 
 from __future__ import annotations
@@ -329,9 +319,7 @@ class DecodeWorkspace:
             tpb = scan_tokens_per_block(self.max_context, st.r, self.num_sms)
             collision_scan_cuda(*args, st.score_hist, self.config.sink, tpb)
         else:
-            collision_scan(
-                *args, st.score_hist, self.config.sink, self.scan_block, self.scan_tiles
-            )
+            collision_scan(*args, st.score_hist, self.config.sink, self.scan_block, self.scan_tiles)
 
     def _stage_select(self) -> None:
         """The count pass, then (Triton only: CUDA fuses it into the rerank) the candidate
