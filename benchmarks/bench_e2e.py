@@ -209,7 +209,7 @@ def offload_run_configs(cfg: dict, only: list[str] | None = None) -> dict[str, d
     ``gpu_pool`` (the baseline) always runs. ``gpu_pool_repeat`` is a second engine with the
     baseline's config: its differences from ``gpu_pool`` are SGLang's own run-to-run noise,
     the yardstick for the offload variants' differences; it is opt-in so that the default
-    set stays the GPU pool and the three offload variants."""
+    set stays the GPU pool and the two offload variants."""
     return {
         n: c
         for n, c in _offload_variants(cfg).items()

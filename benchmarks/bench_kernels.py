@@ -4,8 +4,9 @@ For each (N tokens per request, batch) case: FlashInfer dense decode (page size 
 32 q / 8 KV heads, D 128, bf16) against ParisKV retrieval (one CUDA-graph replay of
 ``DecodeWorkspace.run``) + FlashInfer sparse decode over the retrieved indices ("head as
 batch"), with each retrieval stage also timed alone (its own graph). Also: the HBM
-ceiling (device-to-device copy, same run), the scan's achieved bandwidth, a small scan
-variant sweep, and encode-at-write time against FlashInfer prefill attention at 32K.
+ceiling (device-to-device copy, same run), the scan's achieved bandwidth, and
+encode-at-write time (a block-size / warps sweep) against FlashInfer prefill attention at
+32K.
 
 Every timing is ``triton.testing.do_bench`` (median, L2 flushed before each repetition,
 so a layer's data is read cold, as when layers run one after another).
@@ -79,7 +80,7 @@ class Pools:
         for s in range(1, slots, step):
             e = min(s + step, slots)
             idx = torch.arange(s, e, device=dev)
-            encode_to_pool(self.k[s:e], idx, self.codes, rotation="dot")
+            encode_to_pool(self.k[s:e], idx, self.codes)
         torch.cuda.synchronize()
 
 
@@ -94,40 +95,20 @@ def bench_encode(pools: Pools, dev, n: int = 32768, backends=("fa2", "auto")) ->
     hist = torch.zeros(1, HKV, B, 256, dtype=torch.int32, device=dev)
     req = torch.zeros(n, dtype=torch.int32, device=dev)
     out = {"tokens": n}
-    variants = [
-        ("dot", "ieee", 32, 4, True),
-        ("dot", "ieee", 32, 8, True),
-        ("dot", "tf32x3", 32, 4, True),
-        ("fwht", "ieee", 16, 4, True),
-        ("fwht", "ieee", 32, 4, True),
-        ("fwht", "ieee", 64, 4, True),
-        ("fwht", "ieee", 32, 4, False),
-    ]
-    for rot, prec, bm, nw, with_hist in variants:
-        key = f"encode_ms[{rot},{prec},bm{bm},w{nw}{'' if with_hist else ',nohist'}]"
+    settings = [(16, 4, True), (32, 4, True), (64, 4, True), (32, 4, False)]
+    for bm, nw, with_hist in settings:
+        key = f"encode_ms[bm{bm},w{nw}{'' if with_hist else ',nohist'}]"
 
-        def fn(rot=rot, prec=prec, bm=bm, nw=nw, with_hist=with_hist):
+        def fn(bm=bm, nw=nw, with_hist=with_hist):
             h = hist if with_hist else None
             r = req if with_hist else None
-            encode_to_pool(
-                keys,
-                slots,
-                pools.codes,
-                h,
-                r,
-                block_m=bm,
-                precision=prec,
-                rotation=rot,
-                num_warps=nw,
-            )
+            encode_to_pool(keys, slots, pools.codes, h, r, block_m=bm, num_warps=nw)
 
         try:
             out[key] = bench_ms(fn)
-        except Exception as e:  # a variant that fails to compile is reported, not fatal
+        except Exception as e:  # a setting that fails to compile is reported, not fatal
             out[key] = f"failed: {type(e).__name__}: {e}"[:200]
-    encode_to_pool(
-        keys, slots, pools.codes, rotation="dot"
-    )  # leave the pool as the reference encodes it
+    encode_to_pool(keys, slots, pools.codes)  # leave the pool as the default encodes it
     q = torch.randn(n, HQ, D, device=dev, dtype=DTYPE)
     k, v = pools.k[1 : n + 1], pools.v[1 : n + 1]
     for backend in backends:
@@ -183,7 +164,7 @@ def dense_decode_ms(n: int, batch: int, rtt, q, pools: Pools, dev) -> float:
     return bench_ms(lambda: w.run(q, (k, v)))
 
 
-def bench_case(n: int, batch: int, pools: Pools, dev, scan_cfg: dict, hbm: float) -> dict:
+def bench_case(n: int, batch: int, pools: Pools, dev, hbm: float) -> dict:
     from sglang_pariskv.attention.sparse_decode import HeadAsBatchDecode
     from sglang_pariskv.config import ParisKVConfig
     from sglang_pariskv.kernels import DecodeWorkspace
@@ -193,7 +174,7 @@ def bench_case(n: int, batch: int, pools: Pools, dev, scan_cfg: dict, hbm: float
     res = {"N": n, "batch": batch}
     res["dense_ms"] = dense_decode_ms(n, batch, rtt, q, pools, dev)
 
-    ws = DecodeWorkspace(cfg, HQ, HKV, D, batch, n, dev, **scan_cfg)
+    ws = DecodeWorkspace(cfg, HQ, HKV, D, batch, n, dev)
     dec = HeadAsBatchDecode(ws, DTYPE)
     dec.plan(seq.cpu())  # plans the workspace too
     args = (q, pools.codes, hist, rtt, rpi)
@@ -208,12 +189,6 @@ def bench_case(n: int, batch: int, pools: Pools, dev, scan_cfg: dict, hbm: float
     graphs = [(name, graph_of(fn)) for name, fn in ws.stages()]
     for name, g in graphs:
         stages[name] = bench_ms(g.replay)
-    # The multi-program radix top-k on the same estimates, next to the workspace's own.
-    from sglang_pariskv.kernels.radix_topk import RadixTopK
-
-    st, radix = ws._st, RadixTopK(batch * HKV, dev)
-    top = torch.empty_like(ws.top[:batch])
-    stages["topk_radix"] = bench_ms(graph_of(lambda: radix(st.est, st.cand, st.counts, top)).replay)
     stages["sparse_attention"] = sparse
     res.update(
         pariskv_ms=retrieval + sparse,
@@ -226,41 +201,6 @@ def bench_case(n: int, batch: int, pools: Pools, dev, scan_cfg: dict, hbm: float
     res["scan_fraction_of_hbm"] = res["scan_gbps"] / hbm
     res["speedup"] = res["dense_ms"] / res["pariskv_ms"]
     return res
-
-
-def scan_sweep(pools: Pools, dev, n: int, batch: int) -> dict:
-    """Time the scan alone for a few (variant, block, tiles) settings; pick the fastest."""
-    from sglang_pariskv.config import ParisKVConfig
-    from sglang_pariskv.kernels import DecodeWorkspace
-
-    cfg = ParisKVConfig(topk=2048, sink=64, local=256)
-    rtt, rpi, seq, hist, q = case_inputs(n, batch, pools, dev)
-    results = {}
-    settings = [("cuda", tpb) for tpb in (512, 1024, 2048)] + [("load", 256)]
-    for variant, size in settings:
-        key = f"{variant},{size}"
-        if variant == "cuda":
-            kw = dict(scan_variant=variant, cuda_tokens_per_block=size)
-        else:
-            kw = dict(scan_variant=variant, scan_block=size, scan_tiles=8)
-        try:
-            ws = DecodeWorkspace(cfg, HQ, HKV, D, batch, n, dev, **kw)
-            ws.plan(seq.cpu())
-            ws.run(q, pools.codes, hist, rtt, rpi)
-            ws.bind(q, pools.codes, hist, rtt, rpi)
-            for name, fn in ws.stages():
-                if name == "scan":
-                    break
-                fn()
-            g = graph_of(ws._stage_scan)
-            ms = bench_ms(g.replay)
-            results[key] = {"ms": ms, "gbps": scan_bytes(n, batch) / ms / 1e6, **kw}
-            del ws, g
-        except Exception as e:
-            results[key] = {"error": f"{type(e).__name__}: {e}"[:300], **kw}
-        print(f"  scan {key}: {results[key]}", flush=True)
-    torch.cuda.empty_cache()
-    return results
 
 
 def versions() -> dict:
@@ -282,7 +222,6 @@ def main() -> None:
     ap.add_argument("--ns", default="32768,131072,524288,1048576")
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--out", default="benchmarks/results/kernels.json")
-    ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--auto-prefill-before-s", type=float, default=200.0)
     ap.add_argument("--plot", help="only draw the PNG of an existing JSON file")
     args = ap.parse_args()
@@ -316,19 +255,10 @@ def main() -> None:
     pools = Pools(slots, dev)
     print(f"pools: {slots} slots ready after {time.time() - t0:.0f}s", flush=True)
 
-    scan_cfg = dict(scan_variant="auto")
-    if not args.no_sweep:
-        sweep = scan_sweep(pools, dev, 131072, 8)
-        report["scan_sweep_128k_b8"] = sweep
-        ok = [v for v in sweep.values() if "ms" in v]
-        if ok:
-            best = min(ok, key=lambda v: v["ms"])
-            scan_cfg = {k: v for k, v in best.items() if k not in ("ms", "gbps")}
-    report["scan_config"] = scan_cfg
     report["cases"] = []
     for n, b in cases:
         try:
-            res = bench_case(n, b, pools, dev, scan_cfg, hbm)
+            res = bench_case(n, b, pools, dev, hbm)
         except Exception as e:
             res = {"N": n, "batch": b, "error": f"{type(e).__name__}: {e}"[:400]}
         torch.cuda.empty_cache()

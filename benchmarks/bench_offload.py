@@ -14,9 +14,9 @@ decode step), in the same run:
   :class:`HostKVPool` (written by the UVA scatter kernel), codes and centroid histograms
   on the GPU. Per layer: retrieval (``DecodeWorkspace.run``), the hot-cache fetch
   (``OffloadFetcher.fetch``: the fused Triton lookup + UVA gather of the misses +
-  insert, ``kernels.hot_cache_fetch``; ``ops``: the same with HotCache's tensor ops),
-  and FlashInfer's head-as-batch decode over the staged rows. ``retrieval``, ``fetch``
-  and ``attention`` are differences of graphs (retrieval; + fetch; + attention).
+  insert, ``kernels.hot_cache_fetch``), and FlashInfer's head-as-batch decode over the
+  staged rows. ``retrieval``, ``fetch`` and ``attention`` are differences of graphs
+  (retrieval; + fetch; + attention).
   Queries follow a random walk (``q += drift * |q| * noise``), so the top-k drifts
   between steps as in decoding and the hot cache is measured, not assumed; the hit rate
   is counted on the GPU over the timed steps. ``direct``: the same step with no hot
@@ -179,10 +179,9 @@ def pariskv_case(
     dev,
     steps: int,
     direct: bool = True,
-    topk: str = "auto",
     stages: tuple[str, ...] | None = None,
 ) -> dict:
-    """Times the step graphs named in ``stages`` (all five by default) for one case; see the
+    """Times the step graphs named in ``stages`` (all four by default) for one case; see the
     module docstring for what each covers."""
     from sglang_pariskv.attention.sparse_decode import HeadAsBatchDecode
     from sglang_pariskv.config import ParisKVConfig
@@ -198,13 +197,12 @@ def pariskv_case(
     hists = RequestHistograms(batch, HKV, D, L, dev)
     for layer in range(L):
         hists.rebuild(layer, st.codes.layers[layer].signs, rtt, rpi, seq.to(dev), max_len=n)
-    ws = DecodeWorkspace(cfg, HQ, HKV, D, batch, n, dev, elide_dense_rows=True, topk_variant=topk)
+    ws = DecodeWorkspace(cfg, HQ, HKV, D, batch, n, dev, elide_dense_rows=True)
     dec = HeadAsBatchDecode(ws, DTYPE, graph_batch=batch)
     dec.plan(seq)
     rows, entries = dec.rows, dec.entries()
     cache = HotCache(L, lines, HKV, 2 * D, ws.kv_indices.numel(), DTYPE, dev)
-    fetcher = OffloadFetcher(st.host, cache)  # fused Triton fetch on CUDA
-    ops = OffloadFetcher(st.host, cache, fused=False)  # HotCache's tensor ops (reference)
+    fetcher = OffloadFetcher(st.host, cache)
     gen = torch.Generator(device=dev).manual_seed(0)
     qs = [torch.randn(batch, HQ, D, device=dev, dtype=DTYPE, generator=gen) for _ in range(L)]
     out = torch.empty(batch, HQ, D, device=dev, dtype=DTYPE)
@@ -237,12 +235,6 @@ def pariskv_case(
             fetch(layer)
             out.copy_(dec.run_staged(qs[layer], fetcher.staging_kv()))
 
-    def step_full_ops():
-        for layer in range(L):
-            retrieve(layer)
-            fetch(layer, ops)
-            out.copy_(dec.run_staged(qs[layer], ops.staging_kv()))
-
     def step_direct():
         for layer in range(L):
             retrieve(layer)
@@ -253,7 +245,6 @@ def pariskv_case(
         ("retrieval", step_retrieval),
         ("retrieval_fetch", step_fetch),
         ("full", step_full),
-        ("full_ops", step_full_ops),
         ("direct", step_direct),
     ):
         if (name == "direct" and not direct) or (stages is not None and name not in stages):
@@ -297,19 +288,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--drift", type=float, default=0.25)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--no-direct", action="store_true", help="skip the no-hot-cache variant")
-    ap.add_argument(
-        "--topk",
-        choices=("auto", "radix", "cuda"),
-        default="auto",
-        help="final top-k: the workspace default (CUDA, one block per row) or the "
-        "multi-program radix top-k (kernels/radix_topk.py)",
-    )
-    ap.add_argument(
-        "--compare-topk",
-        choices=("radix", "cuda"),
-        help="also time retrieval and the direct step with this top-k, in the same run, for "
-        "a side-by-side ratio (recorded per case as topk_compare)",
-    )
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--plot", type=Path, help="only draw the PNG of an existing JSON")
     args = ap.parse_args(argv)
@@ -332,8 +310,6 @@ def main(argv: list[str] | None = None) -> int:
             "local": 256,
             "offload": "host",
             "hot_cache_lines": args.hot_cache_lines,
-            "topk_variant": args.topk,
-            "compare_topk": args.compare_topk,
         },  # fmt: skip
         "query_drift": args.drift,
         "hbm_copy_gbs": hbm,
@@ -367,9 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     report["weights_bytes"] = wbytes
     for n, b in cases:
         r = pariskv_case(
-            n, b, st, args.hot_cache_lines, args.drift, dev, args.steps, not args.no_direct,
-            args.topk,
-        )  # fmt: skip
+            n, b, st, args.hot_cache_lines, args.drift, dev, args.steps, not args.no_direct
+        )
         torch.cuda.empty_cache()
         hc = r["hot_cache"]
         miss_rows = hc["rows_fetched"] / hc["steps"]
@@ -382,7 +357,6 @@ def main(argv: list[str] | None = None) -> int:
             "fetch_ms": r["retrieval_fetch"] - r["retrieval"],
             "attention_ms": r["full"] - r["retrieval_fetch"],
             "pariskv_ms_per_token": per_batch[b] + r["full"],
-            "pariskv_ops_fetch_ms_per_token": per_batch[b] + r["full_ops"],
             "pariskv_direct_ms_per_token": per_batch[b] + r["direct"] if "direct" in r else None,
             "hot_cache_hit_rate": hc["hit_rate"],
             "hot_cache": hc,
@@ -397,23 +371,12 @@ def main(argv: list[str] | None = None) -> int:
             per_batch[b] + case["dense_attention_ms"] if "dense_attention_ms" in case else None
         )
         case["pariskv_over_floor"] = case["pariskv_ms_per_token"] / floor
-        if args.compare_topk:
-            stages = ("retrieval", "direct") if not args.no_direct else ("retrieval",)
-            r2 = pariskv_case(n, b, st, args.hot_cache_lines, args.drift, dev, args.steps,
-                              not args.no_direct, args.compare_topk, stages)  # fmt: skip
-            torch.cuda.empty_cache()
-            case["topk_compare"] = {
-                "variant": args.compare_topk,
-                "retrieval_ms": r2["retrieval"],
-                "pariskv_direct_ms_per_token": per_batch[b] + r2["direct"] if "direct" in r2
-                else None,
-            }  # fmt: skip
         report["cases"].append(case)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2))  # kept if a later case fails
         keys = ("context", "batch", "dense_ms_per_token", "pariskv_ms_per_token",
-                "pariskv_direct_ms_per_token", "floor_ms", "hot_cache_hit_rate", "retrieval_ms",
-                "topk_compare")  # fmt: skip
+                "pariskv_direct_ms_per_token", "floor_ms", "hot_cache_hit_rate",
+                "retrieval_ms")  # fmt: skip
         print(json.dumps({k: case.get(k) for k in keys}), flush=True)
     st.host.close()
     report["wall_s"] = time.perf_counter() - t0
@@ -437,14 +400,6 @@ def print_table(report: dict) -> None:
             f"{c['retrieval_ms']:5.2f} {c['fetch_ms']:6.2f} {c['attention_ms']:5.2f} "
             f"{c['hot_cache_hit_rate']:.2f}"
         )
-        cmp = c.get("topk_compare")
-        if cmp:
-            print(
-                f"{'':>13} top-k {cmp['variant']}: retrieval {cmp['retrieval_ms']:.2f} ms "
-                f"(vs {c['retrieval_ms']:.2f}), direct "
-                f"{cmp['pariskv_direct_ms_per_token'] or 0:.2f} ms "
-                f"(vs {c['pariskv_direct_ms_per_token'] or 0:.2f})"
-            )
 
 
 def plot(path: Path) -> Path:

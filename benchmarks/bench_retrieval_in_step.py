@@ -1,8 +1,8 @@
 """ParisKV retrieval kernels inside a model-like decode step vs alone: where do they slow down?
 
 SGLang's profile of a 128K x 2 step (results/profile_decode_128k_b2.json) times the
-candidate write + rerank at 36 us per layer, while bench_retrieval_variants.py times the
-same kernel at about 19.5 us alone. This bench replays one CUDA graph of ``--layers``
+candidate write + rerank at 36 us per layer, while the same kernel takes about 19.5 us
+alone. This bench replays one CUDA graph of ``--layers``
 layers' retrieval in three settings and reports each retrieval kernel's mean duration
 (torch.profiler, CUPTI kernel times):
 
@@ -77,24 +77,16 @@ def profiled_graph(step, replays: int = 5):
     return g, kernel_events(prof)
 
 
-#: DecodeWorkspace keyword arguments compared (``--variants``).
-VARIANTS = {
-    "default": {},
-    "unfused_select": dict(fused_select=False),  # Triton candidate write, then CUDA rerank
-    "topk_cluster2": dict(cuda_topk_cluster=2),  # 13K-key rows over 2 blocks
-    "topk_cluster4": dict(cuda_topk_cluster=4),
-}
-
-
 def run(
     n: int,
     batch: int,
     layers: int,
     weight_mb: float,
     dev,
-    variants: list[str],
     modes: tuple[str, ...] = MODES,
 ) -> dict:
+    """{mode: stage means (us) and step_ms} of the workspace's retrieval, ``layers``
+    layers per CUDA graph."""
     from sglang_pariskv.codec.encode import KeyCodes
     from sglang_pariskv.config import ParisKVConfig
     from sglang_pariskv.kernels import DecodeWorkspace
@@ -107,12 +99,9 @@ def run(
     w = torch.randn(4096, cols, device=dev, dtype=torch.bfloat16)
     x = torch.randn(batch, 4096, device=dev, dtype=torch.bfloat16)
     cfg = ParisKVConfig(topk=2048, sink=64, local=256)
-    res = {}
-    for variant in variants:
-        ws = DecodeWorkspace(cfg, bk.HQ, bk.HKV, bk.D, batch, n, dev, **VARIANTS[variant])
-        ws.plan(seq.cpu())
-        res[variant] = modes_of(ws, codes, q, hist, rtt, rpi, x, w, layers, modes)
-    return res
+    ws = DecodeWorkspace(cfg, bk.HQ, bk.HKV, bk.D, batch, n, dev)
+    ws.plan(seq.cpu())
+    return modes_of(ws, codes, q, hist, rtt, rpi, x, w, layers, modes)
 
 
 def modes_of(ws, codes, q, hist, rtt, rpi, x, w, layers: int, modes=MODES) -> dict:
@@ -129,7 +118,7 @@ def modes_of(ws, codes, q, hist, rtt, rpi, x, w, layers: int, modes=MODES) -> di
         g, events = profiled_graph(step)
         res[mode] = stage_means_us(events)
         res[mode]["step_ms"] = bk.bench_ms(g.replay)
-        print(ws.fused_select, mode, {k: round(v, 1) for k, v in res[mode].items()}, flush=True)
+        print(mode, {k: round(v, 1) for k, v in res[mode].items()}, flush=True)
     return res
 
 
@@ -144,10 +133,10 @@ def plot(path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(9, 4.5))
     wdt = 0.8 / len(MODES)
     for i, mode in enumerate(MODES):
-        vals = [rep["variants"]["default"].get(mode, {}).get(s, 0.0) for s in stages]
+        vals = [rep["modes"].get(mode, {}).get(s, 0.0) for s in stages]
         ax.bar([j + (i - 1) * wdt for j in range(len(stages))], vals, wdt, label=mode)
     ax.set_xticks(range(len(stages)), stages)
-    ax.set_ylabel("mean kernel time per layer (us), default variant")
+    ax.set_ylabel("mean kernel time per layer (us)")
     ax.set_title(f"retrieval kernels in a step vs alone, {rep['N'] // 1024}K x {rep['batch']}, "
                  f"{rep['device']}")  # fmt: skip
     ax.legend()
@@ -163,7 +152,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--weight-mb", type=float, default=436.0)
-    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS)[:2])
     ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/retrieval_in_step.json"))
     args = ap.parse_args(argv)
@@ -177,9 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch": args.batch,
         "layers": args.layers,
         "weight_mb_per_layer": args.weight_mb,
-        "variants": run(
-            args.n, args.batch, args.layers, args.weight_mb, dev, args.variants, tuple(args.modes)
-        ),
+        "modes": run(args.n, args.batch, args.layers, args.weight_mb, dev, tuple(args.modes)),
     }
     rep["wall_s"] = time.time() - t0
     args.out.parent.mkdir(parents=True, exist_ok=True)

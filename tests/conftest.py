@@ -1,5 +1,8 @@
 """Test-session setup.
 
+Without CUDA, Triton's interpreter is turned on (``TRITON_INTERPRET=1``) before any test
+module is imported: the kernel tests run the Triton kernels on CPU tensors.
+
 ``sgl_kernel`` (SGLang's CUDA kernel package) fails to import on a machine without an
 NVIDIA driver (``libcuda.so.1`` missing), and SGLang's radix cache, schedule batch and
 model runner import it at module level. On such a machine we install a stand-in whose
@@ -11,11 +14,18 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.machinery
+import os
 import sys
 import types
 
 import pytest
 import torch
+
+# Without CUDA the Triton kernels run in Triton's interpreter. Triton decides interpreted or
+# compiled when a @triton.jit function is defined, so this comes before any test module (or
+# SGLang, which imports Triton) is imported.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 class _Unavailable:

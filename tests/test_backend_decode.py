@@ -12,33 +12,25 @@ for requests at or below the dense threshold).
 """
 
 import dataclasses
-import os
 import types
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
-from sglang.srt.layers.attention.flashinfer_backend import (  # noqa: E402
+from sglang.srt.layers.attention.flashinfer_backend import (
     FlashInferAttnBackend,
 )
-from sglang.srt.mem_cache.memory_pool import ReqToTokenPool  # noqa: E402
+from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
 
-from sglang_pariskv.attention.backend import ParisKVAttnBackend  # noqa: E402
-from sglang_pariskv.attention.observability import DecodeObserver  # noqa: E402
-from sglang_pariskv.attention.offload_wiring import OffloadDecode  # noqa: E402
-from sglang_pariskv.attention.step_graphs import StepGraphs  # noqa: E402
-from sglang_pariskv.codec import retrieve, sparse_attention  # noqa: E402
-from sglang_pariskv.config import ParisKVConfig  # noqa: E402
-from sglang_pariskv.index.histograms import RequestHistograms  # noqa: E402
-from sglang_pariskv.kernels import DecodeWorkspace  # noqa: E402
-from sglang_pariskv.kernels.testing import fresh_interpreter_fallback  # noqa: E402
-from sglang_pariskv.offload.kv_pool import HostOffloadKVPool  # noqa: E402
-from tests.test_plugin_pool import make_pool  # noqa: E402
-
-_interpreter_guard, test_module_in_fresh_interpreter = fresh_interpreter_fallback(__file__)
+from sglang_pariskv.attention.backend import ParisKVAttnBackend
+from sglang_pariskv.attention.observability import DecodeObserver
+from sglang_pariskv.attention.offload_wiring import OffloadDecode
+from sglang_pariskv.attention.step_graphs import StepGraphs
+from sglang_pariskv.codec import retrieve, sparse_attention
+from sglang_pariskv.config import ParisKVConfig
+from sglang_pariskv.index.histograms import RequestHistograms
+from sglang_pariskv.kernels import DecodeWorkspace
+from sglang_pariskv.offload.kv_pool import HostOffloadKVPool
+from tests.test_plugin_pool import make_pool
 
 HQ, HKV, D, MAX_CTX = 4, 2, 16, 512
 CFG = ParisKVConfig(topk=16, sink=4, local=8, dense_threshold=64)

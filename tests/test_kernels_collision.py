@@ -1,36 +1,24 @@
 """Collision scan (scores + score histogram) and candidate selection against codec."""
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
-from sglang_pariskv.codec.collision import collision_scores  # noqa: E402
-from sglang_pariskv.codec.select import select_candidates, zone_mask  # noqa: E402
-from sglang_pariskv.kernels.collision import collision_scan, score_bins  # noqa: E402
-from sglang_pariskv.kernels.select import (  # noqa: E402
+from sglang_pariskv.codec.collision import collision_scores
+from sglang_pariskv.codec.select import select_candidates, zone_mask
+from sglang_pariskv.kernels.collision import collision_scan, score_bins
+from sglang_pariskv.kernels.select import (
     CandidateBuffers,
     select_candidates_gpu,
 )
-from sglang_pariskv.kernels.testing import (  # noqa: E402
-    fresh_interpreter_fallback,  # noqa: E402
+from sglang_pariskv.kernels.testing import (
     make_scenario,
     padded_codes,
 )
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
-# A whole-suite run may import Triton (via SGLang) before the interpreter is enabled: then
-# this module reruns itself in a fresh subprocess instead.
-_interpreter_guard, test_module_in_fresh_interpreter = fresh_interpreter_fallback(__file__)
 
-
-def run_scan(
-    sc, tiers, zone_start, zone_end, nmax, block_n=16, tiles=4, variant="load", num_tiers=6
-):
+def run_scan(sc, tiers, zone_start, zone_end, nmax, block_n=16, tiles=4, num_tiers=6):
     r = sc.seq_lens.numel()
     h, b = sc.pool.signs.shape[1:]
     scores = torch.full((r, h, nmax), 255, dtype=torch.uint8, device=DEV)
@@ -51,8 +39,8 @@ def run_scan(
     return scores, shist
 
 
-@pytest.mark.parametrize("d, h, variant", [(64, 3, "load"), (128, 2, "load"), (64, 2, "gather")])
-def test_scan_scores_and_histogram_match_codec(d, h, variant):
+@pytest.mark.parametrize("d, h", [(64, 3), (128, 2), (64, 2)])
+def test_scan_scores_and_histogram_match_codec(d, h):
     lens = [300, 77, 190]
     nmax = 320
     sc = make_scenario(lens, h, d, nmax, DEV, seed=d)
@@ -60,7 +48,7 @@ def test_scan_scores_and_histogram_match_codec(d, h, variant):
     tiers = torch.randint(0, 7, (3, h, d // 8, 256), generator=gen, dtype=torch.uint8)
     zone_start = 5
     zone_end = torch.tensor([250, 77, 100], dtype=torch.int32)
-    scores, shist = run_scan(sc, tiers.to(DEV), zone_start, zone_end.to(DEV), nmax, variant=variant)
+    scores, shist = run_scan(sc, tiers.to(DEV), zone_start, zone_end.to(DEV), nmax)
     want = collision_scores(padded_codes(sc).signs.cpu(), tiers.long())  # [R, N, H]
     for r, n in enumerate(lens):
         assert torch.equal(scores[r, :, :n].cpu().long(), want[r, :n].T)
@@ -102,14 +90,13 @@ def test_selection_is_codec_set_with_stable_ties(seed, chunk):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["load", "gather"])
-def test_scan_and_select_at_scale(cuda_device, variant):
+def test_scan_and_select_at_scale(cuda_device):
     lens = [70000, 131072, 9000]
     h, d, nmax = 8, 128, 131072
     sc = make_scenario(lens, h, d, nmax, cuda_device, seed=3)
     tiers = torch.randint(0, 7, (3, h, 16, 256), dtype=torch.uint8, device=cuda_device)
     zone_end = torch.tensor([n - 256 for n in lens], dtype=torch.int32, device=cuda_device)
-    scores, shist = run_scan(sc, tiers, 64, zone_end, nmax, 64, 16, variant)
+    scores, shist = run_scan(sc, tiers, 64, zone_end, nmax, 64, 16)
     want = collision_scores(padded_codes(sc).signs, tiers.long())
     for r, n in enumerate(lens):
         assert torch.equal(scores[r, :, :n].long(), want[r, :n].T)

@@ -79,3 +79,22 @@ def test_query_copy_pointer_reaches_the_kernel_and_a_wrong_buffer_fails(monkeypa
     assert with_copy[:12] == without[:12] and with_copy[13:] == without[13:]
     with pytest.raises(ValueError, match="query_copy must be contiguous"):
         cuda_ops.query_tier_table_cuda(*args, query_copy=torch.empty(r, hq, d))  # fp32
+
+
+def test_scan_arguments_match_the_entry_points_signature(monkeypatch, stream):
+    """One argument per declared ctypes type (csrc/collision_scan.cu's signature), the run
+    length last before the stream."""
+    calls = []
+    monkeypatch.setattr(cuda_ops, "_library", lambda name: fake_library(calls, 0))
+    r, h, b, nmax = 2, 3, 8, 64
+    i32, i64 = dict(dtype=torch.int32), dict(dtype=torch.int64)
+    cuda_ops.collision_scan_cuda(
+        torch.zeros(10, h, b, dtype=torch.uint8), torch.zeros(4, nmax, **i32),
+        torch.zeros(r, **i32), torch.zeros(r, **i64), torch.zeros(r, **i64),
+        torch.zeros(r, h, b, 256, dtype=torch.uint8), torch.zeros(r, h, nmax, dtype=torch.uint8),
+        torch.zeros(r, h, 64, **i32), 4, tokens_per_block=512,
+    )  # fmt: skip
+    ((symbol, args),) = calls
+    assert symbol == "pariskv_collision_scan"
+    assert len(args) == len(cuda_ops._KERNELS["collision_scan"][1])
+    assert args[-6:] == (r, h, b, 64, 512, 77)  # R, H, B, bins, run length, stream

@@ -1,30 +1,18 @@
 """Encode-at-write kernel against codec.encode_keys, and the histogram it maintains.
 
 On a machine without CUDA the Triton kernels run in the interpreter (TRITON_INTERPRET=1,
-set before the kernels are imported), at small sizes.
+set by tests/conftest.py before the kernels are imported), at small sizes.
 """
-
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
-from sglang_pariskv.codec import encode_keys  # noqa: E402
-from sglang_pariskv.codec.collision import centroid_histogram  # noqa: E402
-from sglang_pariskv.kernels import add_decode_keys, add_to_histograms, encode_to_pool  # noqa: E402
-from sglang_pariskv.kernels.testing import (
-    empty_pool,  # noqa: E402
-    fresh_interpreter_fallback,  # noqa: E402
-)
+from sglang_pariskv.codec import encode_keys
+from sglang_pariskv.codec.collision import centroid_histogram
+from sglang_pariskv.kernels import add_decode_keys, add_to_histograms, encode_to_pool
+from sglang_pariskv.kernels.testing import empty_pool
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-
-# A whole-suite run may import Triton (via SGLang) before the interpreter is enabled: then
-# this module reruns itself in a fresh subprocess instead.
-_interpreter_guard, test_module_in_fresh_interpreter = fresh_interpreter_fallback(__file__)
 
 
 def mismatch_rates(pool, slots, ref):
@@ -41,28 +29,39 @@ def mismatch_rates(pool, slots, ref):
 
 
 @pytest.mark.parametrize(
-    "d, h, dtype, rotation",
+    "d, h, dtype",
     [
-        (64, 3, torch.float16, "dot"),
-        (128, 2, torch.bfloat16, "dot"),
-        (128, 1, torch.float32, "fwht"),
-        (64, 2, torch.bfloat16, "fwht"),
+        (64, 3, torch.float16),
+        (128, 2, torch.bfloat16),
+        (128, 1, torch.float32),
+        (32, 2, torch.bfloat16),
     ],
 )
-def test_encode_matches_codec(d, h, dtype, rotation):
+def test_encode_matches_codec(d, h, dtype):
     gen = torch.Generator().manual_seed(d + h)
     t, slots_n = 150, 400
     keys = (torch.randn(t, h, d, generator=gen) * 3).to(dtype)
     keys[3, 0] = 0  # a zero key: weights 0, every sign bit set
     slots = (torch.randperm(slots_n, generator=gen)[:t] + 1).to(DEV)
     pool = empty_pool(slots_n + 1, h, d, DEV)
-    encode_to_pool(keys.to(DEV), slots, pool, rotation=rotation)
+    encode_to_pool(keys.to(DEV), slots, pool)
     ref = encode_keys(keys.to(DEV))
     s, m, w = mismatch_rates(pool, slots, ref)
-    # Only values within float rounding of a threshold may differ: none at this size.
-    assert s == 0.0 and m <= 2e-3
+    # Only values within float rounding of a threshold may differ. bf16 keys cancel exactly
+    # more often (few mantissa bits): a rotated coordinate that is 0 up to rounding may flip
+    # its sign bit, at most one sign byte of the 4800 at (128, 2).
+    assert s <= (3e-4 if dtype == torch.bfloat16 else 0.0) and m <= 2e-3
     assert w <= 2e-3  # at most about one fp16 rounding step
     assert torch.equal(pool.signs[0], torch.zeros_like(pool.signs[0]))  # slot 0 untouched
+
+
+@pytest.mark.parametrize("d", [96, 24])
+def test_encode_refuses_a_head_dim_that_is_not_a_power_of_two(d):
+    """The rotation is one Hadamard block only for a power-of-two head_dim."""
+    pool = empty_pool(4, 1, d, DEV)
+    keys = torch.randn(2, 1, d, device=DEV)
+    with pytest.raises(ValueError, match=f"head_dim={d}"):
+        encode_to_pool(keys, torch.tensor([1, 2], device=DEV), pool)
 
 
 def test_histograms_count_per_request_and_skip_negative_ids():
@@ -116,8 +115,7 @@ def test_decode_key_counts_equal_the_torch_scatter_add():
 @pytest.mark.gpu
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("rotation", ["dot", "fwht"])
-def test_encode_mismatch_rate_at_scale(cuda_device, d, dtype, rotation):
+def test_encode_mismatch_rate_at_scale(cuda_device, d, dtype):
     """Real sizes: mismatches only within rounding of a threshold, so rare and bounded."""
     t, h = 65536, 8
     keys = (torch.randn(t, h, d, device=cuda_device) * 2).to(dtype)
@@ -125,13 +123,10 @@ def test_encode_mismatch_rate_at_scale(cuda_device, d, dtype, rotation):
     pool = empty_pool(2 * t + 1, h, d, cuda_device)
     hist = torch.zeros(1, h, d // 8, 256, dtype=torch.int32, device=cuda_device)
     req = torch.zeros(t, dtype=torch.int32, device=cuda_device)
-    encode_to_pool(keys, slots, pool, hist, req, rotation=rotation)
+    encode_to_pool(keys, slots, pool, hist, req)
     ref = encode_keys(keys)
     s, m, w = mismatch_rates(pool, slots, ref)
-    print(
-        f"D={d} {dtype} {rotation}: sign mismatch {s:.2e}, "
-        f"magnitude-byte mismatch {m:.2e}, w rel {w:.2e}"
-    )
+    print(f"D={d} {dtype}: sign mismatch {s:.2e}, magnitude-byte mismatch {m:.2e}, w rel {w:.2e}")
     # bf16 keys cancel exactly more often (few mantissa bits): a rotated coordinate that is
     # 0 up to rounding flips its sign bit, hence the looser sign bound.
     assert s <= 5e-5 and m <= 1e-4 and w <= 2e-3

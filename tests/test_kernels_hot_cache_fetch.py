@@ -1,25 +1,19 @@
-"""The fused hot-cache fetch (four Triton launches) against HotCache's tensor-op lookup,
-gather and insert: same staging positions, tags, counters and staged rows, step after
-step, with conflicts, protected lines, duplicate rows and a partial valid count.
+"""The fused hot-cache fetch (four Triton launches) against the tensor-op lookup, gather
+and insert of tests/hot_cache_oracle.py: same staging positions, tags, counters and staged
+rows, step after step, with conflicts, protected lines, duplicate rows and a partial
+valid count.
 
 CPU: Triton's interpreter on a plain-memory pool. `gpu`: a pinned pool over UVA."""
-
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
-from sglang_pariskv.kernels.testing import fresh_interpreter_fallback  # noqa: E402
-from sglang_pariskv.offload.fetch import OffloadFetcher  # noqa: E402
-from sglang_pariskv.offload.host_pool import HostKVPool  # noqa: E402
-from sglang_pariskv.offload.hot_cache import HotCache  # noqa: E402
+from sglang_pariskv.offload.fetch import OffloadFetcher
+from sglang_pariskv.offload.host_pool import HostKVPool
+from sglang_pariskv.offload.hot_cache import HotCache
+from tests.hot_cache_oracle import TensorOpFetcher
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-
-_interpreter_guard, test_module_in_fresh_interpreter = fresh_interpreter_fallback(__file__)
 
 
 def twin_fetchers(slots, layers, h, d, lines, entries, seed):
@@ -27,7 +21,7 @@ def twin_fetchers(slots, layers, h, d, lines, entries, seed):
     gen = torch.Generator().manual_seed(seed)
     pool.data.copy_(torch.randn(pool.data.shape, generator=gen).to(pool.dtype))
     make = lambda: HotCache(layers, lines, h, 2 * d, entries, pool.dtype, DEV)  # noqa: E731
-    return OffloadFetcher(pool, make(), fused=False), OffloadFetcher(pool, make(), fused=True)
+    return TensorOpFetcher(pool, make()), OffloadFetcher(pool, make())
 
 
 def steps(gen, n_rows, entries, count):

@@ -2,38 +2,49 @@
 twin csrc/query_tiers.cu on the GPU), against its oracles: the codec's query prep (float64
 torch) and the codec's tier rule applied to the blocks it wrote."""
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
-from sglang_pariskv.codec.budget import tier_thresholds  # noqa: E402
-from sglang_pariskv.codec.collision import centroid_tiers  # noqa: E402
-from sglang_pariskv.codec.query import PreparedQuery, prepare_query  # noqa: E402
-from sglang_pariskv.codec.rotation import rotation_matrix  # noqa: E402
-from sglang_pariskv.config import ParisKVConfig  # noqa: E402
-from sglang_pariskv.kernels.query_tiers import query_tier_table  # noqa: E402
-from sglang_pariskv.kernels.testing import fresh_interpreter_fallback  # noqa: E402
+from sglang_pariskv.codec.budget import tier_thresholds
+from sglang_pariskv.codec.collision import centroid_tiers
+from sglang_pariskv.codec.query import PreparedQuery, prepare_query
+from sglang_pariskv.codec.rotation import rotation_matrix
+from sglang_pariskv.config import ParisKVConfig
+from sglang_pariskv.kernels.query_tiers import query_tier_table
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
-_interpreter_guard, test_module_in_fresh_interpreter = fresh_interpreter_fallback(__file__)
+
+NINE_TIERS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
-@pytest.mark.parametrize("hq, hkv, d", [(4, 2, 64), (6, 2, 32), (8, 8, 64)])
-def test_fused_query_tiers_match_codec(hq, hkv, d):
-    gen = torch.Generator().manual_seed(hq * d)
+@pytest.mark.parametrize(
+    "hq, hkv, d, ties, tier_ratios",
+    [
+        (4, 2, 64, False, None),
+        (6, 2, 32, False, None),
+        (8, 8, 64, False, None),
+        (4, 2, 64, True, None),  # zeros and repeated values: ties rank the lower id first
+        (2, 1, 64, False, NINE_TIERS),  # more tiers; one request's histogram is empty
+    ],
+)
+def test_fused_query_tiers_match_codec(hq, hkv, d, ties, tier_ratios):
+    gen = torch.Generator().manual_seed(hq * d + ties)
     r, b, nbp = 3, d // 8, 64
-    cfg = ParisKVConfig()
-    q = torch.randn(r, hq, d, generator=gen).to(torch.bfloat16)
+    cfg = ParisKVConfig() if tier_ratios is None else ParisKVConfig(tier_ratios=tier_ratios)
+    if ties:  # identity rotation, coordinates in {0, +-1, +-2}: many equal scores
+        q = torch.randint(-2, 3, (r, hq, d), generator=gen).to(torch.bfloat16)
+        q[0, :, :8] = 0  # an all-zero block: every centroid ties
+        rot = torch.eye(d, device=DEV)
+    else:
+        q = torch.randn(r, hq, d, generator=gen).to(torch.bfloat16)
+        rot = rotation_matrix(d, cfg.rotation_seed, torch.float32, DEV)
     hist = (torch.rand(5, hkv, b, 256, generator=gen) ** 4 * 100).to(torch.int32)
     rpi = torch.tensor([4, 0, 2], dtype=torch.int32)
+    if tier_ratios is not None:
+        hist[0] = 0
     n = hist[rpi.long(), 0, 0].sum(-1)
-    thr = tier_thresholds(n, torch.full((r,), 0.05), cfg).contiguous()
-    rot = rotation_matrix(d, cfg.rotation_seed, torch.float32, DEV)
+    thr = tier_thresholds(n, torch.full((r,), 0.05 if ties else 0.2), cfg).contiguous()
     out = PreparedQuery(
         blocks=torch.full((r, hkv, b, 8), float("nan"), device=DEV),
         norm=torch.full((r, hkv), float("nan"), device=DEV),
@@ -41,12 +52,23 @@ def test_fused_query_tiers_match_codec(hq, hkv, d):
     tiers = torch.full((r, hkv, b, 256), 99, dtype=torch.uint8, device=DEV)
     shist = torch.full((r, hkv, nbp), 7, dtype=torch.int32, device=DEV)
     query_tier_table(q.to(DEV), rot, hist.to(DEV), rpi.to(DEV), thr.to(DEV), out, tiers, shist)
-    want = prepare_query(q.double(), hkv, cfg.rotation_seed)
-    torch.testing.assert_close(out.blocks.cpu().double(), want.blocks, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(out.norm.cpu().double(), want.norm, atol=1e-5, rtol=1e-5)
+    if ties:
+        mean = q.double().reshape(r, hkv, hq // hkv, d).mean(2)
+        norm = mean.norm(dim=-1)
+        blocks = ((mean / norm[..., None].clamp_min(1e-30)) @ rot.cpu().double().T).view(
+            r, hkv, b, 8
+        )
+    else:
+        want = prepare_query(q.double(), hkv, cfg.rotation_seed)
+        blocks, norm = want.blocks, want.norm
+    torch.testing.assert_close(out.blocks.cpu().double(), blocks, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.norm.cpu().double(), norm, atol=1e-5, rtol=1e-5)
     # The tiers are exactly the codec's rule over the blocks the kernel wrote.
-    assert torch.equal(tiers.cpu().long(), centroid_tiers(out.blocks.cpu(), hist[rpi.long()], thr))
+    got = tiers.cpu().long()
+    assert torch.equal(got, centroid_tiers(out.blocks.cpu(), hist[rpi.long()], thr))
     assert not shist.any()
+    if ties:  # the case exercises the tie rule: some block has equal centroid scores
+        assert got.unique().numel() > 1
 
 
 @pytest.mark.gpu

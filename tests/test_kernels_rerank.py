@@ -1,30 +1,20 @@
 """Rerank kernel (3-bit estimator) and the final top-k against codec.select."""
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
-from sglang_pariskv.codec.query import prepare_query  # noqa: E402
-from sglang_pariskv.codec.select import estimate_inner_products, rerank_topk  # noqa: E402
-from sglang_pariskv.kernels.rerank import levels, rerank_estimates, topk_slots  # noqa: E402
-from sglang_pariskv.kernels.testing import (  # noqa: E402
-    fresh_interpreter_fallback,  # noqa: E402
+from sglang_pariskv.codec.query import prepare_query
+from sglang_pariskv.codec.select import estimate_inner_products, rerank_topk
+from sglang_pariskv.kernels.rerank import rerank_estimates, topk_slots
+from sglang_pariskv.kernels.testing import (
     make_scenario,
     padded_codes,
 )
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
-# A whole-suite run may import Triton (via SGLang) before the interpreter is enabled: then
-# this module reruns itself in a fresh subprocess instead.
-_interpreter_guard, test_module_in_fresh_interpreter = fresh_interpreter_fallback(__file__)
 
-
-def rerank_case(lens, h, d, group, cmax, counts, k, seed, device, cuda=False):
+def rerank_case(lens, h, d, group, cmax, counts, k, seed, device):
     sc = make_scenario(lens, h, d, max(lens), device, seed=seed)
     gen = torch.Generator().manual_seed(seed)
     r = len(lens)
@@ -41,12 +31,7 @@ def rerank_case(lens, h, d, group, cmax, counts, k, seed, device, cuda=False):
     est = torch.empty(r, h, cmax, dtype=torch.float32, device=device)
     args = (cand_slots, counts, sc.pool.signs, sc.pool.mags, sc.pool.weights)
     qargs = (qp.blocks.contiguous(), qp.norm.contiguous())
-    if cuda:
-        from sglang_pariskv.kernels.cuda_ops import rerank_cuda
-
-        rerank_cuda(*args, *qargs, levels(device), est)
-    else:
-        rerank_estimates(*args, *qargs, est)
+    rerank_estimates(*args, *qargs, est)
     keys = est
     codes = padded_codes(sc)
     valid = torch.arange(cmax, device=device)[None, None] < counts[:, None, None]
@@ -84,10 +69,10 @@ def test_rerank_estimates_and_topk_match_codec(d, h, group):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cuda, d", [(False, 128), (True, 128), (True, 64)])
-def test_rerank_at_scale(cuda_device, cuda, d):
+@pytest.mark.parametrize("d", [128, 64])
+def test_rerank_at_scale(cuda_device, d):
     sc, qp, cand, counts, _, est, top, want_pos, want_valid, _, valid = rerank_case(
-        [131072, 50000], 8, d, 4, 13000, [13000, 5000], 2048, 0, cuda_device, cuda
+        [131072, 50000], 8, d, 4, 13000, [13000, 5000], 2048, 0, cuda_device
     )
     heads = torch.arange(8, device=cuda_device)[None, :, None]
     ref = estimate_inner_products(

@@ -80,12 +80,3 @@ def test_fused_write_and_rerank_match_triton_write_and_codec(cuda_device, d, h, 
     v = valid.expand_as(est)
     torch.testing.assert_close(est[v], ref[v].float(), rtol=1e-4, atol=1e-4)
     assert (est[~v] == float("-inf")).all()
-
-
-def test_fused_select_refuses_a_mismatched_chunk(cuda_device):
-    from sglang_pariskv.config import ParisKVConfig
-    from sglang_pariskv.kernels import DecodeWorkspace
-
-    cfg = ParisKVConfig(topk=64, sink=8, local=16, dense_threshold=256)
-    with pytest.raises(ValueError, match="chunk=1024"):
-        DecodeWorkspace(cfg, 8, 2, 64, 2, 4096, cuda_device, chunk=512, fused_select=True)

@@ -3,27 +3,19 @@
 On CPU the kernel runs in Triton's interpreter over CPU tensors; the `gpu` tests run it
 over a pinned HostKVPool through UVA (the path serving will use)."""
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
-from sglang_pariskv.kernels.testing import fresh_interpreter_fallback  # noqa: E402
-from sglang_pariskv.kernels.uva_gather import (  # noqa: E402
+from sglang_pariskv.kernels.uva_gather import (
     copy_rows_reference,
     gather_rows,
     gather_rows_reference,
     kernel_arg,
     scatter_rows,
 )
-from sglang_pariskv.offload.host_pool import HostKVPool  # noqa: E402
+from sglang_pariskv.offload.host_pool import HostKVPool
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-
-_interpreter_guard, test_module_in_fresh_interpreter = fresh_interpreter_fallback(__file__)
 
 
 def random_bits(rows, w, dtype, seed):

@@ -1,28 +1,19 @@
 """The whole decode-step pipeline (DecodeWorkspace) against codec.pipeline.retrieve,
 CUDA-graph replay, and the FlashInfer "head as batch" decode it feeds."""
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
-from sglang_pariskv.codec import retrieve, sparse_attention  # noqa: E402
-from sglang_pariskv.config import ParisKVConfig  # noqa: E402
-from sglang_pariskv.kernels import DecodeWorkspace, max_candidates  # noqa: E402
-from sglang_pariskv.kernels.testing import (  # noqa: E402
-    fresh_interpreter_fallback,  # noqa: E402
+from sglang_pariskv.codec import retrieve, sparse_attention
+from sglang_pariskv.config import ParisKVConfig
+from sglang_pariskv.kernels import DecodeWorkspace, max_candidates
+from sglang_pariskv.kernels.testing import (
     make_scenario,
     padded_codes,
 )
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
-# A whole-suite run may import Triton (via SGLang) before the interpreter is enabled: then
-# this module reruns itself in a fresh subprocess instead.
-_interpreter_guard, test_module_in_fresh_interpreter = fresh_interpreter_fallback(__file__)
 SMALL = dict(chunk=64, scan_block=16, scan_tiles=4)
 
 
@@ -52,29 +43,25 @@ def check_against_codec(sc, q, cfg, out, max_diff=0):
 
 
 @pytest.mark.parametrize(
-    "d, h, group, dtype, topk",
+    "d, h, group, dtype",
     [
-        (64, 2, 2, torch.float16, "auto"),
-        (128, 1, 8, torch.bfloat16, "auto"),
-        (64, 3, 1, torch.float16, "auto"),
-        (64, 3, 1, torch.float16, "radix"),
+        (64, 2, 2, torch.float16),
+        (128, 1, 8, torch.bfloat16),
+        (64, 3, 1, torch.float16),
     ],
 )
-def test_workspace_matches_codec_retrieve(d, h, group, dtype, topk):
+def test_workspace_matches_codec_retrieve(d, h, group, dtype):
     lens = [700, 90, 555]
     cfg = ParisKVConfig(topk=24, sink=4, local=8, dense_threshold=100)
     sc = make_scenario(lens, h, d, 720, DEV, dtype=dtype, seed=d + group)
     q = torch.randn(3, h * group, d, generator=torch.Generator().manual_seed(1)).to(DEV)
-    ws = DecodeWorkspace(
-        cfg, h * group, h, d, max_batch=4, max_context=720, device=DEV, topk_variant=topk,
-        **SMALL,
-    )  # fmt: skip
+    ws = DecodeWorkspace(cfg, h * group, h, d, max_batch=4, max_context=720, device=DEV, **SMALL)
     indptr_host = ws.plan(sc.seq_lens.cpu())
     out = ws.run(q, sc.pool, sc.hist, sc.req_to_token, sc.req_pool_indices)
     assert torch.equal(indptr_host, out.kv_indptr.cpu())
     check_against_codec(sc, q.float(), cfg, out)
     # The query copy comes only from the CUDA query kernel; without it callers use q.
-    assert (ws.contiguous_query(q) is None) == (not ws.cuda_query_tiers)
+    assert (ws.contiguous_query(q) is None) == (not ws.use_cuda)
 
 
 def test_elided_dense_rows_are_one_token_and_sparse_rows_unchanged():
@@ -110,12 +97,18 @@ def test_elided_dense_rows_are_one_token_and_sparse_rows_unchanged():
             assert slots == full[r, hh]
 
 
-def test_fused_select_needs_the_cuda_kernels():
+def test_select_chunk_is_the_triton_tile_or_the_cuda_kernels_own(monkeypatch):
+    """The count pass shares csrc/select_rerank.cu's chunk when the CUDA kernels run, so a
+    Triton tile size cannot reach it."""
+    from sglang_pariskv.kernels import workspace as wsm
+    from sglang_pariskv.kernels.launch_geometry import SELECT_RERANK_CHUNK
+
     cfg = ParisKVConfig(topk=64, sink=8, local=16, dense_threshold=256)
-    with pytest.raises(ValueError, match="CUDA kernels"):
-        DecodeWorkspace(cfg, 4, 2, 64, 2, 1024, "cpu", scan_variant="load", fused_select=True)
-    ws = DecodeWorkspace(cfg, 4, 2, 64, 2, 1024, "cpu", scan_variant="load")
-    assert not ws.fused_select  # the Triton write + rerank path
+    ws = DecodeWorkspace(cfg, 4, 2, 64, 2, 1024, "cpu", chunk=64)
+    assert not ws.use_cuda and ws.sel.chunk == 64  # no CUDA device: the Triton kernels
+    monkeypatch.setattr(wsm, "cuda_kernels_usable", lambda *a: True)
+    ws = DecodeWorkspace(cfg, 4, 2, 64, 2, 1024, "cpu", chunk=64)
+    assert ws.use_cuda and ws.sel.chunk == SELECT_RERANK_CHUNK
 
 
 def test_max_candidates_covers_the_adaptive_dip():
@@ -126,20 +119,15 @@ def test_max_candidates_covers_the_adaptive_dip():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(
-    "d, group, topk", [(128, 4, "auto"), (64, 8, "auto"), (128, 1, "auto"), (128, 4, "radix")]
-)
-def test_workspace_at_scale_and_cuda_graph_replay(cuda_device, d, group, topk):
+@pytest.mark.parametrize("d, group", [(128, 4), (64, 8), (128, 1)])
+def test_workspace_at_scale_and_cuda_graph_replay(cuda_device, d, group):
     h, nmax = 8, 65536
     cfg = ParisKVConfig(topk=2048, sink=64, local=256, dense_threshold=8192)
     lens = [65536, 40000, 5000, 31000]
     sc = make_scenario(lens, h, d, nmax, cuda_device, dtype=torch.bfloat16, seed=d + group)
     q = torch.randn(4, h * group, d, device=cuda_device, dtype=torch.bfloat16)
-    ws = DecodeWorkspace(
-        cfg, h * group, h, d, max_batch=4, max_context=nmax, device=cuda_device,
-        topk_variant=topk,
-    )  # fmt: skip
-    assert ws.scan_variant == "cuda"  # nvcc is on the device image: the CUDA scan is used
+    ws = DecodeWorkspace(cfg, h * group, h, d, max_batch=4, max_context=nmax, device=cuda_device)
+    assert ws.use_cuda  # nvcc is on the device image: the CUDA kernels are used
     ws.plan(sc.seq_lens.cpu())
     out = ws.run(q, sc.pool, sc.hist, sc.req_to_token, sc.req_pool_indices)
     check_against_codec(sc, q.float(), cfg, out, max_diff=8)
@@ -209,7 +197,10 @@ def test_flashinfer_head_as_batch_decode_matches_codec_attention(cuda_device):
 
 
 def test_scan_run_length_fills_the_gpu_at_small_batches():
-    from sglang_pariskv.kernels.workspace import SCAN_TOKENS_PER_BLOCK, scan_tokens_per_block
+    from sglang_pariskv.kernels.launch_geometry import (
+        SCAN_TOKENS_PER_BLOCK,
+        scan_tokens_per_block,
+    )
 
     for ctx in (8192, 32768, 131072, 1 << 20):
         for batch in (1, 2, 8, 64):
@@ -228,37 +219,39 @@ def test_scan_run_length_fills_the_gpu_at_small_batches():
 def test_topk_cluster_only_for_rows_longer_than_one_block(monkeypatch):
     """One block per top-k row up to the keys its registers hold, 8-block clusters beyond
     (thread-block clusters need compute capability 9.0); never on the CPU."""
-    from sglang_pariskv.kernels import workspace as wsm
+    from sglang_pariskv.kernels import launch_geometry as lg
 
     cuda = torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
-    assert wsm.topk_cluster_for(13076, cuda) == 1  # 128K tokens
-    assert wsm.topk_cluster_for(wsm.TOPK_ONE_BLOCK_KEYS, cuda) == 1
-    assert wsm.topk_cluster_for(wsm.TOPK_ONE_BLOCK_KEYS + 1, cuda) == wsm.CUDA_TOPK_CLUSTER
-    assert wsm.topk_cluster_for(104826, torch.device("cpu")) == 1
+    assert lg.topk_cluster_for(13076, cuda) == 1  # 128K tokens
+    assert lg.topk_cluster_for(lg.TOPK_ONE_BLOCK_KEYS, cuda) == 1
+    assert lg.topk_cluster_for(lg.TOPK_ONE_BLOCK_KEYS + 1, cuda) == lg.CUDA_TOPK_CLUSTER
+    assert lg.topk_cluster_for(104826, torch.device("cpu")) == 1
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
-    assert wsm.topk_cluster_for(104826, cuda) == 1
+    assert lg.topk_cluster_for(104826, cuda) == 1
 
 
-@pytest.mark.parametrize("warps, tpb", [(16, 512), (8, 1024)])
-def test_scan_launch_shape_reaches_the_cuda_kernel(monkeypatch, warps, tpb):
-    """The scan's launch shape is passed to the CUDA scan (a layout flag was once dropped
-    on the way, so every pipeline run used one layout whatever the flag said)."""
+def test_scan_run_length_rule_reaches_the_cuda_kernel(monkeypatch):
+    """The scan's run length comes from scan_tokens_per_block for the planned batch and is
+    what the CUDA scan is launched with."""
     from types import SimpleNamespace
 
     from sglang_pariskv.kernels import workspace as wsm
 
-    seen = {}
+    seen, asked = {}, []
 
     def record(*args, **kwargs):
         seen["args"] = args
 
+    def rule(max_context, batch, num_sms):
+        asked.append((max_context, batch, num_sms))
+        return 512
+
+    monkeypatch.setattr(wsm, "cuda_kernels_usable", lambda *a: True)
     monkeypatch.setattr(wsm, "collision_scan_cuda", record)
+    monkeypatch.setattr(wsm, "scan_tokens_per_block", rule)
     cfg = ParisKVConfig(topk=64, sink=8, local=16, dense_threshold=256)
-    ws = DecodeWorkspace(
-        cfg, 4, 2, 64, 2, 1024, "cpu", scan_variant="cuda", cuda_scan_warps=warps,
-        cuda_tokens_per_block=tpb,
-    )  # fmt: skip
+    ws = DecodeWorkspace(cfg, 4, 2, 64, 2, 1024, "cpu")
     ws.plan(torch.tensor([1000, 700]))
     codes = SimpleNamespace(signs=torch.zeros(4096, 2, 8, dtype=torch.uint8))
     rtt = torch.zeros(2, 1024, dtype=torch.int32)
@@ -266,42 +259,27 @@ def test_scan_launch_shape_reaches_the_cuda_kernel(monkeypatch, warps, tpb):
     ws._st.tiers = ws.tiers[:2]
     ws._st.score_hist = ws.score_hist[:2]
     ws._stage_scan()
-    assert seen["args"][-2:] == (tpb, warps)  # run length, warps
-
-
-@pytest.mark.parametrize("warps", [-1, 17])
-def test_bad_scan_warps_fail_at_construction(warps):
-    cfg = ParisKVConfig(topk=64, sink=8, local=16, dense_threshold=256)
-    with pytest.raises(ValueError, match="cuda_scan_warps"):
-        DecodeWorkspace(cfg, 4, 2, 64, 2, 1024, "cpu", scan_variant="load", cuda_scan_warps=warps)
-
-
-def test_bad_topk_cluster_fails_at_construction():
-    cfg = ParisKVConfig(topk=64, sink=8, local=16, dense_threshold=256)
-    with pytest.raises(ValueError, match="expected one of"):
-        DecodeWorkspace(cfg, 4, 2, 64, 2, 1024, "cpu", scan_variant="load", cuda_topk_cluster=3)
-    with pytest.raises(ValueError, match="expected one of"):  # 0 is not "auto" (None is)
-        DecodeWorkspace(cfg, 4, 2, 64, 2, 1024, "cpu", scan_variant="load", cuda_topk_cluster=0)
-    with pytest.raises(ValueError, match="thread-block clusters"):
-        DecodeWorkspace(cfg, 4, 2, 64, 2, 1024, "cpu", scan_variant="load", cuda_topk_cluster=8)
+    assert asked == [(1024, 2, ws.num_sms)]
+    assert seen["args"][-1] == 512  # the run length
 
 
 def test_cuda_scan_shared_memory_matches_the_kernels_layout():
     """The startup check's byte count is the kernel's (csrc/collision_scan.cu): table,
     histogram, slots, two chunks of staged rows with the odd-multiple stride."""
-    from sglang_pariskv.kernels import workspace as wsm
+    from sglang_pariskv.kernels import launch_geometry as lg
 
     # 8 KV heads x 128: 32 KiB table, 4 KiB histogram (128 bins), 4 KiB slots, 2 x 128 x 144
-    assert wsm.cuda_scan_shared_bytes(8, 16, 128, 1024, 128) == 32768 + 4096 + 4096 + 36864
+    assert lg.cuda_scan_shared_bytes(8, 16, 128, 1024, 128) == 32768 + 4096 + 4096 + 36864
     # 3 KV heads x 64 (odd: no padding): 2 x 32 x 24 staged bytes
-    assert wsm.cuda_scan_shared_bytes(3, 8, 64, 1023, 32) == 6144 + 768 + 4096 + 1536
+    assert lg.cuda_scan_shared_bytes(3, 8, 64, 1023, 32) == 6144 + 768 + 4096 + 1536
 
 
-def test_cuda_scan_too_big_for_shared_memory_falls_back_or_fails_early(monkeypatch, caplog):
-    """Very many KV heads per rank: auto falls back to Triton with a warning; an explicit
-    scan_variant='cuda' is refused at construction, not at the first decode step."""
+def test_cuda_kernels_that_cannot_run_the_shape_fall_back_to_triton(monkeypatch, caplog):
+    """Very many KV heads per rank (the scan's shared memory) or a head_dim the CUDA
+    kernels are not built for: the workspace runs the Triton kernels, with a warning."""
     from types import SimpleNamespace
 
+    from sglang_pariskv.kernels import launch_geometry as lg
     from sglang_pariskv.kernels import workspace as wsm
 
     props = SimpleNamespace(
@@ -310,17 +288,14 @@ def test_cuda_scan_too_big_for_shared_memory_falls_back_or_fails_early(monkeypat
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: props)
     monkeypatch.setattr(wsm, "cuda_available", lambda: True)
-    cfg = ParisKVConfig(topk=64, sink=8, local=16, dense_threshold=256)
     fake_cuda = torch.device("cuda")
     with pytest.raises(ValueError, match="shared memory"):
-        wsm.check_cuda_scan_fits(64, 16, 128, fake_cuda)  # 256 KiB of tier table alone
-    wsm.check_cuda_scan_fits(8, 16, 128, fake_cuda)  # Llama-3.1-8B: fits
+        lg.check_cuda_kernels_fit(64, 16, 128, fake_cuda)  # 256 KiB of tier table alone
+    with pytest.raises(ValueError, match="head_dim"):
+        lg.check_cuda_kernels_fit(8, 32, 128, fake_cuda)  # head_dim 256
+    lg.check_cuda_kernels_fit(8, 16, 128, fake_cuda)  # Llama-3.1-8B: fits
+    assert wsm.cuda_kernels_usable(fake_cuda, 8, 16, 128)
     with caplog.at_level("WARNING", logger="sglang_pariskv"):
-        try:
-            ws = DecodeWorkspace(cfg, 64, 64, 128, 1, 1024, fake_cuda)
-            assert ws.scan_variant == "load"
-        except RuntimeError as e:  # no GPU here: stops at the first allocation
-            assert not torch.cuda.is_available(), e
+        assert not wsm.cuda_kernels_usable(fake_cuda, 64, 16, 128)
     assert "falling back to the Triton kernels" in caplog.text
-    with pytest.raises(ValueError, match="shared memory"):
-        DecodeWorkspace(cfg, 64, 64, 128, 1, 1024, fake_cuda, scan_variant="cuda")
+    assert not wsm.cuda_kernels_usable(torch.device("cpu"), 8, 16, 128)

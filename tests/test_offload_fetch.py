@@ -5,28 +5,18 @@ CPU: the UVA gather runs in Triton's interpreter on a plain-memory pool. `gpu` t
 pinned pool, CUDA-graph replay, and FlashInfer over the staging buffer and over the host
 pool's CUDA views (zero-copy, no hot cache) vs over a GPU pool."""
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
-from sglang_pariskv.config import ParisKVConfig  # noqa: E402
-from sglang_pariskv.kernels import DecodeWorkspace  # noqa: E402
-from sglang_pariskv.kernels.assemble import kv_indptr_for  # noqa: E402
-from sglang_pariskv.kernels.testing import (  # noqa: E402
-    fresh_interpreter_fallback,
-    make_scenario,
-)
-from sglang_pariskv.offload.fetch import OffloadFetcher, fetch_reference  # noqa: E402
-from sglang_pariskv.offload.host_pool import HostKVPool  # noqa: E402
-from sglang_pariskv.offload.hot_cache import HotCache  # noqa: E402
+from sglang_pariskv.config import ParisKVConfig
+from sglang_pariskv.kernels import DecodeWorkspace
+from sglang_pariskv.kernels.assemble import kv_indptr_for
+from sglang_pariskv.kernels.testing import make_scenario
+from sglang_pariskv.offload.fetch import OffloadFetcher, fetch_reference
+from sglang_pariskv.offload.host_pool import HostKVPool
+from sglang_pariskv.offload.hot_cache import HotCache
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-
-_interpreter_guard, test_module_in_fresh_interpreter = fresh_interpreter_fallback(__file__)
 
 
 def make_fetcher(slots, layers, h, d, lines, entries, seed=0, device=DEV):

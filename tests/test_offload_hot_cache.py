@@ -1,4 +1,5 @@
-"""HotCache (tensor ops) against a plain-Python model, and no stale rows after rewrites.
+"""The hot cache's rules as tensor ops (tests/hot_cache_oracle.py, the oracle of the fused
+fetch) against a plain-Python model, and no stale rows after rewrites.
 
 The data oracle does not depend on the replacement policy: after each step, every valid
 entry's staging row must equal the host row it names."""
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from sglang_pariskv.offload.hot_cache import HotCache
+from tests.hot_cache_oracle import insert, lookup
 
 H, W = 2, 6  # KV heads, row width (elements)
 
@@ -68,10 +70,10 @@ def run_step(cache, host, layer, rows, n_valid):
     """lookup -> fetch the fill rows (torch) -> insert; returns the lookup."""
     rows = torch.tensor(rows, dtype=torch.int32)
     valid = torch.arange(rows.numel()) < n_valid
-    lk = cache.lookup(layer, rows, valid)
+    lk = lookup(cache, layer, rows, valid)
     fill = lk.fill
     cache.data[lk.pos[fill]] = host[layer][lk.rows[fill]]
-    cache.insert(layer, lk)
+    insert(cache, layer, lk)
     return lk
 
 

@@ -13,6 +13,7 @@ from sglang_pariskv.config import ParisKVConfig
 from sglang_pariskv.index.code_pool import code_bytes_per_token
 from sglang_pariskv.offload.hot_cache import HotCache
 from sglang_pariskv.offload.kv_pool import HostOffloadKVPool
+from tests.hot_cache_oracle import insert, lookup
 from tests.test_plugin_pool import LAYERS, D, H, layer, make_pool
 
 
@@ -30,8 +31,8 @@ def fill_cache(pool, slots):
     """Tag the rows of ``slots`` (all heads, all layers) as cached."""
     rows = (slots[:, None] * H + torch.arange(H)).reshape(-1)
     for li in range(LAYERS):
-        lk = pool.hot_cache.lookup(li, rows, torch.ones_like(rows, dtype=torch.bool))
-        pool.hot_cache.insert(li, lk)
+        lk = lookup(pool.hot_cache, li, rows, torch.ones_like(rows, dtype=torch.bool))
+        insert(pool.hot_cache, li, lk)
     return set(rows.tolist())
 
 

@@ -10,13 +10,12 @@
 // tokens. Each chunk's sign rows (all H heads of a token: H * B contiguous bytes per
 // slot) are copied into shared memory with cp.async, coalesced and double-buffered; then
 // each warp scores one head for 64 tokens (two per lane), so all 32 lanes of a lookup
-// read the same tier column (at most 2-way bank conflicts). Why staged: ncu on session
-// 9's kernels, which loaded signs straight into registers, showed them bound by the L1
-// data stage (78% busy, DRAM at 39%) either way: with lanes on (token, head) pairs the
-// loads coalesce but one lookup instruction touches H columns (3.9M shared wavefronts
-// where 1.2M would do at 128K x 2), with a head per warp the lookups are clean but every
-// lane's 16-byte load is its own 128-byte line. Staged: 26.2 -> 21.0 us per layer at
-// 128K x 2 on the H100 (benchmarks/results/scan_kernels.json).
+// read the same tier column (at most 2-way bank conflicts). Why staged: a scan that loads
+// signs straight into registers is bound by the L1 data stage (78% busy, DRAM at 39% in
+// ncu) either way: with lanes on (token, head) pairs the loads coalesce but one lookup
+// instruction touches H columns (3.9M shared wavefronts where 1.2M would do at 128K x 2),
+// with a head per warp the lookups are clean but every lane's 16-byte load is its own
+// 128-byte line. Staged: 21.0 us per layer at 128K x 2 on an H100, against 26.2 us.
 // Built with plain nvcc into a shared library and called through ctypes (no torch
 // headers: a few seconds to compile); the launch goes on the caller's stream, so it is
 // CUDA-graph capturable.
@@ -46,6 +45,9 @@ struct SignRow<8> {
 // chunks only where the shared memory needs it (many KV heads: 32 x 128 at TP 1).
 constexpr int kChunks[] = {128, 64, 32};
 constexpr int kStages = 2;
+// Warps per block, each scoring one head at a time (the run lengths of
+// kernels/launch_geometry.py are the fastest ones with 16).
+constexpr int kWarps = 16;
 
 // Bytes per staged token row (all H heads' B sign bytes), padded so that stride / B is
 // odd: the 8 (B = 16) or 16 (B = 8) lanes of one shared-load phase, reading one head of
@@ -207,10 +209,9 @@ extern "C" int pariskv_collision_scan(const void* signs, const void* rtt, int64_
                                       const void* req_idx, const void* seq, const void* zend,
                                       const void* tiers, void* scores, void* shist,
                                       int64_t zone_start, int64_t nmax, int R, int H, int B,
-                                      int nbp, int tpb, int warps, void* stream) {
+                                      int nbp, int tpb, void* stream) {
   if (R == 0) return 0;
-  if (warps <= 0) warps = 16;
-  if (warps > 16 || tpb <= 0) return -1;
+  if (tpb <= 0) return -1;
   if (B != 16 && B != 8) return -2;
   // The device's opt-in shared memory per block (227 KB on the H100, 163 KB on the A100):
   // the longest chunk that fits. DecodeWorkspace checks the shortest fits at startup.
@@ -226,7 +227,7 @@ extern "C" int pariskv_collision_scan(const void* signs, const void* rtt, int64_
   }
   if (smem > static_cast<size_t>(optin)) return -3;
   dim3 grid(static_cast<unsigned>((nmax + tpb - 1) / tpb), static_cast<unsigned>(R));
-  dim3 block(warps * 32);
+  dim3 block(kWarps * 32);
   auto kernel = B == 16 ? scan_kernel<16> : scan_kernel<8>;
   // Opt in to large shared memory once per instantiation (outside any graph capture in
   // practice: the first call is the eager warm-up).

@@ -1,6 +1,5 @@
-// The 3-bit estimate of <k, q> for one code record, shared by csrc/rerank.cu and
-// csrc/select_rerank.cu (included by both; cuda_ops.py hashes included headers into the
-// build cache key).
+// The 3-bit estimate of <k, q> for one code record, used by csrc/select_rerank.cu
+// (cuda_ops.py hashes included headers into the build cache key).
 //
 //   est = ||q|| * sum_b w_b * sum_j sign_bj * a[t_bj] * q_bj
 // with one shared-memory lookup per term in a per-(request, head) table

@@ -17,11 +17,10 @@
 // Each thread keeps up to 16 keys in registers (rows up to 16K x ncl candidates are read
 // once); longer rows re-read the rest from L2, where the rerank just wrote them. Among
 // keys equal to the threshold, which ones are taken is arbitrary (set semantics; ties
-// between float32 estimates are measure-zero events). Tried and dropped: warp-aggregated
-// histogram atomics (__match_any_sync), slower on the H100 (43 vs 30 us per layer at 128K
-// x 1, 222 vs 146 us at 1M x 1, bench_kernels.py, session 6); a value-binned one-pass
-// select (session 8); clusters for 13K-key rows (session 9: 2 blocks 17.8, 4 blocks 16.5
-// vs 16.3 us single, in a 32-layer graph at 128K x 2).
+// between float32 estimates are measure-zero events). Slower on an H100, so not used:
+// warp-aggregated histogram atomics (__match_any_sync: 43 vs 30 us per layer at 128K x 1,
+// 222 vs 146 us at 1M x 1); a value-binned one-pass select; clusters for 13K-key rows
+// (2 blocks 17.8, 4 blocks 16.5 vs 16.3 us on one, in a 32-layer graph at 128K x 2).
 
 #include <cooperative_groups.h>
 #include <cstdint>

@@ -14,28 +14,19 @@ Read side: :class:`DecodeWorkspace` (``plan(seq_lens_cpu)`` once per step on the
 returns ``kv_indptr`` / ``kv_indices`` for one FlashInfer decode call in the "head as
 batch" layout; ``attention.sparse_decode.HeadAsBatchDecode`` wraps that call. The collision
 scan, rerank and top-k have CUDA versions in ``sglang_pariskv/csrc`` (nvcc on first use,
-:func:`cuda_available`); Triton / torch versions are the fallback. On a machine without
-CUDA, importing this package turns on Triton's interpreter (``TRITON_INTERPRET=1``).
+:func:`cuda_available`); Triton / torch versions are the fallback. Without CUDA the Triton
+kernels run only in Triton's interpreter, which the process must turn on
+(``TRITON_INTERPRET=1``) before this package is imported: tests/conftest.py does.
 """
 
-import os
-
-import torch
-
-# Without CUDA the kernels can only run in Triton's interpreter (CPU tests, small sizes).
-# Triton decides interpreted-or-compiled when a @triton.jit function is defined, so this
-# must happen before the submodules below are imported, whoever imports the package first.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from sglang_pariskv.kernels.assemble import kv_indptr_for, row_lengths  # noqa: E402
-from sglang_pariskv.kernels.cuda_ops import cuda_available  # noqa: E402
-from sglang_pariskv.kernels.encode import (  # noqa: E402
+from sglang_pariskv.kernels.assemble import kv_indptr_for, row_lengths
+from sglang_pariskv.kernels.cuda_ops import cuda_available
+from sglang_pariskv.kernels.encode import (
     add_decode_keys,
     add_to_histograms,
     encode_to_pool,
 )
-from sglang_pariskv.kernels.workspace import (  # noqa: E402
+from sglang_pariskv.kernels.workspace import (
     DecodeOutput,
     DecodeWorkspace,
     max_candidates,

@@ -80,70 +80,6 @@ def _scan_kernel(
         )
 
 
-@triton.jit
-def _scan_gather_kernel(
-    signs_ptr,
-    rtt_ptr,
-    stride_rtt,
-    req_ptr,
-    seq_ptr,
-    zend_ptr,
-    tiers_ptr,
-    scores_ptr,
-    shist_ptr,
-    zone_start,
-    NMAX,
-    H: tl.constexpr,
-    B: tl.constexpr,
-    HP: tl.constexpr,
-    NBP: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    TILES: tl.constexpr,
-):
-    """Variant of ``_scan_kernel`` that looks tiers up with ``tl.gather`` from a per-head
-    [256, B] table tile (lowered through shared memory) instead of gathered L1 loads."""
-    chunk = tl.program_id(0)
-    r = tl.program_id(1)
-    seq = tl.load(seq_ptr + r)
-    start = chunk * (BLOCK_N * TILES)
-    if start < seq:
-        req = tl.load(req_ptr + r).to(tl.int64)
-        zend = tl.load(zend_ptr + r)
-        b = tl.arange(0, B)
-        c = tl.arange(0, 256)
-        acc = tl.zeros((2 * HP * NBP,), dtype=tl.int32)
-        for i in range(TILES):
-            pos = start + i * BLOCK_N + tl.arange(0, BLOCK_N)
-            valid = pos < seq
-            in_zone = (pos >= zone_start) & (pos < zend)
-            slot = tl.load(rtt_ptr + req * stride_rtt + pos, mask=valid, other=0).to(tl.int64)
-            for h in tl.static_range(H):
-                tbl = tl.load(
-                    tiers_ptr + ((r * H + h) * B + b[None, :]).to(tl.int64) * 256 + c[:, None]
-                )
-                sg = tl.load(
-                    signs_ptr + slot[:, None] * (H * B) + h * B + b[None, :],
-                    mask=valid[:, None],
-                    other=0,
-                )
-                tier = tl.gather(tbl, sg.to(tl.int32), axis=0)  # [BLOCK_N, B]
-                score = tl.sum(tier.to(tl.int32), axis=1)
-                tl.store(
-                    scores_ptr + (r * H + h).to(tl.int64) * NMAX + pos,
-                    score.to(tl.uint8),
-                    mask=valid,
-                )
-                key = tl.where(in_zone, h * NBP + score, HP * NBP)  # dump bin: see _scan_kernel
-                acc += tl.histogram(key, 2 * HP * NBP)
-        bins = tl.arange(0, 2 * HP * NBP)
-        tl.atomic_add(
-            shist_ptr + r * (H * NBP) + bins,
-            acc,
-            mask=(bins < H * NBP) & (acc > 0),
-            sem="relaxed",
-        )
-
-
 def score_bins(num_tiers: int, num_blocks: int) -> int:
     """Histogram bins per (request, head): scores lie in [0, num_tiers * B], padded to 2^k."""
     return triton.next_power_of_2(num_tiers * num_blocks + 1)
@@ -161,16 +97,14 @@ def collision_scan(
     zone_start: int,
     block_n: int = 64,
     tiles: int = 16,
-    variant: str = "load",
 ) -> None:
     """Scores uint8 ``[R, Hkv, NMAX]`` of positions < seq_len and the zone score histogram.
 
     signs uint8 pool ``[S, Hkv, B]``; tiers uint8 ``[R, Hkv, B, 256]``; zone is positions
     ``[zone_start, zone_end[r])``; score_hist int32 ``[R, Hkv, NBP]`` must be zeroed by the
     caller (it is accumulated). Fixed grid over ``NMAX``: programs past a request's length
-    exit at once, so it replays in a CUDA graph for any lengths <= NMAX. ``variant``
-    picks the tier lookup: "load" (gathered loads from the L1-resident table) or "gather"
-    (``tl.gather`` through shared memory); both give identical results.
+    exit at once, so it replays in a CUDA graph for any lengths <= NMAX. ``block_n``
+    positions per tile, ``tiles`` tiles per program.
     """
     _, h, b = signs.shape
     r, _, nmax = scores.shape
@@ -178,8 +112,7 @@ def collision_scan(
         return
     nbp = score_hist.shape[-1]
     grid = (triton.cdiv(nmax, block_n * tiles), r)
-    kernel = {"load": _scan_kernel, "gather": _scan_gather_kernel}[variant]
-    kernel[grid](
+    _scan_kernel[grid](
         signs,
         req_to_token,
         req_to_token.stride(0),

@@ -1,5 +1,5 @@
-"""Loader of the CUDA kernels under csrc/ (query + tier table, collision scan, rerank,
-top-k); Triton / torch are the fallbacks.
+"""Loader of the CUDA kernels under csrc/ (query + tier table, collision scan, candidate
+write + rerank, top-k); Triton / torch are the fallbacks.
 
 Each CUDA source is compiled on first use with plain ``nvcc`` into a shared library (no
 torch headers, so seconds rather than a minute) cached under
@@ -45,9 +45,8 @@ _P, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _KERNELS: dict[str, tuple[str, list]] = {
     "collision_scan": (
         "collision scan",
-        [_P, _P, _I64, _P, _P, _P, _P, _P, _P, _I64, _I64] + [_I32] * 6 + [_P],
+        [_P, _P, _I64, _P, _P, _P, _P, _P, _P, _I64, _I64] + [_I32] * 5 + [_P],
     ),
-    "rerank": ("rerank", [_P] * 9 + [_I64, _I32, _I32, _I32, _P]),
     "select_rerank": (
         "candidate write + rerank",
         [_P] * 9 + [_I64] + [_P] * 9 + [_I64, _I64, _I32, _I64] + [_I32] * 4 + [_P],
@@ -207,12 +206,12 @@ def collision_scan_cuda(
     score_hist: torch.Tensor,
     zone_start: int,
     tokens_per_block: int = 1024,
-    warps: int = 0,
 ) -> None:
     """CUDA twin of :func:`collision.collision_scan` (``seq_lens`` / ``zone_end`` int64,
     ``req_pool_indices`` and ``req_to_token`` int32; every tensor contiguous). A block
-    scans ``tokens_per_block`` positions of one request with ``warps`` warps (1-16; 0:
-    16), staging the signs through shared memory (csrc/collision_scan.cu)."""
+    scans ``tokens_per_block`` positions of one request (the run length of
+    :func:`launch_geometry.scan_tokens_per_block`), staging the signs through shared
+    memory (csrc/collision_scan.cu)."""
     _, h, b = signs.shape
     r, _, nmax = scores.shape
     _require_dtypes(
@@ -241,40 +240,6 @@ def collision_scan_cuda(
         b,
         score_hist.shape[-1],
         tokens_per_block,
-        warps,
-    )
-
-
-def rerank_cuda(
-    cand: torch.Tensor,
-    counts: torch.Tensor,
-    signs: torch.Tensor,
-    mags: torch.Tensor,
-    weights: torch.Tensor,
-    query_blocks: torch.Tensor,
-    query_norm: torch.Tensor,
-    levels: torch.Tensor,
-    est: torch.Tensor,
-) -> None:
-    """CUDA twin of :func:`rerank.rerank_estimates` (``counts`` int64; contiguous)."""
-    _require_dtypes("rerank_cuda", counts=(counts, torch.int64), cand=(cand, torch.int32))
-    r, h, cmax = cand.shape
-    _launch(
-        "rerank",
-        cand.device,
-        cand.data_ptr(),
-        counts.data_ptr(),
-        signs.data_ptr(),
-        mags.data_ptr(),
-        weights.data_ptr(),
-        query_blocks.data_ptr(),
-        query_norm.data_ptr(),
-        levels.data_ptr(),
-        est.data_ptr(),
-        cmax,
-        r,
-        h,
-        signs.shape[-1],
     )
 
 

@@ -1,14 +1,15 @@
 """Encode-at-write: post-RoPE keys -> ParisKV codes in the slot-keyed pool (DESIGN.md 1-5).
 
-One fused pass per block of (token, head) rows: load the key, normalise, rotate with one
-``tl.dot`` against the D x D matrix of :func:`codec.rotation.rotation_matrix`, split into
-8-dim blocks, and write sign ids, packed 3-bit magnitudes and fp16 weights straight to the
-rows ``slot * Hkv + head`` of the pool, so no [T, Hkv, ...] temporary ever exists. The same
-pass adds each token's sign ids to its request's centroid histogram with atomics, which is
-what keeps the histograms incremental as decode appends one token at a time.
+One fused pass per block of (token, head) rows: load the key, normalise, rotate (the
+rotation of :func:`codec.rotation.rotation_matrix` is a sign flip then one Hadamard block
+for a power-of-two D, applied as log2(D) butterfly stages), split into 8-dim blocks, and
+write sign ids, packed 3-bit magnitudes and fp16 weights straight to the rows
+``slot * Hkv + head`` of the pool, so no [T, Hkv, ...] temporary ever exists. The same
+pass adds each token's sign ids to its request's centroid histogram with atomics, which
+is what keeps the histograms incremental as decode appends one token at a time.
 
 Bit-exactness with :func:`codec.encode.encode_keys`: the arithmetic is the same fp32 formula,
-but summation order (norms, the rotation dot) differs, so a magnitude within float rounding
+but summation order (norms, the butterflies) differs, so a magnitude within float rounding
 of a Lloyd-Max threshold (or a rotated coordinate within rounding of 0) can land on the other
 side. tests/test_kernels_encode.py measures and bounds that rate.
 """
@@ -23,7 +24,7 @@ import triton.language as tl
 
 from sglang_pariskv.codec.encode import KeyCodes
 from sglang_pariskv.codec.levels import magnitude_levels, magnitude_thresholds
-from sglang_pariskv.codec.rotation import rotation_matrix, rotation_signs
+from sglang_pariskv.codec.rotation import rotation_signs
 from sglang_pariskv.config import check_head_dim
 
 _FP16_MAX = tl.constexpr(65504.0)
@@ -34,16 +35,12 @@ _TINY = tl.constexpr(
 
 @lru_cache(maxsize=32)
 def _constants(head_dim: int, seed: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """(R^T fp32 [D, D], thresholds fp32 [8] (padded), levels fp32 [8]) on ``device``."""
-    rot_t = rotation_matrix(head_dim, seed, torch.float32, device).t().contiguous()
+    """(rotation signs fp32 [D], thresholds fp32 [8] (padded), levels fp32 [8]) on
+    ``device``."""
+    signs = rotation_signs(head_dim, seed).to(torch.float32).to(device)
     thr = torch.full((8,), float("inf"), dtype=torch.float32)
     thr[:7] = magnitude_thresholds(torch.float32)
-    return rot_t, thr.to(device), magnitude_levels(torch.float32, device)
-
-
-@lru_cache(maxsize=32)
-def _signs(head_dim: int, seed: int, device: torch.device) -> torch.Tensor:
-    return rotation_signs(head_dim, seed).to(torch.float32).to(device)
+    return signs, thr.to(device), magnitude_levels(torch.float32, device)
 
 
 def encode_constants(head_dim: int, seed: int, device) -> tuple[torch.Tensor, ...]:
@@ -70,7 +67,7 @@ def _encode_kernel(
     stride_kh,
     slot_ptr,
     req_ptr,
-    rot_t_ptr,
+    sgn_ptr,
     thr_ptr,
     lev_ptr,
     signs_ptr,
@@ -83,8 +80,6 @@ def _encode_kernel(
     B: tl.constexpr,
     HAS_HIST: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    PRECISION: tl.constexpr,
-    FWHT: tl.constexpr,
     LOG2D: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -100,12 +95,9 @@ def _encode_kernel(
     ).to(tl.float32)
     norm = tl.sqrt(tl.sum(k * k, axis=1))
     unit = k / tl.maximum(norm, _TINY)[:, None]
-    if FWHT:  # R x = H (s * x) / sqrt(D): D log D adds instead of a D x D product
-        sgn = tl.load(rot_t_ptr + d)  # the diagonal signs s
-        x = _fwht(unit * sgn[None, :], BLOCK_M, D, LOG2D) * (1.0 / tl.sqrt(D * 1.0))
-    else:
-        rot_t = tl.load(rot_t_ptr + d[:, None] * D + d[None, :])
-        x = tl.dot(unit, rot_t, input_precision=PRECISION)  # [BLOCK_M, D] rotated unit key
+    # R x = H (s * x) / sqrt(D): D log D adds instead of a D x D product
+    sgn = tl.load(sgn_ptr + d)  # the diagonal signs s
+    x = _fwht(unit * sgn[None, :], BLOCK_M, D, LOG2D) * (1.0 / tl.sqrt(D * 1.0))
     xb = tl.reshape(x, (BLOCK_M, B, 8))
     r = tl.sqrt(tl.sum(xb * xb, axis=2))  # [BLOCK_M, B]
     u = xb / tl.maximum(r, _TINY)[:, :, None]
@@ -147,9 +139,7 @@ def encode_to_pool(
     hist: torch.Tensor | None = None,
     req_ids: torch.Tensor | None = None,
     seed: int = 0,
-    block_m: int | None = None,
-    precision: str = "ieee",
-    rotation: str = "auto",
+    block_m: int = 16,
     num_warps: int = 4,
 ) -> None:
     """Encode keys ``[T, Hkv, D]`` into ``pool`` rows ``slots`` (int32/int64 ``[T]``).
@@ -157,16 +147,16 @@ def encode_to_pool(
     pool: :class:`KeyCodes` of pool tensors ``signs [S, Hkv, B]``, ``mags [S, Hkv, 3B]``,
     ``weights [S, Hkv, B]`` (contiguous). When ``hist`` (int32 ``[max_reqs, Hkv, B, 256]``)
     is given, ``req_ids [T]`` names each token's histogram row; a negative id skips the
-    token (e.g. a padding token). No host sync: safe inside a CUDA graph. ``rotation``:
-    "dot" (one ``tl.dot`` with the D x D matrix), "fwht" (butterflies; needs D a power of
-    two, so the rotation is one Hadamard block) or "auto" (fwht where possible: 2.2x faster
-    on an H100 at 32K tokens, same mismatch rates; see benchmarks/results/kernels.json).
+    token (e.g. a padding token). No host sync: safe inside a CUDA graph. The head_dim
+    must be a power of two (64, 128, 256...): the rotation is then one Hadamard block,
+    which the kernel applies as butterflies (2.2x faster than a D x D product on an H100
+    at 32K tokens); other head_dims are refused.
     """
     t, h, d = keys.shape
     check_head_dim(d)
+    if d & (d - 1):
+        raise ValueError(f"the encode kernel needs a power-of-two head_dim, got head_dim={d}")
     b = d // 8
-    if b & (b - 1):
-        raise ValueError(f"the encode kernel needs head_dim/8 a power of two, got {d}")
     for name, x, width in (("signs", pool.signs, b), ("mags", pool.mags, 3 * b)):
         if x.shape[1:] != (h, width) or not x.is_contiguous():
             raise ValueError(f"pool.{name} must be contiguous [slots, {h}, {width}]")
@@ -174,16 +164,7 @@ def encode_to_pool(
         keys = keys.contiguous()
     if t == 0:
         return
-    rot_t, thr, lev = encode_constants(d, seed, keys.device)
-    if rotation == "auto":
-        rotation = "fwht" if d & (d - 1) == 0 else "dot"
-    fwht = rotation == "fwht"
-    if block_m is None:
-        block_m = 16 if fwht else 32
-    if fwht:
-        if d & (d - 1):
-            raise ValueError(f"rotation='fwht' needs a power-of-two head_dim, got {d}")
-        rot_t = _signs(d, seed, keys.device)
+    sgn, thr, lev = encode_constants(d, seed, keys.device)
     has_hist = hist is not None
     if has_hist and req_ids is None:
         raise ValueError("encode_to_pool: hist given without req_ids")
@@ -194,7 +175,7 @@ def encode_to_pool(
         keys.stride(1),
         slots,
         req_ids if has_hist else slots,
-        rot_t,
+        sgn,
         thr,
         lev,
         pool.signs,
@@ -207,8 +188,6 @@ def encode_to_pool(
         B=b,
         HAS_HIST=has_hist,
         BLOCK_M=block_m,
-        PRECISION=precision,
-        FWHT=fwht,
         LOG2D=d.bit_length() - 1,
         num_warps=num_warps,
     )

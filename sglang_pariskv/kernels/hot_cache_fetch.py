@@ -1,12 +1,11 @@
 """The hot-cache fetch of one layer in four Triton launches: lookup, UVA gather, insert.
 
-Why: :meth:`HotCache.lookup` + ``insert`` are ~20 tensor ops (gathers, compares, three
-``scatter_reduce`` over the cache lines, ``where``s), each a launch of a few µs. Measured
-on the H100 (``bench_offload.py``, session 4) they cost ~0.2 ms per layer, 5-8 ms per
-28-layer step, more than the PCIe reads they save. The rules are the same (HotCache's
-docstring); only the execution differs, and the torch version stays the reference
-(``tests/test_kernels_hot_cache_fetch.py`` compares positions, tags, counters and the
-staged rows).
+Why fused: the same rules as tensor ops take ~20 launches of a few µs each (gathers,
+compares, three ``scatter_reduce`` over the cache lines, ``where``s): ~0.2 ms per layer,
+5-8 ms per 28-layer step on an H100, more than the PCIe reads they save. The rules are
+:class:`offload.hot_cache.HotCache`'s; ``tests/hot_cache_oracle.py`` states them as tensor
+ops, and ``tests/test_kernels_hot_cache_fetch.py`` compares positions, tags, counters and
+the staged rows against it.
 
 Per entry ``i`` (one ``kv_indices`` entry, row ``x = rows[i]``, line ``x mod C``):
 

@@ -13,7 +13,8 @@ KV head, block):
   accumulates into (block 0's program).
 
 Each program recomputes its head's group mean (G x D loads, cached in L1/L2): cheaper than
-a second launch. The tiers are exactly ``centroid_tier_table`` of the blocks written.
+a second launch. The tiers are exactly :func:`codec.collision.centroid_tiers` of the
+blocks written.
 """
 
 from __future__ import annotations

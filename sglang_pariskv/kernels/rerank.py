@@ -7,7 +7,9 @@ pool row ``slot * Hkv + head``; candidates arrive as KV slots, so there is no de
 and past each row's count C. :func:`topk_slots` is one ``torch.topk`` over the row and a
 gather of the winners' slots. Ties between bit-identical float32 estimates are broken
 arbitrarily (codec keeps the earlier candidate); the tests allow exactly that difference.
-The CUDA twin (csrc/rerank.cu, :func:`cuda_ops.rerank_cuda`) is used where it builds.
+Where the CUDA kernels build, the workspace runs the rerank fused with the candidate
+write instead (csrc/select_rerank.cu, :func:`cuda_ops.select_rerank_cuda`), and the top-k
+in CUDA (:func:`cuda_ops.topk_cuda`).
 """
 
 from __future__ import annotations

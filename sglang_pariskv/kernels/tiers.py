@@ -1,4 +1,6 @@
-"""Tier table per (request, KV head, block, centroid) for the collision scan (DESIGN.md 7).
+"""Tier table of one (request, KV head, block) for the collision scan (DESIGN.md 7), as the
+Triton device function :func:`block_tiers` that the fused query + tier kernel
+(:mod:`kernels.query_tiers`) calls.
 
 Exactly :func:`codec.collision.centroid_tiers`, without a sort: a centroid's rank-preceding
 key count is the sum of the histogram over the centroids that beat it (higher score, or
@@ -13,8 +15,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from sglang_pariskv.codec.collision import NUM_CENTROIDS
 
 
 @triton.jit
@@ -63,68 +63,7 @@ def block_tiers(qv, hrow, thr_row, NT: tl.constexpr, NTP: tl.constexpr, CHUNK: t
     return tl.sum((pre[:, None] < thr[None, :]).to(tl.int32), axis=1)
 
 
-@triton.jit
-def _tier_kernel(
-    qb_ptr,
-    hist_ptr,
-    req_ptr,
-    thr_ptr,
-    out_ptr,
-    HB: tl.constexpr,
-    NT: tl.constexpr,
-    NTP: tl.constexpr,
-    CHUNK: tl.constexpr,
-):
-    pid = tl.program_id(0)  # r * HB + hb
-    r = pid // HB
-    req = tl.load(req_ptr + r).to(tl.int64)
-    qp = qb_ptr + pid.to(tl.int64) * 8
-    tiers = block_tiers(
-        tl.load(qp + tl.arange(0, 8)), hist_ptr + (req * HB + pid % HB) * 256,
-        thr_ptr + r * NT, NT, NTP, CHUNK,
-    )  # fmt: skip
-    tl.store(out_ptr + pid.to(tl.int64) * 256 + tl.arange(0, 256), tiers.to(tl.uint8))
-
-
 def default_chunk(hist: torch.Tensor) -> int:
     """Centroids compared per loop step of :func:`block_tiers`: small on the GPU
     (registers), large in the CPU interpreter (speed)."""
     return 16 if hist.is_cuda else 64
-
-
-def centroid_tier_table(
-    query_blocks: torch.Tensor,
-    hist: torch.Tensor,
-    req_pool_indices: torch.Tensor,
-    thresholds: torch.Tensor,
-    out: torch.Tensor | None = None,
-    chunk: int | None = None,
-) -> torch.Tensor:
-    """uint8 [R, Hkv, B, 256]: codec's ``centroid_tiers`` for requests ``req_pool_indices``.
-
-    query_blocks float32 [R, Hkv, B, 8]; hist int32 [max_reqs, Hkv, B, 256] (rows picked by
-    ``req_pool_indices`` [R]); thresholds int64 [R, num_tiers] from
-    :func:`codec.budget.tier_thresholds`.
-    """
-    r, h, b, _ = query_blocks.shape
-    nt = thresholds.shape[-1]
-    if out is None:
-        out = torch.empty((r, h, b, NUM_CENTROIDS), dtype=torch.uint8, device=hist.device)
-    if r == 0:
-        return out
-    if chunk is None:
-        chunk = default_chunk(hist)
-    qb = query_blocks.to(torch.float32).contiguous()
-    _tier_kernel[(r * h * b,)](
-        qb,
-        hist,
-        req_pool_indices,
-        thresholds.to(torch.int64).contiguous(),
-        out,
-        HB=h * b,
-        NT=nt,
-        NTP=max(triton.next_power_of_2(nt), 2),
-        CHUNK=chunk,
-        num_warps=4,
-    )
-    return out

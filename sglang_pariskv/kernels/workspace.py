@@ -12,13 +12,14 @@ captured once replays correctly after any later ``plan`` with lengths <= ``max_c
 The tier thresholds take N = seq_len: the histograms count every written token of the
 request (the decoded token included), so their total is seq_len by construction.
 
-Stages of :meth:`run` (each a module of this package):
-  query prep + tier table (one launch: ``csrc/query_tiers.cu``, or ``query_tiers.py``
-  fusing ``query.py`` and ``tiers.py``) -> collision scan + score histogram
-  (``collision.py`` / CUDA ``cuda_ops.py``) -> candidate selection (``select.py``) -> rerank + top-k
-  (``rerank.py``) -> index assembly (``assemble.py``). With the CUDA kernels the
-  selection's candidate write is fused into the rerank (``csrc/select_rerank.cu``): the
-  "select" stage is then the count pass alone.
+Each stage has one implementation per machine, chosen at construction: the CUDA kernels
+of ``csrc/`` where they build and fit the shape (:func:`cuda_kernels_usable`; launch shapes
+from :mod:`kernels.launch_geometry`), else Triton and torch. Stages of :meth:`run`, CUDA /
+Triton: query_tiers (``csrc/query_tiers.cu`` / ``query_tiers.py``), scan
+(``csrc/collision_scan.cu`` / ``collision.py``), select (``select.py``: the count pass; the
+Triton path also writes the candidates), rerank (``csrc/select_rerank.cu``, which writes
+the candidates too / ``rerank.py``), topk (``csrc/topk.cu`` / ``torch.topk``), assemble
+(``assemble.py``).
 """
 
 from __future__ import annotations
@@ -44,16 +45,19 @@ from sglang_pariskv.config import ParisKVConfig, check_head_dim
 from sglang_pariskv.kernels.assemble import assemble_indices, kv_indptr_for, max_row_length
 from sglang_pariskv.kernels.collision import collision_scan, score_bins
 from sglang_pariskv.kernels.cuda_ops import (
-    TOPK_CLUSTER_SIZES,
     collision_scan_cuda,
     cuda_available,
     query_tier_table_cuda,
-    rerank_cuda,
     select_rerank_cuda,
     topk_cuda,
 )
+from sglang_pariskv.kernels.launch_geometry import (
+    SELECT_RERANK_CHUNK,
+    check_cuda_kernels_fit,
+    scan_tokens_per_block,
+    topk_cluster_for,
+)
 from sglang_pariskv.kernels.query_tiers import query_tier_table
-from sglang_pariskv.kernels.radix_topk import RadixTopK
 from sglang_pariskv.kernels.rerank import levels, rerank_estimates, topk_slots
 from sglang_pariskv.kernels.select import (
     CandidateBuffers,
@@ -61,100 +65,24 @@ from sglang_pariskv.kernels.select import (
     select_candidates_gpu,
 )
 
-#: Positions per block of csrc/select_rerank.cu (its count pass must use the same chunks).
-SELECT_RERANK_CHUNK = 1024
-
-#: Implementations of the final top-k (see ``DecodeWorkspace``).
-TOPK_VARIANTS = ("radix", "cuda", "torch")
-
 logger = logging.getLogger("sglang_pariskv")
 
 #: Per-request int64 fields of the plan buffer, in order (then the tier thresholds).
 _FIELDS = ("seq", "dense", "counts", "zone_end")
 
 
-#: Scan block sizes (positions per CUDA block) the auto choice picks from, largest first.
-SCAN_TOKENS_PER_BLOCK = (1024, 512, 256)
-
-
-def scan_tokens_per_block(max_context: int, batch: int, num_sms: int) -> int:
-    """Positions per block of the CUDA scan for a batch of ``batch`` requests.
-
-    The grid is fixed by ``max_context`` (CUDA graphs bake it in), one block per run of
-    positions per request. Every block first copies the request's whole tier table (32 KiB
-    at 8 KV heads x head dim 128) into shared memory, so short runs spend as many bytes on
-    tables as on signs: with 16-warp blocks, 1024-position runs were the fastest or within
-    1% at 128K x 1/2/8 and 1M x 1 on the H100
-    (benchmarks/results/retrieval_variants_session7.json; at 128K x 2 the session-6 rule's
-    256 took 39.7 us, 1024 32.4 us), and for session 10's staged scan 1024 still beat 512
-    at 128K x 2 (21.0 vs 22.2 us, results/scan_kernels.json). Shorter runs only when 1024
-    would leave more than every other SM idle."""
-    for tpb in SCAN_TOKENS_PER_BLOCK:
-        if -(-max_context // tpb) * batch * 2 >= num_sms:
-            return tpb
-    return SCAN_TOKENS_PER_BLOCK[-1]
-
-
-#: Blocks per row of the CUDA top-k for rows longer than one block's registers hold
-#: (:data:`TOPK_ONE_BLOCK_KEYS`), on GPUs with thread-block clusters (compute 9.0+).
-CUDA_TOPK_CLUSTER = 8
-#: Candidates one top-k block keeps in registers (csrc/topk.cu: 1024 threads x 16).
-TOPK_ONE_BLOCK_KEYS = 16 * 1024
-
-
-def _has_clusters(device: torch.device) -> bool:
-    """Thread-block clusters: a CUDA device of compute capability 9.0 or newer."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-
-
-def topk_cluster_for(cmax: int, device: torch.device) -> int:
-    """Blocks per top-k row. Rows that fit one block's registers stay on one block: an
-    8-block cluster made 128K x 2 slower (42 vs 29 us: a cluster needs 8 free SMs of one
-    GPC, so 16 rows of 8 did not all fit at once) and 128K x 1 no faster. Longer rows
-    (1M tokens: C = 104826) are split: 35 us on the H100 at 1M x 1 against 87.5 for
-    session 7's single-block run (benchmarks/results/retrieval_variants*.json)."""
-    if not _has_clusters(device):
-        return 1
-    return 1 if cmax <= TOPK_ONE_BLOCK_KEYS else CUDA_TOPK_CLUSTER
-
-
-def check_topk_cluster(cluster: int, device: torch.device) -> None:
-    """A cluster size the CUDA top-k can launch here, or a ValueError now (not at the
-    first decode step)."""
-    if cluster not in TOPK_CLUSTER_SIZES:
-        raise ValueError(f"cuda_topk_cluster={cluster}: expected one of {TOPK_CLUSTER_SIZES}")
-    if cluster > 1 and not _has_clusters(device):
-        raise ValueError(
-            f"cuda_topk_cluster={cluster} needs thread-block clusters (compute capability 9.0+,"
-            " e.g. H100); use 1"
-        )
-
-
-#: CUDA scan warps per block (see ``scan_tokens_per_block``).
-CUDA_SCAN_WARPS = 16
-#: The CUDA scan's shortest chunk of staged tokens (csrc/collision_scan.cu's kChunks).
-CUDA_SCAN_MIN_CHUNK = 32
-
-
-def cuda_scan_shared_bytes(hkv: int, b: int, nbp: int, tpb: int, chunk: int) -> int:
-    """Shared memory of one CUDA scan block (csrc/collision_scan.cu's scan_smem_bytes):
-    tier table, score histogram, the run's slots, two chunks of staged sign rows."""
-    stride = hkv * b + (0 if hkv % 2 else b)
-    return hkv * b * 256 + hkv * nbp * 4 + -(-tpb // 4) * 4 * 4 + 2 * chunk * stride
-
-
-def check_cuda_scan_fits(hkv: int, b: int, nbp: int, device: torch.device) -> None:
-    """A ValueError now, not at the first decode step, when even the CUDA scan's shortest
-    chunks need more shared memory than this GPU gives a block (very many KV heads per
-    rank): the fix is the Triton scan or more tensor parallelism."""
-    optin = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
-    need = cuda_scan_shared_bytes(hkv, b, nbp, max(SCAN_TOKENS_PER_BLOCK), CUDA_SCAN_MIN_CHUNK)
-    if need > optin:
-        raise ValueError(
-            f"the CUDA collision scan needs {need} bytes of shared memory per block for "
-            f"{hkv} KV heads x head_dim {8 * b}, more than this GPU's {optin}: use "
-            "scan_variant='load' (Triton) or split the KV heads over more GPUs (--tp-size)"
-        )
+def cuda_kernels_usable(device: torch.device, hkv: int, b: int, nbp: int) -> bool:
+    """The csrc/ kernels run this workspace's stages: a CUDA device, nvcc built every
+    kernel for it (:func:`cuda_available`), and the shape fits them (else a warning, and
+    the Triton kernels)."""
+    if device.type != "cuda" or not cuda_available():
+        return False
+    try:
+        check_cuda_kernels_fit(hkv, b, nbp, device)
+    except ValueError as e:
+        logger.warning("ParisKV: %s; falling back to the Triton kernels", e)
+        return False
+    return True
 
 
 def max_candidates(config: ParisKVConfig, max_context: int) -> int:
@@ -194,30 +122,16 @@ class DecodeWorkspace:
         max_batch: int,
         max_context: int,
         device: torch.device | str = "cuda",
-        chunk: int = 1024,
+        chunk: int = SELECT_RERANK_CHUNK,
         scan_block: int = 256,
         scan_tiles: int = 8,
-        scan_variant: str = "auto",
-        cuda_tokens_per_block: int | None = None,
         elide_dense_rows: bool = False,
-        topk_variant: str = "auto",
-        fused_select: bool | None = None,
-        cuda_scan_warps: int = CUDA_SCAN_WARPS,
-        cuda_query_tiers: bool | None = None,
-        cuda_topk_cluster: int | None = None,
     ) -> None:
-        """``scan_variant``: "cuda" (csrc/ kernels for the scan and the rerank), "load" or
-        "gather" (Triton scan variants, Triton rerank), or "auto" (cuda where it builds).
-        ``cuda_tokens_per_block``: the CUDA scan's run length; None picks it per batch
-        (:func:`scan_tokens_per_block`). ``topk_variant``: "radix" (Triton, many programs
-        per row: :mod:`kernels.radix_topk`), "cuda" (csrc/, one block per row), "torch",
-        or "auto" (cuda with the cuda scan, else torch). ``fused_select``: write the
-        candidates and rerank them in one CUDA launch (``csrc/select_rerank.cu``) after
-        the count pass; None: with the cuda scan. False: Triton write, then the rerank.
-        ``cuda_scan_warps``: warps per block of the CUDA scan (1-16; 0: 16).
-        ``cuda_query_tiers``: the query prep + tier table in CUDA (csrc/query_tiers.cu)
-        rather than Triton; None: with the cuda scan. ``cuda_topk_cluster``: blocks per
-        row of the CUDA top-k; None: :func:`topk_cluster_for` the longest row."""
+        """``chunk``, ``scan_block``, ``scan_tiles``: tile sizes of the Triton candidate
+        selection and scan (positions per selection chunk; positions per scan tile, tiles
+        per program). The CUDA kernels' are fixed by csrc/ (the count pass then uses
+        :data:`SELECT_RERANK_CHUNK`); tests shrink the Triton ones so that small contexts
+        span several programs. ``elide_dense_rows``: see :attr:`max_row`."""
         check_head_dim(head_dim)
         if num_q_heads % num_kv_heads:
             raise ValueError(f"{num_q_heads} query heads over {num_kv_heads} KV heads")
@@ -228,39 +142,8 @@ class DecodeWorkspace:
         self.device = torch.device(device)
         self.nt = len(config.tier_ratios)
         self.nbp = score_bins(self.nt, self.b)
-        if scan_variant == "auto":
-            cuda = self.device.type == "cuda" and cuda_available()
-            if cuda:
-                try:
-                    check_cuda_scan_fits(num_kv_heads, self.b, self.nbp, self.device)
-                except ValueError as e:
-                    logger.warning("ParisKV: %s; falling back to the Triton kernels", e)
-                    cuda = False
-            scan_variant = "cuda" if cuda else "load"
-        elif scan_variant == "cuda" and self.device.type == "cuda":
-            check_cuda_scan_fits(num_kv_heads, self.b, self.nbp, self.device)
-        self.scan_variant = scan_variant
-        if topk_variant == "auto":
-            topk_variant = "cuda" if scan_variant == "cuda" else "torch"
-        if topk_variant not in TOPK_VARIANTS:
-            raise ValueError(f"topk_variant {topk_variant!r}: expected one of {TOPK_VARIANTS}")
-        self.topk_variant = topk_variant
-        if fused_select is None:
-            fused_select = scan_variant == "cuda"
-        if fused_select and scan_variant != "cuda":
-            raise ValueError("fused_select needs the CUDA kernels (scan_variant='cuda')")
-        if fused_select and chunk != SELECT_RERANK_CHUNK:
-            raise ValueError(f"fused_select needs chunk={SELECT_RERANK_CHUNK}, got {chunk}")
-        self.fused_select = fused_select
-        if not 0 <= cuda_scan_warps <= 16:
-            raise ValueError(f"cuda_scan_warps={cuda_scan_warps}: expected 0 (auto) to 16")
-        self.cuda_scan_warps = cuda_scan_warps
-        if cuda_query_tiers is None:
-            cuda_query_tiers = scan_variant == "cuda"
-        if cuda_query_tiers and scan_variant != "cuda":
-            raise ValueError("cuda_query_tiers needs the CUDA kernels (scan_variant='cuda')")
-        self.cuda_query_tiers = cuda_query_tiers
-        self.cuda_tpb = cuda_tokens_per_block  # None: scan_tokens_per_block per batch
+        #: Every stage runs its csrc/ kernel (else its Triton / torch version).
+        self.use_cuda = cuda_kernels_usable(self.device, num_kv_heads, self.b, self.nbp)
         self.num_sms = (
             torch.cuda.get_device_properties(self.device).multi_processor_count
             if self.device.type == "cuda"
@@ -271,10 +154,7 @@ class DecodeWorkspace:
         h, b, rmax = num_kv_heads, self.b, max_batch
         self.cmax = max_candidates(config, max_context)
         self.k = min(config.topk, self.cmax)
-        self.cuda_topk_cluster = (
-            topk_cluster_for(self.cmax, dev) if cuda_topk_cluster is None else cuda_topk_cluster
-        )
-        check_topk_cluster(self.cuda_topk_cluster, dev)
+        self.topk_cluster = topk_cluster_for(self.cmax, dev)
         # With elide_dense_rows, dense requests get one-token rows: the caller attends them
         # through its own dense call and discards these rows (SGLang backend), so neither
         # the index buffer nor the sparse attention pays for their full length.
@@ -293,8 +173,8 @@ class DecodeWorkspace:
         self.est = torch.empty(rmax, h, self.cmax, dtype=torch.float32, device=dev)
         self.top = torch.zeros(rmax, h, self.k, dtype=torch.int32, device=dev)
         self.levels = levels(dev)
-        self.sel = CandidateBuffers(rmax * h, max_context, chunk, dev)
-        self.radix = RadixTopK(rmax * h, dev) if topk_variant == "radix" else None
+        sel_chunk = SELECT_RERANK_CHUNK if self.use_cuda else chunk
+        self.sel = CandidateBuffers(rmax * h, max_context, sel_chunk, dev)
         self.kv_indptr = torch.zeros(rmax * h + 1, dtype=torch.int32, device=dev)
         self.kv_indices = torch.zeros(rmax * h * self.max_row, dtype=torch.int32, device=dev)
         # Contiguous copy of the last run's query, written by the CUDA query + tier kernel
@@ -411,7 +291,7 @@ class DecodeWorkspace:
         st.score_hist = self.score_hist[: st.r]
         args = (st.q, self.rot, st.hist, st.rpi, st.thresholds, st.query, st.tiers, st.score_hist)
         self._query_copied_from = None
-        if not self.cuda_query_tiers:
+        if not self.use_cuda:
             query_tier_table(*args)
             return
         q = st.q
@@ -435,30 +315,18 @@ class DecodeWorkspace:
         st = self._st
         st.scores = self.scores[: st.r]  # st.score_hist: zeroed by _stage_query_tiers
         args = (st.codes.signs, st.rtt, st.rpi, st.seq, st.zone_end, st.tiers, st.scores)
-        if self.scan_variant == "cuda":
-            tpb = self.cuda_tpb or scan_tokens_per_block(self.max_context, st.r, self.num_sms)
-            collision_scan_cuda(
-                *args,
-                st.score_hist,
-                self.config.sink,
-                tpb,
-                self.cuda_scan_warps,
-            )
+        if self.use_cuda:
+            tpb = scan_tokens_per_block(self.max_context, st.r, self.num_sms)
+            collision_scan_cuda(*args, st.score_hist, self.config.sink, tpb)
         else:
-            collision_scan(
-                *args,
-                st.score_hist,
-                self.config.sink,
-                self.scan_block,
-                self.scan_tiles,
-                self.scan_variant,
-            )
+            collision_scan(*args, st.score_hist, self.config.sink, self.scan_block, self.scan_tiles)
 
     def _stage_select(self) -> None:
-        """The count pass, then (unless fused into the rerank) the candidate write."""
+        """The count pass, then (Triton only: CUDA fuses it into the rerank) the candidate
+        write."""
         st = self._st
         st.cand = self.cand[: st.r]
-        if self.fused_select:
+        if self.use_cuda:
             args = (st.scores, st.score_hist, st.counts, self.config.sink, st.zone_end)
             count_candidates(*args, self.sel)
             return
@@ -478,7 +346,7 @@ class DecodeWorkspace:
         st = self._st
         st.est = self.est[: st.r]
         codes = st.codes
-        if self.fused_select:
+        if self.use_cuda:
             select_rerank_cuda(
                 st.scores,
                 self.sel,
@@ -498,21 +366,15 @@ class DecodeWorkspace:
             )
             return
         args = (st.cand, st.counts, codes.signs, codes.mags, codes.weights)
-        if self.scan_variant == "cuda":
-            rerank_cuda(*args, st.query.blocks, st.query.norm, self.levels, st.est)
-        else:
-            rerank_estimates(*args, st.query.blocks, st.query.norm, st.est)
+        rerank_estimates(*args, st.query.blocks, st.query.norm, st.est)
 
     def _stage_topk(self) -> None:
         st = self._st
-        if self.topk_variant == "torch":
+        if not self.use_cuda:
             st.top = topk_slots(st.est, st.cand, self.k)
             return
         st.top = self.top[: st.r]
-        if self.topk_variant == "radix":
-            self.radix(st.est, st.cand, st.counts, st.top)
-        else:
-            topk_cuda(st.est, st.cand, st.counts, st.top, self.cuda_topk_cluster)
+        topk_cuda(st.est, st.cand, st.counts, st.top, self.topk_cluster)
 
     def _stage_assemble(self) -> None:
         st = self._st

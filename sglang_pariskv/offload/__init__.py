@@ -13,6 +13,6 @@ plan. Only the torch-only modules are imported here; ``fetch`` pulls in Triton.
 """
 
 from sglang_pariskv.offload.host_pool import HostKVPool, check_host_memory, host_pool_slots
-from sglang_pariskv.offload.hot_cache import HotCache, Lookup
+from sglang_pariskv.offload.hot_cache import HotCache
 
-__all__ = ["HostKVPool", "HotCache", "Lookup", "check_host_memory", "host_pool_slots"]
+__all__ = ["HostKVPool", "HotCache", "check_host_memory", "host_pool_slots"]

@@ -2,8 +2,8 @@
 
 Why: hits, misses and rows fetched are counted on the GPU, inside the (graph-replayed)
 fetch. Reading them with ``.cpu()`` at every batch would stall the scheduler on the GPU
-once per batch, which changes serving's timing (and did change batching in the session-4
-offload runs, which read them that way). Instead, each batch's host-side planning
+once per batch, which changes serving's timing (and with it how requests batch).
+Instead, each batch's host-side planning
 enqueues a copy of the totals into pinned memory behind the work already queued, and a
 later planning reads it once its event has completed; a copy still in flight is simply
 read at a later batch. The totals are cumulative, so nothing is lost by skipping.

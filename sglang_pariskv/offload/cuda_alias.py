@@ -8,8 +8,8 @@ same address on a UVA system, so a CUDA tensor whose data pointer is that addres
 and written by any kernel over PCIe, with no code change in SGLang or FlashInfer.
 
 How: torch has no public constructor for a CUDA tensor over a foreign pointer, and
-``__cuda_array_interface__`` is refused for host memory (torch 2.11 checks the pointer;
-measured on the H100 in session 2). DLPack import does not check it: ``at::fromDLPack``
+``__cuda_array_interface__`` is refused for host memory (torch 2.11 checks the
+pointer). DLPack import does not check it: ``at::fromDLPack``
 maps ``kDLCUDA`` to ``Device(CUDA, device_id)`` and calls ``from_blob`` with that device.
 So we hand torch a DLPack capsule (built here with ctypes) that names the host address
 with ``device_type = kDLCUDA``. The capsule carries no deleter: the alias borrows the

@@ -3,7 +3,8 @@
 Given the retrieval workspace's head-as-batch ``kv_indptr`` / ``kv_indices`` (entry =
 ``slot·Hkv + head``; the valid ones are ``[0, kv_indptr[-1])``), :meth:`OffloadFetcher.fetch`
 looks the entries up in the :class:`HotCache`, gathers the missing rows from the
-:class:`HostKVPool` over UVA into the cache's data buffer, and returns, per entry, the
+:class:`HostKVPool` over UVA into the cache's data buffer and tags the installed lines
+(the fused Triton fetch, :mod:`kernels.hot_cache_fetch`), and returns, per entry, the
 staging row where FlashInfer finds it. The same ``kv_indptr`` with these staging indices,
 over :meth:`OffloadFetcher.staging_kv` (FlashInfer's ``[pages, 2, 1, 1, D]`` paged layout),
 is the sparse call of ``attention.sparse_decode`` with the pool swapped for the staging
@@ -26,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from sglang_pariskv.kernels.hot_cache_fetch import FetchScratch, hot_cache_fetch
-from sglang_pariskv.kernels.uva_gather import gather_rows, gather_rows_reference
+from sglang_pariskv.kernels.uva_gather import gather_rows_reference
 from sglang_pariskv.offload.host_pool import HostKVPool
 from sglang_pariskv.offload.hot_cache import HotCache
 
@@ -34,18 +35,13 @@ from sglang_pariskv.offload.hot_cache import HotCache
 class OffloadFetcher:
     """Host pool + hot cache: write (with invalidation), move, and per-layer fetch."""
 
-    def __init__(self, pool: HostKVPool, cache: HotCache, fused: bool | None = None):
-        """``fused``: the four-launch Triton fetch (``kernels.hot_cache_fetch``) instead of
-        the tensor-op lookup + gather + insert; default on CUDA."""
+    def __init__(self, pool: HostKVPool, cache: HotCache):
         if cache.row_width != pool.row_width or cache.hkv != pool.num_kv_heads:
             raise ValueError("the hot cache's rows must be the host pool's (slot, head) rows")
         if cache.num_layers != pool.num_layers:
             raise ValueError("one cache layer per pool layer")
         self.pool, self.cache = pool, cache
-        self.fused = cache.data.is_cuda if fused is None else fused
-        self.scratch = (
-            FetchScratch(cache.lines, cache.max_entries, cache.data.device) if self.fused else None
-        )
+        self.scratch = FetchScratch(cache.lines, cache.max_entries, cache.data.device)
 
     def write(self, layer, slots, k, v) -> None:
         """Store new KV in the host pool and drop the rows' cached copies (the slots may
@@ -75,25 +71,13 @@ class OffloadFetcher:
         itself (the entries are read before it is written) or the buffer the FlashInfer
         wrapper was planned with; entries past ``kv_indptr[-1]`` get 0.
         """
-        e = kv_indices.numel()
-        dev = kv_indices.device
         if out is None:
-            out = torch.empty(e, dtype=torch.int32, device=dev)
-        if self.fused:
-            hot_cache_fetch(
-                layer, kv_indices, kv_indptr[-1:], self.cache.tags[layer], self.cache.data,
-                self.cache.counters[layer], self.pool.layer_rows(layer, 0),
-                self.pool.layer_rows(layer, 1), out, self.scratch, self.cache.overflow_base,
-            )  # fmt: skip
-            return out
-        valid = torch.arange(e, device=dev) < kv_indptr[-1].to(torch.int64)
-        lk = self.cache.lookup(layer, kv_indices, valid)
-        d = self.pool.head_dim
-        for part in (0, 1):  # K into the row's first half, V into its second
-            dst = self.cache.data[:, part * d : (part + 1) * d]
-            gather_rows(self.pool.layer_rows(layer, part), lk.rows, dst, lk.pos, lk.fill)
-        self.cache.insert(layer, lk)
-        out.copy_(lk.pos)
+            out = torch.empty(kv_indices.numel(), dtype=torch.int32, device=kv_indices.device)
+        hot_cache_fetch(
+            layer, kv_indices, kv_indptr[-1:], self.cache.tags[layer], self.cache.data,
+            self.cache.counters[layer], self.pool.layer_rows(layer, 0),
+            self.pool.layer_rows(layer, 1), out, self.scratch, self.cache.overflow_base,
+        )  # fmt: skip
         return out
 
 

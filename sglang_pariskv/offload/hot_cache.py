@@ -6,11 +6,13 @@ the query drifts. A row fetched over PCIe at step t is usually needed again at t
 
 Design: direct-mapped, per layer. Row ``x = slot·Hkv + head`` (the "head as batch" index)
 lives only in line ``x mod C`` of its layer; ``tags[layer, line]`` holds the row id there
-(-1: empty). Everything is a fixed-shape tensor op (gather, compare, ``scatter_reduce``,
-``where``): no Python dict, no ``.item()``, no data-dependent shapes. That is what makes it
-capturable in a CUDA graph and replayable after every re-plan. A set-associative design
-with LRU needs a per-step sort to rank misses within a set; it may be worth it only if the
-measured conflict misses matter.
+(-1: empty). Every step is fixed-shape device work (no Python dict, no ``.item()``, no
+data-dependent shapes): that is what makes it capturable in a CUDA graph and replayable
+after every re-plan. The lookup, gather and insert of a layer run as the fused Triton
+fetch (:mod:`kernels.hot_cache_fetch`, called by :class:`offload.fetch.OffloadFetcher`);
+this class holds the state and the invalidation. A set-associative design with LRU needs
+a per-step sort to rank misses within a set; it may be worth it only if the measured
+conflict misses matter.
 
 The data buffer *is* the staging area FlashInfer reads: ``data`` is
 ``[L·C + E, 2·D]`` (viewed as FlashInfer's ``[pages, 2, 1, 1, D]`` paged layout), with layer
@@ -32,20 +34,7 @@ its rows (:meth:`invalidate`), or a later hit would return the old row.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
-
-
-class Lookup(NamedTuple):
-    """One layer's lookup: what to fetch and where FlashInfer finds each entry."""
-
-    rows: torch.Tensor  #: int64 [E] row ids (0 where not valid)
-    valid: torch.Tensor  #: bool [E]
-    hit: torch.Tensor  #: bool [E]
-    pos: torch.Tensor  #: int64 [E] staging row of each entry (0 where not valid)
-    fill: torch.Tensor  #: bool [E]: fetch ``rows[i]`` from host into ``pos[i]``
-    winner: torch.Tensor  #: int64 [C] row installed in each line (-1: line unchanged)
 
 
 class HotCache:
@@ -74,7 +63,6 @@ class HotCache:
         )
         #: per layer: entries served from the cache, entries missed, rows fetched
         self.counters = torch.zeros(num_layers, 3, dtype=torch.int64, device=dev)
-        self._entry = torch.arange(max_entries, device=dev)
         self._heads = torch.arange(num_kv_heads, device=dev)
 
     @staticmethod
@@ -95,40 +83,6 @@ class HotCache:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.tags, self.data, self.counters))
-
-    def lookup(self, layer: int, rows: torch.Tensor, valid: torch.Tensor) -> Lookup:
-        """Plan one layer's step for entries ``rows`` [E] (``valid`` [E] selects the real
-        ones). Changes nothing: fetch the ``fill`` rows, then call :meth:`insert`."""
-        e, c = rows.numel(), self.lines
-        if e > self.max_entries:
-            raise ValueError(f"{e} entries > max_entries {self.max_entries}")
-        idx = self._entry[:e]
-        rows = torch.where(valid, rows.to(torch.int64), 0)
-        line = rows % c
-        hit = valid & (self.tags[layer].gather(0, line) == rows)
-        miss = valid & ~hit
-        protected = torch.zeros(c, dtype=torch.int64, device=rows.device)
-        protected.scatter_reduce_(0, line, hit.to(torch.int64), "amax")
-        winner = torch.full((c,), -1, dtype=torch.int64, device=rows.device)
-        winner.scatter_reduce_(0, line, torch.where(miss, rows, -1), "amax")
-        winner = torch.where(protected.bool(), -1, winner)
-        install = miss & (winner.gather(0, line) == rows)
-        # One fetch per installed line: its first entry (duplicates share the line).
-        first = torch.full((c,), e, dtype=torch.int64, device=rows.device)
-        first.scatter_reduce_(0, line, torch.where(install, idx, e), "amin")
-        fill = (install & (first.gather(0, line) == idx)) | (miss & ~install)
-        pos = torch.where(hit | install, layer * c + line, self.overflow_base + idx)
-        pos = torch.where(valid, pos, 0)
-        return Lookup(rows, valid, hit, pos, fill, winner)
-
-    def insert(self, layer: int, lk: Lookup) -> None:
-        """After the ``fill`` rows were fetched: tag the installed lines, count."""
-        tags = self.tags[layer]
-        tags.copy_(torch.where(lk.winner >= 0, lk.winner, tags))
-        counts = torch.stack([lk.hit.sum(), (lk.valid & ~lk.hit).sum(), lk.fill.sum()]).to(
-            torch.int64
-        )
-        self.counters[layer] += counts
 
     def invalidate(self, slots: torch.Tensor, layer: int | None = None) -> None:
         """Drop every head's row of ``slots`` (of ``layer``, or of all layers): their KV
