@@ -127,7 +127,7 @@ def _run_isolated(target, *args):
 def passkey_prompts(tok, contexts: list[int], trials: int) -> tuple[list, list]:
     """``trials`` passkey tasks per context, needle depths spread evenly: the
     (context, task) pairs and their chat-formatted token ids, in the same order."""
-    from sglang_pariskv.workloads import tasks
+    from pariskv_tools.workloads import tasks
 
     task_list, prompts = [], []
     for ctx in contexts:
@@ -141,8 +141,8 @@ def passkey_prompts(tok, contexts: list[int], trials: int) -> tuple[list, list]:
 def run_passkey(contexts: list[int], trials: int, cfg: dict) -> dict:
     from transformers import AutoTokenizer
 
-    from sglang_pariskv.workloads import tasks
-    from sglang_pariskv.workloads.smollm2 import ensure_smollm2
+    from pariskv_tools.workloads import tasks
+    from pariskv_tools.workloads.smollm2 import ensure_smollm2
 
     model = str(ensure_smollm2())
     tok = AutoTokenizer.from_pretrained(model)
@@ -285,8 +285,8 @@ def run_offload_equivalence(
     from transformers import AutoTokenizer
 
     from sglang_pariskv.config import ParisKVConfig
-    from sglang_pariskv.workloads import tasks
-    from sglang_pariskv.workloads.smollm2 import ensure_smollm2
+    from pariskv_tools.workloads import tasks
+    from pariskv_tools.workloads.smollm2 import ensure_smollm2
 
     model = str(ensure_smollm2())
     tok = AutoTokenizer.from_pretrained(model)

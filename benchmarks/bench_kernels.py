@@ -68,13 +68,13 @@ class Pools:
     """K/V pools and the ParisKV code pool for the largest case, shared by all cases."""
 
     def __init__(self, slots: int, dev) -> None:
+        from sglang_pariskv.index.code_pool import CodePool
         from sglang_pariskv.kernels import encode_to_pool
-        from sglang_pariskv.kernels.testing import empty_pool
 
         self.slots = slots
         self.k = torch.randn(slots, HKV, D, device=dev, dtype=DTYPE)
         self.v = torch.randn(slots, HKV, D, device=dev, dtype=DTYPE)
-        self.codes = empty_pool(slots, HKV, D, dev)
+        self.codes = CodePool(slots, HKV, D, num_layers=1, device=dev).layers[0]
         step = 1 << 20
         for s in range(1, slots, step):
             e = min(s + step, slots)

@@ -53,9 +53,9 @@ def run(
     selection: str = "pariskv",
 ):
     from sglang_pariskv.config import ParisKVConfig
-    from sglang_pariskv.hf_attention import ParisKVAttention, install, uninstall
-    from sglang_pariskv.workloads import tasks
-    from sglang_pariskv.workloads.smollm2 import load_smollm2
+    from pariskv_tools.hf_attention import ParisKVAttention, install, uninstall
+    from pariskv_tools.workloads import tasks
+    from pariskv_tools.workloads.smollm2 import load_smollm2
 
     model, tok = load_smollm2()
     eos = model.generation_config.eos_token_id

@@ -8,7 +8,7 @@
     python benchmarks/bench_tp.py plot
 
 ``correctness`` serves SmolLM2-135M with every attention head duplicated (an exactly
-equivalent model, ``sglang_pariskv.workloads.widen``: 18 query / 6 KV heads, so TP=2
+equivalent model, ``pariskv_tools.workloads.widen``: 18 query / 6 KV heads, so TP=2
 shards it and each rank holds one full copy of the original heads) with real weights, at
 TP=1 and TP=2, dense and ParisKV, and compares greedy outputs on passkey prompts above
 and below the dense threshold. Dummy weights cannot serve this comparison: SGLang's
@@ -93,9 +93,9 @@ def run_correctness(
     from transformers import AutoTokenizer
 
     from sglang_pariskv.config import ParisKVConfig
-    from sglang_pariskv.workloads import tasks
-    from sglang_pariskv.workloads.smollm2 import cache_root, ensure_smollm2
-    from sglang_pariskv.workloads.widen import widen_checkpoint
+    from pariskv_tools.workloads import tasks
+    from pariskv_tools.workloads.smollm2 import cache_root, ensure_smollm2
+    from pariskv_tools.workloads.widen import widen_checkpoint
 
     src = ensure_smollm2()
     model = str(widen_checkpoint(src, cache_root() / "SmolLM2-135M-Instruct-hf-wide2"))

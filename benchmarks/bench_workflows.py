@@ -215,7 +215,7 @@ class Server:
 
 def _prepare_model(setup: str) -> tuple[str, str]:
     """(model dir, description). llama8b-dummy: config + SmolLM2's tokenizer in a temp dir."""
-    from sglang_pariskv.workloads.smollm2 import ensure_smollm2
+    from pariskv_tools.workloads.smollm2 import ensure_smollm2
 
     smol = ensure_smollm2()
     if setup == "smollm2":
@@ -261,7 +261,7 @@ def _server_cmd(model: str, port: int, cfg: dict, pariskv: bool, extra: list[str
 
 
 def _scrape(url: str) -> dict:
-    from sglang_pariskv.workloads import prom
+    from pariskv_tools.workloads import prom
 
     got = prom.scrape(url)
     if got is None:
@@ -306,7 +306,7 @@ def _read_stats(stats_dir) -> dict:
 def _warm_up(srv: Server, cfg: dict, docs: dict, qa, chat) -> None:
     """One short run of each client over a document above the dense threshold (first-use
     costs out of the timings), then an empty radix cache."""
-    from sglang_pariskv.workloads import documents
+    from pariskv_tools.workloads import documents
 
     warm, ign = docs["warmup"], cfg["ignore_eos"]
     qa.run_fork_qa(srv.url, warm, documents.make_questions(warm, 2), 8, "chatml", ign)
@@ -317,8 +317,8 @@ def _warm_up(srv: Server, cfg: dict, docs: dict, qa, chat) -> None:
 
 def _run_mode(srv: Server, cfg: dict, docs: dict, qa, chat) -> dict:
     """Both workflows, with a /metrics scrape around each."""
-    from sglang_pariskv.workloads import documents, prom
-    from sglang_pariskv.workloads.stream_stats import median
+    from pariskv_tools.workloads import documents, prom
+    from pariskv_tools.workloads.stream_stats import median
 
     ign = cfg["ignore_eos"]
     model_name = chat.first_model(srv.url)
@@ -388,7 +388,7 @@ def run_setup(setup: str, args) -> dict:
     _check_plugin_installed()
     from transformers import AutoTokenizer
 
-    from sglang_pariskv.workloads import documents
+    from pariskv_tools.workloads import documents
 
     model, model_desc = _prepare_model(setup)
     tok = AutoTokenizer.from_pretrained(model)

@@ -23,8 +23,8 @@ import time
 
 import sglang as sgl
 
-from sglang_pariskv.workloads import documents, prom
-from sglang_pariskv.workloads.stream_stats import decode_rate, median
+from pariskv_tools.workloads import documents, prom
+from pariskv_tools.workloads.stream_stats import decode_rate, median
 
 
 @sgl.function

@@ -24,8 +24,8 @@ import threading
 import time
 import urllib.request
 
-from sglang_pariskv.workloads import documents, prom
-from sglang_pariskv.workloads.stream_stats import decode_rate, median
+from pariskv_tools.workloads import documents, prom
+from pariskv_tools.workloads.stream_stats import decode_rate, median
 
 
 def _post_stream(url: str, body: dict, timeout: float):

@@ -15,7 +15,7 @@ from sglang_pariskv.kernels.select import (  # noqa: E402
     CandidateBuffers,
     select_candidates_gpu,
 )
-from sglang_pariskv.kernels.testing import (  # noqa: E402
+from tests.kernel_cases import (  # noqa: E402
     fresh_interpreter_fallback,  # noqa: E402
     make_scenario,
     padded_codes,

@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
 from sglang_pariskv.codec import encode_keys  # noqa: E402
 from sglang_pariskv.codec.collision import centroid_histogram  # noqa: E402
 from sglang_pariskv.kernels import add_decode_keys, add_to_histograms, encode_to_pool  # noqa: E402
-from sglang_pariskv.kernels.testing import (
+from tests.kernel_cases import (
     empty_pool,  # noqa: E402
     fresh_interpreter_fallback,  # noqa: E402
 )

@@ -16,7 +16,7 @@ from sglang_pariskv.codec.query import PreparedQuery, prepare_query  # noqa: E40
 from sglang_pariskv.codec.rotation import rotation_matrix  # noqa: E402
 from sglang_pariskv.config import ParisKVConfig  # noqa: E402
 from sglang_pariskv.kernels.query_tiers import query_tier_table  # noqa: E402
-from sglang_pariskv.kernels.testing import fresh_interpreter_fallback  # noqa: E402
+from tests.kernel_cases import fresh_interpreter_fallback  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -10,7 +10,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 from sglang_pariskv.kernels.radix_topk import BLOCK, RadixTopK  # noqa: E402
-from sglang_pariskv.kernels.testing import fresh_interpreter_fallback  # noqa: E402
+from tests.kernel_cases import fresh_interpreter_fallback  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 _interpreter_guard, test_module_in_fresh_interpreter = fresh_interpreter_fallback(__file__)

@@ -11,7 +11,7 @@ if not torch.cuda.is_available():
 from sglang_pariskv.codec.query import prepare_query  # noqa: E402
 from sglang_pariskv.codec.select import estimate_inner_products, rerank_topk  # noqa: E402
 from sglang_pariskv.kernels.rerank import levels, rerank_estimates, topk_slots  # noqa: E402
-from sglang_pariskv.kernels.testing import (  # noqa: E402
+from tests.kernel_cases import (  # noqa: E402
     fresh_interpreter_fallback,  # noqa: E402
     make_scenario,
     padded_codes,

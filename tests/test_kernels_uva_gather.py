@@ -11,7 +11,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-from sglang_pariskv.kernels.testing import fresh_interpreter_fallback  # noqa: E402
+from tests.kernel_cases import fresh_interpreter_fallback  # noqa: E402
 from sglang_pariskv.kernels.uva_gather import (  # noqa: E402
     copy_rows_reference,
     gather_rows,

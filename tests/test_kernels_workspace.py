@@ -12,7 +12,7 @@ if not torch.cuda.is_available():
 from sglang_pariskv.codec import retrieve, sparse_attention  # noqa: E402
 from sglang_pariskv.config import ParisKVConfig  # noqa: E402
 from sglang_pariskv.kernels import DecodeWorkspace, max_candidates  # noqa: E402
-from sglang_pariskv.kernels.testing import (  # noqa: E402
+from tests.kernel_cases import (  # noqa: E402
     fresh_interpreter_fallback,  # noqa: E402
     make_scenario,
     padded_codes,

@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
 from sglang_pariskv.config import ParisKVConfig  # noqa: E402
 from sglang_pariskv.kernels import DecodeWorkspace  # noqa: E402
 from sglang_pariskv.kernels.assemble import kv_indptr_for  # noqa: E402
-from sglang_pariskv.kernels.testing import (  # noqa: E402
+from tests.kernel_cases import (  # noqa: E402
     fresh_interpreter_fallback,
     make_scenario,
 )

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sglang_pariskv.workloads import smollm2
+from pariskv_tools.workloads import smollm2
 
 
 @pytest.fixture(scope="session")

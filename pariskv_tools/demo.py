@@ -4,7 +4,7 @@ SmolLM2-135M-Instruct answers the same passkey prompt twice, with dense attentio
 ParisKV sparse decoding (``hf_attention``), and the demo prints both answers, the token
 budget ParisKV attended and how much of dense attention it kept per layer group.
 
-    python -m sglang_pariskv.demo [--context 7800] [--topk 300] [--depth 0.4] [--seed 0]
+    python -m pariskv_tools.demo [--context 7800] [--topk 300] [--depth 0.4] [--seed 0]
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import torch
 from tqdm import tqdm
 
 from sglang_pariskv.config import ParisKVConfig
-from sglang_pariskv.hf_attention import ParisKVAttention, install, uninstall
-from sglang_pariskv.workloads import tasks
-from sglang_pariskv.workloads.smollm2 import load_smollm2
+from pariskv_tools.hf_attention import ParisKVAttention, install, uninstall
+from pariskv_tools.workloads import tasks
+from pariskv_tools.workloads.smollm2 import load_smollm2
 
 
 @torch.inference_mode()

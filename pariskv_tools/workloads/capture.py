@@ -100,7 +100,7 @@ class Capture:
         if version != FORMAT_VERSION:
             raise ValueError(
                 f"{path} has capture format {version!r}, this code reads {FORMAT_VERSION}; "
-                "re-run `python -m sglang_pariskv.workloads.capture` to regenerate it."
+                "re-run `python -m pariskv_tools.workloads.capture` to regenerate it."
             )
         return cls(
             keys=data["keys"],

@@ -14,17 +14,17 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from sglang_pariskv.eval.budget import budget_for
-from sglang_pariskv.eval.captures import (
+from pariskv_tools.eval.budget import budget_for
+from pariskv_tools.eval.captures import (
     DEFAULT_CONTEXTS,
     ContextSpec,
     layer_trace,
     load_or_capture,
 )
-from sglang_pariskv.eval.layer_eval import LayerResult, evaluate_layer
-from sglang_pariskv.eval.methods import Method
-from sglang_pariskv.eval.plots import plot_all
-from sglang_pariskv.eval.summary import LAYER_GROUPS, summarize, table
+from pariskv_tools.eval.layer_eval import LayerResult, evaluate_layer
+from pariskv_tools.eval.methods import Method
+from pariskv_tools.eval.plots import plot_all
+from pariskv_tools.eval.summary import LAYER_GROUPS, summarize, table
 
 #: Sources whose uncommitted edits would make the run irreproducible from the commit.
 _EVAL_SOURCES = ("sglang_pariskv/eval", "sglang_pariskv/codec", "sglang_pariskv/config.py")

@@ -1,4 +1,4 @@
-"""CLI: ``python -m sglang_pariskv.eval retrieval [options]``."""
+"""CLI: ``python -m pariskv_tools.eval retrieval [options]``."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 
 from sglang_pariskv.config import ParisKVConfig
-from sglang_pariskv.eval.captures import DEFAULT_CONTEXTS, default_cache_dir
-from sglang_pariskv.eval.methods import ParisKV, default_methods
-from sglang_pariskv.eval.retrieval import RetrievalSettings, run_retrieval
+from pariskv_tools.eval.captures import DEFAULT_CONTEXTS, default_cache_dir
+from pariskv_tools.eval.methods import ParisKV, default_methods
+from pariskv_tools.eval.retrieval import RetrievalSettings, run_retrieval
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -52,7 +52,7 @@ def _variant(spec: str) -> ParisKV:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(prog="python -m sglang_pariskv.eval")
+    p = argparse.ArgumentParser(prog="python -m pariskv_tools.eval")
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("retrieval", help="retrieval quality vs peers at equal budget")
     r.add_argument("--device", default="cpu")
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         contexts=contexts,
         dense_first=args.dense_first,
     )
-    command = "python -m sglang_pariskv.eval " + shlex.join(argv)
+    command = "python -m pariskv_tools.eval " + shlex.join(argv)
     run_retrieval(
         settings,
         methods,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from sglang_pariskv.eval.trace import LayerTrace
+from pariskv_tools.eval.trace import LayerTrace
 
 MAX_POSITIONS = 8192  # SmolLM2-135M's context: the 8K prompt leaves room for the decode
 
@@ -42,7 +42,7 @@ DEFAULT_CONTEXTS = (
 
 
 def default_cache_dir() -> Path:
-    from sglang_pariskv.workloads.smollm2 import cache_root
+    from pariskv_tools.workloads.smollm2 import cache_root
 
     return cache_root() / "captures"
 
@@ -67,9 +67,9 @@ def load_or_capture(
     spec: ContextSpec, n_decode: int, seed: int, cache_dir: Path, progress: bool = True
 ):
     """The cached capture of ``spec``, capturing it (and caching) when missing."""
-    from sglang_pariskv.workloads import tasks
-    from sglang_pariskv.workloads.capture import Capture, capture
-    from sglang_pariskv.workloads.smollm2 import load_smollm2
+    from pariskv_tools.workloads import tasks
+    from pariskv_tools.workloads.capture import Capture, capture
+    from pariskv_tools.workloads.smollm2 import load_smollm2
 
     path = capture_path(spec, n_decode, seed, cache_dir)
     if path.is_file():
