@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from pariskv_tools.cli import HelpFormatter
+
 HQ, HKV, D = 32, 8, 128
 B = D // 8
 DTYPE = torch.bfloat16
@@ -277,15 +279,31 @@ def versions() -> dict:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--ns", default="32768,131072,524288,1048576")
-    ap.add_argument("--batches", default="1,8,32")
-    ap.add_argument("--out", default="benchmarks/results/kernels.json")
-    ap.add_argument("--no-sweep", action="store_true")
-    ap.add_argument("--auto-prefill-before-s", type=float, default=200.0)
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    ap.add_argument(
+        "--ns", default="32768,131072,524288,1048576", help="comma list of tokens per request"
+    )
+    ap.add_argument("--batches", default="1,8,32", help="comma list of batch sizes")
+    ap.add_argument("--out", default="benchmarks/results/kernels.json", help="results JSON")
+    ap.add_argument(
+        "--no-sweep",
+        action="store_true",
+        help="skip the scan variant sweep (the cases then use the auto scan variant)",
+    )
+    ap.add_argument(
+        "--auto-prefill-before-s",
+        type=float,
+        default=200.0,
+        help="time the 'auto' FlashInfer prefill backend (a minutes-long JIT on a fresh host) "
+        "only while the run is younger than this many seconds",
+    )
     ap.add_argument("--plot", help="only draw the PNG of an existing JSON file")
-    args = ap.parse_args()
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     if args.plot:
         plot(Path(args.plot))
         return

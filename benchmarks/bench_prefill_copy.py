@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from pariskv_tools.cli import HelpFormatter
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_offload  # noqa: E402
@@ -168,15 +170,27 @@ def run_case(tokens: int, layers: int, iters: int, dev: torch.device) -> dict:
     return case
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192, 16384])
-    ap.add_argument("--layers", type=int, default=SHAPE["num_hidden_layers"])
-    ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--out", type=Path, default=RESULTS)
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    ap.add_argument(
+        "--tokens",
+        type=int,
+        nargs="+",
+        default=[2048, 8192, 16384],
+        help="prefill chunk sizes T in tokens",
+    )
+    ap.add_argument(
+        "--layers", type=int, default=SHAPE["num_hidden_layers"], help="layers per forward"
+    )
+    ap.add_argument("--iters", type=int, default=5, help="chunks timed per case (median)")
+    ap.add_argument("--device", default="cuda", help="torch device")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="results JSON")
     ap.add_argument("--plot", type=Path, help="only draw the PNG of an existing JSON")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.plot:
         print(plot(args.plot))
         return 0

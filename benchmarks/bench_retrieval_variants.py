@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from pariskv_tools.cli import HelpFormatter
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_kernels as bk  # noqa: E402
@@ -127,13 +129,33 @@ def plot(path: Path) -> Path:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", nargs="+", default=["131072x1", "131072x2", "131072x8"])
-    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/retrieval_variants.json"))
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    ap.add_argument(
+        "--cases",
+        nargs="+",
+        default=["131072x1", "131072x2", "131072x8"],
+        help="cases NxB: N tokens per request, B requests",
+    )
+    ap.add_argument(
+        "--variants",
+        nargs="+",
+        choices=list(VARIANTS),
+        default=list(VARIANTS),
+        help="retrieval variants to time",
+    )
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=Path("benchmarks/results/retrieval_variants.json"),
+        help="results JSON",
+    )
     ap.add_argument("--plot", type=Path, help="only draw the PNG of an existing JSON file")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.plot:
         print(plot(args.plot))
         return 0

@@ -44,6 +44,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from pariskv_tools.cli import HelpFormatter
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results" / "workflows.json"
@@ -603,16 +605,26 @@ def _on_signal(signum, frame):  # `timeout` sends SIGTERM: never leave a server 
     raise SystemExit(128 + signum)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="run one setup (dense server, then ParisKV server)")
-    r.add_argument("--setup", choices=sorted(SETUPS), required=True)
+    r = sub.add_parser(
+        "run",
+        help="run one setup (dense server, then ParisKV server)",
+        formatter_class=HelpFormatter,
+    )
+    r.add_argument("--setup", choices=sorted(SETUPS), required=True, help="model and workload")
     r.add_argument("--doc-tokens", type=int, help="document tokens (default: the setup's)")
-    r.add_argument("--rounds", type=int, help="frontend program runs, one document each")
-    r.add_argument("--questions", type=int, help="forks per frontend program")
-    r.add_argument("--users", type=int)
-    r.add_argument("--turns", type=int)
+    r.add_argument(
+        "--rounds",
+        type=int,
+        help="frontend program runs, one document each (default: the setup's)",
+    )
+    r.add_argument(
+        "--questions", type=int, help="forks per frontend program (default: the setup's)"
+    )
+    r.add_argument("--users", type=int, help="chat users (default: the setup's)")
+    r.add_argument("--turns", type=int, help="turns per chat user (default: the setup's)")
     r.add_argument(
         "--health-timeout",
         type=float,
@@ -634,9 +646,15 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="start both servers and warm them up (fills JIT caches), measure nothing",
     )
-    p = sub.add_parser("plot", help="draw workflows.png from workflows.json")
-    p.add_argument("--results", type=Path, default=RESULTS)
-    args = ap.parse_args(argv)
+    p = sub.add_parser(
+        "plot", help="draw workflows.png from workflows.json", formatter_class=HelpFormatter
+    )
+    p.add_argument("--results", type=Path, default=RESULTS, help="results JSON to draw")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.cmd == "plot":
         print(plot(args.results))
         return 0

@@ -30,11 +30,11 @@ from sglang_pariskv.codec import retrieve, sparse_attention  # noqa: E402
 from sglang_pariskv.config import ParisKVConfig  # noqa: E402
 from sglang_pariskv.index.histograms import RequestHistograms  # noqa: E402
 from sglang_pariskv.kernels import DecodeWorkspace  # noqa: E402
-from tests.kernel_cases import fresh_interpreter_fallback  # noqa: E402
 from sglang_pariskv.offload.counters import HotCacheCounterReader  # noqa: E402
 from sglang_pariskv.offload.fetch import OffloadFetcher  # noqa: E402
 from sglang_pariskv.offload.hot_cache import HotCache  # noqa: E402
 from sglang_pariskv.offload.kv_pool import HostOffloadKVPool  # noqa: E402
+from tests.kernel_cases import fresh_interpreter_fallback  # noqa: E402
 from tests.test_plugin_pool import make_pool  # noqa: E402
 
 _interpreter_guard, test_module_in_fresh_interpreter = fresh_interpreter_fallback(__file__)

@@ -5,9 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sglang_pariskv.codec import encode_keys, prepare_query, retrieve
-from sglang_pariskv.codec.collision import centroid_histogram, centroid_tiers, collision_scores
-from sglang_pariskv.config import ParisKVConfig
 from pariskv_tools.eval.budget import Budget
 from pariskv_tools.eval.methods import (
     ExactTopK,
@@ -21,6 +18,9 @@ from pariskv_tools.eval.methods.pariskv import fast_collision_scores
 from pariskv_tools.eval.methods.simhash import count_collisions_naive
 from pariskv_tools.eval.ranking import rank, zone_mask
 from pariskv_tools.eval.trace import LayerTrace
+from sglang_pariskv.codec import encode_keys, prepare_query, retrieve
+from sglang_pariskv.codec.collision import centroid_histogram, centroid_tiers, collision_scores
+from sglang_pariskv.config import ParisKVConfig
 
 N_PROMPT, N_GEN, H, G, D = 600, 8, 2, 3, 64
 PLANT = 300  # a prompt position in the zone

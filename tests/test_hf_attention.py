@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from pariskv_tools.hf_attention import ParisKVAttention, install, uninstall
 from sglang_pariskv.codec import encode_keys, retrieve
 from sglang_pariskv.config import ParisKVConfig
-from pariskv_tools.hf_attention import ParisKVAttention, install, uninstall
 
 
 def tiny_llama():
@@ -107,8 +107,8 @@ def test_exact_retrieval_is_sink_window_and_the_brute_force_top_k():
 
 
 def test_exact_selection_attends_what_exact_retrieval_picks():
-    from sglang_pariskv.codec.attention import sparse_attention
     from pariskv_tools.hf_attention import ParisKVAttention, exact_retrieval
+    from sglang_pariskv.codec.attention import sparse_attention
 
     with pytest.raises(ValueError, match="selection"):
         ParisKVAttention(ParisKVConfig(), selection="topk")

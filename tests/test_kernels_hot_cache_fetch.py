@@ -12,10 +12,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-from tests.kernel_cases import fresh_interpreter_fallback  # noqa: E402
 from sglang_pariskv.offload.fetch import OffloadFetcher  # noqa: E402
 from sglang_pariskv.offload.host_pool import HostKVPool  # noqa: E402
 from sglang_pariskv.offload.hot_cache import HotCache  # noqa: E402
+from tests.kernel_cases import fresh_interpreter_fallback  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 

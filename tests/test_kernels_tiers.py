@@ -11,8 +11,8 @@ if not torch.cuda.is_available():
 from sglang_pariskv.codec.budget import tier_thresholds  # noqa: E402
 from sglang_pariskv.codec.collision import centroid_tiers  # noqa: E402
 from sglang_pariskv.config import ParisKVConfig  # noqa: E402
-from tests.kernel_cases import fresh_interpreter_fallback  # noqa: E402
 from sglang_pariskv.kernels.tiers import centroid_tier_table  # noqa: E402
+from tests.kernel_cases import fresh_interpreter_fallback  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -11,7 +11,6 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-from tests.kernel_cases import fresh_interpreter_fallback  # noqa: E402
 from sglang_pariskv.kernels.uva_gather import (  # noqa: E402
     copy_rows_reference,
     gather_rows,
@@ -20,6 +19,7 @@ from sglang_pariskv.kernels.uva_gather import (  # noqa: E402
     scatter_rows,
 )
 from sglang_pariskv.offload.host_pool import HostKVPool  # noqa: E402
+from tests.kernel_cases import fresh_interpreter_fallback  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 

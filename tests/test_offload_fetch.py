@@ -16,13 +16,13 @@ if not torch.cuda.is_available():
 from sglang_pariskv.config import ParisKVConfig  # noqa: E402
 from sglang_pariskv.kernels import DecodeWorkspace  # noqa: E402
 from sglang_pariskv.kernels.assemble import kv_indptr_for  # noqa: E402
+from sglang_pariskv.offload.fetch import OffloadFetcher, fetch_reference  # noqa: E402
+from sglang_pariskv.offload.host_pool import HostKVPool  # noqa: E402
+from sglang_pariskv.offload.hot_cache import HotCache  # noqa: E402
 from tests.kernel_cases import (  # noqa: E402
     fresh_interpreter_fallback,
     make_scenario,
 )
-from sglang_pariskv.offload.fetch import OffloadFetcher, fetch_reference  # noqa: E402
-from sglang_pariskv.offload.host_pool import HostKVPool  # noqa: E402
-from sglang_pariskv.offload.hot_cache import HotCache  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -21,8 +21,8 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from sglang_pariskv.metrics import BatchCounts, ParisKVMetrics
 from pariskv_tools.workloads import documents, prom, smollm2
+from sglang_pariskv.metrics import BatchCounts, ParisKVMetrics
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

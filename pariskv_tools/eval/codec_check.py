@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import torch
 
-from sglang_pariskv.codec import KeyCodes, encode_keys, retrieve
-from sglang_pariskv.config import ParisKVConfig
 from pariskv_tools.eval.budget import Budget
 from pariskv_tools.eval.methods import ParisKV
 from pariskv_tools.eval.ranking import rank, zone_mask
 from pariskv_tools.eval.trace import LayerTrace
+from sglang_pariskv.codec import KeyCodes, encode_keys, retrieve
+from sglang_pariskv.config import ParisKVConfig
 
 
 def mismatches(trace: LayerTrace, budget: Budget, steps: list[int]) -> tuple[int, int]:
