@@ -17,8 +17,9 @@ import re
 import subprocess
 import sys
 import textwrap
-import tomllib
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNTIME = ROOT / "sglang_pariskv"
@@ -169,6 +170,7 @@ def test_no_runtime_module_names_a_tool_import():
 
 
 def test_runtime_dependencies_leave_out_the_tools_deps():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 
     def names(reqs: list[str]) -> set[str]:
