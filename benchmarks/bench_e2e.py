@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from pariskv_tools.cli import HelpFormatter
+
 RESULTS = Path(__file__).resolve().parent / "results" / "e2e.json"
 PASSKEY_CFG = {"topk": 100, "sink": 32, "local": 64, "dense_threshold": 1024}
 
@@ -129,7 +131,7 @@ def _run_isolated(target, *args):
 def passkey_prompts(tok, contexts: list[int], trials: int) -> tuple[list, list]:
     """``trials`` passkey tasks per context, needle depths spread evenly: the
     (context, task) pairs and their chat-formatted token ids, in the same order."""
-    from sglang_pariskv.workloads import tasks
+    from pariskv_tools.workloads import tasks
 
     task_list, prompts = [], []
     for ctx in contexts:
@@ -143,8 +145,8 @@ def passkey_prompts(tok, contexts: list[int], trials: int) -> tuple[list, list]:
 def run_passkey(contexts: list[int], trials: int, cfg: dict) -> dict:
     from transformers import AutoTokenizer
 
-    from sglang_pariskv.workloads import tasks
-    from sglang_pariskv.workloads.smollm2 import ensure_smollm2
+    from pariskv_tools.workloads import tasks
+    from pariskv_tools.workloads.smollm2 import ensure_smollm2
 
     model = str(ensure_smollm2())
     tok = AutoTokenizer.from_pretrained(model)
@@ -284,9 +286,9 @@ def run_offload_equivalence(
     time, so that batch composition is the same in every engine (see ``_passkey_worker``)."""
     from transformers import AutoTokenizer
 
+    from pariskv_tools.workloads import tasks
+    from pariskv_tools.workloads.smollm2 import ensure_smollm2
     from sglang_pariskv.config import ParisKVConfig
-    from sglang_pariskv.workloads import tasks
-    from sglang_pariskv.workloads.smollm2 import ensure_smollm2
 
     model = str(ensure_smollm2())
     tok = AutoTokenizer.from_pretrained(model)
@@ -680,25 +682,51 @@ def _describe_difference(d: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("passkey")
-    p.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096, 8000])
-    p.add_argument("--trials", type=int, default=30)
-    t = sub.add_parser("throughput")
-    t.add_argument("--inputs", type=int, nargs="+", default=[32768, 131072])
-    t.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    t.add_argument("--output-len", type=int, default=256)
-    t.add_argument("--modes", nargs="+", choices=("dense", "pariskv"), default=["dense", "pariskv"])
+    p = sub.add_parser("passkey", formatter_class=HelpFormatter)
+    p.add_argument(
+        "--contexts",
+        type=int,
+        nargs="+",
+        default=[2048, 4096, 8000],
+        help="passkey prompt lengths in tokens",
+    )
+    p.add_argument("--trials", type=int, default=30, help="passkeys (seeds) per context")
+    t = sub.add_parser("throughput", formatter_class=HelpFormatter)
+    t.add_argument(
+        "--inputs", type=int, nargs="+", default=[32768, 131072], help="input lengths in tokens"
+    )
+    t.add_argument(
+        "--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="concurrent requests"
+    )
+    t.add_argument("--output-len", type=int, default=256, help="tokens decoded per request")
+    t.add_argument(
+        "--modes",
+        nargs="+",
+        choices=("dense", "pariskv"),
+        default=["dense", "pariskv"],
+        help="engines to run",
+    )
     t.add_argument(
         "--runs-dir",
         type=Path,
         help="save each engine's rows here and read the other mode's back, so one comparison "
         "can span two device calls (run --modes dense, then --modes pariskv)",
     )
-    o = sub.add_parser("offload", help="host offload's outputs vs the GPU pool's (SmolLM2)")
-    o.add_argument("--contexts", type=int, nargs="+", default=[4096, 8000])
-    o.add_argument("--trials", type=int, default=10)
+    o = sub.add_parser(
+        "offload",
+        help="host offload's outputs vs the GPU pool's (SmolLM2)",
+        formatter_class=HelpFormatter,
+    )
+    o.add_argument(
+        "--contexts",
+        type=int,
+        nargs="+",
+        default=[4096, 8000],
+        help="passkey prompt lengths in tokens",
+    )
+    o.add_argument("--trials", type=int, default=10, help="passkeys (seeds) per context")
     o.add_argument(
         "--runs",
         nargs="+",
@@ -716,7 +744,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="one request at a time: batch composition, hence GEMM numerics, the same in "
         "every engine",
     )
-    sub.add_parser("plot", help="redraw benchmarks/results/e2e.png from e2e.json")
+    sub.add_parser(
+        "plot",
+        help="redraw benchmarks/results/e2e.png from e2e.json",
+        formatter_class=HelpFormatter,
+    )
     return ap
 
 

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from pariskv_tools.cli import HelpFormatter
+
 HQ, HKV, D = 32, 8, 128
 B = D // 8
 DTYPE = torch.bfloat16
@@ -69,13 +71,13 @@ class Pools:
     """K/V pools and the ParisKV code pool for the largest case, shared by all cases."""
 
     def __init__(self, slots: int, dev) -> None:
+        from sglang_pariskv.index.code_pool import CodePool
         from sglang_pariskv.kernels import encode_to_pool
-        from sglang_pariskv.kernels.testing import empty_pool
 
         self.slots = slots
         self.k = torch.randn(slots, HKV, D, device=dev, dtype=DTYPE)
         self.v = torch.randn(slots, HKV, D, device=dev, dtype=DTYPE)
-        self.codes = empty_pool(slots, HKV, D, dev)
+        self.codes = CodePool(slots, HKV, D, num_layers=1, device=dev).layers[0]
         step = 1 << 20
         for s in range(1, slots, step):
             e = min(s + step, slots)
@@ -217,14 +219,26 @@ def versions() -> dict:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--ns", default="32768,131072,524288,1048576")
-    ap.add_argument("--batches", default="1,8,32")
-    ap.add_argument("--out", default="benchmarks/results/kernels.json")
-    ap.add_argument("--auto-prefill-before-s", type=float, default=200.0)
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    ap.add_argument(
+        "--ns", default="32768,131072,524288,1048576", help="comma list of tokens per request"
+    )
+    ap.add_argument("--batches", default="1,8,32", help="comma list of batch sizes")
+    ap.add_argument("--out", default="benchmarks/results/kernels.json", help="results JSON")
+    ap.add_argument(
+        "--auto-prefill-before-s",
+        type=float,
+        default=200.0,
+        help="time the 'auto' FlashInfer prefill backend (a minutes-long JIT on a fresh host) "
+        "only while the run is younger than this many seconds",
+    )
     ap.add_argument("--plot", help="only draw the PNG of an existing JSON file")
-    args = ap.parse_args()
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     if args.plot:
         plot(Path(args.plot))
         return

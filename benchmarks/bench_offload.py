@@ -42,6 +42,8 @@ from pathlib import Path
 
 import torch
 
+from pariskv_tools.cli import HelpFormatter
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_e2e import hbm_bandwidth_gbs, step_bytes  # noqa: E402
@@ -281,16 +283,32 @@ def floor_ms(n: int, batch: int, weights_bytes: int, miss_rows: float, hbm: floa
     return 1000 * (gpu_bytes / (hbm * 1e9) + pcie_bytes / (uva * 1e9)), gpu_bytes, pcie_bytes
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", nargs="+", default=["131072x1", "524288x1", "1048576x1"])
-    ap.add_argument("--hot-cache-lines", type=int, default=65536)
-    ap.add_argument("--drift", type=float, default=0.25)
-    ap.add_argument("--steps", type=int, default=12)
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    ap.add_argument(
+        "--cases",
+        nargs="+",
+        default=["131072x1", "524288x1", "1048576x1"],
+        help="cases NxB: N tokens per request, B requests",
+    )
+    ap.add_argument(
+        "--hot-cache-lines", type=int, default=65536, help="hot-cache rows per layer on the GPU"
+    )
+    ap.add_argument(
+        "--drift",
+        type=float,
+        default=0.25,
+        help="query random-walk step between decode steps, relative to |q|",
+    )
+    ap.add_argument("--steps", type=int, default=12, help="timed decode steps per case")
     ap.add_argument("--no-direct", action="store_true", help="skip the no-hot-cache variant")
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--out", type=Path, default=RESULTS, help="results JSON")
     ap.add_argument("--plot", type=Path, help="only draw the PNG of an existing JSON")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.plot:
         print(plot(args.plot))
         return 0

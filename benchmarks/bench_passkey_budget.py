@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from pariskv_tools.cli import HelpFormatter
+
 RESULTS = Path(__file__).resolve().parent / "results" / "passkey_budget.json"
 
 
@@ -52,10 +54,10 @@ def run(
     candidate_ratio: float | None = None,
     selection: str = "pariskv",
 ):
+    from pariskv_tools.hf_attention import ParisKVAttention, install, uninstall
+    from pariskv_tools.workloads import tasks
+    from pariskv_tools.workloads.smollm2 import load_smollm2
     from sglang_pariskv.config import ParisKVConfig
-    from sglang_pariskv.hf_attention import ParisKVAttention, install, uninstall
-    from sglang_pariskv.workloads import tasks
-    from sglang_pariskv.workloads.smollm2 import load_smollm2
 
     model, tok = load_smollm2()
     eos = model.generation_config.eos_token_id
@@ -113,14 +115,16 @@ def summarise(rows: list[dict], topks: list[int], sink: int, local: int) -> list
     ]
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--context", type=int, default=8000)
-    ap.add_argument("--trials", type=int, default=30)
-    ap.add_argument("--topk", type=int, nargs="+", default=[100, 300, 600])
-    ap.add_argument("--sink", type=int, default=32)
-    ap.add_argument("--local", type=int, default=64)
-    ap.add_argument("--max-new", type=int, default=12)
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    ap.add_argument("--context", type=int, default=8000, help="passkey prompt tokens")
+    ap.add_argument("--trials", type=int, default=30, help="passkeys (seeds)")
+    ap.add_argument(
+        "--topk", type=int, nargs="+", default=[100, 300, 600], help="top-k budgets to compare"
+    )
+    ap.add_argument("--sink", type=int, default=32, help="leading tokens always attended")
+    ap.add_argument("--local", type=int, default=64, help="recent tokens always attended")
+    ap.add_argument("--max-new", type=int, default=12, help="tokens generated per answer")
     ap.add_argument(
         "--candidate-ratio",
         type=float,
@@ -135,12 +139,16 @@ def main(argv: list[str] | None = None) -> int:
         help="'exact': the zone's top-k by the exact group-mean q.k instead of ParisKV's "
         "retrieval (same sink, window, top-k): what the budget alone loses",
     )
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="results JSON")
     ap.add_argument(
         "--plot", type=Path, nargs="+", help="only draw results/passkey_budget.png from JSONs"
     )
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.plot:
         print(plot(args.plot))
         return 0

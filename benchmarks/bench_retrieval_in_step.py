@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from pariskv_tools.cli import HelpFormatter
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_kernels as bk  # noqa: E402
@@ -146,15 +148,31 @@ def plot(path: Path) -> Path:
     return out
 
 
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    ap.add_argument("--n", type=int, default=131072, help="tokens per request")
+    ap.add_argument("--batch", type=int, default=2, help="requests")
+    ap.add_argument("--layers", type=int, default=32, help="layers in the replayed graph")
+    ap.add_argument(
+        "--weight-mb",
+        type=float,
+        default=436.0,
+        help="weights streamed between layers in the 'step' mode, MB per layer",
+    )
+    ap.add_argument(
+        "--modes", nargs="+", choices=MODES, default=list(MODES), help="settings to time"
+    )
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=Path("benchmarks/results/retrieval_in_step.json"),
+        help="results JSON",
+    )
+    return ap
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=131072)
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--weight-mb", type=float, default=436.0)
-    ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/retrieval_in_step.json"))
-    args = ap.parse_args(argv)
+    args = build_parser().parse_args(argv)
     dev = torch.device("cuda")
     t0 = time.time()
     rep = {

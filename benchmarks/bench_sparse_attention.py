@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from pariskv_tools.cli import HelpFormatter
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_kernels as bk  # noqa: E402
@@ -222,14 +224,23 @@ def plot(path: Path) -> Path:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=131072)
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/sparse_attention.json"))
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    ap.add_argument("--n", type=int, default=131072, help="tokens per request")
+    ap.add_argument("--batch", type=int, default=2, help="requests")
+    ap.add_argument("--layers", type=int, default=32, help="layers in the replayed graph")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=Path("benchmarks/results/sparse_attention.json"),
+        help="results JSON",
+    )
     ap.add_argument("--plot", type=Path, help="only redraw the PNG of an earlier report")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.plot:
         print(plot(args.plot))
         return 0

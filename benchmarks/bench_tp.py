@@ -8,7 +8,7 @@
     python benchmarks/bench_tp.py plot
 
 ``correctness`` serves SmolLM2-135M with every attention head duplicated (an exactly
-equivalent model, ``sglang_pariskv.workloads.widen``: 18 query / 6 KV heads, so TP=2
+equivalent model, ``pariskv_tools.workloads.widen``: 18 query / 6 KV heads, so TP=2
 shards it and each rank holds one full copy of the original heads) with real weights, at
 TP=1 and TP=2, dense and ParisKV, and compares greedy outputs on passkey prompts above
 and below the dense threshold. Dummy weights cannot serve this comparison: SGLang's
@@ -26,6 +26,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from pariskv_tools.cli import HelpFormatter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -89,10 +91,10 @@ def run_correctness(
     whose calls are time-limited; returns None until the ParisKV runs exist."""
     from transformers import AutoTokenizer
 
+    from pariskv_tools.workloads import tasks
+    from pariskv_tools.workloads.smollm2 import cache_root, ensure_smollm2
+    from pariskv_tools.workloads.widen import widen_checkpoint
     from sglang_pariskv.config import ParisKVConfig
-    from sglang_pariskv.workloads import tasks
-    from sglang_pariskv.workloads.smollm2 import cache_root, ensure_smollm2
-    from sglang_pariskv.workloads.widen import widen_checkpoint
 
     src = ensure_smollm2()
     model = str(widen_checkpoint(src, cache_root() / "SmolLM2-135M-Instruct-hf-wide2"))
@@ -196,25 +198,49 @@ def _merge(section: str, value: dict, tp: int) -> None:
     RESULTS.write_text(json.dumps(data, indent=2))
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("correctness")
-    c.add_argument("--tp", type=int, default=2)
-    c.add_argument("--contexts", type=int, nargs="+", default=[800, 4096, 8000])
-    c.add_argument("--trials", type=int, default=10)
-    c.add_argument("--new-tokens", type=int, default=24)
-    c.add_argument("--modes", nargs="+", choices=("dense", "pariskv"), default=["dense", "pariskv"])
+    c = sub.add_parser("correctness", formatter_class=HelpFormatter)
+    c.add_argument("--tp", type=int, default=2, help="tensor-parallel size compared with TP=1")
+    c.add_argument(
+        "--contexts",
+        type=int,
+        nargs="+",
+        default=[800, 4096, 8000],
+        help="passkey prompt lengths in tokens",
+    )
+    c.add_argument("--trials", type=int, default=10, help="passkeys (seeds) per context")
+    c.add_argument("--new-tokens", type=int, default=24, help="tokens generated per prompt")
+    c.add_argument(
+        "--modes",
+        nargs="+",
+        choices=("dense", "pariskv"),
+        default=["dense", "pariskv"],
+        help="engines to run",
+    )
     c.add_argument("--runs-dir", type=Path, help="save / reuse each (mode, tp) run here")
-    t = sub.add_parser("throughput")
-    t.add_argument("--tp", type=int, default=2)
-    t.add_argument("--inputs", type=int, nargs="+", default=[131072])
-    t.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4])
-    t.add_argument("--output-len", type=int, default=256)
-    t.add_argument("--modes", nargs="+", choices=("dense", "pariskv"), default=["dense", "pariskv"])
+    t = sub.add_parser("throughput", formatter_class=HelpFormatter)
+    t.add_argument("--tp", type=int, default=2, help="tensor-parallel size")
+    t.add_argument(
+        "--inputs", type=int, nargs="+", default=[131072], help="input lengths in tokens"
+    )
+    t.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4], help="concurrent requests")
+    t.add_argument("--output-len", type=int, default=256, help="tokens decoded per request")
+    t.add_argument(
+        "--modes",
+        nargs="+",
+        choices=("dense", "pariskv"),
+        default=["dense", "pariskv"],
+        help="engines to run",
+    )
     t.add_argument("--runs-dir", type=Path, help="save / reuse each mode's engine run here")
-    sub.add_parser("plot")
-    args = ap.parse_args(argv)
+    sub.add_parser("plot", formatter_class=HelpFormatter)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.cmd == "plot":
         print(plot())
         return 0

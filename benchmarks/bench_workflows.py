@@ -44,6 +44,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from pariskv_tools.cli import HelpFormatter
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results" / "workflows.json"
@@ -215,7 +217,7 @@ class Server:
 
 def _prepare_model(setup: str) -> tuple[str, str]:
     """(model dir, description). llama8b-dummy: config + SmolLM2's tokenizer in a temp dir."""
-    from sglang_pariskv.workloads.smollm2 import ensure_smollm2
+    from pariskv_tools.workloads.smollm2 import ensure_smollm2
 
     smol = ensure_smollm2()
     if setup == "smollm2":
@@ -265,7 +267,7 @@ def _server_cmd(
 
 
 def _scrape(url: str) -> dict:
-    from sglang_pariskv.workloads import prom
+    from pariskv_tools.workloads import prom
 
     got = prom.scrape(url)
     if got is None:
@@ -310,7 +312,7 @@ def _read_stats(stats_dir) -> dict:
 def _warm_up(srv: Server, cfg: dict, docs: dict, qa, chat) -> None:
     """One short run of each client over a document above the dense threshold (first-use
     costs out of the timings), then an empty radix cache."""
-    from sglang_pariskv.workloads import documents
+    from pariskv_tools.workloads import documents
 
     warm, ign = docs["warmup"], cfg["ignore_eos"]
     qa.run_fork_qa(srv.url, warm, documents.make_questions(warm, 2), 8, "chatml", ign)
@@ -321,8 +323,8 @@ def _warm_up(srv: Server, cfg: dict, docs: dict, qa, chat) -> None:
 
 def _run_mode(srv: Server, cfg: dict, docs: dict, qa, chat) -> dict:
     """Both workflows, with a /metrics scrape around each."""
-    from sglang_pariskv.workloads import documents, prom
-    from sglang_pariskv.workloads.stream_stats import median
+    from pariskv_tools.workloads import documents, prom
+    from pariskv_tools.workloads.stream_stats import median
 
     ign = cfg["ignore_eos"]
     model_name = chat.first_model(srv.url)
@@ -392,7 +394,7 @@ def run_setup(setup: str, args) -> dict:
     _check_plugin_installed()
     from transformers import AutoTokenizer
 
-    from sglang_pariskv.workloads import documents
+    from pariskv_tools.workloads import documents
 
     model, model_desc = _prepare_model(setup)
     tok = AutoTokenizer.from_pretrained(model)
@@ -609,16 +611,26 @@ def _on_signal(signum, frame):  # `timeout` sends SIGTERM: never leave a server 
     raise SystemExit(128 + signum)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="run one setup (dense server, then ParisKV server)")
-    r.add_argument("--setup", choices=sorted(SETUPS), required=True)
+    r = sub.add_parser(
+        "run",
+        help="run one setup (dense server, then ParisKV server)",
+        formatter_class=HelpFormatter,
+    )
+    r.add_argument("--setup", choices=sorted(SETUPS), required=True, help="model and workload")
     r.add_argument("--doc-tokens", type=int, help="document tokens (default: the setup's)")
-    r.add_argument("--rounds", type=int, help="frontend program runs, one document each")
-    r.add_argument("--questions", type=int, help="forks per frontend program")
-    r.add_argument("--users", type=int)
-    r.add_argument("--turns", type=int)
+    r.add_argument(
+        "--rounds",
+        type=int,
+        help="frontend program runs, one document each (default: the setup's)",
+    )
+    r.add_argument(
+        "--questions", type=int, help="forks per frontend program (default: the setup's)"
+    )
+    r.add_argument("--users", type=int, help="chat users (default: the setup's)")
+    r.add_argument("--turns", type=int, help="turns per chat user (default: the setup's)")
     r.add_argument(
         "--health-timeout",
         type=float,
@@ -640,9 +652,15 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="start both servers and warm them up (fills JIT caches), measure nothing",
     )
-    p = sub.add_parser("plot", help="draw workflows.png from workflows.json")
-    p.add_argument("--results", type=Path, default=RESULTS)
-    args = ap.parse_args(argv)
+    p = sub.add_parser(
+        "plot", help="draw workflows.png from workflows.json", formatter_class=HelpFormatter
+    )
+    p.add_argument("--results", type=Path, default=RESULTS, help="results JSON to draw")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.cmd == "plot":
         print(plot(args.results))
         return 0

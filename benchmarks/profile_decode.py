@@ -20,6 +20,8 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
+from pariskv_tools.cli import HelpFormatter
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_e2e as e2e  # noqa: E402
@@ -165,21 +167,30 @@ def _profile_worker(model_dir, pariskv, input_len, batch, steps, out_dir, out_q)
         out_q.put({"error": f"{e!r}\n{traceback.format_exc()}"})
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--input-len", type=int, default=32768)
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--out", type=Path, default=Path(tempfile.mkdtemp(prefix="profile-")))
-    ap.add_argument("--top", type=int, default=25)
-    ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    ap.add_argument("--input-len", type=int, default=32768, help="prompt tokens per request")
+    ap.add_argument("--batch", type=int, default=1, help="requests")
+    ap.add_argument("--steps", type=int, default=8, help="decode steps profiled")
+    ap.add_argument(
+        "--out", type=Path, help="folder for traces and summary (default: a new temp folder)"
+    )
+    ap.add_argument("--top", type=int, default=25, help="kernels listed in the tables")
+    ap.add_argument(
+        "--modes", nargs="+", choices=MODES, default=list(MODES), help="engines to profile"
+    )
     ap.add_argument(
         "--reuse",
         type=Path,
         help="a folder holding an earlier call's profile_<mode>.json: that mode is not re-run "
         "(one comparison can span two device calls)",
     )
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.out = args.out or Path(tempfile.mkdtemp(prefix="profile-"))
     args.out.mkdir(parents=True, exist_ok=True)
     model_dir = Path(tempfile.mkdtemp(prefix="llama8b-shape-"))
     (model_dir / "config.json").write_text(json.dumps(e2e.LLAMA_8B))

@@ -23,8 +23,9 @@ import time
 
 import sglang as sgl
 
-from sglang_pariskv.workloads import documents, prom
-from sglang_pariskv.workloads.stream_stats import decode_rate, median
+from pariskv_tools.cli import HelpFormatter
+from pariskv_tools.workloads import documents, prom
+from pariskv_tools.workloads.stream_stats import decode_rate, median
 
 
 @sgl.function
@@ -162,17 +163,21 @@ def run_fork_qa(
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--endpoint", default="http://127.0.0.1:30000")
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    ap.add_argument("--endpoint", default="http://127.0.0.1:30000", help="SGLang server URL")
     ap.add_argument("--doc-tokens", type=int, default=16000, help="document length in tokens")
     ap.add_argument("--questions", type=int, default=4, help="questions (forks)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the document and questions")
     ap.add_argument("--tokenizer", help="model dir whose tokenizer sizes the document exactly")
-    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=16, help="tokens per answer")
     ap.add_argument("--chat-template", default="chatml", help="sglang.lang template name")
     ap.add_argument("--ignore-eos", action="store_true", help="decode max-tokens every time")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     tok = None
     if args.tokenizer:

@@ -24,8 +24,9 @@ import threading
 import time
 import urllib.request
 
-from sglang_pariskv.workloads import documents, prom
-from sglang_pariskv.workloads.stream_stats import decode_rate, median
+from pariskv_tools.cli import HelpFormatter
+from pariskv_tools.workloads import documents, prom
+from pariskv_tools.workloads.stream_stats import decode_rate, median
 
 
 def _post_stream(url: str, body: dict, timeout: float):
@@ -182,18 +183,22 @@ def run_chat_workload(
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--endpoint", default="http://127.0.0.1:30000")
-    ap.add_argument("--users", type=int, default=4)
-    ap.add_argument("--turns", type=int, default=3)
-    ap.add_argument("--doc-tokens", type=int, default=16000)
-    ap.add_argument("--max-tokens", type=int, default=32)
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    ap.add_argument("--endpoint", default="http://127.0.0.1:30000", help="SGLang server URL")
+    ap.add_argument("--users", type=int, default=4, help="concurrent chat users")
+    ap.add_argument("--turns", type=int, default=3, help="turns per user")
+    ap.add_argument("--doc-tokens", type=int, default=16000, help="shared document tokens")
+    ap.add_argument("--max-tokens", type=int, default=32, help="tokens per reply")
     ap.add_argument("--model", help="model name for the API (default: the first of /v1/models)")
     ap.add_argument("--tokenizer", help="model dir whose tokenizer sizes the document exactly")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the document and questions")
     ap.add_argument("--ignore-eos", action="store_true", help="decode max-tokens every turn")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     tok = None
     if args.tokenizer:

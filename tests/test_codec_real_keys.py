@@ -3,10 +3,10 @@
 import pytest
 import torch
 
+from pariskv_tools.workloads import capture as cap_mod
+from pariskv_tools.workloads import tasks
+from pariskv_tools.workloads.smollm2 import load_smollm2
 from sglang_pariskv.codec import encode_keys, estimate_inner_products, prepare_query
-from sglang_pariskv.workloads import capture as cap_mod
-from sglang_pariskv.workloads import tasks
-from sglang_pariskv.workloads.smollm2 import load_smollm2
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sglang_pariskv.codec import encode_keys, prepare_query, retrieve
-from sglang_pariskv.codec.collision import centroid_histogram, centroid_tiers, collision_scores
-from sglang_pariskv.config import ParisKVConfig
-from sglang_pariskv.eval.budget import Budget
-from sglang_pariskv.eval.methods import (
+from pariskv_tools.eval.budget import Budget
+from pariskv_tools.eval.methods import (
     ExactTopK,
     ParisKV,
     ProductQuantization,
@@ -17,10 +14,13 @@ from sglang_pariskv.eval.methods import (
     SimHash,
     StreamingLLM,
 )
-from sglang_pariskv.eval.methods.pariskv import fast_collision_scores
-from sglang_pariskv.eval.methods.simhash import count_collisions_naive
-from sglang_pariskv.eval.ranking import rank, zone_mask
-from sglang_pariskv.eval.trace import LayerTrace
+from pariskv_tools.eval.methods.pariskv import fast_collision_scores
+from pariskv_tools.eval.methods.simhash import count_collisions_naive
+from pariskv_tools.eval.ranking import rank, zone_mask
+from pariskv_tools.eval.trace import LayerTrace
+from sglang_pariskv.codec import encode_keys, prepare_query, retrieve
+from sglang_pariskv.codec.collision import centroid_histogram, centroid_tiers, collision_scores
+from sglang_pariskv.config import ParisKVConfig
 
 N_PROMPT, N_GEN, H, G, D = 600, 8, 2, 3, 64
 PLANT = 300  # a prompt position in the zone
@@ -85,8 +85,8 @@ def test_simhash_inverted_index_matches_naive_count():
     trace = planted_trace(1)
     method = SimHash(bits=6, tables=20)
     state = method.prepare(trace)
-    from sglang_pariskv.eval.methods.simhash import hash_codes
-    from sglang_pariskv.eval.trace import group_mean_query
+    from pariskv_tools.eval.methods.simhash import hash_codes
+    from pariskv_tools.eval.trace import group_mean_query
 
     qc = hash_codes(group_mean_query(trace.queries, H), state.proj, 6)
     assert torch.equal(method.count(state, qc), count_collisions_naive(state.key_codes, qc))
@@ -135,7 +135,7 @@ def test_histograms_follow_appended_keys():
 
 
 def test_top_count_mask_matches_stable_sort():
-    from sglang_pariskv.eval.methods.pariskv import top_count_mask
+    from pariskv_tools.eval.methods.pariskv import top_count_mask
 
     g = torch.Generator().manual_seed(5)
     scores = torch.randint(-1, 12, (4, 2, 50), generator=g)

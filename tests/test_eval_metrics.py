@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from sglang_pariskv.eval.budget import budget_for
-from sglang_pariskv.eval.metrics import (
+from pariskv_tools.eval.budget import budget_for
+from pariskv_tools.eval.metrics import (
     StepReference,
     dense_probs,
     fixed_mask,
@@ -16,7 +16,7 @@ from sglang_pariskv.eval.metrics import (
     take_first,
     topk_mask,
 )
-from sglang_pariskv.eval.ranking import rank, zone_mask
+from pariskv_tools.eval.ranking import rank, zone_mask
 
 
 def test_dense_probs_is_causal_softmax():

@@ -7,10 +7,10 @@ from types import SimpleNamespace
 
 import torch
 
-from sglang_pariskv.eval.captures import ContextSpec
-from sglang_pariskv.eval.methods import default_methods
-from sglang_pariskv.eval.retrieval import RetrievalSettings, run_retrieval
-from sglang_pariskv.eval.summary import drift
+from pariskv_tools.eval.captures import ContextSpec
+from pariskv_tools.eval.methods import default_methods
+from pariskv_tools.eval.retrieval import RetrievalSettings, run_retrieval
+from pariskv_tools.eval.summary import drift
 
 
 def fake_capture(prompt: int = 700, decode: int = 24, layers: int = 3, seed: int = 0):

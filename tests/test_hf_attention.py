@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from pariskv_tools.hf_attention import ParisKVAttention, install, uninstall
 from sglang_pariskv.codec import encode_keys, retrieve
 from sglang_pariskv.config import ParisKVConfig
-from sglang_pariskv.hf_attention import ParisKVAttention, install, uninstall
 
 
 def tiny_llama():
@@ -85,7 +85,7 @@ def test_sparse_decode_attends_exactly_the_retrieved_set():
 
 def test_exact_retrieval_is_sink_window_and_the_brute_force_top_k():
     """Oracle: float64 scores of every zone key by the group-mean query, ranked by sort."""
-    from sglang_pariskv.hf_attention import exact_retrieval
+    from pariskv_tools.hf_attention import exact_retrieval
 
     g = torch.Generator().manual_seed(3)
     n, hq, hkv, d = 300, 6, 3, 16
@@ -107,8 +107,8 @@ def test_exact_retrieval_is_sink_window_and_the_brute_force_top_k():
 
 
 def test_exact_selection_attends_what_exact_retrieval_picks():
+    from pariskv_tools.hf_attention import ParisKVAttention, exact_retrieval
     from sglang_pariskv.codec.attention import sparse_attention
-    from sglang_pariskv.hf_attention import ParisKVAttention, exact_retrieval
 
     with pytest.raises(ValueError, match="selection"):
         ParisKVAttention(ParisKVConfig(), selection="topk")

@@ -10,7 +10,7 @@ from sglang_pariskv.kernels.select import (
     CandidateBuffers,
     select_candidates_gpu,
 )
-from sglang_pariskv.kernels.testing import (
+from tests.kernel_cases import (
     make_scenario,
     padded_codes,
 )

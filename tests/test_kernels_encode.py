@@ -10,7 +10,7 @@ import torch
 from sglang_pariskv.codec import encode_keys
 from sglang_pariskv.codec.collision import centroid_histogram
 from sglang_pariskv.kernels import add_decode_keys, add_to_histograms, encode_to_pool
-from sglang_pariskv.kernels.testing import empty_pool
+from tests.kernel_cases import empty_pool
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 

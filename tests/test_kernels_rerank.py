@@ -6,7 +6,7 @@ import torch
 from sglang_pariskv.codec.query import prepare_query
 from sglang_pariskv.codec.select import estimate_inner_products, rerank_topk
 from sglang_pariskv.kernels.rerank import rerank_estimates, topk_slots
-from sglang_pariskv.kernels.testing import (
+from tests.kernel_cases import (
     make_scenario,
     padded_codes,
 )

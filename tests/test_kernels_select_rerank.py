@@ -11,7 +11,7 @@ from sglang_pariskv.kernels.select import (
     count_candidates,
     select_candidates_gpu,
 )
-from sglang_pariskv.kernels.testing import make_scenario
+from tests.kernel_cases import make_scenario
 
 pytestmark = pytest.mark.gpu
 

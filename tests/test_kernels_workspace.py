@@ -7,7 +7,7 @@ import torch
 from sglang_pariskv.codec import retrieve, sparse_attention
 from sglang_pariskv.config import ParisKVConfig
 from sglang_pariskv.kernels import DecodeWorkspace, max_candidates
-from sglang_pariskv.kernels.testing import (
+from tests.kernel_cases import (
     make_scenario,
     padded_codes,
 )

@@ -11,10 +11,10 @@ import torch
 from sglang_pariskv.config import ParisKVConfig
 from sglang_pariskv.kernels import DecodeWorkspace
 from sglang_pariskv.kernels.assemble import kv_indptr_for
-from sglang_pariskv.kernels.testing import make_scenario
 from sglang_pariskv.offload.fetch import OffloadFetcher, fetch_reference
 from sglang_pariskv.offload.host_pool import HostKVPool
 from sglang_pariskv.offload.hot_cache import HotCache
+from tests.kernel_cases import make_scenario
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 

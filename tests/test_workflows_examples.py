@@ -21,8 +21,8 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from pariskv_tools.workloads import documents, prom, smollm2
 from sglang_pariskv.metrics import BatchCounts, ParisKVMetrics
-from sglang_pariskv.workloads import documents, prom, smollm2
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -58,7 +58,7 @@ def tok(request):
         return WhitespaceTokenizer()
     t = _smollm2_tokenizer()
     if t is None:
-        pytest.skip("SmolLM2 not cached (run `python -m sglang_pariskv.demo` once)")
+        pytest.skip("SmolLM2 not cached (run `python -m pariskv_tools.demo` once)")
     return t
 
 
@@ -625,7 +625,7 @@ srv.serve_forever()
 @pytest.fixture
 def bench(monkeypatch):
     if _smollm2_tokenizer() is None:
-        pytest.skip("SmolLM2 not cached (run `python -m sglang_pariskv.demo` once)")
+        pytest.skip("SmolLM2 not cached (run `python -m pariskv_tools.demo` once)")
     spec = importlib.util.spec_from_file_location(
         "bench_workflows", EXAMPLES.parent / "benchmarks" / "bench_workflows.py"
     )

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sglang_pariskv.workloads import capture as cap_mod
-from sglang_pariskv.workloads import tasks
-from sglang_pariskv.workloads.smollm2 import load_smollm2
+from pariskv_tools.workloads import capture as cap_mod
+from pariskv_tools.workloads import tasks
+from pariskv_tools.workloads.smollm2 import load_smollm2
 
 N_DECODE = 8
 pytestmark = pytest.mark.slow

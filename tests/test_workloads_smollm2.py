@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sglang_pariskv.workloads import smollm2
+from pariskv_tools.workloads import smollm2
 
 
 @pytest.fixture(scope="session")
@@ -66,7 +66,7 @@ def test_ensure_is_cached(model_and_tokenizer):
 
 
 def _fake_pipeline(monkeypatch, calls: list[str]) -> None:
-    def fake_download(root: Path) -> Path:
+    def fake_download(root: Path, gguf: Path | None = None) -> Path:
         calls.append("download")
         return root / "fake.gguf"
 
@@ -132,3 +132,12 @@ def test_missing_gguf_override_is_explained(tmp_path, monkeypatch):
     monkeypatch.setenv(smollm2.GGUF_ENV, str(tmp_path / "nope.gguf"))
     with pytest.raises(FileNotFoundError, match=smollm2.GGUF_ENV):
         smollm2._download_gguf(tmp_path)
+
+
+def test_gguf_argument_wins_over_env(tmp_path, monkeypatch):
+    local = tmp_path / "local.gguf"
+    local.write_bytes(b"GGUF")
+    monkeypatch.setenv(smollm2.GGUF_ENV, str(tmp_path / "nope.gguf"))
+    assert smollm2._download_gguf(tmp_path, local) == local
+    with pytest.raises(FileNotFoundError, match="--smollm2-gguf"):
+        smollm2._download_gguf(tmp_path, tmp_path / "missing.gguf")

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sglang_pariskv.workloads import tasks
-from sglang_pariskv.workloads.smollm2 import ensure_smollm2
+from pariskv_tools.workloads import tasks
+from pariskv_tools.workloads.smollm2 import ensure_smollm2
 
 TARGETS = [1000, 2000, 4000, 7900]
 

@@ -5,8 +5,8 @@ import json
 import torch
 from transformers import AutoModelForCausalLM
 
-from sglang_pariskv.workloads.smollm2 import ensure_smollm2
-from sglang_pariskv.workloads.widen import widen_checkpoint, widen_state_dict
+from pariskv_tools.workloads.smollm2 import ensure_smollm2
+from pariskv_tools.workloads.widen import widen_checkpoint, widen_state_dict
 
 
 def test_widened_smollm2_gives_the_same_logits(tmp_path):

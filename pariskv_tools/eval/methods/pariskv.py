@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pariskv_tools.eval.trace import LayerTrace, StepBatch
 from sglang_pariskv.codec.budget import (
     num_candidates,
     retrieval_ratios,
@@ -40,7 +41,6 @@ from sglang_pariskv.codec.encode import decode_directions, encode_keys
 from sglang_pariskv.codec.query import prepare_query
 from sglang_pariskv.codec.rotation import rotation_matrix
 from sglang_pariskv.config import ParisKVConfig
-from sglang_pariskv.eval.trace import LayerTrace, StepBatch
 
 # Candidates outrank every non-candidate: collision scores are <= 15 tiers x B blocks, estimates
 # are |<q, k>| << 1e9 for any real model.

@@ -3,7 +3,7 @@
 A method prepares per-layer state once (its index, built from prefill keys and extended by
 generated keys as they arrive) and then, for a batch of decode steps, returns one score per
 (step, KV head, key position): higher is retrieved first. Positions outside the retrieval
-zone and ties are handled by :func:`sglang_pariskv.eval.ranking.rank`, so methods stay small.
+zone and ties are handled by :func:`pariskv_tools.eval.ranking.rank`, so methods stay small.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 import torch
 
-from sglang_pariskv.eval.trace import LayerTrace, StepBatch
+from pariskv_tools.eval.trace import LayerTrace, StepBatch
 
 
 class Method(Protocol):

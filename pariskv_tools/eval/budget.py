@@ -38,8 +38,8 @@ class Budget:
         return torch.minimum(self.attended(seq_lens) - self.sink - self.local, zone).clamp_min(0)
 
     def batch(self, queries: torch.Tensor, seq_lens: torch.Tensor):
-        """A :class:`~sglang_pariskv.eval.trace.StepBatch` of these steps at this budget."""
-        from sglang_pariskv.eval.trace import StepBatch
+        """A :class:`~pariskv_tools.eval.trace.StepBatch` of these steps at this budget."""
+        from pariskv_tools.eval.trace import StepBatch
 
         full = torch.ones_like(seq_lens, dtype=torch.int64)
         return StepBatch(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from sglang_pariskv.eval.trace import LayerTrace, StepBatch
+from pariskv_tools.eval.trace import LayerTrace, StepBatch
 
 
 class StreamingLLM:

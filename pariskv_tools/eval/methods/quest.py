@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sglang_pariskv.eval.trace import LayerTrace, StepBatch, group_mean_query
+from pariskv_tools.eval.trace import LayerTrace, StepBatch, group_mean_query
 
 
 @dataclass

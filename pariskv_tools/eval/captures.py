@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from sglang_pariskv.eval.trace import LayerTrace
+from pariskv_tools.eval.trace import LayerTrace
 
 MAX_POSITIONS = 8192  # SmolLM2-135M's context: the 8K prompt leaves room for the decode
 
@@ -41,10 +41,11 @@ DEFAULT_CONTEXTS = (
 )
 
 
-def default_cache_dir() -> Path:
-    from sglang_pariskv.workloads.smollm2 import cache_root
+def default_cache_dir(root: Path | None = None) -> Path:
+    """``captures`` under the SmolLM2 cache root (``root``, else $SGLANG_PARISKV_CACHE...)."""
+    from pariskv_tools.workloads.smollm2 import cache_root
 
-    return cache_root() / "captures"
+    return cache_root(root) / "captures"
 
 
 def capture_path(spec: ContextSpec, n_decode: int, seed: int, cache_dir: Path) -> Path:
@@ -64,18 +65,25 @@ def _task_name(tasks_module, wanted: str) -> str:
 
 
 def load_or_capture(
-    spec: ContextSpec, n_decode: int, seed: int, cache_dir: Path, progress: bool = True
+    spec: ContextSpec,
+    n_decode: int,
+    seed: int,
+    cache_dir: Path,
+    progress: bool = True,
+    model_cache: Path | None = None,
+    gguf: Path | None = None,
 ):
-    """The cached capture of ``spec``, capturing it (and caching) when missing."""
-    from sglang_pariskv.workloads import tasks
-    from sglang_pariskv.workloads.capture import Capture, capture
-    from sglang_pariskv.workloads.smollm2 import load_smollm2
+    """The cached capture of ``spec``, capturing it (and caching) when missing; the model
+    comes from :func:`load_smollm2` with ``model_cache`` and ``gguf``."""
+    from pariskv_tools.workloads import tasks
+    from pariskv_tools.workloads.capture import Capture, capture
+    from pariskv_tools.workloads.smollm2 import load_smollm2
 
     path = capture_path(spec, n_decode, seed, cache_dir)
     if path.is_file():
         return Capture.load(path)
     print(f"[eval] capturing {spec.label} ({spec.task}) -> {path}", file=sys.stderr, flush=True)
-    model, tokenizer = load_smollm2()
+    model, tokenizer = load_smollm2(cache_dir=model_cache, gguf=gguf)
     name = _task_name(tasks, spec.task)
     task = tasks.make_task(name, tokenizer, spec.prompt_tokens(n_decode), seed=seed)
     prompt = torch.tensor(tasks.format_chat(tokenizer, task))

@@ -15,17 +15,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sglang_pariskv.eval.budget import Budget
-from sglang_pariskv.eval.methods.base import Method
-from sglang_pariskv.eval.metrics import (
+from pariskv_tools.eval.budget import Budget
+from pariskv_tools.eval.methods.base import Method
+from pariskv_tools.eval.metrics import (
     StepReference,
     dense_probs,
     recall_at_k,
     take_first,
     topk_mask,
 )
-from sglang_pariskv.eval.ranking import rank, zone_mask
-from sglang_pariskv.eval.trace import LayerTrace, StepBatch, group_mean_query
+from pariskv_tools.eval.ranking import rank, zone_mask
+from pariskv_tools.eval.trace import LayerTrace, StepBatch, group_mean_query
 
 METRICS = ("recall_at_100", "recall_at_budget", "mass_recall", "output_rel_err")
 

@@ -14,20 +14,20 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from sglang_pariskv.eval.budget import budget_for
-from sglang_pariskv.eval.captures import (
+from pariskv_tools.eval.budget import budget_for
+from pariskv_tools.eval.captures import (
     DEFAULT_CONTEXTS,
     ContextSpec,
     layer_trace,
     load_or_capture,
 )
-from sglang_pariskv.eval.layer_eval import LayerResult, evaluate_layer
-from sglang_pariskv.eval.methods import Method
-from sglang_pariskv.eval.plots import plot_all
-from sglang_pariskv.eval.summary import LAYER_GROUPS, summarize, table
+from pariskv_tools.eval.layer_eval import LayerResult, evaluate_layer
+from pariskv_tools.eval.methods import Method
+from pariskv_tools.eval.plots import plot_all
+from pariskv_tools.eval.summary import LAYER_GROUPS, summarize, table
 
 #: Sources whose uncommitted edits would make the run irreproducible from the commit.
-_EVAL_SOURCES = ("sglang_pariskv/eval", "sglang_pariskv/codec", "sglang_pariskv/config.py")
+_EVAL_SOURCES = ("pariskv_tools/eval", "sglang_pariskv/codec", "sglang_pariskv/config.py")
 BASELINES = ("streaming", "quest", "magicpig_simhash", "pqcache")
 
 
@@ -133,15 +133,25 @@ def run_retrieval(
     command: str,
     plots: bool = True,
     captures: dict | None = None,
+    model_cache: Path | None = None,
+    gguf: Path | None = None,
 ) -> dict:
     """Evaluate ``methods`` on every context and write JSON + plots next to ``out_json``.
 
-    ``captures`` (label -> Capture) skips loading, for tests on synthetic traces."""
+    ``captures`` (label -> Capture) skips loading, for tests on synthetic traces; a missing
+    capture is recorded on SmolLM2 loaded with ``model_cache`` and ``gguf``."""
     t0 = time.monotonic()
     caps = dict(captures or {})
     for spec in settings.contexts:
         if spec.label not in caps:
-            caps[spec.label] = load_or_capture(spec, settings.n_decode, settings.seed, cache_dir)
+            caps[spec.label] = load_or_capture(
+                spec,
+                settings.n_decode,
+                settings.seed,
+                cache_dir,
+                model_cache=model_cache,
+                gguf=gguf,
+            )
     capture_s = time.monotonic() - t0
     num_layers = next(iter(caps.values())).n_layers
     layers = settings.layers if settings.layers is not None else list(range(num_layers))

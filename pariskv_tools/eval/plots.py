@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from sglang_pariskv.eval.summary import LAYER_GROUPS  # noqa: E402
+from pariskv_tools.eval.summary import LAYER_GROUPS  # noqa: E402
 
 
 def _smooth(values: list[float], window: int = 32) -> torch.Tensor:

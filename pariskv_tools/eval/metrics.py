@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from sglang_pariskv.eval.ranking import per_row
+from pariskv_tools.eval.ranking import per_row
 
 
 def dense_probs(

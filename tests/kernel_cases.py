@@ -1,4 +1,4 @@
-"""Scenario builders shared by the kernel tests and the kernel benchmark.
+"""Scenario builders and the Triton-interpreter guard shared by the kernel tests.
 
 A scenario is what SGLang hands the attention backend at a decode step: a slot-keyed code
 pool and histograms filled by :func:`encode_to_pool`, a ``req_to_token`` table mapping

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from sglang_pariskv.eval.layer_eval import METRICS, LayerResult
+from pariskv_tools.eval.layer_eval import METRICS, LayerResult
 
 LAYER_GROUPS = ("early", "middle", "late")
 

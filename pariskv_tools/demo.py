@@ -4,7 +4,12 @@ SmolLM2-135M-Instruct answers the same passkey prompt twice, with dense attentio
 ParisKV sparse decoding (``hf_attention``), and the demo prints both answers, the token
 budget ParisKV attended and how much of dense attention it kept per layer group.
 
-    python -m sglang_pariskv.demo [--context 7800] [--topk 300] [--depth 0.4] [--seed 0]
+    sglang-pariskv-demo [--context 7800] [--topk 300] [--depth 0.4] [--seed 0]
+    python -m pariskv_tools.demo ...    (the same)
+
+``--help`` lists every option with its default. SmolLM2's cache root and GGUF come from
+``--cache-root`` / ``--smollm2-gguf``, else from ``$SGLANG_PARISKV_CACHE`` /
+``$SGLANG_PARISKV_SMOLLM2_GGUF`` (see :mod:`pariskv_tools.workloads.smollm2`).
 """
 
 from __future__ import annotations
@@ -17,10 +22,11 @@ import time
 import torch
 from tqdm import tqdm
 
+from pariskv_tools.cli import HelpFormatter, add_smollm2_args
+from pariskv_tools.hf_attention import ParisKVAttention, install, uninstall
+from pariskv_tools.workloads import tasks
+from pariskv_tools.workloads.smollm2 import load_smollm2
 from sglang_pariskv.config import ParisKVConfig
-from sglang_pariskv.hf_attention import ParisKVAttention, install, uninstall
-from sglang_pariskv.workloads import tasks
-from sglang_pariskv.workloads.smollm2 import load_smollm2
 
 
 @torch.inference_mode()
@@ -51,22 +57,31 @@ def layer_groups(num_layers: int) -> dict[str, range]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="sglang-pariskv-demo",
+        description=__doc__.splitlines()[0],
+        formatter_class=HelpFormatter,
+    )
     ap.add_argument("--context", type=int, default=7800, help="document tokens (≤ 8000)")
     ap.add_argument("--depth", type=float, default=0.4, help="relative passkey depth")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--topk", type=int, default=300)
-    ap.add_argument("--sink", type=int, default=64)
-    ap.add_argument("--local", type=int, default=256)
-    ap.add_argument("--max-new", type=int, default=12)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
-    args = ap.parse_args(argv)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the document and passkey")
+    ap.add_argument("--topk", type=int, default=300, help="ParisKV's retrieved tokens per head")
+    ap.add_argument("--sink", type=int, default=64, help="leading tokens always attended")
+    ap.add_argument("--local", type=int, default=256, help="recent tokens always attended")
+    ap.add_argument("--max-new", type=int, default=12, help="tokens generated per answer")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    add_smollm2_args(ap)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     cfg = ParisKVConfig(topk=args.topk, sink=args.sink, local=args.local, dense_threshold=0)
-    model, tok = load_smollm2()
+    model, tok = load_smollm2(cache_dir=args.cache_root, gguf=args.smollm2_gguf)
     task = tasks.passkey(tok, args.context, depth=args.depth, seed=args.seed)
     prompt = tasks.format_chat(tok, task)
     print(f"prompt: {len(prompt)} tokens, passkey at depth {args.depth}: {task.answer}")

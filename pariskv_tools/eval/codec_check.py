@@ -1,19 +1,19 @@
 """Cross-check on real traces: the evaluation's ParisKV ranking cut at k is ``codec.retrieve``.
 
 The unit test checks the equivalence on planted data; this runs it on captured steps, e.g.
-``python -m sglang_pariskv.eval.codec_check``, and prints how many (step, head) sets differ.
+``python -m pariskv_tools.eval.codec_check``, and prints how many (step, head) sets differ.
 """
 
 from __future__ import annotations
 
 import torch
 
+from pariskv_tools.eval.budget import Budget
+from pariskv_tools.eval.methods import ParisKV
+from pariskv_tools.eval.ranking import rank, zone_mask
+from pariskv_tools.eval.trace import LayerTrace
 from sglang_pariskv.codec import KeyCodes, encode_keys, retrieve
 from sglang_pariskv.config import ParisKVConfig
-from sglang_pariskv.eval.budget import Budget
-from sglang_pariskv.eval.methods import ParisKV
-from sglang_pariskv.eval.ranking import rank, zone_mask
-from sglang_pariskv.eval.trace import LayerTrace
 
 
 def mismatches(trace: LayerTrace, budget: Budget, steps: list[int]) -> tuple[int, int]:
@@ -39,8 +39,8 @@ def mismatches(trace: LayerTrace, budget: Budget, steps: list[int]) -> tuple[int
 
 
 def main() -> None:
-    from sglang_pariskv.eval.budget import budget_for
-    from sglang_pariskv.eval.captures import (
+    from pariskv_tools.eval.budget import budget_for
+    from pariskv_tools.eval.captures import (
         DEFAULT_CONTEXTS,
         default_cache_dir,
         layer_trace,

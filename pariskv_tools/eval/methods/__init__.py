@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from sglang_pariskv.eval.methods.base import Method
-from sglang_pariskv.eval.methods.exact import ExactTopK
-from sglang_pariskv.eval.methods.pariskv import ParisKV
-from sglang_pariskv.eval.methods.pq import ProductQuantization
-from sglang_pariskv.eval.methods.quest import Quest
-from sglang_pariskv.eval.methods.simhash import SimHash
-from sglang_pariskv.eval.methods.streaming import StreamingLLM
+from pariskv_tools.eval.methods.base import Method
+from pariskv_tools.eval.methods.exact import ExactTopK
+from pariskv_tools.eval.methods.pariskv import ParisKV
+from pariskv_tools.eval.methods.pq import ProductQuantization
+from pariskv_tools.eval.methods.quest import Quest
+from pariskv_tools.eval.methods.simhash import SimHash
+from pariskv_tools.eval.methods.streaming import StreamingLLM
 
 __all__ = [
     "ExactTopK",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from sglang_pariskv.eval.trace import LayerTrace, StepBatch, group_mean_query
+from pariskv_tools.eval.trace import LayerTrace, StepBatch, group_mean_query
 
 
 class ExactTopK:

