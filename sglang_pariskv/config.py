@@ -276,6 +276,18 @@ SERVING_HEAD_DIMS: tuple[int, ...] = (64, 128)
 MIN_COMPUTE_CAPABILITY: tuple[int, int] = (8, 0)
 
 
+def check_kernel_head_dim(head_dim: int) -> None:
+    """What the Triton kernels take: a power-of-two multiple of 8 (the encode's
+    Walsh-Hadamard rotation works on a power-of-two count of 8-dim blocks). Tests run them
+    at small head dims; serving narrows this to :data:`SERVING_HEAD_DIMS`."""
+    check_head_dim(head_dim)
+    if head_dim & (head_dim - 1):
+        raise ParisKVConfigError(
+            f"head_dim {head_dim}: ParisKV's kernels need a power of two (64 or 128 are "
+            "served); serve this model without --enable-pariskv"
+        )
+
+
 def check_serving_shape(
     head_dim: int, num_q_heads: int, num_kv_heads: int, model_name: str = "this model"
 ) -> None:

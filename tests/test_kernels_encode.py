@@ -60,7 +60,7 @@ def test_encode_refuses_a_head_dim_that_is_not_a_power_of_two(d):
     """The rotation is one Hadamard block only for a power-of-two head_dim."""
     pool = empty_pool(4, 1, d, DEV)
     keys = torch.randn(2, 1, d, device=DEV)
-    with pytest.raises(ValueError, match=f"head_dim={d}"):
+    with pytest.raises(ValueError, match=f"head_dim {d}: .* power of two"):
         encode_to_pool(keys, torch.tensor([1, 2], device=DEV), pool)
 
 

@@ -25,7 +25,7 @@ import triton.language as tl
 from sglang_pariskv.codec.encode import KeyCodes
 from sglang_pariskv.codec.levels import magnitude_levels, magnitude_thresholds
 from sglang_pariskv.codec.rotation import rotation_signs
-from sglang_pariskv.config import check_head_dim
+from sglang_pariskv.config import check_kernel_head_dim
 
 _FP16_MAX = tl.constexpr(65504.0)
 _TINY = tl.constexpr(
@@ -153,9 +153,7 @@ def encode_to_pool(
     at 32K tokens); other head_dims are refused.
     """
     t, h, d = keys.shape
-    check_head_dim(d)
-    if d & (d - 1):
-        raise ValueError(f"the encode kernel needs a power-of-two head_dim, got head_dim={d}")
+    check_kernel_head_dim(d)
     b = d // 8
     for name, x, width in (("signs", pool.signs, b), ("mags", pool.mags, 3 * b)):
         if x.shape[1:] != (h, width) or not x.is_contiguous():

@@ -41,7 +41,7 @@ from sglang_pariskv.codec.budget import (
 from sglang_pariskv.codec.encode import KeyCodes
 from sglang_pariskv.codec.query import PreparedQuery
 from sglang_pariskv.codec.rotation import rotation_matrix
-from sglang_pariskv.config import ParisKVConfig, check_head_dim
+from sglang_pariskv.config import ParisKVConfig, check_kernel_head_dim
 from sglang_pariskv.kernels.assemble import assemble_indices, kv_indptr_for, max_row_length
 from sglang_pariskv.kernels.collision import collision_scan, score_bins
 from sglang_pariskv.kernels.cuda_ops import (
@@ -132,7 +132,7 @@ class DecodeWorkspace:
         per program). The CUDA kernels' are fixed by csrc/ (the count pass then uses
         :data:`SELECT_RERANK_CHUNK`); tests shrink the Triton ones so that small contexts
         span several programs. ``elide_dense_rows``: see :attr:`max_row`."""
-        check_head_dim(head_dim)
+        check_kernel_head_dim(head_dim)
         if num_q_heads % num_kv_heads:
             raise ValueError(f"{num_q_heads} query heads over {num_kv_heads} KV heads")
         self.config = config
