@@ -22,6 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_e2e as e2e  # noqa: E402
 
+from pariskv_tools.cli import HelpFormatter  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results" / "short_traffic.json"
 
 
@@ -88,7 +90,7 @@ def plot(data: dict, out: Path) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=__doc__.splitlines()[0], formatter_class=HelpFormatter
     )
     ap.add_argument(
         "--inputs",
