@@ -42,7 +42,7 @@ def batch(lens):
     )
 
 
-def run_plan(b, fb, graph=None):
+def run_plan(b, fb, graph=None, in_capture=False):
     seen = {}
 
     def plan_dense():
@@ -55,7 +55,7 @@ def run_plan(b, fb, graph=None):
         seen["scale"] = sm_scale
 
     sparse = types.SimpleNamespace(plan=plan_sparse)
-    b._plan_decode(fb, plan_dense, sparse, graph=graph)
+    b._plan_decode(fb, plan_dense, sparse, graph=graph, in_capture=in_capture)
     return seen, sparse
 
 
@@ -154,3 +154,19 @@ def test_padding_rows_do_not_change_a_steps_kind(backend):
     for lens in ([20000], [20000, 20000], [300], [31000]):
         padded = torch.tensor(lens + [1] * 5)
         assert backend.step_is_sparse(torch.tensor(lens)) == backend.step_is_sparse(padded)
+
+
+def test_a_capture_is_planned_and_timed_but_not_counted(backend):
+    """A CUDA-graph capture serves no request: its plan and armed timer make the graph, but
+    operators' counters (steps, sparse steps) stay as they were."""
+    from sglang_pariskv.attention.retrieval_timer import RetrievalTimer
+    from tests.test_retrieval_timer import Clock, FakeEvent
+
+    backend.observer.timer = RetrievalTimer(2, make_event=lambda: FakeEvent(Clock()))
+    seen, sparse = run_plan(backend, batch([1, 1]), graph="sparse", in_capture=True)
+    assert backend._sparse is sparse and "sparse_lens" in seen
+    assert backend.observer.timer._key == "eager"  # the captured layers record events
+    st = backend.observer.stats
+    assert st.decode_steps == st.sparse_steps == 0 and st.totals.dense_request_steps == 0
+    run_plan(backend, batch([5000]), graph="sparse")
+    assert st.decode_steps == st.sparse_steps == 1

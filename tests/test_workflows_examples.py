@@ -635,8 +635,8 @@ def bench(monkeypatch):
     monkeypatch.setattr(mod, "STOP_GRACE_S", 0.0)
     real_cmd = mod._server_cmd
 
-    def fake_cmd(model, port, cfg, pariskv, extra):
-        cmd = real_cmd(model, port, cfg, pariskv, extra)
+    def fake_cmd(model, port, cfg, pariskv, extra, stats_dir=None):
+        cmd = real_cmd(model, port, cfg, pariskv, extra, stats_dir)
         return [sys.executable, "-c", FAKE_SERVER, *cmd[3:]]  # same flags, fake server
 
     monkeypatch.setattr(mod, "_server_cmd", fake_cmd)
@@ -675,7 +675,9 @@ def test_bench_runs_both_servers_and_writes_results(bench, tmp_path):
         c[c.index("--port") + 1] = "PORT"  # each server gets its own free port
     assert "--enable-pariskv" in cmds["pariskv"] and "--enable-pariskv" not in cmds["dense"]
     assert cmds["pariskv"][: len(cmds["dense"])] == cmds["dense"]  # ParisKV is the only change
-    assert " ".join(cmds["pariskv"][len(cmds["dense"]) :]) == (
+    added = cmds["pariskv"][len(cmds["dense"]) :]
+    assert added[-2] == "--pariskv-stats-dir" and added[-1].endswith("smollm2-pariskv-stats")
+    assert " ".join(added[:-2]) == (
         "--enable-pariskv --pariskv-topk 100 --pariskv-sink 32 --pariskv-local 64 "
         "--pariskv-dense-threshold 1024"
     )

@@ -185,6 +185,7 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         sparse: HeadAsBatchDecode,
         graph: str | None = None,
         key: Any = "eager",
+        in_capture: bool = False,
     ) -> None:
         """Plan both calls of a decode step. ``graph``: the CUDA graph the step captures or
         replays, "sparse" (it holds the retrieval path, run even if no request needs it)
@@ -210,6 +211,7 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             ),
             sparse=run_sparse,
             timer_key=key,
+            served=not in_capture,
         )
         if not run_sparse:
             self._sparse = None
@@ -278,6 +280,7 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             self.graph_sparse[bs],
             graph=graph,
             key=bs,
+            in_capture=in_capture,
         )
         if in_capture and self.graphs.capture_step is not None:
             self.graphs.keep_wrappers(bs, self.decode_cuda_graph_metadata[bs])

@@ -86,14 +86,19 @@ class DecodeObserver:
         )
 
     # -- decode steps --------------------------------------------------------------------
-    def decode_step(self, counts: BatchCounts, *, sparse: bool, timer_key: Any) -> None:
-        """One planned decode step: its counts, and the retrieval timer armed for its
-        layers iff it runs the retrieval path (the previous armed step is read back)."""
-        self.stats.decode_steps += 1
-        self.stats.sparse_steps += int(sparse)
+    def decode_step(
+        self, counts: BatchCounts, *, sparse: bool, timer_key: Any, served: bool = True
+    ) -> None:
+        """One planned decode step: the retrieval timer armed for its layers iff it runs
+        the retrieval path (the previous armed step is read back), and its counts unless
+        it is a CUDA-graph capture (``served`` False), which serves no request."""
         if self.timer is not None:
             timer = self.timer
             self._observe_retrieval(timer.begin_step(timer_key) if sparse else timer.disarm())
+        if not served:
+            return
+        self.stats.decode_steps += 1
+        self.stats.sparse_steps += int(sparse)
         self.emit(counts)
 
     def _observe_retrieval(self, seconds: float | None) -> None:
