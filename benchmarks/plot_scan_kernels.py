@@ -1,4 +1,4 @@
-"""Draws results/scan_kernels.png from results/scan_kernels.json (session 10's collision
+"""Draws results/scan_kernels.png from results/scan_kernels.json (the collision
 scan variants, timed by bench_retrieval_in_step.py at the commit the JSON names).
 
     python benchmarks/plot_scan_kernels.py

@@ -23,7 +23,7 @@ OFFLOAD_MODES: tuple[str, ...] = ("none", "host")
 #: the size bench_offload measured (hit rate 0.76 at 1M tokens, batch 1).
 DEFAULT_HOT_CACHE_LINES: int = 65536
 
-#: Tier budget fractions of ParisKV's collision stage (DESIGN.md step 7).
+#: Tier budget fractions of ParisKV's collision stage (docs/design.md step 7).
 DEFAULT_TIER_RATIOS: tuple[float, ...] = (0.05, 0.15, 0.30, 0.50, 0.75, 1.0)
 
 

@@ -90,7 +90,8 @@ def diagnostics(results: dict[str, dict[int, LayerResult]]) -> dict:
 
 
 def check_targets(summary: dict) -> dict:
-    """The issue's targets, evaluated on this run."""
+    """The project's retrieval-quality targets (recall@100, attention-mass recall at a 10%
+    budget; see docs/retrieval_quality.md), evaluated on this run."""
     p = summary.get("pariskv")
     if p is None:
         return {}

@@ -1,4 +1,4 @@
-"""Attention over an index set (DESIGN.md step 10), the reference for the serving path.
+"""Attention over an index set (docs/design.md step 10), the reference for the serving path.
 
 GQA layout as in HF and SGLang: query head h reads KV head h // (Hq / Hkv). Computed in
 float32 (float64 for float64 inputs) so it can serve as an oracle.

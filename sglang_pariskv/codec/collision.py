@@ -1,4 +1,4 @@
-"""Collision stage (DESIGN.md step 7): centroid histograms, tiers and integer key scores.
+"""Collision stage (docs/design.md step 7): centroid histograms, tiers and integer key scores.
 
 The 256 sign patterns of an 8-dim block are fixed centroids c = s / sqrt(8). For a query
 block, centroids are ranked by <c, q_b>; walking down that ranking, a centroid is in tier

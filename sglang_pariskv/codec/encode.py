@@ -1,4 +1,4 @@
-"""Key encoding: sign ids, 3-bit magnitudes and per-block weights (DESIGN.md steps 1–5).
+"""Key encoding: sign ids, 3-bit magnitudes and per-block weights (docs/design.md steps 1–5).
 
 Per key and 8-dim block b of the rotated unit key k~:
   * ``signs[b]``: one byte, bit j set iff k~_bj >= 0. It is both the coarse (collision)

@@ -1,4 +1,4 @@
-"""Query side of retrieval (DESIGN.md step 6): one rotated unit query per KV head.
+"""Query side of retrieval (docs/design.md step 6): one rotated unit query per KV head.
 
 All query heads of a GQA group read the same keys, so retrieval runs once per KV head
 with the group's mean query: the mean is the query whose inner product with each key is

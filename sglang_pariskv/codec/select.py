@@ -1,4 +1,4 @@
-"""Candidate selection, rerank and final top-k (DESIGN.md steps 8–9).
+"""Candidate selection, rerank and final top-k (docs/design.md steps 8–9).
 
 Candidates are the C zone keys with the highest integer collision score; among equal
 scores the earlier position wins (a stable order, so kernels and oracle agree exactly).

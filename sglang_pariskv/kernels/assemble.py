@@ -1,4 +1,4 @@
-"""Index assembly: sink + local window + top-k -> FlashInfer ``kv_indices`` (DESIGN.md 10).
+"""Index assembly: sink + local window + top-k -> FlashInfer ``kv_indices`` (docs/design.md 10).
 
 "Head as batch" layout: the K/V pool ``[slots, Hkv, D]`` is viewed as ``[slots * Hkv, 1, D]``
 (page size 1, one KV head), a (request, KV head) pair is one batch row with the GQA group

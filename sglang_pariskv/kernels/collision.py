@@ -1,6 +1,6 @@
 """Collision scan: integer key scores through ``req_to_token`` plus a score histogram.
 
-The one pass over every token of every request (DESIGN.md 7-8), so it is the part that must
+The one pass over every token of every request (docs/design.md 7-8), so it is the part that must
 run at HBM speed. A program owns a contiguous run of positions of one request and reads
 whole pool rows (all heads of a token, ``Hkv * B`` contiguous sign bytes), looks each sign
 id up in the request's tier table (``[Hkv, B, 256]`` uint8, small enough to stay in L1),

@@ -1,4 +1,4 @@
-"""Encode-at-write: post-RoPE keys -> ParisKV codes in the slot-keyed pool (DESIGN.md 1-5).
+"""Encode-at-write: post-RoPE keys -> ParisKV codes in the slot-keyed pool (docs/design.md 1-5).
 
 One fused pass per block of (token, head) rows: load the key, normalise, rotate (the
 rotation of :func:`codec.rotation.rotation_matrix` is a sign flip then one Hadamard block

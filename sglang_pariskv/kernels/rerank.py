@@ -1,4 +1,4 @@
-"""Rerank candidates with the 3-bit estimator and keep the final top-k (DESIGN.md 9).
+"""Rerank candidates with the 3-bit estimator and keep the final top-k (docs/design.md 9).
 
 ``_rerank_kernel`` decodes each candidate's record (signs, packed magnitudes, fp16 weights,
 pool row ``slot * Hkv + head``; candidates arrive as KV slots, so there is no dependent

@@ -1,4 +1,4 @@
-"""Candidate selection: top-C zone positions by uint8 collision score (DESIGN.md 8).
+"""Candidate selection: top-C zone positions by uint8 collision score (docs/design.md 8).
 
 Exact, stable (lower position first among equal scores), with no sort:
   1. ``_count_kernel``: from the score histogram of the scan, the threshold score s* (the

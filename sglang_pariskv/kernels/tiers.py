@@ -1,4 +1,4 @@
-"""Tier table of one (request, KV head, block) for the collision scan (DESIGN.md 7), as the
+"""Tier table of one (request, KV head, block) for the collision scan (docs/design.md 7), as the
 Triton device function :func:`block_tiers` that the fused query + tier kernel
 (:mod:`kernels.query_tiers`) calls.
 

@@ -16,7 +16,7 @@ SGLang's ``MHATokenToKVPool`` keeps per layer on the GPU.
   slot is overwritten by its next writer. Nothing here tracks requests.
 * The unit of retrieval is one (slot, head) pair: :meth:`layer_rows` views a layer's K
   (or V) as ``[slots·Hkv, D]``; row ``slot·Hkv + head`` is the number FlashInfer's "head
-  as batch" ``kv_indices`` already hold. The issue's UVA numbers (H100: 50 GB/s for 2 KB
+  as batch" ``kv_indices`` already hold. UVA reads over PCIe (H100: 50 GB/s for 2 KB
   rows, 13 GB/s for 256 B rows scattered over a 4 GB pool) charge per scattered row.
 * Layer-major: one layer's K occupies one contiguous ``slots·Hkv·D`` range, so a layer's
   fetch touches a small part of the pool's address range (fewer translations).

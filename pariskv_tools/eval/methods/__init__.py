@@ -26,7 +26,7 @@ ORACLES = ("exact_topk",)
 
 
 def default_methods(seed: int = 0) -> list[Method]:
-    """Every method of the comparison, with the issue's parameters."""
+    """Every method of the comparison, with the budgets of the quality targets (``eval.retrieval.check_targets``)."""
     return [
         ParisKV(outputs=("full", "stage1")),
         ParisKV(name="pariskv_norot", outputs=("full",), rotate=False),
