@@ -135,9 +135,10 @@ class ParisKVConfig:
                 f"{list(OFFLOAD_MODES)} (--pariskv-offload)"
             )
         gb = self.host_pool_gb
-        if isinstance(gb, bool) or not isinstance(gb, (int, float)) or not gb >= 0:
+        bad = isinstance(gb, bool) or not isinstance(gb, (int, float))
+        if bad or not gb >= 0 or not math.isfinite(gb):
             raise ParisKVConfigError(
-                f"pariskv host_pool_gb={gb!r} is invalid: expected GiB >= 0 "
+                f"pariskv host_pool_gb={gb!r} is invalid: expected a finite GiB >= 0 "
                 "(--pariskv-host-pool-gb)"
             )
         object.__setattr__(self, "host_pool_gb", float(gb))
@@ -177,6 +178,17 @@ class ParisKVConfig:
         raise ParisKVConfigError(
             f"pariskv {name}={value!r} is invalid: expected an integer {bound} ({_flag(name)})"
         )
+
+    def check_context(self, context_len: int) -> None:
+        """Refuse sizes larger than the served context: the decode workspace is sized by
+        ``budget`` per (request, KV head), so an oversized value would only end in an
+        out-of-memory error at startup (and every request would decode densely anyway)."""
+        if self.budget > context_len:
+            raise ParisKVConfigError(
+                f"--pariskv-topk {self.topk} + --pariskv-sink {self.sink} + --pariskv-local "
+                f"{self.local} = {self.budget} tokens per step, more than the context length "
+                f"{context_len}: lower them (their sum at most {context_len})"
+            )
 
     @property
     def budget(self) -> int:

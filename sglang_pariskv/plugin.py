@@ -338,6 +338,7 @@ def _backend_factory(original, cfg: ParisKVConfig):
             or bool(getattr(mc, "is_hybrid_swa", False)),
             model_name=getattr(runner.server_args, "model_path", "this model"),
         )
+        cfg.check_context(int(mc.context_len))
         if str(runner.device).startswith("cuda"):
             import torch
 

@@ -30,6 +30,7 @@ def test_defaults_are_valid_and_round_trip():
         ({"tier_ratios": (0.5, 0.2)}, ["tier_ratios", "increasing"]),
         ({"tier_ratios": ()}, ["tier_ratios"]),
         ({"stats_dir": ""}, ["stats_dir=''", "--pariskv-stats-dir"]),
+        ({"offload": "host", "host_pool_gb": float("inf")}, ["host_pool_gb=inf", "finite"]),
         ({"stats_dir": 3}, ["stats_dir=3", "folder"]),
         ({"hot_cache_lines": 8}, ["--pariskv-hot-cache-lines 8", "host offload only"]),
     ],
@@ -107,3 +108,11 @@ def test_step_dense_mask_is_the_per_request_rule_unless_the_long_ones_hold_too_f
             long_tokens = sum(x for x, d in zip(lens, per_request) if not d)
             want = [True] * len(lens) if long_tokens < min_tokens else per_request
             assert step_dense_mask(torch.tensor(lens), cfg).tolist() == want
+
+
+def test_sizes_beyond_the_context_are_refused_naming_the_flags():
+    ParisKVConfig(topk=2048, sink=64, local=256).check_context(2368)  # exactly fits
+    with pytest.raises(ValueError) as e:
+        ParisKVConfig(topk=10**7).check_context(131072)
+    for w in ("--pariskv-topk 10000000", "--pariskv-local 256", "131072"):
+        assert w in str(e.value)
