@@ -26,7 +26,8 @@ ORACLES = ("exact_topk",)
 
 
 def default_methods(seed: int = 0) -> list[Method]:
-    """Every method of the comparison, with the budgets of the quality targets (``eval.retrieval.check_targets``)."""
+    """Every method of the comparison, with the parameters the quality targets
+    (``eval.retrieval.check_targets``) are stated for."""
     return [
         ParisKV(outputs=("full", "stage1")),
         ParisKV(name="pariskv_norot", outputs=("full",), rotate=False),
