@@ -13,23 +13,24 @@ Engine API users (``sglang.Engine(...)``) call :func:`enable` before creating th
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
 import sys
 
 from sglang_pariskv.config import ParisKVConfig, ParisKVConfigError
+from sglang_pariskv.pool_sizing import (
+    DEFAULT_MAX_RUNNING_REQUESTS,
+    cap_to_host_pool,
+    cell_size_hook,
+    reserve_planned_memory,
+)
 from sglang_pariskv.server_flags import check_server_args, config_from_args
 
 logger = logging.getLogger("sglang_pariskv")
 
 ENV_CONFIG = "SGLANG_PARISKV_CONFIG"
 
-#: ParisKV keeps centroid histograms per request slot (Hkv * head_dim/8 KiB per layer:
-#: 4 MiB per slot for a Llama-3.1-8B shape) and SGLang sizes its request pool at 2048-4096
-#: slots unless told otherwise, so without a cap the histograms alone could take ~16 GiB.
-DEFAULT_MAX_RUNNING_REQUESTS = 256
 
 _TARGETS = {
     "add_cli_args": "sglang.srt.server_args.ServerArgs.add_cli_args",
@@ -141,12 +142,12 @@ def install_serving_hooks(cfg: ParisKVConfig) -> None:
         from sglang_pariskv.offload.kv_pool import HostOffloadKVPool
 
         pool_class = HostOffloadKVPool
-        for target in ("pool_sizes", "pool_sizes_from_max"):
-            HookRegistry.register(_TARGETS[target], _cap_to_host_pool, HookType.AFTER)
+        HookRegistry.register(_TARGETS["pool_sizes_from_max"], cap_to_host_pool, HookType.AFTER)
+    HookRegistry.register(_TARGETS["pool_sizes"], reserve_planned_memory, HookType.AFTER)
     # SGLang constructs the pool itself: the config travels as the class's own attribute.
     pool_class = type(pool_class.__name__, (pool_class,), {"pariskv_config": cfg})
     HookRegistry.register(_TARGETS["kv_pool_class"], pool_class, HookType.REPLACE)
-    HookRegistry.register(_TARGETS["cell_size"], _cell_size_hook(cfg), HookType.AFTER)
+    HookRegistry.register(_TARGETS["cell_size"], cell_size_hook(cfg), HookType.AFTER)
     HookRegistry.register(_TARGETS["post_init"], _around_post_init, HookType.AROUND)
     HookRegistry.register(
         _GRAPH_TARGETS["capture_one_shape"], _around_capture_one_shape, HookType.AROUND
@@ -183,112 +184,6 @@ def _cap_running_requests(args) -> None:
             "ParisKV histograms). Pass --max-running-requests to choose another bound.",
             DEFAULT_MAX_RUNNING_REQUESTS,
         )
-
-
-def _cell_size_hook(cfg: ParisKVConfig):
-    def add_code_bytes(cell_size: int, configurator, kvc, num_layers: int) -> int:
-        return _add_code_bytes(cell_size, configurator, kvc, num_layers, cfg)
-
-    return add_code_bytes
-
-
-def _add_code_bytes(
-    cell_size: int, configurator, kvc, num_layers: int, cfg: ParisKVConfig | None = None
-) -> int:
-    """Count the ParisKV codes in SGLang's per-token KV cost, so capacity accounts for them.
-
-    With ``--pariskv-offload host`` the K/V bytes are in host memory: the GPU cost of a
-    token is its codes alone, and the host pool's slot count (``--pariskv-host-pool-gb``
-    over the K/V bytes per token) is recorded on the configurator for
-    :func:`_cap_to_host_pool`."""
-    from sglang.srt.model_executor import pool_configurator
-
-    from sglang_pariskv.index.code_pool import code_bytes_per_token
-
-    if kvc.use_mla_backend:
-        return cell_size  # refused later by the backend factory, with a clear message
-    heads = kvc.model_config.get_num_kv_heads(pool_configurator.get_parallel().attn_tp_size)
-    extra = code_bytes_per_token(heads, kvc.model_config.head_dim, num_layers)
-    if cfg is not None and cfg.offloaded:
-        from sglang_pariskv.offload.hot_cache import HotCache
-
-        slots = int(cfg.host_pool_gb * 2**30) // cell_size
-        # the K/V cell is 2 (K, V) x heads x head_dim x layers elements
-        elt = max(cell_size // (2 * heads * kvc.model_config.head_dim * num_layers), 1)
-        # overflow rows: one step's retrieved entries at the most requests SGLang runs
-        # (the plugin sets --max-running-requests when it is not given)
-        max_reqs = getattr(getattr(kvc, "server_args", None), "max_running_requests", None)
-        entries = (max_reqs or DEFAULT_MAX_RUNNING_REQUESTS) * heads * cfg.budget
-        row = 2 * kvc.model_config.head_dim
-        hot = (
-            HotCache.planned_nbytes(num_layers, cfg.hot_cache_lines, row, elt, entries)
-            if cfg.hot_cache_lines
-            else 0
-        )
-        if configurator is not None:
-            configurator._pariskv_host_slots = slots
-            # the hot cache is allocated after SGLang sizes its pools: keep its bytes out
-            configurator._pariskv_reserved_tokens = -(-hot // max(extra, 1))
-            configurator._pariskv_reserved_gib = hot / 2**30
-        logger.info(
-            "ParisKV offload: K/V (%d B/token) in a %.1f GiB host pool = %d tokens; the GPU "
-            "holds %d B/token of codes",
-            cell_size,
-            cfg.host_pool_gb,
-            slots,
-            extra,
-        )
-        return extra
-    logger.info(
-        "ParisKV codes add %d B/token to the KV cell size (%d B): +%.1f%%",
-        extra,
-        cell_size,
-        100.0 * extra / max(cell_size, 1),
-    )
-    return cell_size + extra
-
-
-def _cap_to_host_pool(result, configurator, *args, **kwargs):
-    """With host offload, no more tokens than the host pool holds, nor than the GPU's
-    codes budget once the hot cache (lines and overflow rows) is set aside (page-aligned)."""
-    slots = getattr(configurator, "_pariskv_host_slots", None)
-    if slots is None:
-        return result
-    reserved = getattr(configurator, "_pariskv_reserved_tokens", 0)
-    gpu = result.max_total_num_tokens - reserved
-    if gpu <= 0:
-        raise ParisKVConfigError(
-            f"the GPU hot cache ({configurator._pariskv_reserved_gib:.2f} GiB) leaves no GPU "
-            "memory for the codes of any token: lower --pariskv-hot-cache-lines (0 = none) "
-            "or raise --mem-fraction-static"
-        )
-    if result.max_total_num_tokens <= slots and not reserved:
-        return result
-    page = int(args[-1]) if args else int(kwargs.get("page_size", 1))
-    capped = min(slots, gpu) // page * page
-    if capped <= 0:
-        if slots <= gpu:
-            raise ParisKVConfigError(
-                f"--pariskv-host-pool-gb holds {slots} tokens, less than one page: pass a "
-                "larger --pariskv-host-pool-gb"
-            )
-        raise ParisKVConfigError(
-            f"the GPU hot cache ({configurator._pariskv_reserved_gib:.2f} GiB) leaves room for "
-            f"the codes of {gpu} tokens, less than one page: lower --pariskv-hot-cache-lines "
-            "(0 = none) or raise --mem-fraction-static"
-        )
-    logger.info(
-        "ParisKV offload: %d tokens fit the GPU's codes budget (%d after the hot cache's "
-        "%.2f GiB), the host pool holds %d: serving %d",
-        result.max_total_num_tokens,
-        gpu,
-        getattr(configurator, "_pariskv_reserved_gib", 0.0),
-        slots,
-        capped,
-    )
-    if capped == result.max_total_num_tokens:
-        return result
-    return dataclasses.replace(result, max_total_num_tokens=capped)
 
 
 def _no_fused_kv_store(forward_batch) -> bool:

@@ -8,11 +8,12 @@ import pytest
 import torch
 from sglang.srt.model_executor.pool_configurator import MemoryPoolConfig
 
-from sglang_pariskv import plugin
-from sglang_pariskv.config import ParisKVConfig
+from sglang_pariskv import pool_sizing
+from sglang_pariskv.config import ParisKVConfig, ParisKVConfigError
 from sglang_pariskv.index.code_pool import code_bytes_per_token
 from sglang_pariskv.offload.hot_cache import HotCache
 from sglang_pariskv.offload.kv_pool import HostOffloadKVPool
+from sglang_pariskv.pool_sizing import cap_to_host_pool, cell_size_hook, reserve_planned_memory
 from tests.hot_cache_oracle import insert, lookup
 from tests.test_plugin_pool import LAYERS, D, H, layer, make_pool
 
@@ -77,9 +78,13 @@ def test_without_a_hot_cache_writes_still_work():
     assert torch.equal(pool.host.read(0, torch.tensor([7]))[0], kv)
 
 
-def kvc(heads=4, head_dim=128):
-    mc = types.SimpleNamespace(get_num_kv_heads=lambda tp: heads // tp, head_dim=head_dim)
-    return types.SimpleNamespace(model_config=mc, use_mla_backend=False)
+def kvc(heads=4, head_dim=128, max_reqs=None):
+    mc = types.SimpleNamespace(
+        get_num_kv_heads=lambda tp: heads // tp, get_num_attention_heads=lambda tp: 28 // tp,
+        head_dim=head_dim, context_len=32768,
+    )  # fmt: skip
+    args = types.SimpleNamespace(max_running_requests=max_reqs)
+    return types.SimpleNamespace(model_config=mc, use_mla_backend=False, server_args=args)
 
 
 def test_offload_charges_the_gpu_for_codes_and_caps_tokens_at_the_host_pool(monkeypatch):
@@ -91,59 +96,58 @@ def test_offload_charges_the_gpu_for_codes_and_caps_tokens_at_the_host_pool(monk
     cfg = ParisKVConfig(offload="host", host_pool_gb=56.0)
     kv_cell = 4 * 2 * 128 * 28 * 2  # Qwen2.5-7B-1M shape: 57344 B/token
     configurator = types.SimpleNamespace()
-    cell = plugin._cell_size_hook(cfg)(kv_cell, configurator, kvc(), 28)
+    cell = cell_size_hook(cfg)(kv_cell, configurator, kvc(), 28)
     assert cell == code_bytes_per_token(4, 128, 28)  # the K/V bytes are not on the GPU
     slots = 56 * 2**30 // kv_cell
     assert configurator._pariskv_host_slots == slots == 1048576
-    # SGLang sized the pool from the GPU budget / codes: more than the host holds
-    big = MemoryPoolConfig(max_total_num_tokens=3_000_000)
-    capped = plugin._cap_to_host_pool(big, configurator, 10**12, 1)
-    assert capped.max_total_num_tokens == slots
-    assert plugin._cap_to_host_pool(big, types.SimpleNamespace(), 10**12, 1) is big
     # the default hot cache (65536 lines x 28 layers of K+V rows of one head, bf16, plus an
     # int64 tag each, and overflow rows for one step of 256 requests x 4 heads x
-    # (2048 + 64 + 256) entries) is allocated after SGLang sizes its pools: its bytes come
-    # off the GPU's codes budget, in tokens of codes
+    # (2048 + 64 + 256) entries) and the backend's buffers are allocated after SGLang sizes
+    # its pools: their bytes come off the GPU's codes budget, in tokens of codes
     hot_bytes = 28 * 65536 * (2 * 128 * 2 + 8) + 256 * 4 * (2048 + 64 + 256) * 2 * 128 * 2
-    reserved = -(-hot_bytes // cell)
+    backend = pool_sizing.backend_bytes(cfg, kvc(), 28, 1)
+    assert backend > 0
+    reserved = -(-(hot_bytes + backend) // cell)
     assert configurator._pariskv_reserved_tokens == reserved
+    # SGLang sized the pool from the GPU budget / codes: more than the host holds
+    big = MemoryPoolConfig(max_total_num_tokens=3_000_000)
+    capped = reserve_planned_memory(big, configurator, 10**12, 1)
+    assert capped.max_total_num_tokens == slots
+    assert cap_to_host_pool(big, configurator, 10**12, 1).max_total_num_tokens == slots
+    assert reserve_planned_memory(big, types.SimpleNamespace(), 10**12, 1) is big
     few = types.SimpleNamespace()  # --max-running-requests 8: fewer overflow rows
-    k8 = kvc()
-    k8.server_args = types.SimpleNamespace(max_running_requests=8)
-    plugin._cell_size_hook(cfg)(kv_cell, few, k8, 28)
+    cell_size_hook(cfg)(kv_cell, few, kvc(max_reqs=8), 28)
     few_bytes = 28 * 65536 * (2 * 128 * 2 + 8) + 8 * 4 * (2048 + 64 + 256) * 2 * 128 * 2
-    assert few._pariskv_reserved_tokens == -(-few_bytes // cell)
-    gpu_bound = MemoryPoolConfig(max_total_num_tokens=500_000)
-    got = plugin._cap_to_host_pool(gpu_bound, configurator, 10**9, 1)
-    assert got.max_total_num_tokens == 500_000 - reserved
-    paged = plugin._cap_to_host_pool(gpu_bound, configurator, 10**9, 64)
-    assert paged.max_total_num_tokens == (500_000 - reserved) // 64 * 64
-    # no hot cache: nothing is set aside, and a GPU-bound pool is left as SGLang made it
+    few_backend = pool_sizing.backend_bytes(cfg, kvc(max_reqs=8), 28, 1)
+    assert few_backend < backend
+    assert few._pariskv_reserved_tokens == -(-(few_bytes + few_backend) // cell)
+    # a GPU-bound pool (fewer codes fit than the host holds) gives up the planned tokens
+    gpu_bound = MemoryPoolConfig(max_total_num_tokens=reserved + 600_001)
+    got = reserve_planned_memory(gpu_bound, configurator, 10**9, 1)
+    assert got.max_total_num_tokens == 600_001
+    paged = reserve_planned_memory(gpu_bound, configurator, 10**9, 64)
+    assert paged.max_total_num_tokens == 600_001 // 64 * 64
+    # no hot cache: only the backend's buffers are set aside
     direct = types.SimpleNamespace()
     cfg0 = ParisKVConfig(offload="host", host_pool_gb=56.0, hot_cache_lines=0)
-    plugin._cell_size_hook(cfg0)(kv_cell, direct, kvc(), 28)
-    assert direct._pariskv_reserved_tokens == 0
-    assert plugin._cap_to_host_pool(gpu_bound, direct, 10**9, 1) is gpu_bound
+    cell_size_hook(cfg0)(kv_cell, direct, kvc(), 28)
+    assert direct._pariskv_reserved_tokens == -(-backend // cell)
     # without offload the codes are added to the K/V cell as before
-    assert plugin._cell_size_hook(ParisKVConfig())(kv_cell, None, kvc(), 28) == kv_cell + cell
+    assert cell_size_hook(ParisKVConfig())(kv_cell, None, kvc(), 28) == kv_cell + cell
 
 
 def test_a_hot_cache_that_leaves_no_room_for_codes_is_refused():
-    from sglang_pariskv.server_flags import ParisKVConfigError
-
     conf = types.SimpleNamespace(
         _pariskv_host_slots=10**6, _pariskv_reserved_tokens=5000, _pariskv_reserved_gib=0.9
     )
     with pytest.raises(ParisKVConfigError, match="--pariskv-hot-cache-lines"):
-        plugin._cap_to_host_pool(MemoryPoolConfig(max_total_num_tokens=4000), conf, 1, 1)
+        reserve_planned_memory(MemoryPoolConfig(max_total_num_tokens=4000), conf, 1, 1)
     # room for 10 tokens of codes, less than a page of 16: the cache is named, not the pool
     with pytest.raises(ParisKVConfigError, match="--pariskv-hot-cache-lines"):
-        plugin._cap_to_host_pool(MemoryPoolConfig(max_total_num_tokens=5010), conf, 1, 16)
+        reserve_planned_memory(MemoryPoolConfig(max_total_num_tokens=5010), conf, 1, 16)
 
 
 def test_a_host_pool_smaller_than_a_page_is_refused():
-    from sglang_pariskv.server_flags import ParisKVConfigError
-
     conf = types.SimpleNamespace(_pariskv_host_slots=10)
     with pytest.raises(ParisKVConfigError, match="--pariskv-host-pool-gb"):
-        plugin._cap_to_host_pool(MemoryPoolConfig(max_total_num_tokens=64), conf, 1, 16)
+        reserve_planned_memory(MemoryPoolConfig(max_total_num_tokens=64), conf, 1, 16)

@@ -17,6 +17,7 @@ from sglang_pariskv import plugin
 from sglang_pariskv.codec import encode_keys
 from sglang_pariskv.index.code_pool import code_bytes_per_token
 from sglang_pariskv.index.kv_pool import ParisKVTokenToKVPool
+from sglang_pariskv.pool_sizing import add_code_bytes
 from sglang_pariskv.server_flags import ParisKVConfigError
 
 H, D, LAYERS = 2, 16, 2
@@ -102,10 +103,13 @@ def test_code_bytes_are_counted_in_the_cell_size(monkeypatch):
     monkeypatch.setattr(
         pool_configurator, "get_parallel", lambda: types.SimpleNamespace(attn_tp_size=1)
     )
-    mc = types.SimpleNamespace(get_num_kv_heads=lambda tp: 8 // tp, head_dim=128)
+    mc = types.SimpleNamespace(
+        get_num_kv_heads=lambda tp: 8 // tp, get_num_attention_heads=lambda tp: 32 // tp,
+        head_dim=128, context_len=8192,
+    )  # fmt: skip
     kvc = types.SimpleNamespace(model_config=mc, use_mla_backend=False)
     kv_cell = 8 * (128 + 128) * 32 * 2  # Llama-3.1-8B: 8 KV heads, D 128, 32 layers, bf16
-    total = plugin._add_code_bytes(kv_cell, None, kvc, 32)
+    total = add_code_bytes(kv_cell, None, kvc, 32)
     assert total - kv_cell == code_bytes_per_token(8, 128, 32) == 8 * 96 * 32
     assert (total - kv_cell) / kv_cell == pytest.approx(0.1875)
 

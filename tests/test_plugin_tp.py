@@ -20,6 +20,7 @@ from sglang_pariskv.config import ParisKVConfig
 from sglang_pariskv.index.code_pool import code_bytes_per_token
 from sglang_pariskv.index.histograms import RequestHistograms
 from sglang_pariskv.index.kv_pool import ParisKVTokenToKVPool
+from sglang_pariskv.pool_sizing import add_code_bytes
 from tests.test_plugin_pool import make_pool as make_cpu_pool
 
 HKV, GROUP, D, LAYERS, TP = 4, 2, 32, 2, 2
@@ -106,9 +107,12 @@ def test_code_bytes_are_counted_per_rank(monkeypatch, tp, heads):
     monkeypatch.setattr(
         pool_configurator, "get_parallel", lambda: types.SimpleNamespace(attn_tp_size=tp)
     )
-    mc = types.SimpleNamespace(get_num_kv_heads=lambda t: max(8 // t, 1), head_dim=128)
+    mc = types.SimpleNamespace(
+        get_num_kv_heads=lambda t: max(8 // t, 1), get_num_attention_heads=lambda t: 32 // t,
+        head_dim=128, context_len=8192,
+    )  # fmt: skip
     kvc = types.SimpleNamespace(model_config=mc, use_mla_backend=False)
-    assert plugin._add_code_bytes(0, None, kvc, 32) == code_bytes_per_token(heads, 128, 32)
+    assert add_code_bytes(0, None, kvc, 32) == code_bytes_per_token(heads, 128, 32)
 
 
 def test_tensor_parallel_flags_are_accepted():

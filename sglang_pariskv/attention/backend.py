@@ -40,7 +40,7 @@ from sglang_pariskv.attention.model_info import (
 )
 from sglang_pariskv.attention.observability import DecodeObserver
 from sglang_pariskv.attention.offload_wiring import OffloadDecode
-from sglang_pariskv.attention.sparse_decode import HeadAsBatchDecode
+from sglang_pariskv.attention.sparse_decode import HeadAsBatchDecode, float_workspace
 from sglang_pariskv.attention.step_graphs import StepGraphs, check_step
 from sglang_pariskv.codec.budget import step_dense_mask
 from sglang_pariskv.config import ParisKVConfig, ParisKVConfigError
@@ -101,6 +101,8 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         max_batch = min(
             getattr(model_runner, "max_running_requests", None) or rtt.shape[0], rtt.shape[0]
         )
+        #: FlashInfer scratch shared by every sparse call of this backend (one per GPU).
+        self._float_ws = float_workspace(device)
         self._build_workspace(max_batch)
         self.graph_sparse: dict[int, HeadAsBatchDecode] = {}
         self._rpi32: torch.Tensor | None = None
@@ -140,8 +142,15 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             device=rtt.device,
             elide_dense_rows=True,  # dense requests go through SGLang's own decode call
         )
-        self.eager_sparse = HeadAsBatchDecode(self.ws, self.token_to_kv_pool.dtype)
+        self.eager_sparse = self._sparse_call()
         self.offload = OffloadDecode.build(self.token_to_kv_pool, self.config, self.ws)
+
+    def _sparse_call(self, graph_batch: int | None = None) -> HeadAsBatchDecode:
+        """A head-as-batch FlashInfer call (eager, or fixed buffers for one captured batch
+        size) over this backend's workspace and shared float scratch."""
+        return HeadAsBatchDecode(
+            self.ws, self.token_to_kv_pool.dtype, graph_batch, shared_float_workspace=self._float_ws
+        )
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int, *args, **kwargs):
         super().init_cuda_graph_state(max_bs, max_num_tokens, *args, **kwargs)
@@ -264,9 +273,7 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             return super().init_forward_metadata_out_graph(forward_batch, in_capture)
         bs = forward_batch.batch_size
         if bs not in self.graph_sparse:
-            self.graph_sparse[bs] = HeadAsBatchDecode(
-                self.ws, self.token_to_kv_pool.dtype, graph_batch=bs
-            )
+            self.graph_sparse[bs] = self._sparse_call(graph_batch=bs)
         replay = None if in_capture else self.step_graph(forward_batch.seq_lens_cpu[:bs])
         graph = self.graphs.graph_of(in_capture, replay)
         if not in_capture and self.graphs.captured:

@@ -17,8 +17,16 @@ from flashinfer import BatchDecodeWithPagedKVCacheWrapper
 
 from sglang_pariskv.kernels.workspace import DecodeWorkspace
 
-#: Float workspace for split-KV partial results.
+#: Float workspace for split-KV partial results. One buffer serves every wrapper of a
+#: backend (eager and each captured batch size): it is scratch for the duration of a run,
+#: and a backend's sparse calls run one at a time (the plan lives in each wrapper's own
+#: int workspace), as SGLang's FlashInfer backend shares one buffer across its wrappers.
 WORKSPACE_BYTES = 128 * 1024 * 1024
+
+
+def float_workspace(device: torch.device | str) -> torch.Tensor:
+    """A float workspace for :class:`HeadAsBatchDecode` wrappers to share."""
+    return torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
 
 
 class HeadAsBatchDecode:
@@ -29,12 +37,15 @@ class HeadAsBatchDecode:
         workspace: DecodeWorkspace,
         kv_dtype: torch.dtype,
         graph_batch: int | None = None,
+        shared_float_workspace: torch.Tensor | None = None,
     ) -> None:
         self.ws = workspace
         self.kv_dtype = kv_dtype
         self.group = workspace.hq // workspace.hkv
         dev = workspace.device
-        self.float_workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=dev)
+        self.float_workspace = (
+            float_workspace(dev) if shared_float_workspace is None else shared_float_workspace
+        )
         self.rows = 0  #: head-as-batch rows of the last plan (batch x Hkv)
         kwargs = {}
         if graph_batch is not None:

@@ -71,7 +71,7 @@ class HotCache:
     ) -> int:
         """GPU bytes of a cache built with these sizes (lines with their tags, plus the
         overflow rows of one step's entries), before it exists: what capacity planning
-        sets aside (``plugin._cap_to_host_pool``), since the cache is allocated after
+        sets aside (``pool_sizing.reserve_planned_memory``), since the cache is allocated after
         SGLang has sized its pools."""
         return num_layers * lines * (row_width * element_size + 8) + (
             max_entries * row_width * element_size

@@ -1,0 +1,180 @@
+"""ParisKV's part in SGLang's KV pool sizing (hooks registered by ``plugin.py``).
+
+SGLang turns the memory it keeps for the KV cache into a token count: bytes over the
+per-token cell size. ParisKV changes both sides of that division:
+
+* the cell: every token also holds its code (:func:`add_code_bytes`); with
+  ``--pariskv-offload host`` the K/V bytes are in host memory, so the GPU cell is the code
+  alone and the host pool's size caps the tokens;
+* the bytes: what the ParisKV backend allocates after the pool exists (histograms, decode
+  workspace, FlashInfer workspaces: ``attention.memory_plan``; with offload, the hot
+  cache) is planned here and taken out of the pool (:func:`reserve_planned_memory`), so
+  a pool filled to its advertised capacity still leaves SGLang its headroom.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from sglang_pariskv.config import ParisKVConfig, ParisKVConfigError
+
+logger = logging.getLogger("sglang_pariskv")
+
+#: ParisKV keeps centroid histograms per request slot (Hkv * head_dim/8 KiB per layer:
+#: 4 MiB per slot for a Llama-3.1-8B shape) and SGLang sizes its request pool at 2048-4096
+#: slots unless told otherwise, so without a cap the histograms alone could take ~16 GiB.
+DEFAULT_MAX_RUNNING_REQUESTS = 256
+
+
+def cell_size_hook(cfg: ParisKVConfig):
+    """The AFTER hook of SGLang's ``_compute_cell_size`` for this config."""
+
+    def hook(cell_size: int, configurator, kvc, num_layers: int) -> int:
+        return add_code_bytes(cell_size, configurator, kvc, num_layers, cfg)
+
+    return hook
+
+
+def _graph_batch_sizes(server_args, max_batch: int) -> int:
+    """How many decode batch sizes SGLang captures (at most one per batch size)."""
+    generate = getattr(server_args, "_generate_decode_cuda_graph_batch_sizes", None)
+    try:
+        return len(generate(max_batch)) if generate is not None else max_batch
+    except Exception:  # an SGLang whose schedule needs more resolved state: plan the bound
+        return max_batch
+
+
+def backend_bytes(cfg: ParisKVConfig, kvc, num_layers: int, tp_size: int) -> int:
+    """GPU bytes the ParisKV backend will allocate for this model and these server args
+    (``attention.memory_plan``); 0 when the model is one ParisKV refuses anyway."""
+    from sglang_pariskv.attention.memory_plan import plan_backend_memory
+
+    mc, args = kvc.model_config, getattr(kvc, "server_args", None)
+    max_reqs = getattr(args, "max_running_requests", None) or DEFAULT_MAX_RUNNING_REQUESTS
+    try:
+        plan = plan_backend_memory(
+            cfg,
+            num_q_heads=mc.get_num_attention_heads(tp_size),
+            num_kv_heads=mc.get_num_kv_heads(tp_size),
+            head_dim=mc.head_dim,
+            num_layers=num_layers,
+            request_slots=max_reqs + 1,  # SGLang's request pool keeps a spare slot 0
+            max_batch=max_reqs,
+            max_context=int(mc.context_len),
+            graph_batch_sizes=_graph_batch_sizes(args, max_reqs),
+        )
+    except ParisKVConfigError:
+        return 0  # an unsupported shape: the backend factory refuses it with its message
+    return plan.total
+
+
+def add_code_bytes(
+    cell_size: int, configurator, kvc, num_layers: int, cfg: ParisKVConfig | None = None
+) -> int:
+    """The per-token GPU cost with ParisKV codes. On ``configurator`` it records the bytes
+    to keep out of the pool (``_pariskv_reserved_tokens`` in tokens of this cost, and
+    ``_pariskv_reserved_gib``) and, with host offload, the host pool's token count
+    (``_pariskv_host_slots``), for :func:`reserve_planned_memory`."""
+    from sglang.srt.model_executor import pool_configurator
+
+    from sglang_pariskv.index.code_pool import code_bytes_per_token
+
+    if kvc.use_mla_backend:
+        return cell_size  # refused later by the backend factory, with a clear message
+    tp = pool_configurator.get_parallel().attn_tp_size
+    heads = kvc.model_config.get_num_kv_heads(tp)
+    extra = code_bytes_per_token(heads, kvc.model_config.head_dim, num_layers)
+    cfg = cfg or ParisKVConfig()
+    reserved = backend_bytes(cfg, kvc, num_layers, tp)
+    cost = cell_size + extra
+    if cfg.offloaded:
+        from sglang_pariskv.offload.hot_cache import HotCache
+
+        slots = int(cfg.host_pool_gb * 2**30) // cell_size
+        # the K/V cell is 2 (K, V) x heads x head_dim x layers elements
+        elt = max(cell_size // (2 * heads * kvc.model_config.head_dim * num_layers), 1)
+        # overflow rows: one step's retrieved entries at the most requests SGLang runs
+        # (the plugin sets --max-running-requests when it is not given)
+        max_reqs = getattr(getattr(kvc, "server_args", None), "max_running_requests", None)
+        entries = (max_reqs or DEFAULT_MAX_RUNNING_REQUESTS) * heads * cfg.budget
+        row = 2 * kvc.model_config.head_dim
+        if cfg.hot_cache_lines:
+            reserved += HotCache.planned_nbytes(num_layers, cfg.hot_cache_lines, row, elt, entries)
+        cost = extra
+        if configurator is not None:
+            configurator._pariskv_host_slots = slots
+        logger.info(
+            "ParisKV offload: K/V (%d B/token) in a %.1f GiB host pool = %d tokens; the GPU "
+            "holds %d B/token of codes",
+            cell_size,
+            cfg.host_pool_gb,
+            slots,
+            extra,
+        )
+    else:
+        logger.info(
+            "ParisKV codes add %d B/token to the KV cell size (%d B): +%.1f%%",
+            extra,
+            cell_size,
+            100.0 * extra / max(cell_size, 1),
+        )
+    if configurator is not None:
+        configurator._pariskv_reserved_tokens = -(-reserved // max(cost, 1))
+        configurator._pariskv_reserved_gib = reserved / 2**30
+    return cost
+
+
+def _page_size(args, kwargs) -> int:
+    return int(args[-1]) if args else int(kwargs.get("page_size", 1))
+
+
+def reserve_planned_memory(result, configurator, *args, **kwargs):
+    """After SGLang turns its byte budget into tokens: keep ParisKV's planned bytes out of
+    the pool and, with host offload, no more tokens than the host pool holds (page-aligned)."""
+    reserved = getattr(configurator, "_pariskv_reserved_tokens", 0)
+    slots = getattr(configurator, "_pariskv_host_slots", None)
+    total = result.max_total_num_tokens
+    gib = getattr(configurator, "_pariskv_reserved_gib", 0.0)
+    if not reserved and (slots is None or total <= slots):
+        return result
+    page = _page_size(args, kwargs)
+    gpu = (total - reserved) // page * page
+    fix = (
+        "lower --pariskv-hot-cache-lines (0 = none) or --max-running-requests, or raise "
+        "--mem-fraction-static"
+        if slots is not None
+        else "lower --max-running-requests or --context-length, or raise --mem-fraction-static"
+    )
+    if gpu <= 0:
+        raise ParisKVConfigError(
+            f"ParisKV's GPU memory ({gib:.2f} GiB of histograms, decode workspace and caches) "
+            f"leaves room for {max(total - reserved, 0)} tokens, less than one page: {fix}"
+        )
+    capped = gpu if slots is None else min(slots // page * page, gpu)
+    if capped <= 0:
+        raise ParisKVConfigError(
+            f"--pariskv-host-pool-gb holds {slots} tokens, less than one page: pass a "
+            "larger --pariskv-host-pool-gb"
+        )
+    logger.info(
+        "ParisKV: %d tokens fit SGLang's KV budget; %.2f GiB (%d tokens) are kept for "
+        "ParisKV's backend%s: serving %d",
+        total,
+        gib,
+        reserved,
+        "" if slots is None else f", the host pool holds {slots}",
+        capped,
+    )
+    return result if capped == total else dataclasses.replace(result, max_total_num_tokens=capped)
+
+
+def cap_to_host_pool(result, configurator, *args, **kwargs):
+    """After SGLang re-sizes the pool from a token count (a user's cap): with host offload,
+    no more tokens than the host pool holds. (The planned bytes were already kept out of
+    the budget the count came from.)"""
+    slots = getattr(configurator, "_pariskv_host_slots", None)
+    if slots is None or result.max_total_num_tokens <= slots:
+        return result
+    page = _page_size(args, kwargs)
+    return dataclasses.replace(result, max_total_num_tokens=slots // page * page)
