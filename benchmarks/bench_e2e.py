@@ -681,6 +681,23 @@ def _describe_difference(d: dict) -> str:
     )
 
 
+def add_split_run_args(p: argparse.ArgumentParser) -> None:
+    """--modes and --runs-dir of the dense-vs-ParisKV engine runs (:func:`run_throughput`)."""
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        choices=("dense", "pariskv"),
+        default=["dense", "pariskv"],
+        help="engines to run",
+    )
+    p.add_argument(
+        "--runs-dir",
+        type=Path,
+        help="save each engine's rows here and read the other mode's back, so one comparison "
+        "can span two device calls (run --modes dense, then --modes pariskv)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -701,19 +718,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="concurrent requests"
     )
     t.add_argument("--output-len", type=int, default=256, help="tokens decoded per request")
-    t.add_argument(
-        "--modes",
-        nargs="+",
-        choices=("dense", "pariskv"),
-        default=["dense", "pariskv"],
-        help="engines to run",
-    )
-    t.add_argument(
-        "--runs-dir",
-        type=Path,
-        help="save each engine's rows here and read the other mode's back, so one comparison "
-        "can span two device calls (run --modes dense, then --modes pariskv)",
-    )
+    add_split_run_args(t)
     o = sub.add_parser(
         "offload",
         help="host offload's outputs vs the GPU pool's (SmolLM2)",

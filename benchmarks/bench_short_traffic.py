@@ -101,19 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--batches", type=int, nargs="+", default=[1, 8, 32, 64], help="decode batch sizes"
     )
     ap.add_argument("--output-len", type=int, default=256, help="new tokens per request")
-    ap.add_argument(
-        "--modes",
-        nargs="+",
-        choices=("dense", "pariskv"),
-        default=["dense", "pariskv"],
-        help="engines to run in this call",
-    )
-    ap.add_argument(
-        "--runs-dir",
-        type=Path,
-        default=None,
-        help="keep each engine's rows here; the other engine's are read back",
-    )
+    e2e.add_split_run_args(ap)
     ap.add_argument("--out", type=Path, default=RESULTS, help="result JSON (PNG beside it)")
     return ap
 
