@@ -46,7 +46,6 @@ def main() -> None:
         layer_trace,
         load_or_capture,
     )
-
     from pariskv_tools.workloads.models import resolve_model
 
     torch.set_num_threads(1)
