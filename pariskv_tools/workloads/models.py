@@ -76,8 +76,9 @@ def _check_model_type(model_type: object, path: Path) -> None:
 class ModelSource:
     """A resolved model: the Hugging Face directory to load and where it came from.
 
-    ``origin`` is what the user named (``--model``'s path, or the default's name); ``kind``
-    is ``"hf"``, ``"gguf"`` or ``"default"``; ``config`` is the loaded ``PretrainedConfig``.
+    ``origin`` is what the user named (``--model``'s path; for the default, its converted
+    directory); ``kind`` is ``"hf"``, ``"gguf"`` or ``"default"``; ``config`` is the loaded
+    ``PretrainedConfig``.
     """
 
     hf_dir: Path
@@ -180,7 +181,7 @@ def resolve_model(
         from .smollm2 import ensure_smollm2
 
         hf_dir = ensure_smollm2(cache_dir, smollm2_gguf)
-        return ModelSource(hf_dir, DEFAULT_NAME, "default", _hf_config(hf_dir))
+        return ModelSource(hf_dir, str(hf_dir), "default", _hf_config(hf_dir))
     path = Path(path)
     if path.is_dir() and (path / "config.json").is_file():
         raw = json.loads((path / "config.json").read_text())
