@@ -56,12 +56,15 @@ def greedy(model, prompt_ids: list[int], max_new: int, desc: str) -> tuple[list[
 
 
 def layer_groups(num_layers: int) -> dict[str, range]:
+    """Thirds of the model's depth; a model of fewer than three layers has empty thirds,
+    which are left out."""
     third = num_layers // 3
-    return {
+    groups = {
         "early": range(0, third),
         "middle": range(third, 2 * third),
         "late": range(2 * third, num_layers),
     }
+    return {name: rng for name, rng in groups.items() if len(rng)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,8 +114,6 @@ def main(argv: list[str] | None = None) -> int:
     uninstall(model)
 
     m = attn.metrics
-    attended = statistics.mean(x.attended for x in m)
-    context = statistics.mean(x.context for x in m)
     print(
         f"\ndense   answer: {dense_text!r}  correct={tasks.score(task, dense_text)}  "
         f"({dense_s:.1f} s)"
@@ -122,6 +123,14 @@ def main(argv: list[str] | None = None) -> int:
         f"({sparse_s:.1f} s)"
     )
     print(f"same tokens as dense: {dense_ids == sparse_ids}")
+    if not m:  # sink + local + top-k covered the whole context at every step
+        print(
+            f"no sparse step: the context fits in sink {cfg.sink} + local {cfg.local} + top-k "
+            f"{cfg.topk}, so every step attended densely; raise --context or lower --topk"
+        )
+        return 0
+    attended = statistics.mean(x.attended for x in m)
+    context = statistics.mean(x.context for x in m)
     print(
         f"budget: sink {cfg.sink} + local {cfg.local} + top-k {cfg.topk} = "
         f"{attended:.0f} of {context:.0f} tokens attended per KV head "

@@ -217,3 +217,17 @@ def test_layers_follow_the_model():
     assert eval_cli._layers("all", 5) is None
     with pytest.raises(SystemExit, match="--layers: \\[7\\] outside the model's 2 layers"):
         eval_cli._layers("0,7", 2)
+
+
+def test_demo_runs_on_own_model(tiny, capsys):
+    family, path = tiny
+    argv = ["--model", str(path), "--context", "5000", "--max-new", "3", "--threads", "1"]
+    assert demo.main([*argv, "--topk", "16", "--sink", "8", "--local", "16"]) == 0
+    out = capsys.readouterr().out
+    # --context is clipped to the model's positions minus the decode and the margin.
+    assert f"prompt: {MAX_POSITIONS - 3 - 64} tokens" in out
+    last = SHAPES[family]["layers"] - 1
+    assert f"late {2 * ((last + 1) // 3)}-{last} " in out and "\nall " in out
+    # A context that sink + local + top-k covers has no sparse step: said, not a crash.
+    assert demo.main([*argv, "--context", "200"]) == 0
+    assert "no sparse step" in capsys.readouterr().out
