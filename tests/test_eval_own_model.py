@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -224,8 +225,10 @@ def test_demo_runs_on_own_model(tiny, capsys):
     argv = ["--model", str(path), "--context", "5000", "--max-new", "3", "--threads", "1"]
     assert demo.main([*argv, "--topk", "16", "--sink", "8", "--local", "16"]) == 0
     out = capsys.readouterr().out
-    # --context is clipped to the model's positions minus the decode and the margin.
-    assert f"prompt: {MAX_POSITIONS - 3 - 64} tokens" in out
+    # --context is clipped to the model's positions minus the decode and the margin (the
+    # generator lands within a few tokens of its target).
+    prompt_len = int(re.search(r"prompt: (\d+) tokens", out).group(1))
+    assert abs(prompt_len - (MAX_POSITIONS - 3 - 64)) <= 8
     last = SHAPES[family]["layers"] - 1
     assert f"late {2 * ((last + 1) // 3)}-{last} " in out and "\nall " in out
     # A context that sink + local + top-k covers has no sparse step: said, not a crash.
