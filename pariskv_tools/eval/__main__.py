@@ -1,9 +1,14 @@
 """CLI: ``python -m pariskv_tools.eval retrieval [options]`` (``--help`` lists them with
 their defaults).
 
+The model is ``--model PATH`` (a Hugging Face directory or a ``.gguf`` file of a Llama,
+Qwen2 or Mistral-family causal LM, see :mod:`pariskv_tools.workloads.models`), else
+SmolLM2-135M-Instruct. Layers, heads and head_dim come from its config; the default
+contexts (2K / 4K / 8K) are scaled to and capped by its ``max_position_embeddings``.
 SmolLM2's cache root and GGUF come from ``--cache-root`` / ``--smollm2-gguf``, else from
 ``$SGLANG_PARISKV_CACHE`` / ``$SGLANG_PARISKV_SMOLLM2_GGUF`` (see
-:mod:`pariskv_tools.workloads.smollm2`).
+:mod:`pariskv_tools.workloads.smollm2`); ``--cache-root`` also holds captures and GGUF
+conversions.
 """
 
 from __future__ import annotations
@@ -15,10 +20,15 @@ from pathlib import Path
 
 import torch
 
-from pariskv_tools.cli import HelpFormatter, add_smollm2_args
-from pariskv_tools.eval.captures import DEFAULT_CONTEXTS, default_cache_dir
+from pariskv_tools.cli import HelpFormatter, add_model_args
+from pariskv_tools.eval.captures import (
+    default_cache_dir,
+    default_contexts,
+    parse_contexts,
+)
 from pariskv_tools.eval.methods import ParisKV, default_methods
 from pariskv_tools.eval.retrieval import RetrievalSettings, run_retrieval
+from pariskv_tools.workloads.models import resolve_model
 from sglang_pariskv.config import ParisKVConfig
 
 
@@ -26,13 +36,20 @@ def _floats(text: str) -> tuple[float, ...]:
     return tuple(float(x) for x in text.split(",") if x)
 
 
-def _layers(text: str) -> list[int] | None:
-    """'all', a stride '::3', or a list '0,5,29'."""
+def _layers(text: str, num_layers: int) -> list[int] | None:
+    """``--layers``: 'all', a stride '::3', or a list '0,5,29', checked against the model."""
     if text == "all":
         return None
-    if text.startswith("::"):
-        return list(range(0, 30, int(text[2:])))
-    return [int(x) for x in text.split(",")]
+    try:
+        if text.startswith("::"):
+            return list(range(0, num_layers, int(text[2:])))
+        layers = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"--layers: {text!r} is not all, ::STRIDE or a comma list") from None
+    bad = [la for la in layers if not 0 <= la < num_layers]
+    if bad:
+        raise SystemExit(f"--layers: {bad} outside the model's {num_layers} layers")
+    return layers
 
 
 def _variant(spec: str) -> ParisKV:
@@ -68,8 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="cpu", help="torch device the methods run on")
     r.add_argument(
         "--contexts",
-        default=",".join(c.label for c in DEFAULT_CONTEXTS),
-        help="comma list of context labels to evaluate",
+        help="comma list of prompt lengths LEN[:TASK] (e.g. 2k,4k,8k or 300:passkey), each "
+        "capped at the model's max_position_embeddings - --n-decode - 64 (default: 2k,4k,8k "
+        "with tasks passkey, multikey, variable_tracking, scaled down for a model with fewer "
+        "than 8192 positions)",
     )
     r.add_argument(
         "--n-decode", type=int, default=1024, help="decode steps captured and scored per context"
@@ -92,9 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=16,
         help="score every N-th decode step in the budget sweep",
     )
-    r.add_argument(
-        "--layers", type=_layers, default="all", help="layers to score: all | ::STRIDE | 0,5,29"
-    )
+    r.add_argument("--layers", default="all", help="layers to score: all | ::STRIDE | 0,5,29")
     r.add_argument("--chunk", type=int, default=32, help="decode steps ranked per batch")
     r.add_argument("--seed", type=int, default=0, help="seed of the tasks and the methods")
     r.add_argument("--methods", help="comma list of methods to keep (default: all)")
@@ -110,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="captured traces (default: captures under --cache-root)",
     )
-    add_smollm2_args(r)
+    add_model_args(r)
     r.add_argument(
         "--out",
         type=Path,
@@ -141,8 +158,17 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
 
     torch.manual_seed(args.seed)
-    labels = args.contexts.split(",")
-    contexts = tuple(c for c in DEFAULT_CONTEXTS if c.label in labels)
+    contexts = parse_contexts(args.contexts) if args.contexts else None
+    # Only the config is read here: layers and contexts are checked before any capture.
+    model = resolve_model(args.model, args.cache_root, args.smollm2_gguf)
+    layers = _layers(args.layers, model.config.num_hidden_layers)
+    contexts = contexts or default_contexts(model.max_positions)
+    for spec in contexts:
+        if spec.prompt_tokens(args.n_decode, model.max_positions) < 64:
+            raise SystemExit(
+                f"--n-decode {args.n_decode} leaves no room for a prompt in the model's "
+                f"{model.max_positions} positions"
+            )
     methods = default_methods(args.seed)
     if args.methods:
         keep = set(args.methods.split(","))
@@ -152,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
         fraction=args.fraction,
         sweep=args.sweep,
         sweep_stride=args.sweep_stride,
-        layers=args.layers,
+        layers=layers,
         n_decode=args.n_decode,
         chunk=args.chunk,
         seed=args.seed,
@@ -168,8 +194,7 @@ def main(argv: list[str] | None = None) -> None:
         args.out,
         command,
         plots=not args.no_plots,
-        model_cache=args.cache_root,
-        gguf=args.smollm2_gguf,
+        model=model,
     )
 
 

@@ -1,22 +1,36 @@
-"""The evaluation's workloads: seeded task prompts captured on SmolLM2, cached on disk.
+"""The evaluation's workloads: seeded task prompts captured on the model, cached on disk.
 
 A capture (post-RoPE keys/values of every position, decode queries) of a few thousand
-tokens plus 1024 greedy decode steps takes minutes on CPU, so each (task, context, decode
-length, seed) is captured once into ``~/.cache/sglang-pariskv/captures/`` (outside git) and
-reloaded afterwards.
+tokens plus 1024 greedy decode steps takes minutes on CPU, so each (model, task, context,
+decode length, seed) is captured once into ``~/.cache/sglang-pariskv/captures/`` (outside
+git; SmolLM2's directly there, any other model's in a sub-directory of its own, see
+:attr:`~pariskv_tools.workloads.models.ModelSource.cache_name`) and reloaded afterwards.
+
+Context lengths follow the model: the defaults are 2K / 4K / 8K, scaled down for a model
+with fewer than 8192 positions, and every prompt is capped so that prompt + decode fits the
+model's ``max_position_embeddings``.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from pariskv_tools.eval.trace import LayerTrace
 
-MAX_POSITIONS = 8192  # SmolLM2-135M's context: the 8K prompt leaves room for the decode
+if TYPE_CHECKING:
+    from pariskv_tools.workloads.models import ModelSource
+
+#: Tokens left free past prompt + decode: the generator lands within a few tokens of its target.
+MARGIN = 64
+#: The default contexts are sized for a model with this many positions; shorter models scale
+#: them down proportionally, longer ones keep them (a CPU capture is minutes per 8K).
+REFERENCE_POSITIONS = 8192
 
 
 @dataclass(frozen=True)
@@ -27,10 +41,10 @@ class ContextSpec:
     task: str
     tokens: int
 
-    def prompt_tokens(self, n_decode: int) -> int:
-        """Target prompt length: ``tokens``, shortened so prompt + decode fits the model
-        (with a 64-token margin: the generator lands within a few tokens of its target)."""
-        return min(self.tokens, MAX_POSITIONS - n_decode - 64)
+    def prompt_tokens(self, n_decode: int, max_positions: int = REFERENCE_POSITIONS) -> int:
+        """Target prompt length: ``tokens``, shortened so prompt + decode + :data:`MARGIN`
+        fits ``max_positions``."""
+        return min(self.tokens, max_positions - n_decode - MARGIN)
 
 
 #: 2K / 4K / 8K, one task each, so every length and every task of the generator is covered.
@@ -41,18 +55,63 @@ DEFAULT_CONTEXTS = (
 )
 
 
+def _label(tokens: int) -> str:
+    return f"{tokens // 1024}k" if tokens % 1024 == 0 else str(tokens)
+
+
+def default_contexts(max_positions: int) -> tuple[ContextSpec, ...]:
+    """:data:`DEFAULT_CONTEXTS`, scaled by ``max_positions / 8192`` when that is below 1."""
+    if max_positions >= REFERENCE_POSITIONS:
+        return DEFAULT_CONTEXTS
+    scaled = [(c, c.tokens * max_positions // REFERENCE_POSITIONS) for c in DEFAULT_CONTEXTS]
+    return tuple(ContextSpec(_label(n), c.task, n) for c, n in scaled)
+
+
+def parse_contexts(text: str) -> tuple[ContextSpec, ...]:
+    """``--contexts``: comma list of ``LEN[:TASK]``, LEN in tokens with an optional ``k``
+    (x1024). Without a task, a default context's label (2k, 4k, 8k) keeps its task and any
+    other length takes the default tasks in turn by its place in the list."""
+    from pariskv_tools.workloads import tasks
+
+    by_label = {c.label: c.task for c in DEFAULT_CONTEXTS}
+    cycle = [c.task for c in DEFAULT_CONTEXTS]
+    out = []
+    for i, item in enumerate(x.strip() for x in text.split(",") if x.strip()):
+        length, _, task = item.partition(":")
+        m = re.fullmatch(r"(\d+)(k?)", length.lower())
+        if m is None or int(m.group(1)) < 1:
+            raise SystemExit(f"--contexts: {length!r} is not a length such as 2k or 300")
+        tokens = int(m.group(1)) * (1024 if m.group(2) else 1)
+        task = task or by_label.get(length.lower(), cycle[i % len(cycle)])
+        _task_name(tasks, task, flag="--contexts")
+        out.append(ContextSpec(item.lower(), task, tokens))
+    if not out:
+        raise SystemExit("--contexts: give at least one length")
+    return tuple(out)
+
+
 def default_cache_dir(root: Path | None = None) -> Path:
-    """``captures`` under the SmolLM2 cache root (``root``, else $SGLANG_PARISKV_CACHE...)."""
+    """``captures`` under the cache root (``root``, else $SGLANG_PARISKV_CACHE...)."""
     from pariskv_tools.workloads.smollm2 import cache_root
 
     return cache_root(root) / "captures"
 
 
-def capture_path(spec: ContextSpec, n_decode: int, seed: int, cache_dir: Path) -> Path:
-    return cache_dir / f"{spec.task}-{spec.prompt_tokens(n_decode)}-d{n_decode}-s{seed}.pt"
+def capture_path(
+    spec: ContextSpec,
+    n_decode: int,
+    seed: int,
+    cache_dir: Path,
+    model: ModelSource | None = None,
+) -> Path:
+    """Where the capture of ``spec`` on ``model`` (default: SmolLM2) is cached."""
+    limit = model.max_positions if model is not None else REFERENCE_POSITIONS
+    sub = model.cache_name if model is not None else ""
+    name = f"{spec.task}-{spec.prompt_tokens(n_decode, limit)}-d{n_decode}-s{seed}.pt"
+    return cache_dir / sub / name
 
 
-def _task_name(tasks_module, wanted: str) -> str:
+def _task_name(tasks_module, wanted: str, flag: str | None = None) -> str:
     """Map our task label onto the generator's registry name (tolerates naming drift)."""
     names = list(getattr(tasks_module, "TASKS", {}))
     if wanted in names or not names:
@@ -61,6 +120,8 @@ def _task_name(tasks_module, wanted: str) -> str:
     for n in names:
         if norm[:5] in n.replace("_", "").replace("-", ""):
             return n
+    if flag is not None:
+        raise SystemExit(f"{flag}: task {wanted!r} is not one of {', '.join(sorted(names))}")
     raise ValueError(f"task {wanted!r} not in the generator's tasks {names}")
 
 
@@ -69,26 +130,29 @@ def load_or_capture(
     n_decode: int,
     seed: int,
     cache_dir: Path,
+    model: ModelSource,
     progress: bool = True,
-    model_cache: Path | None = None,
-    gguf: Path | None = None,
 ):
-    """The cached capture of ``spec``, capturing it (and caching) when missing; the model
-    comes from :func:`load_smollm2` with ``model_cache`` and ``gguf``."""
+    """The cached capture of ``spec`` on ``model``, capturing it (and caching) when missing."""
     from pariskv_tools.workloads import tasks
     from pariskv_tools.workloads.capture import Capture, capture
-    from pariskv_tools.workloads.smollm2 import load_smollm2
 
-    path = capture_path(spec, n_decode, seed, cache_dir)
+    path = capture_path(spec, n_decode, seed, cache_dir, model)
     if path.is_file():
         return Capture.load(path)
     print(f"[eval] capturing {spec.label} ({spec.task}) -> {path}", file=sys.stderr, flush=True)
-    model, tokenizer = load_smollm2(cache_dir=model_cache, gguf=gguf)
+    lm, tokenizer = model.load()
     name = _task_name(tasks, spec.task)
-    task = tasks.make_task(name, tokenizer, spec.prompt_tokens(n_decode), seed=seed)
+    target = spec.prompt_tokens(n_decode, model.max_positions)
+    task = tasks.make_task(name, tokenizer, target, seed=seed)
     prompt = torch.tensor(tasks.format_chat(tokenizer, task))
-    cap = capture(model, tokenizer, prompt, n_decode, progress=progress)
-    meta = {"task": name, "seed": seed, "answer": getattr(task, "answer", None)}
+    cap = capture(lm, tokenizer, prompt, n_decode, progress=progress)
+    meta = {
+        "model": model.describe(),
+        "task": name,
+        "seed": seed,
+        "answer": getattr(task, "answer", None),
+    }
     if hasattr(tasks, "score"):
         meta["correct"] = tasks.score(task, cap.text)
     cap.meta.update(meta)

@@ -46,13 +46,16 @@ def main() -> None:
         layer_trace,
         load_or_capture,
     )
+    from pariskv_tools.workloads.models import resolve_model
 
     torch.set_num_threads(1)
+    model = resolve_model(None)
     for spec in DEFAULT_CONTEXTS:
-        cap = load_or_capture(spec, 1024, 0, default_cache_dir())
+        cap = load_or_capture(spec, 1024, 0, default_cache_dir(), model)
         budget = budget_for(0.10, cap.prompt_len)
         bad = total = 0
-        for layer in (0, 15, 29):
+        n = cap.n_layers
+        for layer in (0, n // 2, n - 1):
             b, t = mismatches(layer_trace(cap, layer), budget, [0, 511, 1023])
             bad, total = bad + b, total + t
         print(f"{spec.label}: {bad} of {total} (step, head) sets differ from codec.retrieve")

@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
@@ -25,6 +26,9 @@ from pariskv_tools.eval.layer_eval import LayerResult, evaluate_layer
 from pariskv_tools.eval.methods import Method
 from pariskv_tools.eval.plots import plot_all
 from pariskv_tools.eval.summary import LAYER_GROUPS, summarize, table
+
+if TYPE_CHECKING:
+    from pariskv_tools.workloads.models import ModelSource
 
 #: Sources whose uncommitted edits would make the run irreproducible from the commit.
 _EVAL_SOURCES = ("pariskv_tools/eval", "sglang_pariskv/codec", "sglang_pariskv/config.py")
@@ -126,6 +130,11 @@ def check_targets(summary: dict) -> dict:
     return out
 
 
+def _captured_model(caps: dict) -> object:
+    """What the captures say they were recorded on, when no model was given."""
+    return next(iter(caps.values())).meta.get("model")
+
+
 def run_retrieval(
     settings: RetrievalSettings,
     methods: Sequence[Method],
@@ -134,24 +143,21 @@ def run_retrieval(
     command: str,
     plots: bool = True,
     captures: dict | None = None,
-    model_cache: Path | None = None,
-    gguf: Path | None = None,
+    model: ModelSource | None = None,
 ) -> dict:
     """Evaluate ``methods`` on every context and write JSON + plots next to ``out_json``.
 
     ``captures`` (label -> Capture) skips loading, for tests on synthetic traces; a missing
-    capture is recorded on SmolLM2 loaded with ``model_cache`` and ``gguf``."""
+    capture is recorded on ``model``, which the JSON's ``model`` field describes (without
+    a model, the captures' own ``meta["model"]``)."""
     t0 = time.monotonic()
     caps = dict(captures or {})
     for spec in settings.contexts:
         if spec.label not in caps:
+            if model is None:
+                raise ValueError(f"no capture for {spec.label!r} and no model to record one")
             caps[spec.label] = load_or_capture(
-                spec,
-                settings.n_decode,
-                settings.seed,
-                cache_dir,
-                model_cache=model_cache,
-                gguf=gguf,
+                spec, settings.n_decode, settings.seed, cache_dir, model
             )
     capture_s = time.monotonic() - t0
     num_layers = next(iter(caps.values())).n_layers
@@ -217,7 +223,7 @@ def run_retrieval(
         "command": command,
         "seed": settings.seed,
         "git_commit": git_commit(),
-        "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantised; 30 layers, 9 q / 3 kv heads, D 64)",
+        "model": model.describe() if model is not None else _captured_model(caps),
         "device": settings.device,
         "host": platform.node(),
         "runtime_s": {"capture_or_load": capture_s, "total": time.monotonic() - t0},

