@@ -59,6 +59,8 @@ def run(
     from pariskv_tools.workloads.smollm2 import load_smollm2
     from sglang_pariskv.config import ParisKVConfig
 
+    from pariskv_tools.workloads.models import last_logits_kwargs
+
     model, tok = load_smollm2()
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
@@ -69,7 +71,9 @@ def run(
         prompt = tasks.format_chat(tok, task)
         uninstall(model)
         with torch.inference_mode():
-            out = model(input_ids=torch.tensor([prompt]), use_cache=True)
+            out = model(
+                input_ids=torch.tensor([prompt]), use_cache=True, **last_logits_kwargs(model)
+            )
         first = int(out.logits[0, -1].argmax())
         answers = {"dense": decode(model, copy.deepcopy(out.past_key_values), first, max_new, eos)}
         for k in topks:
