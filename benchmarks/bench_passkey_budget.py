@@ -56,10 +56,9 @@ def run(
 ):
     from pariskv_tools.hf_attention import ParisKVAttention, install, uninstall
     from pariskv_tools.workloads import tasks
+    from pariskv_tools.workloads.models import last_logits_kwargs
     from pariskv_tools.workloads.smollm2 import load_smollm2
     from sglang_pariskv.config import ParisKVConfig
-
-    from pariskv_tools.workloads.models import last_logits_kwargs
 
     model, tok = load_smollm2()
     eos = model.generation_config.eos_token_id
