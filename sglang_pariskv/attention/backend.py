@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
 
+from sglang_pariskv.attention.memory_plan import tensor_bytes
 from sglang_pariskv.attention.model_info import (
     attention_layers,
     attention_scale,
@@ -123,10 +124,14 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         )
         self.observer.dump()
         logger.info(
-            "ParisKV backend: codes %.1f MiB, histograms %.1f MiB (%d request slots), config %s",
+            "ParisKV backend: codes %.1f MiB, histograms %.1f MiB (%d request slots), decode "
+            "workspace %.1f MiB (%d requests x %d tokens), config %s",
             self.codes.nbytes() / 2**20,
             self.hists.nbytes() / 2**20,
             rtt.shape[0],
+            tensor_bytes(self.ws) / 2**20,
+            self.ws.max_batch,
+            self.ws.max_context,
             config.to_dict(),
         )
 
