@@ -64,8 +64,8 @@ def backend_bytes(cfg: ParisKVConfig, kvc, num_layers: int, tp_size: int) -> int
             max_context=int(mc.context_len),
             graph_batch_sizes=_graph_batch_sizes(args, max_reqs),
         )
-    except ParisKVConfigError:
-        return 0  # an unsupported shape: the backend factory refuses it with its message
+    except ValueError:  # an unsupported shape: the backend factory refuses it, naming it
+        return 0
     return plan.total
 
 
