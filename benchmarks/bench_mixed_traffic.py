@@ -362,6 +362,10 @@ def check_pariskv_ran(stats: dict[str, dict], sent_long: int) -> None:
         raise RuntimeError("refusing to write results: the ParisKV server wrote no stats files")
 
 
+def _k(n: int) -> str:
+    return f"{n / 1024:g}K" if n >= 1024 else str(n)
+
+
 def plot(data: dict, out: Path) -> None:
     """TPOT p50 per class (one panel each) and rate, dense vs ParisKV, ratio on top."""
     import matplotlib
@@ -384,8 +388,8 @@ def plot(data: dict, out: Path) -> None:
         ax.set_xticks(x, [f"{r} req/s\n(n={k})" for r, k in zip(rates, n)])
         ax.set_ylabel("time per output token, p50 (ms)")
         lo, hi = data["workload"][f"{cls}_input"]
-        ax.set_title(f"{cls} requests ({lo // 1024}-{hi // 1024}K input)", fontsize=9)
-        ax.margins(y=0.15)
+        ax.set_title(f"{cls} requests ({_k(lo)}-{_k(hi)} input tokens)", fontsize=9)
+        ax.margins(y=0.3)
         ax.legend(loc="upper left", fontsize=8)
     fig.suptitle(f"{data.get('device', '')}: {data['model'][:70]}, mixed traffic", fontsize=9)
     fig.tight_layout()
