@@ -430,6 +430,7 @@ def _workload_key(args, model_desc: str) -> dict:
         "output_len": args.output_len,
         "seed": args.seed,
         "max_seconds": args.max_seconds,
+        "mem_fraction_static": args.mem_fraction,
         "server_args": args.server_arg,
     }
 
