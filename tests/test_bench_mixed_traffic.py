@@ -1,0 +1,371 @@
+"""bench_mixed_traffic on the CPU: the workload generator, the statistics, and the client
+against an in-process server that streams like SGLang's ``/generate`` with known delays."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import bench_mixed_traffic as bench  # noqa: E402
+
+# --------------------------------------------------------------------------- workload
+
+
+def _wl(n=400, rate=2.0, frac=0.1, seed=0, short=(1024, 4096), long=(65536, 131072)):
+    return bench.make_workload(n, rate, frac, short, long, seed)
+
+
+def test_workload_is_a_function_of_its_seed():
+    assert _wl(seed=3) == _wl(seed=3)
+    a, b = _wl(seed=3), _wl(seed=4)
+    assert [r.input_len for r in a] != [r.input_len for r in b]
+    assert [r.cls for r in a] != [r.cls for r in b]
+
+
+@pytest.mark.parametrize("n,frac", [(60, 0.1), (400, 0.1), (7, 0.5), (50, 0.0), (20, 1.0)])
+def test_class_counts_and_input_ranges(n, frac):
+    reqs = _wl(n=n, frac=frac, seed=n)
+    assert [r.index for r in reqs] == list(range(n))
+    assert sum(r.cls == "long" for r in reqs) == round(n * frac)
+    for r in reqs:
+        lo, hi = (1024, 4096) if r.cls == "short" else (65536, 131072)
+        assert lo <= r.input_len <= hi
+
+
+def test_input_lengths_reach_both_ends_of_the_range():
+    reqs = _wl(n=2000, frac=0.5, short=(10, 13), long=(100, 102))
+    for cls, want in (("short", {10, 11, 12, 13}), ("long", {100, 101, 102})):
+        assert {r.input_len for r in reqs if r.cls == cls} == want
+
+
+@pytest.mark.parametrize("rate", [0.5, 2.0, 10.0])
+def test_arrivals_are_poisson_at_the_rate(rate):
+    reqs = _wl(n=20000, rate=rate, seed=1)
+    t = np.array([r.arrival_s for r in reqs])
+    assert t[0] == 0.0 and np.all(np.diff(t) >= 0)
+    gaps = np.diff(t)
+    assert gaps.mean() == pytest.approx(1 / rate, rel=0.03)
+    assert gaps.std() / gaps.mean() == pytest.approx(1.0, abs=0.03)  # exponential: CV 1
+    # Poisson counts: in windows of 10 mean gaps, variance ~ mean ~ 10
+    counts = np.bincount((t // (10 / rate)).astype(int))[:-1]
+    assert counts.mean() == pytest.approx(10, rel=0.05)
+    assert counts.var() == pytest.approx(10, rel=0.2)
+
+
+def test_every_rate_replays_the_same_requests_compressed():
+    slow, fast = _wl(rate=0.5, seed=2), _wl(rate=2.0, seed=2)
+    assert [(r.cls, r.input_len) for r in slow] == [(r.cls, r.input_len) for r in fast]
+    assert [r.arrival_s for r in fast] == pytest.approx([r.arrival_s / 4 for r in slow])
+
+
+def test_bad_workloads_are_refused():
+    with pytest.raises(ValueError):
+        _wl(rate=0)
+    with pytest.raises(ValueError):
+        _wl(frac=1.5)
+    with pytest.raises(ValueError):
+        _wl(short=(10, 5))
+
+
+def test_prompt_ids():
+    reqs = _wl(n=3, short=(50, 60), long=(50, 60))
+    a = bench.prompt_ids(0, reqs[0])
+    assert a == bench.prompt_ids(0, reqs[0]) and len(a) == reqs[0].input_len
+    assert all(bench.TOKEN_ID_RANGE[0] <= x < bench.TOKEN_ID_RANGE[1] for x in a)
+    assert a[:50] != bench.prompt_ids(0, reqs[1])[:50]  # no shared prefix between requests
+    assert a != bench.prompt_ids(1, reqs[0])
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def test_percentile_matches_numpy_and_hand_values():
+    assert bench.percentile([1, 2, 3, 4], 50) == pytest.approx(2.5)
+    assert bench.percentile([1, 2, 3, 4], 99) == pytest.approx(3.97)
+    assert bench.percentile([4, 1, 3, 2], 0) == 1 and bench.percentile([4, 1, 3, 2], 100) == 4
+    assert bench.percentile([7.0], 99) == 7.0
+    assert bench.percentile([], 50) is None
+    rng = np.random.default_rng(0)
+    for n in (2, 5, 33, 100):
+        xs = rng.exponential(size=n).tolist()
+        for q in (1, 50, 90, 99):
+            assert bench.percentile(xs, q) == pytest.approx(np.percentile(xs, q))
+
+
+def _rec(cls, start, first, last, tokens, error=None, input_len=100):
+    return {"index": 0, "cls": cls, "input_len": input_len, "start_s": start,
+            "first_s": first, "last_s": last, "tokens": tokens, "error": error}  # fmt: skip
+
+
+def test_tpot_excludes_the_first_token():
+    assert bench.tpot_s(_rec("short", 0.0, 0.5, 2.5, 11)) == pytest.approx(0.2)
+    assert bench.tpot_s(_rec("short", 0.0, 0.5, 0.5, 1)) is None
+
+
+def test_class_stats_by_hand():
+    recs = [
+        _rec("short", 0.0, 0.1, 1.1, 11, input_len=1000),  # TTFT 100 ms, TPOT 100 ms
+        _rec("short", 1.0, 1.3, 2.3, 21, input_len=3000),  # TTFT 300 ms, TPOT 50 ms
+        _rec("short", 2.0, 2.2, 2.6, 5, input_len=2000),  # TTFT 200 ms, TPOT 100 ms
+        _rec("long", 0.5, 2.5, 4.5, 11, input_len=70000),  # TTFT 2000 ms, TPOT 200 ms
+    ]
+    s = bench.class_stats(recs, "short", wall_s=4.0)
+    assert s["requests"] == 3 and s["errors"] == 0
+    assert s["input_tokens_mean"] == pytest.approx(2000)
+    assert s["ttft_p50_ms"] == pytest.approx(200)
+    assert s["ttft_p99_ms"] == pytest.approx(200 + 0.98 * 100)
+    assert s["tpot_p50_ms"] == pytest.approx(100)
+    assert s["tpot_p99_ms"] == pytest.approx(100)
+    assert s["output_tokens"] == 37 and s["output_tok_s"] == pytest.approx(37 / 4.0)
+    lng = bench.class_stats(recs, "long", wall_s=4.0)
+    assert lng["ttft_p50_ms"] == pytest.approx(2000) and lng["tpot_p50_ms"] == pytest.approx(200)
+    assert lng["output_tok_s"] == pytest.approx(11 / 4.0)
+    bad = bench.class_stats([*recs, _rec("long", 0, None, None, 0, error="x")], "long", 4.0)
+    assert bad["errors"] == 1 and bad["requests"] == 2 and bad["output_tokens"] == 11
+
+
+# --------------------------------------------------------------------------- the client
+
+#: The fake server's delays: a prompt longer than LONG_AT tokens is "long".
+LONG_AT = 100
+DELAYS = {"short": (0.06, 0.010), "long": (0.20, 0.025)}  # (TTFT, time per token) in s
+OUT = 8
+
+
+class _Server:
+    """ThreadingHTTPServer on a free 127.0.0.1 port, serving in a daemon thread."""
+
+    def __init__(self, handler):
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _fake_generate(log: list, fail: dict | None = None):
+    """SGLang's streamed ``/generate`` with ``--skip-tokenizer-init``: one ``data:`` chunk
+    per token with the output ids so far and cumulative ``completion_tokens``, then
+    ``[DONE]``; chunked transfer as uvicorn sends it. ``fail`` maps a prompt's first
+    token id to a failure: "error_chunk", "http_500", "short" (one token too few),
+    "hang" (no token for 2 s)."""
+    fail = fail or {}
+
+    class H(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *a):
+            pass
+
+        def _write(self, data: bytes):
+            self.wfile.write(f"{len(data):X}\r\n".encode() + data + b"\r\n")
+            self.wfile.flush()
+
+        def do_POST(self):
+            try:
+                self._answer()
+            except (BrokenPipeError, ConnectionResetError):  # the client gave up ("hang")
+                pass
+
+        def _answer(self):
+            received = time.perf_counter()
+            assert self.path == "/generate", self.path
+            req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            ids = req["input_ids"]
+            log.append({"req": req, "received": received})
+            how = fail.get(ids[0])
+            if how == "http_500":
+                self.send_error(500, "scheduler died")
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            ttft, itl = DELAYS["long" if len(ids) > LONG_AT else "short"]
+            n = req["sampling_params"]["max_new_tokens"] - (how == "short")
+            time.sleep(2.0 if how == "hang" else ttft)
+            if how == "error_chunk":
+                err = {"error": {"message": "out of memory", "code": 400}}
+                self._write(f"data: {json.dumps(err)}\n\n".encode())
+            else:
+                for k in range(1, n + 1):
+                    if k > 1:
+                        time.sleep(itl)
+                    fin = {"type": "length", "length": n} if k == n else None
+                    meta = {"id": "r", "finish_reason": fin, "prompt_tokens": len(ids),
+                            "completion_tokens": k, "cached_tokens": 0}  # fmt: skip
+                    chunk = {"output_ids": list(range(k)), "meta_info": meta}
+                    self._write(f"data: {json.dumps(chunk)}\n\n".encode())
+            self._write(b"data: [DONE]\n\n")
+            self._write(b"")
+
+    return _Server(H)
+
+
+def _small_workload(n=12, rate=10.0, seed=5):
+    return bench.make_workload(n, rate, 0.25, (10, 30), (150, 250), seed)
+
+
+def test_client_times_follow_the_stream():
+    log: list = []
+    srv = _fake_generate(log)
+    reqs = _small_workload()
+    try:
+        t0 = time.perf_counter()
+        got = bench.run_rate(srv.url, reqs, OUT, seed=5, max_seconds=60, request_timeout=30)
+    finally:
+        srv.close()
+    assert got["sent"] == len(reqs) == len(got["records"]) == len(log)
+    # what was sent: every request's own prompt, exactly OUT tokens, streamed
+    by_first = {e["req"]["input_ids"][0]: e for e in log}
+    for r in reqs:
+        e = by_first[bench.prompt_ids(5, r)[0]]
+        assert e["req"]["input_ids"] == bench.prompt_ids(5, r)
+        assert e["req"]["stream"] is True
+        assert e["req"]["sampling_params"]["max_new_tokens"] == OUT
+        assert e["req"]["sampling_params"]["ignore_eos"] is True
+        # open loop: each request left at its Poisson arrival time
+        assert e["received"] - t0 == pytest.approx(r.arrival_s, abs=0.05)
+    for rec, r in zip(got["records"], reqs):
+        assert rec["index"] == r.index and rec["error"] is None and rec["tokens"] == OUT
+        assert rec["start_s"] == pytest.approx(r.arrival_s, abs=0.05)
+        ttft, itl = DELAYS[r.cls]
+        assert ttft <= rec["first_s"] - rec["start_s"] < ttft + 0.05
+        assert itl <= bench.tpot_s(rec) < itl + 0.01
+    # the wall time covers the last arrival and its request
+    last = reqs[-1]
+    assert got["wall_s"] >= last.arrival_s + DELAYS[last.cls][0] + (OUT - 1) * DELAYS[last.cls][1]
+    for cls in bench.CLASSES:
+        s = bench.class_stats(got["records"], cls, got["wall_s"])
+        ttft, itl = DELAYS[cls]
+        assert s["requests"] == sum(r.cls == cls for r in reqs) and s["errors"] == 0
+        assert ttft * 1000 <= s["ttft_p50_ms"] <= s["ttft_p99_ms"] < ttft * 1000 + 50
+        assert itl * 1000 <= s["tpot_p50_ms"] <= s["tpot_p99_ms"] < itl * 1000 + 10
+        assert s["output_tok_s"] == pytest.approx(s["requests"] * OUT / got["wall_s"])
+
+
+def test_max_seconds_stops_sending():
+    log: list = []
+    srv = _fake_generate(log)
+    reqs = _small_workload(n=30, rate=10.0)
+    cut = 1.0
+    try:
+        got = bench.run_rate(srv.url, reqs, OUT, seed=5, max_seconds=cut, request_timeout=30)
+    finally:
+        srv.close()
+    want = sum(r.arrival_s <= cut for r in reqs)
+    assert 0 < want < len(reqs)
+    assert got["sent"] == len(log) == len(got["records"]) == want
+
+
+@pytest.mark.parametrize(
+    "how,match",
+    [
+        ("error_chunk", "server error.*out of memory"),
+        ("http_500", "HTTP 500"),
+        ("short", f"{OUT - 1} output tokens, expected {OUT}"),
+        ("hang", "TimeoutError|timed out"),
+    ],
+)
+def test_a_failed_request_fails_the_run_and_stops_sending(how, match):
+    reqs = _small_workload(n=20, rate=10.0)
+    bad = reqs[1]
+    log: list = []
+    srv = _fake_generate(log, fail={bench.prompt_ids(5, bad)[0]: how})
+    try:
+        with pytest.raises(RuntimeError, match=match) as err:
+            bench.run_rate(srv.url, reqs, OUT, seed=5, max_seconds=60, request_timeout=0.5)
+    finally:
+        srv.close()
+    assert f"request {bad.index} ({bad.cls}" in str(err.value)
+    assert len(log) < len(reqs)  # the rest of the rate was not sent
+
+
+def test_client_talks_to_loopback_only():
+    req = _small_workload(n=1)[0]
+    with pytest.raises(ValueError, match="127.0.0.1"):
+        bench.stream_one("http://10.0.0.1:30000", req, [1], OUT, 1.0)
+    with pytest.raises(ValueError, match="127.0.0.1"):
+        bench.run_rate("http://localhost:30000", [req], OUT, 0, 1.0, 1.0)
+
+
+# --------------------------------------------------------------------------- results
+
+
+def _measure(url: str, args, stats: dict) -> dict:
+    """What run_server returns, measured against the fake server."""
+    rates = {}
+    for rate in args.rates:
+        reqs = bench.make_workload(args.requests, rate, args.long_fraction, args.short_input,
+                                   args.long_input, args.seed)  # fmt: skip
+        rates[str(rate)] = bench.run_rate(url, reqs, args.output_len, args.seed,
+                                          args.max_seconds, args.request_timeout)  # fmt: skip
+    return {"server_command": "fake", "server_info": {}, "rates": rates, "stats": stats}
+
+
+def test_two_invocations_make_one_comparison(tmp_path, monkeypatch):
+    """--modes dense then --modes pariskv with one --runs-dir: one results file with
+    both servers' numbers per rate and class, and its PNG; a changed workload refuses."""
+    srv = _fake_generate([])
+    stats = {"dense": {}, "pariskv": {"sparse_request_steps": 40, "dense_request_steps": 90}}
+    monkeypatch.setattr(
+        bench, "run_server", lambda mode, args, *a: _measure(srv.url, args, stats[mode])
+    )
+    monkeypatch.setattr(bench.signal, "signal", lambda *a: None)
+    monkeypatch.setattr(bench.e2e, "_device_info", lambda: {"device": "fake GPU"})  # imports sglang
+    out = tmp_path / "mixed.json"
+    common = ["--rates", "20", "40", "--requests", "8", "--long-fraction", "0.25",
+              "--short-input", "10-30", "--long-input", "150-250", "--output-len", str(OUT),
+              "--runs-dir", str(tmp_path / "runs"), "--log-dir", str(tmp_path / "logs"),
+              "--out", str(out), "--model-path", "fake-model"]  # fmt: skip
+    try:
+        assert bench.main([*common, "--modes", "dense"]) == 0
+        assert not out.exists()
+        assert bench.main([*common, "--modes", "pariskv"]) == 0
+        with pytest.raises(SystemExit, match="another workload"):
+            bench.main([*common, "--seed", "1", "--modes", "pariskv"])
+    finally:
+        srv.close()
+    data = json.loads(out.read_text())
+    assert data["device"] == "fake GPU" and data["model"] == "fake-model"
+    assert list(data["rates"]) == ["20.0", "40.0"]
+    assert data["pariskv_stats"] == stats["pariskv"]
+    for per in data["rates"].values():
+        for mode in bench.MODES:
+            total = 0.0
+            for cls in bench.CLASSES:
+                s = per[cls][mode]
+                assert s["errors"] == 0 and s["requests"] == {"short": 6, "long": 2}[cls]
+                assert DELAYS[cls][1] * 1000 <= s["tpot_p50_ms"] < DELAYS[cls][1] * 1000 + 10
+                total += s["output_tok_s"]
+            assert per["total_output_tok_s"][mode] == pytest.approx(total)
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    "stats,sent_long,match",
+    [
+        ({"dense": {}, "pariskv": {"dense_request_steps": 9}}, 3, "no sparse decode steps"),
+        ({"dense": {"sparse_request_steps": 1}, "pariskv": {"sparse_request_steps": 9}}, 3,
+         "dense server ran ParisKV"),
+        ({"dense": {}, "pariskv": {}}, 0, "wrote no stats files"),
+    ],
+)  # fmt: skip
+def test_results_refused_unless_pariskv_ran_on_its_server_only(stats, sent_long, match):
+    with pytest.raises(RuntimeError, match=match):
+        bench.check_pariskv_ran(stats, sent_long)
+    # what passes: sparse steps with long documents sent; dense steps alone without any
+    bench.check_pariskv_ran({"dense": {}, "pariskv": {"sparse_request_steps": 1}}, 3)
+    bench.check_pariskv_ran({"dense": {}, "pariskv": {"dense_request_steps": 5}}, 0)
