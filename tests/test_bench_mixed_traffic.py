@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import json
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_mixed_traffic as bench  # noqa: E402
+
+from tests.loopback_server import LoopbackServer
 
 # --------------------------------------------------------------------------- workload
 
@@ -141,20 +142,6 @@ DELAYS = {"short": (0.06, 0.010), "long": (0.20, 0.025)}  # (TTFT, time per toke
 OUT = 8
 
 
-class _Server:
-    """ThreadingHTTPServer on a free 127.0.0.1 port, serving in a daemon thread."""
-
-    def __init__(self, handler):
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 def _fake_generate(log: list, fail: dict | None = None):
     """SGLang's streamed ``/generate`` with ``--skip-tokenizer-init``: one ``data:`` chunk
     per token with the output ids so far and cumulative ``completion_tokens``, then
@@ -211,7 +198,7 @@ def _fake_generate(log: list, fail: dict | None = None):
             self._write(b"data: [DONE]\n\n")
             self._write(b"")
 
-    return _Server(H)
+    return LoopbackServer(H)
 
 
 def _small_workload(n=12, rate=10.0, seed=5):

@@ -12,9 +12,8 @@ import importlib.util
 import json
 import re
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pariskv_tools.workloads import documents, prom, smollm2
 from sglang_pariskv.metrics import BatchCounts, ParisKVMetrics
+from tests.loopback_server import LoopbackServer
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -199,20 +199,6 @@ def test_parse_filters_and_rejects_garbage():
     assert prom.delta({"a": 1.0}, None) == {}
 
 
-class _Server:
-    """ThreadingHTTPServer on a free port, running in a daemon thread."""
-
-    def __init__(self, handler):
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 def test_scrape_reads_metrics_and_reports_missing_endpoint():
     text = _metrics_text().encode()
 
@@ -230,7 +216,7 @@ def test_scrape_reads_metrics_and_reports_missing_endpoint():
         def log_message(self, *a):
             pass
 
-    srv = _Server(H)
+    srv = LoopbackServer(H)
     try:
         assert prom.scrape(srv.url)["sglang:pariskv_tokens_encoded_total"] == 1250
         assert prom.scrape(srv.url + "/nometrics") is None  # 404: metrics not enabled
@@ -330,7 +316,7 @@ def _fake_sglang(doc, wrong_vault, log):
             out.write(b"data: [DONE]\n\n")
             out.close()
 
-    return _Server(H)
+    return LoopbackServer(H)
 
 
 @pytest.fixture(scope="module")
@@ -432,7 +418,7 @@ def _fake_openai(doc, wrong_vault, log):
             out.write(b"data: [DONE]\n\n")
             out.close()
 
-    return _Server(H)
+    return LoopbackServer(H)
 
 
 @pytest.fixture(scope="module")
@@ -500,7 +486,7 @@ def test_chat_reports_server_errors(chat_example):
         def do_POST(self):
             self.send_error(400, "context too long")
 
-    srv = _Server(H)
+    srv = LoopbackServer(H)
     try:
         doc = documents.build_document(500, n_facts=2, seed=0)
         with pytest.raises(RuntimeError, match="user"):
