@@ -81,9 +81,10 @@ def plot(data: dict, out: Path) -> None:
             )
         ax.set_xticks(list(x), labels)
         ax.set_ylabel("ms")
-        ax.set_title(f"{title}: requests below the dense threshold")
+        ax.set_title(title)
         ax.legend(loc="upper left")
-    fig.suptitle(f"{data.get('device', '')}: Llama-3.1-8B shape, dummy weights")
+    device = data.get("device", "")
+    fig.suptitle(f"{device}, Llama-3.1-8B shape: requests below the dense threshold")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
 
