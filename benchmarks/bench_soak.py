@@ -33,6 +33,7 @@ not match what was served.
 from __future__ import annotations
 
 import argparse
+import copy
 import http.client
 import itertools
 import json
@@ -49,7 +50,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -167,14 +168,15 @@ def _draw(rng: np.random.Generator, lo_hi: tuple[int, int]) -> int:
 
 def scenarios(w: Workload, client: int) -> Iterator[Scenario]:
     """Client ``client``'s endless scenario sequence, a function of (seed, client) alone.
-    The first scenario of client ``c`` is kind ``KINDS[c % len(KINDS)]``, so with at least
-    as many clients as kinds every kind runs from the start; then kinds follow the mix."""
+    The first scenario of client ``c`` is the ``c``-th kind of positive weight (cyclically),
+    so with at least as many clients as kinds every kind runs from the start; then kinds
+    follow the mix."""
     rng = np.random.default_rng([w.seed, client])
     kinds = [k for k in KINDS if w.weights.get(k, 0) > 0]
     p = np.array([w.weights[k] for k in kinds], dtype=float)
     p /= p.sum()
     for k in itertools.count():
-        kind = KINDS[client % len(KINDS)] if k == 0 else kinds[rng.choice(len(kinds), p=p)]
+        kind = kinds[client % len(kinds)] if k == 0 else kinds[rng.choice(len(kinds), p=p)]
         index = client * CLIENT_STRIDE + k
         either = w.long_input if rng.random() < 0.5 else w.short_input
         if kind == "chat":
@@ -318,11 +320,12 @@ def abort_stream(
         for _ in range(mt.MAX_CHUNKS_PER_TOKEN * output_len + 16):
             if time.perf_counter() - start > timeout:
                 raise RequestFailed(f"no chunk {cut_after} after {timeout:.0f} s")
-            line = resp.readline().strip()
-            if not line.startswith(b"data:"):
-                if line:
-                    continue
+            raw = resp.readline()
+            if not raw:
                 raise RequestFailed("stream ended without [DONE]")
+            line = raw.strip()
+            if not line.startswith(b"data:"):
+                continue
             data = line[5:].strip()
             if data == b"[DONE]":
                 return False, tokens
@@ -422,7 +425,11 @@ class Tally:
 
     def snapshot(self) -> dict:
         with self.lock:
-            return {k: v for k, v in asdict(self).items() if k != "lock"}
+            return {
+                f.name: copy.deepcopy(getattr(self, f.name))
+                for f in fields(self)
+                if f.name != "lock"
+            }
 
 
 def run_scenario(url: str, sc: Scenario, w: Workload, timeout: float, tally: Tally) -> None:
