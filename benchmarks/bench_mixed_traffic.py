@@ -399,19 +399,69 @@ def plot(data: dict, out: Path) -> None:
 # --------------------------------------------------------------------------- servers
 
 
-def _model(args) -> tuple[str, str, list[str]]:
-    """(model path, description, server flags that depend on it)."""
-    if args.model_path:
-        return args.model_path, args.model_path, []
+def serve_model(model_path: str | None, context_length: int) -> tuple[str, str, list[str]]:
+    """(model path, description, server flags that depend on it): the user's model, or a
+    Llama-3.1-8B-shaped config with dummy weights that holds ``context_length``."""
+    if model_path:
+        return model_path, model_path, []
     d = Path(tempfile.mkdtemp(prefix="llama8b-dummy-"))
     cfg = dict(e2e.LLAMA_8B)
-    cfg["max_position_embeddings"] = max(cfg["max_position_embeddings"], _context_length(args))
+    cfg["max_position_embeddings"] = max(cfg["max_position_embeddings"], context_length)
     (d / "config.json").write_text(json.dumps(cfg))
     return (
         str(d),
         "Llama-3.1-8B shape, dummy weights",
         ["--load-format", "dummy", "--skip-tokenizer-init"],
     )
+
+
+def server_for(
+    name: str,
+    args,
+    model: str,
+    model_flags: list[str],
+    log_dir: Path,
+    context_length: int,
+    pariskv: dict | None,
+) -> tuple[wf.Server, Path]:
+    """A server (not started) on 127.0.0.1 with the flags of :func:`add_server_args`, and
+    its stats folder; ``pariskv`` is the ParisKV config (None: plain SGLang)."""
+    stats_dir = log_dir / f"{name}-stats"
+    shutil.rmtree(stats_dir, ignore_errors=True)
+    cfg = {
+        "context_length": context_length,
+        "server_args": model_flags + ["--mem-fraction-static", str(args.mem_fraction)],
+        "pariskv": pariskv or {},
+    }
+    port = wf._free_port()
+    cmd = wf._server_cmd(model, port, cfg, pariskv is not None, args.server_arg, str(stats_dir))
+    env = {k: v for k, v in os.environ.items() if k != "SGLANG_PARISKV_CONFIG"}
+    return wf.Server(name, cmd, log_dir / f"{name}.log", env), stats_dir
+
+
+def add_server_args(ap: argparse.ArgumentParser) -> None:
+    """The options of the servers a benchmark starts (:func:`server_for`)."""
+    ap.add_argument(
+        "--model-path",
+        help="model to serve (default: a Llama-3.1-8B-shaped config with --load-format dummy)",
+    )
+    ap.add_argument(
+        "--mem-fraction", type=float, default=0.85, help="--mem-fraction-static of the servers"
+    )
+    ap.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        help="extra launch_server argument for the servers, one token each: "
+        "--server-arg=--chunked-prefill-size --server-arg=8192",
+    )
+    ap.add_argument(
+        "--health-timeout",
+        type=float,
+        default=900.0,
+        help="seconds to wait for a server's /health_generate",
+    )
+    ap.add_argument("--log-dir", type=Path, help="server logs and stats (default: a temp dir)")
 
 
 def _context_length(args) -> int:
@@ -439,20 +489,12 @@ def run_server(mode: str, args, model: str, model_flags: list[str], log_dir: Pat
     """Start one server, warm it up, run every rate against it, stop it."""
     if mode == "pariskv":
         wf._check_plugin_installed()
-    stats_dir = log_dir / f"{mode}-stats"
-    shutil.rmtree(stats_dir, ignore_errors=True)
-    cfg = {
-        "context_length": _context_length(args),
-        "server_args": model_flags + ["--mem-fraction-static", str(args.mem_fraction)],
-        "pariskv": {},  # ParisKV's defaults
-    }
-    cmd = wf._server_cmd(
-        model, wf._free_port(), cfg, mode == "pariskv", args.server_arg, str(stats_dir)
+    pariskv = {} if mode == "pariskv" else None  # ParisKV's defaults
+    srv, stats_dir = server_for(
+        mode, args, model, model_flags, log_dir, _context_length(args), pariskv
     )
-    env = {k: v for k, v in os.environ.items() if k != "SGLANG_PARISKV_CONFIG"}
-    srv = wf.Server(mode, cmd, log_dir / f"{mode}.log", env)
     wf._ACTIVE.append(srv)
-    result = {"server_command": " ".join(cmd), "rates": {}}
+    result = {"server_command": " ".join(srv.cmd), "rates": {}}
     try:
         srv.start(args.health_timeout)
         result["server_info"] = wf._server_info(srv.url)
@@ -560,27 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--request-timeout", type=float, default=300.0, help="seconds one request may take"
     )
-    ap.add_argument(
-        "--model-path",
-        help="model to serve (default: a Llama-3.1-8B-shaped config with --load-format dummy)",
-    )
-    ap.add_argument(
-        "--mem-fraction", type=float, default=0.85, help="--mem-fraction-static of both servers"
-    )
-    ap.add_argument(
-        "--server-arg",
-        action="append",
-        default=[],
-        help="extra launch_server argument for both servers, one token each: "
-        "--server-arg=--chunked-prefill-size --server-arg=8192",
-    )
-    ap.add_argument(
-        "--health-timeout",
-        type=float,
-        default=900.0,
-        help="seconds to wait for a server's /health_generate",
-    )
-    ap.add_argument("--log-dir", type=Path, help="server logs and stats (default: a temp dir)")
+    add_server_args(ap)
     e2e.add_split_run_args(ap)
     ap.add_argument("--out", type=Path, default=RESULTS, help="results JSON (PNG beside it)")
     ap.add_argument("--plot", type=Path, help="only draw the PNG of an existing results JSON")
@@ -600,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--requests must be >= 1 and every rate > 0")
     signal.signal(signal.SIGTERM, wf._on_signal)
     signal.signal(signal.SIGINT, wf._on_signal)
-    model, model_desc, model_flags = _model(args)
+    model, model_desc, model_flags = serve_model(args.model_path, _context_length(args))
     key = _workload_key(args, model_desc)
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="bench-mixed-"))
     log_dir.mkdir(parents=True, exist_ok=True)

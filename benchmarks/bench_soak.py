@@ -37,9 +37,7 @@ import copy
 import http.client
 import itertools
 import json
-import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -709,30 +707,10 @@ def verdict(res: dict) -> list[str]:
 # --------------------------------------------------------------------------- servers
 
 
-def _model(args) -> tuple[str, str, list[str]]:
-    """(model path, description, flags it needs)."""
-    if args.model_path:
-        return args.model_path, args.model_path, []
-    d = Path(tempfile.mkdtemp(prefix="llama8b-dummy-"))
-    cfg = dict(e2e.LLAMA_8B)
-    cfg["max_position_embeddings"] = max(cfg["max_position_embeddings"], args.context_length)
-    (d / "config.json").write_text(json.dumps(cfg))
-    flags = ["--load-format", "dummy", "--skip-tokenizer-init"]
-    return str(d), "Llama-3.1-8B shape, dummy weights", flags
-
-
 def _start(name: str, args, model: str, flags: list[str], log_dir: Path, pariskv: bool):
     """A started server (registered for the signal handler)."""
-    stats_dir = log_dir / f"{name}-stats"
-    shutil.rmtree(stats_dir, ignore_errors=True)
-    cfg = {
-        "context_length": args.context_length,
-        "server_args": flags + ["--mem-fraction-static", str(args.mem_fraction)],
-        "pariskv": {"dense_threshold": args.pariskv_dense_threshold},
-    }
-    cmd = wf._server_cmd(model, wf._free_port(), cfg, pariskv, args.server_arg, str(stats_dir))
-    env = {k: v for k, v in os.environ.items() if k != "SGLANG_PARISKV_CONFIG"}
-    srv = wf.Server(name, cmd, log_dir / f"{name}.log", env)
+    cfg = {"dense_threshold": args.pariskv_dense_threshold} if pariskv else None
+    srv, _ = mt.server_for(name, args, model, flags, log_dir, args.context_length, cfg)
     wf._ACTIVE.append(srv)
     try:
         srv.start(args.health_timeout)
@@ -1009,27 +987,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also send the probes to a plain SGLang server afterwards",
     )
-    ap.add_argument(
-        "--model-path",
-        help="model to serve (default: a Llama-3.1-8B-shaped config with --load-format dummy)",
-    )
-    ap.add_argument(
-        "--mem-fraction", type=float, default=0.85, help="--mem-fraction-static of the servers"
-    )
-    ap.add_argument(
-        "--server-arg",
-        action="append",
-        default=[],
-        help="extra launch_server argument, one token each: "
-        "--server-arg=--chunked-prefill-size --server-arg=8192",
-    )
-    ap.add_argument(
-        "--health-timeout",
-        type=float,
-        default=900.0,
-        help="seconds to wait for a server's /health_generate",
-    )
-    ap.add_argument("--log-dir", type=Path, help="server logs and stats (default: a temp dir)")
+    mt.add_server_args(ap)
     ap.add_argument("--out", type=Path, default=RESULTS, help="results JSON (PNG beside it)")
     ap.add_argument("--plot", type=Path, help="only draw the PNG of an existing results JSON")
     return ap
@@ -1060,7 +1018,7 @@ def main(argv: list[str] | None = None) -> int:
     wf._check_plugin_installed()
     signal.signal(signal.SIGTERM, wf._on_signal)
     signal.signal(signal.SIGINT, wf._on_signal)
-    model, model_desc, flags = _model(args)
+    model, model_desc, flags = mt.serve_model(args.model_path, args.context_length)
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="bench-soak-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     print(f"logs in {log_dir}", flush=True)
