@@ -279,7 +279,12 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         bs = forward_batch.batch_size
         if bs not in self.graph_sparse:
             self.graph_sparse[bs] = self._sparse_call(graph_batch=bs)
-        replay = None if in_capture else self.step_graph(forward_batch.seq_lens_cpu[:bs])
+        # the replayed graph matters only when both graphs were captured
+        replay = (
+            self.step_graph(forward_batch.seq_lens_cpu[:bs])
+            if self.graphs.captured and not in_capture
+            else None
+        )
         graph = self.graphs.graph_of(in_capture, replay)
         if not in_capture and self.graphs.captured:
             # SGLang plans decode_cuda_graph_metadata[bs]: make it the replayed graph's own

@@ -50,7 +50,7 @@ class StepGraphs:
         if step == "dense":
             self.captured = True
 
-    def graph_of(self, in_capture: bool, replay_graph: str) -> str:
+    def graph_of(self, in_capture: bool, replay_graph: str | None) -> str:
         """The graph of this capture or replay. A capture is of the graph the hook named
         (the sparse one when no hook ran, which holds the retrieval path so it serves every
         step). A replay is of ``replay_graph`` when both were captured, else sparse."""
