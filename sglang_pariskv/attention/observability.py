@@ -50,10 +50,11 @@ class DecodeObserver:
         self.stats = DecodeStats()
         self.metrics = metrics
         self.timer = RetrievalTimer(num_layers) if timed else None
-        self.path: Path | None = stats_path(stats_dir, tp_rank) if stats_dir else None
-        self.writer = StatsWriter(self.path, self.snapshot) if self.path is not None else None
         self.extra_snapshot = extra_snapshot
         self.config_dict = config_dict or {}
+        self.path: Path | None = stats_path(stats_dir, tp_rank) if stats_dir else None
+        # last: the writer thread reads every field above through snapshot()
+        self.writer = StatsWriter(self.path, self.snapshot) if self.path is not None else None
 
     @classmethod
     def for_server(
