@@ -15,6 +15,7 @@ from typing import Any
 
 from sglang_pariskv.config import (
     DEFAULT_HOT_CACHE_LINES,
+    DEFAULT_REUSE_MAX_AGE,
     OFFLOAD_MODES,
     ParisKVConfig,
     ParisKVConfigError,
@@ -34,6 +35,8 @@ KNOB_FLAGS: tuple[tuple[str, str, Any], ...] = (
     ("--pariskv-host-pool-gb", "host_pool_gb", float),
     ("--pariskv-hot-cache-lines", "hot_cache_lines", int),
     ("--pariskv-stats-dir", "stats_dir", None),
+    ("--pariskv-reuse-threshold", "reuse_threshold", float),
+    ("--pariskv-reuse-max-age", "reuse_max_age", int),
 )
 
 
@@ -127,6 +130,22 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         "--enable-metrics exports the same counters to Prometheus).",
     )
     g.add_argument(
+        "--pariskv-reuse-threshold",
+        type=float,
+        default=None,
+        help="Retrieval reuse: a decode layer retrieves again only when the cosine between "
+        "its retrieval query and the one of its kept top-k falls below this, in [0, 1]; "
+        f"otherwise it attends over the kept top-k (default {defaults.reuse_threshold}; "
+        "0: retrieve at every step).",
+    )
+    g.add_argument(
+        "--pariskv-reuse-max-age",
+        type=int,
+        default=None,
+        help="With retrieval reuse: most decode steps one kept top-k serves before the "
+        f"layer retrieves again (default {DEFAULT_REUSE_MAX_AGE}).",
+    )
+    g.add_argument(
         "--pariskv-config",
         type=str,
         default=None,
@@ -174,9 +193,17 @@ def config_from_args(args: Any) -> ParisKVConfig | None:
             continue
         base[field] = _ratio(flag, value) if kind is str else value
     try:
-        return ParisKVConfig.from_dict(base)
+        config = ParisKVConfig.from_dict(base)
     except ValueError as e:
         raise ParisKVConfigError(str(e)) from e
+    max_age = getattr(args, "pariskv_reuse_max_age", None)
+    if max_age is not None and not config.reuses:
+        raise ParisKVConfigError(
+            f"--pariskv-reuse-max-age {max_age} applies only to retrieval "
+            "reuse, which --pariskv-reuse-threshold 0 turns off: set a threshold > 0, or "
+            "drop --pariskv-reuse-max-age"
+        )
+    return config
 
 
 def _dest(flag: str) -> str:
