@@ -1,0 +1,125 @@
+"""Retrieval reuse in the decode workspace (kernels/reuse.py, the reuse stage and the
+assembly's kept buffer) against the codec's rule (codec/reuse.py), step after step."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from sglang_pariskv.codec.collision import centroid_histogram
+from sglang_pariskv.codec.reuse import KeptSelection, retrieve_with_reuse
+from sglang_pariskv.config import ParisKVConfig
+from sglang_pariskv.kernels import DecodeWorkspace
+from sglang_pariskv.kernels.reuse import ReuseState
+from tests.kernel_cases import make_scenario, padded_codes
+from tests.test_kernels_workspace import SMALL, rows_of
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+H, G, D = 2, 2, 64
+CFG = ParisKVConfig(
+    topk=24, sink=4, local=8, dense_threshold=100, reuse_threshold=0.9, reuse_max_age=3
+)
+
+
+def workspace(cfg=CFG):
+    return DecodeWorkspace(
+        cfg, H * G, H, D, max_batch=4, max_context=720, device=DEV, elide_dense_rows=True,
+        **SMALL,
+    )  # fmt: skip
+
+
+def slot_sets(sc, ref, r):
+    """{head: set of slots} of request r from the codec's positions."""
+    rtt = sc.req_to_token[sc.req_pool_indices.long()]
+    return {h: set(rtt[r][ref.positions[r, h][ref.valid[r, h]]].tolist()) for h in range(H)}
+
+
+def moved(q, r, h, gen):
+    """q with (request r, KV head h)'s group pointing somewhere new."""
+    q = q.clone().view(q.shape[0], H, G, D)
+    q[r, h] = torch.randn(G, D, generator=gen).to(q)
+    return q.view(q.shape[0], H * G, D)
+
+
+def test_reuse_follows_the_codec_step_by_step():
+    full = [710, 95, 560]  # request 1 stays dense (<= 100 tokens)
+    sc = make_scenario(full, H, D, 720, DEV, dtype=torch.float16, seed=3)
+    gen = torch.Generator().manual_seed(4)
+    q0 = torch.randn(3, H * G, D, generator=gen).to(DEV)
+    q_move_2 = moved(q0, 2, 1, gen)
+    queries = [q0, q0, q_move_2, q_move_2, q_move_2, moved(q0, 0, 0, gen)]
+    ws = workspace()
+    state = ReuseState(sc.hist.shape[0], 1, H, D, ws.k, DEV)
+    kept = KeptSelection.empty(3, H, D, CFG.topk)
+    fresh_log = []
+    for step, q in enumerate(queries):
+        seq = torch.tensor([n - 6 + step for n in full], dtype=torch.int32)
+        sc.seq_lens = seq.to(DEV)
+        hist = centroid_histogram(padded_codes(sc).signs, seq.long().to(DEV))  # decode adds
+        sc.hist[sc.req_pool_indices.long()] = hist.to(sc.hist.dtype)
+        ws.plan(seq)
+        out = ws.run(q, sc.pool, sc.hist, sc.req_to_token, sc.req_pool_indices,
+                     reuse=state.layer(0))  # fmt: skip
+        ref, kept, retrieved = retrieve_with_reuse(
+            q.float().cpu(), padded_codes(sc), seq.long(), CFG, kept, hist=hist
+        )
+        fresh = ws.reuse_fresh[:3].cpu().bool()
+        assert torch.equal(fresh, retrieved.any(-1)), step
+        fresh_log.append(fresh.tolist())
+        got = rows_of(out, H)
+        for r in (0, 2):
+            want = slot_sets(sc, ref, r)
+            for h in range(H):
+                assert set(got[r, h]) == want[h] and len(got[r, h]) == CFG.budget, (step, r, h)
+        # reusing rows ranked nothing: 0 candidates
+        counts = out.num_candidates.cpu()
+        assert (counts[~fresh] == 0).all() and (counts[fresh & (seq > 100)] > 0).all()
+    assert fresh_log == [
+        [True, False, True],  # nothing kept yet (request 1 is dense throughout)
+        [False, False, False],  # same queries: both reuse
+        [False, False, True],  # request 2's head 1 moved: its whole layer retrieves
+        [True, False, False],  # request 0 is 3 tokens past its retrieval (max age)
+        [False, False, False],
+        [True, False, True],  # request 0 moved; request 2 reached its max age
+    ]
+    counters = state.counters.cpu().tolist()
+    assert counters == [6, 6]  # sparse (request, layer) pairs retrieved / reused
+
+
+def test_a_request_taking_over_a_slot_never_reuses_its_selection():
+    full = [600]
+    sc = make_scenario(full, H, D, 720, DEV, dtype=torch.float16, seed=5)
+    q = torch.randn(1, H * G, D, generator=torch.Generator().manual_seed(6)).to(DEV)
+    ws = workspace(dataclasses.replace(CFG, reuse_max_age=100))
+    state = ReuseState(sc.hist.shape[0], 1, H, D, ws.k, DEV)
+
+    def step(n):
+        ws.plan(torch.tensor([n], dtype=torch.int32))  # (histograms of all 600: no matter)
+        ws.run(q, sc.pool, sc.hist, sc.req_to_token, sc.req_pool_indices, reuse=state.layer(0))
+        return bool(ws.reuse_fresh[0])
+
+    assert step(590) and not step(591)  # the first request retrieves, then reuses
+    # Same slot, same query, one token longer: without a reset the new request would
+    # attend the first one's selection...
+    assert not step(592)
+    # ...so a request starting on the slot resets it, and its first step retrieves.
+    state.reset(sc.req_pool_indices)
+    assert step(592) and not step(593)
+    other = ReuseState(sc.hist.shape[0], 1, H, D, ws.k, DEV)
+    assert (other.seq == -1).all()  # a fresh state keeps nothing
+
+
+def test_threshold_zero_runs_no_reuse_stage_and_state_needs_a_threshold():
+    cfg = dataclasses.replace(CFG, reuse_threshold=0.0)
+    sc = make_scenario([300], H, D, 720, DEV, dtype=torch.float16, seed=1)
+    q = torch.randn(1, H * G, D, generator=torch.Generator().manual_seed(2)).to(DEV)
+    ws = workspace(cfg)
+    ws.plan(sc.seq_lens.cpu())
+    ws.bind(q, sc.pool, sc.hist, sc.req_to_token, sc.req_pool_indices)
+    assert [name for name, _ in ws.stages()] == [
+        "query_tiers", "scan", "select", "rerank", "topk", "assemble",
+    ]  # fmt: skip
+    assert not hasattr(ws, "reuse_eff")
+    state = ReuseState(sc.hist.shape[0], 1, H, D, ws.k, DEV)
+    with pytest.raises(ValueError, match="reuse_threshold is 0"):
+        ws.run(q, sc.pool, sc.hist, sc.req_to_token, sc.req_pool_indices, reuse=state.layer(0))
