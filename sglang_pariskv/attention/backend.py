@@ -41,6 +41,7 @@ from sglang_pariskv.attention.model_info import (
 )
 from sglang_pariskv.attention.observability import DecodeObserver
 from sglang_pariskv.attention.offload_wiring import OffloadDecode
+from sglang_pariskv.attention.reuse import RetrievalReuse
 from sglang_pariskv.attention.sparse_decode import HeadAsBatchDecode, float_workspace
 from sglang_pariskv.attention.step_graphs import StepGraphs, check_step
 from sglang_pariskv.codec.budget import step_dense_mask
@@ -74,6 +75,8 @@ def _dense_rows_only(forward_batch, dense_cpu: torch.Tensor, dense_dev: torch.Te
 class ParisKVAttnBackend(FlashInferAttnBackend):
     #: Host offload's hot cache + fetch; None without offload (or with a zero-line cache).
     offload: OffloadDecode | None = None
+    #: Kept selections of retrieval reuse; None with ``--pariskv-reuse-threshold 0``.
+    reuse: RetrievalReuse | None = None
 
     def __init__(self, model_runner, config: ParisKVConfig):
         super().__init__(model_runner, init_new_workspace=model_runner.init_new_workspace)
@@ -105,6 +108,9 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         #: FlashInfer scratch shared by every sparse call of this backend (one per GPU).
         self._float_ws = float_workspace(device)
         self._build_workspace(max_batch)
+        self.reuse = RetrievalReuse.build(
+            config, rtt.shape[0], pool.layer_num, self.hkv, self.d, self.ws.k, device
+        )
         self.graph_sparse: dict[int, HeadAsBatchDecode] = {}
         self._rpi32: torch.Tensor | None = None
         self._sparse: HeadAsBatchDecode | None = None  # active sparse call, None: all dense
@@ -120,7 +126,7 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             server_args=model_runner.server_args,
             config=config,
             on_cuda=device.type == "cuda",
-            extra_snapshot=self._offload_snapshot,
+            extra_snapshot=self._extra_snapshot,
         )
         self.observer.dump()
         logger.info(
@@ -161,6 +167,10 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         super().init_cuda_graph_state(max_bs, max_num_tokens, *args, **kwargs)
         if max_bs > self.ws.max_batch:  # graphs are captured up to max_bs rows
             self._build_workspace(max_bs)
+
+    def _extra_snapshot(self) -> dict[str, Any]:
+        reuse = self.reuse.snapshot() if self.reuse is not None else {}
+        return {**self._offload_snapshot(), **reuse}
 
     def _offload_snapshot(self) -> dict[str, Any]:
         pool = getattr(self, "token_to_kv_pool", None)
@@ -215,6 +225,8 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         run_sparse = graph == "sparse" or (graph is None and bool(sparse_rows.any()))
         if self.offload is not None and self.observer.wants_counters:
             self.observer.hot_cache(self.offload.poll())  # no sync: copies behind the queue
+        if self.reuse is not None and self.observer.wants_counters:
+            self.observer.reuse(self.reuse.poll())
         self.observer.decode_step(
             BatchCounts(
                 tokens_encoded=int(real.sum()),
@@ -316,6 +328,8 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
                 forward_batch.seq_lens,
                 max_len=int(seq_cpu.max()) if seq_cpu is not None else None,
             )
+            if self.reuse is not None:  # no request reuses a selection made before it extended
+                self.reuse.extended(forward_batch.req_pool_indices)
         return out
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
@@ -389,6 +403,7 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             self.hists.layers[local],
             self.req_to_token_pool.req_to_token,
             self._rpi32,
+            reuse=self.reuse.layer(local) if self.reuse is not None else None,
         )
         self.observer.stop(local)
         if self.offload is not None:

@@ -18,6 +18,7 @@ import torch
 from sglang_pariskv.attention.sparse_decode import WORKSPACE_BYTES
 from sglang_pariskv.config import ParisKVConfig
 from sglang_pariskv.index.histograms import RequestHistograms
+from sglang_pariskv.kernels.reuse import ReuseState
 from sglang_pariskv.kernels.workspace import DecodeWorkspace
 
 #: Device int workspace of each FlashInfer decode wrapper (FlashInfer allocates 8 MiB).
@@ -48,10 +49,11 @@ class BackendMemoryPlan:
     histograms: int
     workspace: int
     flashinfer: int
+    reuse: int = 0  #: kept selections of retrieval reuse (``--pariskv-reuse-threshold``)
 
     @property
     def total(self) -> int:
-        return self.histograms + self.workspace + self.flashinfer
+        return self.histograms + self.workspace + self.flashinfer + self.reuse
 
 
 def plan_backend_memory(
@@ -67,11 +69,12 @@ def plan_backend_memory(
     graph_batch_sizes: int,
     kv_dtype: torch.dtype = torch.bfloat16,
 ) -> BackendMemoryPlan:
-    """What ``ParisKVAttnBackend`` allocates for these sizes: histograms for every request
-    slot; the workspace for ``max_batch`` rows of ``max_context`` (plus the query copy
-    its first run makes); one shared FlashInfer float workspace, an int workspace for the
-    eager call and each captured batch size, and one more per size for the dense-step
-    graph SGLang's FlashInfer backend captures beside the sparse-step one."""
+    """What ``ParisKVAttnBackend`` allocates for these sizes: histograms (and, with
+    retrieval reuse, kept selections) for every request slot; the workspace for
+    ``max_batch`` rows of ``max_context`` (plus the query copy its first run makes); one
+    shared FlashInfer float workspace, an int workspace for the eager call and each
+    captured batch size, and one more per size for the dense-step graph SGLang's
+    FlashInfer backend captures beside the sparse-step one."""
     meta = torch.device("meta")
     hists = RequestHistograms(request_slots, num_kv_heads, head_dim, num_layers, meta)
     ws = DecodeWorkspace(
@@ -82,8 +85,13 @@ def plan_backend_memory(
         max_batch * num_q_heads * head_dim * torch.tensor([], dtype=kv_dtype).element_size()
     )
     wrappers = 1 + 2 * graph_batch_sizes
+    reuse = 0
+    if config.reuses:  # per request slot and layer: kept query, top-k and length
+        kept = ReuseState(request_slots, num_layers, num_kv_heads, head_dim, ws.k, meta)
+        reuse = kept.nbytes()
     return BackendMemoryPlan(
         histograms=hists.nbytes(),
         workspace=tensor_bytes(ws) + query_copy,
         flashinfer=WORKSPACE_BYTES + wrappers * FLASHINFER_INT_WORKSPACE_BYTES,
+        reuse=reuse,
     )
