@@ -28,6 +28,7 @@ from pariskv_tools.eval.captures import (
 )
 from pariskv_tools.eval.methods import ParisKV, default_methods
 from pariskv_tools.eval.retrieval import RetrievalSettings, run_retrieval
+from pariskv_tools.eval.reuse_cli import add_reuse_parser, main_reuse
 from pariskv_tools.workloads.models import resolve_model
 from sglang_pariskv.config import ParisKVConfig
 
@@ -148,12 +149,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch CPU threads (on a shared CPU, OpenMP threads waiting on a descheduled "
         "peer make every op several times slower; 0 keeps torch's default)",
     )
+    add_reuse_parser(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    if args.cmd == "reuse":
+        return main_reuse(args, argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
