@@ -28,17 +28,60 @@ def workspace(cfg=CFG):
     )  # fmt: skip
 
 
-def slot_sets(sc, ref, r):
+def slot_sets(sc, ref, r, heads=H):
     """{head: set of slots} of request r from the codec's positions."""
     rtt = sc.req_to_token[sc.req_pool_indices.long()]
-    return {h: set(rtt[r][ref.positions[r, h][ref.valid[r, h]]].tolist()) for h in range(H)}
+    pos = ref.positions.to(rtt.device)
+    return {h: set(rtt[r][pos[r, h][ref.valid[r, h]]].tolist()) for h in range(heads)}
 
 
-def moved(q, r, h, gen):
+def moved(q, r, h, gen, heads=H, group=G):
     """q with (request r, KV head h)'s group pointing somewhere new."""
-    q = q.clone().view(q.shape[0], H, G, D)
-    q[r, h] = torch.randn(G, D, generator=gen).to(q)
-    return q.view(q.shape[0], H * G, D)
+    d = q.shape[-1]
+    q = q.clone().view(q.shape[0], heads, group, d)
+    q[r, h] = torch.randn(group, d, generator=gen).to(q)
+    return q.view(q.shape[0], heads * group, d)
+
+
+def run_steps(sc, full, queries, cfg, ws, heads, dev, replay=None):
+    """Decode ``queries`` one step (one token) at a time through ``ws`` with reuse and the
+    codec's rule side by side; every row's attended slots must be the codec's. ``replay``:
+    a function (ws, args) -> callable that runs the step (a CUDA graph replay), else eager.
+    Returns the per-step retrieved flags."""
+    state = ReuseState(sc.hist.shape[0], 1, heads, ws.d, ws.k, dev)
+    kept = KeptSelection.empty(len(full), heads, ws.d, cfg.topk, device=dev)
+    fresh_log, run = [], None
+    for step, q in enumerate(queries):
+        seq = torch.tensor([n - len(queries) + step for n in full], dtype=torch.int32)
+        sc.seq_lens = seq.to(dev)
+        hist = centroid_histogram(padded_codes(sc).signs, seq.long().to(dev))  # decode adds
+        sc.hist[sc.req_pool_indices.long()] = hist.to(sc.hist.dtype)
+        ws.plan(seq)
+        q_in = queries[0] if replay is not None else q
+        if replay is not None:
+            q_in.copy_(q)
+        args = (q_in, sc.pool, sc.hist, sc.req_to_token, sc.req_pool_indices)
+        if replay is None:
+            out = ws.run(*args, reuse=state.layer(0))
+        else:
+            run = run or replay(ws, args, state.layer(0))
+            out = run()
+        ref, kept, retrieved = retrieve_with_reuse(
+            q.double(), padded_codes(sc), seq.long().to(dev), cfg, kept, hist=hist
+        )
+        fresh = ws.reuse_fresh[: len(full)].cpu().bool()
+        assert torch.equal(fresh, retrieved.any(-1).cpu()), step
+        fresh_log.append(fresh.tolist())
+        got = rows_of(out, heads)
+        for r, n in enumerate(seq.tolist()):
+            if n <= cfg.dense_threshold:
+                continue
+            want = slot_sets(sc, ref, r, heads)
+            for h in range(heads):
+                assert set(got[r, h]) == want[h] and len(got[r, h]) == cfg.budget, (step, r, h)
+        counts = out.num_candidates.cpu()
+        assert (counts[~fresh] == 0).all() and (counts[fresh & (seq > 100)] > 0).all()
+    return fresh_log, state
 
 
 def test_reuse_follows_the_codec_step_by_step():
@@ -48,32 +91,7 @@ def test_reuse_follows_the_codec_step_by_step():
     q0 = torch.randn(3, H * G, D, generator=gen).to(DEV)
     q_move_2 = moved(q0, 2, 1, gen)
     queries = [q0, q0, q_move_2, q_move_2, q_move_2, moved(q0, 0, 0, gen)]
-    ws = workspace()
-    state = ReuseState(sc.hist.shape[0], 1, H, D, ws.k, DEV)
-    kept = KeptSelection.empty(3, H, D, CFG.topk)
-    fresh_log = []
-    for step, q in enumerate(queries):
-        seq = torch.tensor([n - 6 + step for n in full], dtype=torch.int32)
-        sc.seq_lens = seq.to(DEV)
-        hist = centroid_histogram(padded_codes(sc).signs, seq.long().to(DEV))  # decode adds
-        sc.hist[sc.req_pool_indices.long()] = hist.to(sc.hist.dtype)
-        ws.plan(seq)
-        out = ws.run(q, sc.pool, sc.hist, sc.req_to_token, sc.req_pool_indices,
-                     reuse=state.layer(0))  # fmt: skip
-        ref, kept, retrieved = retrieve_with_reuse(
-            q.float().cpu(), padded_codes(sc), seq.long(), CFG, kept, hist=hist
-        )
-        fresh = ws.reuse_fresh[:3].cpu().bool()
-        assert torch.equal(fresh, retrieved.any(-1)), step
-        fresh_log.append(fresh.tolist())
-        got = rows_of(out, H)
-        for r in (0, 2):
-            want = slot_sets(sc, ref, r)
-            for h in range(H):
-                assert set(got[r, h]) == want[h] and len(got[r, h]) == CFG.budget, (step, r, h)
-        # reusing rows ranked nothing: 0 candidates
-        counts = out.num_candidates.cpu()
-        assert (counts[~fresh] == 0).all() and (counts[fresh & (seq > 100)] > 0).all()
+    fresh_log, state = run_steps(sc, full, queries, CFG, workspace(), H, DEV)
     assert fresh_log == [
         [True, False, True],  # nothing kept yet (request 1 is dense throughout)
         [False, False, False],  # same queries: both reuse
@@ -84,6 +102,36 @@ def test_reuse_follows_the_codec_step_by_step():
     ]
     counters = state.counters.cpu().tolist()
     assert counters == [6, 6]  # sparse (request, layer) pairs retrieved / reused
+
+
+@pytest.mark.gpu
+def test_cuda_kernels_under_graph_replay_follow_the_codec(cuda_device):
+    """The csrc/ kernels (scan, candidate write + rerank, top-k) on reusing rows, whose
+    plan fields the reuse stage zeroes, at a served shape (head_dim 128, 8 KV heads, GQA 4,
+    40K tokens: the top-k's cluster path), replayed from one CUDA graph while the
+    decisions change from step to step."""
+    h, g, d = 8, 4, 128
+    cfg = ParisKVConfig(topk=2048, reuse_threshold=0.9, reuse_max_age=3)
+    full = [40000, 5000, 20000]  # request 1 dense
+    sc = make_scenario(full, h, d, 40960, cuda_device, dtype=torch.bfloat16, seed=8)
+    ws = DecodeWorkspace(cfg, h * g, h, d, max_batch=4, max_context=40960, device=cuda_device,
+                         elide_dense_rows=True)  # fmt: skip
+    assert ws.use_cuda
+    gen = torch.Generator().manual_seed(9)
+    q0 = torch.randn(3, h * g, d, generator=gen).to(cuda_device, torch.bfloat16)
+    q_move = moved(q0, 2, 5, gen, heads=h, group=g)
+    queries = [q0.clone(), q0, q_move, q_move, q_move, moved(q0, 0, 0, gen, heads=h, group=g)]
+
+    def replay(ws, args, layer):
+        ws.run(*args, reuse=layer)  # warm-up (compiles, builds the CUDA kernels)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = ws.run(*args, reuse=layer)
+        return lambda: (graph.replay(), torch.cuda.synchronize(), out)[2]
+
+    fresh_log, _ = run_steps(sc, full, queries, cfg, ws, h, cuda_device, replay=replay)
+    assert [row[0] for row in fresh_log] == [True, False, False, True, False, True]
+    assert [row[2] for row in fresh_log] == [True, False, True, False, False, True]
 
 
 def test_a_request_taking_over_a_slot_never_reuses_its_selection():
