@@ -35,7 +35,7 @@ def top_of(out, c, r, h):
 
 def test_threshold_zero_is_retrieve_at_every_step():
     codes, query, _ = setup()
-    c = cfg()
+    c = cfg(reuse_threshold=0)
     kept = KeptSelection.empty(2, HKV, D, c.topk)
     for seq in (1500, 1501, 1502):
         lens = torch.tensor([seq, 300])

@@ -96,7 +96,7 @@ def test_reuse_state_is_planned_per_request_slot_and_layer():
 
     sizes = dict(num_q_heads=8, num_kv_heads=2, head_dim=64, num_layers=3, request_slots=9,
                  max_batch=8, max_context=4096, graph_batch_sizes=5)  # fmt: skip
-    cfg = ParisKVConfig(topk=256, sink=16, local=64, dense_threshold=512)
+    cfg = ParisKVConfig(topk=256, sink=16, local=64, dense_threshold=512, reuse_threshold=0)
     off = plan_backend_memory(cfg, **sizes)
     on_cfg = dataclasses.replace(cfg, reuse_threshold=0.9)
     on = plan_backend_memory(on_cfg, **sizes)
