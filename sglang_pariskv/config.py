@@ -195,9 +195,15 @@ class ParisKVConfig:
         """Tokens attended per KV head by a sparse request: sink + local + top-k."""
         return self.sink + self.local + self.topk
 
+    @property
+    def dense_limit(self) -> int:
+        """The longest request that attends densely (>= 1): the dense threshold, or the
+        budget when retrieval could not skip anything below it."""
+        return max(self.dense_threshold, self.budget)
+
     def is_dense(self, seq_len: int) -> bool:
         """A request attends densely when short, or when retrieval could not skip anything."""
-        return seq_len <= self.dense_threshold or seq_len <= self.budget
+        return seq_len <= self.dense_limit
 
     def ratios_for(self, zone_len: int) -> tuple[float, float]:
         """(candidate_ratio, collision_ratio) for a retrieval zone of ``zone_len`` tokens."""

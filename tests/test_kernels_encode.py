@@ -9,7 +9,7 @@ import torch
 
 from sglang_pariskv.codec import encode_keys
 from sglang_pariskv.codec.collision import centroid_histogram
-from sglang_pariskv.kernels import add_decode_keys, add_to_histograms, encode_to_pool
+from sglang_pariskv.kernels import add_to_histograms, count_new_keys, encode_to_pool
 from tests.kernel_cases import empty_pool
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -91,24 +91,32 @@ def test_histograms_count_per_request_and_skip_negative_ids():
     assert rebuilt[0].sum() == 0
 
 
-def test_decode_key_counts_equal_the_torch_scatter_add():
-    """Each real row adds its new key's sign ids to its request; padding rows (seq_len 1)
-    add nothing; a request listed twice gets both keys (atomics)."""
+def test_new_key_counts_equal_a_brute_force_count():
+    """Rows above the limit add their new key (position seq_len - 1); a row at exactly
+    limit + 1 adds all its tokens (more than one program's share, so the split programs
+    each take part); rows at or below the limit and padding rows (seq_len 1) add nothing."""
     gen = torch.Generator().manual_seed(2)
-    slots, h, b, reqs = 64, 3, 8, 5
+    slots, h, b, limit = 400, 3, 8, 90
     signs = torch.randint(0, 256, (slots, h, b), generator=gen).to(torch.uint8)
-    loc = torch.tensor([5, 17, 3, 40, 63, 0])
-    rpi = torch.tensor([4, 0, 2, 4, 1, 0], dtype=torch.int32)
-    seq = torch.tensor([9, 2, 1, 300, 7, 1])  # rows 2 and 5 are graph padding
-    start = torch.randint(0, 5, (reqs, h, b, 256), generator=gen, dtype=torch.int32)
+    rtt = torch.randperm(slots, generator=gen)[: 5 * 80].reshape(5, 80).to(torch.int32)
+    rtt = torch.cat([rtt, rtt], 1)[:, :150]  # requests longer than the distinct slots
+    rpi = torch.tensor([4, 0, 2, 3, 1, 0], dtype=torch.int32)
+    seq = torch.tensor([120, 91, 1, 90, 150, 1])  # 91 = limit + 1: catch-up
+    start = torch.randint(0, 5, (5, h, b, 256), generator=gen, dtype=torch.int32)
     want = start.clone()
-    for r in range(len(loc)):
-        if seq[r] > 1:
+    for r in range(len(rpi)):
+        n = int(seq[r])
+        if n <= limit:
+            continue
+        for pos in range(0 if n == limit + 1 else n - 1, n):
+            slot = int(rtt[int(rpi[r]), pos])
             for hh in range(h):
                 for bb in range(b):
-                    want[int(rpi[r]), hh, bb, int(signs[loc[r], hh, bb])] += 1
+                    want[int(rpi[r]), hh, bb, int(signs[slot, hh, bb])] += 1
     got = start.clone().to(DEV)
-    add_decode_keys(signs.to(DEV), loc.to(DEV), rpi.to(DEV), seq.to(DEV), got)
+    count_new_keys(
+        signs.to(DEV), rtt.to(DEV), rpi.to(DEV), seq.to(DEV), got, limit, split=2, block_n=16
+    )
     assert torch.equal(got.cpu(), want)
 
 

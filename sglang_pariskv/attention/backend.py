@@ -1,21 +1,23 @@
 """``ParisKVAttnBackend``: SGLang's FlashInfer backend with ParisKV sparse decoding.
 
 * Extend (prefill, chunked prefill, radix prefix hits): FlashInfer's dense attention,
-  unchanged. The KV pool encodes every key it stores (``index.kv_pool``); afterwards the
-  extending requests' centroid histograms are rebuilt from all their tokens.
-* Decode: every step adds the new key to its request's histograms. Requests at or below
-  the dense threshold attend through SGLang's own dense decode call, so their outputs are
-  exactly dense ones. Longer requests attend through one "head as batch" FlashInfer call
-  over the indices the retrieval workspace assembled (sink + local window + top-k per KV
-  head). In a mixed batch the dense call is planned with one token for the sparse rows
-  and the sparse call's dense rows are discarded, so each request pays for one attention.
+  unchanged. The KV pool encodes every key it stores (``index.kv_pool``); the extending
+  requests' centroid histograms are zeroed, and recounted from all their tokens for those
+  that end above the dense limit (``index.histograms``).
+* Decode: requests at or below the dense threshold attend through SGLang's own dense
+  decode call, so their outputs are exactly dense ones, and count nothing. On a sparse
+  step the longer requests' histograms are brought up to date first; those requests
+  attend through one "head as batch" FlashInfer call over the indices the retrieval
+  workspace assembled (sink + local window + top-k per KV head). In a mixed batch the
+  dense call is planned with one token for the sparse rows and the sparse call's dense
+  rows are discarded, so each request pays for one attention.
 * Overlap: on the GPU pool a sparse decode layer stores its K/V (and codes) first, then
-  forks a second stream for the histogram add, retrieval and sparse call, while SGLang's
+  forks a second stream for the histogram count, retrieval and sparse call, while SGLang's
   dense call runs on the forward stream; the streams join before the select.
 * CUDA graphs: all host work (both plans) runs in ``init_forward_metadata_out_graph``;
   the captured layer work has fixed shapes and no host sync. Each batch size has a
   sparse-step and a dense-step graph (``step_graphs``); steps with no request above the
-  threshold replay the one without retrieval.
+  threshold replay the one without retrieval or histogram work.
 
 Other concerns live beside this module: ``model_info`` (heads, TP rank, softmax scale),
 ``observability`` (counters, metrics, timing, stats files), ``offload_wiring`` (host
@@ -74,6 +76,9 @@ def _dense_rows_only(forward_batch, dense_cpu: torch.Tensor, dense_dev: torch.Te
 class ParisKVAttnBackend(FlashInferAttnBackend):
     #: Host offload's hot cache + fetch; None without offload (or with a zero-line cache).
     offload: OffloadDecode | None = None
+    #: The extend's requests whose histograms ``forward_extend`` recounts: (req_pool_indices,
+    #: seq_lens, max seq_len or None), or None when all end at or below the dense limit.
+    _recount: tuple[torch.Tensor, torch.Tensor, int | None] | None = None
 
     def __init__(self, model_runner, config: ParisKVConfig):
         super().__init__(model_runner, init_new_workspace=model_runner.init_new_workspace)
@@ -238,11 +243,30 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         sparse.plan(seq_cpu, sm_scale=scale, logits_soft_cap=cap)
         self._sparse = sparse
 
+    def _plan_extend(self, forward_batch) -> None:
+        """Zero the extending requests' histograms; pick those to recount (ending above the
+        dense limit) for ``forward_extend``."""
+        self.observer.extend(forward_batch)
+        rows, seq = forward_batch.req_pool_indices, forward_batch.seq_lens
+        self.hists.reset(rows)
+        seq_cpu = forward_batch.seq_lens_cpu
+        if seq_cpu is None:  # lengths only on the device: recount every row
+            self._recount = (rows, seq, None)
+            return
+        long = seq_cpu > self.config.dense_limit
+        if not bool(long.any()):
+            self._recount = None
+        elif bool(long.all()):
+            self._recount = (rows, seq, int(seq_cpu.max()))
+        else:
+            pick = long.nonzero().flatten().to(rows.device, non_blocking=True)
+            self._recount = (rows[pick], seq[pick], int(seq_cpu[long].max()))
+
     def init_forward_metadata(self, forward_batch):
         if not forward_batch.forward_mode.is_decode() or forward_batch.batch_size == 0:
             self._sparse = None
             if forward_batch.forward_mode.is_extend():
-                self.observer.extend(forward_batch)
+                self._plan_extend(forward_batch)
             return super().init_forward_metadata(forward_batch)
         if forward_batch.seq_lens_cpu is None:
             forward_batch.seq_lens_cpu = forward_batch.seq_lens.cpu()
@@ -274,7 +298,7 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         mode = forward_batch.forward_mode
         if not mode.is_decode():
             if mode.is_extend() and not in_capture:
-                self.observer.extend(forward_batch)
+                self._plan_extend(forward_batch)
             return super().init_forward_metadata_out_graph(forward_batch, in_capture)
         bs = forward_batch.batch_size
         if bs not in self.graph_sparse:
@@ -305,17 +329,19 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
     # -- layer work (device side) -----------------------------------------------------
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
         out = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
-        if k is not None and save_kv_cache and not layer.is_cross_attention:
-            local = layer.layer_id - self.token_to_kv_pool.start_layer
-            seq_cpu = forward_batch.seq_lens_cpu
-            self.hists.rebuild(
-                local,
-                self.codes.layers[local].signs,
-                self.req_to_token_pool.req_to_token,
-                forward_batch.req_pool_indices,
-                forward_batch.seq_lens,
-                max_len=int(seq_cpu.max()) if seq_cpu is not None else None,
-            )
+        recount = self._recount
+        if recount is not None and k is not None and save_kv_cache:
+            if not layer.is_cross_attention:
+                local = layer.layer_id - self.token_to_kv_pool.start_layer
+                rows, seq, max_len = recount
+                self.hists.rebuild(
+                    local,
+                    self.codes.layers[local].signs,
+                    self.req_to_token_pool.req_to_token,
+                    rows,
+                    seq,
+                    max_len=max_len,
+                )
         return out
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
@@ -359,15 +385,17 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         local = layer.layer_id - self.token_to_kv_pool.start_layer
         bs = forward_batch.batch_size
         codes = self.codes.layers[local]
-        if save_kv_cache and k is not None:
-            # Rows padded in by CUDA-graph replay have seq_len 1 (a real decode has >= 2)
-            # and are skipped.
-            self.hists.add_decode(
+        # Histograms matter only to steps that retrieve, except with min_sparse_tokens,
+        # where a request above the limit can decode in a dense step and must still count.
+        counts = self._sparse is not None or self.config.min_sparse_tokens
+        if counts and save_kv_cache and k is not None:
+            self.hists.count_decode(
                 local,
                 codes.signs,
-                forward_batch.out_cache_loc[:bs],
+                self.req_to_token_pool.req_to_token,
                 forward_batch.req_pool_indices[:bs],
                 forward_batch.seq_lens[:bs],
+                self.config.dense_limit,
             )
         if self._sparse is None:
             return None

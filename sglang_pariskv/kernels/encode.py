@@ -230,8 +230,8 @@ def add_to_histograms(
 ) -> None:
     """Add the sign ids of positions [start, end) of each request to ``hist``.
 
-    For a radix-cache prefix hit: the prefix's codes are already in the pool (slot-keyed),
-    so the new request's histograms are rebuilt from them once, through ``req_to_token``.
+    Extend recounts a request from the pool's codes through ``req_to_token``: a
+    radix-cache prefix hit's codes are already there (slot-keyed).
     ``max_len`` bounds end - start (it sizes the grid; the kernel masks the rest).
     """
     _, h, b = signs.shape
@@ -255,50 +255,74 @@ def add_to_histograms(
 
 
 @triton.jit
-def _add_decode_hist_kernel(
+def _count_new_keys_kernel(
     signs_ptr,
-    loc_ptr,
+    rtt_ptr,
+    stride_rtt,
     req_ptr,
     seq_ptr,
     hist_ptr,
+    limit,
     H: tl.constexpr,
     B: tl.constexpr,
     HBP: tl.constexpr,
+    SPLIT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     r = tl.program_id(0)
-    real = tl.load(seq_ptr + r) > 1  # CUDA-graph padding rows have seq_len 1
-    slot = tl.load(loc_ptr + r).to(tl.int64)
+    part = tl.program_id(1)
+    seq = tl.load(seq_ptr + r)
+    # Rows at or below the limit (CUDA-graph padding rows have seq_len 1) count nothing; the
+    # step at which a row reaches limit + 1 counts all its tokens, later steps the new one.
+    start = tl.where(seq == limit + 1, 0, seq - 1)
+    n = tl.where(seq > limit, seq - start, 0)
     req = tl.load(req_ptr + r).to(tl.int64)
     hb = tl.arange(0, HBP)
-    m = (hb < H * B) & real
-    sg = tl.load(signs_ptr + slot * (H * B) + hb, mask=m, other=0)
-    tl.atomic_add(hist_ptr + (req * (H * B) + hb) * 256 + sg.to(tl.int32), 1, mask=m, sem="relaxed")
+    for off in range(part * BLOCK_N, n, SPLIT * BLOCK_N):
+        pos = start + off + tl.arange(0, BLOCK_N)
+        valid = pos < seq
+        slot = tl.load(rtt_ptr + req * stride_rtt + pos, mask=valid, other=0).to(tl.int64)
+        m = valid[:, None] & (hb < H * B)[None, :]
+        sg = tl.load(signs_ptr + slot[:, None] * (H * B) + hb[None, :], mask=m, other=0)
+        hptr = hist_ptr + (req * (H * B) + hb[None, :]) * 256 + sg.to(tl.int32)
+        tl.atomic_add(hptr, 1, mask=m, sem="relaxed")
 
 
-def add_decode_keys(
+def count_new_keys(
     signs: torch.Tensor,
-    out_cache_loc: torch.Tensor,
+    req_to_token: torch.Tensor,
     req_pool_indices: torch.Tensor,
     seq_lens: torch.Tensor,
     hist: torch.Tensor,
+    limit: int,
+    split: int = 8,
+    block_n: int = 32,
 ) -> None:
-    """Count each decode row's new key (slot ``out_cache_loc[r]``) in its request's histograms.
+    """Bring each decode row's histogram up to date (``RequestHistograms.count_decode``).
 
-    One launch per layer, no host sync (CUDA-graph safe): the alternative, a torch
-    ``index_put_(accumulate=True)``, sorts its indices and takes several kernels. Rows with
-    ``seq_lens <= 1`` are CUDA-graph padding and are skipped.
+    A row whose ``seq_lens`` reaches ``limit + 1`` counts its tokens [0, seq_len) (its
+    histogram was zeroed at extend and left alone while it decoded densely); a row above
+    that counts its new key, position seq_len - 1; rows at or below ``limit`` count
+    nothing. One launch per layer with a grid fixed by the batch size and no host sync, so
+    it is CUDA-graph safe; ``split`` programs per row share a catch-up.
     """
+    if limit < 1:
+        raise ValueError(f"limit {limit}: must be >= 1 (CUDA-graph padding rows have length 1)")
     _, h, b = signs.shape
-    r = out_cache_loc.shape[0]
+    r = req_pool_indices.shape[0]
     if r == 0:
         return
-    _add_decode_hist_kernel[(r,)](
+    _count_new_keys_kernel[(r, split)](
         signs,
-        out_cache_loc,
+        req_to_token,
+        req_to_token.stride(0),
         req_pool_indices,
         seq_lens,
         hist,
+        limit,
         H=h,
         B=b,
         HBP=triton.next_power_of_2(h * b),
+        SPLIT=split,
+        BLOCK_N=block_n,
     )
