@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
 
+from sglang_pariskv.attention.dense_layers import FullContextDecode
 from sglang_pariskv.attention.memory_plan import tensor_bytes
 from sglang_pariskv.attention.model_info import (
     attention_layers,
@@ -74,6 +75,8 @@ def _dense_rows_only(forward_batch, dense_cpu: torch.Tensor, dense_dev: torch.Te
 class ParisKVAttnBackend(FlashInferAttnBackend):
     #: Host offload's hot cache + fetch; None without offload (or with a zero-line cache).
     offload: OffloadDecode | None = None
+    #: --pariskv-dense-layers' full-length decode; None without dense layers.
+    full: FullContextDecode | None = None
 
     def __init__(self, model_runner, config: ParisKVConfig):
         super().__init__(model_runner, init_new_workspace=model_runner.init_new_workspace)
@@ -110,6 +113,9 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         self._sparse: HeadAsBatchDecode | None = None  # active sparse call, None: all dense
         self._dense_dev = torch.zeros(rtt.shape[0], dtype=torch.bool, device=device)
         self.graphs = StepGraphs()
+        dense_layers = config.dense_layer_set(pool.start_layer + pool.layer_num)
+        if dense_layers:
+            self.full = FullContextDecode(self, dense_layers)
         # The stream a decode layer's retrieval and sparse call run on (GPU pool only:
         # host offload's fetch reads host memory on the forward stream).
         overlap = device.type == "cuda" and not isinstance(pool, HostOffloadKVPool)
@@ -161,6 +167,8 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         super().init_cuda_graph_state(max_bs, max_num_tokens, *args, **kwargs)
         if max_bs > self.ws.max_batch:  # graphs are captured up to max_bs rows
             self._build_workspace(max_bs)
+        if self.full is not None:
+            self.full.init_graph_state(max_bs, self.req_to_token_pool.req_to_token.shape[1])
 
     def _offload_snapshot(self) -> dict[str, Any]:
         pool = getattr(self, "token_to_kv_pool", None)
@@ -227,6 +235,8 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             timer_key=key,
             served=not in_capture,
         )
+        if self.full is not None:
+            self.full.clear()
         if not run_sparse:
             self._sparse = None
             plan_dense()
@@ -237,6 +247,8 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         scale, cap = self.scale
         sparse.plan(seq_cpu, sm_scale=scale, logits_soft_cap=cap)
         self._sparse = sparse
+        if self.full is not None:
+            self.full.plan(forward_batch, key if isinstance(key, int) else None, in_capture)
 
     def init_forward_metadata(self, forward_batch):
         if not forward_batch.forward_mode.is_decode() or forward_batch.batch_size == 0:
@@ -319,6 +331,9 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         return out
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
+        local = layer.layer_id - self.token_to_kv_pool.start_layer
+        if self.full is not None and self.full.runs(local) and not layer.is_cross_attention:
+            return self._full_context_decode(q, k, v, layer, forward_batch, save_kv_cache)
         fork = self._fork_stream(layer, k, save_kv_cache)
         if fork is not None:
             # Store the layer's K/V (and so its codes) as SGLang's decode call would, then
@@ -353,6 +368,32 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             return None
         return self._retrieval_stream
 
+    def _full_context_decode(self, q, k, v, layer, forward_batch, save_kv_cache: bool):
+        """A dense layer on a sparse step: SGLang's decode call (it stores the K/V and
+        codes) with the full-length plan, then the new key into the histograms."""
+        saved = self.forward_metadata
+        self.forward_metadata = self.full.active
+        try:
+            out = super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
+        finally:
+            self.forward_metadata = saved
+        if save_kv_cache and k is not None:
+            self._add_decode_key(layer, forward_batch)
+        return out
+
+    def _add_decode_key(self, layer, forward_batch) -> None:
+        """Count the step's new keys of ``layer`` in their requests' histograms. Rows padded
+        in by CUDA-graph replay have seq_len 1 (a real decode has >= 2) and are skipped."""
+        local = layer.layer_id - self.token_to_kv_pool.start_layer
+        bs = forward_batch.batch_size
+        self.hists.add_decode(
+            local,
+            self.codes.layers[local].signs,
+            forward_batch.out_cache_loc[:bs],
+            forward_batch.req_pool_indices[:bs],
+            forward_batch.seq_lens[:bs],
+        )
+
     def _sparse_decode(self, q, k, layer, forward_batch, save_kv_cache: bool):
         """The new key into its request's histograms, then (on a sparse step) retrieval and
         the head-as-batch FlashInfer call: the sparse rows' output [bs, Hq, D], or None."""
@@ -360,15 +401,7 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         bs = forward_batch.batch_size
         codes = self.codes.layers[local]
         if save_kv_cache and k is not None:
-            # Rows padded in by CUDA-graph replay have seq_len 1 (a real decode has >= 2)
-            # and are skipped.
-            self.hists.add_decode(
-                local,
-                codes.signs,
-                forward_batch.out_cache_loc[:bs],
-                forward_batch.req_pool_indices[:bs],
-                forward_batch.seq_lens[:bs],
-            )
+            self._add_decode_key(layer, forward_batch)
         if self._sparse is None:
             return None
         if self._rpi32 is None:
