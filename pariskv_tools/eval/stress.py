@@ -182,6 +182,12 @@ def add_stress_parser(sub) -> None:
         default=Path("benchmarks/results/retrieval_robustness.json"),
         help="results JSON (a PNG is written next to it)",
     )
+    s.add_argument(
+        "--dense-gain",
+        type=Path,
+        help="instead of the cases: per-layer mass recall of the real trace on every layer, "
+        "and the mass with the calibration's dense layers (and the first 1-3) dense, to JSON",
+    )
     s.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's)")
     add_model_args(s)
 
@@ -206,6 +212,8 @@ def run_stress_cli(args, argv: list[str]) -> dict:
     settings = cal.extra.get("settings", {})
     start = int(settings.get("prompt_len", 0))
     calib_positions = torch.arange(start, start + int(settings.get("n_decode", 1)))
+    if args.dense_gain is not None:
+        return dense_gain(cap, cal, args, rope_theta, calib_positions)
     results = []
     for case in cases:
         print(f"[stress] {case.name}", file=sys.stderr, flush=True)
@@ -236,4 +244,45 @@ def run_stress_cli(args, argv: list[str]) -> dict:
     from pariskv_tools.eval.plots import plot_stress
 
     print(f"wrote {args.out} and {plot_stress(results, args.out.with_suffix('.png'))}")
+    return doc
+
+
+def with_dense(per_layer: list[float], dense: list[int]) -> float:
+    """Mean mass recall over layers when ``dense`` layers attend everything (mass 1)."""
+    return sum(1.0 if i in dense else m for i, m in enumerate(per_layer)) / len(per_layer)
+
+
+def dense_gain(cap, cal, args, rope_theta: float, calib_positions: torch.Tensor) -> dict:
+    """What --pariskv-dense-layers buys on the real trace: per-layer masses, then the mean
+    over layers with the calibration's recommendation and with the first 1-3 layers dense
+    (each dense layer reads its full KV: the KV read grows by (1 - budget) / L per layer)."""
+    real = Case("real")
+    per = [
+        run_case(real, cap, cal, [la], args.step_stride, rope_theta, calib_positions)
+        for la in range(cap.n_layers)
+    ]
+    mass = {v: [p[v]["mass_recall"] for p in per] for v in VARIANTS}
+    mass["exact"] = [p["exact_mass_recall"] for p in per]
+    sets = {"none": [], "auto": list(cal.dense_layers)}
+    sets.update({f"first{n}": list(range(n)) for n in (1, 2, 3)})
+    doc = {
+        "command": "python -m pariskv_tools.eval " + shlex.join(sys.argv[1:]),
+        "git_commit": git_commit(),
+        "trace": {"prompt_len": cap.prompt_len, "n_decode": cap.n_decode},
+        "decode_step_stride": args.step_stride,
+        "budget": 0.10,
+        "per_layer_mass_recall": mass,
+        "dense_sets": {
+            name: {
+                "layers": layers,
+                "kv_read_fraction": (len(layers) + (cap.n_layers - len(layers)) * 0.10)
+                / cap.n_layers,
+                **{v: round(with_dense(m, layers), 4) for v, m in mass.items()},
+            }
+            for name, layers in sets.items()
+        },
+    }
+    args.dense_gain.write_text(json.dumps(doc, indent=1))
+    for name, row in doc["dense_sets"].items():
+        print(name, row)
     return doc
