@@ -74,6 +74,15 @@ class ParisKVConfig:
     #: batch (``pariskv-tp<rank>-<pid>.json``): the interface for scripts and benchmarks
     #: that run no Prometheus scraper. None: no files.
     stats_dir: str | None = None
+    #: A calibration file (``python -m pariskv_tools.eval calibrate``): fixed key centres
+    #: per (layer, KV head), subtracted from every key before it is encoded, and the
+    #: per-layer dense recommendation ``dense_layers="auto"`` reads. None: keys are
+    #: encoded as they are.
+    calibration: str | None = None
+    #: Layers that attend densely over the whole context at every decode step (their
+    #: codes are still written): a tuple of layer indices, or "auto" for the calibration
+    #: file's recommendation. Empty: every layer retrieves.
+    dense_layers: tuple[int, ...] | str = ()
 
     def __post_init__(self) -> None:
         if self.hot_cache_lines is None:
@@ -92,6 +101,7 @@ class ParisKVConfig:
                 f"pariskv stats_dir={self.stats_dir!r} is invalid: expected a folder path "
                 "(--pariskv-stats-dir)"
             )
+        self._check_calibration()
         for name in ("candidate_ratio", "collision_ratio"):
             value = getattr(self, name)
             if value is None:
@@ -164,6 +174,49 @@ class ParisKVConfig:
                 "only: add --pariskv-offload host, or drop --pariskv-hot-cache-lines"
             )
 
+    def _check_calibration(self) -> None:
+        path = self.calibration
+        if path is not None and not (isinstance(path, str) and path):
+            raise ParisKVConfigError(
+                f"pariskv calibration={path!r} is invalid: expected a file path "
+                "(--pariskv-calibration)"
+            )
+        layers = self.dense_layers
+        if layers == "auto":
+            if path is None:
+                raise ParisKVConfigError(
+                    "--pariskv-dense-layers auto reads the per-layer recommendation of a "
+                    "calibration file: add --pariskv-calibration FILE (written by `python -m "
+                    "pariskv_tools.eval calibrate`), or list the layers, e.g. "
+                    "--pariskv-dense-layers 0,1"
+                )
+            return
+        bad = isinstance(layers, str) or not all(
+            isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in layers
+        )
+        if bad or len(set(layers)) != len(layers):
+            raise ParisKVConfigError(
+                f"pariskv dense_layers={layers!r} is invalid: expected distinct layer indices "
+                ">= 0 such as 0,1,2, or auto (--pariskv-dense-layers)"
+            )
+        object.__setattr__(self, "dense_layers", tuple(sorted(layers)))
+
+    def dense_layer_set(self, num_layers: int) -> tuple[int, ...]:
+        """The dense layers of a model of ``num_layers`` layers, "auto" resolved from the
+        calibration file; an index outside the model is refused."""
+        layers = self.dense_layers
+        if layers == "auto":
+            from sglang_pariskv.calibration import load_calibration
+
+            layers = load_calibration(self.calibration).dense_layers
+        out = [x for x in layers if x >= num_layers]
+        if out:
+            raise ParisKVConfigError(
+                f"--pariskv-dense-layers {','.join(map(str, layers))}: layer(s) {out} do not "
+                f"exist, the model has {num_layers} layers (0 to {num_layers - 1})"
+            )
+        return tuple(layers)
+
     @property
     def offloaded(self) -> bool:
         """K/V in pinned host memory (``--pariskv-offload host``)."""
@@ -216,6 +269,8 @@ class ParisKVConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["tier_ratios"] = list(self.tier_ratios)
+        if d["dense_layers"] != "auto":
+            d["dense_layers"] = list(self.dense_layers)
         for name in ("candidate_ratio", "collision_ratio"):
             if d[name] is None:
                 d[name] = "auto"
@@ -234,8 +289,9 @@ class ParisKVConfig:
         for name in ("candidate_ratio", "collision_ratio"):
             if kwargs.get(name) == "auto":
                 kwargs[name] = None
-        if "tier_ratios" in kwargs and isinstance(kwargs["tier_ratios"], list):
-            kwargs["tier_ratios"] = tuple(kwargs["tier_ratios"])
+        for name in ("tier_ratios", "dense_layers"):
+            if isinstance(kwargs.get(name), list):
+                kwargs[name] = tuple(kwargs[name])
         return cls(**kwargs)
 
     @classmethod

@@ -25,7 +25,11 @@ from sglang_pariskv.pool_sizing import (
     cell_size_hook,
     reserve_planned_memory,
 )
-from sglang_pariskv.server_flags import check_server_args, config_from_args
+from sglang_pariskv.server_flags import (
+    check_calibration_file,
+    check_server_args,
+    config_from_args,
+)
 
 logger = logging.getLogger("sglang_pariskv")
 
@@ -70,6 +74,7 @@ def register() -> None:
 def enable(config: ParisKVConfig | None = None) -> ParisKVConfig:
     """Turn ParisKV on for engines created afterwards in this process (Engine API)."""
     cfg = config or ParisKVConfig()
+    check_calibration_file(cfg)
     os.environ[ENV_CONFIG] = json.dumps(cfg.to_dict())
     install_serving_hooks(cfg)
     return cfg

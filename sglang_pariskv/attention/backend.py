@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
 
+from sglang_pariskv.attention.dense_layers import FullContextDecode
 from sglang_pariskv.attention.memory_plan import tensor_bytes
 from sglang_pariskv.attention.model_info import (
     attention_layers,
@@ -79,6 +80,8 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
     #: The extend's requests whose histograms ``forward_extend`` recounts: (req_pool_indices,
     #: seq_lens, max seq_len or None), or None when all end at or below the dense limit.
     _recount: tuple[torch.Tensor, torch.Tensor, int | None] | None = None
+    #: --pariskv-dense-layers' full-length decode; None without dense layers.
+    full: FullContextDecode | None = None
 
     def __init__(self, model_runner, config: ParisKVConfig):
         super().__init__(model_runner, init_new_workspace=model_runner.init_new_workspace)
@@ -115,6 +118,9 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         self._sparse: HeadAsBatchDecode | None = None  # active sparse call, None: all dense
         self._dense_dev = torch.zeros(rtt.shape[0], dtype=torch.bool, device=device)
         self.graphs = StepGraphs()
+        dense_layers = config.dense_layer_set(pool.start_layer + pool.layer_num)
+        if dense_layers:
+            self.full = FullContextDecode(self, dense_layers)
         # The stream a decode layer's retrieval and sparse call run on (GPU pool only:
         # host offload's fetch reads host memory on the forward stream).
         overlap = device.type == "cuda" and not isinstance(pool, HostOffloadKVPool)
@@ -166,6 +172,8 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         super().init_cuda_graph_state(max_bs, max_num_tokens, *args, **kwargs)
         if max_bs > self.ws.max_batch:  # graphs are captured up to max_bs rows
             self._build_workspace(max_bs)
+        if self.full is not None:
+            self.full.init_graph_state(max_bs, self.req_to_token_pool.req_to_token.shape[1])
 
     def _offload_snapshot(self) -> dict[str, Any]:
         pool = getattr(self, "token_to_kv_pool", None)
@@ -232,6 +240,8 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             timer_key=key,
             served=not in_capture,
         )
+        if self.full is not None:
+            self.full.clear()
         if not run_sparse:
             self._sparse = None
             plan_dense()
@@ -242,6 +252,8 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         scale, cap = self.scale
         sparse.plan(seq_cpu, sm_scale=scale, logits_soft_cap=cap)
         self._sparse = sparse
+        if self.full is not None:
+            self.full.plan(forward_batch, key if isinstance(key, int) else None, in_capture)
 
     def _plan_extend(self, forward_batch) -> None:
         """Zero the extending requests' histograms; pick those to recount (ending above the
@@ -331,8 +343,9 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         out = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
         recount = self._recount
         if recount is not None and k is not None and save_kv_cache:
-            if not layer.is_cross_attention:
-                local = layer.layer_id - self.token_to_kv_pool.start_layer
+            local = layer.layer_id - self.token_to_kv_pool.start_layer
+            dense_layer = self.full is not None and local in self.full.layers
+            if not layer.is_cross_attention and not dense_layer:
                 rows, seq, max_len = recount
                 self.hists.rebuild(
                     local,
@@ -345,6 +358,9 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         return out
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
+        local = layer.layer_id - self.token_to_kv_pool.start_layer
+        if self.full is not None and self.full.runs(local) and not layer.is_cross_attention:
+            return self._full_context_decode(q, k, v, layer, forward_batch, save_kv_cache)
         fork = self._fork_stream(layer, k, save_kv_cache)
         if fork is not None:
             # Store the layer's K/V (and so its codes) as SGLang's decode call would, then
@@ -379,24 +395,43 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             return None
         return self._retrieval_stream
 
+    def _full_context_decode(self, q, k, v, layer, forward_batch, save_kv_cache: bool):
+        """A dense layer on a sparse step: SGLang's decode call (it stores the K/V and
+        codes) with the full-length plan. It never retrieves, so it keeps no histograms."""
+        saved = self.forward_metadata
+        self.forward_metadata = self.full.active
+        try:
+            out = super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
+        finally:
+            self.forward_metadata = saved
+        return out
+
+    def _count_decode(self, layer, forward_batch) -> None:
+        """Bring the histograms of ``layer`` up to date for the step's rows above the dense
+        limit (``RequestHistograms.count_decode``). Only steps that retrieve need them,
+        except with ``min_sparse_tokens``, where a request above the limit can decode in a
+        dense step and must still be counted."""
+        if self._sparse is None and not self.config.min_sparse_tokens:
+            return
+        local = layer.layer_id - self.token_to_kv_pool.start_layer
+        bs = forward_batch.batch_size
+        self.hists.count_decode(
+            local,
+            self.codes.layers[local].signs,
+            self.req_to_token_pool.req_to_token,
+            forward_batch.req_pool_indices[:bs],
+            forward_batch.seq_lens[:bs],
+            self.config.dense_limit,
+        )
+
     def _sparse_decode(self, q, k, layer, forward_batch, save_kv_cache: bool):
         """The new key into its request's histograms, then (on a sparse step) retrieval and
         the head-as-batch FlashInfer call: the sparse rows' output [bs, Hq, D], or None."""
         local = layer.layer_id - self.token_to_kv_pool.start_layer
         bs = forward_batch.batch_size
         codes = self.codes.layers[local]
-        # Histograms matter only to steps that retrieve, except with min_sparse_tokens,
-        # where a request above the limit can decode in a dense step and must still count.
-        counts = self._sparse is not None or self.config.min_sparse_tokens
-        if counts and save_kv_cache and k is not None:
-            self.hists.count_decode(
-                local,
-                codes.signs,
-                self.req_to_token_pool.req_to_token,
-                forward_batch.req_pool_indices[:bs],
-                forward_batch.seq_lens[:bs],
-                self.config.dense_limit,
-            )
+        if save_kv_cache and k is not None:
+            self._count_decode(layer, forward_batch)
         if self._sparse is None:
             return None
         if self._rpi32 is None:

@@ -14,6 +14,18 @@ from sglang_pariskv.config import ParisKVConfig, ParisKVConfigError
 from sglang_pariskv.index.code_pool import CodePool
 
 
+def tp_position() -> tuple[int, int]:
+    """(attention TP rank, attention TP size) of this process; (0, 1) where SGLang's
+    parallel state is not set up (a pool built outside a server, as in the CPU tests)."""
+    from sglang.srt.runtime_context import get_parallel
+
+    try:
+        ps = get_parallel()
+        return int(ps.attn_tp_rank), int(ps.attn_tp_size)
+    except (AssertionError, AttributeError, RuntimeError):
+        return 0, 1
+
+
 class ParisKVTokenToKVPool(MHATokenToKVPool):
     """``MHATokenToKVPool`` + slot-keyed ParisKV codes (``self.pariskv``)."""
 
@@ -39,7 +51,23 @@ class ParisKVTokenToKVPool(MHATokenToKVPool):
             num_layers=self.layer_num,
             device=self.device,
             seed=self.pariskv_config.rotation_seed,
+            centres=self._key_centres(),
         )
+
+    def _key_centres(self) -> torch.Tensor | None:
+        """This rank's key centres [layers, KV heads, D] from the calibration file, checked
+        against the pool's shape; None without a calibration file."""
+        path = self.pariskv_config.calibration
+        if path is None:
+            return None
+        from sglang_pariskv.calibration import load_calibration
+
+        cal = load_calibration(path)
+        start = getattr(self, "start_layer", 0) or 0
+        cal.check_model(start + self.layer_num, self.head_dim)
+        rank, size = tp_position()
+        centres = cal.rank_centres(rank, size, self.head_num)
+        return centres[start : start + self.layer_num]
 
     def written_slots(self, layer, loc_info, kwargs) -> tuple[int, torch.Tensor]:
         """(this pool's layer index, slot ids) of a ``set_kv_buffer`` call."""
