@@ -36,13 +36,14 @@ def cell_size_hook(cfg: ParisKVConfig):
     return hook
 
 
-def _graph_batch_sizes(server_args, max_batch: int) -> int:
-    """How many decode batch sizes SGLang captures (at most one per batch size)."""
+def _graph_batch_sizes(server_args, max_batch: int) -> list[int]:
+    """The decode batch sizes SGLang captures (at most every size up to ``max_batch``)."""
     generate = getattr(server_args, "_generate_decode_cuda_graph_batch_sizes", None)
+    bound = list(range(1, max_batch + 1))
     try:
-        return len(generate(max_batch)) if generate is not None else max_batch
+        return list(generate(max_batch)) or bound if generate is not None else bound
     except Exception:  # an SGLang whose schedule needs more resolved state: plan the bound
-        return max_batch
+        return bound
 
 
 def backend_bytes(cfg: ParisKVConfig, kvc, num_layers: int, tp_size: int) -> int:
@@ -52,6 +53,7 @@ def backend_bytes(cfg: ParisKVConfig, kvc, num_layers: int, tp_size: int) -> int
 
     mc, args = kvc.model_config, getattr(kvc, "server_args", None)
     max_reqs = getattr(args, "max_running_requests", None) or DEFAULT_MAX_RUNNING_REQUESTS
+    graph_sizes = _graph_batch_sizes(args, max_reqs)
     try:
         plan = plan_backend_memory(
             cfg,
@@ -62,7 +64,8 @@ def backend_bytes(cfg: ParisKVConfig, kvc, num_layers: int, tp_size: int) -> int
             request_slots=max_reqs + 1,  # SGLang's request pool keeps a spare slot 0
             max_batch=max_reqs,
             max_context=int(mc.context_len),
-            graph_batch_sizes=_graph_batch_sizes(args, max_reqs),
+            graph_batch_sizes=len(graph_sizes),
+            max_graph_batch=max(graph_sizes),
         )
     except ValueError:  # an unsupported shape: the backend factory refuses it, naming it
         return 0

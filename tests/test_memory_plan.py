@@ -86,3 +86,23 @@ def test_a_budget_the_plan_fills_is_refused_naming_the_fix():
     conf = types.SimpleNamespace(_pariskv_reserved_tokens=5000, _pariskv_reserved_gib=1.5)
     with pytest.raises(ParisKVConfigError, match="--max-running-requests"):
         pool_sizing.reserve_planned_memory(MemoryPoolConfig(max_total_num_tokens=4000), conf, 1, 1)
+
+
+def test_dense_layers_plan_their_full_length_plan_buffers():
+    """--pariskv-dense-layers adds what ``FullContextDecode`` allocates: its indptr, the
+    CUDA-graph ``kv_indices`` buffer (graph batch x context) and an int workspace for its
+    eager wrapper and each captured batch size; nothing without dense layers."""
+    from sglang_pariskv.attention.dense_layers import FullContextDecode
+
+    kw = dict(num_q_heads=8, num_kv_heads=2, head_dim=64, num_layers=4, request_slots=9,
+              max_batch=8, max_context=4096, graph_batch_sizes=5, max_graph_batch=6)  # fmt: skip
+    plain = plan_backend_memory(ParisKVConfig(), **kw)
+    dense = plan_backend_memory(ParisKVConfig(dense_layers=(0, 1)), **kw)
+    assert plain.dense_layers == 0
+    full = FullContextDecode(
+        types.SimpleNamespace(kv_indptr=[torch.zeros(9, dtype=torch.int32)]), (0, 1)
+    )
+    full.init_graph_state(6, 4096)
+    buffers = tensor_bytes([full.indptr, full._graph_indices])
+    assert dense.dense_layers == buffers + 6 * FLASHINFER_INT_WORKSPACE_BYTES
+    assert dense.total == plain.total + dense.dense_layers
