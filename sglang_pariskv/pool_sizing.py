@@ -18,6 +18,7 @@ import dataclasses
 import logging
 
 from sglang_pariskv.config import ParisKVConfig, ParisKVConfigError
+from sglang_pariskv.sglang_compat import decode_graph_batch_sizes, resolved
 
 logger = logging.getLogger("sglang_pariskv")
 
@@ -38,11 +39,20 @@ def cell_size_hook(cfg: ParisKVConfig):
 
 def _graph_batch_sizes(server_args, max_batch: int) -> int:
     """How many decode batch sizes SGLang captures (at most one per batch size)."""
-    generate = getattr(server_args, "_generate_decode_cuda_graph_batch_sizes", None)
-    try:
-        return len(generate(max_batch)) if generate is not None else max_batch
-    except Exception:  # an SGLang whose schedule needs more resolved state: plan the bound
+    if server_args is None:
         return max_batch
+    try:
+        return len(decode_graph_batch_sizes(server_args, max_batch))
+    except Exception:  # a schedule that needs more resolved state than this record has
+        return max_batch
+
+
+def _max_running_requests(server_args) -> int:
+    """The request bound SGLang resolved (the plugin sets one when the user gave none)."""
+    if server_args is None:
+        return DEFAULT_MAX_RUNNING_REQUESTS
+    value = getattr(resolved(server_args), "max_running_requests", None)
+    return int(value or DEFAULT_MAX_RUNNING_REQUESTS)
 
 
 def backend_bytes(cfg: ParisKVConfig, kvc, num_layers: int, tp_size: int) -> int:
@@ -51,7 +61,7 @@ def backend_bytes(cfg: ParisKVConfig, kvc, num_layers: int, tp_size: int) -> int
     from sglang_pariskv.attention.memory_plan import plan_backend_memory
 
     mc, args = kvc.model_config, getattr(kvc, "server_args", None)
-    max_reqs = getattr(args, "max_running_requests", None) or DEFAULT_MAX_RUNNING_REQUESTS
+    max_reqs = _max_running_requests(args)
     try:
         plan = plan_backend_memory(
             cfg,
@@ -96,8 +106,8 @@ def add_code_bytes(
         elt = max(cell_size // (2 * heads * kvc.model_config.head_dim * num_layers), 1)
         # overflow rows: one step's retrieved entries at the most requests SGLang runs
         # (the plugin sets --max-running-requests when it is not given)
-        max_reqs = getattr(getattr(kvc, "server_args", None), "max_running_requests", None)
-        entries = (max_reqs or DEFAULT_MAX_RUNNING_REQUESTS) * heads * cfg.budget
+        max_reqs = _max_running_requests(getattr(kvc, "server_args", None))
+        entries = max_reqs * heads * cfg.budget
         row = 2 * kvc.model_config.head_dim
         if cfg.hot_cache_lines:
             reserved += HotCache.planned_nbytes(num_layers, cfg.hot_cache_lines, row, elt, entries)
