@@ -62,9 +62,12 @@ _resolution_hook_registered = False
 def register() -> None:
     """Entry point of group ``sglang.srt.plugins`` (see pyproject.toml). On an SGLang
     outside the supported range it adds nothing, and a launch asking for ParisKV ends
-    with one error line naming the installed version and the range."""
+    with one error line naming the installed version and the range. An SGLang with
+    ParisKV built in (``patches/``) needs no hooks."""
     if not sglang_compat.refuse_unsupported_launch(env_config=bool(os.environ.get(ENV_CONFIG))):
         return
+    if sglang_compat.native_pariskv():
+        return  # SGLang was built with ParisKV (patches/): it wires everything itself
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     HookRegistry.register(_TARGETS["add_cli_args"], _after_add_cli_args, HookType.AFTER)
@@ -146,18 +149,12 @@ def install_serving_hooks(cfg: ParisKVConfig) -> None:
     from sglang.srt.layers.attention import attention_registry
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    from sglang_pariskv.index.kv_pool import ParisKVTokenToKVPool
+    from sglang_pariskv.serving import kv_pool_class
 
-    pool_class = ParisKVTokenToKVPool
     if cfg.offloaded:
-        from sglang_pariskv.offload.kv_pool import HostOffloadKVPool
-
-        pool_class = HostOffloadKVPool
         HookRegistry.register(_TARGETS["pool_sizes_from_max"], cap_to_host_pool, HookType.AFTER)
     HookRegistry.register(_TARGETS["pool_sizes"], reserve_planned_memory, HookType.AFTER)
-    # SGLang constructs the pool itself: the config travels as the class's own attribute.
-    pool_class = type(pool_class.__name__, (pool_class,), {"pariskv_config": cfg})
-    HookRegistry.register(_TARGETS["kv_pool_class"], pool_class, HookType.REPLACE)
+    HookRegistry.register(_TARGETS["kv_pool_class"], kv_pool_class(cfg), HookType.REPLACE)
     HookRegistry.register(_TARGETS["cell_size"], cell_size_hook(cfg), HookType.AFTER)
     _register_resolution_hook()
     HookRegistry.register(
@@ -240,38 +237,12 @@ def disable_fused_kv_store() -> list[str]:
 
 def _backend_factory(original, cfg: ParisKVConfig):
     def create_pariskv_backend(runner):
-        from sglang_pariskv.server_flags import check_model
+        from sglang_pariskv.serving import build_attn_backend
 
         patched = disable_fused_kv_store()  # the model is loaded: its modules are bound
         if patched:
             logger.info("ParisKV: K/V stores go through the KV pool in %s", patched)
-
-        mc = runner.model_config
-        from sglang.srt.runtime_context import get_parallel
-
-        tp = get_parallel().attn_tp_size
-        check_model(
-            num_q_heads=mc.get_num_attention_heads(tp),
-            num_kv_heads=mc.get_num_kv_heads(tp),
-            use_mla=bool(runner.use_mla_backend),
-            head_dim=mc.head_dim,
-            v_head_dim=mc.v_head_dim if getattr(mc, "v_head_dim", None) else mc.head_dim,
-            sliding_window=bool(getattr(runner, "sliding_window_size", None))
-            or bool(getattr(mc, "is_hybrid_swa", False)),
-            model_name=getattr(runner.server_args, "model_path", "this model"),
-        )
-        cfg.check_context(int(mc.context_len))
-        if str(runner.device).startswith("cuda"):
-            import torch
-
-            from sglang_pariskv.config import check_compute_capability
-
-            dev = torch.device(runner.device)
-            name = torch.cuda.get_device_name(dev)
-            check_compute_capability(torch.cuda.get_device_capability(dev), name)
-        from sglang_pariskv.attention.backend import ParisKVAttnBackend
-
-        return ParisKVAttnBackend(runner, cfg)
+        return build_attn_backend(runner, cfg)
 
     create_pariskv_backend.original = original
     return create_pariskv_backend

@@ -98,6 +98,14 @@ def resolved(server_args: Any) -> Any:
     return resolved_view(server_args)
 
 
+def native_pariskv() -> bool:
+    """Whether this SGLang has ParisKV built in (``patches/`` applied): its ServerArgs
+    declares the ParisKV flags, and the plugin must then add nothing."""
+    cls = _server_args_class()
+    fields = getattr(cls, "__struct_fields__", None) or getattr(cls, "__dataclass_fields__", ())
+    return "enable_pariskv" in fields
+
+
 def decode_graph_batch_sizes(server_args: Any, max_bs: int) -> list[int]:
     """The decode batch sizes SGLang captures CUDA graphs for, up to ``max_bs``."""
     method = getattr(server_args, "_generate_decode_cuda_graph_batch_sizes", None)

@@ -83,9 +83,11 @@ def server_args(tmp_path_factory):
     from tests.tiny_models import save_tiny_model
 
     model = save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
-    sa = ServerArgs(model_path=str(model), device="cpu", max_running_requests=40)
-    if not sglang_compat.resolves_on_construction():
-        sa.resolve_once()
+    with pytest.MonkeyPatch.context() as mp:  # plain SGLang: no ParisKV config around
+        mp.delenv(plugin.ENV_CONFIG, raising=False)
+        sa = ServerArgs(model_path=str(model), device="cpu", max_running_requests=40)
+        if not sglang_compat.resolves_on_construction():
+            sa.resolve_once()
     return sa
 
 

@@ -19,6 +19,10 @@ class ParisKVTokenToKVPool(MHATokenToKVPool):
 
     #: Set by the plugin before SGLang constructs the pool.
     pariskv_config: ParisKVConfig = ParisKVConfig()
+    #: K/V must be stored through :meth:`set_kv_buffer` (which writes the codes), never by
+    #: a model's fused RoPE kernel writing the buffers directly; an SGLang with ParisKV
+    #: built in reads this flag (the plugin patches the models instead).
+    requires_set_kv_buffer: bool = True
 
     def __init__(self, *args, **kwargs):
         if kwargs.get("post_capture_active"):
