@@ -57,6 +57,8 @@ _GRAPH_TARGETS = {
 _graph_hooks_applied = False
 _serving_hooks_installed = False
 _resolution_hook_registered = False
+#: This process parsed a command line with --enable-pariskv: refusals end it with one line.
+_launched_from_cli = False
 
 
 def register() -> None:
@@ -110,8 +112,13 @@ def _around_from_cli_args(original, cls, args):
     try:
         return _server_args_from_cli(original, cls, args)
     except ParisKVConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _exit_with(e)
+
+
+def _exit_with(error: ParisKVConfigError):
+    """End a command-line launch as argparse ends one with a bad argument."""
+    print(f"error: {error}", file=sys.stderr)
+    raise SystemExit(2) from None
 
 
 def _server_args_from_cli(original, cls, args):
@@ -137,6 +144,8 @@ def _server_args_from_cli(original, cls, args):
     # The config travels in the environment only: a resolved ServerArgs is read-only (and
     # ``pariskv_config`` is the --pariskv-config path's dest anyway).
     os.environ[ENV_CONFIG] = json.dumps(cfg.to_dict())
+    global _launched_from_cli
+    _launched_from_cli = True
     logger.info("ParisKV enabled: %s", json.dumps(cfg.to_dict()))
     return server_args
 
@@ -195,7 +204,12 @@ def _around_resolution(original, server_args, *args, **kwargs):
     if not sglang_compat.is_resolved(server_args):
         _cap_running_requests(server_args)
     result = original(server_args, *args, **kwargs)
-    check_server_args(sglang_compat.resolved(server_args))
+    try:
+        check_server_args(sglang_compat.resolved(server_args))
+    except ParisKVConfigError as e:
+        if _launched_from_cli:  # from 0.5.19 the launcher resolves after from_cli_args
+            _exit_with(e)
+        raise
     return result
 
 

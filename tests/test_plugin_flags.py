@@ -317,7 +317,9 @@ def engine_server_args(model_dir, **fields):
 
 @pytest.fixture
 def pariskv_on(monkeypatch):
+    """ParisKV enabled as the Engine API enables it (no command line was parsed)."""
     monkeypatch.setenv(plugin.ENV_CONFIG, json.dumps(ParisKVConfig().to_dict()))
+    monkeypatch.setattr(plugin, "_launched_from_cli", False)
 
 
 def test_the_resolution_hook_wraps_the_method_that_resolves(parser):
@@ -346,8 +348,57 @@ def test_engine_api_checks_the_backend_sglang_resolved(parser, tiny_model, paris
         engine_server_args(tiny_model)
 
 
+def test_a_launch_refused_at_resolution_ends_with_one_line(
+    parser, tiny_model, pariskv_on, monkeypatch, capsys
+):
+    monkeypatch.setattr(plugin, "_launched_from_cli", True)
+    with pytest.raises(SystemExit) as e:
+        engine_server_args(tiny_model)
+    assert e.value.code == 2 and e.value.__cause__ is None
+    err = capsys.readouterr().err
+    assert err.startswith("error: --enable-pariskv cannot be served") and err.count("\n") == 1
+
+
 def test_without_pariskv_resolution_is_untouched(parser, tiny_model, monkeypatch):
     monkeypatch.delenv(plugin.ENV_CONFIG, raising=False)
     sa = engine_server_args(tiny_model, attention_backend="triton")
     assert sa.max_running_requests is None
     assert sglang_compat.resolved(sa).attention_backend == "triton"
+
+
+HELP_SCRIPT = r"""
+import contextlib, io, runpy, sys
+import tests.conftest  # the sgl_kernel stand-in on a machine without a GPU
+from sglang.cli.main import main
+
+def help_text(argv, run):
+    sys.argv, out = argv, io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+        run()
+    return out.getvalue()
+
+serve = help_text(["sglang", "serve", "--help"], main)
+launch = help_text(["launch_server", "--help"],
+                   lambda: runpy.run_module("sglang.launch_server", run_name="__main__"))
+print("serve", "--enable-pariskv" in serve, "--model-path" in serve)
+print("launch_server", "--enable-pariskv" in launch, "--pariskv-topk" in launch)
+"""
+
+
+def test_which_help_lists_the_flags():
+    """As the README says, for every supported SGLang: ``sglang serve --help`` prints
+    SGLang's help before it loads plugins, so the ParisKV flags are missing there;
+    ``python -m sglang.launch_server --help`` loads them first and lists them."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    env.pop(plugin.ENV_CONFIG, None)
+    out = subprocess.run(
+        [sys.executable, "-c", HELP_SCRIPT], cwd=root, env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.splitlines()[-2:] == ["serve False True", "launch_server True True"]
