@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -131,17 +130,11 @@ print("plugin hooks", sum(len(v) for v in HookRegistry._hooks.values()))
 
 
 def test_the_patched_sglang_serves_the_flags_natively(patched_tree, tmp_path):
+    from tests.child_python import run_script
     from tests.tiny_models import save_tiny_model
 
     model = save_tiny_model(tmp_path / "tiny", "llama")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(patched_tree), str(ROOT)])}
-    env.pop("SGLANG_PARISKV_CONFIG", None)
-    out = subprocess.run(
-        [sys.executable, "-c", PATCHED_SCRIPT, str(patched_tree), str(model)],
-        cwd=ROOT, env=env, capture_output=True, text=True,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    lines = out.stdout.strip().splitlines()
+    lines = run_script(PATCHED_SCRIPT, str(patched_tree), str(model), path=(patched_tree,))
     assert "backend flashinfer slots 256 topk 512" in lines
     refused = [line for line in lines if line.startswith("refused")]
     assert len(refused) == 2

@@ -389,16 +389,7 @@ def test_which_help_lists_the_flags():
     """As the README says, for every supported SGLang: ``sglang serve --help`` prints
     SGLang's help before it loads plugins, so the ParisKV flags are missing there;
     ``python -m sglang.launch_server --help`` loads them first and lists them."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    from tests.child_python import run_script
 
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(root)}
-    env.pop(plugin.ENV_CONFIG, None)
-    out = subprocess.run(
-        [sys.executable, "-c", HELP_SCRIPT], cwd=root, env=env, capture_output=True, text=True
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.splitlines()[-2:] == ["serve False True", "launch_server True True"]
+    lines = run_script(HELP_SCRIPT)
+    assert lines[-2:] == ["serve False True", "launch_server True True"]

@@ -214,16 +214,6 @@ print(DecodeCudaGraphRunner._resolve_lora_variant(runner, fb))
 def test_enabling_hooks_sglangs_real_decode_graph_runner():
     """plugin.enable applies both hooks to SGLang's class (in a child process: hooks are
     process-wide), and the wrapped method labels a long request's step as sparse."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    from tests.child_python import run_script
 
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(root)}
-    env.pop(plugin.ENV_CONFIG, None)
-    out = subprocess.run(
-        [sys.executable, "-c", INSTALL_SCRIPT], cwd=root, env=env, capture_output=True, text=True
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip().splitlines()[-1] == "pariskv_sparse"
+    assert run_script(INSTALL_SCRIPT)[-1] == "pariskv_sparse"
