@@ -13,7 +13,11 @@ ones that changed shape are adapted here, so the rest of the package is written 
 
 Signatures that only grew optional trailing parameters (the graph runner's
 ``capture_one_shape``, the pools' ``get_cpu_copy`` / ``load_cpu_copy``) are handled where
-they are wrapped, by passing extra arguments through.
+they are wrapped, by passing extra arguments through. Unchanged across the range, as the
+plugin uses them: the plugin hook registry, the attention registry's ``flashinfer`` entry,
+``MHATokenToKVPool`` (looked up by name when the pool is built), the pool configurator's
+``_compute_cell_size`` / ``calculate_pool_sizes*``, ``FlashInferAttnBackend``'s methods
+the backend overrides, and FlashInfer's decode wrapper (0.6.15 to 0.7.2).
 """
 
 from __future__ import annotations
