@@ -233,7 +233,10 @@ def _dest(flag: str) -> str:
 
 
 def check_server_args(server_args: Any) -> None:
-    """Refuse SGLang settings that ParisKV cannot serve correctly, naming the fix."""
+    """Refuse SGLang settings that ParisKV cannot serve correctly, naming the fix.
+
+    ``server_args``: parsed flags, a ``ServerArgs``, or ``sglang_compat.resolved(...)``
+    of one (a resolved record's own fields are the operator's input from SGLang 0.5.19)."""
     problems: list[str] = []
 
     def refuse(cond: bool, msg: str) -> None:
@@ -269,8 +272,10 @@ def check_server_args(server_args: Any) -> None:
         "pass --kv-cache-dtype auto",
     )
     refuse(
-        bool(getattr(server_args, "enable_dp_attention", False)),
-        "--enable-dp-attention is not supported with ParisKV; drop it",
+        bool(getattr(server_args, "enable_dp_attention", False))
+        or (getattr(server_args, "attn_dp_size", 1) or 1) > 1,
+        "--enable-dp-attention / --attn-dp-size > 1: DP attention is not supported with "
+        "ParisKV; drop it",
     )
     refuse(
         (getattr(server_args, "pp_size", 1) or 1) > 1,

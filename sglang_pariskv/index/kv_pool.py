@@ -31,6 +31,10 @@ class ParisKVTokenToKVPool(MHATokenToKVPool):
 
     #: Set by the plugin before SGLang constructs the pool.
     pariskv_config: ParisKVConfig = ParisKVConfig()
+    #: K/V must be stored through :meth:`set_kv_buffer` (which writes the codes), never by
+    #: a model's fused RoPE kernel writing the buffers directly; an SGLang with ParisKV
+    #: built in reads this flag (the plugin patches the models instead).
+    requires_set_kv_buffer: bool = True
 
     def __init__(self, *args, **kwargs):
         if kwargs.get("post_capture_active"):
@@ -86,10 +90,12 @@ class ParisKVTokenToKVPool(MHATokenToKVPool):
         super().move_kv_cache(tgt_loc, src_loc)
         self.pariskv.move(tgt_loc, src_loc)
 
-    def get_cpu_copy(self, indices, mamba_indices=None):
-        kv = super().get_cpu_copy(indices, mamba_indices)
+    # ``*args, **kwargs``: SGLang's own trailing parameters (``mamba_indices``, and from
+    # 0.5.20 ``req_pool_index``), passed through unchanged.
+    def get_cpu_copy(self, indices, *args, **kwargs):
+        kv = super().get_cpu_copy(indices, *args, **kwargs)
         return {"kv": kv, "pariskv": self.pariskv.get_cpu_copy(indices)}
 
-    def load_cpu_copy(self, kv_cache_cpu, indices, mamba_indices=None):
-        super().load_cpu_copy(kv_cache_cpu["kv"], indices, mamba_indices)
+    def load_cpu_copy(self, kv_cache_cpu, indices, *args, **kwargs):
+        super().load_cpu_copy(kv_cache_cpu["kv"], indices, *args, **kwargs)
         self.pariskv.load_cpu_copy(kv_cache_cpu["pariskv"], indices)
