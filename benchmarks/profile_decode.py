@@ -41,7 +41,7 @@ CATEGORIES = (
             "_count_kernel",
             "_write_kernel",
             "_assemble",
-            "_add_decode",
+            "_count_new_keys",
             "_encode",
             "pariskv",
         ),

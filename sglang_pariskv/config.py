@@ -89,6 +89,15 @@ class ParisKVConfig:
     #: Most tokens decoded on one kept top-k (with ``reuse_threshold`` > 0). ``None``:
     #: :data:`DEFAULT_REUSE_MAX_AGE`.
     reuse_max_age: int | None = None
+    #: A calibration file (``python -m pariskv_tools.eval calibrate``): fixed key centres
+    #: per (layer, KV head), subtracted from every key before it is encoded, and the
+    #: per-layer dense recommendation ``dense_layers="auto"`` reads. None: keys are
+    #: encoded as they are.
+    calibration: str | None = None
+    #: Layers that attend densely over the whole context at every decode step (their
+    #: codes are still written): a tuple of layer indices, or "auto" for the calibration
+    #: file's recommendation. Empty: every layer retrieves.
+    dense_layers: tuple[int, ...] | str = ()
 
     def __post_init__(self) -> None:
         if self.hot_cache_lines is None:
@@ -108,6 +117,7 @@ class ParisKVConfig:
                 f"pariskv stats_dir={self.stats_dir!r} is invalid: expected a folder path "
                 "(--pariskv-stats-dir)"
             )
+        self._check_calibration()
         for name in ("candidate_ratio", "collision_ratio"):
             value = getattr(self, name)
             if value is None:
@@ -198,6 +208,49 @@ class ParisKVConfig:
         """Decode layers may attend over a kept top-k instead of retrieving."""
         return self.reuse_threshold > 0
 
+    def _check_calibration(self) -> None:
+        path = self.calibration
+        if path is not None and not (isinstance(path, str) and path):
+            raise ParisKVConfigError(
+                f"pariskv calibration={path!r} is invalid: expected a file path "
+                "(--pariskv-calibration)"
+            )
+        layers = self.dense_layers
+        if layers == "auto":
+            if path is None:
+                raise ParisKVConfigError(
+                    "--pariskv-dense-layers auto reads the per-layer recommendation of a "
+                    "calibration file: add --pariskv-calibration FILE (written by `python -m "
+                    "pariskv_tools.eval calibrate`), or list the layers, e.g. "
+                    "--pariskv-dense-layers 0,1"
+                )
+            return
+        bad = isinstance(layers, str) or not all(
+            isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in layers
+        )
+        if bad or len(set(layers)) != len(layers):
+            raise ParisKVConfigError(
+                f"pariskv dense_layers={layers!r} is invalid: expected distinct layer indices "
+                ">= 0 such as 0,1,2, or auto (--pariskv-dense-layers)"
+            )
+        object.__setattr__(self, "dense_layers", tuple(sorted(layers)))
+
+    def dense_layer_set(self, num_layers: int) -> tuple[int, ...]:
+        """The dense layers of a model of ``num_layers`` layers, "auto" resolved from the
+        calibration file; an index outside the model is refused."""
+        layers = self.dense_layers
+        if layers == "auto":
+            from sglang_pariskv.calibration import load_calibration
+
+            layers = load_calibration(self.calibration).dense_layers
+        out = [x for x in layers if x >= num_layers]
+        if out:
+            raise ParisKVConfigError(
+                f"--pariskv-dense-layers {','.join(map(str, layers))}: layer(s) {out} do not "
+                f"exist, the model has {num_layers} layers (0 to {num_layers - 1})"
+            )
+        return tuple(layers)
+
     @property
     def offloaded(self) -> bool:
         """K/V in pinned host memory (``--pariskv-offload host``)."""
@@ -229,9 +282,15 @@ class ParisKVConfig:
         """Tokens attended per KV head by a sparse request: sink + local + top-k."""
         return self.sink + self.local + self.topk
 
+    @property
+    def dense_limit(self) -> int:
+        """The longest request that attends densely (>= 1): the dense threshold, or the
+        budget when retrieval could not skip anything below it."""
+        return max(self.dense_threshold, self.budget)
+
     def is_dense(self, seq_len: int) -> bool:
         """A request attends densely when short, or when retrieval could not skip anything."""
-        return seq_len <= self.dense_threshold or seq_len <= self.budget
+        return seq_len <= self.dense_limit
 
     def ratios_for(self, zone_len: int) -> tuple[float, float]:
         """(candidate_ratio, collision_ratio) for a retrieval zone of ``zone_len`` tokens."""
@@ -244,6 +303,8 @@ class ParisKVConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["tier_ratios"] = list(self.tier_ratios)
+        if d["dense_layers"] != "auto":
+            d["dense_layers"] = list(self.dense_layers)
         for name in ("candidate_ratio", "collision_ratio"):
             if d[name] is None:
                 d[name] = "auto"
@@ -262,8 +323,9 @@ class ParisKVConfig:
         for name in ("candidate_ratio", "collision_ratio"):
             if kwargs.get(name) == "auto":
                 kwargs[name] = None
-        if "tier_ratios" in kwargs and isinstance(kwargs["tier_ratios"], list):
-            kwargs["tier_ratios"] = tuple(kwargs["tier_ratios"])
+        for name in ("tier_ratios", "dense_layers"):
+            if isinstance(kwargs.get(name), list):
+                kwargs[name] = tuple(kwargs[name])
         return cls(**kwargs)
 
     @classmethod

@@ -9,6 +9,8 @@ the code bytes in the pool's per-token cell size, and the ParisKV attention back
 Without ``--enable-pariskv`` nothing but the (unused) flags is added.
 
 Engine API users (``sglang.Engine(...)``) call :func:`enable` before creating the engine.
+
+Where SGLang's APIs differ between the supported releases, ``sglang_compat`` adapts them.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import logging
 import os
 import sys
 
+from sglang_pariskv import sglang_compat
 from sglang_pariskv.config import ParisKVConfig, ParisKVConfigError
 from sglang_pariskv.pool_sizing import (
     DEFAULT_MAX_RUNNING_REQUESTS,
@@ -25,7 +28,11 @@ from sglang_pariskv.pool_sizing import (
     cell_size_hook,
     reserve_planned_memory,
 )
-from sglang_pariskv.server_flags import check_server_args, config_from_args
+from sglang_pariskv.server_flags import (
+    check_calibration_file,
+    check_server_args,
+    config_from_args,
+)
 
 logger = logging.getLogger("sglang_pariskv")
 
@@ -42,7 +49,6 @@ _TARGETS = {
     "DefaultPoolConfigurator.calculate_pool_sizes",
     "pool_sizes_from_max": "sglang.srt.model_executor.pool_configurator."
     "DefaultPoolConfigurator.calculate_pool_sizes_from_max_tokens",
-    "post_init": "sglang.srt.server_args.ServerArgs.__post_init__",
 }
 _GRAPH_RUNNER = "sglang.srt.model_executor.runner.decode_cuda_graph_runner.DecodeCudaGraphRunner"
 #: SGLang's decode graph runner, hooked to capture a dense-step graph next to each
@@ -54,14 +60,25 @@ _GRAPH_TARGETS = {
 #: Both graph hooks took: captures are labelled only if replays will be too.
 _graph_hooks_applied = False
 _serving_hooks_installed = False
+_resolution_hook_registered = False
+#: This process parsed a command line with --enable-pariskv: refusals end it with one line.
+_launched_from_cli = False
 
 
 def register() -> None:
-    """Entry point of group ``sglang.srt.plugins`` (see pyproject.toml)."""
+    """Entry point of group ``sglang.srt.plugins`` (see pyproject.toml). On an SGLang
+    outside the supported range it adds nothing, and a launch asking for ParisKV ends
+    with one error line naming the installed version and the range. An SGLang with
+    ParisKV built in (``patches/``) needs no hooks."""
+    if not sglang_compat.refuse_unsupported_launch(env_config=bool(os.environ.get(ENV_CONFIG))):
+        return
+    if sglang_compat.native_pariskv():
+        return  # SGLang was built with ParisKV (patches/): it wires everything itself
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     HookRegistry.register(_TARGETS["add_cli_args"], _after_add_cli_args, HookType.AFTER)
     HookRegistry.register(_TARGETS["from_cli_args"], _around_from_cli_args, HookType.AROUND)
+    _register_resolution_hook()
     cfg = config_from_env()
     if cfg is not None:
         install_serving_hooks(cfg)
@@ -69,7 +86,9 @@ def register() -> None:
 
 def enable(config: ParisKVConfig | None = None) -> ParisKVConfig:
     """Turn ParisKV on for engines created afterwards in this process (Engine API)."""
+    sglang_compat.check_supported()
     cfg = config or ParisKVConfig()
+    check_calibration_file(cfg)
     os.environ[ENV_CONFIG] = json.dumps(cfg.to_dict())
     install_serving_hooks(cfg)
     return cfg
@@ -98,8 +117,13 @@ def _around_from_cli_args(original, cls, args):
     try:
         return _server_args_from_cli(original, cls, args)
     except ParisKVConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _exit_with(e)
+
+
+def _exit_with(error: ParisKVConfigError):
+    """End a command-line launch as argparse ends one with a bad argument."""
+    print(f"error: {error}", file=sys.stderr)
+    raise SystemExit(2) from None
 
 
 def _server_args_from_cli(original, cls, args):
@@ -119,10 +143,14 @@ def _server_args_from_cli(original, cls, args):
         check_host_memory(int(cfg.host_pool_gb * 2**30) * ranks)
     _cap_running_requests(args)
     server_args = original(cls, args)
-    check_server_args(server_args)  # again, after SGLang resolved its own defaults
-    # The config travels in the environment only: resolved ServerArgs are read-only in
-    # SGLang 0.5.17 (and ``pariskv_config`` is the --pariskv-config path's dest anyway).
+    # Again on the record SGLang built (resolved here up to SGLang 0.5.18; from 0.5.19 the
+    # resolution hook checks the resolved values when the launcher resolves them).
+    check_server_args(server_args)
+    # The config travels in the environment only: a resolved ServerArgs is read-only (and
+    # ``pariskv_config`` is the --pariskv-config path's dest anyway).
     os.environ[ENV_CONFIG] = json.dumps(cfg.to_dict())
+    global _launched_from_cli
+    _launched_from_cli = True
     logger.info("ParisKV enabled: %s", json.dumps(cfg.to_dict()))
     return server_args
 
@@ -135,20 +163,14 @@ def install_serving_hooks(cfg: ParisKVConfig) -> None:
     from sglang.srt.layers.attention import attention_registry
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    from sglang_pariskv.index.kv_pool import ParisKVTokenToKVPool
+    from sglang_pariskv.serving import kv_pool_class
 
-    pool_class = ParisKVTokenToKVPool
     if cfg.offloaded:
-        from sglang_pariskv.offload.kv_pool import HostOffloadKVPool
-
-        pool_class = HostOffloadKVPool
         HookRegistry.register(_TARGETS["pool_sizes_from_max"], cap_to_host_pool, HookType.AFTER)
     HookRegistry.register(_TARGETS["pool_sizes"], reserve_planned_memory, HookType.AFTER)
-    # SGLang constructs the pool itself: the config travels as the class's own attribute.
-    pool_class = type(pool_class.__name__, (pool_class,), {"pariskv_config": cfg})
-    HookRegistry.register(_TARGETS["kv_pool_class"], pool_class, HookType.REPLACE)
+    HookRegistry.register(_TARGETS["kv_pool_class"], kv_pool_class(cfg), HookType.REPLACE)
     HookRegistry.register(_TARGETS["cell_size"], cell_size_hook(cfg), HookType.AFTER)
-    HookRegistry.register(_TARGETS["post_init"], _around_post_init, HookType.AROUND)
+    _register_resolution_hook()
     HookRegistry.register(
         _GRAPH_TARGETS["capture_one_shape"], _around_capture_one_shape, HookType.AROUND
     )
@@ -163,15 +185,36 @@ def install_serving_hooks(cfg: ParisKVConfig) -> None:
     _serving_hooks_installed = True
 
 
-def _around_post_init(original, server_args):
-    """Once ParisKV is on, every ServerArgs (CLI or Engine API) must be servable by it:
-    a user who picked another attention backend gets an error, not dense attention.
+def _register_resolution_hook() -> None:
+    """Hook the ``ServerArgs`` method that resolves the arguments (once per process)."""
+    global _resolution_hook_registered
+    if _resolution_hook_registered:
+        return
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    The request-slot cap goes in before SGLang's own ``__post_init__``: that call
-    resolves the config, after which ServerArgs fields are read-only."""
-    _cap_running_requests(server_args)
-    result = original(server_args)
-    check_server_args(server_args)
+    target = sglang_compat.resolution_target()
+    HookRegistry.register(target, _around_resolution, HookType.AROUND)
+    _resolution_hook_registered = True
+
+
+def _around_resolution(original, server_args, *args, **kwargs):
+    """Once ParisKV is on (its config is in the environment), every ServerArgs (CLI or
+    Engine API) must be servable by it: a user who picked another attention backend gets
+    an error, not dense attention.
+
+    The request-slot cap goes in before SGLang resolves the arguments, after which
+    ServerArgs fields are read-only; the checks read the resolved values."""
+    if config_from_env() is None:
+        return original(server_args, *args, **kwargs)
+    if not sglang_compat.is_resolved(server_args):
+        _cap_running_requests(server_args)
+    result = original(server_args, *args, **kwargs)
+    try:
+        check_server_args(sglang_compat.resolved(server_args))
+    except ParisKVConfigError as e:
+        if _launched_from_cli:  # from 0.5.19 the launcher resolves after from_cli_args
+            _exit_with(e)
+        raise
     return result
 
 
@@ -213,38 +256,12 @@ def disable_fused_kv_store() -> list[str]:
 
 def _backend_factory(original, cfg: ParisKVConfig):
     def create_pariskv_backend(runner):
-        from sglang_pariskv.server_flags import check_model
+        from sglang_pariskv.serving import build_attn_backend
 
         patched = disable_fused_kv_store()  # the model is loaded: its modules are bound
         if patched:
             logger.info("ParisKV: K/V stores go through the KV pool in %s", patched)
-
-        mc = runner.model_config
-        from sglang.srt.runtime_context import get_parallel
-
-        tp = get_parallel().attn_tp_size
-        check_model(
-            num_q_heads=mc.get_num_attention_heads(tp),
-            num_kv_heads=mc.get_num_kv_heads(tp),
-            use_mla=bool(runner.use_mla_backend),
-            head_dim=mc.head_dim,
-            v_head_dim=mc.v_head_dim if getattr(mc, "v_head_dim", None) else mc.head_dim,
-            sliding_window=bool(getattr(runner, "sliding_window_size", None))
-            or bool(getattr(mc, "is_hybrid_swa", False)),
-            model_name=getattr(runner.server_args, "model_path", "this model"),
-        )
-        cfg.check_context(int(mc.context_len))
-        if str(runner.device).startswith("cuda"):
-            import torch
-
-            from sglang_pariskv.config import check_compute_capability
-
-            dev = torch.device(runner.device)
-            name = torch.cuda.get_device_name(dev)
-            check_compute_capability(torch.cuda.get_device_capability(dev), name)
-        from sglang_pariskv.attention.backend import ParisKVAttnBackend
-
-        return ParisKVAttnBackend(runner, cfg)
+        return build_attn_backend(runner, cfg)
 
     create_pariskv_backend.original = original
     return create_pariskv_backend
@@ -291,16 +308,22 @@ def _graph_backend(runner):
     return None
 
 
-def _around_capture_one_shape(original, runner, size, forward, stream_idx=None, variant_label=None):
-    """Capture each batch size twice: with the retrieval path, and without it."""
+def _around_capture_one_shape(
+    original, runner, size, forward, stream_idx=None, variant_label=None, *rest
+):
+    """Capture each batch size twice: with the retrieval path, and without it.
+
+    ``rest``: the parameters later SGLang releases append (0.5.18's ``dsa_variant``,
+    0.5.20's ``attention_variant``), passed through unchanged."""
     from sglang_pariskv.attention.step_graphs import STEP_GRAPHS
 
     backend = _graph_backend(runner)
     if backend is None:
-        return original(runner, size, forward, stream_idx, variant_label)
+        return original(runner, size, forward, stream_idx, variant_label, *rest)
     for step in STEP_GRAPHS:
         with backend.capturing(step):
-            original(runner, size, forward, stream_idx, graph_variant_label(variant_label, step))
+            label = graph_variant_label(variant_label, step)
+            original(runner, size, forward, stream_idx, label, *rest)
     return None
 
 

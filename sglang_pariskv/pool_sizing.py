@@ -18,6 +18,7 @@ import dataclasses
 import logging
 
 from sglang_pariskv.config import ParisKVConfig, ParisKVConfigError
+from sglang_pariskv.sglang_compat import decode_graph_batch_sizes, resolved
 
 logger = logging.getLogger("sglang_pariskv")
 
@@ -36,13 +37,23 @@ def cell_size_hook(cfg: ParisKVConfig):
     return hook
 
 
-def _graph_batch_sizes(server_args, max_batch: int) -> int:
-    """How many decode batch sizes SGLang captures (at most one per batch size)."""
-    generate = getattr(server_args, "_generate_decode_cuda_graph_batch_sizes", None)
+def _graph_batch_sizes(server_args, max_batch: int) -> list[int]:
+    """The decode batch sizes SGLang captures (at most every size up to ``max_batch``)."""
+    bound = list(range(1, max_batch + 1))
+    if server_args is None:
+        return bound
     try:
-        return len(generate(max_batch)) if generate is not None else max_batch
-    except Exception:  # an SGLang whose schedule needs more resolved state: plan the bound
-        return max_batch
+        return list(decode_graph_batch_sizes(server_args, max_batch)) or bound
+    except Exception:  # a schedule that needs more resolved state than this record has
+        return bound
+
+
+def _max_running_requests(server_args) -> int:
+    """The request bound SGLang resolved (the plugin sets one when the user gave none)."""
+    if server_args is None:
+        return DEFAULT_MAX_RUNNING_REQUESTS
+    value = getattr(resolved(server_args), "max_running_requests", None)
+    return int(value or DEFAULT_MAX_RUNNING_REQUESTS)
 
 
 def backend_bytes(cfg: ParisKVConfig, kvc, num_layers: int, tp_size: int) -> int:
@@ -51,7 +62,8 @@ def backend_bytes(cfg: ParisKVConfig, kvc, num_layers: int, tp_size: int) -> int
     from sglang_pariskv.attention.memory_plan import plan_backend_memory
 
     mc, args = kvc.model_config, getattr(kvc, "server_args", None)
-    max_reqs = getattr(args, "max_running_requests", None) or DEFAULT_MAX_RUNNING_REQUESTS
+    max_reqs = _max_running_requests(args)
+    graph_sizes = _graph_batch_sizes(args, max_reqs)
     try:
         plan = plan_backend_memory(
             cfg,
@@ -62,7 +74,8 @@ def backend_bytes(cfg: ParisKVConfig, kvc, num_layers: int, tp_size: int) -> int
             request_slots=max_reqs + 1,  # SGLang's request pool keeps a spare slot 0
             max_batch=max_reqs,
             max_context=int(mc.context_len),
-            graph_batch_sizes=_graph_batch_sizes(args, max_reqs),
+            graph_batch_sizes=len(graph_sizes),
+            max_graph_batch=max(graph_sizes),
         )
     except ValueError:  # an unsupported shape: the backend factory refuses it, naming it
         return 0
@@ -96,8 +109,8 @@ def add_code_bytes(
         elt = max(cell_size // (2 * heads * kvc.model_config.head_dim * num_layers), 1)
         # overflow rows: one step's retrieved entries at the most requests SGLang runs
         # (the plugin sets --max-running-requests when it is not given)
-        max_reqs = getattr(getattr(kvc, "server_args", None), "max_running_requests", None)
-        entries = (max_reqs or DEFAULT_MAX_RUNNING_REQUESTS) * heads * cfg.budget
+        max_reqs = _max_running_requests(getattr(kvc, "server_args", None))
+        entries = max_reqs * heads * cfg.budget
         row = 2 * kvc.model_config.head_dim
         if cfg.hot_cache_lines:
             reserved += HotCache.planned_nbytes(num_layers, cfg.hot_cache_lines, row, elt, entries)

@@ -22,21 +22,51 @@ from sglang_pariskv.config import (
     check_serving_shape,
 )
 
-#: (flag, ParisKVConfig field, parser type) for every per-knob flag.
+
+def _ratio(flag: str, text: str) -> float | None:
+    if text == "auto":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise ParisKVConfigError(
+            f"{flag}={text!r} is not a number: pass a value in (0, 1] or 'auto'"
+        ) from None
+
+
+def _layer_list(flag: str, text: str) -> tuple[int, ...] | str:
+    """``0,1,2`` -> (0, 1, 2); ``auto`` stays "auto" (resolved from the calibration file)."""
+    if text == "auto":
+        return text
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ParisKVConfigError(
+            f"{flag}={text!r} is not a list of layer indices: pass e.g. 0,1,2, or auto"
+        ) from None
+
+
+def _as_is(flag: str, value: Any) -> Any:
+    return value
+
+
+#: (flag, ParisKVConfig field, converter (flag, parsed value) -> field value).
 KNOB_FLAGS: tuple[tuple[str, str, Any], ...] = (
-    ("--pariskv-topk", "topk", int),
-    ("--pariskv-sink", "sink", int),
-    ("--pariskv-local", "local", int),
-    ("--pariskv-dense-threshold", "dense_threshold", int),
-    ("--pariskv-min-sparse-tokens", "min_sparse_tokens", int),
-    ("--pariskv-candidate-ratio", "candidate_ratio", str),
-    ("--pariskv-collision-ratio", "collision_ratio", str),
-    ("--pariskv-offload", "offload", None),
-    ("--pariskv-host-pool-gb", "host_pool_gb", float),
-    ("--pariskv-hot-cache-lines", "hot_cache_lines", int),
-    ("--pariskv-stats-dir", "stats_dir", None),
-    ("--pariskv-reuse-threshold", "reuse_threshold", float),
-    ("--pariskv-reuse-max-age", "reuse_max_age", int),
+    ("--pariskv-topk", "topk", _as_is),
+    ("--pariskv-sink", "sink", _as_is),
+    ("--pariskv-local", "local", _as_is),
+    ("--pariskv-dense-threshold", "dense_threshold", _as_is),
+    ("--pariskv-min-sparse-tokens", "min_sparse_tokens", _as_is),
+    ("--pariskv-candidate-ratio", "candidate_ratio", _ratio),
+    ("--pariskv-collision-ratio", "collision_ratio", _ratio),
+    ("--pariskv-offload", "offload", _as_is),
+    ("--pariskv-host-pool-gb", "host_pool_gb", _as_is),
+    ("--pariskv-hot-cache-lines", "hot_cache_lines", _as_is),
+    ("--pariskv-stats-dir", "stats_dir", _as_is),
+    ("--pariskv-calibration", "calibration", _as_is),
+    ("--pariskv-dense-layers", "dense_layers", _layer_list),
+    ("--pariskv-reuse-threshold", "reuse_threshold", _as_is),
+    ("--pariskv-reuse-max-age", "reuse_max_age", _as_is),
 )
 
 
@@ -146,6 +176,23 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         f"layer retrieves again (default {DEFAULT_REUSE_MAX_AGE}).",
     )
     g.add_argument(
+        "--pariskv-calibration",
+        type=str,
+        default=None,
+        help="Calibration file of this model (`python -m pariskv_tools.eval calibrate`): "
+        "keys are centred by its fixed per-layer, per-KV-head means before encoding, which "
+        "keeps retrieval accurate when a model's keys share a large common direction "
+        "(default: none, keys encoded as they are).",
+    )
+    g.add_argument(
+        "--pariskv-dense-layers",
+        type=str,
+        default=None,
+        help="Layers that attend densely over the whole context at every decode step: a "
+        "comma list such as 0,1,2, or 'auto' for the calibration file's recommendation "
+        "(needs --pariskv-calibration). Each dense layer reads its full KV (default: none).",
+    )
+    g.add_argument(
         "--pariskv-config",
         type=str,
         default=None,
@@ -153,17 +200,6 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         + ", ".join(f.name for f in dataclasses.fields(ParisKVConfig))
         + "); flags given on the command line override it.",
     )
-
-
-def _ratio(flag: str, text: str) -> float | None:
-    if text == "auto":
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise ParisKVConfigError(
-            f"{flag}={text!r} is not a number: pass a value in (0, 1] or 'auto'"
-        ) from None
 
 
 def config_from_args(args: Any) -> ParisKVConfig | None:
@@ -191,19 +227,31 @@ def config_from_args(args: Any) -> ParisKVConfig | None:
         value = getattr(args, _dest(flag), None)
         if value is None:
             continue
-        base[field] = _ratio(flag, value) if kind is str else value
+        base[field] = kind(flag, value)
     try:
-        config = ParisKVConfig.from_dict(base)
+        cfg = ParisKVConfig.from_dict(base)
     except ValueError as e:
         raise ParisKVConfigError(str(e)) from e
+    check_calibration_file(cfg)
     max_age = getattr(args, "pariskv_reuse_max_age", None)
-    if max_age is not None and not config.reuses:
+    if max_age is not None and not cfg.reuses:
         raise ParisKVConfigError(
             f"--pariskv-reuse-max-age {max_age} applies only to retrieval "
             "reuse, which --pariskv-reuse-threshold 0 turns off: set a threshold > 0, or "
             "drop --pariskv-reuse-max-age"
         )
-    return config
+    return cfg
+
+
+def check_calibration_file(cfg: ParisKVConfig) -> None:
+    """Read the calibration file now, before any model work: a missing or malformed file,
+    or dense layers beyond the layers it was written for, end the launch here. Its shape
+    is checked against the model when the KV pool is built."""
+    if cfg.calibration is None:
+        return
+    from sglang_pariskv.calibration import load_calibration
+
+    cfg.dense_layer_set(load_calibration(cfg.calibration).num_layers)
 
 
 def _dest(flag: str) -> str:
@@ -211,7 +259,10 @@ def _dest(flag: str) -> str:
 
 
 def check_server_args(server_args: Any) -> None:
-    """Refuse SGLang settings that ParisKV cannot serve correctly, naming the fix."""
+    """Refuse SGLang settings that ParisKV cannot serve correctly, naming the fix.
+
+    ``server_args``: parsed flags, a ``ServerArgs``, or ``sglang_compat.resolved(...)``
+    of one (a resolved record's own fields are the operator's input from SGLang 0.5.19)."""
     problems: list[str] = []
 
     def refuse(cond: bool, msg: str) -> None:
@@ -247,8 +298,10 @@ def check_server_args(server_args: Any) -> None:
         "pass --kv-cache-dtype auto",
     )
     refuse(
-        bool(getattr(server_args, "enable_dp_attention", False)),
-        "--enable-dp-attention is not supported with ParisKV; drop it",
+        bool(getattr(server_args, "enable_dp_attention", False))
+        or (getattr(server_args, "attn_dp_size", 1) or 1) > 1,
+        "--enable-dp-attention / --attn-dp-size > 1: DP attention is not supported with "
+        "ParisKV; drop it",
     )
     refuse(
         (getattr(server_args, "pp_size", 1) or 1) > 1,

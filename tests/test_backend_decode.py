@@ -25,7 +25,7 @@ from sglang_pariskv.attention.backend import ParisKVAttnBackend
 from sglang_pariskv.attention.observability import DecodeObserver
 from sglang_pariskv.attention.offload_wiring import OffloadDecode
 from sglang_pariskv.attention.step_graphs import StepGraphs
-from sglang_pariskv.codec import retrieve, sparse_attention
+from sglang_pariskv.codec import encode_keys, retrieve, sparse_attention
 from sglang_pariskv.config import ParisKVConfig
 from sglang_pariskv.index.histograms import RequestHistograms
 from sglang_pariskv.kernels import DecodeWorkspace
@@ -148,8 +148,12 @@ def test_mixed_batch_decode_matches_the_oracle_over_steps(setup):
         k = torch.randn(n, HKV, D, generator=gen)
         pool.set_kv_buffer(layer, slots, k, torch.randn(n, HKV, D, generator=gen))
     b.hists.rebuild(
-        0, pool.pariskv.layers[0].signs, rtp.req_to_token, torch.tensor(rpi), torch.tensor(seq)
-    )
+        0,
+        pool.pariskv.layers[0].signs,
+        rtp.req_to_token,
+        torch.tensor(rpi[:1]),
+        torch.tensor(seq[:1]),
+    )  # extend recounts only the request above the dense limit
     for _step in range(3):
         seq = [n + 1 for n in seq]
         loc = torch.arange(next_slot, next_slot + len(rpi))
@@ -173,14 +177,15 @@ def test_mixed_batch_decode_matches_the_oracle_over_steps(setup):
         want = oracle(pool, rtp, rpi, seq, q)
         assert b._dense_dev[:2].tolist() == [False, True]
         torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-5)
-    # The histograms the backend kept incrementally equal a fresh count.
-    for j, i in enumerate(rpi):
-        fresh = RequestHistograms(4, HKV, D, 1, "cpu")
-        fresh.rebuild(
-            0, pool.pariskv.layers[0].signs, rtp.req_to_token, torch.tensor([i]),
-            torch.tensor([seq[j]]),
-        )  # fmt: skip
-        assert torch.equal(b.hists.layers[0][i], fresh.layers[0][i])
+    # The sparse request's histograms, kept incrementally, equal a fresh count; the dense
+    # one's were never counted.
+    fresh = RequestHistograms(4, HKV, D, 1, "cpu")
+    fresh.rebuild(
+        0, pool.pariskv.layers[0].signs, rtp.req_to_token, torch.tensor([3]),
+        torch.tensor([seq[0]]),
+    )  # fmt: skip
+    assert torch.equal(b.hists.layers[0][3], fresh.layers[0][3])
+    assert b.hists.layers[0][1].sum() == 0
     assert b.observer.stats.sparse_steps == 3
     assert b.observer.stats.totals.sparse_request_steps == 3
     if b.offload is not None:  # the offloaded run went through the cache and reused rows
@@ -287,3 +292,138 @@ def test_slots_reused_by_a_new_request_are_never_served_stale(setup):
     decode([1, 2], [303, 151], [802, 900])
     if b.offload is not None:  # cached rows were reused, and stayed right
         assert b.offload.fetcher.cache.stats()["hits"] > 0
+
+
+def test_a_request_crossing_the_dense_limit_retrieves_with_a_full_count(setup, monkeypatch):
+    """Extend goes through the backend (histograms of a previous owner cleared; the long
+    request recounted, the short one not), then the short request decodes densely, crosses
+    the dense limit (64) and retrieves: every step matches the oracle, whose retrieval
+    counts all of the request's keys, and afterwards both requests' histograms equal a
+    fresh count."""
+    b, pool, rtp = setup
+
+    def extend_stand_in(self, q, k, v, layer, fb, save_kv_cache=True):
+        pool.set_kv_buffer(layer, fb.out_cache_loc, k, v)
+        return torch.zeros_like(q)
+
+    monkeypatch.setattr(FlashInferAttnBackend, "forward_extend", extend_stand_in)
+    gen = torch.Generator().manual_seed(11)
+    layer = types.SimpleNamespace(layer_id=0, is_cross_attention=False)
+    b.hists.all.fill_(5)  # counts left by the slots' previous requests
+    rpi, seq = [2, 0], [62, 100]
+    loc = torch.arange(1, 163)
+    rtp.req_to_token[2, :62] = loc[:62].to(torch.int32)
+    rtp.req_to_token[0, :100] = loc[62:].to(torch.int32)
+    fb = types.SimpleNamespace(
+        forward_mode=types.SimpleNamespace(is_decode=lambda: False, is_extend=lambda: True),
+        batch_size=2, seq_lens=torch.tensor(seq), seq_lens_cpu=torch.tensor(seq),
+        req_pool_indices=torch.tensor(rpi), out_cache_loc=loc,
+        extend_seq_lens_cpu=seq, extend_prefix_lens_cpu=[0, 0],
+    )  # fmt: skip
+    b.init_forward_metadata(fb)
+    kv = torch.randn(162, HKV, D, generator=gen)
+    b.forward_extend(torch.zeros(162, HQ * D), kv, kv.flip(0), layer, fb)
+    assert b.hists.layers[0][2].sum() == 0 and b.hists.layers[0][0].sum() > 0
+    next_slot = 163
+    for _step in range(6):  # request 2: 63, 64 dense; 65 crosses; 66, 67, 68 sparse
+        seq = [n + 1 for n in seq]
+        loc = torch.arange(next_slot, next_slot + 2)
+        next_slot += 2
+        for j, i in enumerate(rpi):
+            rtp.req_to_token[i, seq[j] - 1] = int(loc[j])
+        fb = types.SimpleNamespace(
+            forward_mode=types.SimpleNamespace(is_decode=lambda: True, is_extend=lambda: False),
+            batch_size=2, seq_lens=torch.tensor(seq), seq_lens_cpu=torch.tensor(seq),
+            seq_lens_sum=sum(seq), req_pool_indices=torch.tensor(rpi), out_cache_loc=loc,
+        )  # fmt: skip
+        q = torch.randn(2, HQ, D, generator=gen)
+        k = torch.randn(2, HKV, D, generator=gen)
+        b.init_forward_metadata(fb)
+        got = b.forward_decode(q.reshape(2, -1), k, -k, layer, fb).view(-1, HQ, D)
+        assert b._dense_dev[:2].tolist() == [seq[0] <= 64, False]
+        torch.testing.assert_close(got.double(), oracle(pool, rtp, rpi, seq, q), atol=2e-5,
+                                   rtol=1e-5)  # fmt: skip
+    for j, i in enumerate(rpi):
+        fresh = RequestHistograms(4, HKV, D, 1, "cpu")
+        fresh.rebuild(0, pool.pariskv.layers[0].signs, rtp.req_to_token, torch.tensor([i]),
+                      torch.tensor([seq[j]]))  # fmt: skip
+        assert torch.equal(b.hists.layers[0][i], fresh.layers[0][i])
+
+
+def dense_oracle(pool, rtp, rpi, seq, q):
+    """Float64 attention of every request over its whole context."""
+    out = []
+    for i in range(len(rpi)):
+        slots = rtp.req_to_token[rpi[i], : seq[i]].long()
+        kk = pool.get_key_buffer(0)[slots].double().repeat_interleave(HQ // HKV, 1)
+        vv = pool.get_value_buffer(0)[slots].double().repeat_interleave(HQ // HKV, 1)
+        w = torch.softmax(torch.einsum("hd,nhd->hn", q[i].double(), kk) * SCALE, -1)
+        out.append(torch.einsum("hn,nhd->hd", w, vv))
+    return torch.stack(out)
+
+
+def test_a_dense_layer_attends_every_row_over_its_whole_context(setup, monkeypatch):
+    """--pariskv-dense-layers: on a step that retrieves, a dense layer runs SGLang's decode
+    with the full-length plan (the plan the stand-in sees), every row's output is dense
+    attention (float64 oracle), its codes still follow, and neither retrieval nor the
+    histograms run for it (it never retrieves)."""
+    from sglang_pariskv.attention.dense_layers import FullContextDecode
+
+    b, pool, rtp = setup
+    if b.offload is not None:
+        pytest.skip("same routing with host offload")
+    full = object.__new__(FullContextDecode)
+    full.layers, full.active = frozenset({0}), None
+    planned, seen = [], []
+    monkeypatch.setattr(
+        FullContextDecode,
+        "plan",
+        lambda self, fb, graph_bs=None, in_capture=False: (
+            planned.append(fb.seq_lens_sum),
+            setattr(self, "active", ("full plan", fb.seq_lens_sum)),
+        ),
+    )
+
+    def recording_stand_in(self, q, k, v, layer, fb, save_kv_cache=True):
+        seen.append(getattr(self, "forward_metadata", None))
+        return dense_decode_stand_in(self, q, k, v, layer, fb, save_kv_cache)
+
+    monkeypatch.setattr(FlashInferAttnBackend, "forward_decode", recording_stand_in)
+    monkeypatch.setattr(b.ws, "run", lambda *a, **kw: pytest.fail("retrieval ran"))
+    b.full = full
+    b.forward_metadata = "the 1-token plan"  # FlashInferAttnBackend's, restored after
+    gen = torch.Generator().manual_seed(1)
+    rpi, seq = [3, 1], [300, 40]
+    layer = types.SimpleNamespace(layer_id=0, is_cross_attention=False)
+    next_slot = 1
+    for i, n in zip(rpi, seq):
+        slots = torch.arange(next_slot, next_slot + n)
+        next_slot += n
+        rtp.req_to_token[i, :n] = slots.to(torch.int32)
+        pool.set_kv_buffer(layer, slots, torch.randn(n, HKV, D, generator=gen),
+                           torch.randn(n, HKV, D, generator=gen))  # fmt: skip
+    b.hists.rebuild(
+        0, pool.pariskv.layers[0].signs, rtp.req_to_token, torch.tensor(rpi), torch.tensor(seq)
+    )
+    before = b.hists.all.clone()
+    for _step in range(2):
+        seq = [n + 1 for n in seq]
+        loc = torch.arange(next_slot, next_slot + len(rpi))
+        next_slot += len(rpi)
+        for j, i in enumerate(rpi):
+            rtp.req_to_token[i, seq[j] - 1] = int(loc[j])
+        fb = types.SimpleNamespace(
+            forward_mode=types.SimpleNamespace(is_decode=lambda: True, is_extend=lambda: False),
+            batch_size=len(rpi), seq_lens=torch.tensor(seq), seq_lens_cpu=torch.tensor(seq),
+            seq_lens_sum=sum(seq), req_pool_indices=torch.tensor(rpi), out_cache_loc=loc,
+        )  # fmt: skip
+        q = torch.randn(len(rpi), HQ, D, generator=gen)
+        k = torch.randn(len(rpi), HKV, D, generator=gen)
+        b.init_forward_metadata(fb)
+        got = b.forward_decode(q.reshape(2, -1), k, k, layer, fb).view(-1, HQ, D)
+        torch.testing.assert_close(got.double(), dense_oracle(pool, rtp, rpi, seq, q),
+                                   atol=2e-5, rtol=1e-5)  # fmt: skip
+        assert seen[-1] == ("full plan", sum(seq)) and planned[-1] == sum(seq)
+        assert b.forward_metadata == "the 1-token plan"
+        assert torch.equal(pool.pariskv.layers[0].signs[loc], encode_keys(k).signs)
+    assert torch.equal(b.hists.all, before)

@@ -70,7 +70,8 @@ class Oracle:
 
 
 class Driver:
-    """Extends (through the backend's forward_extend) and decode steps of one layer."""
+    """Extends (through the backend's planning and forward_extend) and decode steps of one
+    layer."""
 
     def __init__(self, b, pool, rtp, seed):
         self.b, self.pool, self.rtp = b, pool, rtp
@@ -84,9 +85,11 @@ class Driver:
             forward_mode=types.SimpleNamespace(is_decode=lambda: False, is_extend=lambda: True),
             batch_size=1, seq_lens=torch.tensor([n]), seq_lens_cpu=torch.tensor([n]),
             req_pool_indices=torch.tensor([rpi]), out_cache_loc=slots,
+            extend_seq_lens_cpu=[n], extend_prefix_lens_cpu=[0],
         )  # fmt: skip
         k = torch.randn(n, HKV, D, generator=self.gen)
         v = torch.randn(n, HKV, D, generator=self.gen)
+        self.b.init_forward_metadata(fb)  # plans the extend (and resets the slot's state)
         self.b.forward_extend(torch.zeros(n, HQ * D), k, v, LAYER, fb)
 
     def decode(self, rpi, seq, locs, q):

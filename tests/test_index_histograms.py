@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from sglang_pariskv.codec import centroid_histogram
@@ -36,12 +37,43 @@ def test_masked_rows_are_not_counted():
     assert hists.layers[0][1, 0, 0, 7] == 1 and hists.layers[0].sum() == 1
 
 
-def test_add_decode_reads_the_new_keys_from_the_pool_and_skips_padding():
+def fresh_count(signs, req_to_token, r, n):
+    """Brute force: the histogram of request ``r``'s first ``n`` tokens."""
+    toks = signs[req_to_token[r, :n].long()][None]
+    return centroid_histogram(toks, torch.tensor([n]))[0]
+
+
+def test_count_decode_keeps_only_requests_above_the_limit_and_catches_up_once():
+    """Request 0 starts above the limit (recounted at extend), request 1 starts below it
+    and crosses it while decoding, request 2 stays below, and a padding row (length 1)
+    rides along: after every step, the rows above the limit equal a fresh count and the
+    others are still zero."""
     gen = torch.Generator().manual_seed(3)
-    signs = torch.randint(0, 256, (30, 2, 2), generator=gen).to(torch.uint8)
-    a = RequestHistograms(max_reqs=3, num_kv_heads=2, head_dim=16, num_layers=1, device="cpu")
-    b = RequestHistograms(max_reqs=3, num_kv_heads=2, head_dim=16, num_layers=1, device="cpu")
-    loc, rpi, seq = torch.tensor([4, 9, 0]), torch.tensor([2, 0, 1]), torch.tensor([5, 8, 1])
-    a.add_decode(0, signs, loc, rpi, seq)
-    b.add(0, signs[loc[:2]], rpi[:2])
-    assert torch.equal(a.layers[0], b.layers[0]) and a.layers[0][1].sum() == 0
+    slots, h, d, limit = 200, 2, 16, 10
+    signs = torch.randint(0, 256, (slots, h, d // 8), generator=gen).to(torch.uint8)
+    rtt = torch.randperm(slots, generator=gen)[:180].reshape(3, 60).to(torch.int32)
+    hists = RequestHistograms(max_reqs=4, num_kv_heads=h, head_dim=d, num_layers=2, device="cpu")
+    hists.all.fill_(7)  # a previous owner's counts: extend must clear them
+    reqs, lens = torch.tensor([0, 1, 2]), torch.tensor([15, 8, 3])
+    hists.reset(reqs)
+    hists.rebuild(1, signs, rtt, reqs[:1], lens[:1])  # extend recounts the long request
+    assert hists.layers[1][3].sum() == 7 * h * (d // 8) * 256  # not extended: untouched
+    for _step in range(6):
+        lens = lens + 1
+        rows = torch.cat([reqs, torch.tensor([3])])  # + a padding row
+        seq = torch.cat([lens, torch.tensor([1])])
+        hists.count_decode(1, signs, rtt, rows, seq, limit)
+        for r, n in zip(reqs.tolist(), lens.tolist()):
+            zero = torch.zeros(h, d // 8, 256, dtype=torch.int32)
+            want = fresh_count(signs, rtt, r, n) if n > limit else zero
+            assert torch.equal(hists.layers[1][r], want), (r, n)
+    assert lens.tolist() == [21, 14, 9]  # request 1 crossed, request 2 did not
+    assert hists.layers[0][:3].sum() == 0  # layer 0 was never counted
+
+
+def test_count_decode_refuses_a_limit_that_would_count_padding_rows():
+    hists = RequestHistograms(max_reqs=1, num_kv_heads=1, head_dim=8, num_layers=1, device="cpu")
+    signs = torch.zeros(4, 1, 1, dtype=torch.uint8)
+    rtt = torch.zeros(1, 4, dtype=torch.int32)
+    with pytest.raises(ValueError, match="limit 0"):
+        hists.count_decode(0, signs, rtt, torch.tensor([0]), torch.tensor([1]), 0)

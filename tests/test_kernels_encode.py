@@ -9,7 +9,7 @@ import torch
 
 from sglang_pariskv.codec import encode_keys
 from sglang_pariskv.codec.collision import centroid_histogram
-from sglang_pariskv.kernels import add_decode_keys, add_to_histograms, encode_to_pool
+from sglang_pariskv.kernels import add_to_histograms, count_new_keys, encode_to_pool
 from tests.kernel_cases import empty_pool
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -91,24 +91,32 @@ def test_histograms_count_per_request_and_skip_negative_ids():
     assert rebuilt[0].sum() == 0
 
 
-def test_decode_key_counts_equal_the_torch_scatter_add():
-    """Each real row adds its new key's sign ids to its request; padding rows (seq_len 1)
-    add nothing; a request listed twice gets both keys (atomics)."""
+def test_new_key_counts_equal_a_brute_force_count():
+    """Rows above the limit add their new key (position seq_len - 1); a row at exactly
+    limit + 1 adds all its tokens (more than one program's share, so the split programs
+    each take part); rows at or below the limit and padding rows (seq_len 1) add nothing."""
     gen = torch.Generator().manual_seed(2)
-    slots, h, b, reqs = 64, 3, 8, 5
+    slots, h, b, limit = 400, 3, 8, 90
     signs = torch.randint(0, 256, (slots, h, b), generator=gen).to(torch.uint8)
-    loc = torch.tensor([5, 17, 3, 40, 63, 0])
-    rpi = torch.tensor([4, 0, 2, 4, 1, 0], dtype=torch.int32)
-    seq = torch.tensor([9, 2, 1, 300, 7, 1])  # rows 2 and 5 are graph padding
-    start = torch.randint(0, 5, (reqs, h, b, 256), generator=gen, dtype=torch.int32)
+    rtt = torch.randperm(slots, generator=gen)[: 5 * 80].reshape(5, 80).to(torch.int32)
+    rtt = torch.cat([rtt, rtt], 1)[:, :150]  # requests longer than the distinct slots
+    rpi = torch.tensor([4, 0, 2, 3, 1, 0], dtype=torch.int32)
+    seq = torch.tensor([120, 91, 1, 90, 150, 1])  # 91 = limit + 1: catch-up
+    start = torch.randint(0, 5, (5, h, b, 256), generator=gen, dtype=torch.int32)
     want = start.clone()
-    for r in range(len(loc)):
-        if seq[r] > 1:
+    for r in range(len(rpi)):
+        n = int(seq[r])
+        if n <= limit:
+            continue
+        for pos in range(0 if n == limit + 1 else n - 1, n):
+            slot = int(rtt[int(rpi[r]), pos])
             for hh in range(h):
                 for bb in range(b):
-                    want[int(rpi[r]), hh, bb, int(signs[loc[r], hh, bb])] += 1
+                    want[int(rpi[r]), hh, bb, int(signs[slot, hh, bb])] += 1
     got = start.clone().to(DEV)
-    add_decode_keys(signs.to(DEV), loc.to(DEV), rpi.to(DEV), seq.to(DEV), got)
+    count_new_keys(
+        signs.to(DEV), rtt.to(DEV), rpi.to(DEV), seq.to(DEV), got, limit, split=2, block_n=16
+    )
     assert torch.equal(got.cpu(), want)
 
 
@@ -131,3 +139,51 @@ def test_encode_mismatch_rate_at_scale(cuda_device, d, dtype):
     # 0 up to rounding flips its sign bit, hence the looser sign bound.
     assert s <= 5e-5 and m <= 1e-4 and w <= 2e-3
     assert int(hist.sum()) == t * h * (d // 8)
+
+
+def _shared_direction_keys(t: int, h: int, d: int, gen: torch.Generator) -> torch.Tensor:
+    """Keys with a dominant per-head common direction (what centring is for)."""
+    common = torch.randn(h, d, generator=gen) * 4
+    return common + torch.randn(t, h, d, generator=gen)
+
+
+@pytest.mark.parametrize("d, h, dtype", [(64, 3, torch.float16), (128, 2, torch.bfloat16)])
+def test_centred_encode_matches_codec(d, h, dtype):
+    """With a per-head centre the kernel writes the codec's codes of keys - centre, and
+    they differ from the uncentred codes (the centre is really applied, per head)."""
+    gen = torch.Generator().manual_seed(7 + d)
+    t = 96
+    keys = _shared_direction_keys(t, h, d, gen).to(dtype)
+    centre = keys.float().mean(0) + torch.randn(h, d, generator=gen) * 0.1
+    slots = (torch.randperm(2 * t, generator=gen)[:t] + 1).to(DEV)
+    pool = empty_pool(2 * t + 1, h, d, DEV)
+    encode_to_pool(keys.to(DEV), slots, pool, centre=centre.to(DEV))
+    ref = encode_keys(keys.to(DEV), centre=centre.to(DEV))
+    s, m, w = mismatch_rates(pool, slots, ref)
+    assert s <= (3e-4 if dtype == torch.bfloat16 else 0.0) and m <= 2e-3 and w <= 2e-3
+    plain = encode_keys(keys.to(DEV))
+    assert (pool.signs[slots] != plain.signs).float().mean() > 0.2
+
+
+def test_encode_refuses_a_centre_of_the_wrong_shape():
+    pool = empty_pool(4, 2, 64, DEV)
+    keys = torch.randn(2, 2, 64, device=DEV)
+    with pytest.raises(ValueError, match=r"centre must be a contiguous float32 \[2, 64\]"):
+        encode_to_pool(keys, torch.tensor([1, 2], device=DEV), pool, centre=torch.zeros(3, 64))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 128])
+def test_centred_encode_mismatch_rate_at_scale(cuda_device, d):
+    """Real sizes on the GPU: the centred kernel codes equal the codec's centred codes up
+    to rounding at a threshold."""
+    gen = torch.Generator().manual_seed(d)
+    t, h = 65536, 8
+    keys = _shared_direction_keys(t, h, d, gen).to(torch.bfloat16).to(cuda_device)
+    centre = keys.float().mean(0).contiguous()
+    slots = torch.randperm(2 * t, device=cuda_device)[:t] + 1
+    pool = empty_pool(2 * t + 1, h, d, cuda_device)
+    encode_to_pool(keys, slots, pool, centre=centre)
+    s, m, w = mismatch_rates(pool, slots, encode_keys(keys, centre=centre))
+    print(f"centred D={d}: sign mismatch {s:.2e}, magnitude-byte mismatch {m:.2e}, w rel {w:.2e}")
+    assert s <= 5e-5 and m <= 1e-4 and w <= 2e-3

@@ -110,3 +110,23 @@ def test_reuse_state_is_planned_per_request_slot_and_layer():
     assert on.total - off.total == on.reuse + 8 * 28
     assert off.reuse == 0 and on_cfg.reuses
     assert RetrievalReuse.build(cfg, 9, 3, 2, 64, 256, torch.device("cpu")) is None
+
+
+def test_dense_layers_plan_their_full_length_plan_buffers():
+    """--pariskv-dense-layers adds what ``FullContextDecode`` allocates: its indptr, the
+    CUDA-graph ``kv_indices`` buffer (graph batch x context) and an int workspace for its
+    eager wrapper and each captured batch size; nothing without dense layers."""
+    from sglang_pariskv.attention.dense_layers import FullContextDecode
+
+    kw = dict(num_q_heads=8, num_kv_heads=2, head_dim=64, num_layers=4, request_slots=9,
+              max_batch=8, max_context=4096, graph_batch_sizes=5, max_graph_batch=6)  # fmt: skip
+    plain = plan_backend_memory(ParisKVConfig(), **kw)
+    dense = plan_backend_memory(ParisKVConfig(dense_layers=(0, 1)), **kw)
+    assert plain.dense_layers == 0
+    full = FullContextDecode(
+        types.SimpleNamespace(kv_indptr=[torch.zeros(9, dtype=torch.int32)]), (0, 1)
+    )
+    full.init_graph_state(6, 4096)
+    buffers = tensor_bytes([full.indptr, full._graph_indices])
+    assert dense.dense_layers == buffers + 6 * FLASHINFER_INT_WORKSPACE_BYTES
+    assert dense.total == plain.total + dense.dense_layers

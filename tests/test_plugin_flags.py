@@ -8,7 +8,7 @@ import pytest
 from sglang.srt.plugins.hook_registry import HookRegistry
 from sglang.srt.server_args import ServerArgs
 
-from sglang_pariskv import plugin
+from sglang_pariskv import plugin, sglang_compat
 from sglang_pariskv.config import DEFAULT_HOT_CACHE_LINES, ParisKVConfig
 from sglang_pariskv.server_flags import (
     ParisKVConfigError,
@@ -283,9 +283,14 @@ def test_enabling_bounds_request_slots_unless_the_user_chose(parser, monkeypatch
 
 
 def resolve(cls, args):
-    """Stand-in for ServerArgs.from_cli_args (whose __post_init__ needs an accelerator):
-    a real ServerArgs object holding the parsed values, read-only as SGLang 0.5.17 leaves
-    it after resolution, so a hook that writes to it fails here as it does on a GPU."""
+    """``ServerArgs.from_cli_args`` as the installed SGLang runs it, without an accelerator.
+
+    Up to SGLang 0.5.18 construction resolves the arguments (which needs an accelerator),
+    so a stand-in builds a real ServerArgs holding the parsed values, read-only as SGLang
+    leaves it after resolution: a hook that writes to it fails here as it does on a GPU.
+    From 0.5.19 construction only records the input: the real method runs."""
+    if not sglang_compat.resolves_on_construction():
+        return cls.from_cli_args(args)
     sa = object.__new__(cls)
     for k, v in vars(args).items():
         object.__setattr__(sa, k, v)
@@ -293,25 +298,98 @@ def resolve(cls, args):
     return sa
 
 
-def _resolving_post_init(server_args):
-    """Stand-in for ServerArgs.__post_init__ (which needs an accelerator): like it, it
-    ends by materializing the config, after which ServerArgs refuses assignments."""
-    object.__setattr__(server_args, "_declarations_materialized", True)
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from tests.tiny_models import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+def engine_server_args(model_dir, **fields):
+    """ServerArgs as the Engine API builds them, resolved by SGLang itself on the CPU
+    (in the constructor up to 0.5.18, in ``resolve_once`` from 0.5.19), with the plugin's
+    hooks applied (the ``parser`` fixture registers them)."""
+    sa = ServerArgs(model_path=str(model_dir), device="cpu", **fields)
+    if not sglang_compat.resolves_on_construction():
+        sa.resolve_once()
+    return sa
+
+
+@pytest.fixture
+def pariskv_on(monkeypatch):
+    """ParisKV enabled as the Engine API enables it (no command line was parsed)."""
+    monkeypatch.setenv(plugin.ENV_CONFIG, json.dumps(ParisKVConfig().to_dict()))
+    monkeypatch.setattr(plugin, "_launched_from_cli", False)
+
+
+def test_the_resolution_hook_wraps_the_method_that_resolves(parser):
+    target = sglang_compat.resolution_target()
+    name = "__post_init__" if sglang_compat.resolves_on_construction() else "resolve_once"
+    assert target == f"sglang.srt.server_args.ServerArgs.{name}"
+    assert target in HookRegistry._patched  # SGLang's registry applied it
 
 
 @pytest.mark.parametrize("given, expected", [(None, 256), (1000, 1000)])
-def test_engine_api_post_init_caps_slots_before_sglang_resolves(given, expected):
-    sa = object.__new__(ServerArgs)  # the Engine API path: ServerArgs(**kwargs)
-    object.__setattr__(sa, "max_running_requests", given)
-    plugin._around_post_init(_resolving_post_init, sa)
+def test_engine_api_caps_slots_before_sglang_resolves(
+    parser, tiny_model, pariskv_on, given, expected
+):
+    sa = engine_server_args(tiny_model, attention_backend="flashinfer", max_running_requests=given)
     assert sa.max_running_requests == expected
+    assert sglang_compat.resolved(sa).max_running_requests == expected
     with pytest.raises(AttributeError, match="read-only"):
         sa.max_running_requests = 7  # real ServerArgs guard: the cap had to come first
 
 
-def test_engine_api_post_init_refuses_unsupported_settings():
-    sa = object.__new__(ServerArgs)
-    object.__setattr__(sa, "max_running_requests", None)
-    object.__setattr__(sa, "attention_backend", "triton")
-    with pytest.raises(ParisKVConfigError, match="--attention-backend triton"):
-        plugin._around_post_init(_resolving_post_init, sa)
+def test_engine_api_checks_the_backend_sglang_resolved(parser, tiny_model, pariskv_on):
+    """Without ``attention_backend`` SGLang picks one during resolution (torch_native on
+    this CPU); from 0.5.19 the record's own field still reads None, so only the resolved
+    value shows that ParisKV would not be served."""
+    with pytest.raises(ParisKVConfigError, match="--attention-backend torch_native"):
+        engine_server_args(tiny_model)
+
+
+def test_a_launch_refused_at_resolution_ends_with_one_line(
+    parser, tiny_model, pariskv_on, monkeypatch, capsys
+):
+    monkeypatch.setattr(plugin, "_launched_from_cli", True)
+    with pytest.raises(SystemExit) as e:
+        engine_server_args(tiny_model)
+    assert e.value.code == 2 and e.value.__cause__ is None
+    err = capsys.readouterr().err
+    assert err.startswith("error: --enable-pariskv cannot be served") and err.count("\n") == 1
+
+
+def test_without_pariskv_resolution_is_untouched(parser, tiny_model, monkeypatch):
+    monkeypatch.delenv(plugin.ENV_CONFIG, raising=False)
+    sa = engine_server_args(tiny_model, attention_backend="triton")
+    assert sa.max_running_requests is None
+    assert sglang_compat.resolved(sa).attention_backend == "triton"
+
+
+HELP_SCRIPT = r"""
+import contextlib, io, runpy, sys
+import tests.conftest  # the sgl_kernel stand-in on a machine without a GPU
+from sglang.cli.main import main
+
+def help_text(argv, run):
+    sys.argv, out = argv, io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+        run()
+    return out.getvalue()
+
+serve = help_text(["sglang", "serve", "--help"], main)
+launch = help_text(["launch_server", "--help"],
+                   lambda: runpy.run_module("sglang.launch_server", run_name="__main__"))
+print("serve", "--enable-pariskv" in serve, "--model-path" in serve)
+print("launch_server", "--enable-pariskv" in launch, "--pariskv-topk" in launch)
+"""
+
+
+def test_which_help_lists_the_flags():
+    """As the README says, for every supported SGLang: ``sglang serve --help`` prints
+    SGLang's help before it loads plugins, so the ParisKV flags are missing there;
+    ``python -m sglang.launch_server --help`` loads them first and lists them."""
+    from tests.child_python import run_script
+
+    lines = run_script(HELP_SCRIPT)
+    assert lines[-2:] == ["serve False True", "launch_server True True"]

@@ -728,7 +728,7 @@ def test_bench_server_failure_shows_log_tail(bench, tmp_path):
 
 @pytest.mark.parametrize("setup", ["smollm2", "llama8b-dummy"])
 def test_bench_server_commands_parse_with_sglang_and_the_plugin(setup):
-    """Every flag the bench passes exists in SGLang 0.5.17 (+ the plugin's) and means what
+    """Every flag the bench passes exists in the installed SGLang (+ the plugin's) and means what
     the bench intends; the two servers differ only in the ParisKV flags."""
     import argparse
 

@@ -166,3 +166,20 @@ def test_bad_arguments_are_explained(tok):
         tasks.passkey(tok, 1000, filler="lorem")
     with pytest.raises(ValueError, match="unknown task"):
         tasks.make_task("nope", tok, 1000)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_multivalue_needle_asks_for_every_value_of_one_word(tok, seed):
+    task = tasks.multivalue_needle(tok, 2000, n_values=3, n_distractors=2, seed=seed)
+    pairs = re.findall(r"One of the special magic numbers for (\w+) is (\d{7})\.", task.prompt)
+    assert len(pairs) == 5 and len({n for _, n in pairs}) == 5
+    query = re.search(r"What are all the special magic numbers for (\w+)\?", task.prompt)[1]
+    want = {n for w, n in pairs if w == query}
+    assert len(want) == 3 and len({w for w, _ in pairs}) == 3  # the word + 2 distractors
+    assert set(task.answer.split()) == want
+    a, b, c = sorted(want)
+    assert tasks.score(task, f" {c}, {a} and {b}.")
+    assert not tasks.score(task, f" {a}, {b}.")  # one missing
+    other = next(n for w, n in pairs if w != query)
+    assert not tasks.score(task, f" {a}, {b}, {c}, {other}.")  # a distractor's number
+    assert abs(task.meta["n_tokens"] - 2000) <= 12

@@ -1,5 +1,5 @@
-"""CLI: ``python -m pariskv_tools.eval retrieval [options]`` (``--help`` lists them with
-their defaults).
+"""CLI: ``python -m pariskv_tools.eval retrieval|calibrate|stress [options]`` (``--help``
+lists them with their defaults).
 
 The model is ``--model PATH`` (a Hugging Face directory or a ``.gguf`` file of a Llama,
 Qwen2 or Mistral-family causal LM, see :mod:`pariskv_tools.workloads.models`), else
@@ -21,7 +21,9 @@ from pathlib import Path
 import torch
 
 from pariskv_tools.cli import HelpFormatter, add_model_args
+from pariskv_tools.eval.calibrate import CalibrateSettings, run_calibrate
 from pariskv_tools.eval.captures import (
+    ContextSpec,
     default_cache_dir,
     default_contexts,
     parse_contexts,
@@ -30,6 +32,7 @@ from pariskv_tools.eval.methods import ParisKV, default_methods
 from pariskv_tools.eval.retrieval import RetrievalSettings, run_retrieval
 from pariskv_tools.eval.reuse_cli import add_reuse_parser, main_reuse
 from pariskv_tools.workloads.models import resolve_model
+from sglang_pariskv.calibration import load_calibration
 from sglang_pariskv.config import ParisKVConfig
 
 
@@ -137,6 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--no-plots", action="store_true", help="write the JSON only")
     r.add_argument(
+        "--calibration",
+        type=Path,
+        help="also report pariskv_centred: ParisKV with this calibration file's key centres",
+    )
+    r.add_argument(
         "--dense-first",
         type=int,
         default=0,
@@ -149,8 +157,81 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch CPU threads (on a shared CPU, OpenMP threads waiting on a descheduled "
         "peer make every op several times slower; 0 keeps torch's default)",
     )
+    _add_calibrate_parser(sub)
+    from pariskv_tools.eval.stress import add_stress_parser
+
+    add_stress_parser(sub)
     add_reuse_parser(sub)
     return p
+
+
+def _add_calibrate_parser(sub) -> None:
+    c = sub.add_parser(
+        "calibrate",
+        help="write the calibration file a server reads with --pariskv-calibration",
+        formatter_class=HelpFormatter,
+    )
+    defaults = CalibrateSettings()
+    c.add_argument("--out", type=Path, required=True, help="calibration JSON to write")
+    c.add_argument(
+        "--context",
+        type=int,
+        default=defaults.context.tokens,
+        help="prompt tokens of the calibration text (capped by the model's positions)",
+    )
+    c.add_argument(
+        "--n-decode",
+        type=int,
+        default=defaults.n_decode,
+        help="generated tokens: the key centres are their mean keys",
+    )
+    c.add_argument("--seed", type=int, default=defaults.seed, help="seed of the prompt")
+    c.add_argument(
+        "--fraction",
+        type=float,
+        default=defaults.fraction,
+        help="budget at which each layer's attention-mass recall is measured",
+    )
+    c.add_argument(
+        "--dense-below",
+        type=float,
+        default=defaults.dense_below,
+        help="recommend layers whose mass recall is below this for --pariskv-dense-layers auto",
+    )
+    c.add_argument(
+        "--max-dense",
+        type=int,
+        help="at most this many recommended dense layers, weakest first (default: an "
+        "eighth of the layers, at least one)",
+    )
+    c.add_argument("--cache-dir", type=Path, help="captured traces (default: under --cache-root)")
+    c.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
+    add_model_args(c)
+
+
+def _calibrate(args, argv: list[str]) -> None:
+    model = resolve_model(args.model, args.cache_root, args.smollm2_gguf)
+    spec = ContextSpec("calib", CalibrateSettings().context.task, args.context)
+    if spec.prompt_tokens(args.n_decode, model.max_positions) < 64:
+        raise SystemExit(
+            f"--context {args.context} with --n-decode {args.n_decode} leaves no room for a "
+            f"prompt in the model's {model.max_positions} positions"
+        )
+    settings = CalibrateSettings(
+        context=spec,
+        n_decode=args.n_decode,
+        seed=args.seed,
+        fraction=args.fraction,
+        dense_below=args.dense_below,
+        max_dense=args.max_dense,
+    )
+    run_calibrate(
+        model,
+        args.out,
+        args.cache_dir or default_cache_dir(args.cache_root),
+        settings,
+        "python -m pariskv_tools.eval " + shlex.join(argv),
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -160,6 +241,12 @@ def main(argv: list[str] | None = None) -> None:
         return main_reuse(args, argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.cmd == "calibrate":
+        return _calibrate(args, argv)
+    if args.cmd == "stress":
+        from pariskv_tools.eval.stress import run_stress_cli
+
+        return run_stress_cli(args, argv)
 
     torch.manual_seed(args.seed)
     contexts = parse_contexts(args.contexts) if args.contexts else None
@@ -178,6 +265,9 @@ def main(argv: list[str] | None = None) -> None:
         keep = set(args.methods.split(","))
         methods = [m for m in methods if keep & set(m.names)]
     methods += [_variant(v) for v in args.variant]
+    if args.calibration is not None:
+        centres = load_calibration(args.calibration).centres
+        methods.append(ParisKV(name="pariskv_centred", outputs=("full",), centres=centres))
     settings = RetrievalSettings(
         fraction=args.fraction,
         sweep=args.sweep,

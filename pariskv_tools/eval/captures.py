@@ -173,4 +173,5 @@ def layer_trace(cap, layer: int, device: str = "cpu") -> LayerTrace:
         queries=q.float(),
         seq_lens=(pos + 1).to(torch.int64),
         prompt_len=int(cap.prompt_len),
+        layer=layer,
     ).to(device)

@@ -22,6 +22,9 @@ class LayerTrace:
     queries: torch.Tensor  #: float32 [S, Hq, D]
     seq_lens: torch.Tensor  #: int64 [S]
     prompt_len: int
+    #: The model layer these come from (per-layer calibration such as key centres); -1:
+    #: unknown (synthetic traces).
+    layer: int = -1
 
     @property
     def num_kv_heads(self) -> int:
@@ -38,6 +41,7 @@ class LayerTrace:
             self.queries.to(device),
             self.seq_lens.to(device),
             self.prompt_len,
+            self.layer,
         )
 
 

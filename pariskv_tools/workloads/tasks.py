@@ -1,4 +1,5 @@
-"""Seeded synthetic long-context tasks (passkey, multi-key needle, variable tracking).
+"""Seeded synthetic long-context tasks (passkey, multi-key needle, multi-value needle,
+variable tracking).
 
 Why synthetic and in code: the machines reach no dataset hub, and a retrieval benchmark
 needs prompts whose length, needle position and answer are known exactly. Every task is a
@@ -355,6 +356,62 @@ def multikey_needle(
     )
 
 
+def multivalue_needle(
+    tokenizer: Tokenizer,
+    target_tokens: int,
+    n_values: int = 3,
+    n_distractors: int = 2,
+    seed: int = 0,
+    filler: str = "simple",
+) -> Task:
+    """An aggregation task: ``n_values`` numbers for one word, scattered at seeded depths
+    among the numbers of ``n_distractors`` other words; asks for all of the word's numbers.
+
+    Every value lives at a different place, so an answer needs all of them retrieved at
+    once; the distractors have the same sentence shape, so a retrieval that keeps "a"
+    magic-number sentence rather than the right ones gets it wrong.
+    """
+    if n_values < 1 or n_distractors < 0 or n_values + n_distractors > len(_KEY_WORDS):
+        raise ValueError(
+            f"need n_values >= 1, n_distractors >= 0 and at most {len(_KEY_WORDS)} needles "
+            f"in all, got {n_values}, {n_distractors}"
+        )
+    rng = random.Random(f"multivalue-{seed}")
+    word, *others = rng.sample(_KEY_WORDS, 1 + n_distractors)
+    owners = [word] * n_values + others
+    numbers = [str(n) for n in rng.sample(range(1_000_000, 10_000_000), len(owners))]
+    depths = [rng.uniform(0.05, 0.95) for _ in owners]
+    needles = sorted(
+        (d, f"One of the special magic numbers for {w} is {n}.")
+        for d, w, n in zip(depths, owners, numbers)
+    )
+    prompt, meta = _assemble(
+        tokenizer,
+        target_tokens,
+        rng,
+        header=_INSTRUCTION_MULTIKEY,
+        question=f"{_INSTRUCTION_MULTIKEY} What are all the special magic numbers for {word}? "
+        "Answer with the numbers only.",
+        answer_prefix=f"The special magic numbers for {word} are",
+        needles=needles,
+        filler=filler,
+    )
+    values = numbers[:n_values]
+    meta.update(
+        seed=seed,
+        n_values=n_values,
+        n_distractors=n_distractors,
+        target_tokens=target_tokens,
+        query=word,
+        values=values,
+        distractors=dict(zip(others, numbers[n_values:])),
+    )
+    return _finish(
+        tokenizer,
+        Task(prompt=prompt, answer=" ".join(values), kind="multivalue_needle", meta=meta),
+    )
+
+
 def _var_name(rng: random.Random, used: set[str]) -> str:
     while True:
         name = "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5))
@@ -446,12 +503,15 @@ def format_chat(tokenizer: Any, task: Task) -> list[int]:
 def score(task: Task, generated_text: str) -> bool:
     """Whether the model's continuation (after the answer prefix) answers ``task``.
 
-    Numeric tasks: the first number in the reply must equal the answer. Variable tracking:
-    every expected name must appear and no other 5-letter upper-case name may.
+    Numeric tasks: the first number in the reply must equal the answer. Multi-value: the
+    reply's 7-digit numbers, as a set, must be the answer's. Variable tracking: every
+    expected name must appear and no other 5-letter upper-case name may.
     """
     if task.kind in ("passkey", "multikey_needle"):
         m = re.search(r"\d+", generated_text)
         return m is not None and m.group(0) == task.answer
+    if task.kind == "multivalue_needle":
+        return set(re.findall(r"\b\d{7}\b", generated_text)) == set(task.answer.split())
     if task.kind == "variable_tracking":
         want = set(task.answer.split())
         got = set(re.findall(r"\b[A-Z]{5}\b", generated_text))
@@ -462,6 +522,7 @@ def score(task: Task, generated_text: str) -> bool:
 TASKS: dict[str, Callable[..., Task]] = {
     "passkey": passkey,
     "multikey_needle": multikey_needle,
+    "multivalue_needle": multivalue_needle,
     "variable_tracking": variable_tracking,
 }
 

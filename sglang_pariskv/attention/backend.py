@@ -1,21 +1,23 @@
 """``ParisKVAttnBackend``: SGLang's FlashInfer backend with ParisKV sparse decoding.
 
 * Extend (prefill, chunked prefill, radix prefix hits): FlashInfer's dense attention,
-  unchanged. The KV pool encodes every key it stores (``index.kv_pool``); afterwards the
-  extending requests' centroid histograms are rebuilt from all their tokens.
-* Decode: every step adds the new key to its request's histograms. Requests at or below
-  the dense threshold attend through SGLang's own dense decode call, so their outputs are
-  exactly dense ones. Longer requests attend through one "head as batch" FlashInfer call
-  over the indices the retrieval workspace assembled (sink + local window + top-k per KV
-  head). In a mixed batch the dense call is planned with one token for the sparse rows
-  and the sparse call's dense rows are discarded, so each request pays for one attention.
+  unchanged. The KV pool encodes every key it stores (``index.kv_pool``); the extending
+  requests' centroid histograms are zeroed, and recounted from all their tokens for those
+  that end above the dense limit (``index.histograms``).
+* Decode: requests at or below the dense threshold attend through SGLang's own dense
+  decode call, so their outputs are exactly dense ones, and count nothing. On a sparse
+  step the longer requests' histograms are brought up to date first; those requests
+  attend through one "head as batch" FlashInfer call over the indices the retrieval
+  workspace assembled (sink + local window + top-k per KV head). In a mixed batch the
+  dense call is planned with one token for the sparse rows and the sparse call's dense
+  rows are discarded, so each request pays for one attention.
 * Overlap: on the GPU pool a sparse decode layer stores its K/V (and codes) first, then
-  forks a second stream for the histogram add, retrieval and sparse call, while SGLang's
+  forks a second stream for the histogram count, retrieval and sparse call, while SGLang's
   dense call runs on the forward stream; the streams join before the select.
 * CUDA graphs: all host work (both plans) runs in ``init_forward_metadata_out_graph``;
   the captured layer work has fixed shapes and no host sync. Each batch size has a
   sparse-step and a dense-step graph (``step_graphs``); steps with no request above the
-  threshold replay the one without retrieval.
+  threshold replay the one without retrieval or histogram work.
 
 Other concerns live beside this module: ``model_info`` (heads, TP rank, softmax scale),
 ``observability`` (counters, metrics, timing, stats files), ``offload_wiring`` (host
@@ -32,6 +34,7 @@ from typing import Any
 import torch
 from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
 
+from sglang_pariskv.attention.dense_layers import FullContextDecode
 from sglang_pariskv.attention.memory_plan import tensor_bytes
 from sglang_pariskv.attention.model_info import (
     attention_layers,
@@ -77,6 +80,11 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
     offload: OffloadDecode | None = None
     #: Kept selections of retrieval reuse; None with ``--pariskv-reuse-threshold 0``.
     reuse: RetrievalReuse | None = None
+    #: The extend's requests whose histograms ``forward_extend`` recounts: (req_pool_indices,
+    #: seq_lens, max seq_len or None), or None when all end at or below the dense limit.
+    _recount: tuple[torch.Tensor, torch.Tensor, int | None] | None = None
+    #: --pariskv-dense-layers' full-length decode; None without dense layers.
+    full: FullContextDecode | None = None
 
     def __init__(self, model_runner, config: ParisKVConfig):
         super().__init__(model_runner, init_new_workspace=model_runner.init_new_workspace)
@@ -116,6 +124,9 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         self._sparse: HeadAsBatchDecode | None = None  # active sparse call, None: all dense
         self._dense_dev = torch.zeros(rtt.shape[0], dtype=torch.bool, device=device)
         self.graphs = StepGraphs()
+        dense_layers = config.dense_layer_set(pool.start_layer + pool.layer_num)
+        if dense_layers:
+            self.full = FullContextDecode(self, dense_layers)
         # The stream a decode layer's retrieval and sparse call run on (GPU pool only:
         # host offload's fetch reads host memory on the forward stream).
         overlap = device.type == "cuda" and not isinstance(pool, HostOffloadKVPool)
@@ -167,6 +178,8 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         super().init_cuda_graph_state(max_bs, max_num_tokens, *args, **kwargs)
         if max_bs > self.ws.max_batch:  # graphs are captured up to max_bs rows
             self._build_workspace(max_bs)
+        if self.full is not None:
+            self.full.init_graph_state(max_bs, self.req_to_token_pool.req_to_token.shape[1])
 
     def _extra_snapshot(self) -> dict[str, Any]:
         reuse = self.reuse.snapshot() if self.reuse is not None else {}
@@ -239,6 +252,8 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             timer_key=key,
             served=not in_capture,
         )
+        if self.full is not None:
+            self.full.clear()
         if not run_sparse:
             self._sparse = None
             plan_dense()
@@ -249,12 +264,35 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         scale, cap = self.scale
         sparse.plan(seq_cpu, sm_scale=scale, logits_soft_cap=cap)
         self._sparse = sparse
+        if self.full is not None:
+            self.full.plan(forward_batch, key if isinstance(key, int) else None, in_capture)
+
+    def _plan_extend(self, forward_batch) -> None:
+        """Zero the extending requests' histograms (and forget their kept top-k); pick those
+        to recount (ending above the dense limit) for ``forward_extend``."""
+        self.observer.extend(forward_batch)
+        rows, seq = forward_batch.req_pool_indices, forward_batch.seq_lens
+        self.hists.reset(rows)
+        if self.reuse is not None:  # no request reuses a selection made before it extended
+            self.reuse.extended(rows)
+        seq_cpu = forward_batch.seq_lens_cpu
+        if seq_cpu is None:  # lengths only on the device: recount every row
+            self._recount = (rows, seq, None)
+            return
+        long = seq_cpu > self.config.dense_limit
+        if not bool(long.any()):
+            self._recount = None
+        elif bool(long.all()):
+            self._recount = (rows, seq, int(seq_cpu.max()))
+        else:
+            pick = long.nonzero().flatten().to(rows.device, non_blocking=True)
+            self._recount = (rows[pick], seq[pick], int(seq_cpu[long].max()))
 
     def init_forward_metadata(self, forward_batch):
         if not forward_batch.forward_mode.is_decode() or forward_batch.batch_size == 0:
             self._sparse = None
             if forward_batch.forward_mode.is_extend():
-                self.observer.extend(forward_batch)
+                self._plan_extend(forward_batch)
             return super().init_forward_metadata(forward_batch)
         if forward_batch.seq_lens_cpu is None:
             forward_batch.seq_lens_cpu = forward_batch.seq_lens.cpu()
@@ -286,7 +324,7 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         mode = forward_batch.forward_mode
         if not mode.is_decode():
             if mode.is_extend() and not in_capture:
-                self.observer.extend(forward_batch)
+                self._plan_extend(forward_batch)
             return super().init_forward_metadata_out_graph(forward_batch, in_capture)
         bs = forward_batch.batch_size
         if bs not in self.graph_sparse:
@@ -317,22 +355,26 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
     # -- layer work (device side) -----------------------------------------------------
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
         out = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
-        if k is not None and save_kv_cache and not layer.is_cross_attention:
+        recount = self._recount
+        if recount is not None and k is not None and save_kv_cache:
             local = layer.layer_id - self.token_to_kv_pool.start_layer
-            seq_cpu = forward_batch.seq_lens_cpu
-            self.hists.rebuild(
-                local,
-                self.codes.layers[local].signs,
-                self.req_to_token_pool.req_to_token,
-                forward_batch.req_pool_indices,
-                forward_batch.seq_lens,
-                max_len=int(seq_cpu.max()) if seq_cpu is not None else None,
-            )
-            if self.reuse is not None:  # no request reuses a selection made before it extended
-                self.reuse.extended(forward_batch.req_pool_indices)
+            dense_layer = self.full is not None and local in self.full.layers
+            if not layer.is_cross_attention and not dense_layer:
+                rows, seq, max_len = recount
+                self.hists.rebuild(
+                    local,
+                    self.codes.layers[local].signs,
+                    self.req_to_token_pool.req_to_token,
+                    rows,
+                    seq,
+                    max_len=max_len,
+                )
         return out
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
+        local = layer.layer_id - self.token_to_kv_pool.start_layer
+        if self.full is not None and self.full.runs(local) and not layer.is_cross_attention:
+            return self._full_context_decode(q, k, v, layer, forward_batch, save_kv_cache)
         fork = self._fork_stream(layer, k, save_kv_cache)
         if fork is not None:
             # Store the layer's K/V (and so its codes) as SGLang's decode call would, then
@@ -367,6 +409,35 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             return None
         return self._retrieval_stream
 
+    def _full_context_decode(self, q, k, v, layer, forward_batch, save_kv_cache: bool):
+        """A dense layer on a sparse step: SGLang's decode call (it stores the K/V and
+        codes) with the full-length plan. It never retrieves, so it keeps no histograms."""
+        saved = self.forward_metadata
+        self.forward_metadata = self.full.active
+        try:
+            out = super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
+        finally:
+            self.forward_metadata = saved
+        return out
+
+    def _count_decode(self, layer, forward_batch) -> None:
+        """Bring the histograms of ``layer`` up to date for the step's rows above the dense
+        limit (``RequestHistograms.count_decode``). Only steps that retrieve need them,
+        except with ``min_sparse_tokens``, where a request above the limit can decode in a
+        dense step and must still be counted."""
+        if self._sparse is None and not self.config.min_sparse_tokens:
+            return
+        local = layer.layer_id - self.token_to_kv_pool.start_layer
+        bs = forward_batch.batch_size
+        self.hists.count_decode(
+            local,
+            self.codes.layers[local].signs,
+            self.req_to_token_pool.req_to_token,
+            forward_batch.req_pool_indices[:bs],
+            forward_batch.seq_lens[:bs],
+            self.config.dense_limit,
+        )
+
     def _sparse_decode(self, q, k, layer, forward_batch, save_kv_cache: bool):
         """The new key into its request's histograms, then (on a sparse step) retrieval and
         the head-as-batch FlashInfer call: the sparse rows' output [bs, Hq, D], or None."""
@@ -374,15 +445,7 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         bs = forward_batch.batch_size
         codes = self.codes.layers[local]
         if save_kv_cache and k is not None:
-            # Rows padded in by CUDA-graph replay have seq_len 1 (a real decode has >= 2)
-            # and are skipped.
-            self.hists.add_decode(
-                local,
-                codes.signs,
-                forward_batch.out_cache_loc[:bs],
-                forward_batch.req_pool_indices[:bs],
-                forward_batch.seq_lens[:bs],
-            )
+            self._count_decode(layer, forward_batch)
         if self._sparse is None:
             return None
         if self._rpi32 is None:

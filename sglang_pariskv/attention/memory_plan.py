@@ -49,11 +49,13 @@ class BackendMemoryPlan:
     histograms: int
     workspace: int
     flashinfer: int
+    #: --pariskv-dense-layers' full-length plan (``attention.dense_layers``); 0 without.
+    dense_layers: int = 0
     reuse: int = 0  #: kept selections of retrieval reuse (``--pariskv-reuse-threshold``)
 
     @property
     def total(self) -> int:
-        return self.histograms + self.workspace + self.flashinfer + self.reuse
+        return self.histograms + self.workspace + self.flashinfer + self.dense_layers + self.reuse
 
 
 def plan_backend_memory(
@@ -67,6 +69,7 @@ def plan_backend_memory(
     max_batch: int,
     max_context: int,
     graph_batch_sizes: int,
+    max_graph_batch: int | None = None,
     kv_dtype: torch.dtype = torch.bfloat16,
 ) -> BackendMemoryPlan:
     """What ``ParisKVAttnBackend`` allocates for these sizes: histograms (and, with
@@ -74,7 +77,10 @@ def plan_backend_memory(
     ``max_batch`` rows of ``max_context`` (plus the query copy its first run makes); one
     shared FlashInfer float workspace, an int workspace for the eager call and each
     captured batch size, and one more per size for the dense-step graph SGLang's
-    FlashInfer backend captures beside the sparse-step one."""
+    FlashInfer backend captures beside the sparse-step one. With dense
+    layers, their full-length plan: its own indptr, a CUDA-graph ``kv_indices`` buffer of
+    ``max_graph_batch`` (default ``max_batch``) x ``max_context`` entries, and an int
+    workspace for its eager wrapper and each captured batch size."""
     meta = torch.device("meta")
     hists = RequestHistograms(request_slots, num_kv_heads, head_dim, num_layers, meta)
     ws = DecodeWorkspace(
@@ -85,6 +91,15 @@ def plan_backend_memory(
         max_batch * num_q_heads * head_dim * torch.tensor([], dtype=kv_dtype).element_size()
     )
     wrappers = 1 + 2 * graph_batch_sizes
+    dense_layers = 0
+    if config.dense_layer_set(num_layers):
+        graph_rows = max_batch if max_graph_batch is None else max_graph_batch
+        int32 = 4
+        dense_layers = (
+            (max_batch + 1) * int32  # indptr
+            + graph_rows * max_context * int32  # CUDA-graph kv_indices
+            + (1 + graph_batch_sizes) * FLASHINFER_INT_WORKSPACE_BYTES
+        )
     reuse = 0
     if config.reuses:  # per request slot and layer: kept query, top-k and length
         kept = ReuseState(request_slots, num_layers, num_kv_heads, head_dim, ws.k, meta)
@@ -93,5 +108,6 @@ def plan_backend_memory(
         histograms=hists.nbytes(),
         workspace=tensor_bytes(ws) + query_copy,
         flashinfer=WORKSPACE_BYTES + wrappers * FLASHINFER_INT_WORKSPACE_BYTES,
+        dense_layers=dense_layers,
         reuse=reuse,
     )

@@ -78,8 +78,7 @@ def tier_thresholds_rho(
 
 def dense_mask(seq_lens: torch.Tensor, config: ParisKVConfig) -> torch.Tensor:
     """bool per request: :meth:`ParisKVConfig.is_dense` on a tensor (no host sync)."""
-    limit = max(config.dense_threshold, config.budget)
-    return seq_lens <= limit
+    return seq_lens <= config.dense_limit
 
 
 def step_dense_mask(seq_lens_cpu: torch.Tensor, config: ParisKVConfig) -> torch.Tensor:

@@ -1,5 +1,13 @@
 """Key encoding: sign ids, 3-bit magnitudes and per-block weights (docs/design.md steps 1–5).
 
+Keys are first centred: k' = k - m with m a fixed vector per (layer, KV head) (zero unless a
+calibration file gives one, see :mod:`sglang_pariskv.calibration`). When keys share a large
+common direction, the signs of R·k say little about q·k; those of R·(k - m) do, and the
+ranking by q·(k - m) = q·k - q·m is the ranking by q·k for every query. The query side is
+unchanged and attention reads the real keys. m never depends on a request, so a slot's code
+does not depend on which request wrote it (radix sharing) and nothing is refit as
+generation goes on. Below, k stands for the centred key.
+
 Per key and 8-dim block b of the rotated unit key k~:
   * ``signs[b]``: one byte, bit j set iff k~_bj >= 0. It is both the coarse (collision)
     code and the sign half of the fine code, so signs are stored once.
@@ -83,11 +91,17 @@ def unpack_magnitudes(mags: torch.Tensor) -> torch.Tensor:
     return ((word[..., None] >> shifts) & 7).to(torch.int64)
 
 
-def encode_keys(keys: torch.Tensor, seed: int = 0) -> KeyCodes:
-    """Encode keys ``[..., D]`` (fp16/bf16/fp32/fp64, CPU or CUDA) into :class:`KeyCodes`."""
+def encode_keys(keys: torch.Tensor, seed: int = 0, centre: torch.Tensor | None = None) -> KeyCodes:
+    """Encode keys ``[..., D]`` (fp16/bf16/fp32/fp64, CPU or CUDA) into :class:`KeyCodes`.
+
+    ``centre``: the fixed key centre m, broadcastable to ``keys`` (e.g. ``[Hkv, D]`` for
+    keys ``[T, Hkv, D]``); the code is that of ``keys - m``. None: m = 0.
+    """
     check_head_dim(keys.shape[-1])
     dt = _compute_dtype(keys)
     k = keys.to(dt)
+    if centre is not None:
+        k = k - centre.to(device=k.device, dtype=dt)
     norm = torch.linalg.vector_norm(k, dim=-1, keepdim=True)
     unit = k / norm.clamp_min(torch.finfo(dt).tiny)
     blocks = split_blocks(rotate(unit, seed))  # [..., B, 8]

@@ -1,11 +1,14 @@
 """Per-request centroid histograms, keyed by SGLang's ``req_pool_idx``.
 
 The collision tiers of a decode step need, per (request, layer, KV head, block), how many
-of the request's keys carry each sign id. Decode adds one key per request per step (a
-graph-safe scatter-add). Extend rebuilds the histograms of the extending requests from all
-their tokens: that covers fresh prompts, chunked prefill and radix-cache prefix hits alike
-(a hit hands the request slots whose codes are already in the pool, but no histogram), at
-the cost of one pass over the request's sign bytes, small next to prefill attention.
+of the request's keys carry each sign id. Only requests that retrieve need them, so a
+request's histograms are kept only while it is longer than the dense limit
+(``ParisKVConfig.dense_limit``): extend zeroes the extending requests' rows and recounts
+those that end above the limit (fresh prompts, chunked prefill and radix-cache prefix hits
+alike: a hit hands the request slots whose codes are already in the pool, but no
+histogram). A short request's decode steps count nothing, so serving short traffic costs
+no histogram work; the decode step at which a request first exceeds the limit counts all
+its tokens once, and every later step its new key (:meth:`RequestHistograms.count_decode`).
 """
 
 from __future__ import annotations
@@ -18,13 +21,20 @@ from sglang_pariskv.codec.collision import NUM_CENTROIDS, centroid_histogram
 class RequestHistograms:
     def __init__(self, max_reqs: int, num_kv_heads: int, head_dim: int, num_layers: int, device):
         b = head_dim // 8
-        self.layers = [
-            torch.zeros(max_reqs, num_kv_heads, b, NUM_CENTROIDS, dtype=torch.int32, device=device)
-            for _ in range(num_layers)
-        ]
+        # One tensor, so that extend zeroes a request's rows of every layer in one kernel.
+        self.all = torch.zeros(
+            num_layers, max_reqs, num_kv_heads, b, NUM_CENTROIDS, dtype=torch.int32, device=device
+        )
+        #: per layer: int32 [max_reqs, Hkv, B, 256] (views of ``all``)
+        self.layers = list(self.all.unbind(0))
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.layers)
+        return self.all.numel() * self.all.element_size()
+
+    def reset(self, req_pool_indices: torch.Tensor) -> None:
+        """Zero the histograms of requests ``req_pool_indices`` in every layer (extend)."""
+        if req_pool_indices.numel():
+            self.all.index_fill_(1, req_pool_indices.to(torch.int64), 0)
 
     def rebuild(
         self,
@@ -55,26 +65,38 @@ class RequestHistograms:
         slots = req_to_token[rows, :n].to(torch.int64)
         hist[rows] = centroid_histogram(signs[slots], seq_lens.to(slots.device))
 
-    def add_decode(
+    def count_decode(
         self,
         layer: int,
         signs: torch.Tensor,
-        out_cache_loc: torch.Tensor,
+        req_to_token: torch.Tensor,
         req_pool_indices: torch.Tensor,
         seq_lens: torch.Tensor,
+        limit: int,
     ) -> None:
-        """Count each decode row's new key, read from the pool at ``out_cache_loc``.
+        """Bring the decode rows' histograms up to date after their new key is stored.
 
-        signs: this layer's pool signs uint8 [slots, Hkv, B]. Rows with ``seq_lens <= 1``
-        are CUDA-graph padding (a real decode row has at least 2 tokens) and count nothing.
-        On CUDA this is one Triton launch; elsewhere it is :meth:`add`."""
+        A row of length ``limit + 1`` has just crossed the dense limit: its histogram is
+        still the zero extend left, so it counts all its tokens. A longer row counts its
+        new key (position seq_len - 1). Rows at or below ``limit``, CUDA-graph padding
+        (seq_len 1) included, count nothing. ``signs``: this layer's pool signs uint8
+        [slots, Hkv, B]. On CUDA this is one Triton launch with no host sync.
+        """
+        if limit < 1:
+            raise ValueError(f"limit {limit}: must be >= 1 (CUDA-graph padding rows have length 1)")
         hist = self.layers[layer]
         if hist.is_cuda:
-            from sglang_pariskv.kernels.encode import add_decode_keys
+            from sglang_pariskv.kernels.encode import count_new_keys
 
-            add_decode_keys(signs, out_cache_loc, req_pool_indices, seq_lens, hist)
+            count_new_keys(signs, req_to_token, req_pool_indices, seq_lens, hist, limit)
             return
-        self.add(layer, signs[out_cache_loc], req_pool_indices, weight=seq_lens > 1)
+        for r, n in zip(req_pool_indices.tolist(), seq_lens.tolist()):
+            if n <= limit:
+                continue
+            first = 0 if n == limit + 1 else n - 1
+            slots = req_to_token[r, first:n].to(torch.int64)
+            rows = torch.full((len(slots),), r, dtype=torch.int64)
+            self.add(layer, signs[slots], rows)
 
     def add(
         self,
@@ -83,9 +105,9 @@ class RequestHistograms:
         req_pool_indices: torch.Tensor,
         weight: torch.Tensor | None = None,
     ) -> None:
-        """Count one new key per request: new_signs uint8 [R, Hkv, B]. No host sync.
-
-        ``weight`` (bool [R]) masks out rows that are not real requests (graph padding)."""
+        """Count key i (new_signs uint8 [R, Hkv, B]) for request ``req_pool_indices[i]``
+        (a request may appear several times). No host sync. ``weight`` (bool [R]) masks
+        out rows that are not real requests."""
         hist = self.layers[layer]
         r, h, b = new_signs.shape
         req = req_pool_indices.to(torch.int64)[:, None, None].expand(r, h, b)

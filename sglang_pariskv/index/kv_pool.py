@@ -14,11 +14,27 @@ from sglang_pariskv.config import ParisKVConfig, ParisKVConfigError
 from sglang_pariskv.index.code_pool import CodePool
 
 
+def tp_position() -> tuple[int, int]:
+    """(attention TP rank, attention TP size) of this process; (0, 1) where SGLang's
+    parallel state is not set up (a pool built outside a server, as in the CPU tests)."""
+    from sglang.srt.runtime_context import get_parallel
+
+    try:
+        ps = get_parallel()
+        return int(ps.attn_tp_rank), int(ps.attn_tp_size)
+    except (AssertionError, AttributeError, RuntimeError):
+        return 0, 1
+
+
 class ParisKVTokenToKVPool(MHATokenToKVPool):
     """``MHATokenToKVPool`` + slot-keyed ParisKV codes (``self.pariskv``)."""
 
     #: Set by the plugin before SGLang constructs the pool.
     pariskv_config: ParisKVConfig = ParisKVConfig()
+    #: K/V must be stored through :meth:`set_kv_buffer` (which writes the codes), never by
+    #: a model's fused RoPE kernel writing the buffers directly; an SGLang with ParisKV
+    #: built in reads this flag (the plugin patches the models instead).
+    requires_set_kv_buffer: bool = True
 
     def __init__(self, *args, **kwargs):
         if kwargs.get("post_capture_active"):
@@ -39,7 +55,23 @@ class ParisKVTokenToKVPool(MHATokenToKVPool):
             num_layers=self.layer_num,
             device=self.device,
             seed=self.pariskv_config.rotation_seed,
+            centres=self._key_centres(),
         )
+
+    def _key_centres(self) -> torch.Tensor | None:
+        """This rank's key centres [layers, KV heads, D] from the calibration file, checked
+        against the pool's shape; None without a calibration file."""
+        path = self.pariskv_config.calibration
+        if path is None:
+            return None
+        from sglang_pariskv.calibration import load_calibration
+
+        cal = load_calibration(path)
+        start = getattr(self, "start_layer", 0) or 0
+        cal.check_model(start + self.layer_num, self.head_dim)
+        rank, size = tp_position()
+        centres = cal.rank_centres(rank, size, self.head_num)
+        return centres[start : start + self.layer_num]
 
     def written_slots(self, layer, loc_info, kwargs) -> tuple[int, torch.Tensor]:
         """(this pool's layer index, slot ids) of a ``set_kv_buffer`` call."""
@@ -58,10 +90,12 @@ class ParisKVTokenToKVPool(MHATokenToKVPool):
         super().move_kv_cache(tgt_loc, src_loc)
         self.pariskv.move(tgt_loc, src_loc)
 
-    def get_cpu_copy(self, indices, mamba_indices=None):
-        kv = super().get_cpu_copy(indices, mamba_indices)
+    # ``*args, **kwargs``: SGLang's own trailing parameters (``mamba_indices``, and from
+    # 0.5.20 ``req_pool_index``), passed through unchanged.
+    def get_cpu_copy(self, indices, *args, **kwargs):
+        kv = super().get_cpu_copy(indices, *args, **kwargs)
         return {"kv": kv, "pariskv": self.pariskv.get_cpu_copy(indices)}
 
-    def load_cpu_copy(self, kv_cache_cpu, indices, mamba_indices=None):
-        super().load_cpu_copy(kv_cache_cpu["kv"], indices, mamba_indices)
+    def load_cpu_copy(self, kv_cache_cpu, indices, *args, **kwargs):
+        super().load_cpu_copy(kv_cache_cpu["kv"], indices, *args, **kwargs)
         self.pariskv.load_cpu_copy(kv_cache_cpu["pariskv"], indices)

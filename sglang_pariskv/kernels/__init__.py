@@ -7,7 +7,8 @@ Write side:
     ``[max_reqs, Hkv, B, 256]`` (Triton, one fused pass).
   * :func:`add_to_histograms` — rebuild histogram counts from pool codes through
     ``req_to_token`` (radix-cache prefix hits).
-  * :func:`add_decode_keys` — +1 per decode row for its new key (one launch per layer).
+  * :func:`count_new_keys` — per decode row above the dense limit: +1 for its new key, or
+    all its tokens at the step it crosses the limit (one launch per layer).
 
 Read side: :class:`DecodeWorkspace` (``plan(seq_lens_cpu)`` once per step on the host,
 ``run(q, codes, hist, req_to_token, req_pool_indices)`` per layer, CUDA-graph capturable)
@@ -22,8 +23,8 @@ kernels run only in Triton's interpreter, which the process must turn on
 from sglang_pariskv.kernels.assemble import kv_indptr_for, row_lengths
 from sglang_pariskv.kernels.cuda_ops import cuda_available
 from sglang_pariskv.kernels.encode import (
-    add_decode_keys,
     add_to_histograms,
+    count_new_keys,
     encode_to_pool,
 )
 from sglang_pariskv.kernels.workspace import (
@@ -35,8 +36,8 @@ from sglang_pariskv.kernels.workspace import (
 __all__ = [
     "DecodeOutput",
     "DecodeWorkspace",
-    "add_decode_keys",
     "add_to_histograms",
+    "count_new_keys",
     "cuda_available",
     "encode_to_pool",
     "kv_indptr_for",

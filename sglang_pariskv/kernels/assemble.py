@@ -48,8 +48,8 @@ def kv_indptr_for(
 
 
 def max_row_length(config: ParisKVConfig, max_context: int) -> int:
-    """Longest possible row: a dense request is at most max(dense_threshold, budget) long."""
-    return max(config.budget, min(max(config.dense_threshold, config.budget), max_context))
+    """Longest possible row: a dense request is at most ``config.dense_limit`` long."""
+    return max(config.budget, min(config.dense_limit, max_context))
 
 
 @triton.jit

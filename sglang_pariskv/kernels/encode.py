@@ -1,6 +1,8 @@
 """Encode-at-write: post-RoPE keys -> ParisKV codes in the slot-keyed pool (docs/design.md 1-5).
 
-One fused pass per block of (token, head) rows: load the key, normalise, rotate (the
+One fused pass per block of (token, head) rows: load the key, subtract its head's fixed
+centre (when the pool has one: ``codec.encode`` explains why centring keeps the ranking),
+normalise, rotate (the
 rotation of :func:`codec.rotation.rotation_matrix` is a sign flip then one Hadamard block
 for a power-of-two D, applied as log2(D) butterfly stages), split into 8-dim blocks, and
 write sign ids, packed 3-bit magnitudes and fp16 weights straight to the rows
@@ -65,6 +67,7 @@ def _encode_kernel(
     keys_ptr,
     stride_kt,
     stride_kh,
+    centre_ptr,
     slot_ptr,
     req_ptr,
     sgn_ptr,
@@ -79,6 +82,7 @@ def _encode_kernel(
     D: tl.constexpr,
     B: tl.constexpr,
     HAS_HIST: tl.constexpr,
+    HAS_CENTRE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     LOG2D: tl.constexpr,
 ):
@@ -93,6 +97,8 @@ def _encode_kernel(
         mask=rmask[:, None],
         other=0.0,
     ).to(tl.float32)
+    if HAS_CENTRE:  # k - m, m the head's fixed centre (fp32 [H, D], contiguous)
+        k = k - tl.load(centre_ptr + head[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0)
     norm = tl.sqrt(tl.sum(k * k, axis=1))
     unit = k / tl.maximum(norm, _TINY)[:, None]
     # R x = H (s * x) / sqrt(D): D log D adds instead of a D x D product
@@ -141,8 +147,13 @@ def encode_to_pool(
     seed: int = 0,
     block_m: int = 16,
     num_warps: int = 4,
+    centre: torch.Tensor | None = None,
 ) -> None:
     """Encode keys ``[T, Hkv, D]`` into ``pool`` rows ``slots`` (int32/int64 ``[T]``).
+
+    ``centre``: float32 ``[Hkv, D]`` contiguous, the fixed key centre of this layer's heads
+    (the code is that of ``keys - centre``); None: no centring. A persistent tensor read
+    by the kernel, so a captured CUDA graph keeps reading it.
 
     pool: :class:`KeyCodes` of pool tensors ``signs [S, Hkv, B]``, ``mags [S, Hkv, 3B]``,
     ``weights [S, Hkv, B]`` (contiguous). When ``hist`` (int32 ``[max_reqs, Hkv, B, 256]``)
@@ -162,6 +173,10 @@ def encode_to_pool(
         keys = keys.contiguous()
     if t == 0:
         return
+    if centre is not None and (
+        centre.shape != (h, d) or centre.dtype != torch.float32 or not centre.is_contiguous()
+    ):
+        raise ValueError(f"centre must be a contiguous float32 [{h}, {d}] tensor")
     sgn, thr, lev = encode_constants(d, seed, keys.device)
     has_hist = hist is not None
     if has_hist and req_ids is None:
@@ -171,6 +186,7 @@ def encode_to_pool(
         keys,
         keys.stride(0),
         keys.stride(1),
+        centre if centre is not None else sgn,
         slots,
         req_ids if has_hist else slots,
         sgn,
@@ -185,6 +201,7 @@ def encode_to_pool(
         D=d,
         B=b,
         HAS_HIST=has_hist,
+        HAS_CENTRE=centre is not None,
         BLOCK_M=block_m,
         LOG2D=d.bit_length() - 1,
         num_warps=num_warps,
@@ -230,8 +247,8 @@ def add_to_histograms(
 ) -> None:
     """Add the sign ids of positions [start, end) of each request to ``hist``.
 
-    For a radix-cache prefix hit: the prefix's codes are already in the pool (slot-keyed),
-    so the new request's histograms are rebuilt from them once, through ``req_to_token``.
+    Extend recounts a request from the pool's codes through ``req_to_token``: a
+    radix-cache prefix hit's codes are already there (slot-keyed).
     ``max_len`` bounds end - start (it sizes the grid; the kernel masks the rest).
     """
     _, h, b = signs.shape
@@ -255,50 +272,74 @@ def add_to_histograms(
 
 
 @triton.jit
-def _add_decode_hist_kernel(
+def _count_new_keys_kernel(
     signs_ptr,
-    loc_ptr,
+    rtt_ptr,
+    stride_rtt,
     req_ptr,
     seq_ptr,
     hist_ptr,
+    limit,
     H: tl.constexpr,
     B: tl.constexpr,
     HBP: tl.constexpr,
+    SPLIT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     r = tl.program_id(0)
-    real = tl.load(seq_ptr + r) > 1  # CUDA-graph padding rows have seq_len 1
-    slot = tl.load(loc_ptr + r).to(tl.int64)
+    part = tl.program_id(1)
+    seq = tl.load(seq_ptr + r)
+    # Rows at or below the limit (CUDA-graph padding rows have seq_len 1) count nothing; the
+    # step at which a row reaches limit + 1 counts all its tokens, later steps the new one.
+    start = tl.where(seq == limit + 1, 0, seq - 1)
+    n = tl.where(seq > limit, seq - start, 0)
     req = tl.load(req_ptr + r).to(tl.int64)
     hb = tl.arange(0, HBP)
-    m = (hb < H * B) & real
-    sg = tl.load(signs_ptr + slot * (H * B) + hb, mask=m, other=0)
-    tl.atomic_add(hist_ptr + (req * (H * B) + hb) * 256 + sg.to(tl.int32), 1, mask=m, sem="relaxed")
+    for off in range(part * BLOCK_N, n, SPLIT * BLOCK_N):
+        pos = start + off + tl.arange(0, BLOCK_N)
+        valid = pos < seq
+        slot = tl.load(rtt_ptr + req * stride_rtt + pos, mask=valid, other=0).to(tl.int64)
+        m = valid[:, None] & (hb < H * B)[None, :]
+        sg = tl.load(signs_ptr + slot[:, None] * (H * B) + hb[None, :], mask=m, other=0)
+        hptr = hist_ptr + (req * (H * B) + hb[None, :]) * 256 + sg.to(tl.int32)
+        tl.atomic_add(hptr, 1, mask=m, sem="relaxed")
 
 
-def add_decode_keys(
+def count_new_keys(
     signs: torch.Tensor,
-    out_cache_loc: torch.Tensor,
+    req_to_token: torch.Tensor,
     req_pool_indices: torch.Tensor,
     seq_lens: torch.Tensor,
     hist: torch.Tensor,
+    limit: int,
+    split: int = 8,
+    block_n: int = 32,
 ) -> None:
-    """Count each decode row's new key (slot ``out_cache_loc[r]``) in its request's histograms.
+    """Bring each decode row's histogram up to date (``RequestHistograms.count_decode``).
 
-    One launch per layer, no host sync (CUDA-graph safe): the alternative, a torch
-    ``index_put_(accumulate=True)``, sorts its indices and takes several kernels. Rows with
-    ``seq_lens <= 1`` are CUDA-graph padding and are skipped.
+    A row whose ``seq_lens`` reaches ``limit + 1`` counts its tokens [0, seq_len) (its
+    histogram was zeroed at extend and left alone while it decoded densely); a row above
+    that counts its new key, position seq_len - 1; rows at or below ``limit`` count
+    nothing. One launch per layer with a grid fixed by the batch size and no host sync, so
+    it is CUDA-graph safe; ``split`` programs per row share a catch-up.
     """
+    if limit < 1:
+        raise ValueError(f"limit {limit}: must be >= 1 (CUDA-graph padding rows have length 1)")
     _, h, b = signs.shape
-    r = out_cache_loc.shape[0]
+    r = req_pool_indices.shape[0]
     if r == 0:
         return
-    _add_decode_hist_kernel[(r,)](
+    _count_new_keys_kernel[(r, split)](
         signs,
-        out_cache_loc,
+        req_to_token,
+        req_to_token.stride(0),
         req_pool_indices,
         seq_lens,
         hist,
+        limit,
         H=h,
         B=b,
         HBP=triton.next_power_of_2(h * b),
+        SPLIT=split,
+        BLOCK_N=block_n,
     )

@@ -76,6 +76,6 @@ class HostOffloadKVPool(ParisKVTokenToKVPool):
         super().move_kv_cache(tgt_loc, src_loc)
         self._invalidate(tgt_loc)
 
-    def load_cpu_copy(self, kv_cache_cpu, indices, mamba_indices=None):
-        super().load_cpu_copy(kv_cache_cpu, indices, mamba_indices)
+    def load_cpu_copy(self, kv_cache_cpu, indices, *args, **kwargs):
+        super().load_cpu_copy(kv_cache_cpu, indices, *args, **kwargs)
         self._invalidate(indices)

@@ -14,6 +14,10 @@ ranking at k gives exactly ``codec.retrieve`` with ``topk = k``: for k <= C it i
 the C candidates; for k > C the codec raises C to k, which is the next keys by collision
 score (tests/test_eval_methods.py and ``eval.codec_check`` check it against ``codec.retrieve``).
 
+Key centring: with ``centres`` ([layers, Hkv, D], as a calibration file holds them) the
+keys of layer ``trace.layer`` are encoded relative to that layer's fixed centres, as the
+serving path does with ``--pariskv-calibration``.
+
 Ablations: stage 1 only (rank by collision score, no rerank), and no rotation. The codec
 always rotates by R; feeding it R^T·x instead of x makes the rotation a no-op
 (R·R^T = I), which removes it without touching the codec.
@@ -92,6 +96,8 @@ class ParisKV:
 
     outputs: names among {"full", "stage1"}, mapped to ``name`` and ``name + "_stage1"``.
     rotate: False removes the Hadamard rotation (ablation).
+    centres: fixed key centres [layers, Hkv, D] (see the module docstring), [Hkv, D] for
+    one layer's traces, or None.
     gqa: "mean" (the codec: one group-mean query per KV head), "max" (every query head
     retrieves on its own; a key's collision score and estimate are the group maximum) or
     "shared" (one token set for all KV heads of the layer: scores summed over KV heads).
@@ -106,11 +112,13 @@ class ParisKV:
         outputs: tuple[str, ...] = ("full", "stage1"),
         rotate: bool = True,
         gqa: str = "mean",
+        centres: torch.Tensor | None = None,
     ) -> None:
         if gqa not in ("mean", "max", "shared"):
             raise ValueError(f"gqa must be 'mean', 'max' or 'shared', got {gqa!r}")
         self.config = config or ParisKVConfig()
         self.rotate, self.gqa = rotate, gqa
+        self.centres = centres
         self._out = {"full": name, "stage1": name + "_stage1"}
         self.names = tuple(self._out[o] for o in outputs)
         self.outputs = outputs
@@ -122,8 +130,20 @@ class ParisKV:
         r = rotation_matrix(x.shape[-1], self.config.rotation_seed, torch.float64, x.device)
         return (x.to(torch.float64) @ r).to(x.dtype)
 
+    def key_centre(self, trace: LayerTrace) -> torch.Tensor | None:
+        """This layer's fixed key centres [Hkv, D], or None without centring."""
+        if self.centres is None:
+            return None
+        if self.centres.dim() == 2:
+            return self.centres.to(trace.keys.device)
+        if not 0 <= trace.layer < self.centres.shape[0]:
+            raise ValueError(f"no key centres for layer {trace.layer} of this trace")
+        return self.centres[trace.layer].to(trace.keys.device)
+
     def prepare(self, trace: LayerTrace) -> ParisKVState:
-        codes = encode_keys(self._unrotate(trace.keys), self.config.rotation_seed)
+        centre = self.key_centre(trace)
+        keys = trace.keys if centre is None else trace.keys - centre
+        codes = encode_keys(self._unrotate(keys), self.config.rotation_seed)
         n, h, b = codes.signs.shape
         eff = decode_directions(codes) * codes.weights.float()[..., None]  # [N, H, B, 8]
         base = int(trace.seq_lens.min())

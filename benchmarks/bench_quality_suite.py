@@ -1,0 +1,258 @@
+"""Long-context tasks at budgets of 1-5%: dense, exact top-k and ParisKV side by side (CPU).
+
+    python benchmarks/bench_quality_suite.py --context 4000 --trials 10 --budgets 0.01 0.02 0.05
+
+A simple passkey does not separate retrieval methods: on small budgets every method finds
+one salient needle. These tasks do (``pariskv_tools.workloads.tasks``):
+
+* ``multikey_needle``: four same-shaped "special magic number" sentences, one asked for;
+* ``multivalue_needle``: three numbers of one word among two other words' numbers, all
+  three asked for at once (aggregation);
+* ``variable_tracking``: a chain of four assignments plus a distractor chain;
+* ``passkey``, as the easy reference.
+
+Each prompt is prefilled once, densely, as in serving; its first answer token comes from
+that prefill, and the rest of the answer is decoded greedily from copies of the same KV
+cache: densely, and for every budget fraction f both with the exact top-k (the zone's
+top-k by exact group-mean q.k: what the budget alone loses) and with ParisKV's retrieval,
+each attending sink + local window + top-k = f x prompt tokens. Both sparse methods run
+through the reference integration (``pariskv_tools.hf_attention``: the codec the GPU
+kernels are tested against). Reported per (task, budget, method): accuracy, agreement with
+dense (the answer scores as dense's does) and identical answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from pariskv_tools.cli import HelpFormatter
+
+RESULTS = Path(__file__).resolve().parent / "results" / "quality_suite.json"
+TASKS = ("passkey", "multikey_needle", "multivalue_needle", "variable_tracking")
+#: tokens an answer needs at most (7-digit numbers are up to 7 tokens; names 2-3 each)
+MAX_NEW = {"passkey": 10, "multikey_needle": 10, "multivalue_needle": 32, "variable_tracking": 24}
+METHODS = ("exact", "pariskv")
+
+
+def make_task(tasks, tok, name: str, context: int, seed: int):
+    """The task with the suite's parameters (needles spread by the seed)."""
+    if name == "passkey":
+        return tasks.passkey(tok, context, depth=(seed * 0.618 + 0.1) % 0.9 + 0.05, seed=seed)
+    if name == "multikey_needle":
+        return tasks.multikey_needle(tok, context, n_keys=4, seed=seed)
+    if name == "multivalue_needle":
+        return tasks.multivalue_needle(tok, context, n_values=3, n_distractors=2, seed=seed)
+    return tasks.variable_tracking(tok, context, n_chains=2, chain_len=4, seed=seed)
+
+
+def topk_for(fraction: float, prompt_tokens: int, sink: int, local: int) -> int:
+    """Top-k so that sink + local + top-k is ``fraction`` of the prompt (at least 1)."""
+    k = round(fraction * prompt_tokens) - sink - local
+    if k < 1:
+        raise SystemExit(
+            f"--budgets {fraction}: {fraction:.3g} x {prompt_tokens} prompt tokens does not "
+            f"cover --sink {sink} + --local {local}; raise the budget or the context"
+        )
+    return k
+
+
+@torch.inference_mode()
+def decode(model, past, first: int, steps: int, eos: set[int]) -> list[int]:
+    """Greedy tokens after ``first`` (already chosen by the prefill), from ``past``."""
+    out_ids, tok = [first], first
+    for _ in range(steps - 1):
+        if tok in eos:
+            break
+        out = model(input_ids=torch.tensor([[tok]]), past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        tok = int(out.logits[0, -1].argmax())
+        out_ids.append(tok)
+    return [t for t in out_ids if t not in eos]
+
+
+def run(model, tok, args) -> list[dict]:
+    """One row per (task, seed): every method's answer, its score and its identity to dense."""
+    from pariskv_tools.hf_attention import ParisKVAttention, install, uninstall
+    from pariskv_tools.workloads import tasks
+    from pariskv_tools.workloads.models import last_logits_kwargs
+    from sglang_pariskv.config import ParisKVConfig
+
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    rows = []
+    for name in args.tasks:
+        for seed in range(args.trials):
+            t0 = time.perf_counter()
+            task = make_task(tasks, tok, name, args.context, seed)
+            prompt = tasks.format_chat(tok, task)
+            steps = MAX_NEW[name]
+            uninstall(model)
+            with torch.inference_mode():
+                out = model(
+                    input_ids=torch.tensor([prompt]), use_cache=True, **last_logits_kwargs(model)
+                )
+            first = int(out.logits[0, -1].argmax())
+            past = copy.deepcopy(out.past_key_values)
+            answers = {"dense": decode(model, past, first, steps, eos)}
+            for f in args.budgets:
+                k = topk_for(f, len(prompt), args.sink, args.local)
+                cfg = ParisKVConfig(topk=k, sink=args.sink, local=args.local, dense_threshold=0)
+                for method in METHODS:
+                    install(model, ParisKVAttention(cfg, measure=False, selection=method))
+                    past = copy.deepcopy(out.past_key_values)
+                    answers[f"{method}@{f}"] = decode(model, past, first, steps, eos)
+                    uninstall(model)
+            texts = {m: tok.decode(ids, skip_special_tokens=True) for m, ids in answers.items()}
+            row = {
+                "task": name,
+                "seed": seed,
+                "prompt_tokens": len(prompt),
+                "answer": task.answer,
+                "texts": texts,
+                "correct": {m: bool(tasks.score(task, t)) for m, t in texts.items()},
+                "identical": {m: a == answers["dense"] for m, a in answers.items()},
+                "seconds": time.perf_counter() - t0,
+            }
+            rows.append(row)
+            print(json.dumps({k: row[k] for k in ("task", "seed", "correct")}), flush=True)
+    return rows
+
+
+def summarise(rows: list[dict], budgets: list[float]) -> list[dict]:
+    """Per (task, budget, method): accuracy next to dense's, agreement, identical answers."""
+    out = []
+    for name in dict.fromkeys(r["task"] for r in rows):
+        mine = [r for r in rows if r["task"] == name]
+        n = len(mine)
+        dense = sum(r["correct"]["dense"] for r in mine) / n
+        for f in budgets:
+            for method in METHODS:
+                key = f"{method}@{f}"
+                out.append(
+                    {
+                        "task": name,
+                        "budget_fraction": f,
+                        "method": method,
+                        "trials": n,
+                        "dense_acc": dense,
+                        "acc": sum(r["correct"][key] for r in mine) / n,
+                        "agreement": sum(r["correct"][key] == r["correct"]["dense"] for r in mine)
+                        / n,
+                        "identical_answers": sum(r["identical"][key] for r in mine) / n,
+                    }
+                )
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    ap.add_argument("--model", type=Path, help="HF directory or .gguf (default: SmolLM2-135M)")
+    ap.add_argument("--context", type=int, default=4000, help="prompt tokens")
+    ap.add_argument("--trials", type=int, default=10, help="prompts (seeds) per task")
+    ap.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS), help="tasks to run")
+    ap.add_argument(
+        "--budgets",
+        type=float,
+        nargs="+",
+        default=[0.01, 0.02, 0.05],
+        help="attended tokens (sink + local + top-k) as fractions of the prompt",
+    )
+    ap.add_argument("--sink", type=int, default=4, help="leading tokens always attended")
+    ap.add_argument("--local", type=int, default=16, help="recent tokens always attended")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--cache-root", type=Path, help="where models are converted and cached")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="results JSON (PNG beside it)")
+    ap.add_argument("--plot", type=Path, help="only draw the PNG of an existing results JSON")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.plot:
+        print(plot(json.loads(args.plot.read_text()), args.plot.with_suffix(".png")))
+        return 0
+    for f in args.budgets:
+        if not 0 < f <= 1:
+            raise SystemExit(f"--budgets {f}: a fraction of the prompt, in (0, 1]")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from pariskv_tools.workloads.models import resolve_model
+
+    source = resolve_model(args.model, args.cache_root)
+    model, tok = source.load()
+    t0 = time.perf_counter()
+    rows = run(model, tok, args)
+    report = {
+        "device": f"CPU ({platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads)",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "command": " ".join(["python", *sys.argv]),
+        "model": source.describe(),
+        "context": args.context,
+        "sink": args.sink,
+        "local": args.local,
+        "budgets": args.budgets,
+        "summary": summarise(rows, args.budgets),
+        "rows": rows,
+        "wall_s": time.perf_counter() - t0,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    head = ("task", "budget", "method", "acc", "dense", "agree", "same")
+    print("{:<18} {:>6} {:>8} {:>5} {:>5} {:>5} {:>5}".format(*head))
+    for s in report["summary"]:
+        print(
+            f"{s['task']:<18} {s['budget_fraction']:>6.3f} {s['method']:>8} {s['acc']:>5.2f} "
+            f"{s['dense_acc']:>5.2f} {s['agreement']:>5.2f} {s['identical_answers']:>5.2f}"
+        )
+    print(plot(report, args.out.with_suffix(".png")))
+    return 0
+
+
+def plot(report: dict, out: Path) -> Path:
+    """One panel per task: accuracy by budget, exact top-k and ParisKV bars, dense a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = report["summary"]
+    names = list(dict.fromkeys(s["task"] for s in summary))
+    budgets = report["budgets"]
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.4), sharey=True)
+    axes = [axes] if len(names) == 1 else list(axes)
+    for ax, name in zip(axes, names):
+        mine = [s for s in summary if s["task"] == name]
+        for j, method in enumerate(METHODS):
+            acc = [next(s["acc"] for s in mine if s["method"] == method
+                        and s["budget_fraction"] == f) for f in budgets]  # fmt: skip
+            xs = [i + (j - 0.5) * 0.38 for i in range(len(budgets))]
+            ax.bar(xs, acc, 0.38, label="exact top-k" if method == "exact" else "ParisKV")
+        ax.axhline(mine[0]["dense_acc"], color="k", ls="--", label="dense")
+        ax.set_xticks(range(len(budgets)), [f"{100 * f:g}%" for f in budgets])
+        ax.set_title(name, fontsize=10)
+        ax.set_ylim(0, 1.05)
+    axes[0].set_ylabel(f"accuracy ({mine[0]['trials']} prompts per task)")
+    axes[-1].legend(loc="upper right", fontsize=8)
+    fig.suptitle(
+        f"{report['model']['name']}, {report['context']}-token prompts, budget = sink + local "
+        "+ top-k as % of the prompt",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""bench_quality_suite: budgets, the summary against hand counts, and a run on a tiny model."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from tiny_models import save_tiny_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import bench_quality_suite as bench  # noqa: E402
+
+
+def test_topk_fills_the_budget_fraction_and_refuses_one_below_sink_plus_local():
+    assert bench.topk_for(0.02, 4000, sink=4, local=16) == 60  # 4 + 16 + 60 = 80 = 2%
+    with pytest.raises(SystemExit, match="--budgets 0.001: .* --sink 4 \\+ --local 16"):
+        bench.topk_for(0.001, 4000, sink=4, local=16)
+
+
+def row(task, dense, exact, pariskv, same_exact=False, same_pariskv=False):
+    return {
+        "task": task,
+        "correct": {"dense": dense, "exact@0.02": exact, "pariskv@0.02": pariskv},
+        "identical": {"dense": True, "exact@0.02": same_exact, "pariskv@0.02": same_pariskv},
+    }
+
+
+def test_summary_counts_accuracy_agreement_and_identical_answers():
+    rows = [
+        row("passkey", True, True, False, same_exact=True),
+        row("passkey", False, False, True),
+        row("passkey", True, True, True, same_exact=True, same_pariskv=True),
+        row("multikey_needle", False, True, False),
+    ]
+    got = {(s["task"], s["method"]): s for s in bench.summarise(rows, [0.02])}
+    assert set(got) == {(t, m) for t in ("passkey", "multikey_needle") for m in bench.METHODS}
+    p = got["passkey", "pariskv"]
+    assert (p["trials"], p["dense_acc"], p["acc"]) == (3, 2 / 3, 2 / 3)
+    assert p["agreement"] == 1 / 3  # only the third prompt scores as dense does
+    assert p["identical_answers"] == 1 / 3
+    e = got["passkey", "exact"]
+    assert (e["acc"], e["agreement"], e["identical_answers"]) == (2 / 3, 1.0, 2 / 3)
+    m = got["multikey_needle", "exact"]
+    assert (m["trials"], m["dense_acc"], m["acc"], m["agreement"]) == (1, 0.0, 1.0, 0.0)
+
+
+def test_a_run_on_a_tiny_model_reports_every_task_budget_and_method(tmp_path):
+    path = save_tiny_model(tmp_path / "tiny-llama", "llama")
+    out = tmp_path / "suite.json"
+    argv = ["--model", str(path), "--context", "300", "--trials", "1", "--budgets", "0.1",
+            "0.5", "--sink", "4", "--local", "8", "--cache-root", str(tmp_path / "cache"),
+            "--out", str(out)]  # fmt: skip
+    assert bench.main(argv) == 0
+    doc = json.loads(out.read_text())
+    assert doc["model"]["model_type"] == "llama" and doc["budgets"] == [0.1, 0.5]
+    assert [(r["task"], r["seed"]) for r in doc["rows"]] == [(t, 0) for t in bench.TASKS]
+    for r in doc["rows"]:
+        assert abs(r["prompt_tokens"] - 300) <= 12
+        sparse = {f"{m}@{f}" for m in bench.METHODS for f in (0.1, 0.5)}
+        assert set(r["texts"]) == {"dense"} | sparse
+    assert doc["summary"] == bench.summarise(doc["rows"], [0.1, 0.5])
+    assert out.with_suffix(".png").stat().st_size > 0

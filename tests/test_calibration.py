@@ -1,0 +1,175 @@
+"""The calibration file (key centres, dense-layer recommendation): its format, the flags
+that read it, the startup checks, and the KV pool's centred codes (TP ranks included)."""
+
+import json
+import types
+
+import pytest
+import torch
+
+from sglang_pariskv.calibration import load_calibration, save_calibration
+from sglang_pariskv.codec import encode_keys
+from sglang_pariskv.config import ParisKVConfig, ParisKVConfigError
+from sglang_pariskv.index import kv_pool
+from sglang_pariskv.server_flags import config_from_args
+from tests.test_plugin_flags import parser  # noqa: F401  (the flags fixture)
+from tests.test_plugin_pool import make_pool
+
+L, H, D = 2, 4, 16
+
+
+def write(tmp_path, layers=L, heads=H, d=D, dense=(0,), name="cal.json", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.randn(layers, heads, d, generator=gen) * 3
+    path = tmp_path / name
+    save_calibration(path, centres, list(dense), model={"name": "test"})
+    return path, centres
+
+
+def test_round_trip_keeps_centres_and_recommendation(tmp_path):
+    path, centres = write(tmp_path, dense=(1, 0))
+    cal = load_calibration(path)
+    assert cal.centres.shape == (L, H, D) and cal.dense_layers == (0, 1)
+    assert torch.allclose(cal.centres, centres, rtol=1e-5, atol=1e-5)
+    assert cal.extra["model"] == {"name": "test"}
+
+
+@pytest.mark.parametrize(
+    "mutate, words",
+    [
+        (lambda d: d.update(format="x"), "not a ParisKV calibration file"),
+        (lambda d: d.update(version=9), "format version 9"),
+        (
+            lambda d: d.update(num_kv_heads=3),
+            "key_centres has shape (2, 4, 16), the header says (2, 3, 16)",
+        ),
+        (lambda d: d["key_centres"][0][0].__setitem__(0, "a"), "key_centres must be"),
+        (
+            lambda d: d.update(dense_layers=[2]),
+            "dense_layers must be a list of layer indices in [0, 2)",
+        ),
+    ],
+)
+def test_malformed_files_name_the_flag_and_the_fix(tmp_path, mutate, words):
+    path, _ = write(tmp_path)
+    data = json.loads(path.read_text())
+    mutate(data)
+    path.write_text(json.dumps(data))
+    with pytest.raises(ParisKVConfigError) as e:
+        load_calibration(path)
+    msg = str(e.value)
+    assert msg.startswith(f"--pariskv-calibration {path}") and words in msg
+    assert "pariskv_tools.eval calibrate" in msg
+
+
+def test_missing_and_non_json_files_are_refused(tmp_path):
+    with pytest.raises(ParisKVConfigError, match="no such file"):
+        load_calibration(tmp_path / "nope.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    with pytest.raises(ParisKVConfigError, match="not valid JSON"):
+        load_calibration(bad)
+
+
+def test_a_file_of_another_model_shape_is_refused(tmp_path):
+    cal = load_calibration(write(tmp_path)[0])
+    cal.check_model(L, D)
+    with pytest.raises(ParisKVConfigError, match="written for 2 layers x head_dim 16, but m has 3"):
+        cal.check_model(3, D, "m")
+
+
+@pytest.mark.parametrize(
+    "heads, tp, per, want",
+    [
+        (4, 2, 2, {0: [0, 1], 1: [2, 3]}),  # sharded
+        (2, 4, 1, {0: [0], 1: [0], 2: [1], 3: [1]}),  # replicated: rank r holds r // 2
+        (4, 1, 4, {0: [0, 1, 2, 3]}),
+    ],
+)
+def test_each_tp_rank_gets_the_centres_of_the_heads_it_holds(tmp_path, heads, tp, per, want):
+    path, centres = write(tmp_path, heads=heads)
+    cal = load_calibration(path)
+    for rank, idx in want.items():
+        assert torch.equal(cal.rank_centres(rank, tp, per), cal.centres[:, idx])
+
+
+def test_a_rank_head_count_that_does_not_match_is_refused(tmp_path):
+    cal = load_calibration(write(tmp_path)[0])
+    with pytest.raises(ParisKVConfigError, match="has 4 KV heads, but this model holds 3"):
+        cal.rank_centres(0, 1, 3)
+
+
+def test_dense_layers_config_rules(tmp_path):
+    with pytest.raises(ParisKVConfigError, match="auto reads the per-layer recommendation"):
+        ParisKVConfig(dense_layers="auto")
+    with pytest.raises(ParisKVConfigError, match="expected distinct layer indices"):
+        ParisKVConfig(dense_layers=(1, 1))
+    with pytest.raises(ParisKVConfigError, match="expected distinct layer indices"):
+        ParisKVConfig(dense_layers=(-1,))
+    cfg = ParisKVConfig(dense_layers=(2, 0))
+    assert cfg.dense_layers == (0, 2) and cfg.dense_layer_set(3) == (0, 2)
+    with pytest.raises(ParisKVConfigError, match=r"layer\(s\) \[2\] do not exist, the model has 2"):
+        cfg.dense_layer_set(2)
+    path, _ = write(tmp_path, dense=(1,))
+    auto = ParisKVConfig(calibration=str(path), dense_layers="auto")
+    assert auto.dense_layer_set(L) == (1,)
+    assert ParisKVConfig.from_dict(json.loads(json.dumps(auto.to_dict()))) == auto
+    assert ParisKVConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_flags_read_and_check_the_file_before_any_model_work(parser, tmp_path):  # noqa: F811
+    path, _ = write(tmp_path)
+    base = ["--model-path", "m", "--enable-pariskv", "--pariskv-calibration", str(path)]
+    cfg = config_from_args(parser.parse_args([*base, "--pariskv-dense-layers", "1,0"]))
+    assert cfg.calibration == str(path) and cfg.dense_layers == (0, 1)
+    cfg = config_from_args(parser.parse_args([*base, "--pariskv-dense-layers", "auto"]))
+    assert cfg.dense_layers == "auto"
+    with pytest.raises(ParisKVConfigError, match="the model has 2 layers"):
+        config_from_args(parser.parse_args([*base, "--pariskv-dense-layers", "5"]))
+    with pytest.raises(ParisKVConfigError, match="is not a list of layer indices"):
+        config_from_args(parser.parse_args([*base, "--pariskv-dense-layers", "a,b"]))
+    missing = ["--model-path", "m", "--enable-pariskv", "--pariskv-calibration", "/no/such"]
+    with pytest.raises(ParisKVConfigError, match="--pariskv-calibration /no/such: no such file"):
+        config_from_args(parser.parse_args(missing))
+    with pytest.raises(ParisKVConfigError, match="given without --enable-pariskv"):
+        config_from_args(parser.parse_args(["--model-path", "m", "--pariskv-dense-layers", "0"]))
+
+
+def pool_with(cfg: ParisKVConfig, heads: int):
+    cls = type("Pool", (kv_pool.ParisKVTokenToKVPool,), {"pariskv_config": cfg})
+    return make_pool(64, heads=heads, head_dim=D, layers=L, cls=cls)
+
+
+def test_the_pool_writes_centred_codes_per_rank(tmp_path, monkeypatch):
+    """Every rank's codes are the codec's codes of its heads' keys minus their centres,
+    i.e. the tp=1 codes restricted to its heads; without calibration, plain codes."""
+    path, _ = write(tmp_path)
+    centres = load_calibration(path).centres
+    cfg = ParisKVConfig(calibration=str(path))
+    gen = torch.Generator().manual_seed(1)
+    keys = [torch.randn(10, H, D, generator=gen).to(torch.bfloat16) for _ in range(L)]
+    loc = torch.arange(1, 11)
+    full = pool_with(cfg, H)
+    plain = pool_with(ParisKVConfig(), H)
+    for li in range(L):
+        full.set_kv_buffer(types.SimpleNamespace(layer_id=li), loc, keys[li], keys[li])
+        plain.set_kv_buffer(types.SimpleNamespace(layer_id=li), loc, keys[li], keys[li])
+        want = encode_keys(keys[li], centre=centres[li])
+        for got, w in zip(full.pariskv.layers[li], want):
+            assert torch.equal(got[loc], w)
+        assert not torch.equal(plain.pariskv.layers[li].signs[loc], want.signs)
+    for rank in range(2):
+        monkeypatch.setattr(kv_pool, "tp_position", lambda r=rank: (r, 2))
+        part = pool_with(cfg, H // 2)
+        heads = slice(2 * rank, 2 * rank + 2)
+        for li in range(L):
+            k = keys[li][:, heads].contiguous()
+            part.set_kv_buffer(types.SimpleNamespace(layer_id=li), loc, k, k)
+            for got, w in zip(part.pariskv.layers[li], full.pariskv.layers[li]):
+                assert torch.equal(got[loc], w[loc][:, heads])
+
+
+def test_a_pool_of_another_shape_refuses_the_file(tmp_path):
+    path, _ = write(tmp_path, heads=3)
+    with pytest.raises(ParisKVConfigError, match="has 3 KV heads, but this model holds 4"):
+        pool_with(ParisKVConfig(calibration=str(path)), H)

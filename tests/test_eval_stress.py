@@ -1,0 +1,171 @@
+"""The stress suite's distortions, its loss attribution and the calibrate tool, against
+independent float64 oracles on synthetic traces."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pariskv_tools.eval import calibrate
+from pariskv_tools.eval.budget import Budget
+from pariskv_tools.eval.layer_eval import evaluate_layer, exact_scores
+from pariskv_tools.eval.methods import ExactTopK, ParisKV
+from pariskv_tools.eval.stress import LossTracker
+from pariskv_tools.eval.stress_cases import Case, apply_case, common_cosine, rope
+from pariskv_tools.eval.trace import LayerTrace
+from pariskv_tools.workloads.capture import Capture
+from sglang_pariskv.calibration import load_calibration
+
+HKV, G, D, N, S = 3, 3, 32, 700, 12
+BUDGET = Budget(fraction=0.2, sink=8, local=32)
+
+
+def trace(seed: int = 0, layer: int = 0) -> LayerTrace:
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randn(N, HKV, D, generator=g) + torch.randn(HKV, D, generator=g)
+    queries = torch.randn(S, HKV * G, D, generator=g)
+    values = torch.randn(N, HKV, D, generator=g)
+    return LayerTrace(keys, values, queries, torch.arange(N - S + 1, N + 1), N - S, layer)
+
+
+def logits(t: LayerTrace) -> torch.Tensor:
+    """Per query head q·k in float64 [S, Hq, N] (query head j reads KV head j // group)."""
+    group = t.queries.shape[1] // t.keys.shape[1]
+    k = t.keys.double().repeat_interleave(group, 1)
+    return torch.einsum("shd,nhd->shn", t.queries.double(), k)
+
+
+@pytest.mark.parametrize(
+    "case", [Case("c", common=4.0), Case("o", outliers=5), Case("co", common=2.0, outliers=3)]
+)
+def test_common_and_outlier_maps_shift_each_logit_row_by_a_constant(case):
+    """q·k changes by one constant per (step, query head): exact top-k and softmax are the
+    real trace's; the centres move with the keys (centred keys are unchanged up to the
+    outlier scaling, which the queries undo)."""
+    t = trace()
+    centre = t.keys.mean(0)
+    new, c = apply_case(case, t, centre, torch.arange(5), 1e4)
+    diff = logits(new) - logits(t)
+    assert torch.allclose(diff, diff[..., :1].expand_as(diff), atol=1e-3)
+    q_group = new.queries.double().reshape(S, HKV, G, D)
+    before = torch.einsum(
+        "shgd,nhd->shgn", t.queries.double().reshape(S, HKV, G, D), (t.keys - centre).double()
+    )
+    after = torch.einsum("shgd,nhd->shgn", q_group, (new.keys - c).double())
+    assert torch.allclose(before, after, atol=1e-3)
+    if case.common >= 4:
+        assert common_cosine(new.keys) > 0.9 > common_cosine(t.keys)
+
+
+def test_rope_is_a_pairwise_rotation():
+    """HF rotate_half convention: channels i and i + D/2 turn by pos · theta^(-2i/D)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 8, generator=g, dtype=torch.float64)
+    pos = torch.tensor([0, 3, 50])
+    got = rope(x, pos, 100.0)
+    for p_i, p in enumerate(pos.tolist()):
+        for i in range(4):
+            a = p * 100.0 ** (-2 * i / 8)
+            x1, x2 = x[:, i], x[:, i + 4]
+            assert torch.allclose(
+                got[p_i, :, i], x1 * torch.cos(torch.tensor(a)) - x2 * torch.sin(torch.tensor(a))
+            )
+            assert torch.allclose(
+                got[p_i, :, i + 4],
+                x2 * torch.cos(torch.tensor(a)) + x1 * torch.sin(torch.tensor(a)),
+            )
+
+
+def test_bias_is_added_before_rope_and_averaged_over_the_calibration_positions():
+    t = trace()
+    pos = torch.arange(100, 140)
+    new, c = apply_case(Case("b", bias=3.0), t, torch.zeros(HKV, D), pos, 1e4)
+    added = (new.keys - t.keys).double()
+    # One pre-RoPE vector b per head: un-rotating each position's addition gives b back.
+    back = rope(added[7], torch.tensor([-7]), 1e4)[0]
+    assert torch.allclose(rope(back, torch.tensor([123]), 1e4)[0], added[123], atol=1e-4)
+    assert torch.allclose(c.double(), rope(back, pos, 1e4).mean(0), atol=1e-4)
+
+
+def test_widen_sums_two_heads_logits_and_regroup_keeps_own_heads_first():
+    t = trace()
+    new, c = apply_case(Case("w", widen=True), t, t.keys.mean(0), torch.arange(5), 1e4)
+    assert new.keys.shape == (N, HKV, 2 * D) and c.shape == (HKV, 2 * D)
+    want = logits(t)
+    got = logits(new)
+    for j in range(HKV):
+        nxt = (j + 1) % HKV
+        for i in range(G):
+            assert torch.allclose(
+                got[:, j * G + i], want[:, j * G + i] + want[:, nxt * G + i], atol=1e-3
+            )
+    g7, _ = apply_case(Case("g", group=7), t, t.keys.mean(0), torch.arange(5), 1e4)
+    assert g7.queries.shape == (S, HKV * 7, D)
+    assert torch.equal(g7.queries[:, 7 : 7 + G], t.queries[:, G : 2 * G])  # KV head 1's own
+
+
+def test_losses_by_stage_add_up_to_the_recall_gap():
+    """Collision + rerank losses equal 1 - recall@100 measured by the evaluation's own
+    (independent) metric path, and a candidate ratio of 1 loses nothing at collision."""
+    t = trace(3)
+    tracker = LossTracker(ParisKV(name="p", outputs=("full",)), k=100)
+    every = LossTracker(
+        ParisKV(ParisKV().config.__class__(candidate_ratio=1.0), name="a", outputs=("full",))
+    )
+    res = evaluate_layer(t, [tracker, every, ExactTopK()], BUDGET).metrics
+    for tr, name in ((tracker, "p"), (every, "a")):
+        lost = torch.cat(tr.lost["collision"]) + torch.cat(tr.lost["rerank"])
+        assert torch.allclose(lost, 1 - res[name]["recall_at_100"], atol=1e-6)
+    assert float(torch.cat(every.lost["collision"]).sum()) == 0.0
+    assert float(torch.cat(tracker.lost["collision"]).sum()) > 0.0
+
+
+def test_exact_scores_of_a_distorted_trace_rank_like_the_real_one():
+    t = trace(4)
+    new, _ = apply_case(Case("c", common=8.0), t, t.keys.mean(0), torch.arange(5), 1e4)
+    batch = BUDGET.batch(t.queries, t.seq_lens)
+    a = exact_scores(batch, t.keys).argsort(-1)[..., -50:]
+    b = exact_scores(BUDGET.batch(new.queries, new.seq_lens), new.keys).argsort(-1)[..., -50:]
+    assert (a == b).float().mean() > 0.99
+
+
+def fake_capture(n_layers: int = 2) -> Capture:
+    """Layer 0 attends almost uniformly (tiny queries); layer 1 has peaked attention."""
+    g = torch.Generator().manual_seed(5)
+    p, dec = 600, 40
+    keys = [torch.randn(p + dec, HKV, D, generator=g) + 2.0 for _ in range(n_layers)]
+    queries = []
+    for layer in range(n_layers):
+        scale = 0.001 if layer == 0 else 3.0
+        q = keys[layer][torch.randint(0, p, (dec + 1,), generator=g)].repeat_interleave(G, 1)
+        queries.append(q * scale)
+    return Capture(
+        keys=keys,
+        values=[torch.randn(p + dec, HKV, D, generator=g) for _ in range(n_layers)],
+        queries=queries,
+        query_positions=torch.arange(p - 1, p + dec),
+        prompt_len=p,
+        token_ids=torch.zeros(p + dec, dtype=torch.long),
+        text="",
+    )
+
+
+def test_calibrate_writes_generated_key_means_and_recommends_the_weak_layer(tmp_path, monkeypatch):
+    cap = fake_capture()
+    monkeypatch.setattr(calibrate, "load_or_capture", lambda *a, **k: cap)
+    model = type("M", (), {"describe": lambda self: {"name": "fake"}})()
+    out = tmp_path / "cal.json"
+    settings = calibrate.CalibrateSettings(dense_below=0.9, max_dense=1, step_stride=2)
+    doc = calibrate.run_calibrate(model, out, tmp_path, settings, "cmd")
+    cal = load_calibration(out)
+    want = torch.stack([k[cap.prompt_len :].double().mean(0) for k in cap.keys])
+    assert torch.allclose(cal.centres.double(), want, atol=1e-5)
+    assert cal.dense_layers == (0,) and doc["layer_mass_recall"][0] < 0.9
+    assert doc["layer_mass_recall"][1] > doc["layer_mass_recall"][0]
+
+
+def test_recommendation_keeps_the_weakest_layers_under_the_threshold():
+    mass = [0.5, 0.95, 0.85, 0.88, 0.99]
+    assert calibrate.recommend_dense(mass, 0.9, 2) == [0, 2]
+    assert calibrate.recommend_dense(mass, 0.9, 5) == [0, 2, 3]
+    assert calibrate.recommend_dense(mass, 0.4, 5) == []
