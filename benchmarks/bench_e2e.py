@@ -718,6 +718,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="concurrent requests"
     )
     t.add_argument("--output-len", type=int, default=256, help="tokens decoded per request")
+    t.add_argument(
+        "--reuse-threshold",
+        type=float,
+        help="ParisKV's --pariskv-reuse-threshold (default: the plugin's); the stats in the "
+        "result count the (request, layer) pairs that retrieved and reused",
+    )
+    t.add_argument("--reuse-max-age", type=int, help="ParisKV's --pariskv-reuse-max-age")
     add_split_run_args(t)
     o = sub.add_parser(
         "offload",
@@ -764,6 +771,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cmd == "throughput":
         cfg = {"topk": 2048, "sink": 64, "local": 256, "dense_threshold": 8192}
+        for key in ("reuse_threshold", "reuse_max_age"):
+            if getattr(args, key) is not None:
+                cfg[key] = getattr(args, key)
         res = run_throughput(
             args.inputs,
             args.batches,

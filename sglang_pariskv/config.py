@@ -23,6 +23,13 @@ OFFLOAD_MODES: tuple[str, ...] = ("none", "host")
 #: the size bench_offload measured (hit rate 0.76 at 1M tokens, batch 1).
 DEFAULT_HOT_CACHE_LINES: int = 65536
 
+#: Default of ``--pariskv-reuse-threshold`` and ``--pariskv-reuse-max-age`` (see
+#: :class:`ParisKVConfig`): on the SmolLM2 traces, the fewest retrievals whose recall@100
+#: and attention-mass recall stay within 0.01 of retrieving at every step; there 93% of
+#: (request, layer) steps still retrieve (docs/retrieval_quality.md, "Retrieval reuse").
+DEFAULT_REUSE_THRESHOLD: float = 0.96
+DEFAULT_REUSE_MAX_AGE: int = 8
+
 #: Tier budget fractions of ParisKV's collision stage (docs/design.md step 7).
 DEFAULT_TIER_RATIOS: tuple[float, ...] = (0.05, 0.15, 0.30, 0.50, 0.75, 1.0)
 
@@ -74,6 +81,14 @@ class ParisKVConfig:
     #: batch (``pariskv-tp<rank>-<pid>.json``): the interface for scripts and benchmarks
     #: that run no Prometheus scraper. None: no files.
     stats_dir: str | None = None
+    #: A decode layer of a request retrieves again only when the cosine between its new
+    #: retrieval query and the one its kept top-k was retrieved for falls below this, in
+    #: some KV head, or after ``reuse_max_age`` tokens; otherwise it attends over the kept
+    #: top-k (plus sink and the current local window). 0: retrieve at every step.
+    reuse_threshold: float = DEFAULT_REUSE_THRESHOLD
+    #: Most tokens decoded on one kept top-k (with ``reuse_threshold`` > 0). ``None``:
+    #: :data:`DEFAULT_REUSE_MAX_AGE`.
+    reuse_max_age: int | None = None
     #: A calibration file (``python -m pariskv_tools.eval calibrate``): fixed key centres
     #: per (layer, KV head), subtracted from every key before it is encoded, and the
     #: per-layer dense recommendation ``dense_layers="auto"`` reads. None: keys are
@@ -96,6 +111,7 @@ class ParisKVConfig:
         self._check_int("rotation_seed", lo=0, hi=2**63 - 1)
         self._check_int("hot_cache_lines", lo=0, hi=2**30)
         self._check_offload()
+        self._check_reuse()
         if self.stats_dir is not None and not (isinstance(self.stats_dir, str) and self.stats_dir):
             raise ParisKVConfigError(
                 f"pariskv stats_dir={self.stats_dir!r} is invalid: expected a folder path "
@@ -173,6 +189,24 @@ class ParisKVConfig:
                 f"--pariskv-hot-cache-lines {self.hot_cache_lines} applies to host offload "
                 "only: add --pariskv-offload host, or drop --pariskv-hot-cache-lines"
             )
+
+    def _check_reuse(self) -> None:
+        thr = self.reuse_threshold
+        bad = isinstance(thr, bool) or not isinstance(thr, (int, float))
+        if bad or not 0.0 <= thr <= 1.0:
+            raise ParisKVConfigError(
+                f"pariskv reuse_threshold={thr!r} is invalid: expected a cosine in [0, 1], "
+                "0 to retrieve at every step (--pariskv-reuse-threshold)"
+            )
+        object.__setattr__(self, "reuse_threshold", float(thr))
+        if self.reuse_max_age is None:
+            object.__setattr__(self, "reuse_max_age", DEFAULT_REUSE_MAX_AGE)
+        self._check_int("reuse_max_age", lo=1, hi=2**30)
+
+    @property
+    def reuses(self) -> bool:
+        """Decode layers may attend over a kept top-k instead of retrieving."""
+        return self.reuse_threshold > 0
 
     def _check_calibration(self) -> None:
         path = self.calibration

@@ -32,6 +32,15 @@ HOT_CACHE_HELP = {
     "rows_fetched": "Rows copied from host memory into the hot cache (host offload).",
 }
 
+#: Help text of the retrieval-reuse counters ``sglang:pariskv_<field>_request_layers_total``
+#: (counted on the GPU per sparse (request, layer) of a decode step, read back without a
+#: sync; ``--pariskv-reuse-threshold`` > 0 only).
+REUSE_HELP = {
+    "retrieved": "Sparse decode (request, layer) pairs that ran retrieval.",
+    "reused": "Sparse decode (request, layer) pairs that attended their kept top-k "
+    "(--pariskv-reuse-threshold) instead of retrieving.",
+}
+
 
 @dataclass
 class BatchCounts:
@@ -67,6 +76,12 @@ class ParisKVMetrics:
             )
             for name, doc in HOT_CACHE_HELP.items()
         }
+        self.reuse = {
+            name: Counter(
+                f"sglang:pariskv_{name}_request_layers", doc, labelnames=list(labels), registry=reg
+            )
+            for name, doc in REUSE_HELP.items()
+        }
         self.attended_fraction = Gauge(
             "sglang:pariskv_attended_fraction",
             "Attended / context tokens of the last sparse decode batch.",
@@ -89,7 +104,14 @@ class ParisKVMetrics:
 
     def add_hot_cache(self, delta: dict[str, int]) -> None:
         """Increments of the hot-cache counters (``offload.counters``)."""
-        for name, counter in self.hot_cache.items():
+        self._increment(self.hot_cache, delta)
+
+    def add_reuse(self, delta: dict[str, int]) -> None:
+        """Increments of the retrieval-reuse counters (``attention.reuse``)."""
+        self._increment(self.reuse, delta)
+
+    def _increment(self, counters: dict, delta: dict[str, int]) -> None:
+        for name, counter in counters.items():
             if delta.get(name, 0) > 0:
                 counter.labels(**self.labels).inc(delta[name])
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from sglang_pariskv.config import (
     DEFAULT_HOT_CACHE_LINES,
+    DEFAULT_REUSE_MAX_AGE,
     OFFLOAD_MODES,
     ParisKVConfig,
     ParisKVConfigError,
@@ -64,6 +65,8 @@ KNOB_FLAGS: tuple[tuple[str, str, Any], ...] = (
     ("--pariskv-stats-dir", "stats_dir", _as_is),
     ("--pariskv-calibration", "calibration", _as_is),
     ("--pariskv-dense-layers", "dense_layers", _layer_list),
+    ("--pariskv-reuse-threshold", "reuse_threshold", _as_is),
+    ("--pariskv-reuse-max-age", "reuse_max_age", _as_is),
 )
 
 
@@ -157,6 +160,22 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         "--enable-metrics exports the same counters to Prometheus).",
     )
     g.add_argument(
+        "--pariskv-reuse-threshold",
+        type=float,
+        default=None,
+        help="Retrieval reuse: a decode layer retrieves again only when the cosine between "
+        "its retrieval query and the one of its kept top-k falls below this, in [0, 1]; "
+        f"otherwise it attends over the kept top-k (default {defaults.reuse_threshold}; "
+        "0: retrieve at every step).",
+    )
+    g.add_argument(
+        "--pariskv-reuse-max-age",
+        type=int,
+        default=None,
+        help="With retrieval reuse: most decode steps one kept top-k serves before the "
+        f"layer retrieves again (default {DEFAULT_REUSE_MAX_AGE}).",
+    )
+    g.add_argument(
         "--pariskv-calibration",
         type=str,
         default=None,
@@ -214,6 +233,13 @@ def config_from_args(args: Any) -> ParisKVConfig | None:
     except ValueError as e:
         raise ParisKVConfigError(str(e)) from e
     check_calibration_file(cfg)
+    max_age = getattr(args, "pariskv_reuse_max_age", None)
+    if max_age is not None and not cfg.reuses:
+        raise ParisKVConfigError(
+            f"--pariskv-reuse-max-age {max_age} applies only to retrieval "
+            "reuse, which --pariskv-reuse-threshold 0 turns off: set a threshold > 0, or "
+            "drop --pariskv-reuse-max-age"
+        )
     return cfg
 
 

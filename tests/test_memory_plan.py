@@ -1,6 +1,7 @@
 """The backend's GPU memory plan against what its constructors really allocate (on the
 CPU, same shapes), and the pool sizing hook that keeps the plan out of SGLang's pool."""
 
+import dataclasses
 import types
 
 import pytest
@@ -86,6 +87,29 @@ def test_a_budget_the_plan_fills_is_refused_naming_the_fix():
     conf = types.SimpleNamespace(_pariskv_reserved_tokens=5000, _pariskv_reserved_gib=1.5)
     with pytest.raises(ParisKVConfigError, match="--max-running-requests"):
         pool_sizing.reserve_planned_memory(MemoryPoolConfig(max_total_num_tokens=4000), conf, 1, 1)
+
+
+def test_reuse_state_is_planned_per_request_slot_and_layer():
+    """With retrieval reuse the kept query, top-k and length of every (slot, layer) are
+    planned; the backend's state (built on the CPU, same shapes) allocates exactly that."""
+    from sglang_pariskv.attention.reuse import RetrievalReuse
+
+    sizes = dict(num_q_heads=8, num_kv_heads=2, head_dim=64, num_layers=3, request_slots=9,
+                 max_batch=8, max_context=4096, graph_batch_sizes=5)  # fmt: skip
+    cfg = ParisKVConfig(topk=256, sink=16, local=64, dense_threshold=512, reuse_threshold=0)
+    off = plan_backend_memory(cfg, **sizes)
+    on_cfg = dataclasses.replace(cfg, reuse_threshold=0.9)
+    on = plan_backend_memory(on_cfg, **sizes)
+    state = RetrievalReuse.build(on_cfg,
+                                 9, 3, 2, 64, 256, torch.device("cpu")).state  # fmt: skip
+    allocated = sum(t.numel() * t.element_size() for t in [*state.query, *state.top, state.seq])
+    assert on.reuse == allocated + 16  # + the two int64 counters
+    assert on.reuse == 3 * 9 * 2 * (64 * 4 + 256 * 4) + 9 * 3 * 4 + 16
+    # the workspace's per-layer scratch: seq / count / zone end and a flag per batch row
+    assert on.workspace - off.workspace == 8 * (3 * 8 + 4)
+    assert on.total - off.total == on.reuse + 8 * 28
+    assert off.reuse == 0 and on_cfg.reuses
+    assert RetrievalReuse.build(cfg, 9, 3, 2, 64, 256, torch.device("cpu")) is None
 
 
 def test_dense_layers_plan_their_full_length_plan_buffers():

@@ -44,6 +44,7 @@ from sglang_pariskv.attention.model_info import (
 )
 from sglang_pariskv.attention.observability import DecodeObserver
 from sglang_pariskv.attention.offload_wiring import OffloadDecode
+from sglang_pariskv.attention.reuse import RetrievalReuse
 from sglang_pariskv.attention.sparse_decode import HeadAsBatchDecode, float_workspace
 from sglang_pariskv.attention.step_graphs import StepGraphs, check_step
 from sglang_pariskv.codec.budget import step_dense_mask
@@ -77,6 +78,8 @@ def _dense_rows_only(forward_batch, dense_cpu: torch.Tensor, dense_dev: torch.Te
 class ParisKVAttnBackend(FlashInferAttnBackend):
     #: Host offload's hot cache + fetch; None without offload (or with a zero-line cache).
     offload: OffloadDecode | None = None
+    #: Kept selections of retrieval reuse; None with ``--pariskv-reuse-threshold 0``.
+    reuse: RetrievalReuse | None = None
     #: The extend's requests whose histograms ``forward_extend`` recounts: (req_pool_indices,
     #: seq_lens, max seq_len or None), or None when all end at or below the dense limit.
     _recount: tuple[torch.Tensor, torch.Tensor, int | None] | None = None
@@ -113,6 +116,9 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         #: FlashInfer scratch shared by every sparse call of this backend (one per GPU).
         self._float_ws = float_workspace(device)
         self._build_workspace(max_batch)
+        self.reuse = RetrievalReuse.build(
+            config, rtt.shape[0], pool.layer_num, self.hkv, self.d, self.ws.k, device
+        )
         self.graph_sparse: dict[int, HeadAsBatchDecode] = {}
         self._rpi32: torch.Tensor | None = None
         self._sparse: HeadAsBatchDecode | None = None  # active sparse call, None: all dense
@@ -131,7 +137,7 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             server_args=model_runner.server_args,
             config=config,
             on_cuda=device.type == "cuda",
-            extra_snapshot=self._offload_snapshot,
+            extra_snapshot=self._extra_snapshot,
         )
         self.observer.dump()
         logger.info(
@@ -174,6 +180,10 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             self._build_workspace(max_bs)
         if self.full is not None:
             self.full.init_graph_state(max_bs, self.req_to_token_pool.req_to_token.shape[1])
+
+    def _extra_snapshot(self) -> dict[str, Any]:
+        reuse = self.reuse.snapshot() if self.reuse is not None else {}
+        return {**self._offload_snapshot(), **reuse}
 
     def _offload_snapshot(self) -> dict[str, Any]:
         pool = getattr(self, "token_to_kv_pool", None)
@@ -228,6 +238,8 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         run_sparse = graph == "sparse" or (graph is None and bool(sparse_rows.any()))
         if self.offload is not None and self.observer.wants_counters:
             self.observer.hot_cache(self.offload.poll())  # no sync: copies behind the queue
+        if self.reuse is not None and self.observer.wants_counters:
+            self.observer.reuse(self.reuse.poll())
         self.observer.decode_step(
             BatchCounts(
                 tokens_encoded=int(real.sum()),
@@ -256,11 +268,13 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             self.full.plan(forward_batch, key if isinstance(key, int) else None, in_capture)
 
     def _plan_extend(self, forward_batch) -> None:
-        """Zero the extending requests' histograms; pick those to recount (ending above the
-        dense limit) for ``forward_extend``."""
+        """Zero the extending requests' histograms (and forget their kept top-k); pick those
+        to recount (ending above the dense limit) for ``forward_extend``."""
         self.observer.extend(forward_batch)
         rows, seq = forward_batch.req_pool_indices, forward_batch.seq_lens
         self.hists.reset(rows)
+        if self.reuse is not None:  # no request reuses a selection made before it extended
+            self.reuse.extended(rows)
         seq_cpu = forward_batch.seq_lens_cpu
         if seq_cpu is None:  # lengths only on the device: recount every row
             self._recount = (rows, seq, None)
@@ -452,6 +466,7 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             self.hists.layers[local],
             self.req_to_token_pool.req_to_token,
             self._rpi32,
+            reuse=self.reuse.layer(local) if self.reuse is not None else None,
         )
         self.observer.stop(local)
         if self.offload is not None:

@@ -18,6 +18,7 @@ import torch
 from sglang_pariskv.attention.sparse_decode import WORKSPACE_BYTES
 from sglang_pariskv.config import ParisKVConfig
 from sglang_pariskv.index.histograms import RequestHistograms
+from sglang_pariskv.kernels.reuse import ReuseState
 from sglang_pariskv.kernels.workspace import DecodeWorkspace
 
 #: Device int workspace of each FlashInfer decode wrapper (FlashInfer allocates 8 MiB).
@@ -50,10 +51,11 @@ class BackendMemoryPlan:
     flashinfer: int
     #: --pariskv-dense-layers' full-length plan (``attention.dense_layers``); 0 without.
     dense_layers: int = 0
+    reuse: int = 0  #: kept selections of retrieval reuse (``--pariskv-reuse-threshold``)
 
     @property
     def total(self) -> int:
-        return self.histograms + self.workspace + self.flashinfer + self.dense_layers
+        return self.histograms + self.workspace + self.flashinfer + self.dense_layers + self.reuse
 
 
 def plan_backend_memory(
@@ -70,11 +72,12 @@ def plan_backend_memory(
     max_graph_batch: int | None = None,
     kv_dtype: torch.dtype = torch.bfloat16,
 ) -> BackendMemoryPlan:
-    """What ``ParisKVAttnBackend`` allocates for these sizes: histograms for every request
-    slot; the workspace for ``max_batch`` rows of ``max_context`` (plus the query copy
-    its first run makes); one shared FlashInfer float workspace, an int workspace for the
-    eager call and each captured batch size, and one more per size for the dense-step
-    graph SGLang's FlashInfer backend captures beside the sparse-step one. With dense
+    """What ``ParisKVAttnBackend`` allocates for these sizes: histograms (and, with
+    retrieval reuse, kept selections) for every request slot; the workspace for
+    ``max_batch`` rows of ``max_context`` (plus the query copy its first run makes); one
+    shared FlashInfer float workspace, an int workspace for the eager call and each
+    captured batch size, and one more per size for the dense-step graph SGLang's
+    FlashInfer backend captures beside the sparse-step one. With dense
     layers, their full-length plan: its own indptr, a CUDA-graph ``kv_indices`` buffer of
     ``max_graph_batch`` (default ``max_batch``) x ``max_context`` entries, and an int
     workspace for its eager wrapper and each captured batch size."""
@@ -97,9 +100,14 @@ def plan_backend_memory(
             + graph_rows * max_context * int32  # CUDA-graph kv_indices
             + (1 + graph_batch_sizes) * FLASHINFER_INT_WORKSPACE_BYTES
         )
+    reuse = 0
+    if config.reuses:  # per request slot and layer: kept query, top-k and length
+        kept = ReuseState(request_slots, num_layers, num_kv_heads, head_dim, ws.k, meta)
+        reuse = kept.nbytes()
     return BackendMemoryPlan(
         histograms=hists.nbytes(),
         workspace=tensor_bytes(ws) + query_copy,
         flashinfer=WORKSPACE_BYTES + wrappers * FLASHINFER_INT_WORKSPACE_BYTES,
         dense_layers=dense_layers,
+        reuse=reuse,
     )

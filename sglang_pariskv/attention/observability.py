@@ -125,6 +125,12 @@ class DecodeObserver:
         if self.metrics is not None:
             self.metrics.add_hot_cache(delta)
 
+    def reuse(self, delta: dict[str, int]) -> None:
+        """(request, layer) pairs that retrieved / reused their kept top-k (read back from
+        the GPU without a sync, so they trail the served batches slightly)."""
+        if self.metrics is not None:
+            self.metrics.add_reuse(delta)
+
     def emit(self, counts: BatchCounts) -> None:
         self.stats.totals.accumulate(counts)
         if self.metrics is not None:

@@ -59,6 +59,7 @@ from sglang_pariskv.kernels.launch_geometry import (
 )
 from sglang_pariskv.kernels.query_tiers import query_tier_table
 from sglang_pariskv.kernels.rerank import levels, rerank_estimates, topk_slots
+from sglang_pariskv.kernels.reuse import LayerReuse, decide_reuse
 from sglang_pariskv.kernels.select import (
     CandidateBuffers,
     count_candidates,
@@ -102,7 +103,9 @@ class DecodeOutput(NamedTuple):
     kv_indptr: torch.Tensor  #: int32 [R * Hkv + 1]
     kv_indices: torch.Tensor  #: int32 [capacity]; entries [0, kv_indptr[-1]) are valid
     dense: torch.Tensor  #: int64 [R], 1 where the request attends densely
-    num_candidates: torch.Tensor  #: int64 [R]: C of each request (0 if dense)
+    #: int64 [R]: candidates ranked for each request (0 if dense, or if it reused its
+    #: kept top-k: ``config.reuse_threshold``)
+    num_candidates: torch.Tensor
 
 
 class DecodeWorkspace:
@@ -177,6 +180,11 @@ class DecodeWorkspace:
         self.sel = CandidateBuffers(rmax * h, max_context, sel_chunk, dev)
         self.kv_indptr = torch.zeros(rmax * h + 1, dtype=torch.int32, device=dev)
         self.kv_indices = torch.zeros(rmax * h * self.max_row, dtype=torch.int32, device=dev)
+        # Retrieval reuse (kernels/reuse.py): per-layer seq / count / zone end and the
+        # retrieved flag of the step's rows, rewritten by every layer.
+        if config.reuses:
+            self.reuse_eff = torch.zeros(3, rmax, dtype=torch.int64, device=dev)
+            self.reuse_fresh = torch.zeros(rmax, dtype=torch.int32, device=dev)
         # Contiguous copy of the last run's query, written by the CUDA query + tier kernel
         # (allocated at the first run, in the query's dtype): see contiguous_query.
         self._query_copy: torch.Tensor | None = None
@@ -227,15 +235,18 @@ class DecodeWorkspace:
         req_to_token: torch.Tensor,
         req_pool_indices: torch.Tensor,
         stages: dict | None = None,
+        reuse: LayerReuse | None = None,
     ) -> DecodeOutput:
         """Retrieve and assemble the attended indices of decode queries ``q [R, Hq, D]``.
 
         codes: this layer's pool (:class:`KeyCodes` of ``[slots, Hkv, ...]`` tensors);
         hist: this layer's histograms int32 ``[max_reqs, Hkv, B, 256]``. The batch must be
         the one of the last :meth:`plan`. ``stages``, when a dict, receives each stage's
-        intermediate tensors (tests, benchmarks).
+        intermediate tensors (tests, benchmarks). ``reuse``: this layer's kept selections
+        (with ``config.reuse_threshold`` > 0; see :mod:`kernels.reuse`); None: every row
+        retrieves.
         """
-        self.bind(q, codes, hist, req_to_token, req_pool_indices)
+        self.bind(q, codes, hist, req_to_token, req_pool_indices, reuse)
         for _, stage in self.stages():
             stage()
         st = self._st
@@ -250,11 +261,17 @@ class DecodeWorkspace:
         hist: torch.Tensor,
         req_to_token: torch.Tensor,
         req_pool_indices: torch.Tensor,
+        reuse: LayerReuse | None = None,
     ) -> None:
         """Set the inputs of the stage methods (``run`` = ``bind`` + every stage)."""
         r = q.shape[0]
         if r != self._r:
             raise ValueError(f"run() with batch {r} but the last plan() was for {self._r}")
+        if reuse is not None and not self.config.reuses:
+            raise ValueError(
+                "run(): kept selections given but config.reuse_threshold is 0 (retrieve at "
+                "every step)"
+            )
         nt, rmax = self.nt, self.max_batch
         t0 = len(_FIELDS) * rmax
         self._st = SimpleNamespace(
@@ -270,12 +287,20 @@ class DecodeWorkspace:
             zone_end=self._meta("zone_end", r),
             thresholds=self.meta[t0 : t0 + r * nt].view(r, nt),
             indptr=self.kv_indptr[: r * self.hkv + 1],
+            reuse=reuse,
+            fresh=None,
         )
+        self._st.scan_seq = self._st.seq  # the reuse stage narrows it to retrieving rows
 
     def stages(self) -> list[tuple[str, Callable[[], None]]]:
         """(name, fn) of each stage in order; the benchmark times them one by one."""
+        bound = getattr(self, "_st", None)
+        reuse = (
+            [("reuse", self._stage_reuse)] if bound is not None and bound.reuse is not None else []
+        )
         return [
             ("query_tiers", self._stage_query_tiers),
+            *reuse,
             ("scan", self._stage_scan),
             ("select", self._stage_select),
             ("rerank", self._stage_rerank),
@@ -311,10 +336,20 @@ class DecodeWorkspace:
             return None
         return self._query_copy[: q.shape[0]]
 
+    def _stage_reuse(self) -> None:
+        """Which rows retrieve in this layer (:func:`kernels.reuse.decide_reuse`); the
+        later stages see a reusing row as one with nothing to scan, select or rank."""
+        st, cfg = self._st, self.config
+        step = decide_reuse(
+            st.seq, st.dense, st.counts, st.zone_end, st.rpi, st.query.blocks, st.reuse,
+            self.reuse_eff, self.reuse_fresh, cfg.reuse_threshold, cfg.reuse_max_age, cfg.sink,
+        )  # fmt: skip
+        st.scan_seq, st.counts, st.zone_end, st.fresh = step
+
     def _stage_scan(self) -> None:
         st = self._st
         st.scores = self.scores[: st.r]  # st.score_hist: zeroed by _stage_query_tiers
-        args = (st.codes.signs, st.rtt, st.rpi, st.seq, st.zone_end, st.tiers, st.scores)
+        args = (st.codes.signs, st.rtt, st.rpi, st.scan_seq, st.zone_end, st.tiers, st.scores)
         if self.use_cuda:
             tpb = scan_tokens_per_block(self.max_context, st.r, self.num_sms)
             collision_scan_cuda(*args, st.score_hist, self.config.sink, tpb)
@@ -388,4 +423,6 @@ class DecodeWorkspace:
             self.kv_indices,
             self.config,
             self.max_row,
+            kept=None if st.reuse is None else st.reuse.top,
+            fresh=st.fresh,
         )

@@ -1,50 +1,18 @@
-"""The hot cache's device counters, read back on the host without a device sync.
-
-Why: hits, misses and rows fetched are counted on the GPU, inside the (graph-replayed)
-fetch. Reading them with ``.cpu()`` at every batch would stall the scheduler on the GPU
-once per batch, which changes serving's timing (and with it how requests batch).
-Instead, each batch's host-side planning
-enqueues a copy of the totals into pinned memory behind the work already queued, and a
-later planning reads it once its event has completed; a copy still in flight is simply
-read at a later batch. The totals are cumulative, so nothing is lost by skipping.
-"""
+"""The hot cache's device counters (hits, misses, rows fetched), read back on the host
+without a device sync (:class:`~sglang_pariskv.device_counters.DeviceCounterReader`)."""
 
 from __future__ import annotations
 
-import torch
-
+from sglang_pariskv.device_counters import DeviceCounterReader
 from sglang_pariskv.offload.hot_cache import HotCache
 
 FIELDS = ("hits", "misses", "rows_fetched")
 
 
-class HotCacheCounterReader:
-    """``poll()`` once per batch: the counter increments that became readable since the
-    last poll (zeros while a copy is in flight), and ``totals`` so far."""
+class HotCacheCounterReader(DeviceCounterReader):
+    """``poll()`` once per batch: the hot-cache counter increments that became readable
+    since the last poll, and ``totals`` so far (summed over layers)."""
 
     def __init__(self, cache: HotCache):
         self.cache = cache
-        self.async_copy = cache.counters.is_cuda
-        self._host = torch.zeros(3, dtype=torch.int64)
-        if self.async_copy:
-            self._host = self._host.pin_memory()
-        self._event: torch.cuda.Event | None = None
-        self.totals = dict.fromkeys(FIELDS, 0)
-
-    def poll(self) -> dict[str, int]:
-        if not self.async_copy:  # CPU: the counters are host memory already
-            return self._advance(self.cache.counters.sum(0).tolist())
-        delta = dict.fromkeys(FIELDS, 0)
-        if self._event is not None:
-            if not self._event.query():
-                return delta  # the last copy is still queued: read it next time
-            delta = self._advance(self._host.tolist())
-        self._host.copy_(self.cache.counters.sum(0), non_blocking=True)
-        self._event = torch.cuda.Event()
-        self._event.record()
-        return delta
-
-    def _advance(self, now: list[int]) -> dict[str, int]:
-        delta = {k: int(v) - self.totals[k] for k, v in zip(FIELDS, now)}
-        self.totals = {k: int(v) for k, v in zip(FIELDS, now)}
-        return delta
+        super().__init__(lambda: cache.counters.sum(0), FIELDS, cache.counters.is_cuda)
