@@ -30,20 +30,6 @@ from pariskv_tools.cli import HelpFormatter
 RESULTS = Path(__file__).resolve().parent / "results" / "passkey_budget.json"
 
 
-@torch.inference_mode()
-def decode(model, past, first: int, steps: int, eos: set[int]) -> list[int]:
-    """Greedy tokens after ``first`` (already chosen by the prefill), from ``past``."""
-    out_ids, tok = [first], first
-    for _ in range(steps - 1):
-        if tok in eos:
-            break
-        out = model(input_ids=torch.tensor([[tok]]), past_key_values=past, use_cache=True)
-        past = out.past_key_values
-        tok = int(out.logits[0, -1].argmax())
-        out_ids.append(tok)
-    return [t for t in out_ids if t not in eos]
-
-
 def run(
     context: int,
     trials: int,
@@ -56,13 +42,12 @@ def run(
 ):
     from pariskv_tools.hf_attention import ParisKVAttention, install, uninstall
     from pariskv_tools.workloads import tasks
-    from pariskv_tools.workloads.models import last_logits_kwargs
+    from pariskv_tools.workloads.models import eos_ids, greedy_continue, last_logits_kwargs
     from pariskv_tools.workloads.smollm2 import load_smollm2
     from sglang_pariskv.config import ParisKVConfig
 
     model, tok = load_smollm2()
-    eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos])
+    eos = eos_ids(model)
     rows = []
     for seed in range(trials):
         t0 = time.perf_counter()
@@ -74,14 +59,16 @@ def run(
                 input_ids=torch.tensor([prompt]), use_cache=True, **last_logits_kwargs(model)
             )
         first = int(out.logits[0, -1].argmax())
-        answers = {"dense": decode(model, copy.deepcopy(out.past_key_values), first, max_new, eos)}
+        answers = {
+            "dense": greedy_continue(model, copy.deepcopy(out.past_key_values), first, max_new, eos)
+        }
         for k in topks:
             cfg = ParisKVConfig(
                 topk=k, sink=sink, local=local, dense_threshold=0, candidate_ratio=candidate_ratio
             )
             install(model, ParisKVAttention(cfg, measure=False, selection=selection))
             past = copy.deepcopy(out.past_key_values)
-            answers[k] = decode(model, past, first, max_new, eos)
+            answers[k] = greedy_continue(model, past, first, max_new, eos)
             uninstall(model)
         texts = {m: tok.decode(ids, skip_special_tokens=True) for m, ids in answers.items()}
         row = {

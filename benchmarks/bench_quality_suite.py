@@ -64,29 +64,14 @@ def topk_for(fraction: float, prompt_tokens: int, sink: int, local: int) -> int:
     return k
 
 
-@torch.inference_mode()
-def decode(model, past, first: int, steps: int, eos: set[int]) -> list[int]:
-    """Greedy tokens after ``first`` (already chosen by the prefill), from ``past``."""
-    out_ids, tok = [first], first
-    for _ in range(steps - 1):
-        if tok in eos:
-            break
-        out = model(input_ids=torch.tensor([[tok]]), past_key_values=past, use_cache=True)
-        past = out.past_key_values
-        tok = int(out.logits[0, -1].argmax())
-        out_ids.append(tok)
-    return [t for t in out_ids if t not in eos]
-
-
 def run(model, tok, args) -> list[dict]:
     """One row per (task, seed): every method's answer, its score and its identity to dense."""
     from pariskv_tools.hf_attention import ParisKVAttention, install, uninstall
     from pariskv_tools.workloads import tasks
-    from pariskv_tools.workloads.models import last_logits_kwargs
+    from pariskv_tools.workloads.models import eos_ids, greedy_continue, last_logits_kwargs
     from sglang_pariskv.config import ParisKVConfig
 
-    eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos])
+    eos = eos_ids(model)
     rows = []
     for name in args.tasks:
         for seed in range(args.trials):
@@ -101,14 +86,14 @@ def run(model, tok, args) -> list[dict]:
                 )
             first = int(out.logits[0, -1].argmax())
             past = copy.deepcopy(out.past_key_values)
-            answers = {"dense": decode(model, past, first, steps, eos)}
+            answers = {"dense": greedy_continue(model, past, first, steps, eos)}
             for f in args.budgets:
                 k = topk_for(f, len(prompt), args.sink, args.local)
                 cfg = ParisKVConfig(topk=k, sink=args.sink, local=args.local, dense_threshold=0)
                 for method in METHODS:
                     install(model, ParisKVAttention(cfg, measure=False, selection=method))
                     past = copy.deepcopy(out.past_key_values)
-                    answers[f"{method}@{f}"] = decode(model, past, first, steps, eos)
+                    answers[f"{method}@{f}"] = greedy_continue(model, past, first, steps, eos)
                     uninstall(model)
             texts = {m: tok.decode(ids, skip_special_tokens=True) for m, ids in answers.items()}
             row = {

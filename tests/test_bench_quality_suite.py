@@ -61,3 +61,26 @@ def test_a_run_on_a_tiny_model_reports_every_task_budget_and_method(tmp_path):
         assert set(r["texts"]) == {"dense"} | sparse
     assert doc["summary"] == bench.summarise(doc["rows"], [0.1, 0.5])
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_greedy_continue_is_the_models_own_greedy_generation(tmp_path):
+    """From a prefill's KV cache, greedy_continue gives the tokens transformers' generate
+    gives greedily (same model, same prompt), and stops at an end-of-sequence id."""
+    import copy
+
+    import torch
+
+    from pariskv_tools.workloads.models import greedy_continue, resolve_model
+
+    path = save_tiny_model(tmp_path / "tiny-llama", "llama")
+    model, _ = resolve_model(path, tmp_path / "cache").load()
+    prompt = torch.tensor([[5, 17, 42, 7, 99, 3]])
+    with torch.inference_mode():
+        out = model(input_ids=prompt, use_cache=True)
+        want = model.generate(prompt, max_new_tokens=8, do_sample=False, eos_token_id=None)
+    first = int(out.logits[0, -1].argmax())
+    got = greedy_continue(model, copy.deepcopy(out.past_key_values), first, 8, eos=set())
+    assert got == want[0, prompt.shape[1] :].tolist()
+    stop = got[3]
+    cut = greedy_continue(model, copy.deepcopy(out.past_key_values), first, 8, eos={stop})
+    assert cut == [t for t in got[: got.index(stop) + 1] if t != stop]

@@ -63,6 +63,28 @@ def last_logits_kwargs(model: Any) -> dict[str, int]:
     )
 
 
+def eos_ids(model: Any) -> set[int]:
+    """The model's end-of-sequence token ids (its generation config may list several)."""
+    eos = model.generation_config.eos_token_id
+    return set(eos if isinstance(eos, list) else [eos])
+
+
+@torch.inference_mode()
+def greedy_continue(model: Any, past: Any, first: int, steps: int, eos: set[int]) -> list[int]:
+    """Greedy tokens after ``first`` (already chosen by a prefill), decoded from the KV cache
+    ``past``: at most ``steps`` tokens, ``first`` included, stopping at an id in ``eos``
+    (end-of-sequence ids are left out of the result)."""
+    out_ids, tok = [first], first
+    for _ in range(steps - 1):
+        if tok in eos:
+            break
+        out = model(input_ids=torch.tensor([[tok]]), past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        tok = int(out.logits[0, -1].argmax())
+        out_ids.append(tok)
+    return [t for t in out_ids if t not in eos]
+
+
 def _check_model_type(model_type: object, path: Path) -> None:
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise SystemExit(
