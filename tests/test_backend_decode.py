@@ -90,6 +90,40 @@ def dense_decode_stand_in(self, q, k, v, layer, fb, save_kv_cache=True):
     return torch.stack(out).to(q.dtype)
 
 
+def extend_stand_in(self, q, k, v, layer, fb, save_kv_cache=True):
+    """SGLang's FlashInfer extend: store the new tokens' KV (output unused here)."""
+    self.token_to_kv_pool.set_kv_buffer(layer, fb.out_cache_loc, k, v)
+    return torch.zeros(q.shape[0], HQ * D)
+
+
+def extend_batch(rtp, rpi, seq, loc) -> types.SimpleNamespace:
+    """The forward batch of an extend of fresh prompts: request ``rpi[j]`` takes the next
+    ``seq[j]`` slots of ``loc``, which ``req_to_token`` records."""
+    start = 0
+    for r, n in zip(rpi, seq):
+        rtp.req_to_token[r, :n] = loc[start : start + n].to(torch.int32)
+        start += n
+    return types.SimpleNamespace(
+        forward_mode=types.SimpleNamespace(is_decode=lambda: False, is_extend=lambda: True),
+        batch_size=len(rpi), seq_lens=torch.tensor(seq), seq_lens_cpu=torch.tensor(seq),
+        req_pool_indices=torch.tensor(rpi), out_cache_loc=loc,
+        extend_seq_lens_cpu=list(seq), extend_prefix_lens_cpu=[0] * len(rpi),
+    )  # fmt: skip
+
+
+def decode_batch(rtp, rpi, seq, locs) -> types.SimpleNamespace:
+    """The forward batch of a decode step: request ``rpi[j]``, ``seq[j]`` tokens long with
+    its new one, writes slot ``locs[j]``, which ``req_to_token`` records."""
+    for r, n, loc in zip(rpi, seq, locs):
+        rtp.req_to_token[r, n - 1] = int(loc)
+    return types.SimpleNamespace(
+        forward_mode=types.SimpleNamespace(is_decode=lambda: True, is_extend=lambda: False),
+        batch_size=len(rpi), seq_lens=torch.tensor(seq), seq_lens_cpu=torch.tensor(seq),
+        seq_lens_sum=sum(seq), req_pool_indices=torch.tensor(rpi),
+        out_cache_loc=torch.as_tensor(locs),
+    )  # fmt: skip
+
+
 @pytest.fixture(params=["gpu_pool", "host_offload"])
 def setup(monkeypatch, request):
     """The backend over SGLang's pool, or over host offload's pool with a hot cache (the
@@ -158,17 +192,7 @@ def test_mixed_batch_decode_matches_the_oracle_over_steps(setup):
         seq = [n + 1 for n in seq]
         loc = torch.arange(next_slot, next_slot + len(rpi))
         next_slot += len(rpi)
-        for j, i in enumerate(rpi):
-            rtp.req_to_token[i, seq[j] - 1] = int(loc[j])
-        fb = types.SimpleNamespace(
-            forward_mode=types.SimpleNamespace(is_decode=lambda: True, is_extend=lambda: False),
-            batch_size=len(rpi),
-            seq_lens=torch.tensor(seq),
-            seq_lens_cpu=torch.tensor(seq),
-            seq_lens_sum=sum(seq),
-            req_pool_indices=torch.tensor(rpi),
-            out_cache_loc=loc,
-        )
+        fb = decode_batch(rtp, rpi, seq, loc)
         q = torch.randn(len(rpi), HQ, D, generator=gen)
         k = torch.randn(len(rpi), HKV, D, generator=gen)
         v = torch.randn(len(rpi), HKV, D, generator=gen)
@@ -261,14 +285,7 @@ def test_slots_reused_by_a_new_request_are_never_served_stale(setup):
                         torch.tensor([req]), torch.tensor([n]))  # fmt: skip
 
     def decode(reqs, seqs, locs):
-        for r, s, loc in zip(reqs, seqs, locs):
-            rtp.req_to_token[r, s - 1] = loc
-        fb = types.SimpleNamespace(
-            forward_mode=types.SimpleNamespace(is_decode=lambda: True, is_extend=lambda: False),
-            batch_size=len(reqs), seq_lens=torch.tensor(seqs), seq_lens_cpu=torch.tensor(seqs),
-            seq_lens_sum=sum(seqs), req_pool_indices=torch.tensor(reqs),
-            out_cache_loc=torch.tensor(locs),
-        )  # fmt: skip
+        fb = decode_batch(rtp, reqs, seqs, locs)
         q = torch.randn(len(reqs), HQ, D, generator=gen)
         k = torch.randn(len(reqs), HKV, D, generator=gen)
         b.init_forward_metadata(fb)
@@ -301,25 +318,12 @@ def test_a_request_crossing_the_dense_limit_retrieves_with_a_full_count(setup, m
     counts all of the request's keys, and afterwards both requests' histograms equal a
     fresh count."""
     b, pool, rtp = setup
-
-    def extend_stand_in(self, q, k, v, layer, fb, save_kv_cache=True):
-        pool.set_kv_buffer(layer, fb.out_cache_loc, k, v)
-        return torch.zeros_like(q)
-
     monkeypatch.setattr(FlashInferAttnBackend, "forward_extend", extend_stand_in)
     gen = torch.Generator().manual_seed(11)
     layer = types.SimpleNamespace(layer_id=0, is_cross_attention=False)
     b.hists.all.fill_(5)  # counts left by the slots' previous requests
     rpi, seq = [2, 0], [62, 100]
-    loc = torch.arange(1, 163)
-    rtp.req_to_token[2, :62] = loc[:62].to(torch.int32)
-    rtp.req_to_token[0, :100] = loc[62:].to(torch.int32)
-    fb = types.SimpleNamespace(
-        forward_mode=types.SimpleNamespace(is_decode=lambda: False, is_extend=lambda: True),
-        batch_size=2, seq_lens=torch.tensor(seq), seq_lens_cpu=torch.tensor(seq),
-        req_pool_indices=torch.tensor(rpi), out_cache_loc=loc,
-        extend_seq_lens_cpu=seq, extend_prefix_lens_cpu=[0, 0],
-    )  # fmt: skip
+    fb = extend_batch(rtp, rpi, seq, torch.arange(1, 163))
     b.init_forward_metadata(fb)
     kv = torch.randn(162, HKV, D, generator=gen)
     b.forward_extend(torch.zeros(162, HQ * D), kv, kv.flip(0), layer, fb)
@@ -327,15 +331,8 @@ def test_a_request_crossing_the_dense_limit_retrieves_with_a_full_count(setup, m
     next_slot = 163
     for _step in range(6):  # request 2: 63, 64 dense; 65 crosses; 66, 67, 68 sparse
         seq = [n + 1 for n in seq]
-        loc = torch.arange(next_slot, next_slot + 2)
+        fb = decode_batch(rtp, rpi, seq, torch.arange(next_slot, next_slot + 2))
         next_slot += 2
-        for j, i in enumerate(rpi):
-            rtp.req_to_token[i, seq[j] - 1] = int(loc[j])
-        fb = types.SimpleNamespace(
-            forward_mode=types.SimpleNamespace(is_decode=lambda: True, is_extend=lambda: False),
-            batch_size=2, seq_lens=torch.tensor(seq), seq_lens_cpu=torch.tensor(seq),
-            seq_lens_sum=sum(seq), req_pool_indices=torch.tensor(rpi), out_cache_loc=loc,
-        )  # fmt: skip
         q = torch.randn(2, HQ, D, generator=gen)
         k = torch.randn(2, HKV, D, generator=gen)
         b.init_forward_metadata(fb)
@@ -410,13 +407,7 @@ def test_a_dense_layer_attends_every_row_over_its_whole_context(setup, monkeypat
         seq = [n + 1 for n in seq]
         loc = torch.arange(next_slot, next_slot + len(rpi))
         next_slot += len(rpi)
-        for j, i in enumerate(rpi):
-            rtp.req_to_token[i, seq[j] - 1] = int(loc[j])
-        fb = types.SimpleNamespace(
-            forward_mode=types.SimpleNamespace(is_decode=lambda: True, is_extend=lambda: False),
-            batch_size=len(rpi), seq_lens=torch.tensor(seq), seq_lens_cpu=torch.tensor(seq),
-            seq_lens_sum=sum(seq), req_pool_indices=torch.tensor(rpi), out_cache_loc=loc,
-        )  # fmt: skip
+        fb = decode_batch(rtp, rpi, seq, loc)
         q = torch.randn(len(rpi), HQ, D, generator=gen)
         k = torch.randn(len(rpi), HKV, D, generator=gen)
         b.init_forward_metadata(fb)

@@ -17,7 +17,18 @@ from sglang_pariskv.attention.reuse import RetrievalReuse
 from sglang_pariskv.codec import sparse_attention
 from sglang_pariskv.codec.reuse import KeptSelection, retrieve_with_reuse
 from sglang_pariskv.kernels import DecodeWorkspace
-from tests.test_backend_decode import CFG, HKV, HQ, MAX_CTX, D, TorchHeadAsBatch, setup  # noqa: F401
+from tests.test_backend_decode import (  # noqa: F401
+    CFG,
+    HKV,
+    HQ,
+    MAX_CTX,
+    D,
+    TorchHeadAsBatch,
+    decode_batch,
+    extend_batch,
+    extend_stand_in,
+    setup,
+)
 
 RCFG = dataclasses.replace(CFG, reuse_threshold=0.9, reuse_max_age=4)
 LAYER = types.SimpleNamespace(layer_id=0, is_cross_attention=False)
@@ -36,12 +47,6 @@ def with_reuse(b, pool, cfg=RCFG):
         small = dataclasses.replace(cfg, offload="host", host_pool_gb=1.0, hot_cache_lines=32)
         b.offload = OffloadDecode(pool, small, ws)
     return b
-
-
-def extend_stand_in(self, q, k, v, layer, fb, save_kv_cache=True):
-    """SGLang's FlashInfer extend: store the new tokens' KV (output unused here)."""
-    self.token_to_kv_pool.set_kv_buffer(layer, fb.out_cache_loc, k, v)
-    return torch.zeros(q.shape[0], HQ * D)
 
 
 class Oracle:
@@ -80,27 +85,14 @@ class Driver:
 
     def extend(self, rpi, slots):
         n = len(slots)
-        self.rtp.req_to_token[rpi, :n] = slots.to(torch.int32)
-        fb = types.SimpleNamespace(
-            forward_mode=types.SimpleNamespace(is_decode=lambda: False, is_extend=lambda: True),
-            batch_size=1, seq_lens=torch.tensor([n]), seq_lens_cpu=torch.tensor([n]),
-            req_pool_indices=torch.tensor([rpi]), out_cache_loc=slots,
-            extend_seq_lens_cpu=[n], extend_prefix_lens_cpu=[0],
-        )  # fmt: skip
+        fb = extend_batch(self.rtp, [rpi], [n], slots)
         k = torch.randn(n, HKV, D, generator=self.gen)
         v = torch.randn(n, HKV, D, generator=self.gen)
         self.b.init_forward_metadata(fb)  # plans the extend (and resets the slot's state)
         self.b.forward_extend(torch.zeros(n, HQ * D), k, v, LAYER, fb)
 
     def decode(self, rpi, seq, locs, q):
-        for r, s, loc in zip(rpi, seq, locs):
-            self.rtp.req_to_token[r, s - 1] = loc
-        fb = types.SimpleNamespace(
-            forward_mode=types.SimpleNamespace(is_decode=lambda: True, is_extend=lambda: False),
-            batch_size=len(rpi), seq_lens=torch.tensor(seq), seq_lens_cpu=torch.tensor(seq),
-            seq_lens_sum=sum(seq), req_pool_indices=torch.tensor(rpi),
-            out_cache_loc=torch.tensor(locs),
-        )  # fmt: skip
+        fb = decode_batch(self.rtp, rpi, seq, locs)
         k = torch.randn(len(rpi), HKV, D, generator=self.gen)
         self.b.init_forward_metadata(fb)
         out = self.b.forward_decode(q.reshape(len(rpi), -1), k, k.clone(), LAYER, fb)
