@@ -43,14 +43,11 @@ METHODS = ("exact", "pariskv")
 
 
 def make_task(tasks, tok, name: str, context: int, seed: int):
-    """The task with the suite's parameters (needles spread by the seed)."""
+    """The task with its generator's default parameters (4 keys; 3 values and 2 distractor
+    words; 2 chains of 4); passkeys at depths spread by the seed."""
     if name == "passkey":
         return tasks.passkey(tok, context, depth=(seed * 0.618 + 0.1) % 0.9 + 0.05, seed=seed)
-    if name == "multikey_needle":
-        return tasks.multikey_needle(tok, context, n_keys=4, seed=seed)
-    if name == "multivalue_needle":
-        return tasks.multivalue_needle(tok, context, n_values=3, n_distractors=2, seed=seed)
-    return tasks.variable_tracking(tok, context, n_chains=2, chain_len=4, seed=seed)
+    return tasks.make_task(name, tok, context, seed=seed)
 
 
 def topk_for(fraction: float, prompt_tokens: int, sink: int, local: int) -> int:

@@ -82,14 +82,13 @@ class RequestHistograms:
         (seq_len 1) included, count nothing. ``signs``: this layer's pool signs uint8
         [slots, Hkv, B]. On CUDA this is one Triton launch with no host sync.
         """
-        if limit < 1:
-            raise ValueError(f"limit {limit}: must be >= 1 (CUDA-graph padding rows have length 1)")
+        from sglang_pariskv.kernels.encode import check_count_limit, count_new_keys
+
         hist = self.layers[layer]
         if hist.is_cuda:
-            from sglang_pariskv.kernels.encode import count_new_keys
-
             count_new_keys(signs, req_to_token, req_pool_indices, seq_lens, hist, limit)
             return
+        check_count_limit(limit)
         for r, n in zip(req_pool_indices.tolist(), seq_lens.tolist()):
             if n <= limit:
                 continue

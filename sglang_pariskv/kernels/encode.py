@@ -305,6 +305,13 @@ def _count_new_keys_kernel(
         tl.atomic_add(hptr, 1, mask=m, sem="relaxed")
 
 
+def check_count_limit(limit: int) -> None:
+    """The dense limit of :func:`count_new_keys` must be >= 1: CUDA-graph padding rows have
+    length 1 and must count nothing."""
+    if limit < 1:
+        raise ValueError(f"limit {limit}: must be >= 1 (CUDA-graph padding rows have length 1)")
+
+
 def count_new_keys(
     signs: torch.Tensor,
     req_to_token: torch.Tensor,
@@ -323,8 +330,7 @@ def count_new_keys(
     nothing. One launch per layer with a grid fixed by the batch size and no host sync, so
     it is CUDA-graph safe; ``split`` programs per row share a catch-up.
     """
-    if limit < 1:
-        raise ValueError(f"limit {limit}: must be >= 1 (CUDA-graph padding rows have length 1)")
+    check_count_limit(limit)
     _, h, b = signs.shape
     r = req_pool_indices.shape[0]
     if r == 0:
