@@ -439,8 +439,9 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         )
 
     def _sparse_decode(self, q, k, layer, forward_batch, save_kv_cache: bool):
-        """The new key into its request's histograms, then (on a sparse step) retrieval and
-        the head-as-batch FlashInfer call: the sparse rows' output [bs, Hq, D], or None."""
+        """The histograms brought up to date (``_count_decode``), then (on a sparse step)
+        retrieval and the head-as-batch FlashInfer call: the sparse rows' output
+        [bs, Hq, D], or None."""
         local = layer.layer_id - self.token_to_kv_pool.start_layer
         bs = forward_batch.batch_size
         codes = self.codes.layers[local]
