@@ -1,17 +1,18 @@
-"""The calibration file: fixed key centres per (layer, KV head) and a per-layer dense
-recommendation, written by ``python -m pariskv_tools.eval calibrate`` and read at startup
-(``--pariskv-calibration FILE``).
+"""The calibration file: fixed key centres and channel scales per (layer, KV head) and a
+per-layer dense recommendation, written by ``python -m pariskv_tools.eval calibrate`` and
+read at startup (``--pariskv-calibration FILE``).
 
 Why a file and not a running estimate: a code must not depend on which request wrote its
 slot (the radix cache shares slots between requests) nor change as generation goes on, so
-the centre of a layer's keys is measured once, offline, on generated text, and then fixed.
-Why centring helps: see :mod:`sglang_pariskv.codec.encode`.
+a layer's key statistics are measured once, offline, on generated text, and then fixed.
+Why centring and scaling help: see :mod:`sglang_pariskv.codec.encode`.
 
 Format (JSON, so it can be read and checked by hand)::
 
     {"format": "pariskv-calibration", "version": 1,
      "num_layers": L, "num_kv_heads": H, "head_dim": D,
      "key_centres": [L][H][D] floats,
+     "key_scales": [L][H][D] positive floats,  # optional: 1 when absent
      "dense_layers": [layer, ...],            # what --pariskv-dense-layers auto uses
      "layer_mass_recall": [L] floats,         # measured, for the record (optional)
      "model": {...}, "settings": {...}}       # provenance (optional)
@@ -43,6 +44,7 @@ class Calibration:
 
     path: str
     centres: torch.Tensor  #: float32 [L, H, D]: key centre per (layer, KV head)
+    scales: torch.Tensor | None  #: float32 [L, H, D]: key channel scales, or None (all 1)
     dense_layers: tuple[int, ...]  #: recommended dense layers (sorted, in range)
     extra: dict[str, Any] = field(default_factory=dict)  #: the rest of the file
 
@@ -67,8 +69,11 @@ class Calibration:
                 f"{head_dim}: calibrate this model ({_REDO})"
             )
 
-    def rank_centres(self, tp_rank: int, tp_size: int, heads_per_rank: int) -> torch.Tensor:
-        """The centres of the KV heads a tensor-parallel rank holds: [L, heads_per_rank, D].
+    def for_rank(
+        self, tp_rank: int, tp_size: int, heads_per_rank: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(centres, scales) of the KV heads a tensor-parallel rank holds, each
+        [L, heads_per_rank, D] (scales None when the file has none).
 
         SGLang gives rank r the heads [r·n, (r+1)·n) when the model has at least as many
         KV heads as ranks, else the one head r // (tp_size / H) (heads replicated)."""
@@ -85,7 +90,9 @@ class Calibration:
                 f"{heads_per_rank} KV heads on each of {tp_size} tensor-parallel ranks: "
                 f"calibrate this model ({_REDO})"
             )
-        return self.centres[:, first : first + per].contiguous()
+        centres = self.centres[:, first : first + per].contiguous()
+        scales = None if self.scales is None else self.scales[:, first : first + per].contiguous()
+        return centres, scales
 
 
 def _error(path: str, what: str) -> ParisKVConfigError:
@@ -112,13 +119,30 @@ def _parse(path: str, data: Any) -> Calibration:
         )
     if not bool(torch.isfinite(centres).all()):
         raise _error(path, "key_centres holds a NaN or infinite value")
+    scales = None
+    if data.get("key_scales") is not None:
+        try:
+            scales = torch.tensor(data["key_scales"], dtype=torch.float64)
+        except (TypeError, ValueError):
+            raise _error(
+                path, "key_scales must be a [layers][kv_heads][head_dim] list of numbers"
+            ) from None
+        if tuple(scales.shape) != tuple(dims):
+            raise _error(
+                path, f"key_scales has shape {tuple(scales.shape)}, the header says {tuple(dims)}"
+            )
+        if not bool((torch.isfinite(scales) & (scales > 0)).all()):
+            raise _error(path, "key_scales must be finite and positive")
+        scales = scales.to(torch.float32)
     dense = data.get("dense_layers", [])
     if not isinstance(dense, list) or any(
         not isinstance(x, int) or isinstance(x, bool) or not 0 <= x < dims[0] for x in dense
     ):
         raise _error(path, f"dense_layers must be a list of layer indices in [0, {dims[0]})")
-    extra = {k: v for k, v in data.items() if k not in ("key_centres", "dense_layers")}
-    return Calibration(path, centres.to(torch.float32), tuple(sorted(set(dense))), extra)
+    extra = {
+        k: v for k, v in data.items() if k not in ("key_centres", "key_scales", "dense_layers")
+    }
+    return Calibration(path, centres.to(torch.float32), scales, tuple(sorted(set(dense))), extra)
 
 
 @lru_cache(maxsize=8)
@@ -145,15 +169,21 @@ def save_calibration(
     path: str | Path,
     centres: torch.Tensor,
     dense_layers: list[int],
+    scales: torch.Tensor | None = None,
     **extra: Any,
 ) -> None:
-    """Write ``centres`` [L, H, D] and the dense-layer recommendation (plus any JSON-able
-    provenance in ``extra``) in the format :func:`load_calibration` reads."""
+    """Write ``centres`` and ``scales`` [L, H, D] (scales None: all 1) and the dense-layer
+    recommendation (plus any JSON-able provenance in ``extra``) in the format
+    :func:`load_calibration` reads."""
     c = centres.to(torch.float64)
     if c.dim() != 3 or not bool(torch.isfinite(c).all()):
         raise ValueError(
             f"centres must be a finite [layers, kv_heads, head_dim] tensor, got {tuple(c.shape)}"
         )
+    if scales is not None and (
+        scales.shape != c.shape or not bool((torch.isfinite(scales) & (scales > 0)).all())
+    ):
+        raise ValueError(f"scales must be a finite positive tensor of shape {tuple(c.shape)}")
     data = {
         "format": FORMAT,
         "version": VERSION,
@@ -162,8 +192,15 @@ def save_calibration(
         "head_dim": c.shape[2],
         "dense_layers": sorted(int(x) for x in dense_layers),
         **extra,
-        "key_centres": [[[float(f"{x:.6g}") for x in h] for h in layer] for layer in c.tolist()],
+        "key_centres": _nested(c),
     }
+    if scales is not None:
+        data["key_scales"] = _nested(scales.to(torch.float64))
     text = json.dumps(data, allow_nan=False)  # a NaN anywhere fails here, not at startup
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(text)
+
+
+def _nested(x: torch.Tensor) -> list:
+    """[L, H, D] as nested lists of 6-digit floats (the file stays readable)."""
+    return [[[float(f"{v:.6g}") for v in h] for h in layer] for layer in x.tolist()]

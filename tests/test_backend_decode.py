@@ -157,21 +157,29 @@ def setup(monkeypatch, request):
 
 
 def oracle(pool, rtp, rpi, seq, q):
-    """Float64: retrieve over the requests' own codes, attend the selected positions."""
+    """Float64: retrieve over the requests' own codes (with the pool's calibration scales
+    on the query side), attend the selected positions."""
     out = []
+    scale = pool.pariskv.calibration(0)[1]
     for i in range(len(rpi)):
         slots = rtp.req_to_token[rpi[i], : seq[i]].long()
         codes = pool.pariskv.layers[0].index(slots[None])
-        sel = retrieve(q[i : i + 1].double(), codes, torch.tensor([seq[i]]), CFG)
+        sel = retrieve(q[i : i + 1].double(), codes, torch.tensor([seq[i]]), CFG, scale=scale)
         kk = pool.get_key_buffer(0)[slots][None].double()
         vv = pool.get_value_buffer(0)[slots][None].double()
         out.append(sparse_attention(q[i : i + 1].double(), kk, vv, sel.positions, sel.valid))
     return torch.cat(out)
 
 
-def test_mixed_batch_decode_matches_the_oracle_over_steps(setup):
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_mixed_batch_decode_matches_the_oracle_over_steps(setup, calibrated):
+    """Also with a calibration file's key centres and channel scales in the pool: the
+    backend hands the layer's scales to retrieval's query side."""
     b, pool, rtp = setup
     gen = torch.Generator().manual_seed(0)
+    if calibrated:
+        pool.pariskv.centres = torch.randn(1, HKV, D, generator=gen)
+        pool.pariskv.scales = torch.rand(1, HKV, D, generator=gen) * 4 + 0.2
     rpi, seq = [3, 1], [300, 40]  # one sparse request (300 > 64), one dense (40)
     layer = types.SimpleNamespace(layer_id=0, is_cross_attention=False)
     next_slot = 1

@@ -1,5 +1,6 @@
-"""The calibration file (key centres, dense-layer recommendation): its format, the flags
-that read it, the startup checks, and the KV pool's centred codes (TP ranks included)."""
+"""The calibration file (key centres and channel scales, dense-layer recommendation): its
+format, the flags that read it, the startup checks, and the KV pool's calibrated codes (TP
+ranks included)."""
 
 import json
 import types
@@ -18,20 +19,35 @@ from tests.test_plugin_pool import make_pool
 L, H, D = 2, 4, 16
 
 
-def write(tmp_path, layers=L, heads=H, d=D, dense=(0,), name="cal.json", seed=0):
+def scales_for(layers=L, heads=H, d=D, seed=0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed + 100)
+    return torch.rand(layers, heads, d, generator=gen) * 4 + 0.25
+
+
+def write(tmp_path, layers=L, heads=H, d=D, dense=(0,), name="cal.json", seed=0, scales=True):
     gen = torch.Generator().manual_seed(seed)
     centres = torch.randn(layers, heads, d, generator=gen) * 3
+    s = scales_for(layers, heads, d, seed) if scales else None
     path = tmp_path / name
-    save_calibration(path, centres, list(dense), model={"name": "test"})
+    save_calibration(path, centres, list(dense), scales=s, model={"name": "test"})
     return path, centres
 
 
-def test_round_trip_keeps_centres_and_recommendation(tmp_path):
+def test_round_trip_keeps_centres_scales_and_recommendation(tmp_path):
     path, centres = write(tmp_path, dense=(1, 0))
     cal = load_calibration(path)
     assert cal.centres.shape == (L, H, D) and cal.dense_layers == (0, 1)
     assert torch.allclose(cal.centres, centres, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(cal.scales, scales_for(), rtol=1e-5)
     assert cal.extra["model"] == {"name": "test"}
+    assert "key_scales" not in cal.extra
+
+
+def test_a_file_without_scales_means_scale_one(tmp_path):
+    cal = load_calibration(write(tmp_path, scales=False)[0])
+    assert cal.scales is None
+    centres, scales = cal.for_rank(0, 1, H)
+    assert scales is None and torch.equal(centres, cal.centres)
 
 
 @pytest.mark.parametrize(
@@ -44,6 +60,9 @@ def test_round_trip_keeps_centres_and_recommendation(tmp_path):
             "key_centres has shape (2, 4, 16), the header says (2, 3, 16)",
         ),
         (lambda d: d["key_centres"][0][0].__setitem__(0, "a"), "key_centres must be"),
+        (lambda d: d["key_scales"][1][2].__setitem__(3, 0.0), "key_scales must be finite and pos"),
+        (lambda d: d["key_scales"][0][0].__setitem__(0, -1.0), "key_scales must be finite and pos"),
+        (lambda d: d.update(key_scales=[[1.0]]), "key_scales has shape (1, 1)"),
         (
             lambda d: d.update(dense_layers=[2]),
             "dense_layers must be a list of layer indices in [0, 2)",
@@ -86,17 +105,19 @@ def test_a_file_of_another_model_shape_is_refused(tmp_path):
         (4, 1, 4, {0: [0, 1, 2, 3]}),
     ],
 )
-def test_each_tp_rank_gets_the_centres_of_the_heads_it_holds(tmp_path, heads, tp, per, want):
+def test_each_tp_rank_gets_the_calibration_of_the_heads_it_holds(tmp_path, heads, tp, per, want):
     path, centres = write(tmp_path, heads=heads)
     cal = load_calibration(path)
     for rank, idx in want.items():
-        assert torch.equal(cal.rank_centres(rank, tp, per), cal.centres[:, idx])
+        centres, scales = cal.for_rank(rank, tp, per)
+        assert torch.equal(centres, cal.centres[:, idx])
+        assert torch.equal(scales, cal.scales[:, idx])
 
 
 def test_a_rank_head_count_that_does_not_match_is_refused(tmp_path):
     cal = load_calibration(write(tmp_path)[0])
     with pytest.raises(ParisKVConfigError, match="has 4 KV heads, but this model holds 3"):
-        cal.rank_centres(0, 1, 3)
+        cal.for_rank(0, 1, 3)
 
 
 def test_dense_layers_config_rules(tmp_path):
@@ -140,11 +161,13 @@ def pool_with(cfg: ParisKVConfig, heads: int):
     return make_pool(64, heads=heads, head_dim=D, layers=L, cls=cls)
 
 
-def test_the_pool_writes_centred_codes_per_rank(tmp_path, monkeypatch):
-    """Every rank's codes are the codec's codes of its heads' keys minus their centres,
-    i.e. the tp=1 codes restricted to its heads; without calibration, plain codes."""
+def test_the_pool_writes_calibrated_codes_per_rank(tmp_path, monkeypatch):
+    """Every rank's codes are the codec's codes of its heads' (keys - centres) / scales,
+    i.e. the tp=1 codes restricted to its heads, and its scales are its heads' (retrieval
+    reads them for the queries); without calibration, plain codes and no scales."""
     path, _ = write(tmp_path)
-    centres = load_calibration(path).centres
+    cal = load_calibration(path)
+    centres, scales = cal.centres, cal.scales
     cfg = ParisKVConfig(calibration=str(path))
     gen = torch.Generator().manual_seed(1)
     keys = [torch.randn(10, H, D, generator=gen).to(torch.bfloat16) for _ in range(L)]
@@ -154,10 +177,12 @@ def test_the_pool_writes_centred_codes_per_rank(tmp_path, monkeypatch):
     for li in range(L):
         full.set_kv_buffer(types.SimpleNamespace(layer_id=li), loc, keys[li], keys[li])
         plain.set_kv_buffer(types.SimpleNamespace(layer_id=li), loc, keys[li], keys[li])
-        want = encode_keys(keys[li], centre=centres[li])
+        want = encode_keys(keys[li], centre=centres[li], scale=scales[li])
         for got, w in zip(full.pariskv.layers[li], want):
             assert torch.equal(got[loc], w)
+        assert torch.equal(full.pariskv.calibration(li)[1], scales[li])
         assert not torch.equal(plain.pariskv.layers[li].signs[loc], want.signs)
+        assert plain.pariskv.calibration(li) == (None, None)
     for rank in range(2):
         monkeypatch.setattr(kv_pool, "tp_position", lambda r=rank: (r, 2))
         part = pool_with(cfg, H // 2)
@@ -167,6 +192,7 @@ def test_the_pool_writes_centred_codes_per_rank(tmp_path, monkeypatch):
             part.set_kv_buffer(types.SimpleNamespace(layer_id=li), loc, k, k)
             for got, w in zip(part.pariskv.layers[li], full.pariskv.layers[li]):
                 assert torch.equal(got[loc], w[loc][:, heads])
+            assert torch.equal(part.pariskv.calibration(li)[1], scales[li][heads])
 
 
 def test_a_pool_of_another_shape_refuses_the_file(tmp_path):

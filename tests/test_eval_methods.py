@@ -105,18 +105,25 @@ def test_fast_collision_scores_match_codec():
     assert torch.equal(fast_collision_scores(codes.signs, tiers), ref)
 
 
-@pytest.mark.parametrize("topk", [20, 60, 200, 400])
-def test_pariskv_ranking_cut_at_k_is_codec_retrieve(topk):
+@pytest.mark.parametrize(
+    "topk, calibrated", [(20, False), (60, False), (200, False), (400, False), (60, True)]
+)
+def test_pariskv_ranking_cut_at_k_is_codec_retrieve(topk, calibrated):
     """The ranking's first k are exactly the top-k set of ``codec.retrieve`` (k below and
-    above the candidate count)."""
+    above the candidate count), also with a calibration's centres and channel scales."""
     trace = planted_trace(3)
-    method = ParisKV(outputs=("full",))
+    centre = scale = None
+    if calibrated:
+        gen = torch.Generator().manual_seed(9)
+        centre = trace.keys.mean(0)
+        scale = torch.rand(H, trace.keys.shape[-1], generator=gen) * 3 + 0.2
+    method = ParisKV(outputs=("full",), centres=centre, scales=scale)
     ranked = _ranked(method, trace, topk)["pariskv"]
     cfg = ParisKVConfig(topk=topk, sink=BUDGET.sink, local=BUDGET.local, dense_threshold=0)
-    codes = encode_keys(trace.keys)
+    codes = encode_keys(trace.keys, centre=centre, scale=scale)
     s = trace.queries.shape[0]
     full = type(codes)(*(t[None].expand(s, *t.shape) for t in codes))
-    ret = retrieve(trace.queries, full, trace.seq_lens, cfg)
+    ret = retrieve(trace.queries, full, trace.seq_lens, cfg, scale=scale)
     got = ret.positions[..., BUDGET.sink + BUDGET.local :]
     for st in range(s):
         for h in range(H):

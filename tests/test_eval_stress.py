@@ -10,7 +10,7 @@ from pariskv_tools.eval import calibrate
 from pariskv_tools.eval.budget import Budget
 from pariskv_tools.eval.layer_eval import evaluate_layer, exact_scores
 from pariskv_tools.eval.methods import ExactTopK, ParisKV
-from pariskv_tools.eval.stress import LossTracker
+from pariskv_tools.eval.stress import LossTracker, case_calibration
 from pariskv_tools.eval.stress_cases import Case, apply_case, common_cosine, rope
 from pariskv_tools.eval.trace import LayerTrace
 from pariskv_tools.workloads.capture import Capture
@@ -40,21 +40,42 @@ def logits(t: LayerTrace) -> torch.Tensor:
 )
 def test_common_and_outlier_maps_shift_each_logit_row_by_a_constant(case):
     """q·k changes by one constant per (step, query head): exact top-k and softmax are the
-    real trace's; the centres move with the keys (centred keys are unchanged up to the
-    outlier scaling, which the queries undo)."""
+    real trace's."""
     t = trace()
-    centre = t.keys.mean(0)
-    new, c = apply_case(case, t, centre, torch.arange(5), 1e4)
+    new = apply_case(case, t, 1e4)
     diff = logits(new) - logits(t)
     assert torch.allclose(diff, diff[..., :1].expand_as(diff), atol=1e-3)
-    q_group = new.queries.double().reshape(S, HKV, G, D)
-    before = torch.einsum(
-        "shgd,nhd->shgn", t.queries.double().reshape(S, HKV, G, D), (t.keys - centre).double()
-    )
-    after = torch.einsum("shgd,nhd->shgn", q_group, (new.keys - c).double())
-    assert torch.allclose(before, after, atol=1e-3)
     if case.common >= 4:
         assert common_cosine(new.keys) > 0.9 > common_cosine(t.keys)
+
+
+def unit_calibrated_keys(t: LayerTrace, centre, scale) -> torch.Tensor:
+    return torch.nn.functional.normalize((t.keys.double() - centre) / scale, dim=-1)
+
+
+@pytest.mark.parametrize("case", [Case("c", common=4.0), Case("co", common=2.0, outliers=3)])
+def test_the_calibration_of_a_distorted_model_undoes_common_and_outlier_maps(case):
+    """The calibrate tool's centres and scales, measured on the distorted calibration
+    trace, give the distorted keys the same calibrated directions as the real keys get
+    from the real calibration (float64): the codes cannot tell the two models apart."""
+    ref, t = trace(1), trace(2)
+    real = unit_calibrated_keys(t, *map(torch.Tensor.double, case_calibration(Case("r"), ref, 1e4)))
+    new = apply_case(case, t, 1e4, ref=ref)
+    c, s = case_calibration(case, ref, 1e4)
+    bent = unit_calibrated_keys(new, c.double(), s.double())
+    assert torch.allclose(bent, real, atol=1e-4)
+
+
+def test_a_reference_trace_fixes_the_distortion_for_every_trace_of_the_layer():
+    """Magnitudes come from ``ref``: the common vector added to another trace of the same
+    layer is the one added to the reference itself."""
+    case = Case("c", common=3.0)
+    ref, other = trace(1), trace(2)
+    added_ref = apply_case(case, ref, 1e4).keys - ref.keys
+    added_other = apply_case(case, other, 1e4, ref=ref).keys - other.keys
+    assert torch.allclose(added_ref, added_other, atol=1e-4)
+    own = apply_case(case, other, 1e4).keys - other.keys
+    assert not torch.allclose(own, added_other, atol=1e-4)
 
 
 def test_rope_is_a_pairwise_rotation():
@@ -76,21 +97,19 @@ def test_rope_is_a_pairwise_rotation():
             )
 
 
-def test_bias_is_added_before_rope_and_averaged_over_the_calibration_positions():
+def test_bias_is_added_before_rope():
     t = trace()
-    pos = torch.arange(100, 140)
-    new, c = apply_case(Case("b", bias=3.0), t, torch.zeros(HKV, D), pos, 1e4)
+    new = apply_case(Case("b", bias=3.0), t, 1e4)
     added = (new.keys - t.keys).double()
     # One pre-RoPE vector b per head: un-rotating each position's addition gives b back.
     back = rope(added[7], torch.tensor([-7]), 1e4)[0]
     assert torch.allclose(rope(back, torch.tensor([123]), 1e4)[0], added[123], atol=1e-4)
-    assert torch.allclose(c.double(), rope(back, pos, 1e4).mean(0), atol=1e-4)
 
 
 def test_widen_sums_two_heads_logits_and_regroup_keeps_own_heads_first():
     t = trace()
-    new, c = apply_case(Case("w", widen=True), t, t.keys.mean(0), torch.arange(5), 1e4)
-    assert new.keys.shape == (N, HKV, 2 * D) and c.shape == (HKV, 2 * D)
+    new = apply_case(Case("w", widen=True), t, 1e4)
+    assert new.keys.shape == (N, HKV, 2 * D)
     want = logits(t)
     got = logits(new)
     for j in range(HKV):
@@ -99,7 +118,7 @@ def test_widen_sums_two_heads_logits_and_regroup_keeps_own_heads_first():
             assert torch.allclose(
                 got[:, j * G + i], want[:, j * G + i] + want[:, nxt * G + i], atol=1e-3
             )
-    g7, _ = apply_case(Case("g", group=7), t, t.keys.mean(0), torch.arange(5), 1e4)
+    g7 = apply_case(Case("g", group=7), t, 1e4)
     assert g7.queries.shape == (S, HKV * 7, D)
     assert torch.equal(g7.queries[:, 7 : 7 + G], t.queries[:, G : 2 * G])  # KV head 1's own
 
@@ -122,7 +141,7 @@ def test_losses_by_stage_add_up_to_the_recall_gap():
 
 def test_exact_scores_of_a_distorted_trace_rank_like_the_real_one():
     t = trace(4)
-    new, _ = apply_case(Case("c", common=8.0), t, t.keys.mean(0), torch.arange(5), 1e4)
+    new = apply_case(Case("c", common=8.0), t, 1e4)
     batch = BUDGET.batch(t.queries, t.seq_lens)
     a = exact_scores(batch, t.keys).argsort(-1)[..., -50:]
     b = exact_scores(BUDGET.batch(new.queries, new.seq_lens), new.keys).argsort(-1)[..., -50:]
@@ -150,7 +169,7 @@ def fake_capture(n_layers: int = 2) -> Capture:
     )
 
 
-def test_calibrate_writes_generated_key_means_and_recommends_the_weak_layer(tmp_path, monkeypatch):
+def test_calibrate_writes_key_means_and_scales_and_recommends_the_weak_layer(tmp_path, monkeypatch):
     cap = fake_capture()
     monkeypatch.setattr(calibrate, "load_or_capture", lambda *a, **k: cap)
     model = type("M", (), {"describe": lambda self: {"name": "fake"}})()
@@ -160,6 +179,15 @@ def test_calibrate_writes_generated_key_means_and_recommends_the_weak_layer(tmp_
     cal = load_calibration(out)
     want = torch.stack([k[cap.prompt_len :].double().mean(0) for k in cap.keys])
     assert torch.allclose(cal.centres.double(), want, atol=1e-5)
+    # Scales: sqrt(key std / query RMS) per channel, normalised to mean 1 (float64 loops).
+    for li in range(len(cap.keys)):
+        gen_keys = cap.keys[li][cap.prompt_len :].double()
+        dec_q = cap.queries[li][1:].double()  # the decode steps' queries
+        for h in range(HKV):
+            ks = (gen_keys[:, h] - gen_keys[:, h].mean(0)).pow(2).mean(0).sqrt()
+            qr = dec_q[:, h * G : (h + 1) * G].pow(2).mean((0, 1)).sqrt()
+            s = (ks / qr).sqrt()
+            assert torch.allclose(cal.scales[li, h].double(), s / s.mean(), rtol=1e-4)
     assert cal.dense_layers == (0,) and doc["layer_mass_recall"][0] < 0.9
     assert doc["layer_mass_recall"][1] > doc["layer_mass_recall"][0]
 

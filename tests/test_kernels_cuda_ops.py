@@ -72,13 +72,20 @@ def test_query_copy_pointer_reaches_the_kernel_and_a_wrong_buffer_fails(monkeypa
         torch.zeros(r, h, 49, dtype=torch.int32),
     )
     copy = torch.empty_like(q)
+    scale = torch.ones(h, d)
     cuda_ops.query_tier_table_cuda(*args, query_copy=copy)
     cuda_ops.query_tier_table_cuda(*args)
-    (_, with_copy), (_, without) = calls
-    assert with_copy[12] == copy.data_ptr() and without[12] == 0
-    assert with_copy[:12] == without[:12] and with_copy[13:] == without[13:]
+    cuda_ops.query_tier_table_cuda(*args, scale=scale)
+    (_, with_copy), (_, without), (_, scaled) = calls
+    # csrc/query_tiers.cu: (q, stride, stride, dtype, scale, rot, ..., q_copy at 13, ...)
+    assert with_copy[13] == copy.data_ptr() and without[13] == 0
+    assert with_copy[:13] == without[:13] and with_copy[14:] == without[14:]
+    assert scaled[4] == scale.data_ptr() and without[4] == 0 and scaled[5] == without[5]
+    assert len(without) == len(cuda_ops._KERNELS["query_tiers"][1])  # the stream included
     with pytest.raises(ValueError, match="query_copy must be contiguous"):
         cuda_ops.query_tier_table_cuda(*args, query_copy=torch.empty(r, hq, d))  # fp32
+    with pytest.raises(ValueError, match="scale must be a contiguous float32"):
+        cuda_ops.query_tier_table_cuda(*args, scale=torch.ones(h, d, dtype=torch.float64))
 
 
 def test_scan_arguments_match_the_entry_points_signature(monkeypatch, stream):

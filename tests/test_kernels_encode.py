@@ -170,20 +170,53 @@ def test_encode_refuses_a_centre_of_the_wrong_shape():
     keys = torch.randn(2, 2, 64, device=DEV)
     with pytest.raises(ValueError, match=r"centre must be a contiguous float32 \[2, 64\]"):
         encode_to_pool(keys, torch.tensor([1, 2], device=DEV), pool, centre=torch.zeros(3, 64))
+    with pytest.raises(ValueError, match=r"scale must be a contiguous float32 \[2, 64\]"):
+        encode_to_pool(keys, torch.tensor([1, 2], device=DEV), pool, scale=torch.ones(2, 32))
+
+
+def _outlier_keys(t: int, h: int, d: int, gen: torch.Generator):
+    """(keys, scales): keys with a common direction and a few outlier channels per head,
+    and channel scales that balance them (what a calibration file holds)."""
+    keys = _shared_direction_keys(t, h, d, gen)
+    scale = torch.ones(h, d)
+    scale[:, torch.randperm(d, generator=gen)[:4]] = 8.0
+    return keys * scale, scale + torch.rand(h, d, generator=gen) * 0.1
+
+
+@pytest.mark.parametrize("d, h, dtype", [(64, 3, torch.float16), (128, 2, torch.bfloat16)])
+def test_calibrated_encode_matches_codec(d, h, dtype):
+    """With a centre and channel scales per head the kernel writes the codec's codes of
+    (keys - centre) / scales, which differ from the centred-only codes."""
+    gen = torch.Generator().manual_seed(11 + d)
+    t = 96
+    keys, scale = _outlier_keys(t, h, d, gen)
+    keys = keys.to(dtype)
+    centre = keys.float().mean(0)
+    slots = (torch.randperm(2 * t, generator=gen)[:t] + 1).to(DEV)
+    pool = empty_pool(2 * t + 1, h, d, DEV)
+    encode_to_pool(keys.to(DEV), slots, pool, centre=centre.to(DEV), scale=scale.to(DEV))
+    ref = encode_keys(keys.to(DEV), centre=centre.to(DEV), scale=scale.to(DEV))
+    s, m, w = mismatch_rates(pool, slots, ref)
+    assert s <= (3e-4 if dtype == torch.bfloat16 else 0.0) and m <= 2e-3 and w <= 2e-3
+    centred = encode_keys(keys.to(DEV), centre=centre.to(DEV))
+    assert (pool.signs[slots] != centred.signs).float().mean() > 0.2
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("d", [64, 128])
-def test_centred_encode_mismatch_rate_at_scale(cuda_device, d):
-    """Real sizes on the GPU: the centred kernel codes equal the codec's centred codes up
-    to rounding at a threshold."""
+def test_calibrated_encode_mismatch_rate_at_scale(cuda_device, d):
+    """Real sizes on the GPU: the calibrated (centred and scaled) kernel codes equal the
+    codec's up to rounding at a threshold."""
     gen = torch.Generator().manual_seed(d)
     t, h = 65536, 8
     keys = _shared_direction_keys(t, h, d, gen).to(torch.bfloat16).to(cuda_device)
     centre = keys.float().mean(0).contiguous()
     slots = torch.randperm(2 * t, device=cuda_device)[:t] + 1
     pool = empty_pool(2 * t + 1, h, d, cuda_device)
-    encode_to_pool(keys, slots, pool, centre=centre)
-    s, m, w = mismatch_rates(pool, slots, encode_keys(keys, centre=centre))
-    print(f"centred D={d}: sign mismatch {s:.2e}, magnitude-byte mismatch {m:.2e}, w rel {w:.2e}")
+    scale = (torch.rand(h, d, generator=gen) * 4 + 0.25).to(cuda_device)
+    encode_to_pool(keys, slots, pool, centre=centre, scale=scale)
+    s, m, w = mismatch_rates(pool, slots, encode_keys(keys, centre=centre, scale=scale))
+    print(
+        f"calibrated D={d}: sign mismatch {s:.2e}, magnitude-byte mismatch {m:.2e}, w rel {w:.2e}"
+    )
     assert s <= 5e-5 and m <= 1e-4 and w <= 2e-3

@@ -28,10 +28,10 @@ def rows_of(out, h):
     return rows
 
 
-def check_against_codec(sc, q, cfg, out, max_diff=0):
+def check_against_codec(sc, q, cfg, out, max_diff=0, scale=None):
     h = sc.pool.signs.shape[1]
     hist = sc.hist[sc.req_pool_indices.long()]  # the kernel's (tested in test_kernels_encode)
-    ref = retrieve(q, padded_codes(sc), sc.seq_lens.long(), cfg, hist=hist)
+    ref = retrieve(q, padded_codes(sc), sc.seq_lens.long(), cfg, hist=hist, scale=scale)
     assert torch.equal(out.dense.cpu().bool(), ref.dense.cpu())
     assert torch.equal(out.num_candidates.cpu(), ref.num_candidates.cpu())
     rtt = sc.req_to_token[sc.req_pool_indices.long()]
@@ -43,23 +43,41 @@ def check_against_codec(sc, q, cfg, out, max_diff=0):
 
 
 @pytest.mark.parametrize(
-    "d, h, group, dtype",
+    "d, h, group, dtype, scaled",
     [
-        (64, 2, 2, torch.float16),
-        (128, 1, 8, torch.bfloat16),
-        (64, 3, 1, torch.float16),
+        (64, 2, 2, torch.float16, False),
+        (128, 1, 8, torch.bfloat16, False),
+        (64, 3, 1, torch.float16, False),
+        (64, 2, 3, torch.bfloat16, True),  # calibration channel scales on the query side
     ],
 )
-def test_workspace_matches_codec_retrieve(d, h, group, dtype):
+def test_workspace_matches_codec_retrieve(d, h, group, dtype, scaled):
     lens = [700, 90, 555]
     cfg = ParisKVConfig(topk=24, sink=4, local=8, dense_threshold=100)
     sc = make_scenario(lens, h, d, 720, DEV, dtype=dtype, seed=d + group)
-    q = torch.randn(3, h * group, d, generator=torch.Generator().manual_seed(1)).to(DEV)
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(3, h * group, d, generator=gen).to(DEV)
+    scale = (torch.rand(h, d, generator=gen) * 4 + 0.1).to(DEV) if scaled else None
     ws = DecodeWorkspace(cfg, h * group, h, d, max_batch=4, max_context=720, device=DEV, **SMALL)
     indptr_host = ws.plan(sc.seq_lens.cpu())
-    out = ws.run(q, sc.pool, sc.hist, sc.req_to_token, sc.req_pool_indices)
+    out = ws.run(q, sc.pool, sc.hist, sc.req_to_token, sc.req_pool_indices, scale=scale)
     assert torch.equal(indptr_host, out.kv_indptr.cpu())
-    check_against_codec(sc, q.float(), cfg, out)
+    check_against_codec(sc, q.float(), cfg, out, scale=scale)
+    if scaled:  # the scales change what is retrieved (else the test could not see them)
+        plain = retrieve(
+            q.float(),
+            padded_codes(sc),
+            sc.seq_lens.long(),
+            cfg,
+            sc.hist[sc.req_pool_indices.long()],
+        )
+        got = rows_of(out, h)
+        rtt = sc.req_to_token[sc.req_pool_indices.long()]
+        assert any(
+            set(got[r, hh]) != set(rtt[r][plain.positions[r, hh][plain.valid[r, hh]]].tolist())
+            for r in range(3)
+            for hh in range(h)
+        )
     # The query copy comes only from the CUDA query kernel; without it callers use q.
     assert (ws.contiguous_query(q) is None) == (not ws.use_cuda)
 
@@ -123,31 +141,33 @@ def test_max_candidates_covers_the_adaptive_dip():
 @pytest.mark.parametrize("group", [1, 4, 7, 8])
 def test_workspace_at_scale_and_cuda_graph_replay(cuda_device, d, group):
     """Every shape the startup check accepts (config.SERVING_HEAD_DIMS, any GQA group)
-    retrieves what the codec does, eagerly and replayed in a CUDA graph."""
+    retrieves what the codec does (with calibration channel scales on the query side),
+    eagerly and replayed in a CUDA graph."""
     h, nmax = 8, 65536
     cfg = ParisKVConfig(topk=2048, sink=64, local=256, dense_threshold=8192)
     lens = [65536, 40000, 5000, 31000]
     sc = make_scenario(lens, h, d, nmax, cuda_device, dtype=torch.bfloat16, seed=d + group)
     q = torch.randn(4, h * group, d, device=cuda_device, dtype=torch.bfloat16)
+    scale = torch.rand(h, d, device=cuda_device) * 4 + 0.1
     ws = DecodeWorkspace(cfg, h * group, h, d, max_batch=4, max_context=nmax, device=cuda_device)
     assert ws.use_cuda  # nvcc is on the device image: the CUDA kernels are used
     ws.plan(sc.seq_lens.cpu())
-    out = ws.run(q, sc.pool, sc.hist, sc.req_to_token, sc.req_pool_indices)
+    out = ws.run(q, sc.pool, sc.hist, sc.req_to_token, sc.req_pool_indices, scale=scale)
     # The CUDA rerank sums a candidate's blocks in another order than the codec: estimates
     # equal to rounding can swap at the top-k boundary (up to 11 of a 2368-token budget
     # were seen, at head_dim 64 with one query head per KV head).
-    check_against_codec(sc, q.float(), cfg, out, max_diff=12)
+    check_against_codec(sc, q.float(), cfg, out, max_diff=12, scale=scale)
     eager = (out.kv_indptr.clone(), out.kv_indices.clone())
 
     # Capture after planning other lengths, replay after planning the real ones.
     rpi_buf = sc.req_pool_indices.flip(0).contiguous()
     args = (sc.pool, sc.hist, sc.req_to_token)
     ws.plan(torch.tensor([9000, 8000, 65536, 12000]))
-    ws.run(q, *args, rpi_buf)  # warm up (Triton compiles outside the capture)
+    ws.run(q, *args, rpi_buf, scale=scale)  # warm up (Triton compiles outside the capture)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        g_out = ws.run(q, *args, rpi_buf)
+        g_out = ws.run(q, *args, rpi_buf, scale=scale)
     ws.plan(sc.seq_lens.cpu())
     rpi_buf.copy_(sc.req_pool_indices)
     ws.kv_indices.fill_(-1)

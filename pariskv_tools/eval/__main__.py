@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--calibration",
         type=Path,
-        help="also report pariskv_centred: ParisKV with this calibration file's key centres",
+        help="also report pariskv_calibrated: ParisKV with this calibration file's key centres "
+        "and channel scales",
     )
     r.add_argument(
         "--dense-first",
@@ -266,8 +267,12 @@ def main(argv: list[str] | None = None) -> None:
         methods = [m for m in methods if keep & set(m.names)]
     methods += [_variant(v) for v in args.variant]
     if args.calibration is not None:
-        centres = load_calibration(args.calibration).centres
-        methods.append(ParisKV(name="pariskv_centred", outputs=("full",), centres=centres))
+        cal = load_calibration(args.calibration)
+        methods.append(
+            ParisKV(
+                name="pariskv_calibrated", outputs=("full",), centres=cal.centres, scales=cal.scales
+            )
+        )
     settings = RetrievalSettings(
         fraction=args.fraction,
         sweep=args.sweep,

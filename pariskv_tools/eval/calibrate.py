@@ -7,6 +7,9 @@ decoding; the capture is cached like the evaluation's):
 * **Key centres**: the mean post-RoPE key per (layer, KV head) over the generated tokens.
   Generated keys are the model's own distribution, not the task's repeated filler; the
   mean is fixed once here, so serving never refits it (codes stay request-independent).
+* **Key channel scales**: per (layer, KV head, channel) s = √(σ_k / ρ_q), the spread of
+  the centred generated keys over the RMS of the decode queries of the head's group,
+  normalised to mean 1 over the channels (:mod:`sglang_pariskv.codec.encode` says why).
 * **Dense-layer recommendation**: per layer, the attention-mass recall of ParisKV (with
   those centres) at the given budget on the same decode steps; layers below
   ``dense_below`` are recommended dense (at most ``max_dense``, weakest first), which is
@@ -48,6 +51,31 @@ def key_centres(keys: list[torch.Tensor], start: int) -> torch.Tensor:
     return torch.stack([k[start:].double().mean(0) for k in keys]).to(torch.float32)
 
 
+#: Bounds of a channel's σ_k / ρ_q ratio relative to the head's mean ratio: a channel that
+#: never moves (σ_k = 0) or a query channel that is always 0 must not give a zero or an
+#: infinite scale.
+_RATIO_CLAMP = 1e-4
+
+
+def key_scales(
+    keys: list[torch.Tensor], queries: list[torch.Tensor], centres: torch.Tensor, start: int
+) -> torch.Tensor:
+    """Channel scales [L, Hkv, D] (float32, mean 1 per head): √(σ_k / ρ_q) with σ_k the RMS
+    of the centred keys at positions >= ``start`` and ρ_q the RMS of the queries
+    ``[S, Hq, D]`` of each KV head's group (query heads h·G .. h·G + G - 1)."""
+    out = []
+    for k, q, m in zip(keys, queries, centres):
+        k = k[start:].double() - m.double()
+        hkv, d = k.shape[1], k.shape[2]
+        q = q.double().reshape(q.shape[0], hkv, -1, d)
+        ratio = k.pow(2).mean(0).sqrt() / q.pow(2).mean((0, 2)).sqrt().clamp_min(1e-30)
+        mean = ratio.mean(-1, keepdim=True).clamp_min(1e-30)
+        ratio = torch.maximum(ratio, _RATIO_CLAMP * mean).minimum(mean / _RATIO_CLAMP)
+        s = ratio.sqrt()
+        out.append(s / s.mean(-1, keepdim=True))
+    return torch.stack(out).to(torch.float32)
+
+
 def recommend_dense(mass: list[float], dense_below: float, max_dense: int) -> list[int]:
     """Layers whose mass recall is below ``dense_below``, weakest first, at most
     ``max_dense`` of them, returned in layer order."""
@@ -55,11 +83,13 @@ def recommend_dense(mass: list[float], dense_below: float, max_dense: int) -> li
     return sorted(i for _, i in weak[:max_dense])
 
 
-def layer_mass(cap, centres: torch.Tensor, settings: CalibrateSettings) -> dict[str, list[float]]:
-    """Per-layer mean attention-mass recall of ParisKV (centred) and of exact top-k at
+def layer_mass(
+    cap, centres: torch.Tensor, scales: torch.Tensor | None, settings: CalibrateSettings
+) -> dict[str, list[float]]:
+    """Per-layer mean attention-mass recall of ParisKV (calibrated) and of exact top-k at
     ``settings.fraction``, on every ``step_stride``-th decode step."""
     budget = budget_for(settings.fraction, cap.prompt_len)
-    methods = [ParisKV(outputs=("full",), centres=centres), ExactTopK()]
+    methods = [ParisKV(outputs=("full",), centres=centres, scales=scales), ExactTopK()]
     out: dict[str, list[float]] = {"pariskv": [], "exact_topk": []}
     for layer in range(cap.n_layers):
         full = layer_trace(cap, layer)
@@ -83,7 +113,9 @@ def run_calibrate(
     """Capture (or reload) the calibration text, measure, and write ``out``."""
     cap = load_or_capture(settings.context, settings.n_decode, settings.seed, cache_dir, model)
     centres = key_centres(cap.keys, cap.prompt_len)
-    mass = layer_mass(cap, centres, settings)
+    queries = [layer_trace(cap, i).queries for i in range(cap.n_layers)]
+    scales = key_scales(cap.keys, queries, centres, cap.prompt_len)
+    mass = layer_mass(cap, centres, scales, settings)
     max_dense = settings.max_dense
     if max_dense is None:
         max_dense = max(1, cap.n_layers // 8)
@@ -93,10 +125,12 @@ def run_calibrate(
         "command": command,
         "settings": {
             "task": settings.context.task,
+            "context_tokens": settings.context.tokens,
             "prompt_len": cap.prompt_len,
             "n_decode": cap.n_decode,
             "seed": settings.seed,
             "centres_from": "generated tokens (positions >= prompt_len)",
+            "scales_from": "sqrt(key std / query RMS) per channel: generated keys, decode queries",
             "budget_fraction": settings.fraction,
             "dense_below": settings.dense_below,
             "max_dense": max_dense,
@@ -105,6 +139,19 @@ def run_calibrate(
         "layer_mass_recall": [round(m, 4) for m in mass["pariskv"]],
         "exact_layer_mass_recall": [round(m, 4) for m in mass["exact_topk"]],
     }
-    save_calibration(out, centres, dense, **extra)
+    save_calibration(out, centres, dense, scales=scales, **extra)
     print(f"wrote {out}: dense layers recommended {dense}", file=sys.stderr)
     return {"dense_layers": dense, **extra}
+
+
+def calibration_capture(settings: dict, model: ModelSource, cache_dir: Path):
+    """The (cached) capture of the calibration text a file's ``settings`` record (the
+    defaults of :class:`CalibrateSettings` where a field is missing)."""
+    d = CalibrateSettings()
+    spec = ContextSpec(
+        "calib",
+        str(settings.get("task", d.context.task)),
+        int(settings.get("context_tokens", d.context.tokens)),
+    )
+    n_decode = int(settings.get("n_decode", d.n_decode))
+    return load_or_capture(spec, n_decode, int(settings.get("seed", d.seed)), cache_dir, model)

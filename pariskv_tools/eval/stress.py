@@ -1,13 +1,16 @@
 """``python -m pariskv_tools.eval stress``: ParisKV on real keys under controlled distortions
-(:mod:`pariskv_tools.eval.stress_cases`), with and without key centring, reporting where
-the exact top-100 is lost.
+(:mod:`pariskv_tools.eval.stress_cases`), plain, with key centres, and with centres and
+channel scales, reporting where the exact top-100 is lost.
 
 For every case, layer and scored decode step, at the 10% budget rule of the evaluation:
-recall@100 and attention-mass recall of ParisKV (plain, and centred with the calibration
-file's centres mapped through the case's distortion), of ParisKV reranking every zone key
-(candidate ratio 1.0: what the collision stage costs), and the exact top-k's mass. A key of
-the exact top-100 that ParisKV's top-100 misses is lost either at the **collision** stage
-(not a candidate) or at the **rerank** (a candidate the 3-bit estimate ranked below 100).
+recall@100 and attention-mass recall of ParisKV in three variants: **plain** (no
+calibration), **centred** (key centres only) and **calibrated** (centres and channel
+scales, what ``--pariskv-calibration`` serves), each measured by the calibrate tool's own
+functions on the calibration text distorted the same way (what a calibration of the
+distorted model would write); of ParisKV reranking every zone key (candidate ratio 1.0:
+what the collision stage costs); and the exact top-k's mass. A key of the exact top-100
+that ParisKV's top-100 misses is lost either at the **collision** stage (not a candidate)
+or at the **rerank** (a candidate the 3-bit estimate ranked below 100).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 
 from pariskv_tools.cli import HelpFormatter, add_model_args
 from pariskv_tools.eval.budget import budget_for
+from pariskv_tools.eval.calibrate import calibration_capture, key_centres, key_scales
 from pariskv_tools.eval.captures import ContextSpec, default_cache_dir, layer_trace, load_or_capture
 from pariskv_tools.eval.layer_eval import evaluate_layer, exact_scores
 from pariskv_tools.eval.methods import ExactTopK, ParisKV
@@ -36,7 +40,7 @@ from sglang_pariskv.calibration import load_calibration
 from sglang_pariskv.config import ParisKVConfig
 
 RECALL_K = 100
-VARIANTS = ("plain", "centred")
+VARIANTS = ("plain", "centred", "calibrated")
 
 
 class LossTracker:
@@ -80,16 +84,29 @@ def loss_by_stage(
     }
 
 
-def _methods(centre: torch.Tensor) -> tuple[list, dict[str, LossTracker]]:
+def case_calibration(
+    case: Case, ref: LayerTrace, rope_theta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(centre, channel scales) [Hkv', D'] that the calibrate tool measures on the
+    reference (calibration) trace under ``case``'s distortion."""
+    t = apply_case(case, ref, rope_theta)
+    centre = key_centres([t.keys], t.prompt_len)
+    return centre[0], key_scales([t.keys], [t.queries], centre, t.prompt_len)[0]
+
+
+def _methods(centre: torch.Tensor, scale: torch.Tensor) -> tuple[list, dict[str, LossTracker]]:
     every = ParisKVConfig(candidate_ratio=1.0)
+    calib = {"plain": {}, "centred": {"centres": centre}}
+    calib["calibrated"] = {"centres": centre, "scales": scale}
     trackers = {
-        "plain": LossTracker(ParisKV(name="plain", outputs=("full", "stage1"))),
-        "centred": LossTracker(ParisKV(name="centred", outputs=("full", "stage1"), centres=centre)),
+        v: LossTracker(ParisKV(name=v, outputs=("full", "stage1"), **kw)) for v, kw in calib.items()
     }
     methods = [
         *trackers.values(),
-        ParisKV(every, name="plain_rerank_all", outputs=("full",)),
-        ParisKV(every, name="centred_rerank_all", outputs=("full",), centres=centre),
+        *(
+            ParisKV(every, name=f"{v}_rerank_all", outputs=("full",), **kw)
+            for v, kw in calib.items()
+        ),
         ExactTopK(),
     ]
     return methods, trackers
@@ -105,8 +122,9 @@ def _steps(trace: LayerTrace, case: Case, stride: int) -> LayerTrace:
     return trace
 
 
-def run_case(case, cap, cal, layers, stride, rope_theta, calib_positions) -> dict:
-    """Means over layers, KV heads and scored steps of every metric of one case."""
+def run_case(case, cap, calib_cap, layers, stride, rope_theta) -> dict:
+    """Means over layers, KV heads and scored steps of every metric of one case;
+    ``calib_cap``: the calibration text's capture (the distortions' reference)."""
     budget = budget_for(0.10, cap.prompt_len)
     sums: dict[str, list[float]] = {}
 
@@ -114,10 +132,10 @@ def run_case(case, cap, cal, layers, stride, rope_theta, calib_positions) -> dic
         sums.setdefault(key, []).append(float(value.double().mean()))
 
     for layer in layers:
-        trace = _steps(layer_trace(cap, layer), case, stride)
-        trace, centre = apply_case(case, trace, cal.centres[layer], calib_positions, rope_theta)
+        ref = layer_trace(calib_cap, layer)
+        trace = apply_case(case, _steps(layer_trace(cap, layer), case, stride), rope_theta, ref=ref)
         add("common_cosine", torch.tensor(common_cosine(trace.keys)))
-        methods, trackers = _methods(centre)
+        methods, trackers = _methods(*case_calibration(case, ref, rope_theta))
         res = evaluate_layer(trace, methods, budget).metrics
         add("exact_mass_recall", res["exact_topk"]["mass_recall"])
         for v in VARIANTS:
@@ -140,17 +158,17 @@ def run_case(case, cap, cal, layers, stride, rope_theta, calib_positions) -> dic
 
 
 def table(cases: list[dict]) -> str:
-    """Markdown: per case, plain → centred for recall@100, mass, and the losses."""
+    """Markdown: per case, plain → centred → calibrated for recall@100, mass, and the
+    losses."""
     head = (
         "| case | cos to mean | recall@100 | mass (exact) | lost at collision | lost at rerank "
         "| rerank-all recall@100 |\n|---|---|---|---|---|---|---|"
     )
     rows = [head]
     for c in cases:
-        p, q = c["plain"], c["centred"]
 
-        def pair(key: str, p=p, q=q) -> str:
-            return f"{p[key]:.3f} → {q[key]:.3f}"
+        def pair(key: str, c=c) -> str:
+            return " → ".join(f"{c[v][key]:.3f}" for v in VARIANTS)
 
         rows.append(
             f"| {c['name']} | {c['common_cosine']:.2f} | {pair('recall_at_100')} | "
@@ -200,26 +218,21 @@ def run_stress_cli(args, argv: list[str]) -> dict:
     cal = load_calibration(args.calibration)
     cal.check_model(model.config.num_hidden_layers, cal.head_dim)
     spec = ContextSpec(f"{args.context}", args.task, args.context)
-    cap = load_or_capture(
-        spec, args.n_decode, args.seed, args.cache_dir or default_cache_dir(args.cache_root), model
-    )
+    cache_dir = args.cache_dir or default_cache_dir(args.cache_root)
+    cap = load_or_capture(spec, args.n_decode, args.seed, cache_dir, model)
+    calib_cap = calibration_capture(cal.extra.get("settings", {}), model, cache_dir)
     layers = [int(x) for x in args.layers.split(",")]
     cases = default_cases()
     if args.cases:
         keep = set(args.cases.split(","))
         cases = [c for c in cases if c.name in keep]
     rope_theta = float(model.config.rope_parameters["rope_theta"])
-    settings = cal.extra.get("settings", {})
-    start = int(settings.get("prompt_len", 0))
-    calib_positions = torch.arange(start, start + int(settings.get("n_decode", 1)))
     if args.dense_gain is not None:
-        return dense_gain(cap, cal, args, rope_theta, calib_positions)
+        return dense_gain(cap, calib_cap, cal, args, rope_theta)
     results = []
     for case in cases:
         print(f"[stress] {case.name}", file=sys.stderr, flush=True)
-        results.append(
-            run_case(case, cap, cal, layers, args.step_stride, rope_theta, calib_positions)
-        )
+        results.append(run_case(case, cap, calib_cap, layers, args.step_stride, rope_theta))
     doc = {
         "command": "python -m pariskv_tools.eval " + shlex.join(argv),
         "git_commit": git_commit(),
@@ -232,8 +245,9 @@ def run_stress_cli(args, argv: list[str]) -> dict:
             "decode_step_stride": args.step_stride,
             "recall_k": RECALL_K,
             "calibration": str(args.calibration),
-            "centres": "calibration centres (generated text of another prompt), mapped "
-            "through each case's distortion",
+            "calibration_of_a_case": "the calibrate tool's centres and channel scales, "
+            "measured on the calibration file's text (another prompt) under the case's "
+            "distortion",
         },
         "runtime_s": round(time.monotonic() - t0, 1),
         "cases": results,
@@ -252,13 +266,13 @@ def with_dense(per_layer: list[float], dense: list[int]) -> float:
     return sum(1.0 if i in dense else m for i, m in enumerate(per_layer)) / len(per_layer)
 
 
-def dense_gain(cap, cal, args, rope_theta: float, calib_positions: torch.Tensor) -> dict:
+def dense_gain(cap, calib_cap, cal, args, rope_theta: float) -> dict:
     """What --pariskv-dense-layers buys on the real trace: per-layer masses, then the mean
     over layers with the calibration's recommendation and with the first 1-3 layers dense
     (each dense layer reads its full KV: the KV read grows by (1 - budget) / L per layer)."""
     real = Case("real")
     per = [
-        run_case(real, cap, cal, [la], args.step_stride, rope_theta, calib_positions)
+        run_case(real, cap, calib_cap, [la], args.step_stride, rope_theta)
         for la in range(cap.n_layers)
     ]
     mass = {v: [p[v]["mass_recall"] for p in per] for v in VARIANTS}

@@ -1,8 +1,10 @@
 """Controlled distortions of real keys and queries for the retrieval stress suite.
 
 Each case turns one layer of a real capture into a trace with a key distribution unlike
-the model's own, and transforms that layer's calibration centres by the same map, so a
-centred run sees what a calibration of the distorted model would have written. Most maps
+the model's own. A distortion is a property of a (hypothetical) model, so its magnitudes
+come from a reference trace (the calibration text's, :func:`apply_case`'s ``ref``) and
+are applied alike to that trace and to the evaluated one; a calibration of the distorted
+model is then what the calibrate tool measures on the distorted reference. Most maps
 leave every q·k up to a per-query constant (so the exact top-k and the dense attention are
 those of the real trace) and change only what the codes see:
 
@@ -76,9 +78,9 @@ def _regroup(queries: torch.Tensor, hkv: int, g: int) -> torch.Tensor:
     return queries[:, rows]
 
 
-def _widen(keys, values, queries, centres):
-    """Pair KV head j with j+1 (cyclic) into head_dim 2·D: keys, values, centres, and
-    each query head with the same member of the next head's group."""
+def _widen(keys, values, queries):
+    """Pair KV head j with j+1 (cyclic) into head_dim 2·D: keys, values, and each query
+    head with the same member of the next head's group."""
     hkv = keys.shape[1]
     group = queries.shape[1] // hkv
     nxt = [(j + 1) % hkv for j in range(hkv)]
@@ -87,7 +89,6 @@ def _widen(keys, values, queries, centres):
         torch.cat([keys, keys[:, nxt]], -1),
         torch.cat([values, values[:, nxt]], -1),
         torch.cat([queries, queries[:, q_rows]], -1),
-        torch.cat([centres, centres[nxt]], -1),
     )
 
 
@@ -102,47 +103,49 @@ def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor
     return x[None] * cos[:, None] + rot[None] * sin[:, None]
 
 
-def apply_case(
-    case: Case,
-    trace: LayerTrace,
-    centres: torch.Tensor,
-    calib_positions: torch.Tensor,
-    rope_theta: float,
-    seed: int = 0,
-) -> tuple[LayerTrace, torch.Tensor]:
-    """(distorted trace, its layer's centres [Hkv', D']) for ``case``.
-
-    ``centres``: the layer's calibration centres [Hkv, D]; ``calib_positions``: the
-    positions they were averaged over (a pre-RoPE bias is averaged over the same ones)."""
-    gen = torch.Generator().manual_seed(seed * 1000 + max(trace.layer, 0))
-    keys, queries, c = trace.keys.double(), trace.queries.double(), centres.double()
-    values = trace.values
+def _structure(case: Case, trace: LayerTrace, ch: torch.Tensor | None):
+    """The shape-changing and channel maps of ``case`` (group, widen, outlier channels
+    ``ch``) on one trace: float64 (keys, values, queries)."""
+    keys, queries, values = trace.keys.double(), trace.queries.double(), trace.values
     if case.group is not None:
         queries = _regroup(queries, keys.shape[1], case.group)
     if case.widen:
-        keys, values, queries, c = _widen(keys, values, queries, c)
-    d = keys.shape[-1]
-    if case.outliers:
-        ch = torch.randperm(d, generator=gen)[: case.outliers]
+        keys, values, queries = _widen(keys, values, queries)
+    if ch is not None:
+        keys, queries = keys.clone(), queries.clone()
         keys[..., ch] *= OUTLIER_SCALE
         queries[..., ch] /= OUTLIER_SCALE
-        c[..., ch] *= OUTLIER_SCALE
+    return keys, values, queries
+
+
+def apply_case(
+    case: Case,
+    trace: LayerTrace,
+    rope_theta: float,
+    seed: int = 0,
+    ref: LayerTrace | None = None,
+) -> LayerTrace:
+    """The distorted trace of ``case``. Random choices (outlier channels, the common
+    direction) depend on ``seed`` and the layer only; magnitudes (the RMS key norm that
+    ``common`` and ``bias`` scale) come from ``ref`` under the same maps (default: the
+    trace itself), so two traces of one layer get the same distortion."""
+    gen = torch.Generator().manual_seed(seed * 1000 + max(trace.layer, 0))
+    d = trace.keys.shape[-1] * (2 if case.widen else 1)
+    ch = torch.randperm(d, generator=gen)[: case.outliers] if case.outliers else None
+    keys, values, queries = _structure(case, trace, ch)
+    ref_keys = keys if ref is None else _structure(case, ref, ch)[0]
     hkv = keys.shape[1]
     direction = torch.nn.functional.normalize(
         torch.randn(hkv, d, generator=gen, dtype=torch.float64), dim=-1
     )
-    rms = keys.pow(2).sum(-1).mean(0).sqrt()[:, None]  # [H, 1]
+    rms = ref_keys.pow(2).sum(-1).mean(0).sqrt()[:, None]  # [H, 1]
     if case.common:
-        shift = case.common * rms * direction
-        keys, c = keys + shift, c + shift
+        keys = keys + case.common * rms * direction
     if case.bias:
-        b = case.bias * rms * direction
-        keys = keys + rope(b, torch.arange(keys.shape[0]), rope_theta)
-        c = c + rope(b, calib_positions, rope_theta).mean(0)
-    out = LayerTrace(
+        keys = keys + rope(case.bias * rms * direction, torch.arange(keys.shape[0]), rope_theta)
+    return LayerTrace(
         keys.float(), values, queries.float(), trace.seq_lens, trace.prompt_len, trace.layer
     )
-    return out, c.float()
 
 
 def common_cosine(keys: torch.Tensor, start: int = 0) -> float:

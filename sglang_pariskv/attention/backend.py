@@ -468,6 +468,7 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             self.req_to_token_pool.req_to_token,
             self._rpi32,
             reuse=self.reuse.layer(local) if self.reuse is not None else None,
+            scale=self.codes.calibration(local)[1],
         )
         self.observer.stop(local)
         if self.offload is not None:

@@ -1,12 +1,21 @@
 """Key encoding: sign ids, 3-bit magnitudes and per-block weights (docs/design.md steps 1–5).
 
-Keys are first centred: k' = k - m with m a fixed vector per (layer, KV head) (zero unless a
-calibration file gives one, see :mod:`sglang_pariskv.calibration`). When keys share a large
-common direction, the signs of R·k say little about q·k; those of R·(k - m) do, and the
-ranking by q·(k - m) = q·k - q·m is the ranking by q·k for every query. The query side is
-unchanged and attention reads the real keys. m never depends on a request, so a slot's code
-does not depend on which request wrote it (radix sharing) and nothing is refit as
-generation goes on. Below, k stands for the centred key.
+Keys are first calibrated: k' = (k - m) / s, with m a fixed centre and s fixed positive
+channel scales per (layer, KV head) (m = 0 and s = 1 unless a calibration file gives
+them, see :mod:`sglang_pariskv.calibration`); the query side multiplies by the same s
+(:mod:`.query`). Since (s ∘ q)·((k - m) / s) = q·k - q·m, every query ranks the keys
+exactly as q·k does, while the codes see a better-conditioned distribution:
+
+* the centre removes a large common direction, which otherwise fixes most sign bits of
+  R·k whatever the key;
+* the scales balance channel magnitudes between keys and queries (s_c = √(σ_k,c / ρ_q,c),
+  key spread over query RMS per channel): an outlier channel of the keys (or the rotating
+  image of a pre-RoPE key bias) otherwise dominates R·k and its signs, although the
+  queries barely weigh it.
+
+Attention reads the real keys. m and s never depend on a request, so a slot's code does
+not depend on which request wrote it (radix sharing) and nothing is refit as generation
+goes on. Below, k stands for the calibrated key.
 
 Per key and 8-dim block b of the rotated unit key k~:
   * ``signs[b]``: one byte, bit j set iff k~_bj >= 0. It is both the coarse (collision)
@@ -91,17 +100,25 @@ def unpack_magnitudes(mags: torch.Tensor) -> torch.Tensor:
     return ((word[..., None] >> shifts) & 7).to(torch.int64)
 
 
-def encode_keys(keys: torch.Tensor, seed: int = 0, centre: torch.Tensor | None = None) -> KeyCodes:
+def encode_keys(
+    keys: torch.Tensor,
+    seed: int = 0,
+    centre: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+) -> KeyCodes:
     """Encode keys ``[..., D]`` (fp16/bf16/fp32/fp64, CPU or CUDA) into :class:`KeyCodes`.
 
-    ``centre``: the fixed key centre m, broadcastable to ``keys`` (e.g. ``[Hkv, D]`` for
-    keys ``[T, Hkv, D]``); the code is that of ``keys - m``. None: m = 0.
+    ``centre`` m and ``scale`` s: the fixed calibration, each broadcastable to ``keys``
+    (e.g. ``[Hkv, D]`` for keys ``[T, Hkv, D]``); the code is that of ``(keys - m) / s``.
+    None: m = 0, s = 1.
     """
     check_head_dim(keys.shape[-1])
     dt = _compute_dtype(keys)
     k = keys.to(dt)
     if centre is not None:
         k = k - centre.to(device=k.device, dtype=dt)
+    if scale is not None:
+        k = k / scale.to(device=k.device, dtype=dt)
     norm = torch.linalg.vector_norm(k, dim=-1, keepdim=True)
     unit = k / norm.clamp_min(torch.finfo(dt).tiny)
     blocks = split_blocks(rotate(unit, seed))  # [..., B, 8]

@@ -43,12 +43,14 @@ def retrieve(
     seq_lens: torch.Tensor,
     config: ParisKVConfig,
     hist: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
 ) -> Retrieval:
     """Pick the attended token positions for decode queries ``[R, Hq, D]``.
 
     codes: [R, N, Hkv, ...] codes of every request's keys (positions >= seq_len ignored);
     hist: optional per-request centroid histograms [R, Hkv, B, 256] over the first
-    seq_len keys (what the serving path keeps incrementally); computed when omitted.
+    seq_len keys (what the serving path keeps incrementally); computed when omitted;
+    scale: the calibration's channel scales [Hkv, D] the codes were encoded with (None: 1).
     """
     r, n, hkv, _ = codes.signs.shape
     dev = codes.signs.device
@@ -61,7 +63,7 @@ def retrieve(
 
     if hist is None:
         hist = centroid_histogram(codes.signs, seq_lens)
-    q = prepare_query(query, hkv, config.rotation_seed)
+    q = prepare_query(query, hkv, config.rotation_seed, scale)
     thresholds = tier_thresholds(hist[:, 0, 0].sum(-1), coll_ratio, config)
     tiers = centroid_tiers(q.blocks, hist, thresholds)
     scores = collision_scores(codes.signs, tiers)

@@ -53,9 +53,12 @@ class KeptSelection:
         )
 
 
-def unit_query(query: torch.Tensor, num_kv_heads: int, seed: int) -> torch.Tensor:
-    """The rotated unit group-mean query [R, Hkv, D] of decode queries [R, Hq, D]."""
-    return prepare_query(query, num_kv_heads, seed).blocks.flatten(-2)
+def unit_query(
+    query: torch.Tensor, num_kv_heads: int, seed: int, scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The rotated unit group-mean query [R, Hkv, D] of decode queries [R, Hq, D] (with the
+    calibration's channel scales [Hkv, D], as retrieval prepares it)."""
+    return prepare_query(query, num_kv_heads, seed, scale).blocks.flatten(-2)
 
 
 def needs_retrieval(
@@ -87,14 +90,15 @@ def retrieve_with_reuse(
     kept: KeptSelection,
     hist: torch.Tensor | None = None,
     granularity: str = "layer",
+    scale: torch.Tensor | None = None,
 ) -> tuple[Retrieval, KeptSelection, torch.Tensor]:
     """One decode step of one layer with reuse: (attended set, the new kept state, bool
     [R, Hkv] rows that retrieved). Inputs as :func:`codec.pipeline.retrieve`; ``kept``
     from the previous step (or :meth:`KeptSelection.empty`). With
     ``config.reuse_threshold`` 0 every sparse row retrieves: exactly ``retrieve``."""
     r, _, hkv, _ = codes.signs.shape
-    fresh = retrieve(query, codes, seq_lens, config, hist=hist)
-    unit = unit_query(query, hkv, config.rotation_seed).to(kept.query.dtype)
+    fresh = retrieve(query, codes, seq_lens, config, hist=hist, scale=scale)
+    unit = unit_query(query, hkv, config.rotation_seed, scale).to(kept.query.dtype)
     sparse = ~fresh.dense[:, None].expand(r, hkv)
     if config.reuses:
         need = needs_retrieval(

@@ -10,7 +10,8 @@
 // walk all 256 scores from shared memory: 31 us against Triton's 17 at 128K x 1.)
 //
 // Block = one (request, KV head, block b), 256 threads (one per centroid c):
-//   1. the group mean of the KV head's G query heads (fp32), its norm and the unit mean;
+//   1. the group mean of the KV head's G query heads (fp32), times the head's calibration
+//      channel scales when `scale` is given, its norm and the unit mean;
 //   2. the block's 8 rotated coordinates qv_j = sum_d rot[8b + j, d] * unit[d] (one warp
 //      each), written to the prepared-query buffer the rerank reads;
 //   3. s_c = sum_j (+qv_j if bit j of c else -qv_j) in float64, summed in the order
@@ -51,7 +52,8 @@ __device__ __forceinline__ float warp_sum(float v) {
 template <typename T>
 __global__ void __launch_bounds__(THREADS)
     query_tiers_kernel(const T* __restrict__ q, int64_t stride_qr, int64_t stride_qh,
-                       const float* __restrict__ rot, const int32_t* __restrict__ hist,
+                       const float* __restrict__ scale, const float* __restrict__ rot,
+                       const int32_t* __restrict__ hist,
                        const int32_t* __restrict__ req_idx, const int64_t* __restrict__ thr,
                        float* __restrict__ blocks, float* __restrict__ norm_out,
                        uint8_t* __restrict__ tiers, int32_t* __restrict__ shist,
@@ -87,6 +89,7 @@ __global__ void __launch_bounds__(THREADS)
       if (qc != nullptr) qc[g * D] = x;
     }
     m /= static_cast<float>(G);
+    if (scale != nullptr) m *= scale[static_cast<int64_t>(h) * D + tid];
   }
   const float sq = warp_sum(m * m);
   if (lane == 0) red[warp] = sq;
@@ -174,9 +177,10 @@ __global__ void __launch_bounds__(THREADS)
 
 }  // namespace
 
-// dtype: 0 = float32, 1 = float16, 2 = bfloat16 (the query's).
+// dtype: 0 = float32, 1 = float16, 2 = bfloat16 (the query's); scale: fp32 [H, D] or null.
 extern "C" int pariskv_query_tiers(const void* q, int64_t stride_qr, int64_t stride_qh,
-                                   int dtype, const void* rot, const void* hist,
+                                   int dtype, const void* scale, const void* rot,
+                                   const void* hist,
                                    const void* req_idx, const void* thr, void* blocks,
                                    void* norm, void* tiers, void* shist, void* q_copy, int R,
                                    int H, int B, int G, int NT, int NBP, void* stream) {
@@ -188,7 +192,8 @@ extern "C" int pariskv_query_tiers(const void* q, int64_t stride_qr, int64_t str
   auto st = static_cast<cudaStream_t>(stream);
 #define PARISKV_LAUNCH(TT)                                                                   \
   query_tiers_kernel<TT><<<grid, THREADS, 0, st>>>(                                          \
-      static_cast<const TT*>(q), stride_qr, stride_qh, static_cast<const float*>(rot),       \
+      static_cast<const TT*>(q), stride_qr, stride_qh, static_cast<const float*>(scale),     \
+      static_cast<const float*>(rot),                                                        \
       static_cast<const int32_t*>(hist), static_cast<const int32_t*>(req_idx),               \
       static_cast<const int64_t*>(thr), static_cast<float*>(blocks),                         \
       static_cast<float*>(norm), static_cast<uint8_t*>(tiers), static_cast<int32_t*>(shist), \

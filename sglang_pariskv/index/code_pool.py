@@ -4,10 +4,11 @@ A slot's code is written whenever its key is, so it is exactly as valid as the K
 cache prefix hits hand out slot ids whose codes are already there, and a reused slot is
 overwritten by its next writer together with its KV. Nothing here tracks requests.
 
-Keys are encoded relative to a fixed centre per (layer, KV head) when one is given (from a
-calibration file, see :mod:`sglang_pariskv.calibration`): one tensor made at construction
-and never replaced, so the codes do not depend on the writing request and captured CUDA
-graphs keep reading the same memory.
+Keys are encoded relative to a fixed calibration per (layer, KV head) when one is given
+(centres and channel scales from a calibration file, see
+:mod:`sglang_pariskv.calibration`): tensors made at construction and never replaced, so
+the codes do not depend on the writing request and captured CUDA graphs keep reading the
+same memory. Retrieval reads the same scales for its queries (:attr:`CodePool.scales`).
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import torch
 from sglang_pariskv.codec.encode import KeyCodes, encode_keys
 from sglang_pariskv.codec.layout import record_bytes
 
-#: Encoder hook: (keys [T, H, D], seed, centre [H, D] or None) -> KeyCodes [T, H, ...].
-#: The GPU path swaps in the fused Triton kernel; the default is the codec (any device).
-Encoder = Callable[[torch.Tensor, int, "torch.Tensor | None"], KeyCodes]
+#: Encoder hook: (keys [T, H, D], seed, centre [H, D] or None, scale [H, D] or None) ->
+#: KeyCodes [T, H, ...]. The GPU path swaps in the fused Triton kernel; the default is the
+#: codec (any device).
+Encoder = Callable[[torch.Tensor, int, "torch.Tensor | None", "torch.Tensor | None"], KeyCodes]
 
 
 def code_bytes_per_token(num_kv_heads: int, head_dim: int, num_layers: int) -> int:
@@ -42,9 +44,10 @@ class CodePool:
         seed: int = 0,
         encoder: Encoder | None = None,
         centres: torch.Tensor | None = None,
+        scales: torch.Tensor | None = None,
     ):
-        """``centres``: float ``[num_layers, num_kv_heads, head_dim]`` key centres (copied to
-        ``device`` as float32), or None to encode keys as they are."""
+        """``centres`` and ``scales``: float ``[num_layers, num_kv_heads, head_dim]`` key
+        centres and channel scales (copied to ``device`` as float32), or None for 0 and 1."""
         b = head_dim // 8
         record_bytes(head_dim)  # validates head_dim
         self.num_slots, self.num_kv_heads, self.head_dim = num_slots, num_kv_heads, head_dim
@@ -54,15 +57,23 @@ class CodePool:
         if encoder is None and torch.device(device).type != "cuda":
             encoder = encode_keys
         self.encoder: Encoder | None = encoder
-        if centres is not None and tuple(centres.shape) != (num_layers, num_kv_heads, head_dim):
-            raise ValueError(
-                f"key centres of shape {tuple(centres.shape)} for a pool of {num_layers} "
-                f"layers x {num_kv_heads} KV heads x head_dim {head_dim}"
-            )
-        #: float32 [layers, Hkv, D] on the pool's device, or None (no centring).
-        self.centres: torch.Tensor | None = (
-            None if centres is None else centres.to(device=device, dtype=torch.float32).contiguous()
-        )
+        want = (num_layers, num_kv_heads, head_dim)
+        for name, x in (("centres", centres), ("channel scales", scales)):
+            if x is not None and tuple(x.shape) != want:
+                raise ValueError(
+                    f"key {name} of shape {tuple(x.shape)} for a pool of {num_layers} "
+                    f"layers x {num_kv_heads} KV heads x head_dim {head_dim}"
+                )
+        if scales is not None and not bool((scales > 0).all()):
+            raise ValueError("key channel scales must be positive")
+
+        def on_device(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x.to(device=device, dtype=torch.float32).contiguous()
+
+        #: float32 [layers, Hkv, D] on the pool's device, or None (0: no centring).
+        self.centres = on_device(centres)
+        #: float32 [layers, Hkv, D] on the pool's device, or None (1: no scaling).
+        self.scales = on_device(scales)
         self.layers: list[KeyCodes] = [
             KeyCodes(
                 signs=torch.zeros(num_slots, num_kv_heads, b, dtype=torch.uint8, device=device),
@@ -81,15 +92,22 @@ class CodePool:
             return
         keys = keys.reshape(keys.shape[0], self.num_kv_heads, self.head_dim)
         dst = self.layers[layer]
-        centre = None if self.centres is None else self.centres[layer]
+        centre, scale = self.calibration(layer)
         if self.encoder is None:
             from sglang_pariskv.kernels.encode import encode_to_pool
 
             # fused Triton pass, in place
-            encode_to_pool(keys, loc, dst, seed=self.seed, centre=centre)
+            encode_to_pool(keys, loc, dst, seed=self.seed, centre=centre, scale=scale)
         else:
-            for d, s in zip(dst, self.encoder(keys, self.seed, centre)):
+            for d, s in zip(dst, self.encoder(keys, self.seed, centre, scale)):
                 d[loc] = s
+
+    def calibration(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(centre, channel scales) of ``layer``'s heads, each fp32 [Hkv, D] or None."""
+        return (
+            None if self.centres is None else self.centres[layer],
+            None if self.scales is None else self.scales[layer],
+        )
 
     def move(self, tgt_loc: torch.Tensor, src_loc: torch.Tensor) -> None:
         """Copy codes between slots (mirrors ``KVCache.move_kv_cache``)."""

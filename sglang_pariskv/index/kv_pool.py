@@ -48,6 +48,7 @@ class ParisKVTokenToKVPool(MHATokenToKVPool):
                 "--kv-cache-dtype auto"
             )
         super().__init__(*args, **kwargs)
+        centres, scales = self._key_calibration()
         self.pariskv = CodePool(
             num_slots=self.size + self.page_size,
             num_kv_heads=self.head_num,
@@ -55,23 +56,26 @@ class ParisKVTokenToKVPool(MHATokenToKVPool):
             num_layers=self.layer_num,
             device=self.device,
             seed=self.pariskv_config.rotation_seed,
-            centres=self._key_centres(),
+            centres=centres,
+            scales=scales,
         )
 
-    def _key_centres(self) -> torch.Tensor | None:
-        """This rank's key centres [layers, KV heads, D] from the calibration file, checked
-        against the pool's shape; None without a calibration file."""
+    def _key_calibration(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """This rank's key (centres, channel scales), each [layers, KV heads, D] or None,
+        from the calibration file, checked against the pool's shape; (None, None) without
+        a calibration file."""
         path = self.pariskv_config.calibration
         if path is None:
-            return None
+            return None, None
         from sglang_pariskv.calibration import load_calibration
 
         cal = load_calibration(path)
         start = getattr(self, "start_layer", 0) or 0
         cal.check_model(start + self.layer_num, self.head_dim)
         rank, size = tp_position()
-        centres = cal.rank_centres(rank, size, self.head_num)
-        return centres[start : start + self.layer_num]
+        centres, scales = cal.for_rank(rank, size, self.head_num)
+        mine = slice(start, start + self.layer_num)
+        return centres[mine], None if scales is None else scales[mine]
 
     def written_slots(self, layer, loc_info, kwargs) -> tuple[int, torch.Tensor]:
         """(this pool's layer index, slot ids) of a ``set_kv_buffer`` call."""

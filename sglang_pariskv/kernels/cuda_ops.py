@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from sglang_pariskv.kernels.query_tiers import check_query_scale
+
 #: Shipped inside the package (package data) so a wheel install has the sources too.
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 logger = logging.getLogger("sglang_pariskv")
@@ -52,7 +54,7 @@ _KERNELS: dict[str, tuple[str, list]] = {
         [_P] * 9 + [_I64] + [_P] * 9 + [_I64, _I64, _I32, _I64] + [_I32] * 4 + [_P],
     ),
     "topk": ("top-k", [_P, _P, _P, _P, _I64] + [_I32] * 4 + [_P]),
-    "query_tiers": ("query + tier table", [_P, _I64, _I64, _I32] + [_P] * 9 + [_I32] * 6 + [_P]),
+    "query_tiers": ("query + tier table", [_P, _I64, _I64, _I32] + [_P] * 10 + [_I32] * 6 + [_P]),
 }
 
 
@@ -139,6 +141,7 @@ def query_tier_table_cuda(
     tiers_out: torch.Tensor,
     score_hist: torch.Tensor,
     query_copy: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
 ) -> None:
     """CUDA twin of :func:`query_tiers.query_tier_table` (csrc/query_tiers.cu): same
     arguments and outputs; ``query_out`` is a :class:`codec.query.PreparedQuery`.
@@ -157,8 +160,9 @@ def query_tier_table_cuda(
         tiers=(tiers_out, torch.uint8),
         score_hist=(score_hist, torch.int32),
     )
-    r, hq, _ = q.shape
+    r, hq, d = q.shape
     _, h, b, _ = tiers_out.shape
+    check_query_scale(scale, h, d)
     if r == 0:
         return
     if q.stride(-1) != 1:
@@ -177,6 +181,7 @@ def query_tier_table_cuda(
         q.stride(0),
         q.stride(1),
         _QUERY_DTYPES[q.dtype],
+        0 if scale is None else scale.data_ptr(),
         rotation.data_ptr(),
         hist.data_ptr(),
         req_pool_indices.data_ptr(),

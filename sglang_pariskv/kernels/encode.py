@@ -1,10 +1,10 @@
 """Encode-at-write: post-RoPE keys -> ParisKV codes in the slot-keyed pool (docs/design.md 1-5).
 
-One fused pass per block of (token, head) rows: load the key, subtract its head's fixed
-centre (when the pool has one: ``codec.encode`` explains why centring keeps the ranking),
-normalise, rotate (the
-rotation of :func:`codec.rotation.rotation_matrix` is a sign flip then one Hadamard block
-for a power-of-two D, applied as log2(D) butterfly stages), split into 8-dim blocks, and
+One fused pass per block of (token, head) rows: load the key, apply its head's fixed
+calibration (centre and channel scales, when the pool has them: ``codec.encode`` explains
+why they keep the ranking), normalise, rotate (the rotation of
+:func:`codec.rotation.rotation_matrix` is a sign flip then one Hadamard block for a
+power-of-two D, applied as log2(D) butterfly stages), split into 8-dim blocks, and
 write sign ids, packed 3-bit magnitudes and fp16 weights straight to the rows
 ``slot * Hkv + head`` of the pool, so no [T, Hkv, ...] temporary ever exists. The same
 pass adds each token's sign ids to its request's centroid histogram with atomics, which
@@ -68,6 +68,7 @@ def _encode_kernel(
     stride_kt,
     stride_kh,
     centre_ptr,
+    scale_ptr,
     slot_ptr,
     req_ptr,
     sgn_ptr,
@@ -83,6 +84,7 @@ def _encode_kernel(
     B: tl.constexpr,
     HAS_HIST: tl.constexpr,
     HAS_CENTRE: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     LOG2D: tl.constexpr,
 ):
@@ -99,6 +101,8 @@ def _encode_kernel(
     ).to(tl.float32)
     if HAS_CENTRE:  # k - m, m the head's fixed centre (fp32 [H, D], contiguous)
         k = k - tl.load(centre_ptr + head[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0)
+    if HAS_SCALE:  # (k - m) / s, s the head's channel scales (fp32 [H, D], contiguous, > 0)
+        k = k / tl.load(scale_ptr + head[:, None] * D + d[None, :], mask=rmask[:, None], other=1.0)
     norm = tl.sqrt(tl.sum(k * k, axis=1))
     unit = k / tl.maximum(norm, _TINY)[:, None]
     # R x = H (s * x) / sqrt(D): D log D adds instead of a D x D product
@@ -148,12 +152,13 @@ def encode_to_pool(
     block_m: int = 16,
     num_warps: int = 4,
     centre: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
 ) -> None:
     """Encode keys ``[T, Hkv, D]`` into ``pool`` rows ``slots`` (int32/int64 ``[T]``).
 
-    ``centre``: float32 ``[Hkv, D]`` contiguous, the fixed key centre of this layer's heads
-    (the code is that of ``keys - centre``); None: no centring. A persistent tensor read
-    by the kernel, so a captured CUDA graph keeps reading it.
+    ``centre`` and ``scale``: float32 ``[Hkv, D]`` contiguous, the fixed calibration of this
+    layer's heads (the code is that of ``(keys - centre) / scale``); None: 0 and 1.
+    Persistent tensors read by the kernel, so a captured CUDA graph keeps reading them.
 
     pool: :class:`KeyCodes` of pool tensors ``signs [S, Hkv, B]``, ``mags [S, Hkv, 3B]``,
     ``weights [S, Hkv, B]`` (contiguous). When ``hist`` (int32 ``[max_reqs, Hkv, B, 256]``)
@@ -173,10 +178,11 @@ def encode_to_pool(
         keys = keys.contiguous()
     if t == 0:
         return
-    if centre is not None and (
-        centre.shape != (h, d) or centre.dtype != torch.float32 or not centre.is_contiguous()
-    ):
-        raise ValueError(f"centre must be a contiguous float32 [{h}, {d}] tensor")
+    for name, x in (("centre", centre), ("scale", scale)):
+        if x is not None and (
+            x.shape != (h, d) or x.dtype != torch.float32 or not x.is_contiguous()
+        ):
+            raise ValueError(f"{name} must be a contiguous float32 [{h}, {d}] tensor")
     sgn, thr, lev = encode_constants(d, seed, keys.device)
     has_hist = hist is not None
     if has_hist and req_ids is None:
@@ -187,6 +193,7 @@ def encode_to_pool(
         keys.stride(0),
         keys.stride(1),
         centre if centre is not None else sgn,
+        scale if scale is not None else sgn,
         slots,
         req_ids if has_hist else slots,
         sgn,
@@ -202,6 +209,7 @@ def encode_to_pool(
         B=b,
         HAS_HIST=has_hist,
         HAS_CENTRE=centre is not None,
+        HAS_SCALE=scale is not None,
         BLOCK_M=block_m,
         LOG2D=d.bit_length() - 1,
         num_warps=num_warps,

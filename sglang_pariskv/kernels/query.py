@@ -1,6 +1,7 @@
 """Query side of retrieval (codec.query.prepare_query) as a Triton device function.
 
-Per (request, KV head): mean of the GQA group's query heads and its norm; the caller
+Per (request, KV head): mean of the GQA group's query heads (times the calibration's
+channel scales, when given) and its norm; the caller
 rotates the unit mean by the same D x D matrix the keys were rotated with. Decode runs it
 inside the fused query + tier kernel (``query_tiers.py``), which its test checks against
 the codec: same formula in fp32, summation order differs, so values agree to float
@@ -17,9 +18,19 @@ _TINY = tl.constexpr(1.1754943508222875e-38)
 
 @triton.jit
 def group_unit_mean(
-    q_ptr, stride_qr, stride_qh, r, h, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr
+    q_ptr,
+    stride_qr,
+    stride_qh,
+    scale_ptr,
+    r,
+    h,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    D: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
 ):
-    """Mean of KV head h's query group for request r (fp32 [D]) as (unit vector, norm)."""
+    """Mean of KV head h's query group for request r (fp32 [D]), times head h's channel
+    scales (fp32 [H, D] at ``scale_ptr``) when HAS_SCALE, as (unit vector, norm)."""
     g = tl.arange(0, GP)
     d = tl.arange(0, D)
     qs = tl.load(
@@ -28,5 +39,7 @@ def group_unit_mean(
         other=0.0,
     ).to(tl.float32)
     mean = tl.sum(qs, axis=0) / G
+    if HAS_SCALE:
+        mean = mean * tl.load(scale_ptr + h * D + d)
     norm = tl.sqrt(tl.sum(mean * mean, axis=0))
     return mean / tl.maximum(norm, _TINY), norm

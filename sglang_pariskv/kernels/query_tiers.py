@@ -4,9 +4,9 @@ At decode batch sizes every launch of the per-layer pipeline costs several micro
 of fixed latency, more than the work of these stages. This kernel does, per (request,
 KV head, block):
 
-* the query prep of :mod:`kernels.query` (group mean, norm, rotation), restricted to the
-  block's 8 rotated coordinates, which it writes to the prepared-query buffers the rerank
-  reads;
+* the query prep of :mod:`kernels.query` (group mean, channel scales, norm, rotation),
+  restricted to the block's 8 rotated coordinates, which it writes to the prepared-query
+  buffers the rerank reads;
 * that block's tier table, by :func:`kernels.tiers.block_tiers` (the rule of
   :mod:`kernels.tiers`), from the coordinates it just computed;
 * the zeroing of the (request, head)'s score histogram that the collision scan then
@@ -33,6 +33,7 @@ def _query_tier_kernel(
     q_ptr,
     stride_qr,
     stride_qh,
+    scale_ptr,
     rot_ptr,
     hist_ptr,
     req_ptr,
@@ -50,13 +51,14 @@ def _query_tier_kernel(
     NTP: tl.constexpr,
     NBP: tl.constexpr,
     CHUNK: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
 ):
     pid = tl.program_id(0)  # (r * H + h) * B + b
     rh = pid // B
     b = pid % B
     r = rh // H
     h = rh % H
-    unit, norm = group_unit_mean(q_ptr, stride_qr, stride_qh, r, h, G, GP, D)
+    unit, norm = group_unit_mean(q_ptr, stride_qr, stride_qh, scale_ptr, r, h, G, GP, D, HAS_SCALE)
     i = b * 8 + tl.arange(0, 8)
     d = tl.arange(0, D)
     qv = tl.sum(tl.load(rot_ptr + i[:, None] * D + d[None, :]) * unit[None, :], axis=1)
@@ -72,6 +74,14 @@ def _query_tier_kernel(
     tl.store(tiers_ptr + pid.to(tl.int64) * 256 + tl.arange(0, 256), tiers.to(tl.uint8))
 
 
+def check_query_scale(scale: torch.Tensor | None, h: int, d: int) -> None:
+    """The kernels read ``scale`` as raw fp32 [Hkv, D] rows."""
+    if scale is not None and (
+        scale.shape != (h, d) or scale.dtype != torch.float32 or not scale.is_contiguous()
+    ):
+        raise ValueError(f"scale must be a contiguous float32 [{h}, {d}] tensor")
+
+
 def query_tier_table(
     q: torch.Tensor,
     rotation: torch.Tensor,
@@ -82,11 +92,13 @@ def query_tier_table(
     tiers_out: torch.Tensor,
     score_hist: torch.Tensor,
     chunk: int | None = None,
+    scale: torch.Tensor | None = None,
 ) -> None:
     """q ``[R, Hq, D]`` (last dim contiguous) -> ``query_out`` (blocks fp32 [R, Hkv, B, 8],
     norm fp32 [R, Hkv]), ``tiers_out`` uint8 [R, Hkv, B, 256], and ``score_hist`` int32
     [R, Hkv, NBP] zeroed. hist int32 [max_reqs, Hkv, B, 256]; thresholds int64 [R, tiers]
-    (contiguous); ``rotation`` fp32 [D, D]."""
+    (contiguous); ``rotation`` fp32 [D, D]; ``scale``: the layer's calibration channel
+    scales, fp32 [Hkv, D] contiguous (None: 1)."""
     r, hq, d = q.shape
     _, h, b, _ = tiers_out.shape
     nt, nbp = thresholds.shape[-1], score_hist.shape[-1]
@@ -96,10 +108,12 @@ def query_tier_table(
         q = q.contiguous()
     if chunk is None:
         chunk = default_chunk(hist)
+    check_query_scale(scale, h, d)
     _query_tier_kernel[(r * h * b,)](
         q,
         q.stride(0),
         q.stride(1),
+        scale if scale is not None else rotation,
         rotation,
         hist,
         req_pool_indices,
@@ -117,5 +131,6 @@ def query_tier_table(
         NTP=max(triton.next_power_of_2(nt), 2),
         NBP=nbp,
         CHUNK=chunk,
+        HAS_SCALE=scale is not None,
         num_warps=4,
     )

@@ -236,6 +236,7 @@ class DecodeWorkspace:
         req_pool_indices: torch.Tensor,
         stages: dict | None = None,
         reuse: LayerReuse | None = None,
+        scale: torch.Tensor | None = None,
     ) -> DecodeOutput:
         """Retrieve and assemble the attended indices of decode queries ``q [R, Hq, D]``.
 
@@ -244,9 +245,10 @@ class DecodeWorkspace:
         the one of the last :meth:`plan`. ``stages``, when a dict, receives each stage's
         intermediate tensors (tests, benchmarks). ``reuse``: this layer's kept selections
         (with ``config.reuse_threshold`` > 0; see :mod:`kernels.reuse`); None: every row
-        retrieves.
+        retrieves. ``scale``: this layer's calibration channel scales, fp32 ``[Hkv, D]``
+        (the codes' own, :class:`index.code_pool.CodePool`); None: 1.
         """
-        self.bind(q, codes, hist, req_to_token, req_pool_indices, reuse)
+        self.bind(q, codes, hist, req_to_token, req_pool_indices, reuse, scale)
         for _, stage in self.stages():
             stage()
         st = self._st
@@ -262,6 +264,7 @@ class DecodeWorkspace:
         req_to_token: torch.Tensor,
         req_pool_indices: torch.Tensor,
         reuse: LayerReuse | None = None,
+        scale: torch.Tensor | None = None,
     ) -> None:
         """Set the inputs of the stage methods (``run`` = ``bind`` + every stage)."""
         r = q.shape[0]
@@ -276,6 +279,7 @@ class DecodeWorkspace:
         t0 = len(_FIELDS) * rmax
         self._st = SimpleNamespace(
             q=q,
+            scale=scale,
             codes=codes,
             hist=hist,
             rtt=req_to_token,
@@ -317,14 +321,14 @@ class DecodeWorkspace:
         args = (st.q, self.rot, st.hist, st.rpi, st.thresholds, st.query, st.tiers, st.score_hist)
         self._query_copied_from = None
         if not self.use_cuda:
-            query_tier_table(*args)
+            query_tier_table(*args, scale=st.scale)
             return
         q = st.q
         if self._query_copy is None or self._query_copy.dtype != q.dtype:
             self._query_copy = torch.empty(
                 self.max_batch, *q.shape[1:], dtype=q.dtype, device=q.device
             )
-        query_tier_table_cuda(*args, query_copy=self._query_copy[: st.r])
+        query_tier_table_cuda(*args, query_copy=self._query_copy[: st.r], scale=st.scale)
         self._query_copied_from = _tensor_key(q)
 
     def contiguous_query(self, q: torch.Tensor) -> torch.Tensor | None:

@@ -14,9 +14,10 @@ ranking at k gives exactly ``codec.retrieve`` with ``topk = k``: for k <= C it i
 the C candidates; for k > C the codec raises C to k, which is the next keys by collision
 score (tests/test_eval_methods.py and ``eval.codec_check`` check it against ``codec.retrieve``).
 
-Key centring: with ``centres`` ([layers, Hkv, D], as a calibration file holds them) the
-keys of layer ``trace.layer`` are encoded relative to that layer's fixed centres, as the
-serving path does with ``--pariskv-calibration``.
+Key calibration: with ``centres`` (and ``scales``) ([layers, Hkv, D], as a calibration file
+holds them) the keys of layer ``trace.layer`` are encoded as (k - m) / s and the queries
+prepared as s ∘ q with that layer's fixed centres m and channel scales s, as the serving
+path does with ``--pariskv-calibration``.
 
 Ablations: stage 1 only (rank by collision score, no rerank), and no rotation. The codec
 always rotates by R; feeding it R^T·x instead of x makes the rotation a no-op
@@ -58,6 +59,7 @@ class ParisKVState:
     base_len: int  #: keys counted in ``base_hist``
     base_hist: torch.Tensor  #: int32 [H, B, 256] over keys[:base_len]
     cum_hist: torch.Tensor  #: int32 [G, H, B, 256]: + keys[base_len : base_len + g + 1]
+    scale: torch.Tensor | None = None  #: the layer's key channel scales [H, D] (queries: s ∘ q)
 
     def hist_at(self, seq_lens: torch.Tensor) -> torch.Tensor:
         """Centroid histograms over keys[:seq_len], per step: int32 [S, H, B, 256].
@@ -91,13 +93,26 @@ def fast_collision_scores(signs: torch.Tensor, tiers: torch.Tensor) -> torch.Ten
     return out.to(torch.int64)
 
 
+def _layer_slice(x: torch.Tensor | None, trace, what: str) -> torch.Tensor | None:
+    """Layer ``trace.layer``'s rows [Hkv, D] of a per-layer [L, Hkv, D] tensor (a 2-d
+    tensor is already one layer's), on the trace's device."""
+    if x is None:
+        return None
+    dev = trace.queries.device
+    if x.dim() == 2:
+        return x.to(dev)
+    if not 0 <= trace.layer < x.shape[0]:
+        raise ValueError(f"no {what} for layer {trace.layer} of this trace")
+    return x[trace.layer].to(dev)
+
+
 class ParisKV:
     """ParisKV retrieval scores; ``outputs`` picks which of the family to report.
 
     outputs: names among {"full", "stage1"}, mapped to ``name`` and ``name + "_stage1"``.
     rotate: False removes the Hadamard rotation (ablation).
-    centres: fixed key centres [layers, Hkv, D] (see the module docstring), [Hkv, D] for
-    one layer's traces, or None.
+    centres, scales: fixed key centres and channel scales [layers, Hkv, D] (see the module
+    docstring), [Hkv, D] for one layer's traces, or None (0 and 1).
     gqa: "mean" (the codec: one group-mean query per KV head), "max" (every query head
     retrieves on its own; a key's collision score and estimate are the group maximum) or
     "shared" (one token set for all KV heads of the layer: scores summed over KV heads).
@@ -113,12 +128,13 @@ class ParisKV:
         rotate: bool = True,
         gqa: str = "mean",
         centres: torch.Tensor | None = None,
+        scales: torch.Tensor | None = None,
     ) -> None:
         if gqa not in ("mean", "max", "shared"):
             raise ValueError(f"gqa must be 'mean', 'max' or 'shared', got {gqa!r}")
         self.config = config or ParisKVConfig()
         self.rotate, self.gqa = rotate, gqa
-        self.centres = centres
+        self.centres, self.scales = centres, scales
         self._out = {"full": name, "stage1": name + "_stage1"}
         self.names = tuple(self._out[o] for o in outputs)
         self.outputs = outputs
@@ -132,17 +148,17 @@ class ParisKV:
 
     def key_centre(self, trace: LayerTrace) -> torch.Tensor | None:
         """This layer's fixed key centres [Hkv, D], or None without centring."""
-        if self.centres is None:
-            return None
-        if self.centres.dim() == 2:
-            return self.centres.to(trace.keys.device)
-        if not 0 <= trace.layer < self.centres.shape[0]:
-            raise ValueError(f"no key centres for layer {trace.layer} of this trace")
-        return self.centres[trace.layer].to(trace.keys.device)
+        return _layer_slice(self.centres, trace, "key centres")
+
+    def key_scale(self, trace: LayerTrace) -> torch.Tensor | None:
+        """This layer's fixed key channel scales [Hkv, D], or None without scaling."""
+        return _layer_slice(self.scales, trace, "key channel scales")
 
     def prepare(self, trace: LayerTrace) -> ParisKVState:
-        centre = self.key_centre(trace)
+        centre, scale = self.key_centre(trace), self.key_scale(trace)
         keys = trace.keys if centre is None else trace.keys - centre
+        if scale is not None:
+            keys = keys / scale
         codes = encode_keys(self._unrotate(keys), self.config.rotation_seed)
         n, h, b = codes.signs.shape
         eff = decode_directions(codes) * codes.weights.float()[..., None]  # [N, H, B, 8]
@@ -155,6 +171,7 @@ class ParisKV:
             base_len=base,
             base_hist=base_hist,
             cum_hist=torch.cumsum(new.to(torch.int32), 0, dtype=torch.int32),
+            scale=scale,
         )
 
     def step_config(self) -> ParisKVConfig:
@@ -175,7 +192,11 @@ class ParisKV:
         hist = state.hist_at(seq_lens)
         heads = batch.queries.shape[1] if self.gqa == "max" else h
         group = heads // h
-        q = prepare_query(self._unrotate(batch.queries), heads, cfg.rotation_seed)
+        queries = batch.queries
+        scale = state.scale
+        if scale is not None:  # s ∘ q per query head (each head of a group takes its KV head's)
+            queries = queries * scale.repeat_interleave(queries.shape[1] // h, 0)
+        q = prepare_query(self._unrotate(queries), heads, cfg.rotation_seed)
         thresholds = tier_thresholds(seq_lens, coll_ratio, cfg)
         signs = state.signs
         if group > 1:
