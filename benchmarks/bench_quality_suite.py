@@ -17,8 +17,10 @@ cache: densely, and for every budget fraction f both with the exact top-k (the z
 top-k by exact group-mean q.k: what the budget alone loses) and with ParisKV's retrieval,
 each attending sink + local window + top-k = f x prompt tokens. Both sparse methods run
 through the reference integration (``pariskv_tools.hf_attention``: the codec the GPU
-kernels are tested against). Reported per (task, budget, method): accuracy, agreement with
-dense (the answer scores as dense's does) and identical answers.
+kernels are tested against); with ``--calibration`` ParisKV uses the file's key centres
+and channel scales, as a server given ``--pariskv-calibration`` does. Reported per (task,
+budget, method): accuracy, agreement with dense (the answer scores as dense's does) and
+identical answers.
 """
 
 from __future__ import annotations
@@ -61,8 +63,9 @@ def topk_for(fraction: float, prompt_tokens: int, sink: int, local: int) -> int:
     return k
 
 
-def run(model, tok, args) -> list[dict]:
-    """One row per (task, seed): every method's answer, its score and its identity to dense."""
+def run(model, tok, args, calibration=None) -> list[dict]:
+    """One row per (task, seed): every method's answer, its score and its identity to dense
+    (``calibration``: a loaded calibration file for ParisKV, or None)."""
     from pariskv_tools.hf_attention import ParisKVAttention, install, uninstall
     from pariskv_tools.workloads import tasks
     from pariskv_tools.workloads.models import eos_ids, greedy_continue, last_logits_kwargs
@@ -88,7 +91,10 @@ def run(model, tok, args) -> list[dict]:
                 k = topk_for(f, len(prompt), args.sink, args.local)
                 cfg = ParisKVConfig(topk=k, sink=args.sink, local=args.local, dense_threshold=0)
                 for method in METHODS:
-                    install(model, ParisKVAttention(cfg, measure=False, selection=method))
+                    attn = ParisKVAttention(
+                        cfg, measure=False, selection=method, calibration=calibration
+                    )
+                    install(model, attn)
                     past = copy.deepcopy(out.past_key_values)
                     answers[f"{method}@{f}"] = greedy_continue(model, past, first, steps, eos)
                     uninstall(model)
@@ -147,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=[0.01, 0.02, 0.05],
         help="attended tokens (sink + local + top-k) as fractions of the prompt",
     )
+    ap.add_argument(
+        "--calibration",
+        type=Path,
+        help="calibration file of the model (python -m pariskv_tools.eval calibrate): "
+        "ParisKV encodes with its key centres and channel scales (default: none)",
+    )
     ap.add_argument("--sink", type=int, default=4, help="leading tokens always attended")
     ap.add_argument("--local", type=int, default=16, help="recent tokens always attended")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -169,9 +181,21 @@ def main(argv: list[str] | None = None) -> int:
     from pariskv_tools.workloads.models import resolve_model
 
     source = resolve_model(args.model, args.cache_root)
+    calibration = None
+    if args.calibration is not None:
+        from sglang_pariskv.calibration import load_calibration
+        from sglang_pariskv.config import ParisKVConfigError
+
+        try:
+            calibration = load_calibration(args.calibration)
+            head_dim = source.config.hidden_size // source.config.num_attention_heads
+            head_dim = getattr(source.config, "head_dim", None) or head_dim
+            calibration.check_model(source.config.num_hidden_layers, head_dim)
+        except ParisKVConfigError as e:
+            raise SystemExit(str(e).replace("--pariskv-calibration", "--calibration", 1)) from None
     model, tok = source.load()
     t0 = time.perf_counter()
-    rows = run(model, tok, args)
+    rows = run(model, tok, args, calibration)
     report = {
         "device": f"CPU ({platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads)",
@@ -183,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         "sink": args.sink,
         "local": args.local,
         "budgets": args.budgets,
+        "calibration": None if args.calibration is None else str(args.calibration),
         "summary": summarise(rows, args.budgets),
         "rows": rows,
         "wall_s": time.perf_counter() - t0,

@@ -3,7 +3,9 @@
 This is the reference integration used by the demo and by quality tests: prefill attends
 densely (as the serving path does) and encodes every key once; each decode step encodes
 only the new key, keeps the per-layer centroid histograms incrementally, retrieves with
-``codec.retrieve`` and attends with ``codec.sparse_attention``. It also measures what a
+``codec.retrieve`` and attends with ``codec.sparse_attention``; with a calibration file
+it encodes and retrieves with the file's per-layer key centres and channel scales, as the
+serving path does with ``--pariskv-calibration``. It also measures what a
 decode step lost against dense attention (recall of the exact top-k, attention mass).
 Batch size 1 (the demo's case); the SGLang backend is the batched, GPU path.
 """
@@ -16,6 +18,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from sglang_pariskv.calibration import Calibration
 from sglang_pariskv.codec import KeyCodes, centroid_histogram, encode_keys, retrieve
 from sglang_pariskv.codec.attention import sparse_attention
 from sglang_pariskv.codec.query import group_queries
@@ -62,12 +65,15 @@ class ParisKVAttention:
     """Callable registered as transformers attention implementation ``"pariskv"``.
 
     ``selection="exact"`` swaps ParisKV's retrieval for :func:`exact_retrieval` (same
-    sink, window and top-k), the reference that bounds what any retrieval can do."""
+    sink, window and top-k), the reference that bounds what any retrieval can do.
+    ``calibration``: a loaded calibration file (its layers and head_dim must be the
+    model's; checked at the first call), or None for plain codes."""
 
     config: ParisKVConfig
     dense_layers: frozenset[int] = frozenset()
     measure: bool = True
     selection: str = "pariskv"
+    calibration: Calibration | None = None
     metrics: list[StepMetrics] = field(default_factory=list)
     _layers: dict[int, _LayerState] = field(default_factory=dict)
 
@@ -90,7 +96,8 @@ class ParisKVAttention:
                 "starting a new sequence"
             )
         if keys.shape[1] > have:
-            new = encode_keys(keys[:, have:], self.config.rotation_seed)
+            centre, scale = self._calibration(layer, keys.shape[2])
+            new = encode_keys(keys[:, have:], self.config.rotation_seed, centre, scale)
             delta = centroid_histogram(new.signs, torch.tensor([new.signs.shape[1]]))
             if st.codes is None:
                 st.codes, st.hist = new, delta
@@ -98,6 +105,19 @@ class ParisKVAttention:
                 st.codes = KeyCodes(*(torch.cat([a, b], 1) for a, b in zip(st.codes, new)))
                 st.hist = st.hist + delta
         return st
+
+    def _calibration(self, layer: int, num_kv_heads: int):
+        """(centre, scales) [Hkv, D] of ``layer``, or (None, None) without a calibration."""
+        cal = self.calibration
+        if cal is None:
+            return None, None
+        if not 0 <= layer < cal.num_layers or cal.num_kv_heads != num_kv_heads:
+            raise ValueError(
+                f"calibration {cal.path} has {cal.num_layers} layers x {cal.num_kv_heads} KV "
+                f"heads; this model's layer {layer} has {num_kv_heads} KV heads"
+            )
+        scale = None if cal.scales is None else cal.scales[layer]
+        return cal.centres[layer], scale
 
     def __call__(
         self,
@@ -125,7 +145,8 @@ class ParisKVAttention:
         if self.selection == "exact":
             positions, valid = exact_retrieval(q, keys, self.config)
         else:
-            ret = retrieve(q, st.codes, torch.tensor([n]), self.config, hist=st.hist)
+            scale = self._calibration(layer, keys.shape[2])[1]
+            ret = retrieve(q, st.codes, torch.tensor([n]), self.config, hist=st.hist, scale=scale)
             positions, valid = ret.positions, ret.valid
         out = sparse_attention(q, keys, values, positions, valid, scaling)
         if self.measure:

@@ -63,6 +63,30 @@ def test_a_run_on_a_tiny_model_reports_every_task_budget_and_method(tmp_path):
     assert out.with_suffix(".png").stat().st_size > 0
 
 
+def test_a_calibration_file_is_used_and_one_of_another_model_refused(tmp_path):
+    import torch
+
+    from sglang_pariskv.calibration import save_calibration
+
+    path = save_tiny_model(tmp_path / "tiny-llama", "llama")
+    cfg = json.loads((path / "config.json").read_text())
+    layers, hkv = cfg["num_hidden_layers"], cfg["num_key_value_heads"]
+    d = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    gen = torch.Generator().manual_seed(0)
+    good, bad = tmp_path / "cal.json", tmp_path / "other.json"
+    save_calibration(good, torch.randn(layers, hkv, d, generator=gen), [],
+                     scales=torch.rand(layers, hkv, d, generator=gen) + 0.5)  # fmt: skip
+    save_calibration(bad, torch.zeros(layers + 1, hkv, d), [])
+    out = tmp_path / "suite.json"
+    argv = ["--model", str(path), "--context", "300", "--trials", "1", "--tasks", "passkey",
+            "--budgets", "0.2", "--sink", "4", "--local", "8",
+            "--cache-root", str(tmp_path / "cache"), "--out", str(out)]  # fmt: skip
+    assert bench.main([*argv, "--calibration", str(good)]) == 0
+    assert json.loads(out.read_text())["calibration"] == str(good)
+    with pytest.raises(SystemExit, match=f"^--calibration {bad} was written for 3 layers"):
+        bench.main([*argv, "--calibration", str(bad)])
+
+
 def test_greedy_continue_is_the_models_own_greedy_generation(tmp_path):
     """From a prefill's KV cache, greedy_continue gives the tokens transformers' generate
     gives greedily (same model, same prompt), and stops at an end-of-sequence id."""

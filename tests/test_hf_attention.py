@@ -7,6 +7,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from pariskv_tools.hf_attention import ParisKVAttention, install, uninstall
+from sglang_pariskv.calibration import Calibration
 from sglang_pariskv.codec import encode_keys, retrieve
 from sglang_pariskv.config import ParisKVConfig
 
@@ -56,17 +57,28 @@ def test_dense_config_reproduces_sdpa_and_codes_track_the_cache():
             assert torch.equal(a, b)
 
 
-def test_sparse_decode_attends_exactly_the_retrieved_set():
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_sparse_decode_attends_exactly_the_retrieved_set(calibrated):
+    """Also with a calibration: codes of (k - m) / s, queries prepared as s ∘ q."""
     gen = torch.Generator().manual_seed(2)
     hq, hkv, d, n = 6, 2, 16, 700
     q = torch.randn(1, hq, 1, d, generator=gen)
     k = torch.randn(1, hkv, n, d, generator=gen)
     v = torch.randn(1, hkv, n, d, generator=gen)
     cfg = ParisKVConfig(topk=50, sink=4, local=16, dense_threshold=0)
-    attn = ParisKVAttention(cfg)
+    centre = scale = cal = None
+    if calibrated:
+        centre = torch.randn(hkv, d, generator=gen)
+        scale = torch.rand(hkv, d, generator=gen) * 3 + 0.2
+        cal = Calibration("mem", centre[None], scale[None], ())
+    attn = ParisKVAttention(cfg, calibration=cal)
     module = types.SimpleNamespace(layer_idx=0)
     out, _ = attn(module, q, k, v, None, scaling=0.3)
-    ret = retrieve(q[:, :, 0], encode_keys(k.transpose(1, 2)), torch.tensor([n]), cfg)
+    codes = encode_keys(k.transpose(1, 2), centre=centre, scale=scale)
+    ret = retrieve(q[:, :, 0], codes, torch.tensor([n]), cfg, scale=scale)
+    if calibrated:  # the calibration changes the selection (so the test can see it)
+        plain = retrieve(q[:, :, 0], encode_keys(k.transpose(1, 2)), torch.tensor([n]), cfg)
+        assert not torch.equal(plain.positions, ret.positions)
     mass = []
     for h in range(hq):
         kv = h // (hq // hkv)

@@ -89,20 +89,23 @@ def plot_all(summary: dict, out_dir: Path, prefix: str = "retrieval_quality") ->
 
 
 def plot_stress(cases: list[dict], path: Path) -> Path:
-    """Recall@100 per stress case, ParisKV plain vs centred, with the share of the exact
-    top-100 lost at the collision stage stacked on top (the two bars' gaps to 1)."""
+    """Recall@100 per stress case, ParisKV plain vs centred vs calibrated (centres and
+    channel scales), with the share of the exact top-100 lost at the collision stage
+    stacked on top (the bars' gaps to 1)."""
     names = [c["name"] for c in cases]
     xs = torch.arange(len(names)).numpy()
-    fig, ax = plt.subplots(figsize=(max(8, 0.6 * len(names)), 5))
-    for i, (variant, color) in enumerate((("plain", "tab:gray"), ("centred", "tab:blue"))):
+    fig, ax = plt.subplots(figsize=(max(8, 0.7 * len(names)), 5))
+    variants = (("plain", "tab:gray"), ("centred", "tab:blue"), ("calibrated", "tab:green"))
+    width = 0.8 / len(variants)
+    for i, (variant, color) in enumerate(variants):
         recall = [c[variant]["recall_at_100"] for c in cases]
         lost = [c[variant]["lost_at_collision"] for c in cases]
-        pos = xs + (i - 0.5) * 0.4
-        ax.bar(pos, recall, 0.4, color=color, label=f"{variant}: recall@100")
+        pos = xs + (i - (len(variants) - 1) / 2) * width
+        ax.bar(pos, recall, width, color=color, label=f"{variant}: recall@100")
         ax.bar(
             pos,
             lost,
-            0.4,
+            width,
             bottom=recall,
             color=color,
             alpha=0.3,
@@ -110,9 +113,9 @@ def plot_stress(cases: list[dict], path: Path) -> Path:
         )
     ax.set_xticks(xs, names, rotation=60, ha="right", fontsize=8)
     ax.set(ylabel="share of the exact top-100", ylim=(0, 1.02))
-    ax.set_title("ParisKV under key distortions at a 10% budget: plain vs centred keys")
+    ax.set_title("ParisKV under key distortions at a 10% budget: plain, centred, calibrated keys")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    ax.legend(fontsize=8, ncol=3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
