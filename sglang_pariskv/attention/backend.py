@@ -54,7 +54,6 @@ from sglang_pariskv.config import ParisKVConfig, ParisKVConfigError
 from sglang_pariskv.index.histograms import RequestHistograms
 from sglang_pariskv.index.kv_pool import ParisKVTokenToKVPool
 from sglang_pariskv.kernels.workspace import DecodeWorkspace
-from sglang_pariskv.metrics import BatchCounts
 from sglang_pariskv.offload.kv_pool import HostOffloadKVPool
 
 logger = logging.getLogger("sglang_pariskv")
@@ -240,23 +239,17 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         self._rpi32 = None  # set by _prepare_step_tensors once the plan is made
         seq_cpu = forward_batch.seq_lens_cpu[:bs]
         dense_cpu = step_dense_mask(seq_cpu, self.config)
-        real = seq_cpu > 1  # CUDA-graph padding rows have seq_len 1; a real decode has >= 2
-        sparse_rows = ~dense_cpu
         if graph is not None:
             check_step(graph)
-        run_sparse = graph == "sparse" or (graph is None and bool(sparse_rows.any()))
+        run_sparse = graph == "sparse" or (graph is None and bool((~dense_cpu).any()))
         if self.offload is not None and self.observer.wants_counters:
             self.observer.hot_cache(self.offload.poll())  # no sync: copies behind the queue
         if self.reuse is not None and self.observer.wants_counters:
             self.observer.reuse(self.reuse.poll())
         self.observer.decode_step(
-            BatchCounts(
-                tokens_encoded=int(real.sum()),
-                dense_request_steps=int((dense_cpu & real).sum()),
-                sparse_request_steps=int(sparse_rows.sum()),
-                attended_tokens=int(sparse_rows.sum()) * self.config.budget,
-                context_tokens=int(seq_cpu[sparse_rows].sum()),
-            ),
+            seq_cpu,
+            dense_cpu,
+            self.config.budget,
             sparse=run_sparse,
             timer_key=key,
             served=not in_capture,
