@@ -372,7 +372,7 @@ def test_a_dense_layer_attends_every_row_over_its_whole_context(setup, monkeypat
     if b.offload is not None:
         pytest.skip("same routing with host offload")
     full = object.__new__(FullContextDecode)
-    full.layers, full.active = frozenset({0}), None
+    full.layers, full.active, full.backend = frozenset({0}), None, b
     planned, seen = [], []
     monkeypatch.setattr(
         FullContextDecode,

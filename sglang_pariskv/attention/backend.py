@@ -47,7 +47,11 @@ from sglang_pariskv.attention.model_info import (
 from sglang_pariskv.attention.observability import DecodeObserver
 from sglang_pariskv.attention.offload_wiring import OffloadDecode
 from sglang_pariskv.attention.reuse import RetrievalReuse
-from sglang_pariskv.attention.sparse_decode import HeadAsBatchDecode, float_workspace
+from sglang_pariskv.attention.sparse_decode import (
+    HeadAsBatchDecode,
+    dense_rows_only,
+    float_workspace,
+)
 from sglang_pariskv.attention.step_graphs import StepGraphs, check_step
 from sglang_pariskv.codec.budget import step_dense_mask
 from sglang_pariskv.config import ParisKVConfig, ParisKVConfigError
@@ -57,23 +61,6 @@ from sglang_pariskv.kernels.workspace import DecodeWorkspace
 from sglang_pariskv.offload.kv_pool import HostOffloadKVPool
 
 logger = logging.getLogger("sglang_pariskv")
-
-
-@contextlib.contextmanager
-def _dense_rows_only(forward_batch, dense_cpu: torch.Tensor, dense_dev: torch.Tensor):
-    """Show the dense planner 1-token sparse requests (their dense output is discarded)."""
-    fb = forward_batch
-    saved = (fb.seq_lens, fb.seq_lens_cpu, fb.seq_lens_sum)
-    bs = dense_cpu.numel()
-    seq = fb.seq_lens.clone()
-    seq[:bs] = torch.where(dense_dev, fb.seq_lens[:bs], 1)
-    seq_cpu = fb.seq_lens_cpu.clone()
-    seq_cpu[:bs] = torch.where(dense_cpu, fb.seq_lens_cpu[:bs], 1)
-    fb.seq_lens, fb.seq_lens_cpu, fb.seq_lens_sum = seq, seq_cpu, int(seq_cpu[:bs].sum())
-    try:
-        yield
-    finally:
-        fb.seq_lens, fb.seq_lens_cpu, fb.seq_lens_sum = saved
 
 
 class ParisKVAttnBackend(FlashInferAttnBackend):
@@ -261,7 +248,7 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             plan_dense()
             return
         self._dense_dev[:bs].copy_(dense_cpu, non_blocking=True)
-        with _dense_rows_only(forward_batch, dense_cpu, self._dense_dev[:bs]):
+        with dense_rows_only(forward_batch, dense_cpu, self._dense_dev[:bs]):
             plan_dense()
         scale, cap = self.scale
         sparse.plan(seq_cpu, sm_scale=scale, logits_soft_cap=cap)
@@ -353,7 +340,10 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
         local = layer.layer_id - self.token_to_kv_pool.start_layer
         if self.full is not None and self.full.runs(local) and not layer.is_cross_attention:
-            return self._full_context_decode(q, k, v, layer, forward_batch, save_kv_cache)
+            # A dense layer on a sparse step: SGLang's decode call (it stores the K/V and
+            # codes) with the full-length plan. It never retrieves, so it keeps no histograms.
+            with self.full.planned():
+                return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
         fork = self._fork_stream(layer, k, save_kv_cache)
         if fork is not None:
             # Store the layer's K/V (and so its codes) as SGLang's decode call would, then
@@ -387,17 +377,6 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         if layer.is_cross_attention or k is None or not save_kv_cache:
             return None
         return self._retrieval_stream
-
-    def _full_context_decode(self, q, k, v, layer, forward_batch, save_kv_cache: bool):
-        """A dense layer on a sparse step: SGLang's decode call (it stores the K/V and
-        codes) with the full-length plan. It never retrieves, so it keeps no histograms."""
-        saved = self.forward_metadata
-        self.forward_metadata = self.full.active
-        try:
-            out = super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
-        finally:
-            self.forward_metadata = saved
-        return out
 
     def _sparse_decode(self, q, k, layer, forward_batch, save_kv_cache: bool):
         """The histograms brought up to date (``HistogramUpkeep.count_decode``), then (on a
