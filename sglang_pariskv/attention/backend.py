@@ -229,10 +229,7 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         if graph is not None:
             check_step(graph)
         run_sparse = graph == "sparse" or (graph is None and bool((~dense_cpu).any()))
-        if self.offload is not None and self.observer.wants_counters:
-            self.observer.hot_cache(self.offload.poll())  # no sync: copies behind the queue
-        if self.reuse is not None and self.observer.wants_counters:
-            self.observer.reuse(self.reuse.poll())
+        self.observer.poll(self.offload, self.reuse)
         self.observer.decode_step(
             seq_cpu,
             dense_cpu,

@@ -133,6 +133,16 @@ class DecodeObserver:
             )
         )
 
+    def poll(self, offload=None, reuse=None) -> None:
+        """Read back the counters kept on the GPU (host offload's hot cache, retrieval
+        reuse) when anything reads counters; no sync: the copies run behind the queue."""
+        if not self.wants_counters:
+            return
+        if offload is not None:
+            self.hot_cache(offload.poll())
+        if reuse is not None:
+            self.reuse(reuse.poll())
+
     def hot_cache(self, delta: dict[str, int]) -> None:
         if self.metrics is not None:
             self.metrics.add_hot_cache(delta)
