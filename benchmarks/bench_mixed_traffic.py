@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_e2e as e2e  # noqa: E402
 import bench_workflows as wf  # noqa: E402
 
-from pariskv_tools.cli import HelpFormatter  # noqa: E402
+from pariskv_tools.cli import HelpFormatter, add_results_args  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "mixed_traffic.json"
 CLASSES = ("short", "long")
@@ -604,8 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_server_args(ap)
     e2e.add_split_run_args(ap)
-    ap.add_argument("--out", type=Path, default=RESULTS, help="results JSON (PNG beside it)")
-    ap.add_argument("--plot", type=Path, help="only draw the PNG of an existing results JSON")
+    add_results_args(ap, RESULTS)
     return ap
 
 

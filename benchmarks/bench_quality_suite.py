@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from pariskv_tools.cli import HelpFormatter
+from pariskv_tools.cli import HelpFormatter, add_results_args
 
 RESULTS = Path(__file__).resolve().parent / "results" / "quality_suite.json"
 TASKS = ("passkey", "multikey_needle", "multivalue_needle", "variable_tracking")
@@ -163,8 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--local", type=int, default=16, help="recent tokens always attended")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--cache-root", type=Path, help="where models are converted and cached")
-    ap.add_argument("--out", type=Path, default=RESULTS, help="results JSON (PNG beside it)")
-    ap.add_argument("--plot", type=Path, help="only draw the PNG of an existing results JSON")
+    add_results_args(ap, RESULTS)
     return ap
 
 

@@ -59,7 +59,7 @@ import bench_e2e as e2e  # noqa: E402
 import bench_mixed_traffic as mt  # noqa: E402
 import bench_workflows as wf  # noqa: E402
 
-from pariskv_tools.cli import HelpFormatter  # noqa: E402
+from pariskv_tools.cli import HelpFormatter, add_results_args  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "soak.json"
 KINDS = ("chat", "long", "short", "stream", "abort", "max1", "ctx_limit", "malformed")
@@ -988,8 +988,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also send the probes to a plain SGLang server afterwards",
     )
     mt.add_server_args(ap)
-    ap.add_argument("--out", type=Path, default=RESULTS, help="results JSON (PNG beside it)")
-    ap.add_argument("--plot", type=Path, help="only draw the PNG of an existing results JSON")
+    add_results_args(ap, RESULTS)
     return ap
 
 

@@ -4,7 +4,8 @@
 reference for what a run does when an option is left out. :func:`add_model_args` gives a
 command line ``--model`` (see :mod:`pariskv_tools.workloads.models`) and
 :func:`add_smollm2_args` the two paths :mod:`pariskv_tools.workloads.smollm2` otherwise reads
-from the environment, under the same meaning.
+from the environment, under the same meaning. :func:`add_results_args` gives a benchmark that
+writes a results JSON and draws its PNG ``--out`` and ``--plot``.
 """
 
 from __future__ import annotations
@@ -70,3 +71,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         "SmolLM2-135M-Instruct, fetched and converted on first use)",
     )
     add_smollm2_args(parser)
+
+
+def add_results_args(parser: argparse.ArgumentParser, default: Path) -> None:
+    """``--out`` (the results JSON, ``default`` unless given; the PNG goes beside it) and
+    ``--plot`` (draw the PNG of an existing results JSON, and run nothing)."""
+    parser.add_argument("--out", type=Path, default=default, help="results JSON (PNG beside it)")
+    parser.add_argument("--plot", type=Path, help="only draw the PNG of an existing results JSON")

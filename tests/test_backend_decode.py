@@ -22,6 +22,7 @@ from sglang.srt.layers.attention.flashinfer_backend import (
 from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
 
 from sglang_pariskv.attention.backend import ParisKVAttnBackend
+from sglang_pariskv.attention.histogram_upkeep import HistogramUpkeep
 from sglang_pariskv.attention.observability import DecodeObserver
 from sglang_pariskv.attention.offload_wiring import OffloadDecode
 from sglang_pariskv.attention.step_graphs import StepGraphs
@@ -144,9 +145,10 @@ def setup(monkeypatch, request):
     b.__dict__.update(
         config=CFG, token_to_kv_pool=pool, req_to_token_pool=rtp, codes=pool.pariskv,
         hkv=HKV, d=D, hq=HQ, tp_rank=0, ws=ws, eager_sparse=TorchHeadAsBatch(ws),
-        hists=RequestHistograms(4, HKV, D, 1, "cpu"), graph_sparse={}, _sparse=None,
-        _rpi32=None, scale=(SCALE, 0.0), _dense_dev=torch.zeros(4, dtype=torch.bool),
-        offload=None, _retrieval_stream=None, graphs=StepGraphs(),
+        histograms=HistogramUpkeep(RequestHistograms(4, HKV, D, 1, "cpu"), pool.pariskv, rtp, CFG),
+        graph_sparse={}, _sparse=None, _rpi32=None, scale=(SCALE, 0.0),
+        _dense_dev=torch.zeros(4, dtype=torch.bool), offload=None, _retrieval_stream=None,
+        graphs=StepGraphs(),
     )  # fmt: skip
     b.observer = DecodeObserver(num_layers=1, tp_rank=0, extra_snapshot=b._offload_snapshot)
     if offload:
@@ -378,7 +380,7 @@ def test_a_dense_layer_attends_every_row_over_its_whole_context(setup, monkeypat
     if b.offload is not None:
         pytest.skip("same routing with host offload")
     full = object.__new__(FullContextDecode)
-    full.layers, full.active = frozenset({0}), None
+    full.layers, full.active, full.backend = frozenset({0}), None, b
     planned, seen = [], []
     monkeypatch.setattr(
         FullContextDecode,

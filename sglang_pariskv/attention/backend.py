@@ -3,7 +3,7 @@
 * Extend (prefill, chunked prefill, radix prefix hits): FlashInfer's dense attention,
   unchanged. The KV pool encodes every key it stores (``index.kv_pool``); the extending
   requests' centroid histograms are zeroed, and recounted from all their tokens for those
-  that end above the dense limit (``index.histograms``).
+  that end above the dense limit (``histogram_upkeep``).
 * Decode: requests at or below the dense threshold attend through SGLang's own dense
   decode call, so their outputs are exactly dense ones, and count nothing. On a sparse
   step the longer requests' histograms are brought up to date first; those requests
@@ -19,7 +19,8 @@
   sparse-step and a dense-step graph (``step_graphs``); steps with no request above the
   threshold replay the one without retrieval or histogram work.
 
-Other concerns live beside this module: ``model_info`` (heads, TP rank, softmax scale),
+Other concerns live beside this module: ``histogram_upkeep`` (when each request's
+histograms are zeroed and counted), ``model_info`` (heads, TP rank, softmax scale),
 ``observability`` (counters, metrics, timing, stats files), ``offload_wiring`` (host
 offload's hot cache and fetch), ``step_graphs`` (graph bookkeeping).
 """
@@ -35,6 +36,7 @@ import torch
 from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
 
 from sglang_pariskv.attention.dense_layers import FullContextDecode
+from sglang_pariskv.attention.histogram_upkeep import HistogramUpkeep
 from sglang_pariskv.attention.memory_plan import tensor_bytes
 from sglang_pariskv.attention.model_info import (
     attention_layers,
@@ -45,34 +47,20 @@ from sglang_pariskv.attention.model_info import (
 from sglang_pariskv.attention.observability import DecodeObserver
 from sglang_pariskv.attention.offload_wiring import OffloadDecode
 from sglang_pariskv.attention.reuse import RetrievalReuse
-from sglang_pariskv.attention.sparse_decode import HeadAsBatchDecode, float_workspace
+from sglang_pariskv.attention.sparse_decode import (
+    HeadAsBatchDecode,
+    dense_rows_only,
+    float_workspace,
+)
 from sglang_pariskv.attention.step_graphs import StepGraphs, check_step
 from sglang_pariskv.codec.budget import step_dense_mask
 from sglang_pariskv.config import ParisKVConfig, ParisKVConfigError
 from sglang_pariskv.index.histograms import RequestHistograms
 from sglang_pariskv.index.kv_pool import ParisKVTokenToKVPool
 from sglang_pariskv.kernels.workspace import DecodeWorkspace
-from sglang_pariskv.metrics import BatchCounts
 from sglang_pariskv.offload.kv_pool import HostOffloadKVPool
 
 logger = logging.getLogger("sglang_pariskv")
-
-
-@contextlib.contextmanager
-def _dense_rows_only(forward_batch, dense_cpu: torch.Tensor, dense_dev: torch.Tensor):
-    """Show the dense planner 1-token sparse requests (their dense output is discarded)."""
-    fb = forward_batch
-    saved = (fb.seq_lens, fb.seq_lens_cpu, fb.seq_lens_sum)
-    bs = dense_cpu.numel()
-    seq = fb.seq_lens.clone()
-    seq[:bs] = torch.where(dense_dev, fb.seq_lens[:bs], 1)
-    seq_cpu = fb.seq_lens_cpu.clone()
-    seq_cpu[:bs] = torch.where(dense_cpu, fb.seq_lens_cpu[:bs], 1)
-    fb.seq_lens, fb.seq_lens_cpu, fb.seq_lens_sum = seq, seq_cpu, int(seq_cpu[:bs].sum())
-    try:
-        yield
-    finally:
-        fb.seq_lens, fb.seq_lens_cpu, fb.seq_lens_sum = saved
 
 
 class ParisKVAttnBackend(FlashInferAttnBackend):
@@ -80,9 +68,6 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
     offload: OffloadDecode | None = None
     #: Kept selections of retrieval reuse; None with ``--pariskv-reuse-threshold 0``.
     reuse: RetrievalReuse | None = None
-    #: The extend's requests whose histograms ``forward_extend`` recounts: (req_pool_indices,
-    #: seq_lens, max seq_len or None), or None when all end at or below the dense limit.
-    _recount: tuple[torch.Tensor, torch.Tensor, int | None] | None = None
     #: --pariskv-dense-layers' full-length decode; None without dense layers.
     full: FullContextDecode | None = None
 
@@ -107,7 +92,12 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         self.scale = attention_scale(layers, model_name)
         rtt = self.req_to_token_pool.req_to_token
         device = torch.device(model_runner.device)
-        self.hists = RequestHistograms(rtt.shape[0], self.hkv, self.d, pool.layer_num, device)
+        self.histograms = HistogramUpkeep(
+            RequestHistograms(rtt.shape[0], self.hkv, self.d, pool.layer_num, device),
+            self.codes,
+            self.req_to_token_pool,
+            config,
+        )
         # The workspace scales with batch x context: size it by the running-request
         # limit (the decode batch bound), not by the request pool's slot count.
         max_batch = min(
@@ -151,6 +141,11 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             self.ws.max_context,
             config.to_dict(),
         )
+
+    @property
+    def hists(self) -> RequestHistograms:
+        """The requests' centroid histograms, which retrieval reads."""
+        return self.histograms.hists
 
     def _build_workspace(self, max_batch: int) -> None:
         rtt = self.req_to_token_pool.req_to_token
@@ -231,23 +226,14 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         self._rpi32 = None  # set by _prepare_step_tensors once the plan is made
         seq_cpu = forward_batch.seq_lens_cpu[:bs]
         dense_cpu = step_dense_mask(seq_cpu, self.config)
-        real = seq_cpu > 1  # CUDA-graph padding rows have seq_len 1; a real decode has >= 2
-        sparse_rows = ~dense_cpu
         if graph is not None:
             check_step(graph)
-        run_sparse = graph == "sparse" or (graph is None and bool(sparse_rows.any()))
-        if self.offload is not None and self.observer.wants_counters:
-            self.observer.hot_cache(self.offload.poll())  # no sync: copies behind the queue
-        if self.reuse is not None and self.observer.wants_counters:
-            self.observer.reuse(self.reuse.poll())
+        run_sparse = graph == "sparse" or (graph is None and bool((~dense_cpu).any()))
+        self.observer.poll(self.offload, self.reuse)
         self.observer.decode_step(
-            BatchCounts(
-                tokens_encoded=int(real.sum()),
-                dense_request_steps=int((dense_cpu & real).sum()),
-                sparse_request_steps=int(sparse_rows.sum()),
-                attended_tokens=int(sparse_rows.sum()) * self.config.budget,
-                context_tokens=int(seq_cpu[sparse_rows].sum()),
-            ),
+            seq_cpu,
+            dense_cpu,
+            self.config.budget,
             sparse=run_sparse,
             timer_key=key,
             served=not in_capture,
@@ -259,7 +245,7 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             plan_dense()
             return
         self._dense_dev[:bs].copy_(dense_cpu, non_blocking=True)
-        with _dense_rows_only(forward_batch, dense_cpu, self._dense_dev[:bs]):
+        with dense_rows_only(forward_batch, dense_cpu, self._dense_dev[:bs]):
             plan_dense()
         scale, cap = self.scale
         sparse.plan(seq_cpu, sm_scale=scale, logits_soft_cap=cap)
@@ -268,25 +254,12 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             self.full.plan(forward_batch, key if isinstance(key, int) else None, in_capture)
 
     def _plan_extend(self, forward_batch) -> None:
-        """Zero the extending requests' histograms (and forget their kept top-k); pick those
-        to recount (ending above the dense limit) for ``forward_extend``."""
+        """Zero the extending requests' histograms, pick those ``forward_extend`` recounts
+        (``HistogramUpkeep.extended``), and forget their kept top-k."""
         self.observer.extend(forward_batch)
-        rows, seq = forward_batch.req_pool_indices, forward_batch.seq_lens
-        self.hists.reset(rows)
+        self.histograms.extended(forward_batch)
         if self.reuse is not None:  # no request reuses a selection made before it extended
-            self.reuse.extended(rows)
-        seq_cpu = forward_batch.seq_lens_cpu
-        if seq_cpu is None:  # lengths only on the device: recount every row
-            self._recount = (rows, seq, None)
-            return
-        long = seq_cpu > self.config.dense_limit
-        if not bool(long.any()):
-            self._recount = None
-        elif bool(long.all()):
-            self._recount = (rows, seq, int(seq_cpu.max()))
-        else:
-            pick = long.nonzero().flatten().to(rows.device, non_blocking=True)
-            self._recount = (rows[pick], seq[pick], int(seq_cpu[long].max()))
+            self.reuse.extended(forward_batch.req_pool_indices)
 
     def init_forward_metadata(self, forward_batch):
         if not forward_batch.forward_mode.is_decode() or forward_batch.batch_size == 0:
@@ -355,26 +328,19 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
     # -- layer work (device side) -----------------------------------------------------
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
         out = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
-        recount = self._recount
-        if recount is not None and k is not None and save_kv_cache:
+        if k is not None and save_kv_cache and not layer.is_cross_attention:
             local = layer.layer_id - self.token_to_kv_pool.start_layer
-            dense_layer = self.full is not None and local in self.full.layers
-            if not layer.is_cross_attention and not dense_layer:
-                rows, seq, max_len = recount
-                self.hists.rebuild(
-                    local,
-                    self.codes.layers[local].signs,
-                    self.req_to_token_pool.req_to_token,
-                    rows,
-                    seq,
-                    max_len=max_len,
-                )
+            if self.full is None or local not in self.full.layers:  # dense layers keep none
+                self.histograms.recount(local)
         return out
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
         local = layer.layer_id - self.token_to_kv_pool.start_layer
         if self.full is not None and self.full.runs(local) and not layer.is_cross_attention:
-            return self._full_context_decode(q, k, v, layer, forward_batch, save_kv_cache)
+            # A dense layer on a sparse step: SGLang's decode call (it stores the K/V and
+            # codes) with the full-length plan. It never retrieves, so it keeps no histograms.
+            with self.full.planned():
+                return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
         fork = self._fork_stream(layer, k, save_kv_cache)
         if fork is not None:
             # Store the layer's K/V (and so its codes) as SGLang's decode call would, then
@@ -409,44 +375,15 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             return None
         return self._retrieval_stream
 
-    def _full_context_decode(self, q, k, v, layer, forward_batch, save_kv_cache: bool):
-        """A dense layer on a sparse step: SGLang's decode call (it stores the K/V and
-        codes) with the full-length plan. It never retrieves, so it keeps no histograms."""
-        saved = self.forward_metadata
-        self.forward_metadata = self.full.active
-        try:
-            out = super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
-        finally:
-            self.forward_metadata = saved
-        return out
-
-    def _count_decode(self, layer, forward_batch) -> None:
-        """Bring the histograms of ``layer`` up to date for the step's rows above the dense
-        limit (``RequestHistograms.count_decode``). Only steps that retrieve need them,
-        except with ``min_sparse_tokens``, where a request above the limit can decode in a
-        dense step and must still be counted."""
-        if self._sparse is None and not self.config.min_sparse_tokens:
-            return
-        local = layer.layer_id - self.token_to_kv_pool.start_layer
-        bs = forward_batch.batch_size
-        self.hists.count_decode(
-            local,
-            self.codes.layers[local].signs,
-            self.req_to_token_pool.req_to_token,
-            forward_batch.req_pool_indices[:bs],
-            forward_batch.seq_lens[:bs],
-            self.config.dense_limit,
-        )
-
     def _sparse_decode(self, q, k, layer, forward_batch, save_kv_cache: bool):
-        """The histograms brought up to date (``_count_decode``), then (on a sparse step)
-        retrieval and the head-as-batch FlashInfer call: the sparse rows' output
-        [bs, Hq, D], or None."""
+        """The histograms brought up to date (``HistogramUpkeep.count_decode``), then (on a
+        sparse step) retrieval and the head-as-batch FlashInfer call: the sparse rows'
+        output [bs, Hq, D], or None."""
         local = layer.layer_id - self.token_to_kv_pool.start_layer
         bs = forward_batch.batch_size
         codes = self.codes.layers[local]
         if save_kv_cache and k is not None:
-            self._count_decode(layer, forward_batch)
+            self.histograms.count_decode(local, forward_batch, sparse_step=self._sparse is not None)
         if self._sparse is None:
             return None
         if self._rpi32 is None:

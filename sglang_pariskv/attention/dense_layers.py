@@ -17,6 +17,7 @@ sparse selection; each dense layer costs its full KV read (1/L of dense decoding
 
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 from typing import Any
 
@@ -105,6 +106,18 @@ class FullContextDecode:
             for w in wrappers:
                 w.begin_forward = partial(fast_decode_plan, w)
         self.active = DecodeMetadata(wrappers)
+
+    @contextlib.contextmanager
+    def planned(self):
+        """SGLang's decode call inside runs with this step's full-length plan; the
+        backend's own plan is restored after."""
+        b = self.backend
+        saved = b.forward_metadata
+        b.forward_metadata = self.active
+        try:
+            yield
+        finally:
+            b.forward_metadata = saved
 
     def clear(self) -> None:
         self.active = None

@@ -88,11 +88,13 @@ class DecodeObserver:
 
     # -- decode steps --------------------------------------------------------------------
     def decode_step(
-        self, counts: BatchCounts, *, sparse: bool, timer_key: Any, served: bool = True
+        self, seq_lens_cpu, dense, budget: int, *, sparse: bool, timer_key: Any, served: bool
     ) -> None:
-        """One planned decode step: the retrieval timer armed for its layers iff it runs
-        the retrieval path (the previous armed step is read back), and its counts unless
-        it is a CUDA-graph capture (``served`` False), which serves no request."""
+        """One planned decode step, from its host-side lengths ``seq_lens_cpu``, ``dense``
+        (bool) its rows that attend densely, and ``budget`` tokens per sparse row: the
+        retrieval timer armed for its layers iff it runs the retrieval path (the previous
+        armed step is read back), and its counts unless it is a CUDA-graph capture
+        (``served`` False), which serves no request."""
         if self.timer is not None:
             timer = self.timer
             self._observe_retrieval(timer.begin_step(timer_key) if sparse else timer.disarm())
@@ -100,7 +102,17 @@ class DecodeObserver:
             return
         self.stats.decode_steps += 1
         self.stats.sparse_steps += int(sparse)
-        self.emit(counts)
+        real = seq_lens_cpu > 1  # CUDA-graph padding rows have seq_len 1; a real decode >= 2
+        sparse_rows = ~dense
+        self.emit(
+            BatchCounts(
+                tokens_encoded=int(real.sum()),
+                dense_request_steps=int((dense & real).sum()),
+                sparse_request_steps=int(sparse_rows.sum()),
+                attended_tokens=int(sparse_rows.sum()) * budget,
+                context_tokens=int(seq_lens_cpu[sparse_rows].sum()),
+            )
+        )
 
     def _observe_retrieval(self, seconds: float | None) -> None:
         if seconds is None:
@@ -120,6 +132,16 @@ class DecodeObserver:
                 prefix_tokens_reused=int(sum(prefix)) if prefix is not None else 0,
             )
         )
+
+    def poll(self, offload=None, reuse=None) -> None:
+        """Read back the counters kept on the GPU (host offload's hot cache, retrieval
+        reuse) when anything reads counters; no sync: the copies run behind the queue."""
+        if not self.wants_counters:
+            return
+        if offload is not None:
+            self.hot_cache(offload.poll())
+        if reuse is not None:
+            self.reuse(reuse.poll())
 
     def hot_cache(self, delta: dict[str, int]) -> None:
         if self.metrics is not None:

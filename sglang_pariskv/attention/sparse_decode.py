@@ -8,9 +8,14 @@ sequence lengths, so the wrapper is planned once per decode batch on the host (f
 ``DecodeWorkspace.plan``) and every layer's ``DecodeWorkspace.run`` rewrites the index
 buffer the wrapper reads. With ``graph_batch`` set, the wrapper uses fixed buffers so the
 per-layer work can be captured in a CUDA graph and replayed after each re-plan.
+
+In a mixed batch SGLang's dense call is planned with one token per sparse request
+(:func:`dense_rows_only`), so each request pays for one attention.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from flashinfer import BatchDecodeWithPagedKVCacheWrapper
@@ -27,6 +32,25 @@ WORKSPACE_BYTES = 128 * 1024 * 1024
 def float_workspace(device: torch.device | str) -> torch.Tensor:
     """A float workspace for :class:`HeadAsBatchDecode` wrappers to share."""
     return torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+
+
+@contextlib.contextmanager
+def dense_rows_only(forward_batch, dense_cpu: torch.Tensor, dense_dev: torch.Tensor):
+    """Show the dense planner of a mixed batch its sparse requests (``~dense_cpu``) as
+    1-token rows: their output comes from the sparse call, their dense one is discarded.
+    ``dense_dev``: ``dense_cpu`` on the device."""
+    fb = forward_batch
+    saved = (fb.seq_lens, fb.seq_lens_cpu, fb.seq_lens_sum)
+    bs = dense_cpu.numel()
+    seq = fb.seq_lens.clone()
+    seq[:bs] = torch.where(dense_dev, fb.seq_lens[:bs], 1)
+    seq_cpu = fb.seq_lens_cpu.clone()
+    seq_cpu[:bs] = torch.where(dense_cpu, fb.seq_lens_cpu[:bs], 1)
+    fb.seq_lens, fb.seq_lens_cpu, fb.seq_lens_sum = seq, seq_cpu, int(seq_cpu[:bs].sum())
+    try:
+        yield
+    finally:
+        fb.seq_lens, fb.seq_lens_cpu, fb.seq_lens_sum = saved
 
 
 class HeadAsBatchDecode:
