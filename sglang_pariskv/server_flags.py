@@ -180,9 +180,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         type=str,
         default=None,
         help="Calibration file of this model (`python -m pariskv_tools.eval calibrate`): "
-        "keys are centred by its fixed per-layer, per-KV-head means before encoding, which "
-        "keeps retrieval accurate when a model's keys share a large common direction "
-        "(default: none, keys encoded as they are).",
+        "keys are encoded relative to its fixed per-layer, per-KV-head centres and channel "
+        "scales, which keeps retrieval accurate when a model's keys share a large common "
+        "direction or carry outlier channels (default: none, keys encoded as they are).",
     )
     g.add_argument(
         "--pariskv-dense-layers",

@@ -110,6 +110,18 @@ def native_pariskv() -> bool:
     return "enable_pariskv" in fields
 
 
+def capture_attention_variant() -> str | None:
+    """The attention graph variant SGLang's decode graph runner is capturing (releases
+    with ``AttentionGraphVariants``, 0.5.23), else None."""
+    try:
+        from sglang.srt.model_executor.runner_utils.capture_mode import (
+            get_capture_attention_variant,
+        )
+    except ImportError:
+        return None
+    return get_capture_attention_variant()
+
+
 def decode_graph_batch_sizes(server_args: Any, max_bs: int) -> list[int]:
     """The decode batch sizes SGLang captures CUDA graphs for, up to ``max_bs``."""
     method = getattr(server_args, "_generate_decode_cuda_graph_batch_sizes", None)

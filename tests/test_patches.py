@@ -123,6 +123,37 @@ try:
     resolve("--enable-pariskv", "--pariskv-topk", "0")
 except ParisKVConfigError as e:
     print("refused", e)
+sa = resolve("--enable-pariskv", "--pariskv-reuse-threshold", "0.9", "--pariskv-dense-layers", "0")
+cfg = config_of(sa)
+print("reuse", cfg.reuse_threshold, "dense layers", cfg.dense_layers)
+
+# Every flag the plugin adds is a field of the patched ServerArgs.
+from sglang_pariskv.server_flags import add_cli_args
+mine = argparse.ArgumentParser()
+add_cli_args(mine)
+ours = {o for a in mine._actions for o in a.option_strings if "pariskv" in o}
+print("flags missing", sorted(ours - set(parser._option_string_actions)))
+
+# The decode graph runner asks the backend for its graph variants: ParisKV's two graphs.
+import types
+from sglang.srt.layers.attention.graph_variants import backend_graph_variants
+from sglang.srt.model_executor.runner_utils.capture_mode import _set_capture_attention_variant
+from sglang_pariskv.attention.backend import ParisKVAttnBackend
+from sglang_pariskv.attention.step_graphs import StepGraphs
+import torch
+def step_graph(seq):
+    return "sparse" if int(seq.max()) > 100 else "dense"
+fake = types.SimpleNamespace(graphs=StepGraphs(), step_graph=step_graph)
+fake.decode_graph_variants = lambda: ParisKVAttnBackend.decode_graph_variants(fake)
+variants = backend_graph_variants(fake)
+batch = lambda *lens: types.SimpleNamespace(seq_lens_cpu=torch.tensor(lens), batch_size=len(lens))
+picks = variants.select(batch(5, 500)), variants.select(batch(5, 50))
+print("variants", variants.capture_labels, *picks)
+_set_capture_attention_variant("dense")
+print("capturing", fake.graphs.capture_step, fake.graphs.captured)
+_set_capture_attention_variant(None)
+print("backend_graph_variants of another backend", backend_graph_variants(object()))
+
 assert sglang_compat.native_pariskv()
 plugin.register()
 print("plugin hooks", sum(len(v) for v in HookRegistry._hooks.values()))
@@ -140,4 +171,14 @@ def test_the_patched_sglang_serves_the_flags_natively(patched_tree, tmp_path):
     assert len(refused) == 2
     assert "--page-size 16" in refused[0] and "--page-size 1" in refused[0]
     assert "topk=0" in refused[1]
+    assert "reuse 0.9 dense layers (0,)" in lines
+    assert "flags missing []" in lines
+    assert "variants ('sparse', 'dense') sparse dense" in lines
+    assert "capturing dense True" in lines
+    assert "backend_graph_variants of another backend None" in lines
     assert lines[-1] == "plugin hooks 0"  # the plugin adds nothing to a patched SGLang
+
+
+def test_the_patched_decode_graph_runner_asks_the_backend_for_its_graphs(patched_tree):
+    runner = patched_tree / "sglang/srt/model_executor/runner/decode_cuda_graph_runner.py"
+    assert "or backend_graph_variants(self.attn_backend)" in runner.read_text()

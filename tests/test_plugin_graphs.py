@@ -155,6 +155,43 @@ def test_a_replay_takes_a_captured_graph_that_matches_its_plan(
     assert seen == {"pariskv_sparse", "pariskv_dense"}
 
 
+def test_a_patched_sglang_captures_and_replays_the_variants_the_backend_declares(
+    graph_backend, monkeypatch
+):
+    """An SGLang built with patches/ (no runner hooks): its decode graph runner asks the
+    backend for its graph variants, captures each label per size with the label set as
+    its capture-time attention variant, and replays the one ``select`` names. Each graph
+    holds retrieval iff it is the sparse one, and a replay plans the wrappers of the graph
+    it replays, whose retrieval matches the step's need."""
+    from sglang_pariskv import sglang_compat
+
+    b = graph_backend
+    current = {"label": None}
+    monkeypatch.setattr(sglang_compat, "capture_attention_variant", lambda: current["label"])
+    variants = b.decode_graph_variants()
+    assert variants.capture_labels == ("sparse", "dense")
+    graphs, wrappers = {}, {}
+    for size in CAPTURE_SIZES:
+        for label in variants.capture_labels:
+            current["label"] = label
+            b.init_forward_metadata_out_graph(decode_batch([1] * size), in_capture=True)
+            graphs[(size, label)] = b._sparse is not None
+            wrappers[(size, label)] = b.forward_metadata
+    current["label"] = None
+    assert graphs == {(s, g): g == "sparse" for s in CAPTURE_SIZES for g in ("sparse", "dense")}
+    limit = max(b.config.dense_threshold, b.config.budget)
+    rng = random.Random(1)
+    for _ in range(100):
+        n = rng.randint(1, max(CAPTURE_SIZES))
+        lens = [rng.choice([2, limit, limit + 1, 3 * limit]) for _ in range(n)]
+        size = min(s for s in CAPTURE_SIZES if s >= n)
+        b.init_forward_metadata_out_graph(decode_batch(lens + [1] * (size - n)), in_capture=False)
+        key = (size, variants.select(batch(lens)))
+        needs = any(x > limit for x in lens)
+        assert graphs[key] == (b._sparse is not None) == needs, lens
+        assert b.planned[-1] is wrappers[key]
+
+
 def test_without_the_runner_hooks_every_graph_holds_retrieval(graph_backend, monkeypatch):
     """Hooks that did not take (another SGLang runner): one graph per size, which holds
     retrieval, and dense rows of a replay are selected out."""

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
 
+from sglang_pariskv import sglang_compat
 from sglang_pariskv.attention.dense_layers import FullContextDecode
 from sglang_pariskv.attention.histogram_upkeep import HistogramUpkeep
 from sglang_pariskv.attention.memory_plan import tensor_bytes
@@ -52,7 +53,7 @@ from sglang_pariskv.attention.sparse_decode import (
     dense_rows_only,
     float_workspace,
 )
-from sglang_pariskv.attention.step_graphs import StepGraphs, check_step
+from sglang_pariskv.attention.step_graphs import StepGraphs, StepGraphVariants, check_step
 from sglang_pariskv.codec.budget import step_dense_mask
 from sglang_pariskv.config import ParisKVConfig, ParisKVConfigError
 from sglang_pariskv.index.histograms import RequestHistograms
@@ -204,6 +205,12 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
     def step_graph(self, seq_lens_cpu: torch.Tensor) -> str:
         """The decode graph a step replays: "sparse" iff :meth:`step_is_sparse`."""
         return "sparse" if self.step_is_sparse(seq_lens_cpu) else "dense"
+
+    def decode_graph_variants(self) -> StepGraphVariants:
+        """SGLang built with ``patches/`` asks the backend for its decode graph variants
+        (the plugin hooks the graph runner instead): both graphs, picked per step."""
+        self.graphs.follow_runner(sglang_compat.capture_attention_variant)
+        return StepGraphVariants(self.step_graph)
 
     def capturing(self, step: str):
         """Capture the ``step`` graph ("sparse" / "dense") of a batch size; the sparse one

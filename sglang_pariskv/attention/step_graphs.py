@@ -2,9 +2,12 @@
 
 A captured decode graph that holds every layer's retrieval kernels costs their launches
 at each replay, even when no request of the step is above the dense threshold. So each
-batch size is captured twice (``plugin.py`` hooks SGLang's decode graph runner, using its
-per-variant graph keys as LoRA does): the "sparse" graph holds the retrieval path, the
-"dense" one does not, and a replay picks the dense graph when no row needs retrieval.
+batch size is captured twice: the "sparse" graph holds the retrieval path, the "dense" one
+does not, and a replay picks the dense graph when no row needs retrieval. As a plugin,
+``plugin.py`` hooks SGLang's decode graph runner (its per-variant graph keys, as LoRA
+uses them); an SGLang built with ``patches/`` asks the backend for its graph variants
+instead (:class:`StepGraphVariants`, SGLang's ``AttentionGraphVariants``) and names the
+variant being captured itself.
 
 FlashInfer's backend makes new decode wrappers at every capture and keeps only the last
 per batch size, which is what a replay plans; a wrapper owns the int workspace its plan
@@ -16,8 +19,8 @@ graph key, is refused at startup.)
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar
 
 #: The two decode graphs per batch size.
 STEP_GRAPHS: tuple[str, ...] = ("sparse", "dense")
@@ -33,20 +36,35 @@ class StepGraphs:
     """Which graph is being captured, whether both were, and each graph's wrappers."""
 
     def __init__(self) -> None:
-        #: The graph being captured ("sparse" / "dense"; None outside a capture).
-        self.capture_step: str | None = None
-        #: Dense-step graphs were captured (the runner hooks took): replays choose.
+        self._capture_step: str | None = None
+        #: Dense-step graphs were captured (the runner hooks took, or SGLang captures the
+        #: variants it asked for): replays choose.
         self.captured: bool = False
         self._wrappers: dict[tuple[int, str], Any] = {}
+        self._runner_label: Callable[[], str | None] | None = None
+
+    @property
+    def capture_step(self) -> str | None:
+        """The graph being captured ("sparse" / "dense"; None outside a capture)."""
+        if self._capture_step is not None or self._runner_label is None:
+            return self._capture_step
+        label = self._runner_label()
+        return label if label in STEP_GRAPHS else None
+
+    def follow_runner(self, label: Callable[[], str | None]) -> None:
+        """SGLang's graph runner captures both graphs and names the one it is capturing
+        (``label()``: its capture-time attention variant)."""
+        self._runner_label = label
+        self.captured = True
 
     @contextlib.contextmanager
     def capturing(self, step: str) -> Iterator[None]:
         """Capture the ``step`` graph of a batch size."""
-        self.capture_step = check_step(step)
+        self._capture_step = check_step(step)
         try:
             yield
         finally:
-            self.capture_step = None
+            self._capture_step = None
         if step == "dense":
             self.captured = True
 
@@ -64,3 +82,20 @@ class StepGraphs:
 
     def wrappers(self, bs: int, graph: str) -> Any:
         return self._wrappers[(bs, graph)]
+
+
+class StepGraphVariants:
+    """The two decode graphs as SGLang's ``AttentionGraphVariants`` (an SGLang built with
+    ``patches/`` captures each of ``capture_labels`` per batch size and replays the one
+    :meth:`select` names)."""
+
+    capture_labels: ClassVar[tuple[str, ...]] = STEP_GRAPHS
+
+    def __init__(self, step_graph: Callable[[Any], str]) -> None:
+        self._step_graph = step_graph  #: seq_lens_cpu [bs] -> "sparse" / "dense"
+
+    def select(self, forward_batch: Any) -> str:
+        seq = forward_batch.seq_lens_cpu
+        if seq is None:
+            seq = forward_batch.seq_lens.cpu()
+        return self._step_graph(seq[: forward_batch.batch_size])
