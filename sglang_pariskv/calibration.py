@@ -99,6 +99,18 @@ def _error(path: str, what: str) -> ParisKVConfigError:
     return ParisKVConfigError(f"{_FLAG} {path}: {what}; {_REDO}")
 
 
+def _table(path: str, data: dict, key: str, dims: list[int]) -> torch.Tensor:
+    """``data[key]`` as a float64 tensor of shape ``dims`` ([layers][kv_heads][head_dim])."""
+    try:
+        t = torch.tensor(data.get(key), dtype=torch.float64)
+    except (TypeError, ValueError):
+        what = f"{key} must be a [layers][kv_heads][head_dim] list of numbers"
+        raise _error(path, what) from None
+    if tuple(t.shape) != tuple(dims):
+        raise _error(path, f"{key} has shape {tuple(t.shape)}, the header says {tuple(dims)}")
+    return t
+
+
 def _parse(path: str, data: Any) -> Calibration:
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise _error(path, f'not a ParisKV calibration file (no "format": "{FORMAT}")')
@@ -107,30 +119,12 @@ def _parse(path: str, data: Any) -> Calibration:
     dims = [data.get(k) for k in ("num_layers", "num_kv_heads", "head_dim")]
     if not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in dims):
         raise _error(path, "num_layers, num_kv_heads and head_dim must be positive integers")
-    try:
-        centres = torch.tensor(data.get("key_centres"), dtype=torch.float64)
-    except (TypeError, ValueError):
-        raise _error(
-            path, "key_centres must be a [layers][kv_heads][head_dim] list of numbers"
-        ) from None
-    if tuple(centres.shape) != tuple(dims):
-        raise _error(
-            path, f"key_centres has shape {tuple(centres.shape)}, the header says {tuple(dims)}"
-        )
+    centres = _table(path, data, "key_centres", dims)
     if not bool(torch.isfinite(centres).all()):
         raise _error(path, "key_centres holds a NaN or infinite value")
     scales = None
     if data.get("key_scales") is not None:
-        try:
-            scales = torch.tensor(data["key_scales"], dtype=torch.float64)
-        except (TypeError, ValueError):
-            raise _error(
-                path, "key_scales must be a [layers][kv_heads][head_dim] list of numbers"
-            ) from None
-        if tuple(scales.shape) != tuple(dims):
-            raise _error(
-                path, f"key_scales has shape {tuple(scales.shape)}, the header says {tuple(dims)}"
-            )
+        scales = _table(path, data, "key_scales", dims)
         if not bool((torch.isfinite(scales) & (scales > 0)).all()):
             raise _error(path, "key_scales must be finite and positive")
         scales = scales.to(torch.float32)

@@ -61,13 +61,14 @@ def test_centred_estimate_is_q_dot_k_minus_a_per_query_constant():
     assert err_plain > 2 * err_centred, (err_plain, err_centred)
 
 
-def _recall(keys, queries, centre, cfg, k):
-    """Mean overlap of codec.retrieve's top-k with the float64 exact top-k of q·k."""
+def retrieval_recall(keys, queries, centre, cfg, k, scale=None):
+    """Mean overlap of codec.retrieve's top-k (codes of (keys - centre) / scale, one KV
+    head) with the float64 exact top-k of q·k."""
     n = keys.shape[0]
-    codes = encode_keys(keys.float(), centre=centre)
+    codes = encode_keys(keys.float(), centre=centre, scale=scale)
     batched = type(codes)(*(t[None].expand(len(queries), *t.shape) for t in codes))
     seq = torch.full((len(queries),), n)
-    out = retrieve(queries.float(), batched, seq, cfg)
+    out = retrieve(queries.float(), batched, seq, cfg, scale=scale)
     top = out.positions[:, 0, cfg.sink + cfg.local :]
     hits = 0.0
     for i, qv in enumerate(queries):
@@ -94,8 +95,8 @@ def test_centring_recovers_the_top_k_when_keys_share_a_direction():
         # Queries aligned with a few keys' own (non-common) part, as attention queries are.
         queries = (keys[picks] - keys.mean(0)) * 4 + jitter
         recalls[weight] = (
-            _recall(keys, queries, None, cfg, 100),
-            _recall(keys, queries, keys.mean(0).float(), cfg, 100),
+            retrieval_recall(keys, queries, None, cfg, 100),
+            retrieval_recall(keys, queries, keys.mean(0).float(), cfg, 100),
         )
     noise_only = recalls[0.0][0]
     plain, centred = recalls[8.0]

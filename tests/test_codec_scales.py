@@ -4,9 +4,10 @@ against float64 oracles and against the unscaled codec on keys with outlier chan
 
 import torch
 
-from sglang_pariskv.codec import encode_keys, estimate_inner_products, prepare_query, retrieve
+from sglang_pariskv.codec import encode_keys, estimate_inner_products, prepare_query
 from sglang_pariskv.codec.rotation import rotation_matrix
 from sglang_pariskv.config import ParisKVConfig
+from tests.test_codec_centring import retrieval_recall
 
 
 def outlier_keys(n: int, h: int, d: int, channels: list[int], factor: float, seed: int):
@@ -71,20 +72,9 @@ def test_scaled_estimate_tracks_q_dot_k_minus_a_per_query_constant():
 
 
 def _recall(keys, queries, scale, cfg, k):
-    """Mean overlap of codec.retrieve's top-k with the float64 exact top-k of q·k."""
-    n = keys.shape[0]
-    codes = encode_keys(keys.float(), scale=None if scale is None else scale[None].float())
-    batched = type(codes)(*(t[None].expand(len(queries), *t.shape) for t in codes))
-    seq = torch.full((len(queries),), n)
-    sc = None if scale is None else scale[None].float()
-    out = retrieve(queries.float(), batched, seq, cfg, scale=sc)
-    top = out.positions[:, 0, cfg.sink + cfg.local :]
-    hits = 0.0
-    for i, qv in enumerate(queries):
-        scores = keys[cfg.sink : n - cfg.local, 0] @ qv[0]
-        truth = set((scores.topk(k).indices + cfg.sink).tolist())
-        hits += len(truth & set(top[i].tolist())) / k
-    return hits / len(queries)
+    return retrieval_recall(
+        keys, queries, None, cfg, k, None if scale is None else scale[None].float()
+    )
 
 
 def test_scales_recover_the_top_k_under_outlier_channels():
