@@ -197,3 +197,44 @@ def test_recommendation_keeps_the_weakest_layers_under_the_threshold():
     assert calibrate.recommend_dense(mass, 0.9, 2) == [0, 2]
     assert calibrate.recommend_dense(mass, 0.9, 5) == [0, 2, 3]
     assert calibrate.recommend_dense(mass, 0.4, 5) == []
+
+
+def test_calibrate_cli_passes_its_device_and_refuses_a_missing_gpu(monkeypatch, tmp_path):
+    """``calibrate --device``: the capture runs where asked; a GPU that is not there is
+    refused before any model work, naming the flag."""
+    from pariskv_tools.eval import __main__ as cli
+
+    model = type("M", (), {"max_positions": 8192})()
+    monkeypatch.setattr(cli, "resolve_model", lambda *a: model)
+    seen = []
+    monkeypatch.setattr(cli, "run_calibrate", lambda m, out, cache, s, cmd: seen.append(s))
+    argv = ["calibrate", "--out", str(tmp_path / "c.json")]
+    cli.main([*argv, "--device", "cpu"])
+    assert [s.capture_device for s in seen] == ["cpu"]
+    with pytest.raises(SystemExit, match="--device gpu9: not a torch device"):
+        cli.main([*argv, "--device", "gpu9"])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="--device cuda: no CUDA device is visible"):
+            cli.main([*argv, "--device", "cuda"])
+    assert len(seen) == 1
+
+
+def test_a_capture_loads_the_model_on_the_asked_device_in_its_serving_dtype(monkeypatch, tmp_path):
+    """load_or_capture: float32 on the CPU, bfloat16 on a GPU (the model is asked for it;
+    the stand-in stops the capture right after)."""
+    from pariskv_tools.eval import captures
+
+    asked = []
+
+    class Source:
+        max_positions, cache_name = 8192, "m"
+
+        def load(self, device="cpu", dtype=torch.float32):
+            asked.append((str(device), dtype))
+            raise RuntimeError("stop")
+
+    spec = captures.ContextSpec("c", "passkey", 256)
+    for device in ("cpu", "cuda:1"):
+        with pytest.raises(RuntimeError, match="stop"):
+            captures.load_or_capture(spec, 8, 0, tmp_path, Source(), device=device)
+    assert asked == [("cpu", torch.float32), ("cuda:1", torch.bfloat16)]

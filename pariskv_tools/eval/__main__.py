@@ -205,6 +205,12 @@ def _add_calibrate_parser(sub) -> None:
         help="at most this many recommended dense layers, weakest first (default: an "
         "eighth of the layers, at least one)",
     )
+    c.add_argument(
+        "--device",
+        default=defaults.capture_device,
+        help="torch device the model generates the calibration text on (e.g. cuda: "
+        "bfloat16, as served; the statistics are computed on the CPU in float64)",
+    )
     c.add_argument("--cache-dir", type=Path, help="captured traces (default: under --cache-root)")
     c.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     add_model_args(c)
@@ -218,6 +224,13 @@ def _calibrate(args, argv: list[str]) -> None:
             f"--context {args.context} with --n-decode {args.n_decode} leaves no room for a "
             f"prompt in the model's {model.max_positions} positions"
         )
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        msg = f"--device {args.device}: not a torch device (cpu, cuda, cuda:1)"
+        raise SystemExit(msg) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: no CUDA device is visible; use --device cpu")
     settings = CalibrateSettings(
         context=spec,
         n_decode=args.n_decode,
@@ -225,6 +238,7 @@ def _calibrate(args, argv: list[str]) -> None:
         fraction=args.fraction,
         dense_below=args.dense_below,
         max_dense=args.max_dense,
+        capture_device=args.device,
     )
     run_calibrate(
         model,

@@ -44,6 +44,7 @@ class CalibrateSettings:
     dense_below: float = 0.90
     max_dense: int | None = None  #: None: an eighth of the layers (at least one)
     step_stride: int = 4
+    capture_device: str = "cpu"  #: where the model runs while the text is generated
 
 
 def key_centres(keys: list[torch.Tensor], start: int) -> torch.Tensor:
@@ -111,7 +112,14 @@ def run_calibrate(
     model: ModelSource, out: Path, cache_dir: Path, settings: CalibrateSettings, command: str
 ) -> dict:
     """Capture (or reload) the calibration text, measure, and write ``out``."""
-    cap = load_or_capture(settings.context, settings.n_decode, settings.seed, cache_dir, model)
+    cap = load_or_capture(
+        settings.context,
+        settings.n_decode,
+        settings.seed,
+        cache_dir,
+        model,
+        device=settings.capture_device,
+    )
     centres = key_centres(cap.keys, cap.prompt_len)
     queries = [layer_trace(cap, i).queries for i in range(cap.n_layers)]
     scales = key_scales(cap.keys, queries, centres, cap.prompt_len)

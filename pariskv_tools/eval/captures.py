@@ -132,8 +132,12 @@ def load_or_capture(
     cache_dir: Path,
     model: ModelSource,
     progress: bool = True,
+    device: str = "cpu",
 ):
-    """The cached capture of ``spec`` on ``model``, capturing it (and caching) when missing."""
+    """The cached capture of ``spec`` on ``model``, capturing it (and caching) when missing.
+
+    ``device``: where the model runs while capturing (float32 on the CPU, bfloat16 on a
+    GPU, as served); the capture itself is kept on the CPU in float32."""
     from pariskv_tools.workloads import tasks
     from pariskv_tools.workloads.capture import Capture, capture
 
@@ -141,7 +145,8 @@ def load_or_capture(
     if path.is_file():
         return Capture.load(path)
     print(f"[eval] capturing {spec.label} ({spec.task}) -> {path}", file=sys.stderr, flush=True)
-    lm, tokenizer = model.load()
+    dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+    lm, tokenizer = model.load(device, dtype)
     name = _task_name(tasks, spec.task)
     target = spec.prompt_tokens(n_decode, model.max_positions)
     task = tasks.make_task(name, tokenizer, target, seed=seed)
