@@ -77,3 +77,28 @@ def test_count_decode_refuses_a_limit_that_would_count_padding_rows():
     rtt = torch.zeros(1, 4, dtype=torch.int32)
     with pytest.raises(ValueError, match="limit 0"):
         hists.count_decode(0, signs, rtt, torch.tensor([0]), torch.tensor([1]), 0)
+
+
+@pytest.mark.gpu
+def test_a_recount_after_an_extend_reset_equals_a_fresh_count_on_the_gpu(cuda_device):
+    """The GPU rebuild adds to rows the extend already zeroed (``zeroed=True``): after a
+    reset it gives the count of the requests' tokens, not the stale counts plus them; the
+    default re-zeroes first."""
+    gen = torch.Generator().manual_seed(3)
+    slots, h, d = 500, 2, 64
+    signs = torch.randint(0, 256, (slots, h, d // 8), generator=gen).to(torch.uint8)
+    rtt = torch.randperm(slots, generator=gen)[:400].reshape(4, 100).to(torch.int32)
+    reqs, lens = torch.tensor([3, 1]), torch.tensor([90, 40])
+    want = RequestHistograms(max_reqs=4, num_kv_heads=h, head_dim=d, num_layers=2, device="cpu")
+    want.rebuild(1, signs, rtt, reqs, lens)
+    dev = dict(device=cuda_device)
+    got = RequestHistograms(max_reqs=4, num_kv_heads=h, head_dim=d, num_layers=2, **dev)
+    got.all.fill_(7)  # stale counts of earlier requests in every slot
+    got.reset(reqs.to(cuda_device))
+    args = (signs.to(**dev), rtt.to(**dev), reqs.to(**dev), lens.to(**dev))
+    got.rebuild(1, *args, max_len=90, zeroed=True)
+    assert torch.equal(got.layers[1][reqs].cpu(), want.layers[1][reqs])
+    got.layers[1][reqs] += 5
+    got.rebuild(1, *args, max_len=90)  # not zeroed: re-zeroes
+    assert torch.equal(got.layers[1][reqs].cpu(), want.layers[1][reqs])
+    assert bool((got.layers[0][reqs] == 0).all()) and bool((got.layers[1][0] == 7).all())

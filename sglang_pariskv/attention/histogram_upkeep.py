@@ -75,6 +75,7 @@ class HistogramUpkeep:
             rows,
             seq,
             max_len=max_len,
+            zeroed=True,  # extended() reset every extending row, in all layers
         )
 
     def count_decode(self, local: int, forward_batch, sparse_step: bool) -> None:

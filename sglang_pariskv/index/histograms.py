@@ -44,11 +44,13 @@ class RequestHistograms:
         req_pool_indices: torch.Tensor,
         seq_lens: torch.Tensor,
         max_len: int | None = None,
+        zeroed: bool = False,
     ) -> None:
         """Recount requests ``req_pool_indices`` over their first ``seq_lens`` tokens.
 
         signs: this layer's pool signs uint8 [slots, Hkv, B]; req_to_token [max_reqs, ctx];
-        ``max_len`` (>= max(seq_lens), from the host) avoids a device sync.
+        ``max_len`` (>= max(seq_lens), from the host) avoids a device sync; ``zeroed``:
+        the rows are already zero (:meth:`reset` at the extend), so the count adds to them.
         """
         if req_pool_indices.numel() == 0:
             return
@@ -58,7 +60,8 @@ class RequestHistograms:
         if hist.is_cuda:
             from sglang_pariskv.kernels.encode import add_to_histograms
 
-            hist[rows] = 0
+            if not zeroed:
+                hist[rows] = 0
             start = torch.zeros_like(seq_lens)
             add_to_histograms(signs, req_to_token, rows, start, seq_lens, hist, n)
             return
