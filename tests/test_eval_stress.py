@@ -169,7 +169,9 @@ def fake_capture(n_layers: int = 2) -> Capture:
     )
 
 
-def test_calibrate_writes_key_means_and_scales_and_recommends_the_weak_layer(tmp_path, monkeypatch):
+def test_calibrate_writes_key_means_and_scales_and_recommends_the_weak_layer(
+    tmp_path, monkeypatch, capsys
+):
     cap = fake_capture()
     monkeypatch.setattr(calibrate, "load_or_capture", lambda *a, **k: cap)
     model = type("M", (), {"describe": lambda self: {"name": "fake"}})()
@@ -190,6 +192,10 @@ def test_calibrate_writes_key_means_and_scales_and_recommends_the_weak_layer(tmp
             assert torch.allclose(cal.scales[li, h].double(), s / s.mean(), rtol=1e-4)
     assert cal.dense_layers == (0,) and doc["layer_mass_recall"][0] < 0.9
     assert doc["layer_mass_recall"][1] > doc["layer_mass_recall"][0]
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[1].startswith("dense layers recommended: 0 (mean mass with them dense")
+    want = f"serve with: --enable-pariskv --pariskv-calibration {out} --pariskv-dense-layers auto"
+    assert printed[-1] == want
 
 
 def test_recommendation_keeps_the_weakest_layers_under_the_threshold():
@@ -238,3 +244,21 @@ def test_a_capture_loads_the_model_on_the_asked_device_in_its_serving_dtype(monk
         with pytest.raises(RuntimeError, match="stop"):
             captures.load_or_capture(spec, 8, 0, tmp_path, Source(), device=device)
     assert asked == [("cpu", torch.float32), ("cuda:1", torch.bfloat16)]
+
+
+def test_the_calibration_summary_names_what_it_measured_and_the_flags_to_serve_with():
+    mass = {"pariskv": [0.5, 0.99, 0.97, 0.98], "exact_topk": [0.52, 0.99, 0.98, 0.98]}
+    text = calibrate.summary("c.json", mass, [0], 0.1).splitlines()
+    assert text[0] == (
+        "ParisKV (calibrated) attention-mass recall at a 10% budget: mean 0.860 over 4 "
+        "layers (exact top-k 0.868); weakest layer 0 0.500, layer 2 0.970, layer 3 0.980"
+    )
+    assert text[1].startswith("dense layers recommended: 0 (mean mass with them dense 0.985;")
+    assert (
+        text[-1]
+        == "serve with: --enable-pariskv --pariskv-calibration c.json --pariskv-dense-layers auto"
+    )
+    none = calibrate.summary("c.json", mass, [], 0.1).splitlines()
+    assert (
+        len(none) == 2 and none[-1] == "serve with: --enable-pariskv --pariskv-calibration c.json"
+    )

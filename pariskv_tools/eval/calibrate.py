@@ -148,8 +148,31 @@ def run_calibrate(
         "exact_layer_mass_recall": [round(m, 4) for m in mass["exact_topk"]],
     }
     save_calibration(out, centres, dense, scales=scales, **extra)
-    print(f"wrote {out}: dense layers recommended {dense}", file=sys.stderr)
+    print(f"wrote {out}", file=sys.stderr)
+    print(summary(out, mass, dense, settings.fraction))
     return {"dense_layers": dense, **extra}
+
+
+def summary(out: Path, mass: dict[str, list[float]], dense: list[int], fraction: float) -> str:
+    """What the calibration measured and the serving flags it recommends."""
+    ours, exact = mass["pariskv"], mass["exact_topk"]
+    n = len(ours)
+    weakest = sorted(range(n), key=lambda i: ours[i])[:3]
+    lines = [
+        f"ParisKV (calibrated) attention-mass recall at a {fraction:.0%} budget: mean "
+        f"{sum(ours) / n:.3f} over {n} layers (exact top-k {sum(exact) / n:.3f}); weakest "
+        + ", ".join(f"layer {i} {ours[i]:.3f}" for i in weakest)
+    ]
+    flags = f"--enable-pariskv --pariskv-calibration {out}"
+    if dense:
+        with_dense = sum(1.0 if i in dense else m for i, m in enumerate(ours)) / n
+        flags += " --pariskv-dense-layers auto"
+        lines.append(
+            f"dense layers recommended: {','.join(map(str, dense))} (mean mass with them "
+            f"dense {with_dense:.3f}; each adds 1/{n} of a dense step's KV read)"
+        )
+    lines.append(f"serve with: {flags}")
+    return "\n".join(lines)
 
 
 def calibration_capture(settings: dict, model: ModelSource, cache_dir: Path):
