@@ -130,3 +130,30 @@ def test_dense_layers_plan_their_full_length_plan_buffers():
     buffers = tensor_bytes([full.indptr, full._graph_indices])
     assert dense.dense_layers == buffers + 6 * FLASHINFER_INT_WORKSPACE_BYTES
     assert dense.total == plain.total + dense.dense_layers
+
+
+@pytest.mark.parametrize("with_scales", [True, False])
+def test_the_calibration_tables_of_the_code_pool_are_planned(tmp_path, with_scales):
+    """The code pool's fp32 centres (and scales) of this rank's heads: planned as the pool
+    allocates them (built on the CPU, same shapes)."""
+    from sglang_pariskv.calibration import load_calibration, save_calibration
+    from sglang_pariskv.index.code_pool import CodePool
+
+    layers, hkv, d = 3, 2, 64
+    path = tmp_path / "cal.json"
+    scales = torch.ones(layers, hkv, d) * 2 if with_scales else None
+    save_calibration(path, torch.zeros(layers, hkv, d), [], scales=scales)
+    sizes = dict(num_q_heads=8, num_kv_heads=hkv, head_dim=d, num_layers=layers,
+                 request_slots=9, max_batch=8, max_context=4096, graph_batch_sizes=5)  # fmt: skip
+    cfg = ParisKVConfig(topk=256, sink=16, local=64, dense_threshold=512)
+    plain = plan_backend_memory(cfg, **sizes)
+    planned = plan_backend_memory(dataclasses.replace(cfg, calibration=str(path)), **sizes)
+    cal = load_calibration(path)
+    pool = CodePool(4, hkv, d, layers, "cpu", centres=cal.centres, scales=cal.scales)
+    allocated = sum(
+        t.numel() * t.element_size() for t in (pool.centres, pool.scales) if t is not None
+    )
+    assert plain.calibration == 0 and planned.calibration == allocated
+    assert (
+        planned.total - plain.total == allocated == (2 if with_scales else 1) * layers * hkv * d * 4
+    )

@@ -52,10 +52,19 @@ class BackendMemoryPlan:
     #: --pariskv-dense-layers' full-length plan (``attention.dense_layers``); 0 without.
     dense_layers: int = 0
     reuse: int = 0  #: kept selections of retrieval reuse (``--pariskv-reuse-threshold``)
+    #: the KV pool's key centres and channel scales (``--pariskv-calibration``); 0 without.
+    calibration: int = 0
 
     @property
     def total(self) -> int:
-        return self.histograms + self.workspace + self.flashinfer + self.dense_layers + self.reuse
+        return (
+            self.histograms
+            + self.workspace
+            + self.flashinfer
+            + self.dense_layers
+            + self.reuse
+            + self.calibration
+        )
 
 
 def plan_backend_memory(
@@ -80,7 +89,9 @@ def plan_backend_memory(
     FlashInfer backend captures beside the sparse-step one. With dense
     layers, their full-length plan: its own indptr, a CUDA-graph ``kv_indices`` buffer of
     ``max_graph_batch`` (default ``max_batch``) x ``max_context`` entries, and an int
-    workspace for its eager wrapper and each captured batch size."""
+    workspace for its eager wrapper and each captured batch size. With a calibration
+    file, the code pool's fp32 centres (and channel scales, when the file has them) of
+    this rank's layers and KV heads."""
     meta = torch.device("meta")
     hists = RequestHistograms(request_slots, num_kv_heads, head_dim, num_layers, meta)
     ws = DecodeWorkspace(
@@ -104,10 +115,17 @@ def plan_backend_memory(
     if config.reuses:  # per request slot and layer: kept query, top-k and length
         kept = ReuseState(request_slots, num_layers, num_kv_heads, head_dim, ws.k, meta)
         reuse = kept.nbytes()
+    calibration = 0
+    if config.calibration is not None:
+        from sglang_pariskv.calibration import load_calibration
+
+        tables = 1 if load_calibration(config.calibration).scales is None else 2
+        calibration = tables * num_layers * num_kv_heads * head_dim * 4
     return BackendMemoryPlan(
         histograms=hists.nbytes(),
         workspace=tensor_bytes(ws) + query_copy,
         flashinfer=WORKSPACE_BYTES + wrappers * FLASHINFER_INT_WORKSPACE_BYTES,
         dense_layers=dense_layers,
         reuse=reuse,
+        calibration=calibration,
     )
