@@ -135,12 +135,7 @@ def _server_args_from_cli(original, cls, args):
         # on FlashInfer, so pick it explicitly rather than refuse the user's default.
         args.attention_backend = "flashinfer"
     check_server_args(args)
-    if cfg.offloaded:
-        from sglang_pariskv.offload.host_pool import check_host_memory
-
-        # Every TP rank pins its own pool: check them all before any model work.
-        ranks = int(getattr(args, "tp_size", 1) or 1)
-        check_host_memory(int(cfg.host_pool_gb * 2**30) * ranks)
+    check_host_pools(cfg, args)
     _cap_running_requests(args)
     server_args = original(cls, args)
     # Again on the record SGLang built (resolved here up to SGLang 0.5.18; from 0.5.19 the
@@ -204,18 +199,33 @@ def _around_resolution(original, server_args, *args, **kwargs):
 
     The request-slot cap goes in before SGLang resolves the arguments, after which
     ServerArgs fields are read-only; the checks read the resolved values."""
-    if config_from_env() is None:
+    cfg = config_from_env()
+    if cfg is None:
         return original(server_args, *args, **kwargs)
     if not sglang_compat.is_resolved(server_args):
         _cap_running_requests(server_args)
     result = original(server_args, *args, **kwargs)
     try:
-        check_server_args(sglang_compat.resolved(server_args))
+        view = sglang_compat.resolved(server_args)
+        check_server_args(view)
+        if not _launched_from_cli:  # a launch checked them before any model work
+            check_host_pools(cfg, view)
     except ParisKVConfigError as e:
         if _launched_from_cli:  # from 0.5.19 the launcher resolves after from_cli_args
             _exit_with(e)
         raise
     return result
+
+
+def check_host_pools(cfg: ParisKVConfig, args) -> None:
+    """With host offload every TP rank pins its own pool at the same time: check them
+    together against the host's free memory (one rank's check could not see the others)."""
+    if not cfg.offloaded:
+        return
+    from sglang_pariskv.offload.host_pool import check_host_memory
+
+    ranks = int(getattr(args, "tp_size", 1) or 1)
+    check_host_memory(int(cfg.host_pool_gb * 2**30) * ranks)
 
 
 def _cap_running_requests(args) -> None:

@@ -359,6 +359,24 @@ def test_a_launch_refused_at_resolution_ends_with_one_line(
     assert err.startswith("error: --enable-pariskv cannot be served") and err.count("\n") == 1
 
 
+def test_engine_api_checks_every_ranks_host_pool_together(parser, tiny_model, monkeypatch):
+    """Engine API with host offload: the ranks' pools are checked together at resolution,
+    before any rank starts (each rank alone would see the memory the others take)."""
+    cfg = ParisKVConfig(offload="host", host_pool_gb=10.0)
+    monkeypatch.setenv(plugin.ENV_CONFIG, json.dumps(cfg.to_dict()))
+    monkeypatch.setattr(plugin, "_launched_from_cli", False)
+    asked = []
+
+    def fake_check(nbytes):
+        asked.append(nbytes)
+        raise ParisKVConfigError("--pariskv-host-pool-gb asks for too much")
+
+    monkeypatch.setattr("sglang_pariskv.offload.host_pool.check_host_memory", fake_check)
+    with pytest.raises(ParisKVConfigError, match="--pariskv-host-pool-gb"):
+        engine_server_args(tiny_model, attention_backend="flashinfer", tp_size=2)
+    assert asked == [2 * 10 * 2**30]
+
+
 def test_without_pariskv_resolution_is_untouched(parser, tiny_model, monkeypatch):
     monkeypatch.delenv(plugin.ENV_CONFIG, raising=False)
     sa = engine_server_args(tiny_model, attention_backend="triton")
