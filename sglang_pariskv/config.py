@@ -92,9 +92,9 @@ class ParisKVConfig:
     #: :data:`DEFAULT_REUSE_MAX_AGE`.
     reuse_max_age: int | None = None
     #: A calibration file (``python -m pariskv_tools.eval calibrate``): fixed key centres
-    #: per (layer, KV head), subtracted from every key before it is encoded, and the
-    #: per-layer dense recommendation ``dense_layers="auto"`` reads. None: keys are
-    #: encoded as they are.
+    #: and channel scales per (layer, KV head), which every key is encoded relative to
+    #: (queries are scaled alike), and the per-layer dense recommendation
+    #: ``dense_layers="auto"`` reads. None: keys are encoded as they are.
     calibration: str | None = None
     #: Layers that attend densely over the whole context at every decode step (their
     #: codes are still written): a tuple of layer indices, or "auto" for the calibration

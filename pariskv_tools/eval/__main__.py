@@ -184,7 +184,8 @@ def _add_calibrate_parser(sub) -> None:
         "--n-decode",
         type=int,
         default=defaults.n_decode,
-        help="generated tokens: the key centres are their mean keys",
+        help="generated tokens: the key centres and channel scales come from their keys "
+        "(and the decode queries)",
     )
     c.add_argument("--seed", type=int, default=defaults.seed, help="seed of the prompt")
     c.add_argument(
