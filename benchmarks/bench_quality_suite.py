@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from pariskv_tools.cli import HelpFormatter, add_results_args
+from pariskv_tools.cli import HelpFormatter, add_results_args, load_calibration_for
 
 RESULTS = Path(__file__).resolve().parent / "results" / "quality_suite.json"
 TASKS = ("passkey", "multikey_needle", "multivalue_needle", "variable_tracking")
@@ -180,18 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     from pariskv_tools.workloads.models import resolve_model
 
     source = resolve_model(args.model, args.cache_root)
-    calibration = None
-    if args.calibration is not None:
-        from sglang_pariskv.calibration import load_calibration
-        from sglang_pariskv.config import ParisKVConfigError
-
-        try:
-            calibration = load_calibration(args.calibration)
-            head_dim = source.config.hidden_size // source.config.num_attention_heads
-            head_dim = getattr(source.config, "head_dim", None) or head_dim
-            calibration.check_model(source.config.num_hidden_layers, head_dim)
-        except ParisKVConfigError as e:
-            raise SystemExit(str(e).replace("--pariskv-calibration", "--calibration", 1)) from None
+    calibration = load_calibration_for(args.calibration, source.config)
     model, tok = source.load()
     t0 = time.perf_counter()
     rows = run(model, tok, args, calibration)

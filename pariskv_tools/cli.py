@@ -5,13 +5,18 @@ reference for what a run does when an option is left out. :func:`add_model_args`
 command line ``--model`` (see :mod:`pariskv_tools.workloads.models`) and
 :func:`add_smollm2_args` the two paths :mod:`pariskv_tools.workloads.smollm2` otherwise reads
 from the environment, under the same meaning. :func:`add_results_args` gives a benchmark that
-writes a results JSON and draws its PNG ``--out`` and ``--plot``.
+writes a results JSON and draws its PNG ``--out`` and ``--plot``;
+:func:`load_calibration_for` reads a tool's ``--calibration`` for the model it runs.
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sglang_pariskv.calibration import Calibration
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -78,3 +83,27 @@ def add_results_args(parser: argparse.ArgumentParser, default: Path) -> None:
     ``--plot`` (draw the PNG of an existing results JSON, and run nothing)."""
     parser.add_argument("--out", type=Path, default=default, help="results JSON (PNG beside it)")
     parser.add_argument("--plot", type=Path, help="only draw the PNG of an existing results JSON")
+
+
+def load_calibration_for(path: Path | None, config) -> Calibration | None:
+    """``--calibration FILE`` of a tool that runs ParisKV on a model: the file, checked
+    against the model's layers, KV heads and head_dim (a transformers config). A file
+    written for another model ends the run with one line naming ``--calibration``."""
+    if path is None:
+        return None
+    from pariskv_tools.workloads.models import head_dim
+    from sglang_pariskv.calibration import load_calibration
+    from sglang_pariskv.config import ParisKVConfigError
+
+    try:
+        cal = load_calibration(path)
+        cal.check_model(config.num_hidden_layers, head_dim(config))
+    except ParisKVConfigError as e:
+        raise SystemExit(str(e).replace("--pariskv-calibration", "--calibration", 1)) from None
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    if cal.num_kv_heads != kv_heads:
+        raise SystemExit(
+            f"--calibration {path} has {cal.num_kv_heads} KV heads, the model {kv_heads}: "
+            "calibrate this model (python -m pariskv_tools.eval calibrate --model PATH)"
+        )
+    return cal

@@ -22,11 +22,12 @@ import argparse
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from pariskv_tools.cli import HelpFormatter, add_model_args
+from pariskv_tools.cli import HelpFormatter, add_model_args, load_calibration_for
 from pariskv_tools.hf_attention import ParisKVAttention, install, uninstall
 from pariskv_tools.workloads import tasks
 from pariskv_tools.workloads.models import last_logits_kwargs, resolve_model
@@ -85,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--sink", type=int, default=64, help="leading tokens always attended")
     ap.add_argument("--local", type=int, default=256, help="recent tokens always attended")
     ap.add_argument("--max-new", type=int, default=12, help="tokens generated per answer")
+    ap.add_argument(
+        "--calibration",
+        type=Path,
+        help="calibration file of the model (python -m pariskv_tools.eval calibrate): "
+        "ParisKV encodes with its key centres and channel scales (default: none)",
+    )
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     add_model_args(ap)
     return ap
@@ -98,16 +105,19 @@ def main(argv: list[str] | None = None) -> int:
     cfg = ParisKVConfig(topk=args.topk, sink=args.sink, local=args.local, dense_threshold=0)
     source = resolve_model(args.model, args.cache_root, args.smollm2_gguf)
     context = min(args.context, source.max_positions - args.max_new - 64)
+    calibration = load_calibration_for(args.calibration, source.config)
     model, tok = source.load()
     task = tasks.passkey(tok, context, depth=args.depth, seed=args.seed)
     prompt = tasks.format_chat(tok, task)
     print(f"prompt: {len(prompt)} tokens, passkey at depth {args.depth}: {task.answer}")
+    if calibration is not None:
+        print(f"calibration: {calibration.path}")
 
     uninstall(model)
     dense_ids, dense_s = greedy(model, prompt, args.max_new, "dense")
     dense_text = tok.decode(dense_ids, skip_special_tokens=True)
 
-    attn = ParisKVAttention(cfg)
+    attn = ParisKVAttention(cfg, calibration=calibration)
     install(model, attn)
     sparse_ids, sparse_s = greedy(model, prompt, args.max_new, "pariskv")
     sparse_text = tok.decode(sparse_ids, skip_special_tokens=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from tiny_models import MAX_POSITIONS, SHAPES, save_tiny_model
+from transformers import AutoConfig
 
 from pariskv_tools import demo
 from pariskv_tools.eval import __main__ as eval_cli
@@ -234,3 +235,23 @@ def test_demo_runs_on_own_model(tiny, capsys):
     # A context that sink + local + top-k covers has no sparse step: said, not a crash.
     assert demo.main([*argv, "--context", "200"]) == 0
     assert "no sparse step" in capsys.readouterr().out
+
+
+def test_demo_takes_a_calibration_of_the_model_and_refuses_another(tiny, capsys, tmp_path):
+    from pariskv_tools.workloads.models import head_dim
+    from sglang_pariskv.calibration import save_calibration
+
+    family, path = tiny
+    cfg = AutoConfig.from_pretrained(path)
+    layers, hkv, d = cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim(cfg)
+    gen = torch.Generator().manual_seed(0)
+    good, other = tmp_path / "cal.json", tmp_path / "other.json"
+    save_calibration(good, torch.randn(layers, hkv, d, generator=gen), [],
+                     scales=torch.rand(layers, hkv, d, generator=gen) + 0.5)  # fmt: skip
+    save_calibration(other, torch.zeros(layers, hkv + 1, d), [])
+    argv = ["--model", str(path), "--context", "600", "--max-new", "2", "--threads", "1",
+            "--topk", "16", "--sink", "8", "--local", "16"]  # fmt: skip
+    assert demo.main([*argv, "--calibration", str(good)]) == 0
+    assert f"calibration: {good}" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=f"^--calibration {other} has {hkv + 1} KV heads"):
+        demo.main([*argv, "--calibration", str(other)])
