@@ -725,6 +725,13 @@ def build_parser() -> argparse.ArgumentParser:
         "result count the (request, layer) pairs that retrieved and reused",
     )
     t.add_argument("--reuse-max-age", type=int, help="ParisKV's --pariskv-reuse-max-age")
+    t.add_argument(
+        "--calibration",
+        type=Path,
+        help="ParisKV's --pariskv-calibration: a calibration file of the benchmarked shape "
+        "(with dummy weights any centres and scales of that shape time the same, e.g. "
+        "sglang_pariskv.calibration.save_calibration of random [32, 8, 128] tensors)",
+    )
     add_split_run_args(t)
     o = sub.add_parser(
         "offload",
@@ -774,6 +781,8 @@ def main(argv: list[str] | None = None) -> int:
         for key in ("reuse_threshold", "reuse_max_age"):
             if getattr(args, key) is not None:
                 cfg[key] = getattr(args, key)
+        if args.calibration is not None:
+            cfg["calibration"] = str(args.calibration.resolve())
         res = run_throughput(
             args.inputs,
             args.batches,

@@ -78,3 +78,6 @@ def test_reuse_options_reach_the_pariskv_engine_config(monkeypatch):
     assert bench_e2e.main(argv) == 0
     assert seen[0]["reuse_threshold"] == 0.9 and seen[0]["reuse_max_age"] == 8
     assert "reuse_threshold" not in seen[1] and "reuse_max_age" not in seen[1]
+    assert bench_e2e.main([*argv, "--calibration", "cal.json"]) == 0
+    assert seen[2]["calibration"] == str(Path("cal.json").resolve())
+    assert "calibration" not in seen[1]
