@@ -57,11 +57,9 @@ def check_resolved(view: Any) -> None:
     if cfg is None:
         return
     check_server_args(view)
-    if cfg.offloaded:
-        from sglang_pariskv.offload.host_pool import check_host_memory
+    from sglang_pariskv.offload.host_pool import check_host_pools
 
-        # every TP rank pins its own pool: check them all before any model work
-        check_host_memory(int(cfg.host_pool_gb * 2**30) * int(view.tp_size or 1))
+    check_host_pools(cfg, view)
 
 
 def kv_pool_class(server_args: Any) -> type:

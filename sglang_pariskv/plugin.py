@@ -135,6 +135,8 @@ def _server_args_from_cli(original, cls, args):
         # on FlashInfer, so pick it explicitly rather than refuse the user's default.
         args.attention_backend = "flashinfer"
     check_server_args(args)
+    from sglang_pariskv.offload.host_pool import check_host_pools
+
     check_host_pools(cfg, args)
     _cap_running_requests(args)
     server_args = original(cls, args)
@@ -209,23 +211,14 @@ def _around_resolution(original, server_args, *args, **kwargs):
         view = sglang_compat.resolved(server_args)
         check_server_args(view)
         if not _launched_from_cli:  # a launch checked them before any model work
+            from sglang_pariskv.offload.host_pool import check_host_pools
+
             check_host_pools(cfg, view)
     except ParisKVConfigError as e:
         if _launched_from_cli:  # from 0.5.19 the launcher resolves after from_cli_args
             _exit_with(e)
         raise
     return result
-
-
-def check_host_pools(cfg: ParisKVConfig, args) -> None:
-    """With host offload every TP rank pins its own pool at the same time: check them
-    together against the host's free memory (one rank's check could not see the others)."""
-    if not cfg.offloaded:
-        return
-    from sglang_pariskv.offload.host_pool import check_host_memory
-
-    ranks = int(getattr(args, "tp_size", 1) or 1)
-    check_host_memory(int(cfg.host_pool_gb * 2**30) * ranks)
 
 
 def _cap_running_requests(args) -> None:

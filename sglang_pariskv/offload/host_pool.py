@@ -96,6 +96,16 @@ def check_host_memory(
     )
 
 
+def check_host_pools(config, args) -> None:
+    """With ``--pariskv-offload host`` every TP rank of ``args`` (server arguments, raw or
+    resolved) pins its own pool at the same time: check them together against the host's
+    free memory before any model work (one rank alone cannot see the others)."""
+    if not config.offloaded:
+        return
+    ranks = int(getattr(args, "tp_size", 1) or 1)
+    check_host_memory(int(config.host_pool_gb * 2**30) * ranks)
+
+
 def _register(t: torch.Tensor) -> None:
     cudart = torch.cuda.cudart()
     rc = cudart.cudaHostRegister(
