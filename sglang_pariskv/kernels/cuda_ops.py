@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from sglang_pariskv.kernels.query_tiers import check_query_scale
+from sglang_pariskv.kernels.encode import check_head_rows
 
 #: Shipped inside the package (package data) so a wheel install has the sources too.
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
@@ -162,7 +162,7 @@ def query_tier_table_cuda(
     )
     r, hq, d = q.shape
     _, h, b, _ = tiers_out.shape
-    check_query_scale(scale, h, d)
+    check_head_rows("scale", scale, h, d)
     if r == 0:
         return
     if q.stride(-1) != 1:

@@ -142,6 +142,13 @@ def _encode_kernel(
         tl.atomic_add(hptr, 1, mask=m2 & (req >= 0)[:, None], sem="relaxed")
 
 
+def check_head_rows(name: str, x: torch.Tensor | None, h: int, d: int) -> None:
+    """A layer's calibration table (centre or channel scales), which the kernels read as
+    raw fp32 ``[Hkv, D]`` rows: None, or exactly that."""
+    if x is not None and (x.shape != (h, d) or x.dtype != torch.float32 or not x.is_contiguous()):
+        raise ValueError(f"{name} must be a contiguous float32 [{h}, {d}] tensor")
+
+
 def encode_to_pool(
     keys: torch.Tensor,
     slots: torch.Tensor,
@@ -178,11 +185,8 @@ def encode_to_pool(
         keys = keys.contiguous()
     if t == 0:
         return
-    for name, x in (("centre", centre), ("scale", scale)):
-        if x is not None and (
-            x.shape != (h, d) or x.dtype != torch.float32 or not x.is_contiguous()
-        ):
-            raise ValueError(f"{name} must be a contiguous float32 [{h}, {d}] tensor")
+    check_head_rows("centre", centre, h, d)
+    check_head_rows("scale", scale, h, d)
     sgn, thr, lev = encode_constants(d, seed, keys.device)
     has_hist = hist is not None
     if has_hist and req_ids is None:

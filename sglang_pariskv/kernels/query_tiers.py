@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from sglang_pariskv.codec.query import PreparedQuery
+from sglang_pariskv.kernels.encode import check_head_rows
 from sglang_pariskv.kernels.query import group_unit_mean
 from sglang_pariskv.kernels.tiers import block_tiers, default_chunk
 
@@ -74,14 +75,6 @@ def _query_tier_kernel(
     tl.store(tiers_ptr + pid.to(tl.int64) * 256 + tl.arange(0, 256), tiers.to(tl.uint8))
 
 
-def check_query_scale(scale: torch.Tensor | None, h: int, d: int) -> None:
-    """The kernels read ``scale`` as raw fp32 [Hkv, D] rows."""
-    if scale is not None and (
-        scale.shape != (h, d) or scale.dtype != torch.float32 or not scale.is_contiguous()
-    ):
-        raise ValueError(f"scale must be a contiguous float32 [{h}, {d}] tensor")
-
-
 def query_tier_table(
     q: torch.Tensor,
     rotation: torch.Tensor,
@@ -108,7 +101,7 @@ def query_tier_table(
         q = q.contiguous()
     if chunk is None:
         chunk = default_chunk(hist)
-    check_query_scale(scale, h, d)
+    check_head_rows("scale", scale, h, d)
     _query_tier_kernel[(r * h * b,)](
         q,
         q.stride(0),
