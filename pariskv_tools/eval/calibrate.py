@@ -153,6 +153,11 @@ def run_calibrate(
     return {"dense_layers": dense, **extra}
 
 
+def with_dense(per_layer: list[float], dense: list[int]) -> float:
+    """Mean mass recall over layers when ``dense`` layers attend everything (mass 1)."""
+    return sum(1.0 if i in dense else m for i, m in enumerate(per_layer)) / len(per_layer)
+
+
 def summary(out: Path, mass: dict[str, list[float]], dense: list[int], fraction: float) -> str:
     """What the calibration measured and the serving flags it recommends."""
     ours, exact = mass["pariskv"], mass["exact_topk"]
@@ -165,11 +170,10 @@ def summary(out: Path, mass: dict[str, list[float]], dense: list[int], fraction:
     ]
     flags = f"--enable-pariskv --pariskv-calibration {out}"
     if dense:
-        with_dense = sum(1.0 if i in dense else m for i, m in enumerate(ours)) / n
         flags += " --pariskv-dense-layers auto"
         lines.append(
             f"dense layers recommended: {','.join(map(str, dense))} (mean mass with them "
-            f"dense {with_dense:.3f}; each adds 1/{n} of a dense step's KV read)"
+            f"dense {with_dense(ours, dense):.3f}; each adds 1/{n} of a dense step's KV read)"
         )
     lines.append(f"serve with: {flags}")
     return "\n".join(lines)

@@ -27,7 +27,12 @@ import torch
 
 from pariskv_tools.cli import HelpFormatter, add_model_args
 from pariskv_tools.eval.budget import budget_for
-from pariskv_tools.eval.calibrate import calibration_capture, key_centres, key_scales
+from pariskv_tools.eval.calibrate import (
+    calibration_capture,
+    key_centres,
+    key_scales,
+    with_dense,
+)
 from pariskv_tools.eval.captures import ContextSpec, default_cache_dir, layer_trace, load_or_capture
 from pariskv_tools.eval.layer_eval import evaluate_layer, exact_scores
 from pariskv_tools.eval.methods import ExactTopK, ParisKV
@@ -259,11 +264,6 @@ def run_stress_cli(args, argv: list[str]) -> dict:
 
     print(f"wrote {args.out} and {plot_stress(results, args.out.with_suffix('.png'))}")
     return doc
-
-
-def with_dense(per_layer: list[float], dense: list[int]) -> float:
-    """Mean mass recall over layers when ``dense`` layers attend everything (mass 1)."""
-    return sum(1.0 if i in dense else m for i, m in enumerate(per_layer)) / len(per_layer)
 
 
 def dense_gain(cap, calib_cap, cal, args, rope_theta: float) -> dict:
