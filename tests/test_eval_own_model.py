@@ -255,3 +255,19 @@ def test_demo_takes_a_calibration_of_the_model_and_refuses_another(tiny, capsys,
     assert f"calibration: {good}" in capsys.readouterr().out
     with pytest.raises(SystemExit, match=f"^--calibration {other} has {hkv + 1} KV heads"):
         demo.main([*argv, "--calibration", str(other)])
+
+
+def test_retrieval_eval_refuses_a_calibration_of_another_model_before_capturing(tiny, tmp_path):
+    from sglang_pariskv.calibration import save_calibration
+
+    family, path = tiny
+    cfg = AutoConfig.from_pretrained(path)
+    other = tmp_path / "other.json"
+    save_calibration(other, torch.zeros(cfg.num_hidden_layers + 2, 1, 16), [])
+    cache = tmp_path / "cache"
+    argv = ["retrieval", "--model", str(path), "--contexts", "300", "--n-decode", "4",
+            "--cache-root", str(cache), "--out", str(tmp_path / "rq.json"),
+            "--calibration", str(other)]  # fmt: skip
+    with pytest.raises(SystemExit, match=f"^--calibration {other} was written for"):
+        eval_cli.main(argv)
+    assert not list(cache.rglob("*.pt"))  # refused before any capture

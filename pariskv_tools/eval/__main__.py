@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from pariskv_tools.cli import HelpFormatter, add_model_args
+from pariskv_tools.cli import HelpFormatter, add_model_args, load_calibration_for
 from pariskv_tools.eval.calibrate import CalibrateSettings, run_calibrate
 from pariskv_tools.eval.captures import (
     ContextSpec,
@@ -32,7 +32,6 @@ from pariskv_tools.eval.methods import ParisKV, default_methods
 from pariskv_tools.eval.retrieval import RetrievalSettings, run_retrieval
 from pariskv_tools.eval.reuse_cli import add_reuse_parser, main_reuse
 from pariskv_tools.workloads.models import resolve_model
-from sglang_pariskv.calibration import load_calibration
 from sglang_pariskv.config import ParisKVConfig
 
 
@@ -282,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
         methods = [m for m in methods if keep & set(m.names)]
     methods += [_variant(v) for v in args.variant]
     if args.calibration is not None:
-        cal = load_calibration(args.calibration)
+        cal = load_calibration_for(args.calibration, model.config)
         methods.append(
             ParisKV(
                 name="pariskv_calibrated", outputs=("full",), centres=cal.centres, scales=cal.scales

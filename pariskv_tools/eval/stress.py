@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from pariskv_tools.cli import HelpFormatter, add_model_args
+from pariskv_tools.cli import HelpFormatter, add_model_args, load_calibration_for
 from pariskv_tools.eval.budget import budget_for
 from pariskv_tools.eval.calibrate import (
     calibration_capture,
@@ -41,7 +41,6 @@ from pariskv_tools.eval.ranking import rank, zone_mask
 from pariskv_tools.eval.retrieval import git_commit
 from pariskv_tools.eval.stress_cases import Case, apply_case, common_cosine, default_cases
 from pariskv_tools.eval.trace import LayerTrace, StepBatch
-from sglang_pariskv.calibration import load_calibration
 from sglang_pariskv.config import ParisKVConfig
 
 RECALL_K = 100
@@ -220,8 +219,7 @@ def run_stress_cli(args, argv: list[str]) -> dict:
 
     t0 = time.monotonic()
     model = resolve_model(args.model, args.cache_root, args.smollm2_gguf)
-    cal = load_calibration(args.calibration)
-    cal.check_model(model.config.num_hidden_layers, cal.head_dim)
+    cal = load_calibration_for(args.calibration, model.config)
     spec = ContextSpec(f"{args.context}", args.task, args.context)
     cache_dir = args.cache_dir or default_cache_dir(args.cache_root)
     cap = load_or_capture(spec, args.n_decode, args.seed, cache_dir, model)
