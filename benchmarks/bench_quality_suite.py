@@ -19,8 +19,11 @@ each attending sink + local window + top-k = f x prompt tokens. Both sparse meth
 through the reference integration (``pariskv_tools.hf_attention``: the codec the GPU
 kernels are tested against); with ``--calibration`` ParisKV uses the file's key centres
 and channel scales, as a server given ``--pariskv-calibration`` does. Reported per (task,
-budget, method): accuracy, agreement with dense (the answer scores as dense's does) and
-identical answers.
+budget, method): accuracy, agreement with dense (the answer scores as dense's does),
+identical answers, and two measures that still separate methods when a small model gets a
+task all wrong or all right: with dense's answer teacher-forced, the share of its tokens
+(after the first) that are the method's argmax too, and the mean log-probability of those
+tokens against dense's own (``logprob_gap``, 0 for a method that predicts as dense does).
 """
 
 from __future__ import annotations
@@ -68,7 +71,12 @@ def run(model, tok, args, calibration=None) -> list[dict]:
     (``calibration``: a loaded calibration file for ParisKV, or None)."""
     from pariskv_tools.hf_attention import ParisKVAttention, install, uninstall
     from pariskv_tools.workloads import tasks
-    from pariskv_tools.workloads.models import eos_ids, greedy_continue, last_logits_kwargs
+    from pariskv_tools.workloads.models import (
+        eos_ids,
+        forced_agreement,
+        greedy_continue,
+        last_logits_kwargs,
+    )
     from sglang_pariskv.config import ParisKVConfig
 
     eos = eos_ids(model)
@@ -87,6 +95,8 @@ def run(model, tok, args, calibration=None) -> list[dict]:
             first = int(out.logits[0, -1].argmax())
             past = copy.deepcopy(out.past_key_values)
             answers = {"dense": greedy_continue(model, past, first, steps, eos)}
+            forced = {"dense": forced_agreement(model, copy.deepcopy(out.past_key_values),
+                                                answers["dense"])}  # fmt: skip
             for f in args.budgets:
                 k = topk_for(f, len(prompt), args.sink, args.local)
                 cfg = ParisKVConfig(topk=k, sink=args.sink, local=args.local, dense_threshold=0)
@@ -97,6 +107,9 @@ def run(model, tok, args, calibration=None) -> list[dict]:
                     install(model, attn)
                     past = copy.deepcopy(out.past_key_values)
                     answers[f"{method}@{f}"] = greedy_continue(model, past, first, steps, eos)
+                    attn.reset()  # a new sequence from the same prefill
+                    past = copy.deepcopy(out.past_key_values)
+                    forced[f"{method}@{f}"] = forced_agreement(model, past, answers["dense"])
                     uninstall(model)
             texts = {m: tok.decode(ids, skip_special_tokens=True) for m, ids in answers.items()}
             row = {
@@ -107,6 +120,8 @@ def run(model, tok, args, calibration=None) -> list[dict]:
                 "texts": texts,
                 "correct": {m: bool(tasks.score(task, t)) for m, t in texts.items()},
                 "identical": {m: a == answers["dense"] for m, a in answers.items()},
+                "token_agreement": {m: top1 for m, (top1, _) in forced.items()},
+                "logprob": {m: lp for m, (_, lp) in forced.items()},
                 "seconds": time.perf_counter() - t0,
             }
             rows.append(row)
@@ -115,7 +130,8 @@ def run(model, tok, args, calibration=None) -> list[dict]:
 
 
 def summarise(rows: list[dict], budgets: list[float]) -> list[dict]:
-    """Per (task, budget, method): accuracy next to dense's, agreement, identical answers."""
+    """Per (task, budget, method): accuracy next to dense's, agreement, identical answers,
+    token agreement and log-probability gap with dense's answer teacher-forced."""
     out = []
     for name in dict.fromkeys(r["task"] for r in rows):
         mine = [r for r in rows if r["task"] == name]
@@ -135,6 +151,9 @@ def summarise(rows: list[dict], budgets: list[float]) -> list[dict]:
                         "agreement": sum(r["correct"][key] == r["correct"]["dense"] for r in mine)
                         / n,
                         "identical_answers": sum(r["identical"][key] for r in mine) / n,
+                        "token_agreement": sum(r["token_agreement"][key] for r in mine) / n,
+                        "logprob_gap": sum(r["logprob"][key] - r["logprob"]["dense"]
+                                           for r in mine) / n,  # fmt: skip
                     }
                 )
     return out
@@ -202,12 +221,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
-    head = ("task", "budget", "method", "acc", "dense", "agree", "same")
-    print("{:<18} {:>6} {:>8} {:>5} {:>5} {:>5} {:>5}".format(*head))
+    head = ("task", "budget", "method", "acc", "dense", "agree", "same", "tok", "dlogp")
+    print("{:<18} {:>6} {:>8} {:>5} {:>5} {:>5} {:>5} {:>5} {:>6}".format(*head))
     for s in report["summary"]:
         print(
             f"{s['task']:<18} {s['budget_fraction']:>6.3f} {s['method']:>8} {s['acc']:>5.2f} "
-            f"{s['dense_acc']:>5.2f} {s['agreement']:>5.2f} {s['identical_answers']:>5.2f}"
+            f"{s['dense_acc']:>5.2f} {s['agreement']:>5.2f} {s['identical_answers']:>5.2f} "
+            f"{s['token_agreement']:>5.2f} {s['logprob_gap']:>6.3f}"
         )
     print(plot(report, args.out.with_suffix(".png")))
     return 0

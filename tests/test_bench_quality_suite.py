@@ -18,11 +18,13 @@ def test_topk_fills_the_budget_fraction_and_refuses_one_below_sink_plus_local():
         bench.topk_for(0.001, 4000, sink=4, local=16)
 
 
-def row(task, dense, exact, pariskv, same_exact=False, same_pariskv=False):
+def row(task, dense, exact, pariskv, same_exact=False, same_pariskv=False, tok=(1.0, 1.0)):
     return {
         "task": task,
         "correct": {"dense": dense, "exact@0.02": exact, "pariskv@0.02": pariskv},
         "identical": {"dense": True, "exact@0.02": same_exact, "pariskv@0.02": same_pariskv},
+        "token_agreement": {"dense": 1.0, "exact@0.02": tok[0], "pariskv@0.02": tok[1]},
+        "logprob": {"dense": -1.0, "exact@0.02": -1.0 - (1 - tok[0]), "pariskv@0.02": -1.5},
     }
 
 
@@ -31,7 +33,7 @@ def test_summary_counts_accuracy_agreement_and_identical_answers():
         row("passkey", True, True, False, same_exact=True),
         row("passkey", False, False, True),
         row("passkey", True, True, True, same_exact=True, same_pariskv=True),
-        row("multikey_needle", False, True, False),
+        row("multikey_needle", False, True, False, tok=(0.25, 0.5)),
     ]
     got = {(s["task"], s["method"]): s for s in bench.summarise(rows, [0.02])}
     assert set(got) == {(t, m) for t in ("passkey", "multikey_needle") for m in bench.METHODS}
@@ -43,6 +45,10 @@ def test_summary_counts_accuracy_agreement_and_identical_answers():
     assert (e["acc"], e["agreement"], e["identical_answers"]) == (2 / 3, 1.0, 2 / 3)
     m = got["multikey_needle", "exact"]
     assert (m["trials"], m["dense_acc"], m["acc"], m["agreement"]) == (1, 0.0, 1.0, 0.0)
+    assert (m["token_agreement"], m["logprob_gap"]) == (0.25, -0.75)
+    mp = got["multikey_needle", "pariskv"]
+    assert (mp["token_agreement"], mp["logprob_gap"]) == (0.5, -0.5)
+    assert (p["token_agreement"], p["logprob_gap"]) == (1.0, -0.5)
 
 
 def test_a_run_on_a_tiny_model_reports_every_task_budget_and_method(tmp_path):
@@ -59,6 +65,9 @@ def test_a_run_on_a_tiny_model_reports_every_task_budget_and_method(tmp_path):
         assert abs(r["prompt_tokens"] - 300) <= 12
         sparse = {f"{m}@{f}" for m in bench.METHODS for f in (0.1, 0.5)}
         assert set(r["texts"]) == {"dense"} | sparse
+        assert set(r["token_agreement"]) == set(r["logprob"]) == {"dense"} | sparse
+        assert r["token_agreement"]["dense"] == 1.0  # dense predicts its own greedy answer
+        assert all(0.0 <= a <= 1.0 for a in r["token_agreement"].values())
     assert doc["summary"] == bench.summarise(doc["rows"], [0.1, 0.5])
     assert out.with_suffix(".png").stat().st_size > 0
 
@@ -108,3 +117,30 @@ def test_greedy_continue_is_the_models_own_greedy_generation(tmp_path):
     stop = got[3]
     cut = greedy_continue(model, copy.deepcopy(out.past_key_values), first, 8, eos={stop})
     assert cut == [t for t in got[: got.index(stop) + 1] if t != stop]
+
+
+def test_forced_agreement_matches_one_teacher_forced_forward_pass(tmp_path):
+    """Step-by-step teacher forcing from a prefill's cache gives the argmax hits and mean
+    log-probability that one forward pass over prompt + reference gives (float64 softmax)."""
+    import copy
+
+    import torch
+
+    from pariskv_tools.workloads.models import forced_agreement, resolve_model
+
+    path = save_tiny_model(tmp_path / "tiny-llama", "llama")
+    model, _ = resolve_model(path, tmp_path / "cache").load()
+    prompt = [5, 17, 42, 7, 99, 3]
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor([prompt]), use_cache=True)
+        first = int(out.logits[0, -1].argmax())
+        reference = [first, 11, 23, 64, 8]
+        full = model(input_ids=torch.tensor([prompt + reference])).logits[0].double()
+    lp = full.log_softmax(-1)[len(prompt) : len(prompt) + len(reference) - 1]
+    nxt = torch.tensor(reference[1:])
+    want_top1 = (lp.argmax(-1) == nxt).double().mean().item()
+    want_lp = lp.gather(1, nxt[:, None]).mean().item()
+    top1, mean_lp = forced_agreement(model, copy.deepcopy(out.past_key_values), reference)
+    assert top1 == want_top1
+    assert abs(mean_lp - want_lp) < 1e-4
+    assert forced_agreement(model, copy.deepcopy(out.past_key_values), [first]) == (1.0, 0.0)

@@ -85,6 +85,25 @@ def greedy_continue(model: Any, past: Any, first: int, steps: int, eos: set[int]
     return [t for t in out_ids if t not in eos]
 
 
+@torch.inference_mode()
+def forced_agreement(model: Any, past: Any, reference: list[int]) -> tuple[float, float]:
+    """Teacher-force ``reference`` (an answer whose first token came from the prefill that
+    filled ``past``) and return (the fraction of its later tokens that are the model's
+    argmax, their mean log-probability). Greedy answers part at the first differing token;
+    these keep comparing after it, so methods whose answers are all wrong, or all right,
+    can still be told apart. A one-token reference has nothing to compare: (1.0, 0.0)."""
+    hits, logp = [], []
+    for tok, nxt in zip(reference, reference[1:]):
+        out = model(input_ids=torch.tensor([[tok]]), past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        lp = out.logits[0, -1].double().log_softmax(-1)
+        hits.append(int(lp.argmax()) == nxt)
+        logp.append(float(lp[nxt]))
+    if not hits:
+        return 1.0, 0.0
+    return sum(hits) / len(hits), sum(logp) / len(logp)
+
+
 def _check_model_type(model_type: object, path: Path) -> None:
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise SystemExit(
