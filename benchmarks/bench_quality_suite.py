@@ -140,6 +140,7 @@ def summarise(rows: list[dict], budgets: list[float]) -> list[dict]:
         for f in budgets:
             for method in METHODS:
                 key = f"{method}@{f}"
+                gap = sum(r["logprob"][key] - r["logprob"]["dense"] for r in mine) / n
                 out.append(
                     {
                         "task": name,
@@ -152,8 +153,7 @@ def summarise(rows: list[dict], budgets: list[float]) -> list[dict]:
                         / n,
                         "identical_answers": sum(r["identical"][key] for r in mine) / n,
                         "token_agreement": sum(r["token_agreement"][key] for r in mine) / n,
-                        "logprob_gap": sum(r["logprob"][key] - r["logprob"]["dense"]
-                                           for r in mine) / n,  # fmt: skip
+                        "logprob_gap": gap,
                     }
                 )
     return out

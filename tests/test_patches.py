@@ -123,6 +123,10 @@ try:
     resolve("--enable-pariskv", "--pariskv-topk", "0")
 except ParisKVConfigError as e:
     print("refused", e)
+try:  # a host pool larger than any host: refused at resolution, before any model work
+    resolve("--enable-pariskv", "--pariskv-offload", "host", "--pariskv-host-pool-gb", "1000000")
+except ParisKVConfigError as e:
+    print("refused", e)
 sa = resolve("--enable-pariskv", "--pariskv-reuse-threshold", "0.9", "--pariskv-dense-layers", "0")
 cfg = config_of(sa)
 print("reuse", cfg.reuse_threshold, "dense layers", cfg.dense_layers)
@@ -168,9 +172,10 @@ def test_the_patched_sglang_serves_the_flags_natively(patched_tree, tmp_path):
     lines = run_script(PATCHED_SCRIPT, str(patched_tree), str(model), path=(patched_tree,))
     assert "backend flashinfer slots 256 topk 512" in lines
     refused = [line for line in lines if line.startswith("refused")]
-    assert len(refused) == 2
+    assert len(refused) == 3
     assert "--page-size 16" in refused[0] and "--page-size 1" in refused[0]
     assert "topk=0" in refused[1]
+    assert "--pariskv-host-pool-gb asks for 1000000.0 GiB" in refused[2]
     assert "reuse 0.9 dense layers (0,)" in lines
     assert "flags missing []" in lines
     assert "variants ('sparse', 'dense') sparse dense" in lines
