@@ -234,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def plot(report: dict, out: Path) -> Path:
-    """One panel per task: accuracy by budget, exact top-k and ParisKV bars, dense a line."""
+    """One column per task: accuracy by budget (exact top-k and ParisKV bars, dense a line)
+    above the log-probability gap to dense with dense's answer teacher-forced."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -243,21 +244,25 @@ def plot(report: dict, out: Path) -> Path:
     summary = report["summary"]
     names = list(dict.fromkeys(s["task"] for s in summary))
     budgets = report["budgets"]
-    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.4), sharey=True)
-    axes = [axes] if len(names) == 1 else list(axes)
-    for ax, name in zip(axes, names):
+    fig, axes = plt.subplots(2, len(names), figsize=(3.2 * len(names), 6.2), sharey="row")
+    axes = axes.reshape(2, len(names))
+    for col, name in enumerate(names):
         mine = [s for s in summary if s["task"] == name]
         for j, method in enumerate(METHODS):
-            acc = [next(s["acc"] for s in mine if s["method"] == method
-                        and s["budget_fraction"] == f) for f in budgets]  # fmt: skip
             xs = [i + (j - 0.5) * 0.38 for i in range(len(budgets))]
-            ax.bar(xs, acc, 0.38, label="exact top-k" if method == "exact" else "ParisKV")
-        ax.axhline(mine[0]["dense_acc"], color="k", ls="--", label="dense")
-        ax.set_xticks(range(len(budgets)), [f"{100 * f:g}%" for f in budgets])
-        ax.set_title(name, fontsize=10)
-        ax.set_ylim(0, 1.05)
-    axes[0].set_ylabel(f"accuracy ({mine[0]['trials']} prompts per task)")
-    axes[-1].legend(loc="upper right", fontsize=8)
+            for row, key in enumerate(("acc", "logprob_gap")):
+                ys = [next(s[key] for s in mine if s["method"] == method
+                           and s["budget_fraction"] == f) for f in budgets]  # fmt: skip
+                label = "exact top-k" if method == "exact" else "ParisKV"
+                axes[row, col].bar(xs, ys, 0.38, label=label)
+        axes[0, col].axhline(mine[0]["dense_acc"], color="k", ls="--", label="dense")
+        axes[0, col].set_title(name, fontsize=10)
+        axes[0, col].set_ylim(0, 1.05)
+        for row in range(2):
+            axes[row, col].set_xticks(range(len(budgets)), [f"{100 * f:g}%" for f in budgets])
+    axes[0, 0].set_ylabel(f"accuracy ({mine[0]['trials']} prompts per task)")
+    axes[1, 0].set_ylabel("log-prob of dense's answer\nminus dense's (nats per token)")
+    axes[0, -1].legend(loc="lower right", fontsize=8)
     fig.suptitle(
         f"{report['model']['name']}, {report['context']}-token prompts, budget = sink + local "
         "+ top-k as % of the prompt",
