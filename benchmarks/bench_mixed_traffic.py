@@ -20,7 +20,9 @@ default model here: Llama-3.1-8B's shape with random weights, no tokenizer) does
 Writes ``benchmarks/results/mixed_traffic.json`` and a PNG beside it (TPOT p50 per class
 and rate). Nothing is written unless the ParisKV server's stats files show sparse decode
 steps and the dense server's show none. ``--runs-dir`` keeps each server's measurements, so
-the two servers can run in two invocations (``--modes dense``, then ``--modes pariskv``).
+the two servers can run in two invocations (``--modes dense``, then ``--modes pariskv``),
+and it keeps them rate by rate: a run cut short (a time limit) keeps the rates it finished,
+and the same command again runs only the rest.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -485,8 +488,18 @@ def _workload_key(args, model_desc: str) -> dict:
     }
 
 
-def run_server(mode: str, args, model: str, model_flags: list[str], log_dir: Path) -> dict:
-    """Start one server, warm it up, run every rate against it, stop it."""
+def run_server(
+    mode: str,
+    args,
+    model: str,
+    model_flags: list[str],
+    log_dir: Path,
+    rates: list[float],
+    on_rate: Callable[[dict], None] | None = None,
+) -> dict:
+    """Start one server, warm it up, run ``rates`` against it, stop it. ``on_rate`` gets
+    the result so far (its stats read back from the stats files) after each rate, so a run
+    cut short keeps the rates it finished."""
     if mode == "pariskv":
         wf._check_plugin_installed()
     pariskv = {} if mode == "pariskv" else None  # ParisKV's defaults
@@ -507,7 +520,7 @@ def run_server(mode: str, args, model: str, model_flags: list[str], log_dir: Pat
             if rec["error"]:
                 raise RuntimeError(f"[{mode}] warm-up {cls} request failed: {rec['error']}")
         srv.flush_cache()
-        for rate in args.rates:
+        for rate in rates:
             reqs = make_workload(
                 args.requests,
                 rate,
@@ -525,6 +538,8 @@ def run_server(mode: str, args, model: str, model_flags: list[str], log_dir: Pat
                 flush=True,
             )
             srv.flush_cache()  # the next rate sends the same prompts
+            if on_rate is not None:
+                on_rate(result | {"stats": wf._read_stats(stats_dir)})
     except Exception:
         print(f"--- last lines of {srv.log_path} ---\n{srv.log_tail()}", flush=True)
         raise
@@ -557,6 +572,18 @@ def compose(runs: dict[str, dict], key: dict, args) -> dict:
         "pariskv_stats": stats["pariskv"],
         "rates": summarize(runs, args.rates),
     }
+
+
+def merge_runs(done: dict | None, part: dict) -> dict:
+    """One server's measurements from a run that was cut short (``done``, or None) and the
+    run that resumed it (``part``): the rates of both, their counters summed."""
+    if done is None:
+        return part
+    stats = dict(done["stats"])
+    for k, v in part["stats"].items():
+        stats[k] = stats.get(k, 0) + v
+    return {**part, **{k: v for k, v in done.items() if k in ("server_command", "server_info")},
+            "rates": {**done["rates"], **part["rates"]}, "stats": stats}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- main
@@ -629,17 +656,28 @@ def main(argv: list[str] | None = None) -> int:
     runs = {}
     for mode in MODES:
         saved = args.runs_dir / f"mixed_{mode}.json" if args.runs_dir else None
-        if mode in args.modes:
-            runs[mode] = run_server(mode, args, model, model_flags, log_dir) | {"key": key}
+        done = json.loads(saved.read_text()) if saved is not None and saved.exists() else None
+        if done is not None and done["key"] != key:
+            raise SystemExit(
+                f"{saved} was measured with another workload: {done['key']} vs now {key}"
+            )
+        if mode not in args.modes:
+            if done is not None:
+                runs[mode] = done
+            continue
+        todo = [r for r in args.rates if done is None or str(r) not in done["rates"]]
+
+        def save(part: dict, done=done, saved=saved) -> None:
             if saved is not None:
                 saved.parent.mkdir(parents=True, exist_ok=True)
-                saved.write_text(json.dumps(runs[mode]))
-        elif saved is not None and saved.exists():
-            runs[mode] = json.loads(saved.read_text())
-            if runs[mode]["key"] != key:
-                raise SystemExit(
-                    f"{saved} was measured with another workload: {runs[mode]['key']} vs now {key}"
-                )
+                saved.write_text(json.dumps(merge_runs(done, part | {"key": key})))
+
+        part = {"rates": {}, "stats": {}}
+        if todo:
+            part = run_server(mode, args, model, model_flags, log_dir, todo, save)
+            print(f"[{mode}] ran rates {todo}", flush=True)
+        runs[mode] = merge_runs(done, part | {"key": key})
+        save(part)
     if len(runs) < len(MODES):
         print(f"saved {args.modes} in {args.runs_dir}; run the other mode with the same dir")
         return 0

@@ -291,15 +291,21 @@ def test_client_talks_to_loopback_only():
 # --------------------------------------------------------------------------- results
 
 
-def _measure(url: str, args, stats: dict) -> dict:
-    """What run_server returns, measured against the fake server."""
-    rates = {}
-    for rate in args.rates:
+def _measure(url: str, args, stats: dict, rates: list[float], on_rate=None, cut=None) -> dict:
+    """What run_server returns, measured against the fake server (``cut``: the rate after
+    which the run is killed, as a device call's time limit would)."""
+    result = {"server_command": "fake", "server_info": {}, "rates": {}, "stats": {}}
+    for rate in rates:
         reqs = bench.make_workload(args.requests, rate, args.long_fraction, args.short_input,
                                    args.long_input, args.seed)  # fmt: skip
-        rates[str(rate)] = bench.run_rate(url, reqs, args.output_len, args.seed,
-                                          args.max_seconds, args.request_timeout)  # fmt: skip
-    return {"server_command": "fake", "server_info": {}, "rates": rates, "stats": stats}
+        got = bench.run_rate(url, reqs, args.output_len, args.seed, args.max_seconds,
+                             args.request_timeout)  # fmt: skip
+        result["rates"][str(rate)] = got
+        if on_rate is not None:
+            on_rate(result | {"stats": stats})
+        if rate == cut:
+            raise KeyboardInterrupt("time limit")
+    return result | {"stats": stats}
 
 
 def test_two_invocations_make_one_comparison(tmp_path, monkeypatch):
@@ -308,7 +314,9 @@ def test_two_invocations_make_one_comparison(tmp_path, monkeypatch):
     srv = _fake_generate([])
     stats = {"dense": {}, "pariskv": {"sparse_request_steps": 40, "dense_request_steps": 90}}
     monkeypatch.setattr(
-        bench, "run_server", lambda mode, args, *a: _measure(srv.url, args, stats[mode])
+        bench,
+        "run_server",
+        lambda mode, args, m, f, d, rates, on_rate: _measure(srv.url, args, stats[mode], rates),
     )
     monkeypatch.setattr(bench.signal, "signal", lambda *a: None)
     monkeypatch.setattr(bench.e2e, "_device_info", lambda: {"device": "fake GPU"})  # imports sglang
@@ -339,6 +347,43 @@ def test_two_invocations_make_one_comparison(tmp_path, monkeypatch):
                 total += s["output_tok_s"]
             assert per["total_output_tok_s"][mode] == pytest.approx(total)
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_run_cut_short_resumes_at_the_rate_it_did_not_finish(tmp_path, monkeypatch):
+    """A server run killed after its first rate keeps that rate in --runs-dir; the same
+    command again runs only the missing rate and sums both runs' counters."""
+    srv = _fake_generate([])
+    stats = {"dense": {}, "pariskv": {"sparse_request_steps": 40, "dense_request_steps": 90}}
+    ran = []
+
+    def fake_run_server(mode, args, m, f, d, rates, on_rate):
+        ran.append((mode, list(rates)))
+        cut = 20.0 if len(ran) == 1 else None
+        return _measure(srv.url, args, stats[mode], rates, on_rate, cut)
+
+    monkeypatch.setattr(bench, "run_server", fake_run_server)
+    monkeypatch.setattr(bench.signal, "signal", lambda *a: None)
+    monkeypatch.setattr(bench.e2e, "_device_info", lambda: {"device": "fake GPU"})
+    out = tmp_path / "mixed.json"
+    common = ["--rates", "20", "40", "--requests", "4", "--long-fraction", "0.25",
+              "--short-input", "10-30", "--long-input", "150-250", "--output-len", str(OUT),
+              "--runs-dir", str(tmp_path / "runs"), "--log-dir", str(tmp_path / "logs"),
+              "--out", str(out), "--model-path", "fake-model"]  # fmt: skip
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            bench.main([*common, "--modes", "pariskv"])
+        saved = json.loads((tmp_path / "runs" / "mixed_pariskv.json").read_text())
+        assert list(saved["rates"]) == ["20.0"]
+        assert bench.main([*common, "--modes", "pariskv"]) == 0
+        assert bench.main([*common, "--modes", "dense"]) == 0
+    finally:
+        srv.close()
+    assert ran == [("pariskv", [20.0, 40.0]), ("pariskv", [40.0]), ("dense", [20.0, 40.0])]
+    data = json.loads(out.read_text())
+    assert list(data["rates"]) == ["20.0", "40.0"]
+    assert data["pariskv_stats"] == {"sparse_request_steps": 80, "dense_request_steps": 180}
+    for per in data["rates"].values():
+        assert per["sent"] == {"dense": 4, "pariskv": 4}
 
 
 @pytest.mark.parametrize(
