@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pariskv_tools.workloads import tasks
+from pariskv_tools.workloads.filler import FILLERS, filler_sentence
 from pariskv_tools.workloads.smollm2 import ensure_smollm2
 
 TARGETS = [1000, 2000, 4000, 7900]
@@ -41,7 +42,7 @@ def test_deterministic_per_seed(tok, kind):
     assert a.prompt != c.prompt
 
 
-@pytest.mark.parametrize("filler", tasks.FILLERS)
+@pytest.mark.parametrize("filler", FILLERS)
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("kind", sorted(tasks.TASKS))
 def test_length_within_5_percent(tok, kind, target, filler):
@@ -56,7 +57,7 @@ def test_length_within_5_percent(tok, kind, target, filler):
     depth=st.floats(0.0, 1.0),
     seed=st.integers(0, 10_000),
     target=st.integers(300, 3000),
-    filler=st.sampled_from(tasks.FILLERS),
+    filler=st.sampled_from(FILLERS),
 )
 def test_passkey_needle_once_at_depth(tok, depth, seed, target, filler):
     task = tasks.passkey(tok, target, depth=depth, seed=seed, filler=filler)
@@ -134,12 +135,12 @@ def test_variable_tracking_answer_resolves(tok, seed, n_chains, chain_len):
         assert not tasks.score(task, f" {task.answer} {min(distractors)}")
 
 
-@pytest.mark.parametrize("style", tasks.FILLERS)
+@pytest.mark.parametrize("style", FILLERS)
 def test_filler_is_varied_and_digit_free(style):
     import random
 
     rng = random.Random(0)
-    sentences = [tasks.filler_sentence(rng, style) for _ in range(500)]
+    sentences = [filler_sentence(rng, style) for _ in range(500)]
     assert len(set(sentences)) > 50
     assert not any(re.search(r"\d", s) for s in sentences)
 

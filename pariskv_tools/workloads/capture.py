@@ -390,7 +390,7 @@ def _progress(total: int, enabled: bool) -> Any:
 def build_parser() -> argparse.ArgumentParser:
     from pariskv_tools.cli import HelpFormatter, add_model_args
 
-    from . import tasks
+    from . import filler, tasks
 
     p = argparse.ArgumentParser(
         prog="python -m pariskv_tools.workloads.capture",
@@ -406,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--n-decode", type=int, default=1024, help="greedy decode steps recorded")
     p.add_argument("--seed", type=int, default=0, help="seed of the task")
-    p.add_argument("--filler", choices=tasks.FILLERS, default="simple", help="haystack text")
+    p.add_argument("--filler", choices=filler.FILLERS, default="simple", help="haystack text")
     p.add_argument("--fp16", action="store_true", help="store tensors as float16")
     p.add_argument("--out", type=Path, required=True, help="capture file to write")
     add_model_args(p)

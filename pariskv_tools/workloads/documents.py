@@ -20,7 +20,8 @@ import random
 import re
 from dataclasses import dataclass
 
-from pariskv_tools.workloads.tasks import Tokenizer, filler_sentence
+from pariskv_tools.workloads.filler import filler_sentence
+from pariskv_tools.workloads.tasks import Tokenizer
 
 #: Characters per token of the "simple" filler under SmolLM2's tokenizer (3.78 measured;
 #: Llama-3's BPE gives a similar ratio on such plain English).
