@@ -16,6 +16,7 @@ runs in its own process (ParisKV's hooks are per process). Results are merged in
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing as mp
 import os
@@ -108,7 +109,9 @@ def _passkey_worker(model_path, pariskv, prompts, greedy_prompts, sequential, lo
         out_q.put({"error": f"{e!r}\n{traceback.format_exc()}"})
 
 
-def _run_isolated(target, *args):
+def _run_isolated(target, *args, on_partial=None):
+    """``target(*args, queue)`` in a fresh process; its last message is the result. A
+    message ``{"partial": x}`` before it goes to ``on_partial(x)`` (results so far)."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     p = ctx.Process(target=target, args=(*args, q))
@@ -118,10 +121,14 @@ def _run_isolated(target, *args):
     while True:  # a crashed engine must fail the bench, not hang it
         try:
             res = q.get(timeout=5)
-            break
         except queue.Empty:
             if not p.is_alive():
                 raise RuntimeError(f"engine process died with exit code {p.exitcode}") from None
+            continue
+        if "partial" not in res:
+            break
+        if on_partial is not None:
+            on_partial(res["partial"])
     p.join()
     if "error" in res:
         raise RuntimeError(res["error"])
@@ -353,8 +360,11 @@ LLAMA_8B = {
 }
 
 
-def _throughput_worker(model_dir, pariskv, input_len, batches, output_len, engine_kwargs, out_q):
-    """One engine per (mode, input length); every batch whose KV fits, ascending.
+def _throughput_worker(
+    model_dir, pariskv, input_len, batches, max_running, output_len, engine_kwargs, out_q
+):
+    """One engine per (mode, input length), sized for ``max_running`` requests; every batch
+    whose KV fits, ascending, each row sent as a partial result as soon as it is measured.
 
     Decode time per step is measured as a difference: the same cached prompts are
     generated twice, with ``output_len`` and with ``SHORT_OUTPUT`` new tokens, so the
@@ -372,7 +382,7 @@ def _throughput_worker(model_dir, pariskv, input_len, batches, output_len, engin
             load_format="dummy",
             skip_tokenizer_init=True,
             context_length=input_len + output_len + 64,
-            max_running_requests=max(batches),
+            max_running_requests=max_running,
             **{"mem_fraction_static": 0.85, **engine_kwargs},
         )
         info = eng.get_server_info()
@@ -414,6 +424,8 @@ def _throughput_worker(model_dir, pariskv, input_len, batches, output_len, engin
                     "tok_s": b / step,
                 }
             )
+            partial = {"rows": list(rows), "capacity_tokens": capacity}
+            out_q.put({"partial": partial | {"stats": _read_stats(stats_dir)}})
         eng.shutdown()
         out_q.put({"rows": rows, "capacity_tokens": capacity, "stats": _read_stats(stats_dir)})
     except Exception as e:
@@ -505,6 +517,51 @@ def check_engines_ran(
         )
 
 
+def merge_engine_runs(done: dict | None, part: dict) -> dict:
+    """One engine's rows from a run cut short (``done``, or None) and the run that resumed
+    it: both runs' rows in batch order, their counters summed."""
+    if done is None:
+        return part
+    stats = dict(done["stats"])
+    for k, v in part["stats"].items():
+        stats[k] = stats.get(k, 0) + v
+    rows = sorted(done["rows"] + part["rows"], key=lambda r: r["batch"])
+    return {**part, "rows": rows, "stats": stats}
+
+
+def _measure_engine(model_dir, mcfg, n, max_running, output_len, engine_kwargs, todo, on_partial):
+    """:func:`_throughput_worker`'s rows for the batches ``todo``, in a fresh process."""
+    return _run_isolated(
+        _throughput_worker, model_dir, mcfg, n, todo, max_running, output_len, engine_kwargs,
+        on_partial=on_partial,
+    )  # fmt: skip
+
+
+def _resume_engine(saved: Path | None, key: dict, run: bool, batches: list[int], measure):
+    """An engine's result: the rows ``saved`` holds (refused if measured with another
+    ``key``), plus, when ``run``, ``measure(todo, on_partial)`` of the batches it lacks,
+    saved again after every measured batch. None when there is nothing to report."""
+    key = json.loads(json.dumps(key))  # as the saved file holds it (tuples are lists)
+    done = json.loads(saved.read_text()) if saved is not None and saved.exists() else None
+    if done is not None and done.get("key") != key:
+        raise SystemExit(f"{saved} was measured with another setup: {done.get('key')} vs {key}")
+    if not run:
+        return done
+
+    def save(part: dict) -> None:
+        if saved is not None:
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            saved.write_text(json.dumps(merge_engine_runs(done, part) | {"key": key}))
+
+    have = set() if done is None else {r["batch"] for r in done["rows"]}
+    todo = [b for b in batches if b not in have]
+    if not todo:
+        return done
+    part = measure(todo, save)
+    save(part)
+    return merge_engine_runs(done, part) | {"key": key}
+
+
 def run_throughput(
     inputs: list[int],
     batches: list[int],
@@ -518,9 +575,10 @@ def run_throughput(
     """Dense and ParisKV engines per input length; ``shards`` GPUs split each step's bytes
     (tensor parallelism), so the floor is per GPU.
 
-    ``modes`` runs only those engines; with ``runs_dir`` each engine's result is saved
-    there and the other mode's is read back, so one comparison can span two device calls
-    (each call has a wall-clock limit). Returns None while a mode is still missing."""
+    ``modes`` runs only those engines; with ``runs_dir`` each engine's rows are saved there
+    as they are measured and the other mode's are read back, so one comparison can span
+    device calls (each has a wall-clock limit): a run cut short keeps its finished batches,
+    and the same command again runs only the rest. Returns None while a mode is missing."""
     import tempfile
 
     model_dir = Path(tempfile.mkdtemp(prefix="llama8b-shape-"))
@@ -529,17 +587,16 @@ def run_throughput(
     cases = []
     engines = {}
     for n in inputs:
-        args = (n, batches, output_len, engine_kwargs or {})
         got = {}
         for mode, mcfg in (("dense", None), ("pariskv", cfg)):
             saved = runs_dir / f"throughput_{mode}_{n}.json" if runs_dir is not None else None
-            if mode in modes:
-                got[mode] = _run_isolated(_throughput_worker, str(model_dir), mcfg, *args)
-                if saved is not None:
-                    saved.parent.mkdir(parents=True, exist_ok=True)
-                    saved.write_text(json.dumps(got[mode]))
-            elif saved is not None and saved.exists():
-                got[mode] = json.loads(saved.read_text())
+            key = {"config": mcfg, "output_len": output_len, "engine": engine_kwargs or {}}
+            measure = functools.partial(
+                _measure_engine, str(model_dir), mcfg, n, max(batches), output_len, key["engine"]
+            )
+            got[mode] = _resume_engine(saved, key, mode in modes, batches, measure)
+            if got[mode] is None:
+                del got[mode]
         if len(got) < 2:
             return None
         dense, sparse = got["dense"], got["pariskv"]
@@ -693,8 +750,9 @@ def add_split_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--runs-dir",
         type=Path,
-        help="save each engine's rows here and read the other mode's back, so one comparison "
-        "can span two device calls (run --modes dense, then --modes pariskv)",
+        help="save each engine's rows here as they are measured and read the other mode's "
+        "back, so one comparison can span device calls (run --modes dense, then --modes "
+        "pariskv); the same command after a run cut short measures only what is missing",
     )
 
 

@@ -81,3 +81,53 @@ def test_reuse_options_reach_the_pariskv_engine_config(monkeypatch):
     assert bench_e2e.main([*argv, "--calibration", "cal.json"]) == 0
     assert seen[2]["calibration"] == str(Path("cal.json").resolve())
     assert "calibration" not in seen[1]
+
+
+def _row(b):
+    return {"batch": b, "ms_per_token": 10.0 + b, "tok_s": 100.0 * b}
+
+
+def test_an_engine_run_cut_short_resumes_with_the_batches_it_lacks(tmp_path):
+    """Rows saved as measured survive a run killed mid-way; the same call again measures
+    only the missing batches and sums both runs' counters; another setup is refused."""
+    saved, key = tmp_path / "throughput_pariskv_131072.json", {"config": {"topk": (1, 2)}}
+    asked = []
+
+    def measure(todo, on_partial, cut_after=None):
+        asked.append(list(todo))
+        rows = []
+        for b in todo:
+            rows.append(_row(b))
+            part = {"rows": list(rows), "capacity_tokens": 900, "stats": {"decode_steps": 5}}
+            on_partial(part)
+            if b == cut_after:
+                raise RuntimeError("time limit")
+        return part
+
+    with pytest.raises(RuntimeError, match="time limit"):
+        bench_e2e._resume_engine(saved, key, True, [1, 2, 4],
+                                 lambda t, on: measure(t, on, cut_after=2))  # fmt: skip
+    got = bench_e2e._resume_engine(saved, key, True, [1, 2, 4], measure)
+    assert asked == [[1, 2, 4], [4]]
+    assert [r["batch"] for r in got["rows"]] == [1, 2, 4]
+    assert got["rows"] == [_row(1), _row(2), _row(4)]
+    assert got["stats"] == {"decode_steps": 10} and got["capacity_tokens"] == 900
+    assert bench_e2e._resume_engine(saved, key, False, [1, 2, 4], measure) == got
+    assert bench_e2e._resume_engine(saved, key, True, [1, 2, 4], measure) == got
+    assert asked == [[1, 2, 4], [4]]  # nothing left to measure
+    with pytest.raises(SystemExit, match="another setup"):
+        bench_e2e._resume_engine(saved, {"config": None}, True, [1], measure)
+    assert bench_e2e._resume_engine(tmp_path / "none.json", key, False, [1], measure) is None
+
+
+def _two_partials_then_result(q):
+    q.put({"partial": {"rows": [1]}})
+    q.put({"partial": {"rows": [1, 2]}})
+    q.put({"rows": [1, 2], "done": True})
+
+
+def test_run_isolated_hands_partial_results_over_before_the_result():
+    seen = []
+    res = bench_e2e._run_isolated(_two_partials_then_result, on_partial=seen.append)
+    assert seen == [{"rows": [1]}, {"rows": [1, 2]}]
+    assert res == {"rows": [1, 2], "done": True}
