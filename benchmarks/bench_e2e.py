@@ -38,7 +38,13 @@ def _read_stats(stats_dir) -> dict:
     return read_stats_dir(stats_dir)
 
 
-def _engine(model_path: str, pariskv: dict | None, stats_dir: str | None = None, **kwargs):
+def _engine(
+    model_path: str,
+    pariskv: dict | None,
+    stats_dir: str | None = None,
+    attention_backend: str = "flashinfer",
+    **kwargs,
+):
     """An sglang Engine; with ``pariskv`` set, ParisKV is enabled before it starts (and
     writes its counters to ``stats_dir``, which :func:`_read_stats` reads)."""
     import sglang
@@ -50,7 +56,7 @@ def _engine(model_path: str, pariskv: dict | None, stats_dir: str | None = None,
 
         enable(ParisKVConfig.from_dict({**pariskv, "stats_dir": stats_dir}))
     return sglang.Engine(
-        model_path=model_path, attention_backend="flashinfer", log_level="warning", **kwargs
+        model_path=model_path, attention_backend=attention_backend, log_level="warning", **kwargs
     )
 
 
@@ -571,9 +577,11 @@ def run_throughput(
     shards: int = 1,
     modes: tuple[str, ...] = ("dense", "pariskv"),
     runs_dir: Path | None = None,
+    dense_backend: str = "flashinfer",
 ) -> dict | None:
     """Dense and ParisKV engines per input length; ``shards`` GPUs split each step's bytes
-    (tensor parallelism), so the floor is per GPU.
+    (tensor parallelism), so the floor is per GPU. The dense engine runs SGLang's
+    ``dense_backend`` (ParisKV always runs on FlashInfer's).
 
     ``modes`` runs only those engines; with ``runs_dir`` each engine's rows are saved there
     as they are measured and the other mode's are read back, so one comparison can span
@@ -589,8 +597,11 @@ def run_throughput(
     for n in inputs:
         got = {}
         for mode, mcfg in (("dense", None), ("pariskv", cfg)):
-            saved = runs_dir / f"throughput_{mode}_{n}.json" if runs_dir is not None else None
-            key = {"config": mcfg, "output_len": output_len, "engine": engine_kwargs or {}}
+            label, engine = mode, dict(engine_kwargs or {})
+            if mode == "dense" and dense_backend != "flashinfer":
+                label, engine["attention_backend"] = f"dense-{dense_backend}", dense_backend
+            saved = runs_dir / f"throughput_{label}_{n}.json" if runs_dir is not None else None
+            key = {"config": mcfg, "output_len": output_len, "engine": engine}
             measure = functools.partial(
                 _measure_engine, str(model_dir), mcfg, n, max(batches), output_len, key["engine"]
             )
@@ -606,12 +617,14 @@ def run_throughput(
             "pariskv_capacity_tokens": sparse["capacity_tokens"],
             "pariskv_stats": sparse["stats"],
         }
+        dense_by_b = {r["batch"]: r for r in dense["rows"]}
         by_b = {r["batch"]: r for r in sparse["rows"]}
-        for d in dense["rows"]:
-            s = by_b.get(d["batch"], {"error": "not run"})
+        for batch in sorted(dense_by_b.keys() | by_b.keys()):
+            d = dense_by_b.get(batch, {"batch": batch, "error": "not run"})
+            s = by_b.get(batch, {"error": "not run"})
             case = {
                 "input_len": n,
-                "batch": d["batch"],
+                "batch": batch,
                 "dense_tok_s": d.get("tok_s"),
                 "pariskv_tok_s": s.get("tok_s"),
                 "dense_ms_per_token": d.get("ms_per_token"),
@@ -633,6 +646,7 @@ def run_throughput(
     return {
         "model": "Llama-3.1-8B shape, dummy weights",
         "output_len": output_len,
+        "dense_backend": dense_backend,
         "config": cfg,
         "hbm_copy_gbs": bandwidth,
         "ms_per_token_method": f"(t(generate {output_len}) - t(generate {SHORT_OUTPUT})) / "
@@ -641,7 +655,36 @@ def run_throughput(
         "rerank codes of the candidates + attended KV rows) / hbm_copy_gbs",
         "engines": engines,
         "cases": cases,
+        "max_throughput": max_throughput(cases, dense_backend),
     }
+
+
+def max_throughput(cases: list[dict], dense_backend: str) -> list[dict]:
+    """Per input length: each engine's best output tokens/s over the batches it ran (each
+    at its own best batch, which for ParisKV may not fit the dense engine, and vice
+    versa), and ParisKV's best over dense's."""
+    out = []
+    for n in dict.fromkeys(c["input_len"] for c in cases):
+        mine = [c for c in cases if c["input_len"] == n]
+        best = {}
+        for mode in ("dense", "pariskv"):
+            ran = [c for c in mine if c.get(f"{mode}_tok_s")]
+            best[mode] = max(ran, key=lambda c: c[f"{mode}_tok_s"], default=None)
+        if best["dense"] is None or best["pariskv"] is None:
+            continue
+        d, p = best["dense"]["dense_tok_s"], best["pariskv"]["pariskv_tok_s"]
+        out.append(
+            {
+                "input_len": n,
+                "dense_backend": dense_backend,
+                "dense_best_batch": best["dense"]["batch"],
+                "dense_best_tok_s": d,
+                "pariskv_best_batch": best["pariskv"]["batch"],
+                "pariskv_best_tok_s": p,
+                "ratio": p / d,
+            }
+        )
+    return out
 
 
 def _device_info() -> dict:
@@ -790,6 +833,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(with dummy weights any centres and scales of that shape time the same, e.g. "
         "sglang_pariskv.calibration.save_calibration of random [32, 8, 128] tensors)",
     )
+    t.add_argument(
+        "--dense-backend",
+        choices=("flashinfer", "fa3"),
+        default="flashinfer",
+        help="SGLang attention backend of the dense engine (ParisKV runs on FlashInfer's); "
+        "measure both and compare ParisKV with the faster",
+    )
     add_split_run_args(t)
     o = sub.add_parser(
         "offload",
@@ -848,10 +898,14 @@ def main(argv: list[str] | None = None) -> int:
             cfg,
             modes=tuple(args.modes),
             runs_dir=args.runs_dir,
+            dense_backend=args.dense_backend,
         )
         if res is None:
             print(f"saved {args.modes} in {args.runs_dir}; run the other mode with the same dir")
             return 0
+        device = _device_info().get("device")
+        for best in res["max_throughput"]:
+            best["device"] = device
         _merge("throughput", res)
         print(f"HBM copy bandwidth {res['hbm_copy_gbs']:.0f} GB/s")
         print(

@@ -131,3 +131,57 @@ def test_run_isolated_hands_partial_results_over_before_the_result():
     res = bench_e2e._run_isolated(_two_partials_then_result, on_partial=seen.append)
     assert seen == [{"rows": [1]}, {"rows": [1, 2]}]
     assert res == {"rows": [1, 2], "done": True}
+
+
+def test_cases_cover_every_batch_either_engine_ran_and_the_best_of_each_is_compared(
+    tmp_path, monkeypatch
+):
+    """Dense's best batch may not fit ParisKV and ParisKV's may not be run densely: the
+    cases hold the union, and max_throughput compares each engine at its own best. A
+    dense engine on another backend saves under its own name and gets that backend."""
+    rows = {None: [(1, 100.0), (2, 180.0), (6, 212.8)], "pkv": [(1, 130.0), (2, 250.0), (5, 457.6)]}
+    asked = []
+
+    def fake_measure(model_dir, mcfg, n, max_running, output_len, engine, todo, on_partial):
+        asked.append((mcfg is None, engine, max_running, list(todo)))
+        mine = rows[None if mcfg is None else "pkv"]
+        got = [{"batch": b, "tok_s": t, "ms_per_token": 1000 * b / t, "prefill_s": 1.0}
+               for b, t in mine if b in todo]  # fmt: skip
+        stats = {} if mcfg is None else {"sparse_request_steps": 9}
+        return {"rows": got, "capacity_tokens": 10**6, "stats": stats}
+
+    monkeypatch.setattr(bench_e2e, "_measure_engine", fake_measure)
+    monkeypatch.setattr(bench_e2e, "hbm_bandwidth_gbs", lambda: 4000.0)
+    runs = tmp_path / "runs"
+    res = bench_e2e.run_throughput([131072], [1, 2, 5, 6], 256, CFG, runs_dir=runs,
+                                   dense_backend="fa3")  # fmt: skip
+    assert asked[0] == (True, {"attention_backend": "fa3"}, 6, [1, 2, 5, 6])
+    assert asked[1] == (False, {}, 6, [1, 2, 5, 6])
+    assert (runs / "throughput_dense-fa3_131072.json").exists()
+    assert (runs / "throughput_pariskv_131072.json").exists()
+    assert [c["batch"] for c in res["cases"]] == [1, 2, 5, 6]
+    by_b = {c["batch"]: c for c in res["cases"]}
+    assert by_b[5]["dense_error"] == "not run" and by_b[6]["pariskv_error"] == "not run"
+    assert by_b[2]["speedup"] == pytest.approx(250.0 / 180.0)
+    assert res["dense_backend"] == "fa3"
+    (best,) = res["max_throughput"]
+    assert best == {
+        "input_len": 131072,
+        "dense_backend": "fa3",
+        "dense_best_batch": 6,
+        "dense_best_tok_s": 212.8,
+        "pariskv_best_batch": 5,
+        "pariskv_best_tok_s": 457.6,
+        "ratio": pytest.approx(457.6 / 212.8),
+    }
+
+
+def test_the_dense_backend_option_reaches_run_throughput(monkeypatch):
+    seen = []
+    monkeypatch.setattr(bench_e2e, "run_throughput", lambda *a, **kw: seen.append(kw))
+    argv = ["throughput", "--inputs", "131072", "--batches", "1"]
+    assert bench_e2e.main([*argv, "--dense-backend", "fa3"]) == 0
+    assert bench_e2e.main(argv) == 0
+    assert [kw["dense_backend"] for kw in seen] == ["fa3", "flashinfer"]
+    with pytest.raises(SystemExit):
+        bench_e2e.main([*argv, "--dense-backend", "triton"])
