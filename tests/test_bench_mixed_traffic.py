@@ -308,23 +308,31 @@ def _measure(url: str, args, stats: dict, rates: list[float], on_rate=None, cut=
     return result | {"stats": stats}
 
 
+def _split_runs(monkeypatch, tmp_path, run_server, requests: int):
+    """bench.main's servers replaced by ``run_server``; the results path and the options
+    of a two-rate workload with a runs dir."""
+    monkeypatch.setattr(bench, "run_server", run_server)
+    monkeypatch.setattr(bench.signal, "signal", lambda *a: None)
+    monkeypatch.setattr(bench.e2e, "_device_info", lambda: {"device": "fake GPU"})  # imports sglang
+    out = tmp_path / "mixed.json"
+    common = ["--rates", "20", "40", "--requests", str(requests), "--long-fraction", "0.25",
+              "--short-input", "10-30", "--long-input", "150-250", "--output-len", str(OUT),
+              "--runs-dir", str(tmp_path / "runs"), "--log-dir", str(tmp_path / "logs"),
+              "--out", str(out), "--model-path", "fake-model"]  # fmt: skip
+    return out, common
+
+
 def test_two_invocations_make_one_comparison(tmp_path, monkeypatch):
     """--modes dense then --modes pariskv with one --runs-dir: one results file with
     both servers' numbers per rate and class, and its PNG; a changed workload refuses."""
     srv = _fake_generate([])
     stats = {"dense": {}, "pariskv": {"sparse_request_steps": 40, "dense_request_steps": 90}}
-    monkeypatch.setattr(
-        bench,
-        "run_server",
+    out, common = _split_runs(
+        monkeypatch,
+        tmp_path,
         lambda mode, args, m, f, d, rates, on_rate: _measure(srv.url, args, stats[mode], rates),
+        requests=8,
     )
-    monkeypatch.setattr(bench.signal, "signal", lambda *a: None)
-    monkeypatch.setattr(bench.e2e, "_device_info", lambda: {"device": "fake GPU"})  # imports sglang
-    out = tmp_path / "mixed.json"
-    common = ["--rates", "20", "40", "--requests", "8", "--long-fraction", "0.25",
-              "--short-input", "10-30", "--long-input", "150-250", "--output-len", str(OUT),
-              "--runs-dir", str(tmp_path / "runs"), "--log-dir", str(tmp_path / "logs"),
-              "--out", str(out), "--model-path", "fake-model"]  # fmt: skip
     try:
         assert bench.main([*common, "--modes", "dense"]) == 0
         assert not out.exists()
@@ -361,14 +369,7 @@ def test_a_run_cut_short_resumes_at_the_rate_it_did_not_finish(tmp_path, monkeyp
         cut = 20.0 if len(ran) == 1 else None
         return _measure(srv.url, args, stats[mode], rates, on_rate, cut)
 
-    monkeypatch.setattr(bench, "run_server", fake_run_server)
-    monkeypatch.setattr(bench.signal, "signal", lambda *a: None)
-    monkeypatch.setattr(bench.e2e, "_device_info", lambda: {"device": "fake GPU"})
-    out = tmp_path / "mixed.json"
-    common = ["--rates", "20", "40", "--requests", "4", "--long-fraction", "0.25",
-              "--short-input", "10-30", "--long-input", "150-250", "--output-len", str(OUT),
-              "--runs-dir", str(tmp_path / "runs"), "--log-dir", str(tmp_path / "logs"),
-              "--out", str(out), "--model-path", "fake-model"]  # fmt: skip
+    out, common = _split_runs(monkeypatch, tmp_path, fake_run_server, requests=4)
     try:
         with pytest.raises(KeyboardInterrupt):
             bench.main([*common, "--modes", "pariskv"])
