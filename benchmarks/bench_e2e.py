@@ -523,16 +523,18 @@ def check_engines_ran(
         )
 
 
+def add_counters(a: dict, b: dict) -> dict:
+    """Two runs' stats-file counters summed (a run cut short, and the run that resumed it)."""
+    return {k: a.get(k, 0) + b.get(k, 0) for k in a.keys() | b.keys()}
+
+
 def merge_engine_runs(done: dict | None, part: dict) -> dict:
     """One engine's rows from a run cut short (``done``, or None) and the run that resumed
     it: both runs' rows in batch order, their counters summed."""
     if done is None:
         return part
-    stats = dict(done["stats"])
-    for k, v in part["stats"].items():
-        stats[k] = stats.get(k, 0) + v
     rows = sorted(done["rows"] + part["rows"], key=lambda r: r["batch"])
-    return {**part, "rows": rows, "stats": stats}
+    return {**part, "rows": rows, "stats": add_counters(done["stats"], part["stats"])}
 
 
 def _measure_engine(model_dir, mcfg, n, max_running, output_len, engine_kwargs, todo, on_partial):
@@ -543,29 +545,42 @@ def _measure_engine(model_dir, mcfg, n, max_running, output_len, engine_kwargs, 
     )  # fmt: skip
 
 
-def _resume_engine(saved: Path | None, key: dict, run: bool, batches: list[int], measure):
-    """An engine's result: the rows ``saved`` holds (refused if measured with another
-    ``key``), plus, when ``run``, ``measure(todo, on_partial)`` of the batches it lacks,
-    saved again after every measured batch. None when there is nothing to report."""
+def resume_run(saved: Path | None, key: dict, run: bool, missing, measure, merge, what: str):
+    """A measurement kept in ``saved`` across calls: what the file holds (refused, naming
+    ``what`` differed, if measured with another ``key``), plus, when ``run``,
+    ``measure(todo, on_partial)`` of ``todo = missing(done)``, the file rewritten with
+    ``merge(done, part)`` after every partial result. None when there is nothing."""
     key = json.loads(json.dumps(key))  # as the saved file holds it (tuples are lists)
     done = json.loads(saved.read_text()) if saved is not None and saved.exists() else None
     if done is not None and done.get("key") != key:
-        raise SystemExit(f"{saved} was measured with another setup: {done.get('key')} vs {key}")
+        raise SystemExit(
+            f"{saved} was measured with another {what}: {done.get('key')} vs now {key}"
+        )
     if not run:
         return done
 
     def save(part: dict) -> None:
         if saved is not None:
             saved.parent.mkdir(parents=True, exist_ok=True)
-            saved.write_text(json.dumps(merge_engine_runs(done, part) | {"key": key}))
+            saved.write_text(json.dumps(merge(done, part) | {"key": key}))
 
-    have = set() if done is None else {r["batch"] for r in done["rows"]}
-    todo = [b for b in batches if b not in have]
+    todo = missing(done)
     if not todo:
         return done
     part = measure(todo, save)
     save(part)
-    return merge_engine_runs(done, part) | {"key": key}
+    return merge(done, part) | {"key": key}
+
+
+def _resume_engine(saved: Path | None, key: dict, run: bool, batches: list[int], measure):
+    """An engine's rows kept in ``saved`` (:func:`resume_run`), measuring the batches it
+    lacks."""
+
+    def missing(done: dict | None) -> list[int]:
+        have = set() if done is None else {r["batch"] for r in done["rows"]}
+        return [b for b in batches if b not in have]
+
+    return resume_run(saved, key, run, missing, measure, merge_engine_runs, "setup")
 
 
 def run_throughput(

@@ -579,11 +579,9 @@ def merge_runs(done: dict | None, part: dict) -> dict:
     run that resumed it (``part``): the rates of both, their counters summed."""
     if done is None:
         return part
-    stats = dict(done["stats"])
-    for k, v in part["stats"].items():
-        stats[k] = stats.get(k, 0) + v
     return {**part, **{k: v for k, v in done.items() if k in ("server_command", "server_info")},
-            "rates": {**done["rates"], **part["rates"]}, "stats": stats}  # fmt: skip
+            "rates": {**done["rates"], **part["rates"]},
+            "stats": e2e.add_counters(done["stats"], part["stats"])}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- main
@@ -653,31 +651,24 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="bench-mixed-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     print(f"logs in {log_dir}", flush=True)
+
+    def missing(done: dict | None) -> list[float]:
+        return [r for r in args.rates if done is None or str(r) not in done["rates"]]
+
     runs = {}
     for mode in MODES:
         saved = args.runs_dir / f"mixed_{mode}.json" if args.runs_dir else None
-        done = json.loads(saved.read_text()) if saved is not None and saved.exists() else None
-        if done is not None and done["key"] != key:
-            raise SystemExit(
-                f"{saved} was measured with another workload: {done['key']} vs now {key}"
-            )
-        if mode not in args.modes:
-            if done is not None:
-                runs[mode] = done
-            continue
-        todo = [r for r in args.rates if done is None or str(r) not in done["rates"]]
 
-        def save(part: dict, done=done, saved=saved) -> None:
-            if saved is not None:
-                saved.parent.mkdir(parents=True, exist_ok=True)
-                saved.write_text(json.dumps(merge_runs(done, part | {"key": key})))
-
-        part = {"rates": {}, "stats": {}}
-        if todo:
-            part = run_server(mode, args, model, model_flags, log_dir, todo, save)
+        def measure(todo: list[float], on_rate, mode=mode) -> dict:
+            part = run_server(mode, args, model, model_flags, log_dir, todo, on_rate)
             print(f"[{mode}] ran rates {todo}", flush=True)
-        runs[mode] = merge_runs(done, part | {"key": key})
-        save(part)
+            return part
+
+        got = e2e.resume_run(
+            saved, key, mode in args.modes, missing, measure, merge_runs, "workload"
+        )
+        if got is not None:
+            runs[mode] = got
     if len(runs) < len(MODES):
         print(f"saved {args.modes} in {args.runs_dir}; run the other mode with the same dir")
         return 0
