@@ -193,11 +193,14 @@ def stream_one(
     output_len: int,
     timeout: float,
     t0: float | None = None,
+    token_times: list[tuple[float, int]] | None = None,
 ) -> dict:
     """Send one streamed ``/generate`` request and time its tokens on this side.
 
     Times in the record (``start_s``: sent, ``first_s`` / ``last_s``: first and last output
     token) are seconds from ``t0`` (a ``time.perf_counter()`` value; default: the send).
+    ``token_times``, when given, receives ``(seconds from t0, output tokens so far)`` for
+    every chunk that brought new tokens.
     ``error`` is None, or why the request failed: an HTTP error, an error chunk, an
     aborted request, fewer or more tokens than ``output_len``, or no end within
     ``timeout`` seconds."""
@@ -259,6 +262,8 @@ def stream_one(
                     if rec["first_s"] is None:
                         rec["first_s"] = now
                     rec["last_s"], rec["tokens"] = now, n
+                    if token_times is not None:
+                        token_times.append((now, n))
             if rec["error"] is None and not done:
                 rec["error"] = "stream ended without [DONE]"
     except urllib.error.HTTPError as e:
@@ -271,6 +276,8 @@ def stream_one(
     for k in ("start_s", "first_s", "last_s"):
         if rec[k] is not None:
             rec[k] -= origin
+    if token_times is not None:
+        token_times[:] = [(t - origin, n) for t, n in token_times]
     return rec
 
 
@@ -442,11 +449,13 @@ def server_for(
     return wf.Server(name, cmd, log_dir / f"{name}.log", env), stats_dir
 
 
-def add_server_args(ap: argparse.ArgumentParser) -> None:
+def add_server_args(
+    ap: argparse.ArgumentParser, default_model: str = "a Llama-3.1-8B-shaped config"
+) -> None:
     """The options of the servers a benchmark starts (:func:`server_for`)."""
     ap.add_argument(
         "--model-path",
-        help="model to serve (default: a Llama-3.1-8B-shaped config with --load-format dummy)",
+        help=f"model to serve (default: {default_model} with --load-format dummy)",
     )
     ap.add_argument(
         "--mem-fraction", type=float, default=0.85, help="--mem-fraction-static of the servers"
