@@ -51,7 +51,7 @@ import bench_workflows as wf  # noqa: E402
 from bench_offload import RESULTS as OFFLOAD_RESULTS  # noqa: E402
 from bench_offload import SHAPE  # noqa: E402
 
-from pariskv_tools.cli import HelpFormatter, add_results_args  # noqa: E402
+from pariskv_tools.cli import HelpFormatter, add_results_args, write_results  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "million_tokens.json"
 #: Slack of the host pool over the request's own tokens, in tokens.
@@ -338,13 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, wf._on_signal)
     signal.signal(signal.SIGINT, wf._on_signal)
     data = run(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(data, indent=2))
-    print(f"wrote {args.out}")
-    try:
-        plot(data, args.out.with_suffix(".png"))
-    except ImportError as e:  # matplotlib missing on the device: plot where it is
-        print(f"plot skipped ({e!r})")
+    write_results(data, args.out, plot)
     return 0
 
 

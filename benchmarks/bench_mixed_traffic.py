@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_e2e as e2e  # noqa: E402
 import bench_workflows as wf  # noqa: E402
 
-from pariskv_tools.cli import HelpFormatter, add_results_args  # noqa: E402
+from pariskv_tools.cli import HelpFormatter, add_results_args, write_results  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "mixed_traffic.json"
 CLASSES = ("short", "long")
@@ -682,9 +682,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"saved {args.modes} in {args.runs_dir}; run the other mode with the same dir")
         return 0
     data = compose(runs, key, args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(data, indent=2))
-    print(f"wrote {args.out}")
+    write_results(data, args.out, plot)
     for rate, per in data["rates"].items():
         for cls in CLASSES:
             d, p = per[cls]["dense"], per[cls]["pariskv"]
@@ -694,10 +692,6 @@ def main(argv: list[str] | None = None) -> int:
                 f"{p['ttft_p50_ms']} ms",
                 flush=True,
             )
-    try:
-        plot(data, args.out.with_suffix(".png"))
-    except ImportError as e:  # matplotlib missing on the device: plot where it is
-        print(f"plot skipped ({e!r})")
     return 0
 
 

@@ -19,22 +19,24 @@ also go to ``/v1/completions`` and ``/v1/chat/completions``.
 Around the load, on the idle server with an empty radix cache: the free KV tokens
 (``/v1/loads``, computed when asked: ``max_total_num_tokens - num_used_tokens``, where used
 excludes evictable radix-cache tokens) and a fixed set of greedy probes below the dense
-threshold. ``--dense-reference`` then starts a plain SGLang server (same flags without
-``--enable-pariskv``) for the same probes. During the load a sampler records output tokens/s
-and GPU memory (``nvidia-smi``, when present) every ``--sample-interval`` seconds.
+threshold. Between the probes and the load, the KV pool is filled to its advertised capacity
+(:mod:`pool_fill`: the fewest requests that hold every free token, sent at once), which is
+where memory the server did not plan for would run out. ``--dense-reference`` then starts a
+plain SGLang server (same flags without ``--enable-pariskv``) for the same probes. During
+the load a sampler records output tokens/s and GPU memory (``nvidia-smi``, when present)
+every ``--sample-interval`` seconds.
 
 Writes ``benchmarks/results/soak.json`` and a PNG beside it. The run fails (exit 1, results
-still written with ``failed: true``) on any error of a well-formed request (HTTP error, error
-chunk, broken stream, wrong token count, timeout), a server crash, a malformed request not
-answered 4xx, free tokens after the load different from before, or ParisKV counters that do
-not match what was served.
+still written with ``failed: true``) on any error of a well-formed request (HTTP error,
+error chunk, broken stream, wrong token count, timeout) or of a pool-fill request, a server
+crash, a malformed request not answered 4xx, free tokens after the load different from
+before, or ParisKV counters that do not match what was served.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import http.client
 import itertools
 import json
 import re
@@ -44,9 +46,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -58,8 +57,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_e2e as e2e  # noqa: E402
 import bench_mixed_traffic as mt  # noqa: E402
 import bench_workflows as wf  # noqa: E402
+from pool_fill import fill_pool  # noqa: E402
+from server_client import (  # noqa: E402
+    RequestFailed,
+    abort_stream,
+    free_tokens,
+    generate,
+    loads,
+    post,
+    wait_idle,
+)
 
-from pariskv_tools.cli import HelpFormatter, add_results_args  # noqa: E402
+from pariskv_tools.cli import HelpFormatter, add_results_args, write_results  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "soak.json"
 KINDS = ("chat", "long", "short", "stream", "abort", "max1", "ctx_limit", "malformed")
@@ -82,7 +91,6 @@ CTX_LIMIT_OUTPUT = (1, 32)
 MALFORMED_TIMEOUT_S = 60.0
 MAX_ERROR_SAMPLES = 50
 JOIN_GRACE_S = 10.0
-IDLE_POLL_S = 1.0
 
 #: Malformed or oversized requests: name -> endpoint. Each must be answered 4xx.
 MALFORMED = {
@@ -106,6 +114,10 @@ DEFINITIONS = {
     "num_used_tokens, on the idle server after /flush_cache",
     "throughput_definition": "output tokens the clients received (finished, aborted and "
     "chat requests) per sampling interval",
+    "pool_fill_definition": "before the load, on the idle server: the fewest requests "
+    "(each within the context length, at most max_running_requests) whose input + output "
+    "tokens add up to the free KV tokens, sent at once; peak_used_tokens is the largest "
+    "/v1/loads num_used_tokens seen while they ran",
     "memory_planned_definition": "GiB the pool sizing keeps out of the KV pool for the "
     "ParisKV backend (its startup log line), in bytes",
     "memory_allocated_definition": "histograms + decode workspace (+ hot cache) MiB the "
@@ -247,108 +259,10 @@ def malformed_body(variant: str, context_length: int) -> bytes:
 # --------------------------------------------------------------------------- client
 
 
-class RequestFailed(Exception):
-    """A well-formed request that did not complete as asked."""
-
-
-def _post(url: str, path: str, body: bytes, timeout: float) -> tuple[int, bytes]:
-    """(HTTP status, body); an HTTP error status is returned, not raised."""
-    mt._check_local(url)
-    req = urllib.request.Request(
-        url + path, data=body, headers={"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-
-
-def _sampling(output_len: int, ignore_eos: bool) -> dict:
-    return {"max_new_tokens": output_len, "ignore_eos": ignore_eos, "temperature": 0.0}
-
-
-def generate(
-    url: str, ids: list[int], output_len: int, timeout: float, ignore_eos: bool = True
-) -> list[int]:
-    """One greedy non-streamed ``/generate``; its output ids. Raises RequestFailed."""
-    body = json.dumps({"input_ids": ids, "sampling_params": _sampling(output_len, ignore_eos)})
-    try:
-        status, data = _post(url, "/generate", body.encode(), timeout)
-    except (OSError, ValueError) as e:
-        raise RequestFailed(f"{type(e).__name__}: {e}"[:300]) from None
-    if status != 200:
-        raise RequestFailed(f"HTTP {status}: {data[:300]!r}")
-    try:
-        out = json.loads(data)
-    except ValueError:
-        raise RequestFailed(f"not JSON: {data[:300]!r}") from None
-    if isinstance(out, list):
-        out = out[0]
-    finish = out.get("meta_info", {}).get("finish_reason") or {}
-    if finish.get("type") == "abort":
-        raise RequestFailed(f"aborted: {json.dumps(finish)[:300]}")
-    got = out.get("output_ids")
-    if not isinstance(got, list):
-        raise RequestFailed(f"no output_ids in {data[:300]!r}")
-    if ignore_eos and len(got) != output_len:
-        raise RequestFailed(f"{len(got)} output tokens, expected {output_len}")
-    return got
-
-
-def abort_stream(
-    url: str, ids: list[int], output_len: int, cut_after: int, timeout: float
-) -> tuple[bool, int]:
-    """Stream ``/generate`` and close the connection after ``cut_after`` chunks with output
-    tokens. (True, tokens) when closed mid-stream; (False, tokens) when the request
-    finished first. Raises RequestFailed on an HTTP error, error chunk or broken stream."""
-    mt._check_local(url)
-    u = urllib.parse.urlparse(url)
-    body = json.dumps(
-        {"input_ids": ids, "sampling_params": _sampling(output_len, True), "stream": True}
-    )
-    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
-    start = time.perf_counter()
-    tokens = chunks = 0
-    try:
-        conn.request("POST", "/generate", body, {"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        if resp.status != 200:
-            raise RequestFailed(f"HTTP {resp.status}: {resp.read()[:300]!r}")
-        for _ in range(mt.MAX_CHUNKS_PER_TOKEN * output_len + 16):
-            if time.perf_counter() - start > timeout:
-                raise RequestFailed(f"no chunk {cut_after} after {timeout:.0f} s")
-            raw = resp.readline()
-            if not raw:
-                raise RequestFailed("stream ended without [DONE]")
-            line = raw.strip()
-            if not line.startswith(b"data:"):
-                continue
-            data = line[5:].strip()
-            if data == b"[DONE]":
-                return False, tokens
-            chunk = json.loads(data)
-            if "error" in chunk:
-                raise RequestFailed(f"server error: {json.dumps(chunk['error'])[:300]}")
-            meta = chunk.get("meta_info", {})
-            if (meta.get("finish_reason") or {}).get("type") == "abort":
-                raise RequestFailed(f"aborted by the server: {json.dumps(meta)[:300]}")
-            n = int(meta.get("completion_tokens", 0))
-            if n > tokens:
-                tokens, chunks = n, chunks + 1
-                if chunks >= cut_after:
-                    return True, tokens
-        raise RequestFailed("stream went on past its token count")
-    except (OSError, ValueError, http.client.HTTPException) as e:
-        raise RequestFailed(f"{type(e).__name__}: {e}"[:300]) from None
-    finally:
-        conn.close()  # mid-stream: the server sees the client go away
-
-
 def send_malformed(url: str, variant: str, context_length: int, timeout: float) -> int | str:
     """The HTTP status a malformed request got, or why it got none."""
     try:
-        status, _ = _post(url, MALFORMED[variant], malformed_body(variant, context_length), timeout)
+        status, _ = post(url, MALFORMED[variant], malformed_body(variant, context_length), timeout)
         return status
     except (OSError, ValueError) as e:
         return f"{type(e).__name__}: {e}"[:300]
@@ -475,33 +389,6 @@ def run_scenario(url: str, sc: Scenario, w: Workload, timeout: float, tally: Tal
 
 
 # --------------------------------------------------------------------------- server state
-
-
-def loads(url: str, timeout: float = 30.0) -> list[dict]:
-    """``/v1/loads?include=core``: one dict per DP rank."""
-    mt._check_local(url)
-    with urllib.request.urlopen(url + "/v1/loads?include=core", timeout=timeout) as r:
-        return json.loads(r.read())["loads"]
-
-
-def free_tokens(url: str) -> int:
-    """KV tokens not held by requests: sum over ranks of max total - used."""
-    return sum(int(x["max_total_num_tokens"]) - int(x["num_used_tokens"]) for x in loads(url))
-
-
-def wait_idle(url: str, timeout: float) -> bool:
-    """Poll until no request runs or waits, at most ``timeout`` seconds; True when idle."""
-    deadline = time.monotonic() + timeout
-    for _ in range(int(timeout / IDLE_POLL_S) + 2):
-        try:
-            if all(x["num_running_reqs"] == 0 and x["num_waiting_reqs"] == 0 for x in loads(url)):
-                return True
-        except (OSError, ValueError, KeyError):
-            pass
-        if time.monotonic() >= deadline:
-            break
-        time.sleep(IDLE_POLL_S)
-    return False
 
 
 def gpu_memory_mib() -> list[int] | None:
@@ -695,6 +582,11 @@ def verdict(res: dict) -> list[str]:
             f"{res['malformed_total'] - res['malformed_rejected_4xx']} of "
             f"{res['malformed_total']} malformed requests not answered 4xx"
         )
+    fill = res["pool_fill"]
+    if fill is None:
+        why.append("the KV pool was not filled (no free-token count on the idle server)")
+    elif fill["errors"]:
+        why.append(f"{fill['errors']} of {fill['requests']} requests filling the KV pool failed")
     before, after = res["free_tokens_idle_before"], res["free_tokens_idle_after"]
     if before is None or after != before:
         why.append(f"free KV tokens on the idle server: {before} before, {after} after")
@@ -741,6 +633,7 @@ def soak(args, w: Workload, model: str, flags: list[str], log_dir: Path) -> dict
     srv = _start("pariskv", args, model, flags, log_dir, pariskv=True)
     out: dict = {
         "server_command": " ".join(srv.cmd),
+        "pool_fill": None,
         "free_tokens_idle_after": None,
         "idle_after": False,
         "probes_after": None,
@@ -753,6 +646,18 @@ def soak(args, w: Workload, model: str, flags: list[str], log_dir: Path) -> dict
         out["probes_before"] = run_probes(
             srv.url, probes, args.probe_output_len, args.request_timeout
         )
+        if before["free_tokens"]:
+            max_running = (out["server_info"] or {}).get("max_running_requests")
+            print(f"[soak] filling {before['free_tokens']} free KV tokens", flush=True)
+            out["pool_fill"] = fill_pool(
+                srv.url,
+                before["free_tokens"],
+                args.context_length,
+                max_running,
+                args.request_timeout,
+                seed=args.seed,
+            )
+            _idle_state(srv, args)
         out["counters_before"] = _scrape(srv.url)
         print(f"[soak] {args.clients} clients for {args.duration:.0f} s", flush=True)
         out["load"] = drive(
@@ -843,6 +748,7 @@ def compose(args, w: Workload, model_desc: str, run: dict, dense: dict | None) -
         "malformed_rejected_4xx": load["malformed_rejected_4xx"],
         "malformed_by_variant": load["malformed_by_variant"],
         "malformed_failures": load["malformed_failures"],
+        "pool_fill": run["pool_fill"],
         "free_tokens_idle_before": run["free_tokens_idle_before"],
         "free_tokens_idle_after": run["free_tokens_idle_after"],
         "idle_after": run["idle_after"],
@@ -1024,9 +930,7 @@ def main(argv: list[str] | None = None) -> int:
     run = soak(args, w, model, flags, log_dir)
     dense = dense_probes(args, w, model, flags, log_dir) if args.dense_reference else None
     data = compose(args, w, model_desc, run, dense)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(data, indent=2))
-    print(f"wrote {args.out}")
+    write_results(data, args.out, plot)
     print(
         f"{data['requests']} requests in {data['duration_s']:.0f} s: {data['errors']} errors, "
         f"{data['aborts']} aborts, {data['malformed_rejected_4xx']}/{data['malformed_total']} "
@@ -1035,10 +939,6 @@ def main(argv: list[str] | None = None) -> int:
         f"{data['probe_identical_before_after']}, to dense {data['probe_identical_to_dense']}",
         flush=True,
     )
-    try:
-        plot(data, args.out.with_suffix(".png"))
-    except ImportError as e:  # matplotlib missing on the device: plot where it is
-        print(f"plot skipped ({e!r})")
     if data["failed"]:
         print("FAILED: " + "; ".join(data["failures"]), flush=True)
         return 1

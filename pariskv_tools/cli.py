@@ -12,6 +12,8 @@ writes a results JSON and draws its PNG ``--out`` and ``--plot``;
 from __future__ import annotations
 
 import argparse
+import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -83,6 +85,18 @@ def add_results_args(parser: argparse.ArgumentParser, default: Path) -> None:
     ``--plot`` (draw the PNG of an existing results JSON, and run nothing)."""
     parser.add_argument("--out", type=Path, default=default, help="results JSON (PNG beside it)")
     parser.add_argument("--plot", type=Path, help="only draw the PNG of an existing results JSON")
+
+
+def write_results(data: dict, out: Path, plot: Callable[[dict, Path], None]) -> None:
+    """Write ``data`` to ``out`` (the results JSON) and draw its PNG beside it. Where
+    matplotlib is missing (the GPU host) the PNG is left to ``--plot``, run where it is."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=2))
+    print(f"wrote {out}")
+    try:
+        plot(data, out.with_suffix(".png"))
+    except ImportError as e:
+        print(f"plot skipped ({e!r}); draw it with --plot {out} where matplotlib is installed")
 
 
 def load_calibration_for(path: Path | None, config) -> Calibration | None:

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_soak as bench  # noqa: E402
+import pool_fill  # noqa: E402
 
 from tests.loopback_server import LoopbackServer  # noqa: E402
 
@@ -139,8 +140,12 @@ class FakeState:
     client disconnect; ``status_override``: path -> status for malformed requests there;
     ``drift_after_flushes``: probe outputs change after that many /flush_cache calls."""
 
-    def __init__(self, leak_per_abort=0, status_override=None, drift_after_flushes=None):
+    def __init__(
+        self, leak_per_abort=0, status_override=None, drift_after_flushes=None, answer_delay=0.0
+    ):
         self.lock = threading.Lock()
+        self.answer_delay = answer_delay  # seconds a non-streamed /generate takes
+        self.in_use = 0  # KV tokens of the requests running now
         self.leak_per_abort = leak_per_abort
         self.status_override = status_override or {}
         self.drift_after_flushes = drift_after_flushes
@@ -177,7 +182,7 @@ def _fake(state: FakeState) -> LoopbackServer:
                     load = {
                         "num_running_reqs": state.running,
                         "num_waiting_reqs": 0,
-                        "num_used_tokens": state.leaked,
+                        "num_used_tokens": state.leaked + state.in_use,
                         "max_total_num_tokens": MAX_TOTAL,
                     }
                 self._json(200, {"loads": [load]})
@@ -216,12 +221,14 @@ def _fake(state: FakeState) -> LoopbackServer:
                 return self._json(400, {"error": "too long"})
             with state.lock:
                 state.running += 1
+                state.in_use += len(ids) + n
                 state.counters["tokens_encoded"] += len(ids)
             try:
                 self._generate(req, ids, n)
             finally:
                 with state.lock:
                     state.running -= 1
+                    state.in_use -= len(ids) + n
 
         def _count_decode(self, ids, k):
             with state.lock:
@@ -234,6 +241,7 @@ def _fake(state: FakeState) -> LoopbackServer:
         def _generate(self, req, ids, n):
             out = state.outputs(ids, n)
             if not req.get("stream"):
+                time.sleep(state.answer_delay)
                 self._count_decode(ids, n)
                 meta = {"finish_reason": {"type": "length"}, "completion_tokens": n}
                 return self._json(200, {"output_ids": out, "meta_info": meta})
@@ -551,6 +559,9 @@ def test_a_clean_run_passes_and_states_what_it_checked(tmp_path, monkeypatch, fa
     assert data["errors"] == data["crashes"] == 0 and data["requests"] > 0
     assert data["malformed_total"] == data["malformed_rejected_4xx"] > 0
     assert data["free_tokens_idle_before"] == data["free_tokens_idle_after"] == MAX_TOTAL
+    fill = data["pool_fill"]
+    assert fill["errors"] == 0 and fill["tokens_requested"] == MAX_TOTAL
+    assert fill["requests"] == -(-MAX_TOTAL // CTX)
     assert data["probe_identical_before_after"] is True
     assert data["probe_identical_to_dense"] is True
     assert data["probe_input_lens"] == [16, 85, 155, 224]
@@ -581,6 +592,20 @@ def test_leaked_kv_tokens_fail_the_run(tmp_path, monkeypatch, fake):
     assert any("free KV tokens" in f for f in data["failures"])
 
 
+def test_a_fill_that_fails_fails_the_run(tmp_path, monkeypatch, fake):
+    pk, _ = fake()
+    asked = []
+
+    def failing_fill(url, free, ctx, max_running, timeout, seed=0):
+        asked.append((free, ctx))
+        return {"requests": 4, "errors": 1, "error_samples": ["HTTP 500: out of memory"]}
+
+    monkeypatch.setattr(bench, "fill_pool", failing_fill)
+    rc, data = _main(tmp_path, monkeypatch, {"pariskv": pk}, "--mix", "short=1")
+    assert rc == 1 and asked == [(MAX_TOTAL, CTX)]
+    assert any("1 of 4 requests filling the KV pool failed" in f for f in data["failures"])
+
+
 def test_probes_that_change_over_the_load_are_reported(tmp_path, monkeypatch, fake):
     pk, dense = fake(drift_after_flushes=1)[0], fake()[0]
     rc, data = _main(tmp_path, monkeypatch, {"pariskv": pk, "dense": dense}, "--dense-reference")
@@ -588,3 +613,46 @@ def test_probes_that_change_over_the_load_are_reported(tmp_path, monkeypatch, fa
     assert data["probe_identical_to_dense"] is False
     assert data["probes"]["pariskv_before"] == data["probes"]["dense"]
     assert rc == 0  # reported, not one of the failure conditions
+
+
+# --------------------------------------------------------------------------- pool fill
+
+
+@pytest.mark.parametrize(
+    "free,ctx,cap,out",
+    [(100_000, 2048, None, 16), (100_000, 2048, 32, 16), (5, 2048, None, 4), (4096, 2048, 8, 16),
+     (352_159, 32768, 32, 16), (4097, 2048, None, 16)],
+)  # fmt: skip
+def test_the_fill_plan_is_the_fewest_requests_that_hold_the_free_tokens(free, ctx, cap, out):
+    lens = pool_fill.fill_plan(free, ctx, cap, out)
+    totals = [n + out for n in lens]
+    assert all(1 <= n and t <= ctx for n, t in zip(lens, totals))
+    assert max(totals) - min(totals) <= 1
+    if cap is None or cap * ctx >= free:
+        assert sum(totals) == free  # every free token asked for
+        assert (len(lens) - 1) * ctx < free  # one request fewer could not hold them
+    else:
+        assert len(lens) == cap and totals == [ctx] * cap  # as full as cap requests get
+
+
+def test_a_fill_plan_that_cannot_exist_is_refused():
+    with pytest.raises(ValueError, match="no fill"):
+        pool_fill.fill_plan(0, 2048, None, 16)
+    with pytest.raises(ValueError, match="no fill"):
+        pool_fill.fill_plan(1000, 16, None, 16)
+
+
+def test_the_fill_runs_its_requests_at_once_and_sees_the_pool_full(fake):
+    srv, state = fake(answer_delay=0.5)
+    got = pool_fill.fill_pool(srv.url, 10_000, CTX, None, timeout=10, output_len=8)
+    assert got["errors"] == 0 and got["requests"] == 5
+    assert got["tokens_requested"] == 10_000 == got["peak_used_tokens"]
+    assert got["peak_used_fraction"] == 1.0 and state.in_use == 0
+
+
+def test_a_failed_fill_request_fails_the_fill(fake):
+    srv, _ = fake()
+    got = pool_fill.fill_pool(srv.url, 3 * (CTX + 2), CTX + 2, None, timeout=10, output_len=1)
+    # requests of CTX + 1 input tokens: the fake answers 400 (over its context)
+    assert got["errors"] == got["requests"] == 3
+    assert "HTTP 400" in got["error_samples"][0]
