@@ -72,8 +72,11 @@ def _top_logprobs(meta_info: dict) -> list[list[list]]:
     ]
 
 
-def _passkey_worker(model_path, pariskv, prompts, greedy_prompts, sequential, logprobs, out_q):
-    """Serves ``prompts`` (12 new tokens) and ``greedy_prompts`` (32) with one engine.
+def _passkey_worker(
+    model_path, pariskv, prompts, greedy_prompts, sequential, logprobs, engine_kwargs, out_q
+):
+    """Serves ``prompts`` (12 new tokens) and ``greedy_prompts`` (32) with one engine
+    (``engine_kwargs``: extra ``sglang.Engine`` arguments).
 
     ``sequential`` sends one request at a time instead of one batch: SGLang's batch
     composition (what is prefilled and decoded together) then no longer depends on timing,
@@ -83,9 +86,13 @@ def _passkey_worker(model_path, pariskv, prompts, greedy_prompts, sequential, lo
         import tempfile
 
         stats_dir = tempfile.mkdtemp(prefix="pariskv-stats-")
-        extra = json.loads(os.environ.get("PARISKV_BENCH_ENGINE_ARGS", "{}"))
         eng = _engine(
-            model_path, pariskv, stats_dir, context_length=8192, mem_fraction_static=0.6, **extra
+            model_path,
+            pariskv,
+            stats_dir,
+            context_length=8192,
+            mem_fraction_static=0.6,
+            **engine_kwargs,
         )
 
         def gen(batch, params, **kw):
@@ -167,8 +174,8 @@ def run_passkey(contexts: list[int], trials: int, cfg: dict) -> dict:
     # Greedy-equality prompts, all below the dense threshold: ParisKV must leave them
     # bit-identical (same kernels, same plans).
     short = [tasks.format_chat(tok, tasks.passkey(tok, 600, 0.5, s)) for s in range(4)]
-    dense = _run_isolated(_passkey_worker, model, None, prompts, short, False, False)
-    sparse = _run_isolated(_passkey_worker, model, cfg, prompts, short, False, False)
+    dense = _run_isolated(_passkey_worker, model, None, prompts, short, False, False, {})
+    sparse = _run_isolated(_passkey_worker, model, cfg, prompts, short, False, False, {})
     if dense["stats"] or not sparse["stats"].get("sparse_request_steps"):
         raise RuntimeError(
             "ParisKV did not run as expected (is sglang-pariskv installed with its entry "
@@ -291,12 +298,14 @@ def run_offload_equivalence(
     cfg: dict,
     only: list[str] | None = None,
     sequential: bool = False,
+    engine_kwargs: dict | None = None,
 ) -> dict:
     """``--pariskv-offload host`` (hot cache, and direct host reads) against ParisKV over
     SGLang's GPU pool: the rows attended are bit-identical, so every greedy output must be.
     Prompts below the dense threshold cover SGLang's own prefill and dense decode reading
     K/V from host memory through the pool's CUDA views. ``sequential``: one request at a
-    time, so that batch composition is the same in every engine (see ``_passkey_worker``)."""
+    time, so that batch composition is the same in every engine (see ``_passkey_worker``).
+    ``engine_kwargs``: extra ``sglang.Engine`` arguments of every engine."""
     from transformers import AutoTokenizer
 
     from pariskv_tools.workloads import tasks
@@ -310,7 +319,9 @@ def run_offload_equivalence(
     runs = offload_run_configs(cfg, only)
     got = {}
     for n, c in runs.items():
-        got[n] = _run_isolated(_passkey_worker, model, c, prompts, short, sequential, True)
+        got[n] = _run_isolated(
+            _passkey_worker, model, c, prompts, short, sequential, True, engine_kwargs or {}
+        )
     base = got["gpu_pool"]
     res = {
         "config": cfg,
@@ -949,10 +960,13 @@ def main(argv: list[str] | None = None) -> int:
         plot()
         return 0
     if args.cmd == "offload":
-        if args.disable_radix_cache:  # read by the engine processes (spawned children)
-            os.environ["PARISKV_BENCH_ENGINE_ARGS"] = json.dumps({"disable_radix_cache": True})
         res = run_offload_equivalence(
-            args.contexts, args.trials, PASSKEY_CFG, args.runs, args.sequential
+            args.contexts,
+            args.trials,
+            PASSKEY_CFG,
+            args.runs,
+            args.sequential,
+            {"disable_radix_cache": True} if args.disable_radix_cache else {},
         )
         res["disable_radix_cache"] = args.disable_radix_cache
         _merge("offload_equivalence", res)

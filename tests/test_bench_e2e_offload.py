@@ -165,14 +165,16 @@ class _FakeEngine:
 
 @pytest.mark.parametrize("sequential", [False, True])
 def test_worker_sequential_sends_one_request_at_a_time(monkeypatch, sequential):
-    eng = _FakeEngine()
-    monkeypatch.setattr(bench_e2e, "_engine", lambda *a, **k: eng)
+    eng, engine_kwargs = _FakeEngine(), []
+    monkeypatch.setattr(bench_e2e, "_engine", lambda *a, **k: engine_kwargs.append(k) or eng)
     monkeypatch.setattr(bench_e2e, "_read_stats", lambda d: {})
     prompts, short = [[1, 9], [2, 9], [3, 9]], [[5, 9], [6, 9]]
     q = queue.Queue()
-    bench_e2e._passkey_worker("model", None, prompts, short, sequential, True, q)
+    extra = {"disable_radix_cache": True}
+    bench_e2e._passkey_worker("model", None, prompts, short, sequential, True, extra, q)
     res = q.get_nowait()
     assert "error" not in res, res.get("error")
+    assert engine_kwargs[0]["disable_radix_cache"] is True  # the CLI's flag reaches the engine
     if sequential:
         assert [c[0] for c in eng.calls] == prompts + short
         # logprobs for the passkey answers only, not for the greedy-equality prompts
