@@ -22,6 +22,7 @@ from sglang.srt.layers.attention.flashinfer_backend import (
 from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
 
 from sglang_pariskv.attention.backend import ParisKVAttnBackend
+from sglang_pariskv.attention.deferred_codes import DeferredCodes
 from sglang_pariskv.attention.histogram_upkeep import HistogramUpkeep
 from sglang_pariskv.attention.observability import DecodeObserver
 from sglang_pariskv.attention.offload_wiring import OffloadDecode
@@ -148,7 +149,7 @@ def setup(monkeypatch, request):
         histograms=HistogramUpkeep(RequestHistograms(4, HKV, D, 1, "cpu"), pool.pariskv, rtp, CFG),
         graph_sparse={}, _sparse=None, _rpi32=None, scale=(SCALE, 0.0),
         _dense_dev=torch.zeros(4, dtype=torch.bool), offload=None, _retrieval_stream=None,
-        graphs=StepGraphs(),
+        graphs=StepGraphs(), deferred=DeferredCodes(pool, CFG, offloaded=offload),
     )  # fmt: skip
     b.observer = DecodeObserver(num_layers=1, tp_rank=0, extra_snapshot=b._offload_snapshot)
     if offload:

@@ -12,9 +12,11 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from sglang_pariskv.attention.backend import ParisKVAttnBackend
+from sglang_pariskv.attention.deferred_codes import DeferredCodes
 from sglang_pariskv.attention.observability import DecodeObserver
 from sglang_pariskv.config import ParisKVConfig
 from sglang_pariskv.metrics import ParisKVMetrics
+from tests.test_plugin_pool import make_pool
 
 LABELS = {"model_name": "m", "tp_rank": "0"}
 
@@ -29,6 +31,7 @@ def backend():
     b._dense_dev = torch.zeros(8, dtype=torch.bool)
     b.scale = (0.125, 0.0)
     b.d = 64
+    b.deferred = DeferredCodes(make_pool(16), b.config, offloaded=False)
     return b
 
 
@@ -170,3 +173,28 @@ def test_a_capture_is_planned_and_timed_but_not_counted(backend):
     assert st.decode_steps == st.sparse_steps == 0 and st.totals.dense_request_steps == 0
     run_plan(backend, batch([5000]), graph="sparse")
     assert st.decode_steps == st.sparse_steps == 1
+
+
+@pytest.mark.parametrize(
+    ("lens", "graph", "defers"),
+    [([400, 1000], None, True), ([5000, 300], None, False), ([400, 1, 1, 1], "dense", True),
+     ([400, 1, 1, 1], "sparse", False), ([5000, 1], "sparse", False)],
+)  # fmt: skip
+def test_a_step_without_retrieval_defers_its_code_writes_to_the_last_layer(
+    backend, lens, graph, defers
+):
+    """Eager or captured: a decode step with retrieval writes codes per layer (its layers
+    read them); one without defers them; a later extend writes per layer again."""
+    run_plan(backend, batch(lens), graph=graph, in_capture=graph is not None)
+    assert backend.deferred.active is defers
+    assert backend.deferred.pool.defer_codes is defers
+    backend.deferred.plan(dense_decode_step=False)  # what init_forward_metadata does on extend
+    assert backend.deferred.active is False
+
+
+def test_min_sparse_tokens_and_offload_never_defer(backend):
+    pool = make_pool(16)
+    cfg = dataclasses.replace(backend.config, min_sparse_tokens=30000)
+    for deferred in (DeferredCodes(pool, cfg, False), DeferredCodes(pool, backend.config, True)):
+        deferred.plan(dense_decode_step=True)
+        assert deferred.active is False and pool.defer_codes is False

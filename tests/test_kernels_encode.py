@@ -220,3 +220,52 @@ def test_calibrated_encode_mismatch_rate_at_scale(cuda_device, d):
         f"calibrated D={d}: sign mismatch {s:.2e}, magnitude-byte mismatch {m:.2e}, w rel {w:.2e}"
     )
     assert s <= 5e-5 and m <= 1e-4 and w <= 2e-3
+
+
+@pytest.mark.parametrize("d, h, calibrated", [(64, 3, False), (128, 2, True)])
+def test_encode_layers_writes_every_layer_as_the_per_layer_kernel_does(d, h, calibrated):
+    """One launch over all layers, reading each key back from its layer's K buffer at the
+    slot: the same codes, bit for bit, as encoding each layer's keys on its own, and
+    within the per-layer kernel's rounding of the codec; other slots untouched."""
+    from sglang_pariskv.kernels.encode import address_table, encode_layers_to_pool
+
+    gen = torch.Generator().manual_seed(d * h)
+    layers, slots_n, t = 3, 40, 7
+    kbuf = [(torch.randn(slots_n, h, d, generator=gen) * 2).to(torch.bfloat16) for _ in range(3)]
+    kbuf = [k.to(DEV) for k in kbuf]
+    slots = (torch.randperm(slots_n - 1, generator=gen)[:t] + 1).to(DEV)
+    cal = {}
+    if calibrated:
+        cal = {
+            "centres": torch.randn(layers, h, d, generator=gen).to(DEV),
+            "scales": (torch.rand(layers, h, d, generator=gen) + 0.5).to(DEV),
+        }
+    got = [empty_pool(slots_n, h, d, DEV) for _ in range(layers)]
+    tables = tuple(
+        address_table(ts, DEV) for ts in (kbuf, *([c[i] for c in got] for i in range(3)))
+    )
+    encode_layers_to_pool(kbuf, slots, got, tables, seed=5, **cal)
+    for layer in range(layers):
+        want = empty_pool(slots_n, h, d, DEV)
+        centre = cal["centres"][layer].contiguous() if cal else None
+        scale = cal["scales"][layer].contiguous() if cal else None
+        encode_to_pool(kbuf[layer][slots], slots, want, seed=5, centre=centre, scale=scale)
+        for a, b in zip(got[layer], want):
+            assert torch.equal(a, b)
+        ref = encode_keys(kbuf[layer][slots], 5, centre, scale)
+        s, m, w = mismatch_rates(got[layer], slots, ref)
+        assert s <= 3e-4 and m <= 2e-3 and w <= 2e-3
+        untouched = torch.ones(slots_n, dtype=torch.bool, device=DEV)
+        untouched[slots] = False
+        assert not got[layer].signs[untouched].any() and not got[layer].weights[untouched].any()
+
+
+def test_encode_layers_refuses_buffers_of_different_layouts():
+    from sglang_pariskv.kernels.encode import address_table, encode_layers_to_pool
+
+    kbuf = [torch.zeros(8, 2, 64, dtype=torch.bfloat16, device=DEV) for _ in range(2)]
+    kbuf[1] = torch.zeros(8, 2, 128, dtype=torch.bfloat16, device=DEV)[..., :64]
+    pool = [empty_pool(8, 2, 64, DEV) for _ in range(2)]
+    tables = tuple(address_table(kbuf, DEV) for _ in range(4))
+    with pytest.raises(ValueError, match="one shape and layout"):
+        encode_layers_to_pool(kbuf, torch.tensor([1], device=DEV), pool, tables)

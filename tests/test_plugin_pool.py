@@ -23,9 +23,11 @@ from sglang_pariskv.server_flags import ParisKVConfigError
 H, D, LAYERS = 2, 16, 2
 
 
-def make_pool(size=256, heads=H, head_dim=D, layers=LAYERS, dtype=torch.bfloat16, cls=None):
-    """A CPU ParisKV KV pool (shared by the pool, TP and backend-decode tests); ``cls``
-    picks another pool class (host offload's)."""
+def make_pool(
+    size=256, heads=H, head_dim=D, layers=LAYERS, dtype=torch.bfloat16, cls=None, device="cpu"
+):
+    """A ParisKV KV pool, on the CPU unless ``device`` (shared by the pool, TP and
+    backend-decode tests); ``cls`` picks another pool class (host offload's)."""
     pool = (cls or ParisKVTokenToKVPool)(
         size=size,
         page_size=1,
@@ -33,11 +35,12 @@ def make_pool(size=256, heads=H, head_dim=D, layers=LAYERS, dtype=torch.bfloat16
         head_num=heads,
         head_dim=head_dim,
         layer_num=layers,
-        device="cpu",
+        device=device,
         enable_memory_saver=False,
         enable_alt_stream=False,
     )
-    pool.use_native_move_kv_cache = True  # the Triton move kernel needs a GPU
+    if device == "cpu":
+        pool.use_native_move_kv_cache = True  # the Triton move kernel needs a GPU
     return pool
 
 

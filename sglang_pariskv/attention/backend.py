@@ -36,6 +36,7 @@ import torch
 from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
 
 from sglang_pariskv import sglang_compat
+from sglang_pariskv.attention.deferred_codes import DeferredCodes
 from sglang_pariskv.attention.dense_layers import FullContextDecode
 from sglang_pariskv.attention.histogram_upkeep import HistogramUpkeep
 from sglang_pariskv.attention.memory_plan import tensor_bytes
@@ -120,7 +121,9 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             self.full = FullContextDecode(self, dense_layers)
         # The stream a decode layer's retrieval and sparse call run on (GPU pool only:
         # host offload's fetch reads host memory on the forward stream).
-        overlap = device.type == "cuda" and not isinstance(pool, HostOffloadKVPool)
+        offloaded = isinstance(pool, HostOffloadKVPool)
+        self.deferred = DeferredCodes(pool, config, offloaded)
+        overlap = device.type == "cuda" and not offloaded
         self._retrieval_stream = torch.cuda.Stream(device) if overlap else None
         self.observer = DecodeObserver.for_server(
             num_layers=pool.layer_num,
@@ -247,6 +250,7 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         )
         if self.full is not None:
             self.full.clear()
+        self.deferred.plan(dense_decode_step=not run_sparse)
         if not run_sparse:
             self._sparse = None
             plan_dense()
@@ -271,6 +275,7 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
     def init_forward_metadata(self, forward_batch):
         if not forward_batch.forward_mode.is_decode() or forward_batch.batch_size == 0:
             self._sparse = None
+            self.deferred.plan(dense_decode_step=False)
             if forward_batch.forward_mode.is_extend():
                 self._plan_extend(forward_batch)
             return super().init_forward_metadata(forward_batch)
@@ -303,6 +308,7 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
         mode = forward_batch.forward_mode
         if not mode.is_decode():
+            self.deferred.plan(dense_decode_step=False)
             if mode.is_extend() and not in_capture:
                 self._plan_extend(forward_batch)
             return super().init_forward_metadata_out_graph(forward_batch, in_capture)
@@ -342,6 +348,12 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         return out
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
+        out = self._decode_layer(q, k, v, layer, forward_batch, save_kv_cache)
+        local = layer.layer_id - self.token_to_kv_pool.start_layer
+        self.deferred.after_layer(local, forward_batch.out_cache_loc)
+        return out
+
+    def _decode_layer(self, q, k, v, layer, forward_batch, save_kv_cache: bool):
         local = layer.layer_id - self.token_to_kv_pool.start_layer
         if self.full is not None and self.full.runs(local) and not layer.is_cross_attention:
             # A dense layer on a sparse step: SGLang's decode call (it stores the K/V and

@@ -82,6 +82,8 @@ class CodePool:
             )
             for _ in range(num_layers)
         ]
+        #: address tables of :meth:`write_layers` (K buffers, signs, mags, weights)
+        self._tables: tuple[torch.Tensor, ...] | None = None
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.layers for t in layer)
@@ -101,6 +103,38 @@ class CodePool:
         else:
             for d, s in zip(dst, self.encoder(keys, self.seed, centre, scale)):
                 d[loc] = s
+
+    def write_layers(self, loc: torch.Tensor, key_buffers: list[torch.Tensor]) -> None:
+        """Encode, for every layer, the key stored at slots ``loc`` [T] of that layer's K
+        buffer (``key_buffers``: the KV pool's, one ``[S, H, D]`` per layer): what
+        :meth:`write` per layer would store, in one kernel launch on CUDA."""
+        if self.encoder is not None:
+            for layer, k in enumerate(key_buffers):
+                self.write(layer, loc, k[loc])
+            return
+        from sglang_pariskv.kernels.encode import encode_layers_to_pool
+
+        encode_layers_to_pool(
+            key_buffers,
+            loc,
+            self.layers,
+            self.address_tables(key_buffers),
+            self.seed,
+            self.centres,
+            self.scales,
+        )
+
+    def address_tables(self, key_buffers: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """The (K buffers, signs, mags, weights) address tables of :meth:`write_layers`,
+        made on first use and kept: a captured CUDA graph reads these addresses, so call
+        it before capture (it copies to the device)."""
+        if self._tables is None:
+            from sglang_pariskv.kernels.encode import address_table
+
+            device = key_buffers[0].device
+            per_layer = (key_buffers, *([c[i] for c in self.layers] for i in range(3)))
+            self._tables = tuple(address_table(ts, device) for ts in per_layer)
+        return self._tables
 
     def calibration(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(centre, channel scales) of ``layer``'s heads, each fp32 [Hkv, D] or None."""

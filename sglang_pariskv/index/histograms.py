@@ -58,7 +58,7 @@ class RequestHistograms:
         rows = req_pool_indices.to(torch.int64)
         n = int(seq_lens.max()) if max_len is None else max_len
         if hist.is_cuda:
-            from sglang_pariskv.kernels.encode import add_to_histograms
+            from sglang_pariskv.kernels.histograms import add_to_histograms
 
             if not zeroed:
                 hist[rows] = 0
@@ -85,7 +85,7 @@ class RequestHistograms:
         (seq_len 1) included, count nothing. ``signs``: this layer's pool signs uint8
         [slots, Hkv, B]. On CUDA this is one Triton launch with no host sync.
         """
-        from sglang_pariskv.kernels.encode import check_count_limit, count_new_keys
+        from sglang_pariskv.kernels.histograms import check_count_limit, count_new_keys
 
         hist = self.layers[layer]
         if hist.is_cuda:

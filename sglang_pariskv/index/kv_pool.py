@@ -35,6 +35,9 @@ class ParisKVTokenToKVPool(MHATokenToKVPool):
     #: a model's fused RoPE kernel writing the buffers directly; an SGLang with ParisKV
     #: built in reads this flag (the plugin patches the models instead).
     requires_set_kv_buffer: bool = True
+    #: Set by the backend for a decode step whose codes it writes for all layers at once
+    #: after the last layer (``attention.deferred_codes``); False: each write encodes.
+    defer_codes: bool = False
 
     def __init__(self, *args, **kwargs):
         if kwargs.get("post_capture_active"):
@@ -87,8 +90,15 @@ class ParisKVTokenToKVPool(MHATokenToKVPool):
 
     def set_kv_buffer(self, layer, loc_info, cache_k, cache_v, *args, **kwargs):
         super().set_kv_buffer(layer, loc_info, cache_k, cache_v, *args, **kwargs)
+        if self.defer_codes:  # the backend writes them for every layer at the step's end
+            return
         local, loc = self.written_slots(layer, loc_info, kwargs)
         self.pariskv.write(local, loc, cache_k)
+
+    def write_deferred_codes(self, loc: torch.Tensor) -> None:
+        """The codes of the keys stored at ``loc`` in every layer (after a step that ran
+        with :attr:`defer_codes`), in one pass."""
+        self.pariskv.write_layers(loc, self.k_buffer)
 
     def move_kv_cache(self, tgt_loc: torch.Tensor, src_loc: torch.Tensor):
         super().move_kv_cache(tgt_loc, src_loc)

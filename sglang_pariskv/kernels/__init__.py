@@ -5,6 +5,8 @@ Write side:
     ``KeyCodes`` layout: signs uint8 ``[S, Hkv, B]``, mags uint8 ``[S, Hkv, 3B]``, weights
     fp16 ``[S, Hkv, B]``) and +1 in the per-request histograms int32
     ``[max_reqs, Hkv, B, 256]`` (Triton, one fused pass).
+  * :func:`encode_layers_to_pool` — the keys stored at ``slots`` in every layer's K buffer
+    -> every layer's code rows, one launch (a dense decode step's codes).
   * :func:`add_to_histograms` — rebuild histogram counts from pool codes through
     ``req_to_token`` (radix-cache prefix hits).
   * :func:`count_new_keys` — per decode row above the dense limit: +1 for its new key, or
@@ -22,11 +24,8 @@ kernels run only in Triton's interpreter, which the process must turn on
 
 from sglang_pariskv.kernels.assemble import kv_indptr_for, row_lengths
 from sglang_pariskv.kernels.cuda_ops import cuda_available
-from sglang_pariskv.kernels.encode import (
-    add_to_histograms,
-    count_new_keys,
-    encode_to_pool,
-)
+from sglang_pariskv.kernels.encode import encode_layers_to_pool, encode_to_pool
+from sglang_pariskv.kernels.histograms import add_to_histograms, count_new_keys
 from sglang_pariskv.kernels.workspace import (
     DecodeOutput,
     DecodeWorkspace,
@@ -39,6 +38,7 @@ __all__ = [
     "add_to_histograms",
     "count_new_keys",
     "cuda_available",
+    "encode_layers_to_pool",
     "encode_to_pool",
     "kv_indptr_for",
     "max_candidates",

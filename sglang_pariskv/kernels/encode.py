@@ -63,6 +63,68 @@ def _fwht(x, BLOCK_M: tl.constexpr, D: tl.constexpr, LOG2D: tl.constexpr):
 
 
 @triton.jit
+def _encode_rows(
+    key_rows,
+    rmask,
+    head,
+    out_row,
+    centre_ptr,
+    scale_ptr,
+    sgn_ptr,
+    thr_ptr,
+    lev_ptr,
+    signs_ptr,
+    mags_ptr,
+    w_ptr,
+    D: tl.constexpr,
+    B: tl.constexpr,
+    HAS_CENTRE: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    LOG2D: tl.constexpr,
+):
+    """Encode the keys at pointers ``key_rows`` [BM] (D contiguous values each) of KV heads
+    ``head`` [BM] into code rows ``out_row`` [BM]; returns the sign ids [BM, B]."""
+    d = tl.arange(0, D)
+    k = tl.load(key_rows[:, None] + d[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+    if HAS_CENTRE:  # k - m, m the head's fixed centre (fp32 [H, D], contiguous)
+        k = k - tl.load(centre_ptr + head[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0)
+    if HAS_SCALE:  # (k - m) / s, s the head's channel scales (fp32 [H, D], contiguous, > 0)
+        k = k / tl.load(scale_ptr + head[:, None] * D + d[None, :], mask=rmask[:, None], other=1.0)
+    norm = tl.sqrt(tl.sum(k * k, axis=1))
+    unit = k / tl.maximum(norm, _TINY)[:, None]
+    # R x = H (s * x) / sqrt(D): D log D adds instead of a D x D product
+    sgn = tl.load(sgn_ptr + d)  # the diagonal signs s
+    x = _fwht(unit * sgn[None, :], BLOCK_M, D, LOG2D) * (1.0 / tl.sqrt(D * 1.0))
+    xb = tl.reshape(x, (BLOCK_M, B, 8))
+    r = tl.sqrt(tl.sum(xb * xb, axis=2))  # [BLOCK_M, B]
+    u = xb / tl.maximum(r, _TINY)[:, :, None]
+    au = tl.abs(u)
+    t = tl.zeros((BLOCK_M, B, 8), dtype=tl.int32)
+    for i in tl.static_range(7):
+        t += (au > tl.load(thr_ptr + i)).to(tl.int32)
+    a = tl.zeros((BLOCK_M, B, 8), dtype=tl.float32)
+    for i in tl.static_range(8):
+        a = tl.where(t == i, tl.load(lev_ptr + i), a)
+    alpha = tl.sum(a * au, axis=2)
+    w = tl.where(r > 0, norm[:, None] * r / tl.maximum(alpha, _TINY), 0.0)
+    w = tl.minimum(w, _FP16_MAX)
+    j = tl.arange(0, 8)
+    sign = tl.sum((xb >= 0).to(tl.int32) << j[None, None, :], axis=2)  # [BLOCK_M, B]
+    word = tl.sum(t << (3 * j)[None, None, :], axis=2)
+
+    b = tl.arange(0, B)
+    m2 = rmask[:, None]
+    tl.store(signs_ptr + out_row[:, None] * B + b[None, :], sign.to(tl.uint8), mask=m2)
+    mag_base = mags_ptr + out_row[:, None] * (3 * B) + 3 * b[None, :]
+    tl.store(mag_base, (word & 0xFF).to(tl.uint8), mask=m2)
+    tl.store(mag_base + 1, ((word >> 8) & 0xFF).to(tl.uint8), mask=m2)
+    tl.store(mag_base + 2, ((word >> 16) & 0xFF).to(tl.uint8), mask=m2)
+    tl.store(w_ptr + out_row[:, None] * B + b[None, :], w.to(tl.float16), mask=m2)
+    return sign
+
+
+@triton.jit
 def _encode_kernel(
     keys_ptr,
     stride_kt,
@@ -93,53 +155,62 @@ def _encode_kernel(
     rmask = rows < num_rows
     tok = rows // H
     head = rows % H
-    d = tl.arange(0, D)
-    k = tl.load(
-        keys_ptr + tok[:, None].to(tl.int64) * stride_kt + head[:, None] * stride_kh + d[None, :],
-        mask=rmask[:, None],
-        other=0.0,
-    ).to(tl.float32)
-    if HAS_CENTRE:  # k - m, m the head's fixed centre (fp32 [H, D], contiguous)
-        k = k - tl.load(centre_ptr + head[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0)
-    if HAS_SCALE:  # (k - m) / s, s the head's channel scales (fp32 [H, D], contiguous, > 0)
-        k = k / tl.load(scale_ptr + head[:, None] * D + d[None, :], mask=rmask[:, None], other=1.0)
-    norm = tl.sqrt(tl.sum(k * k, axis=1))
-    unit = k / tl.maximum(norm, _TINY)[:, None]
-    # R x = H (s * x) / sqrt(D): D log D adds instead of a D x D product
-    sgn = tl.load(sgn_ptr + d)  # the diagonal signs s
-    x = _fwht(unit * sgn[None, :], BLOCK_M, D, LOG2D) * (1.0 / tl.sqrt(D * 1.0))
-    xb = tl.reshape(x, (BLOCK_M, B, 8))
-    r = tl.sqrt(tl.sum(xb * xb, axis=2))  # [BLOCK_M, B]
-    u = xb / tl.maximum(r, _TINY)[:, :, None]
-    au = tl.abs(u)
-    t = tl.zeros((BLOCK_M, B, 8), dtype=tl.int32)
-    for i in tl.static_range(7):
-        t += (au > tl.load(thr_ptr + i)).to(tl.int32)
-    a = tl.zeros((BLOCK_M, B, 8), dtype=tl.float32)
-    for i in tl.static_range(8):
-        a = tl.where(t == i, tl.load(lev_ptr + i), a)
-    alpha = tl.sum(a * au, axis=2)
-    w = tl.where(r > 0, norm[:, None] * r / tl.maximum(alpha, _TINY), 0.0)
-    w = tl.minimum(w, _FP16_MAX)
-    j = tl.arange(0, 8)
-    sign = tl.sum((xb >= 0).to(tl.int32) << j[None, None, :], axis=2)  # [BLOCK_M, B]
-    word = tl.sum(t << (3 * j)[None, None, :], axis=2)
-
+    key_rows = keys_ptr + tok.to(tl.int64) * stride_kt + head * stride_kh
     slot = tl.load(slot_ptr + tok, mask=rmask, other=0).to(tl.int64)
-    out_row = slot * H + head
-    b = tl.arange(0, B)
-    m2 = rmask[:, None]
-    tl.store(signs_ptr + out_row[:, None] * B + b[None, :], sign.to(tl.uint8), mask=m2)
-    mag_base = mags_ptr + out_row[:, None] * (3 * B) + 3 * b[None, :]
-    tl.store(mag_base, (word & 0xFF).to(tl.uint8), mask=m2)
-    tl.store(mag_base + 1, ((word >> 8) & 0xFF).to(tl.uint8), mask=m2)
-    tl.store(mag_base + 2, ((word >> 16) & 0xFF).to(tl.uint8), mask=m2)
-    tl.store(w_ptr + out_row[:, None] * B + b[None, :], w.to(tl.float16), mask=m2)
+    sign = _encode_rows(
+        key_rows, rmask, head, slot * H + head, centre_ptr, scale_ptr, sgn_ptr, thr_ptr,
+        lev_ptr, signs_ptr, mags_ptr, w_ptr, D, B, HAS_CENTRE, HAS_SCALE, BLOCK_M, LOG2D,
+    )  # fmt: skip
     if HAS_HIST:
+        b = tl.arange(0, B)
         req = tl.load(req_ptr + tok, mask=rmask, other=-1)
         hrow = (req.to(tl.int64) * H + head) * B
         hptr = hist_ptr + (hrow[:, None] + b[None, :]) * 256 + sign
-        tl.atomic_add(hptr, 1, mask=m2 & (req >= 0)[:, None], sem="relaxed")
+        tl.atomic_add(hptr, 1, mask=rmask[:, None] & (req >= 0)[:, None], sem="relaxed")
+
+
+@triton.jit
+def _encode_layers_kernel(
+    key_table,
+    stride_kt,
+    stride_kh,
+    centres_ptr,
+    scales_ptr,
+    slot_ptr,
+    sgn_ptr,
+    thr_ptr,
+    lev_ptr,
+    signs_table,
+    mags_table,
+    w_table,
+    num_rows,
+    KEY_DTYPE: tl.constexpr,
+    H: tl.constexpr,
+    D: tl.constexpr,
+    B: tl.constexpr,
+    HAS_CENTRE: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    LOG2D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    layer = tl.program_id(1)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < num_rows
+    tok = rows // H
+    head = rows % H
+    slot = tl.load(slot_ptr + tok, mask=rmask, other=0).to(tl.int64)
+    # this layer's K buffer and code tensors, through tables of their addresses
+    keys_ptr = tl.load(key_table + layer).to(tl.pointer_type(KEY_DTYPE))
+    signs_ptr = tl.load(signs_table + layer).to(tl.pointer_type(tl.uint8))
+    mags_ptr = tl.load(mags_table + layer).to(tl.pointer_type(tl.uint8))
+    w_ptr = tl.load(w_table + layer).to(tl.pointer_type(tl.float16))
+    key_rows = keys_ptr + slot * stride_kt + head * stride_kh  # the key stored at the slot
+    _encode_rows(
+        key_rows, rmask, head, slot * H + head, centres_ptr + layer * H * D,
+        scales_ptr + layer * H * D, sgn_ptr, thr_ptr, lev_ptr, signs_ptr, mags_ptr, w_ptr,
+        D, B, HAS_CENTRE, HAS_SCALE, BLOCK_M, LOG2D,
+    )  # fmt: skip
 
 
 def check_head_rows(name: str, x: torch.Tensor | None, h: int, d: int) -> None:
@@ -220,144 +291,77 @@ def encode_to_pool(
     )
 
 
-@triton.jit
-def _rebuild_hist_kernel(
-    signs_ptr,
-    rtt_ptr,
-    stride_rtt,
-    req_ptr,
-    start_ptr,
-    end_ptr,
-    hist_ptr,
-    H: tl.constexpr,
-    B: tl.constexpr,
-    HBP: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    r = tl.program_id(1)
-    req = tl.load(req_ptr + r).to(tl.int64)
-    pos = tl.load(start_ptr + r) + pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    valid = pos < tl.load(end_ptr + r)
-    slot = tl.load(rtt_ptr + req * stride_rtt + pos, mask=valid, other=0).to(tl.int64)
-    hb = tl.arange(0, HBP)
-    m = valid[:, None] & (hb < H * B)[None, :]
-    sg = tl.load(signs_ptr + slot[:, None] * (H * B) + hb[None, :], mask=m, other=0)
-    hptr = hist_ptr + (req * (H * B) + hb[None, :]) * 256 + sg.to(tl.int32)
-    tl.atomic_add(hptr, 1, mask=m, sem="relaxed")
+#: torch dtype -> Triton element type of a K buffer :func:`encode_layers_to_pool` reads.
+_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
-def add_to_histograms(
-    signs: torch.Tensor,
-    req_to_token: torch.Tensor,
-    req_pool_indices: torch.Tensor,
-    start: torch.Tensor,
-    end: torch.Tensor,
-    hist: torch.Tensor,
-    max_len: int,
-    block_n: int = 128,
+def address_table(tensors: list[torch.Tensor], device) -> torch.Tensor:
+    """int64 [len(tensors)] of the tensors' addresses, for a kernel that reaches one tensor
+    per layer. The tensors must outlive the table (a captured CUDA graph reads it)."""
+    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64, device=device)
+
+
+def encode_layers_to_pool(
+    key_buffers: list[torch.Tensor],
+    slots: torch.Tensor,
+    pool: list[KeyCodes],
+    tables: tuple[torch.Tensor, ...],
+    seed: int = 0,
+    centres: torch.Tensor | None = None,
+    scales: torch.Tensor | None = None,
+    block_m: int = 16,
+    num_warps: int = 4,
 ) -> None:
-    """Add the sign ids of positions [start, end) of each request to ``hist``.
+    """Encode, for every layer, the key stored at each of ``slots`` [T] into that layer's
+    code rows: one launch for all layers (:func:`encode_to_pool` per layer costs one
+    launch each, most of a dense decode step's ParisKV work at small batches).
 
-    Extend recounts a request from the pool's codes through ``req_to_token``: a
-    radix-cache prefix hit's codes are already there (slot-keyed).
-    ``max_len`` bounds end - start (it sizes the grid; the kernel masks the rest).
+    ``key_buffers``: the KV pool's K buffers, one contiguous ``[S, Hkv, D]`` per layer;
+    ``pool``: the code pool's :class:`KeyCodes` per layer; ``tables``: (keys, signs, mags,
+    weights) address tables of those (:func:`address_table`), made once and kept, so a
+    captured CUDA graph reads the same memory. ``centres`` / ``scales``: float32
+    ``[layers, Hkv, D]`` contiguous, or None. No host sync: safe inside a CUDA graph.
     """
-    _, h, b = signs.shape
-    r = req_pool_indices.shape[0]
-    if r == 0 or max_len <= 0:
+    s, h, d = key_buffers[0].shape
+    check_kernel_head_dim(d)
+    layers, t = len(key_buffers), slots.shape[0]
+    if len(pool) != layers or any(len(x) != layers for x in tables):
+        raise ValueError(f"{layers} K buffers, {len(pool)} code layers, tables {tables}")
+    for name, x in (("centres", centres), ("scales", scales)):
+        if x is not None and (
+            x.shape != (layers, h, d) or x.dtype != torch.float32 or not x.is_contiguous()
+        ):
+            raise ValueError(f"{name} must be a contiguous float32 [{layers}, {h}, {d}] tensor")
+    first = key_buffers[0]
+    if any(k.shape != first.shape or k.stride() != first.stride() for k in key_buffers):
+        raise ValueError("the K buffers of all layers must share one shape and layout")
+    if first.stride(-1) != 1 or first.dtype not in _TL_DTYPES:
+        raise ValueError(f"K buffers must have contiguous rows of {list(_TL_DTYPES)}")
+    if t == 0:
         return
-    grid = (triton.cdiv(max_len, block_n), r)
-    _rebuild_hist_kernel[grid](
-        signs,
-        req_to_token,
-        req_to_token.stride(0),
-        req_pool_indices,
-        start,
-        end,
-        hist,
+    sgn, thr, lev = encode_constants(d, seed, first.device)
+    rows = t * h
+    _encode_layers_kernel[(triton.cdiv(rows, block_m), layers)](
+        tables[0],
+        first.stride(0),
+        first.stride(1),
+        centres if centres is not None else sgn,
+        scales if scales is not None else sgn,
+        slots,
+        sgn,
+        thr,
+        lev,
+        tables[1],
+        tables[2],
+        tables[3],
+        rows,
+        KEY_DTYPE=_TL_DTYPES[first.dtype],
         H=h,
-        B=b,
-        HBP=triton.next_power_of_2(h * b),
-        BLOCK_N=block_n,
-    )
-
-
-@triton.jit
-def _count_new_keys_kernel(
-    signs_ptr,
-    rtt_ptr,
-    stride_rtt,
-    req_ptr,
-    seq_ptr,
-    hist_ptr,
-    limit,
-    H: tl.constexpr,
-    B: tl.constexpr,
-    HBP: tl.constexpr,
-    SPLIT: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    r = tl.program_id(0)
-    part = tl.program_id(1)
-    seq = tl.load(seq_ptr + r)
-    # Rows at or below the limit (CUDA-graph padding rows have seq_len 1) count nothing; the
-    # step at which a row reaches limit + 1 counts all its tokens, later steps the new one.
-    start = tl.where(seq == limit + 1, 0, seq - 1)
-    n = tl.where(seq > limit, seq - start, 0)
-    req = tl.load(req_ptr + r).to(tl.int64)
-    hb = tl.arange(0, HBP)
-    for off in range(part * BLOCK_N, n, SPLIT * BLOCK_N):
-        pos = start + off + tl.arange(0, BLOCK_N)
-        valid = pos < seq
-        slot = tl.load(rtt_ptr + req * stride_rtt + pos, mask=valid, other=0).to(tl.int64)
-        m = valid[:, None] & (hb < H * B)[None, :]
-        sg = tl.load(signs_ptr + slot[:, None] * (H * B) + hb[None, :], mask=m, other=0)
-        hptr = hist_ptr + (req * (H * B) + hb[None, :]) * 256 + sg.to(tl.int32)
-        tl.atomic_add(hptr, 1, mask=m, sem="relaxed")
-
-
-def check_count_limit(limit: int) -> None:
-    """The dense limit of :func:`count_new_keys` must be >= 1: CUDA-graph padding rows have
-    length 1 and must count nothing."""
-    if limit < 1:
-        raise ValueError(f"limit {limit}: must be >= 1 (CUDA-graph padding rows have length 1)")
-
-
-def count_new_keys(
-    signs: torch.Tensor,
-    req_to_token: torch.Tensor,
-    req_pool_indices: torch.Tensor,
-    seq_lens: torch.Tensor,
-    hist: torch.Tensor,
-    limit: int,
-    split: int = 8,
-    block_n: int = 32,
-) -> None:
-    """Bring each decode row's histogram up to date (``RequestHistograms.count_decode``).
-
-    A row whose ``seq_lens`` reaches ``limit + 1`` counts its tokens [0, seq_len) (its
-    histogram was zeroed at extend and left alone while it decoded densely); a row above
-    that counts its new key, position seq_len - 1; rows at or below ``limit`` count
-    nothing. One launch per layer with a grid fixed by the batch size and no host sync, so
-    it is CUDA-graph safe; ``split`` programs per row share a catch-up.
-    """
-    check_count_limit(limit)
-    _, h, b = signs.shape
-    r = req_pool_indices.shape[0]
-    if r == 0:
-        return
-    _count_new_keys_kernel[(r, split)](
-        signs,
-        req_to_token,
-        req_to_token.stride(0),
-        req_pool_indices,
-        seq_lens,
-        hist,
-        limit,
-        H=h,
-        B=b,
-        HBP=triton.next_power_of_2(h * b),
-        SPLIT=split,
-        BLOCK_N=block_n,
+        D=d,
+        B=d // 8,
+        HAS_CENTRE=centres is not None,
+        HAS_SCALE=scales is not None,
+        BLOCK_M=block_m,
+        LOG2D=d.bit_length() - 1,
+        num_warps=num_warps,
     )

@@ -1,0 +1,52 @@
+"""The codes of a dense decode step, written for every layer at once after its last layer.
+
+A decode step writes one new key per request and layer. Written as it is stored, each
+layer's code write is one small kernel launch: with nothing retrieving, these launches
+are most of what ParisKV adds to a step of short requests. On a step where no request
+retrieves, nothing reads the new keys' codes before the step ends, so the backend stores
+the K/V alone (``ParisKVTokenToKVPool.defer_codes``) and, after the last layer, encodes
+the keys of the step's slots from every layer's K buffer in one launch
+(``CodePool.write_layers``). The codes are those a per-layer write gives, bit for bit
+(the same kernel body reads the same stored keys).
+
+Per-layer writes stay where the codes are read within the step: sparse steps (retrieval
+and histogram counting at every layer), ``--pariskv-min-sparse-tokens`` (its dense steps
+still count long requests' new keys per layer) and host offload (its K buffers are host
+memory: reading the keys back would cross PCIe).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sglang_pariskv.config import ParisKVConfig
+from sglang_pariskv.index.kv_pool import ParisKVTokenToKVPool
+
+
+class DeferredCodes:
+    """Decides per step whether code writes wait for the last layer, and writes them."""
+
+    def __init__(self, pool: ParisKVTokenToKVPool, config: ParisKVConfig, offloaded: bool):
+        self.pool = pool
+        #: whether any step may defer (see the module docstring)
+        self.allowed = not offloaded and not config.min_sparse_tokens
+        self.last_layer = pool.layer_num - 1
+        pool.defer_codes = False
+        if self.allowed and pool.pariskv.encoder is None:  # the CUDA path's tables, now
+            pool.pariskv.address_tables(pool.k_buffer)  # (not inside a graph capture)
+
+    @property
+    def active(self) -> bool:
+        """Whether the current step's code writes wait for its last layer."""
+        return self.pool.defer_codes
+
+    def plan(self, dense_decode_step: bool) -> None:
+        """Before a forward pass (or the capture of its graph): defer iff it is a decode
+        step on which no request retrieves."""
+        self.pool.defer_codes = self.allowed and dense_decode_step
+
+    def after_layer(self, local_layer: int, out_cache_loc: torch.Tensor) -> None:
+        """After a decode layer: at the last one of a deferring step, write the codes of
+        every layer's keys at the step's slots."""
+        if self.pool.defer_codes and local_layer == self.last_layer:
+            self.pool.write_deferred_codes(out_cache_loc)
