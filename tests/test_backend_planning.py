@@ -184,7 +184,11 @@ def test_a_step_without_retrieval_defers_its_code_writes_to_the_last_layer(
     backend, lens, graph, defers
 ):
     """Eager or captured: a decode step with retrieval writes codes per layer (its layers
-    read them); one without defers them; a later extend writes per layer again."""
+    read them); one without defers them; a later extend writes per layer again. Planning
+    a replay leaves nothing deferred: the graph holds its writes, no layer runs here."""
+    if graph is not None:
+        run_plan(backend, batch(lens), graph=graph, in_capture=False)
+        assert backend.deferred.active is False
     run_plan(backend, batch(lens), graph=graph, in_capture=graph is not None)
     assert backend.deferred.active is defers
     assert backend.deferred.pool.defer_codes is defers

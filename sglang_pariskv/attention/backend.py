@@ -250,7 +250,8 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         )
         if self.full is not None:
             self.full.clear()
-        self.deferred.plan(dense_decode_step=not run_sparse)
+        # a replay's graph holds its writes already: defer only for a forward that runs here
+        self.deferred.plan(dense_decode_step=not run_sparse and (graph is None or in_capture))
         if not run_sparse:
             self._sparse = None
             plan_dense()

@@ -41,8 +41,9 @@ class DeferredCodes:
         return self.pool.defer_codes
 
     def plan(self, dense_decode_step: bool) -> None:
-        """Before a forward pass (or the capture of its graph): defer iff it is a decode
-        step on which no request retrieves."""
+        """Before a forward pass that runs its layers here (eager, or the warm-up and
+        capture runs of a graph): defer iff it is a decode step on which no request
+        retrieves. The choice holds until the next plan."""
         self.pool.defer_codes = self.allowed and dense_decode_step
 
     def after_layer(self, local_layer: int, out_cache_loc: torch.Tensor) -> None:
