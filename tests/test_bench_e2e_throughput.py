@@ -81,6 +81,9 @@ def test_reuse_options_reach_the_pariskv_engine_config(monkeypatch):
     assert bench_e2e.main([*argv, "--calibration", "cal.json"]) == 0
     assert seen[2]["calibration"] == str(Path("cal.json").resolve())
     assert "calibration" not in seen[1]
+    assert bench_e2e.main([*argv, "--host-pool-gb", "100"]) == 0
+    assert seen[3]["offload"] == "host" and seen[3]["host_pool_gb"] == 100.0
+    assert "offload" not in seen[1]
 
 
 def _row(b):
@@ -185,3 +188,21 @@ def test_the_dense_backend_option_reaches_run_throughput(monkeypatch):
     assert [kw["dense_backend"] for kw in seen] == ["fa3", "flashinfer"]
     with pytest.raises(SystemExit):
         bench_e2e.main([*argv, "--dense-backend", "triton"])
+
+
+def test_host_offload_rows_have_no_byte_floor(monkeypatch):
+    """With --pariskv-offload host the ParisKV rows read host memory: no HBM byte floor for
+    them; the dense rows keep theirs."""
+
+    def fake_measure(model_dir, mcfg, n, max_running, output_len, engine, todo, on_partial):
+        stats = {} if mcfg is None else {"sparse_request_steps": 9}
+        return {"rows": [_row(b) | {"prefill_s": 1.0} for b in todo], "capacity_tokens": 10**7,
+                "stats": stats}  # fmt: skip
+
+    monkeypatch.setattr(bench_e2e, "_measure_engine", fake_measure)
+    monkeypatch.setattr(bench_e2e, "hbm_bandwidth_gbs", lambda: 4000.0)
+    cfg = {**CFG, "offload": "host", "host_pool_gb": 100.0}
+    res = bench_e2e.run_throughput([131072], [4], 256, cfg)
+    (case,) = res["cases"]
+    assert "pariskv_floor_ms" not in case and "pariskv_over_floor" not in case
+    assert case["dense_floor_ms"] > 0 and case["speedup"] == pytest.approx(1.0)
