@@ -196,9 +196,17 @@ def test_a_step_without_retrieval_defers_its_code_writes_to_the_last_layer(
     assert backend.deferred.active is False
 
 
-def test_min_sparse_tokens_and_offload_never_defer(backend):
-    pool = make_pool(16)
+def test_min_sparse_tokens_offload_and_layers_outside_the_pool_never_defer(backend):
+    """Also a model whose attention layers are not exactly the pool's (the deferred write
+    happens at the pool's last layer, which such a model might never run)."""
+    pool = make_pool(16)  # layers 0 and 1
     cfg = dataclasses.replace(backend.config, min_sparse_tokens=30000)
-    for deferred in (DeferredCodes(pool, cfg, False), DeferredCodes(pool, backend.config, True)):
+    assert DeferredCodes(pool, backend.config, False, [1, 0]).allowed
+    for deferred in (
+        DeferredCodes(pool, cfg, False),
+        DeferredCodes(pool, backend.config, True),
+        DeferredCodes(pool, backend.config, False, [0]),
+        DeferredCodes(pool, backend.config, False, [0, 1, 2]),
+    ):
         deferred.plan(dense_decode_step=True)
         assert deferred.active is False and pool.defer_codes is False

@@ -122,7 +122,7 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         # The stream a decode layer's retrieval and sparse call run on (GPU pool only:
         # host offload's fetch reads host memory on the forward stream).
         offloaded = isinstance(pool, HostOffloadKVPool)
-        self.deferred = DeferredCodes(pool, config, offloaded)
+        self.deferred = DeferredCodes(pool, config, offloaded, [m.layer_id for m in layers])
         overlap = device.type == "cuda" and not offloaded
         self._retrieval_stream = torch.cuda.Stream(device) if overlap else None
         self.observer = DecodeObserver.for_server(

@@ -26,10 +26,23 @@ from sglang_pariskv.index.kv_pool import ParisKVTokenToKVPool
 class DeferredCodes:
     """Decides per step whether code writes wait for the last layer, and writes them."""
 
-    def __init__(self, pool: ParisKVTokenToKVPool, config: ParisKVConfig, offloaded: bool):
+    def __init__(
+        self,
+        pool: ParisKVTokenToKVPool,
+        config: ParisKVConfig,
+        offloaded: bool,
+        layer_ids: list[int] | None = None,
+    ):
+        """``layer_ids``: the model's attention layers (``RadixAttention.layer_id``); a
+        step's deferred writes happen at the pool's last layer, so unless the attention
+        layers are exactly the pool's layers nothing is deferred. None: they are."""
         self.pool = pool
+        start = getattr(pool, "start_layer", 0) or 0
+        every = layer_ids is None or sorted(i - start for i in layer_ids) == list(
+            range(pool.layer_num)
+        )
         #: whether any step may defer (see the module docstring)
-        self.allowed = not offloaded and not config.min_sparse_tokens
+        self.allowed = every and not offloaded and not config.min_sparse_tokens
         self.last_layer = pool.layer_num - 1
         pool.defer_codes = False
         if self.allowed and pool.pariskv.encoder is None:  # the CUDA path's tables, now
