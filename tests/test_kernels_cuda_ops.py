@@ -105,3 +105,17 @@ def test_scan_arguments_match_the_entry_points_signature(monkeypatch, stream):
     assert symbol == "pariskv_collision_scan"
     assert len(args) == len(cuda_ops._KERNELS["collision_scan"][1])
     assert args[-6:] == (r, h, b, 64, 512, 77)  # R, H, B, bins, run length, stream
+
+
+@pytest.mark.skipif(cuda_ops._nvcc() is None, reason="no nvcc on this machine")
+@pytest.mark.parametrize("name", sorted(cuda_ops._KERNELS))
+def test_each_kernel_builds_for_a_hopper_gpu_and_exports_its_entry_point(name, tmp_path):
+    """The build the plugin runs on first use, for sm_90 (H100 / H200), on a machine that
+    has nvcc but no GPU: the library loads and exports ``pariskv_<name>``."""
+    import ctypes
+    import subprocess
+
+    out = tmp_path / f"libpariskv_{name}.so"
+    cmd = cuda_ops.nvcc_command(cuda_ops._nvcc(), cuda_ops.CSRC / f"{name}.cu", "90", out)
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    assert getattr(ctypes.CDLL(str(out)), f"pariskv_{name}") is not None

@@ -58,6 +58,13 @@ _KERNELS: dict[str, tuple[str, list]] = {
 }
 
 
+def nvcc_command(nvcc: str, source: Path, arch: str, out: str | Path) -> list[str]:
+    """The build of one kernel source into a shared library for compute capability
+    ``arch`` (e.g. "90")."""
+    cmd = [nvcc, "-O3", "-shared", "-Xcompiler", "-fPIC", "-std=c++17"]
+    return cmd + [f"-gencode=arch=compute_{arch},code=sm_{arch}", "-o", str(out), str(source)]
+
+
 @cache
 def _library(name: str) -> ctypes.CDLL | None:
     source = CSRC / f"{name}.cu"
@@ -81,10 +88,10 @@ def _library(name: str) -> ctypes.CDLL | None:
         lib.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
         os.close(fd)
-        cmd = [nvcc, "-O3", "-shared", "-Xcompiler", "-fPIC", "-std=c++17"]
-        cmd += [f"-gencode=arch=compute_{arch},code=sm_{arch}", "-o", tmp, str(source)]
         try:
-            subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+            subprocess.run(
+                nvcc_command(nvcc, source, arch, tmp), check=True, capture_output=True, timeout=300
+            )
         except (subprocess.SubprocessError, OSError) as e:
             Path(tmp).unlink(missing_ok=True)
             detail = getattr(e, "stderr", b"") or b""
