@@ -485,6 +485,26 @@ def hbm_bandwidth_gbs(nbytes: int = 2 << 30, iters: int = 20) -> float:
     return 2 * nbytes / seconds / 1e9
 
 
+def head_dim(shape: dict) -> int:
+    """head_dim of an HF-style config dict (``hidden_size / heads`` where not given)."""
+    return shape.get("head_dim") or shape["hidden_size"] // shape["num_attention_heads"]
+
+
+def layer_weights(shape: dict) -> int:
+    """Weights (elements) of one decoder layer's projections in an HF-style config dict:
+    Q, K, V and O, and the gated MLP (gate, up, down)."""
+    h, d = shape["hidden_size"], head_dim(shape)
+    q_dim = shape["num_attention_heads"] * d
+    kv_dim = shape.get("num_key_value_heads", shape["num_attention_heads"]) * d
+    return h * (q_dim + 2 * kv_dim) + q_dim * h + 3 * h * shape["intermediate_size"]
+
+
+def kv_bytes_per_token(shape: dict) -> int:
+    """Bytes of one token's K and V in every layer (bf16)."""
+    heads = shape.get("num_key_value_heads", shape["num_attention_heads"])
+    return 2 * 2 * head_dim(shape) * heads * shape["num_hidden_layers"]
+
+
 def step_bytes(shape: dict, input_len: int, batch: int, cfg: dict | None) -> dict:
     """Bytes one decode step must read at least: weights, then per request either the
     whole KV (dense) or ParisKV's sign scan + rerank codes + attended KV rows.
@@ -493,17 +513,10 @@ def step_bytes(shape: dict, input_len: int, batch: int, cfg: dict | None) -> dic
     candidates follow the config's ratio (the adaptive one when unset)."""
     from sglang_pariskv.config import ParisKVConfig, adaptive_ratios
 
-    h, layers, kv_heads = (
-        shape["hidden_size"],
-        shape["num_hidden_layers"],
-        shape["num_key_value_heads"],
-    )
-    d = shape["head_dim"]
-    inter, vocab = shape["intermediate_size"], shape["vocab_size"]
-    q_dim, kv_dim = shape["num_attention_heads"] * d, kv_heads * d
-    per_layer = h * (q_dim + 2 * kv_dim) + q_dim * h + 3 * h * inter
-    weights = 2 * (layers * per_layer + vocab * h)  # bf16; the embedding is a gather
-    kv_row = 2 * 2 * d * kv_heads * layers  # K and V, bf16, all layers
+    layers, kv_heads, d = shape["num_hidden_layers"], shape["num_key_value_heads"], head_dim(shape)
+    # bf16; the embedding is a gather
+    weights = 2 * (layers * layer_weights(shape) + shape["vocab_size"] * shape["hidden_size"])
+    kv_row = kv_bytes_per_token(shape)
     c = None if cfg is None else ParisKVConfig.from_dict(cfg)
     # short requests, or a step whose long ones hold too few tokens, attend densely
     if c is None or c.is_dense(input_len) or input_len * batch < c.min_sparse_tokens:

@@ -51,7 +51,7 @@ import bench_workflows as wf  # noqa: E402
 from bench_offload import RESULTS as OFFLOAD_RESULTS  # noqa: E402
 from bench_offload import SHAPE  # noqa: E402
 
-from pariskv_tools.cli import HelpFormatter, add_results_args, write_results  # noqa: E402
+from pariskv_tools.cli import HelpFormatter, add_results_args, redraw, write_results  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "million_tokens.json"
 #: Slack of the host pool over the request's own tokens, in tokens.
@@ -82,51 +82,38 @@ def model_config(context_length: int) -> dict:
     }
 
 
-def shape_of(model_dir: str) -> dict | None:
-    """Layers, heads, head_dim, hidden and MLP sizes from a model directory's config.json
-    (None without one, e.g. a GGUF file: the estimates are then left out)."""
+def model_config_of(model_dir: str) -> dict | None:
+    """The (text) config of a model directory's config.json, an HF-style dict; None
+    without one (e.g. a GGUF file: the estimates are then left out)."""
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         return None
     cfg = json.loads(path.read_text())
-    cfg = cfg.get("text_config", cfg)
-    hq, layers = cfg["num_attention_heads"], cfg["num_hidden_layers"]
-    hkv = cfg.get("num_key_value_heads", hq)
-    d = cfg.get("head_dim") or cfg["hidden_size"] // hq
-    return {
-        "layers": layers,
-        "q_heads": hq,
-        "kv_heads": hkv,
-        "head_dim": d,
-        "hidden": cfg["hidden_size"],
-        "mlp": cfg["intermediate_size"],
-        "kv_bytes_per_token": 2 * hkv * d * layers * 2,  # bf16 K and V of every layer
-    }
+    return cfg.get("text_config", cfg)
 
 
-def host_pool_gb(shape: dict, tokens: int) -> float:
+def host_pool_gb(cfg: dict, tokens: int) -> float:
     """GiB of host pool that holds ``tokens`` tokens of K/V plus :data:`POOL_SLACK_TOKENS`,
     rounded up to half a GiB (the pool holds ``int(GiB * 2**30) // bytes per token``)."""
-    need = (tokens + POOL_SLACK_TOKENS) * shape["kv_bytes_per_token"] / 2**30
+    need = (tokens + POOL_SLACK_TOKENS) * e2e.kv_bytes_per_token(cfg) / 2**30
     return math.ceil(need * 2) / 2
 
 
-def prefill_estimates(shape: dict, n: int, chunk: int) -> dict:
+def prefill_estimates(cfg: dict, n: int, chunk: int) -> dict:
     """FLOPs of a prefill of ``n`` tokens in chunks of ``chunk``, and the K/V bytes its
     attention reads from earlier chunks (each at least once per chunk and layer).
 
     Linear: 2 FLOPs per weight and token (Q, K, V, O projections and the gated MLP; the LM
     head runs on the last token only). Attention: token i attends to i + 1 tokens, 2 ·
     head_dim FLOPs each for q·k and for the weighted sum of V, in every query head."""
-    h, hq, hkv, d = shape["hidden"], shape["q_heads"], shape["kv_heads"], shape["head_dim"]
-    per_layer = h * hq * d + 2 * h * hkv * d + hq * d * h + 3 * h * shape["mlp"]
+    layers, hq = cfg["num_hidden_layers"], cfg["num_attention_heads"]
     chunks = math.ceil(n / chunk)
     prefix_tokens = chunk * chunks * (chunks - 1) // 2  # chunk j starts after j * chunk
     return {
         "chunks": chunks,
-        "linear_flops": 2 * n * shape["layers"] * per_layer,
-        "attention_flops": 2 * shape["layers"] * hq * d * n * (n + 1),
-        "prefix_kv_bytes_read": prefix_tokens * shape["kv_bytes_per_token"],
+        "linear_flops": 2 * n * layers * e2e.layer_weights(cfg),
+        "attention_flops": 2 * layers * hq * e2e.head_dim(cfg) * n * (n + 1),
+        "prefix_kv_bytes_read": prefix_tokens * e2e.kv_bytes_per_token(cfg),
     }
 
 
@@ -150,6 +137,12 @@ def kernel_reference(n: int, path: Path = OFFLOAD_RESULTS) -> dict | None:
     }
 
 
+def token_intervals_ms(times: list) -> list[tuple[float, int]]:
+    """(ms per token, output tokens so far) of each chunk after the first, from the
+    stream's ``(seconds, output tokens so far)`` arrivals."""
+    return [((t1 - t0) / (k1 - k0) * 1000, k1) for (t0, k0), (t1, k1) in zip(times, times[1:])]
+
+
 def measure(url: str, n: int, output_len: int, seed: int, timeout: float) -> dict:
     """Stream one request of ``n`` random token ids; its time to first token and the
     time per output token after it (mean and p50 over the chunks that brought tokens)."""
@@ -158,9 +151,7 @@ def measure(url: str, n: int, output_len: int, seed: int, timeout: float) -> dic
     rec = mt.stream_one(url, req, mt.prompt_ids(seed, req), output_len, timeout, token_times=times)
     if rec["error"] is not None:
         raise RuntimeError(f"the {n}-token request failed: {rec['error']}")
-    per_token = [
-        (t1 - t0) / (k1 - k0) * 1000 for (t0, k0), (t1, k1) in zip(times, times[1:])
-    ]  # fmt: skip
+    per_token = [ms for ms, _ in token_intervals_ms(times)]
     return {
         "ttft_s": rec["first_s"] - rec["start_s"],
         "tpot_ms": mt.tpot_s(rec) * 1000,
@@ -202,27 +193,19 @@ def check_pariskv_ran(stats: dict) -> None:
         )
 
 
-def serve_model(args, context_length: int) -> tuple[str, str, list[str]]:
-    """(model path, description, server flags that depend on it)."""
-    if args.model_path:
-        return args.model_path, args.model_path, []
-    d = Path(tempfile.mkdtemp(prefix="qwen1m-dummy-"))
-    (d / "config.json").write_text(json.dumps(model_config(context_length), indent=2))
-    flags = ["--load-format", "dummy", "--skip-tokenizer-init"]
-    return str(d), f"{SHAPE['name']}, dummy weights", flags
-
-
 def run(args) -> dict:
     """Start the server, warm it up, time the request, stop it; the results' content."""
     wf._check_plugin_installed()
     context = args.input_len + args.output_len + 64
-    model, desc, flags = serve_model(args, context)
-    shape = shape_of(model)
+    model, desc, flags = mt.serve_model(
+        args.model_path, context, model_config(context), SHAPE["name"]
+    )
+    cfg = model_config_of(model)
     pool_gb = args.host_pool_gb
     if pool_gb is None:
-        if shape is None:
+        if cfg is None:
             raise SystemExit(f"{model}: no config.json to size the host pool; give --host-pool-gb")
-        pool_gb = host_pool_gb(shape, max(context, args.warm_up_len + 64))
+        pool_gb = host_pool_gb(cfg, max(context, args.warm_up_len + 64))
     pariskv = {"offload": "host", "host_pool_gb": pool_gb}
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="bench-million-"))
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -249,7 +232,7 @@ def run(args) -> dict:
     stats = wf._read_stats(stats_dir)
     check_pariskv_ran(stats)
     chunk = info.get("chunked_prefill_size")
-    est = prefill_estimates(shape, args.input_len, chunk) if shape and chunk else None
+    est = prefill_estimates(cfg, args.input_len, chunk) if cfg and chunk else None
     ref = kernel_reference(args.input_len)
     return {
         **e2e._device_info(),
@@ -277,7 +260,7 @@ def plot(data: dict, out: Path) -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
     times = data["token_times_s"]
-    steps = [((t1 - t0) / (k1 - k0) * 1000, k1) for (t0, k0), (t1, k1) in zip(times, times[1:])]
+    steps = token_intervals_ms(times)
     a.plot([k for _, k in steps], [ms for ms, _ in steps], ".-", label="served (this run)")
     ref = data.get("kernel_reference")
     if ref:
@@ -331,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.plot:
-        plot(json.loads(args.plot.read_text()), args.plot.with_suffix(".png"))
+        redraw(args.plot, plot)
         return 0
     if args.input_len < 1 or args.output_len < 2 or args.warm_up_len < 1:
         raise SystemExit("--input-len and --warm-up-len must be >= 1, --output-len >= 2")

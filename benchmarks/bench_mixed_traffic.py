@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_e2e as e2e  # noqa: E402
 import bench_workflows as wf  # noqa: E402
 
-from pariskv_tools.cli import HelpFormatter, add_results_args, write_results  # noqa: E402
+from pariskv_tools.cli import HelpFormatter, add_results_args, redraw, write_results  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "mixed_traffic.json"
 CLASSES = ("short", "long")
@@ -409,20 +409,22 @@ def plot(data: dict, out: Path) -> None:
 # --------------------------------------------------------------------------- servers
 
 
-def serve_model(model_path: str | None, context_length: int) -> tuple[str, str, list[str]]:
-    """(model path, description, server flags that depend on it): the user's model, or a
-    Llama-3.1-8B-shaped config with dummy weights that holds ``context_length``."""
+def serve_model(
+    model_path: str | None,
+    context_length: int,
+    config: dict | None = None,
+    name: str = "Llama-3.1-8B shape",
+) -> tuple[str, str, list[str]]:
+    """(model path, description, server flags that depend on it): the user's model, or
+    ``config`` (an HF config dict named ``name``; default Llama-3.1-8B's) with dummy
+    weights, holding at least ``context_length`` positions."""
     if model_path:
         return model_path, model_path, []
-    d = Path(tempfile.mkdtemp(prefix="llama8b-dummy-"))
-    cfg = dict(e2e.LLAMA_8B)
+    d = Path(tempfile.mkdtemp(prefix="dummy-model-"))
+    cfg = dict(e2e.LLAMA_8B if config is None else config)
     cfg["max_position_embeddings"] = max(cfg["max_position_embeddings"], context_length)
     (d / "config.json").write_text(json.dumps(cfg))
-    return (
-        str(d),
-        "Llama-3.1-8B shape, dummy weights",
-        ["--load-format", "dummy", "--skip-tokenizer-init"],
-    )
+    return str(d), f"{name}, dummy weights", ["--load-format", "dummy", "--skip-tokenizer-init"]
 
 
 def server_for(
@@ -645,7 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.plot:
-        plot(json.loads(args.plot.read_text()), args.plot.with_suffix(".png"))
+        redraw(args.plot, plot)
         return 0
     for name in ("short_input", "long_input"):
         lo, hi = getattr(args, name)

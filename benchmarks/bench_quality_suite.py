@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from pariskv_tools.cli import HelpFormatter, add_results_args, load_calibration_for
+from pariskv_tools.cli import HelpFormatter, add_results_args, load_calibration_for, redraw
 
 RESULTS = Path(__file__).resolve().parent / "results" / "quality_suite.json"
 TASKS = ("passkey", "multikey_needle", "multivalue_needle", "variable_tracking")
@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.plot:
-        print(plot(json.loads(args.plot.read_text()), args.plot.with_suffix(".png")))
+        print(redraw(args.plot, plot))
         return 0
     for f in args.budgets:
         if not 0 < f <= 1:

@@ -63,12 +63,12 @@ from server_client import (  # noqa: E402
     abort_stream,
     free_tokens,
     generate,
-    loads,
     post,
+    used_tokens,
     wait_idle,
 )
 
-from pariskv_tools.cli import HelpFormatter, add_results_args, write_results  # noqa: E402
+from pariskv_tools.cli import HelpFormatter, add_results_args, redraw, write_results  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "soak.json"
 KINDS = ("chat", "long", "short", "stream", "abort", "max1", "ctx_limit", "malformed")
@@ -477,7 +477,7 @@ def drive(
         while not done.wait(sample_interval):
             now, snap = time.monotonic(), tally.snapshot()
             try:
-                used = sum(int(x["num_used_tokens"]) for x in loads(url, timeout=10))
+                used = used_tokens(url)
             except (OSError, ValueError, KeyError):
                 used = None
             series.append(
@@ -901,7 +901,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.plot:
-        plot(json.loads(args.plot.read_text()), args.plot.with_suffix(".png"))
+        redraw(args.plot, plot)
         return 0
     weights = args.mix if isinstance(args.mix, dict) else _mix(args.mix)
     w = Workload(

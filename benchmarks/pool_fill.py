@@ -16,7 +16,7 @@ import threading
 import time
 
 import bench_mixed_traffic as mt
-from server_client import RequestFailed, generate, loads
+from server_client import RequestFailed, generate, used_tokens
 
 #: Prompt-seed indices of the fill's requests, outside the soak's clients' and probes'.
 FILL_INDEX = 2**42
@@ -75,7 +75,7 @@ def fill_pool(
     deadline = time.monotonic() + timeout
     while any(th.is_alive() for th in threads) and time.monotonic() < deadline:
         try:
-            peak = max(peak, sum(int(x["num_used_tokens"]) for x in loads(url, timeout=10)))
+            peak = max(peak, used_tokens(url))
         except (OSError, ValueError, KeyError):
             pass
         time.sleep(POLL_S)

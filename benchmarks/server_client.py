@@ -122,6 +122,11 @@ def loads(url: str, timeout: float = 30.0) -> list[dict]:
         return json.loads(r.read())["loads"]
 
 
+def used_tokens(url: str, timeout: float = 10.0) -> int:
+    """KV tokens held by requests now: sum over ranks of ``num_used_tokens``."""
+    return sum(int(x["num_used_tokens"]) for x in loads(url, timeout=timeout))
+
+
 def free_tokens(url: str) -> int:
     """KV tokens not held by requests: sum over ranks of max total - used."""
     return sum(int(x["max_total_num_tokens"]) - int(x["num_used_tokens"]) for x in loads(url))

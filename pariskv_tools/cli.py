@@ -99,6 +99,14 @@ def write_results(data: dict, out: Path, plot: Callable[[dict, Path], None]) -> 
         print(f"plot skipped ({e!r}); draw it with --plot {out} where matplotlib is installed")
 
 
+def redraw(results: Path, plot: Callable[[dict, Path], None]) -> Path:
+    """``--plot``: draw the PNG beside an existing results JSON (:func:`write_results`'
+    other half); returns the PNG's path."""
+    out = results.with_suffix(".png")
+    plot(json.loads(results.read_text()), out)
+    return out
+
+
 def load_calibration_for(path: Path | None, config) -> Calibration | None:
     """``--calibration FILE`` of a tool that runs ParisKV on a model: the file, checked
     against the model's layers, KV heads and head_dim (a transformers config). A file

@@ -31,18 +31,19 @@ def test_model_config_is_the_qwen_1m_shape_to_transformers(tmp_path):
     assert cfg.model_type == "qwen2" and cfg.max_position_embeddings == 1_000_128
     assert cfg.hidden_size // cfg.num_attention_heads == 128
     assert (cfg.num_attention_heads, cfg.num_key_value_heads) == (28, 4)
-    shape = bench.shape_of(d)
-    assert shape["kv_bytes_per_token"] == bench_offload.KV_BYTES_PER_TOKEN
-    assert bench.shape_of(str(tmp_path / "absent")) is None
+    assert bench.e2e.kv_bytes_per_token(bench.model_config_of(d)) == (
+        bench_offload.KV_BYTES_PER_TOKEN
+    )
+    assert bench.model_config_of(str(tmp_path / "absent")) is None
 
 
 @pytest.mark.parametrize("tokens", [1, 20_000, 1_000_128])
 def test_host_pool_holds_the_tokens_and_not_much_more(tmp_path, tokens):
-    shape = bench.shape_of(_model_dir(tmp_path, bench.model_config(tokens)))
-    gb = bench.host_pool_gb(shape, tokens)
+    cfg = bench.model_config_of(_model_dir(tmp_path, bench.model_config(tokens)))
+    gb = bench.host_pool_gb(cfg, tokens)
 
     def holds(g: float) -> int:  # tokens a pool of g GiB holds, as pool_sizing counts them
-        return int(g * 2**30) // shape["kv_bytes_per_token"]
+        return int(g * 2**30) // bench_offload.KV_BYTES_PER_TOKEN
 
     assert gb * 2 == int(gb * 2)  # half GiB steps
     assert holds(gb) >= tokens + bench.POOL_SLACK_TOKENS > holds(gb - 0.5)
@@ -61,8 +62,7 @@ def test_prefill_estimates_match_brute_force_counts(tmp_path, n, chunk):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     cfg = _tiny_cfg()
-    shape = bench.shape_of(_model_dir(tmp_path, cfg))
-    est = bench.prefill_estimates(shape, n, chunk)
+    est = bench.prefill_estimates(bench.model_config_of(_model_dir(tmp_path, cfg)), n, chunk)
     # linear: 2 FLOPs per weight of the layers' projections, per token (a real model's)
     model = Qwen2ForCausalLM(Qwen2Config(**cfg))
     weights = sum(
@@ -71,12 +71,15 @@ def test_prefill_estimates_match_brute_force_counts(tmp_path, n, chunk):
     assert est["linear_flops"] == 2 * n * weights
     # attention: every (query, earlier-or-same key) pair, q.k and the V sum, every q head
     pairs = sum(i + 1 for i in range(n))
-    d = shape["head_dim"]
-    assert est["attention_flops"] == pairs * 4 * d * shape["q_heads"] * shape["layers"]
+    layers, hq = cfg["num_hidden_layers"], cfg["num_attention_heads"]
+    hkv = cfg["num_key_value_heads"]
+    d = cfg["hidden_size"] // hq
+    assert est["attention_flops"] == pairs * 4 * d * hq * layers
     # prefix: each chunk reads the K/V of every token before it
     starts = range(0, n, chunk)
     assert est["chunks"] == len(starts)
-    assert est["prefix_kv_bytes_read"] == sum(starts) * shape["kv_bytes_per_token"]
+    kv_bytes = 2 * layers * hkv * d * 2  # K and V of every layer, bf16
+    assert est["prefix_kv_bytes_read"] == sum(starts) * kv_bytes
 
 
 def test_kernel_reference_is_the_nearest_batch_one_case(tmp_path):
@@ -146,10 +149,10 @@ def test_a_run_times_the_request_and_writes_its_limits(tmp_path, monkeypatch):
         "--out", str(out)])  # fmt: skip
     assert code == 0
     # the server: host offload with a pool for the request, context for input + output
-    shape = bench.shape_of(asked["model"])
+    cfg = bench.model_config_of(asked["model"])
     assert asked["pariskv"] == {
         "offload": "host",
-        "host_pool_gb": bench.host_pool_gb(shape, n + out_len + 64),
+        "host_pool_gb": bench.host_pool_gb(cfg, n + out_len + 64),
     }
     assert asked["context"] == n + out_len + 64 and "--load-format" in asked["flags"]
     # what it was sent: the warm-up, a flush, then the request itself
@@ -163,7 +166,7 @@ def test_a_run_times_the_request_and_writes_its_limits(tmp_path, monkeypatch):
     assert itl * 1000 <= data["tpot_p50_ms"] < itl * 1000 + 10
     assert data["output_tokens"] == out_len == data["token_times_s"][-1][1]
     pre = data["limits"]["prefill"]
-    est = bench.prefill_estimates(shape, n, 64)
+    est = bench.prefill_estimates(cfg, n, 64)
     assert {k: pre[k] for k in est} == est
     flops = est["linear_flops"] + est["attention_flops"]
     assert pre["achieved_tflops"] == pytest.approx(flops / data["ttft_s"] / 1e12)

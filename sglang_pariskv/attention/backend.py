@@ -349,13 +349,12 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         return out
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
-        out = self._decode_layer(q, k, v, layer, forward_batch, save_kv_cache)
         local = layer.layer_id - self.token_to_kv_pool.start_layer
+        out = self._decode_layer(q, k, v, layer, local, forward_batch, save_kv_cache)
         self.deferred.after_layer(local, forward_batch.out_cache_loc)
         return out
 
-    def _decode_layer(self, q, k, v, layer, forward_batch, save_kv_cache: bool):
-        local = layer.layer_id - self.token_to_kv_pool.start_layer
+    def _decode_layer(self, q, k, v, layer, local: int, forward_batch, save_kv_cache: bool):
         if self.full is not None and self.full.runs(local) and not layer.is_cross_attention:
             # A dense layer on a sparse step: SGLang's decode call (it stores the K/V and
             # codes) with the full-length plan. It never retrieves, so it keeps no histograms.

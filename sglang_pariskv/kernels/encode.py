@@ -213,11 +213,15 @@ def _encode_layers_kernel(
     )  # fmt: skip
 
 
-def check_head_rows(name: str, x: torch.Tensor | None, h: int, d: int) -> None:
-    """A layer's calibration table (centre or channel scales), which the kernels read as
-    raw fp32 ``[Hkv, D]`` rows: None, or exactly that."""
-    if x is not None and (x.shape != (h, d) or x.dtype != torch.float32 or not x.is_contiguous()):
-        raise ValueError(f"{name} must be a contiguous float32 [{h}, {d}] tensor")
+def check_head_rows(
+    name: str, x: torch.Tensor | None, h: int, d: int, layers: int | None = None
+) -> None:
+    """A calibration table (centre or channel scales), which the kernels read as raw fp32
+    ``[Hkv, D]`` rows: None, or exactly that (``[layers, Hkv, D]`` with ``layers``)."""
+    shape = (h, d) if layers is None else (layers, h, d)
+    if x is not None and (x.shape != shape or x.dtype != torch.float32 or not x.is_contiguous()):
+        dims = ", ".join(map(str, shape))
+        raise ValueError(f"{name} must be a contiguous float32 [{dims}] tensor")
 
 
 def encode_to_pool(
@@ -322,16 +326,15 @@ def encode_layers_to_pool(
     captured CUDA graph reads the same memory. ``centres`` / ``scales``: float32
     ``[layers, Hkv, D]`` contiguous, or None. No host sync: safe inside a CUDA graph.
     """
-    s, h, d = key_buffers[0].shape
+    _, h, d = key_buffers[0].shape
     check_kernel_head_dim(d)
     layers, t = len(key_buffers), slots.shape[0]
     if len(pool) != layers or any(len(x) != layers for x in tables):
-        raise ValueError(f"{layers} K buffers, {len(pool)} code layers, tables {tables}")
-    for name, x in (("centres", centres), ("scales", scales)):
-        if x is not None and (
-            x.shape != (layers, h, d) or x.dtype != torch.float32 or not x.is_contiguous()
-        ):
-            raise ValueError(f"{name} must be a contiguous float32 [{layers}, {h}, {d}] tensor")
+        raise ValueError(
+            f"{layers} K buffers, {len(pool)} code layers, tables of {[len(x) for x in tables]}"
+        )
+    check_head_rows("centres", centres, h, d, layers)
+    check_head_rows("scales", scales, h, d, layers)
     first = key_buffers[0]
     if any(k.shape != first.shape or k.stride() != first.stride() for k in key_buffers):
         raise ValueError("the K buffers of all layers must share one shape and layout")
