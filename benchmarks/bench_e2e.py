@@ -21,6 +21,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -378,10 +379,15 @@ LLAMA_8B = {
 
 
 def _throughput_worker(
-    model_dir, pariskv, input_len, batches, max_running, output_len, engine_kwargs, out_q
-):
+    model_dir, pariskv, input_len, batches, max_running, output_len, engine_kwargs,
+    ttft_repeats, out_q,
+):  # fmt: skip
     """One engine per (mode, input length), sized for ``max_running`` requests; every batch
     whose KV fits, ascending, each row sent as a partial result as soon as it is measured.
+
+    Time to first token is the median over ``ttft_repeats`` prefills of fresh prompts (the
+    first prefill of a long prompt on a fresh engine can carry a one-time cost); decode is
+    timed on the last prompts.
 
     Decode time per step is measured as a difference: the same cached prompts are
     generated twice, with ``output_len`` and with ``SHORT_OUTPUT`` new tokens, so the
@@ -420,10 +426,15 @@ def _throughput_worker(
             if b * (input_len + output_len) > capacity:
                 rows.append({"batch": b, "error": f"KV capacity {capacity} tokens < batch"})
                 continue
-            prompts = [[rng.randrange(1000, 100000) for _ in range(input_len)] for _ in range(b)]
-            t0 = time.perf_counter()
-            eng.generate(input_ids=prompts, sampling_params={"max_new_tokens": 1})
-            prefill = time.perf_counter() - t0
+            prefills = []
+            for _ in range(ttft_repeats):
+                prompts = [
+                    [rng.randrange(1000, 100000) for _ in range(input_len)] for _ in range(b)
+                ]
+                t0 = time.perf_counter()
+                eng.generate(input_ids=prompts, sampling_params={"max_new_tokens": 1})
+                prefills.append(time.perf_counter() - t0)
+            prefill = statistics.median(prefills)
             timings = {}
             for n in (SHORT_OUTPUT, output_len):
                 t0 = time.perf_counter()
@@ -445,7 +456,8 @@ def _throughput_worker(
             rows.append(
                 {
                     "batch": b,
-                    "prefill_s": prefill,  # the batch's time to first token
+                    "prefill_s": prefill,  # the batch's time to first token (median)
+                    "prefill_s_each": prefills,
                     "generate_s": timings[output_len],
                     "ms_per_token": 1000 * step,
                     "tok_s": b / step,
@@ -571,11 +583,13 @@ def merge_engine_runs(done: dict | None, part: dict) -> dict:
     return {**part, "rows": rows, "stats": add_counters(done["stats"], part["stats"])}
 
 
-def _measure_engine(model_dir, mcfg, n, max_running, output_len, engine_kwargs, todo, on_partial):
+def _measure_engine(
+    model_dir, mcfg, n, max_running, output_len, engine_kwargs, ttft_repeats, todo, on_partial
+):
     """:func:`_throughput_worker`'s rows for the batches ``todo``, in a fresh process."""
     return _run_isolated(
         _throughput_worker, model_dir, mcfg, n, todo, max_running, output_len, engine_kwargs,
-        on_partial=on_partial,
+        ttft_repeats, on_partial=on_partial,
     )  # fmt: skip
 
 
@@ -627,8 +641,10 @@ def run_throughput(
     modes: tuple[str, ...] = ("dense", "pariskv"),
     runs_dir: Path | None = None,
     dense_backend: str = "flashinfer",
+    ttft_repeats: int = 1,
 ) -> dict | None:
-    """Dense and ParisKV engines per input length; ``shards`` GPUs split each step's bytes
+    """Dense and ParisKV engines per input length (time to first token: the median of
+    ``ttft_repeats`` prefills per batch); ``shards`` GPUs split each step's bytes
     (tensor parallelism), so the floor is per GPU. The dense engine runs SGLang's
     ``dense_backend`` (ParisKV always runs on FlashInfer's).
 
@@ -651,9 +667,12 @@ def run_throughput(
                 label, engine["attention_backend"] = f"dense-{dense_backend}", dense_backend
             saved = runs_dir / f"throughput_{label}_{n}.json" if runs_dir is not None else None
             key = {"config": mcfg, "output_len": output_len, "engine": engine}
+            if ttft_repeats != 1:
+                key["ttft_repeats"] = ttft_repeats
             measure = functools.partial(
-                _measure_engine, str(model_dir), mcfg, n, max(batches), output_len, key["engine"]
-            )
+                _measure_engine, str(model_dir), mcfg, n, max(batches), output_len,
+                key["engine"], ttft_repeats,
+            )  # fmt: skip
             got[mode] = _resume_engine(saved, key, mode in modes, batches, measure)
             if got[mode] is None:
                 del got[mode]

@@ -6,7 +6,8 @@ Requests at or below the dense threshold decode with SGLang's own dense call, so
 answers are exact; this measures what they pay for ParisKV being on (the codes written
 for every key, the histogram updates, the planning), against plain SGLang on the same
 attention backend with the same flags, in the same run: decode time per step and the
-batch's time to first token (prefill, codes encoded). Llama-3.1-8B shape with dummy
+batch's time to first token (prefill, codes encoded; the median of ``--ttft-repeats``
+prefills of fresh prompts). Llama-3.1-8B shape with dummy
 weights, default ParisKV config. Writes ``benchmarks/results/short_traffic.json`` and
 ``.png``; ``--runs-dir`` keeps each engine's rows so a run cut short resumes.
 """
@@ -22,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_e2e as e2e  # noqa: E402
 
-from pariskv_tools.cli import HelpFormatter  # noqa: E402
+from pariskv_tools.cli import HelpFormatter, add_results_args, redraw, write_results  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "short_traffic.json"
 
@@ -102,15 +103,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--batches", type=int, nargs="+", default=[1, 8, 32, 64], help="decode batch sizes"
     )
     ap.add_argument("--output-len", type=int, default=256, help="new tokens per request")
+    ap.add_argument(
+        "--ttft-repeats",
+        type=int,
+        default=3,
+        help="prefills per batch; the time to first token is their median",
+    )
     e2e.add_split_run_args(ap)
-    ap.add_argument("--out", type=Path, default=RESULTS, help="result JSON (PNG beside it)")
+    add_results_args(ap, RESULTS)
     return ap
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.plot is not None:
+        print(redraw(args.plot, plot))
+        return
     from sglang_pariskv.config import ParisKVConfig
 
+    if args.ttft_repeats < 1:
+        raise SystemExit(f"--ttft-repeats {args.ttft_repeats}: expected at least 1 prefill")
     cfg = ParisKVConfig().to_dict()
     for n in args.inputs:
         if not ParisKVConfig.from_dict(cfg).is_dense(n + args.output_len):
@@ -122,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg,
         modes=tuple(args.modes),
         runs_dir=args.runs_dir,
+        ttft_repeats=args.ttft_repeats,
     )
     if run is None:
         print("engine rows saved; run the other mode to finish", flush=True)
@@ -131,14 +144,13 @@ def main(argv: list[str] | None = None) -> None:
         "command": " ".join([sys.executable, *sys.argv]),
         "model": run["model"],
         "output_len": args.output_len,
+        "ttft_repeats": args.ttft_repeats,
         "dense_backend": "flashinfer",
         "config": cfg,
         "pariskv_stats": run["engines"],
         "cases": summarize(run),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(data, indent=2))
-    plot(data, args.out.with_suffix(".png"))
+    write_results(data, args.out, plot)
     for c in data["cases"]:
         print(json.dumps(c), flush=True)
 

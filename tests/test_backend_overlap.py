@@ -8,6 +8,8 @@ import torch
 from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
 
 from sglang_pariskv.attention.backend import ParisKVAttnBackend
+from sglang_pariskv.attention.deferred_codes import DeferredCodes
+from sglang_pariskv.config import ParisKVConfig
 from sglang_pariskv.index.kv_pool import ParisKVTokenToKVPool
 
 
@@ -46,6 +48,7 @@ def test_retrieval_stream_sees_the_layers_kv_and_codes(cuda_device, monkeypatch,
     side = torch.cuda.Stream()
     b = _backend(_retrieval_stream=side, _sparse="sparse call" if sparse else None)
     b.token_to_kv_pool = pool
+    b.deferred = DeferredCodes(pool, ParisKVConfig(), offloaded=True)  # writes per layer
     layer = types.SimpleNamespace(layer_id=0, is_cross_attention=False, k_scale=None, v_scale=None)
     loc = torch.arange(100, 164, device=cuda_device)
     k = torch.randn(64, 2, 64, device=cuda_device, dtype=torch.bfloat16)

@@ -145,7 +145,7 @@ def test_cases_cover_every_batch_either_engine_ran_and_the_best_of_each_is_compa
     rows = {None: [(1, 100.0), (2, 180.0), (6, 212.8)], "pkv": [(1, 130.0), (2, 250.0), (5, 457.6)]}
     asked = []
 
-    def fake_measure(model_dir, mcfg, n, max_running, output_len, engine, todo, on_partial):
+    def fake_measure(model_dir, mcfg, n, max_running, output_len, engine, reps, todo, on_partial):
         asked.append((mcfg is None, engine, max_running, list(todo)))
         mine = rows[None if mcfg is None else "pkv"]
         got = [{"batch": b, "tok_s": t, "ms_per_token": 1000 * b / t, "prefill_s": 1.0}
@@ -194,7 +194,7 @@ def test_host_offload_rows_have_no_byte_floor(monkeypatch):
     """With --pariskv-offload host the ParisKV rows read host memory: no HBM byte floor for
     them; the dense rows keep theirs."""
 
-    def fake_measure(model_dir, mcfg, n, max_running, output_len, engine, todo, on_partial):
+    def fake_measure(model_dir, mcfg, n, max_running, output_len, engine, reps, todo, on_partial):
         stats = {} if mcfg is None else {"sparse_request_steps": 9}
         return {"rows": [_row(b) | {"prefill_s": 1.0} for b in todo], "capacity_tokens": 10**7,
                 "stats": stats}  # fmt: skip
@@ -206,3 +206,46 @@ def test_host_offload_rows_have_no_byte_floor(monkeypatch):
     (case,) = res["cases"]
     assert "pariskv_floor_ms" not in case and "pariskv_over_floor" not in case
     assert case["dense_floor_ms"] > 0 and case["speedup"] == pytest.approx(1.0)
+
+
+class _ClockedEngine:
+    """An engine whose calls advance a fake clock: the first long prefill costs 10 s more
+    (a one-time cost), every other prefill 1 s, decoding 1 ms per token and request."""
+
+    def __init__(self, clock: list[float]):
+        self.clock, self.long_prefills = clock, 0
+
+    def get_server_info(self):
+        return {"max_total_num_tokens": 10**6}
+
+    def generate(self, input_ids, sampling_params):
+        n = sampling_params["max_new_tokens"]
+        if n == 1 and len(input_ids[0]) > 64:
+            self.clock[0] += 1.0 + 10.0 * (self.long_prefills == 0)
+            self.long_prefills += 1
+        else:
+            self.clock[0] += 0.001 * n * len(input_ids)
+        return [{"output_ids": [0] * n} for _ in input_ids]
+
+    def shutdown(self):
+        pass
+
+
+@pytest.mark.parametrize(("repeats", "ttft"), [(1, 11.0), (3, 1.0)])
+def test_time_to_first_token_is_the_median_of_the_repeats(monkeypatch, repeats, ttft):
+    """A one-time cost in the first long prefill is the whole TTFT with one prefill, and
+    none of it with the median of three; decode time per step is unaffected."""
+    import queue
+
+    clock = [0.0]
+    monkeypatch.setattr(bench_e2e, "_engine", lambda *a, **kw: _ClockedEngine(clock))
+    monkeypatch.setattr(bench_e2e.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(bench_e2e, "_read_stats", lambda d: {})
+    q = queue.Queue()
+    bench_e2e._throughput_worker("m", None, 4096, [1, 2], 2, 256, {}, repeats, q)
+    while "partial" in (res := q.get()):
+        pass
+    r1, r2 = res["rows"]
+    assert r1["prefill_s"] == pytest.approx(ttft) and len(r1["prefill_s_each"]) == repeats
+    assert r2["prefill_s"] == pytest.approx(1.0)  # the one-time cost is paid by then
+    assert r1["ms_per_token"] == pytest.approx(1.0) and r2["ms_per_token"] == pytest.approx(2.0)
