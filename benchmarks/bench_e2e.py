@@ -30,7 +30,11 @@ from pathlib import Path
 from pariskv_tools.cli import HelpFormatter
 
 RESULTS = Path(__file__).resolve().parent / "results" / "e2e.json"
-PASSKEY_CFG = {"topk": 100, "sink": 32, "local": 64, "dense_threshold": 1024}
+#: SmolLM2 (8K context): the knobs scaled down, and every step above the threshold retrieves
+#: (the default --pariskv-min-sparse-tokens would keep such short contexts dense).
+PASSKEY_CFG = {
+    "topk": 100, "sink": 32, "local": 64, "dense_threshold": 1024, "min_sparse_tokens": 0
+}  # fmt: skip
 
 
 def _read_stats(stats_dir) -> dict:
@@ -544,19 +548,28 @@ def step_bytes(shape: dict, input_len: int, batch: int, cfg: dict | None) -> dic
 
 
 def check_engines_ran(
-    input_len: int, output_len: int, cfg: dict, dense_stats: dict, pariskv_stats: dict
+    input_len: int,
+    output_len: int,
+    cfg: dict,
+    dense_stats: dict,
+    pariskv_stats: dict,
+    max_batch: int = 1,
 ) -> None:
     """Raise unless the stats files say each engine decoded as its mode should: the dense
     engine without ParisKV; the ParisKV one with retrieval when the requests are above
-    the dense threshold, and with dense steps only when they stay at or below it (its
-    ``sparse_steps`` then counts decode steps that still ran the retrieval kernels: 0,
-    as such steps replay the dense-step graph)."""
+    the dense threshold and the largest batch's hold ``min_sparse_tokens`` together, and
+    with dense steps only when they stay below either (its ``sparse_steps`` then counts
+    decode steps that still ran the retrieval kernels: 0, as such steps replay the
+    dense-step graph)."""
     from sglang_pariskv.config import ParisKVConfig
 
     c = ParisKVConfig.from_dict(cfg)
     sparse_req = pariskv_stats.get("sparse_request_steps", 0)
     dense_req = pariskv_stats.get("dense_request_steps", 0)
-    if not c.is_dense(input_len):
+    too_few = (input_len + output_len) * max_batch < c.min_sparse_tokens
+    if not c.is_dense(input_len) and too_few:  # every step attends densely
+        ok = dense_req > 0 and sparse_req == 0
+    elif not c.is_dense(input_len):
         ok = sparse_req > 0
     elif c.is_dense(input_len + output_len):
         ok = dense_req > 0 and sparse_req == 0
@@ -679,7 +692,7 @@ def run_throughput(
         if len(got) < 2:
             return None
         dense, sparse = got["dense"], got["pariskv"]
-        check_engines_ran(n, output_len, cfg, dense["stats"], sparse["stats"])
+        check_engines_ran(n, output_len, cfg, dense["stats"], sparse["stats"], max(batches))
         engines[str(n)] = {
             "dense_capacity_tokens": dense["capacity_tokens"],
             "pariskv_capacity_tokens": sparse["capacity_tokens"],
@@ -900,6 +913,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--reuse-max-age", type=int, help="ParisKV's --pariskv-reuse-max-age")
     t.add_argument(
+        "--min-sparse-tokens",
+        type=int,
+        help="ParisKV's --pariskv-min-sparse-tokens (default: the plugin's); 0 retrieves at "
+        "every size above the dense threshold, which is how the crossover it defaults to is "
+        "measured",
+    )
+    t.add_argument(
         "--calibration",
         type=Path,
         help="ParisKV's --pariskv-calibration: a calibration file of the benchmarked shape "
@@ -966,7 +986,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cmd == "throughput":
         cfg = {"topk": 2048, "sink": 64, "local": 256, "dense_threshold": 8192}
-        for key in ("reuse_threshold", "reuse_max_age"):
+        for key in ("reuse_threshold", "reuse_max_age", "min_sparse_tokens"):
             if getattr(args, key) is not None:
                 cfg[key] = getattr(args, key)
         if args.calibration is not None:

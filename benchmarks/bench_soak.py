@@ -601,7 +601,9 @@ def verdict(res: dict) -> list[str]:
 
 def _start(name: str, args, model: str, flags: list[str], log_dir: Path, pariskv: bool):
     """A started server (registered for the signal handler)."""
-    cfg = {"dense_threshold": args.pariskv_dense_threshold} if pariskv else None
+    # every long document retrieves, however few tokens its step holds
+    cfg = {"dense_threshold": args.pariskv_dense_threshold, "min_sparse_tokens": 0}
+    cfg = cfg if pariskv else None
     srv, _ = mt.server_for(name, args, model, flags, log_dir, args.context_length, cfg)
     wf._ACTIVE.append(srv)
     try:

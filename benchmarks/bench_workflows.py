@@ -78,7 +78,13 @@ SETUPS = {
         "chat_max_tokens": 32,
         "ignore_eos": False,
         "warmup_tokens": 2000,  # above the dense threshold: the sparse path is warmed too
-        "pariskv": {"topk": 100, "sink": 32, "local": 64, "dense_threshold": 1024},
+        "pariskv": {
+            "topk": 100,
+            "sink": 32,
+            "local": 64,
+            "dense_threshold": 1024,
+            "min_sparse_tokens": 0,
+        },
         "server_args": ["--mem-fraction-static", "0.6"],
         "compare_answers": True,
     },

@@ -32,6 +32,14 @@ DEFAULT_HOT_CACHE_LINES: int = 65536
 DEFAULT_REUSE_THRESHOLD: float = 0.0
 DEFAULT_REUSE_MAX_AGE: int = 8
 
+#: Default of ``--pariskv-min-sparse-tokens`` on the GPU pool: the context tokens a decode
+#: step's long requests must hold together before it retrieves. Below it dense attention
+#: is faster: at 32K tokens per step (one request) ParisKV ran at 0.85x dense, at 64K
+#: (two 32K requests) 1.03x, at 128K 1.30x (H100, Llama-3.1-8B shape, docs/results.md,
+#: "Decode throughput through SGLang"). With host offload a dense step would read the
+#: K/V over PCIe, so there the default is 0.
+DEFAULT_MIN_SPARSE_TOKENS: int = 65536
+
 #: Tier budget fractions of ParisKV's collision stage (docs/design.md step 7).
 DEFAULT_TIER_RATIOS: tuple[float, ...] = (0.05, 0.15, 0.30, 0.50, 0.75, 1.0)
 
@@ -62,9 +70,10 @@ class ParisKVConfig:
     dense_threshold: int = 8192
     #: A decode step retrieves only if its requests above ``dense_threshold`` hold at least
     #: this many context tokens together; otherwise the whole step attends densely (exact,
-    #: and faster while their K/V read costs less than retrieval's per-layer launches).
-    #: 0: off, every request above the threshold retrieves.
-    min_sparse_tokens: int = 0
+    #: and faster while their K/V read costs less than retrieval's per-layer work). 0: off,
+    #: every request above the threshold retrieves. ``None`` (the default):
+    #: :data:`DEFAULT_MIN_SPARSE_TOKENS` on the GPU pool, 0 with host offload.
+    min_sparse_tokens: int | None = None
     candidate_ratio: float | None = None
     collision_ratio: float | None = None
     tier_ratios: tuple[float, ...] = field(default=DEFAULT_TIER_RATIOS)
@@ -105,6 +114,9 @@ class ParisKVConfig:
         if self.hot_cache_lines is None:
             lines = DEFAULT_HOT_CACHE_LINES if self.offload == "host" else 0
             object.__setattr__(self, "hot_cache_lines", lines)
+        if self.min_sparse_tokens is None:
+            least = DEFAULT_MIN_SPARSE_TOKENS if self.offload == "none" else 0
+            object.__setattr__(self, "min_sparse_tokens", least)
         self._check_int("topk", lo=1)
         self._check_int("sink", lo=0)
         self._check_int("local", lo=0)

@@ -15,6 +15,7 @@ from typing import Any
 
 from sglang_pariskv.config import (
     DEFAULT_HOT_CACHE_LINES,
+    DEFAULT_MIN_SPARSE_TOKENS,
     DEFAULT_REUSE_MAX_AGE,
     OFFLOAD_MODES,
     ParisKVConfig,
@@ -112,8 +113,10 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="A decode step retrieves only if its requests above the dense threshold hold "
-        "at least this many tokens together; otherwise the whole step decodes densely "
-        f"(default {defaults.min_sparse_tokens}: off).",
+        "at least this many tokens together; otherwise the whole step decodes densely, "
+        "which is faster below it (default "
+        f"{DEFAULT_MIN_SPARSE_TOKENS}; 0 with --pariskv-offload host; 0: every request "
+        "above the threshold retrieves).",
     )
     g.add_argument(
         "--pariskv-candidate-ratio",

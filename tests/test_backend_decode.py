@@ -35,7 +35,7 @@ from sglang_pariskv.offload.kv_pool import HostOffloadKVPool
 from tests.test_plugin_pool import make_pool
 
 HQ, HKV, D, MAX_CTX = 4, 2, 16, 512
-CFG = ParisKVConfig(topk=16, sink=4, local=8, dense_threshold=64)
+CFG = ParisKVConfig(topk=16, sink=4, local=8, dense_threshold=64, min_sparse_tokens=0)
 SCALE = D**-0.5
 
 

@@ -24,7 +24,7 @@ LABELS = {"model_name": "m", "tp_rank": "0"}
 @pytest.fixture
 def backend():
     b = object.__new__(ParisKVAttnBackend)  # host-side state only; no FlashInfer, no GPU
-    b.config = ParisKVConfig(topk=100, sink=8, local=32, dense_threshold=1000)
+    b.config = ParisKVConfig(topk=100, sink=8, local=32, dense_threshold=1000, min_sparse_tokens=0)
     b.registry = CollectorRegistry()
     metrics = ParisKVMetrics(LABELS, registry=b.registry)
     b.observer = DecodeObserver(num_layers=2, tp_rank=0, metrics=metrics)
@@ -196,14 +196,15 @@ def test_a_step_without_retrieval_defers_its_code_writes_to_the_last_layer(
     assert backend.deferred.active is False
 
 
-def test_min_sparse_tokens_offload_and_layers_outside_the_pool_never_defer(backend):
-    """Also a model whose attention layers are not exactly the pool's (the deferred write
-    happens at the pool's last layer, which such a model might never run)."""
+def test_offload_and_layers_outside_the_pool_never_defer(backend):
+    """Host offload never defers, nor a model whose attention layers are not exactly the
+    pool's (the deferred write happens at the pool's last layer, which such a model might
+    never run); ``min_sparse_tokens`` does (its long rows are counted after the write)."""
     pool = make_pool(16)  # layers 0 and 1
     cfg = dataclasses.replace(backend.config, min_sparse_tokens=30000)
     assert DeferredCodes(pool, backend.config, False, [1, 0]).allowed
+    assert DeferredCodes(pool, cfg, False).allowed
     for deferred in (
-        DeferredCodes(pool, cfg, False),
         DeferredCodes(pool, backend.config, True),
         DeferredCodes(pool, backend.config, False, [0]),
         DeferredCodes(pool, backend.config, False, [0, 1, 2]),

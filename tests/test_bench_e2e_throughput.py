@@ -38,6 +38,19 @@ def test_each_engine_must_have_decoded_as_its_mode_says(input_len, output_len, s
             bench_e2e.check_engines_ran(input_len, output_len, CFG, {}, stats)
 
 
+def test_steps_below_min_sparse_tokens_must_have_decoded_densely():
+    """32K requests under the default min_sparse_tokens (65536): one per step attends
+    densely, two per step retrieve; with min_sparse_tokens 0 one retrieves."""
+    dense = {"sparse_request_steps": 0, "dense_request_steps": 512}
+    sparse = {"sparse_request_steps": 512, "dense_request_steps": 0}
+    bench_e2e.check_engines_ran(32768, 256, CFG, {}, dense, max_batch=1)
+    bench_e2e.check_engines_ran(32768, 256, CFG, {}, sparse, max_batch=2)
+    bench_e2e.check_engines_ran(32768, 256, {**CFG, "min_sparse_tokens": 0}, {}, sparse)
+    for stats, batch in ((sparse, 1), (dense, 2)):
+        with pytest.raises(RuntimeError, match="did not run as expected"):
+            bench_e2e.check_engines_ran(32768, 256, CFG, {}, stats, max_batch=batch)
+
+
 def test_a_dense_engine_with_pariskv_stats_is_refused():
     with pytest.raises(RuntimeError, match="dense stats"):
         bench_e2e.check_engines_ran(

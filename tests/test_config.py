@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from sglang_pariskv.config import ParisKVConfig, adaptive_ratios, check_head_dim
 
@@ -9,6 +10,23 @@ def test_defaults_are_valid_and_round_trip():
     cfg = ParisKVConfig()
     assert cfg.budget == 64 + 256 + 2048
     assert ParisKVConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_min_sparse_tokens_defaults_to_the_crossover_on_the_gpu_pool_only():
+    """Unset, a step's long requests need DEFAULT_MIN_SPARSE_TOKENS tokens to retrieve on
+    the GPU pool, and none with host offload (a dense step would read over PCIe); a given
+    value is kept."""
+    from sglang_pariskv.codec.budget import step_dense_mask
+    from sglang_pariskv.config import DEFAULT_MIN_SPARSE_TOKENS
+
+    gpu = ParisKVConfig()
+    host = ParisKVConfig(offload="host", host_pool_gb=4)
+    assert gpu.min_sparse_tokens == DEFAULT_MIN_SPARSE_TOKENS > gpu.dense_limit
+    assert host.min_sparse_tokens == 0
+    assert ParisKVConfig(min_sparse_tokens=0).min_sparse_tokens == 0
+    below = torch.tensor([DEFAULT_MIN_SPARSE_TOKENS - 1])
+    assert bool(step_dense_mask(below, gpu).all()) and not bool(step_dense_mask(below, host).any())
+    assert not bool(step_dense_mask(below + 1, gpu).any())
 
 
 @pytest.mark.parametrize(

@@ -100,3 +100,70 @@ def test_the_next_extend_writes_per_layer_again():
     k = torch.randn(2, H, D).to(torch.bfloat16)
     pool.set_kv_buffer(types.SimpleNamespace(layer_id=0), torch.tensor([5, 6]), k, k)
     assert pool.pariskv.layers[0].signs[torch.tensor([5, 6])].any()
+
+
+def _min_sparse_step(device, defer: bool) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """A dense decode step under ``min_sparse_tokens``, run as the backend runs its layers:
+    request 0 crosses the dense limit at this step (its histograms count all its tokens),
+    request 1 stays below it. Returns (histograms of all layers, request 0's slots, the
+    code layers)."""
+    from sglang_pariskv.attention.histogram_upkeep import HistogramUpkeep
+    from sglang_pariskv.index.histograms import RequestHistograms
+
+    cfg = ParisKVConfig(topk=4, sink=2, local=4, dense_threshold=10, min_sparse_tokens=10**6)
+    gen = torch.Generator().manual_seed(5)
+    pool = make_pool(64, head_dim=D, layers=LAYERS, device=device)
+    deferred = DeferredCodes(pool, cfg, offloaded=False)
+    assert deferred.allowed
+    rtt = torch.zeros(4, 32, dtype=torch.int32, device=device)
+    rtt[2, :11] = torch.arange(1, 12)  # request 0 (pool row 2): 10 tokens, then a new one
+    rtt[0, :6] = torch.arange(20, 26)  # request 1 (pool row 0): 5 tokens, then a new one
+    upkeep = HistogramUpkeep(
+        RequestHistograms(4, H, D, LAYERS, device), pool.pariskv,
+        types.SimpleNamespace(req_to_token=rtt), cfg,
+    )  # fmt: skip
+    prompt = torch.cat([rtt[2, :10], rtt[0, :5]]).long()
+    for layer in range(LAYERS):  # the extend: K/V and codes of the prompts, per layer
+        k = torch.randn(len(prompt), H, D, generator=gen).to(torch.bfloat16).to(device)
+        pool.set_kv_buffer(types.SimpleNamespace(layer_id=layer), prompt, k, k)
+    loc = torch.tensor([11, 25], device=device)
+    fb = types.SimpleNamespace(
+        batch_size=2,
+        req_pool_indices=torch.tensor([2, 0], device=device),
+        seq_lens=torch.tensor([11, 6], device=device),
+        out_cache_loc=loc,
+    )
+    deferred.plan(dense_decode_step=defer)
+    for layer in range(LAYERS):  # the decode step, as ParisKVAttnBackend.forward_decode
+        k = torch.randn(2, H, D, generator=gen).to(torch.bfloat16).to(device)
+        pool.set_kv_buffer(types.SimpleNamespace(layer_id=layer), loc, k, k)
+        if not deferred.active:
+            upkeep.count_decode(layer, fb, sparse_step=False)
+        if deferred.after_layer(layer, loc):
+            upkeep.count_deferred(fb)
+    return upkeep.hists.all, rtt[2, :11].long(), pool.pariskv.layers
+
+
+def _check_min_sparse_counts(device) -> None:
+    from sglang_pariskv.codec.collision import centroid_histogram
+
+    got, slots, codes = _min_sparse_step(device, defer=True)
+    want, _, _ = _min_sparse_step(device, defer=False)
+    assert torch.equal(got, want)
+    for layer in range(LAYERS):
+        oracle = centroid_histogram(codes[layer].signs[slots][None].cpu(), torch.tensor([11]))
+        assert torch.equal(got[layer, 2].cpu(), oracle[0])
+        assert not got[layer, 0].any()  # below the limit: no counts
+
+
+@cpu_only
+def test_min_sparse_tokens_counts_long_rows_after_a_deferred_write():
+    """A deferred dense step with a request above the dense limit (``min_sparse_tokens``):
+    the histograms after the step equal per-layer counting's and a brute-force count."""
+    _check_min_sparse_counts("cpu")
+
+
+@pytest.mark.gpu
+def test_min_sparse_tokens_counts_every_layer_in_one_launch(cuda_device):
+    """The same on CUDA, where the count of every layer is one launch."""
+    _check_min_sparse_counts(cuda_device)

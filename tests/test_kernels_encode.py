@@ -91,19 +91,25 @@ def test_histograms_count_per_request_and_skip_negative_ids():
     assert rebuilt[0].sum() == 0
 
 
-def test_new_key_counts_equal_a_brute_force_count():
-    """Rows above the limit add their new key (position seq_len - 1); a row at exactly
-    limit + 1 adds all its tokens (more than one program's share, so the split programs
-    each take part); rows at or below the limit and padding rows (seq_len 1) add nothing."""
-    gen = torch.Generator().manual_seed(2)
+def _count_case(seed: int):
+    """Signs, req_to_token, rows and seq_lens of a decode step: rows above the limit, one
+    at exactly limit + 1 (catch-up of more than one program's share), rows at or below
+    it and padding rows (seq_len 1); requests longer than the distinct slots."""
+    gen = torch.Generator().manual_seed(seed)
     slots, h, b, limit = 400, 3, 8, 90
     signs = torch.randint(0, 256, (slots, h, b), generator=gen).to(torch.uint8)
     rtt = torch.randperm(slots, generator=gen)[: 5 * 80].reshape(5, 80).to(torch.int32)
-    rtt = torch.cat([rtt, rtt], 1)[:, :150]  # requests longer than the distinct slots
+    rtt = torch.cat([rtt, rtt], 1)[:, :150]
     rpi = torch.tensor([4, 0, 2, 3, 1, 0], dtype=torch.int32)
     seq = torch.tensor([120, 91, 1, 90, 150, 1])  # 91 = limit + 1: catch-up
     start = torch.randint(0, 5, (5, h, b, 256), generator=gen, dtype=torch.int32)
+    return signs, rtt, rpi, seq, start, limit
+
+
+def _brute_count(signs, rtt, rpi, seq, start, limit):
+    """The histograms after counting, one key at a time."""
     want = start.clone()
+    _, h, b = signs.shape
     for r in range(len(rpi)):
         n = int(seq[r])
         if n <= limit:
@@ -113,11 +119,42 @@ def test_new_key_counts_equal_a_brute_force_count():
             for hh in range(h):
                 for bb in range(b):
                     want[int(rpi[r]), hh, bb, int(signs[slot, hh, bb])] += 1
+    return want
+
+
+def test_new_key_counts_equal_a_brute_force_count():
+    """Rows above the limit add their new key (position seq_len - 1); a row at exactly
+    limit + 1 adds all its tokens (more than one program's share, so the split programs
+    each take part); rows at or below the limit and padding rows (seq_len 1) add nothing."""
+    signs, rtt, rpi, seq, start, limit = _count_case(2)
     got = start.clone().to(DEV)
     count_new_keys(
         signs.to(DEV), rtt.to(DEV), rpi.to(DEV), seq.to(DEV), got, limit, split=2, block_n=16
     )
-    assert torch.equal(got.cpu(), want)
+    assert torch.equal(got.cpu(), _brute_count(signs, rtt, rpi, seq, start, limit))
+
+
+def test_new_key_counts_of_every_layer_in_one_launch():
+    """The one-launch count over all layers (a deferred-code step) gives each layer the
+    brute-force count of that layer's signs, and leaves the others alone."""
+    from sglang_pariskv.kernels.encode import address_table
+    from sglang_pariskv.kernels.histograms import count_new_keys_layers
+
+    cases = [_count_case(seed) for seed in (3, 4, 5)]
+    _, rtt, rpi, seq, _, limit = cases[0]
+    signs = [c[0].to(DEV) for c in cases]
+    hist = torch.stack([c[4] for c in cases]).to(DEV)
+    count_new_keys_layers(
+        address_table(signs, DEV), signs[0], rtt.to(DEV), rpi.to(DEV), seq.to(DEV), hist,
+        limit, split=2, block_n=16,
+    )  # fmt: skip
+    for layer, (sg, _, _, _, start, _) in enumerate(cases):
+        assert torch.equal(hist[layer].cpu(), _brute_count(sg, rtt, rpi, seq, start, limit))
+    with pytest.raises(ValueError, match="one address per layer"):
+        count_new_keys_layers(
+            address_table(signs[:2], DEV), signs[0], rtt.to(DEV), rpi.to(DEV), seq.to(DEV),
+            hist, limit,
+        )  # fmt: skip
 
 
 @pytest.mark.gpu

@@ -243,7 +243,7 @@ b.graphs.captured = True
 runner = object.__new__(DecodeCudaGraphRunner)
 runner.attn_backend = b
 runner.record_nolora_graph = False  # no LoRA: SGLang's own label is None
-fb = types.SimpleNamespace(lora_ids=None, batch_size=1, seq_lens_cpu=torch.tensor([50000]))
+fb = types.SimpleNamespace(lora_ids=None, batch_size=1, seq_lens_cpu=torch.tensor([100000]))
 print(DecodeCudaGraphRunner._resolve_lora_variant(runner, fb))
 """
 

@@ -38,7 +38,7 @@ TINY_LLAMA = {
     "bos_token_id": 1,
     "eos_token_id": 2,
 }
-CFG = {"topk": 64, "sink": 8, "local": 32, "dense_threshold": 256}
+CFG = {"topk": 64, "sink": 8, "local": 32, "dense_threshold": 256, "min_sparse_tokens": 0}
 
 
 def _prompts() -> dict[str, tuple[list[list[int]], int]]:

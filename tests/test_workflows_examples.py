@@ -665,7 +665,7 @@ def test_bench_runs_both_servers_and_writes_results(bench, tmp_path):
     assert added[-2] == "--pariskv-stats-dir" and added[-1].endswith("smollm2-pariskv-stats")
     assert " ".join(added[:-2]) == (
         "--enable-pariskv --pariskv-topk 100 --pariskv-sink 32 --pariskv-local 64 "
-        "--pariskv-dense-threshold 1024"
+        "--pariskv-dense-threshold 1024 --pariskv-min-sparse-tokens 0"
     )
     for flag in ("--enable-metrics", "--enable-cache-report", "--attention-backend"):
         assert flag in cmds["dense"]

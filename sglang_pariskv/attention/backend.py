@@ -351,7 +351,8 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
         local = layer.layer_id - self.token_to_kv_pool.start_layer
         out = self._decode_layer(q, k, v, layer, local, forward_batch, save_kv_cache)
-        self.deferred.after_layer(local, forward_batch.out_cache_loc)
+        if self.deferred.after_layer(local, forward_batch.out_cache_loc):
+            self.histograms.count_deferred(forward_batch)
         return out
 
     def _decode_layer(self, q, k, v, layer, local: int, forward_batch, save_kv_cache: bool):
@@ -401,7 +402,7 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         local = layer.layer_id - self.token_to_kv_pool.start_layer
         bs = forward_batch.batch_size
         codes = self.codes.layers[local]
-        if save_kv_cache and k is not None:
+        if save_kv_cache and k is not None and not self.deferred.active:  # else after the last
             self.histograms.count_decode(local, forward_batch, sparse_step=self._sparse is not None)
         if self._sparse is None:
             return None

@@ -10,9 +10,11 @@ the keys of the step's slots from every layer's K buffer in one launch
 (the same kernel body reads the same stored keys).
 
 Per-layer writes stay where the codes are read within the step: sparse steps (retrieval
-and histogram counting at every layer), ``--pariskv-min-sparse-tokens`` (its dense steps
-still count long requests' new keys per layer) and host offload (its K buffers are host
-memory: reading the keys back would cross PCIe).
+and histogram counting at every layer) and host offload (its K buffers are host memory:
+reading the keys back would cross PCIe). With ``--pariskv-min-sparse-tokens`` a dense
+step may hold requests above the dense limit, whose histograms count every new key: their
+layers skip the count, and the backend counts every layer in one launch after the write
+(``HistogramUpkeep.count_deferred``).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ class DeferredCodes:
             range(pool.layer_num)
         )
         #: whether any step may defer (see the module docstring)
-        self.allowed = every and not offloaded and not config.min_sparse_tokens
+        self.allowed = every and not offloaded
         self.last_layer = pool.layer_num - 1
         pool.defer_codes = False
         if self.allowed and pool.pariskv.encoder is None:  # the CUDA path's tables, now
@@ -59,8 +61,10 @@ class DeferredCodes:
         retrieves. The choice holds until the next plan."""
         self.pool.defer_codes = self.allowed and dense_decode_step
 
-    def after_layer(self, local_layer: int, out_cache_loc: torch.Tensor) -> None:
+    def after_layer(self, local_layer: int, out_cache_loc: torch.Tensor) -> bool:
         """After a decode layer: at the last one of a deferring step, write the codes of
-        every layer's keys at the step's slots."""
+        every layer's keys at the step's slots, and say so (True)."""
         if self.pool.defer_codes and local_layer == self.last_layer:
             self.pool.write_deferred_codes(out_cache_loc)
+            return True
+        return False

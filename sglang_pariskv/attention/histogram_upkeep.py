@@ -11,7 +11,9 @@ every layer, and only requests that retrieve read them, so only those keep them:
   that end above the dense limit.
 * A request that crosses the limit while decoding is counted in full at its crossing
   step, then one new key per sparse step (``RequestHistograms.count_decode``); with
-  ``min_sparse_tokens`` a long request may decode in a dense step, so every step counts.
+  ``min_sparse_tokens`` a long request may decode in a dense step, so every step counts:
+  a dense step whose codes are written after its last layer (``DeferredCodes``) counts
+  every layer then, in one launch (:meth:`count_deferred`).
 
 ``ParisKVAttnBackend`` owns one and calls :meth:`extended` when it plans an extend,
 :meth:`recount` in each extend layer that retrieves later, and :meth:`count_decode` in
@@ -76,6 +78,23 @@ class HistogramUpkeep:
             seq,
             max_len=max_len,
             zeroed=True,  # extended() reset every extending row, in all layers
+        )
+
+    def count_deferred(self, forward_batch) -> None:
+        """After a dense decode step whose codes were written after its last layer: with
+        ``min_sparse_tokens``, the counts its layers could not make yet (their codes were
+        not written), for every layer in one launch. Otherwise nothing: a dense step needs
+        no counts."""
+        if not self.config.min_sparse_tokens:
+            return
+        bs = forward_batch.batch_size
+        self.hists.count_decode_layers(
+            [layer.signs for layer in self.codes.layers],
+            self.codes.signs_table(),
+            self.req_to_token_pool.req_to_token,
+            forward_batch.req_pool_indices[:bs],
+            forward_batch.seq_lens[:bs],
+            self.config.dense_limit,
         )
 
     def count_decode(self, local: int, forward_batch, sparse_step: bool) -> None:

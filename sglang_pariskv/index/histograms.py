@@ -100,6 +100,31 @@ class RequestHistograms:
             rows = torch.full((len(slots),), r, dtype=torch.int64)
             self.add(layer, signs[slots], rows)
 
+    def count_decode_layers(
+        self,
+        signs: list[torch.Tensor],
+        signs_table: torch.Tensor | None,
+        req_to_token: torch.Tensor,
+        req_pool_indices: torch.Tensor,
+        seq_lens: torch.Tensor,
+        limit: int,
+    ) -> None:
+        """:meth:`count_decode` for every layer at once, after a step whose codes were
+        written after its last layer. ``signs``: every layer's pool signs; on CUDA one
+        launch through ``signs_table``, the int64 addresses of ``signs`` (made before any
+        graph capture, which reads them)."""
+        if self.all.is_cuda:
+            from sglang_pariskv.kernels.histograms import count_new_keys_layers
+
+            if signs_table is None:
+                raise ValueError("counting every layer on CUDA needs the signs' address table")
+            count_new_keys_layers(
+                signs_table, signs[0], req_to_token, req_pool_indices, seq_lens, self.all, limit
+            )
+            return
+        for layer, layer_signs in enumerate(signs):
+            self.count_decode(layer, layer_signs, req_to_token, req_pool_indices, seq_lens, limit)
+
     def add(
         self,
         layer: int,

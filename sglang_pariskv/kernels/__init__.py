@@ -10,7 +10,8 @@ Write side:
   * :func:`add_to_histograms` — rebuild histogram counts from pool codes through
     ``req_to_token`` (radix-cache prefix hits).
   * :func:`count_new_keys` — per decode row above the dense limit: +1 for its new key, or
-    all its tokens at the step it crosses the limit (one launch per layer).
+    all its tokens at the step it crosses the limit (one launch per layer);
+    :func:`count_new_keys_layers` does every layer in one launch.
 
 Read side: :class:`DecodeWorkspace` (``plan(seq_lens_cpu)`` once per step on the host,
 ``run(q, codes, hist, req_to_token, req_pool_indices)`` per layer, CUDA-graph capturable)
@@ -25,7 +26,11 @@ kernels run only in Triton's interpreter, which the process must turn on
 from sglang_pariskv.kernels.assemble import kv_indptr_for, row_lengths
 from sglang_pariskv.kernels.cuda_ops import cuda_available
 from sglang_pariskv.kernels.encode import encode_layers_to_pool, encode_to_pool
-from sglang_pariskv.kernels.histograms import add_to_histograms, count_new_keys
+from sglang_pariskv.kernels.histograms import (
+    add_to_histograms,
+    count_new_keys,
+    count_new_keys_layers,
+)
 from sglang_pariskv.kernels.workspace import (
     DecodeOutput,
     DecodeWorkspace,
@@ -37,6 +42,7 @@ __all__ = [
     "DecodeWorkspace",
     "add_to_histograms",
     "count_new_keys",
+    "count_new_keys_layers",
     "cuda_available",
     "encode_layers_to_pool",
     "encode_to_pool",

@@ -5,7 +5,8 @@ same pass; these two rebuild counts from codes already in the pool, through
 ``req_to_token``: :func:`add_to_histograms` when a request extends (a radix-cache prefix
 hit's codes are there, slot-keyed), and :func:`count_new_keys` once per decode layer for
 the rows above the dense limit (the new key, or every key at the step a row crosses the
-limit).
+limit), or :func:`count_new_keys_layers` once for all layers after a step whose codes were
+written after its last layer.
 """
 
 from __future__ import annotations
@@ -79,22 +80,12 @@ def add_to_histograms(
 
 
 @triton.jit
-def _count_new_keys_kernel(
-    signs_ptr,
-    rtt_ptr,
-    stride_rtt,
-    req_ptr,
-    seq_ptr,
-    hist_ptr,
-    limit,
-    H: tl.constexpr,
-    B: tl.constexpr,
-    HBP: tl.constexpr,
-    SPLIT: tl.constexpr,
+def _count_row(
+    signs_ptr, rtt_ptr, stride_rtt, req_ptr, seq_ptr, hist_ptr, limit, r, part,
+    H: tl.constexpr, B: tl.constexpr, HBP: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_N: tl.constexpr,
-):
-    r = tl.program_id(0)
-    part = tl.program_id(1)
+):  # fmt: skip
+    """Part ``part`` of decode row ``r``'s count into one layer's signs / histograms."""
     seq = tl.load(seq_ptr + r)
     # Rows at or below the limit (CUDA-graph padding rows have seq_len 1) count nothing; the
     # step at which a row reaches limit + 1 counts all its tokens, later steps the new one.
@@ -110,6 +101,33 @@ def _count_new_keys_kernel(
         sg = tl.load(signs_ptr + slot[:, None] * (H * B) + hb[None, :], mask=m, other=0)
         hptr = hist_ptr + (req * (H * B) + hb[None, :]) * 256 + sg.to(tl.int32)
         tl.atomic_add(hptr, 1, mask=m, sem="relaxed")
+
+
+@triton.jit
+def _count_new_keys_kernel(
+    signs_ptr, rtt_ptr, stride_rtt, req_ptr, seq_ptr, hist_ptr, limit,
+    H: tl.constexpr, B: tl.constexpr, HBP: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    _count_row(
+        signs_ptr, rtt_ptr, stride_rtt, req_ptr, seq_ptr, hist_ptr, limit,
+        tl.program_id(0), tl.program_id(1), H, B, HBP, SPLIT, BLOCK_N,
+    )  # fmt: skip
+
+
+@triton.jit
+def _count_new_keys_layers_kernel(
+    signs_table, rtt_ptr, stride_rtt, req_ptr, seq_ptr, hist_ptr, stride_hl, limit,
+    H: tl.constexpr, B: tl.constexpr, HBP: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    layer = tl.program_id(2)
+    # this layer's signs, through a table of their addresses; its histograms, by stride
+    signs_ptr = tl.load(signs_table + layer).to(tl.pointer_type(tl.uint8))
+    _count_row(
+        signs_ptr, rtt_ptr, stride_rtt, req_ptr, seq_ptr, hist_ptr + layer * stride_hl, limit,
+        tl.program_id(0), tl.program_id(1), H, B, HBP, SPLIT, BLOCK_N,
+    )  # fmt: skip
 
 
 def check_count_limit(limit: int) -> None:
@@ -149,6 +167,51 @@ def count_new_keys(
         req_pool_indices,
         seq_lens,
         hist,
+        limit,
+        H=h,
+        B=b,
+        HBP=triton.next_power_of_2(h * b),
+        SPLIT=split,
+        BLOCK_N=block_n,
+    )
+
+
+def count_new_keys_layers(
+    signs_table: torch.Tensor,
+    signs: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    seq_lens: torch.Tensor,
+    hist_all: torch.Tensor,
+    limit: int,
+    split: int = 8,
+    block_n: int = 32,
+) -> None:
+    """:func:`count_new_keys` for every layer in one launch: the count of a dense decode
+    step whose codes were written after its last layer (``attention.deferred_codes``).
+
+    ``signs_table``: int64 [layers] addresses of each layer's signs (``address_table``),
+    made before capture; ``signs``: one layer's signs, for the shape; ``hist_all``: the
+    histograms of all layers, int32 [layers, max_reqs, Hkv, B, 256] contiguous.
+    """
+    check_count_limit(limit)
+    _, h, b = signs.shape
+    layers, r = hist_all.shape[0], req_pool_indices.shape[0]
+    if signs_table.shape != (layers,) or not hist_all[0].is_contiguous():
+        raise ValueError(
+            f"signs table {tuple(signs_table.shape)} for {layers} layers of histograms "
+            "(one address per layer, each layer's histograms contiguous)"
+        )
+    if r == 0:
+        return
+    _count_new_keys_layers_kernel[(r, split, layers)](
+        signs_table,
+        req_to_token,
+        req_to_token.stride(0),
+        req_pool_indices,
+        seq_lens,
+        hist_all,
+        hist_all.stride(0),
         limit,
         H=h,
         B=b,
