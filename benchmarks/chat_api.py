@@ -1,0 +1,152 @@
+"""Streamed requests through SGLang's OpenAI-compatible chat API, on models without text.
+
+The benchmarks' default model is an HF config with random weights (``--load-format
+dummy``): it has no tokenizer, and the OpenAI endpoints need one to turn messages into
+tokens and tokens into streamed text. :func:`write_word_tokenizer` gives such a model
+directory a tokenizer with one word per token id (``w0``, ``w1``, ...) and a chat template
+that is the message itself, so a prompt of exact token ids is the text of their words
+(:func:`prompt_text`) and each streamed token is one word: the client counts the tokens
+of every chunk, and the final usage chunk confirms the counts.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+#: At most this many SSE lines per output token are read before a stream counts as stuck.
+MAX_LINES_PER_TOKEN = 4
+
+
+def write_word_tokenizer(model_dir: Path, vocab_size: int, bos_id: int, eos_id: int) -> None:
+    """Write ``tokenizer.json`` and ``tokenizer_config.json`` into ``model_dir``: token id
+    i is the word ``w<i>``; words are split on whitespace and joined by single spaces."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    for name, i in (("bos", bos_id), ("eos", eos_id)):
+        if not 0 <= i < vocab_size:
+            raise ValueError(f"{name} token id {i} is outside the vocabulary of {vocab_size}")
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # words joined by spaces
+    tok.save(str(model_dir / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": f"w{bos_id}",
+        "eos_token": f"w{eos_id}",
+        "chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}",
+        "model_max_length": 1 << 30,
+    }
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
+def prompt_text(ids: list[int]) -> str:
+    """The message whose tokens are ``ids`` under :func:`write_word_tokenizer`'s tokenizer."""
+    return " ".join(f"w{i}" for i in ids)
+
+
+def check_local(url: str) -> None:
+    """Refuse any server but this machine's loopback address."""
+    host = urllib.parse.urlparse(url).hostname
+    if host != "127.0.0.1":
+        raise ValueError(f"{url}: this client only talks to 127.0.0.1")
+
+
+def stream_chat(
+    url: str,
+    ids: list[int],
+    output_len: int,
+    timeout: float,
+    t0: float | None = None,
+    token_times: list[tuple[float, int]] | None = None,
+) -> dict:
+    """Send one streamed ``/v1/chat/completions`` request whose prompt is the tokens
+    ``ids`` and which decodes exactly ``output_len`` tokens (``ignore_eos``, greedy), and
+    time its tokens on this side.
+
+    Returns ``tokens`` (output tokens, from the usage chunk), ``prompt_tokens``,
+    ``start_s`` (sent), ``first_s`` / ``last_s`` (first and last output token), in seconds
+    from ``t0`` (a ``time.perf_counter()`` value; default: the send), and ``error``: None,
+    or why the request failed (an HTTP error, an error chunk, a stream without its usage
+    chunk or ``[DONE]``, another prompt or output length than asked, or no end within
+    ``timeout`` seconds). ``token_times``, when given, receives ``(seconds from t0, output
+    tokens so far)`` for every chunk that brought tokens.
+    """
+    check_local(url)
+    body = {
+        "model": "default",
+        "messages": [{"role": "user", "content": prompt_text(ids)}],
+        "max_tokens": output_len,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    rec = {"tokens": 0, "prompt_tokens": None, "start_s": None, "first_s": None,
+           "last_s": None, "error": None}  # fmt: skip
+    http = urllib.request.Request(
+        url + "/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    start = rec["start_s"] = time.perf_counter()
+    seen, done, usage = 0, False, None
+    try:
+        with urllib.request.urlopen(http, timeout=timeout) as resp:
+            for _ in range(MAX_LINES_PER_TOKEN * output_len + 16):
+                if time.perf_counter() - start > timeout:
+                    rec["error"] = f"no end after {timeout:.0f} s"
+                    break
+                line = resp.readline()
+                now = time.perf_counter()
+                if not line:
+                    break
+                line = line.strip()
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    done = True
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    rec["error"] = f"server error: {json.dumps(chunk['error'])[:300]}"
+                    break
+                usage = chunk.get("usage") or usage
+                text = "".join(
+                    (c.get("delta") or {}).get("content") or "" for c in chunk["choices"]
+                )
+                words = len(text.split())
+                if words:
+                    seen += words
+                    if rec["first_s"] is None:
+                        rec["first_s"] = now
+                    rec["last_s"] = now
+                    if token_times is not None:
+                        token_times.append((now, seen))
+            if rec["error"] is None and not done:
+                rec["error"] = "stream ended without [DONE]"
+    except urllib.error.HTTPError as e:
+        rec["error"] = f"HTTP {e.code}: {e.read()[:300]!r}"
+    except (OSError, ValueError, KeyError, TypeError) as e:  # timeouts, refusals, bad chunks
+        rec["error"] = f"{type(e).__name__}: {e}"[:300]
+    if rec["error"] is None:
+        if usage is None:
+            rec["error"] = "stream without a usage chunk"
+        else:
+            rec["tokens"], rec["prompt_tokens"] = usage["completion_tokens"], usage["prompt_tokens"]
+            if rec["prompt_tokens"] != len(ids):
+                rec["error"] = f"{rec['prompt_tokens']} prompt tokens, sent {len(ids)}"
+            elif rec["tokens"] != output_len:
+                rec["error"] = f"{rec['tokens']} output tokens, expected {output_len}"
+    origin = start if t0 is None else t0
+    for k in ("start_s", "first_s", "last_s"):
+        if rec[k] is not None:
+            rec[k] -= origin
+    if token_times is not None:
+        token_times[:] = [(t - origin, n) for t, n in token_times]
+    return rec
