@@ -45,11 +45,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench_e2e as e2e  # noqa: E402
-import bench_mixed_traffic as mt  # noqa: E402
-import bench_workflows as wf  # noqa: E402
+from bench_mixed_traffic import add_server_args  # noqa: E402
 from bench_offload import RESULTS as OFFLOAD_RESULTS  # noqa: E402
 from bench_offload import SHAPE  # noqa: E402
+from engine_runs import _device_info, _read_stats  # noqa: E402
+from mixed_workload import Request, prompt_ids  # noqa: E402
+from server_client import stream_one  # noqa: E402
+from server_process import (  # noqa: E402
+    _ACTIVE,
+    _check_plugin_installed,
+    _on_signal,
+    _server_info,
+    serve_model,
+    server_for,
+)
+from step_floor import head_dim, kv_bytes_per_token, layer_weights  # noqa: E402
+from traffic_stats import tpot_s  # noqa: E402
 
 from pariskv_tools.cli import HelpFormatter, add_results_args, redraw, write_results  # noqa: E402
 
@@ -95,7 +106,7 @@ def model_config_of(model_dir: str) -> dict | None:
 def host_pool_gb(cfg: dict, tokens: int) -> float:
     """GiB of host pool that holds ``tokens`` tokens of K/V plus :data:`POOL_SLACK_TOKENS`,
     rounded up to half a GiB (the pool holds ``int(GiB * 2**30) // bytes per token``)."""
-    need = (tokens + POOL_SLACK_TOKENS) * e2e.kv_bytes_per_token(cfg) / 2**30
+    need = (tokens + POOL_SLACK_TOKENS) * kv_bytes_per_token(cfg) / 2**30
     return math.ceil(need * 2) / 2
 
 
@@ -111,9 +122,9 @@ def prefill_estimates(cfg: dict, n: int, chunk: int) -> dict:
     prefix_tokens = chunk * chunks * (chunks - 1) // 2  # chunk j starts after j * chunk
     return {
         "chunks": chunks,
-        "linear_flops": 2 * n * layers * e2e.layer_weights(cfg),
-        "attention_flops": 2 * layers * hq * e2e.head_dim(cfg) * n * (n + 1),
-        "prefix_kv_bytes_read": prefix_tokens * e2e.kv_bytes_per_token(cfg),
+        "linear_flops": 2 * n * layers * layer_weights(cfg),
+        "attention_flops": 2 * layers * hq * head_dim(cfg) * n * (n + 1),
+        "prefix_kv_bytes_read": prefix_tokens * kv_bytes_per_token(cfg),
     }
 
 
@@ -146,15 +157,15 @@ def token_intervals_ms(times: list) -> list[tuple[float, int]]:
 def measure(url: str, n: int, output_len: int, seed: int, timeout: float) -> dict:
     """Stream one request of ``n`` random token ids; its time to first token and the
     time per output token after it (mean and p50 over the chunks that brought tokens)."""
-    req = mt.Request(index=0, cls="long", input_len=n, arrival_s=0.0)
+    req = Request(index=0, cls="long", input_len=n, arrival_s=0.0)
     times: list[tuple[float, int]] = []
-    rec = mt.stream_one(url, req, mt.prompt_ids(seed, req), output_len, timeout, token_times=times)
+    rec = stream_one(url, req, prompt_ids(seed, req), output_len, timeout, token_times=times)
     if rec["error"] is not None:
         raise RuntimeError(f"the {n}-token request failed: {rec['error']}")
     per_token = [ms for ms, _ in token_intervals_ms(times)]
     return {
         "ttft_s": rec["first_s"] - rec["start_s"],
-        "tpot_ms": mt.tpot_s(rec) * 1000,
+        "tpot_ms": tpot_s(rec) * 1000,
         "tpot_p50_ms": statistics.median(per_token) if per_token else None,
         "output_tokens": rec["tokens"],
         "token_times_s": [[round(t, 6), k] for t, k in times],
@@ -195,11 +206,9 @@ def check_pariskv_ran(stats: dict) -> None:
 
 def run(args) -> dict:
     """Start the server, warm it up, time the request, stop it; the results' content."""
-    wf._check_plugin_installed()
+    _check_plugin_installed()
     context = args.input_len + args.output_len + 64
-    model, desc, flags = mt.serve_model(
-        args.model_path, context, model_config(context), SHAPE["name"]
-    )
+    model, desc, flags = serve_model(args.model_path, context, model_config(context), SHAPE["name"])
     cfg = model_config_of(model)
     pool_gb = args.host_pool_gb
     if pool_gb is None:
@@ -210,13 +219,13 @@ def run(args) -> dict:
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="bench-million-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     print(f"logs in {log_dir}", flush=True)
-    srv, stats_dir = mt.server_for("pariskv", args, model, flags, log_dir, context, pariskv)
-    wf._ACTIVE.append(srv)
+    srv, stats_dir = server_for("pariskv", args, model, flags, log_dir, context, pariskv)
+    _ACTIVE.append(srv)
     try:
         srv.start(args.health_timeout)
-        info = wf._server_info(srv.url)
-        warm = mt.Request(index=1, cls="long", input_len=args.warm_up_len, arrival_s=0.0)
-        rec = mt.stream_one(srv.url, warm, mt.prompt_ids(args.seed + 1, warm), 8, 600.0)
+        info = _server_info(srv.url)
+        warm = Request(index=1, cls="long", input_len=args.warm_up_len, arrival_s=0.0)
+        rec = stream_one(srv.url, warm, prompt_ids(args.seed + 1, warm), 8, 600.0)
         if rec["error"]:
             raise RuntimeError(f"warm-up request failed: {rec['error']}")
         srv.flush_cache()
@@ -228,14 +237,14 @@ def run(args) -> dict:
         raise
     finally:
         srv.stop()
-        wf._ACTIVE.remove(srv)
-    stats = wf._read_stats(stats_dir)
+        _ACTIVE.remove(srv)
+    stats = _read_stats(stats_dir)
     check_pariskv_ran(stats)
     chunk = info.get("chunked_prefill_size")
     est = prefill_estimates(cfg, args.input_len, chunk) if cfg and chunk else None
     ref = kernel_reference(args.input_len)
     return {
-        **e2e._device_info(),
+        **_device_info(),
         "command": " ".join([sys.executable, *sys.argv]),
         "server_command": " ".join(srv.cmd),
         "server_info": info,
@@ -306,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--request-timeout", type=float, default=7200.0, help="seconds the request may take"
     )
-    mt.add_server_args(ap, default_model=f"a {SHAPE['name']} config")
+    add_server_args(ap, default_model=f"a {SHAPE['name']} config")
     add_results_args(ap, RESULTS)
     return ap
 
@@ -318,8 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.input_len < 1 or args.output_len < 2 or args.warm_up_len < 1:
         raise SystemExit("--input-len and --warm-up-len must be >= 1, --output-len >= 2")
-    signal.signal(signal.SIGTERM, wf._on_signal)
-    signal.signal(signal.SIGINT, wf._on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
     data = run(args)
     write_results(data, args.out, plot)
     return 0

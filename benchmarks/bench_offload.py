@@ -46,8 +46,8 @@ from pariskv_tools.cli import HelpFormatter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_e2e import hbm_bandwidth_gbs, step_bytes  # noqa: E402
 from bench_kernels import graph_of  # noqa: E402
+from step_floor import hbm_bandwidth_gbs, step_bytes  # noqa: E402
 
 SHAPE = {
     "name": "Qwen2.5-7B-Instruct-1M shape",

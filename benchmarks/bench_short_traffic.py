@@ -21,7 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench_e2e as e2e  # noqa: E402
+from bench_e2e import add_split_run_args  # noqa: E402
+from engine_runs import _device_info  # noqa: E402
+from throughput import run_throughput  # noqa: E402
 
 from pariskv_tools.cli import HelpFormatter, add_results_args, redraw, write_results  # noqa: E402
 
@@ -109,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=3,
         help="prefills per batch; the time to first token is their median",
     )
-    e2e.add_split_run_args(ap)
+    add_split_run_args(ap)
     add_results_args(ap, RESULTS)
     return ap
 
@@ -127,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     for n in args.inputs:
         if not ParisKVConfig.from_dict(cfg).is_dense(n + args.output_len):
             raise SystemExit(f"--inputs {n}: requests must stay at or below the dense threshold")
-    run = e2e.run_throughput(
+    run = run_throughput(
         args.inputs,
         args.batches,
         args.output_len,
@@ -140,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
         print("engine rows saved; run the other mode to finish", flush=True)
         return
     data = {
-        **e2e._device_info(),
+        **_device_info(),
         "command": " ".join([sys.executable, *sys.argv]),
         "model": run["model"],
         "output_len": args.output_len,

@@ -31,7 +31,10 @@ from pariskv_tools.cli import HelpFormatter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench_e2e as e2e  # noqa: E402
+from bench_e2e import _plot_throughput  # noqa: E402
+from engine_runs import _device_info, _engine, _read_stats, _run_isolated  # noqa: E402
+from passkey_runs import PASSKEY_CFG, passkey_prompts  # noqa: E402
+from throughput import run_throughput  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "tp.json"
 
@@ -39,7 +42,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "tp.json"
 def _greedy_worker(model_path, pariskv, tp, prompts, new_tokens, out_q):
     try:
         stats_dir = tempfile.mkdtemp(prefix="pariskv-stats-")
-        eng = e2e._engine(
+        eng = _engine(
             model_path, pariskv, stats_dir, tp_size=tp, context_length=8192, mem_fraction_static=0.6
         )
         t0 = time.perf_counter()
@@ -53,7 +56,7 @@ def _greedy_worker(model_path, pariskv, tp, prompts, new_tokens, out_q):
                 "ids": [o["output_ids"] for o in outs],
                 "texts": [o["text"] for o in outs],
                 "seconds": seconds,
-                "stats": e2e._read_stats(stats_dir),
+                "stats": _read_stats(stats_dir),
             }
         )
     except Exception as e:
@@ -99,16 +102,14 @@ def run_correctness(
     src = ensure_smollm2()
     model = str(widen_checkpoint(src, cache_root() / "SmolLM2-135M-Instruct-hf-wide2"))
     tok = AutoTokenizer.from_pretrained(model)
-    task_list, prompts = e2e.passkey_prompts(tok, contexts, trials)
-    cfg = e2e.PASSKEY_CFG
+    task_list, prompts = passkey_prompts(tok, contexts, trials)
+    cfg = PASSKEY_CFG
     runs = {}
     for mode, pk in (("dense", None), ("pariskv", cfg)):
         for t in (1, tp):
             saved = runs_dir / f"{mode}_tp{t}.json" if runs_dir is not None else None
             if mode in modes:
-                runs[(mode, t)] = e2e._run_isolated(
-                    _greedy_worker, model, pk, t, prompts, new_tokens
-                )
+                runs[(mode, t)] = _run_isolated(_greedy_worker, model, pk, t, prompts, new_tokens)
                 if saved is not None:
                     saved.parent.mkdir(parents=True, exist_ok=True)
                     saved.write_text(json.dumps(runs[(mode, t)]))
@@ -160,7 +161,7 @@ def plot(results: Path = RESULTS) -> Path:
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.8), squeeze=False)
     for ax, name in zip(axes[0], panels):
         if name == "throughput":
-            e2e._plot_throughput(ax, data[name])
+            _plot_throughput(ax, data[name])
             ax.set_title(f"TP={data['tp']}: {data[name]['model']}")
             continue
         c = data[name]
@@ -190,7 +191,7 @@ def plot(results: Path = RESULTS) -> Path:
 
 def _merge(section: str, value: dict, tp: int) -> None:
     data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    data.update(e2e._device_info())
+    data.update(_device_info())
     data["tp"] = tp
     data["command_" + section] = " ".join([sys.executable, *sys.argv])
     data[section] = value
@@ -265,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     else:
         cfg = {"topk": 2048, "sink": 64, "local": 256, "dense_threshold": 8192}
-        res = e2e.run_throughput(
+        res = run_throughput(
             args.inputs,
             args.batches,
             args.output_len,

@@ -15,8 +15,8 @@ import math
 import threading
 import time
 
-import bench_mixed_traffic as mt
-from server_client import RequestFailed, generate, used_tokens
+from mixed_workload import Request, prompt_ids
+from server_client import RequestFailed, _check_local, generate, used_tokens
 
 #: Prompt-seed indices of the fill's requests, outside the soak's clients' and probes'.
 FILL_INDEX = 2**42
@@ -55,15 +55,15 @@ def fill_pool(
 ) -> dict:
     """Send :func:`fill_plan`'s requests at once and wait for all of them; the result, with
     the largest ``num_used_tokens`` seen (sum over ranks) while they ran."""
-    mt._check_local(url)
+    _check_local(url)
     lens = fill_plan(free_tokens, context_length, max_running, output_len)
     errors: list[str] = []
     lock = threading.Lock()
 
     def one(i: int, n: int) -> None:
-        req = mt.Request(index=FILL_INDEX + i, cls="fill", input_len=n, arrival_s=0.0)
+        req = Request(index=FILL_INDEX + i, cls="fill", input_len=n, arrival_s=0.0)
         try:
-            generate(url, mt.prompt_ids(seed, req), output_len, timeout)
+            generate(url, prompt_ids(seed, req), output_len, timeout)
         except RequestFailed as e:
             with lock:
                 errors.append(f"fill request {i} ({n} tokens): {e}")

@@ -24,7 +24,8 @@ from pariskv_tools.cli import HelpFormatter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench_e2e as e2e  # noqa: E402
+from engine_runs import _device_info, _engine, _run_isolated  # noqa: E402
+from step_floor import LLAMA_8B  # noqa: E402
 
 GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 MODES = ("pariskv", "dense")
@@ -142,7 +143,7 @@ def _profile_worker(model_dir, pariskv, input_len, batch, steps, out_dir, out_q)
     try:
         import random
 
-        eng = e2e._engine(
+        eng = _engine(
             model_dir,
             pariskv,
             load_format="dummy",
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out = args.out or Path(tempfile.mkdtemp(prefix="profile-"))
     args.out.mkdir(parents=True, exist_ok=True)
     model_dir = Path(tempfile.mkdtemp(prefix="llama8b-shape-"))
-    (model_dir / "config.json").write_text(json.dumps(e2e.LLAMA_8B))
+    (model_dir / "config.json").write_text(json.dumps(LLAMA_8B))
     cfg = {"topk": 2048, "sink": 64, "local": 256, "dense_threshold": 8192}
     per_step, windows, graph_steps = {}, {}, {}
     for mode, pk in (("pariskv", cfg), ("dense", None)):
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             graph_steps[mode] = got.get("graph_steps", {"decode_steps": 0})
             continue
         out_dir = tempfile.mkdtemp(prefix=f"trace-{mode}-")
-        res = e2e._run_isolated(
+        res = _run_isolated(
             _profile_worker, str(model_dir), pk, args.input_len, args.batch, args.steps, out_dir
         )
         # The profiled window covers steps + 2 scheduler steps, all decode after the
@@ -250,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         "input_len": args.input_len,
         "batch": args.batch,
         "steps": args.steps,
-        "device_info": e2e._device_info(),
+        "device_info": _device_info(),
         "total_us_per_step": {m: sum(v.values()) for m, v in per_step.items()},
         "window": windows,
         "categories_us_per_step": {

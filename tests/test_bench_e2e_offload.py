@@ -12,6 +12,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_e2e  # noqa: E402
+import offload_equivalence  # noqa: E402
+import passkey_runs  # noqa: E402
 
 
 def _first_diff(a, b):
@@ -39,7 +41,7 @@ def _first_diff(a, b):
     ],
 )
 def test_first_difference_matches_a_plain_scan(a, b):
-    assert bench_e2e.first_difference(a, b) == _first_diff(a, b)
+    assert offload_equivalence.first_difference(a, b) == _first_diff(a, b)
 
 
 def _result(texts, ids, top):
@@ -63,7 +65,7 @@ def test_answer_differences_report_first_token_and_baseline_margin():
     ]
     base = _result(["a", "b", "c"], base_ids, base_top)
     run = _result(["a", "b'", "c'"], run_ids, run_top)
-    diffs = bench_e2e.answer_differences(base, run, [4096, 4096, 8000])
+    diffs = offload_equivalence.answer_differences(base, run, [4096, 4096, 8000])
 
     expected = []
     for i in range(3):
@@ -97,30 +99,30 @@ def test_answer_differences_without_logprobs_or_past_the_baseline_end():
     # where the baseline has no logprobs; a run without logprobs has no margins at all.
     base = _result(["ab"], [[1, 2]], [[[[-0.1, 1], [-2.0, 3]], [[-0.1, 2], [-2.0, 3]]]])
     longer = _result(["abc"], [[1, 2, 3]], None)
-    (d,) = bench_e2e.answer_differences(base, longer, [4096])
+    (d,) = offload_equivalence.answer_differences(base, longer, [4096])
     assert d["first_diff_token"] == 2
     assert d["baseline_margin_at_diff"] is None
     assert d["this_margin_at_diff"] is None
     assert d["this_is_baseline_top2"] is None
-    assert bench_e2e.answer_differences(base, base, [4096]) == []
+    assert offload_equivalence.answer_differences(base, base, [4096]) == []
 
 
 def test_top_logprobs_from_sglang_meta_info():
     # SGLang's shape: per output token a list of (logprob, token_id, text) tuples, or None.
     meta = {"output_top_logprobs": [[(-2.0, 7, None), (-0.5, 3, None)], None, [(-0.1, 4, "x")]]}
-    assert bench_e2e._top_logprobs(meta) == [[[-0.5, 3], [-2.0, 7]], [], [[-0.1, 4]]]
-    assert bench_e2e._top_logprobs({}) == []
+    assert passkey_runs._top_logprobs(meta) == [[[-0.5, 3], [-2.0, 7]], [], [[-0.1, 4]]]
+    assert passkey_runs._top_logprobs({}) == []
 
 
 def test_default_variants_unchanged_and_repeat_opt_in():
-    cfg = dict(bench_e2e.PASSKEY_CFG)
-    default = bench_e2e.offload_run_configs(cfg)
+    cfg = dict(passkey_runs.PASSKEY_CFG)
+    default = offload_equivalence.offload_run_configs(cfg)
     assert list(default) == [
         "gpu_pool",
         "offload_hot_cache",
         "offload_direct",
     ]
-    picked = bench_e2e.offload_run_configs(
+    picked = offload_equivalence.offload_run_configs(
         cfg, ["gpu_pool_repeat", "offload_hot_cache", "offload_direct"]
     )
     assert list(picked) == ["gpu_pool", "gpu_pool_repeat", "offload_hot_cache", "offload_direct"]
@@ -166,12 +168,12 @@ class _FakeEngine:
 @pytest.mark.parametrize("sequential", [False, True])
 def test_worker_sequential_sends_one_request_at_a_time(monkeypatch, sequential):
     eng, engine_kwargs = _FakeEngine(), []
-    monkeypatch.setattr(bench_e2e, "_engine", lambda *a, **k: engine_kwargs.append(k) or eng)
-    monkeypatch.setattr(bench_e2e, "_read_stats", lambda d: {})
+    monkeypatch.setattr(passkey_runs, "_engine", lambda *a, **k: engine_kwargs.append(k) or eng)
+    monkeypatch.setattr(passkey_runs, "_read_stats", lambda d: {})
     prompts, short = [[1, 9], [2, 9], [3, 9]], [[5, 9], [6, 9]]
     q = queue.Queue()
     extra = {"disable_radix_cache": True}
-    bench_e2e._passkey_worker("model", None, prompts, short, sequential, True, extra, q)
+    passkey_runs._passkey_worker("model", None, prompts, short, sequential, True, extra, q)
     res = q.get_nowait()
     assert "error" not in res, res.get("error")
     assert engine_kwargs[0]["disable_radix_cache"] is True  # the CLI's flag reaches the engine

@@ -9,6 +9,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_e2e  # noqa: E402
+import engine_runs  # noqa: E402
+import step_floor  # noqa: E402
+import throughput  # noqa: E402
 
 CFG = {"topk": 2048, "sink": 64, "local": 256, "dense_threshold": 8192}
 
@@ -32,10 +35,10 @@ CFG = {"topk": 2048, "sink": 64, "local": 256, "dense_threshold": 8192}
 )
 def test_each_engine_must_have_decoded_as_its_mode_says(input_len, output_len, stats, ok):
     if ok:
-        bench_e2e.check_engines_ran(input_len, output_len, CFG, {}, stats)
+        throughput.check_engines_ran(input_len, output_len, CFG, {}, stats)
     else:
         with pytest.raises(RuntimeError, match="did not run as expected"):
-            bench_e2e.check_engines_ran(input_len, output_len, CFG, {}, stats)
+            throughput.check_engines_ran(input_len, output_len, CFG, {}, stats)
 
 
 def test_steps_below_min_sparse_tokens_must_have_decoded_densely():
@@ -43,37 +46,37 @@ def test_steps_below_min_sparse_tokens_must_have_decoded_densely():
     densely, two per step retrieve; with min_sparse_tokens 0 one retrieves."""
     dense = {"sparse_request_steps": 0, "dense_request_steps": 512}
     sparse = {"sparse_request_steps": 512, "dense_request_steps": 0}
-    bench_e2e.check_engines_ran(32768, 256, CFG, {}, dense, max_batch=1)
-    bench_e2e.check_engines_ran(32768, 256, CFG, {}, sparse, max_batch=2)
-    bench_e2e.check_engines_ran(32768, 256, {**CFG, "min_sparse_tokens": 0}, {}, sparse)
+    throughput.check_engines_ran(32768, 256, CFG, {}, dense, max_batch=1)
+    throughput.check_engines_ran(32768, 256, CFG, {}, sparse, max_batch=2)
+    throughput.check_engines_ran(32768, 256, {**CFG, "min_sparse_tokens": 0}, {}, sparse)
     for stats, batch in ((sparse, 1), (dense, 2)):
         with pytest.raises(RuntimeError, match="did not run as expected"):
-            bench_e2e.check_engines_ran(32768, 256, CFG, {}, stats, max_batch=batch)
+            throughput.check_engines_ran(32768, 256, CFG, {}, stats, max_batch=batch)
 
 
 def test_a_dense_engine_with_pariskv_stats_is_refused():
     with pytest.raises(RuntimeError, match="dense stats"):
-        bench_e2e.check_engines_ran(
+        throughput.check_engines_ran(
             131072, 256, CFG, {"decode_steps": 1}, {"sparse_request_steps": 1}
         )
 
 
 def test_short_requests_have_the_dense_floor_and_long_ones_a_smaller_one():
-    shape = bench_e2e.LLAMA_8B
+    shape = step_floor.LLAMA_8B
     for n in (1024, 8192):
-        assert bench_e2e.step_bytes(shape, n, 1, CFG) == bench_e2e.step_bytes(shape, n, 1, None)
-    long_dense = bench_e2e.step_bytes(shape, 131072, 1, None)["per_request"]
-    long_sparse = bench_e2e.step_bytes(shape, 131072, 1, CFG)["per_request"]
+        assert step_floor.step_bytes(shape, n, 1, CFG) == step_floor.step_bytes(shape, n, 1, None)
+    long_dense = step_floor.step_bytes(shape, 131072, 1, None)["per_request"]
+    long_sparse = step_floor.step_bytes(shape, 131072, 1, CFG)["per_request"]
     kv_row = 2 * 2 * shape["head_dim"] * shape["num_key_value_heads"] * shape["num_hidden_layers"]
     assert long_dense == 131072 * kv_row
     assert 2336 * kv_row < long_sparse < long_dense / 10  # attended rows + codes read
 
 
 def test_a_step_below_min_sparse_tokens_has_the_dense_floor():
-    shape, cfg = bench_e2e.LLAMA_8B, {**CFG, "min_sparse_tokens": 65536}
-    dense = bench_e2e.step_bytes(shape, 32768, 1, None)
-    assert bench_e2e.step_bytes(shape, 32768, 1, cfg) == dense  # 32K < 64K: dense step
-    assert bench_e2e.step_bytes(shape, 32768, 2, cfg)["per_request"] < dense["per_request"]
+    shape, cfg = step_floor.LLAMA_8B, {**CFG, "min_sparse_tokens": 65536}
+    dense = step_floor.step_bytes(shape, 32768, 1, None)
+    assert step_floor.step_bytes(shape, 32768, 1, cfg) == dense  # 32K < 64K: dense step
+    assert step_floor.step_bytes(shape, 32768, 2, cfg)["per_request"] < dense["per_request"]
 
 
 def test_reuse_options_reach_the_pariskv_engine_config(monkeypatch):
@@ -121,19 +124,19 @@ def test_an_engine_run_cut_short_resumes_with_the_batches_it_lacks(tmp_path):
         return part
 
     with pytest.raises(RuntimeError, match="time limit"):
-        bench_e2e._resume_engine(saved, key, True, [1, 2, 4],
+        throughput._resume_engine(saved, key, True, [1, 2, 4],
                                  lambda t, on: measure(t, on, cut_after=2))  # fmt: skip
-    got = bench_e2e._resume_engine(saved, key, True, [1, 2, 4], measure)
+    got = throughput._resume_engine(saved, key, True, [1, 2, 4], measure)
     assert asked == [[1, 2, 4], [4]]
     assert [r["batch"] for r in got["rows"]] == [1, 2, 4]
     assert got["rows"] == [_row(1), _row(2), _row(4)]
     assert got["stats"] == {"decode_steps": 10} and got["capacity_tokens"] == 900
-    assert bench_e2e._resume_engine(saved, key, False, [1, 2, 4], measure) == got
-    assert bench_e2e._resume_engine(saved, key, True, [1, 2, 4], measure) == got
+    assert throughput._resume_engine(saved, key, False, [1, 2, 4], measure) == got
+    assert throughput._resume_engine(saved, key, True, [1, 2, 4], measure) == got
     assert asked == [[1, 2, 4], [4]]  # nothing left to measure
     with pytest.raises(SystemExit, match="another setup"):
-        bench_e2e._resume_engine(saved, {"config": None}, True, [1], measure)
-    assert bench_e2e._resume_engine(tmp_path / "none.json", key, False, [1], measure) is None
+        throughput._resume_engine(saved, {"config": None}, True, [1], measure)
+    assert throughput._resume_engine(tmp_path / "none.json", key, False, [1], measure) is None
 
 
 def _two_partials_then_result(q):
@@ -144,7 +147,7 @@ def _two_partials_then_result(q):
 
 def test_run_isolated_hands_partial_results_over_before_the_result():
     seen = []
-    res = bench_e2e._run_isolated(_two_partials_then_result, on_partial=seen.append)
+    res = engine_runs._run_isolated(_two_partials_then_result, on_partial=seen.append)
     assert seen == [{"rows": [1]}, {"rows": [1, 2]}]
     assert res == {"rows": [1, 2], "done": True}
 
@@ -166,10 +169,10 @@ def test_cases_cover_every_batch_either_engine_ran_and_the_best_of_each_is_compa
         stats = {} if mcfg is None else {"sparse_request_steps": 9}
         return {"rows": got, "capacity_tokens": 10**6, "stats": stats}
 
-    monkeypatch.setattr(bench_e2e, "_measure_engine", fake_measure)
-    monkeypatch.setattr(bench_e2e, "hbm_bandwidth_gbs", lambda: 4000.0)
+    monkeypatch.setattr(throughput, "_measure_engine", fake_measure)
+    monkeypatch.setattr(throughput, "hbm_bandwidth_gbs", lambda: 4000.0)
     runs = tmp_path / "runs"
-    res = bench_e2e.run_throughput([131072], [1, 2, 5, 6], 256, CFG, runs_dir=runs,
+    res = throughput.run_throughput([131072], [1, 2, 5, 6], 256, CFG, runs_dir=runs,
                                    dense_backend="fa3")  # fmt: skip
     assert asked[0] == (True, {"attention_backend": "fa3"}, 6, [1, 2, 5, 6])
     assert asked[1] == (False, {}, 6, [1, 2, 5, 6])
@@ -212,10 +215,10 @@ def test_host_offload_rows_have_no_byte_floor(monkeypatch):
         return {"rows": [_row(b) | {"prefill_s": 1.0} for b in todo], "capacity_tokens": 10**7,
                 "stats": stats}  # fmt: skip
 
-    monkeypatch.setattr(bench_e2e, "_measure_engine", fake_measure)
-    monkeypatch.setattr(bench_e2e, "hbm_bandwidth_gbs", lambda: 4000.0)
+    monkeypatch.setattr(throughput, "_measure_engine", fake_measure)
+    monkeypatch.setattr(throughput, "hbm_bandwidth_gbs", lambda: 4000.0)
     cfg = {**CFG, "offload": "host", "host_pool_gb": 100.0}
-    res = bench_e2e.run_throughput([131072], [4], 256, cfg)
+    res = throughput.run_throughput([131072], [4], 256, cfg)
     (case,) = res["cases"]
     assert "pariskv_floor_ms" not in case and "pariskv_over_floor" not in case
     assert case["dense_floor_ms"] > 0 and case["speedup"] == pytest.approx(1.0)
@@ -251,11 +254,11 @@ def test_time_to_first_token_is_the_median_of_the_repeats(monkeypatch, repeats, 
     import queue
 
     clock = [0.0]
-    monkeypatch.setattr(bench_e2e, "_engine", lambda *a, **kw: _ClockedEngine(clock))
-    monkeypatch.setattr(bench_e2e.time, "perf_counter", lambda: clock[0])
-    monkeypatch.setattr(bench_e2e, "_read_stats", lambda d: {})
+    monkeypatch.setattr(throughput, "_engine", lambda *a, **kw: _ClockedEngine(clock))
+    monkeypatch.setattr(throughput.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(throughput, "_read_stats", lambda d: {})
     q = queue.Queue()
-    bench_e2e._throughput_worker("m", None, 4096, [1, 2], 2, 256, {}, repeats, q)
+    throughput._throughput_worker("m", None, 4096, [1, 2], 2, 256, {}, repeats, q)
     while "partial" in (res := q.get()):
         pass
     r1, r2 = res["rows"]

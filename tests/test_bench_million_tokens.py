@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_million_tokens as bench  # noqa: E402
 import bench_offload  # noqa: E402
+import step_floor  # noqa: E402
 
 from tests.test_bench_mixed_traffic import DELAYS, LONG_AT, _fake_generate
 
@@ -31,7 +32,7 @@ def test_model_config_is_the_qwen_1m_shape_to_transformers(tmp_path):
     assert cfg.model_type == "qwen2" and cfg.max_position_embeddings == 1_000_128
     assert cfg.hidden_size // cfg.num_attention_heads == 128
     assert (cfg.num_attention_heads, cfg.num_key_value_heads) == (28, 4)
-    assert bench.e2e.kv_bytes_per_token(bench.model_config_of(d)) == (
+    assert step_floor.kv_bytes_per_token(bench.model_config_of(d)) == (
         bench_offload.KV_BYTES_PER_TOKEN
     )
     assert bench.model_config_of(str(tmp_path / "absent")) is None
@@ -127,11 +128,11 @@ def _run(monkeypatch, tmp_path, stats: dict, argv: list[str]):
         asked["server"] = _FakeServer(srv.url, log_dir / "fake.log")
         return asked["server"], tmp_path / "stats"
 
-    monkeypatch.setattr(bench.mt, "server_for", server_for)
-    monkeypatch.setattr(bench.wf, "_check_plugin_installed", lambda: None)
-    monkeypatch.setattr(bench.wf, "_server_info", lambda url: {"chunked_prefill_size": 64})
-    monkeypatch.setattr(bench.wf, "_read_stats", lambda d: stats)
-    monkeypatch.setattr(bench.e2e, "_device_info", lambda: {"device": "fake GPU"})
+    monkeypatch.setattr(bench, "server_for", server_for)
+    monkeypatch.setattr(bench, "_check_plugin_installed", lambda: None)
+    monkeypatch.setattr(bench, "_server_info", lambda url: {"chunked_prefill_size": 64})
+    monkeypatch.setattr(bench, "_read_stats", lambda d: stats)
+    monkeypatch.setattr(bench, "_device_info", lambda: {"device": "fake GPU"})
     monkeypatch.setattr(bench.signal, "signal", lambda *a: None)
     try:
         code = bench.main(argv + ["--log-dir", str(tmp_path / "logs")])

@@ -15,6 +15,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_mixed_traffic as bench  # noqa: E402
+import mixed_runs  # noqa: E402
+import mixed_workload  # noqa: E402
+import server_client  # noqa: E402
+import traffic_stats  # noqa: E402
 
 from tests.loopback_server import LoopbackServer
 
@@ -22,7 +26,7 @@ from tests.loopback_server import LoopbackServer
 
 
 def _wl(n=400, rate=2.0, frac=0.1, seed=0, short=(1024, 4096), long=(65536, 131072)):
-    return bench.make_workload(n, rate, frac, short, long, seed)
+    return mixed_workload.make_workload(n, rate, frac, short, long, seed)
 
 
 def test_workload_is_a_function_of_its_seed():
@@ -79,27 +83,30 @@ def test_bad_workloads_are_refused():
 
 def test_prompt_ids():
     reqs = _wl(n=3, short=(50, 60), long=(50, 60))
-    a = bench.prompt_ids(0, reqs[0])
-    assert a == bench.prompt_ids(0, reqs[0]) and len(a) == reqs[0].input_len
-    assert all(bench.TOKEN_ID_RANGE[0] <= x < bench.TOKEN_ID_RANGE[1] for x in a)
-    assert a[:50] != bench.prompt_ids(0, reqs[1])[:50]  # no shared prefix between requests
-    assert a != bench.prompt_ids(1, reqs[0])
+    a = mixed_workload.prompt_ids(0, reqs[0])
+    assert a == mixed_workload.prompt_ids(0, reqs[0]) and len(a) == reqs[0].input_len
+    assert all(mixed_workload.TOKEN_ID_RANGE[0] <= x < mixed_workload.TOKEN_ID_RANGE[1] for x in a)
+    assert a[:50] != mixed_workload.prompt_ids(0, reqs[1])[:50]  # no shared prefix between requests
+    assert a != mixed_workload.prompt_ids(1, reqs[0])
 
 
 # --------------------------------------------------------------------------- statistics
 
 
 def test_percentile_matches_numpy_and_hand_values():
-    assert bench.percentile([1, 2, 3, 4], 50) == pytest.approx(2.5)
-    assert bench.percentile([1, 2, 3, 4], 99) == pytest.approx(3.97)
-    assert bench.percentile([4, 1, 3, 2], 0) == 1 and bench.percentile([4, 1, 3, 2], 100) == 4
-    assert bench.percentile([7.0], 99) == 7.0
-    assert bench.percentile([], 50) is None
+    assert traffic_stats.percentile([1, 2, 3, 4], 50) == pytest.approx(2.5)
+    assert traffic_stats.percentile([1, 2, 3, 4], 99) == pytest.approx(3.97)
+    assert (
+        traffic_stats.percentile([4, 1, 3, 2], 0) == 1
+        and traffic_stats.percentile([4, 1, 3, 2], 100) == 4
+    )
+    assert traffic_stats.percentile([7.0], 99) == 7.0
+    assert traffic_stats.percentile([], 50) is None
     rng = np.random.default_rng(0)
     for n in (2, 5, 33, 100):
         xs = rng.exponential(size=n).tolist()
         for q in (1, 50, 90, 99):
-            assert bench.percentile(xs, q) == pytest.approx(np.percentile(xs, q))
+            assert traffic_stats.percentile(xs, q) == pytest.approx(np.percentile(xs, q))
 
 
 def _rec(cls, start, first, last, tokens, error=None, input_len=100):
@@ -108,8 +115,8 @@ def _rec(cls, start, first, last, tokens, error=None, input_len=100):
 
 
 def test_tpot_excludes_the_first_token():
-    assert bench.tpot_s(_rec("short", 0.0, 0.5, 2.5, 11)) == pytest.approx(0.2)
-    assert bench.tpot_s(_rec("short", 0.0, 0.5, 0.5, 1)) is None
+    assert traffic_stats.tpot_s(_rec("short", 0.0, 0.5, 2.5, 11)) == pytest.approx(0.2)
+    assert traffic_stats.tpot_s(_rec("short", 0.0, 0.5, 0.5, 1)) is None
 
 
 def test_class_stats_by_hand():
@@ -119,7 +126,7 @@ def test_class_stats_by_hand():
         _rec("short", 2.0, 2.2, 2.6, 5, input_len=2000),  # TTFT 200 ms, TPOT 100 ms
         _rec("long", 0.5, 2.5, 4.5, 11, input_len=70000),  # TTFT 2000 ms, TPOT 200 ms
     ]
-    s = bench.class_stats(recs, "short", wall_s=4.0)
+    s = traffic_stats.class_stats(recs, "short", wall_s=4.0)
     assert s["requests"] == 3 and s["errors"] == 0
     assert s["input_tokens_mean"] == pytest.approx(2000)
     assert s["ttft_p50_ms"] == pytest.approx(200)
@@ -127,10 +134,10 @@ def test_class_stats_by_hand():
     assert s["tpot_p50_ms"] == pytest.approx(100)
     assert s["tpot_p99_ms"] == pytest.approx(100)
     assert s["output_tokens"] == 37 and s["output_tok_s"] == pytest.approx(37 / 4.0)
-    lng = bench.class_stats(recs, "long", wall_s=4.0)
+    lng = traffic_stats.class_stats(recs, "long", wall_s=4.0)
     assert lng["ttft_p50_ms"] == pytest.approx(2000) and lng["tpot_p50_ms"] == pytest.approx(200)
     assert lng["output_tok_s"] == pytest.approx(11 / 4.0)
-    bad = bench.class_stats([*recs, _rec("long", 0, None, None, 0, error="x")], "long", 4.0)
+    bad = traffic_stats.class_stats([*recs, _rec("long", 0, None, None, 0, error="x")], "long", 4.0)
     assert bad["errors"] == 1 and bad["requests"] == 2 and bad["output_tokens"] == 11
 
 
@@ -202,7 +209,7 @@ def _fake_generate(log: list, fail: dict | None = None):
 
 
 def _small_workload(n=12, rate=10.0, seed=5):
-    return bench.make_workload(n, rate, 0.25, (10, 30), (150, 250), seed)
+    return mixed_workload.make_workload(n, rate, 0.25, (10, 30), (150, 250), seed)
 
 
 def test_client_times_follow_the_stream():
@@ -211,15 +218,15 @@ def test_client_times_follow_the_stream():
     reqs = _small_workload()
     try:
         t0 = time.perf_counter()
-        got = bench.run_rate(srv.url, reqs, OUT, seed=5, max_seconds=60, request_timeout=30)
+        got = mixed_runs.run_rate(srv.url, reqs, OUT, seed=5, max_seconds=60, request_timeout=30)
     finally:
         srv.close()
     assert got["sent"] == len(reqs) == len(got["records"]) == len(log)
     # what was sent: every request's own prompt, exactly OUT tokens, streamed
     by_first = {e["req"]["input_ids"][0]: e for e in log}
     for r in reqs:
-        e = by_first[bench.prompt_ids(5, r)[0]]
-        assert e["req"]["input_ids"] == bench.prompt_ids(5, r)
+        e = by_first[mixed_workload.prompt_ids(5, r)[0]]
+        assert e["req"]["input_ids"] == mixed_workload.prompt_ids(5, r)
         assert e["req"]["stream"] is True
         assert e["req"]["sampling_params"]["max_new_tokens"] == OUT
         assert e["req"]["sampling_params"]["ignore_eos"] is True
@@ -230,12 +237,12 @@ def test_client_times_follow_the_stream():
         assert rec["start_s"] == pytest.approx(r.arrival_s, abs=0.05)
         ttft, itl = DELAYS[r.cls]
         assert ttft <= rec["first_s"] - rec["start_s"] < ttft + 0.05
-        assert itl <= bench.tpot_s(rec) < itl + 0.01
+        assert itl <= traffic_stats.tpot_s(rec) < itl + 0.01
     # the wall time covers the last arrival and its request
     last = reqs[-1]
     assert got["wall_s"] >= last.arrival_s + DELAYS[last.cls][0] + (OUT - 1) * DELAYS[last.cls][1]
-    for cls in bench.CLASSES:
-        s = bench.class_stats(got["records"], cls, got["wall_s"])
+    for cls in mixed_workload.CLASSES:
+        s = traffic_stats.class_stats(got["records"], cls, got["wall_s"])
         ttft, itl = DELAYS[cls]
         assert s["requests"] == sum(r.cls == cls for r in reqs) and s["errors"] == 0
         assert ttft * 1000 <= s["ttft_p50_ms"] <= s["ttft_p99_ms"] < ttft * 1000 + 50
@@ -249,7 +256,7 @@ def test_max_seconds_stops_sending():
     reqs = _small_workload(n=30, rate=10.0)
     cut = 1.0
     try:
-        got = bench.run_rate(srv.url, reqs, OUT, seed=5, max_seconds=cut, request_timeout=30)
+        got = mixed_runs.run_rate(srv.url, reqs, OUT, seed=5, max_seconds=cut, request_timeout=30)
     finally:
         srv.close()
     want = sum(r.arrival_s <= cut for r in reqs)
@@ -270,10 +277,10 @@ def test_a_failed_request_fails_the_run_and_stops_sending(how, match):
     reqs = _small_workload(n=20, rate=10.0)
     bad = reqs[1]
     log: list = []
-    srv = _fake_generate(log, fail={bench.prompt_ids(5, bad)[0]: how})
+    srv = _fake_generate(log, fail={mixed_workload.prompt_ids(5, bad)[0]: how})
     try:
         with pytest.raises(RuntimeError, match=match) as err:
-            bench.run_rate(srv.url, reqs, OUT, seed=5, max_seconds=60, request_timeout=0.5)
+            mixed_runs.run_rate(srv.url, reqs, OUT, seed=5, max_seconds=60, request_timeout=0.5)
     finally:
         srv.close()
     assert f"request {bad.index} ({bad.cls}" in str(err.value)
@@ -283,9 +290,9 @@ def test_a_failed_request_fails_the_run_and_stops_sending(how, match):
 def test_client_talks_to_loopback_only():
     req = _small_workload(n=1)[0]
     with pytest.raises(ValueError, match="127.0.0.1"):
-        bench.stream_one("http://10.0.0.1:30000", req, [1], OUT, 1.0)
+        server_client.stream_one("http://10.0.0.1:30000", req, [1], OUT, 1.0)
     with pytest.raises(ValueError, match="127.0.0.1"):
-        bench.run_rate("http://localhost:30000", [req], OUT, 0, 1.0, 1.0)
+        mixed_runs.run_rate("http://localhost:30000", [req], OUT, 0, 1.0, 1.0)
 
 
 # --------------------------------------------------------------------------- results
@@ -296,10 +303,11 @@ def _measure(url: str, args, stats: dict, rates: list[float], on_rate=None, cut=
     which the run is killed, as a device call's time limit would)."""
     result = {"server_command": "fake", "server_info": {}, "rates": {}, "stats": {}}
     for rate in rates:
-        reqs = bench.make_workload(args.requests, rate, args.long_fraction, args.short_input,
-                                   args.long_input, args.seed)  # fmt: skip
-        got = bench.run_rate(url, reqs, args.output_len, args.seed, args.max_seconds,
-                             args.request_timeout)  # fmt: skip
+        reqs = mixed_workload.make_workload(args.requests, rate, args.long_fraction,
+                                            args.short_input, args.long_input,
+                                            args.seed)  # fmt: skip
+        got = mixed_runs.run_rate(url, reqs, args.output_len, args.seed, args.max_seconds,
+                                  args.request_timeout)  # fmt: skip
         result["rates"][str(rate)] = got
         if on_rate is not None:
             on_rate(result | {"stats": stats})
@@ -313,7 +321,7 @@ def _split_runs(monkeypatch, tmp_path, run_server, requests: int):
     of a two-rate workload with a runs dir."""
     monkeypatch.setattr(bench, "run_server", run_server)
     monkeypatch.setattr(bench.signal, "signal", lambda *a: None)
-    monkeypatch.setattr(bench.e2e, "_device_info", lambda: {"device": "fake GPU"})  # imports sglang
+    monkeypatch.setattr(bench, "_device_info", lambda: {"device": "fake GPU"})  # imports sglang
     out = tmp_path / "mixed.json"
     common = ["--rates", "20", "40", "--requests", str(requests), "--long-fraction", "0.25",
               "--short-input", "10-30", "--long-input", "150-250", "--output-len", str(OUT),
@@ -346,9 +354,9 @@ def test_two_invocations_make_one_comparison(tmp_path, monkeypatch):
     assert list(data["rates"]) == ["20.0", "40.0"]
     assert data["pariskv_stats"] == stats["pariskv"]
     for per in data["rates"].values():
-        for mode in bench.MODES:
+        for mode in traffic_stats.MODES:
             total = 0.0
-            for cls in bench.CLASSES:
+            for cls in mixed_workload.CLASSES:
                 s = per[cls][mode]
                 assert s["errors"] == 0 and s["requests"] == {"short": 6, "long": 2}[cls]
                 assert DELAYS[cls][1] * 1000 <= s["tpot_p50_ms"] < DELAYS[cls][1] * 1000 + 10

@@ -21,15 +21,21 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_soak as bench  # noqa: E402
 import pool_fill  # noqa: E402
+import server_client  # noqa: E402
+import server_process  # noqa: E402
+import soak_checks  # noqa: E402
+import soak_load  # noqa: E402
+import soak_scenarios  # noqa: E402
+import soak_server  # noqa: E402
 
 from tests.loopback_server import LoopbackServer  # noqa: E402
 
 CTX, THR = 2048, 256
 MAX_TOTAL = 100_000
-WEIGHTS = bench._mix(bench.DEFAULT_MIX)
+WEIGHTS = bench._mix(soak_scenarios.DEFAULT_MIX)
 
 
-def _wl(seed=0, weights=None, **kw) -> bench.Workload:
+def _wl(seed=0, weights=None, **kw) -> soak_scenarios.Workload:
     args = dict(
         seed=seed,
         context_length=CTX,
@@ -40,14 +46,14 @@ def _wl(seed=0, weights=None, **kw) -> bench.Workload:
         weights=weights or WEIGHTS,
     )
     args.update(kw)
-    return bench.Workload(**args)
+    return soak_scenarios.Workload(**args)
 
 
 # --------------------------------------------------------------------------- scenario mix
 
 
 def _plan(w, clients=8, n=100):
-    return [list(itertools.islice(bench.scenarios(w, c), n)) for c in range(clients)]
+    return [list(itertools.islice(soak_scenarios.scenarios(w, c), n)) for c in range(clients)]
 
 
 def test_the_mix_is_a_function_of_its_seed():
@@ -62,10 +68,10 @@ def test_the_mix_is_a_function_of_its_seed():
 def test_the_mix_covers_every_kind_from_the_start_and_follows_the_weights():
     w = _wl()
     plan = _plan(w, clients=64, n=200)
-    assert {c[0].kind for c in plan[: len(bench.KINDS)]} == set(bench.KINDS)
+    assert {c[0].kind for c in plan[: len(soak_scenarios.KINDS)]} == set(soak_scenarios.KINDS)
     counts = collections.Counter(s.kind for c in plan for s in c[1:])
     total, wsum = sum(counts.values()), sum(WEIGHTS.values())
-    for kind in bench.KINDS:
+    for kind in soak_scenarios.KINDS:
         assert counts[kind] / total == pytest.approx(WEIGHTS[kind] / wsum, abs=0.01)
     for s in (s for c in plan for s in c):
         if s.kind == "long":
@@ -75,11 +81,11 @@ def test_the_mix_covers_every_kind_from_the_start_and_follows_the_weights():
         elif s.kind == "max1":
             assert s.output_len == 1
         elif s.kind == "abort":
-            assert 1 <= s.cut_after <= 8 and s.output_len == bench.ABORT_OUTPUT
+            assert 1 <= s.cut_after <= 8 and s.output_len == soak_scenarios.ABORT_OUTPUT
         elif s.kind == "chat":
             assert s.input_len == 300 and 2 <= s.turns <= 4
         elif s.kind == "malformed":
-            assert s.variant in bench.MALFORMED
+            assert s.variant in soak_scenarios.MALFORMED
         else:
             assert 16 <= s.input_len <= 128
 
@@ -105,8 +111,8 @@ def test_impossible_workloads_are_refused(kw, match):
 
 
 def test_malformed_bodies_are_what_their_names_say():
-    for variant, path in bench.MALFORMED.items():
-        body = bench.malformed_body(variant, CTX)
+    for variant, path in soak_scenarios.MALFORMED.items():
+        body = soak_scenarios.malformed_body(variant, CTX)
         if variant.endswith("bad_json"):
             with pytest.raises(ValueError):
                 json.loads(body)
@@ -125,11 +131,11 @@ def test_malformed_bodies_are_what_their_names_say():
 
 
 def test_probes_stay_at_or_below_the_dense_threshold():
-    probes = bench.probe_set(_wl(), 5, 32)
+    probes = soak_server.probe_set(_wl(), 5, 32)
     assert [len(p) for p in probes] == [16, 68, 120, 172, 224]
-    assert probes == bench.probe_set(_wl(), 5, 32)
+    assert probes == soak_server.probe_set(_wl(), 5, 32)
     with pytest.raises(ValueError):
-        bench.probe_set(_wl(), 4, THR)
+        soak_server.probe_set(_wl(), 4, THR)
 
 
 # --------------------------------------------------------------------------- fake server
@@ -295,27 +301,31 @@ def fake():
 
 def test_an_abort_mid_stream_is_an_abort_and_the_server_sees_the_client_go(fake):
     srv, state = fake()
-    ids = bench.ids_for(0, 1, 40)
-    cut, tokens = bench.abort_stream(srv.url, ids, 512, cut_after=3, timeout=10)
+    ids = soak_scenarios.ids_for(0, 1, 40)
+    cut, tokens = server_client.abort_stream(srv.url, ids, 512, cut_after=3, timeout=10)
     assert cut and tokens == 3
     deadline = time.monotonic() + 5
     while state.disconnects == 0 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert state.disconnects == 1 and state.generated == 0
     # a stream shorter than the cut is a finished request, not an abort
-    assert bench.abort_stream(srv.url, ids, 2, cut_after=5, timeout=10) == (False, 2)
-    tally = bench.Tally()
-    bench.run_scenario(srv.url, bench.Scenario("abort", 9, 40, 512, cut_after=2), _wl(), 10, tally)
+    assert server_client.abort_stream(srv.url, ids, 2, cut_after=5, timeout=10) == (False, 2)
+    tally = soak_load.Tally()
+    soak_load.run_scenario(
+        srv.url, soak_scenarios.Scenario("abort", 9, 40, 512, cut_after=2), _wl(), 10, tally
+    )
     assert (tally.aborts, tally.errors, tally.requests) == (1, 0, 1)
 
 
 def test_an_error_before_the_cut_is_an_error(fake):
     srv, _ = fake()
-    with pytest.raises(bench.RequestFailed, match="HTTP 400"):
-        bench.abort_stream(srv.url, list(range(CTX)), 512, 3, timeout=10)
-    tally = bench.Tally()
+    with pytest.raises(server_client.RequestFailed, match="HTTP 400"):
+        server_client.abort_stream(srv.url, list(range(CTX)), 512, 3, timeout=10)
+    tally = soak_load.Tally()
     w = _wl(context_length=CTX + 1000)  # the fake's context is CTX: the request is refused
-    bench.run_scenario(srv.url, bench.Scenario("abort", 9, CTX, 512, cut_after=2), w, 10, tally)
+    soak_load.run_scenario(
+        srv.url, soak_scenarios.Scenario("abort", 9, CTX, 512, cut_after=2), w, 10, tally
+    )
     assert (tally.aborts, tally.errors) == (0, 1)
     assert "HTTP 400" in tally.error_samples[0]
 
@@ -324,7 +334,7 @@ def test_drive_runs_every_kind_without_errors_and_ends_on_time(fake):
     srv, state = fake()
     duration = 2.0
     t0 = time.monotonic()
-    got = bench.drive(
+    got = soak_load.drive(
         srv.url,
         _wl(),
         clients=16,
@@ -338,7 +348,7 @@ def test_drive_runs_every_kind_without_errors_and_ends_on_time(fake):
     assert duration <= got["wall_s"] <= took < duration + 3.0
     assert got["errors"] == 0, got["error_samples"]
     assert got["hung_clients"] == 0 and not got["crashed"]
-    assert all(got["by_kind"][k]["sent"] > 0 for k in bench.KINDS)
+    assert all(got["by_kind"][k]["sent"] > 0 for k in soak_scenarios.KINDS)
     assert (
         got["malformed_total"]
         == got["malformed_rejected_4xx"]
@@ -354,7 +364,7 @@ def test_drive_runs_every_kind_without_errors_and_ends_on_time(fake):
 def test_drive_stops_at_the_per_client_count(fake):
     srv, state = fake()
     t0 = time.monotonic()
-    got = bench.drive(
+    got = soak_load.drive(
         srv.url,
         _wl(weights={"short": 1.0}),
         clients=4,
@@ -371,7 +381,7 @@ def test_drive_stops_at_the_per_client_count(fake):
 def test_a_dead_server_stops_the_load_as_a_crash(fake):
     srv, _ = fake()
     t0 = time.monotonic()
-    got = bench.drive(
+    got = soak_load.drive(
         srv.url,
         _wl(),
         clients=4,
@@ -386,9 +396,9 @@ def test_a_dead_server_stops_the_load_as_a_crash(fake):
 
 def test_the_client_talks_to_loopback_only():
     with pytest.raises(ValueError, match="127.0.0.1"):
-        bench.drive("http://localhost:1", _wl(), 1, 1, 1, 1, 1, lambda: True)
+        soak_load.drive("http://localhost:1", _wl(), 1, 1, 1, 1, 1, lambda: True)
     with pytest.raises(ValueError, match="127.0.0.1"):
-        bench.abort_stream("http://10.0.0.1:1", [1], 4, 1, 1)
+        server_client.abort_stream("http://10.0.0.1:1", [1], 4, 1, 1)
 
 
 # --------------------------------------------------------------------------- checks
@@ -440,13 +450,13 @@ def test_the_sample_log_lines_use_the_plugins_format_strings():
 
 
 def test_planned_and_allocated_memory_from_the_log():
-    got = bench.parse_memory_log(_log())
+    got = soak_checks.parse_memory_log(_log())
     assert got["memory_planned_bytes"] == round(1.25 * 2**30)
     assert got["memory_allocated_bytes"] == round((40.5 + 300.2) * 2**20)  # %.1f of 300.25
     assert got["kv_tokens_reserved"] == 10240
-    off = bench.parse_memory_log(_log(offload=True))
+    off = soak_checks.parse_memory_log(_log(offload=True))
     assert off["memory_allocated_bytes"] == round((40.5 + 300.2 + 96.5) * 2**20)
-    none = bench.parse_memory_log("[TP0] Load weight end.\n")
+    none = soak_checks.parse_memory_log("[TP0] Load weight end.\n")
     assert none["memory_planned_bytes"] is None and none["memory_allocated_bytes"] is None
 
 
@@ -462,30 +472,30 @@ def _tally(**kw):
 
 
 def test_counters_must_match_what_was_served():
-    pk = bench.PK
+    pk = soak_checks.PK
     good = {
         f"{pk}tokens_encoded_total": 9e3,
         f"{pk}sparse_request_steps_total": 40.0,
         f"{pk}dense_request_steps_total": 30.0,
     }
-    assert bench.check_counters(good, _tally()) == []
+    assert soak_checks.check_counters(good, _tally()) == []
     no_sparse = good | {f"{pk}sparse_request_steps_total": 0.0}
-    assert "sparse_request_steps" in " ".join(bench.check_counters(no_sparse, _tally()))
-    assert bench.check_counters(no_sparse, _tally(sparse_expected=0)) == []
+    assert "sparse_request_steps" in " ".join(soak_checks.check_counters(no_sparse, _tally()))
+    assert soak_checks.check_counters(no_sparse, _tally(sparse_expected=0)) == []
     no_enc = {k: v for k, v in good.items() if "encoded" not in k}
-    assert "tokens_encoded" in " ".join(bench.check_counters(no_enc, _tally()))
-    assert bench.check_counters(None, _tally())
+    assert "tokens_encoded" in " ".join(soak_checks.check_counters(no_enc, _tally()))
+    assert soak_checks.check_counters(None, _tally())
 
 
 # --------------------------------------------------------------------------- whole runs
 
 
-#: bench_workflows.Server's /flush_cache call (the tests replace the class)
-REAL_FLUSH = bench.wf.Server.flush_cache
+#: server_process.Server's /flush_cache call (the tests replace the class)
+REAL_FLUSH = server_process.Server.flush_cache
 
 
 class FakeServer:
-    """Stands in for bench_workflows.Server: the fake SGLang of the named server, which
+    """Stands in for server_process.Server: the fake SGLang of the named server, which
     'logs' the plugin's memory lines when it is the ParisKV one."""
 
     FAKES: dict = {}
@@ -511,9 +521,9 @@ class FakeServer:
 
 def _main(tmp_path, monkeypatch, fakes, *extra):
     monkeypatch.setattr(FakeServer, "FAKES", fakes)
-    monkeypatch.setattr(bench.wf, "Server", FakeServer)
-    monkeypatch.setattr(bench.wf, "_check_plugin_installed", lambda: None)
-    monkeypatch.setattr(bench.e2e, "_device_info", lambda: {"device": "fake GPU"})
+    monkeypatch.setattr(server_process, "Server", FakeServer)
+    monkeypatch.setattr(bench, "_check_plugin_installed", lambda: None)
+    monkeypatch.setattr(bench, "_device_info", lambda: {"device": "fake GPU"})
     monkeypatch.setattr(bench.signal, "signal", lambda *a: None)
     out = tmp_path / "soak.json"
     argv = [
@@ -567,7 +577,7 @@ def test_a_clean_run_passes_and_states_what_it_checked(tmp_path, monkeypatch, fa
     assert data["probe_input_lens"] == [16, 85, 155, 224]
     assert data["memory_planned_bytes"] == round(1.25 * 2**30)
     assert data["memory_allocated_bytes"] == round((40.5 + 300.2) * 2**20)
-    assert data["pariskv_counters"][f"{bench.PK}sparse_request_steps_total"] > 0
+    assert data["pariskv_counters"][f"{soak_checks.PK}sparse_request_steps_total"] > 0
     assert data["series"] and "--enable-pariskv" in data["server_commands"]["pariskv"]
     assert "--enable-pariskv" not in data["server_commands"]["dense"]
     assert (tmp_path / "soak.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -600,7 +610,7 @@ def test_a_fill_that_fails_fails_the_run(tmp_path, monkeypatch, fake):
         asked.append((free, ctx))
         return {"requests": 4, "errors": 1, "error_samples": ["HTTP 500: out of memory"]}
 
-    monkeypatch.setattr(bench, "fill_pool", failing_fill)
+    monkeypatch.setattr(soak_server, "fill_pool", failing_fill)
     rc, data = _main(tmp_path, monkeypatch, {"pariskv": pk}, "--mix", "short=1")
     assert rc == 1 and asked == [(MAX_TOTAL, CTX)]
     assert any("1 of 4 requests filling the KV pool failed" in f for f in data["failures"])

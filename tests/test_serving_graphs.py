@@ -21,12 +21,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-import bench_e2e  # noqa: E402
+import engine_runs  # noqa: E402
+import step_floor  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
 TINY_LLAMA = {
-    **bench_e2e.LLAMA_8B,
+    **step_floor.LLAMA_8B,
     "hidden_size": 512,
     "intermediate_size": 1024,
     "num_hidden_layers": 4,
@@ -62,7 +63,7 @@ def _prompts() -> dict[str, tuple[list[list[int]], int]]:
 def _worker(model_dir, pariskv, groups, out_q):
     try:
         stats_dir = tempfile.mkdtemp(prefix="pariskv-stats-")
-        eng = bench_e2e._engine(
+        eng = engine_runs._engine(
             model_dir,
             pariskv,
             stats_dir,
@@ -83,7 +84,7 @@ def _worker(model_dir, pariskv, groups, out_q):
             )
             outs[name] = [r["output_ids"] for r in res]
         eng.shutdown()
-        out_q.put({"outs": outs, "stats": bench_e2e._read_stats(stats_dir)})
+        out_q.put({"outs": outs, "stats": engine_runs._read_stats(stats_dir)})
     except Exception as e:
         out_q.put({"error": f"{e!r}\n{traceback.format_exc()}"})
 
@@ -96,7 +97,7 @@ def model_dir(tmp_path_factory):
 
 
 def _serve(model_dir, pariskv, groups=("short", "crossing", "long", "mixed")):
-    return bench_e2e._run_isolated(_worker, model_dir, pariskv, tuple(groups))
+    return engine_runs._run_isolated(_worker, model_dir, pariskv, tuple(groups))
 
 
 @pytest.fixture(scope="module")

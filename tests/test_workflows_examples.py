@@ -25,6 +25,10 @@ from sglang_pariskv.metrics import BatchCounts, ParisKVMetrics
 from tests.loopback_server import LoopbackServer
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+sys.path.insert(0, str(EXAMPLES.parent / "benchmarks"))
+
+import server_process  # noqa: E402
+import workflow_runs  # noqa: E402
 
 
 def _load_example(name: str):
@@ -617,15 +621,15 @@ def bench(monkeypatch):
     )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    monkeypatch.setattr(mod, "HEALTH_POLL_S", 0.1)
-    monkeypatch.setattr(mod, "STOP_GRACE_S", 0.0)
-    real_cmd = mod._server_cmd
+    monkeypatch.setattr(server_process, "HEALTH_POLL_S", 0.1)
+    monkeypatch.setattr(server_process, "STOP_GRACE_S", 0.0)
+    real_cmd = workflow_runs._server_cmd
 
     def fake_cmd(model, port, cfg, pariskv, extra, stats_dir=None):
         cmd = real_cmd(model, port, cfg, pariskv, extra, stats_dir)
         return [sys.executable, "-c", FAKE_SERVER, *cmd[3:]]  # same flags, fake server
 
-    monkeypatch.setattr(mod, "_server_cmd", fake_cmd)
+    monkeypatch.setattr(workflow_runs, "_server_cmd", fake_cmd)
     return mod
 
 
@@ -650,7 +654,7 @@ def _bench_args(tmp_path):
 
 def test_bench_runs_both_servers_and_writes_results(bench, tmp_path):
     ns = _bench_args(tmp_path)
-    section = bench.run_setup("smollm2", ns)
+    section = workflow_runs.run_setup("smollm2", ns)
     bench._write("smollm2", section, ns.out)
     data = json.loads(ns.out.read_text())
     assert "frontend_fork_qa" in data["ttft_definition"]
@@ -696,21 +700,21 @@ def test_bench_refuses_when_pariskv_did_not_run(bench, tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_PARISKV_BROKEN", "1")
     ns = _bench_args(tmp_path)
     with pytest.raises(RuntimeError, match="refusing to write results"):
-        bench.run_setup("smollm2", ns)
+        workflow_runs.run_setup("smollm2", ns)
     assert not ns.out.exists()
 
 
 def test_bench_warm_only_measures_nothing(bench, tmp_path):
     ns = _bench_args(tmp_path)
     ns.warm_only = True
-    assert bench.run_setup("smollm2", ns) == {}
+    assert workflow_runs.run_setup("smollm2", ns) == {}
     assert not ns.out.exists()
     logs = (tmp_path / "logs" / "smollm2-pariskv.log").read_text()
     assert logs.startswith("$ ") and "--enable-pariskv --pariskv-topk 100" in logs  # command
 
 
 def test_bench_server_failure_shows_log_tail(bench, tmp_path):
-    srv = bench.Server(
+    srv = server_process.Server(
         "broken",
         [
             sys.executable,
@@ -736,15 +740,10 @@ def test_bench_server_commands_parse_with_sglang_and_the_plugin(setup):
 
     from sglang_pariskv import server_flags
 
-    spec = importlib.util.spec_from_file_location(
-        "bench_workflows_cmd", EXAMPLES.parent / "benchmarks" / "bench_workflows.py"
-    )
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    cfg = bench.SETUPS[setup]
+    cfg = workflow_runs.SETUPS[setup]
     parsed = {}
     for pariskv in (False, True):
-        cmd = bench._server_cmd("/m", 31234, cfg, pariskv, ["--log-level", "warning"])
+        cmd = server_process._server_cmd("/m", 31234, cfg, pariskv, ["--log-level", "warning"])
         assert cmd[1:3] == ["-m", "sglang.launch_server"]
         p = argparse.ArgumentParser()
         ServerArgs.add_cli_args(p)

@@ -1,0 +1,260 @@
+"""The soak's load: closed-loop client threads running their scenarios against the server,
+their outcomes tallied, and a sampler of throughput, KV use and GPU memory over time.
+
+Closed loop: each client sends its next scenario when its last one ended, so the server
+holds about ``--clients`` requests all along. Every well-formed request must complete
+exactly as asked and every malformed one must get a 4xx; the tally keeps samples of what
+went wrong.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+from mixed_workload import TOKEN_ID_RANGE, Request
+from server_client import (
+    RequestFailed,
+    _check_local,
+    abort_stream,
+    generate,
+    post,
+    stream_one,
+    used_tokens,
+)
+from soak_scenarios import (
+    CHAT_DOC_INDEX,
+    CHAT_TURNS,
+    CHAT_USER,
+    KINDS,
+    MALFORMED,
+    Scenario,
+    Workload,
+    _draw,
+    ids_for,
+    malformed_body,
+    scenarios,
+)
+
+MALFORMED_TIMEOUT_S = 60.0
+MAX_ERROR_SAMPLES = 50
+JOIN_GRACE_S = 10.0
+
+
+def send_malformed(url: str, variant: str, context_length: int, timeout: float) -> int | str:
+    """The HTTP status a malformed request got, or why it got none."""
+    try:
+        status, _ = post(url, MALFORMED[variant], malformed_body(variant, context_length), timeout)
+        return status
+    except (OSError, ValueError) as e:
+        return f"{type(e).__name__}: {e}"[:300]
+
+
+@dataclass
+class Tally:
+    """What the clients did, shared by their threads."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    requests: int = 0
+    by_kind: dict = field(default_factory=lambda: {k: {"sent": 0, "errors": 0} for k in KINDS})
+    errors: int = 0
+    error_samples: list = field(default_factory=list)
+    aborts: int = 0
+    aborts_finished_first: int = 0
+    malformed_total: int = 0
+    malformed_rejected_4xx: int = 0
+    malformed_by_variant: dict = field(default_factory=dict)
+    malformed_failures: list = field(default_factory=list)
+    output_tokens: int = 0
+    #: finished requests whose decode ran above / at or below the dense threshold
+    sparse_expected: int = 0
+    dense_expected: int = 0
+
+    def request(
+        self,
+        kind: str,
+        error: str | None = None,
+        tokens: int = 0,
+        context: int = 0,
+        threshold: int = 0,
+    ) -> None:
+        """One well-formed request's outcome (``context``: its input length)."""
+        with self.lock:
+            self.requests += 1
+            self.by_kind[kind]["sent"] += 1
+            self.output_tokens += tokens
+            if error is not None:
+                self.errors += 1
+                self.by_kind[kind]["errors"] += 1
+                if len(self.error_samples) < MAX_ERROR_SAMPLES:
+                    self.error_samples.append(f"{kind}: {error}")
+            elif tokens >= 2:  # a decode step ran
+                if context > threshold:
+                    self.sparse_expected += 1
+                else:
+                    self.dense_expected += 1
+
+    def aborted(self, finished_first: bool, tokens: int) -> None:
+        with self.lock:
+            self.requests += 1
+            self.by_kind["abort"]["sent"] += 1
+            self.output_tokens += tokens
+            if finished_first:
+                self.aborts_finished_first += 1
+            else:
+                self.aborts += 1
+
+    def malformed(self, variant: str, status: int | str) -> None:
+        with self.lock:
+            self.requests += 1
+            self.by_kind["malformed"]["sent"] += 1
+            self.malformed_total += 1
+            row = self.malformed_by_variant.setdefault(variant, {"sent": 0, "rejected_4xx": 0})
+            row["sent"] += 1
+            if isinstance(status, int) and 400 <= status < 500:
+                self.malformed_rejected_4xx += 1
+                row["rejected_4xx"] += 1
+            elif len(self.malformed_failures) < MAX_ERROR_SAMPLES:
+                self.malformed_failures.append(f"{variant}: {status}")
+
+    def snapshot(self) -> dict:
+        with self.lock:
+            return {
+                f.name: copy.deepcopy(getattr(self, f.name))
+                for f in fields(self)
+                if f.name != "lock"
+            }
+
+
+def run_scenario(url: str, sc: Scenario, w: Workload, timeout: float, tally: Tally) -> None:
+    """Send one scenario's request(s) and record the outcome(s)."""
+    thr = w.dense_threshold
+    if sc.kind == "malformed":
+        tally.malformed(
+            sc.variant,
+            send_malformed(url, sc.variant, w.context_length, min(timeout, MALFORMED_TIMEOUT_S)),
+        )
+        return
+    if sc.kind == "chat":
+        history = ids_for(w.seed, CHAT_DOC_INDEX, sc.input_len)  # shared by every chat
+        rng = np.random.default_rng([w.seed, sc.index])
+        for _ in range(sc.turns):
+            history = history + rng.integers(*TOKEN_ID_RANGE, _draw(rng, CHAT_USER)).tolist()
+            try:
+                out = generate(url, history, sc.output_len, timeout)
+            except RequestFailed as e:
+                tally.request("chat", str(e))
+                return
+            tally.request("chat", None, len(out), len(history), thr)
+            history = history + out
+        return
+    ids = ids_for(w.seed, sc.index, sc.input_len)
+    if sc.kind == "abort":
+        try:
+            cut, tokens = abort_stream(url, ids, sc.output_len, sc.cut_after, timeout)
+        except RequestFailed as e:
+            tally.request("abort", str(e))
+            return
+        tally.aborted(not cut, tokens)
+        return
+    if sc.kind in ("long", "stream"):
+        req = Request(index=sc.index, cls=sc.kind, input_len=sc.input_len, arrival_s=0.0)
+        rec = stream_one(url, req, ids, sc.output_len, timeout)
+        tally.request(sc.kind, rec["error"], rec["tokens"], sc.input_len, thr)
+        return
+    try:
+        out = generate(url, ids, sc.output_len, timeout)
+    except RequestFailed as e:
+        tally.request(sc.kind, str(e))
+        return
+    tally.request(sc.kind, None, len(out), sc.input_len, thr)
+
+
+def gpu_memory_mib() -> list[int] | None:
+    """Used memory per GPU from ``nvidia-smi``, or None where it is missing or fails."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+        return [int(float(x)) for x in out.split()]
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+
+
+def drive(
+    url: str,
+    w: Workload,
+    clients: int,
+    duration: float,
+    request_timeout: float,
+    max_per_client: int,
+    sample_interval: float,
+    alive: Callable[[], bool],
+) -> dict:
+    """``clients`` threads run their scenarios until ``duration`` seconds passed (at most
+    ``max_per_client`` each; a started scenario finishes within its timeouts), while a
+    sampler records throughput, GPU memory and KV usage. Stops early when ``alive()``
+    turns False (a crashed server)."""
+    _check_local(url)
+    tally, stop, done = Tally(), threading.Event(), threading.Event()
+    series: list[dict] = []
+    crashed = threading.Event()
+    t0 = time.monotonic()
+    deadline = t0 + duration
+
+    def client(c: int) -> None:
+        for sc in itertools.islice(scenarios(w, c), max_per_client):
+            if stop.is_set() or time.monotonic() >= deadline:
+                return
+            run_scenario(url, sc, w, request_timeout, tally)
+
+    def sampler() -> None:
+        last_t, last_tok = t0, 0
+        while not done.wait(sample_interval):
+            now, snap = time.monotonic(), tally.snapshot()
+            try:
+                used = used_tokens(url)
+            except (OSError, ValueError, KeyError):
+                used = None
+            series.append(
+                {
+                    "t_s": round(now - t0, 3),
+                    "output_tok_s": (snap["output_tokens"] - last_tok) / max(now - last_t, 1e-9),
+                    "requests": snap["requests"],
+                    "errors": snap["errors"],
+                    "kv_used_tokens": used,
+                    "gpu_memory_mib": gpu_memory_mib(),
+                }
+            )
+            last_t, last_tok = now, snap["output_tokens"]
+            if not alive():
+                crashed.set()
+                stop.set()
+
+    threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in range(clients)]
+    smp = threading.Thread(target=sampler, daemon=True)
+    smp.start()
+    for th in threads:
+        th.start()
+    join_by = deadline + request_timeout * (CHAT_TURNS[1] + 1) + JOIN_GRACE_S
+    for th in threads:
+        th.join(max(0.0, join_by - time.monotonic()))
+    wall = time.monotonic() - t0
+    done.set()
+    smp.join(sample_interval + 30)
+    if not alive():
+        crashed.set()
+    out = tally.snapshot()
+    out["hung_clients"] = sum(th.is_alive() for th in threads)
+    out.update(wall_s=wall, series=series, crashed=crashed.is_set())
+    return out
