@@ -11,8 +11,9 @@ instead. One server, on 127.0.0.1 only, keeps the K/V of every token in pinned h
 (``--pariskv-host-pool-gb`` sized for the request unless given) and ParisKV's codes and hot
 cache on the GPU. After a warm-up request above the dense threshold (first-use costs out of
 the timings) and a cache flush, one request of ``--input-len`` random token ids decodes
-``--output-len`` tokens, streamed through ``/generate`` and timed on this side: the time to
-first token (the whole chunked prefill) and the arrival of every later token.
+``--output-len`` tokens, streamed through ``/v1/completions`` (the prompt as token ids) and
+timed on this side: the time to first token (the whole chunked prefill) and the arrival of
+every later token.
 
 Beside the measurements, what limits each (``limits`` in the JSON; estimates from the
 model's shape):
@@ -50,7 +51,7 @@ from bench_offload import RESULTS as OFFLOAD_RESULTS  # noqa: E402
 from bench_offload import SHAPE  # noqa: E402
 from engine_runs import _device_info, _read_stats  # noqa: E402
 from mixed_workload import Request, prompt_ids  # noqa: E402
-from server_client import stream_one  # noqa: E402
+from openai_stream import stream_completion  # noqa: E402
 from server_process import (  # noqa: E402
     _ACTIVE,
     _check_plugin_installed,
@@ -159,7 +160,7 @@ def measure(url: str, n: int, output_len: int, seed: int, timeout: float) -> dic
     time per output token after it (mean and p50 over the chunks that brought tokens)."""
     req = Request(index=0, cls="long", input_len=n, arrival_s=0.0)
     times: list[tuple[float, int]] = []
-    rec = stream_one(url, req, prompt_ids(seed, req), output_len, timeout, token_times=times)
+    rec = stream_completion(url, prompt_ids(seed, req), output_len, timeout, token_times=times)
     if rec["error"] is not None:
         raise RuntimeError(f"the {n}-token request failed: {rec['error']}")
     per_token = [ms for ms, _ in token_intervals_ms(times)]
@@ -225,7 +226,7 @@ def run(args) -> dict:
         srv.start(args.health_timeout)
         info = _server_info(srv.url)
         warm = Request(index=1, cls="long", input_len=args.warm_up_len, arrival_s=0.0)
-        rec = stream_one(srv.url, warm, prompt_ids(args.seed + 1, warm), 8, 600.0)
+        rec = stream_completion(srv.url, prompt_ids(args.seed + 1, warm), 8, 600.0)
         if rec["error"]:
             raise RuntimeError(f"warm-up request failed: {rec['error']}")
         srv.flush_cache()

@@ -8,14 +8,13 @@ One server at a time (dense, then ParisKV; same model, same flags otherwise: Fla
 attention, radix cache on, ``127.0.0.1`` only) receives open-loop Poisson arrivals at each
 request rate: about 90% short chats (1-4K input tokens) and 10% long documents (64-128K),
 each decoding exactly ``--output-len`` tokens (``ignore_eos``). The client streams every
-request through SGLang's native ``/generate`` endpoint and times it itself: time to first
-token, and time per output token after the first, per class and rate. Both servers get the
-same request list (same seed); prompts are random token ids, so the radix cache holds no
-shared prefix, and it is flushed between rates, where the same prompts come back faster.
-
-``/generate`` rather than ``/v1/completions``: SGLang's OpenAI completion stream reads the
-detokenized text of every chunk, which a server started with ``--skip-tokenizer-init`` (the
-default model here: Llama-3.1-8B's shape with random weights, no tokenizer) does not have.
+request through the OpenAI-compatible ``/v1/completions`` endpoint, with the prompt as
+token ids (``openai_stream``), and times it itself: time to first token, and time per
+output token after the first, per class and rate. Both servers get the same request list
+(same seed); prompts are random token ids, so the radix cache holds no shared prefix, and
+it is flushed between rates, where the same prompts come back faster. The default model,
+Llama-3.1-8B's shape with random weights, gets a word-per-id tokenizer, which the OpenAI
+endpoints need to stream text.
 
 Writes ``benchmarks/results/mixed_traffic.json`` and a PNG beside it (TPOT p50 per class
 and rate). Nothing is written unless the ParisKV server's stats files show sparse decode

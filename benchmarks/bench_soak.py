@@ -12,9 +12,10 @@ multi-turn chats over one long document, long documents above the dense threshol
 chats, streamed requests, streams the client closes after a few chunks, ``max_new_tokens``
 1, requests filling the context exactly (input + output = context length), and malformed or
 oversized requests, each of which must get an HTTP 4xx. Well-formed requests decode exactly
-their ``max_new_tokens`` (``ignore_eos``) through SGLang's native ``/generate`` (the default
-model has no tokenizer, which the OpenAI endpoints need for their text); the malformed ones
-also go to ``/v1/completions`` and ``/v1/chat/completions``.
+their ``max_new_tokens`` (``ignore_eos``): long documents and streamed requests through the
+OpenAI ``/v1/completions`` endpoint (prompts as token ids; the default model gets a
+word-per-id tokenizer for it), the others through SGLang's native ``/generate``; the
+malformed ones go to both and to ``/v1/chat/completions``.
 
 Around the load, on the idle server with an empty radix cache: the free KV tokens
 (``/v1/loads``, computed when asked: ``max_total_num_tokens - num_used_tokens``, where used

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from engine_runs import _read_stats
 from mixed_workload import CLASSES, Request, make_workload, prompt_ids
-from server_client import _check_local, stream_one
+from openai_stream import stream_completion
+from server_client import _check_local
 from server_process import _ACTIVE, _check_plugin_installed, _server_info, server_for
 
 JOIN_GRACE_S = 5.0
@@ -40,7 +41,8 @@ def run_rate(
     failed = threading.Event()
 
     def worker(req: Request, ids: list[int]) -> None:
-        rec = stream_one(url, req, ids, output_len, request_timeout, t0)
+        rec = {"index": req.index, "cls": req.cls, "input_len": req.input_len}
+        rec |= stream_completion(url, ids, output_len, request_timeout, t0)
         with lock:
             records.append(rec)
         if rec["error"] is not None:
@@ -107,8 +109,8 @@ def run_server(
         for cls in CLASSES:  # first-use costs (JIT, graphs, allocator) out of the timings
             lo = (args.short_input if cls == "short" else args.long_input)[0]
             warm = Request(index=CLASSES.index(cls), cls=cls, input_len=lo, arrival_s=0.0)
-            rec = stream_one(
-                srv.url, warm, prompt_ids(args.seed + 1, warm), 8, args.request_timeout
+            rec = stream_completion(
+                srv.url, prompt_ids(args.seed + 1, warm), 8, args.request_timeout
             )
             if rec["error"]:
                 raise RuntimeError(f"[{mode}] warm-up {cls} request failed: {rec['error']}")

@@ -1,8 +1,7 @@
-"""The benchmarks' client of SGLang's native HTTP API (127.0.0.1 only): a streamed
-``/generate`` timed token by token on this side, a non-streamed greedy ``/generate``, a
-stream the client closes mid-way, and the server's load (``/v1/loads``): free KV tokens and
-whether it is idle. Mixed traffic, the soak, the pool fill and the million-token run send
-their requests through it."""
+"""The benchmarks' client of SGLang's native HTTP API (127.0.0.1 only): a non-streamed
+greedy ``/generate``, a stream the client closes mid-way, and the server's load
+(``/v1/loads``): free KV tokens and whether it is idle. The soak and the pool fill send
+requests through it; streamed requests go through the OpenAI API (``openai_stream``)."""
 
 from __future__ import annotations
 
@@ -12,8 +11,6 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-
-from mixed_workload import Request
 
 #: Seconds between polls of /v1/loads while waiting for an idle server.
 IDLE_POLL_S = 1.0
@@ -75,101 +72,6 @@ def generate(
     if ignore_eos and len(got) != output_len:
         raise RequestFailed(f"{len(got)} output tokens, expected {output_len}")
     return got
-
-
-def stream_one(
-    url: str,
-    req: Request,
-    ids: list[int],
-    output_len: int,
-    timeout: float,
-    t0: float | None = None,
-    token_times: list[tuple[float, int]] | None = None,
-) -> dict:
-    """Send one streamed ``/generate`` request and time its tokens on this side.
-
-    Times in the record (``start_s``: sent, ``first_s`` / ``last_s``: first and last output
-    token) are seconds from ``t0`` (a ``time.perf_counter()`` value; default: the send).
-    ``token_times``, when given, receives ``(seconds from t0, output tokens so far)`` for
-    every chunk that brought new tokens.
-    ``error`` is None, or why the request failed: an HTTP error, an error chunk, an
-    aborted request, fewer or more tokens than ``output_len``, or no end within
-    ``timeout`` seconds."""
-    _check_local(url)
-    body = json.dumps(
-        {
-            "input_ids": ids,
-            "sampling_params": {
-                "max_new_tokens": output_len,
-                "ignore_eos": True,
-                "temperature": 0.0,
-            },
-            "stream": True,
-        }
-    ).encode()
-    rec = {
-        "index": req.index,
-        "cls": req.cls,
-        "input_len": req.input_len,
-        "tokens": 0,
-        "start_s": None,
-        "first_s": None,
-        "last_s": None,
-        "error": None,
-    }
-    http = urllib.request.Request(
-        url + "/generate", data=body, headers={"Content-Type": "application/json"}
-    )
-    start = rec["start_s"] = time.perf_counter()
-    try:
-        with urllib.request.urlopen(http, timeout=timeout) as resp:
-            done = False
-            for _ in range(MAX_CHUNKS_PER_TOKEN * output_len + 16):
-                if time.perf_counter() - start > timeout:
-                    rec["error"] = f"no end after {timeout:.0f} s"
-                    break
-                line = resp.readline()
-                now = time.perf_counter()
-                if not line:
-                    break
-                line = line.strip()
-                if not line.startswith(b"data:"):
-                    continue
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    done = True
-                    break
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    rec["error"] = f"server error: {json.dumps(chunk['error'])[:300]}"
-                    break
-                meta = chunk.get("meta_info", {})
-                finish = meta.get("finish_reason") or {}
-                if finish.get("type") == "abort":
-                    rec["error"] = f"aborted: {json.dumps(finish)[:300]}"
-                    break
-                n = int(meta.get("completion_tokens", 0))
-                if n > rec["tokens"]:
-                    if rec["first_s"] is None:
-                        rec["first_s"] = now
-                    rec["last_s"], rec["tokens"] = now, n
-                    if token_times is not None:
-                        token_times.append((now, n))
-            if rec["error"] is None and not done:
-                rec["error"] = "stream ended without [DONE]"
-    except urllib.error.HTTPError as e:
-        rec["error"] = f"HTTP {e.code}: {e.read()[:300]!r}"
-    except (OSError, ValueError) as e:  # timeouts, refused connections, bad JSON
-        rec["error"] = f"{type(e).__name__}: {e}"[:300]
-    if rec["error"] is None and rec["tokens"] != output_len:
-        rec["error"] = f"{rec['tokens']} output tokens, expected {output_len}"
-    origin = start if t0 is None else t0
-    for k in ("start_s", "first_s", "last_s"):
-        if rec[k] is not None:
-            rec[k] -= origin
-    if token_times is not None:
-        token_times[:] = [(t - origin, n) for t, n in token_times]
-    return rec
 
 
 def abort_stream(

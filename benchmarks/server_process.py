@@ -23,6 +23,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from openai_stream import write_word_tokenizer
 from step_floor import LLAMA_8B
 
 HEALTH_POLL_S = 2.0
@@ -187,14 +188,18 @@ def serve_model(
 ) -> tuple[str, str, list[str]]:
     """(model path, description, server flags that depend on it): the user's model, or
     ``config`` (an HF config dict named ``name``; default Llama-3.1-8B's) with dummy
-    weights, holding at least ``context_length`` positions."""
+    weights, holding at least ``context_length`` positions, and a word-per-id tokenizer
+    (``openai_stream.write_word_tokenizer``) so that the OpenAI endpoints serve it."""
     if model_path:
         return model_path, model_path, []
     d = Path(tempfile.mkdtemp(prefix="dummy-model-"))
     cfg = dict(LLAMA_8B if config is None else config)
     cfg["max_position_embeddings"] = max(cfg["max_position_embeddings"], context_length)
     (d / "config.json").write_text(json.dumps(cfg))
-    return str(d), f"{name}, dummy weights", ["--load-format", "dummy", "--skip-tokenizer-init"]
+    eos = cfg["eos_token_id"]
+    eos = eos[0] if isinstance(eos, list) else eos
+    write_word_tokenizer(d, cfg["vocab_size"], cfg["bos_token_id"], eos)
+    return str(d), f"{name}, dummy weights", ["--load-format", "dummy"]
 
 
 def server_for(

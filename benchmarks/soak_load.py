@@ -18,14 +18,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
 import numpy as np
-from mixed_workload import TOKEN_ID_RANGE, Request
+from mixed_workload import TOKEN_ID_RANGE
+from openai_stream import stream_completion
 from server_client import (
     RequestFailed,
     _check_local,
     abort_stream,
     generate,
     post,
-    stream_one,
     used_tokens,
 )
 from soak_scenarios import (
@@ -164,8 +164,7 @@ def run_scenario(url: str, sc: Scenario, w: Workload, timeout: float, tally: Tal
         tally.aborted(not cut, tokens)
         return
     if sc.kind in ("long", "stream"):
-        req = Request(index=sc.index, cls=sc.kind, input_len=sc.input_len, arrival_s=0.0)
-        rec = stream_one(url, req, ids, sc.output_len, timeout)
+        rec = stream_completion(url, ids, sc.output_len, timeout)  # the OpenAI API
         tally.request(sc.kind, rec["error"], rec["tokens"], sc.input_len, thr)
         return
     try:

@@ -157,8 +157,8 @@ def test_a_run_times_the_request_and_writes_its_limits(tmp_path, monkeypatch):
     }
     assert asked["context"] == n + out_len + 64 and "--load-format" in asked["flags"]
     # what it was sent: the warm-up, a flush, then the request itself
-    assert [len(e["req"]["input_ids"]) for e in log] == [warm, n]
-    assert log[1]["req"]["sampling_params"]["max_new_tokens"] == out_len
+    assert [len(e["req"]["prompt"]) for e in log] == [warm, n]
+    assert log[1]["req"]["max_tokens"] == out_len
     assert asked["server"].flushed == 1
     data = json.loads(out.read_text())
     ttft, itl = DELAYS["long"]

@@ -17,7 +17,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_mixed_traffic as bench  # noqa: E402
 import mixed_runs  # noqa: E402
 import mixed_workload  # noqa: E402
-import server_client  # noqa: E402
 import traffic_stats  # noqa: E402
 
 from tests.loopback_server import LoopbackServer
@@ -150,11 +149,10 @@ OUT = 8
 
 
 def _fake_generate(log: list, fail: dict | None = None):
-    """SGLang's streamed ``/generate`` with ``--skip-tokenizer-init``: one ``data:`` chunk
-    per token with the output ids so far and cumulative ``completion_tokens``, then
-    ``[DONE]``; chunked transfer as uvicorn sends it. ``fail`` maps a prompt's first
-    token id to a failure: "error_chunk", "http_500", "short" (one token too few),
-    "hang" (no token for 2 s)."""
+    """SGLang's streamed ``/v1/completions`` with a token-id prompt: one ``data:`` chunk per
+    token (its text, one word), the usage chunk, then ``[DONE]``; chunked transfer as
+    uvicorn sends it. ``fail`` maps a prompt's first token id to a failure: "error_chunk",
+    "http_500", "short" (one token too few), "hang" (no token for 2 s)."""
     fail = fail or {}
 
     class H(BaseHTTPRequestHandler):
@@ -175,9 +173,9 @@ def _fake_generate(log: list, fail: dict | None = None):
 
         def _answer(self):
             received = time.perf_counter()
-            assert self.path == "/generate", self.path
+            assert self.path == "/v1/completions", self.path
             req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            ids = req["input_ids"]
+            ids = req["prompt"]
             log.append({"req": req, "received": received})
             how = fail.get(ids[0])
             if how == "http_500":
@@ -188,7 +186,7 @@ def _fake_generate(log: list, fail: dict | None = None):
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
             ttft, itl = DELAYS["long" if len(ids) > LONG_AT else "short"]
-            n = req["sampling_params"]["max_new_tokens"] - (how == "short")
+            n = req["max_tokens"] - (how == "short")
             time.sleep(2.0 if how == "hang" else ttft)
             if how == "error_chunk":
                 err = {"error": {"message": "out of memory", "code": 400}}
@@ -197,11 +195,11 @@ def _fake_generate(log: list, fail: dict | None = None):
                 for k in range(1, n + 1):
                     if k > 1:
                         time.sleep(itl)
-                    fin = {"type": "length", "length": n} if k == n else None
-                    meta = {"id": "r", "finish_reason": fin, "prompt_tokens": len(ids),
-                            "completion_tokens": k, "cached_tokens": 0}  # fmt: skip
-                    chunk = {"output_ids": list(range(k)), "meta_info": meta}
+                    fin = "length" if k == n else None
+                    chunk = {"choices": [{"index": 0, "text": f" w{k}", "finish_reason": fin}]}
                     self._write(f"data: {json.dumps(chunk)}\n\n".encode())
+                usage = {"prompt_tokens": len(ids), "completion_tokens": n}
+                self._write(f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n".encode())
             self._write(b"data: [DONE]\n\n")
             self._write(b"")
 
@@ -223,13 +221,12 @@ def test_client_times_follow_the_stream():
         srv.close()
     assert got["sent"] == len(reqs) == len(got["records"]) == len(log)
     # what was sent: every request's own prompt, exactly OUT tokens, streamed
-    by_first = {e["req"]["input_ids"][0]: e for e in log}
+    by_first = {e["req"]["prompt"][0]: e for e in log}
     for r in reqs:
         e = by_first[mixed_workload.prompt_ids(5, r)[0]]
-        assert e["req"]["input_ids"] == mixed_workload.prompt_ids(5, r)
+        assert e["req"]["prompt"] == mixed_workload.prompt_ids(5, r)
         assert e["req"]["stream"] is True
-        assert e["req"]["sampling_params"]["max_new_tokens"] == OUT
-        assert e["req"]["sampling_params"]["ignore_eos"] is True
+        assert e["req"]["max_tokens"] == OUT and e["req"]["ignore_eos"] is True
         # open loop: each request left at its Poisson arrival time
         assert e["received"] - t0 == pytest.approx(r.arrival_s, abs=0.05)
     for rec, r in zip(got["records"], reqs):
@@ -289,8 +286,6 @@ def test_a_failed_request_fails_the_run_and_stops_sending(how, match):
 
 def test_client_talks_to_loopback_only():
     req = _small_workload(n=1)[0]
-    with pytest.raises(ValueError, match="127.0.0.1"):
-        server_client.stream_one("http://10.0.0.1:30000", req, [1], OUT, 1.0)
     with pytest.raises(ValueError, match="127.0.0.1"):
         mixed_runs.run_rate("http://localhost:30000", [req], OUT, 0, 1.0, 1.0)
 

@@ -161,6 +161,7 @@ class FakeState:
         self.disconnects = 0
         self.generated = 0
         self.counters = collections.Counter()
+        self.streamed = collections.Counter()  # well-formed streams per endpoint
 
     def outputs(self, ids: list[int], n: int) -> list[int]:
         salt = int(self.drift_after_flushes is not None and self.flushes > self.drift_after_flushes)
@@ -212,17 +213,24 @@ def _fake(state: FakeState) -> LoopbackServer:
                 req = json.loads(body)
             except ValueError:
                 return self._json(state.status_override.get(self.path, 400), {"error": "json"})
-            if self.path != "/generate":
+            if req.get("stream"):
+                with state.lock:
+                    state.streamed[self.path] += 1
+            if self.path == "/v1/completions" and req.get("stream"):  # a streamed completion
+                ids, n = req["prompt"], req["max_tokens"]
+                assert req["ignore_eos"] and isinstance(ids, list) and isinstance(n, int), req
+            elif self.path != "/generate":
                 bad = not isinstance(req.get("max_tokens", 0), int) or isinstance(
                     req.get("messages", []), str
                 )
                 bad = bad or len(req.get("prompt", [])) >= CTX
-                assert bad, req  # the soak sends the OpenAI endpoints malformed requests only
+                assert bad, req  # well-formed chat requests: the soak sends none
                 return self._json(state.status_override.get(self.path, 400), {"error": "bad"})
-            ids, sp = req["input_ids"], req["sampling_params"]
-            if not isinstance(ids, list):
-                return self._json(400, {"error": "input_ids"})
-            n = sp["max_new_tokens"]
+            else:
+                ids = req["input_ids"]
+                if not isinstance(ids, list):
+                    return self._json(400, {"error": "input_ids"})
+                n = req["sampling_params"]["max_new_tokens"]
             if len(ids) >= CTX or len(ids) + n > CTX:
                 return self._json(400, {"error": "too long"})
             with state.lock:
@@ -258,11 +266,20 @@ def _fake(state: FakeState) -> LoopbackServer:
             try:
                 for k in range(1, n + 1):
                     time.sleep(0.001)
+                    if self.path == "/v1/completions":
+                        fin = "length" if k == n else None
+                        self._chunk(
+                            {"choices": [{"text": f" w{out[k - 1]}", "finish_reason": fin}]}
+                        )
+                        continue
                     meta = {
                         "finish_reason": {"type": "length"} if k == n else None,
                         "completion_tokens": k,
                     }
                     self._chunk({"output_ids": out[:k], "meta_info": meta})
+                if self.path == "/v1/completions":
+                    usage = {"prompt_tokens": len(ids), "completion_tokens": n}
+                    self._chunk({"choices": [], "usage": usage})
                 self._write(b"data: [DONE]\n\n")
                 self._write(b"")
                 self._count_decode(ids, n)
@@ -355,6 +372,9 @@ def test_drive_runs_every_kind_without_errors_and_ends_on_time(fake):
         == got["by_kind"]["malformed"]["sent"]
     )
     assert got["aborts"] > 0 and got["aborts"] == state.disconnects
+    # long documents and streams through the OpenAI API, aborted streams through /generate
+    assert state.streamed["/v1/completions"] >= got["by_kind"]["long"]["sent"] > 0
+    assert state.streamed["/generate"] >= got["by_kind"]["abort"]["sent"] > 0
     assert got["sparse_expected"] > 0 and got["dense_expected"] > 0
     assert 3 <= len(got["series"]) <= duration / 0.5 + 8
     assert got["series"][-1]["requests"] <= got["requests"]

@@ -1,12 +1,12 @@
-"""Streamed requests through SGLang's OpenAI-compatible chat API, on models without text.
+"""Streamed requests through SGLang's OpenAI-compatible API, on models without text.
 
 The benchmarks' default model is an HF config with random weights (``--load-format
-dummy``): it has no tokenizer, and the OpenAI endpoints need one to turn messages into
-tokens and tokens into streamed text. :func:`write_word_tokenizer` gives such a model
-directory a tokenizer with one word per token id (``w0``, ``w1``, ...) and a chat template
-that is the message itself, so a prompt of exact token ids is the text of their words
-(:func:`prompt_text`) and each streamed token is one word: the client counts the tokens
-of every chunk, and the final usage chunk confirms the counts.
+dummy``): it has no tokenizer, and the OpenAI endpoints need one to stream text.
+:func:`write_word_tokenizer` gives such a model directory a tokenizer with one word per
+token id (``w0``, ``w1``, ...) and a chat template that is the message itself.
+:func:`stream_completion` sends a prompt of exact token ids to ``/v1/completions`` (the
+OpenAI API takes a prompt as token ids, so any model's input length is exact) and times
+the streamed tokens; the final usage chunk gives the counts.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from __future__ import annotations
 import json
 import time
 import urllib.error
-import urllib.parse
 import urllib.request
 from pathlib import Path
+
+from server_client import _check_local
 
 #: At most this many SSE lines per output token are read before a stream counts as stuck.
 MAX_LINES_PER_TOKEN = 4
@@ -49,14 +50,7 @@ def prompt_text(ids: list[int]) -> str:
     return " ".join(f"w{i}" for i in ids)
 
 
-def check_local(url: str) -> None:
-    """Refuse any server but this machine's loopback address."""
-    host = urllib.parse.urlparse(url).hostname
-    if host != "127.0.0.1":
-        raise ValueError(f"{url}: this client only talks to 127.0.0.1")
-
-
-def stream_chat(
+def stream_completion(
     url: str,
     ids: list[int],
     output_len: int,
@@ -64,9 +58,9 @@ def stream_chat(
     t0: float | None = None,
     token_times: list[tuple[float, int]] | None = None,
 ) -> dict:
-    """Send one streamed ``/v1/chat/completions`` request whose prompt is the tokens
-    ``ids`` and which decodes exactly ``output_len`` tokens (``ignore_eos``, greedy), and
-    time its tokens on this side.
+    """Send one streamed ``/v1/completions`` request whose prompt is the tokens ``ids`` and
+    which decodes exactly ``output_len`` tokens (``ignore_eos``, greedy), and time its
+    tokens on this side.
 
     Returns ``tokens`` (output tokens, from the usage chunk), ``prompt_tokens``,
     ``start_s`` (sent), ``first_s`` / ``last_s`` (first and last output token), in seconds
@@ -74,12 +68,13 @@ def stream_chat(
     or why the request failed (an HTTP error, an error chunk, a stream without its usage
     chunk or ``[DONE]``, another prompt or output length than asked, or no end within
     ``timeout`` seconds). ``token_times``, when given, receives ``(seconds from t0, output
-    tokens so far)`` for every chunk that brought tokens.
+    tokens so far)`` for every chunk that brought text, counted as words: exact under
+    :func:`write_word_tokenizer`'s tokenizer (special tokens aside, which stream no text).
     """
-    check_local(url)
+    _check_local(url)
     body = {
         "model": "default",
-        "messages": [{"role": "user", "content": prompt_text(ids)}],
+        "prompt": ids,
         "max_tokens": output_len,
         "temperature": 0.0,
         "ignore_eos": True,
@@ -89,7 +84,7 @@ def stream_chat(
     rec = {"tokens": 0, "prompt_tokens": None, "start_s": None, "first_s": None,
            "last_s": None, "error": None}  # fmt: skip
     http = urllib.request.Request(
-        url + "/v1/chat/completions",
+        url + "/v1/completions",
         data=json.dumps(body).encode(),
         headers={"Content-Type": "application/json"},
     )
@@ -117,10 +112,7 @@ def stream_chat(
                     rec["error"] = f"server error: {json.dumps(chunk['error'])[:300]}"
                     break
                 usage = chunk.get("usage") or usage
-                text = "".join(
-                    (c.get("delta") or {}).get("content") or "" for c in chunk["choices"]
-                )
-                words = len(text.split())
+                words = len("".join(c.get("text") or "" for c in chunk["choices"]).split())
                 if words:
                     seen += words
                     if rec["first_s"] is None:
