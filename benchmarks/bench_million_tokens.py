@@ -53,12 +53,12 @@ from engine_runs import _device_info, _read_stats  # noqa: E402
 from mixed_workload import Request, prompt_ids  # noqa: E402
 from openai_stream import stream_completion  # noqa: E402
 from server_process import (  # noqa: E402
-    _ACTIVE,
     _check_plugin_installed,
     _on_signal,
     _server_info,
     serve_model,
     server_for,
+    tracked,
 )
 from step_floor import head_dim, kv_bytes_per_token, layer_weights  # noqa: E402
 from traffic_stats import tpot_s  # noqa: E402
@@ -221,8 +221,7 @@ def run(args) -> dict:
     log_dir.mkdir(parents=True, exist_ok=True)
     print(f"logs in {log_dir}", flush=True)
     srv, stats_dir = server_for("pariskv", args, model, flags, log_dir, context, pariskv)
-    _ACTIVE.append(srv)
-    try:
+    with tracked(srv):
         srv.start(args.health_timeout)
         info = _server_info(srv.url)
         warm = Request(index=1, cls="long", input_len=args.warm_up_len, arrival_s=0.0)
@@ -233,12 +232,6 @@ def run(args) -> dict:
         print(f"prefill of {args.input_len} tokens started", flush=True)
         got = measure(srv.url, args.input_len, args.output_len, args.seed, args.request_timeout)
         print(f"TTFT {got['ttft_s']:.1f} s, TPOT {got['tpot_ms']} ms", flush=True)
-    except Exception:
-        print(f"--- last lines of {srv.log_path} ---\n{srv.log_tail()}", flush=True)
-        raise
-    finally:
-        srv.stop()
-        _ACTIVE.remove(srv)
     stats = _read_stats(stats_dir)
     check_pariskv_ran(stats)
     chunk = info.get("chunked_prefill_size")

@@ -18,7 +18,7 @@ from engine_runs import _read_stats
 from mixed_workload import CLASSES, Request, make_workload, prompt_ids
 from openai_stream import stream_completion
 from server_client import _check_local
-from server_process import _ACTIVE, _check_plugin_installed, _server_info, server_for
+from server_process import _check_plugin_installed, _server_info, server_for, tracked
 
 JOIN_GRACE_S = 5.0
 
@@ -101,9 +101,8 @@ def run_server(
     srv, stats_dir = server_for(
         mode, args, model, model_flags, log_dir, _context_length(args), pariskv
     )
-    _ACTIVE.append(srv)
     result = {"server_command": " ".join(srv.cmd), "rates": {}}
-    try:
+    with tracked(srv):
         srv.start(args.health_timeout)
         result["server_info"] = _server_info(srv.url)
         for cls in CLASSES:  # first-use costs (JIT, graphs, allocator) out of the timings
@@ -135,11 +134,5 @@ def run_server(
             srv.flush_cache()  # the next rate sends the same prompts
             if on_rate is not None:
                 on_rate(result | {"stats": _read_stats(stats_dir)})
-    except Exception:
-        print(f"--- last lines of {srv.log_path} ---\n{srv.log_tail()}", flush=True)
-        raise
-    finally:
-        srv.stop()
-        _ACTIVE.remove(srv)
     result["stats"] = _read_stats(stats_dir)
     return result

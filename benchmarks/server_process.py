@@ -9,6 +9,7 @@ stopped (``timeout`` sends SIGTERM), so no server outlives its run holding the G
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -172,6 +173,21 @@ def _server_info(url: str) -> dict:
 
 
 _ACTIVE: list[Server] = []
+
+
+@contextlib.contextmanager
+def tracked(srv: Server):
+    """Run the body with ``srv`` registered for :func:`_on_signal`; on an error print the
+    end of its log, and stop it in any case."""
+    _ACTIVE.append(srv)
+    try:
+        yield srv
+    except Exception:
+        print(f"--- last lines of {srv.log_path} ---\n{srv.log_tail()}", flush=True)
+        raise
+    finally:
+        srv.stop()
+        _ACTIVE.remove(srv)
 
 
 def _on_signal(signum, frame):  # `timeout` sends SIGTERM: never leave a server behind

@@ -23,12 +23,12 @@ from pathlib import Path
 
 from engine_runs import _read_stats
 from server_process import (
-    _ACTIVE,
     Server,
     _check_plugin_installed,
     _free_port,
     _server_cmd,
     _server_info,
+    tracked,
 )
 from step_floor import LLAMA_8B
 
@@ -231,8 +231,7 @@ def run_setup(setup: str, args) -> dict:
         )
         commands[mode] = " ".join(cmd)
         srv = Server(f"{setup}/{mode}", cmd, log_dir / f"{setup}-{mode}.log", env)
-        _ACTIVE.append(srv)
-        try:
+        with tracked(srv):
             t0 = time.monotonic()
             srv.start(args.health_timeout)
             startup = time.monotonic() - t0
@@ -247,12 +246,6 @@ def run_setup(setup: str, args) -> dict:
                 f"[{setup}/{mode}] workflows done in {results[mode]['workload_s']:.0f} s",
                 flush=True,
             )
-        except Exception:
-            print(f"--- last lines of {srv.log_path} ---\n{srv.log_tail()}", flush=True)
-            raise
-        finally:
-            srv.stop()
-            _ACTIVE.remove(srv)
         stats[mode] = _read_stats(stats_dir)
     if args.warm_only:
         return {}

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ import mixed_runs  # noqa: E402
 import mixed_workload  # noqa: E402
 import traffic_stats  # noqa: E402
 
-from tests.loopback_server import LoopbackServer
+from tests.fake_completions import fake_completions
 
 # --------------------------------------------------------------------------- workload
 
@@ -149,61 +148,16 @@ OUT = 8
 
 
 def _fake_generate(log: list, fail: dict | None = None):
-    """SGLang's streamed ``/v1/completions`` with a token-id prompt: one ``data:`` chunk per
-    token (its text, one word), the usage chunk, then ``[DONE]``; chunked transfer as
-    uvicorn sends it. ``fail`` maps a prompt's first token id to a failure: "error_chunk",
-    "http_500", "short" (one token too few), "hang" (no token for 2 s)."""
+    """SGLang's streamed ``/v1/completions`` (:func:`fake_completions`): a prompt longer
+    than LONG_AT tokens answers with the long class's delays; ``fail`` maps a prompt's
+    first token id to a failure."""
     fail = fail or {}
 
-    class H(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+    def plan(req):
+        ids = req["prompt"]
+        return DELAYS["long" if len(ids) > LONG_AT else "short"], fail.get(ids[0])
 
-        def log_message(self, *a):
-            pass
-
-        def _write(self, data: bytes):
-            self.wfile.write(f"{len(data):X}\r\n".encode() + data + b"\r\n")
-            self.wfile.flush()
-
-        def do_POST(self):
-            try:
-                self._answer()
-            except (BrokenPipeError, ConnectionResetError):  # the client gave up ("hang")
-                pass
-
-        def _answer(self):
-            received = time.perf_counter()
-            assert self.path == "/v1/completions", self.path
-            req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            ids = req["prompt"]
-            log.append({"req": req, "received": received})
-            how = fail.get(ids[0])
-            if how == "http_500":
-                self.send_error(500, "scheduler died")
-                return
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Transfer-Encoding", "chunked")
-            self.end_headers()
-            ttft, itl = DELAYS["long" if len(ids) > LONG_AT else "short"]
-            n = req["max_tokens"] - (how == "short")
-            time.sleep(2.0 if how == "hang" else ttft)
-            if how == "error_chunk":
-                err = {"error": {"message": "out of memory", "code": 400}}
-                self._write(f"data: {json.dumps(err)}\n\n".encode())
-            else:
-                for k in range(1, n + 1):
-                    if k > 1:
-                        time.sleep(itl)
-                    fin = "length" if k == n else None
-                    chunk = {"choices": [{"index": 0, "text": f" w{k}", "finish_reason": fin}]}
-                    self._write(f"data: {json.dumps(chunk)}\n\n".encode())
-                usage = {"prompt_tokens": len(ids), "completion_tokens": n}
-                self._write(f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n".encode())
-            self._write(b"data: [DONE]\n\n")
-            self._write(b"")
-
-    return LoopbackServer(H)
+    return fake_completions(log, plan)
 
 
 def _small_workload(n=12, rate=10.0, seed=5):

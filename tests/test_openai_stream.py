@@ -3,11 +3,8 @@ client against an in-process server that streams as SGLang's ``/v1/completions``
 
 from __future__ import annotations
 
-import json
 import re
 import sys
-import time
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -16,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import openai_stream  # noqa: E402
 
-from tests.loopback_server import LoopbackServer
+from tests.fake_completions import fake_completions
 
 OUT = 6
 TTFT, ITL = 0.08, 0.02  # the fake server's delays, seconds
@@ -42,63 +39,8 @@ def test_the_word_tokenizer_round_trips_token_ids(tmp_path):
 
 
 def _fake_completions(log: list, fail: str | None = None):
-    """SGLang's streamed completion: one chunk per token (" w<k>"), the last with
-    finish_reason "length", the usage chunk (``stream_options.include_usage``), ``[DONE]``.
-    ``fail``: "error_chunk", "http_500", "short" (one token too few), "no_usage", "prompt"
-    (reports one prompt token more), "hang" (no token for 2 s)."""
-
-    class H(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *a):
-            pass
-
-        def _write(self, data: bytes):
-            self.wfile.write(f"{len(data):X}\r\n".encode() + data + b"\r\n")
-            self.wfile.flush()
-
-        def _chunk(self, text: str, finish=None, usage=None, choices=True):
-            body = {"id": "c", "object": "text_completion", "usage": usage,
-                    "choices": [{"index": 0, "text": text, "logprobs": None,
-                                 "finish_reason": finish}] if choices else []}  # fmt: skip
-            self._write(f"data: {json.dumps(body)}\n\n".encode())
-
-        def do_POST(self):
-            try:
-                self._answer()
-            except (BrokenPipeError, ConnectionResetError):  # the client gave up ("hang")
-                pass
-
-        def _answer(self):
-            assert self.path == "/v1/completions", self.path
-            req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            log.append(req)
-            if fail == "http_500":
-                self.send_error(500, "scheduler died")
-                return
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Transfer-Encoding", "chunked")
-            self.end_headers()
-            prompt = len(req["prompt"]) + (fail == "prompt")
-            n = req["max_tokens"] - (fail == "short")
-            time.sleep(2.0 if fail == "hang" else TTFT)
-            if fail == "error_chunk":
-                err = {"error": {"message": "out of memory", "code": 400}}
-                self._write(f"data: {json.dumps(err)}\n\n".encode())
-            else:
-                for k in range(n):
-                    if k:
-                        time.sleep(ITL)
-                    self._chunk(f" w{k + 7}", "length" if k == n - 1 else None)
-                if fail != "no_usage":
-                    usage = {"prompt_tokens": prompt, "completion_tokens": n,
-                             "total_tokens": prompt + n}  # fmt: skip
-                    self._chunk("", usage=usage, choices=False)
-            self._write(b"data: [DONE]\n\n")
-            self._write(b"")
-
-    return LoopbackServer(H)
+    """:func:`fake_completions` answering every request after TTFT, then every ITL."""
+    return fake_completions(log, lambda req: ((TTFT, ITL), fail))
 
 
 def test_a_streamed_completion_is_timed_token_by_token():
@@ -109,7 +51,7 @@ def test_a_streamed_completion_is_timed_token_by_token():
         rec = openai_stream.stream_completion(srv.url, [3, 1, 4, 1, 5], OUT, 10, token_times=times)
     finally:
         srv.close()
-    (req,) = log
+    (req,) = [e["req"] for e in log]
     assert req["prompt"] == [3, 1, 4, 1, 5]
     assert req["max_tokens"] == OUT and req["ignore_eos"] is True and req["stream"] is True
     assert req["temperature"] == 0.0 and req["stream_options"] == {"include_usage": True}
