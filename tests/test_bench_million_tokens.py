@@ -1,6 +1,6 @@
 """bench_million_tokens on the CPU: the model config, the host-pool size, the prefill
 estimates against brute-force counts, and a whole run against an in-process server that
-streams like SGLang's ``/generate`` with known delays."""
+streams like SGLang's ``/v1/completions`` with known delays."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import bench_million_tokens as bench  # noqa: E402
 import bench_offload  # noqa: E402
 import step_floor  # noqa: E402
 
-from tests.test_bench_mixed_traffic import DELAYS, LONG_AT, _fake_generate
+from tests.test_bench_mixed_traffic import DELAYS, LONG_AT, _fake_server
 
 
 def _model_dir(tmp_path, cfg: dict) -> str:
@@ -99,7 +99,7 @@ def test_kernel_reference_is_the_nearest_batch_one_case(tmp_path):
 
 
 class _FakeServer:
-    """What ``mt.server_for`` returns, pointing at the in-process ``/generate``."""
+    """What ``server_for`` returns, pointing at the in-process ``/v1/completions``."""
 
     def __init__(self, url: str, log_path: Path):
         self.url, self.log_path, self.cmd = url, log_path, ["launch_server", "--fake"]
@@ -120,7 +120,7 @@ class _FakeServer:
 
 def _run(monkeypatch, tmp_path, stats: dict, argv: list[str]):
     log: list = []
-    srv = _fake_generate(log)
+    srv = _fake_server(log)
     asked: dict = {}
 
     def server_for(name, args, model, flags, log_dir, context, pariskv):

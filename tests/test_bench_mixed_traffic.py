@@ -1,5 +1,5 @@
 """bench_mixed_traffic on the CPU: the workload generator, the statistics, and the client
-against an in-process server that streams like SGLang's ``/generate`` with known delays."""
+against an in-process server that streams like SGLang's ``/v1/completions`` with known delays."""
 
 from __future__ import annotations
 
@@ -147,7 +147,7 @@ DELAYS = {"short": (0.06, 0.010), "long": (0.20, 0.025)}  # (TTFT, time per toke
 OUT = 8
 
 
-def _fake_generate(log: list, fail: dict | None = None):
+def _fake_server(log: list, fail: dict | None = None):
     """SGLang's streamed ``/v1/completions`` (:func:`fake_completions`): a prompt longer
     than LONG_AT tokens answers with the long class's delays; ``fail`` maps a prompt's
     first token id to a failure."""
@@ -166,7 +166,7 @@ def _small_workload(n=12, rate=10.0, seed=5):
 
 def test_client_times_follow_the_stream():
     log: list = []
-    srv = _fake_generate(log)
+    srv = _fake_server(log)
     reqs = _small_workload()
     try:
         t0 = time.perf_counter()
@@ -203,7 +203,7 @@ def test_client_times_follow_the_stream():
 
 def test_max_seconds_stops_sending():
     log: list = []
-    srv = _fake_generate(log)
+    srv = _fake_server(log)
     reqs = _small_workload(n=30, rate=10.0)
     cut = 1.0
     try:
@@ -228,7 +228,7 @@ def test_a_failed_request_fails_the_run_and_stops_sending(how, match):
     reqs = _small_workload(n=20, rate=10.0)
     bad = reqs[1]
     log: list = []
-    srv = _fake_generate(log, fail={mixed_workload.prompt_ids(5, bad)[0]: how})
+    srv = _fake_server(log, fail={mixed_workload.prompt_ids(5, bad)[0]: how})
     try:
         with pytest.raises(RuntimeError, match=match) as err:
             mixed_runs.run_rate(srv.url, reqs, OUT, seed=5, max_seconds=60, request_timeout=0.5)
@@ -282,7 +282,7 @@ def _split_runs(monkeypatch, tmp_path, run_server, requests: int):
 def test_two_invocations_make_one_comparison(tmp_path, monkeypatch):
     """--modes dense then --modes pariskv with one --runs-dir: one results file with
     both servers' numbers per rate and class, and its PNG; a changed workload refuses."""
-    srv = _fake_generate([])
+    srv = _fake_server([])
     stats = {"dense": {}, "pariskv": {"sparse_request_steps": 40, "dense_request_steps": 90}}
     out, common = _split_runs(
         monkeypatch,
@@ -317,7 +317,7 @@ def test_two_invocations_make_one_comparison(tmp_path, monkeypatch):
 def test_a_run_cut_short_resumes_at_the_rate_it_did_not_finish(tmp_path, monkeypatch):
     """A server run killed after its first rate keeps that rate in --runs-dir; the same
     command again runs only the missing rate and sums both runs' counters."""
-    srv = _fake_generate([])
+    srv = _fake_server([])
     stats = {"dense": {}, "pariskv": {"sparse_request_steps": 40, "dense_request_steps": 90}}
     ran = []
 
