@@ -32,7 +32,7 @@ from offload_equivalence import (  # noqa: E402
     run_offload_equivalence,
 )
 from passkey_runs import PASSKEY_CFG, run_passkey  # noqa: E402
-from throughput import run_throughput  # noqa: E402
+from throughput import merge_throughput_results, run_throughput  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "e2e.json"
 
@@ -240,10 +240,10 @@ def main(argv: list[str] | None = None) -> int:
         if res is None:
             print(f"saved {args.modes} in {args.runs_dir}; run the other mode with the same dir")
             return 0
-        device = _device_info().get("device")
-        for best in res["max_throughput"]:
-            best["device"] = device
-        _merge("throughput", res)
+        info = _device_info()
+        old = json.loads(RESULTS.read_text()).get("throughput") if RESULTS.exists() else None
+        commit = (info.get("git_commit") or "")[:7]
+        _merge("throughput", merge_throughput_results(old, res, info.get("device"), commit))
         print(f"HBM copy bandwidth {res['hbm_copy_gbs']:.0f} GB/s")
         print(
             f"{'input':>7} {'batch':>5} {'dense ms':>9} {'pkv ms':>8} {'speedup':>8} "

@@ -309,3 +309,39 @@ def max_throughput(cases: list[dict], dense_backend: str) -> list[dict]:
             }
         )
     return out
+
+
+def merge_throughput_results(old: dict | None, new: dict, device: str, commit: str) -> dict:
+    """The throughput table after a run: ``new``'s rows, each marked with ``device`` and
+    ``commit``, replace the rows of the same (input, batch); the other rows of ``old`` stay
+    when they were measured on the same kind of device with the same setup (config, output
+    length, dense backend), so a run of some inputs or batches does not drop the rest.
+    ``max_throughput`` is recomputed over the merged rows."""
+    rows = [c | {"device": device, "git_commit": commit} for c in new["cases"]]
+    same = old is not None and all(
+        old.get(k) == new.get(k) for k in ("config", "output_len", "dense_backend")
+    )
+    kept = []
+    if same:
+        ran = {(c["input_len"], c["batch"]) for c in rows}
+        kept = [
+            c
+            for c in old.get("cases", [])
+            if (c["input_len"], c["batch"]) not in ran and c.get("device") == device
+        ]
+    cases = sorted(kept + rows, key=lambda c: (c["input_len"], c["batch"]))
+    kept_inputs = {str(c["input_len"]) for c in kept}  # their bandwidth and engine stats stay
+    by_input = {k: v for k, v in (old or {}).get("hbm_copy_gbs_by_input", {}).items()
+                if k in kept_inputs}  # fmt: skip
+    by_input |= {str(n): new["hbm_copy_gbs"] for n in {c["input_len"] for c in rows}}
+    engines = {k: v for k, v in (old or {}).get("engines", {}).items() if k in kept_inputs}
+    engines |= new["engines"]
+    best = max_throughput(cases, new["dense_backend"])
+    for b in best:
+        b["device"] = device
+    return new | {
+        "cases": cases,
+        "engines": engines,
+        "hbm_copy_gbs_by_input": by_input,
+        "max_throughput": best,
+    }

@@ -265,3 +265,47 @@ def test_time_to_first_token_is_the_median_of_the_repeats(monkeypatch, repeats, 
     assert r1["prefill_s"] == pytest.approx(ttft) and len(r1["prefill_s_each"]) == repeats
     assert r2["prefill_s"] == pytest.approx(1.0)  # the one-time cost is paid by then
     assert r1["ms_per_token"] == pytest.approx(1.0) and r2["ms_per_token"] == pytest.approx(2.0)
+
+
+def _table(rows, config=None, bw=3000.0):
+    cases = [
+        {"input_len": n, "batch": b, "dense_tok_s": d, "pariskv_tok_s": p, **extra}
+        for n, b, d, p, extra in rows
+    ]
+    return {"config": config or CFG, "output_len": 256, "dense_backend": "flashinfer",
+            "hbm_copy_gbs": bw, "engines": {str(n): {"n": n} for n, *_ in rows},
+            "cases": cases}  # fmt: skip
+
+
+def test_a_run_replaces_its_rows_and_keeps_the_others_of_the_same_device_and_setup():
+    h100 = {"device": "H100", "git_commit": "aaaaaaa"}
+    old = _table([(32768, 1, 137.7, 116.4, h100), (131072, 1, 86.4, 106.9, h100),
+                  (131072, 3, 127.4, None, h100), (131072, 2, 112.6, 193.1,
+                  {"device": "H200", "git_commit": "bbbbbbb"})])  # fmt: skip
+    old["hbm_copy_gbs_by_input"] = {"32768": 3022.0}
+    new = _table([(131072, 1, 81.9, 106.3, {}), (131072, 2, 112.6, 193.6, {})], bw=3020.0)
+    got = throughput.merge_throughput_results(old, new, "H100", "ccccccc")
+    rows = {(c["input_len"], c["batch"]): c for c in got["cases"]}
+    assert sorted(rows) == [(32768, 1), (131072, 1), (131072, 2), (131072, 3)]
+    assert rows[(131072, 1)]["pariskv_tok_s"] == 106.3  # the new measurement
+    assert rows[(131072, 2)]["git_commit"] == "ccccccc"  # the H200 row gave way
+    assert rows[(131072, 3)]["git_commit"] == "aaaaaaa"  # kept: same device, not re-run
+    assert got["hbm_copy_gbs_by_input"] == {"32768": 3022.0, "131072": 3020.0}
+    assert set(got["engines"]) == {"32768", "131072"}
+    best = {b["input_len"]: b for b in got["max_throughput"]}
+    assert best[131072]["dense_best_batch"] == 3 and best[131072]["pariskv_best_batch"] == 2
+    assert best[131072]["ratio"] == pytest.approx(193.6 / 127.4)
+    assert best[131072]["device"] == "H100"
+
+
+def test_another_device_or_setup_starts_a_new_table():
+    old = _table([(32768, 1, 137.7, 116.4, {"device": "H100"})])
+    new = _table([(131072, 1, 81.9, 106.3, {})])
+    for o, device in (
+        (old, "H200"),
+        (old | {"config": {**CFG, "topk": 512}}, "H100"),
+        (None, "H100"),
+    ):
+        got = throughput.merge_throughput_results(o, new, device, "c")
+        assert [(c["input_len"], c["batch"]) for c in got["cases"]] == [(131072, 1)]
+        assert set(got["engines"]) == {"131072"}
