@@ -17,10 +17,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from server_client import _check_local
-
-#: At most this many SSE lines per output token are read before a stream counts as stuck.
-MAX_LINES_PER_TOKEN = 4
+from server_client import RequestFailed, _check_local, sse_chunks
 
 
 def write_word_tokenizer(model_dir: Path, vocab_size: int, bos_id: int, eos_id: int) -> None:
@@ -89,28 +86,10 @@ def stream_completion(
         headers={"Content-Type": "application/json"},
     )
     start = rec["start_s"] = time.perf_counter()
-    seen, done, usage = 0, False, None
+    seen, usage = 0, None
     try:
         with urllib.request.urlopen(http, timeout=timeout) as resp:
-            for _ in range(MAX_LINES_PER_TOKEN * output_len + 16):
-                if time.perf_counter() - start > timeout:
-                    rec["error"] = f"no end after {timeout:.0f} s"
-                    break
-                line = resp.readline()
-                now = time.perf_counter()
-                if not line:
-                    break
-                line = line.strip()
-                if not line.startswith(b"data:"):
-                    continue
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    done = True
-                    break
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    rec["error"] = f"server error: {json.dumps(chunk['error'])[:300]}"
-                    break
+            for now, chunk in sse_chunks(resp, output_len, start, timeout):
                 usage = chunk.get("usage") or usage
                 words = len("".join(c.get("text") or "" for c in chunk["choices"]).split())
                 if words:
@@ -120,8 +99,8 @@ def stream_completion(
                     rec["last_s"] = now
                     if token_times is not None:
                         token_times.append((now, seen))
-            if rec["error"] is None and not done:
-                rec["error"] = "stream ended without [DONE]"
+    except RequestFailed as e:
+        rec["error"] = str(e)
     except urllib.error.HTTPError as e:
         rec["error"] = f"HTTP {e.code}: {e.read()[:300]!r}"
     except (OSError, ValueError, KeyError, TypeError) as e:  # timeouts, refusals, bad chunks

@@ -11,6 +11,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 
 #: Seconds between polls of /v1/loads while waiting for an idle server.
 IDLE_POLL_S = 1.0
@@ -21,6 +22,33 @@ MAX_CHUNKS_PER_TOKEN = 4
 
 class RequestFailed(Exception):
     """A well-formed request that did not complete as asked."""
+
+
+def sse_chunks(
+    resp, output_len: int, start: float, timeout: float, waiting_for: str = "end"
+) -> Iterator[tuple[float, dict]]:
+    """(arrival time, JSON) of each ``data:`` line of a streamed response of
+    ``output_len`` tokens, up to ``[DONE]``. Raises RequestFailed on an error chunk, a
+    stream that ends without ``[DONE]`` or goes on far past its token count, and when
+    ``timeout`` seconds from ``start`` pass before ``waiting_for`` (the end)."""
+    for _ in range(MAX_CHUNKS_PER_TOKEN * output_len + 16):
+        if time.perf_counter() - start > timeout:
+            raise RequestFailed(f"no {waiting_for} after {timeout:.0f} s")
+        raw = resp.readline()
+        now = time.perf_counter()
+        if not raw:
+            raise RequestFailed("stream ended without [DONE]")
+        line = raw.strip()
+        if not line.startswith(b"data:"):
+            continue
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            return
+        chunk = json.loads(data)
+        if "error" in chunk:
+            raise RequestFailed(f"server error: {json.dumps(chunk['error'])[:300]}")
+        yield now, chunk
+    raise RequestFailed("stream went on past its token count")
 
 
 def _check_local(url: str) -> None:
@@ -93,21 +121,7 @@ def abort_stream(
         resp = conn.getresponse()
         if resp.status != 200:
             raise RequestFailed(f"HTTP {resp.status}: {resp.read()[:300]!r}")
-        for _ in range(MAX_CHUNKS_PER_TOKEN * output_len + 16):
-            if time.perf_counter() - start > timeout:
-                raise RequestFailed(f"no chunk {cut_after} after {timeout:.0f} s")
-            raw = resp.readline()
-            if not raw:
-                raise RequestFailed("stream ended without [DONE]")
-            line = raw.strip()
-            if not line.startswith(b"data:"):
-                continue
-            data = line[5:].strip()
-            if data == b"[DONE]":
-                return False, tokens
-            chunk = json.loads(data)
-            if "error" in chunk:
-                raise RequestFailed(f"server error: {json.dumps(chunk['error'])[:300]}")
+        for _, chunk in sse_chunks(resp, output_len, start, timeout, f"chunk {cut_after}"):
             meta = chunk.get("meta_info", {})
             if (meta.get("finish_reason") or {}).get("type") == "abort":
                 raise RequestFailed(f"aborted by the server: {json.dumps(meta)[:300]}")
@@ -116,7 +130,7 @@ def abort_stream(
                 tokens, chunks = n, chunks + 1
                 if chunks >= cut_after:
                     return True, tokens
-        raise RequestFailed("stream went on past its token count")
+        return False, tokens
     except (OSError, ValueError, http.client.HTTPException) as e:
         raise RequestFailed(f"{type(e).__name__}: {e}"[:300]) from None
     finally:
