@@ -89,8 +89,7 @@ class HistogramUpkeep:
             return
         bs = forward_batch.batch_size
         self.hists.count_decode_layers(
-            [layer.signs for layer in self.codes.layers],
-            self.codes.signs_table(),
+            self.codes,
             self.req_to_token_pool.req_to_token,
             forward_batch.req_pool_indices[:bs],
             forward_batch.seq_lens[:bs],

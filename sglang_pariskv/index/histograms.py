@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from sglang_pariskv.codec.collision import NUM_CENTROIDS, centroid_histogram
+from sglang_pariskv.index.code_pool import CodePool
 
 
 class RequestHistograms:
@@ -102,28 +103,31 @@ class RequestHistograms:
 
     def count_decode_layers(
         self,
-        signs: list[torch.Tensor],
-        signs_table: torch.Tensor | None,
+        codes: CodePool,
         req_to_token: torch.Tensor,
         req_pool_indices: torch.Tensor,
         seq_lens: torch.Tensor,
         limit: int,
     ) -> None:
-        """:meth:`count_decode` for every layer at once, after a step whose codes were
-        written after its last layer. ``signs``: every layer's pool signs; on CUDA one
-        launch through ``signs_table``, the int64 addresses of ``signs`` (made before any
-        graph capture, which reads them)."""
+        """:meth:`count_decode` for every layer at once from ``codes``' signs, after a step
+        whose codes were written after its last layer. On CUDA one launch through the
+        code pool's signs address table (``CodePool.signs_table``, made before any graph
+        capture, which reads it)."""
         if self.all.is_cuda:
             from sglang_pariskv.kernels.histograms import count_new_keys_layers
 
-            if signs_table is None:
+            table = codes.signs_table()
+            if table is None:
                 raise ValueError("counting every layer on CUDA needs the signs' address table")
+            signs = codes.layers[0].signs
             count_new_keys_layers(
-                signs_table, signs[0], req_to_token, req_pool_indices, seq_lens, self.all, limit
+                table, signs, req_to_token, req_pool_indices, seq_lens, self.all, limit
             )
             return
-        for layer, layer_signs in enumerate(signs):
-            self.count_decode(layer, layer_signs, req_to_token, req_pool_indices, seq_lens, limit)
+        for layer, layer_codes in enumerate(codes.layers):
+            self.count_decode(
+                layer, layer_codes.signs, req_to_token, req_pool_indices, seq_lens, limit
+            )
 
     def add(
         self,

@@ -130,6 +130,12 @@ def _count_new_keys_layers_kernel(
     )  # fmt: skip
 
 
+def _count_constants(signs: torch.Tensor, split: int, block_n: int) -> dict:
+    """The count kernels' compile-time sizes for pool signs uint8 ``[S, Hkv, B]``."""
+    _, h, b = signs.shape
+    return dict(H=h, B=b, HBP=triton.next_power_of_2(h * b), SPLIT=split, BLOCK_N=block_n)
+
+
 def check_count_limit(limit: int) -> None:
     """The dense limit of :func:`count_new_keys` must be >= 1: CUDA-graph padding rows have
     length 1 and must count nothing."""
@@ -156,24 +162,13 @@ def count_new_keys(
     it is CUDA-graph safe; ``split`` programs per row share a catch-up.
     """
     check_count_limit(limit)
-    _, h, b = signs.shape
     r = req_pool_indices.shape[0]
     if r == 0:
         return
     _count_new_keys_kernel[(r, split)](
-        signs,
-        req_to_token,
-        req_to_token.stride(0),
-        req_pool_indices,
-        seq_lens,
-        hist,
-        limit,
-        H=h,
-        B=b,
-        HBP=triton.next_power_of_2(h * b),
-        SPLIT=split,
-        BLOCK_N=block_n,
-    )
+        signs, req_to_token, req_to_token.stride(0), req_pool_indices, seq_lens, hist, limit,
+        **_count_constants(signs, split, block_n),
+    )  # fmt: skip
 
 
 def count_new_keys_layers(
@@ -195,7 +190,6 @@ def count_new_keys_layers(
     histograms of all layers, int32 [layers, max_reqs, Hkv, B, 256] contiguous.
     """
     check_count_limit(limit)
-    _, h, b = signs.shape
     layers, r = hist_all.shape[0], req_pool_indices.shape[0]
     if signs_table.shape != (layers,) or not hist_all[0].is_contiguous():
         raise ValueError(
@@ -205,17 +199,6 @@ def count_new_keys_layers(
     if r == 0:
         return
     _count_new_keys_layers_kernel[(r, split, layers)](
-        signs_table,
-        req_to_token,
-        req_to_token.stride(0),
-        req_pool_indices,
-        seq_lens,
-        hist_all,
-        hist_all.stride(0),
-        limit,
-        H=h,
-        B=b,
-        HBP=triton.next_power_of_2(h * b),
-        SPLIT=split,
-        BLOCK_N=block_n,
-    )
+        signs_table, req_to_token, req_to_token.stride(0), req_pool_indices, seq_lens,
+        hist_all, hist_all.stride(0), limit, **_count_constants(signs, split, block_n),
+    )  # fmt: skip
