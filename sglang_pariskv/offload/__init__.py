@@ -1,4 +1,4 @@
-"""Host offload (issue 6): the bulk KV in pinned host memory, fetched over UVA.
+"""Host offload: the bulk KV in pinned host memory, fetched over UVA.
 
 * :mod:`.host_pool` — :class:`HostKVPool`, slot-keyed K/V of every layer in pinned host
   memory, and :func:`check_host_memory`, the startup check of ``--pariskv-host-pool-gb``.
