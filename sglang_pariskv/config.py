@@ -327,12 +327,7 @@ class ParisKVConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ParisKVConfig:
         """Build from a JSON-style dict; unknown keys are errors (a typo must not be ignored)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ParisKVConfigError(
-                f"pariskv config has unknown key(s) {unknown}: allowed keys are {sorted(known)}"
-            )
+        cls._check_keys(data)
         kwargs = dict(data)
         for name in ("candidate_ratio", "collision_ratio"):
             if kwargs.get(name) == "auto":
@@ -343,7 +338,24 @@ class ParisKVConfig:
         return cls(**kwargs)
 
     @classmethod
+    def _check_keys(cls, data: dict[str, Any], where: str = "pariskv config") -> None:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ParisKVConfigError(
+                f"{where} has unknown key(s) {unknown}: allowed keys are {sorted(known)}"
+            )
+
+    @classmethod
     def from_json(cls, path: str | Path) -> ParisKVConfig:
+        return cls.from_dict(cls.read_json(path))
+
+    @classmethod
+    def read_json(cls, path: str | Path) -> dict[str, Any]:
+        """The fields a config file sets, as written (keys checked, values not yet): what
+        ``--pariskv-config`` contributes before the flags override it. Defaults that
+        depend on other fields (``min_sparse_tokens``, ``hot_cache_lines`` follow
+        ``offload``) are resolved only once the file and the flags are merged."""
         try:
             data = json.loads(Path(path).read_text())
         except FileNotFoundError:
@@ -354,7 +366,8 @@ class ParisKVConfig:
             raise ParisKVConfigError(f"pariskv config file {path} is not valid JSON: {e}") from e
         if not isinstance(data, dict):
             raise ParisKVConfigError(f"pariskv config file {path} must hold a JSON object")
-        return cls.from_dict(data)
+        cls._check_keys(data, f"pariskv config file {path}")
+        return data
 
 
 #: (zone length below which it applies, candidate_ratio, collision_ratio), shortest first,

@@ -223,7 +223,7 @@ def config_from_args(args: Any) -> ParisKVConfig | None:
     base: dict[str, Any] = {}
     if args.pariskv_config is not None:
         try:
-            base = ParisKVConfig.from_json(args.pariskv_config).to_dict()
+            base = ParisKVConfig.read_json(args.pariskv_config)
         except ValueError as e:
             raise ParisKVConfigError(f"--pariskv-config {args.pariskv_config}: {e}") from e
     for flag, field, kind in KNOB_FLAGS:
@@ -234,7 +234,8 @@ def config_from_args(args: Any) -> ParisKVConfig | None:
     try:
         cfg = ParisKVConfig.from_dict(base)
     except ValueError as e:
-        raise ParisKVConfigError(str(e)) from e
+        where = f" (with --pariskv-config {args.pariskv_config})" if args.pariskv_config else ""
+        raise ParisKVConfigError(f"{e}{where}") from e
     check_calibration_file(cfg)
     max_age = getattr(args, "pariskv_reuse_max_age", None)
     if max_age is not None and not cfg.reuses:

@@ -72,6 +72,30 @@ def test_flags_build_the_config(parser, tmp_path):
     assert (cfg.topk, cfg.local, cfg.dense_threshold) == (64, 32, 4096)  # flag overrides file
 
 
+def test_config_file_defaults_follow_the_flags(parser, tmp_path):
+    """A file that leaves the offload-dependent fields unset gets the defaults of the
+    offload the flags choose, not the GPU pool's (resolved before the merge)."""
+    f = tmp_path / "p.json"
+    f.write_text(json.dumps({"topk": 1024}))
+    flags = ["--pariskv-offload", "host", "--pariskv-host-pool-gb", "60"]
+    cfg = config_from_args(parse(parser, "--enable-pariskv", "--pariskv-config", str(f), *flags))
+    assert cfg == ParisKVConfig(topk=1024, offload="host", host_pool_gb=60.0)
+    assert (cfg.min_sparse_tokens, cfg.hot_cache_lines) == (0, DEFAULT_HOT_CACHE_LINES)
+    f.write_text(json.dumps({"offload": "host", "host_pool_gb": 8, "hot_cache_lines": 64}))
+    cfg = config_from_args(parse(parser, "--enable-pariskv", "--pariskv-config", str(f)))
+    assert (cfg.offloaded, cfg.hot_cache_lines, cfg.min_sparse_tokens) == (True, 64, 0)
+
+
+def test_config_file_errors_name_the_file(parser, tmp_path):
+    f = tmp_path / "p.json"
+    f.write_text(json.dumps({"topk": 0}))
+    with pytest.raises(ParisKVConfigError, match=f"topk=0.*--pariskv-config {f}"):
+        config_from_args(parse(parser, "--enable-pariskv", "--pariskv-config", str(f)))
+    f.write_text(json.dumps({"top_k": 8}))
+    with pytest.raises(ParisKVConfigError, match=r"config file .*unknown key\(s\) \['top_k'\]"):
+        config_from_args(parse(parser, "--enable-pariskv", "--pariskv-config", str(f)))
+
+
 @pytest.mark.parametrize(
     "flags, words",
     [
