@@ -110,6 +110,14 @@ def test_check_host_memory_passes_and_refuses_with_the_flag_and_fix(tmp_path):
     assert isinstance(e.value, ValueError)
 
 
+def test_check_host_memory_suggests_a_size_per_tp_rank(tmp_path):
+    path = meminfo(tmp_path, available_kb=64 * 1024 * 1024)  # 60 GiB usable
+    check_host_memory(2 * 30 * GIB, path, ranks=2)
+    with pytest.raises(ParisKVConfigError) as e:
+        check_host_memory(2 * 40 * GIB, path, ranks=2)
+    assert "--pariskv-host-pool-gb 30 or less (each of the 2 TP ranks" in str(e.value)
+
+
 def test_check_host_memory_without_room_or_without_meminfo(tmp_path):
     with pytest.raises(ParisKVConfigError, match="serve without --pariskv-offload host"):
         check_host_memory(GIB, meminfo(tmp_path, available_kb=3 * 1024 * 1024))

@@ -216,15 +216,15 @@ def test_offload_flags_build_the_config_and_check_host_memory(parser, monkeypatc
     assert ParisKVConfig.from_dict(cfg.to_dict()) == cfg  # travels to the scheduler intact
     asked = []
 
-    def fake_check(nbytes):
-        asked.append(nbytes)
+    def fake_check(nbytes, ranks=1):
+        asked.append((nbytes, ranks))
         raise ParisKVConfigError("short")
 
     monkeypatch.setattr("sglang_pariskv.offload.host_pool.check_host_memory", fake_check)
     args.tp_size = 2  # each TP rank pins its own pool
     with pytest.raises(SystemExit):
         plugin._around_from_cli_args(resolve, ServerArgs, args)
-    assert asked == [2 * 48 * 2**30]
+    assert asked == [(2 * 48 * 2**30, 2)]
 
 
 def test_enabling_picks_flashinfer_and_exports_the_config(parser, monkeypatch):
@@ -391,14 +391,14 @@ def test_engine_api_checks_every_ranks_host_pool_together(parser, tiny_model, mo
     monkeypatch.setattr(plugin, "_launched_from_cli", False)
     asked = []
 
-    def fake_check(nbytes):
-        asked.append(nbytes)
+    def fake_check(nbytes, ranks=1):
+        asked.append((nbytes, ranks))
         raise ParisKVConfigError("--pariskv-host-pool-gb asks for too much")
 
     monkeypatch.setattr("sglang_pariskv.offload.host_pool.check_host_memory", fake_check)
     with pytest.raises(ParisKVConfigError, match="--pariskv-host-pool-gb"):
         engine_server_args(tiny_model, attention_backend="flashinfer", tp_size=2)
-    assert asked == [2 * 10 * 2**30]
+    assert asked == [(2 * 10 * 2**30, 2)]
 
 
 def test_without_pariskv_resolution_is_untouched(parser, tiny_model, monkeypatch):

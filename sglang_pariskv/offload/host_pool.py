@@ -70,24 +70,29 @@ def check_host_memory(
     nbytes: int,
     meminfo: str | Path = "/proc/meminfo",
     reserve_bytes: int = DEFAULT_RESERVE_BYTES,
+    ranks: int = 1,
 ) -> None:
-    """Refuse a host pool of ``nbytes`` that would not fit in available host memory.
+    """Refuse host pools of ``nbytes`` in all that would not fit in available host memory.
 
     Pinned pages cannot be swapped or reclaimed, so overcommitting them starves the OS
     and SGLang (or gets the server OOM-killed mid-run); this check runs before anything is
-    allocated. MemAvailable counts reclaimable page cache as available.
+    allocated. MemAvailable counts reclaimable page cache as available. ``ranks``: how
+    many TP ranks share ``nbytes`` (one pool each), so the suggested
+    ``--pariskv-host-pool-gb``, a per-rank size, fits when every rank pins it.
     """
     avail = _mem_available(meminfo)
     usable = avail - reserve_bytes
     if nbytes <= usable:
         return
     gib = 2**30
-    if usable < gib:
+    per_rank = math.floor(usable / ranks / gib)
+    if per_rank < 1:
         fix = "this host has no room for a host pool: serve without --pariskv-offload host"
     else:
         fix = (
-            f"pass --pariskv-host-pool-gb {math.floor(usable / gib)} or less, or free host "
-            "memory (other processes) first"
+            f"pass --pariskv-host-pool-gb {per_rank} or less"
+            + (f" (each of the {ranks} TP ranks pins its own pool)" if ranks > 1 else "")
+            + ", or free host memory (other processes) first"
         )
     raise ParisKVConfigError(
         f"--pariskv-host-pool-gb asks for {nbytes / gib:.1f} GiB of pinned host memory, but "
@@ -103,7 +108,7 @@ def check_host_pools(config, args) -> None:
     if not config.offloaded:
         return
     ranks = int(getattr(args, "tp_size", 1) or 1)
-    check_host_memory(int(config.host_pool_gb * 2**30) * ranks)
+    check_host_memory(int(config.host_pool_gb * 2**30) * ranks, ranks=ranks)
 
 
 def _register(t: torch.Tensor) -> None:
