@@ -21,8 +21,8 @@ weights (``--load-format dummy``) over a 64K-token document: mechanics and timin
 
 Results merge into ``benchmarks/results/workflows.json`` (``--out``), per setup and
 workflow. Nothing is written unless the ParisKV server's own counters show sparse decode
-steps and the dense server's show none (an earlier benchmark once compared dense with
-dense because the plugin was not installed).
+steps and the dense server's show none (without the plugin installed, both servers would
+be dense).
 """
 
 from __future__ import annotations

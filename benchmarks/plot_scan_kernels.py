@@ -1,11 +1,12 @@
 """Draws results/scan_kernels.png from results/scan_kernels.json (the collision
 scan variants, timed by bench_retrieval_in_step.py at the commit the JSON names).
 
-    python benchmarks/plot_scan_kernels.py
+    python benchmarks/plot_scan_kernels.py [results/scan_kernels.json]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -40,4 +41,6 @@ def plot(path: Path = RESULTS / "scan_kernels.json") -> Path:
 
 
 if __name__ == "__main__":
-    print(plot())
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("json", nargs="?", type=Path, default=RESULTS / "scan_kernels.json")
+    print(plot(ap.parse_args().json))

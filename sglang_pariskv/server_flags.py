@@ -1,8 +1,10 @@
 """ParisKV's command-line flags and the startup checks that go with them.
 
-Everything a user can get wrong is checked here, in the launching process, before a model
-is loaded: a bad value, a flag given without ``--enable-pariskv``, or a combination with a
-SGLang feature that ParisKV does not support (yet). Each error names the flag and the fix.
+The flags' values are checked here, in the launching process, before a model is loaded:
+a bad value, a flag given without ``--enable-pariskv``, or a combination with a SGLang
+feature that ParisKV does not support. Each error names the flag and the fix. (The host
+memory a ``--pariskv-host-pool-gb`` asks for is checked by ``offload.host_pool``, also
+before the model loads.)
 Model-dependent checks (MLA, head_dim, sliding window) run in :func:`check_model`, when the
 scheduler builds its attention backend, which is still before serving starts.
 """

@@ -1,9 +1,9 @@
 // ParisKV candidate write + rerank in one kernel (CUDA).
 //
-// Replaces the Triton `_write_kernel` of kernels/select.py followed by the rerank: at
-// decode batch sizes each of those was a separate latency-bound launch (22 and 41 us per
-// layer at 128K x 2 in an SGLang profile, H100), and the rerank re-read the candidate
-// list the write had just stored. Inputs are the count pass of kernels/select.py
+// The CUDA counterpart of the Triton `_write_kernel` of kernels/select.py followed by the
+// Triton rerank (the fallback it matches): as two kernels, each is a separate
+// latency-bound launch at decode batch sizes (22 and 41 us per layer at 128K x 2 in an
+// SGLang profile, H100), and the rerank re-reads the candidate list the write just stored. Inputs are the count pass of kernels/select.py
 // (`_count_kernel`: threshold score s*, how many keys at s* to take, how many score above
 // it, and per chunk of positions the keys above / at s*).
 //
@@ -13,8 +13,8 @@
 // is identical to the Triton path's. Each kept position's destination is its rank: the
 // chunk's base (the counts of the chunks before it, summed by the block) plus an
 // exclusive block scan of the per-thread counts. The kept (position, destination) pairs go
-// to a shared list, and the block then reranks them as csrc/rerank.cu does (one thread per
-// candidate, rerank_record.cuh). It writes the candidate's KV slot and its estimate at the
+// to a shared list, and the block then reranks them, one thread per candidate
+// (rerank_record.cuh). It writes the candidate's KV slot and its estimate at the
 // destination; estimates at and past the row's count C are -inf.
 
 #include <cstdint>
