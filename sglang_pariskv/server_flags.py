@@ -348,6 +348,19 @@ def check_server_args(server_args: Any) -> None:
         "equal scores in launch order, so repeated runs may attend different tokens; drop "
         "--enable-deterministic-inference or drop --enable-pariskv",
     )
+    refuse(
+        bool(getattr(server_args, "enable_mixed_chunk", False)),
+        "--enable-mixed-chunk: a mixed batch is planned as an extend, which would rebuild "
+        "every running long request's histograms from all its tokens at each such step and "
+        "decode it densely; drop --enable-mixed-chunk",
+    )
+    refuse(
+        _prefill_graph_backend(server_args) == "full",
+        "--cuda-graph-backend-prefill full (or cuda_graph_config prefill backend full): a "
+        "whole-forward prefill graph would replay the histogram recount of the extend it "
+        "was captured on; use the default prefill graph backend or "
+        "--cuda-graph-backend-prefill breakable",
+    )
     mode = getattr(server_args, "disaggregation_mode", "null") or "null"
     refuse(
         mode != "null",
@@ -366,6 +379,23 @@ def check_server_args(server_args: Any) -> None:
         raise ParisKVConfigError(
             "--enable-pariskv cannot be served with these settings: " + "; ".join(problems)
         )
+
+
+def _prefill_graph_backend(server_args: Any) -> str | None:
+    """The prefill CUDA-graph backend asked for: the per-phase flag, else the
+    ``--cuda-graph-config`` prefill entry (parsed or resolved), where this SGLang has them."""
+    backend = getattr(server_args, "cuda_graph_backend_prefill", None)
+    config = getattr(server_args, "cuda_graph_config", None)
+    if backend is None and config is not None:  # a parsed JSON dict, or a resolved record
+        prefill = (
+            config.get("prefill") if isinstance(config, dict) else getattr(config, "prefill", None)
+        )
+        backend = (
+            prefill.get("backend")
+            if isinstance(prefill, dict)
+            else getattr(prefill, "backend", None)
+        )
+    return None if backend is None else str(backend)
 
 
 def check_model(

@@ -153,6 +153,7 @@ def test_bad_flags_fail_early_naming_the_flag(parser, flags, words):
         (["--disaggregation-mode", "decode"], ["--disaggregation-mode decode", "codes"]),
         (["--enable-lora"], ["--enable-lora", "without --enable-pariskv"]),
         (["--enable-deterministic-inference"], ["--enable-deterministic-inference", "ties"]),
+        (["--enable-mixed-chunk"], ["--enable-mixed-chunk", "histograms"]),
     ],
 )
 def test_unsupported_combinations_are_refused(parser, flags, words, capsys):
@@ -165,6 +166,26 @@ def test_unsupported_combinations_are_refused(parser, flags, words, capsys):
     assert err.startswith("error: --enable-pariskv cannot be served")
     for w in words:
         assert w in err
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--cuda-graph-backend-prefill", "full"],
+        ["--cuda-graph-config", '{"prefill": {"backend": "full"}}'],
+    ],
+)
+def test_whole_forward_prefill_graphs_are_refused(parser, flags, capsys):
+    """A full prefill graph would capture one extend's histogram recount; the other
+    prefill graph backends keep attention (and the recount) eager."""
+    if not any(a.option_strings == [flags[0]] for a in parser._actions):
+        pytest.skip(f"this SGLang has no {flags[0]}")
+    with pytest.raises(SystemExit):
+        plugin._around_from_cli_args(resolve, ServerArgs, parse(parser, "--enable-pariskv", *flags))
+    assert "--cuda-graph-backend-prefill full" in capsys.readouterr().err
+    if flags[0] == "--cuda-graph-backend-prefill":
+        args = parse(parser, "--enable-pariskv", flags[0], "breakable")
+        assert plugin._around_from_cli_args(resolve, ServerArgs, args) is not None
 
 
 def test_a_bad_flag_value_is_one_error_line(parser, capsys):
