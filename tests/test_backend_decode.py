@@ -322,12 +322,16 @@ def test_slots_reused_by_a_new_request_are_never_served_stale(setup):
         assert b.offload.fetcher.cache.stats()["hits"] > 0
 
 
-def test_a_request_crossing_the_dense_limit_retrieves_with_a_full_count(setup, monkeypatch):
+@pytest.mark.parametrize("lengths_on_host", [True, False])
+def test_a_request_crossing_the_dense_limit_retrieves_with_a_full_count(
+    setup, monkeypatch, lengths_on_host
+):
     """Extend goes through the backend (histograms of a previous owner cleared; the long
     request recounted, the short one not), then the short request decodes densely, crosses
     the dense limit (64) and retrieves: every step matches the oracle, whose retrieval
     counts all of the request's keys, and afterwards both requests' histograms equal a
-    fresh count."""
+    fresh count. Also for an extend whose lengths are on the device only (no
+    ``seq_lens_cpu``), where the short row must still count nothing."""
     b, pool, rtp = setup
     monkeypatch.setattr(FlashInferAttnBackend, "forward_extend", extend_stand_in)
     gen = torch.Generator().manual_seed(11)
@@ -335,6 +339,8 @@ def test_a_request_crossing_the_dense_limit_retrieves_with_a_full_count(setup, m
     b.hists.all.fill_(5)  # counts left by the slots' previous requests
     rpi, seq = [2, 0], [62, 100]
     fb = extend_batch(rtp, rpi, seq, torch.arange(1, 163))
+    if not lengths_on_host:
+        fb.seq_lens_cpu = None
     b.init_forward_metadata(fb)
     kv = torch.randn(162, HKV, D, generator=gen)
     b.forward_extend(torch.zeros(162, HQ * D), kv, kv.flip(0), layer, fb)

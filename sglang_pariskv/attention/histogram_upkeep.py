@@ -52,8 +52,8 @@ class HistogramUpkeep:
         rows, seq = forward_batch.req_pool_indices, forward_batch.seq_lens
         self.hists.reset(rows)
         seq_cpu = forward_batch.seq_lens_cpu
-        if seq_cpu is None:  # lengths only on the device: recount every row
-            self._recount = (rows, seq, None)
+        if seq_cpu is None:  # lengths only on the device: rows at or below the limit count 0
+            self._recount = (rows, torch.where(seq > self.config.dense_limit, seq, 0), None)
             return
         long = seq_cpu > self.config.dense_limit
         if not bool(long.any()):
