@@ -8,7 +8,8 @@ and there :func:`register` installs the serving hooks: the KV pool with ParisKV 
 the code bytes in the pool's per-token cell size, and the ParisKV attention backend.
 Without ``--enable-pariskv`` nothing but the (unused) flags is added.
 
-Engine API users (``sglang.Engine(...)``) call :func:`enable` before creating the engine.
+Engine API users (``sglang.Engine(...)``) call :func:`enable` before creating the engine
+(and :func:`disable` before creating one without ParisKV).
 
 Where SGLang's APIs differ between the supported releases, ``sglang_compat`` adapts them.
 """
@@ -94,6 +95,12 @@ def enable(config: ParisKVConfig | None = None) -> ParisKVConfig:
     return cfg
 
 
+def disable() -> None:
+    """Serve engines created afterwards in this process without ParisKV (Engine API): the
+    config leaves the environment, so their scheduler processes install nothing."""
+    os.environ.pop(ENV_CONFIG, None)
+
+
 def config_from_env() -> ParisKVConfig | None:
     raw = os.environ.get(ENV_CONFIG)
     if not raw:
@@ -129,6 +136,13 @@ def _exit_with(error: ParisKVConfigError):
 def _server_args_from_cli(original, cls, args):
     cfg = config_from_args(args)  # raises on bad values, before any model work
     if cfg is None:
+        if os.environ.pop(ENV_CONFIG, None):
+            # The command line decides: a config inherited from the environment (an
+            # exported variable, a parent's enable()) must not reach the schedulers.
+            logger.warning(
+                "%s is set but --enable-pariskv was not given: serving without ParisKV",
+                ENV_CONFIG,
+            )
         return original(cls, args)
     if getattr(args, "attention_backend", None) is None:
         # SGLang's default may be another backend (e.g. fa3 on Hopper); ParisKV is built

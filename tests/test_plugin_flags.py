@@ -46,6 +46,25 @@ def test_without_the_flag_nothing_is_enabled(parser):
     assert plugin._around_from_cli_args(lambda cls, a: sentinel, ServerArgs, args) is sentinel
 
 
+def test_a_launch_without_the_flag_drops_an_inherited_config(parser, monkeypatch, caplog):
+    """A config left in the environment (``enable()`` in a parent, an exported variable)
+    must not switch ParisKV on in the schedulers of a launch that did not ask for it."""
+    monkeypatch.setenv(plugin.ENV_CONFIG, json.dumps(ParisKVConfig().to_dict()))
+    seen = []
+    plugin._around_from_cli_args(lambda cls, a: seen.append(plugin.config_from_env()), ServerArgs,
+                                 parse(parser))  # fmt: skip
+    assert seen == [None] and plugin.ENV_CONFIG in caplog.text
+
+
+def test_disable_undoes_enable_for_later_engines(monkeypatch):
+    monkeypatch.delenv(plugin.ENV_CONFIG, raising=False)
+    monkeypatch.setattr(plugin, "install_serving_hooks", lambda cfg: None)
+    plugin.enable(ParisKVConfig(topk=256))
+    assert plugin.config_from_env().topk == 256
+    plugin.disable()
+    assert plugin.config_from_env() is None
+
+
 def test_flags_build_the_config(parser, tmp_path):
     args = parse(
         parser,
