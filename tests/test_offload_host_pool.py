@@ -115,7 +115,7 @@ def test_check_host_memory_suggests_a_size_per_tp_rank(tmp_path):
     check_host_memory(2 * 30 * GIB, path, ranks=2)
     with pytest.raises(ParisKVConfigError) as e:
         check_host_memory(2 * 40 * GIB, path, ranks=2)
-    assert "--pariskv-host-pool-gb 30 or less (each of the 2 TP ranks" in str(e.value)
+    assert "--pariskv-host-pool-gb 30 or less (each of the 2 ranks" in str(e.value)
 
 
 def test_check_host_memory_without_room_or_without_meminfo(tmp_path):

@@ -265,6 +265,10 @@ def test_offload_flags_build_the_config_and_check_host_memory(parser, monkeypatc
     with pytest.raises(SystemExit):
         plugin._around_from_cli_args(resolve, ServerArgs, args)
     assert asked == [(2 * 48 * 2**30, 2)]
+    args.dp_size = 3  # ... in each of the data-parallel replicas
+    with pytest.raises(SystemExit):
+        plugin._around_from_cli_args(resolve, ServerArgs, args)
+    assert asked[-1] == (6 * 48 * 2**30, 6)
 
 
 def test_enabling_picks_flashinfer_and_exports_the_config(parser, monkeypatch):

@@ -91,7 +91,7 @@ def check_host_memory(
     else:
         fix = (
             f"pass --pariskv-host-pool-gb {per_rank} or less"
-            + (f" (each of the {ranks} TP ranks pins its own pool)" if ranks > 1 else "")
+            + (f" (each of the {ranks} ranks pins its own pool)" if ranks > 1 else "")
             + ", or free host memory (other processes) first"
         )
     raise ParisKVConfigError(
@@ -102,12 +102,13 @@ def check_host_memory(
 
 
 def check_host_pools(config, args) -> None:
-    """With ``--pariskv-offload host`` every TP rank of ``args`` (server arguments, raw or
-    resolved) pins its own pool at the same time: check them together against the host's
-    free memory before any model work (one rank alone cannot see the others)."""
+    """With ``--pariskv-offload host`` every scheduler of ``args`` (server arguments, raw
+    or resolved; one per TP rank of each of the ``--dp-size`` replicas) pins its own pool
+    at the same time: check them together against the host's free memory before any model
+    work (one rank alone cannot see the others)."""
     if not config.offloaded:
         return
-    ranks = int(getattr(args, "tp_size", 1) or 1)
+    ranks = int(getattr(args, "tp_size", 1) or 1) * int(getattr(args, "dp_size", 1) or 1)
     check_host_memory(int(config.host_pool_gb * 2**30) * ranks, ranks=ranks)
 
 
