@@ -11,11 +11,14 @@ when several servers or engines used the same folder).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+logger = logging.getLogger("sglang_pariskv")
 
 
 def stats_path(stats_dir: str | Path, tp_rank: int) -> Path:
@@ -46,6 +49,7 @@ class StatsWriter:
     def __init__(self, path: Path, snapshot: Callable[[], dict], interval: float = 0.02):
         self.path, self.snapshot, self.interval = path, snapshot, interval
         self._requested = self._written = 0
+        self._failed = False  # the last write failed (warned once until one succeeds)
         self._changed = threading.Event()
         self._cond = threading.Condition()
         threading.Thread(target=self._run, name="pariskv-stats", daemon=True).start()
@@ -65,7 +69,15 @@ class StatsWriter:
             self._changed.wait()
             self._changed.clear()
             seen = self._requested
-            write_stats(self.path, self.snapshot())
+            try:
+                write_stats(self.path, self.snapshot())
+            except OSError as e:  # a full disk or a removed folder must not end the thread
+                if not self._failed:
+                    logger.warning("ParisKV stats file %s not written: %s", self.path, e)
+                self._failed = True
+                time.sleep(self.interval)
+                continue  # the next change tries again; flush() keeps waiting for it
+            self._failed = False
             with self._cond:
                 self._written = seen
                 self._cond.notify_all()

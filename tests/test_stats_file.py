@@ -44,3 +44,23 @@ def test_the_writer_thread_keeps_file_io_off_the_callers_thread(tmp_path, monkey
     assert time.perf_counter() - t0 < 0.05  # 200 changes cost less than one write
     assert writer.flush()
     assert json.loads((tmp_path / "s.json").read_text()) == {"decode_steps": 200}
+
+
+def test_a_failed_write_is_reported_once_and_the_writer_keeps_going(tmp_path, caplog):
+    """A removed folder (or a full disk) fails one write: the thread warns, survives, and
+    writes again at the next change once the folder is back."""
+    from sglang_pariskv import stats_file
+
+    folder = tmp_path / "stats"
+    counters = {"decode_steps": 1}
+    writer = stats_file.StatsWriter(folder / "s.json", lambda: dict(counters), interval=0.0)
+    writer.notify()
+    assert not writer.flush(timeout=0.3)  # nothing on disk: the folder does not exist
+    writer.notify()
+    assert not writer.flush(timeout=0.3)
+    assert caplog.text.count("not written") == 1
+    folder.mkdir()
+    counters["decode_steps"] = 7
+    writer.notify()
+    assert writer.flush()
+    assert json.loads((folder / "s.json").read_text()) == {"decode_steps": 7}
