@@ -19,7 +19,7 @@ from sglang_pariskv.pool_sizing import (
     cap_to_host_pool,
     reserve_planned_memory,
 )
-from sglang_pariskv.server_flags import check_server_args, config_from_args
+from sglang_pariskv.server_flags import check_environment, check_server_args, config_from_args
 from sglang_pariskv.sglang_compat import resolved
 
 
@@ -57,6 +57,7 @@ def check_resolved(view: Any) -> None:
     if cfg is None:
         return
     check_server_args(view)
+    check_environment(cfg)
     from sglang_pariskv.offload.host_pool import check_host_pools
 
     check_host_pools(cfg, view)

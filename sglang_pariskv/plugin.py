@@ -31,6 +31,7 @@ from sglang_pariskv.pool_sizing import (
 )
 from sglang_pariskv.server_flags import (
     check_calibration_file,
+    check_environment,
     check_server_args,
     config_from_args,
 )
@@ -149,6 +150,7 @@ def _server_args_from_cli(original, cls, args):
         # on FlashInfer, so pick it explicitly rather than refuse the user's default.
         args.attention_backend = "flashinfer"
     check_server_args(args)
+    check_environment(cfg)
     from sglang_pariskv.offload.host_pool import check_host_pools
 
     check_host_pools(cfg, args)
@@ -227,6 +229,7 @@ def _around_resolution(original, server_args, *args, **kwargs):
         if not _launched_from_cli:  # a launch checked them before any model work
             from sglang_pariskv.offload.host_pool import check_host_pools
 
+            check_environment(cfg)
             check_host_pools(cfg, view)
     except ParisKVConfigError as e:
         if _launched_from_cli:  # from 0.5.19 the launcher resolves after from_cli_args

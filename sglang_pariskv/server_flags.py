@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+from collections.abc import Mapping
 from typing import Any
 
 from sglang_pariskv.config import (
@@ -378,6 +380,30 @@ def check_server_args(server_args: Any) -> None:
     if problems:
         raise ParisKVConfigError(
             "--enable-pariskv cannot be served with these settings: " + "; ".join(problems)
+        )
+
+
+#: Values SGLang reads as true in its boolean environment variables.
+_TRUE = ("1", "true", "yes", "y", "on")
+
+
+def check_environment(cfg: ParisKVConfig, environ: Mapping[str, str] = os.environ) -> None:
+    """Refuse SGLang environment switches ParisKV cannot serve, in the launcher (the
+    scheduler processes inherit the environment), before any model work."""
+    problems = []
+    if environ.get("SGLANG_ENABLE_POST_CAPTURE_KV_SIZING", "").strip().lower() in _TRUE:
+        problems.append(
+            "SGLANG_ENABLE_POST_CAPTURE_KV_SIZING resizes the KV pool after CUDA-graph "
+            "capture, which the ParisKV code pool does not follow: unset it"
+        )
+    if cfg.offloaded and environ.get("SGLANG_USE_HND_KVCACHE", "").strip().lower() in _TRUE:
+        problems.append(
+            "SGLANG_USE_HND_KVCACHE: --pariskv-offload host keeps SGLang's default NHD KV "
+            "layout in host memory: unset it"
+        )
+    if problems:
+        raise ParisKVConfigError(
+            "--enable-pariskv cannot be served with this environment: " + "; ".join(problems)
         )
 
 

@@ -207,6 +207,34 @@ def test_whole_forward_prefill_graphs_are_refused(parser, flags, capsys):
         assert plugin._around_from_cli_args(resolve, ServerArgs, args) is not None
 
 
+@pytest.mark.parametrize(
+    "env, flags, words",
+    [
+        ({"SGLANG_ENABLE_POST_CAPTURE_KV_SIZING": "1"}, [], ["POST_CAPTURE", "unset it"]),
+        (
+            {"SGLANG_USE_HND_KVCACHE": "true"},
+            ["--pariskv-offload", "host", "--pariskv-host-pool-gb", "1"],
+            ["SGLANG_USE_HND_KVCACHE", "NHD"],
+        ),
+    ],
+)
+def test_unsupported_environment_switches_are_refused_at_launch(
+    parser, monkeypatch, capsys, env, flags, words
+):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr("sglang_pariskv.offload.host_pool.check_host_memory", lambda *a, **k: None)
+    with pytest.raises(SystemExit):
+        plugin._around_from_cli_args(resolve, ServerArgs, parse(parser, "--enable-pariskv", *flags))
+    err = capsys.readouterr().err
+    assert err.startswith("error: --enable-pariskv cannot be served with this environment")
+    assert all(w in err for w in words)
+    monkeypatch.setenv(next(iter(env)), "0")  # switched off: the same launch goes through
+    assert plugin._around_from_cli_args(
+        resolve, ServerArgs, parse(parser, "--enable-pariskv", *flags)
+    )
+
+
 def test_a_bad_flag_value_is_one_error_line(parser, capsys):
     args = parse(parser, "--enable-pariskv", "--pariskv-topk", "0")
     with pytest.raises(SystemExit):
