@@ -18,7 +18,7 @@ import dataclasses
 import logging
 
 from sglang_pariskv.config import ParisKVConfig, ParisKVConfigError
-from sglang_pariskv.sglang_compat import decode_graph_batch_sizes, resolved
+from sglang_pariskv.sglang_compat import captured_decode_batch_sizes, resolved
 
 logger = logging.getLogger("sglang_pariskv")
 
@@ -38,14 +38,11 @@ def cell_size_hook(cfg: ParisKVConfig):
 
 
 def _graph_batch_sizes(server_args, max_batch: int) -> list[int]:
-    """The decode batch sizes SGLang captures (at most every size up to ``max_batch``)."""
-    bound = list(range(1, max_batch + 1))
+    """The decode batch sizes SGLang captures (every size up to ``max_batch`` when the
+    server arguments are unknown: the plan then covers the most graphs there can be)."""
     if server_args is None:
-        return bound
-    try:
-        return list(decode_graph_batch_sizes(server_args, max_batch)) or bound
-    except Exception:  # a schedule that needs more resolved state than this record has
-        return bound
+        return list(range(1, max_batch + 1))
+    return captured_decode_batch_sizes(server_args, max_batch)
 
 
 def _max_running_requests(server_args) -> int:
@@ -75,7 +72,7 @@ def backend_bytes(cfg: ParisKVConfig, kvc, num_layers: int, tp_size: int) -> int
             max_batch=max_reqs,
             max_context=int(mc.context_len),
             graph_batch_sizes=len(graph_sizes),
-            max_graph_batch=max(graph_sizes),
+            max_graph_batch=max(graph_sizes, default=0),
         )
     except ValueError:  # an unsupported shape: the backend factory refuses it, naming it
         return 0

@@ -132,6 +132,30 @@ def decode_graph_batch_sizes(server_args: Any, max_bs: int) -> list[int]:
     return list(generate_decode_cuda_graph_batch_sizes(server_args, max_bs))
 
 
+def captured_decode_batch_sizes(server_args: Any, max_requests: int) -> list[int]:
+    """The decode batch sizes SGLang will capture graphs for, as its decode graph runner
+    picks them: the resolved ``cuda_graph_config`` decode sizes up to ``max_requests``
+    (plus ``max_requests`` itself when a larger size was configured); none when decode
+    graphs are disabled. Where the resolved record has no such config, SGLang's schedule
+    up to ``max_requests`` (or none under ``--disable-cuda-graph``)."""
+    view = resolved(server_args)
+    decode = getattr(getattr(view, "cuda_graph_config", None), "decode", None)
+    backend = getattr(decode, "backend", None)
+    if backend is not None:
+        sizes = [int(b) for b in (getattr(decode, "bs", None) or [])]
+        if str(backend) == "disabled" or not sizes:
+            return (
+                [] if str(backend) == "disabled" else decode_graph_batch_sizes(view, max_requests)
+            )
+        kept = {b for b in sizes if b <= max_requests}
+        if max(sizes) > max_requests:
+            kept.add(max_requests)
+        return sorted(kept)
+    if getattr(view, "disable_cuda_graph", False):
+        return []
+    return decode_graph_batch_sizes(view, max_requests)
+
+
 def refuse_unsupported_launch(argv: list[str] | None = None, env_config: bool = False) -> bool:
     """At plugin load on an SGLang outside the range: end a launch that asks for ParisKV
     with one error line (exit code 2, as argparse), and otherwise leave SGLang untouched.

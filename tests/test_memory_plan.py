@@ -54,7 +54,12 @@ def _kvc(max_reqs=16, context=8192):
     )  # fmt: skip
     return types.SimpleNamespace(
         model_config=mc, use_mla_backend=False,
-        server_args=types.SimpleNamespace(max_running_requests=max_reqs),
+        server_args=types.SimpleNamespace(
+            max_running_requests=max_reqs,
+            cuda_graph_config=types.SimpleNamespace(  # as resolved: decode graphs 1..max_reqs
+                decode=types.SimpleNamespace(backend="full", bs=list(range(1, max_reqs + 1)))
+            ),
+        ),
     )  # fmt: skip
 
 

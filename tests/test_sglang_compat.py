@@ -117,3 +117,42 @@ def test_resolved_values_are_read_where_the_installed_sglang_keeps_them(server_a
         assert server_args.attention_backend == "torch_native"
     else:  # from 0.5.19 the field keeps the operator's input
         assert server_args.attention_backend is None
+
+
+def _sglang_capture_sizes(server_args, pool_size: int) -> list[int]:
+    """SGLang's decode graph runner's own choice of sizes (alignment 1: no DP attention),
+    with the helpers that need a running server's parallel state stood in for."""
+    import types
+
+    runner = pytest.importorskip("sglang.srt.model_executor.runner.base_cuda_graph_runner")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runner, "get_cuda_graph_batch_size_alignment", lambda sa: 1)
+        mp.setattr(runner, "get_cuda_graph_max_batch_size", lambda sa, n: n)
+        mr = types.SimpleNamespace(
+            server_args=server_args, req_to_token_pool=types.SimpleNamespace(size=pool_size)
+        )
+        return runner.get_batch_sizes_to_capture(mr)[0]
+
+
+@pytest.mark.parametrize("max_requests", [5, 20, 40, 41])
+def test_captured_decode_batch_sizes_are_the_decode_runners(server_args, max_requests):
+    """What the memory plan counts graphs for is what SGLang's decode runner captures."""
+    got = sglang_compat.captured_decode_batch_sizes(server_args, max_requests)
+    assert got == _sglang_capture_sizes(server_args, max_requests)
+
+
+def test_no_decode_graphs_are_planned_when_they_are_disabled(tmp_path):
+    from sglang_pariskv.pool_sizing import _graph_batch_sizes
+    from tests.tiny_models import save_tiny_model
+
+    model = save_tiny_model(tmp_path, "llama")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv(plugin.ENV_CONFIG, raising=False)
+        sa = ServerArgs(
+            model_path=str(model), device="cpu", max_running_requests=40, disable_cuda_graph=True
+        )
+        if not sglang_compat.resolves_on_construction():
+            sa.resolve_once()
+    assert sglang_compat.captured_decode_batch_sizes(sa, 40) == []
+    assert _graph_batch_sizes(sa, 40) == []
+    assert _graph_batch_sizes(None, 3) == [1, 2, 3]
