@@ -31,6 +31,7 @@ from sglang_pariskv.pool_sizing import (
 )
 from sglang_pariskv.server_flags import (
     check_calibration_file,
+    check_dense_layers_fit,
     check_environment,
     check_server_args,
     config_from_args,
@@ -151,6 +152,7 @@ def _server_args_from_cli(original, cls, args):
         args.attention_backend = "flashinfer"
     check_server_args(args)
     check_environment(cfg)
+    check_dense_layers_fit(cfg, getattr(args, "model_path", None))
     from sglang_pariskv.offload.host_pool import check_host_pools
 
     check_host_pools(cfg, args)

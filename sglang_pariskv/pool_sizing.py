@@ -59,6 +59,7 @@ def backend_bytes(cfg: ParisKVConfig, kvc, num_layers: int, tp_size: int) -> int
     from sglang_pariskv.attention.memory_plan import plan_backend_memory
 
     mc, args = kvc.model_config, getattr(kvc, "server_args", None)
+    cfg.dense_layer_set(num_layers)  # layers outside the model: refused here, naming them
     max_reqs = _max_running_requests(args)
     graph_sizes = _graph_batch_sizes(args, max_reqs)
     try:
@@ -75,6 +76,7 @@ def backend_bytes(cfg: ParisKVConfig, kvc, num_layers: int, tp_size: int) -> int
             max_graph_batch=max(graph_sizes, default=0),
         )
     except ValueError:  # an unsupported shape: the backend factory refuses it, naming it
+        # (that check runs on the same numbers, so nothing is sized for a model it refuses)
         return 0
     return plan.total
 

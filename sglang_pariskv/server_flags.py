@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from sglang_pariskv.config import (
@@ -249,6 +251,24 @@ def config_from_args(args: Any) -> ParisKVConfig | None:
             "drop --pariskv-reuse-max-age"
         )
     return cfg
+
+
+def check_dense_layers_fit(cfg: ParisKVConfig, model_path: str | None) -> None:
+    """``--pariskv-dense-layers`` against the layers of a model in a local folder, at
+    launch, before the weights load. (A hub name is resolved by SGLang later; the
+    scheduler checks the same list when it sizes the KV pool.)"""
+    if not cfg.dense_layers or not model_path:
+        return
+    config_file = Path(model_path) / "config.json"
+    if not config_file.is_file():
+        return
+    try:
+        hf = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        return  # SGLang reports an unreadable model config itself
+    layers = hf.get("num_hidden_layers", (hf.get("text_config") or {}).get("num_hidden_layers"))
+    if isinstance(layers, int):
+        cfg.dense_layer_set(layers)
 
 
 def check_calibration_file(cfg: ParisKVConfig) -> None:

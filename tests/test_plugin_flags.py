@@ -507,3 +507,19 @@ def test_which_help_lists_the_flags():
 
     lines = run_script(HELP_SCRIPT)
     assert lines[-2:] == ["serve False True", "launch_server True True"]
+
+
+def test_dense_layers_outside_a_local_model_are_refused_at_launch(parser, tiny_model, capsys):
+    """Before any weights load: the launcher reads the model folder's config.json."""
+    from sglang_pariskv.server_flags import check_dense_layers_fit
+
+    layers = json.loads((tiny_model / "config.json").read_text())["num_hidden_layers"]
+    args = parser.parse_args(
+        ["--model-path", str(tiny_model), "--enable-pariskv", "--pariskv-dense-layers", str(layers)]
+    )
+    with pytest.raises(SystemExit):
+        plugin._around_from_cli_args(lambda cls, a: pytest.fail("launched"), ServerArgs, args)
+    err = capsys.readouterr().err
+    assert "--pariskv-dense-layers" in err and str(layers) in err
+    check_dense_layers_fit(ParisKVConfig(dense_layers=(0, layers - 1)), str(tiny_model))
+    check_dense_layers_fit(ParisKVConfig(dense_layers=(99,)), "org/hub-name")  # left to SGLang
