@@ -352,11 +352,11 @@ def _around_capture_one_shape(
 def _around_graph_variant(original, runner, forward_batch):
     """The graph a decode batch replays: the sparse-step one iff some request needs
     retrieval (the backend plans the step by the same rule)."""
+    from sglang_pariskv.attention.step_graphs import host_seq_lens
+
     label = original(runner, forward_batch)
     backend = _graph_backend(runner)
     if backend is None or not backend.graphs.captured:
         return label
-    seq = forward_batch.seq_lens_cpu
-    if seq is None:
-        seq = forward_batch.seq_lens.cpu()
-    return graph_variant_label(label, backend.step_graph(seq[: forward_batch.batch_size]))
+    seq = host_seq_lens(forward_batch)[: forward_batch.batch_size]
+    return graph_variant_label(label, backend.step_graph(seq))

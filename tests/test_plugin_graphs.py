@@ -82,14 +82,17 @@ def capture_all(b, runner, base_label=None):
     return graphs, wrappers
 
 
-def replay(b, runner, lens, base_label=None):
+def replay(b, runner, lens, base_label=None, host_lengths=True):
     """SGLang's replay: pad to the next captured size with seq_len-1 rows, init the
     metadata on the padded view, then resolve the graph's label from the real batch.
-    Returns the graph key, whether the plan ran retrieval, and the wrappers planned."""
+    Returns the graph key, whether the plan ran retrieval, and the wrappers planned.
+    ``host_lengths`` False: batches built without ``seq_lens_cpu`` (device lengths only)."""
     size = min(s for s in CAPTURE_SIZES if s >= len(lens))
-    padded = decode_batch(lens + [1] * (size - len(lens)))
+    padded, real = decode_batch(lens + [1] * (size - len(lens))), batch(lens)
+    if not host_lengths:
+        padded.seq_lens_cpu = real.seq_lens_cpu = None
     b.init_forward_metadata_out_graph(padded, in_capture=False)
-    label = plugin._around_graph_variant(lambda r, fb: base_label, runner, batch(lens))
+    label = plugin._around_graph_variant(lambda r, fb: base_label, runner, real)
     return (size, label), b._sparse is not None, b.planned[-1]
 
 
@@ -140,10 +143,10 @@ def test_a_replay_takes_a_captured_graph_that_matches_its_plan(
     limit = max(b.config.dense_threshold, b.config.budget)
     rng = random.Random(0)
     seen = set()
-    for _ in range(300):
+    for i in range(300):
         n = rng.randint(1, max(CAPTURE_SIZES))
         lens = [rng.choice([2, limit, limit + 1, rng.randint(2, 3 * limit)]) for _ in range(n)]
-        key, planned_sparse, planned_wrappers = replay(b, runner, lens)
+        key, planned_sparse, planned_wrappers = replay(b, runner, lens, host_lengths=i % 3 > 0)
         assert key in graphs, key
         long_tokens = sum(x for x in lens if x > limit)
         needs = long_tokens > 0 and long_tokens >= min_sparse_tokens

@@ -54,7 +54,12 @@ from sglang_pariskv.attention.sparse_decode import (
     dense_rows_only,
     float_workspace,
 )
-from sglang_pariskv.attention.step_graphs import StepGraphs, StepGraphVariants, check_step
+from sglang_pariskv.attention.step_graphs import (
+    StepGraphs,
+    StepGraphVariants,
+    check_step,
+    host_seq_lens,
+)
 from sglang_pariskv.codec.budget import step_dense_mask
 from sglang_pariskv.config import ParisKVConfig, ParisKVConfigError
 from sglang_pariskv.index.histograms import RequestHistograms
@@ -280,8 +285,7 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             if forward_batch.forward_mode.is_extend():
                 self._plan_extend(forward_batch)
             return super().init_forward_metadata(forward_batch)
-        if forward_batch.seq_lens_cpu is None:
-            forward_batch.seq_lens_cpu = forward_batch.seq_lens.cpu()
+        host_seq_lens(forward_batch)
         self._plan_decode(
             forward_batch,
             lambda: super(ParisKVAttnBackend, self).init_forward_metadata(forward_batch),
@@ -314,6 +318,7 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
                 self._plan_extend(forward_batch)
             return super().init_forward_metadata_out_graph(forward_batch, in_capture)
         bs = forward_batch.batch_size
+        host_seq_lens(forward_batch)  # the replay's plan reads the lengths on the host
         if bs not in self.graph_sparse:
             self.graph_sparse[bs] = self._sparse_call(graph_batch=bs)
         # the replayed graph matters only when both graphs were captured

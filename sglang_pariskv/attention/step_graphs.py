@@ -32,6 +32,15 @@ def check_step(step: str) -> str:
     return step
 
 
+def host_seq_lens(forward_batch: Any) -> Any:
+    """The batch's sequence lengths on the host (``seq_lens_cpu``), copied from the
+    device once and kept on the batch when SGLang built it without them: every decision
+    of the step (graph variant, plan, counters) must read the same lengths."""
+    if forward_batch.seq_lens_cpu is None:
+        forward_batch.seq_lens_cpu = forward_batch.seq_lens.cpu()
+    return forward_batch.seq_lens_cpu
+
+
 class StepGraphs:
     """Which graph is being captured, whether both were, and each graph's wrappers."""
 
@@ -95,7 +104,4 @@ class StepGraphVariants:
         self._step_graph = step_graph  #: seq_lens_cpu [bs] -> "sparse" / "dense"
 
     def select(self, forward_batch: Any) -> str:
-        seq = forward_batch.seq_lens_cpu
-        if seq is None:
-            seq = forward_batch.seq_lens.cpu()
-        return self._step_graph(seq[: forward_batch.batch_size])
+        return self._step_graph(host_seq_lens(forward_batch)[: forward_batch.batch_size])
