@@ -232,6 +232,7 @@ def _around_resolution(original, server_args, *args, **kwargs):
             from sglang_pariskv.offload.host_pool import check_host_pools
 
             check_environment(cfg)
+            check_dense_layers_fit(cfg, getattr(view, "model_path", None))
             check_host_pools(cfg, view)
     except ParisKVConfigError as e:
         if _launched_from_cli:  # from 0.5.19 the launcher resolves after from_cli_args

@@ -523,3 +523,12 @@ def test_dense_layers_outside_a_local_model_are_refused_at_launch(parser, tiny_m
     assert "--pariskv-dense-layers" in err and str(layers) in err
     check_dense_layers_fit(ParisKVConfig(dense_layers=(0, layers - 1)), str(tiny_model))
     check_dense_layers_fit(ParisKVConfig(dense_layers=(99,)), "org/hub-name")  # left to SGLang
+
+
+def test_engine_api_refuses_dense_layers_outside_the_model(parser, tiny_model, monkeypatch):
+    layers = json.loads((tiny_model / "config.json").read_text())["num_hidden_layers"]
+    cfg = ParisKVConfig(dense_layers=(0, layers))
+    monkeypatch.setenv(plugin.ENV_CONFIG, json.dumps(cfg.to_dict()))
+    monkeypatch.setattr(plugin, "_launched_from_cli", False)
+    with pytest.raises(ParisKVConfigError, match=f"--pariskv-dense-layers.*\\[{layers}\\]"):
+        engine_server_args(tiny_model, attention_backend="flashinfer")
