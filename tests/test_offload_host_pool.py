@@ -1,4 +1,4 @@
-"""HostKVPool layout, writes, reads, moves, and the host-memory startup check."""
+"""HostKVPool layout, writes, reads, and the host-memory startup check."""
 
 import pytest
 import torch
@@ -77,16 +77,6 @@ def test_write_read_roundtrip_scattered_slots_and_flat_heads():
     rk, rv = pool.read(2, slots)
     assert torch.equal(rk[:5], k2) and torch.equal(rk[5:], k[5:].half())
     assert torch.equal(rv[:5], v2)
-
-
-def test_move_copies_every_layer():
-    pool = small_pool()
-    src, tgt = torch.tensor([1, 2, 3]), torch.tensor([30, 31, 32])
-    for layer in range(3):
-        pool.write(layer, src, *kv(3, 2, 16, seed=10 + layer))
-    pool.move(tgt, src)
-    for layer in range(3):
-        assert all(torch.equal(a, b) for a, b in zip(pool.read(layer, tgt), pool.read(layer, src)))
 
 
 def test_nbytes_and_sizing():

@@ -226,13 +226,6 @@ class HostKVPool:
         for part, x in ((0, k), (1, v)):
             scatter_rows(self._shape_kv(x).reshape(-1, w), self.slot_rows(layer, part), slots)
 
-    def move(self, tgt: torch.Tensor, src: torch.Tensor) -> None:
-        """Copy every layer's rows of slots ``src`` to ``tgt`` (mirrors
-        ``KVCache.move_kv_cache``; host-side, synchronous). The hot cache must drop
-        ``tgt`` afterwards (``OffloadFetcher.move`` does both)."""
-        t, s = tgt.to("cpu", torch.int64), src.to("cpu", torch.int64)
-        self.data[:, :, t] = self.data[:, :, s]
-
     # -- reads (oracle / helpers) ----------------------------------------------------
     def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(k, v) ``[T, Hkv, D]`` CPU copies of ``slots`` of ``layer``."""
