@@ -128,14 +128,14 @@ def test_fetcher_refuses_a_cache_of_other_rows():
 
 
 def test_fetch_of_the_real_workspace_indices():
-    """DecodeWorkspace (as the backend builds it: dense rows elided) -> fetch: staged rows
+    """DecodeWorkspace (one-token rows for dense requests) -> fetch: staged rows
     equal the host rows the workspace selected; queries drifting a little re-hit."""
     cfg = ParisKVConfig(topk=24, sink=4, local=8, dense_threshold=100)
     h, d = 2, 64
     sc = make_scenario([400, 90], h, d, 420, DEV, dtype=torch.bfloat16, seed=0)
     ws = DecodeWorkspace(
         cfg, 2 * h, h, d, max_batch=2, max_context=420, device=DEV, chunk=64, scan_block=16,
-        scan_tiles=4, elide_dense_rows=True,
+        scan_tiles=4,
     )  # fmt: skip
     slots = sc.pool.signs.shape[0]
     f = make_fetcher(slots, 2, h, d, lines=512, entries=ws.kv_indices.numel(), seed=3)
