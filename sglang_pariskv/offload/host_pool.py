@@ -226,12 +226,6 @@ class HostKVPool:
         for part, x in ((0, k), (1, v)):
             scatter_rows(self._shape_kv(x).reshape(-1, w), self.slot_rows(layer, part), slots)
 
-    # -- reads (oracle / helpers) ----------------------------------------------------
-    def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(k, v) ``[T, Hkv, D]`` CPU copies of ``slots`` of ``layer``."""
-        idx = slots.to("cpu", torch.int64)
-        return self.data[layer, 0, idx].clone(), self.data[layer, 1, idx].clone()
-
     def close(self) -> None:
         """Unregister the pinned memory (the tensor stays usable as plain memory)."""
         if self.pinned:
