@@ -37,7 +37,7 @@ import torch
 from sglang_pariskv.config import ParisKVConfigError
 
 #: Host memory left to the OS, SGLang and the Python process by :func:`check_host_memory`.
-DEFAULT_RESERVE_BYTES = 4 * 2**30
+RESERVE_BYTES = 4 * 2**30
 _CUDA_HOST_REGISTER_PORTABLE_MAPPED = 0x01 | 0x02
 
 
@@ -69,7 +69,6 @@ def _mem_available(meminfo: str | Path) -> int:
 def check_host_memory(
     nbytes: int,
     meminfo: str | Path = "/proc/meminfo",
-    reserve_bytes: int = DEFAULT_RESERVE_BYTES,
     ranks: int = 1,
 ) -> None:
     """Refuse host pools of ``nbytes`` in all that would not fit in available host memory.
@@ -81,7 +80,7 @@ def check_host_memory(
     ``--pariskv-host-pool-gb``, a per-rank size, fits when every rank pins it.
     """
     avail = _mem_available(meminfo)
-    usable = avail - reserve_bytes
+    usable = avail - RESERVE_BYTES
     if nbytes <= usable:
         return
     gib = 2**30
@@ -97,7 +96,7 @@ def check_host_memory(
     raise ParisKVConfigError(
         f"--pariskv-host-pool-gb asks for {nbytes / gib:.1f} GiB of pinned host memory, but "
         f"{meminfo} reports {avail / gib:.1f} GiB available and "
-        f"{reserve_bytes / gib:.1f} GiB is kept for the system: {fix}"
+        f"{RESERVE_BYTES / gib:.1f} GiB is kept for the system: {fix}"
     )
 
 
