@@ -199,7 +199,7 @@ def pariskv_case(
     hists = RequestHistograms(batch, HKV, D, L, dev)
     for layer in range(L):
         hists.rebuild(layer, st.codes.layers[layer].signs, rtt, rpi, seq.to(dev), max_len=n)
-    ws = DecodeWorkspace(cfg, HQ, HKV, D, batch, n, dev, elide_dense_rows=True)
+    ws = DecodeWorkspace(cfg, HQ, HKV, D, batch, n, dev)
     dec = HeadAsBatchDecode(ws, DTYPE, graph_batch=batch)
     dec.plan(seq)
     rows, entries = dec.rows, dec.entries()

@@ -4,7 +4,8 @@ The package fetches with four Triton launches (``kernels.hot_cache_fetch``); thi
 states the same rules (``offload.hot_cache``'s docstring) as a lookup, a plain-torch copy
 of the rows to fetch, and an insert, so the tests can compare positions, tags, counters
 and staged rows step by step. ``tests/test_offload_hot_cache.py`` checks it against a
-one-entry-at-a-time Python model.
+one-entry-at-a-time Python model. :func:`fetch_reference` is the plainer oracle of what
+any fetch must stage: the host pool's rows, in entry order.
 """
 
 from __future__ import annotations
@@ -86,15 +87,35 @@ def fetch(
     return lk.pos.to(torch.int32)
 
 
+def fetch_reference(
+    pool: HostKVPool, layer: int, kv_indptr: torch.Tensor, kv_indices: torch.Tensor
+) -> torch.Tensor:
+    """The rows FlashInfer must see, in entry order: ``[kv_indptr[-1], 2·D]`` (CPU), K in
+    the first half of each row and V in the second."""
+    idx = kv_indices[: int(kv_indptr[-1])].cpu().long()
+    return torch.cat([pool.layer_rows(layer, part)[idx] for part in (0, 1)], dim=1)
+
+
+def rewrite(
+    pool: HostKVPool,
+    caches: list[HotCache],
+    layer: int,
+    slots: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+) -> None:
+    """What a KV store of ``offload.kv_pool.HostOffloadKVPool`` does: new K/V at ``slots``
+    of ``layer`` in the host pool, and those slots' rows dropped from each cache."""
+    pool.write(layer, slots, k, v)
+    for cache in caches:
+        cache.invalidate(slots.to(cache.tags.device), layer)
+
+
 class TensorOpFetcher:
-    """``OffloadFetcher``'s write and fetch with the tensor-op rules above."""
+    """``OffloadFetcher.fetch`` with the tensor-op rules above."""
 
     def __init__(self, pool: HostKVPool, cache: HotCache):
         self.pool, self.cache = pool, cache
-
-    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.pool.write(layer, slots, k, v)
-        self.cache.invalidate(slots.to(self.cache.tags.device), layer)
 
     def fetch(self, layer: int, kv_indptr: torch.Tensor, kv_indices: torch.Tensor) -> torch.Tensor:
         return fetch(self.pool, self.cache, layer, kv_indptr, kv_indices)

@@ -1,8 +1,9 @@
 """Scenario builders and the Triton-interpreter guard shared by the kernel tests.
 
 A scenario is what SGLang hands the attention backend at a decode step: a slot-keyed code
-pool and histograms filled by :func:`encode_to_pool`, a ``req_to_token`` table mapping
-each request's positions to scattered slots, and the batch's ``req_pool_indices`` /
+pool filled by :func:`encode_to_pool`, a ``req_to_token`` table mapping each request's
+positions to scattered slots, the histograms counted from the pool through it by
+:func:`add_to_histograms` (as at extend), and the batch's ``req_pool_indices`` /
 ``seq_lens``. :func:`padded_codes` gathers the pool back into the padded per-request
 layout that :func:`codec.pipeline.retrieve` takes, so a test feeds the codec exactly the
 codes the kernels read.
@@ -16,6 +17,7 @@ import torch
 
 from sglang_pariskv.codec.encode import KeyCodes
 from sglang_pariskv.kernels.encode import encode_to_pool
+from sglang_pariskv.kernels.histograms import add_to_histograms
 
 
 @dataclass
@@ -68,16 +70,12 @@ def make_scenario(
         slots = slots_all[off : off + n].to(device)
         off += n
         rtt[int(rpi[i]), :n] = slots.to(torch.int32)
-        ids = torch.full((n,), int(rpi[i]), dtype=torch.int32, device=device)
-        encode_to_pool(k, slots, pool, hist, ids)
+        encode_to_pool(k, slots, pool)
         keys.append(k)
+    rpi, seq = rpi.to(device), torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    add_to_histograms(pool.signs, rtt, rpi, torch.zeros_like(seq), seq, hist, max(seq_lens))
     return Scenario(
-        keys=keys,
-        pool=pool,
-        hist=hist,
-        req_to_token=rtt,
-        req_pool_indices=rpi.to(device),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        keys=keys, pool=pool, hist=hist, req_to_token=rtt, req_pool_indices=rpi, seq_lens=seq
     )
 
 

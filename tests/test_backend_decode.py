@@ -141,7 +141,7 @@ def setup(monkeypatch, request):
     b = object.__new__(ParisKVAttnBackend)  # no FlashInfer workspace: CPU stand-ins above
     ws = DecodeWorkspace(
         CFG, HQ, HKV, D, max_batch=4, max_context=MAX_CTX, device="cpu",
-        elide_dense_rows=True, chunk=64, scan_block=16, scan_tiles=4,
+        chunk=64, scan_block=16, scan_tiles=4,
     )  # fmt: skip
     b.__dict__.update(
         config=CFG, token_to_kv_pool=pool, req_to_token_pool=rtp, codes=pool.pariskv,

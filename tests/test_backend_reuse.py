@@ -38,7 +38,7 @@ def with_reuse(b, pool, cfg=RCFG):
     """The fixture's backend, rebuilt for ``cfg`` (workspace, sparse call, kept state)."""
     ws = DecodeWorkspace(
         cfg, HQ, HKV, D, max_batch=4, max_context=MAX_CTX, device="cpu",
-        elide_dense_rows=True, chunk=64, scan_block=16, scan_tiles=4,
+        chunk=64, scan_block=16, scan_tiles=4,
     )  # fmt: skip
     b.__dict__.update(config=cfg, ws=ws, eager_sparse=TorchHeadAsBatch(ws))
     b.reuse = RetrievalReuse.build(cfg, 4, 1, HKV, D, ws.k, torch.device("cpu"))

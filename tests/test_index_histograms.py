@@ -30,13 +30,6 @@ def test_duplicate_requests_in_one_add_accumulate():
     assert hists.layers[0][0, 0, 0, 5] == 2
 
 
-def test_masked_rows_are_not_counted():
-    hists = RequestHistograms(max_reqs=2, num_kv_heads=1, head_dim=8, num_layers=1, device="cpu")
-    signs = torch.tensor([[[7]], [[9]]], dtype=torch.uint8)
-    hists.add(0, signs, torch.tensor([1, 0]), weight=torch.tensor([True, False]))
-    assert hists.layers[0][1, 0, 0, 7] == 1 and hists.layers[0].sum() == 1
-
-
 def fresh_count(signs, req_to_token, r, n):
     """Brute force: the histogram of request ``r``'s first ``n`` tokens."""
     toks = signs[req_to_token[r, :n].long()][None]

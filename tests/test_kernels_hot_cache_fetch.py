@@ -11,7 +11,7 @@ import torch
 from sglang_pariskv.offload.fetch import OffloadFetcher
 from sglang_pariskv.offload.host_pool import HostKVPool
 from sglang_pariskv.offload.hot_cache import HotCache
-from tests.hot_cache_oracle import TensorOpFetcher
+from tests.hot_cache_oracle import TensorOpFetcher, fetch_reference, rewrite
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -74,8 +74,6 @@ def test_fused_fetch_refuses_mismatched_staging_rows():
 def test_fused_fetch_serves_fresh_rows_across_rewrites_and_layers():
     """Serving's pattern: per step, each layer rewrites some slots (new KV, invalidated),
     then fetches; the staged rows must always be the host's current rows."""
-    from sglang_pariskv.offload.fetch import fetch_reference
-
     h, d, slots, layers, entries, lines = 2, 8, 40, 3, 64, 16
     ref, fused = twin_fetchers(slots, layers, h, d, lines, entries, seed=3)
     gen = torch.Generator().manual_seed(4)
@@ -83,8 +81,7 @@ def test_fused_fetch_serves_fresh_rows_across_rewrites_and_layers():
         for layer in range(layers):
             new = torch.randperm(slots, generator=gen)[:3]
             k, v = (torch.randn(3, h, d, generator=gen).bfloat16() for _ in range(2))
-            for f in (ref, fused):
-                f.write(layer, new.to(DEV), k.to(DEV), v.to(DEV))
+            rewrite(fused.pool, [ref.cache, fused.cache], layer, new.to(DEV), k.to(DEV), v.to(DEV))
             indptr = torch.tensor([0, entries - t], dtype=torch.int32, device=DEV)
             want = ref.fetch(layer, indptr, rows.to(DEV))
             buf = rows.to(DEV).clone()

@@ -22,10 +22,7 @@ CFG = ParisKVConfig(
 
 
 def workspace(cfg=CFG):
-    return DecodeWorkspace(
-        cfg, H * G, H, D, max_batch=4, max_context=720, device=DEV, elide_dense_rows=True,
-        **SMALL,
-    )  # fmt: skip
+    return DecodeWorkspace(cfg, H * G, H, D, max_batch=4, max_context=720, device=DEV, **SMALL)
 
 
 def slot_sets(sc, ref, r, heads=H):
@@ -116,8 +113,7 @@ def test_cuda_kernels_under_graph_replay_follow_the_codec(cuda_device):
     cfg = ParisKVConfig(topk=2048, reuse_threshold=0.9, reuse_max_age=3)
     full = [40000, 5000, 20000]  # request 1 dense
     sc = make_scenario(full, h, d, 40960, cuda_device, dtype=torch.bfloat16, seed=8)
-    ws = DecodeWorkspace(cfg, h * g, h, d, max_batch=4, max_context=40960, device=cuda_device,
-                         elide_dense_rows=True)  # fmt: skip
+    ws = DecodeWorkspace(cfg, h * g, h, d, max_batch=4, max_context=40960, device=cuda_device)
     assert ws.use_cuda
     gen = torch.Generator().manual_seed(9)
     q0 = torch.randn(3, h * g, d, generator=gen).to(cuda_device, torch.bfloat16)

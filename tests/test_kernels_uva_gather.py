@@ -6,16 +6,37 @@ over a pinned HostKVPool through UVA (the path serving will use)."""
 import pytest
 import torch
 
-from sglang_pariskv.kernels.uva_gather import (
-    copy_rows_reference,
-    gather_rows,
-    gather_rows_reference,
-    kernel_arg,
-    scatter_rows,
-)
+from sglang_pariskv.kernels.uva_gather import gather_rows, kernel_arg, scatter_rows
 from sglang_pariskv.offload.host_pool import HostKVPool
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def copy_rows_reference(
+    src: torch.Tensor,
+    dst: torch.Tensor,
+    src_rows: torch.Tensor | None = None,
+    dst_rows: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    num_valid: torch.Tensor | None = None,
+) -> None:
+    """Plain-torch ``uva_gather.copy_rows`` (the oracle; bounds-checked by torch indexing)."""
+    rows = src_rows if src_rows is not None else dst_rows
+    n = rows.numel() if rows is not None else src.shape[0]
+    sel = torch.ones(n, dtype=torch.bool)
+    if num_valid is not None:
+        sel &= torch.arange(n) < int(num_valid.reshape(-1)[0])
+    if mask is not None:
+        sel &= mask.cpu().bool()
+    ident = torch.arange(n)
+    s = (src_rows.cpu().long() if src_rows is not None else ident)[sel]
+    d = (dst_rows.cpu().long() if dst_rows is not None else ident)[sel]
+    dst[d.to(dst.device)] = src[s.to(src.device)].to(dst.device)
+
+
+def gather_rows_reference(src, rows, dst, dst_rows=None, mask=None, num_valid=None) -> None:
+    """Plain-torch :func:`gather_rows`."""
+    copy_rows_reference(src, dst, rows, dst_rows, mask, num_valid)
 
 
 def random_bits(rows, w, dtype, seed):

@@ -31,8 +31,7 @@ def test_the_plan_is_what_the_backend_allocates(hq, hkv, d, layers, slots, batch
         request_slots=slots, max_batch=batch, max_context=ctx, graph_batch_sizes=5,
     )  # fmt: skip
     hists = RequestHistograms(slots, hkv, d, layers, "cpu")
-    ws = DecodeWorkspace(cfg, hq, hkv, d, max_batch=batch, max_context=ctx, device="cpu",
-                         elide_dense_rows=True)  # fmt: skip
+    ws = DecodeWorkspace(cfg, hq, hkv, d, max_batch=batch, max_context=ctx, device="cpu")
     allocated = sum(t.numel() * t.element_size() for t in hists.layers)
     assert plan.histograms == allocated == hists.nbytes()
     query_copy = batch * hq * d * 2  # the bf16 query copy the first CUDA run adds

@@ -11,9 +11,10 @@ import torch
 from sglang_pariskv.config import ParisKVConfig
 from sglang_pariskv.kernels import DecodeWorkspace
 from sglang_pariskv.kernels.assemble import kv_indptr_for
-from sglang_pariskv.offload.fetch import OffloadFetcher, fetch_reference
+from sglang_pariskv.offload.fetch import OffloadFetcher
 from sglang_pariskv.offload.host_pool import HostKVPool
 from sglang_pariskv.offload.hot_cache import HotCache
+from tests.hot_cache_oracle import fetch_reference, rewrite
 from tests.kernel_cases import make_scenario
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -93,7 +94,10 @@ def test_fetch_over_drifting_steps_stages_exact_rows_and_reuses_them():
     assert torch.equal(inplace, staged)
 
 
-def test_written_token_is_refetched_and_move_invalidates_the_target():
+def test_rewritten_and_moved_slots_are_fetched_again_from_the_host():
+    """The host-offload KV pool's writers drop what they rewrite from the cache (a store:
+    its layer's rows of the slots; a move: every layer's rows of the targets), so the
+    next fetch stages the host's new rows instead of hitting the old ones."""
     h, d = 2, 8
     f = make_fetcher(32, 1, h, d, lines=64, entries=8)
     rows = torch.tensor([5 * h, 5 * h + 1, 9 * h, 0, 0, 0, 0, 0], dtype=torch.int32, device=DEV)
@@ -103,12 +107,13 @@ def test_written_token_is_refetched_and_move_invalidates_the_target():
     assert f.cache.stats()["hits"] == 3
     gen = torch.Generator().manual_seed(2)
     k, v = (torch.randn(1, h, d, generator=gen).bfloat16() for _ in range(2))
-    f.write(0, torch.tensor([5], device=DEV), k.to(DEV), v.to(DEV))  # slot 5 reused
+    rewrite(f.pool, [f.cache], 0, torch.tensor([5], device=DEV), k.to(DEV), v.to(DEV))
     staged = f.fetch(0, indptr, rows)
     assert f.cache.stats()["hits"] == 3 + 1  # only slot 9 hit
     assert torch.equal(f.cache.data[staged[0]].cpu(), torch.cat([k[0, 0], v[0, 0]]))
     assert_staged(f, 0, indptr, rows, staged)
-    f.move(torch.tensor([9]), torch.tensor([5]))  # slot 9 now holds slot 5's KV
+    f.pool.data[:, :, 9] = f.pool.data[:, :, 5]  # a move: slot 9 now holds slot 5's KV
+    f.cache.invalidate(torch.tensor([9], device=DEV))
     staged = f.fetch(0, indptr, rows)
     assert torch.equal(f.cache.data[staged[2]].cpu(), torch.cat([k[0, 0], v[0, 0]]))
     assert_staged(f, 0, indptr, rows, staged)
@@ -123,14 +128,14 @@ def test_fetcher_refuses_a_cache_of_other_rows():
 
 
 def test_fetch_of_the_real_workspace_indices():
-    """DecodeWorkspace (as the backend builds it: dense rows elided) -> fetch: staged rows
+    """DecodeWorkspace (one-token rows for dense requests) -> fetch: staged rows
     equal the host rows the workspace selected; queries drifting a little re-hit."""
     cfg = ParisKVConfig(topk=24, sink=4, local=8, dense_threshold=100)
     h, d = 2, 64
     sc = make_scenario([400, 90], h, d, 420, DEV, dtype=torch.bfloat16, seed=0)
     ws = DecodeWorkspace(
         cfg, 2 * h, h, d, max_batch=2, max_context=420, device=DEV, chunk=64, scan_block=16,
-        scan_tiles=4, elide_dense_rows=True,
+        scan_tiles=4,
     )  # fmt: skip
     slots = sc.pool.signs.shape[0]
     f = make_fetcher(slots, 2, h, d, lines=512, entries=ws.kv_indices.numel(), seed=3)

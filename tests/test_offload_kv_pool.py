@@ -15,6 +15,7 @@ from sglang_pariskv.offload.hot_cache import HotCache
 from sglang_pariskv.offload.kv_pool import HostOffloadKVPool
 from sglang_pariskv.pool_sizing import cap_to_host_pool, cell_size_hook, reserve_planned_memory
 from tests.hot_cache_oracle import insert, lookup
+from tests.test_offload_host_pool import read
 from tests.test_plugin_pool import LAYERS, D, H, layer, make_pool
 
 
@@ -42,7 +43,7 @@ def test_kv_lives_in_the_host_pool_and_sglang_reads_it():
     loc = torch.tensor([3, 4, 9])
     k, v = torch.randn(3, H, D).bfloat16(), torch.randn(3, H, D).bfloat16()
     pool.set_kv_buffer(layer(1), loc, k, v)
-    got_k, got_v = pool.host.read(1, loc)
+    got_k, got_v = read(pool.host, 1, loc)
     assert torch.equal(got_k, k) and torch.equal(got_v, v)
     kb, vb = pool.get_kv_buffer(1)  # what FlashInfer is handed
     assert kb.data_ptr() == pool.host.data[1, 0].data_ptr()
@@ -75,7 +76,7 @@ def test_without_a_hot_cache_writes_still_work():
     assert pool.hot_cache is None
     kv = torch.ones(1, H, D).bfloat16()
     pool.set_kv_buffer(layer(0), torch.tensor([7]), kv, kv)
-    assert torch.equal(pool.host.read(0, torch.tensor([7]))[0], kv)
+    assert torch.equal(read(pool.host, 0, torch.tensor([7]))[0], kv)
 
 
 def kvc(heads=4, head_dim=128, max_reqs=None):

@@ -166,7 +166,6 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             max_batch=max_batch,
             max_context=rtt.shape[1],
             device=rtt.device,
-            elide_dense_rows=True,  # dense requests go through SGLang's own decode call
         )
         self.eager_sparse = self._sparse_call()
         self.offload = OffloadDecode.build(self.token_to_kv_pool, self.config, self.ws)

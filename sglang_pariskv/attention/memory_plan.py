@@ -96,7 +96,7 @@ def plan_backend_memory(
     hists = RequestHistograms(request_slots, num_kv_heads, head_dim, num_layers, meta)
     ws = DecodeWorkspace(
         config, num_q_heads, num_kv_heads, head_dim, max_batch=max_batch,
-        max_context=max_context, device=meta, elide_dense_rows=True,
+        max_context=max_context, device=meta,
     )  # fmt: skip
     query_copy = (
         max_batch * num_q_heads * head_dim * torch.tensor([], dtype=kv_dtype).element_size()

@@ -50,10 +50,6 @@ class KeyCodes(NamedTuple):
     mags: torch.Tensor  #: uint8 [*S, 3 * B]
     weights: torch.Tensor  #: float16 [*S, B]
 
-    @property
-    def num_blocks(self) -> int:
-        return self.signs.shape[-1]
-
     def index(self, *idx) -> KeyCodes:
         """Apply the same indexing to the leading dims of all three tensors."""
         return KeyCodes(self.signs[idx], self.mags[idx], self.weights[idx])

@@ -13,17 +13,10 @@ same memory. Retrieval reads the same scales for its queries (:attr:`CodePool.sc
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from sglang_pariskv.codec.encode import KeyCodes, encode_keys
 from sglang_pariskv.codec.layout import record_bytes
-
-#: Encoder hook: (keys [T, H, D], seed, centre [H, D] or None, scale [H, D] or None) ->
-#: KeyCodes [T, H, ...]. The GPU path swaps in the fused Triton kernel; the default is the
-#: codec (any device).
-Encoder = Callable[[torch.Tensor, int, "torch.Tensor | None", "torch.Tensor | None"], KeyCodes]
 
 
 def code_bytes_per_token(num_kv_heads: int, head_dim: int, num_layers: int) -> int:
@@ -42,7 +35,6 @@ class CodePool:
         num_layers: int,
         device: torch.device | str,
         seed: int = 0,
-        encoder: Encoder | None = None,
         centres: torch.Tensor | None = None,
         scales: torch.Tensor | None = None,
     ):
@@ -53,10 +45,8 @@ class CodePool:
         self.num_slots, self.num_kv_heads, self.head_dim = num_slots, num_kv_heads, head_dim
         self.seed = seed
         # On CUDA the fused Triton kernel writes codes in place (encoder None); elsewhere
-        # (and in tests) the codec encodes and we scatter.
-        if encoder is None and torch.device(device).type != "cuda":
-            encoder = encode_keys
-        self.encoder: Encoder | None = encoder
+        # (CPU tests) the codec encodes and the codes are scattered.
+        self.encoder = None if torch.device(device).type == "cuda" else encode_keys
         want = (num_layers, num_kv_heads, head_dim)
         for name, x in (("centres", centres), ("channel scales", scales)):
             if x is not None and tuple(x.shape) != want:
@@ -161,7 +151,3 @@ class CodePool:
         for layer, saved in zip(self.layers, copy):
             for t, s in zip(layer, saved):
                 t[indices] = s.to(t.device)
-
-    def gather(self, layer: int, slots: torch.Tensor) -> KeyCodes:
-        """Codes at ``slots`` (any shape) of ``layer``: the codec's token-major view."""
-        return self.layers[layer].index(slots)

@@ -134,17 +134,13 @@ class RequestHistograms:
         layer: int,
         new_signs: torch.Tensor,
         req_pool_indices: torch.Tensor,
-        weight: torch.Tensor | None = None,
     ) -> None:
         """Count key i (new_signs uint8 [R, Hkv, B]) for request ``req_pool_indices[i]``
-        (a request may appear several times). No host sync. ``weight`` (bool [R]) masks
-        out rows that are not real requests."""
+        (a request may appear several times). No host sync."""
         hist = self.layers[layer]
         r, h, b = new_signs.shape
         req = req_pool_indices.to(torch.int64)[:, None, None].expand(r, h, b)
         head = torch.arange(h, device=hist.device)[None, :, None].expand(r, h, b)
         blk = torch.arange(b, device=hist.device)[None, None, :].expand(r, h, b)
         ones = torch.ones(r, h, b, dtype=hist.dtype, device=hist.device)
-        if weight is not None:
-            ones = ones * weight.to(hist.dtype)[:, None, None]
         hist.index_put_((req, head, blk, new_signs.to(torch.int64)), ones, accumulate=True)

@@ -3,12 +3,12 @@
 Write side:
   * :func:`encode_to_pool` — keys ``[T, Hkv, D]`` -> code pool rows ``slots`` (codec's
     ``KeyCodes`` layout: signs uint8 ``[S, Hkv, B]``, mags uint8 ``[S, Hkv, 3B]``, weights
-    fp16 ``[S, Hkv, B]``) and +1 in the per-request histograms int32
-    ``[max_reqs, Hkv, B, 256]`` (Triton, one fused pass).
+    fp16 ``[S, Hkv, B]``; Triton, one fused pass).
   * :func:`encode_layers_to_pool` — the keys stored at ``slots`` in every layer's K buffer
     -> every layer's code rows, one launch (a dense decode step's codes).
-  * :func:`add_to_histograms` — rebuild histogram counts from pool codes through
-    ``req_to_token`` (radix-cache prefix hits).
+  * :func:`add_to_histograms` — count a request's tokens into its histograms int32
+    ``[max_reqs, Hkv, B, 256]`` from the pool's codes through ``req_to_token`` (at
+    extend, radix-cache prefix hits included).
   * :func:`count_new_keys` — per decode row above the dense limit: +1 for its new key, or
     all its tokens at the step it crosses the limit (one launch per layer);
     :func:`count_new_keys_layers` does every layer in one launch.

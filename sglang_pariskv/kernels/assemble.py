@@ -3,12 +3,14 @@
 "Head as batch" layout: the K/V pool ``[slots, Hkv, D]`` is viewed as ``[slots * Hkv, 1, D]``
 (page size 1, one KV head), a (request, KV head) pair is one batch row with the GQA group
 as its query heads, and row ``r * Hkv + h`` lists ``slot * Hkv + h`` for its attended
-tokens. Dense requests (``ParisKVConfig.is_dense``) list every token.
+tokens. A dense request (``ParisKVConfig.is_dense``) gets a one-token row (its first
+token): the SGLang backend attends it through its own dense decode call and discards that
+row, so neither the index buffer nor the sparse call pays for its length.
 
 Row lengths depend only on sequence lengths (a sparse row always holds exactly
 ``config.budget`` tokens, because a request is sparse only when its zone exceeds top-k),
-so :func:`row_lengths` computes the same ``kv_indptr`` on the host (for FlashInfer's plan)
-and on the device (inside the graph).
+so :func:`kv_indptr_for` computes ``kv_indptr`` on the host at plan time, where
+FlashInfer's plan needs it, before any retrieval ran.
 """
 
 from __future__ import annotations
@@ -21,35 +23,19 @@ from sglang_pariskv.codec.budget import dense_mask
 from sglang_pariskv.config import ParisKVConfig
 
 
-def row_lengths(
-    seq_lens: torch.Tensor, config: ParisKVConfig, elide_dense: bool = False
-) -> torch.Tensor:
-    """Attended tokens per request (int64 [R]): seq_len if dense (1 with ``elide_dense``,
-    when the caller attends dense requests elsewhere), else sink + local + top-k."""
+def row_lengths(seq_lens: torch.Tensor, config: ParisKVConfig) -> torch.Tensor:
+    """Row length per request (int64 [R]): 1 if dense, else sink + local + top-k."""
     seq = seq_lens.to(torch.int64)
-    dense_len = torch.ones_like(seq) if elide_dense else seq
-    return torch.where(dense_mask(seq, config), dense_len, config.budget)
+    return torch.where(dense_mask(seq, config), 1, config.budget)
 
 
-def kv_indptr_for(
-    seq_lens: torch.Tensor,
-    config: ParisKVConfig,
-    num_kv_heads: int,
-    out: torch.Tensor | None = None,
-    elide_dense: bool = False,
-) -> torch.Tensor:
-    """int32 [R * Hkv + 1] row offsets of the head-as-batch layout (host or device)."""
-    lens = row_lengths(seq_lens, config, elide_dense).repeat_interleave(num_kv_heads)
-    if out is None:
-        out = torch.empty(lens.numel() + 1, dtype=torch.int32, device=seq_lens.device)
+def kv_indptr_for(seq_lens: torch.Tensor, config: ParisKVConfig, num_kv_heads: int) -> torch.Tensor:
+    """int32 [R * Hkv + 1] row offsets of the head-as-batch layout."""
+    lens = row_lengths(seq_lens, config).repeat_interleave(num_kv_heads)
+    out = torch.empty(lens.numel() + 1, dtype=torch.int32, device=seq_lens.device)
     out[:1].zero_()
-    torch.cumsum(lens, 0, dtype=torch.int32, out=out[1 : lens.numel() + 1])
+    torch.cumsum(lens, 0, dtype=torch.int32, out=out[1:])
     return out
-
-
-def max_row_length(config: ParisKVConfig, max_context: int) -> int:
-    """Longest possible row: a dense request is at most ``config.dense_limit`` long."""
-    return max(config.budget, min(config.dense_limit, max_context))
 
 
 @triton.jit

@@ -6,9 +6,11 @@ why they keep the ranking), normalise, rotate (the rotation of
 :func:`codec.rotation.rotation_matrix` is a sign flip then one Hadamard block for a
 power-of-two D, applied as log2(D) butterfly stages), split into 8-dim blocks, and
 write sign ids, packed 3-bit magnitudes and fp16 weights straight to the rows
-``slot * Hkv + head`` of the pool, so no [T, Hkv, ...] temporary ever exists. The same
-pass adds each token's sign ids to its request's centroid histogram with atomics, which
-is what keeps the histograms incremental as decode appends one token at a time.
+``slot * Hkv + head`` of the pool, so no [T, Hkv, ...] temporary ever exists. The
+kernel knows slots, not requests: each request's centroid histograms are counted from
+the stored codes through ``req_to_token`` (:mod:`.histograms`), which also covers the
+codes of a radix-cache prefix hit (written for another request) and counts only for
+requests above the dense limit.
 
 Bit-exactness with :func:`codec.encode.encode_keys`: the arithmetic is the same fp32 formula,
 but summation order (norms, the butterflies) differs, so a magnitude within float rounding
@@ -84,7 +86,7 @@ def _encode_rows(
     LOG2D: tl.constexpr,
 ):
     """Encode the keys at pointers ``key_rows`` [BM] (D contiguous values each) of KV heads
-    ``head`` [BM] into code rows ``out_row`` [BM]; returns the sign ids [BM, B]."""
+    ``head`` [BM] into code rows ``out_row`` [BM]."""
     d = tl.arange(0, D)
     k = tl.load(key_rows[:, None] + d[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
     if HAS_CENTRE:  # k - m, m the head's fixed centre (fp32 [H, D], contiguous)
@@ -121,7 +123,6 @@ def _encode_rows(
     tl.store(mag_base + 1, ((word >> 8) & 0xFF).to(tl.uint8), mask=m2)
     tl.store(mag_base + 2, ((word >> 16) & 0xFF).to(tl.uint8), mask=m2)
     tl.store(w_ptr + out_row[:, None] * B + b[None, :], w.to(tl.float16), mask=m2)
-    return sign
 
 
 @triton.jit
@@ -132,19 +133,16 @@ def _encode_kernel(
     centre_ptr,
     scale_ptr,
     slot_ptr,
-    req_ptr,
     sgn_ptr,
     thr_ptr,
     lev_ptr,
     signs_ptr,
     mags_ptr,
     w_ptr,
-    hist_ptr,
     num_rows,
     H: tl.constexpr,
     D: tl.constexpr,
     B: tl.constexpr,
-    HAS_HIST: tl.constexpr,
     HAS_CENTRE: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -157,16 +155,10 @@ def _encode_kernel(
     head = rows % H
     key_rows = keys_ptr + tok.to(tl.int64) * stride_kt + head * stride_kh
     slot = tl.load(slot_ptr + tok, mask=rmask, other=0).to(tl.int64)
-    sign = _encode_rows(
+    _encode_rows(
         key_rows, rmask, head, slot * H + head, centre_ptr, scale_ptr, sgn_ptr, thr_ptr,
         lev_ptr, signs_ptr, mags_ptr, w_ptr, D, B, HAS_CENTRE, HAS_SCALE, BLOCK_M, LOG2D,
     )  # fmt: skip
-    if HAS_HIST:
-        b = tl.arange(0, B)
-        req = tl.load(req_ptr + tok, mask=rmask, other=-1)
-        hrow = (req.to(tl.int64) * H + head) * B
-        hptr = hist_ptr + (hrow[:, None] + b[None, :]) * 256 + sign
-        tl.atomic_add(hptr, 1, mask=rmask[:, None] & (req >= 0)[:, None], sem="relaxed")
 
 
 @triton.jit
@@ -228,8 +220,6 @@ def encode_to_pool(
     keys: torch.Tensor,
     slots: torch.Tensor,
     pool: KeyCodes,
-    hist: torch.Tensor | None = None,
-    req_ids: torch.Tensor | None = None,
     seed: int = 0,
     block_m: int = 16,
     num_warps: int = 4,
@@ -243,9 +233,7 @@ def encode_to_pool(
     Persistent tensors read by the kernel, so a captured CUDA graph keeps reading them.
 
     pool: :class:`KeyCodes` of pool tensors ``signs [S, Hkv, B]``, ``mags [S, Hkv, 3B]``,
-    ``weights [S, Hkv, B]`` (contiguous). When ``hist`` (int32 ``[max_reqs, Hkv, B, 256]``)
-    is given, ``req_ids [T]`` names each token's histogram row; a negative id skips the
-    token (e.g. a padding token). No host sync: safe inside a CUDA graph. The head_dim
+    ``weights [S, Hkv, B]`` (contiguous). No host sync: safe inside a CUDA graph. The head_dim
     must be a power of two (64, 128, 256...): the rotation is then one Hadamard block,
     which the kernel applies as butterflies (2.2x faster than a D x D product on an H100
     at 32K tokens); other head_dims are refused.
@@ -263,9 +251,6 @@ def encode_to_pool(
     check_head_rows("centre", centre, h, d)
     check_head_rows("scale", scale, h, d)
     sgn, thr, lev = encode_constants(d, seed, keys.device)
-    has_hist = hist is not None
-    if has_hist and req_ids is None:
-        raise ValueError("encode_to_pool: hist given without req_ids")
     rows = t * h
     _encode_kernel[(triton.cdiv(rows, block_m),)](
         keys,
@@ -274,19 +259,16 @@ def encode_to_pool(
         centre if centre is not None else sgn,
         scale if scale is not None else sgn,
         slots,
-        req_ids if has_hist else slots,
         sgn,
         thr,
         lev,
         pool.signs,
         pool.mags,
         pool.weights,
-        hist if has_hist else pool.signs,
         rows,
         H=h,
         D=d,
         B=b,
-        HAS_HIST=has_hist,
         HAS_CENTRE=centre is not None,
         HAS_SCALE=scale is not None,
         BLOCK_M=block_m,

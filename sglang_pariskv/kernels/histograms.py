@@ -1,12 +1,11 @@
 """Per-request centroid histograms from the pool's codes (``index.histograms``).
 
-The encode kernel (:mod:`.encode`) adds a written key to its request's histogram in the
-same pass; these two rebuild counts from codes already in the pool, through
-``req_to_token``: :func:`add_to_histograms` when a request extends (a radix-cache prefix
-hit's codes are there, slot-keyed), and :func:`count_new_keys` once per decode layer for
-the rows above the dense limit (the new key, or every key at the step a row crosses the
-limit), or :func:`count_new_keys_layers` once for all layers after a step whose codes were
-written after its last layer.
+The encode kernel (:mod:`.encode`) writes codes by slot; these kernels count them per
+request from the pool, through ``req_to_token``: :func:`add_to_histograms` when a request
+extends (a radix-cache prefix hit's codes are there, slot-keyed), and :func:`count_new_keys`
+once per decode layer for the rows above the dense limit (the new key, or every key at the
+step a row crosses the limit), or :func:`count_new_keys_layers` once for all layers after a
+step whose codes were written after its last layer.
 """
 
 from __future__ import annotations

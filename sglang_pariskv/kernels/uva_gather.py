@@ -19,7 +19,7 @@ memory and fails with "cannot be accessed from Triton (cpu tensor?)" for pageabl
 Under ``TRITON_INTERPRET=1`` (CPU tests) every tensor is a CPU tensor and is passed as is.
 
 Rows are copied as raw bits (viewed as same-width integers), so a gather is bit-exact
-for any dtype. Row ids are not bounds-checked in the kernel (the reference does).
+for any dtype. Row ids are not bounds-checked in the kernel.
 """
 
 from __future__ import annotations
@@ -200,33 +200,6 @@ def gather_rows(
 def scatter_rows(src: torch.Tensor, dst: torch.Tensor, dst_rows: torch.Tensor) -> None:
     """``dst[dst_rows[i]] = src[i]``: GPU rows written into a (pinned host) pool."""
     copy_rows(src, dst, None, dst_rows)
-
-
-def copy_rows_reference(
-    src: torch.Tensor,
-    dst: torch.Tensor,
-    src_rows: torch.Tensor | None = None,
-    dst_rows: torch.Tensor | None = None,
-    mask: torch.Tensor | None = None,
-    num_valid: torch.Tensor | None = None,
-) -> None:
-    """Plain-torch :func:`copy_rows` (the oracle; bounds-checked by torch indexing)."""
-    rows = src_rows if src_rows is not None else dst_rows
-    n = rows.numel() if rows is not None else src.shape[0]
-    sel = torch.ones(n, dtype=torch.bool)
-    if num_valid is not None:
-        sel &= torch.arange(n) < int(num_valid.reshape(-1)[0])
-    if mask is not None:
-        sel &= mask.cpu().bool()
-    ident = torch.arange(n)
-    s = (src_rows.cpu().long() if src_rows is not None else ident)[sel]
-    d = (dst_rows.cpu().long() if dst_rows is not None else ident)[sel]
-    dst[d.to(dst.device)] = src[s.to(src.device)].to(dst.device)
-
-
-def gather_rows_reference(src, rows, dst, dst_rows=None, mask=None, num_valid=None) -> None:
-    """Plain-torch :func:`gather_rows`."""
-    copy_rows_reference(src, dst, rows, dst_rows, mask, num_valid)
 
 
 # -- GPU-only helpers (not run on CPU) -------------------------------------------------

@@ -42,7 +42,7 @@ from sglang_pariskv.codec.encode import KeyCodes
 from sglang_pariskv.codec.query import PreparedQuery
 from sglang_pariskv.codec.rotation import rotation_matrix
 from sglang_pariskv.config import ParisKVConfig, check_kernel_head_dim
-from sglang_pariskv.kernels.assemble import assemble_indices, kv_indptr_for, max_row_length
+from sglang_pariskv.kernels.assemble import assemble_indices, kv_indptr_for
 from sglang_pariskv.kernels.collision import collision_scan, score_bins
 from sglang_pariskv.kernels.cuda_ops import (
     collision_scan_cuda,
@@ -128,13 +128,12 @@ class DecodeWorkspace:
         chunk: int = SELECT_RERANK_CHUNK,
         scan_block: int = 256,
         scan_tiles: int = 8,
-        elide_dense_rows: bool = False,
     ) -> None:
         """``chunk``, ``scan_block``, ``scan_tiles``: tile sizes of the Triton candidate
         selection and scan (positions per selection chunk; positions per scan tile, tiles
         per program). The CUDA kernels' are fixed by csrc/ (the count pass then uses
         :data:`SELECT_RERANK_CHUNK`); tests shrink the Triton ones so that small contexts
-        span several programs. ``elide_dense_rows``: see :attr:`max_row`."""
+        span several programs."""
         check_kernel_head_dim(head_dim)
         if num_q_heads % num_kv_heads:
             raise ValueError(f"{num_q_heads} query heads over {num_kv_heads} KV heads")
@@ -158,11 +157,9 @@ class DecodeWorkspace:
         self.cmax = max_candidates(config, max_context)
         self.k = min(config.topk, self.cmax)
         self.topk_cluster = topk_cluster_for(self.cmax, dev)
-        # With elide_dense_rows, dense requests get one-token rows: the caller attends them
-        # through its own dense call and discards these rows (SGLang backend), so neither
-        # the index buffer nor the sparse attention pays for their full length.
-        self.elide_dense_rows = elide_dense_rows
-        self.max_row = config.budget if elide_dense_rows else max_row_length(config, max_context)
+        # Dense requests get one-token rows (kernels.assemble), so a row holds at most
+        # the sparse budget.
+        self.max_row = config.budget
         self.rot = rotation_matrix(head_dim, config.rotation_seed, torch.float32, dev)
         self.meta = torch.zeros((len(_FIELDS) + self.nt) * rmax, dtype=torch.int64, device=dev)
         self.query = PreparedQuery(
@@ -213,7 +210,7 @@ class DecodeWorkspace:
             host[i * rmax : i * rmax + r] = field
         host[len(_FIELDS) * rmax : len(_FIELDS) * rmax + r * self.nt] = thresholds.flatten()
         self.meta.copy_(host, non_blocking=True)
-        indptr = kv_indptr_for(seq, cfg, self.hkv, elide_dense=self.elide_dense_rows)
+        indptr = kv_indptr_for(seq, cfg, self.hkv)
         n = indptr.numel()
         self.kv_indptr[:n].copy_(indptr.pin_memory() if self._pin() else indptr, non_blocking=True)
         self._r = r

@@ -7,9 +7,12 @@
 * :mod:`.fetch` — :class:`OffloadFetcher`, the per-layer step: the retrieval workspace's
   ``kv_indices`` -> cache lookup -> UVA gather of the misses
   (:mod:`sglang_pariskv.kernels.uva_gather`) -> staging indices for FlashInfer.
+* :mod:`.kv_pool` — :class:`HostOffloadKVPool`, the KV pool of ``--pariskv-offload host``:
+  SGLang's K/V buffers over the host pool, every write dropping its slots from the cache.
 
-Not wired into serving yet: docs/architecture.md, "Host offload (in progress)", has the
-plan. Only the torch-only modules are imported here; ``fetch`` pulls in Triton.
+``attention.offload_wiring`` builds the cache and the fetcher beside the decode workspace;
+docs/architecture.md, "Host offload modules", lists the rest. Only the torch-only modules
+are imported here; ``fetch`` pulls in Triton.
 """
 
 from sglang_pariskv.offload.host_pool import HostKVPool, check_host_memory, host_pool_slots

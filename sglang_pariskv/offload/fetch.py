@@ -27,13 +27,13 @@ from __future__ import annotations
 import torch
 
 from sglang_pariskv.kernels.hot_cache_fetch import FetchScratch, hot_cache_fetch
-from sglang_pariskv.kernels.uva_gather import gather_rows_reference
 from sglang_pariskv.offload.host_pool import HostKVPool
 from sglang_pariskv.offload.hot_cache import HotCache
 
 
 class OffloadFetcher:
-    """Host pool + hot cache: write (with invalidation), move, and per-layer fetch."""
+    """Host pool + hot cache: the per-layer fetch. The writers of the host pool
+    (:class:`offload.kv_pool.HostOffloadKVPool`) drop rewritten slots from the cache."""
 
     def __init__(self, pool: HostKVPool, cache: HotCache):
         if cache.row_width != pool.row_width or cache.hkv != pool.num_kv_heads:
@@ -42,16 +42,6 @@ class OffloadFetcher:
             raise ValueError("one cache layer per pool layer")
         self.pool, self.cache = pool, cache
         self.scratch = FetchScratch(cache.lines, cache.max_entries, cache.data.device)
-
-    def write(self, layer, slots, k, v) -> None:
-        """Store new KV in the host pool and drop the rows' cached copies (the slots may
-        have held another request's KV)."""
-        self.pool.write(layer, slots, k, v)
-        self.cache.invalidate(slots.to(self.cache.tags.device), layer)
-
-    def move(self, tgt: torch.Tensor, src: torch.Tensor) -> None:
-        self.pool.move(tgt, src)
-        self.cache.invalidate(tgt.to(self.cache.tags.device))
 
     def staging_kv(self) -> torch.Tensor:
         """The buffer FlashInfer reads: ``[rows, 2, 1, 1, D]`` (K, V; page size 1, 1 head)."""
@@ -79,15 +69,3 @@ class OffloadFetcher:
             self.pool.layer_rows(layer, 1), out, self.scratch, self.cache.overflow_base,
         )  # fmt: skip
         return out
-
-
-def fetch_reference(
-    pool: HostKVPool, layer: int, kv_indptr: torch.Tensor, kv_indices: torch.Tensor
-) -> torch.Tensor:
-    """The rows FlashInfer must see, in entry order: ``[kv_indptr[-1], 2·D]`` (CPU)."""
-    n = int(kv_indptr[-1])
-    rows = torch.empty(n, pool.row_width, dtype=pool.dtype)
-    d, idx = pool.head_dim, kv_indices[:n].cpu()
-    for part in (0, 1):
-        gather_rows_reference(pool.layer_rows(layer, part), idx, rows[:, part * d : (part + 1) * d])
-    return rows

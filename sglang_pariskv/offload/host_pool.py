@@ -37,7 +37,7 @@ import torch
 from sglang_pariskv.config import ParisKVConfigError
 
 #: Host memory left to the OS, SGLang and the Python process by :func:`check_host_memory`.
-DEFAULT_RESERVE_BYTES = 4 * 2**30
+RESERVE_BYTES = 4 * 2**30
 _CUDA_HOST_REGISTER_PORTABLE_MAPPED = 0x01 | 0x02
 
 
@@ -69,7 +69,6 @@ def _mem_available(meminfo: str | Path) -> int:
 def check_host_memory(
     nbytes: int,
     meminfo: str | Path = "/proc/meminfo",
-    reserve_bytes: int = DEFAULT_RESERVE_BYTES,
     ranks: int = 1,
 ) -> None:
     """Refuse host pools of ``nbytes`` in all that would not fit in available host memory.
@@ -81,7 +80,7 @@ def check_host_memory(
     ``--pariskv-host-pool-gb``, a per-rank size, fits when every rank pins it.
     """
     avail = _mem_available(meminfo)
-    usable = avail - reserve_bytes
+    usable = avail - RESERVE_BYTES
     if nbytes <= usable:
         return
     gib = 2**30
@@ -97,7 +96,7 @@ def check_host_memory(
     raise ParisKVConfigError(
         f"--pariskv-host-pool-gb asks for {nbytes / gib:.1f} GiB of pinned host memory, but "
         f"{meminfo} reports {avail / gib:.1f} GiB available and "
-        f"{reserve_bytes / gib:.1f} GiB is kept for the system: {fix}"
+        f"{RESERVE_BYTES / gib:.1f} GiB is kept for the system: {fix}"
     )
 
 
@@ -226,19 +225,6 @@ class HostKVPool:
         w = self.num_kv_heads * self.head_dim
         for part, x in ((0, k), (1, v)):
             scatter_rows(self._shape_kv(x).reshape(-1, w), self.slot_rows(layer, part), slots)
-
-    def move(self, tgt: torch.Tensor, src: torch.Tensor) -> None:
-        """Copy every layer's rows of slots ``src`` to ``tgt`` (mirrors
-        ``KVCache.move_kv_cache``; host-side, synchronous). The hot cache must drop
-        ``tgt`` afterwards (``OffloadFetcher.move`` does both)."""
-        t, s = tgt.to("cpu", torch.int64), src.to("cpu", torch.int64)
-        self.data[:, :, t] = self.data[:, :, s]
-
-    # -- reads (oracle / helpers) ----------------------------------------------------
-    def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(k, v) ``[T, Hkv, D]`` CPU copies of ``slots`` of ``layer``."""
-        idx = slots.to("cpu", torch.int64)
-        return self.data[layer, 0, idx].clone(), self.data[layer, 1, idx].clone()
 
     def close(self) -> None:
         """Unregister the pinned memory (the tensor stays usable as plain memory)."""

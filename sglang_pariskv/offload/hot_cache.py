@@ -96,11 +96,15 @@ class HotCache:
         tags.masked_fill_(kill.bool(), -1)
 
     def reset(self) -> None:
-        """Forget every row (e.g. when SGLang flushes its cache)."""
+        """Forget every row, so that a measurement starts from an empty cache (the
+        offload benchmark). Serving does not call it: every writer of a slot drops that
+        slot's rows (:meth:`invalidate`), so a cached row always holds its slot's KV."""
         self.tags.fill_(-1)
 
     def stats(self) -> dict[str, float]:
-        """Host read of the device counters (only when metrics are reported)."""
+        """Totals of the device counters over all layers, read with a device sync (the
+        offload benchmark's summary; serving reads them without a sync through
+        :mod:`offload.counters`)."""
         hits, misses, fetched = (int(x) for x in self.counters.sum(0).cpu())
         return {
             "hits": hits,
