@@ -1,7 +1,7 @@
 """Draws results/scan_kernels.png from results/scan_kernels.json (the collision
 scan variants, timed by bench_retrieval_in_step.py at the commit the JSON names).
 
-    python benchmarks/plot_scan_kernels.py [results/scan_kernels.json]
+    python benchmarks/plot_scan_kernels.py [--results results/scan_kernels.json]
 """
 
 from __future__ import annotations
@@ -40,7 +40,18 @@ def plot(path: Path = RESULTS / "scan_kernels.json") -> Path:
     return out
 
 
+def build_parser() -> argparse.ArgumentParser:
+    from pariskv_tools.cli import HelpFormatter
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    ap.add_argument(
+        "--results",
+        type=Path,
+        default=RESULTS / "scan_kernels.json",
+        help="results file to draw",
+    )
+    return ap
+
+
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("json", nargs="?", type=Path, default=RESULTS / "scan_kernels.json")
-    print(plot(ap.parse_args().json))
+    print(plot(build_parser().parse_args().results))

@@ -76,7 +76,7 @@ def check_host_memory(
     Pinned pages cannot be swapped or reclaimed, so overcommitting them starves the OS
     and SGLang (or gets the server OOM-killed mid-run); this check runs before anything is
     allocated. MemAvailable counts reclaimable page cache as available. ``ranks``: how
-    many TP ranks share ``nbytes`` (one pool each), so the suggested
+    many schedulers share ``nbytes`` (one pool each: TP ranks times DP replicas), so the suggested
     ``--pariskv-host-pool-gb``, a per-rank size, fits when every rank pins it.
     """
     avail = _mem_available(meminfo)
