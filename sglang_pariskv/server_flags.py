@@ -26,8 +26,8 @@ from sglang_pariskv.config import (
     OFFLOAD_MODES,
     ParisKVConfig,
     ParisKVConfigError,
-    check_serving_shape,
 )
+from sglang_pariskv.support import check_serving_shape
 
 
 def _ratio(flag: str, text: str) -> float | None:

@@ -50,7 +50,7 @@ def build_attn_backend(runner, cfg: ParisKVConfig):
     if str(runner.device).startswith("cuda"):
         import torch
 
-        from sglang_pariskv.config import check_compute_capability
+        from sglang_pariskv.support import check_compute_capability
 
         dev = torch.device(runner.device)
         name = torch.cuda.get_device_name(dev)

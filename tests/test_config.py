@@ -3,7 +3,8 @@ import json
 import pytest
 import torch
 
-from sglang_pariskv.config import ParisKVConfig, adaptive_ratios, check_head_dim
+from sglang_pariskv.config import ParisKVConfig, adaptive_ratios
+from sglang_pariskv.support import check_head_dim
 
 
 def test_defaults_are_valid_and_round_trip():

@@ -113,7 +113,7 @@ def test_max_candidates_covers_the_adaptive_dip():
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("group", [1, 4, 7, 8])
 def test_workspace_at_scale_and_cuda_graph_replay(cuda_device, d, group):
-    """Every shape the startup check accepts (config.SERVING_HEAD_DIMS, any GQA group)
+    """Every shape the startup check accepts (support.SERVING_HEAD_DIMS, any GQA group)
     retrieves what the codec does (with calibration channel scales on the query side),
     eagerly and replayed in a CUDA graph."""
     h, nmax = 8, 65536

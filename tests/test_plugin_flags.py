@@ -340,8 +340,8 @@ def test_every_head_dim_and_gqa_group_is_served_or_refused_at_startup(head_dim, 
     head_dim 64 and 128 with any GQA group (tests/test_kernels_workspace.py runs those on
     the GPU against the codec); every other head_dim is refused naming it, and one that is
     not a power of two is refused by the kernels' own guard too."""
-    from sglang_pariskv.config import SERVING_HEAD_DIMS
     from sglang_pariskv.kernels.workspace import DecodeWorkspace
+    from sglang_pariskv.support import SERVING_HEAD_DIMS
 
     kw = dict(use_mla=False, head_dim=head_dim, v_head_dim=head_dim, sliding_window=False,
               model_name="m", num_q_heads=2 * group, num_kv_heads=2)  # fmt: skip
@@ -358,7 +358,7 @@ def test_every_head_dim_and_gqa_group_is_served_or_refused_at_startup(head_dim, 
 
 
 def test_gpus_older_than_ampere_are_refused():
-    from sglang_pariskv.config import check_compute_capability
+    from sglang_pariskv.support import check_compute_capability
 
     check_compute_capability((8, 0))
     check_compute_capability((9, 0))

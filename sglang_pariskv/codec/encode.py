@@ -36,7 +36,7 @@ import torch
 
 from sglang_pariskv.codec.levels import BLOCK, magnitude_levels, magnitude_thresholds
 from sglang_pariskv.codec.rotation import rotate
-from sglang_pariskv.config import check_head_dim
+from sglang_pariskv.support import check_head_dim
 
 #: float16 cannot hold more; a larger weight is clamped (keys that large do not occur
 #: in practice, and a clamped weight still ranks the key at the top).

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from sglang_pariskv.codec.encode import KeyCodes
-from sglang_pariskv.config import check_head_dim
+from sglang_pariskv.support import check_head_dim
 
 
 def record_bytes(head_dim: int) -> int:

@@ -14,7 +14,7 @@ from functools import lru_cache
 
 import torch
 
-from sglang_pariskv.config import check_head_dim
+from sglang_pariskv.support import check_head_dim
 
 
 def hadamard_block_size(head_dim: int) -> int:

@@ -29,7 +29,7 @@ import triton.language as tl
 from sglang_pariskv.codec.encode import KeyCodes
 from sglang_pariskv.codec.levels import magnitude_levels, magnitude_thresholds
 from sglang_pariskv.codec.rotation import rotation_signs
-from sglang_pariskv.config import check_kernel_head_dim
+from sglang_pariskv.support import check_kernel_head_dim
 
 _FP16_MAX = tl.constexpr(65504.0)
 _TINY = tl.constexpr(

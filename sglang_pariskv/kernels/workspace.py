@@ -41,7 +41,7 @@ from sglang_pariskv.codec.budget import (
 from sglang_pariskv.codec.encode import KeyCodes
 from sglang_pariskv.codec.query import PreparedQuery
 from sglang_pariskv.codec.rotation import rotation_matrix
-from sglang_pariskv.config import ParisKVConfig, check_kernel_head_dim
+from sglang_pariskv.config import ParisKVConfig
 from sglang_pariskv.kernels.assemble import assemble_indices, kv_indptr_for
 from sglang_pariskv.kernels.collision import collision_scan, score_bins
 from sglang_pariskv.kernels.cuda_ops import (
@@ -65,6 +65,7 @@ from sglang_pariskv.kernels.select import (
     count_candidates,
     select_candidates_gpu,
 )
+from sglang_pariskv.support import check_kernel_head_dim
 
 logger = logging.getLogger("sglang_pariskv")
 
