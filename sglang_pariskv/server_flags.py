@@ -243,10 +243,15 @@ def config_from_args(args: Any) -> ParisKVConfig | None:
         where = f" (with --pariskv-config {args.pariskv_config})" if args.pariskv_config else ""
         raise ParisKVConfigError(f"{e}{where}") from e
     check_calibration_file(cfg)
-    max_age = getattr(args, "pariskv_reuse_max_age", None)
+    max_age = base.get("reuse_max_age")  # given by the flag or the config file
     if max_age is not None and not cfg.reuses:
+        where = (
+            ""
+            if getattr(args, "pariskv_reuse_max_age", None) is not None
+            else (f" (in --pariskv-config {args.pariskv_config})")
+        )
         raise ParisKVConfigError(
-            f"--pariskv-reuse-max-age {max_age} applies only to retrieval "
+            f"--pariskv-reuse-max-age {max_age}{where} applies only to retrieval "
             "reuse, which --pariskv-reuse-threshold 0 turns off: set a threshold > 0, or "
             "drop --pariskv-reuse-max-age"
         )

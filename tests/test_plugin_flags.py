@@ -110,6 +110,9 @@ def test_config_file_errors_name_the_file(parser, tmp_path):
     f.write_text(json.dumps({"topk": 0}))
     with pytest.raises(ParisKVConfigError, match=f"topk=0.*--pariskv-config {f}"):
         config_from_args(parse(parser, "--enable-pariskv", "--pariskv-config", str(f)))
+    f.write_text(json.dumps({"reuse_max_age": 4}))  # a knob of a feature left off
+    with pytest.raises(ParisKVConfigError, match=f"reuse-max-age 4 \\(in --pariskv-config {f}"):
+        config_from_args(parse(parser, "--enable-pariskv", "--pariskv-config", str(f)))
     f.write_text(json.dumps({"top_k": 8}))
     with pytest.raises(ParisKVConfigError, match=r"config file .*unknown key\(s\) \['top_k'\]"):
         config_from_args(parse(parser, "--enable-pariskv", "--pariskv-config", str(f)))
