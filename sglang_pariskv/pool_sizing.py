@@ -38,11 +38,16 @@ def cell_size_hook(cfg: ParisKVConfig):
 
 
 def _graph_batch_sizes(server_args, max_batch: int) -> list[int]:
-    """The decode batch sizes SGLang captures (every size up to ``max_batch`` when the
-    server arguments are unknown: the plan then covers the most graphs there can be)."""
+    """The decode batch sizes SGLang captures; every size up to ``max_batch`` where the
+    server arguments do not tell (unknown, or a record without SGLang's resolved graph
+    settings): the plan then covers the most graphs there can be."""
+    bound = list(range(1, max_batch + 1))
     if server_args is None:
-        return list(range(1, max_batch + 1))
-    return captured_decode_batch_sizes(server_args, max_batch)
+        return bound
+    try:
+        return captured_decode_batch_sizes(server_args, max_batch)
+    except (AttributeError, ImportError):  # no resolved graph config, no schedule to ask
+        return bound
 
 
 def _max_running_requests(server_args) -> int:
