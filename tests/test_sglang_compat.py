@@ -121,16 +121,30 @@ def test_resolved_values_are_read_where_the_installed_sglang_keeps_them(server_a
 
 def _sglang_capture_sizes(server_args, pool_size: int) -> list[int]:
     """SGLang's decode graph runner's own choice of sizes (alignment 1: no DP attention),
-    with the helpers that need a running server's parallel state stood in for."""
+    with what it reads from a running server stood in for: up to 0.5.18 the server
+    arguments and parallel state, later the published runtime context (its graph config
+    is the resolved one of ``server_args``)."""
     import types
 
     runner = pytest.importorskip("sglang.srt.model_executor.runner.base_cuda_graph_runner")
+    ns = types.SimpleNamespace
+    view = sglang_compat.resolved(server_args)
+    published = ns(
+        graph=ns(cuda_graph_config=view.cuda_graph_config, torch_compile_max_bs=0),
+        overlap=ns(enable_two_batch_overlap=False),
+    )
+    stand_ins = {
+        "get_cuda_graph_batch_size_alignment": lambda *a, **k: 1,
+        "get_cuda_graph_max_batch_size": lambda sa, n: n,
+        "get_exec": lambda: published,
+        "get_flags": lambda: ns(capture=ns(enable_torch_compile=False)),
+        "DllmConfig": ns(from_server_args=lambda sa: None),
+    }
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(runner, "get_cuda_graph_batch_size_alignment", lambda sa: 1)
-        mp.setattr(runner, "get_cuda_graph_max_batch_size", lambda sa, n: n)
-        mr = types.SimpleNamespace(
-            server_args=server_args, req_to_token_pool=types.SimpleNamespace(size=pool_size)
-        )
+        for name, value in stand_ins.items():
+            if hasattr(runner, name):
+                mp.setattr(runner, name, value)
+        mr = ns(server_args=server_args, req_to_token_pool=ns(size=pool_size))
         return runner.get_batch_sizes_to_capture(mr)[0]
 
 
