@@ -37,9 +37,11 @@ from throughput import merge_throughput_results, run_throughput  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results" / "e2e.json"
 
 
-def _merge(section: str, value: dict) -> None:
+def _merge(section: str, value: dict, info: dict | None = None) -> None:
+    """Write ``value`` as ``section`` of the results, with the device info (``info``:
+    already read by the caller, or read here)."""
     data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    data.update(_device_info())
+    data.update(info if info is not None else _device_info())
     data["command_" + section] = " ".join([sys.executable, *sys.argv])
     data[section] = value
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -243,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         info = _device_info()
         old = json.loads(RESULTS.read_text()).get("throughput") if RESULTS.exists() else None
         commit = (info.get("git_commit") or "")[:7]
-        _merge("throughput", merge_throughput_results(old, res, info.get("device"), commit))
+        _merge("throughput", merge_throughput_results(old, res, info.get("device"), commit), info)
         print(f"HBM copy bandwidth {res['hbm_copy_gbs']:.0f} GB/s")
         print(
             f"{'input':>7} {'batch':>5} {'dense ms':>9} {'pkv ms':>8} {'speedup':>8} "
