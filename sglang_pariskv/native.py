@@ -19,12 +19,7 @@ from sglang_pariskv.pool_sizing import (
     cap_to_host_pool,
     reserve_planned_memory,
 )
-from sglang_pariskv.server_flags import (
-    check_dense_layers_fit,
-    check_environment,
-    check_server_args,
-    config_from_args,
-)
+from sglang_pariskv.server_flags import check_launch, check_server_args, config_from_args
 from sglang_pariskv.sglang_compat import resolved
 
 
@@ -62,11 +57,7 @@ def check_resolved(view: Any) -> None:
     if cfg is None:
         return
     check_server_args(view)
-    check_environment(cfg)
-    check_dense_layers_fit(cfg, getattr(view, "model_path", None))
-    from sglang_pariskv.offload.host_pool import check_host_pools
-
-    check_host_pools(cfg, view)
+    check_launch(cfg, view)
 
 
 def kv_pool_class(server_args: Any) -> type:

@@ -31,8 +31,7 @@ from sglang_pariskv.pool_sizing import (
 )
 from sglang_pariskv.server_flags import (
     check_calibration_file,
-    check_dense_layers_fit,
-    check_environment,
+    check_launch,
     check_server_args,
     config_from_args,
 )
@@ -151,11 +150,7 @@ def _server_args_from_cli(original, cls, args):
         # on FlashInfer, so pick it explicitly rather than refuse the user's default.
         args.attention_backend = "flashinfer"
     check_server_args(args)
-    check_environment(cfg)
-    check_dense_layers_fit(cfg, getattr(args, "model_path", None))
-    from sglang_pariskv.offload.host_pool import check_host_pools
-
-    check_host_pools(cfg, args)
+    check_launch(cfg, args)
     _cap_running_requests(args)
     server_args = original(cls, args)
     # Again on the record SGLang built (resolved here up to SGLang 0.5.18; from 0.5.19 the
@@ -229,11 +224,7 @@ def _around_resolution(original, server_args, *args, **kwargs):
         view = sglang_compat.resolved(server_args)
         check_server_args(view)
         if not _launched_from_cli:  # a launch checked them before any model work
-            from sglang_pariskv.offload.host_pool import check_host_pools
-
-            check_environment(cfg)
-            check_dense_layers_fit(cfg, getattr(view, "model_path", None))
-            check_host_pools(cfg, view)
+            check_launch(cfg, view)
     except ParisKVConfigError as e:
         if _launched_from_cli:  # from 0.5.19 the launcher resolves after from_cli_args
             _exit_with(e)

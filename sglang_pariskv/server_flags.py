@@ -258,6 +258,18 @@ def config_from_args(args: Any) -> ParisKVConfig | None:
     return cfg
 
 
+def check_launch(cfg: ParisKVConfig, server_args: Any) -> None:
+    """The checks of a config against what surrounds the launch, before any model work:
+    SGLang's environment switches, the dense layers against a local model, and the host
+    memory every rank's pool will pin. One function for the command line, the Engine API
+    and an SGLang with ParisKV built in."""
+    check_environment(cfg)
+    check_dense_layers_fit(cfg, getattr(server_args, "model_path", None))
+    from sglang_pariskv.offload.host_pool import check_host_pools
+
+    check_host_pools(cfg, server_args)
+
+
 def check_dense_layers_fit(cfg: ParisKVConfig, model_path: str | None) -> None:
     """``--pariskv-dense-layers`` against the layers of a model in a local folder, at
     launch, before the weights load. (A hub name is resolved by SGLang later; the

@@ -142,16 +142,15 @@ def captured_decode_batch_sizes(server_args: Any, max_requests: int) -> list[int
     decode = getattr(getattr(view, "cuda_graph_config", None), "decode", None)
     backend = getattr(decode, "backend", None)
     if backend is not None:
+        if str(backend) == "disabled":
+            return []
         sizes = [int(b) for b in (getattr(decode, "bs", None) or [])]
-        if str(backend) == "disabled" or not sizes:
-            return (
-                [] if str(backend) == "disabled" else decode_graph_batch_sizes(view, max_requests)
-            )
-        kept = {b for b in sizes if b <= max_requests}
-        if max(sizes) > max_requests:
-            kept.add(max_requests)
-        return sorted(kept)
-    if getattr(view, "disable_cuda_graph", False):
+        if sizes:
+            kept = {b for b in sizes if b <= max_requests}
+            if max(sizes) > max_requests:
+                kept.add(max_requests)
+            return sorted(kept)
+    elif getattr(view, "disable_cuda_graph", False):
         return []
     return decode_graph_batch_sizes(view, max_requests)
 
