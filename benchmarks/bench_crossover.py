@@ -119,9 +119,10 @@ def main(argv: list[str] | None = None) -> None:
     from sglang_pariskv.config import ParisKVConfig
 
     default = ParisKVConfig().min_sparse_tokens
-    cfg = ParisKVConfig(min_sparse_tokens=0).to_dict()
+    retrieving = ParisKVConfig(min_sparse_tokens=0)  # retrieval at every size
+    cfg = retrieving.to_dict()
     for n in args.inputs:
-        if ParisKVConfig.from_dict(cfg).is_dense(n):
+        if retrieving.is_dense(n):
             raise SystemExit(f"--inputs {n}: requests must be above the dense threshold")
     run = run_throughput(
         args.inputs,
