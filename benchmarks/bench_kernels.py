@@ -5,8 +5,8 @@ For each (N tokens per request, batch) case: FlashInfer dense decode (page size 
 ``DecodeWorkspace.run``) + FlashInfer sparse decode over the retrieved indices ("head as
 batch"), with each retrieval stage also timed alone (its own graph). Also: the HBM
 ceiling (device-to-device copy, same run), the scan's achieved bandwidth, and ParisKV's
-write work at prefill (encode-at-write, a block-size / warps sweep, then the histogram
-count from the stored codes) against FlashInfer prefill attention at 32K.
+write work at prefill (encode-at-write, a block-size / warps sweep) against FlashInfer
+prefill attention at 32K.
 
 Every timing is ``triton.testing.do_bench`` (median, L2 flushed before each repetition,
 so a layer's data is read cold, as when layers run one after another).
@@ -33,7 +33,7 @@ B = D // 8
 DTYPE = torch.bfloat16
 KV_BYTES_PER_SLOT = 2 * HKV * D * 2  # K and V, bf16
 CODE_BYTES_PER_SLOT = HKV * 6 * B
-STAGES = ("query_tiers", "scan", "select", "rerank", "topk", "assemble")
+STAGES = ("query_table", "scan", "select", "rerank", "topk", "assemble")
 
 
 def bench_ms(fn) -> float:
@@ -88,12 +88,11 @@ class Pools:
 
 def bench_encode(pools: Pools, dev, n: int = 32768, backends=("fa2", "auto")) -> dict:
     """ParisKV's write work for one layer's n prefill tokens, as serving does it: encode
-    the keys into the code pool (a block-size / warps sweep), then count the request's
-    histograms from the stored codes (``add_to_histograms``, extend's count); against
-    FlashInfer prefill attention over the same tokens."""
+    the keys into the code pool (a block-size / warps sweep); against FlashInfer prefill
+    attention over the same tokens."""
     import flashinfer
 
-    from sglang_pariskv.kernels import add_to_histograms, encode_to_pool
+    from sglang_pariskv.kernels import encode_to_pool
 
     keys = pools.k[1 : n + 1]
     slots = torch.arange(1, n + 1, device=dev)
@@ -108,14 +107,6 @@ def bench_encode(pools: Pools, dev, n: int = 32768, backends=("fa2", "auto")) ->
         except Exception as e:  # a setting that fails to compile is reported, not fatal
             out[f"encode_ms[bm{bm},w{nw}]"] = f"failed: {type(e).__name__}: {e}"[:200]
     encode_to_pool(keys, slots, pools.codes)  # leave the pool as the default encodes it
-    rtt = slots.to(torch.int32)[None]
-    rpi = start = torch.zeros(1, dtype=torch.int32, device=dev)  # request 0, from position 0
-    end = torch.full((1,), n, dtype=torch.int32, device=dev)
-    hist = torch.zeros(1, HKV, B, 256, dtype=torch.int32, device=dev)
-    # the counts add up over the repetitions; only the time is kept
-    out["hist_ms"] = bench_ms(
-        lambda: add_to_histograms(pools.codes.signs, rtt, rpi, start, end, hist, max_len=n)
-    )
     q = torch.randn(n, HQ, D, device=dev, dtype=DTYPE)
     k, v = pools.k[1 : n + 1], pools.v[1 : n + 1]
     for backend in backends:
@@ -132,7 +123,7 @@ def bench_encode(pools: Pools, dev, n: int = 32768, backends=("fa2", "auto")) ->
     out["encode_ms"] = min(enc) if enc else None
     out["prefill_ms"] = min(pre) if pre else None
     if enc and pre:
-        out["write_ms"] = out["encode_ms"] + out["hist_ms"]
+        out["write_ms"] = out["encode_ms"]
         out["write_over_prefill"] = out["write_ms"] / out["prefill_ms"]
     return out
 
@@ -143,16 +134,11 @@ def scan_bytes(n: int, batch: int) -> int:
 
 
 def case_inputs(n: int, batch: int, pools: Pools, dev):
-    from sglang_pariskv.kernels import add_to_histograms
-
     rtt = (torch.arange(batch * n, device=dev, dtype=torch.int32) + 1).view(batch, n)
     rpi = torch.arange(batch, device=dev, dtype=torch.int32)
     seq = torch.full((batch,), n, device=dev, dtype=torch.int32)
-    hist = torch.zeros(batch, HKV, B, 256, dtype=torch.int32, device=dev)
-    zero = torch.zeros(batch, dtype=torch.int32, device=dev)
-    add_to_histograms(pools.codes.signs, rtt, rpi, zero, seq, hist, max_len=n)
     q = torch.randn(batch, HQ, D, device=dev, dtype=DTYPE)
-    return rtt, rpi, seq, hist, q
+    return rtt, rpi, seq, q
 
 
 def dense_decode_ms(n: int, batch: int, rtt, q, pools: Pools, dev) -> float:
@@ -174,14 +160,14 @@ def bench_case(n: int, batch: int, pools: Pools, dev, hbm: float) -> dict:
     from sglang_pariskv.kernels import DecodeWorkspace
 
     cfg = ParisKVConfig(topk=2048, sink=64, local=256)
-    rtt, rpi, seq, hist, q = case_inputs(n, batch, pools, dev)
+    rtt, rpi, seq, q = case_inputs(n, batch, pools, dev)
     res = {"N": n, "batch": batch}
     res["dense_ms"] = dense_decode_ms(n, batch, rtt, q, pools, dev)
 
     ws = DecodeWorkspace(cfg, HQ, HKV, D, batch, n, dev)
     dec = HeadAsBatchDecode(ws, DTYPE)
     dec.plan(seq.cpu())  # plans the workspace too
-    args = (q, pools.codes, hist, rtt, rpi)
+    args = (q, pools.codes, rtt, rpi)
     out = ws.run(*args)
     rows = out.kv_indptr.diff()
     assert bool((rows == cfg.budget).all()), "every row of a long request holds the budget"
@@ -221,7 +207,7 @@ def reuse_ms(cfg, n: int, batch: int, args: tuple, dev) -> dict:
     ws = DecodeWorkspace(rcfg, HQ, HKV, D, batch, n, dev)
     ws.plan(torch.full((batch,), n, dtype=torch.int32))
     state = ReuseState(batch, 1, HKV, D, ws.k, dev)
-    rpi = args[4]
+    rpi = args[3]
     ws.run(*args, reuse=state.layer(0))  # keeps every row's top-k
     hit = graph_of(lambda: ws.run(*args, reuse=state.layer(0)))
     hit_ms = bench_ms(hit.replay)
@@ -329,7 +315,7 @@ def print_table(report: dict) -> None:
     e = report.get("encode", {})
     if e.get("write_over_prefill") is not None:
         print(
-            f"32K tokens: encode {e['encode_ms']:.3f} ms + histograms {e['hist_ms']:.3f} ms "
+            f"32K tokens: encode {e['encode_ms']:.3f} ms "
             f"vs prefill attn {e['prefill_ms']:.3f} ms = {100 * e['write_over_prefill']:.2f}%"
         )
     head = f"{'N':>8} {'batch':>5} {'dense':>8} {'pariskv':>8} {'x':>6} {'scanGB/s':>8} {'%hbm':>5}"

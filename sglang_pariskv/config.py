@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +40,6 @@ DEFAULT_REUSE_MAX_AGE: int = 8
 #: K/V over PCIe, so there the default is 0.
 DEFAULT_MIN_SPARSE_TOKENS: int = 65536
 
-#: Tier budget fractions of ParisKV's collision stage (docs/design.md step 7).
-DEFAULT_TIER_RATIOS: tuple[float, ...] = (0.05, 0.15, 0.30, 0.50, 0.75, 1.0)
-
-
 class ParisKVConfigError(ValueError):
     """A ParisKV setting, or a combination with the model or SGLang's flags, that cannot be
     served. The message names the flag (or model property) and the fix; the launcher
@@ -60,8 +56,8 @@ class ParisKVConfig:
 
     The attended set of a long request is ``sink`` first tokens, ``local`` last tokens and
     the ``topk`` best retrieved tokens of the zone between them. Requests of at most
-    ``dense_threshold`` tokens attend densely. ``candidate_ratio`` / ``collision_ratio``
-    of ``None`` mean "adaptive by retrieval-zone length" (see :func:`adaptive_ratios`).
+    ``dense_threshold`` tokens attend densely. ``candidate_ratio`` ``None`` means
+    "adaptive by retrieval-zone length" (see :func:`adaptive_candidate_ratio`).
     """
 
     topk: int = 2048
@@ -75,8 +71,6 @@ class ParisKVConfig:
     #: :data:`DEFAULT_MIN_SPARSE_TOKENS` on the GPU pool, 0 with host offload.
     min_sparse_tokens: int | None = None
     candidate_ratio: float | None = None
-    collision_ratio: float | None = None
-    tier_ratios: tuple[float, ...] = field(default=DEFAULT_TIER_RATIOS)
     rotation_seed: int = 0
     #: "host": K/V live in pinned host memory, the GPU keeps codes + a hot cache.
     offload: str = "none"
@@ -132,41 +126,22 @@ class ParisKVConfig:
                 "(--pariskv-stats-dir)"
             )
         self._check_calibration()
-        for name in ("candidate_ratio", "collision_ratio"):
-            value = getattr(self, name)
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ParisKVConfigError(
-                    f"pariskv {name}={value!r} is invalid: expected a number in (0, 1] "
-                    f"or 'auto' ({_flag(name)})"
-                )
-            if not (0.0 < float(value) <= 1.0) or math.isnan(float(value)):
-                raise ParisKVConfigError(
-                    f"pariskv {name}={value!r} is out of range: allowed (0, 1], or 'auto' "
-                    f"for the length-adaptive default ({_flag(name)})"
-                )
-        ratios = tuple(self.tier_ratios)
-        if not ratios or any(
-            isinstance(r, bool) or not isinstance(r, (int, float)) for r in ratios
-        ):
+        self._check_candidate_ratio()
+
+    def _check_candidate_ratio(self) -> None:
+        value = self.candidate_ratio
+        if value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ParisKVConfigError(
-                f"pariskv tier_ratios={self.tier_ratios!r} is invalid: expected a non-empty "
-                "list of numbers in (0, 1], strictly increasing"
+                f"pariskv candidate_ratio={value!r} is invalid: expected a number in (0, 1] "
+                f"or 'auto' ({_flag('candidate_ratio')})"
             )
-        if any(not (0.0 < r <= 1.0) for r in ratios) or any(
-            b <= a for a, b in zip(ratios, ratios[1:])
-        ):
+        if not (0.0 < float(value) <= 1.0) or math.isnan(float(value)):
             raise ParisKVConfigError(
-                f"pariskv tier_ratios={ratios!r} is invalid: each must be in (0, 1] and "
-                "the list strictly increasing, e.g. [0.05, 0.15, 0.3, 0.5, 0.75, 1.0]"
+                f"pariskv candidate_ratio={value!r} is out of range: allowed (0, 1], or "
+                f"'auto' for the length-adaptive default ({_flag('candidate_ratio')})"
             )
-        if len(ratios) > 15:
-            raise ParisKVConfigError(
-                f"pariskv tier_ratios has {len(ratios)} tiers: at most 15 are supported "
-                "(a block's tier count must fit in 4 bits)"
-            )
-        object.__setattr__(self, "tier_ratios", tuple(float(r) for r in ratios))
 
     def _check_offload(self) -> None:
         if self.offload not in OFFLOAD_MODES:
@@ -306,22 +281,18 @@ class ParisKVConfig:
         """A request attends densely when short, or when retrieval could not skip anything."""
         return seq_len <= self.dense_limit
 
-    def ratios_for(self, zone_len: int) -> tuple[float, float]:
-        """(candidate_ratio, collision_ratio) for a retrieval zone of ``zone_len`` tokens."""
-        cand, coll = adaptive_ratios(zone_len)
-        return (
-            cand if self.candidate_ratio is None else float(self.candidate_ratio),
-            coll if self.collision_ratio is None else float(self.collision_ratio),
-        )
+    def candidate_ratio_for(self, zone_len: int) -> float:
+        """The candidate ratio of a retrieval zone of ``zone_len`` tokens."""
+        if self.candidate_ratio is not None:
+            return float(self.candidate_ratio)
+        return adaptive_candidate_ratio(zone_len)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["tier_ratios"] = list(self.tier_ratios)
         if d["dense_layers"] != "auto":
             d["dense_layers"] = list(self.dense_layers)
-        for name in ("candidate_ratio", "collision_ratio"):
-            if d[name] is None:
-                d[name] = "auto"
+        if d["candidate_ratio"] is None:
+            d["candidate_ratio"] = "auto"
         return d
 
     @classmethod
@@ -329,12 +300,10 @@ class ParisKVConfig:
         """Build from a JSON-style dict; unknown keys are errors (a typo must not be ignored)."""
         cls._check_keys(data)
         kwargs = dict(data)
-        for name in ("candidate_ratio", "collision_ratio"):
-            if kwargs.get(name) == "auto":
-                kwargs[name] = None
-        for name in ("tier_ratios", "dense_layers"):
-            if isinstance(kwargs.get(name), list):
-                kwargs[name] = tuple(kwargs[name])
+        if kwargs.get("candidate_ratio") == "auto":
+            kwargs["candidate_ratio"] = None
+        if isinstance(kwargs.get("dense_layers"), list):
+            kwargs["dense_layers"] = tuple(kwargs["dense_layers"])
         return cls(**kwargs)
 
     @classmethod
@@ -370,24 +339,21 @@ class ParisKVConfig:
         return data
 
 
-#: (zone length below which it applies, candidate_ratio, collision_ratio), shortest first,
-#: then the ratios of longer zones: the ParisKV reference's adaptive defaults. Both the
-#: scalar lookup below and the tensor one in ``codec.budget`` read this one table.
-ADAPTIVE_RATIO_TABLE: tuple[tuple[int, float, float], ...] = (
-    (5_000, 0.5, 0.5),
-    (10_000, 0.25, 0.3),
-    (30_000, 0.2, 0.25),
+#: (zone length below which it applies, candidate_ratio), shortest first, then the ratio
+#: of longer zones: the ParisKV reference's adaptive defaults. Both the scalar lookup below
+#: and the tensor one in ``codec.budget`` read this one table.
+ADAPTIVE_RATIO_TABLE: tuple[tuple[int, float], ...] = (
+    (5_000, 0.5),
+    (10_000, 0.25),
+    (30_000, 0.2),
 )
-LONG_ZONE_RATIOS: tuple[float, float] = (0.1, 0.2)
+LONG_ZONE_RATIO: float = 0.1
 
 
-def adaptive_ratios(zone_len: int) -> tuple[float, float]:
-    """Length-adaptive (candidate_ratio, collision_ratio), from the ParisKV reference.
-
-    Longer zones hold proportionally fewer relevant keys, so both the candidate pool and
-    the collision tiers shrink as the zone grows.
-    """
-    for upper, cand, coll in ADAPTIVE_RATIO_TABLE:
+def adaptive_candidate_ratio(zone_len: int) -> float:
+    """Length-adaptive candidate ratio, from the ParisKV reference: longer zones hold
+    proportionally fewer relevant keys, so the candidate pool shrinks as the zone grows."""
+    for upper, cand in ADAPTIVE_RATIO_TABLE:
         if zone_len < upper:
-            return cand, coll
-    return LONG_ZONE_RATIOS
+            return cand
+    return LONG_ZONE_RATIO

@@ -65,7 +65,6 @@ KNOB_FLAGS: tuple[tuple[str, str, Any], ...] = (
     ("--pariskv-dense-threshold", "dense_threshold", _as_is),
     ("--pariskv-min-sparse-tokens", "min_sparse_tokens", _as_is),
     ("--pariskv-candidate-ratio", "candidate_ratio", _ratio),
-    ("--pariskv-collision-ratio", "collision_ratio", _ratio),
     ("--pariskv-offload", "offload", _as_is),
     ("--pariskv-host-pool-gb", "host_pool_gb", _as_is),
     ("--pariskv-hot-cache-lines", "hot_cache_lines", _as_is),
@@ -130,12 +129,6 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="Fraction of the retrieval zone kept as rerank candidates, or 'auto' "
         "(length-adaptive, the default).",
-    )
-    g.add_argument(
-        "--pariskv-collision-ratio",
-        type=str,
-        default=None,
-        help="Collision-tier budget fraction, or 'auto' (length-adaptive, the default).",
     )
     g.add_argument(
         "--pariskv-offload",

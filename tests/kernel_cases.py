@@ -2,11 +2,10 @@
 
 A scenario is what SGLang hands the attention backend at a decode step: a slot-keyed code
 pool filled by :func:`encode_to_pool`, a ``req_to_token`` table mapping each request's
-positions to scattered slots, the histograms counted from the pool through it by
-:func:`add_to_histograms` (as at extend), and the batch's ``req_pool_indices`` /
-``seq_lens``. :func:`padded_codes` gathers the pool back into the padded per-request
-layout that :func:`codec.pipeline.retrieve` takes, so a test feeds the codec exactly the
-codes the kernels read.
+positions to scattered slots, and the batch's ``req_pool_indices`` / ``seq_lens``.
+:func:`padded_codes` gathers the pool back into the padded per-request layout that
+:func:`codec.pipeline.retrieve` takes, so a test feeds the codec exactly the codes the
+kernels read.
 """
 
 from __future__ import annotations
@@ -17,14 +16,12 @@ import torch
 
 from sglang_pariskv.codec.encode import KeyCodes
 from sglang_pariskv.kernels.encode import encode_to_pool
-from sglang_pariskv.kernels.histograms import add_to_histograms
 
 
 @dataclass
 class Scenario:
     keys: list[torch.Tensor]  #: per request [seq_len, Hkv, D]
     pool: KeyCodes  #: [slots, Hkv, ...]
-    hist: torch.Tensor  #: int32 [max_reqs, Hkv, B, 256]
     req_to_token: torch.Tensor  #: int32 [max_reqs, max_context]
     req_pool_indices: torch.Tensor  #: int32 [R]
     seq_lens: torch.Tensor  #: int32 [R]
@@ -57,7 +54,6 @@ def make_scenario(
     slots_all = torch.randperm(total + 16, generator=gen)[:total] + 1
     pool = empty_pool(total + 17, num_kv_heads, head_dim, device)
     max_reqs = 2 * r + 1
-    hist = torch.zeros(max_reqs, num_kv_heads, head_dim // 8, 256, dtype=torch.int32, device=device)
     rtt = torch.zeros(max_reqs, max_context, dtype=torch.int32, device=device)
     rpi = torch.arange(r, dtype=torch.int32) * 2 + 1
     keys, off = [], 0
@@ -73,10 +69,7 @@ def make_scenario(
         encode_to_pool(k, slots, pool)
         keys.append(k)
     rpi, seq = rpi.to(device), torch.tensor(seq_lens, dtype=torch.int32, device=device)
-    add_to_histograms(pool.signs, rtt, rpi, torch.zeros_like(seq), seq, hist, max(seq_lens))
-    return Scenario(
-        keys=keys, pool=pool, hist=hist, req_to_token=rtt, req_pool_indices=rpi, seq_lens=seq
-    )
+    return Scenario(keys=keys, pool=pool, req_to_token=rtt, req_pool_indices=rpi, seq_lens=seq)
 
 
 def padded_codes(sc: Scenario) -> KeyCodes:

@@ -83,7 +83,7 @@ def test_scales_recover_the_top_k_under_outlier_channels():
     factors as channel scales they retrieve as well as the undistorted keys do."""
     n, d = 3000, 64
     cfg = ParisKVConfig(
-        topk=100, sink=16, local=32, dense_threshold=0, candidate_ratio=0.25, collision_ratio=0.2
+        topk=100, sink=16, local=32, dense_threshold=0, candidate_ratio=0.25
     )
     clean, _ = outlier_keys(n, 1, d, [], 1.0, 4)
     gen = torch.Generator().manual_seed(5)

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from sglang_pariskv.config import ParisKVConfig, adaptive_ratios
+from sglang_pariskv.config import ParisKVConfig, adaptive_candidate_ratio
 from sglang_pariskv.support import check_head_dim
 
 
@@ -44,10 +44,8 @@ def test_min_sparse_tokens_defaults_to_the_crossover_on_the_gpu_pool_only():
             ["--pariskv-min-sparse-tokens 65536", "PCIe", "drop"],
         ),
         ({"candidate_ratio": 0.0}, ["candidate_ratio=0.0", "(0, 1]", "--pariskv-candidate-ratio"]),
-        ({"collision_ratio": 1.5}, ["collision_ratio=1.5", "--pariskv-collision-ratio"]),
-        ({"collision_ratio": "x"}, ["collision_ratio='x'"]),
-        ({"tier_ratios": (0.5, 0.2)}, ["tier_ratios", "increasing"]),
-        ({"tier_ratios": ()}, ["tier_ratios"]),
+        ({"candidate_ratio": 1.5}, ["candidate_ratio=1.5", "--pariskv-candidate-ratio"]),
+        ({"candidate_ratio": "x"}, ["candidate_ratio='x'"]),
         ({"stats_dir": ""}, ["stats_dir=''", "--pariskv-stats-dir"]),
         ({"offload": "host", "host_pool_gb": float("inf")}, ["host_pool_gb=inf", "finite"]),
         ({"stats_dir": 3}, ["stats_dir=3", "folder"]),
@@ -65,9 +63,9 @@ def test_unknown_key_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="unknown key.*topK"):
         ParisKVConfig.from_dict({"topK": 5})
     p = tmp_path / "c.json"
-    p.write_text(json.dumps({"topk": 100, "candidate_ratio": "auto", "collision_ratio": 0.3}))
+    p.write_text(json.dumps({"topk": 100, "candidate_ratio": "auto", "sink": 8}))
     cfg = ParisKVConfig.from_json(p)
-    assert cfg.topk == 100 and cfg.candidate_ratio is None and cfg.collision_ratio == 0.3
+    assert cfg.topk == 100 and cfg.candidate_ratio is None and cfg.sink == 8
     p.write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         ParisKVConfig.from_json(p)
@@ -75,13 +73,13 @@ def test_unknown_key_is_an_error(tmp_path):
         ParisKVConfig.from_json(tmp_path / "missing.json")
 
 
-def test_adaptive_ratios_follow_the_reference_table():
-    assert adaptive_ratios(4_999) == (0.5, 0.5)
-    assert adaptive_ratios(5_000) == (0.25, 0.3)
-    assert adaptive_ratios(10_000) == (0.2, 0.25)
-    assert adaptive_ratios(30_000) == (0.1, 0.2)
-    cfg = ParisKVConfig(candidate_ratio=0.4)
-    assert cfg.ratios_for(100_000) == (0.4, 0.2)
+def test_adaptive_candidate_ratio_follows_the_reference_table():
+    assert adaptive_candidate_ratio(4_999) == 0.5
+    assert adaptive_candidate_ratio(5_000) == 0.25
+    assert adaptive_candidate_ratio(10_000) == 0.2
+    assert adaptive_candidate_ratio(30_000) == 0.1
+    assert ParisKVConfig(candidate_ratio=0.4).candidate_ratio_for(100_000) == 0.4
+    assert ParisKVConfig().candidate_ratio_for(100_000) == 0.1
 
 
 def test_dense_below_threshold_or_budget():
@@ -100,11 +98,11 @@ def test_head_dim_must_be_multiple_of_8(d):
 def test_tensor_ratios_match_the_scalar_table_at_every_band_edge():
     import torch
 
-    from sglang_pariskv.codec.budget import retrieval_ratios
+    from sglang_pariskv.codec.budget import candidate_ratios
 
     zones = [0, 4_999, 5_000, 9_999, 10_000, 29_999, 30_000, 10**6]
-    cand, coll = retrieval_ratios(torch.tensor(zones), ParisKVConfig())
-    assert list(zip(cand.tolist(), coll.tolist())) == [adaptive_ratios(z) for z in zones]
+    cand = candidate_ratios(torch.tensor(zones), ParisKVConfig())
+    assert cand.tolist() == [adaptive_candidate_ratio(z) for z in zones]
 
 
 def test_step_dense_mask_is_the_per_request_rule_unless_the_long_ones_hold_too_few_tokens():

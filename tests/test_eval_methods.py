@@ -19,7 +19,7 @@ from pariskv_tools.eval.methods.simhash import count_collisions_naive
 from pariskv_tools.eval.ranking import rank, zone_mask
 from pariskv_tools.eval.trace import LayerTrace
 from sglang_pariskv.codec import encode_keys, prepare_query, retrieve
-from sglang_pariskv.codec.collision import centroid_histogram, centroid_tiers, collision_scores
+from sglang_pariskv.codec.collision import centroid_table, collision_scores
 from sglang_pariskv.config import ParisKVConfig
 
 N_PROMPT, N_GEN, H, G, D = 600, 8, 2, 3, 64
@@ -96,13 +96,10 @@ def test_fast_collision_scores_match_codec():
     trace = planted_trace(2)
     codes = encode_keys(trace.keys)
     n = trace.num_keys
-    seq = trace.seq_lens[:3]
-    hist = centroid_histogram(codes.signs[None].expand(3, -1, -1, -1).contiguous(), seq)
     q = prepare_query(trace.queries[:3], H)
-    thr = torch.tensor([[5, 40, 90, 150, 300, 400]]).expand(3, -1)
-    tiers = centroid_tiers(q.blocks, hist, thr)
-    ref = collision_scores(codes.signs[None].expand(3, n, H, -1), tiers).transpose(1, 2)
-    assert torch.equal(fast_collision_scores(codes.signs, tiers), ref)
+    table = centroid_table(q.blocks)
+    ref = collision_scores(codes.signs[None].expand(3, n, H, -1), table).transpose(1, 2)
+    assert torch.equal(fast_collision_scores(codes.signs, table), ref)
 
 
 @pytest.mark.parametrize(
@@ -129,16 +126,6 @@ def test_pariskv_ranking_cut_at_k_is_codec_retrieve(topk, calibrated):
         for h in range(H):
             want = set(got[st, h][got[st, h] >= 0].tolist())
             assert set(ranked[st, h].tolist()) == want
-
-
-def test_histograms_follow_appended_keys():
-    trace = planted_trace(4)
-    method = ParisKV(outputs=("stage1",))
-    state = method.prepare(trace)
-    codes = encode_keys(trace.keys)
-    seq = trace.seq_lens[[0, 5]]
-    want = centroid_histogram(codes.signs[None].expand(2, -1, -1, -1).contiguous(), seq)
-    assert torch.equal(state.hist_at(seq), want)
 
 
 def test_top_count_mask_matches_stable_sort():

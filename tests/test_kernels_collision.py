@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from sglang_pariskv.codec.collision import collision_scores
+from sglang_pariskv.codec.collision import SCORE_BINS, collision_scores
 from sglang_pariskv.codec.select import select_candidates, zone_mask
-from sglang_pariskv.kernels.collision import collision_scan, score_bins
+from sglang_pariskv.kernels.collision import collision_scan
 from sglang_pariskv.kernels.select import (
     CandidateBuffers,
     select_candidates_gpu,
@@ -18,18 +18,24 @@ from tests.kernel_cases import (
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def run_scan(sc, tiers, zone_start, zone_end, nmax, block_n=16, tiles=4, num_tiers=6):
+def random_table(shape, gen=None, device=DEV):
+    """An int8 centroid table of random entries in [-127, 127] (the scan only sums them)."""
+    t = torch.randint(-127, 128, shape, generator=gen, dtype=torch.int16)
+    return t.to(torch.int8).to(device)
+
+
+def run_scan(sc, table, zone_start, zone_end, nmax, block_n=16, tiles=4):
     r = sc.seq_lens.numel()
-    h, b = sc.pool.signs.shape[1:]
-    scores = torch.full((r, h, nmax), 255, dtype=torch.uint8, device=DEV)
-    shist = torch.zeros(r, h, score_bins(num_tiers, b), dtype=torch.int32, device=DEV)
+    h = sc.pool.signs.shape[1]
+    scores = torch.zeros((r, h, nmax), dtype=torch.uint8, device=DEV)  # 0: never a score
+    shist = torch.zeros(r, h, SCORE_BINS, dtype=torch.int32, device=DEV)
     collision_scan(
         sc.pool.signs,
         sc.req_to_token,
         sc.req_pool_indices,
         sc.seq_lens,
         zone_end,
-        tiers,
+        table,
         scores,
         shist,
         zone_start,
@@ -45,14 +51,14 @@ def test_scan_scores_and_histogram_match_codec(d, h):
     nmax = 320
     sc = make_scenario(lens, h, d, nmax, DEV, seed=d)
     gen = torch.Generator().manual_seed(2)
-    tiers = torch.randint(0, 7, (3, h, d // 8, 256), generator=gen, dtype=torch.uint8)
+    table = random_table((3, h, d // 8, 256), gen)
     zone_start = 5
     zone_end = torch.tensor([250, 77, 100], dtype=torch.int32)
-    scores, shist = run_scan(sc, tiers.to(DEV), zone_start, zone_end.to(DEV), nmax)
-    want = collision_scores(padded_codes(sc).signs.cpu(), tiers.long())  # [R, N, H]
+    scores, shist = run_scan(sc, table, zone_start, zone_end.to(DEV), nmax)
+    want = collision_scores(padded_codes(sc).signs.cpu(), table.cpu())  # [R, N, H]
     for r, n in enumerate(lens):
         assert torch.equal(scores[r, :, :n].cpu().long(), want[r, :n].T)
-        assert (scores[r, :, n:] == 255).all()  # nothing written past the sequence
+        assert (scores[r, :, n:] == 0).all()  # nothing written past the sequence
         zone = want[r, zone_start : int(zone_end[r])]  # [Z, H]
         for hh in range(h):
             ref = torch.bincount(zone[:, hh], minlength=shist.shape[-1])
@@ -94,10 +100,10 @@ def test_scan_and_select_at_scale(cuda_device):
     lens = [70000, 131072, 9000]
     h, d, nmax = 8, 128, 131072
     sc = make_scenario(lens, h, d, nmax, cuda_device, seed=3)
-    tiers = torch.randint(0, 7, (3, h, 16, 256), dtype=torch.uint8, device=cuda_device)
+    table = random_table((3, h, 16, 256), device=cuda_device)
     zone_end = torch.tensor([n - 256 for n in lens], dtype=torch.int32, device=cuda_device)
-    scores, shist = run_scan(sc, tiers, 64, zone_end, nmax, 64, 16)
-    want = collision_scores(padded_codes(sc).signs, tiers.long())
+    scores, shist = run_scan(sc, table, 64, zone_end, nmax, 64, 16)
+    want = collision_scores(padded_codes(sc).signs, table)
     for r, n in enumerate(lens):
         assert torch.equal(scores[r, :, :n].long(), want[r, :n].T)
         zone = want[r, 64 : int(zone_end[r])]
@@ -135,12 +141,12 @@ def test_cuda_scan_matches_triton(cuda_device):
         lens = [50000, 3000, 131072]
         nmax = 131072
         sc = make_scenario(lens, h, d, nmax, cuda_device, seed=d + h)
-        top = 15  # tiers up to ParisKVConfig's limit (scores up to 240 of uint8's 255)
-        shape = (3, h, d // 8, 256)
-        tiers = torch.randint(0, top + 1, shape, dtype=torch.uint8, device=cuda_device)
+        table = random_table((3, h, d // 8, 256), device=cuda_device)
+        table[0, 0] = 127  # the extreme sums: scores 255 and 1
+        table[1, 0] = -127
         zone_end = torch.tensor([n - 256 for n in lens], dtype=torch.int32, device=cuda_device)
-        want_s, want_h = run_scan(sc, tiers, 64, zone_end, nmax, 64, 16, num_tiers=top)
-        scores = torch.full_like(want_s, 255)
+        want_s, want_h = run_scan(sc, table, 64, zone_end, nmax, 64, 16)
+        scores = torch.zeros_like(want_s)
         shist = torch.zeros_like(want_h)
         collision_scan_cuda(
             sc.pool.signs,
@@ -148,7 +154,7 @@ def test_cuda_scan_matches_triton(cuda_device):
             sc.req_pool_indices,
             sc.seq_lens.long(),
             zone_end.long(),
-            tiers,
+            table,
             scores,
             shist,
             64,

@@ -60,32 +60,25 @@ def test_query_copy_pointer_reaches_the_kernel_and_a_wrong_buffer_fails(monkeypa
     r, hq, h, d = 2, 8, 2, 64
     q = torch.zeros(r, hq, d, dtype=torch.bfloat16)
     out = PreparedQuery(torch.zeros(r, h, d // 8, 8), torch.zeros(r, h))
-    tiers = torch.zeros(r, h, d // 8, 256, dtype=torch.uint8)
-    args = (
-        q,
-        torch.zeros(d, d),
-        torch.zeros(4, h, d // 8, 256, dtype=torch.int32),
-        torch.zeros(r, dtype=torch.int32),
-        torch.zeros(r, 6, dtype=torch.int64),
-        out,
-        tiers,
-        torch.zeros(r, h, 49, dtype=torch.int32),
-    )
+    table = torch.zeros(r, h, d // 8, 256, dtype=torch.int8)
+    args = (q, torch.zeros(d, d), out, table, torch.zeros(r, h, 256, dtype=torch.int32))
     copy = torch.empty_like(q)
     scale = torch.ones(h, d)
-    cuda_ops.query_tier_table_cuda(*args, query_copy=copy)
-    cuda_ops.query_tier_table_cuda(*args)
-    cuda_ops.query_tier_table_cuda(*args, scale=scale)
+    cuda_ops.query_table_cuda(*args, query_copy=copy)
+    cuda_ops.query_table_cuda(*args)
+    cuda_ops.query_table_cuda(*args, scale=scale)
     (_, with_copy), (_, without), (_, scaled) = calls
-    # csrc/query_tiers.cu: (q, stride, stride, dtype, scale, rot, ..., q_copy at 13, ...)
-    assert with_copy[13] == copy.data_ptr() and without[13] == 0
-    assert with_copy[:13] == without[:13] and with_copy[14:] == without[14:]
+    # csrc/query_table.cu: (q, stride, stride, dtype, scale, rot, blocks, norm, table,
+    # shist, q_copy at 10, R, H, B, G, NBP, stream)
+    assert with_copy[10] == copy.data_ptr() and without[10] == 0
+    assert with_copy[:10] == without[:10] and with_copy[11:] == without[11:]
     assert scaled[4] == scale.data_ptr() and without[4] == 0 and scaled[5] == without[5]
-    assert len(without) == len(cuda_ops._KERNELS["query_tiers"][1])  # the stream included
+    assert without[8] == table.data_ptr() and without[11:16] == (r, h, d // 8, hq // h, 256)
+    assert len(without) == len(cuda_ops._KERNELS["query_table"][1])  # the stream included
     with pytest.raises(ValueError, match="query_copy must be contiguous"):
-        cuda_ops.query_tier_table_cuda(*args, query_copy=torch.empty(r, hq, d))  # fp32
+        cuda_ops.query_table_cuda(*args, query_copy=torch.empty(r, hq, d))  # fp32
     with pytest.raises(ValueError, match="scale must be a contiguous float32"):
-        cuda_ops.query_tier_table_cuda(*args, scale=torch.ones(h, d, dtype=torch.float64))
+        cuda_ops.query_table_cuda(*args, scale=torch.ones(h, d, dtype=torch.float64))
 
 
 def test_scan_arguments_match_the_entry_points_signature(monkeypatch, stream):
@@ -98,13 +91,13 @@ def test_scan_arguments_match_the_entry_points_signature(monkeypatch, stream):
     cuda_ops.collision_scan_cuda(
         torch.zeros(10, h, b, dtype=torch.uint8), torch.zeros(4, nmax, **i32),
         torch.zeros(r, **i32), torch.zeros(r, **i64), torch.zeros(r, **i64),
-        torch.zeros(r, h, b, 256, dtype=torch.uint8), torch.zeros(r, h, nmax, dtype=torch.uint8),
-        torch.zeros(r, h, 64, **i32), 4, tokens_per_block=512,
+        torch.zeros(r, h, b, 256, dtype=torch.int8), torch.zeros(r, h, nmax, dtype=torch.uint8),
+        torch.zeros(r, h, 256, **i32), 4, tokens_per_block=512,
     )  # fmt: skip
     ((symbol, args),) = calls
     assert symbol == "pariskv_collision_scan"
     assert len(args) == len(cuda_ops._KERNELS["collision_scan"][1])
-    assert args[-6:] == (r, h, b, 64, 512, 77)  # R, H, B, bins, run length, stream
+    assert args[-6:] == (r, h, b, 256, 512, 77)  # R, H, B, bins, run length, stream
 
 
 @pytest.mark.skipif(cuda_ops._nvcc() is None, reason="no nvcc on this machine")

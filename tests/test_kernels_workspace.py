@@ -32,8 +32,7 @@ def check_against_codec(sc, q, cfg, out, max_diff=0, scale=None):
     """The codec's dense decisions, candidate counts and attended sets; a dense request's
     rows hold its first token only (the backend attends it with its own dense call)."""
     h = sc.pool.signs.shape[1]
-    hist = sc.hist[sc.req_pool_indices.long()]  # the kernel's (tested in test_kernels_encode)
-    ref = retrieve(q, padded_codes(sc), sc.seq_lens.long(), cfg, hist=hist, scale=scale)
+    ref = retrieve(q, padded_codes(sc), sc.seq_lens.long(), cfg, scale=scale)
     assert torch.equal(out.dense.cpu().bool(), ref.dense.cpu())
     assert torch.equal(out.num_candidates.cpu(), ref.num_candidates.cpu())
     rtt = sc.req_to_token[sc.req_pool_indices.long()]
@@ -65,18 +64,12 @@ def test_workspace_matches_codec_retrieve(d, h, group, dtype, scaled):
     scale = (torch.rand(h, d, generator=gen) * 4 + 0.1).to(DEV) if scaled else None
     ws = DecodeWorkspace(cfg, h * group, h, d, max_batch=4, max_context=720, device=DEV, **SMALL)
     indptr_host = ws.plan(sc.seq_lens.cpu())
-    out = ws.run(q, sc.pool, sc.hist, sc.req_to_token, sc.req_pool_indices, scale=scale)
+    out = ws.run(q, sc.pool, sc.req_to_token, sc.req_pool_indices, scale=scale)
     assert torch.equal(indptr_host, out.kv_indptr.cpu())
     assert int(indptr_host[-1]) == h * (2 * cfg.budget + 1)  # the 90-token request: 1 per row
     check_against_codec(sc, q.float(), cfg, out, scale=scale)
     if scaled:  # the scales change what is retrieved (else the test could not see them)
-        plain = retrieve(
-            q.float(),
-            padded_codes(sc),
-            sc.seq_lens.long(),
-            cfg,
-            sc.hist[sc.req_pool_indices.long()],
-        )
+        plain = retrieve(q.float(), padded_codes(sc), sc.seq_lens.long(), cfg)
         got = rows_of(out, h)
         rtt = sc.req_to_token[sc.req_pool_indices.long()]
         assert any(
@@ -125,7 +118,7 @@ def test_workspace_at_scale_and_cuda_graph_replay(cuda_device, d, group):
     ws = DecodeWorkspace(cfg, h * group, h, d, max_batch=4, max_context=nmax, device=cuda_device)
     assert ws.use_cuda  # nvcc is on the device image: the CUDA kernels are used
     ws.plan(sc.seq_lens.cpu())
-    out = ws.run(q, sc.pool, sc.hist, sc.req_to_token, sc.req_pool_indices, scale=scale)
+    out = ws.run(q, sc.pool, sc.req_to_token, sc.req_pool_indices, scale=scale)
     # The CUDA rerank sums a candidate's blocks in another order than the codec: estimates
     # equal to rounding can swap at the top-k boundary (up to 11 of a 2368-token budget
     # were seen, at head_dim 64 with one query head per KV head).
@@ -134,7 +127,7 @@ def test_workspace_at_scale_and_cuda_graph_replay(cuda_device, d, group):
 
     # Capture after planning other lengths, replay after planning the real ones.
     rpi_buf = sc.req_pool_indices.flip(0).contiguous()
-    args = (sc.pool, sc.hist, sc.req_to_token)
+    args = (sc.pool, sc.req_to_token)
     ws.plan(torch.tensor([9000, 8000, 65536, 12000]))
     ws.run(q, *args, rpi_buf, scale=scale)  # warm up (Triton compiles outside the capture)
     torch.cuda.synchronize()
@@ -172,7 +165,7 @@ def test_flashinfer_head_as_batch_decode_matches_codec_attention(cuda_device):
     ws = DecodeWorkspace(cfg, h * group, h, d, max_batch=3, max_context=nmax, device=cuda_device)
     dec = HeadAsBatchDecode(ws, torch.bfloat16)
     dec.plan(sc.seq_lens.cpu())
-    out = ws.run(q, sc.pool, sc.hist, sc.req_to_token, sc.req_pool_indices)
+    out = ws.run(q, sc.pool, sc.req_to_token, sc.req_pool_indices)
     # The CUDA query kernel copied this query (the sparse call reads the copy); another
     # tensor, even of equal values, gets no copy.
     qc = ws.contiguous_query(q)
@@ -254,8 +247,8 @@ def test_scan_run_length_rule_reaches_the_cuda_kernel(monkeypatch):
     ws.plan(torch.tensor([1000, 700]))
     codes = SimpleNamespace(signs=torch.zeros(4096, 2, 8, dtype=torch.uint8))
     rtt = torch.zeros(2, 1024, dtype=torch.int32)
-    ws.bind(torch.zeros(2, 4, 64), codes, None, rtt, torch.tensor([0, 1], dtype=torch.int32))
-    ws._st.tiers = ws.tiers[:2]
+    ws.bind(torch.zeros(2, 4, 64), codes, rtt, torch.tensor([0, 1], dtype=torch.int32))
+    ws._st.table = ws.table[:2]
     ws._st.score_hist = ws.score_hist[:2]
     ws._stage_scan()
     assert asked == [(1024, 2, ws.num_sms)]
@@ -267,10 +260,10 @@ def test_cuda_scan_shared_memory_matches_the_kernels_layout():
     histogram, slots, two chunks of staged rows with the odd-multiple stride."""
     from sglang_pariskv.kernels import launch_geometry as lg
 
-    # 8 KV heads x 128: 32 KiB table, 4 KiB histogram (128 bins), 4 KiB slots, 2 x 128 x 144
-    assert lg.cuda_scan_shared_bytes(8, 16, 128, 1024, 128) == 32768 + 4096 + 4096 + 36864
+    # 8 KV heads x 128: 32 KiB table, 8 KiB histogram (256 bins), 4 KiB slots, 2 x 128 x 144
+    assert lg.cuda_scan_shared_bytes(8, 16, 256, 1024, 128) == 32768 + 8192 + 4096 + 36864
     # 3 KV heads x 64 (odd: no padding): 2 x 32 x 24 staged bytes
-    assert lg.cuda_scan_shared_bytes(3, 8, 64, 1023, 32) == 6144 + 768 + 4096 + 1536
+    assert lg.cuda_scan_shared_bytes(3, 8, 256, 1023, 32) == 6144 + 3072 + 4096 + 1536
 
 
 def test_cuda_kernels_that_cannot_run_the_shape_fall_back_to_triton(monkeypatch, caplog):
@@ -289,12 +282,12 @@ def test_cuda_kernels_that_cannot_run_the_shape_fall_back_to_triton(monkeypatch,
     monkeypatch.setattr(wsm, "cuda_available", lambda: True)
     fake_cuda = torch.device("cuda")
     with pytest.raises(ValueError, match="shared memory"):
-        lg.check_cuda_kernels_fit(64, 16, 128, fake_cuda)  # 256 KiB of tier table alone
+        lg.check_cuda_kernels_fit(64, 16, 256, fake_cuda)  # 256 KiB of centroid table alone
     with pytest.raises(ValueError, match="head_dim"):
-        lg.check_cuda_kernels_fit(8, 32, 128, fake_cuda)  # head_dim 256
-    lg.check_cuda_kernels_fit(8, 16, 128, fake_cuda)  # Llama-3.1-8B: fits
-    assert wsm.cuda_kernels_usable(fake_cuda, 8, 16, 128)
+        lg.check_cuda_kernels_fit(8, 32, 256, fake_cuda)  # head_dim 256
+    lg.check_cuda_kernels_fit(8, 16, 256, fake_cuda)  # Llama-3.1-8B: fits
+    assert wsm.cuda_kernels_usable(fake_cuda, 8, 16, 256)
     with caplog.at_level("WARNING", logger="sglang_pariskv"):
-        assert not wsm.cuda_kernels_usable(fake_cuda, 64, 16, 128)
+        assert not wsm.cuda_kernels_usable(fake_cuda, 64, 16, 256)
     assert "falling back to the Triton kernels" in caplog.text
-    assert not wsm.cuda_kernels_usable(torch.device("cpu"), 8, 16, 128)
+    assert not wsm.cuda_kernels_usable(torch.device("cpu"), 8, 16, 256)

@@ -75,14 +75,12 @@ def test_flags_build_the_config(parser, tmp_path):
         "16",
         "--pariskv-candidate-ratio",
         "0.3",
-        "--pariskv-collision-ratio",
-        "auto",
         "--pariskv-min-sparse-tokens",
         "49152",
     )
     cfg = config_from_args(args)
     assert cfg == ParisKVConfig(
-        topk=512, sink=16, candidate_ratio=0.3, collision_ratio=None, min_sparse_tokens=49152
+        topk=512, sink=16, candidate_ratio=0.3, min_sparse_tokens=49152
     )
     f = tmp_path / "p.json"
     f.write_text(json.dumps({"topk": 100, "local": 32, "dense_threshold": 4096}))
@@ -127,7 +125,7 @@ def test_config_file_errors_name_the_file(parser, tmp_path):
             ["--enable-pariskv", "--pariskv-candidate-ratio", "lots"],
             ["--pariskv-candidate-ratio", "'lots'", "auto"],
         ),
-        (["--enable-pariskv", "--pariskv-collision-ratio", "2"], ["collision_ratio=2.0", "(0, 1]"]),
+        (["--enable-pariskv", "--pariskv-candidate-ratio", "2"], ["candidate_ratio=2.0", "(0, 1]"]),
         (["--enable-pariskv", "--pariskv-config", "/no/such.json"], ["does not exist"]),
         (
             ["--enable-pariskv", "--pariskv-offload", "host"],

@@ -58,16 +58,14 @@ def _layers(text: str, num_layers: int) -> list[int] | None:
 def _variant(spec: str) -> ParisKV:
     """NAME:key=value;key=value -> an extra ParisKV variant (full pipeline only).
 
-    Keys: candidate_ratio, collision_ratio, tier_ratios (a/b/c), gqa (mean|max), rotate (0|1)."""
+    Keys: candidate_ratio, gqa (mean|max), rotate (0|1)."""
     name, _, rest = spec.partition(":")
     cfg: dict = {}
     kw: dict = {}
     for item in filter(None, rest.split(";")):
         k, _, v = item.partition("=")
-        if k in ("candidate_ratio", "collision_ratio"):
+        if k == "candidate_ratio":
             cfg[k] = float(v)
-        elif k == "tier_ratios":
-            cfg[k] = tuple(float(x) for x in v.split("/"))
         elif k == "gqa":
             kw["gqa"] = v
         elif k == "rotate":
@@ -123,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         help="extra ParisKV variant NAME:key=v;key=v (repeatable; keys: candidate_ratio, "
-        "collision_ratio, tier_ratios a/b/c, gqa mean|max, rotate 0|1)",
+        "gqa mean|max, rotate 0|1)",
     )
     r.add_argument(
         "--cache-dir",

@@ -6,11 +6,7 @@ Read in pipeline order: ``rotation`` -> ``levels`` -> ``encode`` / ``layout`` (w
 """
 
 from sglang_pariskv.codec.attention import dense_attention, sparse_attention
-from sglang_pariskv.codec.collision import (
-    centroid_histogram,
-    centroid_tiers,
-    collision_scores,
-)
+from sglang_pariskv.codec.collision import centroid_table, collision_scores
 from sglang_pariskv.codec.encode import KeyCodes, decode_directions, encode_keys
 from sglang_pariskv.codec.layout import codes_from_bytes, codes_to_bytes, record_bytes
 from sglang_pariskv.codec.levels import magnitude_levels, magnitude_thresholds
@@ -27,8 +23,7 @@ __all__ = [
     "KeyCodes",
     "PreparedQuery",
     "Retrieval",
-    "centroid_histogram",
-    "centroid_tiers",
+    "centroid_table",
     "codes_from_bytes",
     "codes_to_bytes",
     "collision_scores",

@@ -1,7 +1,7 @@
 """Budget arithmetic shared by the torch oracle and the GPU kernels.
 
-Tier sizes and candidate counts are ceilings of products of floats; computed two ways
-they can disagree at exact integers. Both paths call these functions (tensor in, tensor
+Candidate counts are ceilings of products of floats; computed two ways they can disagree
+at exact integers. Both paths call these functions (tensor in, tensor
 out, no host sync), so they agree by construction.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from sglang_pariskv.config import ADAPTIVE_RATIO_TABLE, LONG_ZONE_RATIOS, ParisKVConfig
+from sglang_pariskv.config import ADAPTIVE_RATIO_TABLE, LONG_ZONE_RATIO, ParisKVConfig
 
 # ceil(x - eps): a product like 100 * 0.5 * 0.3 = 15.000000000000002 must give 15.
 _CEIL_EPS = 1e-6
@@ -24,33 +24,16 @@ def zone_lengths(seq_lens: torch.Tensor, config: ParisKVConfig) -> torch.Tensor:
     return (seq_lens.to(torch.int64) - config.sink - config.local).clamp_min(0)
 
 
-def retrieval_ratios(
-    zone_len: torch.Tensor, config: ParisKVConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-request (candidate_ratio, collision_ratio), float64; adaptive where unset."""
+def candidate_ratios(zone_len: torch.Tensor, config: ParisKVConfig) -> torch.Tensor:
+    """Per-request candidate ratio, float64: ``config.candidate_ratio``, or by zone length
+    from :data:`~sglang_pariskv.config.ADAPTIVE_RATIO_TABLE` when unset."""
     z = zone_len.to(torch.float64)
-    cand = torch.full_like(z, LONG_ZONE_RATIOS[0])
-    coll = torch.full_like(z, LONG_ZONE_RATIOS[1])
-    for upper, c, k in reversed(ADAPTIVE_RATIO_TABLE):  # shortest band applied last wins
-        cand = torch.where(z < upper, c, cand)
-        coll = torch.where(z < upper, k, coll)
     if config.candidate_ratio is not None:
-        cand = torch.full_like(z, float(config.candidate_ratio))
-    if config.collision_ratio is not None:
-        coll = torch.full_like(z, float(config.collision_ratio))
-    return cand, coll
-
-
-def tier_thresholds(
-    hist_total: torch.Tensor, collision_ratio: torch.Tensor, config: ParisKVConfig
-) -> torch.Tensor:
-    """T_t = ceil(N * collision_ratio * rho_t): int64 [..., num_tiers].
-
-    ``hist_total`` is the number of keys counted in the histograms (N, per request) and
-    ``collision_ratio`` broadcasts against it.
-    """
-    rho = tier_ratio_tensor(config, hist_total.device)
-    return tier_thresholds_rho(hist_total, collision_ratio, rho)
+        return torch.full_like(z, float(config.candidate_ratio))
+    cand = torch.full_like(z, LONG_ZONE_RATIO)
+    for upper, c in reversed(ADAPTIVE_RATIO_TABLE):  # shortest band applied last wins
+        cand = torch.where(z < upper, c, cand)
+    return cand
 
 
 def num_candidates(
@@ -60,20 +43,6 @@ def num_candidates(
     capped at the zone."""
     c = _ceil(zone_len.to(torch.float64) * candidate_ratio)
     return torch.minimum(c.clamp_min(config.topk), zone_len.to(torch.int64))
-
-
-def tier_ratio_tensor(config: ParisKVConfig, device=None) -> torch.Tensor:
-    """rho of :func:`tier_thresholds` as a float64 tensor (build once, outside CUDA graphs)."""
-    return torch.tensor(config.tier_ratios, dtype=torch.float64, device=device)
-
-
-def tier_thresholds_rho(
-    hist_total: torch.Tensor, collision_ratio: torch.Tensor, rho: torch.Tensor
-) -> torch.Tensor:
-    """:func:`tier_thresholds` with rho given as a tensor (no host-to-device copy, so it
-    can run inside a CUDA graph)."""
-    base = hist_total.to(torch.float64) * collision_ratio.to(torch.float64)
-    return _ceil(base[..., None] * rho)
 
 
 def dense_mask(seq_lens: torch.Tensor, config: ParisKVConfig) -> torch.Tensor:

@@ -1,11 +1,15 @@
-"""Collision stage (docs/design.md step 7): centroid histograms, tiers and integer key scores.
+"""Collision stage (docs/design.md step 7): a centroid table per query block, integer key scores.
 
-The 256 sign patterns of an 8-dim block are fixed centroids c = s / sqrt(8). For a query
-block, centroids are ranked by <c, q_b>; walking down that ranking, a centroid is in tier
-t when the keys of all better-ranked centroids number fewer than T_t. The tiers are
-nested, so a key earns, per block, the number of tiers its sign id falls in (0..6), and
-its score is the sum over blocks, an integer in [0, 6B]. Counting keys (not centroids)
-makes the tiers adapt to how keys actually cluster in this request.
+Every key block's sign id names one of 256 fixed centroids c = s / sqrt(8). For a query
+block q_b, the table holds each centroid's inner product <s, q_b>, quantized to int8 with
+one scale per (request, KV head): 127 for the largest |<s, q_b>| over the head's blocks.
+A key's score is the sum over its B blocks of its centroids' entries, an estimate of
+<sign(k), q> up to that scale, stored as ``128 + floor(sum / B)`` (a byte, 1..255).
+
+Why inner products, not ranks or counts: the table depends on the query alone, so nothing
+per request is kept or updated as keys arrive (a slot's code is all its key contributes),
+and on real keys it keeps more of the true top-k than ranking centroids by key counts
+(docs/retrieval_quality.md, "Candidate scores").
 """
 
 from __future__ import annotations
@@ -15,51 +19,49 @@ import torch
 from sglang_pariskv.codec.encode import unpack_signs
 
 NUM_CENTROIDS = 256
+#: Largest |entry| of a centroid table (int8).
+TABLE_MAX = 127
+#: Added to the floored mean entry so that a score fits a byte: 128 + [-127, 127].
+SCORE_OFFSET = 128
+#: Distinct key scores (the score histogram's bins): 0..255, of which 1..255 occur.
+SCORE_BINS = 256
 
 
-def centroid_vectors(dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
-    """[256, 8]: row c is the sign pattern of id c, scaled to unit norm."""
+def centroid_signs(dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
+    """[256, 8]: row c is the sign pattern (+-1) of id c (bit j set: +1 in coordinate j)."""
     ids = torch.arange(NUM_CENTROIDS, dtype=torch.int32, device=device)
-    return (unpack_signs(ids.to(torch.uint8)) / 8**0.5).to(dtype)
+    return unpack_signs(ids.to(torch.uint8)).to(dtype)
 
 
-def centroid_histogram(signs: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
-    """Count sign ids per (request, head, block) over each request's first seq_len keys.
+def centroid_table(query_blocks: torch.Tensor) -> torch.Tensor:
+    """int8 [R, H, B, 256]: round(127 * <s_c, q_b> / S) with S = max_b sum_j |q_bj|.
 
-    signs: uint8 [R, N, H, B]; returns int32 [R, H, B, 256].
+    ``query_blocks`` [R, H, B, 8] (fp32, as the kernels hold them). <s_c, q_b> is summed
+    in float64 in the order j = 0..7, the kernels' order: for fp32 inputs every partial sum
+    is exact, so the kernels reproduce the table bit for bit. S is the largest entry's
+    magnitude (the centroid of q_b's own signs) over the head's blocks; rounding is
+    floor(x + 0.5). A zero query gives a zero table.
     """
+    q = query_blocks.to(torch.float64)
+    signs = centroid_signs(torch.float64, q.device)  # [256, 8]
+    dots = torch.zeros(*q.shape[:-1], NUM_CENTROIDS, dtype=torch.float64, device=q.device)
+    for j in range(8):  # fixed order, no fused multiply-add: bit-identical to the kernels
+        dots = dots + signs[:, j] * q[..., j : j + 1]
+    big = q.abs().sum(-1).amax(-1)  # [R, H]: S
+    safe = torch.where(big > 0, big, 1.0)[..., None, None]
+    table = torch.floor(TABLE_MAX * dots / safe + 0.5)
+    return torch.where(big[..., None, None] > 0, table, 0.0).to(torch.int8)
+
+
+def collision_scores(signs: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Per-key score ``128 + floor(sum_b table[id_b] / B)``: signs uint8 [R, N, H, B],
+    table int8 [R, H, B, 256] -> int64 [R, N, H] in 1..255."""
     r, n, h, b = signs.shape
-    valid = torch.arange(n, device=signs.device)[None, :] < seq_lens.to(signs.device)[:, None]
-    # Flat bin of (request, head, block, id); bincount keeps memory at O(keys).
-    base = (
-        torch.arange(r, device=signs.device)[:, None, None] * h
-        + torch.arange(h, device=signs.device)[None, :, None]
-    ) * b
-    base = (base + torch.arange(b, device=signs.device)[None, None, :]) * NUM_CENTROIDS
-    bins = base[:, None] + signs.to(torch.int64)  # [R, N, H, B]
-    counts = torch.bincount(bins[valid].reshape(-1), minlength=r * h * b * NUM_CENTROIDS)
-    return counts.reshape(r, h, b, NUM_CENTROIDS).to(torch.int32)
+    t = table.to(torch.int64)[:, None].expand(r, n, h, b, NUM_CENTROIDS)
+    total = torch.gather(t, -1, signs.to(torch.int64)[..., None]).squeeze(-1).sum(-1)
+    return scores_from_totals(total, b)
 
 
-def centroid_tiers(
-    query_blocks: torch.Tensor, hist: torch.Tensor, thresholds: torch.Tensor
-) -> torch.Tensor:
-    """How many tiers each centroid belongs to: int64 [R, H, B, 256] in [0, num_tiers].
-
-    query_blocks [R, H, B, 8]; hist [R, H, B, 256]; thresholds [R, num_tiers] (T_t).
-    Ties in centroid score rank the lower id first.
-    """
-    scores = query_blocks.to(torch.float64) @ centroid_vectors(torch.float64, query_blocks.device).T
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
-    counts = torch.gather(hist.to(torch.int64), -1, order)
-    preceding = torch.cumsum(counts, dim=-1) - counts  # keys of better-ranked centroids
-    thr = thresholds[:, None, None, None, :]  # [R, 1, 1, 1, T]
-    in_tiers = (preceding[..., None] < thr).sum(-1)
-    return torch.empty_like(in_tiers).scatter_(-1, order, in_tiers)
-
-
-def collision_scores(signs: torch.Tensor, tiers: torch.Tensor) -> torch.Tensor:
-    """Per-key score Σ_b tiers[id_b]: signs uint8 [R, N, H, B] -> int64 [R, N, H]."""
-    r, n, h, b = signs.shape
-    t = tiers[:, None].expand(r, n, h, b, NUM_CENTROIDS)
-    return torch.gather(t, -1, signs.to(torch.int64)[..., None]).squeeze(-1).sum(-1)
+def scores_from_totals(total: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """The stored score of table sums ``total`` (int, |total| <= 127 B): one byte."""
+    return torch.div(total + SCORE_OFFSET * num_blocks, num_blocks, rounding_mode="floor")

@@ -10,17 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from sglang_pariskv.codec.budget import (
-    num_candidates,
-    retrieval_ratios,
-    tier_thresholds,
-    zone_lengths,
-)
-from sglang_pariskv.codec.collision import (
-    centroid_histogram,
-    centroid_tiers,
-    collision_scores,
-)
+from sglang_pariskv.codec.budget import candidate_ratios, num_candidates, zone_lengths
+from sglang_pariskv.codec.collision import centroid_table, collision_scores
 from sglang_pariskv.codec.encode import KeyCodes
 from sglang_pariskv.codec.query import prepare_query
 from sglang_pariskv.codec.select import rerank_topk, select_candidates, zone_mask
@@ -42,14 +33,11 @@ def retrieve(
     codes: KeyCodes,
     seq_lens: torch.Tensor,
     config: ParisKVConfig,
-    hist: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
 ) -> Retrieval:
     """Pick the attended token positions for decode queries ``[R, Hq, D]``.
 
     codes: [R, N, Hkv, ...] codes of every request's keys (positions >= seq_len ignored);
-    hist: optional per-request centroid histograms [R, Hkv, B, 256] over the first
-    seq_len keys (what the serving path keeps incrementally); computed when omitted;
     scale: the calibration's channel scales [Hkv, D] the codes were encoded with (None: 1).
     """
     r, n, hkv, _ = codes.signs.shape
@@ -58,15 +46,10 @@ def retrieve(
     dense = torch.tensor([config.is_dense(int(s)) for s in seq_lens], device=dev)
     zone = zone_lengths(seq_lens, config)
     zone = torch.where(dense, 0, zone)
-    cand_ratio, coll_ratio = retrieval_ratios(zone, config)
-    counts = num_candidates(zone, cand_ratio, config)
+    counts = num_candidates(zone, candidate_ratios(zone, config), config)
 
-    if hist is None:
-        hist = centroid_histogram(codes.signs, seq_lens)
     q = prepare_query(query, hkv, config.rotation_seed, scale)
-    thresholds = tier_thresholds(hist[:, 0, 0].sum(-1), coll_ratio, config)
-    tiers = centroid_tiers(q.blocks, hist, thresholds)
-    scores = collision_scores(codes.signs, tiers)
+    scores = collision_scores(codes.signs, centroid_table(q.blocks))
     in_zone = zone_mask(n, config.sink, config.sink + zone)
     cand_pos, cand_valid = select_candidates(scores, in_zone, counts)
     top_pos, top_valid = rerank_topk(codes, q, cand_pos, cand_valid, config.topk)

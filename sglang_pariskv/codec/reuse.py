@@ -88,7 +88,6 @@ def retrieve_with_reuse(
     seq_lens: torch.Tensor,
     config: ParisKVConfig,
     kept: KeptSelection,
-    hist: torch.Tensor | None = None,
     granularity: str = "layer",
     scale: torch.Tensor | None = None,
 ) -> tuple[Retrieval, KeptSelection, torch.Tensor]:
@@ -97,7 +96,7 @@ def retrieve_with_reuse(
     from the previous step (or :meth:`KeptSelection.empty`). With
     ``config.reuse_threshold`` 0 every sparse row retrieves: exactly ``retrieve``."""
     r, _, hkv, _ = codes.signs.shape
-    fresh = retrieve(query, codes, seq_lens, config, hist=hist, scale=scale)
+    fresh = retrieve(query, codes, seq_lens, config, scale=scale)
     unit = unit_query(query, hkv, config.rotation_seed, scale).to(kept.query.dtype)
     sparse = ~fresh.dense[:, None].expand(r, hkv)
     if config.reuses:

@@ -1,16 +1,17 @@
 // ParisKV collision scan (CUDA): uint8 key scores + zone score histogram.
 //
-// Same contract as sglang_pariskv/kernels/collision.py (the Triton fallback). Why CUDA:
-// each (token, head, block) needs one lookup in a 256-entry tier table; Triton can only
-// do that as a gathered global load (L1 wavefront bound, ~2 lookups/cycle/SM) or through
-// tl.gather (slower still). Here the request's whole tier table ([Hkv, B, 256] bytes) sits
-// in shared memory, one 256-byte column per (head, block).
+// Same contract as sglang_pariskv/kernels/collision.py (the Triton fallback): a key's
+// score is 128 + floor(sum over its blocks of the centroid table entry / B). Why CUDA:
+// each (token, head, block) needs one lookup in a 256-entry table; Triton can only do
+// that as a gathered global load (L1 wavefront bound, ~2 lookups/cycle/SM) or through
+// tl.gather (slower still). Here the request's whole centroid table ([Hkv, B, 256] int8)
+// sits in shared memory, one 256-byte column per (head, block).
 //
 // Block = one request, a contiguous run of `tpb` positions, scanned in chunks of 128
 // tokens. Each chunk's sign rows (all H heads of a token: H * B contiguous bytes per
 // slot) are copied into shared memory with cp.async, coalesced and double-buffered; then
 // each warp scores one head for 64 tokens (two per lane), so all 32 lanes of a lookup
-// read the same tier column (at most 2-way bank conflicts). Why staged: a scan that loads
+// read the same table column (at most 2-way bank conflicts). Why staged: a scan that loads
 // signs straight into registers is bound by the L1 data stage (78% busy, DRAM at 39% in
 // ncu) either way: with lanes on (token, head) pairs the loads coalesce but one lookup
 // instruction touches H columns (3.9M shared wavefronts where 1.2M would do at 128K x 2),
@@ -81,20 +82,22 @@ __device__ __forceinline__ void copy_async_wait_group() {
 #endif
 }
 
-// One key's score: the sum over its B blocks of the tier of its sign pattern, looked up in
-// its head's B columns starting at `col` (byte b of the sign row picks column b's entry).
+// One key's score: 128 + floor(the sum over its B blocks of its sign pattern's entry / B),
+// the entries looked up in its head's B columns starting at `col` (byte b of the sign row
+// picks column b's entry). The sum is >= -127 B, so the shifted numerator is >= 0 and
+// the division is a floor.
 template <int B>
-__device__ __forceinline__ int key_score(const typename SignRow<B>::T& v, const uint8_t* col) {
+__device__ __forceinline__ int key_score(const typename SignRow<B>::T& v, const int8_t* col) {
   int s = 0;
 #pragma unroll
   for (int b = 0; b < B; ++b) {
     const uint32_t id = __byte_perm(SignRow<B>::word(v, b >> 2), 0u, 0x4440u | (b & 3));
     s += col[b * 256 + id];
   }
-  return s;
+  return (s + 128 * B) / B;
 }
 
-// Shared memory of a scan block: tier table [H * B, 256] bytes, score histogram [H, nbp],
+// Shared memory of a scan block: centroid table [H * B, 256] bytes, score histogram [H, nbp],
 // the run's KV slots [tpb] and kStages chunk buffers [chunk, staged_stride]. Mirrored by
 // kernels/workspace.py's cuda_scan_shared_bytes (the startup check).
 inline size_t scan_smem_bytes(int H, int B, int nbp, int tpb, int chunk) {
@@ -108,7 +111,7 @@ __global__ void __launch_bounds__(512)
     scan_kernel(const uint8_t* __restrict__ signs, const int32_t* __restrict__ rtt,
                 int64_t stride_rtt, const int32_t* __restrict__ req_idx,
                 const int64_t* __restrict__ seq, const int64_t* __restrict__ zend,
-                const uint8_t* __restrict__ tiers, uint8_t* __restrict__ scores,
+                const int8_t* __restrict__ table, uint8_t* __restrict__ scores,
                 int32_t* __restrict__ shist, int64_t zone_start, int64_t nmax, int H, int nbp,
                 int tpb, int chunk) {
   extern __shared__ __align__(16) uint8_t smem[];
@@ -119,7 +122,7 @@ __global__ void __launch_bounds__(512)
   if (start >= len) return;
   const int HB = H * B;
   const int stride = staged_stride(H, B);
-  uint8_t* tbl = smem;
+  int8_t* tbl = reinterpret_cast<int8_t*>(smem);
   int32_t* hist = reinterpret_cast<int32_t*>(smem + HB * 256);
   int32_t* slots = hist + H * nbp;
   uint8_t* stage = reinterpret_cast<uint8_t*>(slots + ((tpb + 3) & ~3));
@@ -127,7 +130,7 @@ __global__ void __launch_bounds__(512)
   const int32_t* row = rtt + static_cast<int64_t>(req_idx[r]) * stride_rtt + start;
   for (int i = threadIdx.x; i < n; i += blockDim.x) slots[i] = row[i];
   {
-    const uint4* src = reinterpret_cast<const uint4*>(tiers + static_cast<int64_t>(r) * HB * 256);
+    const uint4* src = reinterpret_cast<const uint4*>(table + static_cast<int64_t>(r) * HB * 256);
 #pragma unroll 4
     for (int i = threadIdx.x; i < HB * 16; i += blockDim.x) reinterpret_cast<uint4*>(tbl)[i] = src[i];
   }
@@ -176,7 +179,7 @@ __global__ void __launch_bounds__(512)
     for (int k = warp; k < H * groups; k += warps) {  // warp-uniform
       const int g = k / H, h = k - g * H;
       const int ta = (g << 6) + lane, tb = ta + 32;
-      const uint8_t* col = tbl + h * (B * 256);
+      const int8_t* col = tbl + h * (B * 256);
       Row va = {}, vb = {};
       if (ta < m) va = *reinterpret_cast<const Row*>(src + ta * stride + h * B);
       if (tb < m) vb = *reinterpret_cast<const Row*>(src + tb * stride + h * B);
@@ -207,7 +210,7 @@ __global__ void __launch_bounds__(512)
 
 extern "C" int pariskv_collision_scan(const void* signs, const void* rtt, int64_t stride_rtt,
                                       const void* req_idx, const void* seq, const void* zend,
-                                      const void* tiers, void* scores, void* shist,
+                                      const void* table, void* scores, void* shist,
                                       int64_t zone_start, int64_t nmax, int R, int H, int B,
                                       int nbp, int tpb, void* stream) {
   if (R == 0) return 0;
@@ -239,7 +242,7 @@ extern "C" int pariskv_collision_scan(const void* signs, const void* rtt, int64_
   kernel<<<grid, block, smem, static_cast<cudaStream_t>(stream)>>>(
       static_cast<const uint8_t*>(signs), static_cast<const int32_t*>(rtt), stride_rtt,
       static_cast<const int32_t*>(req_idx), static_cast<const int64_t*>(seq),
-      static_cast<const int64_t*>(zend), static_cast<const uint8_t*>(tiers),
+      static_cast<const int64_t*>(zend), static_cast<const int8_t*>(table),
       static_cast<uint8_t*>(scores), static_cast<int32_t*>(shist), zone_start, nmax, H, nbp,
       tpb, chunk);
   return static_cast<int>(cudaGetLastError());

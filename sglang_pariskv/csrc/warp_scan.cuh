@@ -1,5 +1,5 @@
 // Warp-wide prefix sums over the 32 lanes (shuffles, no shared memory), shared by
-// csrc/query_tiers.cu, csrc/select_rerank.cu and csrc/topk.cu (cuda_ops.py hashes
+// csrc/select_rerank.cu and csrc/topk.cu (cuda_ops.py hashes
 // included headers into the build cache key). The whole warp must call them.
 #pragma once
 

@@ -6,31 +6,20 @@ Write side:
     fp16 ``[S, Hkv, B]``; Triton, one fused pass).
   * :func:`encode_layers_to_pool` — the keys stored at ``slots`` in every layer's K buffer
     -> every layer's code rows, one launch (a dense decode step's codes).
-  * :func:`add_to_histograms` — count a request's tokens into its histograms int32
-    ``[max_reqs, Hkv, B, 256]`` from the pool's codes through ``req_to_token`` (at
-    extend, radix-cache prefix hits included).
-  * :func:`count_new_keys` — per decode row above the dense limit: +1 for its new key, or
-    all its tokens at the step it crosses the limit (one launch per layer);
-    :func:`count_new_keys_layers` does every layer in one launch.
 
 Read side: :class:`DecodeWorkspace` (``plan(seq_lens_cpu)`` once per step on the host,
-``run(q, codes, hist, req_to_token, req_pool_indices)`` per layer, CUDA-graph capturable)
+``run(q, codes, req_to_token, req_pool_indices)`` per layer, CUDA-graph capturable)
 returns ``kv_indptr`` / ``kv_indices`` for one FlashInfer decode call in the "head as
-batch" layout; ``attention.sparse_decode.HeadAsBatchDecode`` wraps that call. The collision
-scan, rerank and top-k have CUDA versions in ``sglang_pariskv/csrc`` (nvcc on first use,
-:func:`cuda_available`); Triton / torch versions are the fallback. Without CUDA the Triton
-kernels run only in Triton's interpreter, which the process must turn on
-(``TRITON_INTERPRET=1``) before this package is imported: tests/conftest.py does.
+batch" layout; ``attention.sparse_decode.HeadAsBatchDecode`` wraps that call. The query
+table, collision scan, rerank and top-k have CUDA versions in ``sglang_pariskv/csrc``
+(nvcc on first use, :func:`cuda_available`); Triton / torch versions are the fallback.
+Without CUDA the Triton kernels run only in Triton's interpreter, which the process must
+turn on (``TRITON_INTERPRET=1``) before this package is imported: tests/conftest.py does.
 """
 
 from sglang_pariskv.kernels.assemble import kv_indptr_for, row_lengths
 from sglang_pariskv.kernels.cuda_ops import cuda_available
 from sglang_pariskv.kernels.encode import encode_layers_to_pool, encode_to_pool
-from sglang_pariskv.kernels.histograms import (
-    add_to_histograms,
-    count_new_keys,
-    count_new_keys_layers,
-)
 from sglang_pariskv.kernels.workspace import (
     DecodeOutput,
     DecodeWorkspace,
@@ -40,9 +29,6 @@ from sglang_pariskv.kernels.workspace import (
 __all__ = [
     "DecodeOutput",
     "DecodeWorkspace",
-    "add_to_histograms",
-    "count_new_keys",
-    "count_new_keys_layers",
     "cuda_available",
     "encode_layers_to_pool",
     "encode_to_pool",

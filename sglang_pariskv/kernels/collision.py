@@ -1,12 +1,13 @@
-"""Collision scan: integer key scores through ``req_to_token`` plus a score histogram.
+"""Collision scan: byte key scores through ``req_to_token`` plus a score histogram.
 
 The one pass over every token of every request (docs/design.md 7-8), so it is the part that must
 run at HBM speed. A program owns a contiguous run of positions of one request and reads
 whole pool rows (all heads of a token, ``Hkv * B`` contiguous sign bytes), looks each sign
-id up in the request's tier table (``[Hkv, B, 256]`` uint8, small enough to stay in L1),
-sums per head, writes the score as uint8 and counts zone scores into a per-(request, head)
-histogram held in registers, flushed with one atomic add per bin at the end. Candidate
-selection then only needs the histogram and a light pass over the uint8 scores.
+id up in the request's centroid table (``[Hkv, B, 256]`` int8, small enough to stay in
+L1), sums per head, writes the score ``128 + floor(sum / B)`` as uint8
+(:func:`codec.collision.collision_scores`) and counts zone scores into a per-(request,
+head) histogram held in registers, flushed with one atomic add per bin at the end.
+Candidate selection then only needs the histogram and a light pass over the uint8 scores.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def _scan_kernel(
     req_ptr,
     seq_ptr,
     zend_ptr,
-    tiers_ptr,
+    table_ptr,
     scores_ptr,
     shist_ptr,
     zone_start,
@@ -47,7 +48,7 @@ def _scan_kernel(
         b = tl.arange(0, B)
         hb = h[:, None] * B + b[None, :]  # [HP, B]
         hmask = h < H
-        tier_base = tiers_ptr + (r * (H * B) + hb).to(tl.int64) * 256  # [HP, B]
+        table_base = table_ptr + (r * (H * B) + hb).to(tl.int64) * 256  # [HP, B]
         acc = tl.zeros((2 * HP * NBP,), dtype=tl.int32)
         for i in range(TILES):
             pos = start + i * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -57,8 +58,9 @@ def _scan_kernel(
             sg = tl.load(
                 signs_ptr + slot[:, None, None] * (H * B) + hb[None, :, :], mask=m3, other=0
             )
-            tier = tl.load(tier_base[None, :, :] + sg.to(tl.int32), mask=m3, other=0)
-            score = tl.sum(tier.to(tl.int32), axis=2)  # [BLOCK_N, HP]
+            entry = tl.load(table_base[None, :, :] + sg.to(tl.int32), mask=m3, other=0)
+            total = tl.sum(entry.to(tl.int32), axis=2)  # [BLOCK_N, HP], |total| <= 127 B
+            score = (total + 128 * B) // B  # a non-negative numerator: floor
             smask = valid[:, None] & hmask[None, :]
             tl.store(
                 scores_ptr + (r * H + h[None, :]).to(tl.int64) * NMAX + pos[:, None],
@@ -80,18 +82,13 @@ def _scan_kernel(
         )
 
 
-def score_bins(num_tiers: int, num_blocks: int) -> int:
-    """Histogram bins per (request, head): scores lie in [0, num_tiers * B], padded to 2^k."""
-    return triton.next_power_of_2(num_tiers * num_blocks + 1)
-
-
 def collision_scan(
     signs: torch.Tensor,
     req_to_token: torch.Tensor,
     req_pool_indices: torch.Tensor,
     seq_lens: torch.Tensor,
     zone_end: torch.Tensor,
-    tiers: torch.Tensor,
+    table: torch.Tensor,
     scores: torch.Tensor,
     score_hist: torch.Tensor,
     zone_start: int,
@@ -100,8 +97,8 @@ def collision_scan(
 ) -> None:
     """Scores uint8 ``[R, Hkv, NMAX]`` of positions < seq_len and the zone score histogram.
 
-    signs uint8 pool ``[S, Hkv, B]``; tiers uint8 ``[R, Hkv, B, 256]``; zone is positions
-    ``[zone_start, zone_end[r])``; score_hist int32 ``[R, Hkv, NBP]`` must be zeroed by the
+    signs uint8 pool ``[S, Hkv, B]``; table int8 ``[R, Hkv, B, 256]``; zone is positions
+    ``[zone_start, zone_end[r])``; score_hist int32 ``[R, Hkv, 256]`` must be zeroed by the
     caller (it is accumulated). Fixed grid over ``NMAX``: programs past a request's length
     exit at once, so it replays in a CUDA graph for any lengths <= NMAX. ``block_n``
     positions per tile, ``tiles`` tiles per program.
@@ -119,7 +116,7 @@ def collision_scan(
         req_pool_indices,
         seq_lens,
         zone_end,
-        tiers,
+        table,
         scores,
         score_hist,
         zone_start,

@@ -1,4 +1,4 @@
-"""Loader of the CUDA kernels under csrc/ (query + tier table, collision scan, candidate
+"""Loader of the CUDA kernels under csrc/ (query + centroid table, collision scan, candidate
 write + rerank, top-k); Triton / torch are the fallbacks.
 
 Each CUDA source is compiled on first use with plain ``nvcc`` into a shared library (no
@@ -54,7 +54,10 @@ _KERNELS: dict[str, tuple[str, list]] = {
         [_P] * 9 + [_I64] + [_P] * 9 + [_I64, _I64, _I32, _I64] + [_I32] * 4 + [_P],
     ),
     "topk": ("top-k", [_P, _P, _P, _P, _I64] + [_I32] * 4 + [_P]),
-    "query_tiers": ("query + tier table", [_P, _I64, _I64, _I32] + [_P] * 10 + [_I32] * 6 + [_P]),
+    "query_table": (
+        "query + centroid table",
+        [_P, _I64, _I64, _I32] + [_P] * 7 + [_I32] * 5 + [_P],
+    ),
 }
 
 
@@ -134,41 +137,35 @@ def cuda_available() -> bool:
     return all(_library(n) is not None for n in _KERNELS)
 
 
-#: dtype codes of csrc/query_tiers.cu's query argument.
+#: dtype codes of csrc/query_table.cu's query argument.
 _QUERY_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
-def query_tier_table_cuda(
+def query_table_cuda(
     q: torch.Tensor,
     rotation: torch.Tensor,
-    hist: torch.Tensor,
-    req_pool_indices: torch.Tensor,
-    thresholds: torch.Tensor,
     query_out,
-    tiers_out: torch.Tensor,
+    table_out: torch.Tensor,
     score_hist: torch.Tensor,
     query_copy: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
 ) -> None:
-    """CUDA twin of :func:`query_tiers.query_tier_table` (csrc/query_tiers.cu): same
-    arguments and outputs; ``query_out`` is a :class:`codec.query.PreparedQuery`.
-    ``query_copy``, when given (contiguous ``[R, Hq, D]``, q's dtype), receives a copy of
-    ``q`` from the same launch."""
+    """CUDA twin of :func:`query_table.query_table` (csrc/query_table.cu): same arguments
+    and outputs; ``query_out`` is a :class:`codec.query.PreparedQuery`. ``query_copy``,
+    when given (contiguous ``[R, Hq, D]``, q's dtype), receives a copy of ``q`` from the
+    same launch."""
     if q.dtype not in _QUERY_DTYPES:
-        raise TypeError(f"query_tier_table_cuda: q must be one of {list(_QUERY_DTYPES)}")
+        raise TypeError(f"query_table_cuda: q must be one of {list(_QUERY_DTYPES)}")
     _require_dtypes(
-        "query_tier_table_cuda",
+        "query_table_cuda",
         rotation=(rotation, torch.float32),
-        hist=(hist, torch.int32),
-        req_pool_indices=(req_pool_indices, torch.int32),
-        thresholds=(thresholds, torch.int64),
         blocks=(query_out.blocks, torch.float32),
         norm=(query_out.norm, torch.float32),
-        tiers=(tiers_out, torch.uint8),
+        table=(table_out, torch.int8),
         score_hist=(score_hist, torch.int32),
     )
     r, hq, d = q.shape
-    _, h, b, _ = tiers_out.shape
+    _, h, b, _ = table_out.shape
     check_head_rows("scale", scale, h, d)
     if r == 0:
         return
@@ -178,11 +175,11 @@ def query_tier_table_cuda(
         query_copy.shape != q.shape or query_copy.dtype != q.dtype or not query_copy.is_contiguous()
     ):
         raise ValueError(
-            f"query_tier_table_cuda: query_copy must be contiguous {tuple(q.shape)} {q.dtype}, "
+            f"query_table_cuda: query_copy must be contiguous {tuple(q.shape)} {q.dtype}, "
             f"got {tuple(query_copy.shape)} {query_copy.dtype}"
         )
     _launch(
-        "query_tiers",
+        "query_table",
         q.device,
         q.data_ptr(),
         q.stride(0),
@@ -190,19 +187,15 @@ def query_tier_table_cuda(
         _QUERY_DTYPES[q.dtype],
         0 if scale is None else scale.data_ptr(),
         rotation.data_ptr(),
-        hist.data_ptr(),
-        req_pool_indices.data_ptr(),
-        thresholds.contiguous().data_ptr(),
         query_out.blocks.data_ptr(),
         query_out.norm.data_ptr(),
-        tiers_out.data_ptr(),
+        table_out.data_ptr(),
         score_hist.data_ptr(),
         0 if query_copy is None else query_copy.data_ptr(),
         r,
         h,
         b,
         hq // h,
-        thresholds.shape[-1],
         score_hist.shape[-1],
     )
 
@@ -213,7 +206,7 @@ def collision_scan_cuda(
     req_pool_indices: torch.Tensor,
     seq_lens: torch.Tensor,
     zone_end: torch.Tensor,
-    tiers: torch.Tensor,
+    table: torch.Tensor,
     scores: torch.Tensor,
     score_hist: torch.Tensor,
     zone_start: int,
@@ -232,6 +225,7 @@ def collision_scan_cuda(
         req_pool_indices=(req_pool_indices, torch.int32),
         seq_lens=(seq_lens, torch.int64),
         zone_end=(zone_end, torch.int64),
+        table=(table, torch.int8),
     )
     _launch(
         "collision_scan",
@@ -242,7 +236,7 @@ def collision_scan_cuda(
         req_pool_indices.data_ptr(),
         seq_lens.data_ptr(),
         zone_end.data_ptr(),
-        tiers.data_ptr(),
+        table.data_ptr(),
         scores.data_ptr(),
         score_hist.data_ptr(),
         zone_start,

@@ -32,7 +32,7 @@ def scan_tokens_per_block(max_context: int, batch: int, num_sms: int) -> int:
     """Positions per block of the CUDA scan for a batch of ``batch`` requests.
 
     The grid is fixed by ``max_context`` (CUDA graphs bake it in), one block per run of
-    positions per request. Every block first copies the request's whole tier table (32 KiB
+    positions per request. Every block first copies the request's whole centroid table (32 KiB
     at 8 KV heads x head dim 128) into shared memory, so short runs spend as many bytes on
     tables as on signs: 1024-position runs were the fastest or within
     1% at 128K x 1/2/8 and 1M x 1 on an H100 (at 128K x 2: 32.4 us against 39.7 us for
@@ -62,7 +62,7 @@ def topk_cluster_for(cmax: int, device: torch.device) -> int:
 
 def cuda_scan_shared_bytes(hkv: int, b: int, nbp: int, tpb: int, chunk: int) -> int:
     """Shared memory of one CUDA scan block (csrc/collision_scan.cu's scan_smem_bytes):
-    tier table, score histogram, the run's slots, two chunks of staged sign rows."""
+    centroid table, score histogram, the run's slots, two chunks of staged sign rows."""
     stride = hkv * b + (0 if hkv % 2 else b)
     return hkv * b * 256 + hkv * nbp * 4 + -(-tpb // 4) * 4 * 4 + 2 * chunk * stride
 

@@ -3,7 +3,7 @@
 Per (request, KV head): mean of the GQA group's query heads (times the calibration's
 channel scales, when given) and its norm; the caller
 rotates the unit mean by the same D x D matrix the keys were rotated with. Decode runs it
-inside the fused query + tier kernel (``query_tiers.py``), which its test checks against
+inside the fused query + table kernel (``query_table.py``), which its test checks against
 the codec: same formula in fp32, summation order differs, so values agree to float
 rounding (not bit-for-bit).
 """

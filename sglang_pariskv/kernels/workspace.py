@@ -3,19 +3,16 @@
 Modelled on FlashInfer's wrappers: buffers are preallocated once from (max batch, max
 context). :meth:`DecodeWorkspace.plan` is the host-side part: from the CPU sequence lengths
 (SGLang has them as ``seq_lens_cpu``) it computes, with the :mod:`codec.budget` functions
-themselves, every per-request number of the step (dense flag, zone end, candidate count C,
-tier thresholds, and the ``kv_indptr`` FlashInfer's own plan needs on the host) and copies
+themselves, every per-request number of the step (dense flag, zone end, candidate count
+C, and the ``kv_indptr`` FlashInfer's own plan needs on the host) and copies
 them to a device buffer with one non-blocking copy. :meth:`run` launches only fixed-shape
 device work (no ``.item()``, no host sync, grids sized from the maxima), so a graph
 captured once replays correctly after any later ``plan`` with lengths <= ``max_context``.
 
-The tier thresholds take N = seq_len: the histograms count every written token of the
-request (the decoded token included), so their total is seq_len by construction.
-
 Each stage has one implementation per machine, chosen at construction: the CUDA kernels
 of ``csrc/`` where they build and fit the shape (:func:`cuda_kernels_usable`; launch shapes
 from :mod:`kernels.launch_geometry`), else Triton and torch. Stages of :meth:`run`, CUDA /
-Triton: query_tiers (``csrc/query_tiers.cu`` / ``query_tiers.py``), scan
+Triton: query_table (``csrc/query_table.cu`` / ``query_table.py``), scan
 (``csrc/collision_scan.cu`` / ``collision.py``), select (``select.py``: the count pass; the
 Triton path also writes the candidates), rerank (``csrc/select_rerank.cu``, which writes
 the candidates too / ``rerank.py``), topk (``csrc/topk.cu`` / ``torch.topk``), assemble
@@ -32,22 +29,22 @@ from typing import NamedTuple
 import torch
 
 from sglang_pariskv.codec.budget import (
+    candidate_ratios,
     dense_mask,
     num_candidates,
-    retrieval_ratios,
-    tier_thresholds,
     zone_lengths,
 )
+from sglang_pariskv.codec.collision import SCORE_BINS
 from sglang_pariskv.codec.encode import KeyCodes
 from sglang_pariskv.codec.query import PreparedQuery
 from sglang_pariskv.codec.rotation import rotation_matrix
 from sglang_pariskv.config import ParisKVConfig
 from sglang_pariskv.kernels.assemble import assemble_indices, kv_indptr_for
-from sglang_pariskv.kernels.collision import collision_scan, score_bins
+from sglang_pariskv.kernels.collision import collision_scan
 from sglang_pariskv.kernels.cuda_ops import (
     collision_scan_cuda,
     cuda_available,
-    query_tier_table_cuda,
+    query_table_cuda,
     select_rerank_cuda,
     topk_cuda,
 )
@@ -57,7 +54,7 @@ from sglang_pariskv.kernels.launch_geometry import (
     scan_tokens_per_block,
     topk_cluster_for,
 )
-from sglang_pariskv.kernels.query_tiers import query_tier_table
+from sglang_pariskv.kernels.query_table import query_table
 from sglang_pariskv.kernels.rerank import levels, rerank_estimates, topk_slots
 from sglang_pariskv.kernels.reuse import LayerReuse, decide_reuse
 from sglang_pariskv.kernels.select import (
@@ -69,7 +66,7 @@ from sglang_pariskv.support import check_kernel_head_dim
 
 logger = logging.getLogger("sglang_pariskv")
 
-#: Per-request int64 fields of the plan buffer, in order (then the tier thresholds).
+#: Per-request int64 fields of the plan buffer, in order.
 _FIELDS = ("seq", "dense", "counts", "zone_end")
 
 
@@ -91,8 +88,7 @@ def max_candidates(config: ParisKVConfig, max_context: int) -> int:
     """The largest C any request of at most ``max_context`` tokens can get (C is not
     monotone in the zone length: the adaptive ratio drops at 5K/10K/30K)."""
     zone = zone_lengths(torch.arange(max_context + 1), config)
-    cand, _ = retrieval_ratios(zone, config)
-    return max(int(num_candidates(zone, cand, config).max()), 1)
+    return max(int(num_candidates(zone, candidate_ratios(zone, config), config).max()), 1)
 
 
 def _tensor_key(t: torch.Tensor) -> tuple:
@@ -143,8 +139,7 @@ class DecodeWorkspace:
         self.b = head_dim // 8
         self.max_batch, self.max_context = max_batch, max_context
         self.device = torch.device(device)
-        self.nt = len(config.tier_ratios)
-        self.nbp = score_bins(self.nt, self.b)
+        self.nbp = SCORE_BINS
         #: Every stage runs its csrc/ kernel (else its Triton / torch version).
         self.use_cuda = cuda_kernels_usable(self.device, num_kv_heads, self.b, self.nbp)
         self.num_sms = (
@@ -162,12 +157,12 @@ class DecodeWorkspace:
         # the sparse budget.
         self.max_row = config.budget
         self.rot = rotation_matrix(head_dim, config.rotation_seed, torch.float32, dev)
-        self.meta = torch.zeros((len(_FIELDS) + self.nt) * rmax, dtype=torch.int64, device=dev)
+        self.meta = torch.zeros(len(_FIELDS) * rmax, dtype=torch.int64, device=dev)
         self.query = PreparedQuery(
             blocks=torch.empty(rmax, h, b, 8, dtype=torch.float32, device=dev),
             norm=torch.empty(rmax, h, dtype=torch.float32, device=dev),
         )
-        self.tiers = torch.empty(rmax, h, b, 256, dtype=torch.uint8, device=dev)
+        self.table = torch.empty(rmax, h, b, 256, dtype=torch.int8, device=dev)
         self.scores = torch.empty(rmax, h, max_context, dtype=torch.uint8, device=dev)
         self.score_hist = torch.zeros(rmax, h, self.nbp, dtype=torch.int32, device=dev)
         self.cand = torch.empty(rmax, h, self.cmax, dtype=torch.int32, device=dev)
@@ -183,7 +178,7 @@ class DecodeWorkspace:
         if config.reuses:
             self.reuse_eff = torch.zeros(3, rmax, dtype=torch.int64, device=dev)
             self.reuse_fresh = torch.zeros(rmax, dtype=torch.int32, device=dev)
-        # Contiguous copy of the last run's query, written by the CUDA query + tier kernel
+        # Contiguous copy of the last run's query, written by the CUDA query + table kernel
         # (allocated at the first run, in the query's dtype): see contiguous_query.
         self._query_copy: torch.Tensor | None = None
         self._query_copied_from: tuple | None = None  # (data_ptr, shape, strides) of that query
@@ -203,13 +198,10 @@ class DecodeWorkspace:
         cfg, rmax = self.config, self.max_batch
         dense = dense_mask(seq, cfg)
         zone = torch.where(dense, 0, zone_lengths(seq, cfg))
-        cand_ratio, coll_ratio = retrieval_ratios(zone, cfg)
-        counts = num_candidates(zone, cand_ratio, cfg)
-        thresholds = tier_thresholds(seq, coll_ratio, cfg)
+        counts = num_candidates(zone, candidate_ratios(zone, cfg), cfg)
         host = torch.zeros(self.meta.numel(), dtype=torch.int64, pin_memory=self._pin())
         for i, field in enumerate((seq, dense.to(torch.int64), counts, zone + cfg.sink)):
             host[i * rmax : i * rmax + r] = field
-        host[len(_FIELDS) * rmax : len(_FIELDS) * rmax + r * self.nt] = thresholds.flatten()
         self.meta.copy_(host, non_blocking=True)
         indptr = kv_indptr_for(seq, cfg, self.hkv)
         n = indptr.numel()
@@ -229,7 +221,6 @@ class DecodeWorkspace:
         self,
         q: torch.Tensor,
         codes: KeyCodes,
-        hist: torch.Tensor,
         req_to_token: torch.Tensor,
         req_pool_indices: torch.Tensor,
         stages: dict | None = None,
@@ -238,15 +229,15 @@ class DecodeWorkspace:
     ) -> DecodeOutput:
         """Retrieve and assemble the attended indices of decode queries ``q [R, Hq, D]``.
 
-        codes: this layer's pool (:class:`KeyCodes` of ``[slots, Hkv, ...]`` tensors);
-        hist: this layer's histograms int32 ``[max_reqs, Hkv, B, 256]``. The batch must be
-        the one of the last :meth:`plan`. ``stages``, when a dict, receives each stage's
-        intermediate tensors (tests, benchmarks). ``reuse``: this layer's kept selections
-        (with ``config.reuse_threshold`` > 0; see :mod:`kernels.reuse`); None: every row
-        retrieves. ``scale``: this layer's calibration channel scales, fp32 ``[Hkv, D]``
-        (the codes' own, :class:`index.code_pool.CodePool`); None: 1.
+        codes: this layer's pool (:class:`KeyCodes` of ``[slots, Hkv, ...]`` tensors).
+        The batch must be the one of the last :meth:`plan`. ``stages``, when a dict,
+        receives each stage's intermediate tensors (tests, benchmarks). ``reuse``: this
+        layer's kept selections (with ``config.reuse_threshold`` > 0; see
+        :mod:`kernels.reuse`); None: every row retrieves. ``scale``: this layer's
+        calibration channel scales, fp32 ``[Hkv, D]`` (the codes' own,
+        :class:`index.code_pool.CodePool`); None: 1.
         """
-        self.bind(q, codes, hist, req_to_token, req_pool_indices, reuse, scale)
+        self.bind(q, codes, req_to_token, req_pool_indices, reuse, scale)
         for _, stage in self.stages():
             stage()
         st = self._st
@@ -258,7 +249,6 @@ class DecodeWorkspace:
         self,
         q: torch.Tensor,
         codes: KeyCodes,
-        hist: torch.Tensor,
         req_to_token: torch.Tensor,
         req_pool_indices: torch.Tensor,
         reuse: LayerReuse | None = None,
@@ -273,13 +263,10 @@ class DecodeWorkspace:
                 "run(): kept selections given but config.reuse_threshold is 0 (retrieve at "
                 "every step)"
             )
-        nt, rmax = self.nt, self.max_batch
-        t0 = len(_FIELDS) * rmax
         self._st = SimpleNamespace(
             q=q,
             scale=scale,
             codes=codes,
-            hist=hist,
             rtt=req_to_token,
             rpi=req_pool_indices,
             r=r,
@@ -287,7 +274,6 @@ class DecodeWorkspace:
             dense=self._meta("dense", r),
             counts=self._meta("counts", r),
             zone_end=self._meta("zone_end", r),
-            thresholds=self.meta[t0 : t0 + r * nt].view(r, nt),
             indptr=self.kv_indptr[: r * self.hkv + 1],
             reuse=reuse,
             fresh=None,
@@ -301,7 +287,7 @@ class DecodeWorkspace:
             [("reuse", self._stage_reuse)] if bound is not None and bound.reuse is not None else []
         )
         return [
-            ("query_tiers", self._stage_query_tiers),
+            ("query_table", self._stage_query_table),
             *reuse,
             ("scan", self._stage_scan),
             ("select", self._stage_select),
@@ -310,28 +296,28 @@ class DecodeWorkspace:
             ("assemble", self._stage_assemble),
         ]
 
-    def _stage_query_tiers(self) -> None:
-        """Query prep, tier table and score-histogram reset in one launch."""
+    def _stage_query_table(self) -> None:
+        """Query prep, centroid table and score-histogram reset in one launch."""
         st = self._st
         st.query = PreparedQuery(self.query.blocks[: st.r], self.query.norm[: st.r])
-        st.tiers = self.tiers[: st.r]
+        st.table = self.table[: st.r]
         st.score_hist = self.score_hist[: st.r]
-        args = (st.q, self.rot, st.hist, st.rpi, st.thresholds, st.query, st.tiers, st.score_hist)
+        args = (st.q, self.rot, st.query, st.table, st.score_hist)
         self._query_copied_from = None
         if not self.use_cuda:
-            query_tier_table(*args, scale=st.scale)
+            query_table(*args, scale=st.scale)
             return
         q = st.q
         if self._query_copy is None or self._query_copy.dtype != q.dtype:
             self._query_copy = torch.empty(
                 self.max_batch, *q.shape[1:], dtype=q.dtype, device=q.device
             )
-        query_tier_table_cuda(*args, query_copy=self._query_copy[: st.r], scale=st.scale)
+        query_table_cuda(*args, query_copy=self._query_copy[: st.r], scale=st.scale)
         self._query_copied_from = _tensor_key(q)
 
     def contiguous_query(self, q: torch.Tensor) -> torch.Tensor | None:
         """``q`` as a contiguous tensor if the last run was on this very tensor and the CUDA
-        query + tier kernel copied it as a by-product; else None (use ``q``). The sparse
+        query + table kernel copied it as a by-product; else None (use ``q``). The sparse
         FlashInfer call reads its query as ``[R * Hkv, G, D]`` rows, which a strided query
         (SGLang's view of the QKV projection) can only become through a copy kernel."""
         if self._query_copied_from is None or self._query_copied_from != _tensor_key(q):
@@ -350,8 +336,8 @@ class DecodeWorkspace:
 
     def _stage_scan(self) -> None:
         st = self._st
-        st.scores = self.scores[: st.r]  # st.score_hist: zeroed by _stage_query_tiers
-        args = (st.codes.signs, st.rtt, st.rpi, st.scan_seq, st.zone_end, st.tiers, st.scores)
+        st.scores = self.scores[: st.r]  # st.score_hist: zeroed by _stage_query_table
+        args = (st.codes.signs, st.rtt, st.rpi, st.scan_seq, st.zone_end, st.table, st.scores)
         if self.use_cuda:
             tpb = scan_tokens_per_block(self.max_context, st.r, self.num_sms)
             collision_scan_cuda(*args, st.score_hist, self.config.sink, tpb)

@@ -3,8 +3,7 @@
 ``codec.retrieve`` returns one top-k set per step; the evaluation needs the whole ranking
 (to cut it at every budget), so we assemble the same stages into a score:
 
-* collision score per key (``centroid_tiers`` + ``collision_scores``, with the codec's
-  adaptive ratios and tier thresholds for this step's zone);
+* collision score per key (``centroid_table`` + ``collision_scores``);
 * candidates: the ``ceil(zone * candidate_ratio)`` best collision scores (earlier wins ties);
 * rerank estimate ||q|| Σ_b w_b <v_b, q_b> for candidates (``decode_directions`` and the
   weights folded into one "effective key" per token, so the estimate is one matmul).
@@ -32,22 +31,14 @@ from dataclasses import dataclass
 import torch
 
 from pariskv_tools.eval.trace import LayerTrace, StepBatch
-from sglang_pariskv.codec.budget import (
-    num_candidates,
-    retrieval_ratios,
-    tier_thresholds,
-)
-from sglang_pariskv.codec.collision import (
-    NUM_CENTROIDS,
-    centroid_histogram,
-    centroid_tiers,
-)
+from sglang_pariskv.codec.budget import candidate_ratios, num_candidates
+from sglang_pariskv.codec.collision import centroid_table, scores_from_totals
 from sglang_pariskv.codec.encode import decode_directions, encode_keys
 from sglang_pariskv.codec.query import prepare_query
 from sglang_pariskv.codec.rotation import rotation_matrix
 from sglang_pariskv.config import ParisKVConfig
 
-# Candidates outrank every non-candidate: collision scores are <= 15 tiers x B blocks, estimates
+# Candidates outrank every non-candidate: collision scores are bytes, estimates
 # are |<q, k>| << 1e9 for any real model.
 _CANDIDATE_OFFSET = 1e9
 
@@ -56,41 +47,25 @@ _CANDIDATE_OFFSET = 1e9
 class ParisKVState:
     signs: torch.Tensor  #: uint8 [N, H, B]: sign ids (the collision codes)
     eff_keys: torch.Tensor  #: float32 [N, H, D]: w_b * v_b per block, flattened
-    base_len: int  #: keys counted in ``base_hist``
-    base_hist: torch.Tensor  #: int32 [H, B, 256] over keys[:base_len]
-    cum_hist: torch.Tensor  #: int32 [G, H, B, 256]: + keys[base_len : base_len + g + 1]
     scale: torch.Tensor | None = None  #: the layer's key channel scales [H, D] (queries: s ∘ q)
 
-    def hist_at(self, seq_lens: torch.Tensor) -> torch.Tensor:
-        """Centroid histograms over keys[:seq_len], per step: int32 [S, H, B, 256].
 
-        What the serving path keeps incrementally (prefix histogram + one key per step)."""
-        extra = seq_lens - self.base_len
-        if (extra < 0).any():
-            raise ValueError("a step attends fewer keys than the histogram base")
-        h = self.base_hist[None].expand(len(seq_lens), -1, -1, -1)
-        if self.cum_hist.shape[0] == 0:
-            return h.clone()
-        grown = self.cum_hist[(extra - 1).clamp_min(0)]
-        return torch.where((extra > 0)[:, None, None, None], h + grown, h)
-
-
-def fast_collision_scores(signs: torch.Tensor, tiers: torch.Tensor) -> torch.Tensor:
+def fast_collision_scores(signs: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """``codec.collision_scores`` for one shared key set and many steps, one block at a time.
 
-    signs uint8 [N, H, B] (the same keys for every step), tiers [S, H, B, 256] ->
+    signs uint8 [N, H, B] (the same keys for every step), table int8 [S, H, B, 256] ->
     int64 [S, H, N] (the codec returns [S, N, H]; tests check they agree). Gathering per
-    block from the small [S, H, 256] tier table avoids the codec's [S, N, H, B] int64
+    block from the small [S, H, 256] table avoids the codec's [S, N, H, B] int64
     intermediate, which dominates the evaluation's run time at 8K tokens.
     """
-    s, h, b, _ = tiers.shape
+    s, h, b, _ = table.shape
     n = signs.shape[0]
     ids = signs.permute(2, 1, 0).to(torch.int64)  # [B, H, N]
-    t = tiers.to(torch.int32)
-    out = torch.zeros(s, h, n, dtype=torch.int32, device=tiers.device)
+    t = table.to(torch.int32)
+    out = torch.zeros(s, h, n, dtype=torch.int32, device=table.device)
     for blk in range(b):
         out += torch.gather(t[:, :, blk], -1, ids[blk][None].expand(s, h, n))
-    return out.to(torch.int64)
+    return scores_from_totals(out.to(torch.int64), b)
 
 
 def _layer_slice(x: torch.Tensor | None, trace, what: str) -> torch.Tensor | None:
@@ -162,22 +137,12 @@ class ParisKV:
         codes = encode_keys(self._unrotate(keys), self.config.rotation_seed)
         n, h, b = codes.signs.shape
         eff = decode_directions(codes) * codes.weights.float()[..., None]  # [N, H, B, 8]
-        base = int(trace.seq_lens.min())
-        base_hist = centroid_histogram(codes.signs[None], torch.tensor([base]))[0]
-        new = torch.nn.functional.one_hot(codes.signs[base:].to(torch.int64), NUM_CENTROIDS)
-        return ParisKVState(
-            signs=codes.signs,
-            eff_keys=eff.reshape(n, h, b * 8),
-            base_len=base,
-            base_hist=base_hist,
-            cum_hist=torch.cumsum(new.to(torch.int32), 0, dtype=torch.int32),
-            scale=scale,
-        )
+        return ParisKVState(signs=codes.signs, eff_keys=eff.reshape(n, h, b * 8), scale=scale)
 
     def step_config(self) -> ParisKVConfig:
         """The codec config for scoring: never dense (we evaluate retrieval itself), top-k
         irrelevant (the ranking serves every k). Sink and window come per row from the
-        batch; ratios and tiers only read the config's ratio knobs."""
+        batch; the candidate count only reads the config's ratio knob."""
         return dataclasses.replace(self.config, topk=1, dense_threshold=0)
 
     def scores(self, state: ParisKVState, batch: StepBatch) -> dict:
@@ -186,10 +151,8 @@ class ParisKV:
         n, h, b = state.signs.shape
         s = seq_lens.shape[0]
         zone = (seq_lens - batch.sink - batch.local).clamp_min(0)  # codec zone_lengths, per row
-        cand_ratio, coll_ratio = retrieval_ratios(zone, cfg)
-        counts = num_candidates(zone, cand_ratio, cfg)
+        counts = num_candidates(zone, candidate_ratios(zone, cfg), cfg)
 
-        hist = state.hist_at(seq_lens)
         heads = batch.queries.shape[1] if self.gqa == "max" else h
         group = heads // h
         queries = batch.queries
@@ -197,13 +160,10 @@ class ParisKV:
         if scale is not None:  # s ∘ q per query head (each head of a group takes its KV head's)
             queries = queries * scale.repeat_interleave(queries.shape[1] // h, 0)
         q = prepare_query(self._unrotate(queries), heads, cfg.rotation_seed)
-        thresholds = tier_thresholds(seq_lens, coll_ratio, cfg)
         signs = state.signs
         if group > 1:
-            hist = hist.repeat_interleave(group, dim=1)
             signs = signs.repeat_interleave(group, dim=1)
-        tiers = centroid_tiers(q.blocks, hist, thresholds)
-        coll = fast_collision_scores(signs, tiers)
+        coll = fast_collision_scores(signs, centroid_table(q.blocks))
         eff = state.eff_keys.repeat_interleave(group, dim=1) if group > 1 else state.eff_keys
         est = torch.einsum("shd,nhd->shn", q.blocks.flatten(-2).float(), eff) * q.norm[..., None]
         if group > 1:
@@ -241,7 +201,7 @@ def top_count_mask(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """bool [S, H, N]: the ``counts[s]`` highest small-integer scores per row, earlier
     position first among equals (``select_candidates``' stable order); scores < 0 never.
 
-    Scores are collision counts (< 256), so a per-row histogram finds the threshold score
+    Scores are collision scores (bytes), so a per-row histogram finds the threshold score
     in one pass instead of sorting N keys."""
     s, h, n = scores.shape
     top = int(scores.max()) + 1 if scores.numel() else 1

@@ -1,0 +1,155 @@
+// ParisKV query prep + centroid table (CUDA): the first kernel of every decode layer.
+//
+// Same contract as kernels/query_table.py (the Triton fallback); the table is exactly
+// codec.collision.centroid_table of the blocks this kernel writes. Why CUDA: the Triton
+// version recomputes the rotation for each of the two passes over the blocks, and cannot
+// also hand the sparse attention call a contiguous copy of the query.
+//
+// Block = one (request, KV head), 256 threads (one per centroid c):
+//   1. the group mean of the KV head's G query heads (fp32), times the head's calibration
+//      channel scales when `scale` is given, its norm and the unit mean;
+//   2. the D rotated coordinates qv_i = sum_d rot[i, d] * unit[d] (one warp per row,
+//      rows round-robin over the warps), written to the prepared-query buffer the rerank
+//      reads;
+//   3. S = max over blocks b of sum_j |qv_8b+j| (float64, j = 0..7 in order);
+//   4. for each block b: s_c = sum_j (+qv_j if bit j of c else -qv_j) in float64, summed
+//      in the order j = 0..7 as the codec does (only additions: no contraction, so with
+//      the same qv the entries are bit-identical to the codec's and the Triton path's),
+//      and the entry floor(127 * s_c / S + 0.5) as int8 (0 for a zero query).
+// It also writes the norm, zeroes the (request, head) score histogram that the collision
+// scan accumulates into next, and (when `q_copy` is given) copies the KV head's G query
+// heads into a contiguous [R, Hq, D] buffer: the sparse FlashInfer call needs its query
+// rows as [R * Hkv, G, D], which a strided query (a view of the QKV projection) can only
+// become through a copy, a separate kernel of about 2.8 us per layer in a graph.
+
+#include <cstdint>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+namespace {
+
+constexpr int THREADS = 256;  // one per centroid
+constexpr int WARPS = THREADS / 32;
+constexpr int MAX_D = 256;
+
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(THREADS)
+    query_table_kernel(const T* __restrict__ q, int64_t stride_qr, int64_t stride_qh,
+                       const float* __restrict__ scale, const float* __restrict__ rot,
+                       float* __restrict__ blocks, float* __restrict__ norm_out,
+                       int8_t* __restrict__ table, int32_t* __restrict__ shist,
+                       T* __restrict__ q_copy, int H, int B, int G, int D, int NBP) {
+  __shared__ float unit[MAX_D];
+  __shared__ float qv[MAX_D];
+  __shared__ float red[WARPS];
+  __shared__ double l1[MAX_D / 8];
+
+  const int rh = blockIdx.x;  // r * H + h
+  const int r = rh / H, h = rh % H;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+
+  // 1. group mean and its norm (D <= 256: one coordinate per thread).
+  float m = 0.f;
+  if (tid < D) {
+    const T* qh = q + r * stride_qr + static_cast<int64_t>(h) * G * stride_qh + tid;
+    T* qc = q_copy != nullptr ? q_copy + static_cast<int64_t>(rh) * G * D + tid : nullptr;
+    for (int g = 0; g < G; ++g) {
+      const T x = qh[g * stride_qh];
+      m += to_f32(x);
+      if (qc != nullptr) qc[g * D] = x;
+    }
+    m /= static_cast<float>(G);
+    if (scale != nullptr) m *= scale[static_cast<int64_t>(h) * D + tid];
+  }
+  const float sq = warp_sum(m * m);
+  if (lane == 0) red[warp] = sq;
+  for (int i = tid; i < NBP; i += THREADS) shist[static_cast<int64_t>(rh) * NBP + i] = 0;
+  __syncthreads();
+  float total = 0.f;
+#pragma unroll
+  for (int w = 0; w < WARPS; ++w) total += red[w];
+  const float norm = sqrtf(total);
+  if (tid < D) unit[tid] = m / fmaxf(norm, 1.1754943508222875e-38f);
+  if (tid == 0) norm_out[rh] = norm;
+  __syncthreads();
+
+  // 2. the rotated coordinates: warp w computes rows w, w + WARPS, ...
+  for (int i = warp; i < D; i += WARPS) {
+    float acc = 0.f;
+    for (int d = lane; d < D; d += 32) acc += rot[static_cast<int64_t>(i) * D + d] * unit[d];
+    acc = warp_sum(acc);
+    if (lane == 0) {
+      qv[i] = acc;
+      blocks[static_cast<int64_t>(rh) * D + i] = acc;
+    }
+  }
+  __syncthreads();
+
+  // 3. each block's L1 norm, then S = their maximum (B <= 32: one warp).
+  if (tid < B) {
+    double s = fabs(static_cast<double>(qv[tid * 8]));
+#pragma unroll
+    for (int j = 1; j < 8; ++j) s = __dadd_rn(s, fabs(static_cast<double>(qv[tid * 8 + j])));
+    l1[tid] = s;
+  }
+  __syncthreads();
+  double big = 0.0;
+  for (int b = 0; b < B; ++b) big = fmax(big, l1[b]);
+  const double safe = big > 0.0 ? big : 1.0;
+
+  // 4. this centroid's entry in every block (coalesced: one 256-byte row per block).
+  const int c = tid;
+  for (int b = 0; b < B; ++b) {
+    const float* v = qv + b * 8;
+    double s = (c & 1) ? static_cast<double>(v[0]) : -static_cast<double>(v[0]);
+#pragma unroll
+    for (int j = 1; j < 8; ++j) {
+      const double x = static_cast<double>(v[j]);
+      s = __dadd_rn(s, ((c >> j) & 1) ? x : -x);
+    }
+    const double e = big > 0.0 ? floor(__dadd_rn(__ddiv_rn(__dmul_rn(127.0, s), safe), 0.5)) : 0.0;
+    table[(static_cast<int64_t>(rh) * B + b) * 256 + c] = static_cast<int8_t>(e);
+  }
+}
+
+}  // namespace
+
+// dtype: 0 = float32, 1 = float16, 2 = bfloat16 (the query's); scale: fp32 [H, D] or null.
+extern "C" int pariskv_query_table(const void* q, int64_t stride_qr, int64_t stride_qh,
+                                   int dtype, const void* scale, const void* rot, void* blocks,
+                                   void* norm, void* table, void* shist, void* q_copy, int R,
+                                   int H, int B, int G, int NBP, void* stream) {
+  if (R == 0) return 0;
+  const int D = B * 8;
+  if (D > MAX_D || G <= 0) return -2;
+  dim3 grid(static_cast<unsigned>(R * H));
+  auto st = static_cast<cudaStream_t>(stream);
+#define PARISKV_LAUNCH(TT)                                                                 \
+  query_table_kernel<TT><<<grid, THREADS, 0, st>>>(                                        \
+      static_cast<const TT*>(q), stride_qr, stride_qh, static_cast<const float*>(scale),   \
+      static_cast<const float*>(rot), static_cast<float*>(blocks),                         \
+      static_cast<float*>(norm), static_cast<int8_t*>(table), static_cast<int32_t*>(shist), \
+      static_cast<TT*>(q_copy), H, B, G, D, NBP)
+  if (dtype == 0) {
+    PARISKV_LAUNCH(float);
+  } else if (dtype == 1) {
+    PARISKV_LAUNCH(__half);
+  } else if (dtype == 2) {
+    PARISKV_LAUNCH(__nv_bfloat16);
+  } else {
+    return -4;
+  }
+#undef PARISKV_LAUNCH
+  return static_cast<int>(cudaGetLastError());
+}
