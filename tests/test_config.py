@@ -74,8 +74,8 @@ def test_unknown_key_is_an_error(tmp_path):
 
 
 def test_adaptive_candidate_ratio_follows_the_reference_table():
-    assert adaptive_candidate_ratio(4_999) == 0.5
-    assert adaptive_candidate_ratio(5_000) == 0.25
+    assert adaptive_candidate_ratio(4_999) == 0.6
+    assert adaptive_candidate_ratio(5_000) == 0.5
     assert adaptive_candidate_ratio(10_000) == 0.2
     assert adaptive_candidate_ratio(30_000) == 0.1
     assert ParisKVConfig(candidate_ratio=0.4).candidate_ratio_for(100_000) == 0.4
