@@ -42,7 +42,6 @@ CATEGORIES = (
             "_count_kernel",
             "_write_kernel",
             "_assemble",
-            "_count_new_keys",
             "_encode",
             "pariskv",
         ),
