@@ -11,12 +11,11 @@ decode step), in the same run:
 * ``weights``: the step's GEMVs (QKV, O, gate/up, down per layer, then the LM head) with
   random matrices of the model's shapes. Every layer reads its matrices from HBM.
 * ParisKV with ``--pariskv-offload host``: the K/V of every token in a pinned
-  :class:`HostKVPool` (written by the UVA scatter kernel), codes and centroid histograms
-  on the GPU. Per layer: retrieval (``DecodeWorkspace.run``), the hot-cache fetch
-  (``OffloadFetcher.fetch``: the fused Triton lookup + UVA gather of the misses +
-  insert, ``kernels.hot_cache_fetch``), and FlashInfer's head-as-batch decode over the
-  staged rows. ``retrieval``, ``fetch`` and ``attention`` are differences of graphs
-  (retrieval; + fetch; + attention).
+  :class:`HostKVPool` (written by the UVA scatter kernel), codes on the GPU. Per layer:
+  retrieval (``DecodeWorkspace.run``), the hot-cache fetch (``OffloadFetcher.fetch``: the
+  fused Triton lookup + UVA gather of the misses + insert, ``kernels.hot_cache_fetch``),
+  and FlashInfer's head-as-batch decode over the staged rows. ``retrieval``, ``fetch`` and
+  ``attention`` are differences of graphs (retrieval; + fetch; + attention).
   Queries follow a random walk (``q += drift * |q| * noise``), so the top-k drifts
   between steps as in decoding and the hot cache is measured, not assumed; the hit rate
   is counted on the GPU over the timed steps. ``direct``: the same step with no hot
@@ -150,7 +149,7 @@ def dense_case(n: int, batch: int, weights_bytes: int, dev) -> dict:
 
 
 class OffloadState:
-    """Host K/V pool, GPU codes + histograms for ``slots`` tokens, all layers."""
+    """Host K/V pool and GPU codes for ``slots`` tokens, all layers."""
 
     def __init__(self, slots: int, dev):
         from sglang_pariskv.index.code_pool import CodePool
@@ -187,7 +186,6 @@ def pariskv_case(
     module docstring for what each covers."""
     from sglang_pariskv.attention.sparse_decode import HeadAsBatchDecode
     from sglang_pariskv.config import ParisKVConfig
-    from sglang_pariskv.index.histograms import RequestHistograms
     from sglang_pariskv.kernels import DecodeWorkspace
     from sglang_pariskv.offload.fetch import OffloadFetcher
     from sglang_pariskv.offload.hot_cache import HotCache
@@ -196,9 +194,6 @@ def pariskv_case(
     rtt = (torch.arange(batch * n, device=dev, dtype=torch.int32) + 1).view(batch, n)
     rpi = torch.arange(batch, device=dev, dtype=torch.int32)
     seq = torch.full((batch,), n, dtype=torch.int32)
-    hists = RequestHistograms(batch, HKV, D, L, dev)
-    for layer in range(L):
-        hists.rebuild(layer, st.codes.layers[layer].signs, rtt, rpi, seq.to(dev), max_len=n)
     ws = DecodeWorkspace(cfg, HQ, HKV, D, batch, n, dev)
     dec = HeadAsBatchDecode(ws, DTYPE, graph_batch=batch)
     dec.plan(seq)
@@ -216,7 +211,7 @@ def pariskv_case(
             q.copy_(qf + drift * qf.norm(dim=-1, keepdim=True) / D**0.5 * noise)
 
     def retrieve(layer):
-        ws.run(qs[layer], st.codes.layers[layer], hists.layers[layer], rtt, rpi)
+        ws.run(qs[layer], st.codes.layers[layer], rtt, rpi)
 
     def fetch(layer, f=fetcher):
         idx = ws.kv_indices[:entries]
@@ -263,8 +258,7 @@ def pariskv_case(
             res["hot_cache"] = cache.stats()
             res["hot_cache"]["steps"] = steps
         del g
-    res["num_candidates"] = int(ws.run(qs[0], st.codes.layers[0], hists.layers[0], rtt, rpi)
-                                .num_candidates[0])  # fmt: skip
+    res["num_candidates"] = int(ws.run(qs[0], st.codes.layers[0], rtt, rpi).num_candidates[0])
     res["hot_cache_mib"] = cache.nbytes() / 2**20
     return res
 

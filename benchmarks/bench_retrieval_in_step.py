@@ -94,7 +94,11 @@ def run(
     from sglang_pariskv.kernels import DecodeWorkspace
 
     pools = bk.Pools(n * batch + 1, dev)
-    rtt, rpi, seq, hist, q = bk.case_inputs(n, batch, pools, dev)
+    # request r holds slots [r * n + 1, (r + 1) * n], as bench_kernels' cases
+    rtt = (torch.arange(batch * n, device=dev, dtype=torch.int32) + 1).view(batch, n)
+    rpi = torch.arange(batch, device=dev, dtype=torch.int32)
+    seq = torch.full((batch,), n, dtype=torch.int32)
+    q = torch.randn(batch, bk.HQ, bk.D, device=dev, dtype=bk.DTYPE)
     del pools.k, pools.v
     codes = [pools.codes] + [KeyCodes(*(t.clone() for t in pools.codes)) for _ in range(layers - 1)]
     cols = int(weight_mb * 1e6 / 2 / 4096)
@@ -102,11 +106,11 @@ def run(
     x = torch.randn(batch, 4096, device=dev, dtype=torch.bfloat16)
     cfg = ParisKVConfig(topk=2048, sink=64, local=256)
     ws = DecodeWorkspace(cfg, bk.HQ, bk.HKV, bk.D, batch, n, dev)
-    ws.plan(seq.cpu())
-    return modes_of(ws, codes, q, hist, rtt, rpi, x, w, layers, modes)
+    ws.plan(seq)
+    return modes_of(ws, codes, q, rtt, rpi, x, w, layers, modes)
 
 
-def modes_of(ws, codes, q, hist, rtt, rpi, x, w, layers: int, modes=MODES) -> dict:
+def modes_of(ws, codes, q, rtt, rpi, x, w, layers: int, modes=MODES) -> dict:
     res = {}
     for mode in modes:
 
@@ -115,7 +119,7 @@ def modes_of(ws, codes, q, hist, rtt, rpi, x, w, layers: int, modes=MODES) -> di
                 if mode == "step":
                     torch.matmul(x, w)
                 pool = codes[0] if mode == "alone" else codes[layer]
-                ws.run(q, pool, hist, rtt, rpi)
+                ws.run(q, pool, rtt, rpi)
 
         g, events = profiled_graph(step)
         res[mode] = stage_means_us(events)

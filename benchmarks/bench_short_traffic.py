@@ -4,7 +4,7 @@
 
 Requests at or below the dense threshold decode with SGLang's own dense call, so their
 answers are exact; this measures what they pay for ParisKV being on (the codes written
-for every key, the histogram updates, the planning), against plain SGLang on the same
+for every key, the planning), against plain SGLang on the same
 attention backend with the same flags, in the same run: decode time per step and the
 batch's time to first token (prefill, codes encoded; the median of ``--ttft-repeats``
 prefills of fresh prompts). Llama-3.1-8B shape with dummy

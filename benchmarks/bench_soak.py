@@ -73,7 +73,7 @@ DEFINITIONS = {
     "/v1/loads num_used_tokens seen while they ran",
     "memory_planned_definition": "GiB the pool sizing keeps out of the KV pool for the "
     "ParisKV backend (its startup log line), in bytes",
-    "memory_allocated_definition": "histograms + decode workspace (+ hot cache) MiB the "
+    "memory_allocated_definition": "decode workspace (+ hot cache) MiB the "
     "ParisKV backend logs once built, in bytes; first TP rank's lines",
 }
 

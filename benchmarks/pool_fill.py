@@ -1,6 +1,6 @@
 """Fill a server's KV pool to its advertised token capacity with concurrent requests.
 
-The server plans its memory (ParisKV's codes, histograms, decode workspace and FlashInfer
+The server plans its memory (ParisKV's codes, decode workspace and FlashInfer
 workspaces) before it sizes the KV pool; what the plan missed shows up as an out-of-memory
 error only when the pool is actually full, at the largest batch and context. The fill sends
 the fewest requests that can hold every free token (each at most the context length, at

@@ -16,10 +16,7 @@ PK = "sglang:pariskv_"
 _PLANNED = re.compile(
     r"ParisKV: (\d+) tokens fit SGLang's KV budget; ([\d.]+) GiB \((\d+) tokens\) are kept"
 )
-_BACKEND = re.compile(
-    r"ParisKV backend: codes ([\d.]+) MiB, histograms ([\d.]+) MiB \((\d+) request slots\), "
-    r"decode workspace ([\d.]+) MiB"
-)
+_BACKEND = re.compile(r"ParisKV backend: codes ([\d.]+) MiB, decode workspace ([\d.]+) MiB")
 _HOT_CACHE = re.compile(
     r"ParisKV offload: host pool ([\d.]+) GiB, hot cache (\d+) lines/layer "
     r"\(([\d.]+) MiB\)"
@@ -29,16 +26,16 @@ _HOT_CACHE = re.compile(
 def parse_memory_log(text: str) -> dict:
     """ParisKV's planned and allocated backend memory from a server log (first TP rank's
     lines): planned = the GiB the pool sizing keeps for the backend; allocated = the
-    histograms + decode workspace (+ hot cache) the backend logs. None where absent."""
+    decode workspace (+ hot cache) the backend logs. None where absent."""
     out: dict = {"memory_planned_bytes": None, "memory_allocated_bytes": None}
     if m := _PLANNED.search(text):
         out["memory_planned_bytes"] = round(float(m.group(2)) * 2**30)
         out["kv_tokens_before_reserve"] = int(m.group(1))
         out["kv_tokens_reserved"] = int(m.group(3))
     if m := _BACKEND.search(text):
-        hist, ws = float(m.group(2)), float(m.group(4))
+        ws = float(m.group(2))
         hot = float(h.group(3)) if (h := _HOT_CACHE.search(text)) else 0.0
-        out["memory_allocated_bytes"] = round((hist + ws + hot) * 2**20)
+        out["memory_allocated_bytes"] = round((ws + hot) * 2**20)
         out["codes_mib"] = float(m.group(1))
     return out
 

@@ -2,12 +2,12 @@
 
 This is the reference integration used by the demo and by quality tests: prefill attends
 densely (as the serving path does) and encodes every key once; each decode step encodes
-only the new key, keeps the per-layer centroid histograms incrementally, retrieves with
-``codec.retrieve`` and attends with ``codec.sparse_attention``; with a calibration file
-it encodes and retrieves with the file's per-layer key centres and channel scales, as the
-serving path does with ``--pariskv-calibration``. It also measures what a
-decode step lost against dense attention (recall of the exact top-k, attention mass).
-Batch size 1 (the demo's case); the SGLang backend is the batched, GPU path.
+only the new key, retrieves with ``codec.retrieve`` and attends with
+``codec.sparse_attention``; with a calibration file it encodes and retrieves with the
+file's per-layer key centres and channel scales, as the serving path does with
+``--pariskv-calibration``. It also measures what a decode step lost against dense
+attention (recall of the exact top-k, attention mass). Batch size 1 (the demo's case); the
+SGLang backend is the batched, GPU path.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from sglang_pariskv.calibration import Calibration
-from sglang_pariskv.codec import KeyCodes, centroid_histogram, encode_keys, retrieve
+from sglang_pariskv.codec import KeyCodes, encode_keys, retrieve
 from sglang_pariskv.codec.attention import sparse_attention
 from sglang_pariskv.codec.query import group_queries
 from sglang_pariskv.config import ParisKVConfig
@@ -41,7 +41,6 @@ class StepMetrics:
 @dataclass
 class _LayerState:
     codes: KeyCodes | None = None  # [1, N, Hkv, ...]
-    hist: torch.Tensor | None = None  # [1, Hkv, B, 256]
 
 
 def exact_retrieval(q: torch.Tensor, keys: torch.Tensor, config: ParisKVConfig):
@@ -98,12 +97,10 @@ class ParisKVAttention:
         if keys.shape[1] > have:
             centre, scale = self._calibration(layer, keys.shape[2])
             new = encode_keys(keys[:, have:], self.config.rotation_seed, centre, scale)
-            delta = centroid_histogram(new.signs, torch.tensor([new.signs.shape[1]]))
             if st.codes is None:
-                st.codes, st.hist = new, delta
+                st.codes = new
             else:
                 st.codes = KeyCodes(*(torch.cat([a, b], 1) for a, b in zip(st.codes, new)))
-                st.hist = st.hist + delta
         return st
 
     def _calibration(self, layer: int, num_kv_heads: int):
@@ -146,7 +143,7 @@ class ParisKVAttention:
             positions, valid = exact_retrieval(q, keys, self.config)
         else:
             scale = self._calibration(layer, keys.shape[2])[1]
-            ret = retrieve(q, st.codes, torch.tensor([n]), self.config, hist=st.hist, scale=scale)
+            ret = retrieve(q, st.codes, torch.tensor([n]), self.config, scale=scale)
             positions, valid = ret.positions, ret.valid
         out = sparse_attention(q, keys, values, positions, valid, scaling)
         if self.measure:

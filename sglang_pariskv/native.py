@@ -37,8 +37,8 @@ def _required(server_args: Any) -> ParisKVConfig:
 
 def resolution_defaults(view: Any) -> dict[str, Any]:
     """The values ParisKV declares early in SGLang's resolution, where the user chose
-    none: the FlashInfer backend (ParisKV is built on it) and a bounded request pool
-    (each request slot holds ParisKV histograms)."""
+    none: the FlashInfer backend (ParisKV is built on it) and a bounded number of running
+    requests (ParisKV's decode workspace is sized for that many)."""
     if not getattr(view, "enable_pariskv", False):
         return {}
     declared: dict[str, Any] = {}

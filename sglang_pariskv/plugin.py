@@ -233,12 +233,14 @@ def _around_resolution(original, server_args, *args, **kwargs):
 
 
 def _cap_running_requests(args) -> None:
-    """Bound the request slots (and so the per-request histograms) unless the user chose."""
+    """Bound the running requests (and so the decode workspace, sized for that many) unless
+    the user chose."""
     if getattr(args, "max_running_requests", None) is None:
         args.max_running_requests = DEFAULT_MAX_RUNNING_REQUESTS
         logger.warning(
-            "ParisKV: --max-running-requests not given; using %d (each request slot holds "
-            "ParisKV histograms). Pass --max-running-requests to choose another bound.",
+            "ParisKV: --max-running-requests not given; using %d (ParisKV's decode "
+            "workspace is sized for that many requests). Pass --max-running-requests to "
+            "choose another bound.",
             DEFAULT_MAX_RUNNING_REQUESTS,
         )
 

@@ -6,7 +6,7 @@ per-token cell size. ParisKV changes both sides of that division:
 * the cell: every token also holds its code (:func:`add_code_bytes`); with
   ``--pariskv-offload host`` the K/V bytes are in host memory, so the GPU cell is the code
   alone and the host pool's size caps the tokens;
-* the bytes: what the ParisKV backend allocates after the pool exists (histograms, decode
+* the bytes: what the ParisKV backend allocates after the pool exists (decode
   workspace, FlashInfer workspaces: ``attention.memory_plan``; with offload, the hot
   cache) is planned here and taken out of the pool (:func:`reserve_planned_memory`), so
   a pool filled to its advertised capacity still leaves SGLang its headroom.
@@ -22,9 +22,9 @@ from sglang_pariskv.sglang_compat import captured_decode_batch_sizes, resolved
 
 logger = logging.getLogger("sglang_pariskv")
 
-#: ParisKV keeps centroid histograms per request slot (Hkv * head_dim/8 KiB per layer:
-#: 4 MiB per slot for a Llama-3.1-8B shape) and SGLang sizes its request pool at 2048-4096
-#: slots unless told otherwise, so without a cap the histograms alone could take ~16 GiB.
+#: ParisKV's decode workspace grows with running requests x context (about 3.7 GB at 1M
+#: tokens x 256 requests) and SGLang bounds the running requests at 2048-4096 unless told
+#: otherwise, so without a cap the workspace alone could outgrow the GPU.
 DEFAULT_MAX_RUNNING_REQUESTS = 256
 
 
@@ -165,7 +165,7 @@ def reserve_planned_memory(result, configurator, *args, **kwargs):
     )
     if gpu <= 0:
         raise ParisKVConfigError(
-            f"ParisKV's GPU memory ({gib:.2f} GiB of histograms, decode workspace and caches) "
+            f"ParisKV's GPU memory ({gib:.2f} GiB of decode workspace and caches) "
             f"leaves room for {max(total - reserved, 0)} tokens, less than one page: {fix}"
         )
     capped = gpu if slots is None else min(slots // page * page, gpu)

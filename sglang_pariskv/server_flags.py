@@ -352,13 +352,13 @@ def check_server_args(server_args: Any) -> None:
     refuse(
         bool(getattr(server_args, "enable_pdmux", False)),
         "--enable-pdmux: PD multiplexing builds one attention backend per SM group, each "
-        "with its own ParisKV histograms, so decode would not see those prefill built; "
-        "drop --enable-pdmux",
+        "with its own ParisKV decode state (retrieval reuse's kept selections), so decode "
+        "would not see the extends prefill planned; drop --enable-pdmux",
     )
     refuse(
         bool(getattr(server_args, "enable_two_batch_overlap", False)),
         "--enable-two-batch-overlap: its micro-batches run on separate attention backends "
-        "with separate ParisKV histograms; drop --enable-two-batch-overlap",
+        "with separate ParisKV decode state; drop --enable-two-batch-overlap",
     )
     refuse(
         bool(getattr(server_args, "enable_torch_compile", False)),
@@ -382,24 +382,23 @@ def check_server_args(server_args: Any) -> None:
     )
     refuse(
         bool(getattr(server_args, "enable_mixed_chunk", False)),
-        "--enable-mixed-chunk: a mixed batch is planned as an extend, which would rebuild "
-        "every running long request's histograms from all its tokens at each such step and "
-        "decode it densely; drop --enable-mixed-chunk",
+        "--enable-mixed-chunk: a mixed batch is planned as an extend, which would decode "
+        "every running long request densely at each such step; drop --enable-mixed-chunk",
     )
     refuse(
         _prefill_graph_backend(server_args) == "full",
         "--cuda-graph-backend-prefill full (or cuda_graph_config prefill backend full): a "
-        "whole-forward prefill graph would replay the histogram recount of the extend it "
-        "was captured on; use the default prefill graph backend or "
-        "--cuda-graph-backend-prefill breakable",
+        "whole-forward prefill graph would capture ParisKV's extend (its code writes), "
+        "which runs eagerly and has not been validated inside one; use the default prefill "
+        "graph backend or --cuda-graph-backend-prefill breakable",
     )
     mode = getattr(server_args, "disaggregation_mode", "null") or "null"
     refuse(
         mode != "null",
         f"--disaggregation-mode {mode}: PD disaggregation moves KV between servers without "
-        "the ParisKV codes and histograms; serve PD-disaggregated without --enable-pariskv",
+        "the ParisKV codes; serve PD-disaggregated without --enable-pariskv",
     )
-    # --tp-size N is supported: each rank's pool, histograms and retrieval cover its own
+    # --tp-size N is supported: each rank's pool, codes and retrieval cover its own
     # KV heads (retrieval is per KV head, so no collective is needed).
     for flag in ("enable_hisparse", "enable_double_sparsity"):
         refuse(

@@ -1,9 +1,8 @@
 """ParisKVAttnBackend's decode layer against a float64 torch oracle, on the CPU.
 
 Real pieces: SGLang's ReqToTokenPool, ParisKV's KV pool (codes written with every KV
-write), the backend's host planning, histogram maintenance (rebuilt at "extend",
-incremented per decode step), the retrieval workspace (Triton interpreter) and the
-dense/sparse row selection. Stand-ins, because they are FlashInfer GPU kernels: SGLang's
+write), the backend's host planning, the retrieval workspace (Triton interpreter) and
+the dense/sparse row selection. Stand-ins, because they are FlashInfer GPU kernels: SGLang's
 dense decode call (a torch dense attention that also stores the step's KV, as FlashInfer's
 backend does) and the head-as-batch FlashInfer call (a torch attention over the
 workspace's ``kv_indices``). The oracle is independent of both: ``codec.retrieve`` over
@@ -23,13 +22,11 @@ from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
 
 from sglang_pariskv.attention.backend import ParisKVAttnBackend
 from sglang_pariskv.attention.deferred_codes import DeferredCodes
-from sglang_pariskv.attention.histogram_upkeep import HistogramUpkeep
 from sglang_pariskv.attention.observability import DecodeObserver
 from sglang_pariskv.attention.offload_wiring import OffloadDecode
 from sglang_pariskv.attention.step_graphs import StepGraphs
 from sglang_pariskv.codec import encode_keys, retrieve, sparse_attention
 from sglang_pariskv.config import ParisKVConfig
-from sglang_pariskv.index.histograms import RequestHistograms
 from sglang_pariskv.kernels import DecodeWorkspace
 from sglang_pariskv.offload.kv_pool import HostOffloadKVPool
 from tests.test_plugin_pool import make_pool
@@ -146,7 +143,6 @@ def setup(monkeypatch, request):
     b.__dict__.update(
         config=CFG, token_to_kv_pool=pool, req_to_token_pool=rtp, codes=pool.pariskv,
         hkv=HKV, d=D, hq=HQ, tp_rank=0, ws=ws, eager_sparse=TorchHeadAsBatch(ws),
-        histograms=HistogramUpkeep(RequestHistograms(4, HKV, D, 1, "cpu"), pool.pariskv, rtp, CFG),
         graph_sparse={}, _sparse=None, _rpi32=None, scale=(SCALE, 0.0),
         _dense_dev=torch.zeros(4, dtype=torch.bool), offload=None, _retrieval_stream=None,
         graphs=StepGraphs(), deferred=DeferredCodes(pool, CFG, offloaded=offload),
@@ -186,19 +182,12 @@ def test_mixed_batch_decode_matches_the_oracle_over_steps(setup, calibrated):
     rpi, seq = [3, 1], [300, 40]  # one sparse request (300 > 64), one dense (40)
     layer = types.SimpleNamespace(layer_id=0, is_cross_attention=False)
     next_slot = 1
-    for i, n in zip(rpi, seq):  # "prefill": KV (and codes) written, histograms rebuilt
+    for i, n in zip(rpi, seq):  # "prefill": KV (and codes) written
         slots = torch.arange(next_slot, next_slot + n)
         next_slot += n
         rtp.req_to_token[i, :n] = slots.to(torch.int32)
         k = torch.randn(n, HKV, D, generator=gen)
         pool.set_kv_buffer(layer, slots, k, torch.randn(n, HKV, D, generator=gen))
-    b.hists.rebuild(
-        0,
-        pool.pariskv.layers[0].signs,
-        rtp.req_to_token,
-        torch.tensor(rpi[:1]),
-        torch.tensor(seq[:1]),
-    )  # extend recounts only the request above the dense limit
     for _step in range(3):
         seq = [n + 1 for n in seq]
         loc = torch.arange(next_slot, next_slot + len(rpi))
@@ -212,15 +201,6 @@ def test_mixed_batch_decode_matches_the_oracle_over_steps(setup, calibrated):
         want = oracle(pool, rtp, rpi, seq, q)
         assert b._dense_dev[:2].tolist() == [False, True]
         torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-5)
-    # The sparse request's histograms, kept incrementally, equal a fresh count; the dense
-    # one's were never counted.
-    fresh = RequestHistograms(4, HKV, D, 1, "cpu")
-    fresh.rebuild(
-        0, pool.pariskv.layers[0].signs, rtp.req_to_token, torch.tensor([3]),
-        torch.tensor([seq[0]]),
-    )  # fmt: skip
-    assert torch.equal(b.hists.layers[0][3], fresh.layers[0][3])
-    assert b.hists.layers[0][1].sum() == 0
     assert b.observer.stats.sparse_steps == 3
     assert b.observer.stats.totals.sparse_request_steps == 3
     if b.offload is not None:  # the offloaded run went through the cache and reused rows
@@ -292,8 +272,6 @@ def test_slots_reused_by_a_new_request_are_never_served_stale(setup):
         n = len(slots)
         pool.set_kv_buffer(layer, slots, torch.randn(n, HKV, D, generator=gen),
                            torch.randn(n, HKV, D, generator=gen))  # fmt: skip
-        b.hists.rebuild(0, pool.pariskv.layers[0].signs, rtp.req_to_token,
-                        torch.tensor([req]), torch.tensor([n]))  # fmt: skip
 
     def decode(reqs, seqs, locs):
         fb = decode_batch(rtp, reqs, seqs, locs)
@@ -322,29 +300,19 @@ def test_slots_reused_by_a_new_request_are_never_served_stale(setup):
         assert b.offload.fetcher.cache.stats()["hits"] > 0
 
 
-@pytest.mark.parametrize("lengths_on_host", [True, False])
-def test_a_request_crossing_the_dense_limit_retrieves_with_a_full_count(
-    setup, monkeypatch, lengths_on_host
-):
-    """Extend goes through the backend (histograms of a previous owner cleared; the long
-    request recounted, the short one not), then the short request decodes densely, crosses
+def test_a_request_crossing_the_dense_limit_retrieves_over_all_its_keys(setup, monkeypatch):
+    """Extend goes through the backend, then the short request decodes densely, crosses
     the dense limit (64) and retrieves: every step matches the oracle, whose retrieval
-    counts all of the request's keys, and afterwards both requests' histograms equal a
-    fresh count. Also for an extend whose lengths are on the device only (no
-    ``seq_lens_cpu``), where the short row must still count nothing."""
+    scores all of the request's keys (those its dense steps wrote included)."""
     b, pool, rtp = setup
     monkeypatch.setattr(FlashInferAttnBackend, "forward_extend", extend_stand_in)
     gen = torch.Generator().manual_seed(11)
     layer = types.SimpleNamespace(layer_id=0, is_cross_attention=False)
-    b.hists.all.fill_(5)  # counts left by the slots' previous requests
     rpi, seq = [2, 0], [62, 100]
     fb = extend_batch(rtp, rpi, seq, torch.arange(1, 163))
-    if not lengths_on_host:
-        fb.seq_lens_cpu = None
     b.init_forward_metadata(fb)
     kv = torch.randn(162, HKV, D, generator=gen)
     b.forward_extend(torch.zeros(162, HQ * D), kv, kv.flip(0), layer, fb)
-    assert b.hists.layers[0][2].sum() == 0 and b.hists.layers[0][0].sum() > 0
     next_slot = 163
     for _step in range(6):  # request 2: 63, 64 dense; 65 crosses; 66, 67, 68 sparse
         seq = [n + 1 for n in seq]
@@ -357,11 +325,6 @@ def test_a_request_crossing_the_dense_limit_retrieves_with_a_full_count(
         assert b._dense_dev[:2].tolist() == [seq[0] <= 64, False]
         torch.testing.assert_close(got.double(), oracle(pool, rtp, rpi, seq, q), atol=2e-5,
                                    rtol=1e-5)  # fmt: skip
-    for j, i in enumerate(rpi):
-        fresh = RequestHistograms(4, HKV, D, 1, "cpu")
-        fresh.rebuild(0, pool.pariskv.layers[0].signs, rtp.req_to_token, torch.tensor([i]),
-                      torch.tensor([seq[j]]))  # fmt: skip
-        assert torch.equal(b.hists.layers[0][i], fresh.layers[0][i])
 
 
 def dense_oracle(pool, rtp, rpi, seq, q):
@@ -379,8 +342,7 @@ def dense_oracle(pool, rtp, rpi, seq, q):
 def test_a_dense_layer_attends_every_row_over_its_whole_context(setup, monkeypatch):
     """--pariskv-dense-layers: on a step that retrieves, a dense layer runs SGLang's decode
     with the full-length plan (the plan the stand-in sees), every row's output is dense
-    attention (float64 oracle), its codes still follow, and neither retrieval nor the
-    histograms run for it (it never retrieves)."""
+    attention (float64 oracle), its codes still follow, and retrieval does not run."""
     from sglang_pariskv.attention.dense_layers import FullContextDecode
 
     b, pool, rtp = setup
@@ -416,10 +378,6 @@ def test_a_dense_layer_attends_every_row_over_its_whole_context(setup, monkeypat
         rtp.req_to_token[i, :n] = slots.to(torch.int32)
         pool.set_kv_buffer(layer, slots, torch.randn(n, HKV, D, generator=gen),
                            torch.randn(n, HKV, D, generator=gen))  # fmt: skip
-    b.hists.rebuild(
-        0, pool.pariskv.layers[0].signs, rtp.req_to_token, torch.tensor(rpi), torch.tensor(seq)
-    )
-    before = b.hists.all.clone()
     for _step in range(2):
         seq = [n + 1 for n in seq]
         loc = torch.arange(next_slot, next_slot + len(rpi))
@@ -434,4 +392,3 @@ def test_a_dense_layer_attends_every_row_over_its_whole_context(setup, monkeypat
         assert seen[-1] == ("full plan", sum(seq)) and planned[-1] == sum(seq)
         assert b.forward_metadata == "the 1-token plan"
         assert torch.equal(pool.pariskv.layers[0].signs[loc], encode_keys(k).signs)
-    assert torch.equal(b.hists.all, before)

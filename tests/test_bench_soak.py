@@ -428,8 +428,8 @@ POOL_FMT = (
     "ParisKV's backend%s: serving %d"
 )
 BACKEND_FMT = (
-    "ParisKV backend: codes %.1f MiB, histograms %.1f MiB (%d request slots), decode "
-    "workspace %.1f MiB (%d requests x %d tokens), config %s"
+    "ParisKV backend: codes %.1f MiB, decode workspace %.1f MiB (%d requests x %d "
+    "tokens), config %s"
 )
 HOT_FMT = "ParisKV offload: host pool %.1f GiB, hot cache %d lines/layer (%.1f MiB)"
 
@@ -442,7 +442,7 @@ def _log(offload: bool = False) -> str:
         lines.append(p + POOL_FMT % (812345, 1.25 * scale, 10240, "", 802105))
         if offload:
             lines.append(p + HOT_FMT % (64.0, 4096, 96.5 * scale))
-        lines.append(p + BACKEND_FMT % (512.0, 40.5 * scale, 33, 300.25 * scale, 32, 32768, "{}"))
+        lines.append(p + BACKEND_FMT % (512.0, 300.25 * scale, 32, 32768, "{}"))
     return "\n".join(lines)
 
 
@@ -472,10 +472,10 @@ def test_the_sample_log_lines_use_the_plugins_format_strings():
 def test_planned_and_allocated_memory_from_the_log():
     got = soak_checks.parse_memory_log(_log())
     assert got["memory_planned_bytes"] == round(1.25 * 2**30)
-    assert got["memory_allocated_bytes"] == round((40.5 + 300.2) * 2**20)  # %.1f of 300.25
+    assert got["memory_allocated_bytes"] == round(300.2 * 2**20)  # %.1f of 300.25
     assert got["kv_tokens_reserved"] == 10240
     off = soak_checks.parse_memory_log(_log(offload=True))
-    assert off["memory_allocated_bytes"] == round((40.5 + 300.2 + 96.5) * 2**20)
+    assert off["memory_allocated_bytes"] == round((300.2 + 96.5) * 2**20)
     none = soak_checks.parse_memory_log("[TP0] Load weight end.\n")
     assert none["memory_planned_bytes"] is None and none["memory_allocated_bytes"] is None
 
@@ -596,7 +596,7 @@ def test_a_clean_run_passes_and_states_what_it_checked(tmp_path, monkeypatch, fa
     assert data["probe_identical_to_dense"] is True
     assert data["probe_input_lens"] == [16, 85, 155, 224]
     assert data["memory_planned_bytes"] == round(1.25 * 2**30)
-    assert data["memory_allocated_bytes"] == round((40.5 + 300.2) * 2**20)
+    assert data["memory_allocated_bytes"] == round(300.2 * 2**20)
     assert data["pariskv_counters"][f"{soak_checks.PK}sparse_request_steps_total"] > 0
     assert data["series"] and "--enable-pariskv" in data["server_commands"]["pariskv"]
     assert "--enable-pariskv" not in data["server_commands"]["dense"]

@@ -1,5 +1,4 @@
-"""Encode-at-write kernel against codec.encode_keys, and the histogram counts taken from
-the pool's codes (extend and decode) against the codec's and brute-force counts.
+"""Encode-at-write kernel against codec.encode_keys.
 
 On a machine without CUDA the Triton kernels run in the interpreter (TRITON_INTERPRET=1,
 set by tests/conftest.py before the kernels are imported), at small sizes.
@@ -9,8 +8,7 @@ import pytest
 import torch
 
 from sglang_pariskv.codec import encode_keys
-from sglang_pariskv.codec.collision import centroid_histogram
-from sglang_pariskv.kernels import add_to_histograms, count_new_keys, encode_to_pool
+from sglang_pariskv.kernels import encode_to_pool
 from tests.kernel_cases import empty_pool
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -63,95 +61,6 @@ def test_encode_refuses_a_head_dim_that_is_not_a_power_of_two(d):
     keys = torch.randn(2, 1, d, device=DEV)
     with pytest.raises(ValueError, match=f"head_dim {d}: .* power of two"):
         encode_to_pool(keys, torch.tensor([1, 2], device=DEV), pool)
-
-
-def test_extend_counts_each_requests_range_from_the_pool():
-    """add_to_histograms (extend) counts positions [start, end) of each request through
-    req_to_token, as the codec counts those keys' signs; other rows stay zero."""
-    gen = torch.Generator().manual_seed(1)
-    t, h, d = 120, 2, 64
-    keys = torch.randn(t, h, d, generator=gen).to(DEV)
-    slots = (torch.randperm(t, generator=gen) + 1).to(DEV)
-    pool = empty_pool(t + 1, h, d, DEV)
-    encode_to_pool(keys, slots, pool)
-    rtt = torch.zeros(3, t, dtype=torch.int32, device=DEV)
-    rtt[1] = slots.to(torch.int32)
-    rtt[2, :50] = slots[70:].to(torch.int32)  # another request's tokens, other positions
-    hist = torch.zeros(3, h, d // 8, 256, dtype=torch.int32, device=DEV)
-    start = torch.tensor([10, 0], dtype=torch.int32, device=DEV)
-    end = torch.tensor([95, 50], dtype=torch.int32, device=DEV)
-    rpi = torch.tensor([1, 2], dtype=torch.int32, device=DEV)
-    add_to_histograms(pool.signs, rtt, rpi, start, end, hist, max_len=t)
-    for row, sel in ((1, slots[10:95]), (2, slots[70:])):
-        want = centroid_histogram(pool.signs[sel][None], torch.tensor([len(sel)]))
-        assert torch.equal(hist[row].cpu(), want[0].cpu())
-    assert hist[0].sum() == 0
-
-
-def _count_case(seed: int):
-    """Signs, req_to_token, rows and seq_lens of a decode step: rows above the limit, one
-    at exactly limit + 1 (catch-up of more than one program's share), rows at or below
-    it and padding rows (seq_len 1); requests longer than the distinct slots."""
-    gen = torch.Generator().manual_seed(seed)
-    slots, h, b, limit = 400, 3, 8, 90
-    signs = torch.randint(0, 256, (slots, h, b), generator=gen).to(torch.uint8)
-    rtt = torch.randperm(slots, generator=gen)[: 5 * 80].reshape(5, 80).to(torch.int32)
-    rtt = torch.cat([rtt, rtt], 1)[:, :150]
-    rpi = torch.tensor([4, 0, 2, 3, 1, 0], dtype=torch.int32)
-    seq = torch.tensor([120, 91, 1, 90, 150, 1])  # 91 = limit + 1: catch-up
-    start = torch.randint(0, 5, (5, h, b, 256), generator=gen, dtype=torch.int32)
-    return signs, rtt, rpi, seq, start, limit
-
-
-def _brute_count(signs, rtt, rpi, seq, start, limit):
-    """The histograms after counting, one key at a time."""
-    want = start.clone()
-    _, h, b = signs.shape
-    for r in range(len(rpi)):
-        n = int(seq[r])
-        if n <= limit:
-            continue
-        for pos in range(0 if n == limit + 1 else n - 1, n):
-            slot = int(rtt[int(rpi[r]), pos])
-            for hh in range(h):
-                for bb in range(b):
-                    want[int(rpi[r]), hh, bb, int(signs[slot, hh, bb])] += 1
-    return want
-
-
-def test_new_key_counts_equal_a_brute_force_count():
-    """Rows above the limit add their new key (position seq_len - 1); a row at exactly
-    limit + 1 adds all its tokens (more than one program's share, so the split programs
-    each take part); rows at or below the limit and padding rows (seq_len 1) add nothing."""
-    signs, rtt, rpi, seq, start, limit = _count_case(2)
-    got = start.clone().to(DEV)
-    count_new_keys(
-        signs.to(DEV), rtt.to(DEV), rpi.to(DEV), seq.to(DEV), got, limit, split=2, block_n=16
-    )
-    assert torch.equal(got.cpu(), _brute_count(signs, rtt, rpi, seq, start, limit))
-
-
-def test_new_key_counts_of_every_layer_in_one_launch():
-    """The one-launch count over all layers (a deferred-code step) gives each layer the
-    brute-force count of that layer's signs, and leaves the others alone."""
-    from sglang_pariskv.kernels.encode import address_table
-    from sglang_pariskv.kernels.histograms import count_new_keys_layers
-
-    cases = [_count_case(seed) for seed in (3, 4, 5)]
-    _, rtt, rpi, seq, _, limit = cases[0]
-    signs = [c[0].to(DEV) for c in cases]
-    hist = torch.stack([c[4] for c in cases]).to(DEV)
-    count_new_keys_layers(
-        address_table(signs, DEV), signs[0], rtt.to(DEV), rpi.to(DEV), seq.to(DEV), hist,
-        limit, split=2, block_n=16,
-    )  # fmt: skip
-    for layer, (sg, _, _, _, start, _) in enumerate(cases):
-        assert torch.equal(hist[layer].cpu(), _brute_count(sg, rtt, rpi, seq, start, limit))
-    with pytest.raises(ValueError, match="one address per layer"):
-        count_new_keys_layers(
-            address_table(signs[:2], DEV), signs[0], rtt.to(DEV), rpi.to(DEV), seq.to(DEV),
-            hist, limit,
-        )  # fmt: skip
 
 
 @pytest.mark.gpu

@@ -6,7 +6,6 @@ import dataclasses
 import pytest
 import torch
 
-from sglang_pariskv.codec.collision import centroid_histogram
 from sglang_pariskv.codec.reuse import KeptSelection, retrieve_with_reuse
 from sglang_pariskv.config import ParisKVConfig
 from sglang_pariskv.kernels import DecodeWorkspace
@@ -46,26 +45,24 @@ def run_steps(sc, full, queries, cfg, ws, heads, dev, replay=None, max_diff=0):
     a function (ws, args) -> callable that runs the step (a CUDA graph replay), else eager.
     ``max_diff``: slots a row may differ by (rounding at the top-k boundary).
     Returns the per-step retrieved flags."""
-    state = ReuseState(sc.hist.shape[0], 1, heads, ws.d, ws.k, dev)
+    state = ReuseState(sc.req_to_token.shape[0], 1, heads, ws.d, ws.k, dev)
     kept = KeptSelection.empty(len(full), heads, ws.d, cfg.topk, device=dev)
     fresh_log, run = [], None
     for step, q in enumerate(queries):
         seq = torch.tensor([n - len(queries) + step for n in full], dtype=torch.int32)
         sc.seq_lens = seq.to(dev)
-        hist = centroid_histogram(padded_codes(sc).signs, seq.long().to(dev))  # decode adds
-        sc.hist[sc.req_pool_indices.long()] = hist.to(sc.hist.dtype)
         ws.plan(seq)
         q_in = queries[0] if replay is not None else q
         if replay is not None:
             q_in.copy_(q)
-        args = (q_in, sc.pool, sc.hist, sc.req_to_token, sc.req_pool_indices)
+        args = (q_in, sc.pool, sc.req_to_token, sc.req_pool_indices)
         if replay is None:
             out = ws.run(*args, reuse=state.layer(0))
         else:
             run = run or replay(ws, args, state.layer(0))
             out = run()
         ref, kept, retrieved = retrieve_with_reuse(
-            q.double(), padded_codes(sc), seq.long().to(dev), cfg, kept, hist=hist
+            q.double(), padded_codes(sc), seq.long().to(dev), cfg, kept
         )
         fresh = ws.reuse_fresh[: len(full)].cpu().bool()
         assert torch.equal(fresh, retrieved.any(-1).cpu()), step
@@ -143,11 +140,11 @@ def test_a_request_taking_over_a_slot_never_reuses_its_selection():
     sc = make_scenario(full, H, D, 720, DEV, dtype=torch.float16, seed=5)
     q = torch.randn(1, H * G, D, generator=torch.Generator().manual_seed(6)).to(DEV)
     ws = workspace(dataclasses.replace(CFG, reuse_max_age=100))
-    state = ReuseState(sc.hist.shape[0], 1, H, D, ws.k, DEV)
+    state = ReuseState(sc.req_to_token.shape[0], 1, H, D, ws.k, DEV)
 
     def step(n):
-        ws.plan(torch.tensor([n], dtype=torch.int32))  # (histograms of all 600: no matter)
-        ws.run(q, sc.pool, sc.hist, sc.req_to_token, sc.req_pool_indices, reuse=state.layer(0))
+        ws.plan(torch.tensor([n], dtype=torch.int32))
+        ws.run(q, sc.pool, sc.req_to_token, sc.req_pool_indices, reuse=state.layer(0))
         return bool(ws.reuse_fresh[0])
 
     assert step(590) and not step(591)  # the first request retrieves, then reuses
@@ -157,7 +154,7 @@ def test_a_request_taking_over_a_slot_never_reuses_its_selection():
     # ...so a request starting on the slot resets it, and its first step retrieves.
     state.reset(sc.req_pool_indices)
     assert step(592) and not step(593)
-    other = ReuseState(sc.hist.shape[0], 1, H, D, ws.k, DEV)
+    other = ReuseState(sc.req_to_token.shape[0], 1, H, D, ws.k, DEV)
     assert (other.seq == -1).all()  # a fresh state keeps nothing
 
 
@@ -167,11 +164,11 @@ def test_threshold_zero_runs_no_reuse_stage_and_state_needs_a_threshold():
     q = torch.randn(1, H * G, D, generator=torch.Generator().manual_seed(2)).to(DEV)
     ws = workspace(cfg)
     ws.plan(sc.seq_lens.cpu())
-    ws.bind(q, sc.pool, sc.hist, sc.req_to_token, sc.req_pool_indices)
+    ws.bind(q, sc.pool, sc.req_to_token, sc.req_pool_indices)
     assert [name for name, _ in ws.stages()] == [
         "query_tiers", "scan", "select", "rerank", "topk", "assemble",
     ]  # fmt: skip
     assert not hasattr(ws, "reuse_eff")
-    state = ReuseState(sc.hist.shape[0], 1, H, D, ws.k, DEV)
+    state = ReuseState(sc.req_to_token.shape[0], 1, H, D, ws.k, DEV)
     with pytest.raises(ValueError, match="reuse_threshold is 0"):
-        ws.run(q, sc.pool, sc.hist, sc.req_to_token, sc.req_pool_indices, reuse=state.layer(0))
+        ws.run(q, sc.pool, sc.req_to_token, sc.req_pool_indices, reuse=state.layer(0))

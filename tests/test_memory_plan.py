@@ -16,7 +16,6 @@ from sglang_pariskv.attention.memory_plan import (
 )
 from sglang_pariskv.attention.sparse_decode import WORKSPACE_BYTES
 from sglang_pariskv.config import ParisKVConfig, ParisKVConfigError
-from sglang_pariskv.index.histograms import RequestHistograms
 from sglang_pariskv.kernels.workspace import DecodeWorkspace
 
 
@@ -30,14 +29,23 @@ def test_the_plan_is_what_the_backend_allocates(hq, hkv, d, layers, slots, batch
         cfg, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, num_layers=layers,
         request_slots=slots, max_batch=batch, max_context=ctx, graph_batch_sizes=5,
     )  # fmt: skip
-    hists = RequestHistograms(slots, hkv, d, layers, "cpu")
     ws = DecodeWorkspace(cfg, hq, hkv, d, max_batch=batch, max_context=ctx, device="cpu")
-    allocated = sum(t.numel() * t.element_size() for t in hists.layers)
-    assert plan.histograms == allocated == hists.nbytes()
     query_copy = batch * hq * d * 2  # the bf16 query copy the first CUDA run adds
     assert plan.workspace == tensor_bytes(ws) + query_copy
     assert plan.workspace >= batch * hkv * ctx  # the scores alone: one byte per position
     assert plan.flashinfer == WORKSPACE_BYTES + 11 * FLASHINFER_INT_WORKSPACE_BYTES
+    assert plan.total == tensor_bytes(ws) + query_copy + plan.flashinfer + plan.reuse
+
+
+def test_without_reuse_request_slots_cost_nothing():
+    """Retrieval reuse's kept selections are the only per-request-slot state: without
+    them, the plan does not grow with the request slots."""
+    cfg = ParisKVConfig(topk=256, sink=16, local=64, dense_threshold=512, reuse_threshold=0)
+    sizes = dict(num_q_heads=8, num_kv_heads=2, head_dim=64, num_layers=3, max_batch=8,
+                 max_context=4096, graph_batch_sizes=5)  # fmt: skip
+    few = plan_backend_memory(cfg, request_slots=9, **sizes)
+    many = plan_backend_memory(cfg, request_slots=4096, **sizes)
+    assert few == many and few.reuse == 0
 
 
 def test_tensor_bytes_counts_each_tensor_once_through_containers():

@@ -144,7 +144,7 @@ def test_fetch_of_the_real_workspace_indices():
     for _ in range(3):
         ws.plan(sc.seq_lens.cpu())
         q = (q0 + 0.05 * torch.randn(q0.shape, generator=gen)).bfloat16().to(DEV)
-        out = ws.run(q, sc.pool, sc.hist, sc.req_to_token, sc.req_pool_indices)
+        out = ws.run(q, sc.pool, sc.req_to_token, sc.req_pool_indices)
         staged = f.fetch(0, out.kv_indptr, out.kv_indices)
         assert_staged(f, 0, out.kv_indptr, out.kv_indices, staged)
     assert int(out.kv_indptr[-1]) == h * cfg.budget + h  # sparse rows + 1-token dense rows

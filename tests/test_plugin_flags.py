@@ -167,13 +167,13 @@ def test_bad_flags_fail_early_naming_the_flag(parser, flags, words):
         (["--page-size", "16"], ["--page-size 16", "--page-size 1"]),
         (["--kv-cache-dtype", "fp8_e4m3"], ["--kv-cache-dtype fp8_e4m3"]),
         (["--enable-dp-attention"], ["--enable-dp-attention"]),
-        (["--enable-pdmux"], ["--enable-pdmux", "histograms"]),
+        (["--enable-pdmux"], ["--enable-pdmux", "decode state"]),
         (["--enable-two-batch-overlap"], ["--enable-two-batch-overlap"]),
         (["--enable-torch-compile"], ["--enable-torch-compile", "CUDA graphs stay on"]),
         (["--disaggregation-mode", "decode"], ["--disaggregation-mode decode", "codes"]),
         (["--enable-lora"], ["--enable-lora", "without --enable-pariskv"]),
         (["--enable-deterministic-inference"], ["--enable-deterministic-inference", "ties"]),
-        (["--enable-mixed-chunk"], ["--enable-mixed-chunk", "histograms"]),
+        (["--enable-mixed-chunk"], ["--enable-mixed-chunk", "densely"]),
     ],
 )
 def test_unsupported_combinations_are_refused(parser, flags, words, capsys):
@@ -196,8 +196,8 @@ def test_unsupported_combinations_are_refused(parser, flags, words, capsys):
     ],
 )
 def test_whole_forward_prefill_graphs_are_refused(parser, flags, capsys):
-    """A full prefill graph would capture one extend's histogram recount; the other
-    prefill graph backends keep attention (and the recount) eager."""
+    """A full prefill graph would capture ParisKV's extend, which is only run eagerly; the
+    other prefill graph backends keep attention (and the code writes) eager."""
     if not any(a.option_strings == [flags[0]] for a in parser._actions):
         pytest.skip(f"this SGLang has no {flags[0]}")
     with pytest.raises(SystemExit):

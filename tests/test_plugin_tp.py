@@ -1,8 +1,8 @@
 """Tensor parallelism: each rank's ParisKV state is the tp=1 state restricted to its heads.
 
 SGLang shards attention by KV head: with ``--tp-size 2`` and 4 KV heads, rank r builds its
-KV pool with heads [2r, 2r + 2) and receives exactly those heads' keys. ParisKV's codes,
-histograms and retrieval are per KV head (the rotation is shared by all heads), so rank
+KV pool with heads [2r, 2r + 2) and receives exactly those heads' keys. ParisKV's codes
+and retrieval are per KV head (the rotation is shared by all heads), so rank
 r's state and retrieved positions must equal the tp=1 ones for its heads, which is why
 no collective is needed. Checked here with real SGLang pools (CPU) for two ranks' shapes,
 plus the flags and the per-rank memory accounting.
@@ -18,7 +18,6 @@ from sglang_pariskv import plugin
 from sglang_pariskv.codec.pipeline import retrieve
 from sglang_pariskv.config import ParisKVConfig
 from sglang_pariskv.index.code_pool import code_bytes_per_token
-from sglang_pariskv.index.histograms import RequestHistograms
 from sglang_pariskv.index.kv_pool import ParisKVTokenToKVPool
 from sglang_pariskv.pool_sizing import add_code_bytes
 from tests.test_plugin_pool import make_pool as make_cpu_pool
@@ -64,20 +63,6 @@ def test_each_rank_holds_the_codes_of_its_heads(written):
         for r, pool in enumerate(ranks):
             for got, want in zip(pool.pariskv.layers[li], full.pariskv.layers[li]):
                 assert torch.equal(got[loc], shard(want[loc], r))
-
-
-def test_each_rank_histograms_are_the_tp1_ones_for_its_heads(written):
-    full, ranks, slots, lens, _ = written
-    rtt = torch.zeros(2, 512, dtype=torch.int32)
-    for i, s in enumerate(slots):
-        rtt[i, : len(s)] = s
-    rows, seq = torch.tensor([0, 1]), torch.tensor(lens)
-    h_full = RequestHistograms(2, HKV, D, LAYERS, "cpu")
-    h_full.rebuild(0, full.pariskv.layers[0].signs, rtt, rows, seq)
-    for r, pool in enumerate(ranks):
-        h = RequestHistograms(2, HKV // TP, D, LAYERS, "cpu")
-        h.rebuild(0, pool.pariskv.layers[0].signs, rtt, rows, seq)
-        assert torch.equal(h.layers[0], shard(h_full.layers[0], r))
 
 
 def test_each_rank_retrieves_the_tp1_positions_of_its_heads(written):

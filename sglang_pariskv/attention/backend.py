@@ -1,26 +1,24 @@
 """``ParisKVAttnBackend``: SGLang's FlashInfer backend with ParisKV sparse decoding.
 
 * Extend (prefill, chunked prefill, radix prefix hits): FlashInfer's dense attention,
-  unchanged. The KV pool encodes every key it stores (``index.kv_pool``); the extending
-  requests' centroid histograms are zeroed, and recounted from all their tokens for those
-  that end above the dense limit (``histogram_upkeep``).
+  unchanged. The KV pool encodes every key it stores (``index.kv_pool``), by slot, so a
+  radix prefix hit's codes are already there.
 * Decode: requests at or below the dense threshold attend through SGLang's own dense
-  decode call, so their outputs are exactly dense ones, and count nothing. On a sparse
-  step the longer requests' histograms are brought up to date first; those requests
-  attend through one "head as batch" FlashInfer call over the indices the retrieval
+  decode call, so their outputs are exactly dense ones. On a sparse step the longer
+  requests attend through one "head as batch" FlashInfer call over the indices the retrieval
   workspace assembled (sink + local window + top-k per KV head). In a mixed batch the
   dense call is planned with one token for the sparse rows and the sparse call's dense
   rows are discarded, so each request pays for one attention.
 * Overlap: on the GPU pool a sparse decode layer stores its K/V (and codes) first, then
-  forks a second stream for the histogram count, retrieval and sparse call, while SGLang's
+  forks a second stream for retrieval and the sparse call, while SGLang's
   dense call runs on the forward stream; the streams join before the select.
 * CUDA graphs: all host work (both plans) runs in ``init_forward_metadata_out_graph``;
   the captured layer work has fixed shapes and no host sync. Each batch size has a
   sparse-step and a dense-step graph (``step_graphs``); steps with no request above the
-  threshold replay the one without retrieval or histogram work.
+  threshold replay the one without retrieval.
 
-Other concerns live beside this module: ``histogram_upkeep`` (when each request's
-histograms are zeroed and counted), ``model_info`` (heads, TP rank, softmax scale),
+Other concerns live beside this module: ``deferred_codes`` (a dense step's code writes
+in one launch), ``model_info`` (heads, TP rank, softmax scale),
 ``observability`` (counters, metrics, timing, stats files), ``offload_wiring`` (host
 offload's hot cache and fetch), ``step_graphs`` (graph bookkeeping).
 """
@@ -38,7 +36,6 @@ from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
 from sglang_pariskv import sglang_compat
 from sglang_pariskv.attention.deferred_codes import DeferredCodes
 from sglang_pariskv.attention.dense_layers import FullContextDecode
-from sglang_pariskv.attention.histogram_upkeep import HistogramUpkeep
 from sglang_pariskv.attention.memory_plan import tensor_bytes
 from sglang_pariskv.attention.model_info import (
     attention_layers,
@@ -62,7 +59,6 @@ from sglang_pariskv.attention.step_graphs import (
 )
 from sglang_pariskv.codec.budget import step_dense_mask
 from sglang_pariskv.config import ParisKVConfig, ParisKVConfigError
-from sglang_pariskv.index.histograms import RequestHistograms
 from sglang_pariskv.index.kv_pool import ParisKVTokenToKVPool
 from sglang_pariskv.kernels.workspace import DecodeWorkspace
 from sglang_pariskv.offload.kv_pool import HostOffloadKVPool
@@ -99,12 +95,6 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         self.scale = attention_scale(layers, model_name)
         rtt = self.req_to_token_pool.req_to_token
         device = torch.device(model_runner.device)
-        self.histograms = HistogramUpkeep(
-            RequestHistograms(rtt.shape[0], self.hkv, self.d, pool.layer_num, device),
-            self.codes,
-            self.req_to_token_pool,
-            config,
-        )
         # The workspace scales with batch x context: size it by the running-request
         # limit (the decode batch bound), not by the request pool's slot count.
         max_batch = min(
@@ -140,21 +130,14 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         )
         self.observer.dump()
         logger.info(
-            "ParisKV backend: codes %.1f MiB, histograms %.1f MiB (%d request slots), decode "
-            "workspace %.1f MiB (%d requests x %d tokens), config %s",
+            "ParisKV backend: codes %.1f MiB, decode workspace %.1f MiB (%d requests x %d "
+            "tokens), config %s",
             self.codes.nbytes() / 2**20,
-            self.hists.nbytes() / 2**20,
-            rtt.shape[0],
             tensor_bytes(self.ws) / 2**20,
             self.ws.max_batch,
             self.ws.max_context,
             config.to_dict(),
         )
-
-    @property
-    def hists(self) -> RequestHistograms:
-        """The requests' centroid histograms, which retrieval reads."""
-        return self.histograms.hists
 
     def _build_workspace(self, max_batch: int) -> None:
         rtt = self.req_to_token_pool.req_to_token
@@ -270,10 +253,8 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             self.full.plan(forward_batch, key if isinstance(key, int) else None, in_capture)
 
     def _plan_extend(self, forward_batch) -> None:
-        """Zero the extending requests' histograms, pick those ``forward_extend`` recounts
-        (``HistogramUpkeep.extended``), and forget their kept top-k."""
+        """Count the extend and forget the extending requests' kept top-k."""
         self.observer.extend(forward_batch)
-        self.histograms.extended(forward_batch)
         if self.reuse is not None:  # no request reuses a selection made before it extended
             self.reuse.extended(forward_batch.req_pool_indices)
 
@@ -344,25 +325,16 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             self.graphs.keep_wrappers(bs, self.decode_cuda_graph_metadata[bs])
 
     # -- layer work (device side) -----------------------------------------------------
-    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
-        out = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
-        if k is not None and save_kv_cache and not layer.is_cross_attention:
-            local = layer.layer_id - self.token_to_kv_pool.start_layer
-            if self.full is None or local not in self.full.layers:  # dense layers keep none
-                self.histograms.recount(local)
-        return out
-
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
         local = layer.layer_id - self.token_to_kv_pool.start_layer
         out = self._decode_layer(q, k, v, layer, local, forward_batch, save_kv_cache)
-        if self.deferred.after_layer(local, forward_batch.out_cache_loc):
-            self.histograms.count_deferred(forward_batch)
+        self.deferred.after_layer(local, forward_batch.out_cache_loc)
         return out
 
     def _decode_layer(self, q, k, v, layer, local: int, forward_batch, save_kv_cache: bool):
         if self.full is not None and self.full.runs(local) and not layer.is_cross_attention:
             # A dense layer on a sparse step: SGLang's decode call (it stores the K/V and
-            # codes) with the full-length plan. It never retrieves, so it keeps no histograms.
+            # codes) with the full-length plan; it never retrieves.
             with self.full.planned():
                 return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
         fork = self._fork_stream(layer, k, save_kv_cache)
@@ -378,7 +350,7 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         if layer.is_cross_attention:
             return out
         with torch.cuda.stream(fork) if fork is not None else contextlib.nullcontext():
-            sparse = self._sparse_decode(q, k, layer, forward_batch, save_kv_cache)
+            sparse = self._sparse_decode(q, layer, local, forward_batch)
         if fork is not None:
             torch.cuda.current_stream().wait_stream(fork)
         if sparse is None:
@@ -399,15 +371,10 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             return None
         return self._retrieval_stream
 
-    def _sparse_decode(self, q, k, layer, forward_batch, save_kv_cache: bool):
-        """The histograms brought up to date (``HistogramUpkeep.count_decode``), then (on a
-        sparse step) retrieval and the head-as-batch FlashInfer call: the sparse rows'
-        output [bs, Hq, D], or None."""
-        local = layer.layer_id - self.token_to_kv_pool.start_layer
+    def _sparse_decode(self, q, layer, local: int, forward_batch):
+        """On a sparse step, retrieval and the head-as-batch FlashInfer call: the sparse
+        rows' output [bs, Hq, D]; None on a dense step."""
         bs = forward_batch.batch_size
-        codes = self.codes.layers[local]
-        if save_kv_cache and k is not None and not self.deferred.active:  # else after the last
-            self.histograms.count_decode(local, forward_batch, sparse_step=self._sparse is not None)
         if self._sparse is None:
             return None
         if self._rpi32 is None:
@@ -424,8 +391,7 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         self.observer.start(local)
         self.ws.run(
             q3,
-            codes,
-            self.hists.layers[local],
+            self.codes.layers[local],
             self.req_to_token_pool.req_to_token,
             self._rpi32,
             reuse=self.reuse.layer(local) if self.reuse is not None else None,

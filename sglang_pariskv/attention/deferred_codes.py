@@ -10,11 +10,8 @@ the keys of the step's slots from every layer's K buffer in one launch
 (the same kernel body reads the same stored keys).
 
 Per-layer writes stay where the codes are read within the step: sparse steps (retrieval
-and histogram counting at every layer) and host offload (its K buffers are host memory:
-reading the keys back would cross PCIe). With ``--pariskv-min-sparse-tokens`` a dense
-step may hold requests above the dense limit, whose histograms count every new key: their
-layers skip the count, and the backend counts every layer in one launch after the write
-(``HistogramUpkeep.count_deferred``).
+at every layer) and host offload (its K buffers are host memory: reading the keys back
+would cross PCIe).
 """
 
 from __future__ import annotations
@@ -61,10 +58,8 @@ class DeferredCodes:
         retrieves. The choice holds until the next plan."""
         self.pool.defer_codes = self.allowed and dense_decode_step
 
-    def after_layer(self, local_layer: int, out_cache_loc: torch.Tensor) -> bool:
+    def after_layer(self, local_layer: int, out_cache_loc: torch.Tensor) -> None:
         """After a decode layer: at the last one of a deferring step, write the codes of
-        every layer's keys at the step's slots, and say so (True)."""
+        every layer's keys at the step's slots."""
         if self.pool.defer_codes and local_layer == self.last_layer:
             self.pool.write_deferred_codes(out_cache_loc)
-            return True
-        return False

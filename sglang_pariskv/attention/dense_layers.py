@@ -7,8 +7,8 @@ over the full lengths. It gets its own wrappers and its own ``kv_indptr`` (Flash
 a reference to the indptr a plan was made with, and SGLang's is rewritten by the other
 plan), and, under CUDA graphs, its own ``kv_indices`` buffer of SGLang's size (max batch x
 max context). A dense layer then runs SGLang's decode with this plan: it stores the K/V and
-codes as every layer does, skips retrieval and keeps no histograms (it never retrieves). On
-a step with no sparse request every layer is dense already and this plan is not made.
+codes as every layer does and skips retrieval. On a step with no sparse request every
+layer is dense already and this plan is not made.
 
 Why: the first layers of small models attend diffusely (SmolLM2's layer 0 keeps 0.53 of
 its attention at a 10% budget even with the exact top-k), so they lose the most to any

@@ -2,8 +2,8 @@
 
 SGLang fills the memory it keeps for the KV pool with tokens, then builds the attention
 backend from what is left (headroom meant for activations and CUDA graphs). ParisKV's
-backend allocates on top of that: per-request histograms, the decode retrieval
-workspace (it grows with batch x context: about 3.7 GB at 1M tokens x 256 requests) and
+backend allocates on top of that: the decode retrieval workspace (it grows with batch x
+context: about 3.7 GB at 1M tokens x 256 requests), retrieval reuse's kept selections and
 FlashInfer workspaces. Unplanned, a pool filled to its advertised capacity could then run
 out of memory. So the plugin computes these bytes from the same constructors (built on
 PyTorch's ``meta`` device, which allocates nothing) and takes them out of the pool.
@@ -17,7 +17,6 @@ import torch
 
 from sglang_pariskv.attention.sparse_decode import WORKSPACE_BYTES
 from sglang_pariskv.config import ParisKVConfig
-from sglang_pariskv.index.histograms import RequestHistograms
 from sglang_pariskv.kernels.reuse import ReuseState
 from sglang_pariskv.kernels.workspace import DecodeWorkspace
 
@@ -46,7 +45,6 @@ def tensor_bytes(obj, _seen: set[int] | None = None) -> int:
 class BackendMemoryPlan:
     """Bytes by owner; ``total`` is what the plugin takes out of SGLang's KV pool."""
 
-    histograms: int
     workspace: int
     flashinfer: int
     #: --pariskv-dense-layers' full-length plan (``attention.dense_layers``); 0 without.
@@ -57,14 +55,7 @@ class BackendMemoryPlan:
 
     @property
     def total(self) -> int:
-        return (
-            self.histograms
-            + self.workspace
-            + self.flashinfer
-            + self.dense_layers
-            + self.reuse
-            + self.calibration
-        )
+        return self.workspace + self.flashinfer + self.dense_layers + self.reuse + self.calibration
 
 
 def plan_backend_memory(
@@ -81,8 +72,8 @@ def plan_backend_memory(
     max_graph_batch: int | None = None,
     kv_dtype: torch.dtype = torch.bfloat16,
 ) -> BackendMemoryPlan:
-    """What ``ParisKVAttnBackend`` allocates for these sizes: histograms (and, with
-    retrieval reuse, kept selections) for every request slot; the workspace for
+    """What ``ParisKVAttnBackend`` allocates for these sizes: with retrieval reuse, kept
+    selections for every request slot; the workspace for
     ``max_batch`` rows of ``max_context`` (plus the query copy its first run makes); one
     shared FlashInfer float workspace, an int workspace for the eager call and each
     captured batch size, and one more per size for the dense-step graph SGLang's
@@ -93,7 +84,6 @@ def plan_backend_memory(
     file, the code pool's fp32 centres (and channel scales, when the file has them) of
     this rank's layers and KV heads."""
     meta = torch.device("meta")
-    hists = RequestHistograms(request_slots, num_kv_heads, head_dim, num_layers, meta)
     ws = DecodeWorkspace(
         config, num_q_heads, num_kv_heads, head_dim, max_batch=max_batch,
         max_context=max_context, device=meta,
@@ -122,7 +112,6 @@ def plan_backend_memory(
         tables = 1 if load_calibration(config.calibration).scales is None else 2
         calibration = tables * num_layers * num_kv_heads * head_dim * 4
     return BackendMemoryPlan(
-        histograms=hists.nbytes(),
         workspace=tensor_bytes(ws) + query_copy,
         flashinfer=WORKSPACE_BYTES + wrappers * FLASHINFER_INT_WORKSPACE_BYTES,
         dense_layers=dense_layers,

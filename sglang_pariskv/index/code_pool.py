@@ -114,11 +114,6 @@ class CodePool:
             self.scales,
         )
 
-    def signs_table(self) -> torch.Tensor | None:
-        """The signs' address table of :meth:`address_tables` (a one-launch histogram count
-        over all layers reads it), or None until those are made."""
-        return None if self._tables is None else self._tables[1]
-
     def address_tables(self, key_buffers: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """The (K buffers, signs, mags, weights) address tables of :meth:`write_layers`,
         made on first use and kept: a captured CUDA graph reads these addresses, so call

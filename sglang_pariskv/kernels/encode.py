@@ -7,10 +7,8 @@ why they keep the ranking), normalise, rotate (the rotation of
 power-of-two D, applied as log2(D) butterfly stages), split into 8-dim blocks, and
 write sign ids, packed 3-bit magnitudes and fp16 weights straight to the rows
 ``slot * Hkv + head`` of the pool, so no [T, Hkv, ...] temporary ever exists. The
-kernel knows slots, not requests: each request's centroid histograms are counted from
-the stored codes through ``req_to_token`` (:mod:`.histograms`), which also covers the
-codes of a radix-cache prefix hit (written for another request) and counts only for
-requests above the dense limit.
+kernel knows slots, not requests: retrieval reaches a request's codes through
+``req_to_token``, so a radix-cache prefix hit reads the codes another request wrote.
 
 Bit-exactness with :func:`codec.encode.encode_keys`: the arithmetic is the same fp32 formula,
 but summation order (norms, the butterflies) differs, so a magnitude within float rounding
