@@ -33,7 +33,7 @@ import bench_kernels as bk  # noqa: E402
 
 #: Kernel-name fragments of the retrieval stages, in pipeline order.
 STAGE_KERNELS = {
-    "query_tiers": "query_tiers_kernel",
+    "query_table": "query_table_kernel",
     "scan": "scan_",
     "count": "_count_kernel",
     "write_rerank": "select_rerank_kernel",

@@ -188,7 +188,9 @@ def test_client_times_follow_the_stream():
         assert rec["start_s"] == pytest.approx(r.arrival_s, abs=0.05)
         ttft, itl = DELAYS[r.cls]
         assert ttft <= rec["first_s"] - rec["start_s"] < ttft + 0.05
-        assert itl <= traffic_stats.tpot_s(rec) < itl + 0.01
+        # The client stamps tokens as it reads them: a first token read late (a loaded
+        # machine) shortens the measured span, so the lower bound has a little slack too.
+        assert itl - 0.002 <= traffic_stats.tpot_s(rec) < itl + 0.01
     # the wall time covers the last arrival and its request
     last = reqs[-1]
     assert got["wall_s"] >= last.arrival_s + DELAYS[last.cls][0] + (OUT - 1) * DELAYS[last.cls][1]

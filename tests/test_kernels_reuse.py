@@ -166,7 +166,7 @@ def test_threshold_zero_runs_no_reuse_stage_and_state_needs_a_threshold():
     ws.plan(sc.seq_lens.cpu())
     ws.bind(q, sc.pool, sc.req_to_token, sc.req_pool_indices)
     assert [name for name, _ in ws.stages()] == [
-        "query_tiers", "scan", "select", "rerank", "topk", "assemble",
+        "query_table", "scan", "select", "rerank", "topk", "assemble",
     ]  # fmt: skip
     assert not hasattr(ws, "reuse_eff")
     state = ReuseState(sc.req_to_token.shape[0], 1, H, D, ws.k, DEV)
