@@ -109,17 +109,18 @@ def redraw(results: Path, plot: Callable[[dict, Path], None]) -> Path:
 
 def load_calibration_for(path: Path | None, config) -> Calibration | None:
     """``--calibration FILE`` of a tool that runs ParisKV on a model: the file, checked
-    against the model's layers, KV heads and head_dim (a transformers config). A file
+    against the model's layers, KV heads, head_dim and RoPE (a transformers config). A file
     written for another model ends the run with one line naming ``--calibration``."""
     if path is None:
         return None
     from pariskv_tools.workloads.models import head_dim
-    from sglang_pariskv.calibration import load_calibration
+    from sglang_pariskv.calibration import load_calibration, rope_signature
     from sglang_pariskv.config import ParisKVConfigError
 
     try:
         cal = load_calibration(path)
         cal.check_model(config.num_hidden_layers, head_dim(config))
+        cal.check_rope(rope_signature(config))
     except ParisKVConfigError as e:
         raise SystemExit(str(e).replace("--pariskv-calibration", "--calibration", 1)) from None
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads

@@ -15,7 +15,11 @@ Format (JSON, so it can be read and checked by hand)::
      "key_scales": [L][H][D] positive floats,  # optional: 1 when absent
      "dense_layers": [layer, ...],            # what --pariskv-dense-layers auto uses
      "layer_mass_recall": [L] floats,         # measured, for the record (optional)
+     "rope": {"rope_theta": ..., ...},        # the model's RoPE (optional; checked if present)
      "model": {...}, "settings": {...}}       # provenance (optional)
+
+Why the RoPE is recorded: the centres are means of post-RoPE keys, so a calibration of the
+same weights under another RoPE (another base or scaling) centres every key wrongly.
 
 Every problem is a :class:`ParisKVConfigError` naming ``--pariskv-calibration`` and the fix.
 """
@@ -69,6 +73,18 @@ class Calibration:
                 f"{head_dim}: calibrate this model ({_REDO})"
             )
 
+    def check_rope(self, rope: dict[str, Any] | None, model_name: str = "this model") -> None:
+        """Refuse a file measured under another RoPE than the model's (:func:`rope_signature`);
+        nothing to compare when either side does not say."""
+        mine = self.extra.get("rope")
+        if rope is None or not isinstance(mine, dict) or mine == rope:
+            return
+        raise ParisKVConfigError(
+            f"{_FLAG} {self.path} was measured with RoPE {mine}, but {model_name} uses "
+            f"{rope}: its key centres do not fit these keys; calibrate this model as it is "
+            f"served ({_REDO})"
+        )
+
     def for_rank(
         self, tp_rank: int, tp_size: int, heads_per_rank: int
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -93,6 +109,29 @@ class Calibration:
         centres = self.centres[:, first : first + per].contiguous()
         scales = None if self.scales is None else self.scales[:, first : first + per].contiguous()
         return centres, scales
+
+
+def rope_signature(config: Any) -> dict[str, Any] | None:
+    """A model's RoPE as the calibration file records it: the base ``rope_theta``, the
+    scaling type and its ``factor``, from a transformers config object or a
+    ``config.json`` dict, in either spelling (``rope_parameters``, or ``rope_theta`` +
+    ``rope_scaling``). None when the config names no RoPE base. Only these three: other
+    scaling fields are spelled differently across transformers versions, and a base or
+    factor change is what moves the keys."""
+
+    def get(key: str) -> Any:
+        return config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+
+    params = dict(get("rope_scaling") or {})
+    params.update(get("rope_parameters") or {})
+    theta = params.get("rope_theta") or get("rope_theta")
+    if theta is None:
+        return None
+    kind = str(params.get("rope_type") or params.get("type") or "default")
+    sig: dict[str, Any] = {"rope_theta": float(theta), "rope_type": kind}
+    if kind != "default" and isinstance(params.get("factor"), (int, float)):
+        sig["factor"] = float(params["factor"])
+    return sig
 
 
 def _error(path: str, what: str) -> ParisKVConfigError:

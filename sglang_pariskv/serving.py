@@ -47,6 +47,11 @@ def build_attn_backend(runner, cfg: ParisKVConfig):
         model_name=getattr(runner.server_args, "model_path", "this model"),
     )
     cfg.check_context(int(mc.context_len))
+    if cfg.calibration is not None:
+        from sglang_pariskv.calibration import load_calibration, rope_signature
+
+        model_name = getattr(runner.server_args, "model_path", "this model")
+        load_calibration(cfg.calibration).check_rope(rope_signature(mc.hf_config), model_name)
     if str(runner.device).startswith("cuda"):
         import torch
 

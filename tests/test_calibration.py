@@ -199,3 +199,78 @@ def test_a_pool_of_another_shape_refuses_the_file(tmp_path):
     path, _ = write(tmp_path, heads=3)
     with pytest.raises(ParisKVConfigError, match="has 3 KV heads, but this model holds 4"):
         pool_with(ParisKVConfig(calibration=str(path)), H)
+
+
+def test_rope_signature_reads_both_config_spellings():
+    from transformers import LlamaConfig
+
+    from sglang_pariskv.calibration import rope_signature
+
+    plain = {"rope_theta": 100000.0}
+    v5 = {"rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}}
+    assert rope_signature(plain) == rope_signature(v5) == {
+        "rope_theta": 100000.0,
+        "rope_type": "default",
+    }
+    legacy = {"rope_theta": 5e5, "rope_scaling": {"type": "linear", "factor": 4}}
+    new = {"rope_parameters": {"rope_theta": 5e5, "rope_type": "linear", "factor": 4.0}}
+    want = {"rope_theta": 5e5, "rope_type": "linear", "factor": 4.0}
+    assert rope_signature(legacy) == rope_signature(new) == want
+    assert rope_signature(types.SimpleNamespace(**legacy, rope_parameters=None)) == want
+    cfg = LlamaConfig(num_hidden_layers=2, **new)  # what the tools and SGLang hold
+    assert rope_signature(cfg) == want
+    assert rope_signature({"hidden_size": 8}) is None
+
+
+def test_a_file_measured_under_another_rope_is_refused(tmp_path):
+    from sglang_pariskv.calibration import rope_signature
+
+    path = tmp_path / "cal.json"
+    rope = rope_signature({"rope_theta": 1e5})
+    save_calibration(path, torch.zeros(L, H, D), [], model={"name": "t"}, rope=rope)
+    cal = load_calibration(path)
+    cal.check_rope(rope, "m")
+    cal.check_rope(None, "m")  # the model's RoPE unknown: nothing to compare
+    stretched = rope_signature({"rope_theta": 1e5, "rope_scaling": {"type": "linear", "factor": 4}})
+    with pytest.raises(ParisKVConfigError) as e:
+        cal.check_rope(stretched, "m")
+    msg = str(e.value)
+    assert "--pariskv-calibration" in msg and "'factor': 4.0" in msg and "calibrate" in msg
+    load_calibration(write(tmp_path)[0]).check_rope(stretched)  # a file that does not say
+
+
+def test_serving_refuses_a_calibration_of_another_rope_before_the_backend(tmp_path, monkeypatch):
+    """``serving.build_attn_backend`` (the scheduler, once the model is loaded) checks the
+    file against the model's own RoPE before building anything."""
+    import sglang.srt.runtime_context as rc
+
+    from sglang_pariskv import serving
+    from sglang_pariskv.attention import backend as backend_mod
+    from sglang_pariskv.calibration import rope_signature
+
+    path = tmp_path / "cal.json"
+    rope = rope_signature({"rope_theta": 1e5})
+    save_calibration(path, torch.zeros(L, H, D), [], rope=rope)
+    monkeypatch.setattr(rc, "get_parallel", lambda: types.SimpleNamespace(attn_tp_size=1))
+    monkeypatch.setattr(backend_mod, "ParisKVAttnBackend", lambda runner, cfg: "built")
+
+    def runner(hf_config):
+        mc = types.SimpleNamespace(
+            get_num_attention_heads=lambda tp: 8,
+            get_num_kv_heads=lambda tp: H,
+            head_dim=64,
+            v_head_dim=64,
+            context_len=32768,
+            hf_config=hf_config,
+        )
+        args = types.SimpleNamespace(model_path="stretched-model")
+        return types.SimpleNamespace(
+            model_config=mc, use_mla_backend=False, server_args=args, device="cpu"
+        )
+
+    cfg = ParisKVConfig(calibration=str(path))
+    same = {"rope_theta": 1e5}
+    assert serving.build_attn_backend(runner(same), cfg) == "built"
+    other = {"rope_theta": 1e5, "rope_scaling": {"type": "linear", "factor": 4.0}}
+    with pytest.raises(ParisKVConfigError, match="stretched-model uses"):
+        serving.build_attn_backend(runner(other), cfg)

@@ -29,7 +29,7 @@ from pariskv_tools.eval.budget import budget_for
 from pariskv_tools.eval.captures import ContextSpec, layer_trace, load_or_capture
 from pariskv_tools.eval.layer_eval import evaluate_layer
 from pariskv_tools.eval.methods import ExactTopK, ParisKV
-from sglang_pariskv.calibration import save_calibration
+from sglang_pariskv.calibration import rope_signature, save_calibration
 
 if TYPE_CHECKING:
     from pariskv_tools.workloads.models import ModelSource
@@ -130,6 +130,7 @@ def run_calibrate(
     dense = recommend_dense(mass["pariskv"], settings.dense_below, max_dense)
     extra = {
         "model": model.describe(),
+        "rope": rope_signature(model.config),
         "command": command,
         "settings": {
             "task": settings.context.task,
