@@ -174,11 +174,16 @@ def test_calibrate_writes_key_means_and_scales_and_recommends_the_weak_layer(
 ):
     cap = fake_capture()
     monkeypatch.setattr(calibrate, "load_or_capture", lambda *a, **k: cap)
-    model = type("M", (), {"describe": lambda self: {"name": "fake"}})()
+    model = type(
+        "M",
+        (),
+        {"describe": lambda self: {"name": "fake"}, "config": {"rope_theta": 10000.0}},
+    )()
     out = tmp_path / "cal.json"
     settings = calibrate.CalibrateSettings(dense_below=0.9, max_dense=1, step_stride=2)
     doc = calibrate.run_calibrate(model, out, tmp_path, settings, "cmd")
     cal = load_calibration(out)
+    assert cal.extra["rope"] == doc["rope"] == {"rope_theta": 10000.0, "rope_type": "default"}
     want = torch.stack([k[cap.prompt_len :].double().mean(0) for k in cap.keys])
     assert torch.allclose(cal.centres.double(), want, atol=1e-5)
     # Scales: sqrt(key std / query RMS) per channel, normalised to mean 1 (float64 loops).
