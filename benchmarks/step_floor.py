@@ -77,7 +77,7 @@ def step_bytes(shape: dict, input_len: int, batch: int, cfg: dict | None) -> dic
 
     The rerank reads magnitudes and weights (5 B per 8-dim block) of each candidate;
     candidates follow the config's ratio (the adaptive one when unset)."""
-    from sglang_pariskv.config import ParisKVConfig, adaptive_candidate_ratio
+    from sglang_pariskv.config import ParisKVConfig
 
     layers, kv_heads, d = shape["num_hidden_layers"], shape["num_key_value_heads"], head_dim(shape)
     # bf16; the embedding is a gather
@@ -88,7 +88,7 @@ def step_bytes(shape: dict, input_len: int, batch: int, cfg: dict | None) -> dic
     if c is None or c.is_dense(input_len) or input_len * batch < c.min_sparse_tokens:
         return {"weights": weights, "per_request": kv_row * input_len}
     zone = max(input_len - c.sink - c.local, 0)
-    cand_ratio = c.candidate_ratio or adaptive_candidate_ratio(zone)
+    cand_ratio = c.candidate_ratio_for(zone)
     cand = min(max(int(zone * cand_ratio + 0.999), c.topk), zone)
     heads = kv_heads * layers
     signs = input_len * heads * (d // 8)

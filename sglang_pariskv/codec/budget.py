@@ -1,8 +1,8 @@
 """Budget arithmetic shared by the torch oracle and the GPU kernels.
 
 Candidate counts are ceilings of products of floats; computed two ways they can disagree
-at exact integers. Both paths call these functions (tensor in, tensor
-out, no host sync), so they agree by construction.
+at exact integers. Both paths call these functions (tensor in, tensor out, no host sync),
+so they agree by construction.
 """
 
 from __future__ import annotations
