@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -106,3 +107,22 @@ def test_check_catches_a_missing_default():
     ap.add_argument("--x")
     problems = _check(ap, "t")
     assert problems == ["t --n: --help does not state the default '3'", "t --x: no help"]
+
+
+def test_model_check_runs_under_the_serving_package_name():
+    """``python -m sglang_pariskv.eval`` is the tools' command line: its help is theirs, and a
+    subcommand's help lists the same options."""
+    import subprocess
+
+    for args in (["--help"], ["retrieval", "--help"]):
+        mine = subprocess.run(
+            [sys.executable, "-m", "sglang_pariskv.eval", *args],
+            cwd=ROOT, capture_output=True, text=True, env={**os.environ, "COLUMNS": "2000"},
+        )  # fmt: skip
+        tools = subprocess.run(
+            [sys.executable, "-m", "pariskv_tools.eval", *args],
+            cwd=ROOT, capture_output=True, text=True, env={**os.environ, "COLUMNS": "2000"},
+        )  # fmt: skip
+        assert mine.returncode == 0, mine.stderr[-2000:]
+        assert mine.stdout.startswith("usage: python -m sglang_pariskv.eval")
+        assert mine.stdout == tools.stdout.replace("pariskv_tools.eval", "sglang_pariskv.eval")

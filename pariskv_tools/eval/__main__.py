@@ -75,8 +75,8 @@ def _variant(spec: str) -> ParisKV:
     return ParisKV(ParisKVConfig(**cfg), name=name, outputs=("full",), **kw)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pariskv_tools.eval", formatter_class=HelpFormatter)
+def build_parser(prog: str = "python -m pariskv_tools.eval") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser(
         "retrieval",
@@ -247,9 +247,9 @@ def _calibrate(args, argv: list[str]) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, prog: str = "python -m pariskv_tools.eval") -> None:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     if args.cmd == "reuse":
         return main_reuse(args, argv)
     if args.threads:
