@@ -79,6 +79,10 @@ def test_query_copy_pointer_reaches_the_kernel_and_a_wrong_buffer_fails(monkeypa
         cuda_ops.query_table_cuda(*args, query_copy=torch.empty(r, hq, d))  # fp32
     with pytest.raises(ValueError, match="scale must be a contiguous float32"):
         cuda_ops.query_table_cuda(*args, scale=torch.ones(h, d, dtype=torch.float64))
+    with pytest.raises(ValueError, match=rf"rotation must be a contiguous \[{d}, {d}\] matrix"):
+        cuda_ops.query_table_cuda(q, torch.zeros(d, d).t(), *args[2:])
+    with pytest.raises(ValueError, match="rotation must be a contiguous"):
+        cuda_ops.query_table_cuda(q, torch.zeros(d, d + 8)[:, :d], *args[2:])
 
 
 def test_scan_arguments_match_the_entry_points_signature(monkeypatch, stream):

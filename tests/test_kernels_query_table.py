@@ -106,6 +106,8 @@ def test_query_table_with_channel_scales_matches_codec(hq, hkv, d):
         (9, 3, 64, torch.float16, False, True),
         (4, 2, 64, torch.float32, True, False),  # exact rounding ties, a zero query
         (8, 8, 32, torch.bfloat16, True, False),
+        (32, 8, 128, torch.bfloat16, False, "misaligned"),  # the warp-per-row rotation
+        (9, 3, 64, torch.float16, False, "misaligned"),
     ],
 )
 def test_cuda_query_table_matches_codec(cuda_device, hq, hkv, d, dtype, special, scaled):
@@ -119,6 +121,10 @@ def test_cuda_query_table_matches_codec(cuda_device, hq, hkv, d, dtype, special,
         if special
         else rotation_matrix(d, 0, torch.float32, cuda_device)
     )
+    if scaled == "misaligned":  # not 16-byte aligned: the kernel's other rotation loop
+        rot = torch.cat([torch.zeros(1, device=cuda_device), rot.flatten()])[1:].view(d, d)
+        assert rot.data_ptr() % 16 and rot.is_contiguous()
+        scaled = False
     out, table, shist = _buffers(r, hkv, d, cuda_device)
     # A strided query (SGLang's q is a view of the QKV projection) and the copy it yields.
     wide = torch.zeros(r, (hq + 2 * hkv) * d, dtype=dtype)

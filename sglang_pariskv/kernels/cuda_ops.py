@@ -167,6 +167,11 @@ def query_table_cuda(
     r, hq, d = q.shape
     _, h, b, _ = table_out.shape
     check_head_rows("scale", scale, h, d)
+    if rotation.shape != (d, d) or not rotation.is_contiguous():
+        raise ValueError(
+            f"query_table_cuda: rotation must be a contiguous [{d}, {d}] matrix, "
+            f"got {tuple(rotation.shape)} with strides {rotation.stride()}"
+        )
     if r == 0:
         return
     if q.stride(-1) != 1:
