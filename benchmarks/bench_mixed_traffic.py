@@ -48,7 +48,7 @@ from pariskv_tools.cli import HelpFormatter, add_results_args, redraw, write_res
 RESULTS = Path(__file__).resolve().parent / "results" / "mixed_traffic.json"
 
 DEFINITIONS = {
-    "ttft_definition": "per request, on the client: from sending the streamed /generate "
+    "ttft_definition": "per request, on the client: from sending the streamed /v1/completions "
     "request to the first chunk carrying an output token",
     "tpot_definition": "per request, on the client: (time of the last output token - time "
     "of the first) / (output tokens - 1)",
@@ -106,7 +106,7 @@ def compose(runs: dict[str, dict], key: dict, args) -> dict:
         "command": " ".join([sys.executable, *sys.argv]),
         "model": key["model"],
         "workload": {k: v for k, v in key.items() if k not in ("model", "rates")},
-        "endpoint": "/generate, streamed, input_ids prompts",
+        "endpoint": "/v1/completions, streamed, token-id prompts",
         **DEFINITIONS,
         "pariskv_config": ParisKVConfig().to_dict(),
         "server_commands": {m: runs[m]["server_command"] for m in MODES},
