@@ -23,14 +23,17 @@ from step_floor import LLAMA_8B, hbm_bandwidth_gbs, step_bytes
 
 def _throughput_worker(
     model_dir, pariskv, input_len, batches, max_running, output_len, engine_kwargs,
-    ttft_repeats, out_q,
+    ttft_repeats, out_q, grow_prompts=False,
 ):  # fmt: skip
     """One engine per (mode, input length), sized for ``max_running`` requests; every batch
     whose KV fits, ascending, each row sent as a partial result as soon as it is measured.
 
     Time to first token is the median over ``ttft_repeats`` prefills of fresh prompts (the
     first prefill of a long prompt on a fresh engine can carry a one-time cost); decode is
-    timed on the last prompts.
+    timed on the last prompts. With ``grow_prompts`` only the first batch does that: each
+    later batch decodes the previous batch's prompts (still in the radix cache) plus as many
+    new ones as it needs, prefilled untimed, so a sweep of batches at 128K prefills each
+    prompt once instead of once per batch (no time to first token in those rows).
 
     Decode time per step is measured as a difference: the same cached prompts are
     generated twice, with ``output_len`` and with ``SHORT_OUTPUT`` new tokens, so the
@@ -65,19 +68,32 @@ def _throughput_worker(
         eng.generate(input_ids=warm, sampling_params={"max_new_tokens": 1})
         eng.generate(input_ids=warm, sampling_params={"max_new_tokens": SHORT_OUTPUT})
         rows = []
+        kept: list[list[int]] = []  # grow_prompts: the prompts the radix cache holds
+
+        def fresh(k: int) -> list[list[int]]:
+            return [[rng.randrange(1000, 100000) for _ in range(input_len)] for _ in range(k)]
+
         for b in batches:
             if b * (input_len + output_len) > capacity:
                 rows.append({"batch": b, "error": f"KV capacity {capacity} tokens < batch"})
                 continue
-            prefills = []
-            for _ in range(ttft_repeats):
-                prompts = [
-                    [rng.randrange(1000, 100000) for _ in range(input_len)] for _ in range(b)
-                ]
-                t0 = time.perf_counter()
-                eng.generate(input_ids=prompts, sampling_params={"max_new_tokens": 1})
-                prefills.append(time.perf_counter() - t0)
-            prefill = statistics.median(prefills)
+            ttft = {}
+            if grow_prompts and kept:
+                new = fresh(max(0, b - len(kept)))
+                if new:
+                    eng.generate(input_ids=new, sampling_params={"max_new_tokens": 1})
+                kept += new
+                prompts = kept[:b]
+            else:
+                prefills = []
+                for _ in range(ttft_repeats):
+                    prompts = fresh(b)
+                    t0 = time.perf_counter()
+                    eng.generate(input_ids=prompts, sampling_params={"max_new_tokens": 1})
+                    prefills.append(time.perf_counter() - t0)
+                # the batch's time to first token (median)
+                ttft = {"prefill_s": statistics.median(prefills), "prefill_s_each": prefills}
+                kept = list(prompts)
             timings = {}
             for n in (SHORT_OUTPUT, output_len):
                 t0 = time.perf_counter()
@@ -99,8 +115,7 @@ def _throughput_worker(
             rows.append(
                 {
                     "batch": b,
-                    "prefill_s": prefill,  # the batch's time to first token (median)
-                    "prefill_s_each": prefills,
+                    **ttft,
                     "generate_s": timings[output_len],
                     "ms_per_token": 1000 * step,
                     "tok_s": b / step,
@@ -165,12 +180,13 @@ def merge_engine_runs(done: dict | None, part: dict) -> dict:
 
 
 def _measure_engine(
-    model_dir, mcfg, n, max_running, output_len, engine_kwargs, ttft_repeats, todo, on_partial
-):
+    model_dir, mcfg, n, max_running, output_len, engine_kwargs, ttft_repeats, grow_prompts,
+    todo, on_partial,
+):  # fmt: skip
     """:func:`_throughput_worker`'s rows for the batches ``todo``, in a fresh process."""
     return _run_isolated(
         _throughput_worker, model_dir, mcfg, n, todo, max_running, output_len, engine_kwargs,
-        ttft_repeats, on_partial=on_partial,
+        ttft_repeats, grow_prompts, on_partial=on_partial,
     )  # fmt: skip
 
 
@@ -196,6 +212,7 @@ def run_throughput(
     runs_dir: Path | None = None,
     dense_backend: str = "flashinfer",
     ttft_repeats: int = 1,
+    grow_prompts: bool = False,
 ) -> dict | None:
     """Dense and ParisKV engines per input length (time to first token: the median of
     ``ttft_repeats`` prefills per batch); ``shards`` GPUs split each step's bytes
@@ -223,9 +240,11 @@ def run_throughput(
             key = {"config": mcfg, "output_len": output_len, "engine": engine}
             if ttft_repeats != 1:
                 key["ttft_repeats"] = ttft_repeats
+            if grow_prompts:
+                key["grow_prompts"] = True
             measure = functools.partial(
                 _measure_engine, str(model_dir), mcfg, n, max(batches), output_len,
-                key["engine"], ttft_repeats,
+                key["engine"], ttft_repeats, grow_prompts,
             )  # fmt: skip
             got[mode] = _resume_engine(saved, key, mode in modes, batches, measure)
             if got[mode] is None:

@@ -161,7 +161,8 @@ def test_cases_cover_every_batch_either_engine_ran_and_the_best_of_each_is_compa
     rows = {None: [(1, 100.0), (2, 180.0), (6, 212.8)], "pkv": [(1, 130.0), (2, 250.0), (5, 457.6)]}
     asked = []
 
-    def fake_measure(model_dir, mcfg, n, max_running, output_len, engine, reps, todo, on_partial):
+    def fake_measure(model_dir, mcfg, n, max_running, output_len, engine, reps, grow, todo,
+                     on_partial):  # fmt: skip
         asked.append((mcfg is None, engine, max_running, list(todo)))
         mine = rows[None if mcfg is None else "pkv"]
         got = [{"batch": b, "tok_s": t, "ms_per_token": 1000 * b / t, "prefill_s": 1.0}
@@ -210,7 +211,8 @@ def test_host_offload_rows_have_no_byte_floor(monkeypatch):
     """With --pariskv-offload host the ParisKV rows read host memory: no HBM byte floor for
     them; the dense rows keep theirs."""
 
-    def fake_measure(model_dir, mcfg, n, max_running, output_len, engine, reps, todo, on_partial):
+    def fake_measure(model_dir, mcfg, n, max_running, output_len, engine, reps, grow, todo,
+                     on_partial):  # fmt: skip
         stats = {} if mcfg is None else {"sparse_request_steps": 9}
         return {"rows": [_row(b) | {"prefill_s": 1.0} for b in todo], "capacity_tokens": 10**7,
                 "stats": stats}  # fmt: skip
@@ -265,6 +267,41 @@ def test_time_to_first_token_is_the_median_of_the_repeats(monkeypatch, repeats, 
     assert r1["prefill_s"] == pytest.approx(ttft) and len(r1["prefill_s_each"]) == repeats
     assert r2["prefill_s"] == pytest.approx(1.0)  # the one-time cost is paid by then
     assert r1["ms_per_token"] == pytest.approx(1.0) and r2["ms_per_token"] == pytest.approx(2.0)
+
+
+def test_grown_prompts_are_prefilled_once_and_decode_the_batch_asked(monkeypatch):
+    """With grow_prompts each batch decodes its own number of prompts, the earlier batches'
+    among them, and only the new ones are prefilled: batches 1, 2, 4 prefill 1 + 1 + 2
+    prompts (7 without growing); only the first batch reports a time to first token."""
+    import queue
+
+    clock, prefilled, decoded = [0.0], [], []
+
+    class Recording(_ClockedEngine):
+        def generate(self, input_ids, sampling_params):
+            if sampling_params["max_new_tokens"] == 1 and len(input_ids[0]) > 64:
+                prefilled.extend(map(tuple, input_ids))
+            elif len(input_ids[0]) > 64:
+                decoded.append([tuple(p) for p in input_ids])
+            return super().generate(input_ids, sampling_params)
+
+    monkeypatch.setattr(throughput, "_engine", lambda *a, **kw: Recording(clock))
+    monkeypatch.setattr(throughput.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(throughput, "_read_stats", lambda d: {})
+    for grow, want_prefills in ((True, 4), (False, 7)):
+        prefilled.clear(), decoded.clear()
+        q = queue.Queue()
+        throughput._throughput_worker("m", None, 4096, [1, 2, 4], 4, 256, {}, 1, q, grow)
+        while "partial" in (res := q.get()):
+            pass
+        assert len(prefilled) == len(set(prefilled)) == want_prefills
+        assert [len(d) for d in decoded] == [1, 1, 2, 2, 4, 4]  # short and long generation
+        assert all(set(d) <= set(prefilled) for d in decoded)  # every decode is a radix hit
+        if grow:
+            assert decoded[2][:1] == decoded[0] and decoded[4][:2] == decoded[2]
+        rows = res["rows"]
+        assert [r["ms_per_token"] for r in rows] == pytest.approx([1.0, 2.0, 4.0])
+        assert ["prefill_s" in r for r in rows] == [True, not grow, not grow]
 
 
 def _table(rows, config=None, bw=3000.0):
