@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_e2e import add_split_run_args  # noqa: E402
+from bench_e2e import add_grow_prompts_arg, add_split_run_args  # noqa: E402
 from engine_runs import _device_info  # noqa: E402
 from throughput import run_throughput  # noqa: E402
 
@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--batches", type=int, nargs="+", default=[1], help="decode batch sizes")
     ap.add_argument("--output-len", type=int, default=256, help="new tokens per request")
+    add_grow_prompts_arg(ap)
     add_split_run_args(ap)
     add_results_args(ap, RESULTS)
     return ap
@@ -131,6 +132,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg,
         modes=tuple(args.modes),
         runs_dir=args.runs_dir,
+        grow_prompts=args.grow_prompts,
     )
     if run is None:
         print("engine rows saved; run the other mode to finish", flush=True)

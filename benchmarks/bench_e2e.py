@@ -104,6 +104,17 @@ def _plot_throughput(ax, data: dict) -> None:
     ax.legend(loc="upper left")
 
 
+def add_grow_prompts_arg(p: argparse.ArgumentParser) -> None:
+    """--grow-prompts of :func:`run_throughput` (its ``grow_prompts``)."""
+    p.add_argument(
+        "--grow-prompts",
+        action="store_true",
+        help="each batch after the first decodes the previous batch's prompts from the radix "
+        "cache plus new ones, so every prompt is prefilled once (a sweep of batches at 128K "
+        "then spends minutes less in prefill); time to first token only for the first batch",
+    )
+
+
 def add_split_run_args(p: argparse.ArgumentParser) -> None:
     """--modes and --runs-dir of the dense-vs-ParisKV engine runs (:func:`run_throughput`)."""
     p.add_argument(
@@ -177,13 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="SGLang attention backend of the dense engine (ParisKV runs on FlashInfer's); "
         "measure both and compare ParisKV with the faster",
     )
-    t.add_argument(
-        "--grow-prompts",
-        action="store_true",
-        help="each batch after the first decodes the previous batch's prompts from the radix "
-        "cache plus new ones, so every prompt is prefilled once (a sweep of batches at 128K "
-        "then spends minutes less in prefill); time to first token only for the first batch",
-    )
+    add_grow_prompts_arg(t)
     add_split_run_args(t)
     o = sub.add_parser(
         "offload",

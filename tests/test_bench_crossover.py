@@ -55,13 +55,16 @@ def test_a_measured_run_writes_the_crossover_and_the_default(tmp_path, monkeypat
     seen = {}
 
     def fake_run(inputs, batches, output_len, cfg, **kw):
-        seen.update(cfg=cfg, inputs=inputs)
+        seen.update(cfg=cfg, inputs=inputs, grow=kw["grow_prompts"])
         return {"model": "m", "cases": cases}
 
     monkeypatch.setattr(bench, "run_throughput", fake_run)
     monkeypatch.setattr(bench, "_device_info", lambda: {"device": "test"})
     out = tmp_path / "c.json"
+    bench.main(["--inputs", "32768", "65536", "98304", "--out", str(out), "--grow-prompts"])
+    assert seen["grow"] is True
     bench.main(["--inputs", "32768", "65536", "98304", "--out", str(out)])
+    assert seen["grow"] is False
     data = json.loads(out.read_text())
     assert seen["cfg"]["min_sparse_tokens"] == 0  # ParisKV retrieves at every size
     assert data["default_min_sparse_tokens"] == DEFAULT_MIN_SPARSE_TOKENS
