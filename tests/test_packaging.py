@@ -161,12 +161,41 @@ def _imported_names(path: Path) -> set[str]:
     return names
 
 
+#: The command line of the tools under the serving package's name (``python -m
+#: sglang_pariskv.eval``): nothing in serving imports it, and it imports the tools inside
+#: main(), with an install hint when they are missing.
+TOOL_FORWARDERS = {"sglang_pariskv/eval.py"}
+
+
 def test_no_runtime_module_names_a_tool_import():
     offenders = {
         str(p.relative_to(ROOT)): sorted(_imported_names(p) & set(NOT_RUNTIME))
         for p in sorted(RUNTIME.rglob("*.py"))
+        if str(p.relative_to(ROOT)) not in TOOL_FORWARDERS
     }
     assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_the_tools_forwarder_is_not_imported_by_serving_and_names_the_extra(monkeypatch):
+    from sglang_pariskv import eval as forwarder
+
+    def imports_forwarder(path: Path) -> bool:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in getattr(node, "names", [])]
+            if isinstance(node, ast.Import) and "sglang_pariskv.eval" in names:
+                return True
+            if isinstance(node, ast.ImportFrom) and (
+                node.module == "sglang_pariskv.eval"
+                or (node.module == "sglang_pariskv" and "eval" in names)
+                or (node.level > 0 and "eval" in names)
+            ):
+                return True
+        return False
+
+    assert [str(p.relative_to(ROOT)) for p in RUNTIME.rglob("*.py") if imports_forwarder(p)] == []
+    monkeypatch.setitem(sys.modules, "pariskv_tools.eval.__main__", None)  # not installed
+    with pytest.raises(SystemExit, match=r"pip install 'sglang-pariskv\[eval\]'"):
+        forwarder.main(["retrieval", "--help"])
 
 
 def test_runtime_dependencies_leave_out_the_tools_deps():
