@@ -97,10 +97,21 @@ __global__ void __launch_bounds__(THREADS)
         reinterpret_cast<const float4*>(rot + static_cast<int64_t>(i) * D + part * len);
     const float* u = unit + part * len;
     float acc = 0.f;
-#pragma unroll 16
-    for (int k = 0; k < len / 4; ++k) {
-      const float4 x = w[k];
-      acc += x.x * u[4 * k] + x.y * u[4 * k + 1] + x.z * u[4 * k + 2] + x.w * u[4 * k + 3];
+    // Eight 16-byte loads issued before any is used, so their L2 round trips overlap.
+    constexpr int kLoads = 8;
+    const int n4 = len / 4;
+    for (int k0 = 0; k0 < n4; k0 += kLoads) {
+      float4 x[kLoads];
+#pragma unroll
+      for (int j = 0; j < kLoads; ++j)
+        x[j] = k0 + j < n4 ? w[k0 + j] : make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+      for (int j = 0; j < kLoads; ++j) {
+        if (k0 + j < n4) {
+          const float* uu = u + 4 * (k0 + j);
+          acc += x[j].x * uu[0] + x[j].y * uu[1] + x[j].z * uu[2] + x[j].w * uu[3];
+        }
+      }
     }
     for (int off = row_parts >> 1; off > 0; off >>= 1)
       acc += __shfl_xor_sync(0xffffffffu, acc, off);
