@@ -146,7 +146,8 @@ __global__ void __launch_bounds__(THREADS)
 
   // 4. this centroid's entry in every block (coalesced: one 256-byte row per block).
   const int c = tid;
-  for (int b = 0; b < B; ++b) {
+#pragma unroll 4
+  for (int b = 0; b < B; ++b) {  // independent entries: unrolled, their chains overlap
     const float* v = qv + b * 8;
     double s = (c & 1) ? static_cast<double>(v[0]) : -static_cast<double>(v[0]);
 #pragma unroll
