@@ -193,6 +193,7 @@ def test_cases_cover_every_batch_either_engine_ran_and_the_best_of_each_is_compa
         "pariskv_best_batch": 5,
         "pariskv_best_tok_s": 457.6,
         "ratio": pytest.approx(457.6 / 212.8),
+        "dense_best_by_backend": {"fa3": {"batch": 6, "tok_s": 212.8}},
     }
 
 
@@ -333,6 +334,38 @@ def test_a_run_replaces_its_rows_and_keeps_the_others_of_the_same_device_and_set
     assert best[131072]["dense_best_batch"] == 3 and best[131072]["pariskv_best_batch"] == 2
     assert best[131072]["ratio"] == pytest.approx(193.6 / 127.4)
     assert best[131072]["device"] == "H100"
+
+
+def test_a_run_on_another_dense_backend_adds_its_columns_and_the_faster_dense_is_compared():
+    """fa3 dense rows into a FlashInfer table of the same device and setup: the rows keep
+    FlashInfer's dense and ParisKV's figures and gain fa3's; a batch only fa3 ran becomes a
+    row; the best throughput compares ParisKV with the faster backend, and says which."""
+    dev = {"device": "H200", "git_commit": "aaaaaaa"}
+    old = _table([(131072, 1, 111.2, 121.5, dev), (131072, 2, 156.1, 223.7, dev),
+                  (131072, 5, None, 457.6, dev)])  # fmt: skip
+    fa3 = _table([(131072, 1, 115.0, 121.0, {}), (131072, 2, 150.0, 224.0, {}),
+                  (131072, 6, 230.0, None, {})])  # fmt: skip
+    fa3["dense_backend"] = "fa3"
+    got = throughput.merge_throughput_results(old, fa3, "H200", "bbbbbbb")
+    rows = {c["batch"]: c for c in got["cases"]}
+    assert sorted(rows) == [1, 2, 5, 6] and got["dense_backend"] == "flashinfer"
+    assert rows[1]["dense_tok_s"] == 111.2 and rows[1]["dense_fa3_tok_s"] == 115.0
+    assert rows[1]["pariskv_tok_s"] == 121.5  # the table's own ParisKV row
+    assert rows[1]["dense_fa3_git_commit"] == "bbbbbbb" and rows[1]["git_commit"] == "aaaaaaa"
+    assert rows[6]["dense_fa3_tok_s"] == 230.0 and rows[6].get("dense_tok_s") is None
+    (best,) = got["max_throughput"]
+    assert best["dense_backend"] == "fa3" and best["dense_best_batch"] == 6
+    assert best["dense_best_tok_s"] == 230.0 and best["pariskv_best_tok_s"] == 457.6
+    assert best["dense_best_by_backend"] == {
+        "flashinfer": {"batch": 2, "tok_s": 156.1}, "fa3": {"batch": 6, "tok_s": 230.0}
+    }
+    assert best["device"] == "H200"
+    # a FlashInfer rerun of a row drops that row's older fa3 columns, keeps the others
+    again = throughput.merge_throughput_results(
+        got, _table([(131072, 1, 112.0, 122.0, {})]), "H200", "ccccccc"
+    )
+    rows = {c["batch"]: c for c in again["cases"]}
+    assert "dense_fa3_tok_s" not in rows[1] and rows[2]["dense_fa3_tok_s"] == 150.0
 
 
 def test_another_device_or_setup_starts_a_new_table():
