@@ -19,8 +19,9 @@ from sglang_pariskv.pool_sizing import (
     cap_to_host_pool,
     reserve_planned_memory,
 )
-from sglang_pariskv.server_flags import check_launch, check_server_args, config_from_args
+from sglang_pariskv.server_flags import config_from_args
 from sglang_pariskv.sglang_compat import resolved
+from sglang_pariskv.startup_checks import check_launch, check_server_args
 
 
 def config_of(server_args: Any) -> ParisKVConfig | None:

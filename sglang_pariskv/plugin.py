@@ -29,12 +29,8 @@ from sglang_pariskv.pool_sizing import (
     cell_size_hook,
     reserve_planned_memory,
 )
-from sglang_pariskv.server_flags import (
-    check_calibration_file,
-    check_launch,
-    check_server_args,
-    config_from_args,
-)
+from sglang_pariskv.server_flags import check_calibration_file, config_from_args
+from sglang_pariskv.startup_checks import check_launch, check_server_args
 
 logger = logging.getLogger("sglang_pariskv")
 

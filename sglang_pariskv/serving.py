@@ -32,7 +32,7 @@ def build_attn_backend(runner, cfg: ParisKVConfig):
     a model ParisKV cannot serve is refused here, before CUDA graphs are captured."""
     from sglang.srt.runtime_context import get_parallel
 
-    from sglang_pariskv.server_flags import check_model
+    from sglang_pariskv.startup_checks import check_model
 
     mc = runner.model_config
     tp = get_parallel().attn_tp_size

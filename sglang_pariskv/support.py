@@ -1,6 +1,6 @@
 """What ParisKV serves: head dims, GQA groups and GPUs.
 
-The one source of truth for the startup checks (``server_flags.check_model``, the
+The one source of truth for the startup checks (``startup_checks.check_model``, the
 backend's device check) and for the kernels' own guards, so that a shape is either
 served or refused at startup, naming the model, never failing in a kernel later.
 """

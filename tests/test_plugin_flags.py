@@ -10,12 +10,8 @@ from sglang.srt.server_args import ServerArgs
 
 from sglang_pariskv import plugin, sglang_compat
 from sglang_pariskv.config import DEFAULT_HOT_CACHE_LINES, ParisKVConfig
-from sglang_pariskv.server_flags import (
-    ParisKVConfigError,
-    check_model,
-    check_server_args,
-    config_from_args,
-)
+from sglang_pariskv.server_flags import ParisKVConfigError, config_from_args
+from sglang_pariskv.startup_checks import check_model, check_server_args
 
 
 @pytest.fixture(scope="module")
@@ -512,7 +508,7 @@ def test_which_help_lists_the_flags():
 
 def test_dense_layers_outside_a_local_model_are_refused_at_launch(parser, tiny_model, capsys):
     """Before any weights load: the launcher reads the model folder's config.json."""
-    from sglang_pariskv.server_flags import check_dense_layers_fit
+    from sglang_pariskv.startup_checks import check_dense_layers_fit
 
     layers = json.loads((tiny_model / "config.json").read_text())["num_hidden_layers"]
     args = parser.parse_args(
