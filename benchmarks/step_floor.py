@@ -77,6 +77,9 @@ def step_bytes(shape: dict, input_len: int, batch: int, cfg: dict | None) -> dic
 
     The rerank reads magnitudes and weights (5 B per 8-dim block) of each candidate;
     candidates follow the config's ratio (the adaptive one when unset)."""
+    import torch
+
+    from sglang_pariskv.codec.budget import candidate_ratios, num_candidates, zone_lengths
     from sglang_pariskv.config import ParisKVConfig
 
     layers, kv_heads, d = shape["num_hidden_layers"], shape["num_key_value_heads"], head_dim(shape)
@@ -87,9 +90,8 @@ def step_bytes(shape: dict, input_len: int, batch: int, cfg: dict | None) -> dic
     # short requests, or a step whose long ones hold too few tokens, attend densely
     if c is None or c.is_dense(input_len) or input_len * batch < c.min_sparse_tokens:
         return {"weights": weights, "per_request": kv_row * input_len}
-    zone = max(input_len - c.sink - c.local, 0)
-    cand_ratio = c.candidate_ratio_for(zone)
-    cand = min(max(int(zone * cand_ratio + 0.999), c.topk), zone)
+    zone = zone_lengths(torch.tensor([input_len]), c)
+    cand = int(num_candidates(zone, candidate_ratios(zone, c), c)[0])  # as the server counts
     heads = kv_heads * layers
     signs = input_len * heads * (d // 8)
     rerank = cand * heads * 5 * (d // 8)
