@@ -376,10 +376,12 @@ def _merge_other_backend(old: dict, new: dict, device: str, commit: str) -> dict
             base = {k: v for k, v in c.items() if not k.startswith("dense_") and k != "speedup"}
             cases[key] = base | extra | {"device": device, "git_commit": commit}
     merged = sorted(cases.values(), key=lambda c: (c["input_len"], c["batch"]))
-    best = max_throughput(merged, old["dense_backend"])
-    for b in best:
-        b["device"] = device
-    return old | {"cases": merged, "max_throughput": best}
+    return old | {"cases": merged, "max_throughput": _best_on(merged, old["dense_backend"], device)}
+
+
+def _best_on(cases: list[dict], dense_backend: str, device: str) -> list[dict]:
+    """:func:`max_throughput` of a merged table, each entry marked with ``device``."""
+    return [b | {"device": device} for b in max_throughput(cases, dense_backend)]
 
 
 def merge_throughput_results(old: dict | None, new: dict, device: str, commit: str) -> dict:
@@ -417,12 +419,9 @@ def merge_throughput_results(old: dict | None, new: dict, device: str, commit: s
     by_input |= {str(n): new["hbm_copy_gbs"] for n in {c["input_len"] for c in rows}}
     engines = {k: v for k, v in (old or {}).get("engines", {}).items() if k in kept_inputs}
     engines |= new["engines"]
-    best = max_throughput(cases, new["dense_backend"])
-    for b in best:
-        b["device"] = device
     return new | {
         "cases": cases,
         "engines": engines,
         "hbm_copy_gbs_by_input": by_input,
-        "max_throughput": best,
+        "max_throughput": _best_on(cases, new["dense_backend"], device),
     }

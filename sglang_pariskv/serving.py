@@ -36,6 +36,7 @@ def build_attn_backend(runner, cfg: ParisKVConfig):
 
     mc = runner.model_config
     tp = get_parallel().attn_tp_size
+    model_name = getattr(runner.server_args, "model_path", "this model")
     check_model(
         num_q_heads=mc.get_num_attention_heads(tp),
         num_kv_heads=mc.get_num_kv_heads(tp),
@@ -44,13 +45,12 @@ def build_attn_backend(runner, cfg: ParisKVConfig):
         v_head_dim=mc.v_head_dim if getattr(mc, "v_head_dim", None) else mc.head_dim,
         sliding_window=bool(getattr(runner, "sliding_window_size", None))
         or bool(getattr(mc, "is_hybrid_swa", False)),
-        model_name=getattr(runner.server_args, "model_path", "this model"),
+        model_name=model_name,
     )
     cfg.check_context(int(mc.context_len))
     if cfg.calibration is not None:
         from sglang_pariskv.calibration import load_calibration, rope_signature
 
-        model_name = getattr(runner.server_args, "model_path", "this model")
         load_calibration(cfg.calibration).check_rope(rope_signature(mc.hf_config), model_name)
     if str(runner.device).startswith("cuda"):
         import torch
