@@ -46,12 +46,30 @@ def _engine(
     )
 
 
+def _child(target, args, q) -> None:
+    """Body of :func:`_run_isolated`'s process: ``target(*args, out_q=q)``. A worker that
+    raises without reporting (or whose report fails) still sends an error, and the process
+    then exits at once: an engine's leftover threads would otherwise keep it alive with the
+    parent waiting on a message that never comes."""
+    try:
+        target(*args, out_q=q)
+    except BaseException:
+        import traceback
+
+        q.put({"error": traceback.format_exc()})
+        q.close()
+        q.join_thread()
+        os._exit(1)
+
+
 def _run_isolated(target, *args, on_partial=None):
-    """``target(*args, queue)`` in a fresh process; its last message is the result. A
-    message ``{"partial": x}`` before it goes to ``on_partial(x)`` (results so far)."""
+    """``target(*args, out_q=queue)`` in a fresh process; its last message is the result. A
+    message ``{"partial": x}`` before it goes to ``on_partial(x)`` (results so far). The
+    queue goes by keyword, so a worker whose parameters do not line up with ``args`` fails
+    at the call instead of reading one argument as another."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=target, args=(*args, q))
+    p = ctx.Process(target=_child, args=(target, args, q))
     p.start()
     import queue
 

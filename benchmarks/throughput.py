@@ -24,7 +24,7 @@ from step_floor import LLAMA_8B, hbm_bandwidth_gbs, step_bytes
 
 def _throughput_worker(
     model_dir, pariskv, input_len, batches, max_running, output_len, engine_kwargs,
-    ttft_repeats, out_q, grow_prompts=False,
+    ttft_repeats, grow_prompts, out_q,
 ):  # fmt: skip
     """One engine per (mode, input length), sized for ``max_running`` requests; every batch
     whose KV fits, ascending, each row sent as a partial result as soon as it is measured.

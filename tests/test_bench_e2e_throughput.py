@@ -139,10 +139,21 @@ def test_an_engine_run_cut_short_resumes_with_the_batches_it_lacks(tmp_path):
     assert throughput._resume_engine(tmp_path / "none.json", key, False, [1], measure) is None
 
 
-def _two_partials_then_result(q):
-    q.put({"partial": {"rows": [1]}})
-    q.put({"partial": {"rows": [1, 2]}})
-    q.put({"rows": [1, 2], "done": True})
+def _two_partials_then_result(out_q):
+    out_q.put({"partial": {"rows": [1]}})
+    out_q.put({"partial": {"rows": [1, 2]}})
+    out_q.put({"rows": [1, 2], "done": True})
+
+
+def _fails_with_a_thread_left(out_q):
+    import threading
+
+    threading.Thread(target=threading.Event().wait).start()  # never ends, not a daemon
+    raise ValueError("engine start failed")
+
+
+def _queue_before_last_argument(out_q, flag=False):
+    out_q.put({"flag": flag})
 
 
 def test_run_isolated_hands_partial_results_over_before_the_result():
@@ -150,6 +161,44 @@ def test_run_isolated_hands_partial_results_over_before_the_result():
     res = engine_runs._run_isolated(_two_partials_then_result, on_partial=seen.append)
     assert seen == [{"rows": [1]}, {"rows": [1, 2]}]
     assert res == {"rows": [1, 2], "done": True}
+
+
+def test_run_isolated_reports_a_worker_that_raises_and_leaves_threads_running():
+    """An engine leaves non-daemon threads behind: the failure still reaches the caller,
+    and the child process ends instead of keeping the caller waiting."""
+    with pytest.raises(RuntimeError, match="engine start failed"):
+        engine_runs._run_isolated(_fails_with_a_thread_left)
+
+
+def test_run_isolated_refuses_a_worker_whose_queue_is_not_its_last_argument():
+    with pytest.raises(RuntimeError, match="multiple values for argument 'out_q'"):
+        engine_runs._run_isolated(_queue_before_last_argument, True)
+
+
+def test_measure_engine_gives_the_worker_each_argument_under_its_own_name(monkeypatch):
+    """The arguments _measure_engine passes line up with _throughput_worker's parameters
+    (the queue last, by keyword, as _run_isolated passes it)."""
+    import inspect
+
+    calls = []
+    monkeypatch.setattr(
+        throughput, "_run_isolated", lambda target, *a, **kw: calls.append((target, a))
+    )
+    throughput._measure_engine("dir", {"topk": 8}, 4096, 4, 256, {"e": 1}, 3, True, [1, 2], None)
+    (target, args), = calls
+    bound = inspect.signature(target).bind(*args, out_q="queue").arguments
+    assert bound == {
+        "model_dir": "dir",
+        "pariskv": {"topk": 8},
+        "input_len": 4096,
+        "batches": [1, 2],
+        "max_running": 4,
+        "output_len": 256,
+        "engine_kwargs": {"e": 1},
+        "ttft_repeats": 3,
+        "grow_prompts": True,
+        "out_q": "queue",
+    }
 
 
 def test_cases_cover_every_batch_either_engine_ran_and_the_best_of_each_is_compared(
@@ -261,7 +310,7 @@ def test_time_to_first_token_is_the_median_of_the_repeats(monkeypatch, repeats, 
     monkeypatch.setattr(throughput.time, "perf_counter", lambda: clock[0])
     monkeypatch.setattr(throughput, "_read_stats", lambda d: {})
     q = queue.Queue()
-    throughput._throughput_worker("m", None, 4096, [1, 2], 2, 256, {}, repeats, q)
+    throughput._throughput_worker("m", None, 4096, [1, 2], 2, 256, {}, repeats, False, q)
     while "partial" in (res := q.get()):
         pass
     r1, r2 = res["rows"]
@@ -292,7 +341,7 @@ def test_grown_prompts_are_prefilled_once_and_decode_the_batch_asked(monkeypatch
     for grow, want_prefills in ((True, 4), (False, 7)):
         prefilled.clear(), decoded.clear()
         q = queue.Queue()
-        throughput._throughput_worker("m", None, 4096, [1, 2, 4], 4, 256, {}, 1, q, grow)
+        throughput._throughput_worker("m", None, 4096, [1, 2, 4], 4, 256, {}, 1, grow, q)
         while "partial" in (res := q.get()):
             pass
         assert len(prefilled) == len(set(prefilled)) == want_prefills
