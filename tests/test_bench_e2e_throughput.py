@@ -185,7 +185,7 @@ def test_measure_engine_gives_the_worker_each_argument_under_its_own_name(monkey
         throughput, "_run_isolated", lambda target, *a, **kw: calls.append((target, a))
     )
     throughput._measure_engine("dir", {"topk": 8}, 4096, 4, 256, {"e": 1}, 3, True, [1, 2], None)
-    (target, args), = calls
+    ((target, args),) = calls
     bound = inspect.signature(target).bind(*args, out_q="queue").arguments
     assert bound == {
         "model_dir": "dir",
