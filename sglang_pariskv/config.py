@@ -281,12 +281,6 @@ class ParisKVConfig:
         """A request attends densely when short, or when retrieval could not skip anything."""
         return seq_len <= self.dense_limit
 
-    def candidate_ratio_for(self, zone_len: int) -> float:
-        """The candidate ratio of a retrieval zone of ``zone_len`` tokens."""
-        if self.candidate_ratio is not None:
-            return float(self.candidate_ratio)
-        return adaptive_candidate_ratio(zone_len)
-
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         if d["dense_layers"] != "auto":

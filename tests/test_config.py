@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+from sglang_pariskv.codec.budget import candidate_ratios
 from sglang_pariskv.config import ParisKVConfig, adaptive_candidate_ratio
 from sglang_pariskv.support import check_head_dim
 
@@ -78,8 +79,9 @@ def test_adaptive_candidate_ratio_follows_the_reference_table():
     assert adaptive_candidate_ratio(5_000) == 0.5
     assert adaptive_candidate_ratio(10_000) == 0.2
     assert adaptive_candidate_ratio(30_000) == 0.1
-    assert ParisKVConfig(candidate_ratio=0.4).candidate_ratio_for(100_000) == 0.4
-    assert ParisKVConfig().candidate_ratio_for(100_000) == 0.1
+    zones = torch.tensor([4_999, 100_000])
+    assert candidate_ratios(zones, ParisKVConfig()).tolist() == [0.6, 0.1]
+    assert candidate_ratios(zones, ParisKVConfig(candidate_ratio=0.4)).tolist() == [0.4, 0.4]
 
 
 def test_dense_below_threshold_or_budget():
