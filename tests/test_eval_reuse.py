@@ -18,6 +18,7 @@ from pariskv_tools.eval.reuse import (
     ReuseSetting,
     choose_default,
     evaluate_layer_reuse,
+    rerank_kept,
     reuse_schedule,
     run_reuse,
 )
@@ -103,3 +104,44 @@ def test_run_writes_json_and_table(tmp_path, capsys):
     # threshold -1 (below any cosine) retrieves only by age: every 4th step
     assert saved["summary"]["t-1_age4_layer"]["retrieved"] == pytest.approx(6 / 24)
     assert "| t-1_age4_layer" in capsys.readouterr().out
+
+
+def test_rerank_kept_orders_the_kept_prefix_by_the_current_estimates():
+    """Against a per-row loop: the first kept_len valid entries, best current estimate
+    first, then everything else invalid."""
+    g = torch.Generator().manual_seed(3)
+    s, h, n, length = 4, 3, 50, 20
+    ranked = torch.stack([torch.randperm(n, generator=g)[:length] for _ in range(s * h)])
+    ranked = ranked.reshape(s, h, length)
+    valid = torch.rand(s, h, length, generator=g) > 0.2
+    kept_len = torch.randint(0, length + 3, (s, h), generator=g)
+    est = torch.randn(s, h, n, generator=g)
+    got_r, got_v = rerank_kept(ranked, valid, kept_len, est)
+    for i in range(s):
+        for j in range(h):
+            kept = [int(p) for t, (p, ok) in enumerate(zip(ranked[i, j], valid[i, j]))
+                    if ok and t < kept_len[i, j]]  # fmt: skip
+            want = sorted(kept, key=lambda p: -float(est[i, j, p]))
+            nv = int(got_v[i, j].sum())
+            assert got_r[i, j, :nv].tolist() == want
+            assert got_v[i, j, :nv].all() and not got_v[i, j, nv:].any()
+
+
+def test_a_kept_superset_recovers_recall_that_a_kept_top_k_loses():
+    """Never retrieving again after step 0: re-ranking a kept superset by each step's own
+    estimates keeps more of the true top-100 than the step-0 top-k as it was; with a
+    retrieval at every step (max age 1) the superset changes nothing."""
+    cap = fake_capture(prompt=700, decode=24, layers=1)
+    trace = layer_trace(cap, 0)
+    budget = budget_for(0.3, cap.prompt_len)
+    settings = [ReuseSetting(-1.0, 1000, keep=m) for m in (1, 4)] + [
+        ReuseSetting(-1.0, 1, keep=4)
+    ]
+    got = evaluate_layer_reuse(trace, budget, settings, chunk=8)
+    stale, superset = got["t-1_age1000_layer"], got["t-1_age1000_layer_keep4"]
+    assert superset["retrieved"][1:].sum() == 0
+    gain = superset["recall_at_100"][1:].mean() - stale["recall_at_100"][1:].mean()
+    assert gain > 0.05
+    every = got[EVERY_STEP]
+    for m in ("recall_at_100", "mass_recall"):
+        torch.testing.assert_close(got["t-1_age1_layer_keep4"][m], every[m])

@@ -8,7 +8,10 @@ and reuses it until the cosine of its group-mean query to the kept one drops bel
 threshold (in some head of the layer, or in this head) or ``max_age`` steps passed.
 
 A reusing step attends sink ∪ its current window ∪ the kept ranking's first k, with k the
-count retrieved at the kept step (serving keeps exactly top-k); retrieval at every step
+count retrieved at the kept step (serving keeps exactly top-k). With ``--keeps m`` a
+retrieval keeps its m·k best instead (at most its candidates) and a reusing step attends the
+k of those that its own query's rerank estimates rank first (:func:`rerank_kept`), which
+measures what a kept superset would buy; serving keeps m = 1. Retrieval at every step
 takes the current k, which grows with the context, so reuse is never favoured by a larger
 set. The default threshold is the setting whose recall@100 and attention-mass recall both
 stay within :data:`TOLERANCE` of retrieving at every step with the fewest retrievals.
@@ -53,10 +56,15 @@ class ReuseSetting:
     threshold: float
     max_age: int
     granularity: str = "layer"  #: "layer" (what serving does) or "head"
+    #: A retrieval keeps the ``keep * k`` best of its ranking (at most its candidates); a
+    #: reusing step attends the k of those that its own estimates rank first. 1: the kept
+    #: top-k as retrieved (what serving does).
+    keep: int = 1
 
     @property
     def name(self) -> str:
-        return f"t{self.threshold:g}_age{self.max_age}_{self.granularity}"
+        base = f"t{self.threshold:g}_age{self.max_age}_{self.granularity}"
+        return base if self.keep == 1 else f"{base}_keep{self.keep}"
 
 
 @dataclass
@@ -64,6 +72,7 @@ class ReuseRunSettings:
     thresholds: tuple[float, ...] = (0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99)
     max_ages: tuple[int, ...] = (8, 16, 32, 64)
     granularities: tuple[str, ...] = ("layer", "head")
+    keeps: tuple[int, ...] = (1,)
     fraction: float = 0.10
     layers: list[int] | None = None
     n_decode: int = 1024
@@ -74,7 +83,8 @@ class ReuseRunSettings:
 
     def grid(self) -> list[ReuseSetting]:
         return [
-            ReuseSetting(t, a, g)
+            ReuseSetting(t, a, g, m)
+            for m in self.keeps
             for g in self.granularities
             for a in self.max_ages
             for t in self.thresholds
@@ -115,19 +125,22 @@ def evaluate_layer_reuse(
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Per (step, KV head) recall@100, mass recall and retrieved flag, for retrieval at
     every step (:data:`EVERY_STEP`) and each reuse setting."""
-    method = ParisKV(outputs=("full",))
+    method = ParisKV(outputs=("full", "estimate"))
     state = method.prepare(trace)
     steps, n = trace.queries.shape[0], trace.num_keys
     k_all = budget.retrieved(trace.seq_lens)
-    length = max(recall_k, int(k_all.max()))
-    ranked, valid = [], []
+    keep_of = {EVERY_STEP: 1} | {s.name: s.keep for s in settings}
+    length = max(recall_k, max(keep_of.values()) * int(k_all.max()))
+    ranked, valid, cands = [], [], []
     for lo in range(0, steps, chunk):
         batch = budget.batch(trace.queries[lo : lo + chunk], trace.seq_lens[lo : lo + chunk])
         in_zone = zone_mask(batch.seq_lens, batch.sink, batch.local, n)
         r, v = rank(method.scores(state, batch)["pariskv"], in_zone, length)
         ranked.append(r)
         valid.append(v)
+        cands.append(method.candidate_counts(batch))
     ranked_all, valid_all = torch.cat(ranked), torch.cat(valid)
+    cands_all = torch.cat(cands)  # [steps]
     h = trace.num_kv_heads
     unit = _unit_queries(trace)
     every = torch.arange(steps)[:, None].expand(steps, h)
@@ -143,10 +156,19 @@ def evaluate_layer_reuse(
         k100 = torch.full_like(batch.retrieved, recall_k)
         target, _ = rank(exact_scores(batch, trace.keys), in_zone, recall_k)
         truth = topk_mask(target, k100, n)
+        est = None
         for name, sched in schedules.items():
             kept = sched[lo:hi]  # [s, H]
             r, v = ranked_all[kept, heads], valid_all[kept, heads]  # [s, H, L]
             k = k_all[kept]  # the count retrieved at the kept step: [s, H]
+            m = keep_of[name]
+            if m > 1:
+                if est is None:
+                    est = method.scores(state, batch)["pariskv_estimate"]
+                kept_len = torch.minimum(m * k, cands_all[kept])
+                r2, v2 = rerank_kept(r, v, kept_len, est)
+                reusing = (kept != torch.arange(lo, hi)[:, None])[..., None]
+                r, v = torch.where(reusing, r2, r), torch.where(reusing, v2, v)
             take = v & (torch.arange(r.shape[-1])[None, None] < k[..., None])
             got = out[name]
             got["recall_at_100"].append(recall_at_k(r, take_first(v, k100), truth, k100))
@@ -155,9 +177,24 @@ def evaluate_layer_reuse(
     return {name: {m: torch.cat(v) for m, v in mets.items()} for name, mets in out.items()}
 
 
+def rerank_kept(
+    ranked: torch.Tensor, valid: torch.Tensor, kept_len: torch.Tensor, est: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A kept superset ranked again for the current step: the first ``kept_len [S, H]``
+    valid entries of each kept ranking (positions ``ranked``, flags ``valid``: [S, H, L]),
+    best first by the current step's rerank estimates ``est [S, H, N]``; the other entries
+    invalid, after them."""
+    pos = torch.arange(ranked.shape[-1], device=ranked.device)[None, None]
+    sup = valid & (pos < kept_len[..., None])
+    now = est.double().gather(-1, ranked).masked_fill(~sup, float("-inf"))
+    order = torch.sort(now, dim=-1, descending=True, stable=True).indices
+    return ranked.gather(-1, order), sup.gather(-1, order)
+
+
 def choose_default(summary: dict[str, dict[str, float]], tolerance: float = TOLERANCE) -> str:
-    """The "layer" setting (what serving does) within ``tolerance`` of every-step retrieval
-    on recall@100 and mass recall with the fewest retrievals (ties: higher recall)."""
+    """The "layer" setting with keep 1 (what serving does) within ``tolerance`` of
+    every-step retrieval on recall@100 and mass recall with the fewest retrievals (ties:
+    higher recall)."""
     base = summary[EVERY_STEP]
     ok = [
         name

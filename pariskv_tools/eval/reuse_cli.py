@@ -51,6 +51,13 @@ def add_reuse_parser(sub) -> None:
         default=",".join(map(str, _DEFAULTS.max_ages)),
         help="most steps one retrieval serves",
     )
+    p.add_argument(
+        "--keeps",
+        type=_list(int),
+        default="1",
+        help="kept-set multiples m: a retrieval keeps its m*k best, a reusing step attends the "
+        "k of them its own estimates rank first (1: the kept top-k, what serving does)",
+    )
     p.add_argument("--layers", help="comma list of layers (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the tasks")
     p.add_argument("--cache-dir", type=Path, help="captured traces")
@@ -73,6 +80,7 @@ def main_reuse(args: argparse.Namespace, argv: list[str]) -> None:
     settings = ReuseRunSettings(
         thresholds=args.thresholds,
         max_ages=args.max_ages,
+        keeps=args.keeps,
         fraction=args.fraction,
         layers=layers,
         n_decode=args.n_decode,

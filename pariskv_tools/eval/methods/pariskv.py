@@ -84,7 +84,9 @@ def _layer_slice(x: torch.Tensor | None, trace, what: str) -> torch.Tensor | Non
 class ParisKV:
     """ParisKV retrieval scores; ``outputs`` picks which of the family to report.
 
-    outputs: names among {"full", "stage1"}, mapped to ``name`` and ``name + "_stage1"``.
+    outputs: names among {"full", "stage1", "estimate"}, mapped to ``name``, ``name +
+    "_stage1"`` and ``name + "_estimate"`` (the rerank estimate of every key, candidate or
+    not: what re-ranks a kept set, :func:`pariskv_tools.eval.reuse.rerank_kept`).
     rotate: False removes the Hadamard rotation (ablation).
     centres, scales: fixed key centres and channel scales [layers, Hkv, D] (see the module
     docstring), [Hkv, D] for one layer's traces, or None (0 and 1).
@@ -110,7 +112,7 @@ class ParisKV:
         self.config = config or ParisKVConfig()
         self.rotate, self.gqa = rotate, gqa
         self.centres, self.scales = centres, scales
-        self._out = {"full": name, "stage1": name + "_stage1"}
+        self._out = {"full": name, "stage1": name + "_stage1", "estimate": name + "_estimate"}
         self.names = tuple(self._out[o] for o in outputs)
         self.outputs = outputs
 
@@ -145,13 +147,17 @@ class ParisKV:
         batch; the candidate count only reads the config's ratio knob."""
         return dataclasses.replace(self.config, topk=1, dense_threshold=0)
 
-    def scores(self, state: ParisKVState, batch: StepBatch) -> dict:
+    def candidate_counts(self, batch: StepBatch) -> torch.Tensor:
+        """int64 [S]: the candidates each step reranks (the codec's count of its zone)."""
         cfg = self.step_config()
+        zone = (batch.seq_lens.to(torch.int64) - batch.sink - batch.local).clamp_min(0)
+        return num_candidates(zone, candidate_ratios(zone, cfg), cfg)
+
+    def scores(self, state: ParisKVState, batch: StepBatch) -> dict:
         seq_lens = batch.seq_lens.to(torch.int64)
         n, h, b = state.signs.shape
         s = seq_lens.shape[0]
-        zone = (seq_lens - batch.sink - batch.local).clamp_min(0)  # codec zone_lengths, per row
-        counts = num_candidates(zone, candidate_ratios(zone, cfg), cfg)
+        counts = self.candidate_counts(batch)
 
         heads = batch.queries.shape[1] if self.gqa == "max" else h
         group = heads // h
@@ -159,7 +165,7 @@ class ParisKV:
         scale = state.scale
         if scale is not None:  # s ∘ q per query head (each head of a group takes its KV head's)
             queries = queries * scale.repeat_interleave(queries.shape[1] // h, 0)
-        q = prepare_query(self._unrotate(queries), heads, cfg.rotation_seed)
+        q = prepare_query(self._unrotate(queries), heads, self.config.rotation_seed)
         signs = state.signs
         if group > 1:
             signs = signs.repeat_interleave(group, dim=1)
@@ -177,6 +183,8 @@ class ParisKV:
             out[self._out["stage1"]] = coll
         if "full" in self.outputs:
             out[self._out["full"]] = self._rerank(coll, est, counts, batch)
+        if "estimate" in self.outputs:
+            out[self._out["estimate"]] = est
         return out
 
     @staticmethod
