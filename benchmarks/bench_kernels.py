@@ -206,7 +206,7 @@ def reuse_ms(cfg, n: int, batch: int, args: tuple, dev) -> dict:
     rcfg = dataclasses.replace(cfg, reuse_threshold=0.96)
     ws = DecodeWorkspace(rcfg, HQ, HKV, D, batch, n, dev)
     ws.plan(torch.full((batch,), n, dtype=torch.int32))
-    state = ReuseState(batch, 1, HKV, D, ws.k, dev)
+    state = ReuseState(batch, 1, HKV, D, ws.kept_width, dev)
     rpi = args[3]
     ws.run(*args, reuse=state.layer(0))  # keeps every row's top-k
     hit = graph_of(lambda: ws.run(*args, reuse=state.layer(0)))

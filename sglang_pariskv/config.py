@@ -31,6 +31,13 @@ DEFAULT_HOT_CACHE_LINES: int = 65536
 #: The max age applies once a threshold is set.
 DEFAULT_REUSE_THRESHOLD: float = 0.0
 DEFAULT_REUSE_MAX_AGE: int = 8
+#: Default of ``--pariskv-reuse-keep``: a retrieval keeps its ``keep * topk`` best
+#: candidates, and every step attends the top-k of those by its own query's estimates.
+#: Kept top-k as retrieved (keep 1) lost recall@100 0.916 -> 0.722 at threshold 0.8 on the
+#: SmolLM2 traces; keeping 3x and re-ranking them, 0.904 at the same 29% of (request,
+#: layer) steps retrieving (docs/retrieval_quality.md, "Retrieval reuse").
+DEFAULT_REUSE_KEEP: int = 3
+MAX_REUSE_KEEP: int = 16
 
 #: Default of ``--pariskv-min-sparse-tokens`` on the GPU pool: the context tokens a decode
 #: step's long requests must hold together before it retrieves. Below it dense attention
@@ -87,13 +94,18 @@ class ParisKVConfig:
     #: that run no Prometheus scraper. None: no files.
     stats_dir: str | None = None
     #: A decode layer of a request retrieves again only when the cosine between its new
-    #: retrieval query and the one its kept top-k was retrieved for falls below this, in
-    #: some KV head, or after ``reuse_max_age`` tokens; otherwise it attends over the kept
-    #: top-k (plus sink and the current local window). 0: retrieve at every step.
+    #: retrieval query and the one its kept set was retrieved for falls below this, in
+    #: some KV head, or after ``reuse_max_age`` tokens; otherwise it attends the top-k of
+    #: its kept set (``reuse_keep``; plus sink and the current local window). 0: retrieve at
+    #: every step.
     reuse_threshold: float = DEFAULT_REUSE_THRESHOLD
-    #: Most tokens decoded on one kept top-k (with ``reuse_threshold`` > 0). ``None``:
+    #: Most tokens decoded on one kept set (with ``reuse_threshold`` > 0). ``None``:
     #: :data:`DEFAULT_REUSE_MAX_AGE`.
     reuse_max_age: int | None = None
+    #: With retrieval reuse: a retrieval keeps its ``reuse_keep * topk`` best candidates
+    #: (by rerank estimate) and every step, reusing or not, attends the top-k of the kept
+    #: set by its own query's estimates, so a reused selection follows the query within it.
+    reuse_keep: int = DEFAULT_REUSE_KEEP
     #: A calibration file (``python -m pariskv_tools.eval calibrate``): fixed key centres
     #: and channel scales per (layer, KV head), which every key is encoded relative to
     #: (queries are scaled alike), and the per-layer dense recommendation
@@ -191,10 +203,16 @@ class ParisKVConfig:
         if self.reuse_max_age is None:
             object.__setattr__(self, "reuse_max_age", DEFAULT_REUSE_MAX_AGE)
         self._check_int("reuse_max_age", lo=1, hi=2**30)
+        self._check_int("reuse_keep", lo=1, hi=MAX_REUSE_KEEP)
+
+    @property
+    def reuse_kept(self) -> int:
+        """Positions a retrieval keeps per (request, layer, KV head) with reuse."""
+        return self.reuse_keep * self.topk
 
     @property
     def reuses(self) -> bool:
-        """Decode layers may attend over a kept top-k instead of retrieving."""
+        """Decode layers may re-rank a kept set instead of retrieving."""
         return self.reuse_threshold > 0
 
     def _check_calibration(self) -> None:

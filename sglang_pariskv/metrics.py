@@ -37,7 +37,7 @@ HOT_CACHE_HELP = {
 #: sync; ``--pariskv-reuse-threshold`` > 0 only).
 REUSE_HELP = {
     "retrieved": "Sparse decode (request, layer) pairs that ran retrieval.",
-    "reused": "Sparse decode (request, layer) pairs that attended their kept top-k "
+    "reused": "Sparse decode (request, layer) pairs that re-ranked their kept set "
     "(--pariskv-reuse-threshold) instead of retrieving.",
 }
 

@@ -16,6 +16,7 @@ from typing import Any
 from sglang_pariskv.config import (
     DEFAULT_HOT_CACHE_LINES,
     DEFAULT_MIN_SPARSE_TOKENS,
+    DEFAULT_REUSE_KEEP,
     DEFAULT_REUSE_MAX_AGE,
     OFFLOAD_MODES,
     ParisKVConfig,
@@ -66,6 +67,7 @@ KNOB_FLAGS: tuple[tuple[str, str, Any], ...] = (
     ("--pariskv-dense-layers", "dense_layers", _layer_list),
     ("--pariskv-reuse-threshold", "reuse_threshold", _as_is),
     ("--pariskv-reuse-max-age", "reuse_max_age", _as_is),
+    ("--pariskv-reuse-keep", "reuse_keep", _as_is),
 )
 
 
@@ -159,16 +161,24 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         help="Retrieval reuse: a decode layer retrieves again only when the cosine between "
-        "its retrieval query and the one of its kept top-k falls below this, in [0, 1]; "
-        f"otherwise it attends over the kept top-k (default {defaults.reuse_threshold}; "
+        "its retrieval query and the one of its kept set falls below this, in [0, 1]; "
+        f"otherwise it re-ranks the kept set (default {defaults.reuse_threshold}; "
         "0: retrieve at every step).",
     )
     g.add_argument(
         "--pariskv-reuse-max-age",
         type=int,
         default=None,
-        help="With retrieval reuse: most decode steps one kept top-k serves before the "
+        help="With retrieval reuse: most decode steps one kept set serves before the "
         f"layer retrieves again (default {DEFAULT_REUSE_MAX_AGE}).",
+    )
+    g.add_argument(
+        "--pariskv-reuse-keep",
+        type=int,
+        default=None,
+        help="With retrieval reuse: a retrieval keeps this many times --pariskv-topk of its "
+        "best candidates, and each step attends the top-k of the kept set by its own query "
+        f"(default {DEFAULT_REUSE_KEEP}; 1: the kept top-k as retrieved).",
     )
     g.add_argument(
         "--pariskv-calibration",
@@ -229,17 +239,18 @@ def config_from_args(args: Any) -> ParisKVConfig | None:
         where = f" (with --pariskv-config {args.pariskv_config})" if args.pariskv_config else ""
         raise ParisKVConfigError(f"{e}{where}") from e
     check_calibration_file(cfg)
-    max_age = base.get("reuse_max_age")  # given by the flag or the config file
-    if max_age is not None and not cfg.reuses:
-        where = (
-            ""
-            if getattr(args, "pariskv_reuse_max_age", None) is not None
-            else (f" (in --pariskv-config {args.pariskv_config})")
-        )
+    for flag, field in (
+        ("--pariskv-reuse-max-age", "reuse_max_age"),
+        ("--pariskv-reuse-keep", "reuse_keep"),
+    ):
+        value = base.get(field)  # given by the flag or the config file
+        if value is None or cfg.reuses:
+            continue
+        by_flag = getattr(args, "pariskv_" + field, None) is not None
+        where = "" if by_flag else f" (in --pariskv-config {args.pariskv_config})"
         raise ParisKVConfigError(
-            f"--pariskv-reuse-max-age {max_age}{where} applies only to retrieval "
-            "reuse, which --pariskv-reuse-threshold 0 turns off: set a threshold > 0, or "
-            "drop --pariskv-reuse-max-age"
+            f"{flag} {value}{where} applies only to retrieval reuse, which "
+            f"--pariskv-reuse-threshold 0 turns off: set a threshold > 0, or drop {flag}"
         )
     return cfg
 

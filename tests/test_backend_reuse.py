@@ -41,7 +41,7 @@ def with_reuse(b, pool, cfg=RCFG):
         chunk=64, scan_block=16, scan_tiles=4,
     )  # fmt: skip
     b.__dict__.update(config=cfg, ws=ws, eager_sparse=TorchHeadAsBatch(ws))
-    b.reuse = RetrievalReuse.build(cfg, 4, 1, HKV, D, ws.k, torch.device("cpu"))
+    b.reuse = RetrievalReuse.build(cfg, 4, 1, HKV, D, ws.kept_width, torch.device("cpu"))
     b.observer.extra_snapshot = b._extra_snapshot  # what the backend's constructor wires
     if b.offload is not None:
         small = dataclasses.replace(cfg, offload="host", host_pool_gb=1.0, hot_cache_lines=32)
@@ -57,7 +57,7 @@ class Oracle:
         self.pool, self.rtp, self.kept = pool, rtp, {}
 
     def start(self, req_id):
-        self.kept[req_id] = KeptSelection.empty(1, HKV, D, RCFG.topk)
+        self.kept[req_id] = KeptSelection.empty(1, HKV, D, RCFG.reuse_kept)
 
     def __call__(self, req_ids, rpi, seq, q):
         out, fresh = [], []

@@ -45,8 +45,8 @@ def run_steps(sc, full, queries, cfg, ws, heads, dev, replay=None, max_diff=0):
     a function (ws, args) -> callable that runs the step (a CUDA graph replay), else eager.
     ``max_diff``: slots a row may differ by (rounding at the top-k boundary).
     Returns the per-step retrieved flags."""
-    state = ReuseState(sc.req_to_token.shape[0], 1, heads, ws.d, ws.k, dev)
-    kept = KeptSelection.empty(len(full), heads, ws.d, cfg.topk, device=dev)
+    state = ReuseState(sc.req_to_token.shape[0], 1, heads, ws.d, ws.kept_width, dev)
+    kept = KeptSelection.empty(len(full), heads, ws.d, cfg.reuse_kept, device=dev)
     fresh_log, run = [], None
     for step, q in enumerate(queries):
         seq = torch.tensor([n - len(queries) + step for n in full], dtype=torch.int32)
@@ -100,6 +100,20 @@ def test_reuse_follows_the_codec_step_by_step():
     assert counters == [6, 6]  # sparse (request, layer) pairs retrieved / reused
 
 
+def test_reusing_rows_attend_the_best_of_their_kept_set_for_the_new_query():
+    """Queries that move a little (cosine above the threshold): rows reuse, and each
+    attends the top-k of its kept set for its own query, as the codec does."""
+    full = [700, 650]
+    sc = make_scenario(full, H, D, 720, DEV, dtype=torch.float16, seed=11)
+    gen = torch.Generator().manual_seed(12)
+    q0 = torch.randn(2, H * G, D, generator=gen).to(DEV)
+    queries = [q0] + [q0 + 0.3 * torch.randn(q0.shape, generator=gen).to(DEV) for _ in range(3)]
+    cfg = dataclasses.replace(CFG, reuse_threshold=0.5, reuse_max_age=100)
+    ws = workspace(cfg)
+    fresh_log, _ = run_steps(sc, full, queries, cfg, ws, H, DEV)
+    assert fresh_log == [[True, True], [False, False], [False, False], [False, False]]
+
+
 @pytest.mark.gpu
 def test_cuda_kernels_under_graph_replay_follow_the_codec(cuda_device):
     """The csrc/ kernels (scan, candidate write + rerank, top-k) on reusing rows, whose
@@ -140,7 +154,7 @@ def test_a_request_taking_over_a_slot_never_reuses_its_selection():
     sc = make_scenario(full, H, D, 720, DEV, dtype=torch.float16, seed=5)
     q = torch.randn(1, H * G, D, generator=torch.Generator().manual_seed(6)).to(DEV)
     ws = workspace(dataclasses.replace(CFG, reuse_max_age=100))
-    state = ReuseState(sc.req_to_token.shape[0], 1, H, D, ws.k, DEV)
+    state = ReuseState(sc.req_to_token.shape[0], 1, H, D, ws.kept_width, DEV)
 
     def step(n):
         ws.plan(torch.tensor([n], dtype=torch.int32))
@@ -154,7 +168,7 @@ def test_a_request_taking_over_a_slot_never_reuses_its_selection():
     # ...so a request starting on the slot resets it, and its first step retrieves.
     state.reset(sc.req_pool_indices)
     assert step(592) and not step(593)
-    other = ReuseState(sc.req_to_token.shape[0], 1, H, D, ws.k, DEV)
+    other = ReuseState(sc.req_to_token.shape[0], 1, H, D, ws.kept_width, DEV)
     assert (other.seq == -1).all()  # a fresh state keeps nothing
 
 
@@ -169,6 +183,6 @@ def test_threshold_zero_runs_no_reuse_stage_and_state_needs_a_threshold():
         "query_table", "scan", "select", "rerank", "topk", "assemble",
     ]  # fmt: skip
     assert not hasattr(ws, "reuse_eff")
-    state = ReuseState(sc.req_to_token.shape[0], 1, H, D, ws.k, DEV)
+    state = ReuseState(sc.req_to_token.shape[0], 1, H, D, 3 * ws.k, DEV)
     with pytest.raises(ValueError, match="reuse_threshold is 0"):
         ws.run(q, sc.pool, sc.req_to_token, sc.req_pool_indices, reuse=state.layer(0))

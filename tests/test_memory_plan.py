@@ -113,13 +113,16 @@ def test_reuse_state_is_planned_per_request_slot_and_layer():
     on_cfg = dataclasses.replace(cfg, reuse_threshold=0.9)
     on = plan_backend_memory(on_cfg, **sizes)
     state = RetrievalReuse.build(on_cfg,
-                                 9, 3, 2, 64, 256, torch.device("cpu")).state  # fmt: skip
+                                 9, 3, 2, 64, 3 * 256, torch.device("cpu")).state  # fmt: skip
     allocated = sum(t.numel() * t.element_size() for t in [*state.query, *state.top, state.seq])
     assert on.reuse == allocated + 16  # + the two int64 counters
-    assert on.reuse == 3 * 9 * 2 * (64 * 4 + 256 * 4) + 9 * 3 * 4 + 16
-    # the workspace's per-layer scratch: seq / count / zone end and a flag per batch row
-    assert on.workspace - off.workspace == 8 * (3 * 8 + 4)
-    assert on.total - off.total == on.reuse + 8 * 28
+    kept = 3 * 256  # --pariskv-reuse-keep 3 (the default) x top-k
+    assert on.reuse == 3 * 9 * 2 * (64 * 4 + kept * 4) + 9 * 3 * 4 + 16
+    # the workspace's per-layer scratch: seq / count / zone end and a flag per batch row;
+    # each row's kept set (slots and estimates) and the list length per request
+    scratch = 8 * (3 * 8 + 4) + 8 * 2 * kept * (4 + 4) + 8 * 8
+    assert on.workspace - off.workspace == scratch
+    assert on.total - off.total == on.reuse + scratch
     assert off.reuse == 0 and on_cfg.reuses
     assert RetrievalReuse.build(cfg, 9, 3, 2, 64, 256, torch.device("cpu")) is None
 

@@ -104,8 +104,9 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         self._float_ws = float_workspace(device)
         self._build_workspace(max_batch)
         self.reuse = RetrievalReuse.build(
-            config, rtt.shape[0], pool.layer_num, self.hkv, self.d, self.ws.k, device
-        )
+            config, rtt.shape[0], pool.layer_num, self.hkv, self.d,
+            getattr(self.ws, "kept_width", 0), device,
+        )  # fmt: skip
         self.graph_sparse: dict[int, HeadAsBatchDecode] = {}
         self._rpi32: torch.Tensor | None = None
         self._sparse: HeadAsBatchDecode | None = None  # active sparse call, None: all dense
@@ -253,7 +254,7 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             self.full.plan(forward_batch, key if isinstance(key, int) else None, in_capture)
 
     def _plan_extend(self, forward_batch) -> None:
-        """Count the extend and forget the extending requests' kept top-k."""
+        """Count the extend and forget the extending requests' kept sets."""
         self.observer.extend(forward_batch)
         if self.reuse is not None:  # no request reuses a selection made before it extended
             self.reuse.extended(forward_batch.req_pool_indices)

@@ -102,8 +102,8 @@ def plan_backend_memory(
             + (1 + graph_batch_sizes) * FLASHINFER_INT_WORKSPACE_BYTES
         )
     reuse = 0
-    if config.reuses:  # per request slot and layer: kept query, top-k and length
-        kept = ReuseState(request_slots, num_layers, num_kv_heads, head_dim, ws.k, meta)
+    if config.reuses:  # per request slot and layer: kept query, kept set and length
+        kept = ReuseState(request_slots, num_layers, num_kv_heads, head_dim, ws.kept_width, meta)
         reuse = kept.nbytes()
     calibration = 0
     if config.calibration is not None:

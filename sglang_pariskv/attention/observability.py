@@ -148,7 +148,7 @@ class DecodeObserver:
             self.metrics.add_hot_cache(delta)
 
     def reuse(self, delta: dict[str, int]) -> None:
-        """(request, layer) pairs that retrieved / reused their kept top-k (read back from
+        """(request, layer) pairs that retrieved / reused their kept set (read back from
         the GPU without a sync, so they trail the served batches slightly)."""
         if self.metrics is not None:
             self.metrics.add_reuse(delta)

@@ -25,9 +25,11 @@ FIELDS = ("retrieved", "reused")
 
 
 class RetrievalReuse:
-    def __init__(self, max_reqs: int, num_layers: int, num_kv_heads: int, head_dim: int, k: int,
-                 device: torch.device) -> None:  # fmt: skip
-        self.state = ReuseState(max_reqs, num_layers, num_kv_heads, head_dim, k, device)
+    def __init__(self, max_reqs: int, num_layers: int, num_kv_heads: int, head_dim: int,
+                 width: int, device: torch.device) -> None:  # fmt: skip
+        """``width``: the workspace's ``kept_width`` (slots kept per request, layer and
+        KV head)."""
+        self.state = ReuseState(max_reqs, num_layers, num_kv_heads, head_dim, width, device)
         self.counters = DeviceCounterReader(
             lambda: self.state.counters, FIELDS, on_cuda=self.state.counters.is_cuda
         )
@@ -35,12 +37,12 @@ class RetrievalReuse:
     @classmethod
     def build(
         cls, config: ParisKVConfig, max_reqs: int, num_layers: int, num_kv_heads: int,
-        head_dim: int, k: int, device: torch.device,
+        head_dim: int, width: int, device: torch.device,
     ) -> RetrievalReuse | None:  # fmt: skip
         """The reuse state of a backend, or None with ``reuse_threshold`` 0."""
         if not config.reuses:
             return None
-        return cls(max_reqs, num_layers, num_kv_heads, head_dim, k, device)
+        return cls(max_reqs, num_layers, num_kv_heads, head_dim, width, device)
 
     def layer(self, layer: int) -> LayerReuse:
         return self.state.layer(layer)

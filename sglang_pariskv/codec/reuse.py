@@ -1,9 +1,10 @@
 """Retrieval reuse (LouisKV-style) in plain torch: the specification of the serving path.
 
 The keys a decode query needs change little from one step to the next while the query
-itself barely moves. So each request keeps, per layer and KV head, the top-k it last
-retrieved and the retrieval query (the GQA group mean, rotated and normalised: see
-:mod:`codec.query`) it was retrieved for. A step retrieves again when
+itself barely moves. So each request keeps, per layer and KV head, the ``reuse_keep * k``
+best candidates of its last retrieval (by rerank estimate) and the retrieval query (the
+GQA group mean, rotated and normalised: see :mod:`codec.query`) they were retrieved for.
+A step retrieves again when
 
 * nothing is kept (a new request, or one that was dense until now),
 * ``max_age`` tokens or more were decoded since the kept retrieval, or
@@ -11,11 +12,14 @@ retrieved and the retrieval query (the GQA group mean, rotated and normalised: s
   ``threshold`` (granularity "layer": one decision for all KV heads of the request's
   layer, what the serving kernels skip together; "head": one per KV head);
 
-otherwise it attends over sink ∪ the current local window ∪ the kept top-k. The kept
-positions all lie before the kept step's window, so they never overlap the current window;
-tokens newer than the kept retrieval join through the window as it moves, and the tokens
-that slid out of the window since then (fewer than ``max_age``) are attended again at the
-next retrieval.
+otherwise it keeps the kept set. Every sparse step attends sink ∪ the current local
+window ∪ the top-k of its kept set by its own query's rerank estimates (at a retrieval,
+the top-k of all candidates: the best of the kept set), so a reused selection still
+follows the query among the kept keys; with ``reuse_keep`` 1 it is the kept top-k as
+retrieved. The kept positions all lie before the kept step's window, so they never
+overlap the current window; tokens newer than the kept retrieval join through the window
+as it moves, and the tokens that slid out of the window since then (fewer than
+``max_age``) are attended again at the next retrieval.
 
 The group mean is the query whose inner product with each key is the group's mean logit,
 which is what the top-k ranks; its cosine therefore measures how far the ranking can have
@@ -29,8 +33,9 @@ from dataclasses import dataclass
 import torch
 
 from sglang_pariskv.codec.encode import KeyCodes
-from sglang_pariskv.codec.pipeline import Retrieval, retrieve
+from sglang_pariskv.codec.pipeline import Retrieval, assemble, retrieval_candidates
 from sglang_pariskv.codec.query import prepare_query
+from sglang_pariskv.codec.select import rerank_topk
 from sglang_pariskv.config import ParisKVConfig
 
 GRANULARITIES = ("layer", "head")
@@ -40,15 +45,15 @@ GRANULARITIES = ("layer", "head")
 class KeptSelection:
     """What one layer keeps per request between steps."""
 
-    query: torch.Tensor  #: float [R, Hkv, D]: unit rotated retrieval query of the kept top-k
-    top: torch.Tensor  #: int64 [R, Hkv, K]: kept top-k positions (-1 where invalid)
+    query: torch.Tensor  #: float [R, Hkv, D]: unit rotated retrieval query of the kept set
+    top: torch.Tensor  #: int64 [R, Hkv, W]: kept positions (W = ``reuse_kept``; -1: none)
     seq: torch.Tensor  #: int64 [R, Hkv]: sequence length when retrieved; -1: nothing kept
 
     @staticmethod
-    def empty(r: int, hkv: int, d: int, k: int, device="cpu") -> KeptSelection:
+    def empty(r: int, hkv: int, d: int, width: int, device="cpu") -> KeptSelection:
         return KeptSelection(
             query=torch.zeros(r, hkv, d, device=device),
-            top=torch.full((r, hkv, k), -1, dtype=torch.int64, device=device),
+            top=torch.full((r, hkv, width), -1, dtype=torch.int64, device=device),
             seq=torch.full((r, hkv), -1, dtype=torch.int64, device=device),
         )
 
@@ -96,9 +101,9 @@ def retrieve_with_reuse(
     from the previous step (or :meth:`KeptSelection.empty`). With
     ``config.reuse_threshold`` 0 every sparse row retrieves: exactly ``retrieve``."""
     r, _, hkv, _ = codes.signs.shape
-    fresh = retrieve(query, codes, seq_lens, config, scale=scale)
+    cand = retrieval_candidates(query, codes, seq_lens, config, scale)
     unit = unit_query(query, hkv, config.rotation_seed, scale).to(kept.query.dtype)
-    sparse = ~fresh.dense[:, None].expand(r, hkv)
+    sparse = ~cand.dense[:, None].expand(r, hkv)
     if config.reuses:
         need = needs_retrieval(
             unit, kept, seq_lens, config.reuse_threshold, config.reuse_max_age, granularity
@@ -106,26 +111,30 @@ def retrieve_with_reuse(
     else:
         need = torch.ones_like(sparse)
     retrieved = need & sparse
-    reused = ~need & sparse
 
-    # A sparse row is [sink, window, top-k]: its zone is longer than top-k, so it always
-    # holds exactly topk retrieved positions.
-    first, k = config.sink + config.local, config.topk
-    if kept.top.shape[-1] != k:
-        raise ValueError(f"kept top-k of {kept.top.shape[-1]} positions, config.topk {k}")
-    positions, valid = fresh.positions.clone(), fresh.valid.clone()
-    new_top = kept.top.clone()
-    if bool(sparse.any()):
-        got = fresh.positions[..., first : first + k]
-        sel = reused[..., None]
-        positions[..., first : first + k] = torch.where(sel, kept.top, got)
-        valid[..., first : first + k] = torch.where(sel, kept.top >= 0, got >= 0)
-        new_top = torch.where(retrieved[..., None], got, kept.top)
+    k = config.topk
+    if not config.reuses:
+        top_pos, top_valid = rerank_topk(codes, cand.query, cand.positions, cand.valid, k)
+        return assemble(top_pos, top_valid, cand, seq_lens, config), kept, retrieved
+    width = config.reuse_kept
+    if kept.top.shape[-1] != width:
+        raise ValueError(
+            f"kept set of {kept.top.shape[-1]} positions, config.reuse_kept {width}"
+        )
+    # A retrieving row keeps its `width` best candidates (all of them when it has fewer);
+    # every sparse row then attends the top-k of its kept set by this step's estimates.
+    best, best_valid = rerank_topk(codes, cand.query, cand.positions, cand.valid, width)
+    fresh_top = torch.full_like(kept.top, -1)
+    fresh_top[..., : best.shape[-1]] = torch.where(best_valid, best, -1)
+    new_top = torch.where(retrieved[..., None], fresh_top, kept.top)
+    new_top = torch.where(sparse[..., None], new_top, kept.top)
+    listed = new_top >= 0
+    top_pos, top_valid = rerank_topk(codes, cand.query, new_top.clamp_min(0), listed, k)
+    top_valid = top_valid & sparse[..., None]
     seq = seq_lens.to(kept.seq.device, torch.int64)[:, None].expand(r, hkv)
     new_kept = KeptSelection(
         query=torch.where(retrieved[..., None], unit, kept.query),
         top=new_top,
         seq=torch.where(retrieved, seq, kept.seq),
     )
-    out = Retrieval(positions, valid, fresh.dense, fresh.num_candidates)
-    return out, new_kept, retrieved
+    return assemble(top_pos, top_valid, cand, seq_lens, config), new_kept, retrieved

@@ -48,14 +48,11 @@ def _assemble_kernel(
     top_ptr,
     indptr_ptr,
     out_ptr,
-    keep_ptr,
-    fresh_ptr,
     K,
     H: tl.constexpr,
     SINK: tl.constexpr,
     LOCAL: tl.constexpr,
     BLOCK: tl.constexpr,
-    KEEP: tl.constexpr,
 ):
     row = tl.program_id(0)
     blk = tl.program_id(1)
@@ -71,15 +68,7 @@ def _assemble_kernel(
         j = i - SINK - LOCAL
         is_top = (j >= 0) & (dense == 0)
         req = tl.load(req_ptr + r).to(tl.int64)
-        if KEEP:  # retrieval reuse: the kept top-k unless this row retrieved (then keep it)
-            fresh = tl.load(fresh_ptr + r) != 0
-            kept_at = keep_ptr + (req * H + h) * K + j
-            top = tl.load(top_ptr + row.to(tl.int64) * K + j, mask=valid & is_top & fresh, other=0)
-            kept = tl.load(kept_at, mask=valid & is_top & ~fresh, other=0)
-            top = tl.where(fresh, top, kept)
-            tl.store(kept_at, top, mask=valid & is_top & fresh)
-        else:
-            top = tl.load(top_ptr + row.to(tl.int64) * K + j, mask=valid & is_top, other=0)
+        top = tl.load(top_ptr + row.to(tl.int64) * K + j, mask=valid & is_top, other=0)
         pos = tl.where(i < SINK, i, seq - LOCAL + (i - SINK))
         pos = tl.where(dense != 0, i, pos)
         slot = tl.load(rtt_ptr + req * stride_rtt + pos, mask=valid & ~is_top, other=0)
@@ -98,21 +87,12 @@ def assemble_indices(
     config: ParisKVConfig,
     max_row: int,
     block: int = 512,
-    kept: torch.Tensor | None = None,
-    fresh: torch.Tensor | None = None,
 ) -> None:
     """Write ``kv_indices`` (int32) of every row; ``top_slots`` int32 [R, Hkv, K] holds
-    each sparse row's top-k KV slots (K >= config.topk). With retrieval reuse, ``kept``
-    (int32 [max_reqs, Hkv, K], by ``req_pool_indices``) is the kept top-k and ``fresh``
-    (int32 [R]) says which rows retrieved: those store their new top-k into ``kept``, the
-    others attend the kept one."""
+    each sparse row's top-k KV slots (K >= config.topk)."""
     r, h, k = top_slots.shape
     if r == 0:
         return
-    if (kept is None) != (fresh is None):
-        raise ValueError("assemble_indices: pass both kept and fresh, or neither")
-    if kept is not None and kept.shape[1:] != (h, k):
-        raise ValueError(f"kept top-k {tuple(kept.shape)} does not match top_slots {(r, h, k)}")
     _assemble_kernel[(r * h, triton.cdiv(max_row, block))](
         req_to_token,
         req_to_token.stride(0),
@@ -122,12 +102,9 @@ def assemble_indices(
         top_slots,
         kv_indptr,
         kv_indices,
-        top_slots if kept is None else kept,
-        top_slots if fresh is None else fresh,
         k,
         H=h,
         SINK=config.sink,
         LOCAL=config.local,
         BLOCK=block,
-        KEEP=kept is not None,
     )

@@ -1,4 +1,4 @@
-"""Retrieval reuse on the GPU: kept top-k per request slot and layer, and the per-layer
+"""Retrieval reuse on the GPU: kept sets per request slot and layer, and the per-layer
 decision of which rows retrieve (the rule of :mod:`codec.reuse`, granularity "layer").
 
 Why per (request, layer) and not per KV head: the collision scan, the dominant pass over
@@ -10,9 +10,10 @@ The decision is made on the device, after the query stage, so nothing syncs with
 and a captured graph replays it. Rows that reuse keep their launch slot but do no work:
 :func:`decide_reuse` writes per-layer copies of the plan's sequence length, candidate
 count and zone end with 0 / 0 / ``sink`` for them, which every retrieval kernel (CUDA and
-Triton alike) already treats as "nothing to scan, select or rank". The index assembly then
-reads a reusing row's top-k from the kept buffer, and stores a retrieving row's fresh
-top-k into it (:mod:`kernels.assemble`).
+Triton alike) already treats as "nothing to scan, select or rank". A retrieving row's top
+``reuse_kept`` candidates (the top-k stage, run wider) go into the kept buffer and a
+reusing row's come out of it (:func:`exchange_kept`); every row then attends the top-k of
+its kept set by its own query (the rerank and top-k run again over that short list).
 
 State is keyed by SGLang's ``req_pool_idx``; :meth:`ReuseState.reset` must run whenever a
 request (re)starts on a slot (every extend), so no request ever reuses a selection another
@@ -34,8 +35,8 @@ EFF_FIELDS = ("seq", "counts", "zone_end")
 class LayerReuse(NamedTuple):
     """One layer's kept state (views of :class:`ReuseState`)."""
 
-    query: torch.Tensor  #: float32 [max_reqs, Hkv, D]: unit rotated query of the kept top-k
-    top: torch.Tensor  #: int32 [max_reqs, Hkv, K]: kept top-k KV slots
+    query: torch.Tensor  #: float32 [max_reqs, Hkv, D]: unit rotated query of the kept set
+    top: torch.Tensor  #: int32 [max_reqs, Hkv, W]: kept KV slots (-1: empty entry)
     seq: torch.Tensor  #: int32 [max_reqs] (strided view): seq_len when kept; -1: nothing
     counters: torch.Tensor  #: int64 [2]: (row-layers retrieved, row-layers reused), cumulative
 
@@ -45,14 +46,19 @@ class ReuseState:
     ``attention.memory_plan`` builds one on the meta device to count its bytes)."""
 
     def __init__(
-        self, max_reqs: int, num_layers: int, num_kv_heads: int, head_dim: int, k: int, device
-    ) -> None:
+        self, max_reqs: int, num_layers: int, num_kv_heads: int, head_dim: int, width: int,
+        device,
+    ) -> None:  # fmt: skip
+        """``width``: kept slots per (request, layer, KV head), the workspace's
+        ``kept_width``."""
         f32 = dict(dtype=torch.float32, device=device)
         i32 = dict(dtype=torch.int32, device=device)
         self.query = [
             torch.zeros(max_reqs, num_kv_heads, head_dim, **f32) for _ in range(num_layers)
         ]
-        self.top = [torch.zeros(max_reqs, num_kv_heads, k, **i32) for _ in range(num_layers)]
+        self.top = [
+            torch.full((max_reqs, num_kv_heads, width), -1, **i32) for _ in range(num_layers)
+        ]
         self.seq = torch.full((max_reqs, num_layers), -1, **i32)
         self.counters = torch.zeros(2, dtype=torch.int64, device=device)
 
@@ -171,3 +177,49 @@ def decide_reuse(
         D=d,
     )
     return out
+
+
+@triton.jit
+def _exchange_kernel(
+    sup_ptr, fresh_ptr, dense_ptr, req_ptr, kept_ptr, cnt_ptr, W, H: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0)  # r * H + h
+    blk = tl.program_id(1)
+    r = row // H
+    h = row % H
+    fresh = tl.load(fresh_ptr + r) != 0
+    req = tl.load(req_ptr + r).to(tl.int64)
+    idx = blk * BLOCK + tl.arange(0, BLOCK)
+    m = idx < W
+    here = sup_ptr + row.to(tl.int64) * W + idx
+    there = kept_ptr + (req * H + h) * W + idx
+    if fresh:
+        tl.store(there, tl.load(here, mask=m), mask=m)
+    else:
+        tl.store(here, tl.load(there, mask=m), mask=m)
+    if (h == 0) & (blk == 0):
+        tl.store(cnt_ptr + r, tl.where(tl.load(dense_ptr + r) != 0, 0, W).to(tl.int64))
+
+
+def exchange_kept(
+    kept_sets: torch.Tensor,
+    fresh: torch.Tensor,
+    dense: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    kept: LayerReuse,
+    counts: torch.Tensor,
+    block: int = 1024,
+) -> None:
+    """Rows that retrieved store their new kept set (``kept_sets`` int32 [R, Hkv, W], this
+    step's widened top-k, -1 past its candidates) into ``kept.top`` at their request slot;
+    the others load theirs from it. ``counts`` int64 [R] receives the list length each
+    request's kept-set rerank reads: W, or 0 for a dense request."""
+    r, h, w = kept_sets.shape
+    if kept.top.shape[1:] != (h, w):
+        raise ValueError(f"kept sets {tuple(kept.top.shape)} do not match {(r, h, w)}")
+    if r == 0:
+        return
+    _exchange_kernel[(r * h, triton.cdiv(w, block))](
+        kept_sets, fresh, dense, req_pool_indices, kept.top, counts, w, H=h, BLOCK=block
+    )

@@ -16,7 +16,10 @@ Triton: query_table (``csrc/query_table.cu`` / ``query_table.py``), scan
 (``csrc/collision_scan.cu`` / ``collision.py``), select (``select.py``: the count pass; the
 Triton path also writes the candidates), rerank (``csrc/select_rerank.cu``, which writes
 the candidates too / ``rerank.py``), topk (``csrc/topk.cu`` / ``torch.topk``), assemble
-(``assemble.py``).
+(``assemble.py``). With retrieval reuse, a reuse stage after the query stage
+(``reuse.py``), and after the top-k (run as wide as a kept set) the kept-set stages:
+kept_sets (``reuse.py``: store or load at the request slot), kept_rerank (``rerank.py``)
+and kept_topk (``csrc/topk.cu`` / ``torch.topk``).
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ from sglang_pariskv.kernels.launch_geometry import (
 )
 from sglang_pariskv.kernels.query_table import query_table
 from sglang_pariskv.kernels.rerank import levels, rerank_estimates, topk_slots
-from sglang_pariskv.kernels.reuse import LayerReuse, decide_reuse
+from sglang_pariskv.kernels.reuse import LayerReuse, decide_reuse, exchange_kept
 from sglang_pariskv.kernels.select import (
     CandidateBuffers,
     count_candidates,
@@ -101,7 +104,7 @@ class DecodeOutput(NamedTuple):
     kv_indices: torch.Tensor  #: int32 [capacity]; entries [0, kv_indptr[-1]) are valid
     dense: torch.Tensor  #: int64 [R], 1 where the request attends densely
     #: int64 [R]: candidates ranked for each request (0 if dense, or if it reused its
-    #: kept top-k: ``config.reuse_threshold``)
+    #: kept set: ``config.reuse_threshold``)
     num_candidates: torch.Tensor
 
 
@@ -178,6 +181,13 @@ class DecodeWorkspace:
         if config.reuses:
             self.reuse_eff = torch.zeros(3, rmax, dtype=torch.int64, device=dev)
             self.reuse_fresh = torch.zeros(rmax, dtype=torch.int32, device=dev)
+            # Kept sets (kernels/reuse.py): every row's widened top-k, then its list's
+            # estimates and length for the top-k of the kept set.
+            self.kept_width = min(config.reuse_kept, self.cmax)
+            w = self.kept_width
+            self.kept_sets = torch.full((rmax, h, w), -1, dtype=torch.int32, device=dev)
+            self.kept_est = torch.empty(rmax, h, w, dtype=torch.float32, device=dev)
+            self.kept_counts = torch.zeros(rmax, dtype=torch.int64, device=dev)
         # Contiguous copy of the last run's query, written by the CUDA query + table kernel
         # (allocated at the first run, in the query's dtype): see contiguous_query.
         self._query_copy: torch.Tensor | None = None
@@ -286,6 +296,14 @@ class DecodeWorkspace:
         reuse = (
             [("reuse", self._stage_reuse)] if bound is not None and bound.reuse is not None else []
         )
+        if reuse:
+            reuse_tail = [
+                ("kept_sets", self._stage_kept_sets),
+                ("kept_rerank", self._stage_kept_rerank),
+                ("kept_topk", self._stage_kept_topk),
+            ]
+        else:
+            reuse_tail = []
         return [
             ("query_table", self._stage_query_table),
             *reuse,
@@ -293,6 +311,7 @@ class DecodeWorkspace:
             ("select", self._stage_select),
             ("rerank", self._stage_rerank),
             ("topk", self._stage_topk),
+            *reuse_tail,
             ("assemble", self._stage_assemble),
         ]
 
@@ -392,12 +411,48 @@ class DecodeWorkspace:
         rerank_estimates(*args, st.query.blocks, st.query.norm, st.est)
 
     def _stage_topk(self) -> None:
+        """The top-k of the candidates; with reuse, of retrieving rows only and as wide as
+        a kept set (:meth:`_stage_kept_sets` takes it from there)."""
         st = self._st
+        if st.reuse is not None:
+            sets = self.kept_sets[: st.r]
+            if self.use_cuda:
+                sets.fill_(-1)  # entries past a row's candidates stay empty
+                topk_cuda(st.est, st.cand, st.counts, sets, self.topk_cluster)
+            else:
+                sets.copy_(topk_slots(st.est, st.cand, self.kept_width, empty=-1))
+            return
         if not self.use_cuda:
             st.top = topk_slots(st.est, st.cand, self.k)
             return
         st.top = self.top[: st.r]
         topk_cuda(st.est, st.cand, st.counts, st.top, self.topk_cluster)
+
+    def _stage_kept_sets(self) -> None:
+        """Retrieving rows keep their new set, reusing rows take their kept one."""
+        st = self._st
+        counts = self.kept_counts[: st.r]
+        exchange_kept(self.kept_sets[: st.r], st.fresh, st.dense, st.rpi, st.reuse, counts)
+        st.kept_counts = counts
+
+    def _stage_kept_rerank(self) -> None:
+        """Every sparse row's kept set, estimated for this step's query."""
+        st, codes = self._st, self._st.codes
+        st.kept_est = self.kept_est[: st.r]
+        rerank_estimates(
+            self.kept_sets[: st.r], st.kept_counts, codes.signs, codes.mags, codes.weights,
+            st.query.blocks, st.query.norm, st.kept_est,
+        )  # fmt: skip
+
+    def _stage_kept_topk(self) -> None:
+        """The attended top-k of each kept set."""
+        st = self._st
+        sets = self.kept_sets[: st.r]
+        if not self.use_cuda:
+            st.top = topk_slots(st.kept_est, sets, self.k)
+            return
+        st.top = self.top[: st.r]
+        topk_cuda(st.kept_est, sets, st.kept_counts, st.top, 1)
 
     def _stage_assemble(self) -> None:
         st = self._st
@@ -411,6 +466,4 @@ class DecodeWorkspace:
             self.kv_indices,
             self.config,
             self.max_row,
-            kept=None if st.reuse is None else st.reuse.top,
-            fresh=st.fresh,
         )
