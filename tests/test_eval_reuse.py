@@ -87,14 +87,16 @@ def test_default_is_the_fewest_retrievals_within_tolerance():
         "d_head": {"recall_at_100": 0.90, "mass_recall": 0.95, "retrieved": 0.1},  # not served
     }
     assert choose_default(summary) == "a_layer"
+    summary["e_layer_keep3"] = {"recall_at_100": 0.9, "mass_recall": 0.95, "retrieved": 0.5}
+    assert choose_default(summary) == "e_layer_keep3"
     assert choose_default({EVERY_STEP: summary[EVERY_STEP]}) == EVERY_STEP
 
 
 def test_run_writes_json_and_table(tmp_path, capsys):
     spec = ContextSpec("tiny", "synthetic", 700)
     settings = ReuseRunSettings(
-        thresholds=(-1.0, 0.99), max_ages=(4,), granularities=("layer",), n_decode=24, chunk=8,
-        contexts=(spec,), layers=[0, 1],
+        thresholds=(-1.0, 0.99), max_ages=(4,), granularities=("layer",), keeps=(1,),
+        n_decode=24, chunk=8, contexts=(spec,), layers=[0, 1],
     )  # fmt: skip
     out = tmp_path / "reuse.json"
     doc = run_reuse(settings, {"tiny": fake_capture(layers=2)}, out, "test")

@@ -8,10 +8,10 @@ and reuses it until the cosine of its group-mean query to the kept one drops bel
 threshold (in some head of the layer, or in this head) or ``max_age`` steps passed.
 
 A reusing step attends sink ∪ its current window ∪ the kept ranking's first k, with k the
-count retrieved at the kept step (serving keeps exactly top-k). With ``--keeps m`` a
-retrieval keeps its m·k best instead (at most its candidates) and a reusing step attends the
-k of those that its own query's rerank estimates rank first (:func:`rerank_kept`), which
-measures what a kept superset would buy; serving keeps m = 1. Retrieval at every step
+count retrieved at the kept step. With ``--keeps m`` (serving's ``--pariskv-reuse-keep``)
+a retrieval keeps its m·k best instead (at most its candidates) and a reusing step attends
+the k of those that its own query's rerank estimates rank first (:func:`rerank_kept`);
+m = 1 reuses the kept top-k as it was. Retrieval at every step
 takes the current k, which grows with the context, so reuse is never favoured by a larger
 set. The default threshold is the setting whose recall@100 and attention-mass recall both
 stay within :data:`TOLERANCE` of retrieving at every step with the fewest retrievals.
@@ -44,6 +44,7 @@ from pariskv_tools.eval.metrics import (
 from pariskv_tools.eval.ranking import rank, zone_mask
 from pariskv_tools.eval.retrieval import git_commit
 from pariskv_tools.eval.trace import LayerTrace, group_mean_query
+from sglang_pariskv.config import DEFAULT_REUSE_KEEP
 
 #: How far below every-step retrieval the chosen default may fall, in recall@100 and mass.
 TOLERANCE = 0.01
@@ -57,8 +58,8 @@ class ReuseSetting:
     max_age: int
     granularity: str = "layer"  #: "layer" (what serving does) or "head"
     #: A retrieval keeps the ``keep * k`` best of its ranking (at most its candidates); a
-    #: reusing step attends the k of those that its own estimates rank first. 1: the kept
-    #: top-k as retrieved (what serving does).
+    #: reusing step attends the k of those that its own estimates rank first
+    #: (``--pariskv-reuse-keep``). 1: the kept top-k as retrieved.
     keep: int = 1
 
     @property
@@ -72,7 +73,7 @@ class ReuseRunSettings:
     thresholds: tuple[float, ...] = (0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99)
     max_ages: tuple[int, ...] = (8, 16, 32, 64)
     granularities: tuple[str, ...] = ("layer", "head")
-    keeps: tuple[int, ...] = (1,)
+    keeps: tuple[int, ...] = (DEFAULT_REUSE_KEEP,)
     fraction: float = 0.10
     layers: list[int] | None = None
     n_decode: int = 1024
@@ -192,14 +193,13 @@ def rerank_kept(
 
 
 def choose_default(summary: dict[str, dict[str, float]], tolerance: float = TOLERANCE) -> str:
-    """The "layer" setting with keep 1 (what serving does) within ``tolerance`` of
-    every-step retrieval on recall@100 and mass recall with the fewest retrievals (ties:
-    higher recall)."""
+    """The "layer" setting (what serving does) within ``tolerance`` of every-step retrieval
+    on recall@100 and mass recall with the fewest retrievals (ties: higher recall)."""
     base = summary[EVERY_STEP]
     ok = [
         name
         for name, s in summary.items()
-        if name.endswith("_layer")
+        if "_layer" in name
         and s["recall_at_100"] >= base["recall_at_100"] - tolerance
         and s["mass_recall"] >= base["mass_recall"] - tolerance
     ]

@@ -54,9 +54,10 @@ def add_reuse_parser(sub) -> None:
     p.add_argument(
         "--keeps",
         type=_list(int),
-        default="1",
-        help="kept-set multiples m: a retrieval keeps its m*k best, a reusing step attends the "
-        "k of them its own estimates rank first (1: the kept top-k, what serving does)",
+        default=",".join(map(str, _DEFAULTS.keeps)),
+        help="kept-set multiples m (--pariskv-reuse-keep): a retrieval keeps its m*k best, a "
+        "reusing step attends the k of them its own estimates rank first (1: the kept top-k "
+        "as retrieved)",
     )
     p.add_argument("--layers", help="comma list of layers (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the tasks")
