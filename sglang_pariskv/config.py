@@ -26,9 +26,10 @@ DEFAULT_HOT_CACHE_LINES: int = 65536
 #: Default of ``--pariskv-reuse-threshold`` and ``--pariskv-reuse-max-age`` (see
 #: :class:`ParisKVConfig`). Reuse is off by default: on the SmolLM2 traces the threshold
 #: that keeps recall@100 and attention-mass recall within 0.01 of retrieving at every step
-#: (0.96) still retrieves at 93% of (request, layer) steps, too few skipped retrievals to
-#: pay for the reuse stage's own kernel (docs/retrieval_quality.md, "Retrieval reuse").
-#: The max age applies once a threshold is set.
+#: with the default kept set (0.85) still retrieves at 42% of (request, layer) steps, and a
+#: reusing layer still runs the query stage, the kept-set rerank and a top-k; no GPU timing
+#: shows yet that this pays (docs/retrieval_quality.md, "Retrieval reuse"). The max age
+#: applies once a threshold is set.
 DEFAULT_REUSE_THRESHOLD: float = 0.0
 DEFAULT_REUSE_MAX_AGE: int = 8
 #: Default of ``--pariskv-reuse-keep``: a retrieval keeps its ``keep * topk`` best
