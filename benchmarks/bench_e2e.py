@@ -160,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         "result count the (request, layer) pairs that retrieved and reused",
     )
     t.add_argument("--reuse-max-age", type=int, help="ParisKV's --pariskv-reuse-max-age")
+    t.add_argument("--reuse-keep", type=int, help="ParisKV's --pariskv-reuse-keep")
     t.add_argument(
         "--min-sparse-tokens",
         type=int,
@@ -235,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cmd == "throughput":
         cfg = {"topk": 2048, "sink": 64, "local": 256, "dense_threshold": 8192}
-        for key in ("reuse_threshold", "reuse_max_age", "min_sparse_tokens"):
+        for key in ("reuse_threshold", "reuse_max_age", "reuse_keep", "min_sparse_tokens"):
             if getattr(args, key) is not None:
                 cfg[key] = getattr(args, key)
         if args.calibration is not None:

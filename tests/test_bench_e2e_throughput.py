@@ -80,8 +80,9 @@ def test_a_step_below_min_sparse_tokens_has_the_dense_floor():
 
 
 def test_reuse_options_reach_the_pariskv_engine_config(monkeypatch):
-    """``throughput --reuse-threshold / --reuse-max-age`` go into the ParisKV engine's
-    config (the dense engine gets none); without them the plugin's defaults apply."""
+    """``throughput --reuse-threshold / --reuse-max-age / --reuse-keep`` go into the ParisKV
+    engine's config (the dense engine gets none); without them the plugin's defaults
+    apply."""
     seen = []
 
     def fake_run(inputs, batches, output_len, cfg, **kw):
@@ -90,10 +91,12 @@ def test_reuse_options_reach_the_pariskv_engine_config(monkeypatch):
 
     monkeypatch.setattr(bench_e2e, "run_throughput", fake_run)
     argv = ["throughput", "--inputs", "131072", "--batches", "1"]
-    assert bench_e2e.main([*argv, "--reuse-threshold", "0.9", "--reuse-max-age", "8"]) == 0
+    reuse = ["--reuse-threshold", "0.9", "--reuse-max-age", "8", "--reuse-keep", "2"]
+    assert bench_e2e.main([*argv, *reuse]) == 0
     assert bench_e2e.main(argv) == 0
     assert seen[0]["reuse_threshold"] == 0.9 and seen[0]["reuse_max_age"] == 8
-    assert "reuse_threshold" not in seen[1] and "reuse_max_age" not in seen[1]
+    assert seen[0]["reuse_keep"] == 2
+    assert not {"reuse_threshold", "reuse_max_age", "reuse_keep"} & set(seen[1])
     assert bench_e2e.main([*argv, "--calibration", "cal.json"]) == 0
     assert seen[2]["calibration"] == str(Path("cal.json").resolve())
     assert "calibration" not in seen[1]
