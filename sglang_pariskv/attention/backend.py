@@ -104,9 +104,8 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         self._float_ws = float_workspace(device)
         self._build_workspace(max_batch)
         self.reuse = RetrievalReuse.build(
-            config, rtt.shape[0], pool.layer_num, self.hkv, self.d,
-            getattr(self.ws, "kept_width", 0), device,
-        )  # fmt: skip
+            config, rtt.shape[0], pool.layer_num, self.hkv, self.d, self.ws.kept_width, device
+        )
         self.graph_sparse: dict[int, HeadAsBatchDecode] = {}
         self._rpi32: torch.Tensor | None = None
         self._sparse: HeadAsBatchDecode | None = None  # active sparse call, None: all dense

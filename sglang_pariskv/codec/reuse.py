@@ -126,8 +126,7 @@ def retrieve_with_reuse(
     best, best_valid = rerank_topk(codes, cand.query, cand.positions, cand.valid, width)
     fresh_top = torch.full_like(kept.top, -1)
     fresh_top[..., : best.shape[-1]] = torch.where(best_valid, best, -1)
-    new_top = torch.where(retrieved[..., None], fresh_top, kept.top)
-    new_top = torch.where(sparse[..., None], new_top, kept.top)
+    new_top = torch.where(retrieved[..., None], fresh_top, kept.top)  # retrieved: sparse
     listed = new_top >= 0
     top_pos, top_valid = rerank_topk(codes, cand.query, new_top.clamp_min(0), listed, k)
     top_valid = top_valid & sparse[..., None]

@@ -181,7 +181,7 @@ def decide_reuse(
 
 @triton.jit
 def _exchange_kernel(
-    sup_ptr, fresh_ptr, dense_ptr, req_ptr, kept_ptr, cnt_ptr, W, H: tl.constexpr,
+    sets_ptr, fresh_ptr, dense_ptr, req_ptr, kept_ptr, cnt_ptr, W, H: tl.constexpr,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0)  # r * H + h
@@ -192,7 +192,7 @@ def _exchange_kernel(
     req = tl.load(req_ptr + r).to(tl.int64)
     idx = blk * BLOCK + tl.arange(0, BLOCK)
     m = idx < W
-    here = sup_ptr + row.to(tl.int64) * W + idx
+    here = sets_ptr + row.to(tl.int64) * W + idx
     there = kept_ptr + (req * H + h) * W + idx
     if fresh:
         tl.store(there, tl.load(here, mask=m), mask=m)

@@ -178,12 +178,13 @@ class DecodeWorkspace:
         self.kv_indices = torch.zeros(rmax * h * self.max_row, dtype=torch.int32, device=dev)
         # Retrieval reuse (kernels/reuse.py): per-layer seq / count / zone end and the
         # retrieved flag of the step's rows, rewritten by every layer.
+        #: Slots a kept set holds per (request, layer, KV head); 0 without reuse.
+        self.kept_width = min(config.reuse_kept, self.cmax) if config.reuses else 0
         if config.reuses:
             self.reuse_eff = torch.zeros(3, rmax, dtype=torch.int64, device=dev)
             self.reuse_fresh = torch.zeros(rmax, dtype=torch.int32, device=dev)
             # Kept sets (kernels/reuse.py): every row's widened top-k, then its list's
             # estimates and length for the top-k of the kept set.
-            self.kept_width = min(config.reuse_kept, self.cmax)
             w = self.kept_width
             self.kept_sets = torch.full((rmax, h, w), -1, dtype=torch.int32, device=dev)
             self.kept_est = torch.empty(rmax, h, w, dtype=torch.float32, device=dev)
@@ -293,17 +294,17 @@ class DecodeWorkspace:
     def stages(self) -> list[tuple[str, Callable[[], None]]]:
         """(name, fn) of each stage in order; the benchmark times them one by one."""
         bound = getattr(self, "_st", None)
-        reuse = (
-            [("reuse", self._stage_reuse)] if bound is not None and bound.reuse is not None else []
-        )
-        if reuse:
-            reuse_tail = [
+        reusing = bound is not None and bound.reuse is not None
+        reuse = [("reuse", self._stage_reuse)] if reusing else []
+        reuse_tail = (
+            [
                 ("kept_sets", self._stage_kept_sets),
                 ("kept_rerank", self._stage_kept_rerank),
                 ("kept_topk", self._stage_kept_topk),
             ]
-        else:
-            reuse_tail = []
+            if reusing
+            else []
+        )
         return [
             ("query_table", self._stage_query_table),
             *reuse,
