@@ -29,7 +29,9 @@ from sglang_pariskv.codec import encode_keys, retrieve, sparse_attention
 from sglang_pariskv.config import ParisKVConfig
 from sglang_pariskv.kernels import DecodeWorkspace
 from sglang_pariskv.offload.kv_pool import HostOffloadKVPool
-from tests.test_plugin_pool import make_pool
+from tests.test_plugin_pool import cpu_pool_only, make_pool
+
+pytestmark = cpu_pool_only
 
 HQ, HKV, D, MAX_CTX = 4, 2, 16, 512
 CFG = ParisKVConfig(topk=16, sink=4, local=8, dense_threshold=64, min_sparse_tokens=0)

@@ -9,11 +9,7 @@ import torch
 
 from sglang_pariskv.attention.deferred_codes import DeferredCodes
 from sglang_pariskv.config import ParisKVConfig
-from tests.test_plugin_pool import H, make_pool
-
-#: SGLang's pool stores into CPU tensors with its CUDA-only ``store_cache`` op whenever a
-#: GPU is present: the CPU variants run on machines without one (the gpu tests cover it).
-cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU pools need a GPU-less host")
+from tests.test_plugin_pool import H, cpu_pool_only, make_pool
 
 D, LAYERS = 64, 3
 
@@ -55,7 +51,7 @@ def _same_codes(pools: dict) -> None:
             assert torch.equal(a, b)
 
 
-@cpu_only
+@cpu_pool_only
 def test_a_deferred_step_writes_every_layers_codes_after_the_last_layer():
     """CPU: the codec encodes each layer's stored keys at the end."""
     _same_codes(_both_ways("cpu"))
@@ -91,7 +87,7 @@ def test_a_captured_deferred_step_encodes_the_keys_of_each_replay(cuda_device):
                 assert torch.equal(a[loc], b[loc])
 
 
-@cpu_only
+@cpu_pool_only
 def test_the_next_extend_writes_per_layer_again():
     pool = make_pool(64, head_dim=D, layers=LAYERS)
     deferred = DeferredCodes(pool, ParisKVConfig(), offloaded=False)

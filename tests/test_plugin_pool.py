@@ -22,6 +22,13 @@ from sglang_pariskv.server_flags import ParisKVConfigError
 
 H, D, LAYERS = 2, 16, 2
 
+#: SGLang's pool stores into CPU tensors with its CUDA-only ``store_cache`` op whenever a
+#: GPU is present, so tests that store into a CPU pool run on GPU-less hosts only (CI; the
+#: gpu tests cover the CUDA pools).
+cpu_pool_only = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="stores into a CPU pool: needs a GPU-less host"
+)
+
 
 def make_pool(
     size=256, heads=H, head_dim=D, layers=LAYERS, dtype=torch.bfloat16, cls=None, device="cpu"
