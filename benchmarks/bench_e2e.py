@@ -154,14 +154,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--output-len", type=int, default=256, help="tokens decoded per request")
     t.add_argument(
-        "--reuse-threshold",
-        type=float,
-        help="ParisKV's --pariskv-reuse-threshold (default: the plugin's); the stats in the "
-        "result count the (request, layer) pairs that retrieved and reused",
-    )
-    t.add_argument("--reuse-max-age", type=int, help="ParisKV's --pariskv-reuse-max-age")
-    t.add_argument("--reuse-keep", type=int, help="ParisKV's --pariskv-reuse-keep")
-    t.add_argument(
         "--min-sparse-tokens",
         type=int,
         help="ParisKV's --pariskv-min-sparse-tokens (default: the plugin's); 0 retrieves at "
@@ -236,9 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cmd == "throughput":
         cfg = {"topk": 2048, "sink": 64, "local": 256, "dense_threshold": 8192}
-        for key in ("reuse_threshold", "reuse_max_age", "reuse_keep", "min_sparse_tokens"):
-            if getattr(args, key) is not None:
-                cfg[key] = getattr(args, key)
+        if args.min_sparse_tokens is not None:
+            cfg["min_sparse_tokens"] = args.min_sparse_tokens
         if args.calibration is not None:
             cfg["calibration"] = str(args.calibration.resolve())
         if args.host_pool_gb is not None:

@@ -190,36 +190,7 @@ def bench_case(n: int, batch: int, pools: Pools, dev, hbm: float) -> dict:
     )
     res["scan_fraction_of_hbm"] = res["scan_gbps"] / hbm
     res["speedup"] = res["dense_ms"] / res["pariskv_ms"]
-    res.update(reuse_ms(cfg, n, batch, args, dev))
     return res
-
-
-def reuse_ms(cfg, n: int, batch: int, args: tuple, dev) -> dict:
-    """Retrieval with ``--pariskv-reuse-threshold``: a layer where every row reuses its kept
-    top-k (the same query and length again: cosine 1, age 0) and one where every row
-    retrieves (its slots reset first), each replayed from a CUDA graph."""
-    import dataclasses
-
-    from sglang_pariskv.kernels import DecodeWorkspace
-    from sglang_pariskv.kernels.reuse import ReuseState
-
-    rcfg = dataclasses.replace(cfg, reuse_threshold=0.96)
-    ws = DecodeWorkspace(rcfg, HQ, HKV, D, batch, n, dev)
-    ws.plan(torch.full((batch,), n, dtype=torch.int32))
-    state = ReuseState(batch, 1, HKV, D, ws.kept_width, dev)
-    rpi = args[3]
-    ws.run(*args, reuse=state.layer(0))  # keeps every row's top-k
-    hit = graph_of(lambda: ws.run(*args, reuse=state.layer(0)))
-    hit_ms = bench_ms(hit.replay)
-    assert not bool(ws.reuse_fresh[:batch].any()), "every row reuses"
-
-    def miss():
-        state.reset(rpi)
-        ws.run(*args, reuse=state.layer(0))
-
-    miss_ms = bench_ms(graph_of(miss).replay)
-    assert bool(ws.reuse_fresh[:batch].all()), "every row retrieves"
-    return {"retrieval_all_reuse_ms": hit_ms, "retrieval_all_fresh_with_reuse_ms": miss_ms}
 
 
 def versions() -> dict:

@@ -23,23 +23,6 @@ OFFLOAD_MODES: tuple[str, ...] = ("none", "host")
 #: the size bench_offload measured (hit rate 0.76 at 1M tokens, batch 1).
 DEFAULT_HOT_CACHE_LINES: int = 65536
 
-#: Default of ``--pariskv-reuse-threshold`` and ``--pariskv-reuse-max-age`` (see
-#: :class:`ParisKVConfig`). Reuse is off by default: on the SmolLM2 traces the threshold
-#: that keeps recall@100 and attention-mass recall within 0.01 of retrieving at every step
-#: with the default kept set (0.85) still retrieves at 42% of (request, layer) steps, and a
-#: reusing layer still runs the query stage, the kept-set rerank and a top-k; no GPU timing
-#: shows yet that this pays (docs/retrieval_quality.md, "Retrieval reuse"). The max age
-#: applies once a threshold is set.
-DEFAULT_REUSE_THRESHOLD: float = 0.0
-DEFAULT_REUSE_MAX_AGE: int = 8
-#: Default of ``--pariskv-reuse-keep``: a retrieval keeps its ``keep * topk`` best
-#: candidates, and every step attends the top-k of those by its own query's estimates.
-#: Kept top-k as retrieved (keep 1) lost recall@100 0.916 -> 0.722 at threshold 0.8 on the
-#: SmolLM2 traces; keeping 3x and re-ranking them, 0.904 at the same 29% of (request,
-#: layer) steps retrieving (docs/retrieval_quality.md, "Retrieval reuse").
-DEFAULT_REUSE_KEEP: int = 3
-MAX_REUSE_KEEP: int = 16
-
 #: Default of ``--pariskv-min-sparse-tokens`` on the GPU pool: the context tokens a decode
 #: step's long requests must hold together before it retrieves. Below it dense attention
 #: is faster: at 32K tokens per step (one request) ParisKV ran at 0.85x dense, at 64K
@@ -47,6 +30,7 @@ MAX_REUSE_KEEP: int = 16
 #: "Decode throughput through SGLang"). With host offload a dense step would read the
 #: K/V over PCIe, so there the default is 0.
 DEFAULT_MIN_SPARSE_TOKENS: int = 65536
+
 
 class ParisKVConfigError(ValueError):
     """A ParisKV setting, or a combination with the model or SGLang's flags, that cannot be
@@ -94,19 +78,6 @@ class ParisKVConfig:
     #: batch (``pariskv-tp<rank>-<pid>.json``): the interface for scripts and benchmarks
     #: that run no Prometheus scraper. None: no files.
     stats_dir: str | None = None
-    #: A decode layer of a request retrieves again only when the cosine between its new
-    #: retrieval query and the one its kept set was retrieved for falls below this, in
-    #: some KV head, or after ``reuse_max_age`` tokens; otherwise it attends the top-k of
-    #: its kept set (``reuse_keep``; plus sink and the current local window). 0: retrieve at
-    #: every step.
-    reuse_threshold: float = DEFAULT_REUSE_THRESHOLD
-    #: Most tokens decoded on one kept set (with ``reuse_threshold`` > 0). ``None``:
-    #: :data:`DEFAULT_REUSE_MAX_AGE`.
-    reuse_max_age: int | None = None
-    #: With retrieval reuse: a retrieval keeps its ``reuse_keep * topk`` best candidates
-    #: (by rerank estimate) and every step, reusing or not, attends the top-k of the kept
-    #: set by its own query's estimates, so a reused selection follows the query within it.
-    reuse_keep: int = DEFAULT_REUSE_KEEP
     #: A calibration file (``python -m pariskv_tools.eval calibrate``): fixed key centres
     #: and channel scales per (layer, KV head), which every key is encoded relative to
     #: (queries are scaled alike), and the per-layer dense recommendation
@@ -132,7 +103,6 @@ class ParisKVConfig:
         self._check_int("rotation_seed", lo=0, hi=2**63 - 1)
         self._check_int("hot_cache_lines", lo=0, hi=2**30)
         self._check_offload()
-        self._check_reuse()
         if self.stats_dir is not None and not (isinstance(self.stats_dir, str) and self.stats_dir):
             raise ParisKVConfigError(
                 f"pariskv stats_dir={self.stats_dir!r} is invalid: expected a folder path "
@@ -191,30 +161,6 @@ class ParisKVConfig:
                 f"--pariskv-hot-cache-lines {self.hot_cache_lines} applies to host offload "
                 "only: add --pariskv-offload host, or drop --pariskv-hot-cache-lines"
             )
-
-    def _check_reuse(self) -> None:
-        thr = self.reuse_threshold
-        bad = isinstance(thr, bool) or not isinstance(thr, (int, float))
-        if bad or not 0.0 <= thr <= 1.0:
-            raise ParisKVConfigError(
-                f"pariskv reuse_threshold={thr!r} is invalid: expected a cosine in [0, 1], "
-                "0 to retrieve at every step (--pariskv-reuse-threshold)"
-            )
-        object.__setattr__(self, "reuse_threshold", float(thr))
-        if self.reuse_max_age is None:
-            object.__setattr__(self, "reuse_max_age", DEFAULT_REUSE_MAX_AGE)
-        self._check_int("reuse_max_age", lo=1, hi=2**30)
-        self._check_int("reuse_keep", lo=1, hi=MAX_REUSE_KEEP)
-
-    @property
-    def reuse_kept(self) -> int:
-        """Positions a retrieval keeps per (request, layer, KV head) with reuse."""
-        return self.reuse_keep * self.topk
-
-    @property
-    def reuses(self) -> bool:
-        """Decode layers may re-rank a kept set instead of retrieving."""
-        return self.reuse_threshold > 0
 
     def _check_calibration(self) -> None:
         path = self.calibration

@@ -1,9 +1,9 @@
 """Cumulative device counters read back on the host without a device sync.
 
-Why: some counters (host offload's hot cache, retrieval reuse) are counted on the GPU,
-inside the graph-replayed layer work. Reading them with ``.cpu()`` at every batch would
-stall the scheduler on the GPU once per batch, which changes serving's timing (and with
-it how requests batch). Instead, each batch's host-side planning enqueues a copy of the
+Why: some counters (host offload's hot cache) are counted on the GPU, inside the
+graph-replayed layer work. Reading them with ``.cpu()`` at every batch would stall the
+scheduler on the GPU once per batch, which changes serving's timing (and with it how
+requests batch). Instead, each batch's host-side planning enqueues a copy of the
 totals into pinned memory behind the work already queued, and a later planning reads it
 once its event has completed; a copy still in flight is simply read at a later batch. The
 totals are cumulative, so nothing is lost by skipping.

@@ -1,7 +1,7 @@
 """``python -m sglang_pariskv.eval``: check a model's retrieval before serving it.
 
 The same command line as ``python -m pariskv_tools.eval`` (``retrieval``, ``calibrate``,
-``stress``, ``reuse``), under the name of the package a user installed to serve. Serving
+``stress``), under the name of the package a user installed to serve. Serving
 never imports the evaluation tools; this module only forwards to them, and they need the
 ``eval`` extra (gguf, tqdm, matplotlib).
 """

@@ -32,15 +32,6 @@ HOT_CACHE_HELP = {
     "rows_fetched": "Rows copied from host memory into the hot cache (host offload).",
 }
 
-#: Help text of the retrieval-reuse counters ``sglang:pariskv_<field>_request_layers_total``
-#: (counted on the GPU per sparse (request, layer) of a decode step, read back without a
-#: sync; ``--pariskv-reuse-threshold`` > 0 only).
-REUSE_HELP = {
-    "retrieved": "Sparse decode (request, layer) pairs that ran retrieval.",
-    "reused": "Sparse decode (request, layer) pairs that re-ranked their kept set "
-    "(--pariskv-reuse-threshold) instead of retrieving.",
-}
-
 
 @dataclass
 class BatchCounts:
@@ -76,12 +67,6 @@ class ParisKVMetrics:
             )
             for name, doc in HOT_CACHE_HELP.items()
         }
-        self.reuse = {
-            name: Counter(
-                f"sglang:pariskv_{name}_request_layers", doc, labelnames=list(labels), registry=reg
-            )
-            for name, doc in REUSE_HELP.items()
-        }
         self.attended_fraction = Gauge(
             "sglang:pariskv_attended_fraction",
             "Attended / context tokens of the last sparse decode batch.",
@@ -105,10 +90,6 @@ class ParisKVMetrics:
     def add_hot_cache(self, delta: dict[str, int]) -> None:
         """Increments of the hot-cache counters (``offload.counters``)."""
         self._increment(self.hot_cache, delta)
-
-    def add_reuse(self, delta: dict[str, int]) -> None:
-        """Increments of the retrieval-reuse counters (``attention.reuse``)."""
-        self._increment(self.reuse, delta)
 
     def _increment(self, counters: dict, delta: dict[str, int]) -> None:
         for name, counter in counters.items():

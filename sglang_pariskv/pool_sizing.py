@@ -74,7 +74,6 @@ def backend_bytes(cfg: ParisKVConfig, kvc, num_layers: int, tp_size: int) -> int
             num_kv_heads=mc.get_num_kv_heads(tp_size),
             head_dim=mc.head_dim,
             num_layers=num_layers,
-            request_slots=max_reqs + 1,  # SGLang's request pool keeps a spare slot 0
             max_batch=max_reqs,
             max_context=int(mc.context_len),
             graph_batch_sizes=len(graph_sizes),

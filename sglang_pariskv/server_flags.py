@@ -16,8 +16,6 @@ from typing import Any
 from sglang_pariskv.config import (
     DEFAULT_HOT_CACHE_LINES,
     DEFAULT_MIN_SPARSE_TOKENS,
-    DEFAULT_REUSE_KEEP,
-    DEFAULT_REUSE_MAX_AGE,
     OFFLOAD_MODES,
     ParisKVConfig,
     ParisKVConfigError,
@@ -65,9 +63,6 @@ KNOB_FLAGS: tuple[tuple[str, str, Any], ...] = (
     ("--pariskv-stats-dir", "stats_dir", _as_is),
     ("--pariskv-calibration", "calibration", _as_is),
     ("--pariskv-dense-layers", "dense_layers", _layer_list),
-    ("--pariskv-reuse-threshold", "reuse_threshold", _as_is),
-    ("--pariskv-reuse-max-age", "reuse_max_age", _as_is),
-    ("--pariskv-reuse-keep", "reuse_keep", _as_is),
 )
 
 
@@ -157,30 +152,6 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         "--enable-metrics exports the same counters to Prometheus).",
     )
     g.add_argument(
-        "--pariskv-reuse-threshold",
-        type=float,
-        default=None,
-        help="Retrieval reuse: a decode layer retrieves again only when the cosine between "
-        "its retrieval query and the one of its kept set falls below this, in [0, 1]; "
-        f"otherwise it re-ranks the kept set (default {defaults.reuse_threshold}; "
-        "0: retrieve at every step).",
-    )
-    g.add_argument(
-        "--pariskv-reuse-max-age",
-        type=int,
-        default=None,
-        help="With retrieval reuse: most decode steps one kept set serves before the "
-        f"layer retrieves again (default {DEFAULT_REUSE_MAX_AGE}).",
-    )
-    g.add_argument(
-        "--pariskv-reuse-keep",
-        type=int,
-        default=None,
-        help="With retrieval reuse: a retrieval keeps this many times --pariskv-topk of its "
-        "best candidates, and each step attends the top-k of the kept set by its own query "
-        f"(default {DEFAULT_REUSE_KEEP}; 1: the kept top-k as retrieved).",
-    )
-    g.add_argument(
         "--pariskv-calibration",
         type=str,
         default=None,
@@ -239,19 +210,6 @@ def config_from_args(args: Any) -> ParisKVConfig | None:
         where = f" (with --pariskv-config {args.pariskv_config})" if args.pariskv_config else ""
         raise ParisKVConfigError(f"{e}{where}") from e
     check_calibration_file(cfg)
-    for flag, field in (
-        ("--pariskv-reuse-max-age", "reuse_max_age"),
-        ("--pariskv-reuse-keep", "reuse_keep"),
-    ):
-        value = base.get(field)  # given by the flag or the config file
-        if value is None or cfg.reuses:
-            continue
-        by_flag = getattr(args, "pariskv_" + field, None) is not None
-        where = "" if by_flag else f" (in --pariskv-config {args.pariskv_config})"
-        raise ParisKVConfigError(
-            f"{flag} {value}{where} applies only to retrieval reuse, which "
-            f"--pariskv-reuse-threshold 0 turns off: set a threshold > 0, or drop {flag}"
-        )
     return cfg
 
 

@@ -79,10 +79,10 @@ def test_a_step_below_min_sparse_tokens_has_the_dense_floor():
     assert step_floor.step_bytes(shape, 32768, 2, cfg)["per_request"] < dense["per_request"]
 
 
-def test_reuse_options_reach_the_pariskv_engine_config(monkeypatch):
-    """``throughput --reuse-threshold / --reuse-max-age / --reuse-keep`` go into the ParisKV
-    engine's config (the dense engine gets none); without them the plugin's defaults
-    apply."""
+def test_pariskv_options_reach_the_pariskv_engine_config(monkeypatch):
+    """``throughput --min-sparse-tokens / --calibration / --host-pool-gb`` go into the
+    ParisKV engine's config (the dense engine gets none); without them the plugin's
+    defaults apply."""
     seen = []
 
     def fake_run(inputs, batches, output_len, cfg, **kw):
@@ -91,12 +91,10 @@ def test_reuse_options_reach_the_pariskv_engine_config(monkeypatch):
 
     monkeypatch.setattr(bench_e2e, "run_throughput", fake_run)
     argv = ["throughput", "--inputs", "131072", "--batches", "1"]
-    reuse = ["--reuse-threshold", "0.9", "--reuse-max-age", "8", "--reuse-keep", "2"]
-    assert bench_e2e.main([*argv, *reuse]) == 0
+    assert bench_e2e.main([*argv, "--min-sparse-tokens", "0"]) == 0
     assert bench_e2e.main(argv) == 0
-    assert seen[0]["reuse_threshold"] == 0.9 and seen[0]["reuse_max_age"] == 8
-    assert seen[0]["reuse_keep"] == 2
-    assert not {"reuse_threshold", "reuse_max_age", "reuse_keep"} & set(seen[1])
+    assert seen[0]["min_sparse_tokens"] == 0
+    assert "min_sparse_tokens" not in seen[1]
     assert bench_e2e.main([*argv, "--calibration", "cal.json"]) == 0
     assert seen[2]["calibration"] == str(Path("cal.json").resolve())
     assert "calibration" not in seen[1]
@@ -409,7 +407,8 @@ def test_a_run_on_another_dense_backend_adds_its_columns_and_the_faster_dense_is
     assert best["dense_backend"] == "fa3" and best["dense_best_batch"] == 6
     assert best["dense_best_tok_s"] == 230.0 and best["pariskv_best_tok_s"] == 457.6
     assert best["dense_best_by_backend"] == {
-        "flashinfer": {"batch": 2, "tok_s": 156.1}, "fa3": {"batch": 6, "tok_s": 230.0}
+        "flashinfer": {"batch": 2, "tok_s": 156.1},
+        "fa3": {"batch": 6, "tok_s": 230.0},
     }
     assert best["device"] == "H200"
     # a FlashInfer rerun of a row drops that row's older fa3 columns, keeps the others

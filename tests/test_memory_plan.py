@@ -20,32 +20,21 @@ from sglang_pariskv.kernels.workspace import DecodeWorkspace
 
 
 @pytest.mark.parametrize(
-    "hq, hkv, d, layers, slots, batch, ctx",
-    [(8, 2, 64, 3, 9, 8, 4096), (32, 8, 128, 2, 5, 4, 20000), (14, 2, 64, 1, 3, 2, 1000)],
+    "hq, hkv, d, layers, batch, ctx",
+    [(8, 2, 64, 3, 8, 4096), (32, 8, 128, 2, 4, 20000), (14, 2, 64, 1, 2, 1000)],
 )
-def test_the_plan_is_what_the_backend_allocates(hq, hkv, d, layers, slots, batch, ctx):
+def test_the_plan_is_what_the_backend_allocates(hq, hkv, d, layers, batch, ctx):
     cfg = ParisKVConfig(topk=256, sink=16, local=64, dense_threshold=512)
     plan = plan_backend_memory(
         cfg, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, num_layers=layers,
-        request_slots=slots, max_batch=batch, max_context=ctx, graph_batch_sizes=5,
+        max_batch=batch, max_context=ctx, graph_batch_sizes=5,
     )  # fmt: skip
     ws = DecodeWorkspace(cfg, hq, hkv, d, max_batch=batch, max_context=ctx, device="cpu")
     query_copy = batch * hq * d * 2  # the bf16 query copy the first CUDA run adds
     assert plan.workspace == tensor_bytes(ws) + query_copy
     assert plan.workspace >= batch * hkv * ctx  # the scores alone: one byte per position
     assert plan.flashinfer == WORKSPACE_BYTES + 11 * FLASHINFER_INT_WORKSPACE_BYTES
-    assert plan.total == tensor_bytes(ws) + query_copy + plan.flashinfer + plan.reuse
-
-
-def test_without_reuse_request_slots_cost_nothing():
-    """Retrieval reuse's kept selections are the only per-request-slot state: without
-    them, the plan does not grow with the request slots."""
-    cfg = ParisKVConfig(topk=256, sink=16, local=64, dense_threshold=512, reuse_threshold=0)
-    sizes = dict(num_q_heads=8, num_kv_heads=2, head_dim=64, num_layers=3, max_batch=8,
-                 max_context=4096, graph_batch_sizes=5)  # fmt: skip
-    few = plan_backend_memory(cfg, request_slots=9, **sizes)
-    many = plan_backend_memory(cfg, request_slots=4096, **sizes)
-    assert few == many and few.reuse == 0
+    assert plan.total == tensor_bytes(ws) + query_copy + plan.flashinfer
 
 
 def test_tensor_bytes_counts_each_tensor_once_through_containers():
@@ -81,7 +70,7 @@ def test_the_pool_gives_up_exactly_the_planned_bytes(monkeypatch):
     cost = pool_sizing.cell_size_hook(ParisKVConfig())(kv_cell, conf, _kvc(), 32)
     plan = plan_backend_memory(
         ParisKVConfig(), num_q_heads=32, num_kv_heads=8, head_dim=128, num_layers=32,
-        request_slots=17, max_batch=16, max_context=8192, graph_batch_sizes=16,
+        max_batch=16, max_context=8192, graph_batch_sizes=16,
     )  # fmt: skip
     assert conf._pariskv_reserved_tokens == -(-plan.total // cost)
     budget = 40 * 2**30
@@ -101,40 +90,14 @@ def test_a_budget_the_plan_fills_is_refused_naming_the_fix():
         pool_sizing.reserve_planned_memory(MemoryPoolConfig(max_total_num_tokens=4000), conf, 1, 1)
 
 
-def test_reuse_state_is_planned_per_request_slot_and_layer():
-    """With retrieval reuse the kept query, top-k and length of every (slot, layer) are
-    planned; the backend's state (built on the CPU, same shapes) allocates exactly that."""
-    from sglang_pariskv.attention.reuse import RetrievalReuse
-
-    sizes = dict(num_q_heads=8, num_kv_heads=2, head_dim=64, num_layers=3, request_slots=9,
-                 max_batch=8, max_context=4096, graph_batch_sizes=5)  # fmt: skip
-    cfg = ParisKVConfig(topk=256, sink=16, local=64, dense_threshold=512, reuse_threshold=0)
-    off = plan_backend_memory(cfg, **sizes)
-    on_cfg = dataclasses.replace(cfg, reuse_threshold=0.9)
-    on = plan_backend_memory(on_cfg, **sizes)
-    state = RetrievalReuse.build(on_cfg,
-                                 9, 3, 2, 64, 3 * 256, torch.device("cpu")).state  # fmt: skip
-    allocated = sum(t.numel() * t.element_size() for t in [*state.query, *state.top, state.seq])
-    assert on.reuse == allocated + 16  # + the two int64 counters
-    kept = 3 * 256  # --pariskv-reuse-keep 3 (the default) x top-k
-    assert on.reuse == 3 * 9 * 2 * (64 * 4 + kept * 4) + 9 * 3 * 4 + 16
-    # the workspace's per-layer scratch: seq / count / zone end and a flag per batch row;
-    # each row's kept set (slots and estimates) and the list length per request
-    scratch = 8 * (3 * 8 + 4) + 8 * 2 * kept * (4 + 4) + 8 * 8
-    assert on.workspace - off.workspace == scratch
-    assert on.total - off.total == on.reuse + scratch
-    assert off.reuse == 0 and on_cfg.reuses
-    assert RetrievalReuse.build(cfg, 9, 3, 2, 64, 256, torch.device("cpu")) is None
-
-
 def test_dense_layers_plan_their_full_length_plan_buffers():
     """--pariskv-dense-layers adds what ``FullContextDecode`` allocates: its indptr, the
     CUDA-graph ``kv_indices`` buffer (graph batch x context) and an int workspace for its
     eager wrapper and each captured batch size; nothing without dense layers."""
     from sglang_pariskv.attention.dense_layers import FullContextDecode
 
-    kw = dict(num_q_heads=8, num_kv_heads=2, head_dim=64, num_layers=4, request_slots=9,
-              max_batch=8, max_context=4096, graph_batch_sizes=5, max_graph_batch=6)  # fmt: skip
+    kw = dict(num_q_heads=8, num_kv_heads=2, head_dim=64, num_layers=4, max_batch=8,
+              max_context=4096, graph_batch_sizes=5, max_graph_batch=6)  # fmt: skip
     plain = plan_backend_memory(ParisKVConfig(), **kw)
     dense = plan_backend_memory(ParisKVConfig(dense_layers=(0, 1)), **kw)
     assert plain.dense_layers == 0
@@ -159,7 +122,7 @@ def test_the_calibration_tables_of_the_code_pool_are_planned(tmp_path, with_scal
     scales = torch.ones(layers, hkv, d) * 2 if with_scales else None
     save_calibration(path, torch.zeros(layers, hkv, d), [], scales=scales)
     sizes = dict(num_q_heads=8, num_kv_heads=hkv, head_dim=d, num_layers=layers,
-                 request_slots=9, max_batch=8, max_context=4096, graph_batch_sizes=5)  # fmt: skip
+                 max_batch=8, max_context=4096, graph_batch_sizes=5)  # fmt: skip
     cfg = ParisKVConfig(topk=256, sink=16, local=64, dense_threshold=512)
     plain = plan_backend_memory(cfg, **sizes)
     planned = plan_backend_memory(dataclasses.replace(cfg, calibration=str(path)), **sizes)

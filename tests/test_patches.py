@@ -127,9 +127,9 @@ try:  # a host pool larger than any host: refused at resolution, before any mode
     resolve("--enable-pariskv", "--pariskv-offload", "host", "--pariskv-host-pool-gb", "1000000")
 except ParisKVConfigError as e:
     print("refused", e)
-sa = resolve("--enable-pariskv", "--pariskv-reuse-threshold", "0.9", "--pariskv-dense-layers", "0")
+sa = resolve("--enable-pariskv", "--pariskv-candidate-ratio", "0.3", "--pariskv-dense-layers", "0")
 cfg = config_of(sa)
-print("reuse", cfg.reuse_threshold, "dense layers", cfg.dense_layers)
+print("candidate ratio", cfg.candidate_ratio, "dense layers", cfg.dense_layers)
 
 # Every flag the plugin adds is a field of the patched ServerArgs.
 from sglang_pariskv.server_flags import add_cli_args
@@ -176,7 +176,7 @@ def test_the_patched_sglang_serves_the_flags_natively(patched_tree, tmp_path):
     assert "--page-size 16" in refused[0] and "--page-size 1" in refused[0]
     assert "topk=0" in refused[1]
     assert "--pariskv-host-pool-gb asks for 1000000.0 GiB" in refused[2]
-    assert "reuse 0.9 dense layers (0,)" in lines
+    assert "candidate ratio 0.3 dense layers (0,)" in lines
     assert "flags missing []" in lines
     assert "variants ('sparse', 'dense') sparse dense" in lines
     assert "capturing dense True" in lines

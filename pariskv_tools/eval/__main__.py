@@ -30,7 +30,6 @@ from pariskv_tools.eval.captures import (
 )
 from pariskv_tools.eval.methods import ParisKV, default_methods
 from pariskv_tools.eval.retrieval import RetrievalSettings, run_retrieval
-from pariskv_tools.eval.reuse_cli import add_reuse_parser, main_reuse
 from pariskv_tools.workloads.models import resolve_model
 from sglang_pariskv.config import ParisKVConfig
 
@@ -159,7 +158,6 @@ def build_parser(prog: str = "python -m pariskv_tools.eval") -> argparse.Argumen
     from pariskv_tools.eval.stress import add_stress_parser
 
     add_stress_parser(sub)
-    add_reuse_parser(sub)
     return p
 
 
@@ -250,8 +248,6 @@ def _calibrate(args, argv: list[str]) -> None:
 def main(argv: list[str] | None = None, prog: str = "python -m pariskv_tools.eval") -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(prog).parse_args(argv)
-    if args.cmd == "reuse":
-        return main_reuse(args, argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.cmd == "calibrate":

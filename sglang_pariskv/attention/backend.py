@@ -45,7 +45,6 @@ from sglang_pariskv.attention.model_info import (
 )
 from sglang_pariskv.attention.observability import DecodeObserver
 from sglang_pariskv.attention.offload_wiring import OffloadDecode
-from sglang_pariskv.attention.reuse import RetrievalReuse
 from sglang_pariskv.attention.sparse_decode import (
     HeadAsBatchDecode,
     dense_rows_only,
@@ -69,8 +68,6 @@ logger = logging.getLogger("sglang_pariskv")
 class ParisKVAttnBackend(FlashInferAttnBackend):
     #: Host offload's hot cache + fetch; None without offload (or with a zero-line cache).
     offload: OffloadDecode | None = None
-    #: Kept selections of retrieval reuse; None with ``--pariskv-reuse-threshold 0``.
-    reuse: RetrievalReuse | None = None
     #: --pariskv-dense-layers' full-length decode; None without dense layers.
     full: FullContextDecode | None = None
 
@@ -103,9 +100,6 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         #: FlashInfer scratch shared by every sparse call of this backend (one per GPU).
         self._float_ws = float_workspace(device)
         self._build_workspace(max_batch)
-        self.reuse = RetrievalReuse.build(
-            config, rtt.shape[0], pool.layer_num, self.hkv, self.d, self.ws.kept_width, device
-        )
         self.graph_sparse: dict[int, HeadAsBatchDecode] = {}
         self._rpi32: torch.Tensor | None = None
         self._sparse: HeadAsBatchDecode | None = None  # active sparse call, None: all dense
@@ -126,7 +120,7 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             server_args=model_runner.server_args,
             config=config,
             on_cuda=device.type == "cuda",
-            extra_snapshot=self._extra_snapshot,
+            extra_snapshot=self._offload_snapshot,
         )
         self.observer.dump()
         logger.info(
@@ -166,10 +160,6 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             self._build_workspace(max_bs)
         if self.full is not None:
             self.full.init_graph_state(max_bs, self.req_to_token_pool.req_to_token.shape[1])
-
-    def _extra_snapshot(self) -> dict[str, Any]:
-        reuse = self.reuse.snapshot() if self.reuse is not None else {}
-        return {**self._offload_snapshot(), **reuse}
 
     def _offload_snapshot(self) -> dict[str, Any]:
         pool = getattr(self, "token_to_kv_pool", None)
@@ -226,7 +216,7 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         if graph is not None:
             check_step(graph)
         run_sparse = graph == "sparse" or (graph is None and bool((~dense_cpu).any()))
-        self.observer.poll(self.offload, self.reuse)
+        self.observer.poll(self.offload)
         self.observer.decode_step(
             seq_cpu,
             dense_cpu,
@@ -252,18 +242,12 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         if self.full is not None:
             self.full.plan(forward_batch, key if isinstance(key, int) else None, in_capture)
 
-    def _plan_extend(self, forward_batch) -> None:
-        """Count the extend and forget the extending requests' kept sets."""
-        self.observer.extend(forward_batch)
-        if self.reuse is not None:  # no request reuses a selection made before it extended
-            self.reuse.extended(forward_batch.req_pool_indices)
-
     def init_forward_metadata(self, forward_batch):
         if not forward_batch.forward_mode.is_decode() or forward_batch.batch_size == 0:
             self._sparse = None
             self.deferred.plan(dense_decode_step=False)
             if forward_batch.forward_mode.is_extend():
-                self._plan_extend(forward_batch)
+                self.observer.extend(forward_batch)
             return super().init_forward_metadata(forward_batch)
         host_seq_lens(forward_batch)
         self._plan_decode(
@@ -295,7 +279,7 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         if not mode.is_decode():
             self.deferred.plan(dense_decode_step=False)
             if mode.is_extend() and not in_capture:
-                self._plan_extend(forward_batch)
+                self.observer.extend(forward_batch)
             return super().init_forward_metadata_out_graph(forward_batch, in_capture)
         bs = forward_batch.batch_size
         host_seq_lens(forward_batch)  # the replay's plan reads the lengths on the host
@@ -394,7 +378,6 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             self.codes.layers[local],
             self.req_to_token_pool.req_to_token,
             self._rpi32,
-            reuse=self.reuse.layer(local) if self.reuse is not None else None,
             scale=self.codes.calibration(local)[1],
         )
         self.observer.stop(local)

@@ -3,10 +3,10 @@
 SGLang fills the memory it keeps for the KV pool with tokens, then builds the attention
 backend from what is left (headroom meant for activations and CUDA graphs). ParisKV's
 backend allocates on top of that: the decode retrieval workspace (it grows with batch x
-context: about 3.7 GB at 1M tokens x 256 requests), retrieval reuse's kept selections and
-FlashInfer workspaces. Unplanned, a pool filled to its advertised capacity could then run
-out of memory. So the plugin computes these bytes from the same constructors (built on
-PyTorch's ``meta`` device, which allocates nothing) and takes them out of the pool.
+context: about 3.7 GB at 1M tokens x 256 requests) and FlashInfer workspaces. Unplanned,
+a pool filled to its advertised capacity could then run out of memory. So the plugin
+computes these bytes from the same constructors (built on PyTorch's ``meta`` device, which
+allocates nothing) and takes them out of the pool.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import torch
 
 from sglang_pariskv.attention.sparse_decode import WORKSPACE_BYTES
 from sglang_pariskv.config import ParisKVConfig
-from sglang_pariskv.kernels.reuse import ReuseState
 from sglang_pariskv.kernels.workspace import DecodeWorkspace
 
 #: Device int workspace of each FlashInfer decode wrapper (FlashInfer allocates 8 MiB).
@@ -49,13 +48,12 @@ class BackendMemoryPlan:
     flashinfer: int
     #: --pariskv-dense-layers' full-length plan (``attention.dense_layers``); 0 without.
     dense_layers: int = 0
-    reuse: int = 0  #: kept selections of retrieval reuse (``--pariskv-reuse-threshold``)
     #: the KV pool's key centres and channel scales (``--pariskv-calibration``); 0 without.
     calibration: int = 0
 
     @property
     def total(self) -> int:
-        return self.workspace + self.flashinfer + self.dense_layers + self.reuse + self.calibration
+        return self.workspace + self.flashinfer + self.dense_layers + self.calibration
 
 
 def plan_backend_memory(
@@ -65,24 +63,22 @@ def plan_backend_memory(
     num_kv_heads: int,
     head_dim: int,
     num_layers: int,
-    request_slots: int,
     max_batch: int,
     max_context: int,
     graph_batch_sizes: int,
     max_graph_batch: int | None = None,
     kv_dtype: torch.dtype = torch.bfloat16,
 ) -> BackendMemoryPlan:
-    """What ``ParisKVAttnBackend`` allocates for these sizes: with retrieval reuse, kept
-    selections for every request slot; the workspace for
+    """What ``ParisKVAttnBackend`` allocates for these sizes: the workspace for
     ``max_batch`` rows of ``max_context`` (plus the query copy its first run makes); one
     shared FlashInfer float workspace, an int workspace for the eager call and each
     captured batch size, and one more per size for the dense-step graph SGLang's
-    FlashInfer backend captures beside the sparse-step one. With dense
-    layers, their full-length plan: its own indptr, a CUDA-graph ``kv_indices`` buffer of
+    FlashInfer backend captures beside the sparse-step one. With dense layers, their
+    full-length plan: its own indptr, a CUDA-graph ``kv_indices`` buffer of
     ``max_graph_batch`` (default ``max_batch``) x ``max_context`` entries, and an int
-    workspace for its eager wrapper and each captured batch size. With a calibration
-    file, the code pool's fp32 centres (and channel scales, when the file has them) of
-    this rank's layers and KV heads."""
+    workspace for its eager wrapper and each captured batch size. With a calibration file,
+    the code pool's fp32 centres (and channel scales, when the file has them) of this
+    rank's layers and KV heads."""
     meta = torch.device("meta")
     ws = DecodeWorkspace(
         config, num_q_heads, num_kv_heads, head_dim, max_batch=max_batch,
@@ -101,10 +97,6 @@ def plan_backend_memory(
             + graph_rows * max_context * int32  # CUDA-graph kv_indices
             + (1 + graph_batch_sizes) * FLASHINFER_INT_WORKSPACE_BYTES
         )
-    reuse = 0
-    if config.reuses:  # per request slot and layer: kept query, kept set and length
-        kept = ReuseState(request_slots, num_layers, num_kv_heads, head_dim, ws.kept_width, meta)
-        reuse = kept.nbytes()
     calibration = 0
     if config.calibration is not None:
         from sglang_pariskv.calibration import load_calibration
@@ -115,6 +107,5 @@ def plan_backend_memory(
         workspace=tensor_bytes(ws) + query_copy,
         flashinfer=WORKSPACE_BYTES + wrappers * FLASHINFER_INT_WORKSPACE_BYTES,
         dense_layers=dense_layers,
-        reuse=reuse,
         calibration=calibration,
     )

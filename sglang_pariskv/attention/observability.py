@@ -133,25 +133,17 @@ class DecodeObserver:
             )
         )
 
-    def poll(self, offload=None, reuse=None) -> None:
-        """Read back the counters kept on the GPU (host offload's hot cache, retrieval
-        reuse) when anything reads counters; no sync: the copies run behind the queue."""
+    def poll(self, offload=None) -> None:
+        """Read back the counters kept on the GPU (host offload's hot cache) when anything
+        reads counters; no sync: the copies run behind the queue."""
         if not self.wants_counters:
             return
         if offload is not None:
             self.hot_cache(offload.poll())
-        if reuse is not None:
-            self.reuse(reuse.poll())
 
     def hot_cache(self, delta: dict[str, int]) -> None:
         if self.metrics is not None:
             self.metrics.add_hot_cache(delta)
-
-    def reuse(self, delta: dict[str, int]) -> None:
-        """(request, layer) pairs that retrieved / reused their kept set (read back from
-        the GPU without a sync, so they trail the served batches slightly)."""
-        if self.metrics is not None:
-            self.metrics.add_reuse(delta)
 
     def emit(self, counts: BatchCounts) -> None:
         self.stats.totals.accumulate(counts)

@@ -45,10 +45,8 @@ def _rerank_kernel(
     idx = blk * BLOCK_C + tl.arange(0, BLOCK_C)
     out = row.to(tl.int64) * CMAX + idx
     if blk * BLOCK_C < c:
-        # A negative slot is an empty entry of a kept set (kernels/reuse.py): no key.
-        raw = tl.load(cand_ptr + out, mask=idx < c, other=-1).to(tl.int64)
-        valid = (idx < c) & (raw >= 0)
-        slot = tl.where(valid, raw, 0)
+        valid = idx < c
+        slot = tl.load(cand_ptr + out, mask=valid, other=0).to(tl.int64)
         rec = slot * H + h
         b = tl.arange(0, B)
         j = tl.arange(0, 8)
@@ -85,7 +83,7 @@ def rerank_estimates(
     block_c: int = 64,
 ) -> None:
     """Estimates float32 ``est [R, Hkv, CMAX]`` of candidates ``cand`` (int32 KV slots,
-    the first ``counts[r]`` valid; the rest, and negative slots, get ``-inf``)."""
+    the first ``counts[r]`` valid; the rest get ``-inf``)."""
     r, h, cmax = cand.shape
     if r == 0:
         return
@@ -118,15 +116,9 @@ def levels(device) -> torch.Tensor:
     return _LEVELS[key]
 
 
-def topk_slots(
-    est: torch.Tensor, cand: torch.Tensor, k: int, empty: int | None = None
-) -> torch.Tensor:
+def topk_slots(est: torch.Tensor, cand: torch.Tensor, k: int) -> torch.Tensor:
     """int32 [R, Hkv, k] KV slots of the k best estimates (unordered: the attended set is
-    a set). Entries picked from ``-inf`` estimates are garbage (callers use min(k, C)), or
-    ``empty`` where given."""
+    a set). Entries picked from ``-inf`` estimates are garbage: callers use min(k, C)."""
     k = min(k, est.shape[-1])
-    top = torch.topk(est, k, dim=-1, sorted=False)
-    slots = torch.gather(cand, -1, top.indices)
-    if empty is not None:
-        slots = torch.where(top.values > float("-inf"), slots, empty)
-    return slots
+    idx = torch.topk(est, k, dim=-1, sorted=False).indices
+    return torch.gather(cand, -1, idx)

@@ -16,10 +16,7 @@ Triton: query_table (``csrc/query_table.cu`` / ``query_table.py``), scan
 (``csrc/collision_scan.cu`` / ``collision.py``), select (``select.py``: the count pass; the
 Triton path also writes the candidates), rerank (``csrc/select_rerank.cu``, which writes
 the candidates too / ``rerank.py``), topk (``csrc/topk.cu`` / ``torch.topk``), assemble
-(``assemble.py``). With retrieval reuse, a reuse stage after the query stage
-(``reuse.py``), and after the top-k (run as wide as a kept set) the kept-set stages:
-kept_sets (``reuse.py``: store or load at the request slot), kept_rerank (``rerank.py``)
-and kept_topk (``csrc/topk.cu`` / ``torch.topk``).
+(``assemble.py``).
 """
 
 from __future__ import annotations
@@ -59,7 +56,6 @@ from sglang_pariskv.kernels.launch_geometry import (
 )
 from sglang_pariskv.kernels.query_table import query_table
 from sglang_pariskv.kernels.rerank import levels, rerank_estimates, topk_slots
-from sglang_pariskv.kernels.reuse import LayerReuse, decide_reuse, exchange_kept
 from sglang_pariskv.kernels.select import (
     CandidateBuffers,
     count_candidates,
@@ -103,9 +99,7 @@ class DecodeOutput(NamedTuple):
     kv_indptr: torch.Tensor  #: int32 [R * Hkv + 1]
     kv_indices: torch.Tensor  #: int32 [capacity]; entries [0, kv_indptr[-1]) are valid
     dense: torch.Tensor  #: int64 [R], 1 where the request attends densely
-    #: int64 [R]: candidates ranked for each request (0 if dense, or if it reused its
-    #: kept set: ``config.reuse_threshold``)
-    num_candidates: torch.Tensor
+    num_candidates: torch.Tensor  #: int64 [R]: C of each request (0 if dense)
 
 
 class DecodeWorkspace:
@@ -176,19 +170,6 @@ class DecodeWorkspace:
         self.sel = CandidateBuffers(rmax * h, max_context, sel_chunk, dev)
         self.kv_indptr = torch.zeros(rmax * h + 1, dtype=torch.int32, device=dev)
         self.kv_indices = torch.zeros(rmax * h * self.max_row, dtype=torch.int32, device=dev)
-        # Retrieval reuse (kernels/reuse.py): per-layer seq / count / zone end and the
-        # retrieved flag of the step's rows, rewritten by every layer.
-        #: Slots a kept set holds per (request, layer, KV head); 0 without reuse.
-        self.kept_width = min(config.reuse_kept, self.cmax) if config.reuses else 0
-        if config.reuses:
-            self.reuse_eff = torch.zeros(3, rmax, dtype=torch.int64, device=dev)
-            self.reuse_fresh = torch.zeros(rmax, dtype=torch.int32, device=dev)
-            # Kept sets (kernels/reuse.py): every row's widened top-k, then its list's
-            # estimates and length for the top-k of the kept set.
-            w = self.kept_width
-            self.kept_sets = torch.full((rmax, h, w), -1, dtype=torch.int32, device=dev)
-            self.kept_est = torch.empty(rmax, h, w, dtype=torch.float32, device=dev)
-            self.kept_counts = torch.zeros(rmax, dtype=torch.int64, device=dev)
         # Contiguous copy of the last run's query, written by the CUDA query + table kernel
         # (allocated at the first run, in the query's dtype): see contiguous_query.
         self._query_copy: torch.Tensor | None = None
@@ -235,20 +216,17 @@ class DecodeWorkspace:
         req_to_token: torch.Tensor,
         req_pool_indices: torch.Tensor,
         stages: dict | None = None,
-        reuse: LayerReuse | None = None,
         scale: torch.Tensor | None = None,
     ) -> DecodeOutput:
         """Retrieve and assemble the attended indices of decode queries ``q [R, Hq, D]``.
 
         codes: this layer's pool (:class:`KeyCodes` of ``[slots, Hkv, ...]`` tensors).
         The batch must be the one of the last :meth:`plan`. ``stages``, when a dict,
-        receives each stage's intermediate tensors (tests, benchmarks). ``reuse``: this
-        layer's kept selections (with ``config.reuse_threshold`` > 0; see
-        :mod:`kernels.reuse`); None: every row retrieves. ``scale``: this layer's
-        calibration channel scales, fp32 ``[Hkv, D]`` (the codes' own,
+        receives each stage's intermediate tensors (tests, benchmarks). ``scale``: this
+        layer's calibration channel scales, fp32 ``[Hkv, D]`` (the codes' own,
         :class:`index.code_pool.CodePool`); None: 1.
         """
-        self.bind(q, codes, req_to_token, req_pool_indices, reuse, scale)
+        self.bind(q, codes, req_to_token, req_pool_indices, scale)
         for _, stage in self.stages():
             stage()
         st = self._st
@@ -262,18 +240,12 @@ class DecodeWorkspace:
         codes: KeyCodes,
         req_to_token: torch.Tensor,
         req_pool_indices: torch.Tensor,
-        reuse: LayerReuse | None = None,
         scale: torch.Tensor | None = None,
     ) -> None:
         """Set the inputs of the stage methods (``run`` = ``bind`` + every stage)."""
         r = q.shape[0]
         if r != self._r:
             raise ValueError(f"run() with batch {r} but the last plan() was for {self._r}")
-        if reuse is not None and not self.config.reuses:
-            raise ValueError(
-                "run(): kept selections given but config.reuse_threshold is 0 (retrieve at "
-                "every step)"
-            )
         self._st = SimpleNamespace(
             q=q,
             scale=scale,
@@ -286,33 +258,16 @@ class DecodeWorkspace:
             counts=self._meta("counts", r),
             zone_end=self._meta("zone_end", r),
             indptr=self.kv_indptr[: r * self.hkv + 1],
-            reuse=reuse,
-            fresh=None,
         )
-        self._st.scan_seq = self._st.seq  # the reuse stage narrows it to retrieving rows
 
     def stages(self) -> list[tuple[str, Callable[[], None]]]:
         """(name, fn) of each stage in order; the benchmark times them one by one."""
-        bound = getattr(self, "_st", None)
-        reusing = bound is not None and bound.reuse is not None
-        reuse = [("reuse", self._stage_reuse)] if reusing else []
-        reuse_tail = (
-            [
-                ("kept_sets", self._stage_kept_sets),
-                ("kept_rerank", self._stage_kept_rerank),
-                ("kept_topk", self._stage_kept_topk),
-            ]
-            if reusing
-            else []
-        )
         return [
             ("query_table", self._stage_query_table),
-            *reuse,
             ("scan", self._stage_scan),
             ("select", self._stage_select),
             ("rerank", self._stage_rerank),
             ("topk", self._stage_topk),
-            *reuse_tail,
             ("assemble", self._stage_assemble),
         ]
 
@@ -344,20 +299,10 @@ class DecodeWorkspace:
             return None
         return self._query_copy[: q.shape[0]]
 
-    def _stage_reuse(self) -> None:
-        """Which rows retrieve in this layer (:func:`kernels.reuse.decide_reuse`); the
-        later stages see a reusing row as one with nothing to scan, select or rank."""
-        st, cfg = self._st, self.config
-        step = decide_reuse(
-            st.seq, st.dense, st.counts, st.zone_end, st.rpi, st.query.blocks, st.reuse,
-            self.reuse_eff, self.reuse_fresh, cfg.reuse_threshold, cfg.reuse_max_age, cfg.sink,
-        )  # fmt: skip
-        st.scan_seq, st.counts, st.zone_end, st.fresh = step
-
     def _stage_scan(self) -> None:
         st = self._st
         st.scores = self.scores[: st.r]  # st.score_hist: zeroed by _stage_query_table
-        args = (st.codes.signs, st.rtt, st.rpi, st.scan_seq, st.zone_end, st.table, st.scores)
+        args = (st.codes.signs, st.rtt, st.rpi, st.seq, st.zone_end, st.table, st.scores)
         if self.use_cuda:
             tpb = scan_tokens_per_block(self.max_context, st.r, self.num_sms)
             collision_scan_cuda(*args, st.score_hist, self.config.sink, tpb)
@@ -412,48 +357,12 @@ class DecodeWorkspace:
         rerank_estimates(*args, st.query.blocks, st.query.norm, st.est)
 
     def _stage_topk(self) -> None:
-        """The top-k of the candidates; with reuse, of retrieving rows only and as wide as
-        a kept set (:meth:`_stage_kept_sets` takes it from there)."""
         st = self._st
-        if st.reuse is not None:
-            sets = self.kept_sets[: st.r]
-            if self.use_cuda:
-                sets.fill_(-1)  # entries past a row's candidates stay empty
-                topk_cuda(st.est, st.cand, st.counts, sets, self.topk_cluster)
-            else:
-                sets.copy_(topk_slots(st.est, st.cand, self.kept_width, empty=-1))
-            return
         if not self.use_cuda:
             st.top = topk_slots(st.est, st.cand, self.k)
             return
         st.top = self.top[: st.r]
         topk_cuda(st.est, st.cand, st.counts, st.top, self.topk_cluster)
-
-    def _stage_kept_sets(self) -> None:
-        """Retrieving rows keep their new set, reusing rows take their kept one."""
-        st = self._st
-        counts = self.kept_counts[: st.r]
-        exchange_kept(self.kept_sets[: st.r], st.fresh, st.dense, st.rpi, st.reuse, counts)
-        st.kept_counts = counts
-
-    def _stage_kept_rerank(self) -> None:
-        """Every sparse row's kept set, estimated for this step's query."""
-        st, codes = self._st, self._st.codes
-        st.kept_est = self.kept_est[: st.r]
-        rerank_estimates(
-            self.kept_sets[: st.r], st.kept_counts, codes.signs, codes.mags, codes.weights,
-            st.query.blocks, st.query.norm, st.kept_est,
-        )  # fmt: skip
-
-    def _stage_kept_topk(self) -> None:
-        """The attended top-k of each kept set."""
-        st = self._st
-        sets = self.kept_sets[: st.r]
-        if not self.use_cuda:
-            st.top = topk_slots(st.kept_est, sets, self.k)
-            return
-        st.top = self.top[: st.r]
-        topk_cuda(st.kept_est, sets, st.kept_counts, st.top, 1)
 
     def _stage_assemble(self) -> None:
         st = self._st

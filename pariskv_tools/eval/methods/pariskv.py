@@ -84,9 +84,7 @@ def _layer_slice(x: torch.Tensor | None, trace, what: str) -> torch.Tensor | Non
 class ParisKV:
     """ParisKV retrieval scores; ``outputs`` picks which of the family to report.
 
-    outputs: names among {"full", "stage1", "estimate"}, mapped to ``name``, ``name +
-    "_stage1"`` and ``name + "_estimate"`` (the rerank estimate of every key, candidate or
-    not: what re-ranks a kept set, :func:`pariskv_tools.eval.reuse.rerank_kept`).
+    outputs: names among {"full", "stage1"}, mapped to ``name`` and ``name + "_stage1"``.
     rotate: False removes the Hadamard rotation (ablation).
     centres, scales: fixed key centres and channel scales [layers, Hkv, D] (see the module
     docstring), [Hkv, D] for one layer's traces, or None (0 and 1).
@@ -112,7 +110,7 @@ class ParisKV:
         self.config = config or ParisKVConfig()
         self.rotate, self.gqa = rotate, gqa
         self.centres, self.scales = centres, scales
-        self._out = {"full": name, "stage1": name + "_stage1", "estimate": name + "_estimate"}
+        self._out = {"full": name, "stage1": name + "_stage1"}
         self.names = tuple(self._out[o] for o in outputs)
         self.outputs = outputs
 
@@ -183,8 +181,6 @@ class ParisKV:
             out[self._out["stage1"]] = coll
         if "full" in self.outputs:
             out[self._out["full"]] = self._rerank(coll, est, counts, batch)
-        if "estimate" in self.outputs:
-            out[self._out["estimate"]] = est
         return out
 
     @staticmethod
