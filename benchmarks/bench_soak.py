@@ -31,7 +31,8 @@ Writes ``benchmarks/results/soak.json`` and a PNG beside it. The run fails (exit
 still written with ``failed: true``) on any error of a well-formed request (HTTP error,
 error chunk, broken stream, wrong token count, timeout) or of a pool-fill request, a server
 crash, a malformed request not answered 4xx, free tokens after the load different from
-before, or ParisKV counters that do not match what was served.
+before, ParisKV counters that do not match what was served, or ParisKV's GPU allocations
+(as its backend measured and logged them) more than 2% from the memory planned for them.
 """
 
 from __future__ import annotations
@@ -71,10 +72,13 @@ DEFINITIONS = {
     "(each within the context length, at most max_running_requests) whose input + output "
     "tokens add up to the free KV tokens, sent at once; peak_used_tokens is the largest "
     "/v1/loads num_used_tokens seen while they ran",
-    "memory_planned_definition": "GiB the pool sizing keeps out of the KV pool for the "
-    "ParisKV backend (its startup log line), in bytes",
-    "memory_allocated_definition": "decode workspace (+ hot cache) MiB the "
-    "ParisKV backend logs once built, in bytes; first TP rank's lines",
+    "memory_planned_definition": "GPU bytes the pool sizing took out of the KV pool for "
+    "ParisKV (its backend and, with offload, the hot cache), as the backend's last 'backend "
+    "memory' log line states them; first TP rank",
+    "memory_allocated_definition": "GPU bytes ParisKV allocated beyond plain SGLang, "
+    "measured by PyTorch's caching allocator around the backend's construction, its "
+    "CUDA-graph state and captures (the same log line); the run fails if they are more "
+    "than 2% apart",
 }
 
 

@@ -17,27 +17,49 @@ _PLANNED = re.compile(
     r"ParisKV: (\d+) tokens fit SGLang's KV budget; ([\d.]+) GiB \((\d+) tokens\) are kept"
 )
 _BACKEND = re.compile(r"ParisKV backend: codes ([\d.]+) MiB, decode workspace ([\d.]+) MiB")
-_HOT_CACHE = re.compile(
-    r"ParisKV offload: host pool ([\d.]+) GiB, hot cache (\d+) lines/layer "
-    r"\(([\d.]+) MiB\)"
+#: The backend's measured allocations against the plan (``attention.memory_check``); it
+#: logs the line again each time its total changes (after CUDA-graph capture): the last
+#: line of the first TP rank counts.
+_MEMORY = re.compile(
+    r"^(?:\[[^\]]*?(TP\d+)[^\]]*\] |\[[^\]]*\] )?ParisKV backend memory: ([\d.]+) MiB "
+    r"allocated on the GPU, ([\d.]+) MiB planned",
+    re.M,
 )
+#: Allocated may differ from planned by at most this fraction of planned.
+MEMORY_TOLERANCE = 0.02
 
 
 def parse_memory_log(text: str) -> dict:
-    """ParisKV's planned and allocated backend memory from a server log (first TP rank's
-    lines): planned = the GiB the pool sizing keeps for the backend; allocated = the
-    decode workspace (+ hot cache) the backend logs. None where absent."""
+    """ParisKV's planned and allocated GPU memory from a server log: the backend's last
+    "backend memory" line of the first TP rank (allocated as measured by PyTorch's
+    allocator, planned as the pool sizing took it out of the pool), plus the pool sizing's
+    token counts and the code pool's size. None where absent."""
     out: dict = {"memory_planned_bytes": None, "memory_allocated_bytes": None}
     if m := _PLANNED.search(text):
-        out["memory_planned_bytes"] = round(float(m.group(2)) * 2**30)
         out["kv_tokens_before_reserve"] = int(m.group(1))
         out["kv_tokens_reserved"] = int(m.group(3))
     if m := _BACKEND.search(text):
-        ws = float(m.group(2))
-        hot = float(h.group(3)) if (h := _HOT_CACHE.search(text)) else 0.0
-        out["memory_allocated_bytes"] = round((ws + hot) * 2**20)
         out["codes_mib"] = float(m.group(1))
+    lines = _MEMORY.findall(text)
+    if lines:
+        rank = lines[0][0]
+        _, allocated, planned = [x for x in lines if x[0] == rank][-1]
+        out["memory_allocated_bytes"] = round(float(allocated) * 2**20)
+        out["memory_planned_bytes"] = round(float(planned) * 2**20)
     return out
+
+
+def memory_problems(res: dict) -> list[str]:
+    """Allocated against planned: missing, or off by more than ``MEMORY_TOLERANCE``."""
+    planned, allocated = res.get("memory_planned_bytes"), res.get("memory_allocated_bytes")
+    if planned is None or allocated is None:
+        return ["no 'ParisKV backend memory' line in the server log (allocated vs planned)"]
+    if abs(allocated - planned) > MEMORY_TOLERANCE * planned:
+        return [
+            f"ParisKV allocated {allocated / 2**20:.1f} MiB on the GPU against "
+            f"{planned / 2**20:.1f} MiB planned (more than {MEMORY_TOLERANCE:.0%} apart)"
+        ]
+    return []
 
 
 def check_counters(delta: dict | None, tally: dict) -> list[str]:
@@ -86,4 +108,5 @@ def verdict(res: dict) -> list[str]:
     if not res["idle_after"]:
         why.append("the server did not become idle after the load")
     why += res["counter_problems"]
+    why += memory_problems(res)
     return why

@@ -85,6 +85,30 @@ def backend_bytes(cfg: ParisKVConfig, kvc, num_layers: int, tp_size: int) -> int
     return plan.total
 
 
+def planned_gpu_bytes(
+    cfg: ParisKVConfig, kvc, num_layers: int, tp_size: int, cell_size: int
+) -> dict[str, int]:
+    """GPU bytes ParisKV allocates after SGLang builds its pools, by owner: ``backend``
+    (:func:`backend_bytes`) and, with host offload and a hot cache, ``hot_cache``. The pool
+    sizing takes their sum out of the pool; the backend logs it beside what it measured."""
+    out = {"backend": backend_bytes(cfg, kvc, num_layers, tp_size)}
+    if cfg.offloaded and cfg.hot_cache_lines:
+        from sglang_pariskv.offload.hot_cache import HotCache
+
+        heads = kvc.model_config.get_num_kv_heads(tp_size)
+        head_dim = kvc.model_config.head_dim
+        # the K/V cell is 2 (K, V) x heads x head_dim x layers elements
+        elt = max(cell_size // (2 * heads * head_dim * num_layers), 1)
+        # overflow rows: one step's retrieved entries at the most requests SGLang runs
+        # (the plugin sets --max-running-requests when it is not given)
+        max_reqs = _max_running_requests(getattr(kvc, "server_args", None))
+        entries = max_reqs * heads * cfg.budget
+        out["hot_cache"] = HotCache.planned_nbytes(
+            num_layers, cfg.hot_cache_lines, 2 * head_dim, elt, entries
+        )
+    return out
+
+
 def add_code_bytes(
     cell_size: int, configurator, kvc, num_layers: int, cfg: ParisKVConfig | None = None
 ) -> int:
@@ -102,21 +126,10 @@ def add_code_bytes(
     heads = kvc.model_config.get_num_kv_heads(tp)
     extra = code_bytes_per_token(heads, kvc.model_config.head_dim, num_layers)
     cfg = cfg or ParisKVConfig()
-    reserved = backend_bytes(cfg, kvc, num_layers, tp)
+    reserved = sum(planned_gpu_bytes(cfg, kvc, num_layers, tp, cell_size).values())
     cost = cell_size + extra
     if cfg.offloaded:
-        from sglang_pariskv.offload.hot_cache import HotCache
-
         slots = int(cfg.host_pool_gb * 2**30) // cell_size
-        # the K/V cell is 2 (K, V) x heads x head_dim x layers elements
-        elt = max(cell_size // (2 * heads * kvc.model_config.head_dim * num_layers), 1)
-        # overflow rows: one step's retrieved entries at the most requests SGLang runs
-        # (the plugin sets --max-running-requests when it is not given)
-        max_reqs = _max_running_requests(getattr(kvc, "server_args", None))
-        entries = max_reqs * heads * cfg.budget
-        row = 2 * kvc.model_config.head_dim
-        if cfg.hot_cache_lines:
-            reserved += HotCache.planned_nbytes(num_layers, cfg.hot_cache_lines, row, elt, entries)
         cost = extra
         if configurator is not None:
             configurator._pariskv_host_slots = slots

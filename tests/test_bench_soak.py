@@ -432,9 +432,10 @@ BACKEND_FMT = (
     "tokens), config %s"
 )
 HOT_FMT = "ParisKV offload: host pool %.1f GiB, hot cache %d lines/layer (%.1f MiB)"
+MEMORY_FMT = "ParisKV backend memory: %.1f MiB allocated on the GPU, %.1f MiB planned (%s)"
 
 
-def _log(offload: bool = False) -> str:
+def _log(offload: bool = False, allocated: float = 1275.5) -> str:
     """Server log lines as SGLang prints the plugin's messages (prefix, two TP ranks)."""
     lines = ["[2026-01-01 10:00:00] server_args=ServerArgs(...)"]
     for rank, scale in ((0, 1.0), (1, 2.0)):
@@ -443,6 +444,9 @@ def _log(offload: bool = False) -> str:
         if offload:
             lines.append(p + HOT_FMT % (64.0, 4096, 96.5 * scale))
         lines.append(p + BACKEND_FMT % (512.0, 300.25 * scale, 32, 32768, "{}"))
+        # after construction, then again once the CUDA graphs are captured
+        lines.append(p + MEMORY_FMT % (300.3 * scale, 1280.0 * scale, "..."))
+        lines.append(p + MEMORY_FMT % (allocated * scale, 1280.0 * scale, "..."))
     return "\n".join(lines)
 
 
@@ -467,17 +471,25 @@ def test_the_sample_log_lines_use_the_plugins_format_strings():
     assert POOL_FMT in _logged_formats(pkg / "pool_sizing.py")
     assert BACKEND_FMT in _logged_formats(pkg / "attention" / "backend.py")
     assert HOT_FMT in _logged_formats(pkg / "attention" / "offload_wiring.py")
+    assert MEMORY_FMT in _logged_formats(pkg / "attention" / "memory_check.py")
 
 
 def test_planned_and_allocated_memory_from_the_log():
     got = soak_checks.parse_memory_log(_log())
-    assert got["memory_planned_bytes"] == round(1.25 * 2**30)
-    assert got["memory_allocated_bytes"] == round(300.2 * 2**20)  # %.1f of 300.25
-    assert got["kv_tokens_reserved"] == 10240
-    off = soak_checks.parse_memory_log(_log(offload=True))
-    assert off["memory_allocated_bytes"] == round((300.2 + 96.5) * 2**20)
+    # the first TP rank's last line (after graph capture)
+    assert got["memory_planned_bytes"] == round(1280.0 * 2**20)
+    assert got["memory_allocated_bytes"] == round(1275.5 * 2**20)
+    assert got["kv_tokens_reserved"] == 10240 and got["codes_mib"] == 512.0
+    assert soak_checks.memory_problems(got) == []  # 0.35% apart
+    over = soak_checks.parse_memory_log(_log(allocated=1320.0))  # 3.1% over the plan
+    (problem,) = soak_checks.memory_problems(over)
+    assert "1320.0 MiB" in problem and "1280.0 MiB planned" in problem
+    plain = soak_checks.parse_memory_log(MEMORY_FMT % (10.0, 10.1, "...") + "\n")
+    assert plain["memory_allocated_bytes"] == round(10.0 * 2**20)  # no log prefix
     none = soak_checks.parse_memory_log("[TP0] Load weight end.\n")
     assert none["memory_planned_bytes"] is None and none["memory_allocated_bytes"] is None
+    (problem,) = soak_checks.memory_problems(none)
+    assert "no 'ParisKV backend memory' line" in problem
 
 
 def _tally(**kw):
@@ -595,8 +607,8 @@ def test_a_clean_run_passes_and_states_what_it_checked(tmp_path, monkeypatch, fa
     assert data["probe_identical_before_after"] is True
     assert data["probe_identical_to_dense"] is True
     assert data["probe_input_lens"] == [16, 85, 155, 224]
-    assert data["memory_planned_bytes"] == round(1.25 * 2**30)
-    assert data["memory_allocated_bytes"] == round(300.2 * 2**20)
+    assert data["memory_planned_bytes"] == round(1280.0 * 2**20)
+    assert data["memory_allocated_bytes"] == round(1275.5 * 2**20)
     assert data["pariskv_counters"][f"{soak_checks.PK}sparse_request_steps_total"] > 0
     assert data["series"] and "--enable-pariskv" in data["server_commands"]["pariskv"]
     assert "--enable-pariskv" not in data["server_commands"]["dense"]

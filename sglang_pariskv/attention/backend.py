@@ -36,6 +36,7 @@ from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
 from sglang_pariskv import sglang_compat
 from sglang_pariskv.attention.deferred_codes import DeferredCodes
 from sglang_pariskv.attention.dense_layers import FullContextDecode
+from sglang_pariskv.attention.memory_check import AllocationMeter, BackendMemory, planned_bytes
 from sglang_pariskv.attention.memory_plan import tensor_bytes
 from sglang_pariskv.attention.model_info import (
     attention_layers,
@@ -70,6 +71,8 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
     offload: OffloadDecode | None = None
     #: --pariskv-dense-layers' full-length decode; None without dense layers.
     full: FullContextDecode | None = None
+    #: GPU bytes allocated (measured) against planned (``memory_check``).
+    memory: BackendMemory = BackendMemory.off()
 
     def __init__(self, model_runner, config: ParisKVConfig):
         super().__init__(model_runner, init_new_workspace=model_runner.init_new_workspace)
@@ -79,6 +82,15 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
                 f"the KV pool is {type(pool).__name__}, not ParisKV's: this model or mode "
                 "builds a KV pool ParisKV does not support; serve without --enable-pariskv"
             )
+        meter = AllocationMeter(torch.device(model_runner.device))
+        with meter.track("backend"):
+            self._setup(model_runner, config, pool)
+        planned = planned_bytes(model_runner, config, pool) if meter.enabled else {}
+        self.memory = BackendMemory(meter, planned)
+        self.memory.add_tensors("calibration", pool.pariskv.centres, pool.pariskv.scales)
+
+    def _setup(self, model_runner, config: ParisKVConfig, pool: ParisKVTokenToKVPool) -> None:
+        """Everything the backend allocates at construction (measured as one owner)."""
         self.config = config
         self.codes = pool.pariskv
         self.hkv, self.d = pool.head_num, pool.head_dim
@@ -156,10 +168,11 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int, *args, **kwargs):
         super().init_cuda_graph_state(max_bs, max_num_tokens, *args, **kwargs)
-        if max_bs > self.ws.max_batch:  # graphs are captured up to max_bs rows
-            self._build_workspace(max_bs)
-        if self.full is not None:
-            self.full.init_graph_state(max_bs, self.req_to_token_pool.req_to_token.shape[1])
+        with self.memory.track("backend"):
+            if max_bs > self.ws.max_batch:  # graphs are captured up to max_bs rows
+                self._build_workspace(max_bs)
+            if self.full is not None:
+                self.full.init_graph_state(max_bs, self.req_to_token_pool.req_to_token.shape[1])
 
     def _offload_snapshot(self) -> dict[str, Any]:
         pool = getattr(self, "token_to_kv_pool", None)
@@ -243,6 +256,7 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             self.full.plan(forward_batch, key if isinstance(key, int) else None, in_capture)
 
     def init_forward_metadata(self, forward_batch):
+        self.memory.report()
         if not forward_batch.forward_mode.is_decode() or forward_batch.batch_size == 0:
             self._sparse = None
             self.deferred.plan(dense_decode_step=False)
@@ -281,8 +295,18 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             if mode.is_extend() and not in_capture:
                 self.observer.extend(forward_batch)
             return super().init_forward_metadata_out_graph(forward_batch, in_capture)
+        if not in_capture:
+            self.memory.report()
+            return self._plan_graph_step(forward_batch, in_capture)
+        with self.memory.track("graphs"):
+            return self._plan_graph_step(forward_batch, in_capture)
+
+    def _plan_graph_step(self, forward_batch, in_capture: bool) -> None:
         bs = forward_batch.batch_size
         host_seq_lens(forward_batch)  # the replay's plan reads the lengths on the host
+        # SGLang's first plan of a captured size allocates what plain SGLang would; its
+        # second (the other step graph's wrappers) is ParisKV's cost
+        sglang_own = self.memory.exclude("graphs") if bs not in self.graph_sparse else None
         if bs not in self.graph_sparse:
             self.graph_sparse[bs] = self._sparse_call(graph_batch=bs)
         # the replayed graph matters only when both graphs were captured
@@ -295,11 +319,16 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         if not in_capture and self.graphs.captured:
             # SGLang plans decode_cuda_graph_metadata[bs]: make it the replayed graph's own
             self.decode_cuda_graph_metadata[bs] = self.graphs.wrappers(bs, graph)
+
+        def sglang_plan():
+            with sglang_own or contextlib.nullcontext():
+                super(ParisKVAttnBackend, self).init_forward_metadata_out_graph(
+                    forward_batch, in_capture
+                )
+
         self._plan_decode(
             forward_batch,
-            lambda: super(ParisKVAttnBackend, self).init_forward_metadata_out_graph(
-                forward_batch, in_capture
-            ),
+            sglang_plan,
             self.graph_sparse[bs],
             graph=graph,
             key=bs,

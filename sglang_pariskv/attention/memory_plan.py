@@ -6,7 +6,8 @@ backend allocates on top of that: the decode retrieval workspace (it grows with 
 context: about 3.7 GB at 1M tokens x 256 requests) and FlashInfer workspaces. Unplanned,
 a pool filled to its advertised capacity could then run out of memory. So the plugin
 computes these bytes from the same constructors (built on PyTorch's ``meta`` device, which
-allocates nothing) and takes them out of the pool.
+allocates nothing) and takes them out of the pool. The backend then measures what it
+actually allocated and logs both (``memory_check``).
 """
 
 from __future__ import annotations
