@@ -47,21 +47,16 @@ class AllocationMeter:
     def total(self) -> int:
         return sum(self.by_owner.values())
 
-    @contextlib.contextmanager
-    def track(self, owner: str) -> Iterator[None]:
+    def track(self, owner: str) -> contextlib.AbstractContextManager:
         """Count what the block allocates (net of what it frees) under ``owner``."""
-        if self._measure is None:
-            yield
-            return
-        before = self._measure()
-        try:
-            yield
-        finally:
-            self.by_owner[owner] = self.by_owner.get(owner, 0) + self._measure() - before
+        return self._window(owner, 1)
+
+    def exclude(self, owner: str) -> contextlib.AbstractContextManager:
+        """Inside ``track(owner)``: leave out what the block allocates."""
+        return self._window(owner, -1)
 
     @contextlib.contextmanager
-    def exclude(self, owner: str) -> Iterator[None]:
-        """Inside ``track(owner)``: leave out what the block allocates."""
+    def _window(self, owner: str, sign: int) -> Iterator[None]:
         if self._measure is None:
             yield
             return
@@ -69,7 +64,8 @@ class AllocationMeter:
         try:
             yield
         finally:
-            self.by_owner[owner] = self.by_owner.get(owner, 0) - (self._measure() - before)
+            delta = self._measure() - before
+            self.by_owner[owner] = self.by_owner.get(owner, 0) + sign * delta
 
 
 def planned_bytes(model_runner, config, pool) -> dict[str, int]:
