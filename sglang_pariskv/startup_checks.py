@@ -107,8 +107,8 @@ def check_server_args(server_args: Any) -> None:
     refuse(
         bool(getattr(server_args, "enable_pdmux", False)),
         "--enable-pdmux: PD multiplexing builds one attention backend per SM group, each "
-        "with its own ParisKV decode state, a split ParisKV has not been run under; drop "
-        "--enable-pdmux",
+        "with its own ParisKV decode state, and ParisKV is not verified under that split; "
+        "drop --enable-pdmux",
     )
     refuse(
         bool(getattr(server_args, "enable_two_batch_overlap", False)),
