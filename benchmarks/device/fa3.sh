@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# SGLang's FA3 attention backend on the offline GPU host (dense `--dense-backend fa3`).
+#
+# The offline bundle trims sglang-kernel's FA3 library (sgl_kernel/flash_ops.abi3.so,
+# about 1 GB, 326 MB compressed in the wheel) to fit its transfers, so `--attention-backend
+# fa3` fails there with "Can not import FA3 in sgl_kernel". This carries the untrimmed wheel
+# in parts of at most 55 MB (each device call carries 64 MiB):
+#
+#   bash benchmarks/device/fa3.sh split [WHEEL]   # here: .device-bundle/fa3/pNN/part
+#   bash benchmarks/device/fa3.sh stage .device-bundle/fa3/pNN   # device, one call per
+#                                                 # part, carrying that folder
+#   bash benchmarks/device/fa3.sh install         # device, after every part: puts the
+#                                                 # library into the bundle's /tmp/site
+#
+# WHEEL defaults to the untrimmed wheel the bundle builder cached, else pip downloads it
+# (the version the bundle installs). Make the calls back to back (the host is given back
+# 30 s after a call); `install` checks that the joined wheel is complete.
+set -euo pipefail
+VERSION=0.4.5
+NAME="sglang_kernel-$VERSION-cp310-abi3-manylinux2014_x86_64.whl"
+case "${1:-}" in
+split)
+    wheel=${2:-$HOME/.cache/device-bundle/wheels/$NAME}
+    if [ ! -f "$wheel" ]; then
+        tmp=$(mktemp -d)
+        pip download -q --no-deps -d "$tmp" "sglang-kernel==$VERSION"
+        wheel=$tmp/$NAME
+    fi
+    rm -rf .device-bundle/fa3 && mkdir -p .device-bundle/fa3
+    split -b 55M -d -a 2 "$wheel" .device-bundle/fa3/part
+    for p in .device-bundle/fa3/part*; do
+        n=${p##*part}
+        mkdir -p ".device-bundle/fa3/p$n" && mv "$p" ".device-bundle/fa3/p$n/part"
+    done
+    sha256sum "$wheel" | cut -d' ' -f1 > .device-bundle/fa3/p00/sha256
+    ls .device-bundle/fa3
+    ;;
+stage)
+    n=${2##*/p}
+    mkdir -p /tmp/fa3
+    cp "$2/part" "/tmp/fa3/part$n"
+    [ -f "$2/sha256" ] && cp "$2/sha256" /tmp/fa3/sha256
+    ls /tmp/fa3
+    ;;
+install)
+    cat /tmp/fa3/part* > /tmp/fa3/wheel.whl
+    echo "$(cat /tmp/fa3/sha256)  /tmp/fa3/wheel.whl" | sha256sum -c --quiet
+    python3 -m zipfile -e /tmp/fa3/wheel.whl /tmp/fa3/x > /dev/null
+    cp /tmp/fa3/x/sgl_kernel/flash_ops.abi3.so /tmp/site/sgl_kernel/
+    rm -rf /tmp/fa3/x /tmp/fa3/wheel.whl
+    PYTHONPATH=/tmp/site python3 -c "import sgl_kernel.flash_attn; print('FA3 importable')"
+    ;;
+*)
+    echo "usage: $0 split [WHEEL] | stage DIR | install" >&2
+    exit 2
+    ;;
+esac
