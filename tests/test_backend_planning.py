@@ -175,24 +175,31 @@ def test_a_capture_is_planned_and_timed_but_not_counted(backend):
     assert st.decode_steps == st.sparse_steps == 1
 
 
+@pytest.mark.parametrize("local", [256, 0])
 @pytest.mark.parametrize(
-    ("lens", "graph", "defers"),
-    [([400, 1000], None, True), ([5000, 300], None, False), ([400, 1, 1, 1], "dense", True),
-     ([400, 1, 1, 1], "sparse", False), ([5000, 1], "sparse", False)],
+    ("lens", "graph", "retrieves"),
+    [([400, 1000], None, False), ([5000, 300], None, True), ([400, 1, 1, 1], "dense", False),
+     ([400, 1, 1, 1], "sparse", True), ([5000, 1], "sparse", True)],
 )  # fmt: skip
-def test_a_step_without_retrieval_defers_its_code_writes_to_the_last_layer(
-    backend, lens, graph, defers
+def test_a_decode_step_defers_its_code_writes_to_the_last_layer(
+    backend, lens, graph, retrieves, local
 ):
-    """Eager or captured: a decode step with retrieval writes codes per layer (its layers
-    read them); one without defers them; a later extend writes per layer again. Planning
-    a replay leaves nothing deferred: the graph holds its writes, no layer runs here."""
+    """Eager or captured: a decode step defers its code writes to its last layer, one that
+    retrieves too unless its searched zone can hold the new keys (``local`` 0: then it
+    writes per layer); a later extend writes per layer again. Planning a replay leaves
+    nothing deferred: the graph holds its writes, no layer runs here."""
+    cfg = dataclasses.replace(backend.config, local=local)
+    backend.config = cfg
+    backend.deferred = DeferredCodes(backend.deferred.pool, cfg, offloaded=False)
+    defers = not (retrieves and local == 0)
     if graph is not None:
         run_plan(backend, batch(lens), graph=graph, in_capture=False)
         assert backend.deferred.active is False
     run_plan(backend, batch(lens), graph=graph, in_capture=graph is not None)
+    assert (backend._sparse is not None) is retrieves
     assert backend.deferred.active is defers
     assert backend.deferred.pool.defer_codes is defers
-    backend.deferred.plan(dense_decode_step=False)  # what init_forward_metadata does on extend
+    backend.deferred.plan(decode_step=False)  # what init_forward_metadata does on extend
     assert backend.deferred.active is False
 
 
@@ -209,5 +216,5 @@ def test_offload_and_layers_outside_the_pool_never_defer(backend):
         DeferredCodes(pool, backend.config, False, [0]),
         DeferredCodes(pool, backend.config, False, [0, 1, 2]),
     ):
-        deferred.plan(dense_decode_step=True)
+        deferred.plan(decode_step=True)
         assert deferred.active is False and pool.defer_codes is False

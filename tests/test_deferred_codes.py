@@ -37,7 +37,7 @@ def _both_ways(device) -> dict:
     for defer in (True, False):
         pool = make_pool(64, head_dim=D, layers=LAYERS, device=device)
         deferred = DeferredCodes(pool, ParisKVConfig(), offloaded=False)
-        deferred.plan(dense_decode_step=defer)
+        deferred.plan(decode_step=defer)
         early = _store_step(pool, deferred, loc, keys, values)
         assert early is not defer  # per-layer writes land at once, deferred ones do not
         pools[defer] = pool
@@ -70,7 +70,7 @@ def test_a_captured_deferred_step_encodes_the_keys_of_each_replay(cuda_device):
     deferred = DeferredCodes(pool, ParisKVConfig(), offloaded=False)
     loc = torch.tensor([3, 9], device=cuda_device)
     keys = torch.zeros(LAYERS, 2, H, D, dtype=torch.bfloat16, device=cuda_device)
-    deferred.plan(dense_decode_step=True)
+    deferred.plan(decode_step=True)
     _store_step(pool, deferred, loc, keys, keys)  # warm-up (Triton compiles outside capture)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -91,8 +91,8 @@ def test_a_captured_deferred_step_encodes_the_keys_of_each_replay(cuda_device):
 def test_the_next_extend_writes_per_layer_again():
     pool = make_pool(64, head_dim=D, layers=LAYERS)
     deferred = DeferredCodes(pool, ParisKVConfig(), offloaded=False)
-    deferred.plan(dense_decode_step=True)
-    deferred.plan(dense_decode_step=False)  # init_forward_metadata of an extend
+    deferred.plan(decode_step=True)
+    deferred.plan(decode_step=False)  # init_forward_metadata of an extend
     k = torch.randn(2, H, D).to(torch.bfloat16)
     pool.set_kv_buffer(types.SimpleNamespace(layer_id=0), torch.tensor([5, 6]), k, k)
     assert pool.pariskv.layers[0].signs[torch.tensor([5, 6])].any()

@@ -241,7 +241,7 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         if self.full is not None:
             self.full.clear()
         # a replay's graph holds its writes already: defer only for a forward that runs here
-        self.deferred.plan(dense_decode_step=not run_sparse and (graph is None or in_capture))
+        self.deferred.plan(decode_step=graph is None or in_capture, retrieves=run_sparse)
         if not run_sparse:
             self._sparse = None
             plan_dense()
@@ -259,7 +259,7 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         self.memory.report()
         if not forward_batch.forward_mode.is_decode() or forward_batch.batch_size == 0:
             self._sparse = None
-            self.deferred.plan(dense_decode_step=False)
+            self.deferred.plan(decode_step=False)
             if forward_batch.forward_mode.is_extend():
                 self.observer.extend(forward_batch)
             return super().init_forward_metadata(forward_batch)
@@ -291,7 +291,7 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
         mode = forward_batch.forward_mode
         if not mode.is_decode():
-            self.deferred.plan(dense_decode_step=False)
+            self.deferred.plan(decode_step=False)
             if mode.is_extend() and not in_capture:
                 self.observer.extend(forward_batch)
             return super().init_forward_metadata_out_graph(forward_batch, in_capture)
@@ -352,9 +352,10 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
                 return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
         fork = self._fork_stream(layer, k, save_kv_cache)
         if fork is not None:
-            # Store the layer's K/V (and so its codes) as SGLang's decode call would, then
-            # fork: the retrieval stream sees the new key while the dense call (told the
-            # KV is stored) runs on the forward stream.
+            # Store the layer's K/V as SGLang's decode call would (codes: after the last
+            # layer, ``deferred_codes``), then fork: the sparse call on the retrieval
+            # stream attends the new key while the dense call (told the KV is stored)
+            # runs on the forward stream.
             self.token_to_kv_pool.set_kv_buffer(
                 layer, forward_batch.out_cache_loc, k, v, layer.k_scale, layer.v_scale
             )
