@@ -13,7 +13,7 @@ import torch
 from sglang_pariskv.codec.budget import candidate_ratios, num_candidates, zone_lengths
 from sglang_pariskv.codec.collision import centroid_table, collision_scores
 from sglang_pariskv.codec.encode import KeyCodes
-from sglang_pariskv.codec.query import PreparedQuery, prepare_query
+from sglang_pariskv.codec.query import prepare_query
 from sglang_pariskv.codec.select import rerank_topk, select_candidates, zone_mask
 from sglang_pariskv.config import ParisKVConfig
 
@@ -40,30 +40,6 @@ def retrieve(
     codes: [R, N, Hkv, ...] codes of every request's keys (positions >= seq_len ignored);
     scale: the calibration's channel scales [Hkv, D] the codes were encoded with (None: 1).
     """
-    c = retrieval_candidates(query, codes, seq_lens, config, scale)
-    top_pos, top_valid = rerank_topk(codes, c.query, c.positions, c.valid, config.topk)
-    return assemble(top_pos, top_valid, c, seq_lens, config)
-
-
-@dataclass
-class Candidates:
-    """The collision stage's result for one decode step (:func:`retrieval_candidates`)."""
-
-    query: PreparedQuery  #: the prepared retrieval query (rerank input)
-    positions: torch.Tensor  #: int64 [R, Hkv, C]: candidate positions
-    valid: torch.Tensor  #: bool [R, Hkv, C]
-    dense: torch.Tensor  #: bool [R]: request attends densely
-    counts: torch.Tensor  #: int64 [R]: candidates per request (0 when dense)
-
-
-def retrieval_candidates(
-    query: torch.Tensor,
-    codes: KeyCodes,
-    seq_lens: torch.Tensor,
-    config: ParisKVConfig,
-    scale: torch.Tensor | None = None,
-) -> Candidates:
-    """The candidates the rerank of :func:`retrieve` sees (inputs as ``retrieve``)."""
     r, n, hkv, _ = codes.signs.shape
     dev = codes.signs.device
     seq_lens = seq_lens.to(device=dev, dtype=torch.int64)
@@ -71,26 +47,12 @@ def retrieval_candidates(
     zone = zone_lengths(seq_lens, config)
     zone = torch.where(dense, 0, zone)
     counts = num_candidates(zone, candidate_ratios(zone, config), config)
+
     q = prepare_query(query, hkv, config.rotation_seed, scale)
     scores = collision_scores(codes.signs, centroid_table(q.blocks))
     in_zone = zone_mask(n, config.sink, config.sink + zone)
     cand_pos, cand_valid = select_candidates(scores, in_zone, counts)
-    return Candidates(q, cand_pos, cand_valid, dense, counts)
-
-
-def assemble(
-    top_pos: torch.Tensor,
-    top_valid: torch.Tensor,
-    cand: Candidates,
-    seq_lens: torch.Tensor,
-    config: ParisKVConfig,
-) -> Retrieval:
-    """The attended set: sink, local window and the retrieved ``top_pos [R, Hkv, k]`` of
-    each sparse request, every position of each dense one."""
-    dense, counts = cand.dense, cand.counts
-    r, hkv = top_pos.shape[:2]
-    dev = top_pos.device
-    seq_lens = seq_lens.to(device=dev, dtype=torch.int64)
+    top_pos, top_valid = rerank_topk(codes, q, cand_pos, cand_valid, config.topk)
 
     # Sink and local window, per request (absent where the request is dense).
     sink = torch.arange(config.sink, device=dev)[None, :].expand(r, -1)

@@ -145,17 +145,13 @@ class ParisKV:
         batch; the candidate count only reads the config's ratio knob."""
         return dataclasses.replace(self.config, topk=1, dense_threshold=0)
 
-    def candidate_counts(self, batch: StepBatch) -> torch.Tensor:
-        """int64 [S]: the candidates each step reranks (the codec's count of its zone)."""
-        cfg = self.step_config()
-        zone = (batch.seq_lens.to(torch.int64) - batch.sink - batch.local).clamp_min(0)
-        return num_candidates(zone, candidate_ratios(zone, cfg), cfg)
-
     def scores(self, state: ParisKVState, batch: StepBatch) -> dict:
+        cfg = self.step_config()
         seq_lens = batch.seq_lens.to(torch.int64)
         n, h, b = state.signs.shape
         s = seq_lens.shape[0]
-        counts = self.candidate_counts(batch)
+        zone = (seq_lens - batch.sink - batch.local).clamp_min(0)  # codec zone_lengths, per row
+        counts = num_candidates(zone, candidate_ratios(zone, cfg), cfg)
 
         heads = batch.queries.shape[1] if self.gqa == "max" else h
         group = heads // h
@@ -163,7 +159,7 @@ class ParisKV:
         scale = state.scale
         if scale is not None:  # s ∘ q per query head (each head of a group takes its KV head's)
             queries = queries * scale.repeat_interleave(queries.shape[1] // h, 0)
-        q = prepare_query(self._unrotate(queries), heads, self.config.rotation_seed)
+        q = prepare_query(self._unrotate(queries), heads, cfg.rotation_seed)
         signs = state.signs
         if group > 1:
             signs = signs.repeat_interleave(group, dim=1)
