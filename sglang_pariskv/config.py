@@ -25,10 +25,10 @@ DEFAULT_HOT_CACHE_LINES: int = 65536
 
 #: Default of ``--pariskv-min-sparse-tokens`` on the GPU pool: the context tokens a decode
 #: step's long requests must hold together before it retrieves. Below it dense attention
-#: is faster: at 32K tokens per step (one request) ParisKV ran at 0.85x dense, at 64K
-#: (two 32K requests) 1.03x, at 128K 1.30x (H100, Llama-3.1-8B shape, docs/results.md,
-#: "Decode throughput through SGLang"). With host offload a dense step would read the
-#: K/V over PCIe, so there the default is 0.
+#: is faster: ParisKV ran at 0.80x dense at 16K tokens per step, 0.88x at 32K, 0.97-1.03x
+#: at 64K and 1.28x at 128K (H100, Llama-3.1-8B shape, docs/results.md, "Where retrieval
+#: starts paying"), so the default sits at the low end of the 64-72K crossover. With host
+#: offload a dense step would read the K/V over PCIe, so there the default is 0.
 DEFAULT_MIN_SPARSE_TOKENS: int = 65536
 
 

@@ -304,11 +304,12 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
     def _plan_graph_step(self, forward_batch, in_capture: bool) -> None:
         bs = forward_batch.batch_size
         host_seq_lens(forward_batch)  # the replay's plan reads the lengths on the host
+        first_plan = bs not in self.graph_sparse
+        if first_plan:
+            self.graph_sparse[bs] = self._sparse_call(graph_batch=bs)
         # SGLang's first plan of a captured size allocates what plain SGLang would; its
         # second (the other step graph's wrappers) is ParisKV's cost
-        sglang_own = self.memory.exclude("graphs") if bs not in self.graph_sparse else None
-        if bs not in self.graph_sparse:
-            self.graph_sparse[bs] = self._sparse_call(graph_batch=bs)
+        sglang_own = self.memory.exclude("graphs") if first_plan else contextlib.nullcontext()
         # the replayed graph matters only when both graphs were captured
         replay = (
             self.step_graph(forward_batch.seq_lens_cpu[:bs])
@@ -321,7 +322,7 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             self.decode_cuda_graph_metadata[bs] = self.graphs.wrappers(bs, graph)
 
         def sglang_plan():
-            with sglang_own or contextlib.nullcontext():
+            with sglang_own:
                 super(ParisKVAttnBackend, self).init_forward_metadata_out_graph(
                     forward_batch, in_capture
                 )
