@@ -10,7 +10,8 @@ One server (``127.0.0.1`` only; the Llama-3.1-8B shape with dummy weights unless
 seconds. Each client draws scenarios from a seeded mix (:data:`KINDS`): shared-prefix
 multi-turn chats over one long document, long documents above the dense threshold, short
 chats, streamed requests, streams the client closes after a few chunks, ``max_new_tokens``
-1, requests filling the context exactly (input + output = context length), and malformed or
+1, requests as long as the server serves (input + output where SGLang stops a request at
+the context length), and malformed or
 oversized requests, each of which must get an HTTP 4xx. Well-formed requests decode exactly
 their ``max_new_tokens`` (``ignore_eos``): long documents and streamed requests through the
 OpenAI ``/v1/completions`` endpoint (prompts as token ids; the default model gets a

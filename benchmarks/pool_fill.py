@@ -3,8 +3,8 @@
 The server plans its memory (ParisKV's codes, decode workspace and FlashInfer
 workspaces) before it sizes the KV pool; what the plan missed shows up as an out-of-memory
 error only when the pool is actually full, at the largest batch and context. The fill sends
-the fewest requests that can hold every free token (each at most the context length, at
-most ``--max-running-requests`` of them), all at once, each decoding a few tokens, and
+the fewest requests that can hold every free token (each at most as long as the server
+serves a request, at most ``--max-running-requests`` of them), all at once, each decoding a few tokens, and
 records how full the pool got (``/v1/loads`` polled while they run) and whether every
 request completed.
 """
@@ -27,27 +27,41 @@ POLL_S = 0.2
 
 
 def fill_plan(
-    free_tokens: int, context_length: int, max_running: int | None, output_len: int
+    free_tokens: int, request_tokens: int, max_running: int | None, output_len: int
 ) -> list[int]:
     """Input lengths of the requests that together hold ``free_tokens`` tokens (input +
-    output), each within ``context_length``: the fewest such requests, capped at
+    output), each at most ``request_tokens``: the fewest such requests, capped at
     ``max_running`` (None: no cap), their totals as equal as integers allow."""
-    if free_tokens < 1 or context_length <= output_len:
+    if free_tokens < 1 or request_tokens <= output_len:
         raise ValueError(
             f"no fill of {free_tokens} free tokens with requests of at most "
-            f"{context_length} tokens and {output_len} output tokens"
+            f"{request_tokens} tokens and {output_len} output tokens"
         )
-    n = math.ceil(free_tokens / context_length)
+    n = math.ceil(free_tokens / request_tokens)
     if max_running is not None:
         n = min(n, max_running)
-    totals = [min(free_tokens // n + (i < free_tokens % n), context_length) for i in range(n)]
+    totals = [min(free_tokens // n + (i < free_tokens % n), request_tokens) for i in range(n)]
     return [t - output_len for t in totals if t > output_len]
+
+
+def check_fillable(free_tokens: int, request_tokens: int, max_running: int | None) -> None:
+    """Raise ValueError, naming the fix, where ``max_running`` requests of at most
+    ``request_tokens`` tokens cannot hold the pool's ``free_tokens``: such a fill would
+    not reach the pool's capacity, which is what it is there to test."""
+    if max_running is not None and max_running * request_tokens < free_tokens:
+        raise ValueError(
+            f"the KV pool has {free_tokens} free tokens, but {max_running} running requests "
+            f"(--max-running-requests) of at most {request_tokens} tokens hold "
+            f"{max_running * request_tokens}: the fill cannot reach the pool's capacity. Cap "
+            f"the pool (--server-arg=--max-total-tokens --server-arg=N with N at most "
+            f"{max_running * request_tokens}) or allow more running requests"
+        )
 
 
 def fill_pool(
     url: str,
     free_tokens: int,
-    context_length: int,
+    request_tokens: int,
     max_running: int | None,
     timeout: float,
     seed: int = 0,
@@ -56,7 +70,7 @@ def fill_pool(
     """Send :func:`fill_plan`'s requests at once and wait for all of them; the result, with
     the largest ``num_used_tokens`` seen (sum over ranks) while they ran."""
     _check_local(url)
-    lens = fill_plan(free_tokens, context_length, max_running, output_len)
+    lens = fill_plan(free_tokens, request_tokens, max_running, output_len)
     errors: list[str] = []
     lock = threading.Lock()
 

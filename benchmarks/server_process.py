@@ -153,6 +153,7 @@ _INFO_KEYS = (
     "max_running_requests",
     "cuda_graph_max_bs_decode",
     "context_length",
+    "max_req_input_len",
     "attention_backend",
     "dtype",
     "kv_cache_dtype",

@@ -2,13 +2,14 @@
 
 The kinds (:data:`KINDS`) are what a long-running server meets: shared-prefix multi-turn
 chats over one long document, long documents above the dense threshold, short chats,
-streams, streams the client closes early, one-token answers, requests that fill the context
-exactly, and malformed or oversized requests (:data:`MALFORMED`). A seeded mix replays
+streams, streams the client closes early, one-token answers, requests as long as the
+server serves (:func:`served_limits`), and malformed or oversized requests (:data:`MALFORMED`). A seeded mix replays
 exactly, so a failure found once can be run again.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 from collections.abc import Iterator
@@ -32,7 +33,15 @@ SHORT_OUTPUT = (16, 128)
 STREAM_OUTPUT = (64, 256)
 ABORT_OUTPUT = 512
 ABORT_AFTER_CHUNKS = (1, 8)
-CTX_LIMIT_OUTPUT = (1, 32)
+#: SGLang's request limits follow from the ``max_req_input_len`` its ``/server_info``
+#: reports, which is ``max_req_len - MAX_REQ_INPUT_MARGIN``, ``max_req_len`` being
+#: min(context length, pool tokens) - 1: an input is refused unless it is shorter than
+#: ``max_req_input_len``, and a request's output stops where input + output reaches
+#: ``max_req_len - 1`` (its scheduler caps ``max_new_tokens`` there, with no error).
+MAX_REQ_INPUT_MARGIN = 5
+#: Output tokens of context-limit requests: at least the margin, so that their input, the
+#: served total less the output, is one SGLang accepts.
+CTX_LIMIT_OUTPUT = (MAX_REQ_INPUT_MARGIN, 32)
 
 #: Malformed or oversized requests: name -> endpoint. Each must be answered 4xx.
 MALFORMED = {
@@ -48,9 +57,17 @@ MALFORMED = {
 }
 
 
+def served_limits(max_req_input_len: int) -> tuple[int, int]:
+    """(the longest input, the longest input + output) that SGLang serves in full, from
+    the ``max_req_input_len`` it reports (:data:`MAX_REQ_INPUT_MARGIN`)."""
+    return max_req_input_len - 1, max_req_input_len + MAX_REQ_INPUT_MARGIN - 1
+
+
 @dataclass(frozen=True)
 class Workload:
-    """What the scenario mix depends on."""
+    """What the scenario mix depends on. ``max_req_input_len``: the server's, as its
+    ``/server_info`` reports it (0 until the server runs: SGLang's value where the KV pool
+    holds more than the context, ``context_length - 1 - MAX_REQ_INPUT_MARGIN``)."""
 
     seed: int
     context_length: int
@@ -59,18 +76,41 @@ class Workload:
     long_input: tuple[int, int]
     chat_doc_tokens: int
     weights: dict[str, float]
+    max_req_input_len: int = 0
+
+    @property
+    def max_input(self) -> int:
+        """The longest input the server accepts."""
+        return served_limits(self._max_req_input_len)[0]
+
+    @property
+    def max_total(self) -> int:
+        """The longest input + output the server serves in full: context-limit requests."""
+        return served_limits(self._max_req_input_len)[1]
+
+    @property
+    def _max_req_input_len(self) -> int:
+        return self.max_req_input_len or self.context_length - 1 - MAX_REQ_INPUT_MARGIN
+
+    def served_by(self, server_info: dict) -> Workload:
+        """This workload with the limits the running server reports, checked again."""
+        w = dataclasses.replace(
+            self, max_req_input_len=int(server_info.get("max_req_input_len") or 0)
+        )
+        w.check()
+        return w
 
     def check(self) -> None:
         """Raise ValueError unless every kind's requests fit the context and long ones
         cross the dense threshold."""
-        ctx, thr = self.context_length, self.dense_threshold
+        top, thr = self.max_total, self.dense_threshold
         chat_max = self.chat_doc_tokens + CHAT_TURNS[1] * (CHAT_USER[1] + CHAT_ANSWER[1])
         for what, ok in (
             (f"--long-input low > dense threshold {thr}", self.long_input[0] > thr),
-            ("--long-input fits the context", self.long_input[1] + LONG_OUTPUT[1] < ctx),
-            ("--short-input fits the context", self.short_input[1] + ABORT_OUTPUT < ctx),
-            (f"a chat ({chat_max} tokens at most) fits the context", chat_max < ctx),
-            ("context-limit requests cross the threshold", ctx - CTX_LIMIT_OUTPUT[1] > thr),
+            (f"--long-input fits {top} tokens", self.long_input[1] + LONG_OUTPUT[1] <= top),
+            (f"--short-input fits {top} tokens", self.short_input[1] + ABORT_OUTPUT <= top),
+            (f"a chat ({chat_max} tokens at most) fits {top} tokens", chat_max <= top),
+            ("context-limit requests cross the threshold", top - CTX_LIMIT_OUTPUT[1] > thr),
             ("1 <= LOW <= HIGH", all(1 <= a <= b for a, b in (self.short_input, self.long_input))),
         ):
             if not ok:
@@ -135,7 +175,7 @@ def scenarios(w: Workload, client: int) -> Iterator[Scenario]:
             yield Scenario(kind, index, _draw(rng, either), 1)
         elif kind == "ctx_limit":
             out = _draw(rng, CTX_LIMIT_OUTPUT)
-            yield Scenario(kind, index, w.context_length - out, out)
+            yield Scenario(kind, index, w.max_total - out, out)
         else:
             yield Scenario(kind, index, variant=str(rng.choice(list(MALFORMED))))
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 from engine_runs import _read_stats
-from pool_fill import fill_pool
+from pool_fill import check_fillable, fill_pool
 from server_client import RequestFailed, free_tokens, generate, wait_idle
 from server_process import _ACTIVE, _server_info, server_for
 from soak_checks import parse_memory_log
@@ -87,6 +87,15 @@ def _scrape(url: str) -> dict | None:
         return None
 
 
+def _or_exit(check, *args):
+    """``check(*args)``, whose ValueError (a setup the soak cannot test) ends the run with
+    its message."""
+    try:
+        return check(*args)
+    except ValueError as e:
+        raise SystemExit(f"bench_soak: {e}") from None
+
+
 def soak(args, w: Workload, model: str, flags: list[str], log_dir: Path) -> dict:
     """The ParisKV server's run: idle state and probes, load, idle state and probes."""
     probes = probe_set(w, args.probes, args.probe_output_len)
@@ -100,20 +109,24 @@ def soak(args, w: Workload, model: str, flags: list[str], log_dir: Path) -> dict
         "counters_after": None,
     }
     try:
-        out["server_info"] = _server_info(srv.url)
+        out["server_info"] = info = _server_info(srv.url)
+        if "error" not in info:
+            w = _or_exit(w.served_by, info)  # the running server's request limits
         before = _idle_state(srv, args)
         out["free_tokens_idle_before"] = before["free_tokens"]
+        if before["free_tokens"]:
+            _or_exit(check_fillable, before["free_tokens"], w.max_total,
+                     info.get("max_running_requests"))  # fmt: skip
         out["probes_before"] = run_probes(
             srv.url, probes, args.probe_output_len, args.request_timeout
         )
         if before["free_tokens"]:
-            max_running = (out["server_info"] or {}).get("max_running_requests")
             print(f"[soak] filling {before['free_tokens']} free KV tokens", flush=True)
             out["pool_fill"] = fill_pool(
                 srv.url,
                 before["free_tokens"],
-                args.context_length,
-                max_running,
+                w.max_total,
+                info.get("max_running_requests"),
                 args.request_timeout,
                 seed=args.seed,
             )

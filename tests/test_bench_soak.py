@@ -32,6 +32,12 @@ from tests.loopback_server import LoopbackServer  # noqa: E402
 
 CTX, THR = 2048, 256
 MAX_TOTAL = 100_000
+#: SGLang's request limits for this context and pool (scheduler and tokenizer manager):
+#: max_req_len = min(context, pool) - 1, inputs shorter than max_req_len - 5, outputs cut
+#: where input + output reaches max_req_len - 1.
+MAX_REQ_LEN = min(CTX, MAX_TOTAL) - 1
+MAX_REQ_INPUT_LEN = MAX_REQ_LEN - 5
+SERVED = MAX_REQ_LEN - 1  # the longest input + output served in full
 WEIGHTS = bench._mix(soak_scenarios.DEFAULT_MIX)
 
 
@@ -77,7 +83,8 @@ def test_the_mix_covers_every_kind_from_the_start_and_follows_the_weights():
         if s.kind == "long":
             assert THR < s.input_len <= 900
         elif s.kind == "ctx_limit":
-            assert s.input_len + s.output_len == CTX and s.input_len > THR
+            assert s.input_len + s.output_len == SERVED and s.input_len > THR
+            assert s.input_len < MAX_REQ_INPUT_LEN
         elif s.kind == "max1":
             assert s.output_len == 1
         elif s.kind == "abort":
@@ -108,6 +115,31 @@ def test_impossible_workloads_are_refused(kw, match):
     with pytest.raises(ValueError, match=match):
         _wl(**kw).check()
     _wl().check()
+
+
+def test_the_request_limits_come_from_the_server():
+    nominal = _wl()
+    assert (nominal.max_input, nominal.max_total) == (MAX_REQ_INPUT_LEN - 1, SERVED)
+    small = nominal.served_by({"max_req_input_len": 1700})  # a pool smaller than the context
+    assert (small.max_input, small.max_total) == (1699, 1704)
+    plan = [list(itertools.islice(soak_scenarios.scenarios(small, c), 200)) for c in range(8)]
+    limit = [s for c in plan for s in c if s.kind == "ctx_limit"]
+    assert limit and all(s.input_len + s.output_len == 1704 for s in limit)
+    assert all(s.input_len <= 1699 for s in limit)
+    with pytest.raises(ValueError, match="chat"):
+        nominal.served_by({"max_req_input_len": 1000})  # the chats no longer fit
+
+
+def test_context_limit_requests_are_served_in_full(fake):
+    srv, _ = fake()
+    w = _wl(weights={"ctx_limit": 1.0})
+    got = soak_load.drive(srv.url, w, 4, 60, 10, 6, 0.2, lambda: True)
+    assert got["by_kind"]["ctx_limit"]["sent"] == 24 and got["errors"] == 0
+    # what a request of input + output = context length gets from SGLang instead
+    ids = soak_scenarios.ids_for(0, 1, CTX)
+    assert len(server_client.generate(srv.url, ids[: CTX - 30], 30, 10, ignore_eos=False)) == 28
+    with pytest.raises(server_client.RequestFailed, match="HTTP 400"):
+        server_client.generate(srv.url, ids[: CTX - 4], 4, 10)
 
 
 def test_malformed_bodies_are_what_their_names_say():
@@ -147,9 +179,15 @@ class FakeState:
     ``drift_after_flushes``: probe outputs change after that many /flush_cache calls."""
 
     def __init__(
-        self, leak_per_abort=0, status_override=None, drift_after_flushes=None, answer_delay=0.0
+        self,
+        leak_per_abort=0,
+        status_override=None,
+        drift_after_flushes=None,
+        answer_delay=0.0,
+        max_running=None,
     ):
         self.lock = threading.Lock()
+        self.max_running = max_running  # /server_info's max_running_requests
         self.answer_delay = answer_delay  # seconds a non-streamed /generate takes
         self.in_use = 0  # KV tokens of the requests running now
         self.leak_per_abort = leak_per_abort
@@ -200,7 +238,14 @@ def _fake(state: FakeState) -> LoopbackServer:
                         for k, v in state.counters.items()
                     ]
                 self._json(200, ("\n".join(lines) + "\n").encode())
-            else:  # /health_generate, /server_info
+            elif self.path == "/server_info":
+                info = {
+                    "context_length": CTX,
+                    "max_req_input_len": MAX_REQ_INPUT_LEN,
+                    "max_running_requests": state.max_running,
+                }
+                self._json(200, info)
+            else:  # /health_generate
                 self._json(200, {})
 
         def do_POST(self):
@@ -231,8 +276,11 @@ def _fake(state: FakeState) -> LoopbackServer:
                 if not isinstance(ids, list):
                     return self._json(400, {"error": "input_ids"})
                 n = req["sampling_params"]["max_new_tokens"]
-            if len(ids) >= CTX or len(ids) + n > CTX:
+            if len(ids) >= CTX or len(ids) + n > CTX:  # the tokenizer manager's check
                 return self._json(400, {"error": "too long"})
+            if len(ids) >= MAX_REQ_INPUT_LEN:  # the scheduler's
+                return self._json(400, {"error": "input too long"})
+            n = min(n, MAX_REQ_LEN - len(ids) - 1)  # the scheduler's cap, without an error
             with state.lock:
                 state.running += 1
                 state.in_use += len(ids) + n
@@ -603,7 +651,7 @@ def test_a_clean_run_passes_and_states_what_it_checked(tmp_path, monkeypatch, fa
     assert data["free_tokens_idle_before"] == data["free_tokens_idle_after"] == MAX_TOTAL
     fill = data["pool_fill"]
     assert fill["errors"] == 0 and fill["tokens_requested"] == MAX_TOTAL
-    assert fill["requests"] == -(-MAX_TOTAL // CTX)
+    assert fill["requests"] == -(-MAX_TOTAL // SERVED)
     assert data["probe_identical_before_after"] is True
     assert data["probe_identical_to_dense"] is True
     assert data["probe_input_lens"] == [16, 85, 155, 224]
@@ -644,8 +692,16 @@ def test_a_fill_that_fails_fails_the_run(tmp_path, monkeypatch, fake):
 
     monkeypatch.setattr(soak_server, "fill_pool", failing_fill)
     rc, data = _main(tmp_path, monkeypatch, {"pariskv": pk}, "--mix", "short=1")
-    assert rc == 1 and asked == [(MAX_TOTAL, CTX)]
+    assert rc == 1 and asked == [(MAX_TOTAL, SERVED)]
     assert any("1 of 4 requests filling the KV pool failed" in f for f in data["failures"])
+
+
+def test_a_pool_the_fill_cannot_reach_is_refused_before_the_load(tmp_path, monkeypatch, fake):
+    pk, state = fake(max_running=2)  # 2 requests of SERVED tokens hold far less than the pool
+    with pytest.raises(SystemExit, match="--max-total-tokens") as e:
+        _main(tmp_path, monkeypatch, {"pariskv": pk}, "--mix", "short=1")
+    assert f"{MAX_TOTAL} free tokens" in str(e.value) and str(2 * SERVED) in str(e.value)
+    assert state.generated == 0  # neither probes nor load were sent
 
 
 def test_probes_that_change_over_the_load_are_reported(tmp_path, monkeypatch, fake):
@@ -686,7 +742,7 @@ def test_a_fill_plan_that_cannot_exist_is_refused():
 
 def test_the_fill_runs_its_requests_at_once_and_sees_the_pool_full(fake):
     srv, state = fake(answer_delay=0.5)
-    got = pool_fill.fill_pool(srv.url, 10_000, CTX, None, timeout=10, output_len=8)
+    got = pool_fill.fill_pool(srv.url, 10_000, SERVED, None, timeout=10, output_len=8)
     assert got["errors"] == 0 and got["requests"] == 5
     assert got["tokens_requested"] == 10_000 == got["peak_used_tokens"]
     assert got["peak_used_fraction"] == 1.0 and state.in_use == 0
