@@ -1,12 +1,12 @@
 """Fill a server's KV pool to its advertised token capacity with concurrent requests.
 
-The server plans its memory (ParisKV's codes, decode workspace and FlashInfer
-workspaces) before it sizes the KV pool; what the plan missed shows up as an out-of-memory
-error only when the pool is actually full, at the largest batch and context. The fill sends
-the fewest requests that can hold every free token (each at most as long as the server
-serves a request, at most ``--max-running-requests`` of them), all at once, each decoding a few tokens, and
-records how full the pool got (``/v1/loads`` polled while they run) and whether every
-request completed.
+The server plans its memory (ParisKV's codes, decode workspace and FlashInfer workspaces)
+before it sizes the KV pool; what the plan missed shows up as an out-of-memory error only
+when the pool is actually full, at the largest batch and context. The fill sends the fewest
+requests that can hold every free token (each at most as long as the server serves a
+request, at most ``--max-running-requests`` of them), all at once, each decoding a few
+tokens, and records how full the pool got (``/v1/loads`` polled while they run) and whether
+every request completed.
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 The kinds (:data:`KINDS`) are what a long-running server meets: shared-prefix multi-turn
 chats over one long document, long documents above the dense threshold, short chats,
-streams, streams the client closes early, one-token answers, requests as long as the
-server serves (:func:`served_limits`), and malformed or oversized requests (:data:`MALFORMED`). A seeded mix replays
-exactly, so a failure found once can be run again.
+streams, streams the client closes early, one-token answers, requests as long as the server
+serves (:func:`served_limits`), and malformed or oversized requests (:data:`MALFORMED`). A
+seeded mix replays exactly, so a failure found once can be run again.
 """
 
 from __future__ import annotations
