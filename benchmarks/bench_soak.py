@@ -24,7 +24,8 @@ excludes evictable radix-cache tokens) and a fixed set of greedy probes below th
 threshold. Between the probes and the load, the KV pool is filled to its advertised capacity
 (:mod:`pool_fill`: the fewest requests that hold every free token, sent at once), which is
 where memory the server did not plan for would run out. ``--dense-reference`` then starts a
-plain SGLang server (same flags without ``--enable-pariskv``) for the same probes. During
+plain SGLang server (same flags without ``--enable-pariskv``) for the same probes (the
+results are written once before it, so a run cut short there keeps the soak's). During
 the load a sampler records output tokens/s and GPU memory (``nvidia-smi``, when present)
 every ``--sample-interval`` seconds.
 
@@ -313,6 +314,13 @@ def main(argv: list[str] | None = None) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     print(f"logs in {log_dir}", flush=True)
     run = soak(args, w, model, flags, log_dir)
+    if args.dense_reference:
+        # the soak's own result first: a run cut short during the reference keeps it
+        write_results(
+            compose(args, w, model_desc, run, None) | {"dense_reference": "not run yet"},
+            args.out,
+            plot,
+        )
     dense = dense_probes(args, w, model, flags, log_dir) if args.dense_reference else None
     data = compose(args, w, model_desc, run, dense)
     write_results(data, args.out, plot)

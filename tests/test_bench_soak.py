@@ -663,6 +663,20 @@ def test_a_clean_run_passes_and_states_what_it_checked(tmp_path, monkeypatch, fa
     assert (tmp_path / "soak.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_soak_is_written_before_the_dense_reference_starts(tmp_path, monkeypatch, fake):
+    pk = fake()[0]
+
+    def cut_short(*a):  # the machine is taken back while the reference starts
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "dense_probes", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        _main(tmp_path, monkeypatch, {"pariskv": pk}, "--dense-reference")
+    kept = json.loads((tmp_path / "soak.json").read_text())
+    assert kept["dense_reference"] == "not run yet" and kept["probe_identical_to_dense"] is None
+    assert kept["failed"] is False and kept["requests"] > 0 and kept["errors"] == 0
+
+
 def test_a_malformed_request_answered_500_fails_the_run(tmp_path, monkeypatch, fake):
     pk, _ = fake(status_override={"/v1/chat/completions": 500})
     rc, data = _main(tmp_path, monkeypatch, {"pariskv": pk}, "--mix", "malformed=1,short=1")
