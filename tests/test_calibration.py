@@ -208,10 +208,14 @@ def test_rope_signature_reads_both_config_spellings():
 
     plain = {"rope_theta": 100000.0}
     v5 = {"rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}}
-    assert rope_signature(plain) == rope_signature(v5) == {
-        "rope_theta": 100000.0,
-        "rope_type": "default",
-    }
+    assert (
+        rope_signature(plain)
+        == rope_signature(v5)
+        == {
+            "rope_theta": 100000.0,
+            "rope_type": "default",
+        }
+    )
     legacy = {"rope_theta": 5e5, "rope_scaling": {"type": "linear", "factor": 4}}
     new = {"rope_parameters": {"rope_theta": 5e5, "rope_type": "linear", "factor": 4.0}}
     want = {"rope_theta": 5e5, "rope_type": "linear", "factor": 4.0}

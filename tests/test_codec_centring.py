@@ -86,9 +86,7 @@ def test_centring_recovers_the_top_k_when_keys_share_a_direction():
     gen = torch.Generator().manual_seed(4)
     picks = torch.randint(0, n, (6,), generator=gen)
     jitter = torch.randn(6, 1, d, generator=gen, dtype=torch.float64) * 0.1
-    cfg = ParisKVConfig(
-        topk=100, sink=16, local=32, dense_threshold=0, candidate_ratio=0.25
-    )
+    cfg = ParisKVConfig(topk=100, sink=16, local=32, dense_threshold=0, candidate_ratio=0.25)
     recalls = {}
     for weight in (0.0, 8.0):
         keys = shared_direction_keys(n, 1, d, weight, 3)  # same noise, growing common part

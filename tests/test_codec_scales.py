@@ -82,9 +82,7 @@ def test_scales_recover_the_top_k_under_outlier_channels():
     so q·k is unchanged) lose the exact top-k at the collision stage; with the outlier
     factors as channel scales they retrieve as well as the undistorted keys do."""
     n, d = 3000, 64
-    cfg = ParisKVConfig(
-        topk=100, sink=16, local=32, dense_threshold=0, candidate_ratio=0.25
-    )
+    cfg = ParisKVConfig(topk=100, sink=16, local=32, dense_threshold=0, candidate_ratio=0.25)
     clean, _ = outlier_keys(n, 1, d, [], 1.0, 4)
     gen = torch.Generator().manual_seed(5)
     picks = torch.randint(0, n, (6,), generator=gen)
