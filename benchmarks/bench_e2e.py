@@ -100,7 +100,9 @@ def _plot_throughput(ax, data: dict) -> None:
         )
     ax.set_xticks(list(x), [f"{c['input_len'] // 1024}K\nb={c['batch']}" for c in cases])
     ax.set_ylabel("decode tokens/s")
-    ax.set_title(f"{data['model']}, output {data['output_len']}")
+    devices = sorted({c["device"] for c in data["cases"] if c.get("device")})
+    on = f" ({', '.join(d.replace('NVIDIA ', '') for d in devices)})" if devices else ""
+    ax.set_title(f"{data['model']}, output {data['output_len']}{on}")
     ax.legend(loc="upper left")
 
 
