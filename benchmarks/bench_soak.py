@@ -10,9 +10,9 @@ One server (``127.0.0.1`` only; the Llama-3.1-8B shape with dummy weights unless
 seconds. Each client draws scenarios from a seeded mix (:data:`KINDS`): shared-prefix
 multi-turn chats over one long document, long documents above the dense threshold, short
 chats, streamed requests, streams the client closes after a few chunks, ``max_new_tokens``
-1, requests as long as the server serves (input + output where SGLang stops a request at
-the context length), and malformed or
-oversized requests, each of which must get an HTTP 4xx. Well-formed requests decode exactly
+1, requests as long as the server serves in full (input + output up to where SGLang stops
+a request, two tokens short of the context), and malformed or oversized requests, each of
+which must get an HTTP 4xx. Well-formed requests decode exactly
 their ``max_new_tokens`` (``ignore_eos``): long documents and streamed requests through the
 OpenAI ``/v1/completions`` endpoint (prompts as token ids; the default model gets a
 word-per-id tokenizer for it), the others through SGLang's native ``/generate``; the
@@ -314,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     print(f"logs in {log_dir}", flush=True)
     run = soak(args, w, model, flags, log_dir)
+    w = run["workload"]
     if args.dense_reference:
         # the soak's own result first: a run cut short during the reference keeps it
         write_results(

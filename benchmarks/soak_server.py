@@ -97,7 +97,8 @@ def _or_exit(check, *args):
 
 
 def soak(args, w: Workload, model: str, flags: list[str], log_dir: Path) -> dict:
-    """The ParisKV server's run: idle state and probes, load, idle state and probes."""
+    """The ParisKV server's run: idle state and probes, load, idle state and probes;
+    ``workload`` is ``w`` with the request limits the running server reported."""
     probes = probe_set(w, args.probes, args.probe_output_len)
     srv = _start("pariskv", args, model, flags, log_dir, pariskv=True)
     out: dict = {
@@ -159,6 +160,7 @@ def soak(args, w: Workload, model: str, flags: list[str], log_dir: Path) -> dict
     out["memory_log"] = parse_memory_log(srv.log_path.read_text(errors="replace"))
     out["stats"] = _read_stats(log_dir / "pariskv-stats")
     out["probe_input_lens"] = [len(p) for p in probes]
+    out["workload"] = w  # with the limits the server reported
     return out
 
 

@@ -646,6 +646,7 @@ def test_a_clean_run_passes_and_states_what_it_checked(tmp_path, monkeypatch, fa
     rc, data = _main(tmp_path, monkeypatch, {"pariskv": pk, "dense": dense}, "--dense-reference")
     assert rc == 0 and data["failed"] is False and data["failures"] == []
     assert data["device"] == "fake GPU" and data["clients"] == 12
+    assert data["workload"]["max_req_input_len"] == MAX_REQ_INPUT_LEN  # the server's
     assert data["errors"] == data["crashes"] == 0 and data["requests"] > 0
     assert data["malformed_total"] == data["malformed_rejected_4xx"] > 0
     assert data["free_tokens_idle_before"] == data["free_tokens_idle_after"] == MAX_TOTAL
