@@ -46,6 +46,7 @@ from sglang_pariskv.attention.model_info import (
 )
 from sglang_pariskv.attention.observability import DecodeObserver
 from sglang_pariskv.attention.offload_wiring import OffloadDecode
+from sglang_pariskv.attention.plan_fence import PlanFence
 from sglang_pariskv.attention.sparse_decode import (
     HeadAsBatchDecode,
     dense_rows_only,
@@ -73,6 +74,8 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
     full: FullContextDecode | None = None
     #: GPU bytes allocated (measured) against planned (``memory_check``).
     memory: BackendMemory = BackendMemory.off()
+    #: Orders each batch's FlashInfer plans after the previous batch's plan copies.
+    plan_fence: PlanFence = PlanFence("cpu")
 
     def __init__(self, model_runner, config: ParisKVConfig):
         super().__init__(model_runner, init_new_workspace=model_runner.init_new_workspace)
@@ -126,6 +129,7 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         self.deferred = DeferredCodes(pool, config, offloaded, [m.layer_id for m in layers])
         overlap = device.type == "cuda" and not offloaded
         self._retrieval_stream = torch.cuda.Stream(device) if overlap else None
+        self.plan_fence = PlanFence(device)
         self.observer = DecodeObserver.for_server(
             num_layers=pool.layer_num,
             tp_rank=self.tp_rank,
@@ -256,6 +260,10 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             self.full.plan(forward_batch, key if isinstance(key, int) else None, in_capture)
 
     def init_forward_metadata(self, forward_batch):
+        with self.plan_fence.planning():
+            self._init_forward_metadata(forward_batch)
+
+    def _init_forward_metadata(self, forward_batch):
         self.memory.report()
         if not forward_batch.forward_mode.is_decode() or forward_batch.batch_size == 0:
             self._sparse = None
@@ -289,6 +297,10 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         self._rpi32 = forward_batch.req_pool_indices[:bs].to(torch.int32)
 
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
+        with self.plan_fence.planning():
+            self._init_forward_metadata_out_graph(forward_batch, in_capture)
+
+    def _init_forward_metadata_out_graph(self, forward_batch, in_capture: bool) -> None:
         mode = forward_batch.forward_mode
         if not mode.is_decode():
             self.deferred.plan(decode_step=False)
