@@ -41,7 +41,12 @@ restore)
     dir=$2
     parts=("$dir"/flashinfer_aot.*.tar.xz.*)
     [ -e "${parts[0]}" ] || { echo "no flashinfer_aot parts in $dir" >&2; exit 1; }
-    pkg=$(python3 -c "import importlib.util as u; print(u.find_spec('flashinfer').submodule_search_locations[0])")
+    pkg=$(python3 -c "import importlib.util as u; s = u.find_spec('flashinfer'); print(s.submodule_search_locations[0] if s else '')")
+    if [ -z "$pkg" ]; then
+        echo "FlashInfer is not importable here: run this after '. benchmarks/device/env.sh'" \
+            "(or pass DIR to benchmarks/device/install.sh)" >&2
+        exit 1
+    fi
     version=$(python3 -c "from importlib.metadata import version; print(version('flashinfer-python'))")
     tag=$(basename "${parts[0]}" | sed 's/^flashinfer_aot\.\(.*\)\.tar\.xz\.[0-9]*$/\1/')
     arch=$(python3 -c "import torch; print('%d%d' % torch.cuda.get_device_capability())")
