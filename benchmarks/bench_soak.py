@@ -129,6 +129,7 @@ def compose(args, w: Workload, model_desc: str, run: dict, dense: dict | None) -
         "aborts": load["aborts"],
         "aborts_finished_first": load["aborts_finished_first"],
         "crashes": int(load["crashed"]),
+        "server_error": run.get("server_error"),
         "hung_clients": load["hung_clients"],
         "malformed_total": load["malformed_total"],
         "malformed_rejected_4xx": load["malformed_rejected_4xx"],
@@ -186,10 +187,11 @@ def plot(data: dict, out: Path) -> None:
     )
     kv.set_ylabel("KV tokens in use", color="tab:orange")
     b.set_xlabel("minutes into the soak")
-    state = "FAILED: " + "; ".join(data["failures"])[:90] if data["failed"] else "passed"
+    state = "FAILED: " + data["failures"][0][:100] if data["failed"] else "passed"
+    model = Path(data["model"]).name if "/" in data["model"] else data["model"]
     fig.suptitle(
-        f"{data.get('device', '')}: {data['model'][:50]}, {data['clients']} clients, "
-        f"{data['requests']} requests ({state})",
+        f"{data.get('device', '')}: {model[:50]}, {data['clients']} clients, "
+        f"{data['requests']} requests\n{state}",
         fontsize=8,
     )
     fig.tight_layout()

@@ -27,6 +27,10 @@ _MEMORY = re.compile(
 )
 #: Allocated may differ from planned by at most this fraction of planned.
 MEMORY_TOLERANCE = 0.02
+#: The line that ends a Python traceback: the exception's type and message.
+_RAISED = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception|Interrupt)\b.*$")
+#: At most this many lines of a traceback go into the results.
+ERROR_LINES = 40
 
 
 def parse_memory_log(text: str) -> dict:
@@ -47,6 +51,24 @@ def parse_memory_log(text: str) -> dict:
         out["memory_allocated_bytes"] = round(float(allocated) * 2**20)
         out["memory_planned_bytes"] = round(float(planned) * 2**20)
     return out
+
+
+def server_error(text: str) -> str | None:
+    """The server log's first traceback, up to the exception it raised (at most
+    ``ERROR_LINES`` lines, the exception line kept): why a crashed server died, in the
+    results rather than only in a log left on the GPU host. None without a traceback."""
+    lines = text.splitlines()
+    start = next(
+        (i for i, line in enumerate(lines) if "Traceback (most recent call last)" in line), None
+    )
+    if start is None:
+        return None
+    block = lines[start:]
+    end = next((i for i, line in enumerate(block) if _RAISED.match(line)), len(block) - 1)
+    block = block[: end + 1]
+    if len(block) > ERROR_LINES:
+        block = block[: ERROR_LINES - 2] + ["...", block[-1]]
+    return "\n".join(block)
 
 
 def memory_problems(res: dict) -> list[str]:
@@ -86,10 +108,12 @@ def check_counters(delta: dict | None, tally: dict) -> list[str]:
 def verdict(res: dict) -> list[str]:
     """Why the run failed (empty: it passed)."""
     why = []
+    if res["crashes"]:  # first: it explains most of what follows
+        error = res.get("server_error")
+        raised = f" ({error.splitlines()[-1]})" if error else ""
+        why.append(f"the server process exited{raised}")
     if res["errors"]:
         why.append(f"{res['errors']} well-formed requests failed")
-    if res["crashes"]:
-        why.append("the server process exited")
     if res["hung_clients"]:
         why.append(f"{res['hung_clients']} clients still running after their timeouts")
     if res["malformed_rejected_4xx"] != res["malformed_total"]:

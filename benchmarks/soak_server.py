@@ -16,7 +16,7 @@ from engine_runs import _read_stats
 from pool_fill import check_fillable, fill_pool
 from server_client import RequestFailed, free_tokens, generate, wait_idle
 from server_process import _ACTIVE, _server_info, server_for
-from soak_checks import parse_memory_log
+from soak_checks import parse_memory_log, server_error
 from soak_load import drive
 from soak_scenarios import PROBE_INDEX, Workload, ids_for
 
@@ -157,7 +157,9 @@ def soak(args, w: Workload, model: str, flags: list[str], log_dir: Path) -> dict
         raise
     finally:
         _stop(srv)
-    out["memory_log"] = parse_memory_log(srv.log_path.read_text(errors="replace"))
+    log = srv.log_path.read_text(errors="replace")
+    out["memory_log"] = parse_memory_log(log)
+    out["server_error"] = server_error(log)
     out["stats"] = _read_stats(log_dir / "pariskv-stats")
     out["probe_input_lens"] = [len(p) for p in probes]
     out["workload"] = w  # with the limits the server reported

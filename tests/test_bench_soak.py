@@ -540,6 +540,58 @@ def test_planned_and_allocated_memory_from_the_log():
     assert "no 'ParisKV backend memory' line" in problem
 
 
+def _raised_in_a_server(depth: int) -> list[str]:
+    """A real traceback, ``depth`` frames deep, as a scheduler logs it."""
+    import traceback
+
+    # distinct functions, so Python does not fold the frames into one repeated line
+    scope = {}
+    exec(
+        'def f0():\n    raise RuntimeError("CUDA error: an illegal memory access was encountered")',
+        scope,
+    )
+    for n in range(1, depth + 1):
+        exec(f"def f{n}():\n    f{n - 1}()", scope)
+    try:
+        scope[f"f{depth}"]()
+    except RuntimeError as e:
+        text = "".join(traceback.format_exception(e))
+    return ("[2026-01-01 00:00:00] Scheduler hit an exception: " + text).splitlines()
+
+
+def test_a_crashed_servers_traceback_goes_into_the_results():
+    tb = _raised_in_a_server(2)
+    log = ["[x] Decode batch, #running-req: 30", *tb, "", "terminate called after throwing"]
+    got = soak_checks.server_error("\n".join(log))
+    assert got.splitlines() == tb
+    assert got.splitlines()[-1].startswith("RuntimeError: CUDA error: an illegal memory")
+    assert soak_checks.server_error("[x] Decode batch\n[x] Prefill batch\n") is None
+    deep = soak_checks.server_error("\n".join(_raised_in_a_server(60)))
+    lines = deep.splitlines()
+    assert len(lines) == soak_checks.ERROR_LINES and lines[-2] == "..."
+    assert lines[-1] == tb[-1] and lines[0] == tb[0]
+    passing = {
+        "errors": 0,
+        "crashes": 0,
+        "hung_clients": 0,
+        "malformed_total": 3,
+        "malformed_rejected_4xx": 3,
+        "pool_fill": {"errors": 0, "requests": 2},
+        "free_tokens_idle_before": 100,
+        "free_tokens_idle_after": 100,
+        "idle_after": True,
+        "counter_problems": [],
+        "memory_planned_bytes": 1000,
+        "memory_allocated_bytes": 1000,
+    }
+    assert soak_checks.verdict(passing) == []
+    assert soak_checks.verdict(passing | {"crashes": 1, "server_error": got}) == [
+        "the server process exited (RuntimeError: CUDA error: an illegal memory access was "
+        "encountered)"
+    ]
+    assert soak_checks.verdict(passing | {"crashes": 1}) == ["the server process exited"]
+
+
 def _tally(**kw):
     base = {
         "requests": 10,
