@@ -20,7 +20,8 @@
 Other concerns live beside this module: ``deferred_codes`` (a dense step's code writes
 in one launch), ``model_info`` (heads, TP rank, softmax scale),
 ``observability`` (counters, metrics, timing, stats files), ``offload_wiring`` (host
-offload's hot cache and fetch), ``step_graphs`` (graph bookkeeping).
+offload's hot cache and fetch), ``step_graphs`` (graph bookkeeping), ``plan_fence`` (each
+batch's plans after the previous batch's plan copies).
 """
 
 from __future__ import annotations
