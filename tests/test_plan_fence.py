@@ -21,24 +21,46 @@ class PendingEvent:
     """A recorded event the GPU has (``done``) or has not reached yet."""
 
     def __init__(self, done: bool):
-        self.done, self.synchronized = done, 0
+        self.done, self.synchronized, self.recorded, self.queried = done, 0, 0, 0
 
     def query(self) -> bool:
+        self.queried += 1
         return self.done
 
     def synchronize(self) -> None:
         self.synchronized += 1
         self.done = True
 
+    def record(self) -> None:
+        self.recorded += 1
+        self.done = False
+
+
+def _gpu_fence(monkeypatch, done: bool, capturing: bool = False) -> PlanFence:
+    """A fence as on a GPU, whose last batch's event is ``done`` or still queued."""
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
+    fence = PlanFence("cpu")
+    fence.on_cuda = True
+    fence._event = PendingEvent(done)
+    return fence
+
 
 @pytest.mark.parametrize("done", [True, False])
-def test_planning_waits_only_while_the_last_batchs_copies_are_queued(done):
-    fence = PlanFence("cpu")
-    fence._event = PendingEvent(done)
+def test_planning_waits_only_while_the_last_batchs_copies_are_queued(monkeypatch, done):
+    fence = _gpu_fence(monkeypatch, done)
     with fence.planning():
         assert fence._event.done  # the plan runs after the previous copies
     assert fence.waits == (0 if done else 1)
     assert fence._event.synchronized == (0 if done else 1)
+    assert fence._event.recorded == 1  # behind this batch's plans, for the next batch
+
+
+def test_a_plan_inside_a_graph_capture_neither_waits_nor_records(monkeypatch):
+    fence = _gpu_fence(monkeypatch, done=False, capturing=True)
+    with fence.planning():
+        pass
+    event = fence._event
+    assert (event.queried, event.synchronized, event.recorded, fence.waits) == (0, 0, 0, 0)
 
 
 def test_a_cpu_fence_records_nothing():

@@ -37,13 +37,14 @@ class PlanFence:
 
     @contextlib.contextmanager
     def planning(self) -> Iterator[None]:
-        if self._event is not None and not self._event.query():
+        # A plan made while the stream captures a CUDA graph copies inside the graph, where
+        # the replay orders it; querying an event there would break the capture.
+        fenced = self.on_cuda and not torch.cuda.is_current_stream_capturing()
+        if fenced and self._event is not None and not self._event.query():
             self.waits += 1
             self._event.synchronize()
         yield
-        # A plan made while a stream captures a CUDA graph copies inside the graph: the
-        # replay orders it, and an event recorded there would be a graph node.
-        if self.on_cuda and not torch.cuda.is_current_stream_capturing():
+        if fenced:
             if self._event is None:
                 self._event = torch.cuda.Event()
             self._event.record()
