@@ -35,6 +35,7 @@ error chunk, broken stream, wrong token count, timeout) or of a pool-fill reques
 crash, a malformed request not answered 4xx, free tokens after the load different from
 before, ParisKV counters that do not match what was served, or ParisKV's GPU allocations
 (as its backend measured and logged them) more than 2% from the memory planned for them.
+The server log's first traceback (why a crashed server died) is kept as ``server_error``.
 """
 
 from __future__ import annotations
