@@ -1,7 +1,7 @@
 """Where a decode step's GPU time goes, dense vs ParisKV: per-kernel totals from SGLang's
 own torch-profiler hook, same prompts, same run.
 
-    python benchmarks/profile_decode.py --input-len 32768 --batch 1 --steps 8 --out $OUT
+    python benchmarks/profile_decode.py --input-len 32768 --batch 1 --steps 8 --out profile
 
 Each engine (Llama-3.1-8B shape, dummy weights, CUDA graphs on) prefills the prompts,
 then profiles ``--steps`` decode steps (``Engine.start_profile(num_steps=...)``, GPU
