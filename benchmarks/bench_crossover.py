@@ -2,7 +2,7 @@
 overtakes dense attention, the default of ``--pariskv-min-sparse-tokens``.
 
     python benchmarks/bench_crossover.py --inputs 16384 32768 49152 65536 98304 --batches 1
-    python benchmarks/bench_crossover.py --inputs 32768 --batches 1 2 4 --runs-dir $OUT/runs
+    python benchmarks/bench_crossover.py --inputs 32768 --batches 1 2 4 --runs-dir runs
 
 Dense SGLang and ParisKV (retrieving at every size above the dense threshold:
 ``min_sparse_tokens`` 0) decode the same cached prompts, Llama-3.1-8B shape with dummy

@@ -1,8 +1,8 @@
 """Mixed traffic as an operator sees it: a plain SGLang server vs an ``--enable-pariskv`` one.
 
     python benchmarks/bench_mixed_traffic.py --rates 0.5 1 2 --requests 60
-    python benchmarks/bench_mixed_traffic.py --modes dense --runs-dir $OUT/runs
-    python benchmarks/bench_mixed_traffic.py --modes pariskv --runs-dir $OUT/runs
+    python benchmarks/bench_mixed_traffic.py --modes dense --runs-dir runs
+    python benchmarks/bench_mixed_traffic.py --modes pariskv --runs-dir runs
 
 One server at a time (dense, then ParisKV; same model, same flags otherwise: FlashInfer
 attention, radix cache on, ``127.0.0.1`` only) receives open-loop Poisson arrivals at each

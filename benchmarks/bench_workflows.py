@@ -1,7 +1,7 @@
 """Users' workflows end to end: a dense SGLang server vs an ``--enable-pariskv`` one.
 
-    python benchmarks/bench_workflows.py run --setup smollm2 --log-dir $OUT/logs
-    python benchmarks/bench_workflows.py run --setup llama8b-dummy --log-dir $OUT/logs
+    python benchmarks/bench_workflows.py run --setup smollm2 --log-dir logs
+    python benchmarks/bench_workflows.py run --setup llama8b-dummy --log-dir logs
     python benchmarks/bench_workflows.py plot
 
 For one setup, the bench starts a dense server, runs both workflows of ``examples/``
