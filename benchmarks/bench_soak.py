@@ -36,6 +36,10 @@ crash, a malformed request not answered 4xx, free tokens after the load differen
 before, ParisKV counters that do not match what was served, or ParisKV's GPU allocations
 (as its backend measured and logged them) more than 2% from the memory planned for them.
 The server log's first traceback (why a crashed server died) is kept as ``server_error``.
+
+``--engine dense`` soaks a plain SGLang server instead, with the same flags and load: a
+control that tells whether a failure is SGLang's own (its results skip the ParisKV
+counter and memory checks).
 """
 
 from __future__ import annotations
@@ -99,15 +103,17 @@ def compose(args, w: Workload, model_desc: str, run: dict, dense: dict | None) -
     from pariskv_tools.workloads import prom
 
     load = run["load"]
+    pariskv = args.engine == "pariskv"
     counters = (
         prom.delta(run["counters_before"], run["counters_after"])
-        if run["counters_after"] is not None
+        if pariskv and run["counters_after"] is not None
         else None
     )
     res = {
         **_device_info(),
         "command": " ".join([sys.executable, *sys.argv]),
         "model": model_desc,
+        "engine": args.engine,
         "workload": {
             **asdict(w),
             "clients": args.clients,
@@ -117,7 +123,7 @@ def compose(args, w: Workload, model_desc: str, run: dict, dense: dict | None) -
             "server_args": args.server_arg,
         },
         **DEFINITIONS,
-        "server_commands": {"pariskv": run["server_command"]}
+        "server_commands": {args.engine: run["server_command"]}
         | ({"dense": dense["server_command"]} if dense else {}),
         "server_info": run.get("server_info"),
         "duration_s": load["wall_s"],
@@ -147,10 +153,13 @@ def compose(args, w: Workload, model_desc: str, run: dict, dense: dict | None) -
         if dense is None
         else _same(run["probes_before"], dense["probes"])
         and _same(run["probes_after"], dense["probes"]),
-        "probes": {"pariskv_before": run["probes_before"], "pariskv_after": run["probes_after"]}
+        "probes": {
+            f"{args.engine}_before": run["probes_before"],
+            f"{args.engine}_after": run["probes_after"],
+        }
         | ({"dense": dense["probes"]} if dense else {}),
         "pariskv_counters": counters,
-        "counter_problems": check_counters(counters, load),
+        "counter_problems": check_counters(counters, load) if pariskv else [],
         "pariskv_stats": run["stats"],
         **run["memory_log"],
         "series": load["series"],
@@ -190,6 +199,8 @@ def plot(data: dict, out: Path) -> None:
     b.set_xlabel("minutes into the soak")
     state = "FAILED: " + data["failures"][0][:100] if data["failed"] else "passed"
     model = Path(data["model"]).name if "/" in data["model"] else data["model"]
+    if data.get("engine") == "dense":
+        model = f"plain SGLang, {model}"
     fig.suptitle(
         f"{data.get('device', '')}: {model[:50]}, {data['clients']} clients, "
         f"{data['requests']} requests\n{state}",
@@ -282,6 +293,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also send the probes to a plain SGLang server afterwards",
     )
+    ap.add_argument(
+        "--engine",
+        choices=("pariskv", "dense"),
+        default="pariskv",
+        help="the server soaked: ParisKV's, or plain SGLang's under the same load and flags "
+        "(a control: whether a failure is SGLang's own; no ParisKV counters or memory checks)",
+    )
     add_server_args(ap)
     add_results_args(ap, RESULTS)
     return ap
@@ -309,6 +327,11 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(str(e)) from None
     if args.clients < 1 or args.duration <= 0 or args.sample_interval <= 0:
         raise SystemExit("--clients >= 1, --duration > 0 and --sample-interval > 0")
+    if args.engine == "dense" and args.dense_reference:
+        raise SystemExit(
+            "--dense-reference compares ParisKV's probes with plain SGLang's; with --engine "
+            "dense the soaked server is plain SGLang: drop one of them"
+        )
     _check_plugin_installed()
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)

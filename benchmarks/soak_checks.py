@@ -131,6 +131,7 @@ def verdict(res: dict) -> list[str]:
         why.append(f"free KV tokens on the idle server: {before} before, {after} after")
     if not res["idle_after"]:
         why.append("the server did not become idle after the load")
-    why += res["counter_problems"]
-    why += memory_problems(res)
+    if res.get("engine", "pariskv") == "pariskv":  # a plain SGLang control has neither
+        why += res["counter_problems"]
+        why += memory_problems(res)
     return why

@@ -97,10 +97,11 @@ def _or_exit(check, *args):
 
 
 def soak(args, w: Workload, model: str, flags: list[str], log_dir: Path) -> dict:
-    """The ParisKV server's run: idle state and probes, load, idle state and probes;
-    ``workload`` is ``w`` with the request limits the running server reported."""
+    """The soaked server's run (``args.engine``: ParisKV's, or plain SGLang's as a
+    control): idle state and probes, load, idle state and probes; ``workload`` is ``w``
+    with the request limits the running server reported."""
     probes = probe_set(w, args.probes, args.probe_output_len)
-    srv = _start("pariskv", args, model, flags, log_dir, pariskv=True)
+    srv = _start(args.engine, args, model, flags, log_dir, pariskv=args.engine == "pariskv")
     out: dict = {
         "server_command": " ".join(srv.cmd),
         "pool_fill": None,

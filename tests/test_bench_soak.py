@@ -716,6 +716,21 @@ def test_a_clean_run_passes_and_states_what_it_checked(tmp_path, monkeypatch, fa
     assert (tmp_path / "soak.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_dense_control_soaks_plain_sglang_without_pariskv_checks(tmp_path, monkeypatch, fake):
+    dense = fake()[0]
+    rc, data = _main(tmp_path, monkeypatch, {"dense": dense}, "--engine", "dense")
+    assert rc == 0 and data["failed"] is False and data["engine"] == "dense"
+    assert data["errors"] == data["crashes"] == 0 and data["requests"] > 0
+    assert data["free_tokens_idle_before"] == data["free_tokens_idle_after"] == MAX_TOTAL
+    assert data["probe_identical_before_after"] is True
+    assert set(data["probes"]) == {"dense_before", "dense_after"}
+    assert "--enable-pariskv" not in data["server_commands"]["dense"]
+    assert data["pariskv_counters"] is None and data["counter_problems"] == []
+    assert data["memory_planned_bytes"] is None  # nothing of ParisKV's to check
+    with pytest.raises(SystemExit, match="--dense-reference"):
+        _main(tmp_path, monkeypatch, {"dense": dense}, "--engine", "dense", "--dense-reference")
+
+
 def test_the_soak_is_written_before_the_dense_reference_starts(tmp_path, monkeypatch, fake):
     pk = fake()[0]
 
