@@ -27,7 +27,8 @@ where memory the server did not plan for would run out. ``--dense-reference`` th
 plain SGLang server (same flags without ``--enable-pariskv``) for the same probes (the
 results are written once before it, so a run cut short there keeps the soak's). During
 the load a sampler records output tokens/s and GPU memory (``nvidia-smi``, when present)
-every ``--sample-interval`` seconds.
+every ``--sample-interval`` seconds, and each successful request's latency is kept for
+a per-kind summary (p50, p99, and the p50 of the load's first and last quarter).
 
 Writes ``benchmarks/results/soak.json`` and a PNG beside it. The run fails (exit 1, results
 still written with ``failed: true``) on any error of a well-formed request (HTTP error,
@@ -75,6 +76,10 @@ DEFINITIONS = {
     "num_used_tokens, on the idle server after /flush_cache",
     "throughput_definition": "output tokens the clients received (finished, aborted and "
     "chat requests) per sampling interval",
+    "latency_definition": "per kind, seconds from sending a well-formed request to its "
+    "last token, over those that succeeded (each chat turn is a request); first and last "
+    "quarter: the requests that ended in the first and in the last quarter of the load; "
+    "tpot: a stream's seconds per output token after its first",
     "pool_fill_definition": "before the load, on the idle server: the fewest requests "
     "(each within the context length, at most max_running_requests) whose input + output "
     "tokens add up to the free KV tokens, sent at once; peak_used_tokens is the largest "
@@ -131,6 +136,7 @@ def compose(args, w: Workload, model_desc: str, run: dict, dense: dict | None) -
         "requests": load["requests"],
         "requests_by_kind": load["by_kind"],
         "output_tokens": load["output_tokens"],
+        "latency_by_kind": load["latency"],
         "errors": load["errors"],
         "error_samples": load["error_samples"],
         "aborts": load["aborts"],

@@ -75,6 +75,9 @@ class Tally:
     #: finished requests whose decode ran above / at or below the dense threshold
     sparse_expected: int = 0
     dense_expected: int = 0
+    #: (kind, monotonic end time, seconds, seconds per output token after the first or
+    #: None) of every well-formed request that succeeded
+    latency: list = field(default_factory=list)
 
     def request(
         self,
@@ -83,8 +86,12 @@ class Tally:
         tokens: int = 0,
         context: int = 0,
         threshold: int = 0,
+        seconds: float | None = None,
+        tpot: float | None = None,
     ) -> None:
-        """One well-formed request's outcome (``context``: its input length)."""
+        """One well-formed request's outcome (``context``: its input length; ``seconds``:
+        how long it took; ``tpot``: a stream's seconds per output token after the first)."""
+        end = time.monotonic()
         with self.lock:
             self.requests += 1
             self.by_kind[kind]["sent"] += 1
@@ -94,11 +101,14 @@ class Tally:
                 self.by_kind[kind]["errors"] += 1
                 if len(self.error_samples) < MAX_ERROR_SAMPLES:
                     self.error_samples.append(f"{kind}: {error}")
-            elif tokens >= 2:  # a decode step ran
-                if context > threshold:
-                    self.sparse_expected += 1
-                else:
-                    self.dense_expected += 1
+            else:
+                if seconds is not None:
+                    self.latency.append((kind, end, seconds, tpot))
+                if tokens >= 2:  # a decode step ran
+                    if context > threshold:
+                        self.sparse_expected += 1
+                    else:
+                        self.dense_expected += 1
 
     def aborted(self, finished_first: bool, tokens: int) -> None:
         with self.lock:
@@ -146,12 +156,13 @@ def run_scenario(url: str, sc: Scenario, w: Workload, timeout: float, tally: Tal
         rng = np.random.default_rng([w.seed, sc.index])
         for _ in range(sc.turns):
             history = history + rng.integers(*TOKEN_ID_RANGE, _draw(rng, CHAT_USER)).tolist()
+            t = time.monotonic()
             try:
                 out = generate(url, history, sc.output_len, timeout)
             except RequestFailed as e:
                 tally.request("chat", str(e))
                 return
-            tally.request("chat", None, len(out), len(history), thr)
+            tally.request("chat", None, len(out), len(history), thr, time.monotonic() - t)
             history = history + out
         return
     ids = ids_for(w.seed, sc.index, sc.input_len)
@@ -163,16 +174,44 @@ def run_scenario(url: str, sc: Scenario, w: Workload, timeout: float, tally: Tal
             return
         tally.aborted(not cut, tokens)
         return
+    t = time.monotonic()
     if sc.kind in ("long", "stream"):
         rec = stream_completion(url, ids, sc.output_len, timeout)  # the OpenAI API
-        tally.request(sc.kind, rec["error"], rec["tokens"], sc.input_len, thr)
+        seconds, n = time.monotonic() - t, rec["tokens"]
+        tpot = (rec["last_s"] - rec["first_s"]) / (n - 1) if n > 1 and rec["last_s"] else None
+        tally.request(sc.kind, rec["error"], n, sc.input_len, thr, seconds, tpot)
         return
     try:
         out = generate(url, ids, sc.output_len, timeout)
     except RequestFailed as e:
         tally.request(sc.kind, str(e))
         return
-    tally.request(sc.kind, None, len(out), sc.input_len, thr)
+    tally.request(sc.kind, None, len(out), sc.input_len, thr, time.monotonic() - t)
+
+
+def latency_summary(records: list, t0: float, wall: float) -> dict:
+    """Per kind, over the well-formed requests that succeeded: how many, their seconds at
+    p50 and p99, the p50 of those that ended in the first and in the last quarter of the
+    load (a server that slows as it runs shows there), and streams' seconds per output
+    token at p50 and p99."""
+    out = {}
+    for kind in sorted({r[0] for r in records}):
+        rows = [r for r in records if r[0] == kind]
+        secs = np.array([r[2] for r in rows])
+        ends = np.array([r[1] - t0 for r in rows])
+        first, last = secs[ends <= wall / 4], secs[ends > wall * 3 / 4]
+        tpots = np.array([r[3] for r in rows if r[3] is not None])
+        out[kind] = {
+            "requests": len(rows),
+            "p50_s": float(np.percentile(secs, 50)),
+            "p99_s": float(np.percentile(secs, 99)),
+            "first_quarter_p50_s": float(np.percentile(first, 50)) if first.size else None,
+            "last_quarter_p50_s": float(np.percentile(last, 50)) if last.size else None,
+        }
+        if tpots.size:
+            out[kind]["tpot_p50_s"] = float(np.percentile(tpots, 50))
+            out[kind]["tpot_p99_s"] = float(np.percentile(tpots, 99))
+    return out
 
 
 def gpu_memory_mib() -> list[int] | None:
@@ -254,6 +293,7 @@ def drive(
     if not alive():
         crashed.set()
     out = tally.snapshot()
+    out["latency"] = latency_summary(out["latency"], t0, wall)
     out["hung_clients"] = sum(th.is_alive() for th in threads)
     out.update(wall_s=wall, series=series, crashed=crashed.is_set())
     return out

@@ -427,6 +427,43 @@ def test_drive_runs_every_kind_without_errors_and_ends_on_time(fake):
     assert 3 <= len(got["series"]) <= duration / 0.5 + 8
     assert got["series"][-1]["requests"] <= got["requests"]
     assert sum(p["output_tok_s"] for p in got["series"]) > 0
+    # latency: every well-formed request that succeeded, by kind; streams with their TPOT
+    lat = got["latency"]
+    timed = {"chat", "long", "short", "stream", "max1", "ctx_limit"}
+    assert set(lat) == timed
+    assert sum(v["requests"] for v in lat.values()) == (
+        got["requests"] - got["malformed_total"] - got["by_kind"]["abort"]["sent"]
+    )
+    for kind, v in lat.items():
+        assert 0 < v["p50_s"] <= v["p99_s"] < 10, kind
+        assert ("tpot_p50_s" in v) == (kind in ("long", "stream")), kind
+    assert 0 < lat["long"]["tpot_p50_s"] <= lat["long"]["tpot_p99_s"] < lat["long"]["p99_s"]
+
+
+def test_latency_is_summarized_by_kind_and_by_quarter_of_the_load():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    t0, wall = 100.0, 40.0
+    ends = rng.uniform(t0, t0 + wall, 400)
+    secs = rng.uniform(0.1, 2.0, 400)
+    records = [("short", e, x, None) for e, x in zip(ends[:300], secs[:300])]
+    records += [("stream", e, x, x / 50) for e, x in zip(ends[300:], secs[300:])]
+    got = soak_load.latency_summary(records, t0, wall)
+    short_ends, short_secs = ends[:300] - t0, secs[:300]
+    assert got["short"]["requests"] == 300
+    assert got["short"]["p99_s"] == pytest.approx(np.percentile(short_secs, 99))
+    assert got["short"]["first_quarter_p50_s"] == pytest.approx(
+        np.median(short_secs[short_ends <= 10.0])
+    )
+    assert got["short"]["last_quarter_p50_s"] == pytest.approx(
+        np.median(short_secs[short_ends > 30.0])
+    )
+    assert "tpot_p50_s" not in got["short"]
+    assert got["stream"]["tpot_p50_s"] == pytest.approx(np.median(secs[300:] / 50))
+    late = soak_load.latency_summary([("max1", t0 + 39.0, 0.5, None)], t0, wall)
+    assert late["max1"]["first_quarter_p50_s"] is None
+    assert late["max1"]["last_quarter_p50_s"] == 0.5
 
 
 def test_drive_stops_at_the_per_client_count(fake):
