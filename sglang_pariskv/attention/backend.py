@@ -262,7 +262,7 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
 
     def init_forward_metadata(self, forward_batch):
         with self.plan_fence.planning():
-            self._init_forward_metadata(forward_batch)
+            return self._init_forward_metadata(forward_batch)
 
     def _init_forward_metadata(self, forward_batch):
         self.memory.report()
@@ -299,9 +299,9 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
 
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
         with self.plan_fence.planning():
-            self._init_forward_metadata_out_graph(forward_batch, in_capture)
+            return self._init_forward_metadata_out_graph(forward_batch, in_capture)
 
-    def _init_forward_metadata_out_graph(self, forward_batch, in_capture: bool) -> None:
+    def _init_forward_metadata_out_graph(self, forward_batch, in_capture: bool):
         mode = forward_batch.forward_mode
         if not mode.is_decode():
             self.deferred.plan(decode_step=False)
