@@ -179,7 +179,8 @@ def compose(args, w: Workload, model_desc: str, run: dict, dense: dict | None) -
 
 
 def plot(data: dict, out: Path) -> None:
-    """Output tokens/s and memory (GPU MiB, KV tokens in use) over the soak."""
+    """Output tokens/s and the short chats' median latency, and memory (GPU MiB, KV tokens
+    in use), over the soak."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -189,7 +190,12 @@ def plot(data: dict, out: Path) -> None:
     t = [p["t_s"] / 60 for p in s]
     fig, (a, b) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
     a.plot(t, [p["output_tok_s"] for p in s])
-    a.set_ylabel("output tokens/s (clients)")
+    a.set_ylabel("output tokens/s (clients)", color="tab:blue")
+    short = [p.get("short_p50_s") for p in s]
+    if any(x is not None for x in short):
+        lat = a.twinx()
+        lat.plot(t, [np.nan if x is None else x for x in short], color="tab:green")
+        lat.set_ylabel("short chats, median s", color="tab:green")
     gpu = [sum(p["gpu_memory_mib"]) / 1024 if p["gpu_memory_mib"] else None for p in s]
     if any(g is not None for g in gpu):
         b.plot(t, [np.nan if g is None else g for g in gpu], label="GPU memory used")

@@ -257,24 +257,28 @@ def drive(
             run_scenario(url, sc, w, request_timeout, tally)
 
     def sampler() -> None:
-        last_t, last_tok = t0, 0
+        last_t, last_tok, seen = t0, 0, 0
         while not done.wait(sample_interval):
             now, snap = time.monotonic(), tally.snapshot()
             try:
                 used = used_tokens(url)
             except (OSError, ValueError, KeyError):
                 used = None
+            # the short chats that finished since the last sample: the most frequent kind,
+            # so their median shows the server's latency over time
+            short = [r[2] for r in snap["latency"][seen:] if r[0] == "short"]
             series.append(
                 {
                     "t_s": round(now - t0, 3),
                     "output_tok_s": (snap["output_tokens"] - last_tok) / max(now - last_t, 1e-9),
                     "requests": snap["requests"],
                     "errors": snap["errors"],
+                    "short_p50_s": float(np.median(short)) if short else None,
                     "kv_used_tokens": used,
                     "gpu_memory_mib": gpu_memory_mib(),
                 }
             )
-            last_t, last_tok = now, snap["output_tokens"]
+            last_t, last_tok, seen = now, snap["output_tokens"], len(snap["latency"])
             if not alive():
                 crashed.set()
                 stop.set()

@@ -427,6 +427,7 @@ def test_drive_runs_every_kind_without_errors_and_ends_on_time(fake):
     assert 3 <= len(got["series"]) <= duration / 0.5 + 8
     assert got["series"][-1]["requests"] <= got["requests"]
     assert sum(p["output_tok_s"] for p in got["series"]) > 0
+    assert any(p["short_p50_s"] for p in got["series"])  # short chats ended in some interval
     # latency: every well-formed request that succeeded, by kind; streams with their TPOT
     lat = got["latency"]
     timed = {"chat", "long", "short", "stream", "max1", "ctx_limit"}
