@@ -210,7 +210,7 @@ def plot(data: dict, out: Path) -> None:
     kv.set_ylabel("KV tokens in use", color="tab:orange")
     b.set_xlabel("minutes into the soak")
     state = "FAILED: " + data["failures"][0][:100] if data["failed"] else "passed"
-    model = Path(data["model"]).name if "/" in data["model"] else data["model"]
+    model = Path(data["model"]).name  # a model folder by its name
     if data.get("engine") == "dense":
         model = f"plain SGLang, {model}"
     fig.suptitle(

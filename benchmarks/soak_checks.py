@@ -131,7 +131,7 @@ def verdict(res: dict) -> list[str]:
         why.append(f"free KV tokens on the idle server: {before} before, {after} after")
     if not res["idle_after"]:
         why.append("the server did not become idle after the load")
-    if res.get("engine", "pariskv") == "pariskv":  # a plain SGLang control has neither
-        why += res["counter_problems"]
+    why += res["counter_problems"]  # empty for a plain SGLang control
+    if res.get("engine", "pariskv") == "pariskv":  # a control has no ParisKV memory
         why += memory_problems(res)
     return why
