@@ -32,7 +32,8 @@ from offload_equivalence import (  # noqa: E402
     run_offload_equivalence,
 )
 from passkey_runs import PASSKEY_CFG, run_passkey  # noqa: E402
-from throughput import merge_throughput_results, run_throughput  # noqa: E402
+from throughput import run_throughput  # noqa: E402
+from throughput_results import merge_throughput_results  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "e2e.json"
 

@@ -48,9 +48,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_mixed_traffic import add_server_args  # noqa: E402
 from bench_offload import RESULTS as OFFLOAD_RESULTS  # noqa: E402
-from bench_offload import SHAPE  # noqa: E402
 from engine_runs import _device_info, _read_stats  # noqa: E402
 from mixed_workload import Request, prompt_ids  # noqa: E402
+from offload_cases import SHAPE  # noqa: E402
 from openai_stream import stream_completion  # noqa: E402
 from server_process import (  # noqa: E402
     _check_plugin_installed,

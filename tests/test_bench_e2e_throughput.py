@@ -12,6 +12,7 @@ import bench_e2e  # noqa: E402
 import engine_runs  # noqa: E402
 import step_floor  # noqa: E402
 import throughput  # noqa: E402
+import throughput_results  # noqa: E402
 
 CFG = {"topk": 2048, "sink": 64, "local": 256, "dense_threshold": 8192}
 
@@ -372,7 +373,7 @@ def test_a_run_replaces_its_rows_and_keeps_the_others_of_the_same_device_and_set
                   {"device": "H200", "git_commit": "bbbbbbb"})])  # fmt: skip
     old["hbm_copy_gbs_by_input"] = {"32768": 3022.0}
     new = _table([(131072, 1, 81.9, 106.3, {}), (131072, 2, 112.6, 193.6, {})], bw=3020.0)
-    got = throughput.merge_throughput_results(old, new, "H100", "ccccccc")
+    got = throughput_results.merge_throughput_results(old, new, "H100", "ccccccc")
     rows = {(c["input_len"], c["batch"]): c for c in got["cases"]}
     assert sorted(rows) == [(32768, 1), (131072, 1), (131072, 2), (131072, 3)]
     assert rows[(131072, 1)]["pariskv_tok_s"] == 106.3  # the new measurement
@@ -396,7 +397,7 @@ def test_a_run_on_another_dense_backend_adds_its_columns_and_the_faster_dense_is
     fa3 = _table([(131072, 1, 115.0, 121.0, {}), (131072, 2, 150.0, 224.0, {}),
                   (131072, 6, 230.0, None, {})])  # fmt: skip
     fa3["dense_backend"] = "fa3"
-    got = throughput.merge_throughput_results(old, fa3, "H200", "bbbbbbb")
+    got = throughput_results.merge_throughput_results(old, fa3, "H200", "bbbbbbb")
     rows = {c["batch"]: c for c in got["cases"]}
     assert sorted(rows) == [1, 2, 5, 6] and got["dense_backend"] == "flashinfer"
     assert rows[1]["dense_tok_s"] == 111.2 and rows[1]["dense_fa3_tok_s"] == 115.0
@@ -412,7 +413,7 @@ def test_a_run_on_another_dense_backend_adds_its_columns_and_the_faster_dense_is
     }
     assert best["device"] == "H200"
     # a FlashInfer rerun of a row drops that row's older fa3 columns, keeps the others
-    again = throughput.merge_throughput_results(
+    again = throughput_results.merge_throughput_results(
         got, _table([(131072, 1, 112.0, 122.0, {})]), "H200", "ccccccc"
     )
     rows = {c["batch"]: c for c in again["cases"]}
@@ -427,6 +428,6 @@ def test_another_device_or_setup_starts_a_new_table():
         (old | {"config": {**CFG, "topk": 512}}, "H100"),
         (None, "H100"),
     ):
-        got = throughput.merge_throughput_results(o, new, device, "c")
+        got = throughput_results.merge_throughput_results(o, new, device, "c")
         assert [(c["input_len"], c["batch"]) for c in got["cases"]] == [(131072, 1)]
         assert set(got["engines"]) == {"131072"}

@@ -13,7 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_million_tokens as bench  # noqa: E402
-import bench_offload  # noqa: E402
+import offload_cases  # noqa: E402
 import step_floor  # noqa: E402
 
 from tests.test_bench_mixed_traffic import DELAYS, LONG_AT, _fake_server
@@ -33,7 +33,7 @@ def test_model_config_is_the_qwen_1m_shape_to_transformers(tmp_path):
     assert cfg.hidden_size // cfg.num_attention_heads == 128
     assert (cfg.num_attention_heads, cfg.num_key_value_heads) == (28, 4)
     assert step_floor.kv_bytes_per_token(bench.model_config_of(d)) == (
-        bench_offload.KV_BYTES_PER_TOKEN
+        offload_cases.KV_BYTES_PER_TOKEN
     )
     assert bench.model_config_of(str(tmp_path / "absent")) is None
 
@@ -44,7 +44,7 @@ def test_host_pool_holds_the_tokens_and_not_much_more(tmp_path, tokens):
     gb = bench.host_pool_gb(cfg, tokens)
 
     def holds(g: float) -> int:  # tokens a pool of g GiB holds, as pool_sizing counts them
-        return int(g * 2**30) // bench_offload.KV_BYTES_PER_TOKEN
+        return int(g * 2**30) // offload_cases.KV_BYTES_PER_TOKEN
 
     assert gb * 2 == int(gb * 2)  # half GiB steps
     assert holds(gb) >= tokens + bench.POOL_SLACK_TOKENS > holds(gb - 0.5)
