@@ -41,7 +41,7 @@ def run(
     selection: str = "pariskv",
 ):
     from pariskv_tools.hf_attention import ParisKVAttention, install, uninstall
-    from pariskv_tools.workloads import tasks
+    from pariskv_tools.workloads import task_generators, tasks
     from pariskv_tools.workloads.models import eos_ids, greedy_continue, last_logits_kwargs
     from pariskv_tools.workloads.smollm2 import load_smollm2
     from sglang_pariskv.config import ParisKVConfig
@@ -51,7 +51,7 @@ def run(
     rows = []
     for seed in range(trials):
         t0 = time.perf_counter()
-        task = tasks.passkey(tok, context, depth=(seed + 0.5) / trials, seed=seed)
+        task = task_generators.passkey(tok, context, depth=(seed + 0.5) / trials, seed=seed)
         prompt = tasks.format_chat(tok, task)
         uninstall(model)
         with torch.inference_mode():

@@ -3,7 +3,7 @@
     python benchmarks/bench_quality_suite.py --context 4000 --trials 10 --budgets 0.01 0.02 0.05
 
 A simple passkey does not separate retrieval methods: on small budgets every method finds
-one salient needle. These tasks do (``pariskv_tools.workloads.tasks``):
+one salient needle. These tasks do (``pariskv_tools.workloads.task_generators``):
 
 * ``multikey_needle``: four same-shaped "special magic number" sentences, one asked for;
 * ``multivalue_needle``: three numbers of one word among two other words' numbers, all
@@ -47,12 +47,12 @@ MAX_NEW = {"passkey": 10, "multikey_needle": 10, "multivalue_needle": 32, "varia
 METHODS = ("exact", "pariskv")
 
 
-def make_task(tasks, tok, name: str, context: int, seed: int):
+def make_task(generators, tok, name: str, context: int, seed: int):
     """The task with its generator's default parameters (4 keys; 3 values and 2 distractor
     words; 2 chains of 4); passkeys at depths spread by the seed."""
     if name == "passkey":
-        return tasks.passkey(tok, context, depth=(seed * 0.618 + 0.1) % 0.9 + 0.05, seed=seed)
-    return tasks.make_task(name, tok, context, seed=seed)
+        return generators.passkey(tok, context, depth=(seed * 0.618 + 0.1) % 0.9 + 0.05, seed=seed)
+    return generators.make_task(name, tok, context, seed=seed)
 
 
 def topk_for(fraction: float, prompt_tokens: int, sink: int, local: int) -> int:
@@ -70,7 +70,7 @@ def run(model, tok, args, calibration=None) -> list[dict]:
     """One row per (task, seed): every method's answer, its score and its identity to dense
     (``calibration``: a loaded calibration file for ParisKV, or None)."""
     from pariskv_tools.hf_attention import ParisKVAttention, install, uninstall
-    from pariskv_tools.workloads import tasks
+    from pariskv_tools.workloads import task_generators, tasks
     from pariskv_tools.workloads.models import (
         eos_ids,
         forced_agreement,
@@ -84,7 +84,7 @@ def run(model, tok, args, calibration=None) -> list[dict]:
     for name in args.tasks:
         for seed in range(args.trials):
             t0 = time.perf_counter()
-            task = make_task(tasks, tok, name, args.context, seed)
+            task = make_task(task_generators, tok, name, args.context, seed)
             prompt = tasks.format_chat(tok, task)
             steps = MAX_NEW[name]
             uninstall(model)

@@ -112,14 +112,14 @@ def run_offload_equivalence(
     ``engine_kwargs``: extra ``sglang.Engine`` arguments of every engine."""
     from transformers import AutoTokenizer
 
-    from pariskv_tools.workloads import tasks
+    from pariskv_tools.workloads import task_generators, tasks
     from pariskv_tools.workloads.smollm2 import ensure_smollm2
     from sglang_pariskv.config import ParisKVConfig
 
     model = str(ensure_smollm2())
     tok = AutoTokenizer.from_pretrained(model)
     task_list, prompts = passkey_prompts(tok, contexts, trials)
-    short = [tasks.format_chat(tok, tasks.passkey(tok, 600, 0.5, s)) for s in range(4)]
+    short = [tasks.format_chat(tok, task_generators.passkey(tok, 600, 0.5, s)) for s in range(4)]
     runs = offload_run_configs(cfg, only)
     got = {}
     for n, c in runs.items():

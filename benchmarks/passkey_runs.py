@@ -85,12 +85,12 @@ def _passkey_worker(
 def passkey_prompts(tok, contexts: list[int], trials: int) -> tuple[list, list]:
     """``trials`` passkey tasks per context, needle depths spread evenly: the
     (context, task) pairs and their chat-formatted token ids, in the same order."""
-    from pariskv_tools.workloads import tasks
+    from pariskv_tools.workloads import task_generators, tasks
 
     task_list, prompts = [], []
     for ctx in contexts:
         for seed in range(trials):
-            t = tasks.passkey(tok, ctx, depth=(seed + 0.5) / trials, seed=seed)
+            t = task_generators.passkey(tok, ctx, depth=(seed + 0.5) / trials, seed=seed)
             task_list.append((ctx, t))
             prompts.append(tasks.format_chat(tok, t))
     return task_list, prompts
@@ -99,7 +99,7 @@ def passkey_prompts(tok, contexts: list[int], trials: int) -> tuple[list, list]:
 def run_passkey(contexts: list[int], trials: int, cfg: dict) -> dict:
     from transformers import AutoTokenizer
 
-    from pariskv_tools.workloads import tasks
+    from pariskv_tools.workloads import task_generators, tasks
     from pariskv_tools.workloads.smollm2 import ensure_smollm2
 
     model = str(ensure_smollm2())
@@ -107,7 +107,7 @@ def run_passkey(contexts: list[int], trials: int, cfg: dict) -> dict:
     task_list, prompts = passkey_prompts(tok, contexts, trials)
     # Greedy-equality prompts, all below the dense threshold: ParisKV must leave them
     # bit-identical (same kernels, same plans).
-    short = [tasks.format_chat(tok, tasks.passkey(tok, 600, 0.5, s)) for s in range(4)]
+    short = [tasks.format_chat(tok, task_generators.passkey(tok, 600, 0.5, s)) for s in range(4)]
     dense = _run_isolated(_passkey_worker, model, None, prompts, short, False, False, {})
     sparse = _run_isolated(_passkey_worker, model, cfg, prompts, short, False, False, {})
     if dense["stats"] or not sparse["stats"].get("sparse_request_steps"):

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from pariskv_tools.cli import HelpFormatter, add_model_args, load_calibration_for
 from pariskv_tools.hf_attention import ParisKVAttention, install, uninstall
-from pariskv_tools.workloads import tasks
+from pariskv_tools.workloads import task_generators, tasks
 from pariskv_tools.workloads.models import last_logits_kwargs, resolve_model
 from sglang_pariskv.config import ParisKVConfig
 
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     context = min(args.context, source.max_positions - args.max_new - 64)
     calibration = load_calibration_for(args.calibration, source.config)
     model, tok = source.load()
-    task = tasks.passkey(tok, context, depth=args.depth, seed=args.seed)
+    task = task_generators.passkey(tok, context, depth=args.depth, seed=args.seed)
     prompt = tasks.format_chat(tok, task)
     print(f"prompt: {len(prompt)} tokens, passkey at depth {args.depth}: {task.answer}")
     if calibration is not None:

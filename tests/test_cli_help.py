@@ -15,7 +15,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TOOL_CLIS = ("pariskv_tools.eval.__main__", "pariskv_tools.demo", "pariskv_tools.workloads.capture")
+TOOL_CLIS = (
+    "pariskv_tools.eval.__main__",
+    "pariskv_tools.demo",
+    "pariskv_tools.workloads.capture_cli",
+)
 
 
 def _script_clis() -> list[Path]:
@@ -126,3 +130,20 @@ def test_model_check_runs_under_the_serving_package_name():
         assert mine.returncode == 0, mine.stderr[-2000:]
         assert mine.stdout.startswith("usage: python -m sglang_pariskv.eval")
         assert mine.stdout == tools.stdout.replace("pariskv_tools.eval", "sglang_pariskv.eval")
+
+
+def test_capture_command_runs_the_capture_cli(monkeypatch):
+    """``python -m pariskv_tools.workloads.capture``, the documented command, is the command
+    line of ``capture_cli``: the same help, under the same name."""
+    import subprocess
+
+    from pariskv_tools.workloads import capture_cli
+
+    monkeypatch.setenv("COLUMNS", "2000")
+    run = subprocess.run(
+        [sys.executable, "-m", "pariskv_tools.workloads.capture", "--help"],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.startswith("usage: python -m pariskv_tools.workloads.capture")
+    assert run.stdout == capture_cli.build_parser().format_help()

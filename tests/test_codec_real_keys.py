@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pariskv_tools.workloads import capture as cap_mod
-from pariskv_tools.workloads import tasks
+from pariskv_tools.workloads import task_generators, tasks
 from pariskv_tools.workloads.smollm2 import load_smollm2
 from sglang_pariskv.codec import encode_keys, estimate_inner_products, prepare_query
 
@@ -12,7 +12,7 @@ from sglang_pariskv.codec import encode_keys, estimate_inner_products, prepare_q
 @pytest.fixture(scope="module")
 def captured():
     model, tok = load_smollm2()
-    task = tasks.passkey(tok, 1500, depth=0.5, seed=3)
+    task = task_generators.passkey(tok, 1500, depth=0.5, seed=3)
     ids = torch.tensor(tasks.format_chat(tok, task))
     return cap_mod.capture(model, tok, ids, 8, progress=False)
 

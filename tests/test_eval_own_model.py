@@ -26,8 +26,7 @@ from pariskv_tools.eval.captures import (
     parse_contexts,
 )
 from pariskv_tools.eval.methods import default_methods
-from pariskv_tools.workloads import capture as capture_cli
-from pariskv_tools.workloads import models, tasks
+from pariskv_tools.workloads import capture_cli, models, task_generators, tasks
 from pariskv_tools.workloads.capture import Capture
 
 ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -181,7 +180,7 @@ def test_demo_prefill_keeps_last_logits(tiny):
     _, path = tiny
     model, tok = models.resolve_model(path).load()
     spy = ForwardSpy(model)
-    task = tasks.passkey(tok, 200, seed=0)
+    task = task_generators.passkey(tok, 200, seed=0)
     prompt = tasks.format_chat(tok, task)
     demo.greedy(model, prompt, 3, "dense")
     _assert_prefill_keeps_last_logits(spy, len(prompt))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pariskv_tools.workloads import capture as cap_mod
-from pariskv_tools.workloads import tasks
+from pariskv_tools.workloads import capture_hook, task_generators, tasks
 from pariskv_tools.workloads.smollm2 import load_smollm2
 
 N_DECODE = 8
@@ -21,7 +21,7 @@ def model_and_tokenizer():
 @pytest.fixture(scope="module")
 def prompt_ids(model_and_tokenizer):
     _, tok = model_and_tokenizer
-    task = tasks.passkey(tok, 200, depth=0.5, seed=0)
+    task = task_generators.passkey(tok, 200, depth=0.5, seed=0)
     return torch.tensor(tasks.format_chat(tok, task))
 
 
@@ -132,8 +132,8 @@ def test_capture_attention_without_recorder_is_sdpa(model_and_tokenizer, prompt_
     ids = prompt_ids[None, :64]
     with torch.no_grad():
         ref = model(input_ids=ids).logits
-        with cap_mod.capture_attention(model):
-            assert model.config._attn_implementation == cap_mod.CAPTURE_ATTN
+        with capture_hook.capture_attention(model):
+            assert model.config._attn_implementation == capture_hook.CAPTURE_ATTN
             got = model(input_ids=ids).logits
     assert torch.equal(ref, got)
 

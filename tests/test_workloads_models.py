@@ -9,8 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from pariskv_tools.eval import __main__ as eval_cli
-from pariskv_tools.workloads import capture as capture_cli
-from pariskv_tools.workloads import models, smollm2
+from pariskv_tools.workloads import capture_cli, models, smollm2
 
 
 def _refusal(excinfo: pytest.ExceptionInfo) -> str:

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pariskv_tools.workloads import tasks
+from pariskv_tools.workloads import task_generators, tasks
 from pariskv_tools.workloads.filler import FILLERS, filler_sentence
 from pariskv_tools.workloads.smollm2 import ensure_smollm2
 
@@ -33,20 +33,20 @@ def _document(task: tasks.Task) -> str:
     return doc
 
 
-@pytest.mark.parametrize("kind", sorted(tasks.TASKS))
+@pytest.mark.parametrize("kind", sorted(task_generators.TASKS))
 def test_deterministic_per_seed(tok, kind):
-    a = tasks.make_task(kind, tok, 1500, seed=7)
-    b = tasks.make_task(kind, tok, 1500, seed=7)
-    c = tasks.make_task(kind, tok, 1500, seed=8)
+    a = task_generators.make_task(kind, tok, 1500, seed=7)
+    b = task_generators.make_task(kind, tok, 1500, seed=7)
+    c = task_generators.make_task(kind, tok, 1500, seed=8)
     assert a == b
     assert a.prompt != c.prompt
 
 
 @pytest.mark.parametrize("filler", FILLERS)
 @pytest.mark.parametrize("target", TARGETS)
-@pytest.mark.parametrize("kind", sorted(tasks.TASKS))
+@pytest.mark.parametrize("kind", sorted(task_generators.TASKS))
 def test_length_within_5_percent(tok, kind, target, filler):
-    task = tasks.make_task(kind, tok, target, seed=1, filler=filler)
+    task = task_generators.make_task(kind, tok, target, seed=1, filler=filler)
     n = len(tasks.format_chat(tok, task))
     assert n == task.meta["n_tokens"]
     assert abs(n - target) <= 0.05 * target, (n, target)
@@ -60,7 +60,7 @@ def test_length_within_5_percent(tok, kind, target, filler):
     filler=st.sampled_from(FILLERS),
 )
 def test_passkey_needle_once_at_depth(tok, depth, seed, target, filler):
-    task = tasks.passkey(tok, target, depth=depth, seed=seed, filler=filler)
+    task = task_generators.passkey(tok, target, depth=depth, seed=seed, filler=filler)
     key = task.answer
     needle = task.meta["needle"]
     assert re.fullmatch(r"\d{5}", key)
@@ -80,7 +80,7 @@ def test_passkey_needle_once_at_depth(tok, depth, seed, target, filler):
 
 
 def test_passkey_answer_prefix_and_score(tok):
-    task = tasks.passkey(tok, 600, depth=0.3, seed=3)
+    task = task_generators.passkey(tok, 600, depth=0.3, seed=3)
     ids = tasks.format_chat(tok, task)
     prefix = tok.encode(task.meta["answer_prefix"], add_special_tokens=False)
     assert ids[-len(prefix) :] == prefix
@@ -92,7 +92,7 @@ def test_passkey_answer_prefix_and_score(tok):
 
 @pytest.mark.parametrize("seed", range(4))
 def test_multikey_needles_and_answer(tok, seed):
-    task = tasks.multikey_needle(tok, 2000, n_keys=5, seed=seed)
+    task = task_generators.multikey_needle(tok, 2000, n_keys=5, seed=seed)
     found = dict(re.findall(r"The special magic number for (\w+) is (\d{7})\.", task.prompt))
     assert found == task.meta["keys"]
     assert len(set(found.values())) == 5
@@ -121,7 +121,9 @@ def _resolve(prompt: str) -> dict[str, str]:
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize(("n_chains", "chain_len"), [(1, 3), (2, 4), (3, 5)])
 def test_variable_tracking_answer_resolves(tok, seed, n_chains, chain_len):
-    task = tasks.variable_tracking(tok, 2000, n_chains=n_chains, chain_len=chain_len, seed=seed)
+    task = task_generators.variable_tracking(
+        tok, 2000, n_chains=n_chains, chain_len=chain_len, seed=seed
+    )
     env = _resolve(task.prompt)
     assert len(env) == n_chains * chain_len
     value = re.search(r"assigned the value (\d+) in the text above", task.prompt).group(1)
@@ -152,7 +154,7 @@ def test_plain_tokenizer_fallback():
         def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
             return [ord(c) for c in text]
 
-    task = tasks.passkey(Chars(), 3000, depth=0.5, seed=0)
+    task = task_generators.passkey(Chars(), 3000, depth=0.5, seed=0)
     ids = tasks.format_chat(Chars(), task)
     assert "".join(map(chr, ids)).endswith("\n\nThe pass key is")
     assert abs(len(ids) - 3000) <= 150
@@ -160,18 +162,18 @@ def test_plain_tokenizer_fallback():
 
 def test_bad_arguments_are_explained(tok):
     with pytest.raises(ValueError, match="no room for filler"):
-        tasks.passkey(tok, 50, seed=0)
+        task_generators.passkey(tok, 50, seed=0)
     with pytest.raises(ValueError, match="depth"):
-        tasks.passkey(tok, 1000, depth=1.5, seed=0)
+        task_generators.passkey(tok, 1000, depth=1.5, seed=0)
     with pytest.raises(ValueError, match="unknown filler"):
-        tasks.passkey(tok, 1000, filler="lorem")
+        task_generators.passkey(tok, 1000, filler="lorem")
     with pytest.raises(ValueError, match="unknown task"):
-        tasks.make_task("nope", tok, 1000)
+        task_generators.make_task("nope", tok, 1000)
 
 
 @pytest.mark.parametrize("seed", range(4))
 def test_multivalue_needle_asks_for_every_value_of_one_word(tok, seed):
-    task = tasks.multivalue_needle(tok, 2000, n_values=3, n_distractors=2, seed=seed)
+    task = task_generators.multivalue_needle(tok, 2000, n_values=3, n_distractors=2, seed=seed)
     pairs = re.findall(r"One of the special magic numbers for (\w+) is (\d{7})\.", task.prompt)
     assert len(pairs) == 5 and len({n for _, n in pairs}) == 5
     query = re.search(r"What are all the special magic numbers for (\w+)\?", task.prompt)[1]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from pariskv_tools.workloads import tasks
+from pariskv_tools.workloads import task_generators
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -42,8 +42,8 @@ def _tokenizer_json() -> str:
 
     counter = _WordCounter()
     corpus = [
-        tasks.make_task(name, counter, 1500, seed=seed).prompt
-        for name in tasks.TASKS
+        task_generators.make_task(name, counter, 1500, seed=seed).prompt
+        for name in task_generators.TASKS
         for seed in range(3)
     ]
     tok = Tokenizer(models.BPE())

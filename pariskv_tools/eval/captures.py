@@ -71,7 +71,7 @@ def parse_contexts(text: str) -> tuple[ContextSpec, ...]:
     """``--contexts``: comma list of ``LEN[:TASK]``, LEN in tokens with an optional ``k``
     (x1024). Without a task, a default context's label (2k, 4k, 8k) keeps its task and any
     other length takes the default tasks in turn by its place in the list."""
-    from pariskv_tools.workloads import tasks
+    from pariskv_tools.workloads import task_generators
 
     by_label = {c.label: c.task for c in DEFAULT_CONTEXTS}
     cycle = [c.task for c in DEFAULT_CONTEXTS]
@@ -83,7 +83,7 @@ def parse_contexts(text: str) -> tuple[ContextSpec, ...]:
             raise SystemExit(f"--contexts: {length!r} is not a length such as 2k or 300")
         tokens = int(m.group(1)) * (1024 if m.group(2) else 1)
         task = task or by_label.get(length.lower(), cycle[i % len(cycle)])
-        _task_name(tasks, task, flag="--contexts")
+        _task_name(task_generators, task, flag="--contexts")
         out.append(ContextSpec(item.lower(), task, tokens))
     if not out:
         raise SystemExit("--contexts: give at least one length")
@@ -138,7 +138,7 @@ def load_or_capture(
 
     ``device``: where the model runs while capturing (float32 on the CPU, bfloat16 on a
     GPU, as served); the capture itself is kept on the CPU in float32."""
-    from pariskv_tools.workloads import tasks
+    from pariskv_tools.workloads import task_generators, tasks
     from pariskv_tools.workloads.capture import Capture, capture
 
     path = capture_path(spec, n_decode, seed, cache_dir, model)
@@ -147,9 +147,9 @@ def load_or_capture(
     print(f"[eval] capturing {spec.label} ({spec.task}) -> {path}", file=sys.stderr, flush=True)
     dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
     lm, tokenizer = model.load(device, dtype)
-    name = _task_name(tasks, spec.task)
+    name = _task_name(task_generators, spec.task)
     target = spec.prompt_tokens(n_decode, model.max_positions)
-    task = tasks.make_task(name, tokenizer, target, seed=seed)
+    task = task_generators.make_task(name, tokenizer, target, seed=seed)
     prompt = torch.tensor(tasks.format_chat(tokenizer, task))
     cap = capture(lm, tokenizer, prompt, n_decode, progress=progress)
     meta = {

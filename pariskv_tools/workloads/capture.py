@@ -11,12 +11,10 @@ per layer:
 * the attention output per head (before ``o_proj``) for those same queries, so a retrieval
   scheme can be scored against the exact output the model computed.
 
-How: transformers 5.x dispatches attention through ``AttentionInterface``. We register a
-function under :data:`CAPTURE_ATTN` that copies ``query``/``key``/``value`` (shaped
-``[batch, heads, seq, head_dim]``, post-RoPE, keys/values already concatenated with the cache)
-and then calls the stock ``sdpa`` implementation, and register the ``sdpa`` mask builder under
-the same name so it receives exactly the mask ``sdpa`` would. Generation is therefore
-bit-identical to plain ``sdpa``.
+Here are the :class:`Capture` a run produces, with its file format, and the :func:`capture`
+driver, which runs the prefill and the decode loop. The recording itself is an attention hook
+registered with transformers (:mod:`.capture_hook`), so generation is bit-identical to plain
+``sdpa``; the command line is :mod:`.capture_cli`.
 
 Step convention, for a prompt of P tokens and ``n_decode`` generated tokens: the prefill
 query at position P-1 produces generated token 0; every generated token is then fed back
@@ -30,20 +28,13 @@ The prefill and every decode step ask the model for the last position's logits o
 on a large-vocabulary model would take gigabytes for one row of use.
 
 CLI: ``python -m pariskv_tools.workloads.capture --out FILE [--model PATH] [options]``
-(``--help`` lists them with their defaults). ``--model`` is a Hugging Face directory or a
-``.gguf`` file of a Llama, Qwen2 or Mistral-family model (see :mod:`.models`), else
-SmolLM2, whose cache root and GGUF come from ``--cache-root`` / ``--smollm2-gguf``, else
-from ``$SGLANG_PARISKV_CACHE`` / ``$SGLANG_PARISKV_SMOLLM2_GGUF``.
+(run by :func:`.capture_cli.main`; ``--help`` lists the options with their defaults).
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import sys
 import time
-from collections.abc import Iterator
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,12 +42,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from .capture_hook import Recorder, capture_attention, recording
 from .models import head_dim, last_logits_kwargs
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-CAPTURE_ATTN = "pariskv_capture"
 FORMAT_VERSION = 1
 
 
@@ -127,51 +118,6 @@ class Capture:
         )
 
 
-class _Recorder:
-    """Preallocated per-layer buffers filled by :func:`_capture_attention`.
-
-    The decode loop tells it which cache rows are new (``kv_start:kv_end``) and which query
-    row to keep (``q_row``) before each forward, so nothing depends on the cache class.
-    """
-
-    def __init__(
-        self,
-        n_layers: int,
-        n_kv: int,
-        n_q: int,
-        head_dim: int,
-        n_tokens: int,
-        n_steps: int,
-        dtype: torch.dtype,
-    ) -> None:
-        def buf(rows: int, heads: int) -> list[Tensor]:
-            return [torch.zeros(rows, heads, head_dim, dtype=dtype) for _ in range(n_layers)]
-
-        self.keys = buf(n_tokens, n_kv)
-        self.values = buf(n_tokens, n_kv)
-        self.queries = buf(n_steps, n_q)
-        self.outputs = buf(n_steps, n_q)
-        self.kv_start = 0
-        self.kv_end = 0
-        self.q_row = 0
-        self.seen = [0] * n_layers
-
-    def record(self, layer: int, query: Tensor, key: Tensor, value: Tensor, out: Tensor) -> None:
-        if query.shape[0] != 1:
-            raise ValueError(f"capture supports batch size 1, got {query.shape[0]}")
-        if key.shape[2] < self.kv_end:
-            raise RuntimeError(
-                f"layer {layer}: attention got {key.shape[2]} keys but the cache should hold "
-                f"{self.kv_end}; the model's cache is not the one capture() created."
-            )
-        s, e = self.kv_start, self.kv_end
-        self.keys[layer][s:e] = key[0, :, s:e].transpose(0, 1)
-        self.values[layer][s:e] = value[0, :, s:e].transpose(0, 1)
-        self.queries[layer][self.q_row] = query[0, :, -1]
-        self.outputs[layer][self.q_row] = out[0, -1]  # sdpa returns [batch, seq, heads, D]
-        self.seen[layer] += 1
-
-
 def _preallocated_cache(n_layers: int, capacity: int) -> Any:
     """A cache that behaves like ``DynamicCache`` but never reallocates.
 
@@ -207,50 +153,6 @@ def _preallocated_cache(n_layers: int, capacity: int) -> Any:
             return self.keys, self.values
 
     return Cache(layers=[PreallocatedLayer() for _ in range(n_layers)])
-
-
-_ACTIVE: ContextVar[_Recorder | None] = ContextVar("pariskv_capture_recorder", default=None)
-
-
-def _capture_attention(
-    module: torch.nn.Module,
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    attention_mask: Tensor | None,
-    **kwargs: Any,
-) -> tuple[Tensor, Tensor | None]:
-    """AttentionInterface entry: run sdpa, then copy q/k/v/output if a recorder is active."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    out, weights = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    recorder = _ACTIVE.get()
-    if recorder is not None:
-        recorder.record(module.layer_idx, query, key, value, out)
-    return out, weights
-
-
-def register_capture_attention() -> str:
-    """Register :data:`CAPTURE_ATTN` with transformers (idempotent) and return the name."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(CAPTURE_ATTN, _capture_attention)
-    # Without a mask function under the same name, transformers passes mask=None to custom
-    # attention, which is wrong for any padded or static cache.
-    AttentionMaskInterface.register(CAPTURE_ATTN, sdpa_mask)
-    return CAPTURE_ATTN
-
-
-@contextlib.contextmanager
-def capture_attention(model: PreTrainedModel) -> Iterator[None]:
-    """Temporarily switch ``model`` to the capture attention; restores the previous one."""
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(register_capture_attention())
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(previous)
 
 
 def _eos_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
@@ -302,7 +204,7 @@ def capture(
             f"model's max_position_embeddings ({limit}); shorten the prompt or n_decode."
         )
     n_steps = n_decode + 1
-    rec = _Recorder(
+    rec = Recorder(
         cfg.num_hidden_layers,
         cfg.num_key_value_heads,
         cfg.num_attention_heads,
@@ -318,34 +220,30 @@ def capture(
     token_ids[:prompt_len] = ids
 
     t0 = time.monotonic()
-    token = _ACTIVE.set(rec)
-    try:
-        with capture_attention(model):
-            rec.kv_start, rec.kv_end, rec.q_row = 0, prompt_len, 0
+    with recording(rec), capture_attention(model):
+        rec.kv_start, rec.kv_end, rec.q_row = 0, prompt_len, 0
+        out = model(
+            input_ids=ids[None].to(device),
+            past_key_values=cache,
+            use_cache=True,
+            **last_only,
+        )
+        prefill_s = time.monotonic() - t0
+        bar = _progress(n_decode, progress)
+        for step in range(n_decode):
+            pos = prompt_len + step
+            nxt = int(out.logits[0, -1].argmax())
+            token_ids[pos] = nxt
+            rec.kv_start, rec.kv_end, rec.q_row = pos, pos + 1, step + 1
             out = model(
-                input_ids=ids[None].to(device),
+                input_ids=torch.tensor([[nxt]], device=device),
+                position_ids=torch.tensor([[pos]], device=device),
                 past_key_values=cache,
                 use_cache=True,
                 **last_only,
             )
-            prefill_s = time.monotonic() - t0
-            bar = _progress(n_decode, progress)
-            for step in range(n_decode):
-                pos = prompt_len + step
-                nxt = int(out.logits[0, -1].argmax())
-                token_ids[pos] = nxt
-                rec.kv_start, rec.kv_end, rec.q_row = pos, pos + 1, step + 1
-                out = model(
-                    input_ids=torch.tensor([[nxt]], device=device),
-                    position_ids=torch.tensor([[pos]], device=device),
-                    past_key_values=cache,
-                    use_cache=True,
-                    **last_only,
-                )
-                bar.update(1)
-            bar.close()
-    finally:
-        _ACTIVE.reset(token)
+            bar.update(1)
+        bar.close()
 
     if any(n != n_steps for n in rec.seen):
         raise RuntimeError(
@@ -387,79 +285,7 @@ def _progress(total: int, enabled: bool) -> Any:
     return tqdm(total=total, desc="decode", unit="tok", file=sys.stderr)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from pariskv_tools.cli import HelpFormatter, add_model_args
-
-    from . import filler, tasks
-
-    p = argparse.ArgumentParser(
-        prog="python -m pariskv_tools.workloads.capture",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=HelpFormatter,
-    )
-    p.add_argument("--task", choices=sorted(tasks.TASKS), default="passkey", help="task generator")
-    p.add_argument(
-        "--context",
-        type=int,
-        default=8192,
-        help="total prompt tokens, clipped to the model's max_position_embeddings - --n-decode",
-    )
-    p.add_argument("--n-decode", type=int, default=1024, help="greedy decode steps recorded")
-    p.add_argument("--seed", type=int, default=0, help="seed of the task")
-    p.add_argument("--filler", choices=filler.FILLERS, default="simple", help="haystack text")
-    p.add_argument("--fp16", action="store_true", help="store tensors as float16")
-    p.add_argument("--out", type=Path, required=True, help="capture file to write")
-    add_model_args(p)
-    return p
-
-
-def main(argv: list[str] | None = None) -> None:
-    """CLI: build a seeded task prompt, capture it on the model and save the trace."""
-    from . import tasks
-    from .models import resolve_model
-
-    args = build_parser().parse_args(argv)
-    source = resolve_model(args.model, args.cache_root, args.smollm2_gguf)
-    limit = source.max_positions
-    if args.n_decode < 1 or args.n_decode >= limit:
-        raise SystemExit(f"--n-decode must be in [1, {limit - 1}] for this model")
-    model, tokenizer = source.load()
-    if args.context + args.n_decode > limit:
-        args.context = limit - args.n_decode
-        print(
-            f"context clipped to {args.context} to leave room for {args.n_decode} decode tokens "
-            f"within {limit} positions",
-            file=sys.stderr,
-        )
-    task = tasks.make_task(args.task, tokenizer, args.context, seed=args.seed, filler=args.filler)
-    prompt_ids = torch.tensor(tasks.format_chat(tokenizer, task))
-    print(
-        f"{args.task}: {prompt_ids.numel()} prompt tokens, answer {task.answer!r}", file=sys.stderr
-    )
-    cap = capture(
-        model,
-        tokenizer,
-        prompt_ids,
-        args.n_decode,
-        store_dtype=torch.float16 if args.fp16 else torch.float32,
-    )
-    cap.meta.update(
-        model=source.describe(),
-        task=args.task,
-        seed=args.seed,
-        answer=task.answer,
-        task_meta=task.meta,
-        correct=tasks.score(task, cap.text),
-    )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    cap.save(args.out)
-    print(
-        f"saved {args.out}: prefill {cap.meta['prefill_s']:.1f}s, "
-        f"total {cap.meta['total_s']:.1f}s, "
-        f"answer {cap.text[:80]!r} correct={cap.meta['correct']}",
-        file=sys.stderr,
-    )
-
-
 if __name__ == "__main__":
+    from pariskv_tools.workloads.capture_cli import main
+
     main()

@@ -4,7 +4,7 @@ Why: the user-workflow examples (``examples/``) and ``benchmarks/bench_workflows
 long document whose facts, their depths and the right answers are known exactly, built in
 code (our machines reach no dataset hub), at any size from a few thousand to ~100K tokens.
 Each fact is a sentence "The access code of vault <name> is <number>." planted at a chosen
-relative depth among the digit-free filler of :mod:`.tasks`, so the only numbers in the
+relative depth among the digit-free filler of :mod:`.filler`, so the only numbers in the
 document are the codes and an answer is scored by its first number.
 
 Sizing: ``doc_tokens`` is the length of the document text alone (the instruction, question
@@ -55,7 +55,7 @@ VAULT_NAMES = (
 )
 
 #: Said before the document and again before the question (the recipe that lets
-#: SmolLM2-135M answer across thousands of tokens, see ``tasks._INSTRUCTION_PASSKEY``).
+#: SmolLM2-135M answer across thousands of tokens, see ``task_generators._INSTRUCTION_PASSKEY``).
 INSTRUCTION = (
     "A long document follows. A few of its sentences give the access codes of vaults. "
     "Memorize them. I will ask you about them."
