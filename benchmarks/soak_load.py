@@ -133,6 +133,13 @@ class Tally:
             elif len(self.malformed_failures) < MAX_ERROR_SAMPLES:
                 self.malformed_failures.append(f"{variant}: {status}")
 
+    def progress(self, seen: int) -> tuple[int, int, int, list]:
+        """What the sampler reads each interval: output tokens, requests and errors so far,
+        and the latency records after the first ``seen``. Not a :meth:`snapshot`, which
+        copies every record kept so far while the clients wait on the lock."""
+        with self.lock:
+            return self.output_tokens, self.requests, self.errors, self.latency[seen:]
+
     def snapshot(self) -> dict:
         with self.lock:
             return {
@@ -259,26 +266,27 @@ def drive(
     def sampler() -> None:
         last_t, last_tok, seen = t0, 0, 0
         while not done.wait(sample_interval):
-            now, snap = time.monotonic(), tally.snapshot()
+            now = time.monotonic()
+            tokens, requests, errors, new = tally.progress(seen)
             try:
                 used = used_tokens(url)
             except (OSError, ValueError, KeyError):
                 used = None
             # the short chats that finished since the last sample: the most frequent kind,
             # so their median shows the server's latency over time
-            short = [r[2] for r in snap["latency"][seen:] if r[0] == "short"]
+            short = [r[2] for r in new if r[0] == "short"]
             series.append(
                 {
                     "t_s": round(now - t0, 3),
-                    "output_tok_s": (snap["output_tokens"] - last_tok) / max(now - last_t, 1e-9),
-                    "requests": snap["requests"],
-                    "errors": snap["errors"],
+                    "output_tok_s": (tokens - last_tok) / max(now - last_t, 1e-9),
+                    "requests": requests,
+                    "errors": errors,
                     "short_p50_s": float(np.median(short)) if short else None,
                     "kv_used_tokens": used,
                     "gpu_memory_mib": gpu_memory_mib(),
                 }
             )
-            last_t, last_tok, seen = now, snap["output_tokens"], len(snap["latency"])
+            last_t, last_tok, seen = now, tokens, seen + len(new)
             if not alive():
                 crashed.set()
                 stop.set()
