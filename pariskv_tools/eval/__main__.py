@@ -1,4 +1,4 @@
-"""CLI: ``python -m pariskv_tools.eval retrieval|calibrate|stress [options]`` (``--help``
+"""CLI: ``python -m pariskv_tools.eval retrieval|calibrate|stress|reuse [options]`` (``--help``
 lists them with their defaults).
 
 The model is ``--model PATH`` (a Hugging Face directory or a ``.gguf`` file of a Llama,
@@ -158,6 +158,9 @@ def build_parser(prog: str = "python -m pariskv_tools.eval") -> argparse.Argumen
     from pariskv_tools.eval.stress import add_stress_parser
 
     add_stress_parser(sub)
+    from pariskv_tools.eval.reuse import add_reuse_parser
+
+    add_reuse_parser(sub)
     return p
 
 
@@ -256,6 +259,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m pariskv_tools.eva
         from pariskv_tools.eval.stress import run_stress_cli
 
         return run_stress_cli(args, argv)
+    if args.cmd == "reuse":
+        from pariskv_tools.eval.reuse import run_reuse_cli
+
+        return run_reuse_cli(args, argv)
 
     torch.manual_seed(args.seed)
     contexts = parse_contexts(args.contexts) if args.contexts else None

@@ -1,0 +1,101 @@
+"""Retrieval every N-th step (``eval.reuse``) against a per-step float64 oracle built on
+``codec.retrieve``, and against the main evaluation at N = 1."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pariskv_tools.eval.__main__ import build_parser, main
+from pariskv_tools.eval.budget import Budget
+from pariskv_tools.eval.layer_eval import evaluate_layer
+from pariskv_tools.eval.methods import ParisKV
+from pariskv_tools.eval.reuse import interval_quality, last_retrieval
+from pariskv_tools.eval.trace import LayerTrace
+from sglang_pariskv.codec.encode import encode_keys
+from sglang_pariskv.codec.pipeline import retrieve
+from sglang_pariskv.config import ParisKVConfig
+
+HKV, G, D, N, S = 3, 3, 32, 700, 13
+BUDGET = Budget(fraction=0.2, sink=8, local=32)
+
+
+def trace(seed: int = 0) -> LayerTrace:
+    """Keys with a shared direction and queries that drift slowly, so consecutive steps'
+    selections overlap (as real decode queries do) without being equal."""
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randn(N, HKV, D, generator=g) + torch.randn(HKV, D, generator=g)
+    base = torch.randn(HKV * G, D, generator=g)
+    drift = torch.randn(S, HKV * G, D, generator=g).cumsum(0) * 0.3
+    values = torch.randn(N, HKV, D, generator=g)
+    return LayerTrace(keys, values, base + drift, torch.arange(N - S + 1, N + 1), N - S)
+
+
+def oracle(t: LayerTrace, interval: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(recall@100, mass) [S, H] step by step: the attended set of step s is what
+    ``codec.retrieve`` returned at its last retrieval step r (sink, r's window, r's top-k)
+    plus the positions written since r; dense weights in float64."""
+    codes = encode_keys(t.keys)
+    recall = torch.zeros(S, HKV, dtype=torch.float64)
+    mass = torch.zeros(S, HKV, dtype=torch.float64)
+    for s in range(S):
+        r = (s // interval) * interval
+        seq_r, seq_s = int(t.seq_lens[r]), int(t.seq_lens[s])
+        picks = {}
+        for name, k in (("budget", int(BUDGET.retrieved(t.seq_lens[r : r + 1]))), ("100", 100)):
+            cfg = ParisKVConfig(topk=k, sink=BUDGET.sink, local=BUDGET.local, dense_threshold=0)
+            full = type(codes)(*(x[None] for x in codes))
+            ret = retrieve(t.queries[r : r + 1], full, t.seq_lens[r : r + 1], cfg)
+            picks[name] = [set(ret.positions[0, h][ret.valid[0, h]].tolist()) for h in range(HKV)]
+        new = set(range(seq_r, seq_s))
+        q = t.queries[s].double().reshape(HKV, G, D)
+        for h in range(HKV):
+            k = t.keys[:seq_s, h].double()
+            probs = torch.softmax(q[h] @ k.T * D**-0.5, -1).mean(0)
+            attended = torch.tensor(sorted(picks["budget"][h] | new))
+            mass[s, h] = probs[attended].sum()
+            zone = torch.arange(BUDGET.sink, seq_s - BUDGET.local)
+            exact = k[zone] @ q[h].mean(0)
+            truth = set(zone[exact.argsort(descending=True)[:100]].tolist())
+            window_r = set(range(seq_r - BUDGET.local, seq_r))
+            # picks["100"] holds r's sink and window too; only zone keys count
+            recall[s, h] = len(truth & (picks["100"][h] | window_r | new)) / 100
+    return recall, mass
+
+
+@pytest.mark.parametrize("interval", [1, 3, 5])
+def test_interval_quality_matches_the_per_step_oracle(interval):
+    t = trace(interval)
+    got = interval_quality(t, BUDGET, [interval], chunk=4)[interval]
+    recall, mass = oracle(t, interval)
+    torch.testing.assert_close(got["mass_recall"].double(), mass, atol=2e-5, rtol=0)
+    # float32 and float64 exact scores may order the 100th and 101st key differently
+    diff = (got["recall_at_100"].double() - recall).abs()
+    assert diff.max() <= 0.01 + 1e-9 and diff.mean() < 2e-3
+
+
+def test_every_step_is_the_main_evaluation():
+    """N = 1 gives exactly the retrieval evaluation's ParisKV recall@100 and mass."""
+    t = trace(7)
+    got = interval_quality(t, BUDGET, [1, 4])
+    main_eval = evaluate_layer(t, [ParisKV(outputs=("full",))], BUDGET).metrics["pariskv"]
+    for m in ("recall_at_100", "mass_recall"):
+        torch.testing.assert_close(got[1][m], main_eval[m])
+        # a step that retrieves scores as if every step did
+        torch.testing.assert_close(got[4][m][::4], main_eval[m][::4])
+    assert not torch.equal(got[4]["recall_at_100"], got[1]["recall_at_100"])
+
+
+def test_last_retrieval_step():
+    assert last_retrieval(torch.arange(7), 3).tolist() == [0, 0, 0, 3, 3, 3, 6]
+
+
+@pytest.mark.parametrize("bad", ["0,2", "x", ""])
+def test_bad_intervals_are_refused(bad, tmp_path):
+    with pytest.raises(SystemExit, match="--intervals"):
+        main(["reuse", "--intervals", bad, "--out", str(tmp_path / "r.json")])
+
+
+def test_reuse_command_is_listed():
+    args = build_parser().parse_args(["reuse"])
+    assert args.intervals == "1,2,4,8,16" and args.fraction == 0.10
