@@ -50,8 +50,9 @@ RESULTS = Path(__file__).resolve().parent / "results" / "mixed_traffic.json"
 DEFINITIONS = {
     "ttft_definition": "per request, on the client: from sending the streamed /v1/completions "
     "request to the first chunk carrying an output token",
-    "tpot_definition": "per request, on the client: (time of the last output token - time "
-    "of the first) / (output tokens - 1)",
+    "tpot_definition": "per request, on the client: (time of the last output chunk - time "
+    "of the first) / (output tokens - those of the first chunk, by the server's running "
+    "count: more than one where it coalesced a lagging client's outputs)",
     "output_tok_s_definition": "output tokens of the class's finished requests / the rate's "
     "wall time (first request sent to last request finished)",
     "percentiles": "linear interpolation between order statistics (numpy's default)",

@@ -54,9 +54,10 @@ DEFINITIONS = {
         "request to the first SSE chunk with a choice (SGLang sends it when the first token "
         "exists); median over all users and turns.",
     },
-    "tok_s_definition": "per request (frontend: per branch): (completion_tokens - 1) / "
-    "(last chunk time - first chunk time), i.e. the decode rate a user sees; "
-    "median over requests. Frontend branch answers are short (fork_max_tokens).",
+    "tok_s_definition": "per request (frontend: per branch): (completion_tokens - the "
+    "tokens of the first chunk, by the server's count) / (last chunk time - first chunk "
+    "time), i.e. the decode rate a user sees; median over requests. Frontend branch "
+    "answers are short (fork_max_tokens).",
     "counter_definitions": {
         "prefix_tokens_encoded": "delta of sglang:pariskv_tokens_encoded_total over the "
         "workflow: keys encoded into ParisKV codes (prefill/extend tokens and one per decode "

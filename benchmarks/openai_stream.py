@@ -61,11 +61,14 @@ def stream_completion(
 
     Returns ``tokens`` (output tokens, from the usage chunk), ``prompt_tokens``,
     ``start_s`` (sent), ``first_s`` / ``last_s`` (first and last output token), in seconds
-    from ``t0`` (a ``time.perf_counter()`` value; default: the send), and ``error``: None,
-    or why the request failed (an HTTP error, an error chunk, a stream without its usage
-    chunk or ``[DONE]``, another prompt or output length than asked, or no end within
-    ``timeout`` seconds). ``token_times``, when given, receives ``(seconds from t0, output
-    tokens so far)`` for every chunk that brought text, counted as words: exact under
+    from ``t0`` (a ``time.perf_counter()`` value; default: the send), ``first_tokens`` (the
+    output tokens the first chunk brought: more than one when the server coalesced the
+    outputs of a client that fell behind), and ``error``: None, or why the request failed
+    (an HTTP error, an error chunk, a stream without its usage chunk or ``[DONE]``, another
+    prompt or output length than asked, or no end within ``timeout`` seconds).
+    ``token_times``, when given, receives ``(seconds from t0, output tokens so far)`` for
+    every chunk that brought text. Tokens so far: the server's running count
+    (``continuous_usage_stats``), else the words streamed so far, exact under
     :func:`write_word_tokenizer`'s tokenizer (special tokens aside, which stream no text).
     """
     _check_local(url)
@@ -76,10 +79,10 @@ def stream_completion(
         "temperature": 0.0,
         "ignore_eos": True,
         "stream": True,
-        "stream_options": {"include_usage": True},
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
     }
     rec = {"tokens": 0, "prompt_tokens": None, "start_s": None, "first_s": None,
-           "last_s": None, "error": None}  # fmt: skip
+           "first_tokens": 0, "last_s": None, "error": None}  # fmt: skip
     http = urllib.request.Request(
         url + "/v1/completions",
         data=json.dumps(body).encode(),
@@ -93,9 +96,12 @@ def stream_completion(
                 usage = chunk.get("usage") or usage
                 words = len("".join(c.get("text") or "" for c in chunk["choices"]).split())
                 if words:
-                    seen += words
+                    # the server's running count where it sends one (continuous usage),
+                    # else the words so far
+                    counted = (chunk.get("usage") or {}).get("completion_tokens")
+                    seen = counted if counted else seen + words
                     if rec["first_s"] is None:
-                        rec["first_s"] = now
+                        rec["first_s"], rec["first_tokens"] = now, seen
                     rec["last_s"] = now
                     if token_times is not None:
                         token_times.append((now, seen))

@@ -41,6 +41,7 @@ from soak_scenarios import (
     malformed_body,
     scenarios,
 )
+from traffic_stats import tpot_s
 
 MALFORMED_TIMEOUT_S = 60.0
 MAX_ERROR_SAMPLES = 50
@@ -185,7 +186,7 @@ def run_scenario(url: str, sc: Scenario, w: Workload, timeout: float, tally: Tal
     if sc.kind in ("long", "stream"):
         rec = stream_completion(url, ids, sc.output_len, timeout)  # the OpenAI API
         seconds, n = time.monotonic() - t, rec["tokens"]
-        tpot = (rec["last_s"] - rec["first_s"]) / (n - 1) if n > 1 and rec["last_s"] else None
+        tpot = tpot_s(rec)
         tally.request(sc.kind, rec["error"], n, sc.input_len, thr, seconds, tpot)
         return
     try:

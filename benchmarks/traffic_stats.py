@@ -27,9 +27,11 @@ def percentile(xs: list[float], q: float) -> float | None:
 
 
 def tpot_s(rec: dict) -> float | None:
-    """(last token time - first token time) / (tokens - 1); None below two tokens."""
-    n = rec["tokens"]
-    return (rec["last_s"] - rec["first_s"]) / (n - 1) if n > 1 else None
+    """(last token time - first token time) / the tokens that came after the first chunk
+    (``first_tokens``: one, or more when the server coalesced a lagging client's outputs
+    into it); None when no token came after it."""
+    n = rec["tokens"] - max(rec.get("first_tokens", 1), 1)
+    return (rec["last_s"] - rec["first_s"]) / n if n > 0 else None
 
 
 def class_stats(records: list[dict], cls: str, wall_s: float) -> dict:

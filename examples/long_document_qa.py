@@ -75,12 +75,16 @@ class TimedEndpoint(sgl.RuntimeEndpoint):
     def generate(self, s, sampling_params):
         start = time.perf_counter()
         first = last = None
+        first_tokens = 1
         text, meta = "", {}
-        # /generate streams one chunk per decoded token (text or not): the first chunk is
-        # the first token, the last chunk the last one.
+        # /generate streams a chunk per decoded token, or the newest state of several when
+        # this client falls behind: the first chunk holds the first token and
+        # meta_info.completion_tokens says how many more came with it.
         for chunk, chunk_meta in self.generate_stream(s, sampling_params):
             last = time.perf_counter()
-            first = first or last
+            if first is None:
+                first = last
+                first_tokens = (chunk_meta or {}).get("completion_tokens") or 1
             text += chunk
             meta = chunk_meta
         end = time.perf_counter()
@@ -89,6 +93,7 @@ class TimedEndpoint(sgl.RuntimeEndpoint):
                 {
                     "start": start,
                     "first": first if first is not None else end,
+                    "first_tokens": first_tokens,
                     "last": last if last is not None else end,
                     "end": end,
                     "prompt_tail": s.text_[-400:],
@@ -110,8 +115,8 @@ def run_fork_qa(
 
     ``ttft_ms``: program start to the first streamed token of the first branch (includes
     the document's prefill). ``fork_ttft_ms``: per branch, its request to its first token,
-    the document already cached. ``decode_tok_s``: per branch, (completion tokens - 1) /
-    (last chunk time - first chunk time).
+    the document already cached. ``decode_tok_s``: per branch, the tokens after its first
+    chunk over the time from the first chunk to the last (``stream_stats.decode_rate``).
     """
     backend = TimedEndpoint(endpoint, chat_template_name=chat_template)
     t0 = time.perf_counter()
@@ -142,7 +147,7 @@ def run_fork_qa(
                 "answer": a,
                 "grade": documents.grade(a, q.answer),
                 "fork_ttft_ms": 1000 * (g["first"] - g["start"]) if g else None,
-                "decode_tok_s": decode_rate(n_out, span),
+                "decode_tok_s": decode_rate(n_out, span, g["first_tokens"] if g else 1),
                 "completion_tokens": n_out,
                 "prompt_tokens": meta.get("prompt_tokens"),
                 "cached_tokens": meta.get("cached_tokens"),

@@ -51,12 +51,15 @@ def stream_chat(
         "max_tokens": max_tokens,
         "temperature": 0,
         "stream": True,
-        "stream_options": {"include_usage": True},
+        # continuous usage: every chunk says how many tokens the request has produced, so
+        # a first chunk that holds several (a client that fell behind) is counted right
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
     }
     if ignore_eos:  # SGLang extension: decode exactly max_tokens (timing runs)
         body["ignore_eos"] = True
     start = time.perf_counter()
     first = last = None
+    first_tokens = 1
     parts: list[str] = []
     usage: dict = {}
     with _post_stream(endpoint.rstrip("/") + "/v1/chat/completions", body, timeout) as resp:
@@ -75,7 +78,9 @@ def stream_chat(
             for choice in obj.get("choices") or []:
                 # content chunks and the finish chunk mark token times (the last may be
                 # an end-of-turn token with no text)
-                first = first or now
+                if first is None:
+                    first = now
+                    first_tokens = (obj.get("usage") or {}).get("completion_tokens") or 1
                 last = now
                 content = (choice.get("delta") or {}).get("content")
                 if content:
@@ -88,7 +93,7 @@ def stream_chat(
         "text": "".join(parts),
         "ttft_ms": 1000 * (first - start) if first is not None else None,
         "e2e_ms": 1000 * (end - start),
-        "decode_tok_s": decode_rate(n_out, span),
+        "decode_tok_s": decode_rate(n_out, span, first_tokens),
         "completion_tokens": n_out,
         "prompt_tokens": usage.get("prompt_tokens"),
         "cached_tokens": details.get("cached_tokens"),  # needs --enable-cache-report

@@ -11,16 +11,20 @@ from http.server import BaseHTTPRequestHandler
 from tests.loopback_server import LoopbackServer
 
 #: How the fake answers a request: ((time to first token, time per later token) in
-#: seconds, and a failure or None). Failures: "error_chunk", "http_500", "short" (one
-#: token too few), "no_usage", "prompt" (one prompt token more in the usage), "hang" (no
-#: token for 2 s).
+#: seconds, and a failure, a variation or None). Failures: "error_chunk", "http_500",
+#: "short" (one token too few), "no_usage", "prompt" (one prompt token more in the usage),
+#: "hang" (no token for 2 s). Variations: "coalesced" (the first chunk comes when the
+#: third token is due and holds the first three, as SGLang streams a client that fell
+#: behind), "no_running_usage" (no usage in the token chunks even when asked for);
+#: variations combine with "+".
 Plan = Callable[[dict], tuple[tuple[float, float], str | None]]
 
 
 def fake_completions(log: list, plan: Plan) -> LoopbackServer:
-    """One chunk per token (text ``" w<k>"``, the last with finish_reason "length"), the
-    usage chunk (``stream_options.include_usage``), ``[DONE]``; chunked transfer as uvicorn
-    sends it. ``log`` receives ``{"req": body, "received": perf_counter}`` per request."""
+    """One chunk per token (text ``" w<k>"``, the last with finish_reason "length"; with
+    ``stream_options.continuous_usage_stats``, each with the usage so far), the usage chunk
+    (``stream_options.include_usage``), ``[DONE]``; chunked transfer as uvicorn sends it.
+    ``log`` receives ``{"req": body, "received": perf_counter}`` per request."""
 
     class H(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -59,11 +63,19 @@ def fake_completions(log: list, plan: Plan) -> LoopbackServer:
             if fail == "error_chunk":
                 self._data({"error": {"message": "out of memory", "code": 400}})
             else:
-                for k in range(1, n + 1):
-                    if k > 1:
-                        time.sleep(itl)
+                running = (req.get("stream_options") or {}).get("continuous_usage_stats")
+                variations = set((fail or "").split("+"))
+                running = running and not variations & {"no_running_usage", "no_usage"}
+                first = 3 if "coalesced" in variations else 1
+                for k in range(first, n + 1):
+                    time.sleep(itl * (k - 1) if k == first else itl)
                     fin = "length" if k == n else None
-                    self._data({"choices": [{"index": 0, "text": f" w{k}", "finish_reason": fin}]})
+                    text = "".join(f" w{j}" for j in range(1 if k == first else k, k + 1))
+                    chunk = {"choices": [{"index": 0, "text": text, "finish_reason": fin}]}
+                    if running:
+                        usage = {"prompt_tokens": len(req["prompt"]), "completion_tokens": k}
+                        chunk["usage"] = usage
+                    self._data(chunk)
                 if fail != "no_usage":
                     prompt = len(req["prompt"]) + (fail == "prompt")
                     usage = {"prompt_tokens": prompt, "completion_tokens": n}

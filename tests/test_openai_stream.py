@@ -12,6 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import openai_stream  # noqa: E402
+import traffic_stats  # noqa: E402
 
 from tests.fake_completions import fake_completions
 
@@ -54,13 +55,33 @@ def test_a_streamed_completion_is_timed_token_by_token():
     (req,) = [e["req"] for e in log]
     assert req["prompt"] == [3, 1, 4, 1, 5]
     assert req["max_tokens"] == OUT and req["ignore_eos"] is True and req["stream"] is True
-    assert req["temperature"] == 0.0 and req["stream_options"] == {"include_usage": True}
+    assert req["temperature"] == 0.0
+    assert req["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
     assert rec["error"] is None and rec["tokens"] == OUT and rec["prompt_tokens"] == 5
     assert rec["start_s"] == 0.0
     assert TTFT <= rec["first_s"] < TTFT + 0.05
     assert (OUT - 1) * ITL <= rec["last_s"] - rec["first_s"] < (OUT - 1) * ITL + 0.05
     assert [n for _, n in times] == list(range(1, OUT + 1))
     assert times[0][0] == rec["first_s"] and times[-1][0] == rec["last_s"]
+    assert rec["first_tokens"] == 1
+
+
+@pytest.mark.parametrize("variation", ["coalesced", "coalesced+no_running_usage"])
+def test_a_first_chunk_of_several_tokens_is_counted_as_such(variation):
+    """A server that coalesced the first three tokens into one chunk (a lagging client):
+    the time per output token is still the server's, not (OUT - 1) / (OUT - 3) of it,
+    whether the count comes from the server's running usage or from the words streamed."""
+    srv = fake_completions([], lambda req: ((TTFT, ITL), variation))
+    times: list = []
+    try:
+        rec = openai_stream.stream_completion(srv.url, [1, 2], OUT, 10, token_times=times)
+    finally:
+        srv.close()
+    assert rec["error"] is None and rec["tokens"] == OUT
+    assert rec["first_tokens"] == 3
+    assert [n for _, n in times] == list(range(3, OUT + 1))
+    assert TTFT + 2 * ITL <= rec["first_s"] < TTFT + 2 * ITL + 0.05
+    assert ITL <= traffic_stats.tpot_s(rec) < ITL + 0.01
 
 
 @pytest.mark.parametrize(

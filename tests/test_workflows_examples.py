@@ -272,8 +272,10 @@ def _start_stream(handler):
     return _Chunked(handler)
 
 
-def _fake_sglang(doc, wrong_vault, log):
-    """SGLang's native API as RuntimeEndpoint uses it: /get_model_info and /generate."""
+def _fake_sglang(doc, wrong_vault, log, first_chunk=1):
+    """SGLang's native API as RuntimeEndpoint uses it: /get_model_info and /generate; the
+    first ``first_chunk`` tokens come in one chunk, when the last of them is due (SGLang
+    streaming to a client that fell behind)."""
 
     class H(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -311,6 +313,8 @@ def _fake_sglang(doc, wrong_vault, log):
                 if i:
                     time.sleep(ITL_S)
                 acc += piece
+                if i + 1 < first_chunk:
+                    continue
                 meta = {
                     "prompt_tokens": n_prompt,
                     "completion_tokens": i + 1,
@@ -328,12 +332,13 @@ def qa_example():
     return _load_example("long_document_qa")
 
 
-def test_frontend_forks_share_the_document_prefix(qa_example):
+@pytest.mark.parametrize("first_chunk", [1, 3])
+def test_frontend_forks_share_the_document_prefix(qa_example, first_chunk):
     doc = documents.build_document(3000, n_facts=4, seed=11)
     questions = documents.make_questions(doc, 3, seed=11)
     wrong = questions[1].vault
     log: list[dict] = []
-    srv = _fake_sglang(doc, wrong, log)
+    srv = _fake_sglang(doc, wrong, log, first_chunk)
     try:
         res = qa_example.run_fork_qa(srv.url, doc, questions, max_tokens=12)
     finally:
@@ -374,8 +379,10 @@ def test_frontend_forks_share_the_document_prefix(qa_example):
     assert res["completion_tokens"] == N_OUT * len(questions)
 
 
-def _fake_openai(doc, wrong_vault, log):
-    """/v1/models and streamed /v1/chat/completions with a final usage chunk."""
+def _fake_openai(doc, wrong_vault, log, first_chunk=1):
+    """/v1/models and streamed /v1/chat/completions with the usage so far in every chunk
+    (``continuous_usage_stats``) and a final usage chunk; the first ``first_chunk`` tokens
+    come in one chunk, when the last of them is due."""
 
     class H(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -394,31 +401,33 @@ def _fake_openai(doc, wrong_vault, log):
             assert self.path == "/v1/chat/completions", self.path
             req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             log.append(req)
-            assert req["stream"] is True and req["stream_options"] == {"include_usage": True}
+            assert req["stream"] is True
+            assert req["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
             prompt = " ".join(m["content"] for m in req["messages"])
             out = _start_stream(self)
 
-            def send(obj):
+            n = len(prompt.split())
+
+            def send(obj, done):
+                obj["usage"] = {"prompt_tokens": n, "completion_tokens": done}
                 out.write(f"data: {json.dumps(obj)}\n\n".encode())
 
-            time.sleep(TTFT_S)
-            send({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
-            for i, piece in enumerate(_pieces(_answer_for(prompt, doc, wrong_vault))):
-                if i:
+            time.sleep(TTFT_S + (first_chunk - 1) * ITL_S)
+            role = {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
+            send(role, first_chunk)
+            pieces = _pieces(_answer_for(prompt, doc, wrong_vault))
+            for i, piece in enumerate(pieces[first_chunk - 1 :], start=first_chunk - 1):
+                if i >= first_chunk:
                     time.sleep(ITL_S)
-                send({"choices": [{"index": 0, "delta": {"content": piece}}]})
-            send({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
-            n = len(prompt.split())
-            send(
-                {
-                    "choices": [],
-                    "usage": {
-                        "prompt_tokens": n,
-                        "completion_tokens": N_OUT,
-                        "prompt_tokens_details": {"cached_tokens": n - 30},
-                    },
-                }
-            )
+                text = "".join(pieces[: i + 1]) if i == first_chunk - 1 else piece
+                send({"choices": [{"index": 0, "delta": {"content": text}}]}, i + 1)
+            send({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}, N_OUT)
+            usage = {
+                "prompt_tokens": n,
+                "completion_tokens": N_OUT,
+                "prompt_tokens_details": {"cached_tokens": n - 30},
+            }
+            out.write(f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n".encode())
             out.write(b"data: [DONE]\n\n")
             out.close()
 
@@ -430,11 +439,12 @@ def chat_example():
     return _load_example("shared_prefix_chat")
 
 
-def test_chat_conversations_grow_and_timings_follow_the_stream(chat_example):
+@pytest.mark.parametrize("first_chunk", [1, 3])
+def test_chat_conversations_grow_and_timings_follow_the_stream(chat_example, first_chunk):
     doc = documents.build_document(2000, n_facts=4, seed=4)
     wrong = doc.facts[2].vault
     log: list[dict] = []
-    srv = _fake_openai(doc, wrong, log)
+    srv = _fake_openai(doc, wrong, log, first_chunk)
     users, turns = 3, 3
     try:
         t0 = time.perf_counter()
