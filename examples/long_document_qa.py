@@ -149,6 +149,7 @@ def run_fork_qa(
                 "fork_ttft_ms": 1000 * (g["first"] - g["start"]) if g else None,
                 "decode_tok_s": decode_rate(n_out, span, g["first_tokens"] if g else 1),
                 "completion_tokens": n_out,
+                "first_chunk_tokens": g["first_tokens"] if g else None,
                 "prompt_tokens": meta.get("prompt_tokens"),
                 "cached_tokens": meta.get("cached_tokens"),
             }

@@ -95,6 +95,7 @@ def stream_chat(
         "e2e_ms": 1000 * (end - start),
         "decode_tok_s": decode_rate(n_out, span, first_tokens),
         "completion_tokens": n_out,
+        "first_chunk_tokens": first_tokens,
         "prompt_tokens": usage.get("prompt_tokens"),
         "cached_tokens": details.get("cached_tokens"),  # needs --enable-cache-report
     }
