@@ -143,3 +143,40 @@ def test_top_count_mask_matches_stable_sort():
             want = torch.zeros(50, dtype=torch.bool)
             want[order[: counts[s]]] = True
             assert torch.equal(got[s, h], want), (s, h)
+
+
+@pytest.mark.parametrize("ratio", [0.3, 1.0])
+def test_rerank_by_keys_is_the_exact_order_of_the_collision_candidates(ratio):
+    """rerank="keys": the first k are the k largest exact group-mean q·k among the
+    candidates (the zone's top-C collision scores, earlier first on ties), checked by brute
+    force in float64; with every zone key a candidate that is the exact top-k."""
+    trace = planted_trace(4)
+    k = 20
+    method = ParisKV(ParisKVConfig(candidate_ratio=ratio), name="keys", outputs=("full",),
+                     rerank="keys")  # fmt: skip
+    ranked = _ranked(method, trace, k)["keys"]
+    codes = encode_keys(trace.keys)
+    q = prepare_query(trace.queries, H)
+    coll = collision_scores(codes.signs[None].expand(len(trace.queries), *codes.signs.shape),
+                            centroid_table(q.blocks))  # fmt: skip
+    qm = trace.queries.double().reshape(-1, H, G, D).mean(2)
+    for st, n in enumerate(trace.seq_lens.tolist()):
+        zone = list(range(BUDGET.sink, n - BUDGET.local))
+        batch = BUDGET.batch(trace.queries[st : st + 1], trace.seq_lens[st : st + 1])
+        c = int(-(-(batch.seq_lens - batch.sink - batch.local).item() * ratio // 1))
+        c = max(min(c, len(zone)), k)
+        for h in range(H):
+            cand = sorted(zone, key=lambda p: (-int(coll[st, p, h]), p))[:c]
+            exact = {p: float(qm[st, h] @ trace.keys[p, h].double()) for p in cand}
+            want = set(sorted(cand, key=lambda p: -exact[p])[:k])
+            assert set(ranked[st, h].tolist()) == want, (st, h)
+            if ratio == 1.0:
+                top = sorted(zone, key=lambda p: -float(qm[st, h] @ trace.keys[p, h].double()))
+                assert want == set(top[:k])
+
+
+def test_rerank_by_keys_needs_the_group_mean_query():
+    with pytest.raises(ValueError, match="rerank"):
+        ParisKV(rerank="keys", gqa="max")
+    with pytest.raises(ValueError, match="rerank"):
+        ParisKV(rerank="bits")

@@ -57,7 +57,7 @@ def _layers(text: str, num_layers: int) -> list[int] | None:
 def _variant(spec: str) -> ParisKV:
     """NAME:key=value;key=value -> an extra ParisKV variant (full pipeline only).
 
-    Keys: candidate_ratio, gqa (mean|max), rotate (0|1)."""
+    Keys: candidate_ratio, gqa (mean|max), rotate (0|1), rerank (code|keys)."""
     name, _, rest = spec.partition(":")
     cfg: dict = {}
     kw: dict = {}
@@ -69,6 +69,8 @@ def _variant(spec: str) -> ParisKV:
             kw["gqa"] = v
         elif k == "rotate":
             kw["rotate"] = v == "1"
+        elif k == "rerank":
+            kw["rerank"] = v
         else:
             raise SystemExit(f"unknown variant key {k!r} in {spec!r}")
     return ParisKV(ParisKVConfig(**cfg), name=name, outputs=("full",), **kw)
@@ -120,7 +122,7 @@ def build_parser(prog: str = "python -m pariskv_tools.eval") -> argparse.Argumen
         action="append",
         default=[],
         help="extra ParisKV variant NAME:key=v;key=v (repeatable; keys: candidate_ratio, "
-        "gqa mean|max, rotate 0|1)",
+        "gqa mean|max, rotate 0|1, rerank code|keys)",
     )
     r.add_argument(
         "--cache-dir",

@@ -18,8 +18,10 @@ holds them) the keys of layer ``trace.layer`` are encoded as (k - m) / s and the
 prepared as s ∘ q with that layer's fixed centres m and channel scales s, as the serving
 path does with ``--pariskv-calibration``.
 
-Ablations: stage 1 only (rank by collision score, no rerank), and no rotation. The codec
-always rotates by R; feeding it R^T·x instead of x makes the rotation a no-op
+Ablations: stage 1 only (rank by collision score, no rerank), no rotation, and the rerank
+by the stored keys themselves (``rerank="keys"``: the candidates ranked by the exact
+group-mean q·k, what a rerank reading the bf16 K rows instead of the 3-bit code would
+give). The codec always rotates by R; feeding it R^T·x instead of x makes the rotation a no-op
 (R·R^T = I), which removes it without touching the codec.
 """
 
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pariskv_tools.eval.trace import LayerTrace, StepBatch
+from pariskv_tools.eval.trace import LayerTrace, StepBatch, group_mean_query
 from sglang_pariskv.codec.budget import candidate_ratios, num_candidates
 from sglang_pariskv.codec.collision import centroid_table, scores_from_totals
 from sglang_pariskv.codec.encode import decode_directions, encode_keys
@@ -46,7 +48,7 @@ _CANDIDATE_OFFSET = 1e9
 @dataclass
 class ParisKVState:
     signs: torch.Tensor  #: uint8 [N, H, B]: sign ids (the collision codes)
-    eff_keys: torch.Tensor  #: float32 [N, H, D]: w_b * v_b per block, flattened
+    eff_keys: torch.Tensor  #: float32 [N, H, D]: w_b * v_b per block, flattened (or the keys)
     scale: torch.Tensor | None = None  #: the layer's key channel scales [H, D] (queries: s ∘ q)
 
 
@@ -91,6 +93,8 @@ class ParisKV:
     gqa: "mean" (the codec: one group-mean query per KV head), "max" (every query head
     retrieves on its own; a key's collision score and estimate are the group maximum) or
     "shared" (one token set for all KV heads of the layer: scores summed over KV heads).
+    rerank: "code" (the 3-bit estimate, served) or "keys" (the exact group-mean q·k of the
+    candidates; with gqa "mean" only).
     """
 
     zone_dependent = True
@@ -104,11 +108,14 @@ class ParisKV:
         gqa: str = "mean",
         centres: torch.Tensor | None = None,
         scales: torch.Tensor | None = None,
+        rerank: str = "code",
     ) -> None:
         if gqa not in ("mean", "max", "shared"):
             raise ValueError(f"gqa must be 'mean', 'max' or 'shared', got {gqa!r}")
+        if rerank not in ("code", "keys") or (rerank == "keys" and gqa != "mean"):
+            raise ValueError(f"rerank must be 'code', or 'keys' with gqa 'mean', got {rerank!r}")
         self.config = config or ParisKVConfig()
-        self.rotate, self.gqa = rotate, gqa
+        self.rotate, self.gqa, self.rerank = rotate, gqa, rerank
         self.centres, self.scales = centres, scales
         self._out = {"full": name, "stage1": name + "_stage1"}
         self.names = tuple(self._out[o] for o in outputs)
@@ -136,6 +143,8 @@ class ParisKV:
             keys = keys / scale
         codes = encode_keys(self._unrotate(keys), self.config.rotation_seed)
         n, h, b = codes.signs.shape
+        if self.rerank == "keys":
+            return ParisKVState(signs=codes.signs, eff_keys=trace.keys.float(), scale=scale)
         eff = decode_directions(codes) * codes.weights.float()[..., None]  # [N, H, B, 8]
         return ParisKVState(signs=codes.signs, eff_keys=eff.reshape(n, h, b * 8), scale=scale)
 
@@ -165,7 +174,11 @@ class ParisKV:
             signs = signs.repeat_interleave(group, dim=1)
         coll = fast_collision_scores(signs, centroid_table(q.blocks))
         eff = state.eff_keys.repeat_interleave(group, dim=1) if group > 1 else state.eff_keys
-        est = torch.einsum("shd,nhd->shn", q.blocks.flatten(-2).float(), eff) * q.norm[..., None]
+        if self.rerank == "keys":
+            est = torch.einsum("shd,nhd->shn", group_mean_query(batch.queries, h), eff)
+        else:
+            est = torch.einsum("shd,nhd->shn", q.blocks.flatten(-2).float(), eff)
+            est = est * q.norm[..., None]
         if group > 1:
             coll = coll.reshape(s, h, group, n).amax(2)
             est = est.reshape(s, h, group, n).amax(2)
