@@ -60,7 +60,8 @@ def test_a_streamed_completion_is_timed_token_by_token():
     assert rec["error"] is None and rec["tokens"] == OUT and rec["prompt_tokens"] == 5
     assert rec["start_s"] == 0.0
     assert TTFT <= rec["first_s"] < TTFT + 0.05
-    assert (OUT - 1) * ITL <= rec["last_s"] - rec["first_s"] < (OUT - 1) * ITL + 0.05
+    # (the first chunk's arrival can lag its send by a few ms on a loaded machine)
+    assert (OUT - 1) * ITL - 0.01 <= rec["last_s"] - rec["first_s"] < (OUT - 1) * ITL + 0.05
     assert [n for _, n in times] == list(range(1, OUT + 1))
     assert times[0][0] == rec["first_s"] and times[-1][0] == rec["last_s"]
     assert rec["first_tokens"] == 1
@@ -81,7 +82,7 @@ def test_a_first_chunk_of_several_tokens_is_counted_as_such(variation):
     assert rec["first_tokens"] == 3
     assert [n for _, n in times] == list(range(3, OUT + 1))
     assert TTFT + 2 * ITL <= rec["first_s"] < TTFT + 2 * ITL + 0.05
-    assert ITL <= traffic_stats.tpot_s(rec) < ITL + 0.01
+    assert ITL - 0.004 <= traffic_stats.tpot_s(rec) < ITL + 0.01
 
 
 @pytest.mark.parametrize(
