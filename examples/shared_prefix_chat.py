@@ -58,8 +58,7 @@ def stream_chat(
     if ignore_eos:  # SGLang extension: decode exactly max_tokens (timing runs)
         body["ignore_eos"] = True
     start = time.perf_counter()
-    first = last = None
-    first_tokens = 1
+    first = last = first_tokens = None
     parts: list[str] = []
     usage: dict = {}
     with _post_stream(endpoint.rstrip("/") + "/v1/chat/completions", body, timeout) as resp:
@@ -78,15 +77,19 @@ def stream_chat(
             for choice in obj.get("choices") or []:
                 # content chunks and the finish chunk mark token times (the last may be
                 # an end-of-turn token with no text)
-                if first is None:
-                    first = now
-                    first_tokens = (obj.get("usage") or {}).get("completion_tokens") or 1
+                first = first or now
                 last = now
                 content = (choice.get("delta") or {}).get("content")
+                # SGLang's role chunk carries no usage; the first content chunk, from the
+                # same output right after it, carries the count the first chunk stands for
+                # (none without running usage: one token)
                 if content:
+                    if not parts:
+                        first_tokens = (obj.get("usage") or {}).get("completion_tokens")
                     parts.append(content)
     end = time.perf_counter()
     n_out = usage.get("completion_tokens")
+    first_tokens = first_tokens or 1
     span = (last - first) if first is not None and last is not None else 0.0
     details = usage.get("prompt_tokens_details") or {}
     return {

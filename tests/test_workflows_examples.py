@@ -380,9 +380,10 @@ def test_frontend_forks_share_the_document_prefix(qa_example, first_chunk):
 
 
 def _fake_openai(doc, wrong_vault, log, first_chunk=1):
-    """/v1/models and streamed /v1/chat/completions with the usage so far in every chunk
-    (``continuous_usage_stats``) and a final usage chunk; the first ``first_chunk`` tokens
-    come in one chunk, when the last of them is due."""
+    """/v1/models and streamed /v1/chat/completions as SGLang streams them: a role chunk
+    without usage, then the usage so far in every chunk (``continuous_usage_stats``), and a
+    final usage chunk; the first ``first_chunk`` tokens come in one chunk, right after the
+    role chunk, when the last of them is due."""
 
     class H(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -408,13 +409,13 @@ def _fake_openai(doc, wrong_vault, log, first_chunk=1):
 
             n = len(prompt.split())
 
-            def send(obj, done):
-                obj["usage"] = {"prompt_tokens": n, "completion_tokens": done}
+            def send(obj, done=None):
+                if done is not None:
+                    obj["usage"] = {"prompt_tokens": n, "completion_tokens": done}
                 out.write(f"data: {json.dumps(obj)}\n\n".encode())
 
             time.sleep(TTFT_S + (first_chunk - 1) * ITL_S)
-            role = {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
-            send(role, first_chunk)
+            send({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
             pieces = _pieces(_answer_for(prompt, doc, wrong_vault))
             for i, piece in enumerate(pieces[first_chunk - 1 :], start=first_chunk - 1):
                 if i >= first_chunk:
