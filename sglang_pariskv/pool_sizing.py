@@ -89,16 +89,23 @@ def planned_gpu_bytes(
     cfg: ParisKVConfig, kvc, num_layers: int, tp_size: int, cell_size: int
 ) -> dict[str, int]:
     """GPU bytes ParisKV allocates after SGLang builds its pools, by owner: ``backend``
-    (:func:`backend_bytes`) and, with host offload and a hot cache, ``hot_cache``. The pool
-    sizing takes their sum out of the pool; the backend logs it beside what it measured."""
+    (:func:`backend_bytes`) and, with host offload, ``prefill_staging`` and (with a hot
+    cache) ``hot_cache``. The pool sizing takes their sum out of the pool; the backend
+    logs it beside what it measured."""
     out = {"backend": backend_bytes(cfg, kvc, num_layers, tp_size)}
-    if cfg.offloaded and cfg.hot_cache_lines:
+    if not cfg.offloaded:
+        return out
+    from sglang_pariskv.offload.prefill_staging import staging_bytes
+
+    heads = kvc.model_config.get_num_kv_heads(tp_size)
+    head_dim = kvc.model_config.head_dim
+    # the K/V cell is 2 (K, V) x heads x head_dim x layers elements
+    elt = max(cell_size // (2 * heads * head_dim * num_layers), 1)
+    # one layer's prefix K/V of the longest request (offload.prefill_staging)
+    out["prefill_staging"] = staging_bytes(int(kvc.model_config.context_len), heads, head_dim, elt)
+    if cfg.hot_cache_lines:
         from sglang_pariskv.offload.hot_cache import HotCache
 
-        heads = kvc.model_config.get_num_kv_heads(tp_size)
-        head_dim = kvc.model_config.head_dim
-        # the K/V cell is 2 (K, V) x heads x head_dim x layers elements
-        elt = max(cell_size // (2 * heads * head_dim * num_layers), 1)
         # overflow rows: one step's retrieved entries at the most requests SGLang runs
         # (the plugin sets --max-running-requests when it is not given)
         max_reqs = _max_running_requests(getattr(kvc, "server_args", None))

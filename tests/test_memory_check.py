@@ -124,7 +124,8 @@ def test_the_cuda_meter_sees_a_tensor_made_in_its_window(cuda_device):
 @pytest.mark.parametrize("offload", [False, True])
 def test_the_backend_logs_the_plan_the_pool_sizing_reserved(monkeypatch, offload):
     """``planned_bytes`` (what the backend logs as planned) adds up to exactly the bytes
-    the cell-size hook took out of the pool, hot cache included with offload."""
+    the cell-size hook took out of the pool, prefill staging and hot cache included with
+    offload."""
     import sglang.srt.runtime_context as runtime_context
     from sglang.srt.model_executor import pool_configurator
 
@@ -146,5 +147,5 @@ def test_the_backend_logs_the_plan_the_pool_sizing_reserved(monkeypatch, offload
         dtype=torch.bfloat16, head_num=heads, head_dim=head_dim, layer_num=layers
     )
     planned = planned_bytes(runner, cfg, pool)
-    assert set(planned) == ({"backend", "hot_cache"} if offload else {"backend"})
+    assert set(planned) == ({"backend", "prefill_staging", "hot_cache"} if offload else {"backend"})
     assert sum(planned.values()) == configurator._pariskv_reserved_gib * 2**30

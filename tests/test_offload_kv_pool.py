@@ -108,7 +108,10 @@ def test_offload_charges_the_gpu_for_codes_and_caps_tokens_at_the_host_pool(monk
     hot_bytes = 28 * 65536 * (2 * 128 * 2 + 8) + 256 * 4 * (2048 + 64 + 256) * 2 * 128 * 2
     backend = pool_sizing.backend_bytes(cfg, kvc(), 28, 1)
     assert backend > 0
-    reserved = -(-(hot_bytes + backend) // cell)
+    # prefill staging: one layer's K and V rows (bf16) for the whole 32K context, plus an
+    # int32 row number each
+    staging = 32768 * (2 * 4 * 128 * 2 + 4)
+    reserved = -(-(hot_bytes + backend + staging) // cell)
     assert configurator._pariskv_reserved_tokens == reserved
     # SGLang sized the pool from the GPU budget / codes: more than the host holds
     big = MemoryPoolConfig(max_total_num_tokens=3_000_000)
@@ -121,18 +124,18 @@ def test_offload_charges_the_gpu_for_codes_and_caps_tokens_at_the_host_pool(monk
     few_bytes = 28 * 65536 * (2 * 128 * 2 + 8) + 8 * 4 * (2048 + 64 + 256) * 2 * 128 * 2
     few_backend = pool_sizing.backend_bytes(cfg, kvc(max_reqs=8), 28, 1)
     assert few_backend < backend
-    assert few._pariskv_reserved_tokens == -(-(few_bytes + few_backend) // cell)
+    assert few._pariskv_reserved_tokens == -(-(few_bytes + few_backend + staging) // cell)
     # a GPU-bound pool (fewer codes fit than the host holds) gives up the planned tokens
     gpu_bound = MemoryPoolConfig(max_total_num_tokens=reserved + 600_001)
     got = reserve_planned_memory(gpu_bound, configurator, 10**9, 1)
     assert got.max_total_num_tokens == 600_001
     paged = reserve_planned_memory(gpu_bound, configurator, 10**9, 64)
     assert paged.max_total_num_tokens == 600_001 // 64 * 64
-    # no hot cache: only the backend's buffers are set aside
+    # no hot cache: only the backend's buffers and the prefill staging are set aside
     direct = types.SimpleNamespace()
     cfg0 = ParisKVConfig(offload="host", host_pool_gb=56.0, hot_cache_lines=0)
     cell_size_hook(cfg0)(kv_cell, direct, kvc(), 28)
-    assert direct._pariskv_reserved_tokens == -(-backend // cell)
+    assert direct._pariskv_reserved_tokens == -(-(backend + staging) // cell)
     # without offload the codes are added to the K/V cell as before
     assert cell_size_hook(ParisKVConfig())(kv_cell, None, kvc(), 28) == kv_cell + cell
 

@@ -11,34 +11,12 @@ outputs must match token for token:
 * ``min_sparse_tokens`` above any step's tokens: every step is SGLang's dense decode.
 """
 
-import json
-import sys
-import tempfile
-import traceback
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import engine_runs  # noqa: E402
-import step_floor  # noqa: E402
+from tests.tiny_engine import serve, write_tiny_llama
 
 pytestmark = pytest.mark.gpu
 
-TINY_LLAMA = {
-    **step_floor.LLAMA_8B,
-    "hidden_size": 512,
-    "intermediate_size": 1024,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 2,
-    "head_dim": 64,
-    "vocab_size": 2048,
-    "max_position_embeddings": 4096,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-}
 CFG = {"topk": 64, "sink": 8, "local": 32, "dense_threshold": 256, "min_sparse_tokens": 0}
 
 
@@ -60,44 +38,13 @@ def _prompts() -> dict[str, tuple[list[list[int]], int]]:
     }
 
 
-def _worker(model_dir, pariskv, groups, out_q):
-    try:
-        stats_dir = tempfile.mkdtemp(prefix="pariskv-stats-")
-        eng = engine_runs._engine(
-            model_dir,
-            pariskv,
-            stats_dir,
-            load_format="dummy",
-            skip_tokenizer_init=True,
-            context_length=2048,
-            max_running_requests=8,
-            mem_fraction_static=0.5,
-            disable_radix_cache=True,
-        )
-        outs = {}
-        for name, (prompts, new) in _prompts().items():
-            if name not in groups:
-                continue
-            res = eng.generate(
-                input_ids=prompts,
-                sampling_params={"max_new_tokens": new, "temperature": 0, "ignore_eos": True},
-            )
-            outs[name] = [r["output_ids"] for r in res]
-        eng.shutdown()
-        out_q.put({"outs": outs, "stats": engine_runs._read_stats(stats_dir)})
-    except Exception as e:
-        out_q.put({"error": f"{e!r}\n{traceback.format_exc()}"})
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-llama")
-    (d / "config.json").write_text(json.dumps(TINY_LLAMA))
-    return str(d)
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def _serve(model_dir, pariskv, groups=("short", "crossing", "long", "mixed")):
-    return engine_runs._run_isolated(_worker, model_dir, pariskv, tuple(groups))
+    return serve(model_dir, pariskv, {g: _prompts()[g] for g in groups})
 
 
 @pytest.fixture(scope="module")

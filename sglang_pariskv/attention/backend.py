@@ -2,7 +2,8 @@
 
 * Extend (prefill, chunked prefill, radix prefix hits): FlashInfer's dense attention,
   unchanged. The KV pool encodes every key it stores (``index.kv_pool``), by slot, so a
-  radix prefix hit's codes are already there.
+  radix prefix hit's codes are already there. With host offload the prefix rows are
+  read from a GPU copy of each layer's (``offload_wiring.OffloadPrefill``).
 * Decode: requests at or below the dense threshold attend through SGLang's own dense
   decode call, so their outputs are exactly dense ones. On a sparse step the longer
   requests attend through one "head as batch" FlashInfer call over the indices the retrieval
@@ -20,8 +21,8 @@
 Other concerns live beside this module: ``deferred_codes`` (a dense step's code writes
 in one launch), ``model_info`` (heads, TP rank, softmax scale),
 ``observability`` (counters, metrics, timing, stats files), ``offload_wiring`` (host
-offload's hot cache and fetch), ``step_graphs`` (graph bookkeeping), ``plan_fence`` (each
-batch's plans after the previous batch's plan copies).
+offload's hot cache and fetch, and its prefill staging), ``step_graphs`` (graph
+bookkeeping), ``plan_fence`` (each batch's plans after the previous batch's plan copies).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from sglang_pariskv.attention.model_info import (
     tp_rank,
 )
 from sglang_pariskv.attention.observability import DecodeObserver
-from sglang_pariskv.attention.offload_wiring import OffloadDecode
+from sglang_pariskv.attention.offload_wiring import OffloadDecode, OffloadPrefill
 from sglang_pariskv.attention.plan_fence import PlanFence
 from sglang_pariskv.attention.sparse_decode import (
     HeadAsBatchDecode,
@@ -71,6 +72,8 @@ logger = logging.getLogger("sglang_pariskv")
 class ParisKVAttnBackend(FlashInferAttnBackend):
     #: Host offload's hot cache + fetch; None without offload (or with a zero-line cache).
     offload: OffloadDecode | None = None
+    #: Host offload's prefill staging; None without offload.
+    prefill: OffloadPrefill | None = None
     #: --pariskv-dense-layers' full-length decode; None without dense layers.
     full: FullContextDecode | None = None
     #: GPU bytes allocated (measured) against planned (``memory_check``).
@@ -129,6 +132,8 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
         offloaded = isinstance(pool, HostOffloadKVPool)
         self.deferred = DeferredCodes(pool, config, offloaded, [m.layer_id for m in layers])
         overlap = device.type == "cuda" and not offloaded
+        context = int(model_runner.model_config.context_len)
+        self.prefill = OffloadPrefill.build(pool, context, device)
         self._retrieval_stream = torch.cuda.Stream(device) if overlap else None
         self.plan_fence = PlanFence(device)
         self.observer = DecodeObserver.for_server(
@@ -181,10 +186,11 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
 
     def _offload_snapshot(self) -> dict[str, Any]:
         pool = getattr(self, "token_to_kv_pool", None)
+        staged = self.prefill.snapshot() if self.prefill is not None else {}
         if self.offload is not None:
-            return self.offload.snapshot()
+            return self.offload.snapshot() | staged
         if isinstance(pool, HostOffloadKVPool):  # zero-copy: no hot cache to count
-            return {"offload_host_pool_gib": pool.host_bytes() / 2**30}
+            return {"offload_host_pool_gib": pool.host_bytes() / 2**30} | staged
         return {}
 
     def snapshot(self) -> dict:
@@ -271,7 +277,10 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             self.deferred.plan(decode_step=False)
             if forward_batch.forward_mode.is_extend():
                 self.observer.extend(forward_batch)
-            return super().init_forward_metadata(forward_batch)
+            super().init_forward_metadata(forward_batch)
+            if self.prefill is not None:
+                self.prefill.plan(forward_batch, self.forward_metadata, self.page_size)
+            return
         host_seq_lens(forward_batch)
         self._plan_decode(
             forward_batch,
@@ -307,6 +316,8 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             self.deferred.plan(decode_step=False)
             if mode.is_extend() and not in_capture:
                 self.observer.extend(forward_batch)
+            if self.prefill is not None:  # a prefill graph's plan: host reads, unstaged
+                self.prefill.plan(forward_batch, None, self.page_size)
             return super().init_forward_metadata_out_graph(forward_batch, in_capture)
         if not in_capture:
             self.memory.report()
@@ -352,6 +363,12 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             self.graphs.keep_wrappers(bs, self.decode_cuda_graph_metadata[bs])
 
     # -- layer work (device side) -----------------------------------------------------
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
+        if self.prefill is None:
+            return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
+        with self.prefill.reads(layer.layer_id):
+            return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
+
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
         local = layer.layer_id - self.token_to_kv_pool.start_layer
         out = self._decode_layer(q, k, v, layer, local, forward_batch, save_kv_cache)

@@ -1,4 +1,5 @@
-"""Host offload inside the decode step: the hot cache and fetcher the sparse call reads.
+"""Host offload inside the forward pass: the decode step's hot cache and fetcher, and the
+prefill's staged prefix reads.
 
 With ``--pariskv-offload host`` the K/V of every token is in pinned host memory. A sparse
 decode layer stages its retrieved rows in the GPU hot cache (misses come over UVA) and
@@ -6,6 +7,11 @@ the head-as-batch FlashInfer call reads the staging buffer. The cache is sized b
 decode workspace (its overflow rows hold one step's misses), so it is rebuilt with it.
 With ``--pariskv-hot-cache-lines 0`` there is no cache: FlashInfer reads the retrieved
 rows from host memory directly, through the pool's CUDA views.
+
+An extend batch with a cached prefix (a chunked prefill's later chunks, a radix hit)
+attends over a GPU copy of each layer's prefix rows (``offload.prefill_staging``):
+:class:`OffloadPrefill` plans the copy after SGLang plans the batch and arms the pool's
+staged reads around each layer's extend attention.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from sglang_pariskv.offload.counters import HotCacheCounterReader
 from sglang_pariskv.offload.fetch import OffloadFetcher
 from sglang_pariskv.offload.hot_cache import HotCache
 from sglang_pariskv.offload.kv_pool import HostOffloadKVPool
+from sglang_pariskv.offload.prefill_staging import PrefillStaging
 
 logger = logging.getLogger("sglang_pariskv")
 
@@ -79,3 +86,73 @@ class OffloadDecode:
         for key in HOT_CACHE_FIELDS:  # flat: stats files sum numbers
             st[f"hot_cache_{key}"] = self.counters.totals.get(key, 0)
         return st
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+class OffloadPrefill:
+    """The prefill staging of one host-offload pool."""
+
+    def __init__(self, pool: HostOffloadKVPool, rows: int, device: torch.device | str):
+        """``rows``: the staging buffer's rows (the context length)."""
+        self.pool = pool
+        self.staging = PrefillStaging(pool.host, rows, device)
+        pool.staging = self.staging
+
+    @staticmethod
+    def build(pool, rows: int, device: torch.device | str) -> OffloadPrefill | None:
+        """The prefill staging of this pool, or None (not a host-offload pool)."""
+        if not isinstance(pool, HostOffloadKVPool):
+            return None
+        return OffloadPrefill(pool, rows, device)
+
+    def plan(self, forward_batch, metadata, page_size: int) -> None:
+        """After SGLang planned ``forward_batch`` (``metadata``: its FlashInfer prefill
+        metadata; None where a prefill CUDA graph planned it): stage the prefix rows of an
+        extend with a prefix, giving the paged wrapper the staged rows as its indices."""
+        prefix = _prefix_lens(forward_batch)
+        if not forward_batch.forward_mode.is_extend() or not any(prefix):
+            self.staging.clear()
+            return
+        wrapper = _stageable_wrapper(metadata, page_size)
+        slots = None if wrapper is None else wrapper._paged_kv_indices_buf[: sum(prefix)]
+        rows = self.staging.plan(slots)
+        if rows is not None:
+            wrapper._paged_kv_indices_buf = rows
+
+    def reads(self, layer_id: int):
+        """Context of one layer's extend attention: its prefix reads come from staging
+        while a batch is staged.
+
+        Every extend is planned by the backend's ``init_forward_metadata`` (eager, and
+        on a breakable prefill graph's replay, whose attention runs eagerly with the
+        wrapper planned there) or ``init_forward_metadata_out_graph`` (full prefill
+        graphs: nothing staged), and each plan replaces the staging state. The layers
+        may see another ``ForwardBatch`` object than the plan did (a graph's static
+        batch), so the state is not tied to the object: the wrapper planned with staged
+        rows must always be served the staged buffer."""
+        return self.pool.staged_reads(layer_id)
+
+    def snapshot(self) -> dict[str, int]:
+        return dict(self.staging.counters)
+
+
+def _prefix_lens(forward_batch) -> list[int]:
+    lens = getattr(forward_batch, "extend_prefix_lens_cpu", None)
+    return [] if lens is None else [int(x) for x in lens]
+
+
+def _stageable_wrapper(metadata, page_size: int):
+    """The paged prefill wrapper whose indices are the batch's prefix slots alone
+    (SGLang's ragged-plus-paged extend, one wrapper, one-token pages, planned outside a
+    CUDA graph), or None: the batch then reads host memory directly."""
+    if not getattr(metadata, "use_ragged", False) or getattr(metadata, "extend_no_prefix", True):
+        return None
+    wrappers = list(metadata.prefill_wrappers)
+    if len(wrappers) != 1 or page_size != 1 or _capturing():
+        return None
+    if getattr(wrappers[0], "is_cuda_graph_enabled", False):
+        return None
+    return wrappers[0]

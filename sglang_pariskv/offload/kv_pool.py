@@ -11,9 +11,16 @@ every token (about a fifth of the KV bytes), so capacity is set by host memory, 
 Every write and move drops the written slots' rows from the hot cache (once the backend
 has attached one): a slot freed by one request and reused by another must not serve the
 first request's KV from the cache.
+
+A chunked prefill's attention over the earlier chunks reads them from a GPU copy of the
+layer's prefix rows instead (``offload.prefill_staging``): inside :meth:`staged_reads`,
+``get_kv_buffer`` of that layer returns the staged rows.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 
@@ -21,6 +28,7 @@ from sglang_pariskv.config import ParisKVConfigError
 from sglang_pariskv.index.kv_pool import ParisKVTokenToKVPool
 from sglang_pariskv.offload.host_pool import HostKVPool
 from sglang_pariskv.offload.hot_cache import HotCache
+from sglang_pariskv.offload.prefill_staging import PrefillStaging
 
 
 class HostOffloadKVPool(ParisKVTokenToKVPool):
@@ -28,6 +36,9 @@ class HostOffloadKVPool(ParisKVTokenToKVPool):
 
     #: The GPU hot cache whose rows writes invalidate (:meth:`attach_hot_cache`).
     hot_cache: HotCache | None = None
+    #: The prefill staging buffer the backend attaches; None: every read is of host memory.
+    staging: PrefillStaging | None = None
+    _staged_layer: int | None = None
 
     def _create_buffers_normal(self):
         layout = str(getattr(self, "kv_cache_layout", "nhd")).lower()
@@ -55,6 +66,23 @@ class HostOffloadKVPool(ParisKVTokenToKVPool):
         """The backend attaches the hot cache once it has sized it (None detaches it,
         before a larger one is allocated): from then on every write drops its slots' rows."""
         self.hot_cache = cache
+
+    @contextlib.contextmanager
+    def staged_reads(self, layer_id: int) -> Iterator[None]:
+        """Within: ``get_kv_buffer(layer_id)`` gathers the planned prefix rows of that layer
+        into the staging buffer and returns it (when a batch is staged). Only the extend
+        attention of that layer reads inside; writes still go to host memory."""
+        self._staged_layer = layer_id
+        try:
+            yield
+        finally:
+            self._staged_layer = None
+
+    def get_kv_buffer(self, layer_id: int):
+        st = self.staging
+        if layer_id == self._staged_layer and st is not None and st.active:
+            return st.layer_kv(layer_id - (getattr(self, "start_layer", 0) or 0))
+        return super().get_kv_buffer(layer_id)
 
     def _clear_buffers(self):
         super()._clear_buffers()
