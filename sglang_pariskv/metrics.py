@@ -32,6 +32,15 @@ HOT_CACHE_HELP = {
     "rows_fetched": "Rows copied from host memory into the hot cache (host offload).",
 }
 
+#: Help text of host offload's prefill staging counters ``sglang:pariskv_<field>_total``.
+PREFILL_STAGING_HELP = {
+    "prefill_staged_extends": "Extend batches whose prefix K/V was staged on the GPU "
+    "(host offload).",
+    "prefill_staged_rows": "Prefix tokens staged on the GPU for extend attention (host offload).",
+    "prefill_direct_extends": "Extend batches with a prefix that read it from host memory "
+    "directly (host offload: not stageable, or longer than the staging buffer).",
+}
+
 
 @dataclass
 class BatchCounts:
@@ -67,6 +76,10 @@ class ParisKVMetrics:
             )
             for name, doc in HOT_CACHE_HELP.items()
         }
+        self.prefill_staging = {
+            name: Counter(f"sglang:pariskv_{name}", doc, labelnames=list(labels), registry=reg)
+            for name, doc in PREFILL_STAGING_HELP.items()
+        }
         self.attended_fraction = Gauge(
             "sglang:pariskv_attended_fraction",
             "Attended / context tokens of the last sparse decode batch.",
@@ -90,6 +103,10 @@ class ParisKVMetrics:
     def add_hot_cache(self, delta: dict[str, int]) -> None:
         """Increments of the hot-cache counters (``offload.counters``)."""
         self._increment(self.hot_cache, delta)
+
+    def add_prefill_staging(self, delta: dict[str, int]) -> None:
+        """Increments of the prefill staging counters (``offload.prefill_staging``)."""
+        self._increment(self.prefill_staging, delta)
 
     def _increment(self, counters: dict, delta: dict[str, int]) -> None:
         for name, counter in counters.items():

@@ -15,6 +15,7 @@ import types
 
 import pytest
 import torch
+from prometheus_client import CollectorRegistry
 from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
 from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
 
@@ -23,6 +24,7 @@ from sglang_pariskv.attention.deferred_codes import DeferredCodes
 from sglang_pariskv.attention.observability import DecodeObserver
 from sglang_pariskv.attention.offload_wiring import OffloadPrefill
 from sglang_pariskv.config import ParisKVConfig
+from sglang_pariskv.metrics import ParisKVMetrics
 from sglang_pariskv.offload.host_pool import HostKVPool
 from sglang_pariskv.offload.kv_pool import HostOffloadKVPool
 from sglang_pariskv.offload.prefill_staging import PrefillStaging
@@ -142,6 +144,8 @@ def extend_batch(rtp, rpi, prefix, new, loc):
 @cpu_pool_only
 def test_a_chunked_prefill_attends_the_staged_prefix_as_dense_attention_would(backend):
     b, pool, rtp = backend
+    reg = CollectorRegistry()
+    b.observer.metrics = ParisKVMetrics({"tp_rank": "0"}, registry=reg)
     gen = torch.Generator().manual_seed(1)
     rpi, chunks = [2, 0], [(30, 50), (25, 40)]  # per request: first chunk, second chunk
     total = [a + c for a, c in chunks]
@@ -174,9 +178,13 @@ def test_a_chunked_prefill_attends_the_staged_prefix_as_dense_attention_would(ba
                     got[start : start + n].view(n, HQ, D).double(), want, atol=1e-5, rtol=1e-5
                 )
                 start += n
-    # the second chunk's prefix came from staging; the writes still reached host memory
-    assert b.prefill.snapshot() == {"prefill_staged_extends": 1, "prefill_staged_rows": 55,
-                                    "prefill_direct_extends": 0}  # fmt: skip
+    # the second chunk's prefix came from staging (what operators read: the stats
+    # file's snapshot and the Prometheus counters); the writes still reached host memory
+    want = {"prefill_staged_extends": 1, "prefill_staged_rows": 55, "prefill_direct_extends": 0}
+    assert b.prefill.snapshot() == want
+    for name, value in want.items():
+        sample = reg.get_sample_value(f"sglang:pariskv_{name}_total", {"tp_rank": "0"})
+        assert (sample or 0) == value, name
     for r, n in zip(rpi, total):
         slots = rtp.req_to_token[r, :n].long()
         torch.testing.assert_close(pool.host.data[1, 0][slots], kv[r, 1][0], rtol=0, atol=0)

@@ -279,7 +279,8 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
                 self.observer.extend(forward_batch)
             super().init_forward_metadata(forward_batch)
             if self.prefill is not None:
-                self.prefill.plan(forward_batch, self.forward_metadata, self.page_size)
+                staged = self.prefill.plan(forward_batch, self.forward_metadata, self.page_size)
+                self.observer.prefill_staging(staged)
             return
         host_seq_lens(forward_batch)
         self._plan_decode(
@@ -317,7 +318,7 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             if mode.is_extend() and not in_capture:
                 self.observer.extend(forward_batch)
             if self.prefill is not None:  # a prefill graph's plan: host reads, unstaged
-                self.prefill.plan(forward_batch, None, self.page_size)
+                self.observer.prefill_staging(self.prefill.plan(forward_batch, None, 1))
             return super().init_forward_metadata_out_graph(forward_batch, in_capture)
         if not in_capture:
             self.memory.report()

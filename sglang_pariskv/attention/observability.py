@@ -145,6 +145,15 @@ class DecodeObserver:
         if self.metrics is not None:
             self.metrics.add_hot_cache(delta)
 
+    def prefill_staging(self, delta: dict[str, int]) -> None:
+        """What one extend's plan added to host offload's prefill staging counters (the
+        stats file reads the totals through ``extra_snapshot``)."""
+        if not any(delta.values()):
+            return
+        if self.metrics is not None:
+            self.metrics.add_prefill_staging(delta)
+        self.dump()
+
     def emit(self, counts: BatchCounts) -> None:
         self.stats.totals.accumulate(counts)
         if self.metrics is not None:

@@ -108,19 +108,22 @@ class OffloadPrefill:
             return None
         return OffloadPrefill(pool, rows, device)
 
-    def plan(self, forward_batch, metadata, page_size: int) -> None:
+    def plan(self, forward_batch, metadata, page_size: int) -> dict[str, int]:
         """After SGLang planned ``forward_batch`` (``metadata``: its FlashInfer prefill
         metadata; None where a prefill CUDA graph planned it): stage the prefix rows of an
-        extend with a prefix, giving the paged wrapper the staged rows as its indices."""
+        extend with a prefix, giving the paged wrapper the staged rows as its indices.
+        Returns what this plan added to the counters."""
+        before = dict(self.staging.counters)
         prefix = _prefix_lens(forward_batch)
         if not forward_batch.forward_mode.is_extend() or not any(prefix):
             self.staging.clear()
-            return
-        wrapper = _stageable_wrapper(metadata, page_size)
-        slots = None if wrapper is None else wrapper._paged_kv_indices_buf[: sum(prefix)]
-        rows = self.staging.plan(slots)
-        if rows is not None:
-            wrapper._paged_kv_indices_buf = rows
+        else:
+            wrapper = _stageable_wrapper(metadata, page_size)
+            slots = None if wrapper is None else wrapper._paged_kv_indices_buf[: sum(prefix)]
+            rows = self.staging.plan(slots)
+            if rows is not None:
+                wrapper._paged_kv_indices_buf = rows
+        return {k: v - before[k] for k, v in self.staging.counters.items()}
 
     def reads(self, layer_id: int):
         """Context of one layer's extend attention: its prefix reads come from staging
