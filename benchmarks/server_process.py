@@ -206,7 +206,12 @@ def serve_model(
     """(model path, description, server flags that depend on it): the user's model, or
     ``config`` (an HF config dict named ``name``; default Llama-3.1-8B's) with dummy
     weights, holding at least ``context_length`` positions, and a word-per-id tokenizer
-    (``openai_stream.write_word_tokenizer``) so that the OpenAI endpoints serve it."""
+    (``openai_stream.write_word_tokenizer``) so that the OpenAI endpoints serve it.
+
+    The tokenizer is in its own folder (``--tokenizer-path``): next to a ``config.json``,
+    transformers picks the tokenizer class from the model type, and for ``qwen2`` its
+    Qwen2 tokenizer turns the word vocabulary into nothing (SGLang's own warm-up text then
+    tokenizes to no tokens at all)."""
     if model_path:
         return model_path, model_path, []
     d = Path(tempfile.mkdtemp(prefix="dummy-model-"))
@@ -215,8 +220,11 @@ def serve_model(
     (d / "config.json").write_text(json.dumps(cfg))
     eos = cfg["eos_token_id"]
     eos = eos[0] if isinstance(eos, list) else eos
-    write_word_tokenizer(d, cfg["vocab_size"], cfg["bos_token_id"], eos)
-    return str(d), f"{name}, dummy weights", ["--load-format", "dummy"]
+    tok = d / "tokenizer"
+    tok.mkdir()
+    write_word_tokenizer(tok, cfg["vocab_size"], cfg["bos_token_id"], eos)
+    flags = ["--load-format", "dummy", "--tokenizer-path", str(tok)]
+    return str(d), f"{name}, dummy weights", flags
 
 
 def server_for(

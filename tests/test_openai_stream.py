@@ -39,6 +39,29 @@ def test_the_word_tokenizer_round_trips_token_ids(tmp_path):
         openai_stream.write_word_tokenizer(tmp_path, 1000, bos_id=1, eos_id=1000)
 
 
+@pytest.mark.parametrize("shape", ["llama", "qwen2"])
+def test_a_dummy_models_tokenizer_serves_text_and_ids(shape):
+    """Loaded as SGLang loads it (``--tokenizer-path`` of the dummy model's flags), the
+    word tokenizer keeps ids and gives text tokens, whatever the model type: next to a
+    qwen2 ``config.json`` transformers would build its Qwen2 tokenizer, which turns SGLang's
+    warm-up text into no tokens."""
+    import shutil
+
+    import bench_million_tokens
+    from server_process import serve_model
+    from sglang.srt.utils.hf_transformers_utils import get_tokenizer
+
+    config = bench_million_tokens.model_config(4096) if shape == "qwen2" else None
+    model, _, flags = serve_model(None, 4096, config)
+    try:
+        assert flags[:2] == ["--load-format", "dummy"] and flags[2] == "--tokenizer-path"
+        tok = get_tokenizer(flags[3])
+        assert tok.encode(openai_stream.prompt_text([5, 6, 700])) == [5, 6, 700]
+        assert len(tok("The capital city of France is").input_ids) == 6
+    finally:
+        shutil.rmtree(model)
+
+
 def _fake_completions(log: list, fail: str | None = None):
     """:func:`fake_completions` answering every request after TTFT, then every ITL."""
     return fake_completions(log, lambda req: ((TTFT, ITL), fail))
