@@ -6,8 +6,8 @@ chunk after the first attends over a prefix (staged from host memory,
 ``offload.prefill_staging``). With ``min_sparse_tokens`` above every request, ParisKV's
 decode is SGLang's dense decode over the host pool's CUDA views and its prefill is
 FlashInfer's over the staged copy of the same rows: the greedy outputs must match token
-for token. A prompt of a few tokens (the size of SGLang's server warm-up request) is
-served too.
+for token; with retrieving decode, offload gives the GPU pool's tokens. A prompt of a few
+tokens is served too.
 """
 
 import pytest
@@ -51,6 +51,17 @@ def test_offloaded_prefill_and_decode_give_sglangs_tokens(model_dir):
     # 900 + 1300 + 700 tokens in chunks of 256: every chunk after a request's first is staged
     assert st["prefill_staged_extends"] > 0 and st["prefill_staged_rows"] > 0, st
     assert st["sparse_request_steps"] == 0 and st["dense_request_steps"] > 0, st
+
+
+def test_offloaded_sparse_decode_gives_the_gpu_pools_tokens(model_dir):
+    """Retrieving decode over the hot cache reads the same rows as over the GPU pool, and
+    the codes are the same, so ParisKV gives the same tokens with and without offload."""
+    sparse = {**OFFLOAD, "min_sparse_tokens": 0}
+    on_gpu = {k: v for k, v in sparse.items() if k not in ("offload", "host_pool_gb")}
+    want = _serve(model_dir, on_gpu, "long")
+    got = _serve(model_dir, sparse, "long")
+    assert got["stats"]["sparse_request_steps"] > 0 and got["stats"]["hot_cache_hits"] > 0
+    assert got["outs"] == want["outs"]
 
 
 def test_a_prompt_of_a_few_tokens_is_served_over_offload(model_dir):
