@@ -197,3 +197,33 @@ def test_a_chunked_prefill_attends_the_staged_prefix_as_dense_attention_would(ba
         is_extend=lambda: False), extend_prefix_lens_cpu=None), None, 1)  # fmt: skip
     with b.prefill.reads(0):
         assert pool.get_kv_buffer(0)[0].data_ptr() == pool.host.data[0, 0].data_ptr()
+
+
+@cpu_pool_only
+def test_an_extend_that_cannot_be_staged_reads_host_memory_and_says_why(caplog):
+    pool = make_pool(256, heads=HKV, head_dim=D, layers=1, cls=HostOffloadKVPool)
+    prefill = OffloadPrefill(pool, 64, "cpu")
+    rtp = ReqToTokenPool(size=2, max_context_len=MAX_CTX, device="cpu", enable_memory_saver=False)
+    fb = extend_batch(rtp, [0], [10], [5], torch.arange(1, 6))
+    wrapper = types.SimpleNamespace(_paged_kv_indices_buf=torch.arange(20, 35, dtype=torch.int32))
+    paged_only = types.SimpleNamespace(
+        prefill_wrappers=[wrapper], use_ragged=False, extend_no_prefix=False
+    )
+    with caplog.at_level("WARNING", logger="sglang_pariskv"):
+        for _ in range(2):
+            delta = prefill.plan(fb, paged_only, 1)
+            assert delta["prefill_direct_extends"] == 1 and not prefill.staging.active
+        assert prefill.plan(fb, None, 1)["prefill_direct_extends"] == 1
+    # the wrapper keeps its slots (FlashInfer reads host memory at them); one line per reason
+    assert wrapper._paged_kv_indices_buf.tolist() == list(range(20, 35))
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2
+    assert "without the ragged wrapper" in lines[0] and "prefill CUDA graph" in lines[1]
+    # a prefix longer than the buffer
+    long = extend_batch(rtp, [1], [70], [1], torch.arange(100, 101))
+    ragged = types.SimpleNamespace(prefill_wrappers=[wrapper], use_ragged=True,
+                                   extend_no_prefix=False)  # fmt: skip
+    wrapper._paged_kv_indices_buf = torch.arange(70, dtype=torch.int32)
+    with caplog.at_level("WARNING", logger="sglang_pariskv"):
+        assert prefill.plan(long, ragged, 1)["prefill_direct_extends"] == 1
+    assert "70 prefix tokens, more than the 64 rows" in caplog.records[-1].getMessage()

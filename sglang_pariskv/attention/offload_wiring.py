@@ -100,6 +100,7 @@ class OffloadPrefill:
         self.pool = pool
         self.staging = PrefillStaging(pool.host, rows, device)
         pool.staging = self.staging
+        self._explained: set[str] = set()
 
     @staticmethod
     def build(pool, rows: int, device: torch.device | str) -> OffloadPrefill | None:
@@ -118,12 +119,26 @@ class OffloadPrefill:
         if not forward_batch.forward_mode.is_extend() or not any(prefix):
             self.staging.clear()
         else:
-            wrapper = _stageable_wrapper(metadata, page_size)
-            slots = None if wrapper is None else wrapper._paged_kv_indices_buf[: sum(prefix)]
+            wrapper, why = _stageable_wrapper(metadata, page_size)
+            n = sum(prefix)
+            slots = None if wrapper is None else wrapper._paged_kv_indices_buf[:n]
             rows = self.staging.plan(slots)
             if rows is not None:
                 wrapper._paged_kv_indices_buf = rows
+            else:
+                self._explain(why or f"{n} prefix tokens, more than the {self.staging.capacity}"
+                              " rows of the staging buffer")  # fmt: skip
         return {k: v - before[k] for k, v in self.staging.counters.items()}
+
+    def _explain(self, why: str) -> None:
+        """Log, once per reason, that an extend read its prefix from host memory (slow)."""
+        if why not in self._explained:
+            self._explained.add(why)
+            logger.warning(
+                "ParisKV offload: an extend reads its prefix from host memory, not from a "
+                "GPU copy (%s); its prefill is slower (counted in prefill_direct_extends)",
+                why,
+            )
 
     def reads(self, layer_id: int):
         """Context of one layer's extend attention: its prefix reads come from staging
@@ -147,15 +162,19 @@ def _prefix_lens(forward_batch) -> list[int]:
     return [] if lens is None else [int(x) for x in lens]
 
 
-def _stageable_wrapper(metadata, page_size: int):
-    """The paged prefill wrapper whose indices are the batch's prefix slots alone
-    (SGLang's ragged-plus-paged extend, one wrapper, one-token pages, planned outside a
-    CUDA graph), or None: the batch then reads host memory directly."""
-    if not getattr(metadata, "use_ragged", False) or getattr(metadata, "extend_no_prefix", True):
-        return None
+def _stageable_wrapper(metadata, page_size: int) -> tuple[Any, str | None]:
+    """(the paged prefill wrapper whose indices are the batch's prefix slots alone, None)
+    for SGLang's ragged-plus-paged extend with one wrapper and one-token pages planned
+    outside a CUDA graph; else (None, why not): the batch reads host memory directly."""
+    if metadata is None:
+        return None, "planned for a prefill CUDA graph"
+    if not getattr(metadata, "use_ragged", False):
+        return None, "SGLang's extend without the ragged wrapper (prefix and chunk paged together)"
     wrappers = list(metadata.prefill_wrappers)
-    if len(wrappers) != 1 or page_size != 1 or _capturing():
-        return None
-    if getattr(wrappers[0], "is_cuda_graph_enabled", False):
-        return None
-    return wrappers[0]
+    if len(wrappers) != 1:
+        return None, f"{len(wrappers)} prefill wrappers (sliding window or cross attention)"
+    if page_size != 1:
+        return None, f"--page-size {page_size}"
+    if _capturing() or getattr(wrappers[0], "is_cuda_graph_enabled", False):
+        return None, "a CUDA-graph prefill wrapper"
+    return wrappers[0], None
