@@ -20,9 +20,11 @@ model's shape):
 
 * prefill: its FLOPs (linear layers, causal attention) and the rate they ran at; and the K/V
   bytes its attention reads from host memory: each chunk of ``chunked_prefill_size`` tokens
-  attends to every earlier token in every layer, whose K/V lives in the host pool, so at
-  least that much crosses PCIe (more where the kernel reads a row more than once). Its
-  time at the UVA gather bandwidth that ``bench_offload.py`` measured is given beside it.
+  attends to every earlier token in every layer, whose K/V lives in the host pool, so that
+  much crosses PCIe (once per layer and chunk where the prefix is staged on the GPU,
+  ``offload.prefill_staging``; the server's ``prefill_staged_*`` / ``prefill_direct_extends``
+  counters, in ``pariskv_stats``, say which). Its time at the UVA gather bandwidth that
+  ``bench_offload.py`` measured is given beside it.
 * decode: the kernel-level step of ``bench_offload.py`` at the nearest context, batch 1 (same
   model shape; retrieval, hot-cache fetch and attention in CUDA graphs, no scheduler), read
   from ``offload.json``.
