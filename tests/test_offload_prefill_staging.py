@@ -33,20 +33,33 @@ from tests.test_plugin_pool import cpu_pool_only, make_pool
 HQ, HKV, D, MAX_CTX = 4, 2, 16, 256
 
 
-def test_staged_rows_are_the_host_rows_of_the_planned_slots():
+def _check_staged_rows(device: str, pin: bool, use_kernel: bool | None) -> PrefillStaging:
     gen = torch.Generator().manual_seed(0)
-    host = HostKVPool(300, 3, HKV, D, dtype=torch.float32, pin=False, check_memory=False)
+    host = HostKVPool(300, 3, HKV, D, dtype=torch.bfloat16, pin=pin, check_memory=False)
     host.data.copy_(torch.randn(host.data.shape, generator=gen))
-    st = PrefillStaging(host, rows=64, device="cpu")
+    st = PrefillStaging(host, rows=64, device=device)
     slots = torch.randperm(300, generator=gen)[:40].to(torch.int32)
-    rows = st.plan(slots)
+    rows = st.plan(slots.to(device))
     assert rows.tolist() == list(range(40)) and st.active
     for layer in (2, 0):
-        k, v = st.layer_kv(layer)
-        torch.testing.assert_close(k[:40], host.data[layer, 0][slots.long()], rtol=0, atol=0)
-        torch.testing.assert_close(v[:40], host.data[layer, 1][slots.long()], rtol=0, atol=0)
+        k, v = st.layer_kv(layer, use_kernel=use_kernel)
+        for got, part in ((k, 0), (v, 1)):
+            want = host.data[layer, part][slots.long()]
+            torch.testing.assert_close(got[:40].cpu(), want, rtol=0, atol=0)
+    return st
+
+
+@pytest.mark.parametrize("use_kernel", [False, True])
+def test_staged_rows_are_the_host_rows_of_the_planned_slots(use_kernel):
+    """Torch's copy, and the UVA gather kernel (Triton's interpreter on the CPU)."""
+    st = _check_staged_rows("cpu", pin=False, use_kernel=use_kernel)
     assert st.counters == {"prefill_staged_extends": 1, "prefill_staged_rows": 40,
                            "prefill_direct_extends": 0}  # fmt: skip
+
+
+@pytest.mark.gpu
+def test_the_gpu_gathers_staged_rows_from_pinned_host_memory():
+    _check_staged_rows("cuda", pin=True, use_kernel=None)
 
 
 def test_a_batch_the_buffer_cannot_hold_or_must_not_stage_reads_host_memory():

@@ -75,18 +75,26 @@ class PrefillStaging:
         """A forward pass with nothing to stage (decode, or an extend without a prefix)."""
         self.slots = None
 
-    def layer_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def layer_kv(
+        self, layer: int, use_kernel: bool | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Gather the planned rows of pool layer ``layer`` (local index) from host memory
-        and return the buffers, shaped as SGLang's ``get_kv_buffer`` returns K and V."""
+        and return the buffers, shaped as SGLang's ``get_kv_buffer`` returns K and V.
+
+        On the GPU the rows come over UVA in one gather kernel per K and V, on the current
+        stream (no host sync); on the CPU torch copies them. ``use_kernel`` forces the
+        kernel path (tests run it under Triton's interpreter)."""
         assert self.slots is not None, "layer_kv without a planned batch"
+        if use_kernel is None:
+            use_kernel = self.k.is_cuda and self.host.pinned
         n = self.slots.numel()
         for part, dst in ((0, self.k), (1, self.v)):
             src = self.host.slot_rows(layer, part)
             rows = dst[:n].view(n, -1)
-            if dst.is_cuda and self.host.pinned:
+            if use_kernel:
                 from sglang_pariskv.kernels.uva_gather import gather_rows
 
                 gather_rows(src, self.slots, rows)
-            else:  # CPU (tests): plain memory
+            else:
                 rows.copy_(src[self.slots.to(src.device, torch.int64)])
         return self.k, self.v
