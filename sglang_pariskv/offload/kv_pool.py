@@ -2,19 +2,17 @@
 
 SGLang keeps working unchanged: its ``k_buffer[l]`` / ``v_buffer[l]`` are CUDA views of
 the host pool (:meth:`HostKVPool.cuda_views`), so the KV store of extend and decode, KV
-moves, FlashInfer's prefill over a cached prefix and the dense decode of short requests
-read and write host memory over PCIe. Only the sparse decode of long requests, which
-needs a few thousand rows per KV head, is routed through the GPU hot cache
-(``attention.offload_wiring`` + ``offload.fetch``). The GPU keeps the ParisKV codes of
-every token (about a fifth of the KV bytes), so capacity is set by host memory, not HBM.
+moves and the dense decode of short requests read and write host memory over PCIe. Two
+reads go through GPU copies instead: the sparse decode of long requests, which needs a
+few thousand rows per KV head, through the hot cache (``attention.offload_wiring`` +
+``offload.fetch``), and an extend's attention over its cached prefix, through a copy of
+the layer's prefix rows (``offload.prefill_staging``; inside :meth:`staged_reads`,
+``get_kv_buffer`` of that layer returns it). The GPU keeps the ParisKV codes of every
+token (about a fifth of the KV bytes), so capacity is set by host memory, not HBM.
 
 Every write and move drops the written slots' rows from the hot cache (once the backend
 has attached one): a slot freed by one request and reused by another must not serve the
 first request's KV from the cache.
-
-A chunked prefill's attention over the earlier chunks reads them from a GPU copy of the
-layer's prefix rows instead (``offload.prefill_staging``): inside :meth:`staged_reads`,
-``get_kv_buffer`` of that layer returns the staged rows.
 """
 
 from __future__ import annotations
