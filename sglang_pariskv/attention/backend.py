@@ -318,7 +318,9 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             if mode.is_extend() and not in_capture:
                 self.observer.extend(forward_batch)
             if self.prefill is not None:  # a prefill graph's plan: host reads, unstaged
-                self.observer.prefill_staging(self.prefill.plan(forward_batch, None, 1))
+                self.observer.prefill_staging(
+                    self.prefill.plan(forward_batch, None, self.page_size)
+                )
             return super().init_forward_metadata_out_graph(forward_batch, in_capture)
         if not in_capture:
             self.memory.report()

@@ -53,9 +53,6 @@ class PrefillStaging:
     def active(self) -> bool:
         return self.slots is not None
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.rows))
-
     def plan(self, slots: torch.Tensor | None) -> torch.Tensor | None:
         """Stage ``slots`` (the prefix slots of the batch's paged part, in FlashInfer's
         order) for the coming forward pass; returns the indices to give FlashInfer in
