@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 from mixed_workload import CLASSES
 
+from pariskv_tools.workloads.stream_stats import tokens_after_first_chunk
+
 MODES = ("dense", "pariskv")
 
 
@@ -28,9 +30,9 @@ def percentile(xs: list[float], q: float) -> float | None:
 
 def tpot_s(rec: dict) -> float | None:
     """(last token time - first token time) / the tokens that came after the first chunk
-    (``first_tokens``: one, or more when the server coalesced a lagging client's outputs
-    into it); None when no token came after it."""
-    n = rec["tokens"] - max(rec.get("first_tokens", 1), 1)
+    (``stream_stats.tokens_after_first_chunk`` of ``first_tokens``: one, or more when the
+    server coalesced a lagging client's outputs into it); None when no token came after it."""
+    n = tokens_after_first_chunk(rec["tokens"], rec.get("first_tokens", 1))
     return (rec["last_s"] - rec["first_s"]) / n if n > 0 else None
 
 

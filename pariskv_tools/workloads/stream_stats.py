@@ -15,14 +15,19 @@ def median(xs: Iterable[float | None]) -> float | None:
     return statistics.median(vals) if vals else None
 
 
-def decode_rate(n_out: int | None, span_s: float, first_chunk_tokens: int = 1) -> float | None:
-    """Decode tokens/s of one stream: the tokens that arrived after the first chunk, over the
-    time from the first chunk to the last.
+def tokens_after_first_chunk(n_out: int | None, first_chunk_tokens: int = 1) -> int:
+    """The output tokens of one stream that arrived after its first chunk.
 
     The first chunk holds the first token (prefill's) and, when the server coalesced
     outputs because its client fell behind (SGLang streams only the newest state of a
     request), the tokens decoded meanwhile: ``first_chunk_tokens``, from the count the
-    server reports with that chunk. Counting them as decoded within the span would
-    overstate the rate. None when there is no interval to divide by."""
-    n = (n_out or 0) - max(first_chunk_tokens, 1)
+    server reports with that chunk (at least one). Counting them as decoded between the
+    first and the last chunk would overstate the decode rate."""
+    return (n_out or 0) - max(first_chunk_tokens, 1)
+
+
+def decode_rate(n_out: int | None, span_s: float, first_chunk_tokens: int = 1) -> float | None:
+    """Decode tokens/s of one stream: :func:`tokens_after_first_chunk` over the time from
+    the first chunk to the last. None when there is no interval to divide by."""
+    n = tokens_after_first_chunk(n_out, first_chunk_tokens)
     return n / span_s if n > 0 and span_s > 0 else None
