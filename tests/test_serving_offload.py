@@ -3,7 +3,7 @@
 A small Llama-shaped model with SGLang's seeded dummy weights serves the same prompts
 with and without ``--pariskv-offload host``, in chunks of 256 tokens so that every
 chunk after the first attends over a prefix (staged from host memory,
-``offload.prefill_staging``). With ``min_sparse_tokens`` above every request, ParisKV's
+``offload.prefill_staging``). With the dense threshold above every request, ParisKV's
 decode is SGLang's dense decode over the host pool's CUDA views and its prefill is
 FlashInfer's over the staged copy of the same rows: the greedy outputs must match token
 for token; with retrieving decode, offload gives the GPU pool's tokens. A prompt of a few
@@ -16,9 +16,10 @@ from tests.tiny_engine import serve, write_tiny_llama
 
 pytestmark = pytest.mark.gpu
 
+# every request (at most 1,300 + 24 tokens) is at or below the dense threshold
 OFFLOAD = {
-    "topk": 64, "sink": 8, "local": 32, "dense_threshold": 256, "min_sparse_tokens": 10**9,
-    "offload": "host", "host_pool_gb": 1.0,
+    "topk": 64, "sink": 8, "local": 32, "dense_threshold": 2048, "offload": "host",
+    "host_pool_gb": 1.0,
 }  # fmt: skip
 
 
@@ -56,11 +57,13 @@ def test_offloaded_prefill_and_decode_give_sglangs_tokens(model_dir):
 def test_offloaded_sparse_decode_gives_the_gpu_pools_tokens(model_dir):
     """Retrieving decode over the hot cache reads the same rows as over the GPU pool, and
     the codes are the same, so ParisKV gives the same tokens with and without offload."""
-    sparse = {**OFFLOAD, "min_sparse_tokens": 0}
+    sparse = {**OFFLOAD, "dense_threshold": 256, "min_sparse_tokens": 0}
     on_gpu = {k: v for k, v in sparse.items() if k not in ("offload", "host_pool_gb")}
     want = _serve(model_dir, on_gpu, "long")
     got = _serve(model_dir, sparse, "long")
-    assert got["stats"]["sparse_request_steps"] > 0 and got["stats"]["hot_cache_hits"] > 0
+    st = got["stats"]
+    assert st["sparse_request_steps"] > 0 and st["hot_cache_hits"] > 0, st
+    assert st["prefill_staged_extends"] > 0, st
     assert got["outs"] == want["outs"]
 
 
