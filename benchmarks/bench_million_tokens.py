@@ -29,6 +29,10 @@ model's shape):
   model shape; retrieval, hot-cache fetch and attention in CUDA graphs, no scheduler), read
   from ``offload.json``.
 
+And measured, ``prefill_progress``: when each chunk of the prompt was scheduled, read from
+the server log (``prefill_log``); a chunk's time growing with the prefix it attends to
+shows attention setting the prefill's pace.
+
 Writes ``benchmarks/results/million_tokens.json`` and a PNG beside it. Nothing is written
 unless the server's ParisKV counters show sparse decode steps. The prefill of a million
 tokens can outlast a device call: start the script in its own process session on the GPU
@@ -54,6 +58,7 @@ from engine_runs import _device_info, _read_stats  # noqa: E402
 from mixed_workload import Request, prompt_ids  # noqa: E402
 from offload_cases import SHAPE  # noqa: E402
 from openai_stream import stream_completion  # noqa: E402
+from prefill_log import read_chunk_progress  # noqa: E402
 from server_process import (  # noqa: E402
     _check_plugin_installed,
     _on_signal,
@@ -234,6 +239,7 @@ def run(args) -> dict:
         print(f"prefill of {args.input_len} tokens started", flush=True)
         got = measure(srv.url, args.input_len, args.output_len, args.seed, args.request_timeout)
         print(f"TTFT {got['ttft_s']:.1f} s, TPOT {got['tpot_ms']} ms", flush=True)
+    progress = read_chunk_progress(srv.log_path, args.input_len)
     stats = _read_stats(stats_dir)
     check_pariskv_ran(stats)
     chunk = info.get("chunked_prefill_size")
@@ -249,6 +255,7 @@ def run(args) -> dict:
         "output_len": args.output_len,
         "host_pool_gb": pool_gb,
         **got,
+        "prefill_progress": progress,
         "pariskv_stats": stats,
         "kernel_reference": ref,
         "limits": limits(got, est, ref),
@@ -257,13 +264,16 @@ def run(args) -> dict:
 
 def plot(data: dict, out: Path) -> None:
     """Left: the time of each output token after the first, with the kernel-level step.
-    Right: the time to first token beside the prefix-read estimate."""
+    Middle: the time to first token beside the prefix-read estimate. Right (where the
+    server log had it): the seconds the prefill took to reach each chunk."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
+    progress = data.get("prefill_progress")
+    fig, axes = plt.subplots(1, 3 if progress else 2, figsize=(16 if progress else 11, 3.8))
+    a, b = axes[:2]
     times = data["token_times_s"]
     steps = token_intervals_ms(times)
     a.plot([k for _, k in steps], [ms for ms, _ in steps], ".-", label="served (this run)")
@@ -286,6 +296,12 @@ def plot(data: dict, out: Path) -> None:
     b.set_ylabel("seconds")
     rate = f", {pre['achieved_tflops']:.0f} TFLOP/s" if pre.get("achieved_tflops") else ""
     b.set_title(f"prefill of {data['input_len']:,} tokens{rate}", fontsize=9)
+    if progress:
+        c = axes[2]
+        c.plot(progress["prefix_tokens"], progress["seconds"], ".-", ms=3)
+        c.set_xlabel("prompt tokens before the chunk")
+        c.set_ylabel("seconds since the first chunk (server log)")
+        c.set_title(f"chunks of {progress['chunk_tokens'][0]:,} tokens", fontsize=9)
     fig.suptitle(f"{data.get('device', '')}: {data['model']}, --pariskv-offload host", fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=120)

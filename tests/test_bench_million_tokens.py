@@ -17,6 +17,7 @@ import offload_cases  # noqa: E402
 import step_floor  # noqa: E402
 
 from tests.test_bench_mixed_traffic import DELAYS, LONG_AT, _fake_server
+from tests.test_prefill_log import server_log
 
 
 def _model_dir(tmp_path, cfg: dict) -> str:
@@ -106,7 +107,9 @@ class _FakeServer:
         self.flushed = 0
 
     def start(self, timeout):
-        pass
+        # SGLang's log lines for the prefill chunks of the warm-up and of the request
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_path.write_text(server_log(chunked(WARM, 0) + chunked(N, 10)))
 
     def stop(self):
         pass
@@ -116,6 +119,16 @@ class _FakeServer:
 
     def log_tail(self):
         return ""
+
+
+N, WARM, CHUNK = 3 * LONG_AT, 2 * LONG_AT, 64  # the timed run's lengths
+
+
+def chunked(total: int, start_s: int) -> list[tuple[int, int]]:
+    """(second, new tokens) of a prompt of ``total`` tokens in chunks of CHUNK, one a second."""
+    return [
+        (start_s + i, min(CHUNK, total - done)) for i, done in enumerate(range(0, total, CHUNK))
+    ]
 
 
 def _run(monkeypatch, tmp_path, stats: dict, argv: list[str]):
@@ -130,7 +143,7 @@ def _run(monkeypatch, tmp_path, stats: dict, argv: list[str]):
 
     monkeypatch.setattr(bench, "server_for", server_for)
     monkeypatch.setattr(bench, "_check_plugin_installed", lambda: None)
-    monkeypatch.setattr(bench, "_server_info", lambda url: {"chunked_prefill_size": 64})
+    monkeypatch.setattr(bench, "_server_info", lambda url: {"chunked_prefill_size": CHUNK})
     monkeypatch.setattr(bench, "_read_stats", lambda d: stats)
     monkeypatch.setattr(bench, "_device_info", lambda: {"device": "fake GPU"})
     monkeypatch.setattr(bench.signal, "signal", lambda *a: None)
@@ -142,7 +155,7 @@ def _run(monkeypatch, tmp_path, stats: dict, argv: list[str]):
 
 
 def test_a_run_times_the_request_and_writes_its_limits(tmp_path, monkeypatch):
-    n, out_len, warm = 3 * LONG_AT, 8, 2 * LONG_AT
+    n, out_len, warm = N, 8, WARM
     out = tmp_path / "m.json"
     stats = {"sparse_request_steps": out_len - 1, "dense_request_steps": 0}
     code, log, asked = _run(monkeypatch, tmp_path, stats, [
@@ -166,8 +179,14 @@ def test_a_run_times_the_request_and_writes_its_limits(tmp_path, monkeypatch):
     assert itl * 1000 <= data["tpot_ms"] < itl * 1000 + 10
     assert itl * 1000 <= data["tpot_p50_ms"] < itl * 1000 + 10
     assert data["output_tokens"] == out_len == data["token_times_s"][-1][1]
+    # the request's chunks from the server log, not the warm-up's
+    assert data["prefill_progress"] == {
+        "chunk_tokens": [64, 64, 64, 64, 44],
+        "prefix_tokens": [0, 64, 128, 192, 256],
+        "seconds": [0.0, 1.0, 2.0, 3.0, 4.0],
+    }
     pre = data["limits"]["prefill"]
-    est = bench.prefill_estimates(cfg, n, 64)
+    est = bench.prefill_estimates(cfg, n, CHUNK)
     assert {k: pre[k] for k in est} == est
     flops = est["linear_flops"] + est["attention_flops"]
     assert pre["achieved_tflops"] == pytest.approx(flops / data["ttft_s"] / 1e12)
