@@ -39,16 +39,25 @@ def model_dir(tmp_path_factory):
     return write_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
-def _serve(model_dir, pariskv, group):
+def _serve(model_dir, pariskv, groups=("long", "tiny")):
     # chunks of 256 tokens: every chunk after a request's first attends over a prefix
-    return serve(model_dir, pariskv, {group: _prompts()[group]}, chunked_prefill_size=256)
+    prompts = _prompts()
+    return serve(model_dir, pariskv, {g: prompts[g] for g in groups}, chunked_prefill_size=256)
 
 
-def test_offloaded_prefill_and_decode_give_sglangs_tokens(model_dir):
-    plain = _serve(model_dir, None, "long")
-    got = _serve(model_dir, OFFLOAD, "long")
-    assert got["outs"] == plain["outs"]
-    st = got["stats"]
+@pytest.fixture(scope="module")
+def plain(model_dir):
+    return _serve(model_dir, None)
+
+
+@pytest.fixture(scope="module")
+def offloaded(model_dir):
+    return _serve(model_dir, OFFLOAD)
+
+
+def test_offloaded_prefill_and_decode_give_sglangs_tokens(plain, offloaded):
+    assert offloaded["outs"]["long"] == plain["outs"]["long"]
+    st = offloaded["stats"]
     # 900 + 1300 + 700 tokens in chunks of 256: every chunk after a request's first is staged
     assert st["prefill_staged_extends"] > 0 and st["prefill_staged_rows"] > 0, st
     assert st["sparse_request_steps"] == 0 and st["dense_request_steps"] > 0, st
@@ -59,15 +68,13 @@ def test_offloaded_sparse_decode_gives_the_gpu_pools_tokens(model_dir):
     the codes are the same, so ParisKV gives the same tokens with and without offload."""
     sparse = {**OFFLOAD, "dense_threshold": 256, "min_sparse_tokens": 0}
     on_gpu = {k: v for k, v in sparse.items() if k not in ("offload", "host_pool_gb")}
-    want = _serve(model_dir, on_gpu, "long")
-    got = _serve(model_dir, sparse, "long")
+    want = _serve(model_dir, on_gpu, ["long"])
+    got = _serve(model_dir, sparse, ["long"])
     st = got["stats"]
     assert st["sparse_request_steps"] > 0 and st["hot_cache_hits"] > 0, st
     assert st["prefill_staged_extends"] > 0, st
     assert got["outs"] == want["outs"]
 
 
-def test_a_prompt_of_a_few_tokens_is_served_over_offload(model_dir):
-    plain = _serve(model_dir, None, "tiny")
-    got = _serve(model_dir, OFFLOAD, "tiny")
-    assert got["outs"] == plain["outs"]
+def test_a_prompt_of_a_few_tokens_is_served_over_offload(plain, offloaded):
+    assert offloaded["outs"]["tiny"] == plain["outs"]["tiny"]
