@@ -79,7 +79,7 @@ class HostOffloadKVPool(ParisKVTokenToKVPool):
     def get_kv_buffer(self, layer_id: int):
         st = self.staging
         if layer_id == self._staged_layer and st is not None and st.active:
-            return st.layer_kv(layer_id - (getattr(self, "start_layer", 0) or 0))
+            return st.layer_kv(layer_id - self.start_layer)
         return super().get_kv_buffer(layer_id)
 
     def _clear_buffers(self):
