@@ -12,10 +12,13 @@
 #   bash benchmarks/device/fa3.sh install         # device, after every part: puts the
 #                                                 # library into the bundle's /tmp/site
 #
+# `stage PART [STAGING]` and `install [STAGING [SITE]]` collect the parts in STAGING
+# (default /tmp/fa3) and install into SITE (default /tmp/site, where the bundle installs).
+#
 # WHEEL defaults to the untrimmed wheel the bundle builder cached, else pip downloads it
 # (the version the bundle installs); `split` takes a few minutes (xz -9e). Make the calls
 # back to back (the host is given back 30 s after a call); `install` checks the joined
-# library's checksum.
+# library's checksum before it replaces the trimmed one.
 set -euo pipefail
 VERSION=0.4.5
 NAME="sglang_kernel-$VERSION-cp310-abi3-manylinux2014_x86_64.whl"
@@ -41,19 +44,23 @@ split)
     ;;
 stage)
     n=${2##*/p}
-    mkdir -p /tmp/fa3
-    cp "$2/part" "/tmp/fa3/part$n"
-    [ -f "$2/sha256" ] && cp "$2/sha256" /tmp/fa3/sha256
-    ls /tmp/fa3
+    staging=${3:-/tmp/fa3}
+    mkdir -p "$staging"
+    cp "$2/part" "$staging/part$n"
+    if [ -f "$2/sha256" ]; then cp "$2/sha256" "$staging/sha256"; fi
+    ls "$staging"
     ;;
 install)
-    lib=/tmp/site/sgl_kernel/flash_ops.abi3.so
-    cat /tmp/fa3/part* | python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.stdin.buffer), open(sys.argv[1], 'wb'), 1 << 24)" "$lib"
-    echo "$(cat /tmp/fa3/sha256)  $lib" | sha256sum -c --quiet
-    PYTHONPATH=/tmp/site python3 -c "import sgl_kernel.flash_attn; print('FA3 importable')"
+    staging=${2:-/tmp/fa3}
+    site=${3:-/tmp/site}
+    lib=$staging/flash_ops.abi3.so
+    cat "$staging"/part* | python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.stdin.buffer), open(sys.argv[1], 'wb'), 1 << 24)" "$lib"
+    echo "$(cat "$staging/sha256")  $lib" | sha256sum -c --quiet
+    mv "$lib" "$site/sgl_kernel/flash_ops.abi3.so"
+    PYTHONPATH=$site python3 -c "import sgl_kernel.flash_attn; print('FA3 importable')"
     ;;
 *)
-    echo "usage: $0 split [WHEEL] | stage DIR | install" >&2
+    echo "usage: $0 split [WHEEL] | stage PART [STAGING] | install [STAGING [SITE]]" >&2
     exit 2
     ;;
 esac
