@@ -270,3 +270,34 @@ def test_retrieval_eval_refuses_a_calibration_of_another_model_before_capturing(
     with pytest.raises(SystemExit, match=f"^--calibration {other} was written for"):
         eval_cli.main(argv)
     assert not list(cache.rglob("*.pt"))  # refused before any capture
+
+
+def test_reuse_eval_on_own_model(tiny, tmp_path):
+    """``reuse`` writes both rules per context and their means, each rule's drop measured
+    against the same every-step figures."""
+    family, path = tiny
+    out = tmp_path / "reuse.json"
+    cache = str(tmp_path / "cache")
+    argv = ["reuse", "--model", str(path), "--n-decode", "6", "--intervals", "2",
+            "--lags", "1,3", "--cache-root", cache, "--out", str(out)]  # fmt: skip
+    eval_cli.main(argv)
+    doc = json.loads(out.read_text())
+    labels = [c.label for c in default_contexts(MAX_POSITIONS)]
+    assert list(doc["contexts"]) == labels
+    metrics = ("recall_at_100", "mass_recall")
+    for c in doc["contexts"].values():
+        assert set(c["intervals"]) == {"1", "2"} and set(c["lagged_candidates"]) == {"1", "3"}
+        assert c["n_decode"] == 6
+    for m in metrics:
+        every = sum(c["intervals"]["1"][m] for c in doc["contexts"].values()) / len(labels)
+        assert doc["every_step"][m] == pytest.approx(every)
+        for rule, key in (("summary", "intervals"), ("lagged_summary", "lagged_candidates")):
+            for k, row in doc[rule].items():
+                mean = sum(c[key][k][m] for c in doc["contexts"].values()) / len(labels)
+                assert row[m] == pytest.approx(mean)
+                assert row[f"{m}_drop"] == pytest.approx(every - mean)
+                assert 0.0 <= row[m] <= 1.0
+    assert (
+        list(doc["summary"]) == ["2"] and doc["summary"]["2"]["fraction_of_steps_retrieving"] == 0.5
+    )
+    assert list(doc["lagged_summary"]) == ["1", "3"]

@@ -10,10 +10,19 @@ from pariskv_tools.eval.__main__ import build_parser, main
 from pariskv_tools.eval.budget import Budget
 from pariskv_tools.eval.layer_eval import evaluate_layer
 from pariskv_tools.eval.methods import ParisKV
-from pariskv_tools.eval.reuse import interval_quality, last_retrieval
+from pariskv_tools.eval.reuse import (
+    interval_quality,
+    lagged,
+    lagged_candidate_quality,
+    last_retrieval,
+)
 from pariskv_tools.eval.trace import LayerTrace
+from sglang_pariskv.codec.budget import candidate_ratios, num_candidates
+from sglang_pariskv.codec.collision import centroid_table, collision_scores
 from sglang_pariskv.codec.encode import encode_keys
 from sglang_pariskv.codec.pipeline import retrieve
+from sglang_pariskv.codec.query import prepare_query
+from sglang_pariskv.codec.select import rerank_topk, select_candidates, zone_mask
 from sglang_pariskv.config import ParisKVConfig
 
 HKV, G, D, N, S = 3, 3, 32, 700, 13
@@ -86,16 +95,72 @@ def test_every_step_is_the_main_evaluation():
     assert not torch.equal(got[4]["recall_at_100"], got[1]["recall_at_100"])
 
 
+def lagged_oracle(t: LayerTrace, lag: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(recall@100, mass) [S, H] step by step from the codec's stages: step s's candidates
+    are the top collision scores of step max(s - lag, s if s < lag)'s query over step s's
+    zone, reranked by step s's own query; dense weights in float64."""
+    codes = encode_keys(t.keys)
+    full = type(codes)(*(x[None] for x in codes))
+    recall = torch.zeros(S, HKV, dtype=torch.float64)
+    mass = torch.zeros(S, HKV, dtype=torch.float64)
+    for s in range(S):
+        e = s - lag if s >= lag else s
+        seq = t.seq_lens[s : s + 1]
+        seq_s = int(seq)
+        cfg = ParisKVConfig(topk=1, sink=BUDGET.sink, local=BUDGET.local, dense_threshold=0)
+        zone = seq - BUDGET.sink - BUDGET.local
+        counts = num_candidates(zone, candidate_ratios(zone, cfg), cfg)
+        table = centroid_table(prepare_query(t.queries[e : e + 1], HKV).blocks)
+        in_zone = zone_mask(N, BUDGET.sink, seq - BUDGET.local)
+        cand, valid = select_candidates(collision_scores(full.signs, table), in_zone, counts)
+        q_own = prepare_query(t.queries[s : s + 1], HKV)
+        picks = {}
+        for name, k in (("budget", int(BUDGET.retrieved(seq))), ("100", 100)):
+            pos, ok = rerank_topk(full, q_own, cand, valid, k)
+            picks[name] = [set(pos[0, h][ok[0, h]].tolist()) for h in range(HKV)]
+        q = t.queries[s].double().reshape(HKV, G, D)
+        window = set(range(seq_s - BUDGET.local, seq_s)) | set(range(BUDGET.sink))
+        for h in range(HKV):
+            k = t.keys[:seq_s, h].double()
+            probs = torch.softmax(q[h] @ k.T * D**-0.5, -1).mean(0)
+            mass[s, h] = probs[sorted(picks["budget"][h] | window)].sum()
+            zone_pos = torch.arange(BUDGET.sink, seq_s - BUDGET.local)
+            exact = k[zone_pos] @ q[h].mean(0)
+            truth = set(zone_pos[exact.argsort(descending=True)[:100]].tolist())
+            recall[s, h] = len(truth & picks["100"][h]) / 100
+    return recall, mass
+
+
+@pytest.mark.parametrize("lag", [1, 4])
+def test_lagged_candidates_match_the_codec_stages(lag):
+    t = trace(lag + 10)
+    got = lagged_candidate_quality(t, BUDGET, [lag], chunk=4)[lag]
+    recall, mass = lagged_oracle(t, lag)
+    torch.testing.assert_close(got["mass_recall"].double(), mass, atol=2e-5, rtol=0)
+    diff = (got["recall_at_100"].double() - recall).abs()
+    assert diff.max() <= 0.01 + 1e-9 and diff.mean() < 2e-3
+    # the first `lag` steps have no earlier query: they retrieve as served
+    served = interval_quality(t, BUDGET, [1])[1]
+    torch.testing.assert_close(got["mass_recall"][:lag], served["mass_recall"][:lag])
+    # later steps' candidates come from another query (drifting queries: other sets)
+    assert not torch.equal(got["mass_recall"][lag:], served["mass_recall"][lag:])
+
+
+def test_lagged_step():
+    assert lagged(torch.arange(6), 2).tolist() == [0, 1, 0, 1, 2, 3]
+
+
 def test_last_retrieval_step():
     assert last_retrieval(torch.arange(7), 3).tolist() == [0, 0, 0, 3, 3, 3, 6]
 
 
+@pytest.mark.parametrize("flag", ["--intervals", "--lags"])
 @pytest.mark.parametrize("bad", ["0,2", "x", ""])
-def test_bad_intervals_are_refused(bad, tmp_path):
-    with pytest.raises(SystemExit, match="--intervals"):
-        main(["reuse", "--intervals", bad, "--out", str(tmp_path / "r.json")])
+def test_bad_lists_are_refused(flag, bad, tmp_path):
+    with pytest.raises(SystemExit, match=flag):
+        main(["reuse", flag, bad, "--out", str(tmp_path / "r.json")])
 
 
 def test_reuse_command_is_listed():
     args = build_parser().parse_args(["reuse"])
-    assert args.intervals == "1,2,4,8,16" and args.fraction == 0.10
+    assert args.intervals == "1,2,4,8,16" and args.lags == "1,2,4" and args.fraction == 0.10

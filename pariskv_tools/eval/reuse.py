@@ -27,7 +27,7 @@ import platform
 import shlex
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -48,7 +48,9 @@ from pariskv_tools.eval.retrieval import git_commit
 from pariskv_tools.eval.trace import LayerTrace
 
 RECALL_K = 100
+METRICS = ("recall_at_100", "mass_recall")
 DEFAULT_INTERVALS = (1, 2, 4, 8, 16)
+DEFAULT_LAGS = (1, 2, 4)
 
 
 def last_retrieval(steps: torch.Tensor, interval: int) -> torch.Tensor:
@@ -56,26 +58,69 @@ def last_retrieval(steps: torch.Tensor, interval: int) -> torch.Tensor:
     return torch.div(steps, interval, rounding_mode="floor") * interval
 
 
+def lagged(steps: torch.Tensor, lag: int) -> torch.Tensor:
+    """The step whose query picks step ``t``'s candidates: ``t - lag``, or ``t`` itself
+    for the first ``lag`` steps (no earlier query: the candidates come inline)."""
+    earlier = steps - lag
+    return torch.where(earlier >= 0, earlier, steps)
+
+
 def selections(
-    trace: LayerTrace, budget: Budget, method: ParisKV, chunk: int = 64
+    trace: LayerTrace, budget: Budget, method: ParisKV, chunk: int = 64, lag: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """bool [S, H, N] per decode step: the method's retrieved set at the budget, and its
-    top-100."""
+    top-100. ``lag`` > 0: the collision stage picks step t's candidates with the query of
+    step :func:`lagged` (t, lag); the rerank and top-k use step t's own."""
     s, h, n = trace.queries.shape[0], trace.num_kv_heads, trace.num_keys
     state = method.prepare(trace)
     picked = torch.zeros(s, h, n, dtype=torch.bool)
     top100 = torch.zeros_like(picked)
     for lo in range(0, s, chunk):
-        batch = budget.batch(trace.queries[lo : lo + chunk], trace.seq_lens[lo : lo + chunk])
-        scores = method.scores(state, batch)[method.names[0]]
+        steps = torch.arange(lo, min(s, lo + chunk))
+        batch = budget.batch(trace.queries[steps], trace.seq_lens[steps])
+        earlier = trace.queries[lagged(steps, lag)] if lag else None
+        scores = method.scores(state, batch, candidate_queries=earlier)[method.names[0]]
         in_zone = zone_mask(batch.seq_lens, batch.sink, batch.local, n)
         ranked, valid = rank(scores, in_zone, max(RECALL_K, int(batch.retrieved.max())))
-        rows = ranked.shape[0]
         take = take_first(valid, batch.retrieved)
         take100 = take_first(valid, torch.full_like(batch.retrieved, RECALL_K))
-        picked[lo : lo + rows].scatter_(-1, ranked, take)
-        top100[lo : lo + rows].scatter_(-1, ranked, take100)
+        picked[lo : lo + len(steps)].scatter_(-1, ranked, take)
+        top100[lo : lo + len(steps)].scatter_(-1, ranked, take100)
     return picked, top100
+
+
+def _quality(
+    trace: LayerTrace,
+    budget: Budget,
+    picked: torch.Tensor,
+    top100: torch.Tensor,
+    source: Callable[[torch.Tensor], torch.Tensor],
+    chunk: int,
+) -> dict[str, torch.Tensor]:
+    """{"recall_at_100", "mass_recall": float32 [S, H]} when step t attends the selection
+    of step ``source(t)`` (``picked``, ``top100``), the sink and every position from that
+    step's local-window start on."""
+    s, h, n = picked.shape
+    pos = torch.arange(n)[None]
+    out: dict[str, list] = {"recall_at_100": [], "mass_recall": []}
+    for lo in range(0, s, chunk):
+        steps = torch.arange(lo, min(s, lo + chunk))
+        batch = budget.batch(trace.queries[steps], trace.seq_lens[steps])
+        seq = batch.seq_lens
+        mean_probs = dense_probs(batch.queries, trace.keys, seq).reshape(len(steps), h, -1, n)
+        mean_probs = mean_probs.mean(2)
+        in_zone = zone_mask(seq, batch.sink, batch.local, n)
+        target, _ = rank(exact_scores(batch, trace.keys), in_zone, RECALL_K)
+        truth = topk_mask(target, torch.full_like(seq, RECALL_K), n)
+        sink = pos < batch.sink[:, None]
+        r = source(steps)
+        window_start = budget.zone_end(trace.seq_lens[r])
+        since = (pos >= window_start[:, None]) & (pos < seq[:, None])  # [s, N]
+        attended = picked[r] | (sink | since)[:, None]
+        hits = (truth & (top100[r] | since[:, None])).sum(-1)
+        out["mass_recall"].append((mean_probs * attended).sum(-1))
+        out["recall_at_100"].append(hits.float() / RECALL_K)
+    return {m: torch.cat(v) for m, v in out.items()}
 
 
 def interval_quality(
@@ -89,30 +134,28 @@ def interval_quality(
     runs at every N-th decode step (step 0 retrieves)."""
     method = method or ParisKV(outputs=("full",))
     picked, top100 = selections(trace, budget, method, chunk)
-    s, h, n = picked.shape
-    pos = torch.arange(n)[None]
-    out: dict[int, dict[str, list]] = {
-        iv: {"recall_at_100": [], "mass_recall": []} for iv in intervals
+    return {
+        iv: _quality(trace, budget, picked, top100, lambda t, iv=iv: last_retrieval(t, iv), chunk)
+        for iv in intervals
     }
-    for lo in range(0, s, chunk):
-        steps = torch.arange(lo, min(s, lo + chunk))
-        batch = budget.batch(trace.queries[steps], trace.seq_lens[steps])
-        seq = batch.seq_lens
-        mean_probs = dense_probs(batch.queries, trace.keys, seq).reshape(len(steps), h, -1, n)
-        mean_probs = mean_probs.mean(2)
-        in_zone = zone_mask(seq, batch.sink, batch.local, n)
-        target, _ = rank(exact_scores(batch, trace.keys), in_zone, RECALL_K)
-        truth = topk_mask(target, torch.full_like(seq, RECALL_K), n)
-        sink = pos < batch.sink[:, None]
-        for iv in intervals:
-            r = last_retrieval(steps, iv)
-            window_start = budget.zone_end(trace.seq_lens[r])
-            since = (pos >= window_start[:, None]) & (pos < seq[:, None])  # [s, N]
-            attended = picked[r] | (sink | since)[:, None]
-            hits = (truth & (top100[r] | since[:, None])).sum(-1)
-            out[iv]["mass_recall"].append((mean_probs * attended).sum(-1))
-            out[iv]["recall_at_100"].append(hits.float() / RECALL_K)
-    return {iv: {m: torch.cat(v) for m, v in mets.items()} for iv, mets in out.items()}
+
+
+def lagged_candidate_quality(
+    trace: LayerTrace,
+    budget: Budget,
+    lags: Sequence[int],
+    method: ParisKV | None = None,
+    chunk: int = 64,
+) -> dict[int, dict[str, torch.Tensor]]:
+    """{lag: {"recall_at_100", "mass_recall": float32 [S, H]}} of one layer when every
+    step retrieves, but with the candidates its query's collision scores would give ``lag``
+    steps earlier (lag 0: the served pipeline)."""
+    method = method or ParisKV(outputs=("full",))
+    out = {}
+    for lag in lags:
+        picked, top100 = selections(trace, budget, method, chunk, lag)
+        out[lag] = _quality(trace, budget, picked, top100, lambda t: t, chunk)
+    return out
 
 
 def add_reuse_parser(sub) -> None:
@@ -125,6 +168,12 @@ def add_reuse_parser(sub) -> None:
         "--intervals",
         default=",".join(str(i) for i in DEFAULT_INTERVALS),
         help="comma list of retrieval intervals N (1: every step)",
+    )
+    p.add_argument(
+        "--lags",
+        default=",".join(str(i) for i in DEFAULT_LAGS),
+        help="comma list of lags d: every step retrieves, its candidates picked with the "
+        "query of d steps earlier (the rerank with its own)",
     )
     p.add_argument("--fraction", type=float, default=0.10, help="attended budget fraction")
     p.add_argument("--n-decode", type=int, default=1024, help="decode steps captured")
@@ -140,59 +189,73 @@ def add_reuse_parser(sub) -> None:
     add_model_args(p)
 
 
-def _intervals(text: str) -> list[int]:
+def _positive_list(text: str, flag: str, what: str) -> list[int]:
     try:
         out = [int(x) for x in text.split(",") if x]
     except ValueError:
-        raise SystemExit(f"--intervals: {text!r} is not a comma list of integers") from None
+        raise SystemExit(f"{flag}: {text!r} is not a comma list of integers") from None
     if not out or min(out) < 1:
-        raise SystemExit(f"--intervals: {text!r}: each interval must be >= 1")
+        raise SystemExit(f"{flag}: {text!r}: each {what} must be >= 1")
     return sorted(set(out))
+
+
+def _mean_by_key(per_layer: list[dict[int, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """{key: {metric: mean over layers}} of per-layer {key: {metric: value}}."""
+    return {
+        str(k): {m: sum(d[k][m] for d in per_layer) / len(per_layer) for m in METRICS}
+        for k in per_layer[0]
+    }
+
+
+def _summary(contexts: dict, field: str, every: dict[str, float]) -> dict[str, dict]:
+    """Mean over contexts of each rule setting's metrics, with the drop against retrieving
+    at every step with the step's own query (``every``)."""
+    keys = next(iter(contexts.values()))[field]
+    out = {}
+    for k in keys:
+        out[k] = {
+            m: sum(c[field][k][m] for c in contexts.values()) / len(contexts) for m in METRICS
+        }
+        for m in METRICS:
+            out[k][f"{m}_drop"] = every[m] - out[k][m]
+    return out
 
 
 def run_reuse_cli(args, argv: list[str]) -> dict:
     from pariskv_tools.workloads.models import resolve_model
 
     t0 = time.monotonic()
-    intervals = _intervals(args.intervals)
+    intervals = _positive_list(args.intervals, "--intervals", "interval")
+    lags = _positive_list(args.lags, "--lags", "lag")
     model = resolve_model(args.model, args.cache_root, args.smollm2_gguf)
     cache_dir = args.cache_dir or default_cache_dir(args.cache_root)
     contexts = {}
     for spec in default_contexts(model.max_positions):
         cap = load_or_capture(spec, args.n_decode, args.seed, cache_dir, model)
         budget = budget_for(args.fraction, cap.prompt_len)
-        per_layer = []
+        by_interval, by_lag = [], []
         for layer in range(cap.n_layers):
-            res = interval_quality(layer_trace(cap, layer), budget, intervals)
-            per_layer.append(
-                {iv: {m: v.mean().item() for m, v in d.items()} for iv, d in res.items()}
-            )
+            trace = layer_trace(cap, layer)
+            for rows, res in (
+                (by_interval, interval_quality(trace, budget, [1, *intervals])),
+                (by_lag, lagged_candidate_quality(trace, budget, lags)),
+            ):
+                rows.append({k: {m: v.mean().item() for m, v in d.items()} for k, d in res.items()})
             print(f"[reuse] {spec.label} layer {layer}", file=sys.stderr, flush=True)
         contexts[spec.label] = {
             "task": cap.meta.get("task", spec.task),
             "prompt_len": cap.prompt_len,
             "n_decode": cap.n_decode,
-            "intervals": {
-                str(iv): {
-                    m: sum(d[iv][m] for d in per_layer) / len(per_layer)
-                    for m in ("recall_at_100", "mass_recall")
-                }
-                for iv in intervals
-            },
+            "intervals": _mean_by_key(by_interval),
+            "lagged_candidates": _mean_by_key(by_lag),
         }
-    summary = {
-        str(iv): {
-            m: sum(c["intervals"][str(iv)][m] for c in contexts.values()) / len(contexts)
-            for m in ("recall_at_100", "mass_recall")
-        }
-        | {"fraction_of_steps_retrieving": 1.0 / iv}
-        for iv in intervals
-    }
-    every = summary[str(intervals[0])] if intervals[0] == 1 else None
-    if every is not None:
-        for s in summary.values():
-            s["recall_at_100_drop"] = every["recall_at_100"] - s["recall_at_100"]
-            s["mass_recall_drop"] = every["mass_recall"] - s["mass_recall"]
+    every = {m: sum(c["intervals"]["1"][m] for c in contexts.values()) / len(contexts)
+             for m in METRICS}  # fmt: skip
+    summary = _summary(contexts, "intervals", every)
+    for iv, row in summary.items():
+        row["fraction_of_steps_retrieving"] = 1.0 / int(iv)
+    summary = {k: v for k, v in summary.items() if int(k) in intervals}
+    lagged_summary = _summary(contexts, "lagged_candidates", every)
     doc = {
         "command": "python -m pariskv_tools.eval " + shlex.join(argv),
         "git_commit": git_commit(),
@@ -201,19 +264,27 @@ def run_reuse_cli(args, argv: list[str]) -> dict:
         "host": platform.node(),
         "rule": "retrieve at every N-th decode step; in between attend sink + the last "
         "retrieved top-k + every position from that retrieval's local-window start on",
+        "lagged_rule": "retrieve at every step, the candidates picked by the collision "
+        "scores of the query of d steps earlier, reranked with the step's own query",
         "fraction": args.fraction,
         "recall_k": RECALL_K,
+        "every_step": every,
         "contexts": contexts,
         "summary": summary,
+        "lagged_summary": lagged_summary,
         "runtime_s": time.monotonic() - t0,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=1))
+    print(f"every step: recall@100 {every['recall_at_100']:.3f}, mass {every['mass_recall']:.3f}")
     print(f"{'N':>3} {'retrieving':>10} {'recall@100':>10} {'mass':>7}")
-    for iv, s in summary.items():
+    for iv, row in summary.items():
         print(
-            f"{iv:>3} {s['fraction_of_steps_retrieving']:>10.3f} "
-            f"{s['recall_at_100']:>10.3f} {s['mass_recall']:>7.3f}"
+            f"{iv:>3} {row['fraction_of_steps_retrieving']:>10.3f} "
+            f"{row['recall_at_100']:>10.3f} {row['mass_recall']:>7.3f}"
         )
+    print(f"{'lag':>3} {'recall@100':>10} {'mass':>7}  (candidates from an earlier query)")
+    for lag, row in lagged_summary.items():
+        print(f"{lag:>3} {row['recall_at_100']:>10.3f} {row['mass_recall']:>7.3f}")
     print(f"wrote {args.out}", file=sys.stderr)
     return doc

@@ -154,7 +154,21 @@ class ParisKV:
         batch; the candidate count only reads the config's ratio knob."""
         return dataclasses.replace(self.config, topk=1, dense_threshold=0)
 
-    def scores(self, state: ParisKVState, batch: StepBatch) -> dict:
+    def _prepared(self, queries: torch.Tensor, state: ParisKVState, heads: int):
+        """The codec's prepared query (s ∘ q with the layer's channel scales, if any)."""
+        h = state.signs.shape[1]
+        if state.scale is not None:  # each head of a group takes its KV head's scales
+            queries = queries * state.scale.repeat_interleave(queries.shape[1] // h, 0)
+        return prepare_query(self._unrotate(queries), heads, self.config.rotation_seed)
+
+    def scores(
+        self,
+        state: ParisKVState,
+        batch: StepBatch,
+        candidate_queries: torch.Tensor | None = None,
+    ) -> dict:
+        """``candidate_queries`` [S, Hq, D]: the queries the collision stage picks the
+        candidates with (default: the batch's own); the rerank always uses the batch's."""
         cfg = self.step_config()
         seq_lens = batch.seq_lens.to(torch.int64)
         n, h, b = state.signs.shape
@@ -164,15 +178,12 @@ class ParisKV:
 
         heads = batch.queries.shape[1] if self.gqa == "max" else h
         group = heads // h
-        queries = batch.queries
-        scale = state.scale
-        if scale is not None:  # s ∘ q per query head (each head of a group takes its KV head's)
-            queries = queries * scale.repeat_interleave(queries.shape[1] // h, 0)
-        q = prepare_query(self._unrotate(queries), heads, cfg.rotation_seed)
+        q = self._prepared(batch.queries, state, heads)
+        qc = q if candidate_queries is None else self._prepared(candidate_queries, state, heads)
         signs = state.signs
         if group > 1:
             signs = signs.repeat_interleave(group, dim=1)
-        coll = fast_collision_scores(signs, centroid_table(q.blocks))
+        coll = fast_collision_scores(signs, centroid_table(qc.blocks))
         eff = state.eff_keys.repeat_interleave(group, dim=1) if group > 1 else state.eff_keys
         if self.rerank == "keys":
             est = torch.einsum("shd,nhd->shn", group_mean_query(batch.queries, h), eff)
