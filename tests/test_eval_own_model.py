@@ -279,11 +279,12 @@ def test_reuse_eval_on_own_model(tiny, tmp_path):
     out = tmp_path / "reuse.json"
     cache = str(tmp_path / "cache")
     argv = ["reuse", "--model", str(path), "--n-decode", "6", "--intervals", "2",
-            "--lags", "1,3", "--cache-root", cache, "--out", str(out)]  # fmt: skip
+            "--lags", "1,3", "--candidate-ratio", "0.3", "--cache-root", cache,
+            "--out", str(out)]  # fmt: skip
     eval_cli.main(argv)
     doc = json.loads(out.read_text())
     labels = [c.label for c in default_contexts(MAX_POSITIONS)]
-    assert list(doc["contexts"]) == labels
+    assert list(doc["contexts"]) == labels and doc["candidate_ratio"] == 0.3
     metrics = ("recall_at_100", "mass_recall")
     for c in doc["contexts"].values():
         assert set(c["intervals"]) == {"1", "2"} and set(c["lagged_candidates"]) == {"1", "3"}

@@ -146,6 +146,17 @@ def test_lagged_candidates_match_the_codec_stages(lag):
     assert not torch.equal(got["mass_recall"][lag:], served["mass_recall"][lag:])
 
 
+def test_lag_is_free_when_every_zone_key_is_a_candidate():
+    """At candidate ratio 1 the collision stage keeps the whole zone whatever the query, so
+    an earlier query's candidates are this step's."""
+    t = trace(3)
+    method = ParisKV(ParisKVConfig(candidate_ratio=1.0), outputs=("full",))
+    lagged_q = lagged_candidate_quality(t, BUDGET, [2], method)[2]
+    served = interval_quality(t, BUDGET, [1], method)[1]
+    for m in ("recall_at_100", "mass_recall"):
+        torch.testing.assert_close(lagged_q[m], served[m])
+
+
 def test_lagged_step():
     assert lagged(torch.arange(6), 2).tolist() == [0, 1, 0, 1, 2, 3]
 
@@ -161,6 +172,13 @@ def test_bad_lists_are_refused(flag, bad, tmp_path):
         main(["reuse", flag, bad, "--out", str(tmp_path / "r.json")])
 
 
+@pytest.mark.parametrize("bad", ["0", "1.5", "nan"])
+def test_bad_candidate_ratio_is_refused(bad, tmp_path):
+    with pytest.raises(SystemExit, match="--candidate-ratio"):
+        main(["reuse", "--candidate-ratio", bad, "--out", str(tmp_path / "r.json")])
+
+
 def test_reuse_command_is_listed():
     args = build_parser().parse_args(["reuse"])
     assert args.intervals == "1,2,4,8,16" and args.lags == "1,2,4" and args.fraction == 0.10
+    assert args.candidate_ratio is None

@@ -46,6 +46,7 @@ from pariskv_tools.eval.metrics import dense_probs, take_first, topk_mask
 from pariskv_tools.eval.ranking import rank, zone_mask
 from pariskv_tools.eval.retrieval import git_commit
 from pariskv_tools.eval.trace import LayerTrace
+from sglang_pariskv.config import ParisKVConfig, ParisKVConfigError
 
 RECALL_K = 100
 METRICS = ("recall_at_100", "mass_recall")
@@ -176,6 +177,12 @@ def add_reuse_parser(sub) -> None:
         "query of d steps earlier (the rerank with its own)",
     )
     p.add_argument("--fraction", type=float, default=0.10, help="attended budget fraction")
+    p.add_argument(
+        "--candidate-ratio",
+        type=float,
+        help="ParisKV's candidate ratio in (0, 1] (default: the served length-adaptive one; "
+        "0.1 is what it picks from 30K tokens on)",
+    )
     p.add_argument("--n-decode", type=int, default=1024, help="decode steps captured")
     p.add_argument("--seed", type=int, default=0, help="seed of the tasks")
     p.add_argument("--cache-dir", type=Path, help="captured traces (default: under --cache-root)")
@@ -227,6 +234,10 @@ def run_reuse_cli(args, argv: list[str]) -> dict:
     t0 = time.monotonic()
     intervals = _positive_list(args.intervals, "--intervals", "interval")
     lags = _positive_list(args.lags, "--lags", "lag")
+    try:
+        method = ParisKV(ParisKVConfig(candidate_ratio=args.candidate_ratio), outputs=("full",))
+    except ParisKVConfigError as e:
+        raise SystemExit(f"--candidate-ratio: {e}") from None
     model = resolve_model(args.model, args.cache_root, args.smollm2_gguf)
     cache_dir = args.cache_dir or default_cache_dir(args.cache_root)
     contexts = {}
@@ -237,8 +248,8 @@ def run_reuse_cli(args, argv: list[str]) -> dict:
         for layer in range(cap.n_layers):
             trace = layer_trace(cap, layer)
             for rows, res in (
-                (by_interval, interval_quality(trace, budget, [1, *intervals])),
-                (by_lag, lagged_candidate_quality(trace, budget, lags)),
+                (by_interval, interval_quality(trace, budget, [1, *intervals], method)),
+                (by_lag, lagged_candidate_quality(trace, budget, lags, method)),
             ):
                 rows.append({k: {m: v.mean().item() for m, v in d.items()} for k, d in res.items()})
             print(f"[reuse] {spec.label} layer {layer}", file=sys.stderr, flush=True)
@@ -267,6 +278,7 @@ def run_reuse_cli(args, argv: list[str]) -> dict:
         "lagged_rule": "retrieve at every step, the candidates picked by the collision "
         "scores of the query of d steps earlier, reranked with the step's own query",
         "fraction": args.fraction,
+        "candidate_ratio": args.candidate_ratio or "auto",
         "recall_k": RECALL_K,
         "every_step": every,
         "contexts": contexts,
