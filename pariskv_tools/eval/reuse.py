@@ -90,20 +90,21 @@ def selections(
     return picked, top100
 
 
-def _quality(
-    trace: LayerTrace,
-    budget: Budget,
-    picked: torch.Tensor,
-    top100: torch.Tensor,
-    source: Callable[[torch.Tensor], torch.Tensor],
-    chunk: int,
-) -> dict[str, torch.Tensor]:
-    """{"recall_at_100", "mass_recall": float32 [S, H]} when step t attends the selection
-    of step ``source(t)`` (``picked``, ``top100``), the sink and every position from that
-    step's local-window start on."""
-    s, h, n = picked.shape
+#: A selection rule as :func:`rule_quality` scores it: each step's retrieved set and
+#: top-100 (bool [S, H, N]), and which step's selection step t attends.
+Rule = tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
+
+
+def rule_quality(
+    trace: LayerTrace, budget: Budget, rules: dict, chunk: int = 64
+) -> dict[object, dict[str, torch.Tensor]]:
+    """{rule key: {"recall_at_100", "mass_recall": float32 [S, H]}} of one layer, for
+    rules (:data:`Rule`) under which step t attends the selection of step ``source(t)``,
+    the sink and every position from that step's local-window start on. The dense
+    attention and exact top-100 of each step are computed once for all rules."""
+    s, h, n = trace.queries.shape[0], trace.num_kv_heads, trace.num_keys
     pos = torch.arange(n)[None]
-    out: dict[str, list] = {"recall_at_100": [], "mass_recall": []}
+    out = {key: {m: [] for m in METRICS} for key in rules}
     for lo in range(0, s, chunk):
         steps = torch.arange(lo, min(s, lo + chunk))
         batch = budget.batch(trace.queries[steps], trace.seq_lens[steps])
@@ -114,14 +115,30 @@ def _quality(
         target, _ = rank(exact_scores(batch, trace.keys), in_zone, RECALL_K)
         truth = topk_mask(target, torch.full_like(seq, RECALL_K), n)
         sink = pos < batch.sink[:, None]
-        r = source(steps)
-        window_start = budget.zone_end(trace.seq_lens[r])
-        since = (pos >= window_start[:, None]) & (pos < seq[:, None])  # [s, N]
-        attended = picked[r] | (sink | since)[:, None]
-        hits = (truth & (top100[r] | since[:, None])).sum(-1)
-        out["mass_recall"].append((mean_probs * attended).sum(-1))
-        out["recall_at_100"].append(hits.float() / RECALL_K)
-    return {m: torch.cat(v) for m, v in out.items()}
+        for key, (picked, top100, source) in rules.items():
+            r = source(steps)
+            window_start = budget.zone_end(trace.seq_lens[r])
+            since = (pos >= window_start[:, None]) & (pos < seq[:, None])  # [s, N]
+            attended = picked[r] | (sink | since)[:, None]
+            hits = (truth & (top100[r] | since[:, None])).sum(-1)
+            out[key]["mass_recall"].append((mean_probs * attended).sum(-1))
+            out[key]["recall_at_100"].append(hits.float() / RECALL_K)
+    return {key: {m: torch.cat(v) for m, v in mets.items()} for key, mets in out.items()}
+
+
+def interval_rules(
+    trace: LayerTrace, budget: Budget, intervals: Sequence[int], method: ParisKV, chunk: int = 64
+) -> dict[int, Rule]:
+    """Retrieval at every N-th decode step (step 0 retrieves), keyed by N."""
+    picked, top100 = selections(trace, budget, method, chunk)
+    return {iv: (picked, top100, lambda t, iv=iv: last_retrieval(t, iv)) for iv in intervals}
+
+
+def lagged_rules(
+    trace: LayerTrace, budget: Budget, lags: Sequence[int], method: ParisKV, chunk: int = 64
+) -> dict[int, Rule]:
+    """Retrieval at every step with the candidates an earlier query picks, keyed by lag."""
+    return {lag: (*selections(trace, budget, method, chunk, lag), lambda t: t) for lag in lags}
 
 
 def interval_quality(
@@ -134,11 +151,9 @@ def interval_quality(
     """{N: {"recall_at_100", "mass_recall": float32 [S, H]}} of one layer when retrieval
     runs at every N-th decode step (step 0 retrieves)."""
     method = method or ParisKV(outputs=("full",))
-    picked, top100 = selections(trace, budget, method, chunk)
-    return {
-        iv: _quality(trace, budget, picked, top100, lambda t, iv=iv: last_retrieval(t, iv), chunk)
-        for iv in intervals
-    }
+    return rule_quality(
+        trace, budget, interval_rules(trace, budget, intervals, method, chunk), chunk
+    )
 
 
 def lagged_candidate_quality(
@@ -152,11 +167,7 @@ def lagged_candidate_quality(
     step retrieves, but with the candidates its query's collision scores would give ``lag``
     steps earlier (lag 0: the served pipeline)."""
     method = method or ParisKV(outputs=("full",))
-    out = {}
-    for lag in lags:
-        picked, top100 = selections(trace, budget, method, chunk, lag)
-        out[lag] = _quality(trace, budget, picked, top100, lambda t: t, chunk)
-    return out
+    return rule_quality(trace, budget, lagged_rules(trace, budget, lags, method, chunk), chunk)
 
 
 def add_reuse_parser(sub) -> None:
@@ -247,11 +258,18 @@ def run_reuse_cli(args, argv: list[str]) -> dict:
         by_interval, by_lag = [], []
         for layer in range(cap.n_layers):
             trace = layer_trace(cap, layer)
-            for rows, res in (
-                (by_interval, interval_quality(trace, budget, [1, *intervals], method)),
-                (by_lag, lagged_candidate_quality(trace, budget, lags, method)),
-            ):
-                rows.append({k: {m: v.mean().item() for m, v in d.items()} for k, d in res.items()})
+            rules = {("interval", k): r for k, r in
+                     interval_rules(trace, budget, [1, *intervals], method).items()}  # fmt: skip
+            rules |= {("lag", k): r for k, r in lagged_rules(trace, budget, lags, method).items()}
+            res = rule_quality(trace, budget, rules)
+            for rows, kind in ((by_interval, "interval"), (by_lag, "lag")):
+                rows.append(
+                    {
+                        k: {m: v.mean().item() for m, v in d.items()}
+                        for (which, k), d in res.items()
+                        if which == kind
+                    }  # fmt: skip
+                )
             print(f"[reuse] {spec.label} layer {layer}", file=sys.stderr, flush=True)
         contexts[spec.label] = {
             "task": cap.meta.get("task", spec.task),
