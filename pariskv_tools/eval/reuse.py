@@ -1,15 +1,21 @@
-"""``python -m pariskv_tools.eval reuse``: what retrieving only every N-th decode step costs
-in retrieval quality.
+"""``python -m pariskv_tools.eval reuse``: what two cheaper retrieval rules cost in
+retrieval quality, against retrieving at every step with the step's own query (served).
 
-A server can skip a step's retrieval kernels entirely only if it decides on the host,
-before the step, that no request needs a new selection: then the step replays a decode
-graph without the retrieval path. The one rule the host can apply without the step's
-queries is an interval: retrieve at every N-th step, and in between attend over the sink,
-the last retrieved top-k and every position from the last retrieval's local window on
-(the window start does not move, so tokens that leave the window stay attended, and the
-tokens generated since join). This scores that rule on captured traces, every decode step
-of every layer at the 10% budget of the evaluation, against retrieving at every step
-(N = 1, the served behaviour):
+**Every N-th step.** A server can skip a step's retrieval kernels entirely only if it
+decides on the host, before the step, that no request needs a new selection: then the step
+replays a decode graph without the retrieval path. The one rule the host can apply without
+the step's queries is an interval: retrieve at every N-th step, and in between attend over
+the sink, the last retrieved top-k and every position from the last retrieval's local
+window on (the window start does not move, so tokens that leave the window stay attended,
+and the tokens generated since join).
+
+**Candidates from an earlier query (lag d).** Every step retrieves, but its candidates are
+the ones the collision scores of the query of d steps earlier pick over the step's own
+zone; the rerank and top-k use the step's own query. The collision stage would then not
+need the step's query, so a server could run it a step ahead, off a layer's critical path.
+
+Both are scored on captured traces, every decode step of every layer at the 10% budget of
+the evaluation:
 
 * **recall@100**: of the exact top-100 zone keys of step t (group-mean q·k over
   [sink, seq_len - local)), the share inside ParisKV's top-100 of the last retrieval step
@@ -17,7 +23,7 @@ of every layer at the 10% budget of the evaluation, against retrieving at every 
 * **mass recall**: step t's dense softmax mass (group mean) on the attended set.
 
 Between retrievals a step attends up to N - 1 tokens more than the budget (the positions
-generated since), so the rule is scored slightly in its favour.
+generated since), so the interval rule is scored slightly in its favour.
 """
 
 from __future__ import annotations
@@ -173,7 +179,8 @@ def lagged_candidate_quality(
 def add_reuse_parser(sub) -> None:
     p = sub.add_parser(
         "reuse",
-        help="retrieval quality when retrieving only every N-th decode step",
+        help="retrieval quality when retrieving only every N-th decode step, or with an "
+        "earlier step's candidates",
         formatter_class=HelpFormatter,
     )
     p.add_argument(
