@@ -9,7 +9,16 @@ layers' retrieval in three settings and reports each retrieval kernel's mean dur
 * ``alone``: every layer reads the same code pool, nothing else runs;
 * ``per_layer_pools``: each layer has its own code pool (as in SGLang: 32 pools);
 * ``step``: per-layer pools plus a weight-streaming matmul between layers sized like the
-  layer's weight GEMMs (Llama-3.1-8B: about 436 MB per layer in bf16).
+  layer's weight GEMMs (Llama-3.1-8B: about 436 MB per layer in bf16);
+* ``lagged_step``: ``step`` with each layer's collision stage (scan and count) moved off the
+  critical path: it runs on a side stream from this step's query table and leaves its
+  scores for the next step, while the layer's rerank, top-k and assembly read the scores the
+  previous step left (candidates from the previous step's query, reranked with this step's;
+  its quality: ``python -m pariskv_tools.eval reuse``, docs/retrieval_quality.md);
+* ``weights``: the matmuls alone, the floor the other two step modes add retrieval to.
+
+``step_ms`` of ``step`` and ``lagged_step`` against ``weights`` is what the collision stage
+costs a decode step on its critical path, and what running it a step ahead would save.
 
     python benchmarks/bench_retrieval_in_step.py --out benchmarks/results/retrieval_in_step.json
 """
@@ -42,7 +51,7 @@ STAGE_KERNELS = {
     "topk": "topk_kernel",
     "assemble": "_assemble_kernel",
 }
-MODES = ("alone", "per_layer_pools", "step")
+MODES = ("alone", "per_layer_pools", "step", "lagged_step", "weights")
 
 
 def stage_means_us(events: list[tuple[str, float]]) -> dict[str, float]:
@@ -110,20 +119,108 @@ def run(
     return modes_of(ws, codes, q, rtt, rpi, x, w, layers, modes)
 
 
+class LaggedCollision:
+    """Per-layer buffers of the collision stage run a step ahead, in two sets (steps
+    alternate between them): the step of parity ``p`` writes set ``p`` on the side stream
+    and reranks from set ``1 - p``, which the previous step wrote. The query table is per
+    layer too, so that the side stream of layer ``l`` reads its own while the main stream
+    has moved on to layer ``l + 1``."""
+
+    def __init__(self, ws, layers: int) -> None:
+        from sglang_pariskv.kernels.select import CandidateBuffers
+
+        if not ws.use_cuda:
+            raise SystemExit("lagged_step needs the csrc/ kernels (a CUDA build)")
+        rows = ws.max_batch * ws.hkv
+        self.ws = ws
+        self.side = torch.cuda.Stream(ws.device)
+        self.table = [torch.empty_like(ws.table) for _ in range(layers)]
+        self.scores = [[torch.zeros_like(ws.scores) for _ in range(layers)] for _ in range(2)]
+        self.hist = [[torch.zeros_like(ws.score_hist) for _ in range(layers)] for _ in range(2)]
+        self.sel = [
+            [CandidateBuffers(rows, ws.max_context, ws.sel.chunk, ws.device) for _ in range(layers)]
+            for _ in range(2)
+        ]
+
+    def _collide_into(self, p: int, layer: int, q, codes, rtt, rpi) -> None:
+        """Bind the workspace to set ``p`` of ``layer`` and run the query table there."""
+        ws = self.ws
+        ws.table, ws.score_hist = self.table[layer], self.hist[p][layer]
+        ws.scores, ws.sel = self.scores[p][layer], self.sel[p][layer]
+        ws.bind(q, codes, rtt, rpi)
+        ws._stage_query_table()
+
+    def prime(self, q, codes: list, rtt, rpi) -> None:
+        """Fill both sets of every layer, as a request's first sparse step would inline:
+        the first lagged step then reranks from valid scores and thresholds."""
+        for p in (0, 1):
+            for layer, c in enumerate(codes):
+                self._collide_into(p, layer, q, c, rtt, rpi)
+                self.ws._stage_scan()
+                self.ws._stage_select()
+        torch.cuda.synchronize()
+
+    def layer(self, p: int, layer: int, q, codes, rtt, rpi) -> None:
+        """One layer of a step of parity ``p``."""
+        ws = self.ws
+        self._collide_into(p, layer, q, codes, rtt, rpi)
+        self.side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.side):
+            ws._stage_scan()
+            ws._stage_select()
+        st = ws._st
+        st.scores, ws.sel = self.scores[1 - p][layer][: st.r], self.sel[1 - p][layer]
+        ws._stage_rerank()
+        ws._stage_topk()
+        ws._stage_assemble()
+
+    def join(self) -> None:
+        torch.cuda.current_stream().wait_stream(self.side)
+
+
+def lagged_indices_match(ws, replay, q, codes, rtt, rpi) -> bool:
+    """The query does not move between the bench's steps, so the candidates a step ahead
+    are the step's own and the lagged pipeline must attend to the very indices of the
+    inline one (the last layer's, which the index buffer holds after a step)."""
+    replay()
+    torch.cuda.synchronize()
+    lagged = ws.kv_indices.clone()
+    n = int(ws.run(q, codes[-1], rtt, rpi).kv_indptr[-1])
+    return bool(torch.equal(lagged[:n], ws.kv_indices[:n]))
+
+
 def modes_of(ws, codes, q, rtt, rpi, x, w, layers: int, modes=MODES) -> dict:
     res = {}
+    lagged = None
+    if "lagged_step" in modes:
+        lagged = LaggedCollision(ws, layers)
+        lagged.prime(q, codes, rtt, rpi)
     for mode in modes:
 
-        def step(mode=mode):
+        def step(mode=mode, p=0):
             for layer in range(layers):
-                if mode == "step":
+                if mode in ("step", "lagged_step", "weights"):
                     torch.matmul(x, w)
-                pool = codes[0] if mode == "alone" else codes[layer]
-                ws.run(q, pool, rtt, rpi)
+                if mode == "lagged_step":
+                    lagged.layer(p, layer, q, codes[layer], rtt, rpi)
+                elif mode != "weights":
+                    ws.run(q, codes[0] if mode == "alone" else codes[layer], rtt, rpi)
+            if mode == "lagged_step":
+                lagged.join()
 
         g, events = profiled_graph(step)
+        replay = g.replay
+        if mode == "lagged_step":  # steps alternate between the two sets of buffers
+            g1 = bk.graph_of(lambda: step(p=1))
+
+            def replay(g=g, g1=g1):
+                g.replay()
+                g1.replay()
+
         res[mode] = stage_means_us(events)
-        res[mode]["step_ms"] = bk.bench_ms(g.replay)
+        res[mode]["step_ms"] = bk.bench_ms(replay) / (2 if mode == "lagged_step" else 1)
+        if mode == "lagged_step":
+            res[mode]["indices_match_step"] = lagged_indices_match(ws, replay, q, codes, rtt, rpi)
         print(mode, {k: round(v, 1) for k, v in res[mode].items()}, flush=True)
     return res
 
@@ -137,10 +234,12 @@ def plot(path: Path) -> Path:
     rep = json.loads(path.read_text())
     stages = list(STAGE_KERNELS)
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    wdt = 0.8 / len(MODES)
-    for i, mode in enumerate(MODES):
-        vals = [rep["modes"].get(mode, {}).get(s, 0.0) for s in stages]
-        ax.bar([j + (i - 1) * wdt for j in range(len(stages))], vals, wdt, label=mode)
+    shown = [m for m in MODES if m in rep["modes"] and m != "weights"]
+    wdt = 0.8 / max(len(shown), 1)
+    for i, mode in enumerate(shown):
+        vals = [rep["modes"][mode].get(s, 0.0) for s in stages]
+        off = (i - (len(shown) - 1) / 2) * wdt
+        ax.bar([j + off for j in range(len(stages))], vals, wdt, label=mode)
     ax.set_xticks(range(len(stages)), stages)
     ax.set_ylabel("mean kernel time per layer (us)")
     ax.set_title(f"retrieval kernels in a step vs alone, {rep['N'] // 1024}K x {rep['batch']}, "

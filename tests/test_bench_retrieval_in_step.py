@@ -3,6 +3,8 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from bench_retrieval_in_step import stage_means_us  # noqa: E402
@@ -20,3 +22,17 @@ def test_stage_means_group_kernels_by_name_and_drop_the_rest():
     ]
     got = stage_means_us(events)
     assert got == {"write_rerank": 35.0, "scan": 22.0, "topk": 15.0, "count": 3.0}
+
+
+@pytest.mark.gpu
+def test_collision_a_step_ahead_attends_to_the_inline_steps_indices():
+    """With a query that does not move, the lagged pipeline (collision stage on a side
+    stream for the next step) must give the inline pipeline's indices; both step modes
+    and the weights floor are timed."""
+    import torch
+    from bench_retrieval_in_step import run
+
+    got = run(16384, 2, 3, 8.0, torch.device("cuda"), ("step", "lagged_step", "weights"))
+    assert got["lagged_step"]["indices_match_step"] is True
+    assert {"scan", "count", "write_rerank", "topk"} <= got["lagged_step"].keys()
+    assert all(got[m]["step_ms"] > 0 for m in got)
