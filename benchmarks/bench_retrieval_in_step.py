@@ -3,7 +3,7 @@
 SGLang's profile of a 128K x 2 step (results/profile_decode_128k_b2.json) times the
 candidate write + rerank at 36 us per layer, while the same kernel takes about 19.5 us
 alone. This bench replays one CUDA graph of ``--layers``
-layers' retrieval in three settings and reports each retrieval kernel's mean duration
+layers' retrieval in several settings and reports each retrieval kernel's mean duration
 (torch.profiler, CUPTI kernel times):
 
 * ``alone``: every layer reads the same code pool, nothing else runs;
@@ -14,10 +14,13 @@ layers' retrieval in three settings and reports each retrieval kernel's mean dur
   critical path: it runs on a side stream from this step's query table and leaves its
   scores for the next step, while the layer's rerank, top-k and assembly read the scores the
   previous step left (candidates from the previous step's query, reranked with this step's;
-  its quality: ``python -m pariskv_tools.eval reuse``, docs/retrieval_quality.md);
-* ``weights``: the matmuls alone, the floor the other two step modes add retrieval to.
+  its quality: ``python -m pariskv_tools.eval reuse``, docs/retrieval_quality.md); the
+  side stream starts once the layer's query table is made, beside the rerank;
+* ``lagged_late_step``: the same, with the side stream started after the layer's rerank,
+  so that it runs beside the top-k, the assembly and the next layer's matmul instead;
+* ``weights``: the matmuls alone, the floor the other step modes add retrieval to.
 
-``step_ms`` of ``step`` and ``lagged_step`` against ``weights`` is what the collision stage
+``step_ms`` of ``step`` and of a lagged mode against ``weights`` is what the collision stage
 costs a decode step on its critical path, and what running it a step ahead would save.
 
     python benchmarks/bench_retrieval_in_step.py --out benchmarks/results/retrieval_in_step.json
@@ -51,7 +54,9 @@ STAGE_KERNELS = {
     "topk": "topk_kernel",
     "assemble": "_assemble_kernel",
 }
-MODES = ("alone", "per_layer_pools", "step", "lagged_step", "weights")
+MODES = ("alone", "per_layer_pools", "step", "lagged_step", "lagged_late_step", "weights")
+#: The step modes that run the collision stage a step ahead.
+LAGGED = ("lagged_step", "lagged_late_step")
 
 
 def stage_means_us(events: list[tuple[str, float]]) -> dict[str, float]:
@@ -160,17 +165,28 @@ class LaggedCollision:
                 self.ws._stage_select()
         torch.cuda.synchronize()
 
-    def layer(self, p: int, layer: int, q, codes, rtt, rpi) -> None:
-        """One layer of a step of parity ``p``."""
+    def layer(self, p: int, layer: int, q, codes, rtt, rpi, late: bool = False) -> None:
+        """One layer of a step of parity ``p``; ``late``: the side stream starts after the
+        layer's rerank instead of after its query table."""
         ws = self.ws
         self._collide_into(p, layer, q, codes, rtt, rpi)
-        self.side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.side):
-            ws._stage_scan()
-            ws._stage_select()
         st = ws._st
-        st.scores, ws.sel = self.scores[1 - p][layer][: st.r], self.sel[1 - p][layer]
+        ahead = (self.scores[p][layer][: st.r], self.sel[p][layer])
+        behind = (self.scores[1 - p][layer][: st.r], self.sel[1 - p][layer])
+
+        def collide_ahead() -> None:
+            self.side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side):
+                st.scores, ws.sel = ahead
+                ws._stage_scan()
+                ws._stage_select()
+
+        if not late:
+            collide_ahead()
+        st.scores, ws.sel = behind
         ws._stage_rerank()
+        if late:
+            collide_ahead()
         ws._stage_topk()
         ws._stage_assemble()
 
@@ -196,25 +212,26 @@ def lagged_indices_match(ws, replay, q, codes, rtt, rpi) -> bool:
 def modes_of(ws, codes, q, rtt, rpi, x, w, layers: int, modes=MODES) -> dict:
     res = {}
     lagged = None
-    if "lagged_step" in modes:
+    if set(LAGGED) & set(modes):
         lagged = LaggedCollision(ws, layers)
         lagged.prime(q, codes, rtt, rpi)
     for mode in modes:
 
         def step(mode=mode, p=0):
             for layer in range(layers):
-                if mode in ("step", "lagged_step", "weights"):
+                if mode in ("step", "weights", *LAGGED):
                     torch.matmul(x, w)
-                if mode == "lagged_step":
-                    lagged.layer(p, layer, q, codes[layer], rtt, rpi)
+                if mode in LAGGED:
+                    late = mode == "lagged_late_step"
+                    lagged.layer(p, layer, q, codes[layer], rtt, rpi, late)
                 elif mode != "weights":
                     ws.run(q, codes[0] if mode == "alone" else codes[layer], rtt, rpi)
-            if mode == "lagged_step":
+            if mode in LAGGED:
                 lagged.join()
 
         g, events = profiled_graph(step)
         replay = g.replay
-        if mode == "lagged_step":  # steps alternate between the two sets of buffers
+        if mode in LAGGED:  # steps alternate between the two sets of buffers
             g1 = bk.graph_of(lambda: step(p=1))
 
             def replay(g=g, g1=g1):
@@ -222,8 +239,8 @@ def modes_of(ws, codes, q, rtt, rpi, x, w, layers: int, modes=MODES) -> dict:
                 g1.replay()
 
         res[mode] = stage_means_us(events)
-        res[mode]["step_ms"] = bk.bench_ms(replay) / (2 if mode == "lagged_step" else 1)
-        if mode == "lagged_step":
+        res[mode]["step_ms"] = bk.bench_ms(replay) / (2 if mode in LAGGED else 1)
+        if mode in LAGGED:
             res[mode]["indices_match_step"] = lagged_indices_match(ws, replay, q, codes, rtt, rpi)
         print(mode, {k: round(v, 1) for k, v in res[mode].items()}, flush=True)
     return res

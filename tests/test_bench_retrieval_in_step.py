@@ -32,7 +32,9 @@ def test_collision_a_step_ahead_attends_to_the_inline_steps_indices():
     import torch
     from bench_retrieval_in_step import run
 
-    got = run(16384, 2, 3, 8.0, torch.device("cuda"), ("step", "lagged_step", "weights"))
-    assert got["lagged_step"]["indices_match_step"] is True
-    assert {"scan", "count", "write_rerank", "topk"} <= got["lagged_step"].keys()
+    modes = ("step", "lagged_step", "lagged_late_step", "weights")
+    got = run(16384, 2, 3, 8.0, torch.device("cuda"), modes)
+    for mode in ("lagged_step", "lagged_late_step"):
+        assert got[mode]["indices_match_step"] is True
+        assert {"scan", "count", "write_rerank", "topk"} <= got[mode].keys()
     assert all(got[m]["step_ms"] > 0 for m in got)
