@@ -24,6 +24,9 @@ layers' retrieval in several settings and reports each retrieval kernel's mean d
 costs a decode step on its critical path, and what running it a step ahead would save.
 
     python benchmarks/bench_retrieval_in_step.py --out benchmarks/results/retrieval_in_step.json
+
+``--combine`` gathers runs of several batch sizes (each with the ``weights`` mode) into one
+file with, per batch, what retrieval adds to a step in each step mode, and draws it.
 """
 
 from __future__ import annotations
@@ -57,6 +60,8 @@ STAGE_KERNELS = {
 MODES = ("alone", "per_layer_pools", "step", "lagged_step", "lagged_late_step", "weights")
 #: The step modes that run the collision stage a step ahead.
 LAGGED = ("lagged_step", "lagged_late_step")
+#: The modes with a matmul between layers, which the ``weights`` mode is the floor of.
+STEP_MODES = ("step", *LAGGED)
 
 
 def stage_means_us(events: list[tuple[str, float]]) -> dict[str, float]:
@@ -272,6 +277,61 @@ def plot(path: Path) -> Path:
     return out
 
 
+def combine(paths: list[Path], git_commit: str | None = None) -> dict:
+    """Runs of one device (one file per batch size, each with the ``weights`` mode) as one
+    results file: the runs as written, and per batch what retrieval adds to a step in each
+    step mode (its ``step_ms`` minus the weights-only step's)."""
+    runs = [json.loads(p.read_text()) for p in paths]
+    devices = sorted({r["device"] for r in runs})
+    if len(devices) != 1:
+        raise SystemExit(f"--combine: runs from several devices {devices}; combine one device's")
+    added = {}
+    for path, r in zip(paths, runs, strict=True):
+        modes = r["modes"]
+        if "weights" not in modes:
+            raise SystemExit(f"--combine: {path} has no 'weights' mode; rerun it with one")
+        floor = modes["weights"]["step_ms"]
+        added[str(r["batch"])] = {
+            m: modes[m]["step_ms"] - floor for m in STEP_MODES if m in modes
+        }  # fmt: skip
+    out = {"device": devices[0], "versions": runs[0]["versions"]}
+    if git_commit:
+        out["git_commit"] = git_commit
+    return out | {
+        "what": f"{runs[0]['layers']} layers of retrieval at {runs[0]['N']} tokens per request "
+        f"in one CUDA graph, a {runs[0]['weight_mb_per_layer']:g} MB matmul between layers; "
+        "added_ms: each step mode's step_ms minus the weights-only step's",
+        "runs": runs,
+        "added_ms": added,
+    }
+
+
+def plot_added(path: Path) -> Path:
+    """Bars of what retrieval adds to a step, per batch and step mode, of a combined file."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rep = json.loads(path.read_text())
+    batches = list(rep["added_ms"])
+    shown = [m for m in STEP_MODES if any(m in v for v in rep["added_ms"].values())]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    wdt = 0.8 / max(len(shown), 1)
+    for i, mode in enumerate(shown):
+        off = (i - (len(shown) - 1) / 2) * wdt
+        vals = [rep["added_ms"][b].get(mode, 0.0) for b in batches]
+        ax.bar([j + off for j in range(len(batches))], vals, wdt, label=mode)
+    ax.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
+    ax.set_ylabel("ms retrieval adds to a step")
+    ax.set_title(f"{rep['runs'][0]['N'] // 1024}K tokens per request, {rep['device']}", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = path.with_suffix(".png")
+    fig.savefig(out, dpi=110)
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     ap.add_argument("--n", type=int, default=131072, help="tokens per request")
@@ -292,11 +352,28 @@ def build_parser() -> argparse.ArgumentParser:
         default=Path("benchmarks/results/retrieval_in_step.json"),
         help="results JSON",
     )
+    ap.add_argument(
+        "--combine",
+        nargs="+",
+        type=Path,
+        metavar="JSON",
+        help="run nothing: write the runs in these results files (one device, one batch "
+        "each, with the weights mode) to --out as one file, and draw it",
+    )
+    ap.add_argument(
+        "--git-commit", help="with --combine: the commit the runs measured (the host has no .git)"
+    )
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.combine:
+        if args.out in args.combine:
+            raise SystemExit("--combine: --out must not be one of the files combined")
+        args.out.write_text(json.dumps(combine(args.combine, args.git_commit), indent=1))
+        print(plot_added(args.out))
+        return 0
     dev = torch.device("cuda")
     t0 = time.time()
     rep = {

@@ -38,3 +38,54 @@ def test_collision_a_step_ahead_attends_to_the_inline_steps_indices():
         assert got[mode]["indices_match_step"] is True
         assert {"scan", "count", "write_rerank", "topk"} <= got[mode].keys()
     assert all(got[m]["step_ms"] > 0 for m in got)
+
+
+def _run_file(path, device, batch, step_ms):
+    import json
+
+    modes = {m: {"step_ms": v} for m, v in step_ms.items()}
+    rep = {"device": device, "versions": {}, "N": 131072, "batch": batch, "layers": 32}
+    path.write_text(json.dumps(rep | {"weight_mb_per_layer": 436.0, "modes": modes}))
+    return path
+
+
+def test_combine_subtracts_each_runs_weights_step_per_batch(tmp_path):
+    from bench_retrieval_in_step import combine
+
+    a = _run_file(tmp_path / "a.json", "H", 1, {"step": 10.5, "lagged_step": 10.25, "weights": 8.5})
+    b = _run_file(
+        tmp_path / "b.json", "H", 8, {"step": 12.0, "lagged_late_step": 11.0, "weights": 6.0}
+    )
+    got = combine([a, b], "abc1234")
+    assert got["added_ms"] == {
+        "1": {"step": 2.0, "lagged_step": 1.75},
+        "8": {"step": 6.0, "lagged_late_step": 5.0},
+    }
+    assert got["git_commit"] == "abc1234" and [r["batch"] for r in got["runs"]] == [1, 8]
+
+
+def test_combine_refuses_mixed_devices_and_runs_without_the_weights_floor(tmp_path):
+    from bench_retrieval_in_step import combine
+
+    a = _run_file(tmp_path / "a.json", "H200", 1, {"step": 2.0, "weights": 1.0})
+    b = _run_file(tmp_path / "b.json", "H100", 5, {"step": 2.0, "weights": 1.0})
+    c = _run_file(tmp_path / "c.json", "H200", 5, {"step": 2.0})
+    with pytest.raises(SystemExit, match="several devices"):
+        combine([a, b])
+    with pytest.raises(SystemExit, match="no 'weights' mode"):
+        combine([a, c])
+
+
+def test_combine_cli_writes_the_file_and_its_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    import json
+
+    from bench_retrieval_in_step import main
+
+    a = _run_file(tmp_path / "a.json", "H", 1, {"step": 3.0, "lagged_step": 2.5, "weights": 1.0})
+    out = tmp_path / "combined.json"
+    assert main(["--combine", str(a), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["added_ms"] == {"1": {"step": 2.0, "lagged_step": 1.5}}
+    assert out.with_suffix(".png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="must not be one of"):
+        main(["--combine", str(a), "--out", str(a)])
