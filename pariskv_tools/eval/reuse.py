@@ -232,18 +232,19 @@ def _mean_by_key(per_layer: list[dict[int, dict[str, float]]]) -> dict[str, dict
     }
 
 
-def _summary(contexts: dict, field: str, every: dict[str, float]) -> dict[str, dict]:
-    """Mean over contexts of each rule setting's metrics, with the drop against retrieving
-    at every step with the step's own query (``every``)."""
+def _mean_over_contexts(contexts: dict, field: str) -> dict[str, dict[str, float]]:
+    """{rule setting: {metric: mean over contexts}} of the contexts' ``field``."""
     keys = next(iter(contexts.values()))[field]
-    out = {}
-    for k in keys:
-        out[k] = {
-            m: sum(c[field][k][m] for c in contexts.values()) / len(contexts) for m in METRICS
-        }
-        for m in METRICS:
-            out[k][f"{m}_drop"] = every[m] - out[k][m]
-    return out
+    return {
+        k: {m: sum(c[field][k][m] for c in contexts.values()) / len(contexts) for m in METRICS}
+        for k in keys
+    }
+
+
+def _with_drops(means: dict[str, dict], every: dict[str, float]) -> dict[str, dict]:
+    """``means`` with each metric's drop against retrieving at every step with the step's
+    own query (``every``)."""
+    return {k: row | {f"{m}_drop": every[m] - row[m] for m in METRICS} for k, row in means.items()}
 
 
 def run_reuse_cli(args, argv: list[str]) -> dict:
@@ -285,13 +286,13 @@ def run_reuse_cli(args, argv: list[str]) -> dict:
             "intervals": _mean_by_key(by_interval),
             "lagged_candidates": _mean_by_key(by_lag),
         }
-    every = {m: sum(c["intervals"]["1"][m] for c in contexts.values()) / len(contexts)
-             for m in METRICS}  # fmt: skip
-    summary = _summary(contexts, "intervals", every)
+    by_interval_mean = _mean_over_contexts(contexts, "intervals")
+    every = by_interval_mean["1"]
+    summary = _with_drops(by_interval_mean, every)
     for iv, row in summary.items():
         row["fraction_of_steps_retrieving"] = 1.0 / int(iv)
     summary = {k: v for k, v in summary.items() if int(k) in intervals}
-    lagged_summary = _summary(contexts, "lagged_candidates", every)
+    lagged_summary = _with_drops(_mean_over_contexts(contexts, "lagged_candidates"), every)
     doc = {
         "command": "python -m pariskv_tools.eval " + shlex.join(argv),
         "git_commit": git_commit(),
