@@ -224,7 +224,7 @@ def modes_of(ws, codes, q, rtt, rpi, x, w, layers: int, modes=MODES) -> dict:
 
         def step(mode=mode, p=0):
             for layer in range(layers):
-                if mode in ("step", "weights", *LAGGED):
+                if mode in (*STEP_MODES, "weights"):
                     torch.matmul(x, w)
                 if mode in LAGGED:
                     late = mode == "lagged_late_step"
@@ -251,6 +251,15 @@ def modes_of(ws, codes, q, rtt, rpi, x, w, layers: int, modes=MODES) -> dict:
     return res
 
 
+def grouped_bars(ax, groups: list[str], series: dict[str, list[float]]) -> None:
+    """One bar per (group, series), the series side by side within each group."""
+    wdt = 0.8 / max(len(series), 1)
+    for i, (label, vals) in enumerate(series.items()):
+        off = (i - (len(series) - 1) / 2) * wdt
+        ax.bar([j + off for j in range(len(groups))], vals, wdt, label=label)
+    ax.set_xticks(range(len(groups)), groups)
+
+
 def plot(path: Path) -> Path:
     import matplotlib
 
@@ -261,12 +270,7 @@ def plot(path: Path) -> Path:
     stages = list(STAGE_KERNELS)
     fig, ax = plt.subplots(figsize=(9, 4.5))
     shown = [m for m in MODES if m in rep["modes"] and m != "weights"]
-    wdt = 0.8 / max(len(shown), 1)
-    for i, mode in enumerate(shown):
-        vals = [rep["modes"][mode].get(s, 0.0) for s in stages]
-        off = (i - (len(shown) - 1) / 2) * wdt
-        ax.bar([j + off for j in range(len(stages))], vals, wdt, label=mode)
-    ax.set_xticks(range(len(stages)), stages)
+    grouped_bars(ax, stages, {m: [rep["modes"][m].get(s, 0.0) for s in stages] for m in shown})
     ax.set_ylabel("mean kernel time per layer (us)")
     ax.set_title(f"retrieval kernels in a step vs alone, {rep['N'] // 1024}K x {rep['batch']}, "
                  f"{rep['device']}")  # fmt: skip
@@ -317,12 +321,8 @@ def plot_added(path: Path) -> Path:
     batches = list(rep["added_ms"])
     shown = [m for m in STEP_MODES if any(m in v for v in rep["added_ms"].values())]
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    wdt = 0.8 / max(len(shown), 1)
-    for i, mode in enumerate(shown):
-        off = (i - (len(shown) - 1) / 2) * wdt
-        vals = [rep["added_ms"][b].get(mode, 0.0) for b in batches]
-        ax.bar([j + off for j in range(len(batches))], vals, wdt, label=mode)
-    ax.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
+    added = {m: [rep["added_ms"][b].get(m, 0.0) for b in batches] for m in shown}
+    grouped_bars(ax, [f"batch {b}" for b in batches], added)
     ax.set_ylabel("ms retrieval adds to a step")
     ax.set_title(f"{rep['runs'][0]['N'] // 1024}K tokens per request, {rep['device']}", fontsize=10)
     ax.legend(fontsize=8)
