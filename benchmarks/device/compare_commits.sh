@@ -8,7 +8,7 @@
 # (about 1 MB each; carry .device-bundle/trees). `run` times bench_retrieval_in_step.py (modes
 # step and weights, 32 layers, 128K tokens per request) for each batch size in B and each
 # commit, the working tree included as "tree", so that every batch's runs are adjacent, and
-# prints each run's step time and per-layer stage times; the JSON files go to $OUT (or
+# prints each run's per-layer stage times (us) and step_ms; the JSON files go to $OUT (or
 # /tmp/compare). Each tree builds its own kernels (the CUDA cache is keyed by the sources).
 set -uo pipefail
 mode=${1:-}
@@ -31,21 +31,12 @@ run)
     for b in $batches; do
         for rev in tree "$@"; do
             if [ "$rev" = tree ]; then dir=$PWD; else dir=$PWD/.device-bundle/trees/$rev; fi
-            json=$out/in_step_${rev}_b$b.json
-            (cd "$dir" && PYTHONPATH=$dir python3 benchmarks/bench_retrieval_in_step.py \
-                --batch "$b" --modes step weights --out "$json" > /dev/null 2>&1)
-            python3 - "$json" "$rev" "$b" << 'PY'
-import json, sys
-path, rev, b = sys.argv[1:]
-try:
-    modes = json.load(open(path))["modes"]
-except (OSError, ValueError, KeyError) as e:
-    raise SystemExit(f"{rev} batch {b}: no result ({e})")
-step = modes["step"]
-stages = " ".join(f"{k} {v:.1f}" for k, v in step.items() if k != "step_ms" and isinstance(v, float))
-print(f"{rev} batch {b}: step {step['step_ms']:.3f} ms, weights alone "
-      f"{modes['weights']['step_ms']:.3f} ms; us per layer: {stages}")
-PY
+            # the bench prints each mode's stage means and step_ms: keep those lines
+            if (cd "$dir" && PYTHONPATH=$dir python3 benchmarks/bench_retrieval_in_step.py \
+                --batch "$b" --modes step weights --out "$out/in_step_${rev}_b$b.json" 2>&1) \
+                | grep -E '^(step|weights) ' | sed "s/^/$rev batch $b: /"; then :; else
+                echo "$rev batch $b: no result"
+            fi
         done
     done
     ;;
