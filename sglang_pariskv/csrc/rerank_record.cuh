@@ -28,16 +28,31 @@ __device__ __forceinline__ int rerank_subtable(int b, int j) {
   return b * 64 + ((j ^ ((b / NB) & 3)) << 3);
 }
 
-// Fill `table` (shared, B * 64 floats) from the row's rotated query blocks `q` (B * 8), laid
-// out for records split in parts of NB blocks (NB = B: one thread per record).
-template <int B, int NB>
-__device__ inline void build_rerank_table(float* table, const float* q, const float* levels,
-                                          int tid, int nthreads) {
-  for (int i = tid; i < B * 64; i += nthreads) {
-    const int b = i >> 6, j = (i >> 3) & 7, t = i & 7;
-    table[rerank_subtable<NB>(b, j) + t] = levels[t] * q[b * 8 + j];
+// A thread's share of the row's rerank table (B * 64 floats, laid out for records split in
+// parts of NB blocks): NT threads fill it, K = B * 64 / NT entries each. Loaded into
+// registers first (`load`) and stored later (`store`), so that the loads travel with the
+// kernel's other independent loads instead of adding their own latency to its chain.
+template <int B, int NB, int NT>
+struct RerankTableShare {
+  static_assert((B * 64) % NT == 0 && NT % 8 == 0, "NT threads must split the table evenly");
+  static constexpr int K = B * 64 / NT;
+  float q[K];
+  float level;  // entry t = tid % 8 of every one of the thread's entries (NT % 8 == 0)
+
+  __device__ __forceinline__ void load(const float* __restrict__ qrow,
+                                       const float* __restrict__ levels, int tid) {
+    level = levels[tid & 7];
+#pragma unroll
+    for (int k = 0; k < K; ++k) q[k] = qrow[(tid + k * NT) >> 3];
   }
-}
+  __device__ __forceinline__ void store(float* table, int tid) const {
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int i = tid + k * NT, b = i >> 6, j = (i >> 3) & 7, t = i & 7;
+      table[rerank_subtable<NB>(b, j) + t] = level * q[k];
+    }
+  }
+};
 
 // Copies N bytes from `src` (aligned to the widest vector dividing N) to `dst`.
 template <int N>
@@ -57,51 +72,49 @@ __device__ __forceinline__ void load_bytes(uint8_t* dst, const uint8_t* __restri
   }
 }
 
-// sum over blocks b0 .. b0 + NB - 1 of w_b * <v_b, q_b> of pool row `rec` (= slot * Hkv +
-// head); the caller scales by ||q||. NB divides B and b0 is a multiple of NB, so every
-// load is aligned (signs NB bytes, mags 3 NB bytes, weights 2 NB bytes per part, at
-// multiples of those sizes). Splitting a record over threads shortens each thread's
-// chain of dependent loads and adds. `table` was built with the same NB.
+// Blocks b0 .. b0 + NB - 1 of pool row `rec` (= slot * Hkv + head): NB sign bytes, 3 NB
+// magnitude bytes and NB fp16 weights. NB divides B and b0 is a multiple of NB, so every
+// load is aligned (at multiples of NB, 3 NB and 2 NB bytes). Splitting a record over
+// threads shortens each thread's chain of dependent loads and adds; loading a part apart
+// from evaluating it lets a thread have several records' loads in flight at once.
 template <int B, int NB>
-__device__ inline float rerank_partial(const uint8_t* __restrict__ signs,
-                                       const uint8_t* __restrict__ mags,
-                                       const __half* __restrict__ weights, int64_t rec,
-                                       const float* table, int b0) {
+struct RecordPart {
   static_assert(B % NB == 0 && NB % 4 == 0, "NB must divide B and be a multiple of 4");
   uint8_t s[NB];
   uint8_t m[3 * NB];
   __half w[NB];
-  load_bytes<NB>(s, signs + rec * B + b0);
-  load_bytes<3 * NB>(m, mags + rec * 3 * B + 3 * b0);
-  load_bytes<2 * NB>(reinterpret_cast<uint8_t*>(w),
-                     reinterpret_cast<const uint8_t*>(weights + rec * B + b0));
-  const int swz = ((b0 / NB) & 3) << 3;  // this part's subtable swizzle (rerank_subtable)
-  float acc = 0.f;
-#pragma unroll
-  for (int bb = 0; bb < NB; ++bb) {
-    const float* tb = table + (b0 + bb) * 64;
-    const uint32_t word = m[3 * bb] | (m[3 * bb + 1] << 8) | (m[3 * bb + 2] << 16);
-    const uint32_t neg = ~static_cast<uint32_t>(s[bb]);  // bit j set: sign_bj is -1
-    float dot0 = 0.f, dot1 = 0.f;  // two chains of adds, not one
-#pragma unroll
-    for (int j = 0; j < 8; j += 2) {
-      const float v0 = tb[((j << 3) ^ swz) + ((word >> (3 * j)) & 7u)];
-      const float v1 = tb[(((j + 1) << 3) ^ swz) + ((word >> (3 * j + 3)) & 7u)];
-      dot0 += __uint_as_float(__float_as_uint(v0) ^ ((neg << (31 - j)) & 0x80000000u));
-      dot1 += __uint_as_float(__float_as_uint(v1) ^ ((neg << (30 - j)) & 0x80000000u));
-    }
-    acc += __half2float(w[bb]) * (dot0 + dot1);
-  }
-  return acc;
-}
 
-// The whole record: sum_b w_b * <v_b, q_b> (table built with NB = B).
-template <int B>
-__device__ inline float rerank_estimate(const uint8_t* __restrict__ signs,
-                                        const uint8_t* __restrict__ mags,
-                                        const __half* __restrict__ weights, int64_t rec,
-                                        const float* table) {
-  return rerank_partial<B, B>(signs, mags, weights, rec, table, 0);
-}
+  __device__ __forceinline__ void load(const uint8_t* __restrict__ signs,
+                                       const uint8_t* __restrict__ mags,
+                                       const __half* __restrict__ weights, int64_t rec, int b0) {
+    load_bytes<NB>(s, signs + rec * B + b0);
+    load_bytes<3 * NB>(m, mags + rec * 3 * B + 3 * b0);
+    load_bytes<2 * NB>(reinterpret_cast<uint8_t*>(w),
+                       reinterpret_cast<const uint8_t*>(weights + rec * B + b0));
+  }
+
+  // sum over the part's blocks of w_b * <v_b, q_b>; the caller scales by ||q||. `table`
+  // was built with the same NB.
+  __device__ __forceinline__ float estimate(const float* table, int b0) const {
+    const int swz = ((b0 / NB) & 3) << 3;  // this part's subtable swizzle (rerank_subtable)
+    float acc = 0.f;
+#pragma unroll
+    for (int bb = 0; bb < NB; ++bb) {
+      const float* tb = table + (b0 + bb) * 64;
+      const uint32_t word = m[3 * bb] | (m[3 * bb + 1] << 8) | (m[3 * bb + 2] << 16);
+      const uint32_t neg = ~static_cast<uint32_t>(s[bb]);  // bit j set: sign_bj is -1
+      float dot0 = 0.f, dot1 = 0.f;  // two chains of adds, not one
+#pragma unroll
+      for (int j = 0; j < 8; j += 2) {
+        const float v0 = tb[((j << 3) ^ swz) + ((word >> (3 * j)) & 7u)];
+        const float v1 = tb[(((j + 1) << 3) ^ swz) + ((word >> (3 * j + 3)) & 7u)];
+        dot0 += __uint_as_float(__float_as_uint(v0) ^ ((neg << (31 - j)) & 0x80000000u));
+        dot1 += __uint_as_float(__float_as_uint(v1) ^ ((neg << (30 - j)) & 0x80000000u));
+      }
+      acc += __half2float(w[bb]) * (dot0 + dot1);
+    }
+    return acc;
+  }
+};
 
 }  // namespace pariskv

@@ -12,8 +12,8 @@
 // order first, then the first `take` keys at s* in position order, so the candidate array
 // is identical to the Triton path's. Each kept position's destination is its rank: the
 // chunk's base (the counts of the chunks before it, summed by the block) plus an
-// exclusive block scan of the per-thread counts. The kept (position, destination) pairs go
-// to a shared list, and the block then reranks them, one thread per candidate
+// exclusive block scan of the per-thread counts. The kept (KV slot, destination) pairs go
+// to a shared list, and the block then reranks them, SPLIT adjacent lanes per candidate
 // (rerank_record.cuh). It writes the candidate's KV slot and its estimate at the
 // destination; estimates at and past the row's count C are -inf.
 
@@ -43,16 +43,17 @@ __global__ void __launch_bounds__(THREADS)
                          const float* __restrict__ levels, int32_t* __restrict__ cand,
                          float* __restrict__ est, int64_t zone_start, int64_t nmax, int nch,
                          int64_t cmax, int H) {
-  // SPLIT threads per candidate (adjacent lanes), B / SPLIT of the record's blocks each: a
+  // SPLIT threads per candidate (adjacent lanes), NB = 4 of the record's blocks each: a
   // block keeps about 100 of its 1024 positions, so one thread each left most lanes idle
   // behind one long chain of loads and adds (36.3 us per layer at 128K x 2 in a 32-layer
   // graph; 2 threads: 34.2; 4 threads: 32.5, bench_retrieval_in_step.py).
-  constexpr int SPLIT = B >= 16 ? 4 : 2;
-  constexpr int NB = B / SPLIT;
+  constexpr int NB = 4;
+  constexpr int SPLIT = B / NB;
+  using Part = pariskv::RecordPart<B, NB>;
   __shared__ float table[B * pariskv::kRerankTableFloats];
   __shared__ unsigned long long warp_sums[WARPS];
   __shared__ int warp_scan[WARPS];
-  __shared__ int list_pos[CH];
+  __shared__ int list_slot[CH];
   __shared__ int list_dest[CH];
   __shared__ int n_list;
 
@@ -60,39 +61,20 @@ __global__ void __launch_bounds__(THREADS)
   const int r = row / H, h = row % H;
   const int chunk = blockIdx.x;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int64_t c = counts[r];
-  float* out_est = est + static_cast<int64_t>(row) * cmax;
-  int32_t* out_cand = cand + static_cast<int64_t>(row) * cmax;
-
-  // -inf past the row's count, spread over the row's blocks (a top-k may read whole rows).
-  for (int64_t i = c + static_cast<int64_t>(chunk) * THREADS + tid; i < cmax;
-       i += static_cast<int64_t>(gridDim.x) * THREADS)
-    out_est[i] = -INFINITY;
-
   const int64_t start = static_cast<int64_t>(chunk) * CH;
-  const int64_t ze = zend[r];
-  if (c <= 0 || start >= ze || start + CH <= zone_start) return;
-
-  // The row's rerank table (independent of the selection below).
-  pariskv::build_rerank_table<B, NB>(table, qb + static_cast<int64_t>(row) * B * 8, levels, tid,
-                                  THREADS);
-  if (tid == 0) n_list = 0;
-
-  // This chunk's base: keys above / at s* in the chunks before it (packed: gt | eq << 32).
-  unsigned long long before = 0;
-  const int32_t* gtr = gt_cnt + static_cast<int64_t>(row) * nch;
-  const int32_t* eqr = eq_cnt + static_cast<int64_t>(row) * nch;
-  for (int i = tid; i < chunk; i += THREADS)
-    before += static_cast<unsigned long long>(gtr[i]) |
-              (static_cast<unsigned long long>(eqr[i]) << 32);
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) before += __shfl_xor_sync(0xffffffffu, before, off);
-  if (lane == 0) warp_sums[warp] = before;
-
-  // Four positions per thread: flags of "above s*" and "at s*" (zone positions only).
-  const int s_thr = thr[row];
   const int64_t p0 = start + 4 * tid;
-  uint32_t packed = 0;
+
+  // A block's time is a chain of memory latencies, not bytes (about 100 records per 1024
+  // positions): every load that depends on nothing is issued here, together, so the chain
+  // is three latencies long (these; the kept positions' KV slots; their records).
+  const int64_t c = counts[r];
+  const int64_t ze = zend[r];
+  const int64_t req = req_idx[r];
+  const int s_thr = thr[row], n_take = take[row], n_above = ngt[row];
+  const float norm = qn[row];
+  pariskv::RerankTableShare<B, NB, THREADS> tshare;
+  tshare.load(qb + static_cast<int64_t>(row) * B * 8, levels, tid);
+  uint32_t packed = 0;  // this thread's 4 positions' scores
   if ((nmax & 3) == 0 && p0 + 3 < nmax) {  // aligned: one 4-byte load
     packed = *reinterpret_cast<const uint32_t*>(scores + static_cast<int64_t>(row) * nmax + p0);
   } else {
@@ -101,6 +83,40 @@ __global__ void __launch_bounds__(THREADS)
         packed |= static_cast<uint32_t>(scores[static_cast<int64_t>(row) * nmax + p0 + u])
                   << (8 * u);
   }
+  // This chunk's base: keys above / at s* in the chunks before it (packed: gt | eq << 32).
+  unsigned long long before = 0;
+  const int32_t* gtr = gt_cnt + static_cast<int64_t>(row) * nch;
+  const int32_t* eqr = eq_cnt + static_cast<int64_t>(row) * nch;
+  for (int i = tid; i < chunk; i += THREADS)
+    before += static_cast<unsigned long long>(gtr[i]) |
+              (static_cast<unsigned long long>(eqr[i]) << 32);
+
+  float* out_est = est + static_cast<int64_t>(row) * cmax;
+  int32_t* out_cand = cand + static_cast<int64_t>(row) * cmax;
+  // -inf past the row's count, spread over the row's blocks (a top-k may read whole rows).
+  for (int64_t i = c + static_cast<int64_t>(chunk) * THREADS + tid; i < cmax;
+       i += static_cast<int64_t>(gridDim.x) * THREADS)
+    out_est[i] = -INFINITY;
+  if (c <= 0 || start >= ze || start + CH <= zone_start) return;
+
+  // The KV slots of this thread's zone positions, kept or not (the request's row of
+  // req_to_token is L2-resident: the scan just read it), loaded before the selection
+  // decides which are kept so that their latency overlaps the block scan.
+  int32_t slot4[4];
+  const int32_t* rtt_row = rtt + req * stride_rtt;
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    const int64_t p = p0 + u;
+    slot4[u] = p >= zone_start && p < ze ? rtt_row[p] : 0;
+  }
+  tshare.store(table, tid);
+  if (tid == 0) n_list = 0;
+
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) before += __shfl_xor_sync(0xffffffffu, before, off);
+  if (lane == 0) warp_sums[warp] = before;
+
+  // Four positions per thread: flags of "above s*" and "at s*" (zone positions only).
   int gt_bits = 0, eq_bits = 0;
 #pragma unroll
   for (int u = 0; u < 4; ++u) {
@@ -130,7 +146,6 @@ __global__ void __launch_bounds__(THREADS)
   const int excl = incl - mine + warp_scan[warp];
   int gt_rank = static_cast<int>(base & 0xFFFFFFFFull) + (excl & 0xFFFF);
   int eq_rank = static_cast<int>(base >> 32) + (excl >> 16);
-  const int n_take = take[row], n_above = ngt[row];
 #pragma unroll
   for (int u = 0; u < 4; ++u) {
     int dest = -1;
@@ -142,32 +157,49 @@ __global__ void __launch_bounds__(THREADS)
     }
     if (dest >= 0) {
       const int k = atomicAdd(&n_list, 1);
-      list_pos[k] = static_cast<int>(p0 + u - start);
+      list_slot[k] = slot4[u];
       list_dest[k] = dest;
     }
   }
   __syncthreads();
 
-  const int n = n_list;
-  const int64_t req = req_idx[r];
-  const float norm = qn[row];
-  // The warp enters each round together (t0 is warp-uniform), so the shuffle mask is the
-  // ballot of the live lanes: whole groups of SPLIT lanes, as SPLIT divides 32.
-  for (int t0 = tid - lane; t0 < SPLIT * n; t0 += THREADS) {
-    const int t = t0 + lane;
-    const bool live = t < SPLIT * n;
-    const unsigned mask = __ballot_sync(0xffffffffu, live);
-    if (!live) continue;
-    const int i = t / SPLIT, part = t % SPLIT;
-    const int32_t slot = rtt[req * stride_rtt + start + list_pos[i]];
-    const int64_t rec = static_cast<int64_t>(slot) * H + h;
-    float acc = pariskv::rerank_partial<B, NB>(signs, mags, weights, rec, table, part * NB);
+  // The rerank: SPLIT lanes per kept record, two records per lane at a time, both loaded
+  // before either is evaluated. A warp enters each round together (t0 is warp-uniform), so
+  // each shuffle mask is the ballot of the lanes holding that record: whole groups of
+  // SPLIT lanes, as SPLIT divides 32.
+  const int tasks = SPLIT * n_list;
+  for (int t0 = tid - lane; t0 < tasks; t0 += 2 * THREADS) {
+    int ta = t0 + lane, tb = ta + THREADS;
+    const bool la = ta < tasks, lb = tb < tasks;
+    const unsigned ma = __ballot_sync(0xffffffffu, la);
+    const unsigned mb = __ballot_sync(0xffffffffu, lb);
+    ta = la ? ta : 0;
+    tb = lb ? tb : 0;
+    const int ia = ta / SPLIT, ib = tb / SPLIT;
+    const int ba = (ta % SPLIT) * NB, bb = (tb % SPLIT) * NB;
+    const int32_t sa = list_slot[ia], sb = list_slot[ib];
+    Part pa, pb;
+    if (la) pa.load(signs, mags, weights, static_cast<int64_t>(sa) * H + h, ba);
+    if (lb) pb.load(signs, mags, weights, static_cast<int64_t>(sb) * H + h, bb);
+    if (la) {
+      float acc = pa.estimate(table, ba);
 #pragma unroll
-    for (int off = 1; off < SPLIT; off <<= 1) acc += __shfl_xor_sync(mask, acc, off);
-    if (part == 0) {
-      const int dest = list_dest[i];
-      out_cand[dest] = slot;
-      out_est[dest] = acc * norm;
+      for (int off = 1; off < SPLIT; off <<= 1) acc += __shfl_xor_sync(ma, acc, off);
+      if (ba == 0) {
+        const int dest = list_dest[ia];
+        out_cand[dest] = sa;
+        out_est[dest] = acc * norm;
+      }
+    }
+    if (lb) {
+      float acc = pb.estimate(table, bb);
+#pragma unroll
+      for (int off = 1; off < SPLIT; off <<= 1) acc += __shfl_xor_sync(mb, acc, off);
+      if (bb == 0) {
+        const int dest = list_dest[ib];
+        out_cand[dest] = sb;
+        out_est[dest] = acc * norm;
+      }
     }
   }
 }
