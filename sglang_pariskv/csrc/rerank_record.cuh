@@ -78,7 +78,7 @@ __device__ __forceinline__ void load_bytes(uint8_t* dst, const uint8_t* __restri
 // threads shortens each thread's chain of dependent loads and adds; loading a part apart
 // from evaluating it lets a thread have several records' loads in flight at once.
 template <int B, int NB>
-struct RecordPart {
+struct alignas(16) RecordPart {
   static_assert(B % NB == 0 && NB % 4 == 0, "NB must divide B and be a multiple of 4");
   uint8_t s[NB];
   uint8_t m[3 * NB];
