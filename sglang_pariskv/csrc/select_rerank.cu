@@ -167,6 +167,17 @@ __global__ void __launch_bounds__(THREADS)
   // before either is evaluated. A warp enters each round together (t0 is warp-uniform), so
   // each shuffle mask is the ballot of the lanes holding that record: whole groups of
   // SPLIT lanes, as SPLIT divides 32.
+  // Sum a record's SPLIT parts over its lanes; its first lane writes the slot and estimate.
+  auto finish = [&](const Part& part, int i, int b0, unsigned mask, int32_t slot) {
+    float acc = part.estimate(table, b0);
+#pragma unroll
+    for (int off = 1; off < SPLIT; off <<= 1) acc += __shfl_xor_sync(mask, acc, off);
+    if (b0 == 0) {
+      const int dest = list_dest[i];
+      out_cand[dest] = slot;
+      out_est[dest] = acc * norm;
+    }
+  };
   const int tasks = SPLIT * n_list;
   for (int t0 = tid - lane; t0 < tasks; t0 += 2 * THREADS) {
     int ta = t0 + lane, tb = ta + THREADS;
@@ -181,26 +192,8 @@ __global__ void __launch_bounds__(THREADS)
     Part pa, pb;
     if (la) pa.load(signs, mags, weights, static_cast<int64_t>(sa) * H + h, ba);
     if (lb) pb.load(signs, mags, weights, static_cast<int64_t>(sb) * H + h, bb);
-    if (la) {
-      float acc = pa.estimate(table, ba);
-#pragma unroll
-      for (int off = 1; off < SPLIT; off <<= 1) acc += __shfl_xor_sync(ma, acc, off);
-      if (ba == 0) {
-        const int dest = list_dest[ia];
-        out_cand[dest] = sa;
-        out_est[dest] = acc * norm;
-      }
-    }
-    if (lb) {
-      float acc = pb.estimate(table, bb);
-#pragma unroll
-      for (int off = 1; off < SPLIT; off <<= 1) acc += __shfl_xor_sync(mb, acc, off);
-      if (bb == 0) {
-        const int dest = list_dest[ib];
-        out_cand[dest] = sb;
-        out_est[dest] = acc * norm;
-      }
-    }
+    if (la) finish(pa, ia, ba, ma, sa);
+    if (lb) finish(pb, ib, bb, mb, sb);
   }
 }
 
