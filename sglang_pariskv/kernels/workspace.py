@@ -258,6 +258,8 @@ class DecodeWorkspace:
             counts=self._meta("counts", r),
             zone_end=self._meta("zone_end", r),
             indptr=self.kv_indptr[: r * self.hkv + 1],
+            cand=self.cand[:r],
+            est=self.est[:r],
         )
 
     def stages(self) -> list[tuple[str, Callable[[], None]]]:
@@ -313,7 +315,6 @@ class DecodeWorkspace:
         """The count pass, then (Triton only: CUDA fuses it into the rerank) the candidate
         write."""
         st = self._st
-        st.cand = self.cand[: st.r]
         if self.use_cuda:
             args = (st.scores, st.score_hist, st.counts, self.config.sink, st.zone_end)
             count_candidates(*args, self.sel)
@@ -332,7 +333,6 @@ class DecodeWorkspace:
 
     def _stage_rerank(self) -> None:
         st = self._st
-        st.est = self.est[: st.r]
         codes = st.codes
         if self.use_cuda:
             select_rerank_cuda(
