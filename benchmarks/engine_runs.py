@@ -101,13 +101,21 @@ def _device_info() -> dict:
             info[mod] = None
     if torch.cuda.is_available():
         info["device"] = torch.cuda.get_device_name()
+    return info | git_state()
+
+
+def git_state() -> dict:
+    """The checkout's commit and whether tracked files differ from it: a tree copied onto a
+    GPU host can carry a ``.git`` of another commit, and then ``git_dirty`` is true and
+    ``git_commit`` does not name what ran. Both None outside a git checkout."""
+    git = ["git", "-C", str(Path(__file__).resolve().parent)]
     try:
-        info["git_commit"] = subprocess.check_output(
-            ["git", "rev-parse", "HEAD"], text=True, cwd=Path(__file__).parent
-        ).strip()
+        commit = subprocess.check_output([*git, "rev-parse", "HEAD"], text=True).strip()
+        status = [*git, "status", "--porcelain", "--untracked-files=no"]
+        dirty = bool(subprocess.check_output(status, text=True).strip())
     except Exception:
-        info["git_commit"] = None
-    return info
+        return {"git_commit": None, "git_dirty": None}
+    return {"git_commit": commit, "git_dirty": dirty}
 
 
 def add_counters(a: dict, b: dict) -> dict:

@@ -15,13 +15,12 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from engine_runs import _read_stats
+from engine_runs import _read_stats, git_state
 from server_process import (
     Server,
     _check_plugin_installed,
@@ -329,12 +328,4 @@ def _device_info() -> dict:
         info["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     except Exception:
         info["gpu"] = None
-    try:
-        git = ["git", "-C", str(ROOT)]
-        info["git_commit"] = subprocess.check_output([*git, "rev-parse", "HEAD"], text=True).strip()
-        info["git_dirty"] = bool(
-            subprocess.check_output([*git, "status", "--porcelain"], text=True)
-        )
-    except Exception:
-        info["git_commit"] = info["git_dirty"] = None
-    return info
+    return info | git_state()
