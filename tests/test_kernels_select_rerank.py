@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from sglang_pariskv.codec.select import estimate_inner_products, zone_mask
+from sglang_pariskv.kernels.launch_geometry import SELECT_RERANK_CHUNK
 from sglang_pariskv.kernels.rerank import levels
 from sglang_pariskv.kernels.select import (
     CandidateBuffers,
@@ -57,13 +58,13 @@ def test_fused_write_and_rerank_match_triton_write_and_codec(cuda_device, d, h, 
     qb, qn = qp.blocks.contiguous().float(), qp.norm.contiguous().float()
 
     want = torch.full((r, h, cmax), -1, dtype=torch.int32, device=cuda_device)
-    buf = CandidateBuffers(r * h, nmax, 1024, cuda_device)
+    buf = CandidateBuffers(r * h, nmax, SELECT_RERANK_CHUNK, cuda_device)
     args = (scores, shist, counts, zone_start, zone_end)
     select_candidates_gpu(*args, want, buf, sc.req_to_token, sc.req_pool_indices)
 
     got = torch.full((r, h, cmax), -1, dtype=torch.int32, device=cuda_device)
     est = torch.full((r, h, cmax), 7.0, dtype=torch.float32, device=cuda_device)
-    buf2 = CandidateBuffers(r * h, nmax, 1024, cuda_device)
+    buf2 = CandidateBuffers(r * h, nmax, SELECT_RERANK_CHUNK, cuda_device)
     count_candidates(*args, buf2)
     select_rerank_cuda(
         scores, buf2, counts, zone_start, zone_end, sc.req_to_token, sc.req_pool_indices,
