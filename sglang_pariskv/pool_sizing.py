@@ -101,7 +101,7 @@ def planned_gpu_bytes(
     head_dim = kvc.model_config.head_dim
     # the K/V cell is 2 (K, V) x heads x head_dim x layers elements
     elt = max(cell_size // (2 * heads * head_dim * num_layers), 1)
-    # one layer's prefix K/V of the longest request (offload.prefill_staging)
+    # two layers' prefix K/V of the longest request (offload.prefill_staging)
     out["prefill_staging"] = staging_bytes(int(kvc.model_config.context_len), heads, head_dim, elt)
     if cfg.hot_cache_lines:
         from sglang_pariskv.offload.hot_cache import HotCache

@@ -108,9 +108,9 @@ def test_offload_charges_the_gpu_for_codes_and_caps_tokens_at_the_host_pool(monk
     hot_bytes = 28 * 65536 * (2 * 128 * 2 + 8) + 256 * 4 * (2048 + 64 + 256) * 2 * 128 * 2
     backend = pool_sizing.backend_bytes(cfg, kvc(), 28, 1)
     assert backend > 0
-    # prefill staging: one layer's K and V rows (bf16) for the whole 32K context, plus an
-    # int32 row number each
-    staging = 32768 * (2 * 4 * 128 * 2 + 4)
+    # prefill staging: two layers' K and V rows (bf16) for the whole 32K context (the
+    # layer read and the next, copied meanwhile), plus an int32 row number each
+    staging = 32768 * (2 * 2 * 4 * 128 * 2 + 4)
     reserved = -(-(hot_bytes + backend + staging) // cell)
     assert configurator._pariskv_reserved_tokens == reserved
     # SGLang sized the pool from the GPU budget / codes: more than the host holds

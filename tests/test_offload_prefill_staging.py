@@ -72,6 +72,55 @@ def test_the_gpu_gathers_staged_rows_from_pinned_host_memory():
     _check_staged_rows("cuda", pin=True, use_kernel=None)
 
 
+def _layer_reads(device: str, pin: bool, order: list[int], replan_after: int | None = None):
+    """Read ``order``'s layers from a staging of 4 layers; every read must hold that
+    layer's host rows of the planned slots, whatever was copied ahead before it."""
+    gen = torch.Generator().manual_seed(1)
+    host = HostKVPool(300, 4, HKV, D, dtype=torch.bfloat16, pin=pin, check_memory=False)
+    host.data.copy_(torch.randn(host.data.shape, generator=gen))
+    st = PrefillStaging(host, rows=64, device=device)
+    slots = torch.randperm(300, generator=gen)[:50].to(torch.int32)
+    st.plan(slots.to(device))
+    gathered, gather = [], st._gather
+    st._gather = lambda layer, *a: (gathered.append(layer), gather(layer, *a))
+    held = []
+    for i, layer in enumerate(order):
+        if i == replan_after:  # the next chunk: other slots, same layers
+            slots = torch.randperm(300, generator=gen)[:30].to(torch.int32)
+            st.plan(slots.to(device))
+        k, v = st.layer_kv(layer)
+        n = slots.numel()
+        for got, part in ((k, 0), (v, 1)):
+            want = host.data[layer, part][slots.long()]
+            torch.testing.assert_close(got[:n].cpu(), want, rtol=0, atol=0)
+        held.append(k.data_ptr())
+    return st, held, gathered
+
+
+ORDERS = [  # (layers read, a new plan before read i, every layer gathered in turn)
+    ([0, 1, 2, 3], None, [0, 1, 2, 3]),  # a forward pass: each layer copied once, ahead
+    ([0, 0, 1, 1, 2], None, [0, 1, 2, 3]),  # a layer read twice is not copied again
+    ([2, 0, 3, 1], None, [2, 3, 0, 1, 3, 1, 2]),  # out of order: gathered when read
+    ([0, 1, 2, 3, 0, 1, 2, 3], 4, [0, 1, 2, 3] * 2),  # the next chunk's plan
+    ([0, 1, 0, 1], 2, [0, 1, 2, 0, 1, 2]),  # re-planned after a copy ahead nobody read
+]
+
+
+@pytest.mark.parametrize("order,replan_after,copies", ORDERS)
+def test_each_layer_read_holds_its_rows_with_the_next_copied_ahead(order, replan_after, copies):
+    st, held, gathered = _layer_reads("cpu", False, order, replan_after)
+    assert gathered == copies
+    # layers alternate between the two pairs, so a copy ahead never overwrites the pair
+    # the current layer's attention reads
+    assert held == [st.kv[layer % 2][0].data_ptr() for layer in order]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("order,replan_after,copies", ORDERS)
+def test_the_gpu_copies_the_next_layer_on_a_side_stream(order, replan_after, copies):
+    assert _layer_reads("cuda", True, order, replan_after)[2] == copies
+
+
 def test_a_batch_the_buffer_cannot_hold_or_must_not_stage_reads_host_memory():
     host = HostKVPool(300, 1, HKV, D, dtype=torch.float32, pin=False, check_memory=False)
     st = PrefillStaging(host, rows=64, device="cpu")
@@ -214,7 +263,7 @@ def test_a_chunked_prefill_attends_the_staged_prefix_as_dense_attention_would(ba
     # outside an extend's attention the pool hands out its host buffers, as before
     assert pool.get_kv_buffer(0)[0].data_ptr() == pool.host.data[0, 0].data_ptr()
     with b.prefill.reads(0):
-        assert pool.get_kv_buffer(0)[0].data_ptr() == b.prefill.staging.k.data_ptr()
+        assert pool.get_kv_buffer(0)[0].data_ptr() == b.prefill.staging.kv[0][0].data_ptr()
     # the next batch's plan replaces the staging: a decode step stages nothing
     b.prefill.plan(types.SimpleNamespace(forward_mode=types.SimpleNamespace(
         is_extend=lambda: False), extend_prefix_lens_cpu=None), None, 1)  # fmt: skip

@@ -9,8 +9,9 @@
   (:mod:`sglang_pariskv.kernels.uva_gather`) -> staging indices for FlashInfer.
 * :mod:`.kv_pool` — :class:`HostOffloadKVPool`, the KV pool of ``--pariskv-offload host``:
   SGLang's K/V buffers over the host pool, every write dropping its slots from the cache.
-* :mod:`.prefill_staging` — :class:`PrefillStaging`, a GPU copy of one layer's prefix K/V
-  that an extend's attention reads instead of host memory.
+* :mod:`.prefill_staging` — :class:`PrefillStaging`, a GPU copy of a layer's prefix K/V
+  that an extend's attention reads instead of host memory (the next layer's is copied
+  meanwhile).
 
 ``attention.offload_wiring`` builds the cache and the fetcher beside the decode workspace,
 and the prefill staging;

@@ -1,4 +1,4 @@
-"""Prefill over host offload: one layer's prefix K/V copied to the GPU before its attention.
+"""Prefill over host offload: each layer's prefix K/V copied to the GPU before its attention.
 
 With ``--pariskv-offload host`` SGLang's ``k_buffer`` / ``v_buffer`` are CUDA views of
 pinned host memory (``offload.kv_pool``). A chunked prefill attends each chunk's queries
@@ -11,6 +11,11 @@ gathered from host memory into a GPU buffer once, and FlashInfer reads that buff
 FlashInfer's plan depends on the index pointers only, not on the index values, so the
 planned schedule stays valid.
 
+The copy of layer ``l + 1`` runs on a side stream while layer ``l`` computes: the buffer
+holds two layers, layer ``l`` in pair ``l % 2``, so a copy never overwrites rows an
+attention still reads. A layer read in another order than copied ahead is gathered when
+it is read, as a layer without a copy ahead is.
+
 Only SGLang's ragged-plus-paged extend is staged: its paged part is the prefix alone,
 which no write of the current chunk touches. Every other extend (no prefix, a paged
 part that also holds the chunk, several wrappers, pages of more than one token, a
@@ -20,32 +25,48 @@ before: correct, and counted as ``prefill_direct_extends``.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from sglang_pariskv.offload.host_pool import HostKVPool
 
+#: K/V buffer pairs: the layer an attention reads, and the next one, copied meanwhile.
+PAIRS = 2
+
 
 def staging_bytes(rows: int, num_kv_heads: int, head_dim: int, element_size: int) -> int:
-    """GPU bytes of a staging buffer of ``rows`` rows (K and V of one layer) plus its row
-    numbers (int32)."""
-    return rows * (2 * num_kv_heads * head_dim * element_size + 4)
+    """GPU bytes of a staging buffer of ``rows`` rows (K and V of :data:`PAIRS` layers)
+    plus its row numbers (int32)."""
+    return rows * (PAIRS * 2 * num_kv_heads * head_dim * element_size + 4)
 
 
 class PrefillStaging:
-    """A GPU buffer holding one layer's prefix K/V of the current extend batch."""
+    """A GPU buffer holding the prefix K/V of the current extend batch, for the layer its
+    attention reads and the next."""
 
     def __init__(self, host: HostKVPool, rows: int, device: torch.device | str):
         """``rows``: the most prefix tokens one extend batch may stage (the context
         length: a single request's whole prefix)."""
         self.host = host
         self.capacity = rows
+        device = torch.device(device)
         shape = (rows, host.num_kv_heads, host.head_dim)
-        self.k = torch.empty(shape, dtype=host.dtype, device=device)
-        self.v = torch.empty(shape, dtype=host.dtype, device=device)
+        #: (K, V) of layer l in pair l % PAIRS
+        self.kv = [
+            tuple(torch.empty(shape, dtype=host.dtype, device=device) for _ in range(2))
+            for _ in range(PAIRS)
+        ]
         #: the indices FlashInfer is given instead of the slots: row i of the buffers
         self.rows = torch.arange(rows, dtype=torch.int32, device=device)
         #: the slot of each staged row, while a batch is planned; None: nothing staged
         self.slots: torch.Tensor | None = None
+        #: where the next layer's rows are copied while a layer computes (GPU only)
+        self._side = torch.cuda.Stream(device) if device.type == "cuda" else None
+        #: (layer, its copy's completion event or None on the CPU) copied ahead
+        self._ahead: tuple[int, torch.cuda.Event | None] | None = None
+        #: the layer whose rows the buffer last returned, for this plan
+        self._held: int | None = None
         self.counters = {"prefill_staged_extends": 0, "prefill_staged_rows": 0,
                          "prefill_direct_extends": 0}  # fmt: skip
 
@@ -58,34 +79,77 @@ class PrefillStaging:
         order) for the coming forward pass; returns the indices to give FlashInfer in
         their place, or None where nothing is staged: ``slots`` None (an extend that must
         read host memory directly) or more rows than the buffer holds."""
-        self.slots = None
+        self.clear()
         if slots is None or slots.numel() > self.capacity:
             self.counters["prefill_direct_extends"] += 1
             return None
         n = slots.numel()
         self.slots = slots.clone()
+        if self._side is not None:
+            self.slots.record_stream(self._side)
         self.counters["prefill_staged_extends"] += 1
         self.counters["prefill_staged_rows"] += n
         return self.rows[:n]
 
     def clear(self) -> None:
-        """A forward pass with nothing to stage (decode, or an extend without a prefix)."""
+        """A forward pass with nothing to stage (decode, or an extend without a prefix).
+        A copy still running ahead finishes before the forward stream reuses anything."""
+        self._settle()
         self.slots = None
+        self._held = None
+
+    def _settle(self) -> None:
+        """The forward stream waits for the copy ahead, if one is running."""
+        if self._ahead is not None and self._ahead[1] is not None:
+            torch.cuda.current_stream(self._side.device).wait_event(self._ahead[1])
+        self._ahead = None
 
     def layer_kv(
         self, layer: int, use_kernel: bool | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gather the planned rows of pool layer ``layer`` (local index) from host memory
-        and return the buffers, shaped as SGLang's ``get_kv_buffer`` returns K and V.
+        """The planned rows of pool layer ``layer`` (local index), shaped as SGLang's
+        ``get_kv_buffer`` returns K and V; then the next layer's rows are copied ahead.
 
-        On the GPU the rows come over UVA in one gather kernel per K and V, on the current
-        stream (no host sync); on the CPU torch copies them. ``use_kernel`` forces the
+        On the GPU the rows come over UVA in one gather kernel per K and V (no host sync):
+        this layer's on the current stream unless they were copied ahead, the next layer's
+        on the side stream. On the CPU torch copies them. ``use_kernel`` forces the
         kernel path (tests run it under Triton's interpreter)."""
         assert self.slots is not None, "layer_kv without a planned batch"
         if use_kernel is None:
-            use_kernel = self.k.is_cuda and self.host.pinned
+            use_kernel = self.kv[0][0].is_cuda and self.host.pinned
+        pair = self.kv[layer % PAIRS]
+        if layer == self._held:
+            return pair
+        ahead = self._ahead[0] if self._ahead is not None else None
+        self._settle()
+        if ahead != layer:
+            self._gather(layer, pair, use_kernel)
+        self._held = layer
+        if layer + 1 < self.host.num_layers:
+            self._copy_ahead(layer + 1, use_kernel)
+        return pair
+
+    def _copy_ahead(self, layer: int, use_kernel: bool) -> None:
+        """Start copying ``layer``'s rows into its pair, while ``layer - 1`` is read. The
+        side stream first waits for the work queued so far: it holds the pair's last
+        reader, the attention of ``layer - 2``."""
+        done = None
+        if self._side is None:
+            ctx = contextlib.nullcontext()
+        else:
+            self._side.wait_stream(torch.cuda.current_stream(self._side.device))
+            ctx = torch.cuda.stream(self._side)
+        with ctx:
+            self._gather(layer, self.kv[layer % PAIRS], use_kernel)
+            if self._side is not None:
+                done = torch.cuda.Event()
+                done.record(self._side)
+        self._ahead = (layer, done)
+
+    def _gather(self, layer: int, pair: tuple[torch.Tensor, ...], use_kernel: bool) -> None:
+        """Pool layer ``layer``'s planned rows into ``pair``, on the current stream."""
         n = self.slots.numel()
-        for part, dst in ((0, self.k), (1, self.v)):
+        for part, dst in enumerate(pair):
             src = self.host.slot_rows(layer, part)
             rows = dst[:n].view(n, -1)
             if use_kernel:
@@ -94,4 +158,3 @@ class PrefillStaging:
                 gather_rows(src, self.slots, rows)
             else:
                 rows.copy_(src[self.slots.to(src.device, torch.int64)])
-        return self.k, self.v
