@@ -27,7 +27,7 @@ from sglang_pariskv.config import ParisKVConfig
 from sglang_pariskv.metrics import ParisKVMetrics
 from sglang_pariskv.offload.host_pool import HostKVPool
 from sglang_pariskv.offload.kv_pool import HostOffloadKVPool
-from sglang_pariskv.offload.prefill_staging import PrefillStaging
+from sglang_pariskv.offload.prefill_staging import MIN_MEAN_RUN, PrefillStaging, slot_runs
 from tests.test_plugin_pool import cpu_pool_only, make_pool
 
 HQ, HKV, D, MAX_CTX = 4, 2, 16, 256
@@ -81,8 +81,8 @@ def _layer_reads(device: str, pin: bool, order: list[int], replan_after: int | N
     st = PrefillStaging(host, rows=64, device=device)
     slots = torch.randperm(300, generator=gen)[:50].to(torch.int32)
     st.plan(slots.to(device))
-    gathered, gather = [], st._gather
-    st._gather = lambda layer, *a: (gathered.append(layer), gather(layer, *a))
+    gathered, copy = [], st.copy_layer
+    st.copy_layer = lambda layer, *a: (gathered.append(layer), copy(layer, *a))
     held = []
     for i, layer in enumerate(order):
         if i == replan_after:  # the next chunk: other slots, same layers
@@ -119,6 +119,56 @@ def test_each_layer_read_holds_its_rows_with_the_next_copied_ahead(order, replan
 @pytest.mark.parametrize("order,replan_after,copies", ORDERS)
 def test_the_gpu_copies_the_next_layer_on_a_side_stream(order, replan_after, copies):
     assert _layer_reads("cuda", True, order, replan_after)[2] == copies
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 300])
+def test_slot_runs_are_the_maximal_runs_of_consecutive_slots(n):
+    gen = torch.Generator().manual_seed(n)
+    # runs of random lengths at random places, some adjacent to each other
+    slots = []
+    while len(slots) < n:
+        start = int(torch.randint(0, 10_000, (1,), generator=gen))
+        slots += range(start, start + int(torch.randint(1, 40, (1,), generator=gen)))
+    slots = torch.tensor(slots[:n], dtype=torch.int32)
+    runs = slot_runs(slots)
+    # brute force: rebuild the slots from the runs, and no run continues into the next
+    rebuilt = [s + i for s, _, length in runs for i in range(length)]
+    assert rebuilt == slots.tolist()
+    assert [row for _, row, _ in runs] == [sum(r[2] for r in runs[:i]) for i in range(len(runs))]
+    assert all(a[0] + a[2] != b[0] for a, b in zip(runs, runs[1:]))
+    if runs:
+        assert slot_runs(slots, max_runs=len(runs)) == runs
+        assert slot_runs(slots, max_runs=len(runs) - 1) is None
+
+
+def _plan_with_runs(device: str, pin: bool):
+    """A prefix of two long runs (one request on an unfragmented pool): copied run by
+    run, and each layer read holds its rows, with the next copied ahead."""
+    gen = torch.Generator().manual_seed(2)
+    host = HostKVPool(1200, 3, HKV, D, dtype=torch.bfloat16, pin=pin, check_memory=False)
+    host.data.copy_(torch.randn(host.data.shape, generator=gen))
+    st = PrefillStaging(host, rows=1024, device=device)
+    slots = torch.cat([torch.arange(600, 1000), torch.arange(17, 317)]).to(torch.int32)
+    st.plan(slots.to(device))
+    assert st.runs == [(600, 0, 400), (17, 400, 300)]
+    for layer in (0, 1, 2, 0):
+        k, v = st.layer_kv(layer, use_kernel=True)  # runs take precedence over the kernel
+        for got, part in ((k, 0), (v, 1)):
+            want = host.data[layer, part][slots.long()]
+            torch.testing.assert_close(got[:700].cpu(), want, rtol=0, atol=0)
+    # fragmented slots (500 runs of one slot: a mean run under MIN_MEAN_RUN) are gathered
+    assert MIN_MEAN_RUN > 1
+    st.plan(torch.arange(0, 1000, 2, dtype=torch.int32).to(device))
+    assert st.runs is None
+
+
+def test_a_prefix_in_long_runs_is_copied_run_by_run():
+    _plan_with_runs("cpu", pin=False)
+
+
+@pytest.mark.gpu
+def test_the_gpu_copies_runs_from_pinned_host_memory():
+    _plan_with_runs("cuda", pin=True)
 
 
 def test_a_batch_the_buffer_cannot_hold_or_must_not_stage_reads_host_memory():

@@ -13,8 +13,11 @@ planned schedule stays valid.
 
 The copy of layer ``l + 1`` runs on a side stream while layer ``l`` computes: the buffer
 holds two layers, layer ``l`` in pair ``l % 2``, so a copy never overwrites rows an
-attention still reads. A layer read in another order than copied ahead is gathered when
-it is read, as a layer without a copy ahead is.
+attention still reads. A layer read in another order than copied ahead is copied when it
+is read, as a layer without a copy ahead is. Where the prefix lies in long runs of
+consecutive slots (one request on a server whose allocator has not fragmented its free
+slots), each run is one host-to-device copy on the copy engines, which leaves the SMs to
+the attention; otherwise the UVA gather kernel reads the rows one by one.
 
 Only SGLang's ragged-plus-paged extend is staged: its paged part is the prefix alone,
 which no write of the current chunk touches. Every other extend (no prefix, a paged
@@ -33,6 +36,26 @@ from sglang_pariskv.offload.host_pool import HostKVPool
 
 #: K/V buffer pairs: the layer an attention reads, and the next one, copied meanwhile.
 PAIRS = 2
+#: Mean slots per run of consecutive slots from which a plan copies runs (one
+#: host-to-device copy per run and part) instead of gathering rows: 256 slots of K or V of
+#: one layer are 256 KiB at 4 KV heads of 128 in bf16, enough for a copy to run at the
+#: link's rate.
+MIN_MEAN_RUN = 256
+
+
+def slot_runs(
+    slots: torch.Tensor, max_runs: int | None = None
+) -> list[tuple[int, int, int]] | None:
+    """(first slot, first row, length) of each run of consecutive slots of ``slots`` (a
+    CPU tensor), in row order; None when there are more than ``max_runs``."""
+    s = slots.to(torch.int64)
+    if s.numel() == 0:
+        return []
+    breaks = torch.nonzero(s[1:] != s[:-1] + 1).flatten() + 1
+    if max_runs is not None and breaks.numel() + 1 > max_runs:
+        return None
+    bounds = [0, *breaks.tolist(), s.numel()]
+    return [(int(s[a]), a, b - a) for a, b in zip(bounds, bounds[1:])]
 
 
 def staging_bytes(rows: int, num_kv_heads: int, head_dim: int, element_size: int) -> int:
@@ -61,6 +84,9 @@ class PrefillStaging:
         self.rows = torch.arange(rows, dtype=torch.int32, device=device)
         #: the slot of each staged row, while a batch is planned; None: nothing staged
         self.slots: torch.Tensor | None = None
+        #: the planned slots' runs (:func:`slot_runs`) when they are long enough to copy
+        #: run by run; None: gather row by row
+        self.runs: list[tuple[int, int, int]] | None = None
         #: where the next layer's rows are copied while a layer computes (GPU only)
         self._side = torch.cuda.Stream(device) if device.type == "cuda" else None
         #: (layer, its copy's completion event or None on the CPU) copied ahead
@@ -87,6 +113,8 @@ class PrefillStaging:
         self.slots = slots.clone()
         if self._side is not None:
             self.slots.record_stream(self._side)
+        # the slots on the host (one sync per staged extend, whose prefill takes far longer)
+        self.runs = slot_runs(slots.cpu(), max_runs=n // MIN_MEAN_RUN)
         self.counters["prefill_staged_extends"] += 1
         self.counters["prefill_staged_rows"] += n
         return self.rows[:n]
@@ -96,6 +124,7 @@ class PrefillStaging:
         A copy still running ahead finishes before the forward stream reuses anything."""
         self._settle()
         self.slots = None
+        self.runs = None
         self._held = None
 
     def _settle(self) -> None:
@@ -110,10 +139,8 @@ class PrefillStaging:
         """The planned rows of pool layer ``layer`` (local index), shaped as SGLang's
         ``get_kv_buffer`` returns K and V; then the next layer's rows are copied ahead.
 
-        On the GPU the rows come over UVA in one gather kernel per K and V (no host sync):
-        this layer's on the current stream unless they were copied ahead, the next layer's
-        on the side stream. On the CPU torch copies them. ``use_kernel`` forces the
-        kernel path (tests run it under Triton's interpreter)."""
+        This layer's rows are copied on the current stream unless they were copied ahead,
+        the next layer's on the side stream (:meth:`copy_layer`)."""
         assert self.slots is not None, "layer_kv without a planned batch"
         if use_kernel is None:
             use_kernel = self.kv[0][0].is_cuda and self.host.pinned
@@ -123,7 +150,7 @@ class PrefillStaging:
         ahead = self._ahead[0] if self._ahead is not None else None
         self._settle()
         if ahead != layer:
-            self._gather(layer, pair, use_kernel)
+            self.copy_layer(layer, pair, use_kernel)
         self._held = layer
         if layer + 1 < self.host.num_layers:
             self._copy_ahead(layer + 1, use_kernel)
@@ -140,19 +167,26 @@ class PrefillStaging:
             self._side.wait_stream(torch.cuda.current_stream(self._side.device))
             ctx = torch.cuda.stream(self._side)
         with ctx:
-            self._gather(layer, self.kv[layer % PAIRS], use_kernel)
+            self.copy_layer(layer, self.kv[layer % PAIRS], use_kernel)
             if self._side is not None:
                 done = torch.cuda.Event()
                 done.record(self._side)
         self._ahead = (layer, done)
 
-    def _gather(self, layer: int, pair: tuple[torch.Tensor, ...], use_kernel: bool) -> None:
-        """Pool layer ``layer``'s planned rows into ``pair``, on the current stream."""
+    def copy_layer(self, layer: int, pair: tuple[torch.Tensor, ...], use_kernel: bool) -> None:
+        """Pool layer ``layer``'s planned rows into ``pair`` (K, V), on the current stream,
+        without a host sync: run by run (host-to-device copies) when the plan has runs,
+        else on the GPU one UVA gather kernel per K and V, on the CPU torch's indexing.
+        ``use_kernel`` picks the kernel for gathers (tests run it under Triton's
+        interpreter)."""
         n = self.slots.numel()
         for part, dst in enumerate(pair):
             src = self.host.slot_rows(layer, part)
             rows = dst[:n].view(n, -1)
-            if use_kernel:
+            if self.runs is not None:
+                for slot, row, length in self.runs:
+                    rows[row : row + length].copy_(src[slot : slot + length], non_blocking=True)
+            elif use_kernel:
                 from sglang_pariskv.kernels.uva_gather import gather_rows
 
                 gather_rows(src, self.slots, rows)
