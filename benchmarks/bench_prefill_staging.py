@@ -18,7 +18,8 @@ chunk's prefill that reads the prefix. Per prefix length, ms per layer (CUDA eve
 * ``attention``: the attention alone, over rows already on the GPU;
 * ``inline``: the copy, then the attention, on one stream;
 * ``staged``: :class:`PrefillStaging` as the server runs it (each layer's rows from
-  ``layer_kv``, which copies the next layer's on a side stream), then the attention.
+  ``layer_kv``, which copies the next layer's on a side stream where the slots lie in
+  runs), then the attention.
 
 ``--layout scattered`` places the prefix at random slots (a pool whose free slots
 requests have fragmented), ``contiguous`` in one run (one request on a fresh server).

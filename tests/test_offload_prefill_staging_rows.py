@@ -51,21 +51,33 @@ def test_the_gpu_gathers_staged_rows_from_pinned_host_memory():
     _check_staged_rows("cuda", pin=True, use_kernel=None)
 
 
-def _layer_reads(device: str, pin: bool, order: list[int], replan_after: int | None = None):
+def _layer_reads(device: str, pin: bool, order: list[int], replan_after: int | None, runs: bool):
     """Read ``order``'s layers from a staging of 4 layers; every read must hold that
-    layer's host rows of the planned slots, whatever was copied ahead before it."""
+    layer's host rows of the planned slots, whatever was copied ahead before it. ``runs``:
+    the slots lie in long runs of consecutive slots (copied run by run), else scattered
+    (gathered row by row)."""
     gen = torch.Generator().manual_seed(1)
-    host = HostKVPool(300, 4, HKV, D, dtype=torch.bfloat16, pin=pin, check_memory=False)
+    host = HostKVPool(1200, 4, HKV, D, dtype=torch.bfloat16, pin=pin, check_memory=False)
     host.data.copy_(torch.randn(host.data.shape, generator=gen))
-    st = PrefillStaging(host, rows=64, device=device)
-    slots = torch.randperm(300, generator=gen)[:50].to(torch.int32)
+    st = PrefillStaging(host, rows=600, device=device)
+
+    def some_slots(n: int) -> torch.Tensor:
+        if runs:  # two runs at a random place
+            a, b = (int(x) for x in torch.randint(0, 1200 - n, (2,), generator=gen))
+            s = torch.cat([torch.arange(a, a + n // 2), torch.arange(b, b + n - n // 2)])
+        else:
+            s = torch.randperm(1200, generator=gen)[:n]
+        return s.to(torch.int32)
+
+    slots = some_slots(600)
     st.plan(slots.to(device))
+    assert (st.runs is not None) == runs
     gathered, copy = [], st.copy_layer
     st.copy_layer = lambda layer, *a: (gathered.append(layer), copy(layer, *a))
     held = []
     for i, layer in enumerate(order):
         if i == replan_after:  # the next chunk: other slots, same layers
-            slots = torch.randperm(300, generator=gen)[:30].to(torch.int32)
+            slots = some_slots(520)
             st.plan(slots.to(device))
         k, v = st.layer_kv(layer)
         n = slots.numel()
@@ -76,28 +88,42 @@ def _layer_reads(device: str, pin: bool, order: list[int], replan_after: int | N
     return st, held, gathered
 
 
-ORDERS = [  # (layers read, a new plan before read i, every layer gathered in turn)
+def _gathered_when_read(order: list[int], replan_after: int | None) -> list[int]:
+    """Without copies ahead: each read copies its layer, unless it read the same layer of
+    the same plan just before."""
+    out = []
+    for i, layer in enumerate(order):
+        if i == 0 or i == replan_after or order[i - 1] != layer:
+            out.append(layer)
+    return out
+
+
+ORDERS = [  # (layers read, a new plan before read i, every layer copied in turn, in runs)
     ([0, 1, 2, 3], None, [0, 1, 2, 3]),  # a forward pass: each layer copied once, ahead
     ([0, 0, 1, 1, 2], None, [0, 1, 2, 3]),  # a layer read twice is not copied again
-    ([2, 0, 3, 1], None, [2, 3, 0, 1, 3, 1, 2]),  # out of order: gathered when read
+    ([2, 0, 3, 1], None, [2, 3, 0, 1, 3, 1, 2]),  # out of order: copied when read
     ([0, 1, 2, 3, 0, 1, 2, 3], 4, [0, 1, 2, 3] * 2),  # the next chunk's plan
     ([0, 1, 0, 1], 2, [0, 1, 2, 0, 1, 2]),  # re-planned after a copy ahead nobody read
 ]
 
 
+@pytest.mark.parametrize("runs", [True, False], ids=["runs", "scattered"])
 @pytest.mark.parametrize("order,replan_after,copies", ORDERS)
-def test_each_layer_read_holds_its_rows_with_the_next_copied_ahead(order, replan_after, copies):
-    st, held, gathered = _layer_reads("cpu", False, order, replan_after)
-    assert gathered == copies
+def test_each_layer_read_holds_its_rows(order, replan_after, copies, runs):
+    """In runs the next layer is copied ahead; scattered rows are gathered when read."""
+    st, held, gathered = _layer_reads("cpu", False, order, replan_after, runs)
+    assert gathered == (copies if runs else _gathered_when_read(order, replan_after))
     # layers alternate between the two pairs, so a copy ahead never overwrites the pair
     # the current layer's attention reads
     assert held == [st.kv[layer % 2][0].data_ptr() for layer in order]
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("runs", [True, False], ids=["runs", "scattered"])
 @pytest.mark.parametrize("order,replan_after,copies", ORDERS)
-def test_the_gpu_copies_the_next_layer_on_a_side_stream(order, replan_after, copies):
-    assert _layer_reads("cuda", True, order, replan_after)[2] == copies
+def test_the_gpu_copies_the_next_layer_on_a_side_stream(order, replan_after, copies, runs):
+    gathered = _layer_reads("cuda", True, order, replan_after, runs)[2]
+    assert gathered == (copies if runs else _gathered_when_read(order, replan_after))
 
 
 @pytest.mark.parametrize("n", [0, 1, 7, 300])

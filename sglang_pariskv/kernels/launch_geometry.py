@@ -36,7 +36,8 @@ def scan_tokens_per_block(max_context: int, batch: int, num_sms: int) -> int:
     at 8 KV heads x head dim 128) into shared memory, so short runs spend as many bytes on
     tables as on signs: 1024-position runs were the fastest or within
     1% at 128K x 1/2/8 and 1M x 1 on an H100 (at 128K x 2: 32.4 us against 39.7 us for
-    256-position runs; with the staged scan 21.0 us against 22.2 us for 512). Shorter runs
+    256-position runs; with the staged scan 21.0 us against 22.2 us for 512; 2048-position
+    runs took 55.9 us against 48.7 at 128K x 5). Shorter runs
     only when 1024 would leave more than every other SM idle."""
     for tpb in SCAN_TOKENS_PER_BLOCK:
         if -(-max_context // tpb) * batch * 2 >= num_sms:

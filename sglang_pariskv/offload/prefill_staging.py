@@ -11,13 +11,14 @@ gathered from host memory into a GPU buffer once, and FlashInfer reads that buff
 FlashInfer's plan depends on the index pointers only, not on the index values, so the
 planned schedule stays valid.
 
-The copy of layer ``l + 1`` runs on a side stream while layer ``l`` computes: the buffer
-holds two layers, layer ``l`` in pair ``l % 2``, so a copy never overwrites rows an
-attention still reads. A layer read in another order than copied ahead is copied when it
-is read, as a layer without a copy ahead is. Where the prefix lies in long runs of
-consecutive slots (one request on a server whose allocator has not fragmented its free
-slots), each run is one host-to-device copy on the copy engines, which leaves the SMs to
-the attention; otherwise the UVA gather kernel reads the rows one by one.
+Where the prefix lies in long runs of consecutive slots (one request on a server whose
+allocator has not fragmented its free slots), each run is one host-to-device copy on the
+copy engines, and the copy of layer ``l + 1`` runs on a side stream while layer ``l``
+computes: the buffer holds two layers, layer ``l`` in pair ``l % 2``, so a copy never
+overwrites rows an attention still reads, and a layer read in another order than copied
+ahead is copied when it is read. Otherwise the UVA gather kernel reads the rows one by
+one when the layer is read: a gather beside the attention competes with it for the SMs
+and hid little of itself, or slowed the layer (``benchmarks/results/prefill_staging_*``).
 
 Only SGLang's ragged-plus-paged extend is staged: its paged part is the prefix alone,
 which no write of the current chunk touches. Every other extend (no prefix, a paged
@@ -34,7 +35,8 @@ import torch
 
 from sglang_pariskv.offload.host_pool import HostKVPool
 
-#: K/V buffer pairs: the layer an attention reads, and the next one, copied meanwhile.
+#: K/V buffer pairs: the layer an attention reads, and the next one, copied meanwhile
+#: (a prefix in runs).
 PAIRS = 2
 #: Mean slots per run of consecutive slots from which a plan copies runs (one
 #: host-to-device copy per run and part) instead of gathering rows: 256 slots of K or V of
@@ -137,7 +139,8 @@ class PrefillStaging:
         self, layer: int, use_kernel: bool | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The planned rows of pool layer ``layer`` (local index), shaped as SGLang's
-        ``get_kv_buffer`` returns K and V; then the next layer's rows are copied ahead.
+        ``get_kv_buffer`` returns K and V; with runs, the next layer's rows are then
+        copied ahead.
 
         This layer's rows are copied on the current stream unless they were copied ahead,
         the next layer's on the side stream (:meth:`copy_layer`)."""
@@ -152,7 +155,7 @@ class PrefillStaging:
         if ahead != layer:
             self.copy_layer(layer, pair, use_kernel)
         self._held = layer
-        if layer + 1 < self.host.num_layers:
+        if self.runs is not None and layer + 1 < self.host.num_layers:
             self._copy_ahead(layer + 1, use_kernel)
         return pair
 
