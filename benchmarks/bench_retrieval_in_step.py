@@ -105,9 +105,10 @@ def run(
     weight_mb: float,
     dev,
     modes: tuple[str, ...] = MODES,
+    candidate_ratio: float | None = None,
 ) -> dict:
     """{mode: stage means (us) and step_ms} of the workspace's retrieval, ``layers``
-    layers per CUDA graph."""
+    layers per CUDA graph; ``candidate_ratio`` None: the served length-adaptive one."""
     from sglang_pariskv.codec.encode import KeyCodes
     from sglang_pariskv.config import ParisKVConfig
     from sglang_pariskv.kernels import DecodeWorkspace
@@ -123,7 +124,7 @@ def run(
     cols = int(weight_mb * 1e6 / 2 / 4096)
     w = torch.randn(4096, cols, device=dev, dtype=torch.bfloat16)
     x = torch.randn(batch, 4096, device=dev, dtype=torch.bfloat16)
-    cfg = ParisKVConfig(topk=2048, sink=64, local=256)
+    cfg = ParisKVConfig(topk=2048, sink=64, local=256, candidate_ratio=candidate_ratio)
     ws = DecodeWorkspace(cfg, bk.HQ, bk.HKV, bk.D, batch, n, dev)
     ws.plan(seq)
     return modes_of(ws, codes, q, rtt, rpi, x, w, layers, modes)
@@ -347,6 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--modes", nargs="+", choices=MODES, default=list(MODES), help="settings to time"
     )
     ap.add_argument(
+        "--candidate-ratio",
+        type=float,
+        help="candidates per zone token (the rerank's reads; default: the served "
+        "length-adaptive ratio, 0.1 from 30K tokens)",
+    )
+    ap.add_argument(
         "--out",
         type=Path,
         default=Path("benchmarks/results/retrieval_in_step.json"),
@@ -384,7 +391,16 @@ def main(argv: list[str] | None = None) -> int:
         "batch": args.batch,
         "layers": args.layers,
         "weight_mb_per_layer": args.weight_mb,
-        "modes": run(args.n, args.batch, args.layers, args.weight_mb, dev, tuple(args.modes)),
+        "candidate_ratio": args.candidate_ratio,
+        "modes": run(
+            args.n,
+            args.batch,
+            args.layers,
+            args.weight_mb,
+            dev,
+            tuple(args.modes),
+            args.candidate_ratio,
+        ),
     }
     rep["wall_s"] = time.time() - t0
     args.out.parent.mkdir(parents=True, exist_ok=True)
