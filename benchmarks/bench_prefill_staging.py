@@ -4,12 +4,12 @@ attention?
     python benchmarks/bench_prefill_staging.py --prefix 131072 262144
 
 One chunk's layers of a Qwen2.5-7B-Instruct-1M shape (28 query / 4 KV heads of 128,
-bf16): a pinned :class:`HostKVPool` holds ``--prefix`` tokens of K/V per layer at
-scattered slots (as SGLang's allocator leaves them once requests have come and gone), and
-each layer's attention is torch's fused attention (``scaled_dot_product_attention``) of
-the chunk's ``--chunk`` queries (all 28 heads) over the staged prefix K/V: the part of a
-chunk's prefill that reads the prefix. Per prefix length, ms per layer (CUDA events over
-``--layers`` layers, median of ``--reps`` chunks):
+bf16): a pinned :class:`HostKVPool` holds ``--prefix`` tokens of K/V per layer at the
+slots of ``--layout`` (below), and each layer's attention is torch's fused attention
+(``scaled_dot_product_attention``) of the chunk's ``--chunk`` queries (all 28 heads)
+over the staged prefix K/V: the part of a chunk's prefill that reads the prefix. Per
+prefix length, ms per layer (CUDA events over ``--layers`` layers, median of ``--reps``
+chunks):
 
 * ``uva``: one layer's prefix rows, K and V, gathered row by row over UVA (the gather
   kernel alone);
@@ -25,8 +25,8 @@ chunk's prefill that reads the prefix. Per prefix length, ms per layer (CUDA eve
 requests have fragmented), ``contiguous`` in one run (one request on a fresh server).
 ``staged`` near max(copy, attention) means the copy is hidden; near ``inline``, it is
 not. ``staged_matches_inline``: every layer's staged attention output equals the inline
-one bit for bit (a copy ahead that raced its reader would not). Writes
-``benchmarks/results/prefill_staging.json`` and a PNG beside it.
+one bit for bit (a copy ahead that raced its reader would not). Writes ``--out``
+(``benchmarks/results/prefill_staging.json``) and a PNG beside it.
 """
 
 from __future__ import annotations

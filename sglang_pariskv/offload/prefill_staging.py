@@ -113,8 +113,6 @@ class PrefillStaging:
             return None
         n = slots.numel()
         self.slots = slots.clone()
-        if self._side is not None:
-            self.slots.record_stream(self._side)
         # the slots on the host (one sync per staged extend, whose prefill takes far longer)
         self.runs = slot_runs(slots.cpu(), max_runs=n // MIN_MEAN_RUN)
         self.counters["prefill_staged_extends"] += 1
@@ -162,7 +160,8 @@ class PrefillStaging:
     def _copy_ahead(self, layer: int, use_kernel: bool) -> None:
         """Start copying ``layer``'s rows into its pair, while ``layer - 1`` is read. The
         side stream first waits for the work queued so far: it holds the pair's last
-        reader, the attention of ``layer - 2``."""
+        reader, the attention of ``layer - 2``. Only a plan with runs copies ahead, and its
+        copies read the host pool and :attr:`runs`, not the device tensor of slots."""
         done = None
         if self._side is None:
             ctx = contextlib.nullcontext()
