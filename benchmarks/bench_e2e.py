@@ -33,7 +33,7 @@ from offload_equivalence import (  # noqa: E402
 )
 from passkey_runs import PASSKEY_CFG, run_passkey  # noqa: E402
 from throughput import run_throughput  # noqa: E402
-from throughput_results import merge_throughput_results  # noqa: E402
+from throughput_results import adds_backend_columns, merge_throughput_results  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "e2e.json"
 
@@ -182,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("flashinfer", "fa3"),
         default="flashinfer",
         help="SGLang attention backend of the dense engine (ParisKV runs on FlashInfer's); "
-        "measure both and compare ParisKV with the faster",
+        "measure both and compare ParisKV with the faster. With --modes dense, fa3's rows "
+        "alone join e2e.json's table of this device as its dense_fa3_* columns",
     )
     add_grow_prompts_arg(t)
     add_split_run_args(t)
@@ -252,6 +253,15 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         info = _device_info()
         old = json.loads(RESULTS.read_text()).get("throughput") if RESULTS.exists() else None
+        dense_only = not any(c["pariskv_tok_s"] for c in res["cases"])
+        if dense_only and not adds_backend_columns(old, res, info.get("device")):
+            print(
+                f"the {args.dense_backend} rows alone are columns of a table of ParisKV and "
+                f"FlashInfer rows, and {RESULTS} has none of this device and setup: run "
+                "--modes dense pariskv",
+                file=sys.stderr,
+            )
+            return 2
         commit = (info.get("git_commit") or "")[:7]
         _merge("throughput", merge_throughput_results(old, res, info.get("device"), commit), info)
         print(f"HBM copy bandwidth {res['hbm_copy_gbs']:.0f} GB/s")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from engine_runs import _engine, _read_stats, _run_isolated, add_counters, resume_run
 from step_floor import LLAMA_8B, hbm_bandwidth_gbs, step_bytes
-from throughput_results import max_throughput
+from throughput_results import TABLE_DENSE_BACKEND, max_throughput
 
 
 def _throughput_worker(
@@ -172,6 +172,14 @@ def check_engines_ran(
         )
 
 
+def check_dense_engine(input_len: int, dense_stats: dict) -> None:
+    """Raise if the dense engine wrote ParisKV stats: it served with the plugin on."""
+    if dense_stats:
+        raise RuntimeError(
+            f"the dense engine ran ParisKV at input {input_len}: stats {dense_stats}"
+        )
+
+
 def merge_engine_runs(done: dict | None, part: dict) -> dict:
     """One engine's rows from a run cut short (``done``, or None) and the run that resumed
     it: both runs' rows in batch order, their counters summed."""
@@ -224,7 +232,11 @@ def run_throughput(
     ``modes`` runs only those engines; with ``runs_dir`` each engine's rows are saved there
     as they are measured and the other mode's are read back, so one comparison can span
     device calls (each has a wall-clock limit): a run cut short keeps its finished batches,
-    and the same command again runs only the rest. Returns None while a mode is missing."""
+    and the same command again runs only the rest. Returns None while a mode is missing,
+    except for a dense engine of another backend than the table's
+    (:data:`~throughput_results.TABLE_DENSE_BACKEND`): its rows alone are a result, the
+    columns it adds to a table of ParisKV and FlashInfer rows (``pariskv_tok_s`` None
+    where ParisKV's rows are missing)."""
     import tempfile
 
     model_dir = Path(tempfile.mkdtemp(prefix="llama8b-shape-"))
@@ -251,17 +263,23 @@ def run_throughput(
             got[mode] = _resume_engine(saved, key, mode in modes, batches, measure)
             if got[mode] is None:
                 del got[mode]
-        if len(got) < 2:
+        dense_only = "pariskv" not in got and dense_backend != TABLE_DENSE_BACKEND
+        if "dense" not in got or ("pariskv" not in got and not dense_only):
             return None
-        dense, sparse = got["dense"], got["pariskv"]
-        check_engines_ran(n, output_len, cfg, dense["stats"], sparse["stats"], max(batches))
-        engines[str(n)] = {
-            "dense_capacity_tokens": dense["capacity_tokens"],
-            "pariskv_capacity_tokens": sparse["capacity_tokens"],
-            "pariskv_stats": sparse["stats"],
-        }
+        dense = got["dense"]
+        engines[str(n)] = {"dense_capacity_tokens": dense["capacity_tokens"]}
+        by_b = {}
+        if dense_only:
+            check_dense_engine(n, dense["stats"])
+        else:
+            sparse = got["pariskv"]
+            check_engines_ran(n, output_len, cfg, dense["stats"], sparse["stats"], max(batches))
+            engines[str(n)] |= {
+                "pariskv_capacity_tokens": sparse["capacity_tokens"],
+                "pariskv_stats": sparse["stats"],
+            }
+            by_b = {r["batch"]: r for r in sparse["rows"]}
         dense_by_b = {r["batch"]: r for r in dense["rows"]}
-        by_b = {r["batch"]: r for r in sparse["rows"]}
         for batch in sorted(dense_by_b.keys() | by_b.keys()):
             d = dense_by_b.get(batch, {"batch": batch, "error": "not run"})
             s = by_b.get(batch, {"error": "not run"})

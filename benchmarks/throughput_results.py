@@ -89,6 +89,19 @@ def _best_on(cases: list[dict], dense_backend: str, device: str) -> list[dict]:
     return [b | {"device": device} for b in max_throughput(cases, dense_backend)]
 
 
+def adds_backend_columns(old: dict | None, new: dict, device: str) -> bool:
+    """Whether ``new``, a run whose dense engine used another backend than
+    :data:`TABLE_DENSE_BACKEND`, joins ``old`` as that backend's columns: ``old`` is a
+    table of the same device and setup (config, output length)."""
+    return (
+        old is not None
+        and new["dense_backend"] != TABLE_DENSE_BACKEND
+        and old.get("dense_backend") == TABLE_DENSE_BACKEND
+        and all(old.get(k) == new.get(k) for k in ("config", "output_len"))
+        and any(c.get("device") == device for c in old.get("cases", []))
+    )
+
+
 def merge_throughput_results(old: dict | None, new: dict, device: str, commit: str) -> dict:
     """The throughput table after a run: ``new``'s rows, each marked with ``device`` and
     ``commit``, replace the rows of the same (input, batch); the other rows of ``old`` stay
@@ -97,13 +110,7 @@ def merge_throughput_results(old: dict | None, new: dict, device: str, commit: s
     A run of a dense backend other than :data:`TABLE_DENSE_BACKEND` adds its columns to a
     table of the same device and setup instead (:func:`_merge_other_backend`).
     ``max_throughput`` is recomputed over the merged rows."""
-    if (
-        old is not None
-        and new["dense_backend"] != TABLE_DENSE_BACKEND
-        and old.get("dense_backend") == TABLE_DENSE_BACKEND
-        and all(old.get(k) == new.get(k) for k in ("config", "output_len"))
-        and any(c.get("device") == device for c in old.get("cases", []))
-    ):
+    if adds_backend_columns(old, new, device):
         return _merge_other_backend(old, new, device, commit)
     rows = [c | {"device": device, "git_commit": commit} for c in new["cases"]]
     same = old is not None and all(

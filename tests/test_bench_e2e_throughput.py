@@ -1,6 +1,8 @@
 """``bench_e2e.py throughput``'s bookkeeping, without engines: which engine stats prove
 each mode ran as it should, and the byte floor of short (dense) requests."""
 
+import functools
+import json
 import sys
 from pathlib import Path
 
@@ -246,6 +248,68 @@ def test_cases_cover_every_batch_either_engine_ran_and_the_best_of_each_is_compa
         "ratio": pytest.approx(457.6 / 212.8),
         "dense_best_by_backend": {"fa3": {"batch": 6, "tok_s": 212.8}},
     }
+
+
+def _fake_dense_only(monkeypatch, stats):
+    """run_throughput's engines replaced: the dense one gives two batches with ``stats``;
+    the ParisKV one must not be started."""
+
+    def fake_measure(model_dir, mcfg, n, max_running, output_len, engine, reps, grow, todo,
+                     on_partial):  # fmt: skip
+        assert mcfg is None, "a dense-only run started the ParisKV engine"
+        rows = [{"batch": b, "tok_s": 100.0 * b, "ms_per_token": 10.0, "prefill_s": 1.0}
+                for b in todo]  # fmt: skip
+        return {"rows": rows, "capacity_tokens": 842009, "stats": stats}
+
+    monkeypatch.setattr(throughput, "_measure_engine", fake_measure)
+    monkeypatch.setattr(throughput, "hbm_bandwidth_gbs", lambda: 4000.0)
+
+
+def test_a_dense_run_of_another_backend_is_a_result_without_pariskv_rows(monkeypatch):
+    """fa3's dense rows alone are the columns it adds to a table: a result with
+    ParisKV's figures None; FlashInfer's dense rows alone wait for ParisKV's."""
+    _fake_dense_only(monkeypatch, {})
+    run = functools.partial(throughput.run_throughput, [131072], [1, 6], 256, CFG,
+                            modes=("dense",))  # fmt: skip
+    assert run(dense_backend="flashinfer") is None
+    res = run(dense_backend="fa3")
+    assert [(c["batch"], c["dense_tok_s"], c["pariskv_tok_s"]) for c in res["cases"]] == [
+        (1, 100.0, None),
+        (6, 600.0, None),
+    ]
+    assert all(c["pariskv_error"] == "not run" and "speedup" not in c for c in res["cases"])
+    assert res["engines"] == {"131072": {"dense_capacity_tokens": 842009}}
+    assert res["max_throughput"] == []
+    _fake_dense_only(monkeypatch, {"sparse_request_steps": 3})
+    with pytest.raises(RuntimeError, match="dense engine ran ParisKV"):
+        run(dense_backend="fa3")
+
+
+def test_a_dense_only_run_joins_a_table_of_its_device_or_is_refused(tmp_path, monkeypatch):
+    """bench_e2e writes fa3's rows alone only as columns of a FlashInfer table of the same
+    device and setup; with none it exits 2 and leaves the results file as it was."""
+    results = tmp_path / "e2e.json"
+    monkeypatch.setattr(bench_e2e, "RESULTS", results)
+    monkeypatch.setattr(bench_e2e, "plot", lambda: None)
+    info = {"device": "H200", "git_commit": "f" * 40}
+    monkeypatch.setattr(bench_e2e, "_device_info", lambda: info)
+    _fake_dense_only(monkeypatch, {})
+    argv = ["throughput", "--inputs", "131072", "--batches", "1", "6", "--modes", "dense",
+            "--dense-backend", "fa3"]  # fmt: skip
+    other = _table([(131072, 1, 111.2, 121.5, {"device": "H100"})])
+    results.write_text(json.dumps({"throughput": other}))
+    assert bench_e2e.main(argv) == 2
+    assert json.loads(results.read_text()) == {"throughput": other}
+    table = _table([(131072, 1, 111.2, 121.5, {"device": "H200"}),
+                    (131072, 5, None, 457.6, {"device": "H200"})])  # fmt: skip
+    results.write_text(json.dumps({"throughput": table}))
+    assert bench_e2e.main(argv) == 0
+    got = json.loads(results.read_text())["throughput"]
+    rows = {c["batch"]: c for c in got["cases"]}
+    assert rows[1]["dense_fa3_tok_s"] == 100.0 and rows[1]["pariskv_tok_s"] == 121.5
+    assert rows[6]["dense_fa3_tok_s"] == 600.0 and rows[6]["dense_fa3_git_commit"] == "fffffff"
+    (best,) = got["max_throughput"]
+    assert best["dense_backend"] == "fa3" and best["ratio"] == pytest.approx(457.6 / 600.0)
 
 
 def test_the_dense_backend_option_reaches_run_throughput(monkeypatch):
