@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         info = _device_info()
         old = json.loads(RESULTS.read_text()).get("throughput") if RESULTS.exists() else None
-        dense_only = not any(c["pariskv_tok_s"] for c in res["cases"])
+        dense_only = not any("pariskv_stats" in e for e in res["engines"].values())
         if dense_only and not adds_backend_columns(old, res, info.get("device")):
             print(
                 f"the {args.dense_backend} rows alone are columns of a table of ParisKV and "

@@ -165,7 +165,8 @@ def check_engines_ran(
         ok = dense_req > 0 and sparse_req == 0
     else:  # requests cross the threshold while decoding
         ok = dense_req > 0 and sparse_req > 0
-    if dense_stats or not ok:
+    check_dense_engine(input_len, dense_stats)
+    if not ok:
         raise RuntimeError(
             f"ParisKV did not run as expected at input {input_len} (dense threshold "
             f"{c.dense_threshold}): dense stats {dense_stats}, pariskv stats {pariskv_stats}"
@@ -176,7 +177,7 @@ def check_dense_engine(input_len: int, dense_stats: dict) -> None:
     """Raise if the dense engine wrote ParisKV stats: it served with the plugin on."""
     if dense_stats:
         raise RuntimeError(
-            f"the dense engine ran ParisKV at input {input_len}: stats {dense_stats}"
+            f"the dense engine ran ParisKV at input {input_len}: dense stats {dense_stats}"
         )
 
 
