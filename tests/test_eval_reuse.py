@@ -15,6 +15,9 @@ from pariskv_tools.eval.reuse import (
     lagged,
     lagged_candidate_quality,
     last_retrieval,
+    refresh_source,
+    rule_quality,
+    sliced_rules,
 )
 from pariskv_tools.eval.trace import LayerTrace
 from sglang_pariskv.codec.budget import candidate_ratios, num_candidates
@@ -22,7 +25,12 @@ from sglang_pariskv.codec.collision import centroid_table, collision_scores
 from sglang_pariskv.codec.encode import encode_keys
 from sglang_pariskv.codec.pipeline import retrieve
 from sglang_pariskv.codec.query import prepare_query
-from sglang_pariskv.codec.select import rerank_topk, select_candidates, zone_mask
+from sglang_pariskv.codec.select import (
+    estimate_inner_products,
+    rerank_topk,
+    select_candidates,
+    zone_mask,
+)
 from sglang_pariskv.config import ParisKVConfig
 
 HKV, G, D, N, S = 3, 3, 32, 700, 13
@@ -106,7 +114,6 @@ def lagged_oracle(t: LayerTrace, lag: int) -> tuple[torch.Tensor, torch.Tensor]:
     for s in range(S):
         e = s - lag if s >= lag else s
         seq = t.seq_lens[s : s + 1]
-        seq_s = int(seq)
         cfg = ParisKVConfig(topk=1, sink=BUDGET.sink, local=BUDGET.local, dense_threshold=0)
         zone = seq - BUDGET.sink - BUDGET.local
         counts = num_candidates(zone, candidate_ratios(zone, cfg), cfg)
@@ -118,17 +125,24 @@ def lagged_oracle(t: LayerTrace, lag: int) -> tuple[torch.Tensor, torch.Tensor]:
         for name, k in (("budget", int(BUDGET.retrieved(seq))), ("100", 100)):
             pos, ok = rerank_topk(full, q_own, cand, valid, k)
             picks[name] = [set(pos[0, h][ok[0, h]].tolist()) for h in range(HKV)]
-        q = t.queries[s].double().reshape(HKV, G, D)
-        window = set(range(seq_s - BUDGET.local, seq_s)) | set(range(BUDGET.sink))
-        for h in range(HKV):
-            k = t.keys[:seq_s, h].double()
-            probs = torch.softmax(q[h] @ k.T * D**-0.5, -1).mean(0)
-            mass[s, h] = probs[sorted(picks["budget"][h] | window)].sum()
-            zone_pos = torch.arange(BUDGET.sink, seq_s - BUDGET.local)
-            exact = k[zone_pos] @ q[h].mean(0)
-            truth = set(zone_pos[exact.argsort(descending=True)[:100]].tolist())
-            recall[s, h] = len(truth & picks["100"][h]) / 100
+        score_step(t, s, picks, recall, mass)
     return recall, mass
+
+
+def score_step(t: LayerTrace, s: int, picks: dict, recall, mass) -> None:
+    """recall[s] and mass[s] of step s attending the sink, its window and ``picks``
+    ("budget": the retrieved sets per head; "100": the top-100 per head), in float64."""
+    seq_s = int(t.seq_lens[s])
+    q = t.queries[s].double().reshape(HKV, G, D)
+    window = set(range(seq_s - BUDGET.local, seq_s)) | set(range(BUDGET.sink))
+    for h in range(HKV):
+        k = t.keys[:seq_s, h].double()
+        probs = torch.softmax(q[h] @ k.T * D**-0.5, -1).mean(0)
+        mass[s, h] = probs[sorted(picks["budget"][h] | window)].sum()
+        zone_pos = torch.arange(BUDGET.sink, seq_s - BUDGET.local)
+        exact = k[zone_pos] @ q[h].mean(0)
+        truth = set(zone_pos[exact.argsort(descending=True)[:100]].tolist())
+        recall[s, h] = len(truth & picks["100"][h]) / 100
 
 
 @pytest.mark.parametrize("lag", [1, 4])
@@ -144,6 +158,80 @@ def test_lagged_candidates_match_the_codec_stages(lag):
     torch.testing.assert_close(got["mass_recall"][:lag], served["mass_recall"][:lag])
     # later steps' candidates come from another query (drifting queries: other sets)
     assert not torch.equal(got["mass_recall"][lag:], served["mass_recall"][lag:])
+
+
+def sliced_oracle(t: LayerTrace, count: int, granule: int, kind: str):
+    """(recall@100, mass) [S, H] step by step from the codec's stages when step s
+    re-scores slice s mod ``count`` of the positions (granules of ``granule``, slice j =
+    granule index mod ``count``; step 0 all): every other position keeps the collision
+    score (and for ``kind`` "both" the rerank estimate) of the query of the last step that
+    re-scored its slice; candidates and top-k over every position."""
+    codes = encode_keys(t.keys)
+    full = type(codes)(*(x[None] for x in codes))
+    recall = torch.zeros(S, HKV, dtype=torch.float64)
+    mass = torch.zeros(S, HKV, dtype=torch.float64)
+    slice_of = [(p // granule) % count for p in range(N)]
+    for s in range(S):
+        src = torch.tensor([max(0, s - (s - j) % count) for j in slice_of])  # [N]
+        seq = t.seq_lens[s : s + 1]
+        coll = torch.zeros(1, N, HKV, dtype=torch.int64)
+        prepared = {}
+        for e in src.unique().tolist():
+            prepared[e] = prepare_query(t.queries[e : e + 1], HKV)
+            scores_e = collision_scores(full.signs, centroid_table(prepared[e].blocks))
+            coll[:, src == e] = scores_e[:, src == e]
+        cfg = ParisKVConfig(topk=1, sink=BUDGET.sink, local=BUDGET.local, dense_threshold=0)
+        zone = seq - BUDGET.sink - BUDGET.local
+        counts = num_candidates(zone, candidate_ratios(zone, cfg), cfg)
+        in_zone = zone_mask(N, BUDGET.sink, seq - BUDGET.local)
+        cand, valid = select_candidates(coll, in_zone, counts)
+        q_own = prepare_query(t.queries[s : s + 1], HKV)
+        heads = torch.arange(HKV)[None, :, None].expand_as(cand)
+        recs = full.index(torch.zeros_like(cand), cand, heads)  # [1, H, C, ...]
+        owner = src[cand] if kind == "both" else torch.full_like(cand, s)
+        est = torch.full(cand.shape, float("-inf"))
+        for e in owner.unique().tolist():
+            q_e = q_own if e == s else prepared[e]
+            est_e = estimate_inner_products(recs, q_e.blocks[:, :, None], q_e.norm[..., None])
+            est = torch.where(owner == e, est_e, est)
+        est = torch.where(valid, est, float("-inf"))
+        order = torch.sort(est, dim=-1, descending=True, stable=True).indices
+        picks = {}
+        for name, k in (("budget", int(BUDGET.retrieved(seq))), ("100", 100)):
+            top = order[..., :k]
+            pos, ok = torch.gather(cand, -1, top), torch.gather(valid, -1, top)
+            picks[name] = [set(pos[0, h][ok[0, h]].tolist()) for h in range(HKV)]
+        score_step(t, s, picks, recall, mass)
+    return recall, mass
+
+
+@pytest.mark.parametrize("kind", ["collision", "both"])
+@pytest.mark.parametrize(("count", "granule"), [(2, 64), (3, 100)])
+def test_sliced_refresh_matches_the_codec_stages(kind, count, granule):
+    t = trace(count + granule)
+    method = ParisKV(outputs=("full",))
+    rules = sliced_rules(t, BUDGET, [count], method, granule, chunk=4)
+    got = rule_quality(t, BUDGET, {"r": rules[(kind, count)]}, chunk=4)["r"]
+    recall, mass = sliced_oracle(t, count, granule, kind)
+    torch.testing.assert_close(got["mass_recall"].double(), mass, atol=2e-5, rtol=0)
+    diff = (got["recall_at_100"].double() - recall).abs()
+    assert diff.max() <= 0.01 + 1e-9 and diff.mean() < 2e-3
+    # step 0 re-scores everything: it retrieves as served; later steps keep older scores
+    served = interval_quality(t, BUDGET, [1], method)[1]
+    torch.testing.assert_close(got["mass_recall"][:1], served["mass_recall"][:1])
+    assert not torch.equal(got["mass_recall"][1:], served["mass_recall"][1:])
+
+
+def test_refresh_source():
+    # granules of 2 positions, 3 slices: positions 0-1 slice 0, 2-3 slice 1, 4-5 slice 2
+    got = refresh_source(torch.arange(5), 6, 3, 2)
+    assert got.tolist() == [
+        [0, 0, 0, 0, 0, 0],
+        [0, 0, 1, 1, 0, 0],
+        [0, 0, 1, 1, 2, 2],
+        [3, 3, 1, 1, 2, 2],
+        [3, 3, 4, 4, 2, 2],
+    ]
 
 
 def test_lag_is_free_when_every_zone_key_is_a_candidate():
@@ -165,7 +253,7 @@ def test_last_retrieval_step():
     assert last_retrieval(torch.arange(7), 3).tolist() == [0, 0, 0, 3, 3, 3, 6]
 
 
-@pytest.mark.parametrize("flag", ["--intervals", "--lags"])
+@pytest.mark.parametrize("flag", ["--intervals", "--lags", "--slices"])
 @pytest.mark.parametrize("bad", ["0,2", "x", ""])
 def test_bad_lists_are_refused(flag, bad, tmp_path):
     with pytest.raises(SystemExit, match=flag):
@@ -181,4 +269,5 @@ def test_bad_candidate_ratio_is_refused(bad, tmp_path):
 def test_reuse_command_is_listed():
     args = build_parser().parse_args(["reuse"])
     assert args.intervals == "1,2,4,8,16" and args.lags == "1,2,4" and args.fraction == 0.10
+    assert args.slices == "2,4" and args.slice_granule == 128
     assert args.candidate_ratio is None

@@ -58,6 +58,7 @@ RECALL_K = 100
 METRICS = ("recall_at_100", "mass_recall")
 DEFAULT_INTERVALS = (1, 2, 4, 8, 16)
 DEFAULT_LAGS = (1, 2, 4)
+DEFAULT_SLICES = (2, 4)
 
 
 def last_retrieval(steps: torch.Tensor, interval: int) -> torch.Tensor:
@@ -87,13 +88,68 @@ def selections(
         batch = budget.batch(trace.queries[steps], trace.seq_lens[steps])
         earlier = trace.queries[lagged(steps, lag)] if lag else None
         scores = method.scores(state, batch, candidate_queries=earlier)[method.names[0]]
-        in_zone = zone_mask(batch.seq_lens, batch.sink, batch.local, n)
-        ranked, valid = rank(scores, in_zone, max(RECALL_K, int(batch.retrieved.max())))
-        take = take_first(valid, batch.retrieved)
-        take100 = take_first(valid, torch.full_like(batch.retrieved, RECALL_K))
-        picked[lo : lo + len(steps)].scatter_(-1, ranked, take)
-        top100[lo : lo + len(steps)].scatter_(-1, ranked, take100)
+        _mark_selection(scores, batch, picked[lo : lo + len(steps)], top100[lo : lo + len(steps)])
     return picked, top100
+
+
+def _mark_selection(
+    scores: torch.Tensor, batch, picked: torch.Tensor, top100: torch.Tensor
+) -> None:
+    """Marks in ``picked`` / ``top100`` (bool [S, H, N], rows of the batch's steps) the
+    budget's retrieved set and the top-100 of the ranking ``scores`` over the zone."""
+    in_zone = zone_mask(batch.seq_lens, batch.sink, batch.local, scores.shape[-1])
+    ranked, valid = rank(scores, in_zone, max(RECALL_K, int(batch.retrieved.max())))
+    picked.scatter_(-1, ranked, take_first(valid, batch.retrieved))
+    top100.scatter_(-1, ranked, take_first(valid, torch.full_like(batch.retrieved, RECALL_K)))
+
+
+def refresh_source(steps: torch.Tensor, n: int, slices: int, granule: int) -> torch.Tensor:
+    """int64 [S, n]: the step whose query last scored position p at step t when each step
+    re-scores one of ``slices`` slices of the zone (slice j: the granules of ``granule``
+    positions whose index is j mod ``slices``; step t re-scores slice t mod ``slices``).
+    Step 0 scores every slice (a request's first sparse step has no earlier scores)."""
+    j = (torch.arange(n) // granule) % slices
+    src = steps[:, None] - torch.remainder(steps[:, None] - j[None], slices)
+    return src.clamp_min(0)
+
+
+def sliced_rules(
+    trace: LayerTrace,
+    budget: Budget,
+    slices: Sequence[int],
+    method: ParisKV,
+    granule: int,
+    chunk: int = 64,
+) -> dict[tuple[str, int], Rule]:
+    """Every step retrieves, but re-scores only one of N slices of the zone, keyed by
+    ("collision", N): the collision scores of the other slices are those of the step that
+    last re-scored them, the rerank of the candidates uses the step's own query; and by
+    ("both", N): the other slices' rerank estimates are kept from that step too. The top-k
+    then runs over every candidate."""
+    s, h, n = trace.queries.shape[0], trace.num_kv_heads, trace.num_keys
+    state = method.prepare(trace)
+    coll_all = torch.empty(s, h, n, dtype=torch.int16)  # collision scores are bytes
+    est_all = torch.empty(s, h, n, dtype=torch.float32)
+    for lo in range(0, s, chunk):
+        steps = torch.arange(lo, min(s, lo + chunk))
+        batch = budget.batch(trace.queries[steps], trace.seq_lens[steps])
+        coll, est = method.stage_scores(state, batch)
+        coll_all[steps], est_all[steps] = coll.to(torch.int16), est.float()
+    rules = {}
+    for count in slices:
+        for kind in ("collision", "both"):
+            picked = torch.zeros(s, h, n, dtype=torch.bool)
+            top100 = torch.zeros_like(picked)
+            for lo in range(0, s, chunk):
+                steps = torch.arange(lo, min(s, lo + chunk))
+                batch = budget.batch(trace.queries[steps], trace.seq_lens[steps])
+                src = refresh_source(steps, n, count, granule)[:, None].expand(-1, h, -1)
+                coll = torch.gather(coll_all, 0, src).to(torch.int64)
+                est = torch.gather(est_all, 0, src) if kind == "both" else est_all[steps]
+                rows = slice(lo, lo + len(steps))
+                _mark_selection(method.ranking(coll, est, batch), batch, picked[rows], top100[rows])
+            rules[(kind, count)] = (picked, top100, lambda t: t)
+    return rules
 
 
 #: A selection rule as :func:`rule_quality` scores it: each step's retrieved set and
@@ -194,6 +250,15 @@ def add_reuse_parser(sub) -> None:
         help="comma list of lags d: every step retrieves, its candidates picked with the "
         "query of d steps earlier (the rerank with its own)",
     )
+    p.add_argument(
+        "--slices",
+        default=",".join(str(i) for i in DEFAULT_SLICES),
+        help="comma list of slice counts N: every step re-scores one of N slices of the zone "
+        "(its collision scores, and its rerank estimates or not), the rest kept",
+    )
+    p.add_argument(
+        "--slice-granule", type=int, default=128, help="positions per granule of a slice"
+    )
     p.add_argument("--fraction", type=float, default=0.10, help="attended budget fraction")
     p.add_argument(
         "--candidate-ratio",
@@ -253,6 +318,9 @@ def run_reuse_cli(args, argv: list[str]) -> dict:
     t0 = time.monotonic()
     intervals = _positive_list(args.intervals, "--intervals", "interval")
     lags = _positive_list(args.lags, "--lags", "lag")
+    slices = _positive_list(args.slices, "--slices", "slice count")
+    if args.slice_granule < 1:
+        raise SystemExit(f"--slice-granule: {args.slice_granule} must be >= 1")
     try:
         method = ParisKV(ParisKVConfig(candidate_ratio=args.candidate_ratio), outputs=("full",))
     except ParisKVConfigError as e:
@@ -263,14 +331,16 @@ def run_reuse_cli(args, argv: list[str]) -> dict:
     for spec in default_contexts(model.max_positions):
         cap = load_or_capture(spec, args.n_decode, args.seed, cache_dir, model)
         budget = budget_for(args.fraction, cap.prompt_len)
-        by_interval, by_lag = [], []
+        by_interval, by_lag, by_slices = [], [], []
         for layer in range(cap.n_layers):
             trace = layer_trace(cap, layer)
             rules = {("interval", k): r for k, r in
                      interval_rules(trace, budget, [1, *intervals], method).items()}  # fmt: skip
             rules |= {("lag", k): r for k, r in lagged_rules(trace, budget, lags, method).items()}
+            sliced = sliced_rules(trace, budget, slices, method, args.slice_granule)
+            rules |= {("slice", f"{kind}/{k}"): r for (kind, k), r in sliced.items()}
             res = rule_quality(trace, budget, rules)
-            for rows, kind in ((by_interval, "interval"), (by_lag, "lag")):
+            for rows, kind in ((by_interval, "interval"), (by_lag, "lag"), (by_slices, "slice")):
                 rows.append(
                     {
                         k: {m: v.mean().item() for m, v in d.items()}
@@ -285,6 +355,7 @@ def run_reuse_cli(args, argv: list[str]) -> dict:
             "n_decode": cap.n_decode,
             "intervals": _mean_by_key(by_interval),
             "lagged_candidates": _mean_by_key(by_lag),
+            "sliced_refresh": _mean_by_key(by_slices),
         }
     by_interval_mean = _mean_over_contexts(contexts, "intervals")
     every = by_interval_mean["1"]
@@ -293,6 +364,7 @@ def run_reuse_cli(args, argv: list[str]) -> dict:
         row["fraction_of_steps_retrieving"] = 1.0 / int(iv)
     summary = {k: v for k, v in summary.items() if int(k) in intervals}
     lagged_summary = _with_drops(_mean_over_contexts(contexts, "lagged_candidates"), every)
+    sliced_summary = _with_drops(_mean_over_contexts(contexts, "sliced_refresh"), every)
     doc = {
         "command": "python -m pariskv_tools.eval " + shlex.join(argv),
         "git_commit": git_commit(),
@@ -310,6 +382,12 @@ def run_reuse_cli(args, argv: list[str]) -> dict:
         "contexts": contexts,
         "summary": summary,
         "lagged_summary": lagged_summary,
+        "sliced_rule": "retrieve at every step; re-score one of N slices of the zone (granules "
+        f"of {args.slice_granule} positions, slice j = granule index mod N, step t re-scores "
+        "slice t mod N; the first step all): 'collision/N' keeps the other slices' collision "
+        "scores from the step that last re-scored them and reranks every candidate with the "
+        "step's own query; 'both/N' keeps their rerank estimates too",
+        "sliced_summary": sliced_summary,
         "runtime_s": time.monotonic() - t0,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -324,5 +402,8 @@ def run_reuse_cli(args, argv: list[str]) -> dict:
     print(f"{'lag':>3} {'recall@100':>10} {'mass':>7}  (candidates from an earlier query)")
     for lag, row in lagged_summary.items():
         print(f"{lag:>3} {row['recall_at_100']:>10.3f} {row['mass_recall']:>7.3f}")
+    print(f"{'slices':>12} {'recall@100':>10} {'mass':>7}  (one of N slices re-scored per step)")
+    for key, row in sliced_summary.items():
+        print(f"{key:>12} {row['recall_at_100']:>10.3f} {row['mass_recall']:>7.3f}")
     print(f"wrote {args.out}", file=sys.stderr)
     return doc

@@ -169,12 +169,33 @@ class ParisKV:
     ) -> dict:
         """``candidate_queries`` [S, Hq, D]: the queries the collision stage picks the
         candidates with (default: the batch's own); the rerank always uses the batch's."""
+        coll, est = self.stage_scores(state, batch, candidate_queries)
+        out = {}
+        if "stage1" in self.outputs:
+            out[self._out["stage1"]] = coll
+        if "full" in self.outputs:
+            out[self._out["full"]] = self.ranking(coll, est, batch)
+        return out
+
+    def ranking(self, coll: torch.Tensor, est: torch.Tensor, batch: StepBatch) -> torch.Tensor:
+        """The full method's ranking of keys scored by the two stages of
+        :meth:`stage_scores` (which may come from different steps' queries)."""
         cfg = self.step_config()
-        seq_lens = batch.seq_lens.to(torch.int64)
-        n, h, b = state.signs.shape
-        s = seq_lens.shape[0]
-        zone = (seq_lens - batch.sink - batch.local).clamp_min(0)  # codec zone_lengths, per row
+        zone = (batch.seq_lens.to(torch.int64) - batch.sink - batch.local).clamp_min(0)
         counts = num_candidates(zone, candidate_ratios(zone, cfg), cfg)
+        return self._rerank(coll, est, counts, batch)
+
+    def stage_scores(
+        self,
+        state: ParisKVState,
+        batch: StepBatch,
+        candidate_queries: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(collision scores int64 [S, H, N], rerank estimates float32 [S, H, N]) of every
+        key for the batch's queries (the collision stage's: ``candidate_queries``, if
+        given)."""
+        n, h, b = state.signs.shape
+        s = batch.seq_lens.shape[0]
 
         heads = batch.queries.shape[1] if self.gqa == "max" else h
         group = heads // h
@@ -196,12 +217,7 @@ class ParisKV:
         if self.gqa == "shared":
             coll = coll.sum(1, keepdim=True).expand(s, h, n)
             est = est.sum(1, keepdim=True).expand(s, h, n)
-        out = {}
-        if "stage1" in self.outputs:
-            out[self._out["stage1"]] = coll
-        if "full" in self.outputs:
-            out[self._out["full"]] = self._rerank(coll, est, counts, batch)
-        return out
+        return coll, est
 
     @staticmethod
     def _rerank(
