@@ -52,6 +52,22 @@ def show_default(value: object) -> str:
     return str(value)
 
 
+def parse_layers(text: str, num_layers: int) -> list[int] | None:
+    """``--layers``: 'all', a stride '::3', or a list '0,5,29', checked against the model."""
+    if text == "all":
+        return None
+    try:
+        if text.startswith("::"):
+            return list(range(0, num_layers, int(text[2:])))
+        layers = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"--layers: {text!r} is not all, ::STRIDE or a comma list") from None
+    bad = [la for la in layers if not 0 <= la < num_layers]
+    if bad:
+        raise SystemExit(f"--layers: {bad} outside the model's {num_layers} layers")
+    return layers
+
+
 def add_smollm2_args(parser: argparse.ArgumentParser) -> None:
     """``--cache-root`` and ``--smollm2-gguf``: where SmolLM2 is cached and converted from."""
     parser.add_argument(

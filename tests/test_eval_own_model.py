@@ -19,6 +19,7 @@ from tiny_models import MAX_POSITIONS, SHAPES, save_tiny_model
 from transformers import AutoConfig
 
 from pariskv_tools import demo
+from pariskv_tools.cli import parse_layers
 from pariskv_tools.eval import __main__ as eval_cli
 from pariskv_tools.eval.captures import (
     DEFAULT_CONTEXTS,
@@ -214,10 +215,10 @@ def test_parse_contexts():
 
 
 def test_layers_follow_the_model():
-    assert eval_cli._layers("::2", 5) == [0, 2, 4]
-    assert eval_cli._layers("all", 5) is None
+    assert parse_layers("::2", 5) == [0, 2, 4]
+    assert parse_layers("all", 5) is None
     with pytest.raises(SystemExit, match="--layers: \\[7\\] outside the model's 2 layers"):
-        eval_cli._layers("0,7", 2)
+        parse_layers("0,7", 2)
 
 
 def test_demo_runs_on_own_model(tiny, capsys):

@@ -271,3 +271,10 @@ def test_reuse_command_is_listed():
     assert args.intervals == "1,2,4,8,16" and args.lags == "1,2,4" and args.fraction == 0.10
     assert args.slices == "2,4" and args.slice_granule == 128
     assert args.candidate_ratio is None
+
+
+def test_reuse_takes_contexts_and_layers():
+    args = build_parser().parse_args(
+        ["reuse", "--contexts", "64000:variable_tracking", "--layers", "0,10", "--slices", "4"]
+    )
+    assert (args.contexts, args.layers, args.slices) == ("64000:variable_tracking", "0,10", "4")

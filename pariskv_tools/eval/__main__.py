@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from pariskv_tools.cli import HelpFormatter, add_model_args, load_calibration_for
+from pariskv_tools.cli import HelpFormatter, add_model_args, load_calibration_for, parse_layers
 from pariskv_tools.eval.calibrate import CalibrateSettings, run_calibrate
 from pariskv_tools.eval.captures import (
     ContextSpec,
@@ -36,22 +36,6 @@ from sglang_pariskv.config import ParisKVConfig
 
 def _floats(text: str) -> tuple[float, ...]:
     return tuple(float(x) for x in text.split(",") if x)
-
-
-def _layers(text: str, num_layers: int) -> list[int] | None:
-    """``--layers``: 'all', a stride '::3', or a list '0,5,29', checked against the model."""
-    if text == "all":
-        return None
-    try:
-        if text.startswith("::"):
-            return list(range(0, num_layers, int(text[2:])))
-        layers = [int(x) for x in text.split(",")]
-    except ValueError:
-        raise SystemExit(f"--layers: {text!r} is not all, ::STRIDE or a comma list") from None
-    bad = [la for la in layers if not 0 <= la < num_layers]
-    if bad:
-        raise SystemExit(f"--layers: {bad} outside the model's {num_layers} layers")
-    return layers
 
 
 def _variant(spec: str) -> ParisKV:
@@ -270,7 +254,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m pariskv_tools.eva
     contexts = parse_contexts(args.contexts) if args.contexts else None
     # Only the config is read here: layers and contexts are checked before any capture.
     model = resolve_model(args.model, args.cache_root, args.smollm2_gguf)
-    layers = _layers(args.layers, model.config.num_hidden_layers)
+    layers = parse_layers(args.layers, model.config.num_hidden_layers)
     contexts = contexts or default_contexts(model.max_positions)
     for spec in contexts:
         if spec.prompt_tokens(args.n_decode, model.max_positions) < 64:

@@ -38,13 +38,14 @@ from pathlib import Path
 
 import torch
 
-from pariskv_tools.cli import HelpFormatter, add_model_args
+from pariskv_tools.cli import HelpFormatter, add_model_args, parse_layers
 from pariskv_tools.eval.budget import Budget, budget_for
 from pariskv_tools.eval.captures import (
     default_cache_dir,
     default_contexts,
     layer_trace,
     load_or_capture,
+    parse_contexts,
 )
 from pariskv_tools.eval.layer_eval import exact_scores
 from pariskv_tools.eval.methods import ParisKV
@@ -266,6 +267,12 @@ def add_reuse_parser(sub) -> None:
         help="ParisKV's candidate ratio in (0, 1] (default: the served length-adaptive one; "
         "0.1 is what it picks from 30K tokens on)",
     )
+    p.add_argument(
+        "--contexts",
+        help="comma list of prompt lengths LEN[:TASK], as for `retrieval` (default: 2k,4k,8k "
+        "scaled to the model)",
+    )
+    p.add_argument("--layers", default="all", help="layers to score: all | ::STRIDE | 0,5,29")
     p.add_argument("--n-decode", type=int, default=1024, help="decode steps captured")
     p.add_argument("--seed", type=int, default=0, help="seed of the tasks")
     p.add_argument("--cache-dir", type=Path, help="captured traces (default: under --cache-root)")
@@ -325,14 +332,16 @@ def run_reuse_cli(args, argv: list[str]) -> dict:
         method = ParisKV(ParisKVConfig(candidate_ratio=args.candidate_ratio), outputs=("full",))
     except ParisKVConfigError as e:
         raise SystemExit(f"--candidate-ratio: {e}") from None
+    specs = parse_contexts(args.contexts) if args.contexts else None
     model = resolve_model(args.model, args.cache_root, args.smollm2_gguf)
+    layers = parse_layers(args.layers, model.config.num_hidden_layers)
     cache_dir = args.cache_dir or default_cache_dir(args.cache_root)
     contexts = {}
-    for spec in default_contexts(model.max_positions):
+    for spec in specs or default_contexts(model.max_positions):
         cap = load_or_capture(spec, args.n_decode, args.seed, cache_dir, model)
         budget = budget_for(args.fraction, cap.prompt_len)
         by_interval, by_lag, by_slices = [], [], []
-        for layer in range(cap.n_layers):
+        for layer in layers if layers is not None else range(cap.n_layers):
             trace = layer_trace(cap, layer)
             rules = {("interval", k): r for k, r in
                      interval_rules(trace, budget, [1, *intervals], method).items()}  # fmt: skip
@@ -376,6 +385,7 @@ def run_reuse_cli(args, argv: list[str]) -> dict:
         "lagged_rule": "retrieve at every step, the candidates picked by the collision "
         "scores of the query of d steps earlier, reranked with the step's own query",
         "fraction": args.fraction,
+        "layers": args.layers,
         "candidate_ratio": args.candidate_ratio or "auto",
         "recall_k": RECALL_K,
         "every_step": every,
