@@ -144,7 +144,7 @@ def build_parser(prog: str = "python -m pariskv_tools.eval") -> argparse.Argumen
     from pariskv_tools.eval.stress import add_stress_parser
 
     add_stress_parser(sub)
-    from pariskv_tools.eval.reuse import add_reuse_parser
+    from pariskv_tools.eval.reuse_cli import add_reuse_parser
 
     add_reuse_parser(sub)
     return p
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m pariskv_tools.eva
 
         return run_stress_cli(args, argv)
     if args.cmd == "reuse":
-        from pariskv_tools.eval.reuse import run_reuse_cli
+        from pariskv_tools.eval.reuse_cli import run_reuse_cli
 
         return run_reuse_cli(args, argv)
 
