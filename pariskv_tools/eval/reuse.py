@@ -44,7 +44,7 @@ from pariskv_tools.eval.layer_eval import exact_scores
 from pariskv_tools.eval.methods import ParisKV
 from pariskv_tools.eval.metrics import dense_probs, take_first, topk_mask
 from pariskv_tools.eval.ranking import rank, zone_mask
-from pariskv_tools.eval.trace import LayerTrace
+from pariskv_tools.eval.trace import LayerTrace, StepBatch
 
 RECALL_K = 100
 METRICS = ("recall_at_100", "mass_recall")
@@ -85,7 +85,7 @@ def selections(
 
 
 def _mark_selection(
-    scores: torch.Tensor, batch, picked: torch.Tensor, top100: torch.Tensor
+    scores: torch.Tensor, batch: StepBatch, picked: torch.Tensor, top100: torch.Tensor
 ) -> None:
     """Marks in ``picked`` / ``top100`` (bool [S, H, N], rows of the batch's steps) the
     budget's retrieved set and the top-100 of the ranking ``scores`` over the zone."""
@@ -129,18 +129,17 @@ def sliced_rules(
         coll_all[steps], est_all[steps] = coll.to(torch.int16), est.float()
     rules = {}
     for count in slices:
-        for kind in ("collision", "both"):
-            picked = torch.zeros(s, h, n, dtype=torch.bool)
-            top100 = torch.zeros_like(picked)
-            for lo in range(0, s, chunk):
-                steps = torch.arange(lo, min(s, lo + chunk))
-                batch = budget.batch(trace.queries[steps], trace.seq_lens[steps])
-                src = refresh_source(steps, n, count, granule)[:, None].expand(-1, h, -1)
-                coll = torch.gather(coll_all, 0, src).to(torch.int64)
+        marks = {kind: torch.zeros(2, s, h, n, dtype=torch.bool) for kind in ("collision", "both")}
+        for lo in range(0, s, chunk):
+            steps = torch.arange(lo, min(s, lo + chunk))
+            batch = budget.batch(trace.queries[steps], trace.seq_lens[steps])
+            src = refresh_source(steps, n, count, granule)[:, None].expand(-1, h, -1)
+            coll = torch.gather(coll_all, 0, src).to(torch.int64)  # the same for both kinds
+            rows = slice(lo, lo + len(steps))
+            for kind, (picked, top100) in marks.items():
                 est = torch.gather(est_all, 0, src) if kind == "both" else est_all[steps]
-                rows = slice(lo, lo + len(steps))
                 _mark_selection(method.ranking(coll, est, batch), batch, picked[rows], top100[rows])
-            rules[(kind, count)] = (picked, top100, lambda t: t)
+        rules |= {(kind, count): (m[0], m[1], lambda t: t) for kind, m in marks.items()}
     return rules
 
 
