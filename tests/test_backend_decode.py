@@ -394,3 +394,58 @@ def test_a_dense_layer_attends_every_row_over_its_whole_context(setup, monkeypat
         assert seen[-1] == ("full plan", sum(seq)) and planned[-1] == sum(seq)
         assert b.forward_metadata == "the 1-token plan"
         assert torch.equal(pool.pariskv.layers[0].signs[loc], encode_keys(k).signs)
+
+
+def test_kept_scores_follow_decode_steps_and_are_dropped_by_a_prefill(setup):
+    """With ``scan_slices`` 2 the sparse request keeps a row of collision scores: fresh
+    at its first sparse step, reused at the next ones (a reordered batch included), and
+    fresh again after a prefill of its ``req_to_token`` row; the dense one never takes a
+    row. Its attention is the oracle's wherever the rule re-scores everything."""
+    b, pool, rtp = setup
+    cfg = dataclasses.replace(CFG, scan_slices=2)
+    b.config = cfg
+    b.ws = DecodeWorkspace(cfg, HQ, HKV, D, max_batch=4, max_context=MAX_CTX, device="cpu",
+                           chunk=64, scan_block=16, scan_tiles=4)  # fmt: skip
+    b.eager_sparse = TorchHeadAsBatch(b.ws)
+    if b.offload is not None:
+        small = dataclasses.replace(cfg, offload="host", host_pool_gb=1.0, hot_cache_lines=32)
+        b.offload = OffloadDecode(pool, small, b.ws)
+    gen = torch.Generator().manual_seed(3)
+    layer = types.SimpleNamespace(layer_id=0, is_cross_attention=False)
+    seq = {3: 300, 1: 40}
+    next_slot = 1
+    for i, n in seq.items():
+        slots = torch.arange(next_slot, next_slot + n)
+        next_slot += n
+        rtp.req_to_token[i, :n] = slots.to(torch.int32)
+        pool.set_kv_buffer(layer, slots, torch.randn(n, HKV, D, generator=gen),
+                           torch.randn(n, HKV, D, generator=gen))  # fmt: skip
+
+    def decode(order):
+        nonlocal next_slot
+        for i in order:
+            seq[i] += 1
+        lens = [seq[i] for i in order]
+        loc = torch.arange(next_slot, next_slot + len(order))
+        next_slot += len(order)
+        fb = decode_batch(rtp, order, lens, loc)
+        q = torch.randn(len(order), HQ, D, generator=gen)
+        k = torch.randn(len(order), HKV, D, generator=gen)
+        b.init_forward_metadata(fb)
+        got = b.forward_decode(q.reshape(len(order), -1), k, k.clone(), layer, fb)
+        return b.ws.kept.fresh[: len(order)].tolist(), got.view(-1, HQ, D), q, lens
+
+    fresh, got, q, lens = decode([3, 1])
+    assert fresh == [1, 1]  # first sparse step; the dense request never keeps scores
+    want = oracle(pool, rtp, [3, 1], lens, q)
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-5)
+    assert b.ws.kept.owner.tolist().count(3) == 1 and 1 not in b.ws.kept.owner.tolist()
+    assert decode([3, 1])[0] == [0, 1]
+    assert decode([1, 3])[0] == [1, 0]  # reordered: the request keeps its row
+    # a prefill of the request's row (a new request there): its scores are dropped
+    b.init_forward_metadata(extend_batch(rtp, [3], [seq[3]], rtp.req_to_token[3, : seq[3]]))
+    assert 3 not in b.ws.kept.owner.tolist()
+    fresh, got, q, lens = decode([3, 1])
+    assert fresh == [1, 1]
+    torch.testing.assert_close(got.double(), oracle(pool, rtp, [3, 1], lens, q), atol=2e-5,
+                               rtol=1e-5)  # fmt: skip

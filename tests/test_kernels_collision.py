@@ -162,3 +162,108 @@ def test_cuda_scan_matches_triton(cuda_device):
         )
         assert torch.equal(scores, want_s)
         assert torch.equal(shist, want_h)
+
+
+def sliced_reference(old, new, seq_lens, fresh, slices):
+    """[R, N, H] scores after a sliced scan: ``new`` on the step's slice of granules (all
+    of a fresh row), ``old`` elsewhere."""
+    from sglang_pariskv.kernels.collision import SCAN_GRANULE
+
+    pos = torch.arange(old.shape[1])
+    out = old.clone()
+    for r, n in enumerate(seq_lens.tolist()):
+        take = (pos // SCAN_GRANULE) % slices == n % slices
+        take = take | bool(fresh[r])
+        out[r, take] = new[r, take]
+    return out
+
+
+def scan_rows(sc, table, buf, rows, fresh, slices, zone_start, zone_end, run):
+    h = sc.pool.signs.shape[1]
+    r = sc.seq_lens.numel()
+    shist = torch.zeros(r, h, SCORE_BINS, dtype=torch.int32, device=buf.device)
+    run(
+        sc.pool.signs, sc.req_to_token, sc.req_pool_indices, sc.seq_lens, zone_end, table,
+        buf, shist, zone_start, rows=rows, fresh=fresh, slices=slices,
+    )  # fmt: skip
+    return shist
+
+
+def check_sliced_scan(run, device, lens, h, d, nmax, zone_start, window):
+    """Two steps into a buffer whose rows are not the batch order: the first re-scores
+    everything with one query's table, the second (rows 1 fresh, the others not) one
+    slice with another's, keeping the first's scores elsewhere; the histogram counts
+    the zone's mixed scores, and rows of no request are never written."""
+    sc = make_scenario(lens, h, d, nmax, device, seed=h + d)
+    sc.seq_lens = sc.seq_lens.long()
+    r = len(lens)
+    gen = torch.Generator().manual_seed(5)
+    t1, t2 = (random_table((r, h, d // 8, 256), gen, device) for _ in range(2))
+    buf = torch.zeros(r + 2, h, nmax, dtype=torch.uint8, device=device)
+    rows = torch.tensor([r + 1, 0] + list(range(2, r)), dtype=torch.int32, device=device)
+    zone_end = torch.tensor([n - window for n in lens], device=device)
+    i32 = dict(dtype=torch.int32, device=device)
+    scan_rows(sc, t1, buf, rows, torch.ones(r, **i32), 2, zone_start, zone_end, run)
+    signs = padded_codes(sc).signs
+    first = collision_scores(signs.cpu(), t1.cpu())  # [R, N, H]
+    for i, n in enumerate(lens):
+        assert torch.equal(buf[int(rows[i]), :, :n].cpu().long(), first[i, :n].T)
+    fresh = torch.tensor([0, 1] + [0] * (r - 2), **i32)
+    shist = scan_rows(sc, t2, buf, rows, fresh, 2, zone_start, zone_end, run)
+    second = collision_scores(signs.cpu(), t2.cpu())
+    want = sliced_reference(first, second, sc.seq_lens.cpu(), fresh.cpu(), 2)
+    assert not torch.equal(want, second) and not torch.equal(want, first)
+    for i, n in enumerate(lens):
+        assert torch.equal(buf[int(rows[i]), :, :n].cpu().long(), want[i, :n].T), i
+        zone = want[i, zone_start : n - window]
+        for hh in range(h):
+            ref = torch.bincount(zone[:, hh], minlength=SCORE_BINS)
+            assert torch.equal(shist[i, hh].cpu().long(), ref), (i, hh)
+    unused = set(range(r + 2)) - set(rows.tolist())
+    assert all((buf[u] == 0).all() for u in unused)
+
+
+def test_sliced_scan_rescores_one_slice_and_keeps_the_rest():
+    def run(*args, **kw):
+        collision_scan(*args[:9], 64, 4, **kw)
+
+    # lengths of each parity and over two granules; a short one inside the first granule
+    check_sliced_scan(run, DEV, [2301, 1500, 1700, 900], 2, 64, 2304, 5, 40)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tpb", [1024, 512, 256])
+def test_cuda_sliced_scan(cuda_device, tpb):
+    from sglang_pariskv.kernels.cuda_ops import collision_scan_cuda
+
+    def run(*args, **kw):
+        collision_scan_cuda(*args, tokens_per_block=tpb, **kw)
+
+    check_sliced_scan(run, cuda_device, [70001, 5000, 131072, 40000], 8, 128, 131072, 64, 256)
+
+
+def test_selection_reads_each_requests_own_row():
+    """Candidates from a permuted score buffer are those of the batch-ordered scores."""
+    gen = torch.Generator().manual_seed(7)
+    r, h, nmax = 3, 2, 300
+    scores = torch.randint(0, 9, (r, h, nmax), generator=gen, dtype=torch.uint8)
+    zone_end = torch.tensor([300, 120, 200], dtype=torch.int32)
+    counts = torch.tensor([40, 11, 70], dtype=torch.int64)
+    in_zone = zone_mask(nmax, 3, zone_end.long())
+    shist = torch.zeros(r, h, 128, dtype=torch.int32)
+    for i in range(r):
+        for j in range(h):
+            shist[i, j] = torch.bincount(scores[i, j][in_zone[i]].long(), minlength=128)
+    rows = torch.tensor([4, 0, 2], dtype=torch.int32)
+    # 255, the top score: rows read in batch order would pick those positions first
+    buf_scores = torch.full((5, h, nmax), 255, dtype=torch.uint8)
+    buf_scores[rows.long()] = scores
+    cand = torch.full((r, h, 128), -1, dtype=torch.int32, device=DEV)
+    buf = CandidateBuffers(r * h, nmax, 64, DEV)
+    args = (shist.to(DEV), counts.to(DEV), 3, zone_end.to(DEV), cand, buf)
+    select_candidates_gpu(buf_scores.to(DEV), *args, rows=rows.to(DEV))
+    pos, valid = select_candidates(scores.transpose(1, 2), in_zone, counts)
+    for i in range(r):
+        c = int(counts[i])
+        for j in range(h):
+            assert sorted(cand[i, j, :c].cpu().tolist()) == sorted(pos[i, j][valid[i, j]].tolist())

@@ -17,6 +17,13 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 SMALL = dict(chunk=64, scan_block=16, scan_tiles=4)
 
 
+class SimpleOut:
+    """The two fields :func:`rows_of` reads."""
+
+    def __init__(self, kv_indptr, kv_indices):
+        self.kv_indptr, self.kv_indices = kv_indptr, kv_indices
+
+
 def rows_of(out, h):
     """{(r, h): list of slots} from the head-as-batch output."""
     ip, idx = out.kv_indptr.cpu(), out.kv_indices.cpu()
@@ -291,3 +298,164 @@ def test_cuda_kernels_that_cannot_run_the_shape_fall_back_to_triton(monkeypatch,
         assert not wsm.cuda_kernels_usable(fake_cuda, 64, 16, 256)
     assert "falling back to the Triton kernels" in caplog.text
     assert not wsm.cuda_kernels_usable(torch.device("cpu"), 8, 16, 256)
+
+
+def sliced_steps(ws, sc, cfg, steps, layers, device):
+    """Decode ``steps`` (the batch order and length increments of each step) through a
+    workspace with kept scores, each step's candidates against the codec's selection over
+    the rule's scores: the step's own on its slice (everything for a fresh request), the
+    scores the request had at its previous step elsewhere. Returns the fresh flags."""
+    from sglang_pariskv.codec.collision import collision_scores
+    from sglang_pariskv.codec.select import select_candidates, zone_mask
+    from sglang_pariskv.kernels.collision import SCAN_GRANULE
+
+    h = sc.pool.signs.shape[1]
+    gen = torch.Generator().manual_seed(11)
+    seq = {int(p): int(n) for p, n in zip(sc.req_pool_indices, sc.seq_lens, strict=True)}
+    kept, last, fresh_seen = {}, {}, []
+    for order, grow in steps:
+        for p in order:
+            seq[p] += grow
+        rpi = torch.tensor(order, dtype=torch.int32, device=device)
+        lens = torch.tensor([seq[p] for p in order])
+        ws.plan(lens)
+        ws.assign_rows(rpi)
+        fresh = ws.kept.fresh[: len(order)].cpu().tolist()
+        fresh_seen.append(fresh)
+        for layer in range(layers):
+            q = torch.randn(len(order), ws.hq, ws.d, generator=gen).to(device)
+            st = {}
+            ws.run(q, sc.pool, sc.req_to_token, rpi, stages=st, layer=layer)
+            n = sc.req_to_token.shape[1]  # every position: kept scores outlive a length
+            signs = sc.pool.signs[sc.req_to_token[rpi.long()].long()]
+            new = collision_scores(signs, st["table"])  # [R, N, H]
+            counts = st["counts"]
+            zone = zone_mask(n, cfg.sink, st["zone_end"])
+            for i, p in enumerate(order):
+                if not counts[i]:
+                    continue
+                part = seq[p] % cfg.scan_slices
+                take = (torch.arange(n, device=device) // SCAN_GRANULE) % cfg.scan_slices == part
+                if fresh[i]:
+                    take[:] = True
+                else:  # the rule's premise: the request's previous step was seq - 1
+                    assert last[p] == seq[p] - 1
+                mixed = torch.where(take[:, None], new[i], kept.get((p, layer), new[i]))
+                kept[p, layer] = mixed
+                pos, valid = select_candidates(mixed[None], zone[i : i + 1], counts[i : i + 1])
+                slots = sc.req_to_token[p][pos[0]]
+                for hh in range(h):
+                    want = set(slots[hh][valid[0, hh]].tolist())
+                    got = set(st["cand"][i, hh, : int(counts[i])].cpu().tolist())
+                    assert got == want, (order, p, layer, hh)
+        for p in order:
+            last[p] = seq[p]
+    return fresh_seen
+
+
+def test_sliced_scan_steps_match_the_codec_over_kept_scores():
+    """Three requests over four steps and two layers (each keeps its own scores): a
+    reordered batch, a request that skips a step (fresh again), a dense one."""
+    d, h = 64, 2
+    cfg = ParisKVConfig(topk=24, sink=4, local=8, dense_threshold=100, scan_slices=2)
+    base = [2300, 90, 1500]
+    sc = make_scenario([n + 8 for n in base], h, d, 2320, DEV, seed=3)
+    sc.seq_lens = torch.tensor(base, dtype=torch.int32, device=DEV)
+    ws = DecodeWorkspace(cfg, 2 * h, h, d, max_batch=4, max_context=2320, device=DEV,
+                         layers=2, **SMALL)  # fmt: skip
+    assert ws.kept.kept == 4
+    a, b, c = sc.req_pool_indices.tolist()
+    steps = [([a, b, c], 0), ([a, b, c], 1), ([c, a, b], 1), ([a, c], 2), ([c, a], 1)]
+    fresh = sliced_steps(ws, sc, cfg, steps, 2, DEV)
+    assert fresh == [[1, 1, 1], [0, 1, 0], [0, 0, 1], [1, 1], [0, 0]]
+
+
+def test_without_assigned_rows_a_sliced_workspace_rescores_everything():
+    """A ``run`` after ``plan`` alone (no kept rows) is the plain retrieval."""
+    cfg = ParisKVConfig(topk=24, sink=4, local=8, dense_threshold=100, scan_slices=2)
+    sc = make_scenario([1300, 1100], 2, 64, 1400, DEV, seed=4)
+    q = torch.randn(2, 4, 64, generator=torch.Generator().manual_seed(2)).to(DEV)
+    ws = DecodeWorkspace(cfg, 4, 2, 64, max_batch=2, max_context=1400, device=DEV, **SMALL)
+    for _ in range(2):
+        ws.plan(sc.seq_lens.cpu())
+        out = ws.run(q, sc.pool, sc.req_to_token, sc.req_pool_indices)
+        check_against_codec(sc, q.float(), cfg, out)
+
+
+def gpu_sliced_case(device):
+    h, d, nmax = 8, 128, 65536
+    cfg = ParisKVConfig(topk=2048, sink=64, local=256, dense_threshold=8192, scan_slices=2)
+    base = [65500, 40000, 5000, 31001]
+    sc = make_scenario([n + 16 for n in base], h, d, nmax, device, torch.bfloat16, seed=9)
+    sc.seq_lens = torch.tensor(base, dtype=torch.int32, device=device)
+    a, b, c, e = sc.req_pool_indices.tolist()
+    steps = [([a, b, c, e], 0), ([a, b, c, e], 1), ([e, a, c, b], 1), ([a, e, b], 3),
+             ([b, a, e], 1), ([b, a, e], 1)]  # fmt: skip
+    return cfg, sc, steps
+
+
+@pytest.mark.gpu
+def test_cuda_sliced_scan_steps_match_the_codec_over_kept_scores(cuda_device):
+    cfg, sc, steps = gpu_sliced_case(cuda_device)
+    ws = DecodeWorkspace(cfg, 32, 8, 128, max_batch=4, max_context=65536, device=cuda_device,
+                         layers=2)  # fmt: skip
+    assert ws.use_cuda and ws.kept.kept == 4
+    fresh = sliced_steps(ws, sc, cfg, steps, 2, cuda_device)
+    assert fresh[2] == [0, 0, 1, 0] and fresh[3] == [0, 0, 1]
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replays_sliced_steps_as_eager_runs(cuda_device):
+    """One captured step (row assignment + two layers) replayed over the steps of
+    ``gpu_sliced_case`` attends what eager runs do."""
+    cfg, sc, steps = gpu_sliced_case(cuda_device)
+    kw = dict(max_batch=4, max_context=65536, device=cuda_device, layers=2)
+    eager, ws = (DecodeWorkspace(cfg, 32, 8, 128, **kw) for _ in range(2))
+    gen = torch.Generator(device=cuda_device).manual_seed(0)
+    seq = {int(p): int(n) for p, n in zip(sc.req_pool_indices, sc.seq_lens, strict=True)}
+    graphs, rpi_bufs, q_bufs = {}, {}, {}
+    for order, grow in steps:
+        for p in order:
+            seq[p] += grow
+        bs = len(order)
+        rpi = torch.tensor(order, dtype=torch.int32, device=cuda_device)
+        lens = torch.tensor([seq[p] for p in order])
+        qs = [torch.randn(bs, 32, 128, device=cuda_device, generator=gen) for _ in range(2)]
+        eager.plan(lens)
+        eager.assign_rows(rpi)
+        want = []
+        for layer in range(2):
+            out = eager.run(qs[layer], sc.pool, sc.req_to_token, rpi, layer=layer)
+            want.append(rows_of(out, 8))
+        if bs not in graphs:
+            # capture this batch size as SGLang does: warm-up first (Triton compiles),
+            # one-token rows (dense: they take no kept rows)
+            rpi_bufs[bs] = rpi.clone()
+            q_bufs[bs] = torch.zeros(2, bs, 32, 128, device=cuda_device)
+            got_bufs = []
+
+            def step(rpi_b=rpi_bufs[bs], q_b=q_bufs[bs], into=got_bufs):
+                ws.assign_rows(rpi_b)
+                into.clear()
+                for layer in range(2):
+                    out = ws.run(q_b[layer], sc.pool, sc.req_to_token, rpi_b, layer=layer)
+                    into.append((out.kv_indptr.clone(), out.kv_indices.clone()))
+
+            ws.plan(torch.ones(bs, dtype=torch.int64))
+            step()
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step()
+            graphs[bs] = (graph, got_bufs)
+        graph, got_bufs = graphs[bs]
+        ws.plan(lens)
+        rpi_bufs[bs].copy_(rpi)
+        for layer in range(2):
+            q_bufs[bs][layer].copy_(qs[layer])
+        graph.replay()
+        torch.cuda.synchronize()
+        for layer in range(2):
+            indptr, indices = got_bufs[layer]
+            got = rows_of(SimpleOut(indptr, indices), 8)
+            assert got == want[layer], (order, layer)

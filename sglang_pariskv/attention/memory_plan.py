@@ -71,7 +71,8 @@ def plan_backend_memory(
     kv_dtype: torch.dtype = torch.bfloat16,
 ) -> BackendMemoryPlan:
     """What ``ParisKVAttnBackend`` allocates for these sizes: the workspace for
-    ``max_batch`` rows of ``max_context`` (plus the query copy its first run makes); one
+    ``max_batch`` rows of ``max_context`` (plus the query copy its first run makes, and
+    the collision scores it keeps for ``num_layers`` layers); one
     shared FlashInfer float workspace, an int workspace for the eager call and each
     captured batch size, and one more per size for the dense-step graph SGLang's
     FlashInfer backend captures beside the sparse-step one. With dense layers, their
@@ -83,7 +84,7 @@ def plan_backend_memory(
     meta = torch.device("meta")
     ws = DecodeWorkspace(
         config, num_q_heads, num_kv_heads, head_dim, max_batch=max_batch,
-        max_context=max_context, device=meta,
+        max_context=max_context, device=meta, layers=num_layers,
     )  # fmt: skip
     query_copy = (
         max_batch * num_q_heads * head_dim * torch.tensor([], dtype=kv_dtype).element_size()
