@@ -66,13 +66,19 @@ def lagged(steps: torch.Tensor, lag: int) -> torch.Tensor:
 
 
 def selections(
-    trace: LayerTrace, budget: Budget, method: ParisKV, chunk: int = 64, lag: int = 0
+    trace: LayerTrace,
+    budget: Budget,
+    method: ParisKV,
+    chunk: int = 64,
+    lag: int = 0,
+    state: object | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """bool [S, H, N] per decode step: the method's retrieved set at the budget, and its
     top-100. ``lag`` > 0: the collision stage picks step t's candidates with the query of
-    step :func:`lagged` (t, lag); the rerank and top-k use step t's own."""
+    step :func:`lagged` (t, lag); the rerank and top-k use step t's own. ``state``: the
+    method's ``prepare(trace)`` when the caller has it (every rule of a layer shares it)."""
     s, h, n = trace.queries.shape[0], trace.num_kv_heads, trace.num_keys
-    state = method.prepare(trace)
+    state = method.prepare(trace) if state is None else state
     picked = torch.zeros(s, h, n, dtype=torch.bool)
     top100 = torch.zeros_like(picked)
     for lo in range(0, s, chunk):
@@ -112,14 +118,15 @@ def sliced_rules(
     method: ParisKV,
     granule: int,
     chunk: int = 64,
+    state: object | None = None,
 ) -> dict[tuple[str, int], Rule]:
     """Every step retrieves, but re-scores only one of N slices of the zone, keyed by
     ("collision", N): the collision scores of the other slices are those of the step that
     last re-scored them, the rerank of the candidates uses the step's own query; and by
     ("both", N): the other slices' rerank estimates are kept from that step too. The top-k
-    then runs over every candidate."""
+    then runs over every candidate. ``state``: as in :func:`selections`."""
     s, h, n = trace.queries.shape[0], trace.num_kv_heads, trace.num_keys
-    state = method.prepare(trace)
+    state = method.prepare(trace) if state is None else state
     coll_all = torch.empty(s, h, n, dtype=torch.int16)  # collision scores are bytes
     est_all = torch.empty(s, h, n, dtype=torch.float32)
     for lo in range(0, s, chunk):
@@ -180,18 +187,31 @@ def rule_quality(
 
 
 def interval_rules(
-    trace: LayerTrace, budget: Budget, intervals: Sequence[int], method: ParisKV, chunk: int = 64
+    trace: LayerTrace,
+    budget: Budget,
+    intervals: Sequence[int],
+    method: ParisKV,
+    chunk: int = 64,
+    state: object | None = None,
 ) -> dict[int, Rule]:
     """Retrieval at every N-th decode step (step 0 retrieves), keyed by N."""
-    picked, top100 = selections(trace, budget, method, chunk)
+    picked, top100 = selections(trace, budget, method, chunk, state=state)
     return {iv: (picked, top100, lambda t, iv=iv: last_retrieval(t, iv)) for iv in intervals}
 
 
 def lagged_rules(
-    trace: LayerTrace, budget: Budget, lags: Sequence[int], method: ParisKV, chunk: int = 64
+    trace: LayerTrace,
+    budget: Budget,
+    lags: Sequence[int],
+    method: ParisKV,
+    chunk: int = 64,
+    state: object | None = None,
 ) -> dict[int, Rule]:
     """Retrieval at every step with the candidates an earlier query picks, keyed by lag."""
-    return {lag: (*selections(trace, budget, method, chunk, lag), lambda t: t) for lag in lags}
+    state = method.prepare(trace) if state is None else state
+    return {
+        lag: (*selections(trace, budget, method, chunk, lag, state), lambda t: t) for lag in lags
+    }
 
 
 def interval_quality(

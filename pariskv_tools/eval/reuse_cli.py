@@ -146,10 +146,12 @@ def run_reuse_cli(args, argv: list[str]) -> dict:
         by_interval, by_lag, by_slices = [], [], []
         for layer in layers if layers is not None else range(cap.n_layers):
             trace = layer_trace(cap, layer)
+            state = method.prepare(trace)  # the layer's codes, encoded once for every rule
+            kw = dict(method=method, state=state)
             rules = {("interval", k): r for k, r in
-                     interval_rules(trace, budget, [1, *intervals], method).items()}  # fmt: skip
-            rules |= {("lag", k): r for k, r in lagged_rules(trace, budget, lags, method).items()}
-            sliced = sliced_rules(trace, budget, slices, method, args.slice_granule)
+                     interval_rules(trace, budget, [1, *intervals], **kw).items()}  # fmt: skip
+            rules |= {("lag", k): r for k, r in lagged_rules(trace, budget, lags, **kw).items()}
+            sliced = sliced_rules(trace, budget, slices, granule=args.slice_granule, **kw)
             rules |= {("slice", f"{kind}/{k}"): r for (kind, k), r in sliced.items()}
             res = rule_quality(trace, budget, rules)
             for rows, kind in ((by_interval, "interval"), (by_lag, "lag"), (by_slices, "slice")):
