@@ -164,12 +164,6 @@ def build_parser() -> argparse.ArgumentParser:
         "measured",
     )
     t.add_argument(
-        "--scan-slices",
-        type=int,
-        help="ParisKV's --pariskv-scan-slices (default: the plugin's): slices of each "
-        "context its collision scan re-scores in turn",
-    )
-    t.add_argument(
         "--calibration",
         type=Path,
         help="ParisKV's --pariskv-calibration: a calibration file of the benchmarked shape "
@@ -240,8 +234,6 @@ def main(argv: list[str] | None = None) -> int:
         cfg = {"topk": 2048, "sink": 64, "local": 256, "dense_threshold": 8192}
         if args.min_sparse_tokens is not None:
             cfg["min_sparse_tokens"] = args.min_sparse_tokens
-        if args.scan_slices is not None:
-            cfg["scan_slices"] = args.scan_slices
         if args.calibration is not None:
             cfg["calibration"] = str(args.calibration.resolve())
         if args.host_pool_gb is not None:

@@ -9,12 +9,7 @@ layers' retrieval in several settings and reports each retrieval kernel's mean d
 * ``alone``: every layer reads the same code pool, nothing else runs;
 * ``per_layer_pools``: each layer has its own code pool (as in SGLang: 32 pools);
 * ``step``: per-layer pools plus a weight-streaming matmul between layers sized like the
-  layer's weight GEMMs (Llama-3.1-8B: about 436 MB per layer in bf16); the scan
-  re-scores every position, as on a request's first sparse step;
-* ``sliced_step``: ``step`` as served on every later step: each request keeps its
-  collision scores per layer and the scan re-scores one of ``--scan-slices`` slices of
-  the context (the step starts with the row assignment, and its fresh flags are then
-  cleared, as they are on every step after a request's first);
+  layer's weight GEMMs (Llama-3.1-8B: about 436 MB per layer in bf16);
 * ``lagged_step``: ``step`` with each layer's collision stage (scan and count) moved off the
   critical path: it runs on a side stream from this step's query table and leaves its
   scores for the next step, while the layer's rerank, top-k and assembly read the scores the
@@ -58,24 +53,15 @@ STAGE_KERNELS = {
     "count": "_count_kernel",
     "write_rerank": "select_rerank_kernel",
     "write": "_write_kernel",
-    "assign": "_assign_kernel",
     "rerank": "rerank_kernel",
     "topk": "topk_kernel",
     "assemble": "_assemble_kernel",
 }
-MODES = (
-    "alone",
-    "per_layer_pools",
-    "step",
-    "sliced_step",
-    "lagged_step",
-    "lagged_late_step",
-    "weights",
-)
+MODES = ("alone", "per_layer_pools", "step", "lagged_step", "lagged_late_step", "weights")
 #: The step modes that run the collision stage a step ahead.
 LAGGED = ("lagged_step", "lagged_late_step")
 #: The modes with a matmul between layers, which the ``weights`` mode is the floor of.
-STEP_MODES = ("step", "sliced_step", *LAGGED)
+STEP_MODES = ("step", *LAGGED)
 
 
 def stage_means_us(events: list[tuple[str, float]]) -> dict[str, float]:
@@ -120,7 +106,6 @@ def run(
     dev,
     modes: tuple[str, ...] = MODES,
     candidate_ratio: float | None = None,
-    scan_slices: int = 2,
 ) -> dict:
     """{mode: stage means (us) and step_ms} of the workspace's retrieval, ``layers``
     layers per CUDA graph; ``candidate_ratio`` None: the served length-adaptive one."""
@@ -139,12 +124,10 @@ def run(
     cols = int(weight_mb * 1e6 / 2 / 4096)
     w = torch.randn(4096, cols, device=dev, dtype=torch.bfloat16)
     x = torch.randn(batch, 4096, device=dev, dtype=torch.bfloat16)
-    cfg = ParisKVConfig(
-        topk=2048, sink=64, local=256, candidate_ratio=candidate_ratio, scan_slices=scan_slices
-    )
-    ws = DecodeWorkspace(cfg, bk.HQ, bk.HKV, bk.D, batch, n, dev, layers=layers)
+    cfg = ParisKVConfig(topk=2048, sink=64, local=256, candidate_ratio=candidate_ratio)
+    ws = DecodeWorkspace(cfg, bk.HQ, bk.HKV, bk.D, batch, n, dev)
     ws.plan(seq)
-    return modes_of(ws, codes, q, rtt, rpi, x, w, layers, modes, seq)
+    return modes_of(ws, codes, q, rtt, rpi, x, w, layers, modes)
 
 
 class LaggedCollision:
@@ -163,13 +146,7 @@ class LaggedCollision:
         self.ws = ws
         self.side = torch.cuda.Stream(ws.device)
         self.table = [torch.empty_like(ws.table) for _ in range(layers)]
-        # scores in batch order (no kept rows): row r is request r's
-        scores = (ws.max_batch, ws.hkv, ws.max_context)
-        self.scores = [
-            [torch.zeros(scores, dtype=torch.uint8, device=ws.device) for _ in range(layers)]
-            for _ in range(2)
-        ]
-        self.rows = torch.arange(ws.max_batch, dtype=torch.int32, device=ws.device)
+        self.scores = [[torch.zeros_like(ws.scores) for _ in range(layers)] for _ in range(2)]
         self.hist = [[torch.zeros_like(ws.score_hist) for _ in range(layers)] for _ in range(2)]
         self.sel = [
             [CandidateBuffers(rows, ws.max_context, ws.sel.chunk, ws.device) for _ in range(layers)]
@@ -182,7 +159,6 @@ class LaggedCollision:
         ws.table, ws.score_hist = self.table[layer], self.hist[p][layer]
         ws.scores, ws.sel = self.scores[p][layer], self.sel[p][layer]
         ws.bind(q, codes, rtt, rpi)
-        ws._st.rows, ws._st.slices = self.rows[: ws._st.r], 1
         ws._stage_query_table()
 
     def prime(self, q, codes: list, rtt, rpi) -> None:
@@ -224,15 +200,13 @@ class LaggedCollision:
         torch.cuda.current_stream().wait_stream(self.side)
 
 
-def lagged_indices_match(ws, replay, q, codes, rtt, rpi, own) -> bool:
+def lagged_indices_match(ws, replay, q, codes, rtt, rpi) -> bool:
     """The query does not move between the bench's steps, so the candidates a step ahead
     are the step's own and the lagged pipeline must attend to the very indices of the
-    inline one (the last layer's, which the index buffer holds after a step). ``own``:
-    the workspace's buffers, which the inline run gets back."""
+    inline one (the last layer's, which the index buffer holds after a step)."""
     replay()
     torch.cuda.synchronize()
     lagged = ws.kv_indices.clone()
-    ws.table, ws.score_hist, ws.scores, ws.sel = own
     indptr = ws.run(q, codes[-1], rtt, rpi).kv_indptr.tolist()
     # the top-k kernel writes a row's selection in no fixed order: compare sets per row
     return all(
@@ -241,29 +215,15 @@ def lagged_indices_match(ws, replay, q, codes, rtt, rpi, own) -> bool:
     )
 
 
-def modes_of(ws, codes, q, rtt, rpi, x, w, layers: int, modes=MODES, seq=None) -> dict:
+def modes_of(ws, codes, q, rtt, rpi, x, w, layers: int, modes=MODES) -> dict:
     res = {}
     lagged = None
-    own = (ws.table, ws.score_hist, ws.scores, ws.sel)  # the lagged modes swap these
     if set(LAGGED) & set(modes):
         lagged = LaggedCollision(ws, layers)
         lagged.prime(q, codes, rtt, rpi)
     for mode in modes:
-        sliced = mode == "sliced_step"
-        ws.table, ws.score_hist, ws.scores, ws.sel = own
-        if seq is not None:
-            ws.plan(seq)  # no kept rows: a mode that wants them assigns them
-        if sliced:
-            if ws.kept.kept == 0:
-                raise SystemExit("sliced_step needs --scan-slices > 1")
-            ws.assign_rows(rpi)  # a first step: every row scored, so kept scores are real
-            for layer in range(layers):
-                ws.run(q, codes[layer], rtt, rpi, layer=layer)
 
-        def step(mode=mode, p=0, sliced=sliced):
-            if sliced:
-                ws.assign_rows(rpi)
-                ws.kept.fresh.zero_()
+        def step(mode=mode, p=0):
             for layer in range(layers):
                 if mode in (*STEP_MODES, "weights"):
                     torch.matmul(x, w)
@@ -271,8 +231,7 @@ def modes_of(ws, codes, q, rtt, rpi, x, w, layers: int, modes=MODES, seq=None) -
                     late = mode == "lagged_late_step"
                     lagged.layer(p, layer, q, codes[layer], rtt, rpi, late)
                 elif mode != "weights":
-                    pool = codes[0] if mode == "alone" else codes[layer]
-                    ws.run(q, pool, rtt, rpi, layer=layer if sliced else 0)
+                    ws.run(q, codes[0] if mode == "alone" else codes[layer], rtt, rpi)
             if mode in LAGGED:
                 lagged.join()
 
@@ -288,9 +247,7 @@ def modes_of(ws, codes, q, rtt, rpi, x, w, layers: int, modes=MODES, seq=None) -
         res[mode] = stage_means_us(events)
         res[mode]["step_ms"] = bk.bench_ms(replay) / (2 if mode in LAGGED else 1)
         if mode in LAGGED:
-            res[mode]["indices_match_step"] = lagged_indices_match(
-                ws, replay, q, codes, rtt, rpi, own
-            )
+            res[mode]["indices_match_step"] = lagged_indices_match(ws, replay, q, codes, rtt, rpi)
         print(mode, {k: round(v, 1) for k, v in res[mode].items()}, flush=True)
     return res
 
@@ -397,12 +354,6 @@ def build_parser() -> argparse.ArgumentParser:
         "length-adaptive ratio, 0.1 from 30K tokens)",
     )
     ap.add_argument(
-        "--scan-slices",
-        type=int,
-        default=2,
-        help="slices the sliced_step mode re-scores in turn (--pariskv-scan-slices)",
-    )
-    ap.add_argument(
         "--out",
         type=Path,
         default=Path("benchmarks/results/retrieval_in_step.json"),
@@ -441,7 +392,6 @@ def main(argv: list[str] | None = None) -> int:
         "layers": args.layers,
         "weight_mb_per_layer": args.weight_mb,
         "candidate_ratio": args.candidate_ratio,
-        "scan_slices": args.scan_slices,
         "modes": run(
             args.n,
             args.batch,
@@ -450,7 +400,6 @@ def main(argv: list[str] | None = None) -> int:
             dev,
             tuple(args.modes),
             args.candidate_ratio,
-            args.scan_slices,
         ),
     }
     rep["wall_s"] = time.time() - t0

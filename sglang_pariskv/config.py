@@ -32,11 +32,6 @@ DEFAULT_HOT_CACHE_LINES: int = 65536
 DEFAULT_MIN_SPARSE_TOKENS: int = 65536
 
 
-#: The most slices ``scan_slices`` may split the context into: at 4, recall@100 fell
-#: 0.014 below re-scoring every position on the eval traces (docs/retrieval_quality.md).
-MAX_SCAN_SLICES: int = 4
-
-
 class ParisKVConfigError(ValueError):
     """A ParisKV setting, or a combination with the model or SGLang's flags, that cannot be
     served. The message names the flag (or model property) and the fix; the launcher
@@ -68,11 +63,6 @@ class ParisKVConfig:
     #: :data:`DEFAULT_MIN_SPARSE_TOKENS` on the GPU pool, 0 with host offload.
     min_sparse_tokens: int | None = None
     candidate_ratio: float | None = None
-    #: Slices of the context the collision scan re-scores in turn, one per decode step;
-    #: the other positions keep their scores of the step that last re-scored them (every
-    #: candidate is still reranked with the step's own query; ``kernels/kept_scores.py``
-    #: keeps them). 1: every position at every step.
-    scan_slices: int = 1
     rotation_seed: int = 0
     #: "host": K/V live in pinned host memory, the GPU keeps codes + a hot cache.
     offload: str = "none"
@@ -110,7 +100,6 @@ class ParisKVConfig:
         self._check_int("local", lo=0)
         self._check_int("dense_threshold", lo=0)
         self._check_int("min_sparse_tokens", lo=0)
-        self._check_int("scan_slices", lo=1, hi=MAX_SCAN_SLICES)
         self._check_int("rotation_seed", lo=0, hi=2**63 - 1)
         self._check_int("hot_cache_lines", lo=0, hi=2**30)
         self._check_offload()

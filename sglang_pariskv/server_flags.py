@@ -57,7 +57,6 @@ KNOB_FLAGS: tuple[tuple[str, str, Any], ...] = (
     ("--pariskv-dense-threshold", "dense_threshold", _as_is),
     ("--pariskv-min-sparse-tokens", "min_sparse_tokens", _as_is),
     ("--pariskv-candidate-ratio", "candidate_ratio", _ratio),
-    ("--pariskv-scan-slices", "scan_slices", _as_is),
     ("--pariskv-offload", "offload", _as_is),
     ("--pariskv-host-pool-gb", "host_pool_gb", _as_is),
     ("--pariskv-hot-cache-lines", "hot_cache_lines", _as_is),
@@ -120,14 +119,6 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="Fraction of the retrieval zone kept as rerank candidates, or 'auto' "
         "(length-adaptive, the default).",
-    )
-    g.add_argument(
-        "--pariskv-scan-slices",
-        type=int,
-        default=None,
-        help="Slices of the context the collision scan re-scores in turn, one per decode "
-        "step; the others keep their scores of the step before (default "
-        f"{defaults.scan_slices}; 1: re-score every position at every step).",
     )
     g.add_argument(
         "--pariskv-offload",

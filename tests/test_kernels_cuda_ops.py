@@ -86,8 +86,8 @@ def test_query_copy_pointer_reaches_the_kernel_and_a_wrong_buffer_fails(monkeypa
 
 
 def test_scan_arguments_match_the_entry_points_signature(monkeypatch, stream):
-    """One argument per declared ctypes type (csrc/collision_scan.cu's signature): the
-    slice count, then the run length last before the stream."""
+    """One argument per declared ctypes type (csrc/collision_scan.cu's signature), the run
+    length last before the stream."""
     calls = []
     monkeypatch.setattr(cuda_ops, "_library", lambda name: fake_library(calls, 0))
     r, h, b, nmax = 2, 3, 8, 64
@@ -96,12 +96,12 @@ def test_scan_arguments_match_the_entry_points_signature(monkeypatch, stream):
         torch.zeros(10, h, b, dtype=torch.uint8), torch.zeros(4, nmax, **i32),
         torch.zeros(r, **i32), torch.zeros(r, **i64), torch.zeros(r, **i64),
         torch.zeros(r, h, b, 256, dtype=torch.int8), torch.zeros(r, h, nmax, dtype=torch.uint8),
-        torch.zeros(r, h, 256, **i32), 4, tokens_per_block=512, slices=2,
+        torch.zeros(r, h, 256, **i32), 4, tokens_per_block=512,
     )  # fmt: skip
     ((symbol, args),) = calls
     assert symbol == "pariskv_collision_scan"
     assert len(args) == len(cuda_ops._KERNELS["collision_scan"][1])
-    assert args[-7:] == (2, r, h, b, 256, 512, 77)  # slices, R, H, B, bins, run length, stream
+    assert args[-6:] == (r, h, b, 256, 512, 77)  # R, H, B, bins, run length, stream
 
 
 @pytest.mark.skipif(cuda_ops._nvcc() is None, reason="no nvcc on this machine")

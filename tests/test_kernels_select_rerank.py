@@ -29,17 +29,14 @@ def score_histogram(scores, zone_start, zone_end, bins=256):
 
 
 @pytest.mark.parametrize(
-    "d, h, distinct, nmax, permuted",
+    "d, h, distinct, nmax",
     [
-        (128, 8, 6, 70001, False),  # few distinct scores: long runs of ties at the threshold;
-        (64, 3, 40, 40000, False),  # an odd NMAX takes the unaligned score loads
-        (128, 2, 200, 131072, False),
-        (128, 8, 6, 70001, True),  # each request's scores in a row of its own
+        (128, 8, 6, 70001),  # few distinct scores: long runs of ties at the threshold;
+        (64, 3, 40, 40000),  # an odd NMAX takes the unaligned score loads
+        (128, 2, 200, 131072),
     ],
 )
-def test_fused_write_and_rerank_match_triton_write_and_codec(
-    cuda_device, d, h, distinct, nmax, permuted
-):
+def test_fused_write_and_rerank_match_triton_write_and_codec(cuda_device, d, h, distinct, nmax):
     from sglang_pariskv.codec.query import prepare_query
     from sglang_pariskv.kernels.cuda_ops import select_rerank_cuda
 
@@ -68,17 +65,10 @@ def test_fused_write_and_rerank_match_triton_write_and_codec(
     got = torch.full((r, h, cmax), -1, dtype=torch.int32, device=cuda_device)
     est = torch.full((r, h, cmax), 7.0, dtype=torch.float32, device=cuda_device)
     buf2 = CandidateBuffers(r * h, nmax, SELECT_RERANK_CHUNK, cuda_device)
-    rows = None
-    if permuted:  # rows of no request hold the top score: read, they would be picked
-        rows = torch.tensor([5, 0, 3, 1], dtype=torch.int32, device=cuda_device)
-        held = torch.full((6, h, nmax), 255, dtype=torch.uint8, device=cuda_device)
-        held[rows.long()] = scores
-        args = (held, *args[1:])
-    count_candidates(*args, buf2, rows=rows)
+    count_candidates(*args, buf2)
     select_rerank_cuda(
-        args[0], buf2, counts, zone_start, zone_end, sc.req_to_token, sc.req_pool_indices,
+        scores, buf2, counts, zone_start, zone_end, sc.req_to_token, sc.req_pool_indices,
         sc.pool.signs, sc.pool.mags, sc.pool.weights, qb, qn, levels(cuda_device), got, est,
-        rows=rows,
     )  # fmt: skip
     torch.cuda.synchronize()
     valid = torch.arange(cmax, device=cuda_device)[None, None] < counts[:, None, None]

@@ -19,26 +19,20 @@ from sglang_pariskv.config import ParisKVConfig, ParisKVConfigError
 from sglang_pariskv.kernels.workspace import DecodeWorkspace
 
 
-@pytest.mark.parametrize("slices", [1, 2])
 @pytest.mark.parametrize(
     "hq, hkv, d, layers, batch, ctx",
     [(8, 2, 64, 3, 8, 4096), (32, 8, 128, 2, 4, 20000), (14, 2, 64, 1, 2, 1000)],
 )
-def test_the_plan_is_what_the_backend_allocates(hq, hkv, d, layers, batch, ctx, slices):
-    cfg = ParisKVConfig(topk=256, sink=16, local=64, dense_threshold=512, scan_slices=slices)
+def test_the_plan_is_what_the_backend_allocates(hq, hkv, d, layers, batch, ctx):
+    cfg = ParisKVConfig(topk=256, sink=16, local=64, dense_threshold=512)
     plan = plan_backend_memory(
         cfg, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, num_layers=layers,
         max_batch=batch, max_context=ctx, graph_batch_sizes=5,
     )  # fmt: skip
-    ws = DecodeWorkspace(
-        cfg, hq, hkv, d, max_batch=batch, max_context=ctx, device="cpu", layers=layers
-    )
+    ws = DecodeWorkspace(cfg, hq, hkv, d, max_batch=batch, max_context=ctx, device="cpu")
     query_copy = batch * hq * d * 2  # the bf16 query copy the first CUDA run adds
     assert plan.workspace == tensor_bytes(ws) + query_copy
-    # the scores alone: one byte per position, and with a sliced scan every layer's kept
-    # scores of each request (these sizes keep all of them)
-    rows = batch + (layers * batch if slices > 1 else 0)
-    assert plan.workspace >= rows * hkv * ctx
+    assert plan.workspace >= batch * hkv * ctx  # the scores alone: one byte per position
     assert plan.flashinfer == WORKSPACE_BYTES + 11 * FLASHINFER_INT_WORKSPACE_BYTES
     assert plan.total == tensor_bytes(ws) + query_copy + plan.flashinfer
 

@@ -76,14 +76,3 @@ def test_min_sparse_tokens_above_every_step_is_sglangs_dense_decode(model_dir, p
     st = dense_steps["stats"]
     assert st["sparse_steps"] == 0 and st["sparse_request_steps"] == 0
     assert st["dense_request_steps"] > 0 and not plain["stats"]
-
-
-def test_sliced_scan_serves_under_graphs_and_leaves_dense_requests_exact(model_dir, plain):
-    """``scan_slices`` 2 through SGLang's captured decode graphs (row assignment included):
-    the long requests retrieve from kept scores, the short ones stay SGLang's own decode.
-    (Selection against the codec over kept scores, eagerly and replayed: the workspace's
-    GPU tests.)"""
-    got = _serve(model_dir, {**CFG, "scan_slices": 2}, groups=["short", "long", "mixed"])
-    assert got["stats"]["sparse_request_steps"] > 0
-    assert got["outs"]["short"] == plain["outs"]["short"]
-    assert all(len(o) == 32 for o in got["outs"]["long"])

@@ -165,7 +165,6 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             max_batch=max_batch,
             max_context=rtt.shape[1],
             device=rtt.device,
-            layers=self.token_to_kv_pool.layer_num,
         )
         self.eager_sparse = self._sparse_call()
         self.offload = OffloadDecode.build(self.token_to_kv_pool, self.config, self.ws)
@@ -278,7 +277,6 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             self.deferred.plan(decode_step=False)
             if forward_batch.forward_mode.is_extend():
                 self.observer.extend(forward_batch)
-                self._forget_kept_scores(forward_batch)
             super().init_forward_metadata(forward_batch)
             if self.prefill is not None:
                 staged = self.prefill.plan(forward_batch, self.forward_metadata, self.page_size)
@@ -308,17 +306,6 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             return
         bs = forward_batch.batch_size
         self._rpi32 = forward_batch.req_pool_indices[:bs].to(torch.int32)
-        if self.config.scan_slices > 1:  # each request's row of kept collision scores
-            self.ws.assign_rows(self._rpi32)
-
-    def _forget_kept_scores(self, forward_batch) -> None:
-        """A prefill (re)fills its requests' ``req_to_token`` rows: the collision scores
-        the workspace kept for those rows are no longer theirs."""
-        if self.config.scan_slices == 1:  # nothing kept
-            return
-        rpi = forward_batch.req_pool_indices
-        if rpi is not None and rpi.numel():
-            self.ws.forget_requests(rpi[: forward_batch.batch_size])
 
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
         with self.plan_fence.planning():
@@ -330,7 +317,6 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             self.deferred.plan(decode_step=False)
             if mode.is_extend() and not in_capture:
                 self.observer.extend(forward_batch)
-                self._forget_kept_scores(forward_batch)
             if self.prefill is not None:  # a prefill graph's plan: host reads, unstaged
                 self.observer.prefill_staging(
                     self.prefill.plan(forward_batch, None, self.page_size)
@@ -457,7 +443,6 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             self.req_to_token_pool.req_to_token,
             self._rpi32,
             scale=self.codes.calibration(local)[1],
-            layer=local,
         )
         self.observer.stop(local)
         if self.offload is not None:

@@ -71,8 +71,7 @@ def plan_backend_memory(
     kv_dtype: torch.dtype = torch.bfloat16,
 ) -> BackendMemoryPlan:
     """What ``ParisKVAttnBackend`` allocates for these sizes: the workspace for
-    ``max_batch`` rows of ``max_context`` (plus the query copy its first run makes, and
-    the collision scores it keeps for ``num_layers`` layers); one
+    ``max_batch`` rows of ``max_context`` (plus the query copy its first run makes); one
     shared FlashInfer float workspace, an int workspace for the eager call and each
     captured batch size, and one more per size for the dense-step graph SGLang's
     FlashInfer backend captures beside the sparse-step one. With dense layers, their
@@ -84,7 +83,7 @@ def plan_backend_memory(
     meta = torch.device("meta")
     ws = DecodeWorkspace(
         config, num_q_heads, num_kv_heads, head_dim, max_batch=max_batch,
-        max_context=max_context, device=meta, layers=num_layers,
+        max_context=max_context, device=meta,
     )  # fmt: skip
     query_copy = (
         max_batch * num_q_heads * head_dim * torch.tensor([], dtype=kv_dtype).element_size()

@@ -17,9 +17,6 @@
 // instruction touches H columns (3.9M shared wavefronts where 1.2M would do at 128K x 2),
 // with a head per warp the lookups are clean but every lane's 16-byte load is its own
 // 128-byte line. Staged: 21.0 us per layer at 128K x 2 on an H100, against 26.2 us.
-// Sliced re-scoring (kernels/collision.py's docstring): a block whose run lies in a slice
-// the step does not re-score reads its kept scores into the histogram instead (H bytes
-// per position instead of H * B sign bytes, and no centroid table).
 // Built with plain nvcc into a shared library and called through ctypes (no torch
 // headers: a few seconds to compile); the launch goes on the caller's stream, so it is
 // CUDA-graph capturable.
@@ -52,8 +49,6 @@ constexpr int kStages = 2;
 // Warps per block, each scoring one head at a time (the run lengths of
 // kernels/launch_geometry.py are the fastest ones with 16).
 constexpr int kWarps = 16;
-// Positions per slice granule (kernels/collision.py's SCAN_GRANULE); runs divide it.
-constexpr int kGranule = 1024;
 
 // Bytes per staged token row (all H heads' B sign bytes), padded so that stride / B is
 // odd: the 8 (B = 16) or 16 (B = 8) lanes of one shared-load phase, reading one head of
@@ -111,51 +106,20 @@ inline size_t scan_smem_bytes(int H, int B, int nbp, int tpb, int chunk) {
          static_cast<size_t>(kStages) * chunk * staged_stride(H, B);
 }
 
-// A run the step does not re-score: its kept zone scores (positions [start, end) of the
-// row at `out`, head h at out + h * nmax) into the request's histogram, through a block
-// histogram in shared memory.
-__device__ void count_kept(const uint8_t* out, int32_t* req_hist, int32_t* hist,
-                           int64_t start, int64_t end, int64_t zone_start, int64_t zone_end,
-                           int64_t nmax, int H, int nbp) {
-  const int64_t lo = max(start, zone_start), hi = min(end, zone_end);
-  if (lo >= hi) return;  // block-uniform
-  for (int i = threadIdx.x; i < H * nbp; i += blockDim.x) hist[i] = 0;
-  __syncthreads();
-  const int m = static_cast<int>(hi - lo);
-  const uint8_t* base = out + (lo - start);
-  for (int i = threadIdx.x; i < H * m; i += blockDim.x) {
-    const int h = i / m, t = i - h * m;
-    atomicAdd(&hist[h * nbp + base[static_cast<int64_t>(h) * nmax + t]], 1);
-  }
-  __syncthreads();
-  for (int i = threadIdx.x; i < H * nbp; i += blockDim.x) {
-    const int cnt = hist[i];
-    if (cnt) atomicAdd(&req_hist[i], cnt);
-  }
-}
-
 template <int B>
 __global__ void __launch_bounds__(512)
     scan_kernel(const uint8_t* __restrict__ signs, const int32_t* __restrict__ rtt,
                 int64_t stride_rtt, const int32_t* __restrict__ req_idx,
                 const int64_t* __restrict__ seq, const int64_t* __restrict__ zend,
                 const int8_t* __restrict__ table, uint8_t* __restrict__ scores,
-                const int32_t* __restrict__ rows, const int32_t* __restrict__ fresh,
-                int32_t* __restrict__ shist, int64_t zone_start, int64_t nmax, int slices,
-                int H, int nbp, int tpb, int chunk) {
+                int32_t* __restrict__ shist, int64_t zone_start, int64_t nmax, int H, int nbp,
+                int tpb, int chunk) {
   extern __shared__ __align__(16) uint8_t smem[];
   using Row = typename SignRow<B>::T;
   const int r = blockIdx.y;
   const int64_t start = static_cast<int64_t>(blockIdx.x) * tpb;
   const int64_t len = seq[r];
   if (start >= len) return;
-  uint8_t* out = scores + static_cast<int64_t>(rows[r]) * H * nmax + start;
-  if (slices > 1 && !fresh[r] && (start / kGranule) % slices != len % slices) {
-    count_kept(out, shist + static_cast<int64_t>(r) * H * nbp,
-               reinterpret_cast<int32_t*>(smem), start, min(start + tpb, len), zone_start,
-               zend[r], nmax, H, nbp);
-    return;
-  }
   const int HB = H * B;
   const int stride = staged_stride(H, B);
   int8_t* tbl = reinterpret_cast<int8_t*>(smem);
@@ -201,6 +165,7 @@ __global__ void __launch_bounds__(512)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int warps = blockDim.x >> 5;
   const int64_t ze = zend[r];
+  uint8_t* out = scores + static_cast<int64_t>(r) * H * nmax + start;
 #pragma unroll
   for (int c = 0; c < kStages - 1; ++c) issue(c);
   for (int c = 0; c < chunks; ++c) {
@@ -245,13 +210,11 @@ __global__ void __launch_bounds__(512)
 
 extern "C" int pariskv_collision_scan(const void* signs, const void* rtt, int64_t stride_rtt,
                                       const void* req_idx, const void* seq, const void* zend,
-                                      const void* table, void* scores, const void* rows,
-                                      const void* fresh, void* shist, int64_t zone_start,
-                                      int64_t nmax, int slices, int R, int H, int B, int nbp,
-                                      int tpb, void* stream) {
+                                      const void* table, void* scores, void* shist,
+                                      int64_t zone_start, int64_t nmax, int R, int H, int B,
+                                      int nbp, int tpb, void* stream) {
   if (R == 0) return 0;
-  if (tpb <= 0 || slices < 1) return -1;
-  if (slices > 1 && kGranule % tpb) return -4;  // a run must lie in one slice
+  if (tpb <= 0) return -1;
   if (B != 16 && B != 8) return -2;
   // The device's opt-in shared memory per block (227 KB on the H100, 163 KB on the A100):
   // the longest chunk that fits. DecodeWorkspace checks the shortest fits at startup.
@@ -280,8 +243,7 @@ extern "C" int pariskv_collision_scan(const void* signs, const void* rtt, int64_
       static_cast<const uint8_t*>(signs), static_cast<const int32_t*>(rtt), stride_rtt,
       static_cast<const int32_t*>(req_idx), static_cast<const int64_t*>(seq),
       static_cast<const int64_t*>(zend), static_cast<const int8_t*>(table),
-      static_cast<uint8_t*>(scores), static_cast<const int32_t*>(rows),
-      static_cast<const int32_t*>(fresh), static_cast<int32_t*>(shist), zone_start, nmax,
-      slices, H, nbp, tpb, chunk);
+      static_cast<uint8_t*>(scores), static_cast<int32_t*>(shist), zone_start, nmax, H, nbp,
+      tpb, chunk);
   return static_cast<int>(cudaGetLastError());
 }

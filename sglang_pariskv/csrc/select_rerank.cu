@@ -32,8 +32,7 @@ constexpr int WARPS = THREADS / 32;
 
 template <int B>
 __global__ void __launch_bounds__(THREADS)
-    select_rerank_kernel(const uint8_t* __restrict__ scores, const int32_t* __restrict__ rows,
-                         const int32_t* __restrict__ thr,
+    select_rerank_kernel(const uint8_t* __restrict__ scores, const int32_t* __restrict__ thr,
                          const int32_t* __restrict__ take, const int32_t* __restrict__ ngt,
                          const int32_t* __restrict__ gt_cnt, const int32_t* __restrict__ eq_cnt,
                          const int64_t* __restrict__ zend, const int64_t* __restrict__ counts,
@@ -75,14 +74,14 @@ __global__ void __launch_bounds__(THREADS)
   const float norm = qn[row];
   pariskv::RerankTableShare<B, NB, THREADS> tshare;
   tshare.load(qb + static_cast<int64_t>(row) * B * 8, levels, tid);
-  // this request's scores (kernels/collision.py: its own row of the score buffer)
-  const uint8_t* srow = scores + (static_cast<int64_t>(rows[r]) * H + h) * nmax;
   uint32_t packed = 0;  // this thread's 4 positions' scores
   if ((nmax & 3) == 0 && p0 + 3 < nmax) {  // aligned: one 4-byte load
-    packed = *reinterpret_cast<const uint32_t*>(srow + p0);
+    packed = *reinterpret_cast<const uint32_t*>(scores + static_cast<int64_t>(row) * nmax + p0);
   } else {
     for (int u = 0; u < 4; ++u)
-      if (p0 + u < nmax) packed |= static_cast<uint32_t>(srow[p0 + u]) << (8 * u);
+      if (p0 + u < nmax)
+        packed |= static_cast<uint32_t>(scores[static_cast<int64_t>(row) * nmax + p0 + u])
+                  << (8 * u);
   }
   // This chunk's base: keys above / at s* in the chunks before it (packed: gt | eq << 32).
   unsigned long long before = 0;
@@ -200,8 +199,7 @@ __global__ void __launch_bounds__(THREADS)
 
 }  // namespace
 
-extern "C" int pariskv_select_rerank(const void* scores, const void* rows, const void* thr,
-                                     const void* take,
+extern "C" int pariskv_select_rerank(const void* scores, const void* thr, const void* take,
                                      const void* ngt, const void* gt_cnt, const void* eq_cnt,
                                      const void* zend, const void* counts, const void* rtt,
                                      int64_t stride_rtt, const void* req_idx, const void* signs,
@@ -216,8 +214,7 @@ extern "C" int pariskv_select_rerank(const void* scores, const void* rows, const
   auto st = static_cast<cudaStream_t>(stream);
 #define PARISKV_LAUNCH(BB)                                                                    \
   select_rerank_kernel<BB><<<grid, THREADS, 0, st>>>(                                         \
-      static_cast<const uint8_t*>(scores), static_cast<const int32_t*>(rows),                 \
-      static_cast<const int32_t*>(thr),                                                       \
+      static_cast<const uint8_t*>(scores), static_cast<const int32_t*>(thr),                  \
       static_cast<const int32_t*>(take), static_cast<const int32_t*>(ngt),                    \
       static_cast<const int32_t*>(gt_cnt), static_cast<const int32_t*>(eq_cnt),               \
       static_cast<const int64_t*>(zend), static_cast<const int64_t*>(counts),                 \

@@ -8,16 +8,6 @@ L1), sums per head, writes the score ``128 + floor(sum / B)`` as uint8
 (:func:`codec.collision.collision_scores`) and counts zone scores into a per-(request,
 head) histogram held in registers, flushed with one atomic add per bin at the end.
 Candidate selection then only needs the histogram and a light pass over the uint8 scores.
-
-Sliced re-scoring (``slices`` > 1): a request's scores can live across decode steps in a
-row of ``scores`` of its own (``rows``). Each step then re-scores only the positions of
-one slice of the context, the granules of :data:`SCAN_GRANULE` positions whose index is
-``seq_len mod slices`` modulo ``slices``; the other positions keep the scores of the step
-that last re-scored them and are only read into the histogram. ``fresh`` rows (a
-request's first step with kept scores, or after a step that did not retrieve) re-score
-everything. Re-scoring half the zone per step kept recall@100 within 0.006 and mass
-within 0.002 of every step (docs/retrieval_quality.md, "Re-scoring one slice of the zone
-per step").
 """
 
 from __future__ import annotations
@@ -25,10 +15,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-#: Positions per slice granule of sliced re-scoring: the CUDA scan's longest run (every
-#: run length it picks divides it, so a block's positions share one slice).
-SCAN_GRANULE = 1024
 
 
 @triton.jit
@@ -41,19 +27,15 @@ def _scan_kernel(
     zend_ptr,
     table_ptr,
     scores_ptr,
-    rows_ptr,
-    fresh_ptr,
     shist_ptr,
     zone_start,
     NMAX,
-    SLICES,
     H: tl.constexpr,
     B: tl.constexpr,
     HP: tl.constexpr,
     NBP: tl.constexpr,
     BLOCK_N: tl.constexpr,
     TILES: tl.constexpr,
-    GRANULE: tl.constexpr,
 ):
     chunk = tl.program_id(0)
     r = tl.program_id(1)
@@ -62,10 +44,6 @@ def _scan_kernel(
     if start < seq:
         req = tl.load(req_ptr + r).to(tl.int64)
         zend = tl.load(zend_ptr + r)
-        row = tl.load(rows_ptr + r).to(tl.int64)
-        # the slice this step re-scores; every slice when the row is fresh
-        fresh = tl.load(fresh_ptr + r) != 0
-        part = seq % SLICES
         h = tl.arange(0, HP)
         b = tl.arange(0, B)
         hb = h[:, None] * B + b[None, :]  # [HP, B]
@@ -75,20 +53,20 @@ def _scan_kernel(
         for i in range(TILES):
             pos = start + i * BLOCK_N + tl.arange(0, BLOCK_N)
             valid = pos < seq
-            rescore = valid & (fresh | ((pos // GRANULE) % SLICES == part))
-            kept = valid & ~rescore
-            slot = tl.load(rtt_ptr + req * stride_rtt + pos, mask=rescore, other=0).to(tl.int64)
-            m3 = rescore[:, None, None] & hmask[None, :, None]
+            slot = tl.load(rtt_ptr + req * stride_rtt + pos, mask=valid, other=0).to(tl.int64)
+            m3 = valid[:, None, None] & hmask[None, :, None]
             sg = tl.load(
                 signs_ptr + slot[:, None, None] * (H * B) + hb[None, :, :], mask=m3, other=0
             )
             entry = tl.load(table_base[None, :, :] + sg.to(tl.int32), mask=m3, other=0)
             total = tl.sum(entry.to(tl.int32), axis=2)  # [BLOCK_N, HP], |total| <= 127 B
-            out = scores_ptr + (row * H + h[None, :]) * NMAX + pos[:, None]
-            old = tl.load(out, mask=kept[:, None] & hmask[None, :], other=0).to(tl.int32)
-            # a non-negative numerator: floor
-            score = tl.where(rescore[:, None], (total + 128 * B) // B, old)
-            tl.store(out, score.to(tl.uint8), mask=rescore[:, None] & hmask[None, :])
+            score = (total + 128 * B) // B  # a non-negative numerator: floor
+            smask = valid[:, None] & hmask[None, :]
+            tl.store(
+                scores_ptr + (r * H + h[None, :]).to(tl.int64) * NMAX + pos[:, None],
+                score.to(tl.uint8),
+                mask=smask,
+            )
             in_zone = (pos >= zone_start) & (pos < zend)
             # Out-of-zone entries go to a dump bin in an upper half that is dropped
             # (tl.histogram's mask argument is ignored by the GPU lowering in Triton 3.6).
@@ -104,11 +82,6 @@ def _scan_kernel(
         )
 
 
-def identity_rows(r: int, device: torch.device) -> torch.Tensor:
-    """``rows`` of a scan or selection whose request r has row r of the scores."""
-    return torch.arange(r, dtype=torch.int32, device=device)
-
-
 def collision_scan(
     signs: torch.Tensor,
     req_to_token: torch.Tensor,
@@ -121,33 +94,19 @@ def collision_scan(
     zone_start: int,
     block_n: int = 64,
     tiles: int = 16,
-    *,
-    rows: torch.Tensor | None = None,
-    fresh: torch.Tensor | None = None,
-    slices: int = 1,
 ) -> None:
-    """Scores uint8 ``[*, Hkv, NMAX]`` of positions < seq_len and the zone score histogram.
+    """Scores uint8 ``[R, Hkv, NMAX]`` of positions < seq_len and the zone score histogram.
 
     signs uint8 pool ``[S, Hkv, B]``; table int8 ``[R, Hkv, B, 256]``; zone is positions
     ``[zone_start, zone_end[r])``; score_hist int32 ``[R, Hkv, 256]`` must be zeroed by the
-    caller (it is accumulated). ``rows`` int32 [R]: request r's row of ``scores`` (None:
-    row r). ``slices`` > 1: only the slice ``seq_len mod slices`` is re-scored, except in
-    rows whose ``fresh`` int [R] is non-zero (module docstring). Fixed grid over
-    ``NMAX``: programs past a request's length exit at once, so it replays in a CUDA
-    graph for any lengths <= NMAX. ``block_n`` positions per tile, ``tiles`` tiles per
-    program.
+    caller (it is accumulated). Fixed grid over ``NMAX``: programs past a request's length
+    exit at once, so it replays in a CUDA graph for any lengths <= NMAX. ``block_n``
+    positions per tile, ``tiles`` tiles per program.
     """
     _, h, b = signs.shape
-    nmax = scores.shape[-1]
-    r = seq_lens.numel()
+    r, _, nmax = scores.shape
     if r == 0:
         return
-    if slices < 1:
-        raise ValueError(f"slices must be >= 1, got {slices}")
-    if rows is None:
-        rows = identity_rows(r, scores.device)
-    if fresh is None:
-        fresh = torch.ones(r, dtype=torch.int32, device=scores.device)
     nbp = score_hist.shape[-1]
     grid = (triton.cdiv(nmax, block_n * tiles), r)
     _scan_kernel[grid](
@@ -159,18 +118,14 @@ def collision_scan(
         zone_end,
         table,
         scores,
-        rows,
-        fresh,
         score_hist,
         zone_start,
         nmax,
-        slices,
         H=h,
         B=b,
         HP=triton.next_power_of_2(h),
         NBP=nbp,
         BLOCK_N=block_n,
         TILES=tiles,
-        GRANULE=SCAN_GRANULE,
         num_warps=4,
     )

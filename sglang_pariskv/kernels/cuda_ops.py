@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 
-from sglang_pariskv.kernels.collision import identity_rows
 from sglang_pariskv.kernels.encode import check_head_rows
 
 #: Shipped inside the package (package data) so a wheel install has the sources too.
@@ -48,11 +47,11 @@ _P, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _KERNELS: dict[str, tuple[str, list]] = {
     "collision_scan": (
         "collision scan",
-        [_P, _P, _I64] + [_P] * 8 + [_I64, _I64] + [_I32] * 6 + [_P],
+        [_P, _P, _I64, _P, _P, _P, _P, _P, _P, _I64, _I64] + [_I32] * 5 + [_P],
     ),
     "select_rerank": (
         "candidate write + rerank",
-        [_P] * 10 + [_I64] + [_P] * 9 + [_I64, _I64, _I32, _I64] + [_I32] * 4 + [_P],
+        [_P] * 9 + [_I64] + [_P] * 9 + [_I64, _I64, _I32, _I64] + [_I32] * 4 + [_P],
     ),
     "topk": ("top-k", [_P, _P, _P, _P, _I64] + [_I32] * 4 + [_P]),
     "query_table": (
@@ -217,23 +216,14 @@ def collision_scan_cuda(
     score_hist: torch.Tensor,
     zone_start: int,
     tokens_per_block: int = 1024,
-    *,
-    rows: torch.Tensor | None = None,
-    fresh: torch.Tensor | None = None,
-    slices: int = 1,
 ) -> None:
     """CUDA twin of :func:`collision.collision_scan` (``seq_lens`` / ``zone_end`` int64,
-    ``req_pool_indices``, ``req_to_token``, ``rows`` and ``fresh`` int32; every tensor
-    contiguous). A block scans ``tokens_per_block`` positions of one request (the run
-    length of :func:`launch_geometry.scan_tokens_per_block`), staging the signs through
-    shared memory (csrc/collision_scan.cu)."""
+    ``req_pool_indices`` and ``req_to_token`` int32; every tensor contiguous). A block
+    scans ``tokens_per_block`` positions of one request (the run length of
+    :func:`launch_geometry.scan_tokens_per_block`), staging the signs through shared
+    memory (csrc/collision_scan.cu)."""
     _, h, b = signs.shape
-    nmax = scores.shape[-1]
-    r = seq_lens.numel()
-    if rows is None:
-        rows = identity_rows(r, scores.device)
-    if fresh is None:
-        fresh = torch.ones(r, dtype=torch.int32, device=scores.device)
+    r, _, nmax = scores.shape
     _require_dtypes(
         "collision_scan_cuda",
         req_to_token=(req_to_token, torch.int32),
@@ -241,8 +231,6 @@ def collision_scan_cuda(
         seq_lens=(seq_lens, torch.int64),
         zone_end=(zone_end, torch.int64),
         table=(table, torch.int8),
-        rows=(rows, torch.int32),
-        fresh=(fresh, torch.int32),
     )
     _launch(
         "collision_scan",
@@ -255,12 +243,9 @@ def collision_scan_cuda(
         zone_end.data_ptr(),
         table.data_ptr(),
         scores.data_ptr(),
-        rows.data_ptr(),
-        fresh.data_ptr(),
         score_hist.data_ptr(),
         zone_start,
         nmax,
-        slices,
         r,
         h,
         b,
@@ -285,14 +270,11 @@ def select_rerank_cuda(
     levels: torch.Tensor,
     cand: torch.Tensor,
     est: torch.Tensor,
-    *,
-    rows: torch.Tensor | None = None,
 ) -> None:
     """Candidate write + rerank in one launch (csrc/select_rerank.cu), after
     :func:`select.count_candidates` filled ``buf`` (a :class:`select.CandidateBuffers`):
     ``cand`` receives exactly the KV slots the Triton write would, ``est`` their
-    estimates (as :func:`rerank.rerank_estimates`), -inf at and past each row's C.
-    ``rows``: request r's row of ``scores`` (int32 [R]; None: row r)."""
+    estimates (as :func:`rerank.rerank_estimates`), -inf at and past each row's C."""
     _require_dtypes(
         "select_rerank_cuda",
         counts=(counts, torch.int64),
@@ -302,16 +284,11 @@ def select_rerank_cuda(
         cand=(cand, torch.int32),
         est=(est, torch.float32),
     )
-    _, h, nmax = scores.shape
-    r = counts.numel()
-    if rows is None:
-        rows = identity_rows(r, scores.device)
-    _require_dtypes("select_rerank_cuda", rows=(rows, torch.int32))
+    r, h, nmax = scores.shape
     _launch(
         "select_rerank",
         scores.device,
         scores.data_ptr(),
-        rows.data_ptr(),
         buf.thr.data_ptr(),
         buf.take.data_ptr(),
         buf.ngt.data_ptr(),

@@ -20,13 +20,10 @@ import torch
 import triton
 import triton.language as tl
 
-from sglang_pariskv.kernels.collision import identity_rows
-
 
 @triton.jit
 def _count_kernel(
     scores_ptr,
-    rows_ptr,
     shist_ptr,
     counts_ptr,
     zend_ptr,
@@ -66,8 +63,7 @@ def _count_kernel(
     pos = start + tl.arange(0, CH)
     live = (start + CH > zone_start) & (start < zend)
     m = hmask[:, None] & ((pos >= zone_start) & (pos < zend))[None, :] & live
-    srow = tl.load(rows_ptr + r).to(tl.int64) * H + h  # this request's row of the scores
-    sc = tl.load(scores_ptr + srow[:, None] * NMAX + pos[None, :], mask=m, other=0)
+    sc = tl.load(scores_ptr + row[:, None].to(tl.int64) * NMAX + pos[None, :], mask=m, other=0)
     sc = sc.to(tl.int32)
     n_gt = tl.sum((m & (sc > thr[:, None])).to(tl.int32), axis=1)
     n_eq = tl.sum((m & (sc == thr[:, None])).to(tl.int32), axis=1)
@@ -78,7 +74,6 @@ def _count_kernel(
 @triton.jit
 def _write_kernel(
     scores_ptr,
-    rows_ptr,
     thr_ptr,
     take_ptr,
     ngt_ptr,
@@ -109,9 +104,9 @@ def _write_kernel(
         row = r * H + h
         pos = start + tl.arange(0, CH)
         m = hmask[:, None] & ((pos >= zone_start) & (pos < zend))[None, :]
-        srow = tl.load(rows_ptr + r).to(tl.int64) * H + h
-        sc = tl.load(scores_ptr + srow[:, None] * NMAX + pos[None, :], mask=m, other=0)
-        sc = sc.to(tl.int32)
+        sc = tl.load(
+            scores_ptr + row[:, None].to(tl.int64) * NMAX + pos[None, :], mask=m, other=0
+        ).to(tl.int32)
         thr = tl.load(thr_ptr + row, mask=hmask, other=0)
         take = tl.load(take_ptr + row, mask=hmask, other=0)
         n_gt = tl.load(ngt_ptr + row, mask=hmask, other=0)
@@ -163,31 +158,25 @@ def count_candidates(
     zone_start: int,
     zone_end: torch.Tensor,
     buf: CandidateBuffers,
-    *,
-    rows: torch.Tensor | None = None,
 ) -> None:
     """The count pass alone: per (request, head) row the threshold score, the keys above
     it and at it to take (``buf.thr`` / ``buf.ngt`` / ``buf.take``), and per chunk of
     ``buf.chunk`` positions the keys above / at it (``buf.gt`` / ``buf.eq``). The CUDA
-    candidate write + rerank (``csrc/select_rerank.cu``) starts from these. ``rows``:
-    as in :func:`select_candidates_gpu`."""
-    _, h, nmax = scores.shape
-    r = counts.numel()
+    candidate write + rerank (``csrc/select_rerank.cu``) starts from these."""
+    r, h, nmax = scores.shape
     if r == 0:
         return
-    if rows is None:
-        rows = identity_rows(r, scores.device)
+    rows = r * h
     _count_kernel[(buf.nch, r)](
         scores,
-        rows,
         score_hist,
         counts,
         zone_end,
         buf.thr,
         buf.take,
         buf.ngt,
-        buf.gt[: r * h],
-        buf.eq[: r * h],
+        buf.gt[:rows],
+        buf.eq[:rows],
         zone_start,
         nmax,
         buf.nch,
@@ -208,34 +197,28 @@ def select_candidates_gpu(
     buf: CandidateBuffers,
     req_to_token: torch.Tensor | None = None,
     req_pool_indices: torch.Tensor | None = None,
-    *,
-    rows: torch.Tensor | None = None,
 ) -> None:
     """Write the top-``counts[r]`` zone positions of each (request, head) into ``cand``
     (their KV slots ``req_to_token[req_pool_indices[r], pos]`` when those are given).
 
-    scores uint8 [*, Hkv, NMAX], request r's in row ``rows[r]`` (int32 [R]; None: row
-    r); score_hist int32 [R, Hkv, NBP]; counts int [R] (C from
-    :func:`codec.budget.num_candidates`, <= zone length); zone_end int [R]; cand int32
-    [R, Hkv, CMAX] with CMAX >= max C: entries [0, C) are written.
+    scores uint8 [R, Hkv, NMAX]; score_hist int32 [R, Hkv, NBP]; counts int [R]
+    (C from :func:`codec.budget.num_candidates`, <= zone length); zone_end int [R];
+    cand int32 [R, Hkv, CMAX] with CMAX >= max C: entries [0, C) are written.
     """
-    _, h, nmax = scores.shape
-    r = counts.numel()
+    r, h, nmax = scores.shape
     if r == 0:
         return
-    if rows is None:
-        rows = identity_rows(r, scores.device)
-    count_candidates(scores, score_hist, counts, zone_start, zone_end, buf, rows=rows)
+    count_candidates(scores, score_hist, counts, zone_start, zone_end, buf)
+    rows = r * h
     slots = req_to_token is not None
     _write_kernel[(buf.nch, r)](
         scores,
-        rows,
         buf.thr,
         buf.take,
         buf.ngt,
         zone_end,
-        buf.gt[: r * h],
-        buf.eq[: r * h],
+        buf.gt[:rows],
+        buf.eq[:rows],
         cand,
         req_to_token if slots else cand,
         req_to_token.stride(0) if slots else 0,

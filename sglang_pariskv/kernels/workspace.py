@@ -48,7 +48,6 @@ from sglang_pariskv.kernels.cuda_ops import (
     select_rerank_cuda,
     topk_cuda,
 )
-from sglang_pariskv.kernels.kept_scores import KeptScoreRows, kept_rows_for
 from sglang_pariskv.kernels.launch_geometry import (
     SELECT_RERANK_CHUNK,
     check_cuda_kernels_fit,
@@ -109,12 +108,6 @@ class DecodeWorkspace:
     One instance serves every layer (buffers are reused layer after layer; ``plan`` once
     per decode step, ``run`` once per layer). Inputs of :meth:`run` are SGLang's:
     ``req_to_token`` int32 ``[max_reqs, max_context]``, ``req_pool_indices`` int32 [R].
-
-    With ``config.scan_slices`` > 1 the collision scores of up to
-    :func:`kept_scores.kept_rows_for` requests are kept per layer between steps
-    (``layers`` of them), and a step whose requests were given their rows
-    (:meth:`assign_rows`, after ``plan``) re-scores one slice of each context; without
-    it, a step re-scores every position.
     """
 
     def __init__(
@@ -129,7 +122,6 @@ class DecodeWorkspace:
         chunk: int = SELECT_RERANK_CHUNK,
         scan_block: int = 256,
         scan_tiles: int = 8,
-        layers: int = 1,
     ) -> None:
         """``chunk``, ``scan_block``, ``scan_tiles``: tile sizes of the Triton candidate
         selection and scan (positions per selection chunk; positions per scan tile, tiles
@@ -168,12 +160,7 @@ class DecodeWorkspace:
             norm=torch.empty(rmax, h, dtype=torch.float32, device=dev),
         )
         self.table = torch.empty(rmax, h, b, 256, dtype=torch.int8, device=dev)
-        kept = kept_rows_for(rmax, layers, h, max_context) if config.scan_slices > 1 else 0
-        self.kept = KeptScoreRows(layers, kept, rmax, dev)
-        self._kept_assigned = False  # assign_rows ran since the last plan
-        self.scores = torch.empty(
-            self.kept.buffer_rows, h, max_context, dtype=torch.uint8, device=dev
-        )
+        self.scores = torch.empty(rmax, h, max_context, dtype=torch.uint8, device=dev)
         self.score_hist = torch.zeros(rmax, h, self.nbp, dtype=torch.int32, device=dev)
         self.cand = torch.empty(rmax, h, self.cmax, dtype=torch.int32, device=dev)
         self.est = torch.empty(rmax, h, self.cmax, dtype=torch.float32, device=dev)
@@ -212,23 +199,7 @@ class DecodeWorkspace:
         n = indptr.numel()
         self.kv_indptr[:n].copy_(indptr.pin_memory() if self._pin() else indptr, non_blocking=True)
         self._r = r
-        self._kept_assigned = False
         return indptr
-
-    def assign_rows(self, req_pool_indices: torch.Tensor) -> None:
-        """Give the planned step's requests (``req_pool_indices`` int32 [R], on the
-        device) their kept score rows: one launch, captured with the step's graph."""
-        r = self._r or 0
-        if req_pool_indices.numel() != r:
-            raise ValueError(f"assign_rows for {req_pool_indices.numel()} requests, plan for {r}")
-        if self.kept.kept == 0:
-            return
-        self.kept.assign(req_pool_indices, self._meta("seq", r), self._meta("dense", r))
-        self._kept_assigned = True
-
-    def forget_requests(self, req_pool_indices: torch.Tensor) -> None:
-        """Drop the kept scores of these ``req_to_token`` rows (prefilled anew)."""
-        self.kept.forget(req_pool_indices)
 
     def _pin(self) -> bool:
         return self.device.type == "cuda"
@@ -246,7 +217,6 @@ class DecodeWorkspace:
         req_pool_indices: torch.Tensor,
         stages: dict | None = None,
         scale: torch.Tensor | None = None,
-        layer: int = 0,
     ) -> DecodeOutput:
         """Retrieve and assemble the attended indices of decode queries ``q [R, Hq, D]``.
 
@@ -254,10 +224,9 @@ class DecodeWorkspace:
         The batch must be the one of the last :meth:`plan`. ``stages``, when a dict,
         receives each stage's intermediate tensors (tests, benchmarks). ``scale``: this
         layer's calibration channel scales, fp32 ``[Hkv, D]`` (the codes' own,
-        :class:`index.code_pool.CodePool`); None: 1. ``layer``: which of the ``layers``
-        kept score sets this layer's (< ``layers``).
+        :class:`index.code_pool.CodePool`); None: 1.
         """
-        self.bind(q, codes, req_to_token, req_pool_indices, scale, layer)
+        self.bind(q, codes, req_to_token, req_pool_indices, scale)
         for _, stage in self.stages():
             stage()
         st = self._st
@@ -272,15 +241,11 @@ class DecodeWorkspace:
         req_to_token: torch.Tensor,
         req_pool_indices: torch.Tensor,
         scale: torch.Tensor | None = None,
-        layer: int = 0,
     ) -> None:
         """Set the inputs of the stage methods (``run`` = ``bind`` + every stage)."""
         r = q.shape[0]
         if r != self._r:
             raise ValueError(f"run() with batch {r} but the last plan() was for {self._r}")
-        if not 0 <= layer < self.kept.layers:
-            raise ValueError(f"layer {layer} of a workspace for {self.kept.layers} layers")
-        kept = self._kept_assigned
         self._st = SimpleNamespace(
             q=q,
             scale=scale,
@@ -292,11 +257,6 @@ class DecodeWorkspace:
             dense=self._meta("dense", r),
             counts=self._meta("counts", r),
             zone_end=self._meta("zone_end", r),
-            # this layer's row of the score buffer for each request, and whether the scan
-            # re-scores one slice (kept rows) or everything (scratch rows)
-            rows=self.kept.rows[layer, :r] if kept else self.kept.scratch[:r],
-            fresh=self.kept.fresh[:r],
-            slices=self.config.scan_slices if kept else 1,
             indptr=self.kv_indptr[: r * self.hkv + 1],
             cand=self.cand[:r],
             est=self.est[:r],
@@ -343,16 +303,13 @@ class DecodeWorkspace:
 
     def _stage_scan(self) -> None:
         st = self._st
-        st.scores = self.scores  # request r's: row st.rows[r]
-        # st.score_hist: zeroed by _stage_query_table
+        st.scores = self.scores[: st.r]  # st.score_hist: zeroed by _stage_query_table
         args = (st.codes.signs, st.rtt, st.rpi, st.seq, st.zone_end, st.table, st.scores)
-        rows = dict(rows=st.rows, fresh=st.fresh, slices=st.slices)
         if self.use_cuda:
             tpb = scan_tokens_per_block(self.max_context, st.r, self.num_sms)
-            collision_scan_cuda(*args, st.score_hist, self.config.sink, tpb, **rows)
+            collision_scan_cuda(*args, st.score_hist, self.config.sink, tpb)
         else:
-            block, tiles = self.scan_block, self.scan_tiles
-            collision_scan(*args, st.score_hist, self.config.sink, block, tiles, **rows)
+            collision_scan(*args, st.score_hist, self.config.sink, self.scan_block, self.scan_tiles)
 
     def _stage_select(self) -> None:
         """The count pass, then (Triton only: CUDA fuses it into the rerank) the candidate
@@ -360,7 +317,7 @@ class DecodeWorkspace:
         st = self._st
         if self.use_cuda:
             args = (st.scores, st.score_hist, st.counts, self.config.sink, st.zone_end)
-            count_candidates(*args, self.sel, rows=st.rows)
+            count_candidates(*args, self.sel)
             return
         select_candidates_gpu(
             st.scores,
@@ -372,7 +329,6 @@ class DecodeWorkspace:
             self.sel,
             st.rtt,
             st.rpi,
-            rows=st.rows,
         )
 
     def _stage_rerank(self) -> None:
@@ -395,7 +351,6 @@ class DecodeWorkspace:
                 self.levels,
                 st.cand,
                 st.est,
-                rows=st.rows,
             )
             return
         args = (st.cand, st.counts, codes.signs, codes.mags, codes.weights)
