@@ -39,8 +39,8 @@ from sglang_pariskv.config import ParisKVConfig, ParisKVConfigError
 def add_reuse_parser(sub) -> None:
     p = sub.add_parser(
         "reuse",
-        help="retrieval quality when retrieving only every N-th decode step, or with an "
-        "earlier step's candidates",
+        help="retrieval quality when retrieving only every N-th decode step, with an "
+        "earlier step's candidates, or re-scoring one slice of the zone per step",
         formatter_class=HelpFormatter,
     )
     p.add_argument(
