@@ -97,16 +97,6 @@ __device__ __forceinline__ int key_score(const typename SignRow<B>::T& v, const 
   return (s + 128 * B) / B;
 }
 
-// One zone key's score into the block's histogram row, as one atomic per distinct score of
-// the warp: lanes of equal scores add their count through their lowest lane. Scores pile
-// up on a few bins, and a warp's same-address atomics are serialized.
-__device__ __forceinline__ void count_in_warp(int32_t* hrow, int score, bool counted, int lane) {
-  const unsigned active = __ballot_sync(0xffffffffu, counted);
-  if (!counted) return;
-  const unsigned peers = __match_any_sync(active, score);
-  if (lane == __ffs(peers) - 1) atomicAdd(&hrow[score], __popc(peers));
-}
-
 // Shared memory of a scan block: centroid table [H * B, 256] bytes, score histogram [H, nbp],
 // the run's KV slots [tpb] and kStages chunk buffers [chunk, staged_stride]. Mirrored by
 // kernels/workspace.py's cuda_scan_shared_bytes (the startup check).
@@ -196,11 +186,14 @@ __global__ void __launch_bounds__(512)
       const int sa = key_score<B>(va, col), sb = key_score<B>(vb, col);
       uint8_t* o = out + static_cast<int64_t>(h) * nmax + t0;
       const int64_t pos = start + t0 + ta;
-      if (ta < m) o[ta] = static_cast<uint8_t>(sa);
-      if (tb < m) o[tb] = static_cast<uint8_t>(sb);
-      int32_t* hrow = hist + h * nbp;
-      count_in_warp(hrow, sa, ta < m && pos >= zone_start && pos < ze, lane);
-      count_in_warp(hrow, sb, tb < m && pos + 32 >= zone_start && pos + 32 < ze, lane);
+      if (ta < m) {
+        o[ta] = static_cast<uint8_t>(sa);
+        if (pos >= zone_start && pos < ze) atomicAdd(&hist[h * nbp + sa], 1);
+      }
+      if (tb < m) {
+        o[tb] = static_cast<uint8_t>(sb);
+        if (pos + 32 >= zone_start && pos + 32 < ze) atomicAdd(&hist[h * nbp + sb], 1);
+      }
     }
     __syncthreads();  // buffer c % kStages is refilled by the next iteration's issue
   }
