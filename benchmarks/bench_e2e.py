@@ -178,6 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
         "floor: its host reads are not HBM bytes)",
     )
     t.add_argument(
+        "--rerank",
+        choices=("code", "keys"),
+        help="ParisKV's --pariskv-rerank (default: the plugin's)",
+    )
+    t.add_argument(
         "--dense-backend",
         choices=("flashinfer", "fa3"),
         default="flashinfer",
@@ -238,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg["calibration"] = str(args.calibration.resolve())
         if args.host_pool_gb is not None:
             cfg.update(offload="host", host_pool_gb=args.host_pool_gb)
+        if args.rerank is not None:
+            cfg["rerank"] = args.rerank
         res = run_throughput(
             args.inputs,
             args.batches,

@@ -22,6 +22,9 @@ layers' retrieval in several settings and reports each retrieval kernel's mean d
 
 ``step_ms`` of ``step`` and of a lagged mode against ``weights`` is what the collision stage
 costs a decode step on its critical path, and what running it a step ahead would save.
+``--rerank keys`` times the rerank by the stored keys (``--pariskv-rerank keys``): the code
+pools hold signs only, and every layer reads one shared K buffer (a request's keys are
+megabytes per layer, far beyond L2, so sharing it changes no read).
 
     python benchmarks/bench_retrieval_in_step.py --out benchmarks/results/retrieval_in_step.json
 
@@ -106,9 +109,11 @@ def run(
     dev,
     modes: tuple[str, ...] = MODES,
     candidate_ratio: float | None = None,
+    rerank: str = "code",
 ) -> dict:
     """{mode: stage means (us) and step_ms} of the workspace's retrieval, ``layers``
-    layers per CUDA graph; ``candidate_ratio`` None: the served length-adaptive one."""
+    layers per CUDA graph; ``candidate_ratio`` None: the served length-adaptive one;
+    ``rerank``: "code" or "keys" (``--pariskv-rerank``)."""
     from sglang_pariskv.codec.encode import KeyCodes
     from sglang_pariskv.config import ParisKVConfig
     from sglang_pariskv.kernels import DecodeWorkspace
@@ -119,15 +124,21 @@ def run(
     rpi = torch.arange(batch, device=dev, dtype=torch.int32)
     seq = torch.full((batch,), n, dtype=torch.int32)
     q = torch.randn(batch, bk.HQ, bk.D, device=dev, dtype=bk.DTYPE)
+    keys = pools.k if rerank == "keys" else None
     del pools.k, pools.v
-    codes = [pools.codes] + [KeyCodes(*(t.clone() for t in pools.codes)) for _ in range(layers - 1)]
+    first = pools.codes
+    if keys is not None:  # a pool without records, as --pariskv-rerank keys serves
+        first = KeyCodes(first.signs, first.mags[..., :0], first.weights[..., :0])
+    codes = [first] + [KeyCodes(*(t.clone() for t in first)) for _ in range(layers - 1)]
     cols = int(weight_mb * 1e6 / 2 / 4096)
     w = torch.randn(4096, cols, device=dev, dtype=torch.bfloat16)
     x = torch.randn(batch, 4096, device=dev, dtype=torch.bfloat16)
-    cfg = ParisKVConfig(topk=2048, sink=64, local=256, candidate_ratio=candidate_ratio)
+    cfg = ParisKVConfig(
+        topk=2048, sink=64, local=256, candidate_ratio=candidate_ratio, rerank=rerank
+    )
     ws = DecodeWorkspace(cfg, bk.HQ, bk.HKV, bk.D, batch, n, dev)
     ws.plan(seq)
-    return modes_of(ws, codes, q, rtt, rpi, x, w, layers, modes)
+    return modes_of(ws, codes, q, rtt, rpi, x, w, layers, modes, keys)
 
 
 class LaggedCollision:
@@ -137,13 +148,13 @@ class LaggedCollision:
     layer too, so that the side stream of layer ``l`` reads its own while the main stream
     has moved on to layer ``l + 1``."""
 
-    def __init__(self, ws, layers: int) -> None:
+    def __init__(self, ws, layers: int, keys=None) -> None:
         from sglang_pariskv.kernels.select import CandidateBuffers
 
         if not ws.use_cuda:
             raise SystemExit("lagged_step needs the csrc/ kernels (a CUDA build)")
         rows = ws.max_batch * ws.hkv
-        self.ws = ws
+        self.ws, self.keys = ws, keys
         self.side = torch.cuda.Stream(ws.device)
         self.table = [torch.empty_like(ws.table) for _ in range(layers)]
         self.scores = [[torch.zeros_like(ws.scores) for _ in range(layers)] for _ in range(2)]
@@ -158,7 +169,7 @@ class LaggedCollision:
         ws = self.ws
         ws.table, ws.score_hist = self.table[layer], self.hist[p][layer]
         ws.scores, ws.sel = self.scores[p][layer], self.sel[p][layer]
-        ws.bind(q, codes, rtt, rpi)
+        ws.bind(q, codes, rtt, rpi, keys=self.keys)
         ws._stage_query_table()
 
     def prime(self, q, codes: list, rtt, rpi) -> None:
@@ -200,14 +211,14 @@ class LaggedCollision:
         torch.cuda.current_stream().wait_stream(self.side)
 
 
-def lagged_indices_match(ws, replay, q, codes, rtt, rpi) -> bool:
+def lagged_indices_match(ws, replay, q, codes, rtt, rpi, keys=None) -> bool:
     """The query does not move between the bench's steps, so the candidates a step ahead
     are the step's own and the lagged pipeline must attend to the very indices of the
     inline one (the last layer's, which the index buffer holds after a step)."""
     replay()
     torch.cuda.synchronize()
     lagged = ws.kv_indices.clone()
-    indptr = ws.run(q, codes[-1], rtt, rpi).kv_indptr.tolist()
+    indptr = ws.run(q, codes[-1], rtt, rpi, keys=keys).kv_indptr.tolist()
     # the top-k kernel writes a row's selection in no fixed order: compare sets per row
     return all(
         torch.equal(lagged[a:b].sort().values, ws.kv_indices[a:b].sort().values)
@@ -215,11 +226,13 @@ def lagged_indices_match(ws, replay, q, codes, rtt, rpi) -> bool:
     )
 
 
-def modes_of(ws, codes, q, rtt, rpi, x, w, layers: int, modes=MODES) -> dict:
+def modes_of(ws, codes, q, rtt, rpi, x, w, layers: int, modes=MODES, keys=None) -> dict:
+    """Time each mode; ``keys``: the K buffer the rerank by the keys reads (None: the code
+    rerank)."""
     res = {}
     lagged = None
     if set(LAGGED) & set(modes):
-        lagged = LaggedCollision(ws, layers)
+        lagged = LaggedCollision(ws, layers, keys)
         lagged.prime(q, codes, rtt, rpi)
     for mode in modes:
 
@@ -231,7 +244,7 @@ def modes_of(ws, codes, q, rtt, rpi, x, w, layers: int, modes=MODES) -> dict:
                     late = mode == "lagged_late_step"
                     lagged.layer(p, layer, q, codes[layer], rtt, rpi, late)
                 elif mode != "weights":
-                    ws.run(q, codes[0] if mode == "alone" else codes[layer], rtt, rpi)
+                    ws.run(q, codes[0] if mode == "alone" else codes[layer], rtt, rpi, keys=keys)
             if mode in LAGGED:
                 lagged.join()
 
@@ -247,7 +260,9 @@ def modes_of(ws, codes, q, rtt, rpi, x, w, layers: int, modes=MODES) -> dict:
         res[mode] = stage_means_us(events)
         res[mode]["step_ms"] = bk.bench_ms(replay) / (2 if mode in LAGGED else 1)
         if mode in LAGGED:
-            res[mode]["indices_match_step"] = lagged_indices_match(ws, replay, q, codes, rtt, rpi)
+            res[mode]["indices_match_step"] = lagged_indices_match(
+                ws, replay, q, codes, rtt, rpi, keys
+            )
         print(mode, {k: round(v, 1) for k, v in res[mode].items()}, flush=True)
     return res
 
@@ -354,6 +369,12 @@ def build_parser() -> argparse.ArgumentParser:
         "length-adaptive ratio, 0.1 from 30K tokens)",
     )
     ap.add_argument(
+        "--rerank",
+        choices=("code", "keys"),
+        default="code",
+        help="what the rerank reads: the 3-bit codes or the stored keys (--pariskv-rerank)",
+    )
+    ap.add_argument(
         "--out",
         type=Path,
         default=Path("benchmarks/results/retrieval_in_step.json"),
@@ -392,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         "layers": args.layers,
         "weight_mb_per_layer": args.weight_mb,
         "candidate_ratio": args.candidate_ratio,
+        "rerank": args.rerank,
         "modes": run(
             args.n,
             args.batch,
@@ -400,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
             dev,
             tuple(args.modes),
             args.candidate_ratio,
+            args.rerank,
         ),
     }
     rep["wall_s"] = time.time() - t0

@@ -75,8 +75,9 @@ def step_bytes(shape: dict, input_len: int, batch: int, cfg: dict | None) -> dic
     """Bytes one decode step must read at least: weights, then per request either the
     whole KV (dense) or ParisKV's sign scan + rerank codes + attended KV rows.
 
-    The rerank reads magnitudes and weights (5 B per 8-dim block) of each candidate;
-    candidates follow the config's ratio (the adaptive one when unset)."""
+    The rerank reads magnitudes and weights (5 B per 8-dim block) of each candidate, or
+    with ``rerank="keys"`` its bf16 key (2 B per dim); candidates follow the config's
+    ratio (the adaptive one when unset)."""
     import torch
 
     from sglang_pariskv.codec.budget import candidate_ratios, num_candidates, zone_lengths
@@ -94,6 +95,6 @@ def step_bytes(shape: dict, input_len: int, batch: int, cfg: dict | None) -> dic
     cand = int(num_candidates(zone, candidate_ratios(zone, c), c)[0])  # as the server counts
     heads = kv_heads * layers
     signs = input_len * heads * (d // 8)
-    rerank = cand * heads * 5 * (d // 8)
+    rerank = cand * heads * (2 * d if c.rerank == "keys" else 5 * (d // 8))
     attended = c.budget * kv_row
     return {"weights": weights, "per_request": signs + rerank + attended}

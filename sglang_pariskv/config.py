@@ -18,6 +18,11 @@ from typing import Any
 #: host memory read over UVA).
 OFFLOAD_MODES: tuple[str, ...] = ("none", "host")
 
+#: How the collision stage's candidates are ranked: "code" (the 3-bit estimate from the
+#: code records beside the KV pool) or "keys" (the exact group-mean q·k of the bf16/fp16
+#: keys in SGLang's KV pool; the GPU then stores only the sign signatures).
+RERANK_MODES: tuple[str, ...] = ("code", "keys")
+
 #: Hot-cache lines per layer when host offload does not name a count: 65536 rows of
 #: (slot, KV head) per layer, 0.9 GiB at the Qwen2.5-7B shape (28 layers, K+V of D 128),
 #: the size bench_offload measured (hit rate 0.76 at 1M tokens, batch 1).
@@ -87,6 +92,11 @@ class ParisKVConfig:
     #: codes are still written): a tuple of layer indices, or "auto" for the calibration
     #: file's recommendation. Empty: every layer retrieves.
     dense_layers: tuple[int, ...] | str = ()
+    #: How candidates are ranked (:data:`RERANK_MODES`). "keys" reads 256 B per candidate
+    #: and KV head (head_dim 128) instead of 80, ranks exactly, and stores 16 B of codes per
+    #: token and KV head instead of 96, so the KV pool holds more tokens; host offload
+    #: needs "code" (the keys are in host memory there).
+    rerank: str = "code"
 
     def __post_init__(self) -> None:
         if self.hot_cache_lines is None:
@@ -103,6 +113,7 @@ class ParisKVConfig:
         self._check_int("rotation_seed", lo=0, hi=2**63 - 1)
         self._check_int("hot_cache_lines", lo=0, hi=2**30)
         self._check_offload()
+        self._check_rerank()
         if self.stats_dir is not None and not (isinstance(self.stats_dir, str) and self.stats_dir):
             raise ParisKVConfigError(
                 f"pariskv stats_dir={self.stats_dir!r} is invalid: expected a folder path "
@@ -161,6 +172,25 @@ class ParisKVConfig:
                 f"--pariskv-hot-cache-lines {self.hot_cache_lines} applies to host offload "
                 "only: add --pariskv-offload host, or drop --pariskv-hot-cache-lines"
             )
+
+    def _check_rerank(self) -> None:
+        if self.rerank not in RERANK_MODES:
+            raise ParisKVConfigError(
+                f"pariskv rerank={self.rerank!r} is invalid: expected one of "
+                f"{list(RERANK_MODES)} (--pariskv-rerank)"
+            )
+        if self.rerank == "keys" and self.offload == "host":
+            raise ParisKVConfigError(
+                "--pariskv-rerank keys reads the candidates' keys from the GPU KV pool, which "
+                "--pariskv-offload host moves to host memory: use --pariskv-rerank code with "
+                "host offload"
+            )
+
+    @property
+    def stores_records(self) -> bool:
+        """The GPU code pool holds the 3-bit records (magnitudes, weights) beside the sign
+        signatures: only the "code" rerank reads them."""
+        return self.rerank == "code"
 
     def _check_calibration(self) -> None:
         path = self.calibration

@@ -131,8 +131,10 @@ def add_code_bytes(
         return cell_size  # refused later by the backend factory, with a clear message
     tp = pool_configurator.get_parallel().attn_tp_size
     heads = kvc.model_config.get_num_kv_heads(tp)
-    extra = code_bytes_per_token(heads, kvc.model_config.head_dim, num_layers)
     cfg = cfg or ParisKVConfig()
+    extra = code_bytes_per_token(
+        heads, kvc.model_config.head_dim, num_layers, records=cfg.stores_records
+    )
     reserved = sum(planned_gpu_bytes(cfg, kvc, num_layers, tp, cell_size).values())
     cost = cell_size + extra
     if cfg.offloaded:

@@ -17,6 +17,7 @@ from sglang_pariskv.config import (
     DEFAULT_HOT_CACHE_LINES,
     DEFAULT_MIN_SPARSE_TOKENS,
     OFFLOAD_MODES,
+    RERANK_MODES,
     ParisKVConfig,
     ParisKVConfigError,
 )
@@ -58,6 +59,7 @@ KNOB_FLAGS: tuple[tuple[str, str, Any], ...] = (
     ("--pariskv-min-sparse-tokens", "min_sparse_tokens", _as_is),
     ("--pariskv-candidate-ratio", "candidate_ratio", _ratio),
     ("--pariskv-offload", "offload", _as_is),
+    ("--pariskv-rerank", "rerank", _as_is),
     ("--pariskv-host-pool-gb", "host_pool_gb", _as_is),
     ("--pariskv-hot-cache-lines", "hot_cache_lines", _as_is),
     ("--pariskv-stats-dir", "stats_dir", _as_is),
@@ -127,6 +129,15 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         help="'host': keep every token's K/V in pinned host memory and fetch the retrieved "
         "rows over UVA (the GPU keeps codes and a hot cache), for contexts whose KV does "
         "not fit on the GPU (default none).",
+    )
+    g.add_argument(
+        "--pariskv-rerank",
+        choices=RERANK_MODES,
+        default=None,
+        help="How the collision stage's candidates are ranked: 'code' (the 3-bit estimate, "
+        "the default; host offload needs it) or 'keys' (the exact group-mean q.k of the "
+        "keys in the KV pool: reads 3.2x the bytes per candidate, and the GPU stores 16 "
+        "instead of 96 bytes of codes per token and KV head at head_dim 128).",
     )
     g.add_argument(
         "--pariskv-host-pool-gb",

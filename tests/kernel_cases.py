@@ -25,6 +25,7 @@ class Scenario:
     req_to_token: torch.Tensor  #: int32 [max_reqs, max_context]
     req_pool_indices: torch.Tensor  #: int32 [R]
     seq_lens: torch.Tensor  #: int32 [R]
+    key_pool: torch.Tensor  #: [slots, Hkv, D]: every key at its slot (the KV pool's K buffer)
 
 
 def empty_pool(slots: int, num_kv_heads: int, head_dim: int, device) -> KeyCodes:
@@ -53,6 +54,7 @@ def make_scenario(
     total = sum(seq_lens)
     slots_all = torch.randperm(total + 16, generator=gen)[:total] + 1
     pool = empty_pool(total + 17, num_kv_heads, head_dim, device)
+    key_pool = torch.zeros(total + 17, num_kv_heads, head_dim, dtype=dtype, device=device)
     max_reqs = 2 * r + 1
     rtt = torch.zeros(max_reqs, max_context, dtype=torch.int32, device=device)
     rpi = torch.arange(r, dtype=torch.int32) * 2 + 1
@@ -67,9 +69,22 @@ def make_scenario(
         off += n
         rtt[int(rpi[i]), :n] = slots.to(torch.int32)
         encode_to_pool(k, slots, pool)
+        key_pool[slots] = k
         keys.append(k)
     rpi, seq = rpi.to(device), torch.tensor(seq_lens, dtype=torch.int32, device=device)
-    return Scenario(keys=keys, pool=pool, req_to_token=rtt, req_pool_indices=rpi, seq_lens=seq)
+    return Scenario(
+        keys=keys, pool=pool, req_to_token=rtt, req_pool_indices=rpi, seq_lens=seq,
+        key_pool=key_pool,
+    )  # fmt: skip
+
+
+def padded_keys(sc: Scenario) -> torch.Tensor:
+    """The requests' keys [R, Nmax, Hkv, D] in float64, zero past each request's length."""
+    n = int(sc.seq_lens.max())
+    out = torch.zeros(len(sc.keys), n, *sc.keys[0].shape[1:], dtype=torch.float64)
+    for i, k in enumerate(sc.keys):
+        out[i, : k.shape[0]] = k.double().cpu()
+    return out.to(sc.key_pool.device)
 
 
 def padded_codes(sc: Scenario) -> KeyCodes:

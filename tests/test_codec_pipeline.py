@@ -1,5 +1,7 @@
 """End-to-end retrieval on planted data, mixed batches and the attention it feeds."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -94,3 +96,45 @@ def test_dense_attention_matches_float64_softmax():
         kh, vh = k[0, :20, h // 3], v[0, :20, h // 3]
         p = torch.softmax(kh @ q[0, h] / 4.0, dim=0)
         assert torch.allclose(out[0, h], p @ vh, atol=1e-12)
+
+
+@pytest.mark.parametrize("group", [1, 4])
+def test_rerank_by_keys_keeps_the_candidates_of_highest_exact_group_mean_score(group):
+    """rerank "keys": among the collision stage's candidates, the top-k by the group-mean
+    q·k, scored one candidate at a time in float64 here; the same candidates as the code
+    rerank, ranked differently."""
+    from sglang_pariskv.codec import centroid_table, collision_scores, prepare_query
+    from sglang_pariskv.codec.budget import candidate_ratios, num_candidates, zone_lengths
+    from sglang_pariskv.codec.select import zone_mask
+
+    n, hkv, d = 3000, 2, 64
+    gen = torch.Generator().manual_seed(group)
+    keys = torch.randn(1, n, hkv, d, generator=gen, dtype=torch.float64)
+    query = torch.randn(1, hkv * group, d, generator=gen, dtype=torch.float64)
+    cfg = ParisKVConfig(topk=50, sink=16, local=64, dense_threshold=0, rerank="keys")
+    codes = encode_keys(keys)
+    with pytest.raises(ValueError, match="pass keys"):
+        retrieve(query, codes, torch.tensor([n]), cfg)
+    out = retrieve(query, codes, torch.tensor([n]), cfg, keys=keys)
+    code = retrieve(query, codes, torch.tensor([n]), dataclasses.replace(cfg, rerank="code"))
+
+    zone = zone_lengths(torch.tensor([n]), cfg)
+    count = int(num_candidates(zone, candidate_ratios(zone, cfg), cfg)[0])
+    scores = collision_scores(codes.signs, centroid_table(prepare_query(query, hkv).blocks))
+    in_zone = zone_mask(n, cfg.sink, cfg.sink + zone)[0]
+    differs = False
+    for h in range(hkv):
+        # candidates: the zone's top-`count` collision scores, earlier position on ties
+        pos = [p for p in range(n) if in_zone[p]]
+        pos.sort(key=lambda p: (-int(scores[0, p, h]), p))
+        cands = pos[:count]
+        rows = [query[0, h * group + g] for g in range(group)]
+        mean = [sum(float(x[j]) for x in rows) / group for j in range(d)]
+        exact = {p: sum(float(keys[0, p, h, j]) * mean[j] for j in range(d)) for p in cands}
+        want = set(sorted(cands, key=lambda p: (-exact[p], p))[: cfg.topk])
+        sparse = out.positions[0, h][out.valid[0, h]].tolist()
+        got = set(sparse[cfg.sink + cfg.local :])
+        assert got == want
+        code_sparse = code.positions[0, h][code.valid[0, h]].tolist()
+        differs |= set(code_sparse[cfg.sink + cfg.local :]) != got
+    assert differs

@@ -51,6 +51,11 @@ def test_min_sparse_tokens_defaults_to_the_crossover_on_the_gpu_pool_only():
         ({"offload": "host", "host_pool_gb": float("inf")}, ["host_pool_gb=inf", "finite"]),
         ({"stats_dir": 3}, ["stats_dir=3", "folder"]),
         ({"hot_cache_lines": 8}, ["--pariskv-hot-cache-lines 8", "host offload only"]),
+        ({"rerank": "exact"}, ["rerank='exact'", "'code', 'keys'", "--pariskv-rerank"]),
+        (
+            {"offload": "host", "host_pool_gb": 4, "rerank": "keys"},
+            ["--pariskv-rerank keys", "--pariskv-offload host", "--pariskv-rerank code"],
+        ),
     ],
 )
 def test_bad_values_name_the_knob_value_and_range(kwargs, words):

@@ -200,6 +200,31 @@ def test_encode_layers_writes_every_layer_as_the_per_layer_kernel_does(d, h, cal
         assert not got[layer].signs[untouched].any() and not got[layer].weights[untouched].any()
 
 
+@pytest.mark.parametrize("per_layer", [True, False])
+def test_a_pool_without_records_gets_the_same_signs_and_nothing_else(per_layer):
+    """The rerank by the keys stores the sign ids only (records of width 0): both encode
+    kernels write exactly the signs a full pool gets, and refuse half a record."""
+    from sglang_pariskv.codec.encode import KeyCodes
+    from sglang_pariskv.kernels.encode import address_table, encode_layers_to_pool
+
+    gen = torch.Generator().manual_seed(3)
+    h, d, slots_n = 2, 64, 30
+    kbuf = (torch.randn(slots_n, h, d, generator=gen) * 2).to(torch.bfloat16).to(DEV)
+    slots = (torch.randperm(slots_n - 1, generator=gen)[:9] + 1).to(DEV)
+    full = empty_pool(slots_n, h, d, DEV)
+    bare = KeyCodes(full.signs.clone(), full.mags[..., :0], full.weights[..., :0])
+    encode_to_pool(kbuf[slots], slots, full, seed=2)
+    if per_layer:
+        encode_to_pool(kbuf[slots], slots, bare, seed=2)
+    else:
+        tables = tuple(address_table([t], DEV) for t in (kbuf, *bare))
+        encode_layers_to_pool([kbuf], slots, [bare], tables, seed=2)
+    assert full.signs.any() and torch.equal(bare.signs, full.signs)
+    half = KeyCodes(full.signs, full.mags, full.weights[..., :0])
+    with pytest.raises(ValueError, match="width 0"):
+        encode_to_pool(kbuf[slots], slots, half)
+
+
 def test_encode_layers_refuses_buffers_of_different_layouts():
     from sglang_pariskv.kernels.encode import address_table, encode_layers_to_pool
 

@@ -1,6 +1,8 @@
 """The whole decode-step pipeline (DecodeWorkspace) against codec.pipeline.retrieve,
 CUDA-graph replay, and the FlashInfer "head as batch" decode it feeds."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from sglang_pariskv.kernels import DecodeWorkspace, max_candidates
 from tests.kernel_cases import (
     make_scenario,
     padded_codes,
+    padded_keys,
 )
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -30,9 +33,13 @@ def rows_of(out, h):
 
 def check_against_codec(sc, q, cfg, out, max_diff=0, scale=None):
     """The codec's dense decisions, candidate counts and attended sets; a dense request's
-    rows hold its first token only (the backend attends it with its own dense call)."""
+    rows hold its first token only (the backend attends it with its own dense call).
+    With ``cfg.rerank == "keys"`` the codec ranks by the keys in float64."""
     h = sc.pool.signs.shape[1]
-    ref = retrieve(q, padded_codes(sc), sc.seq_lens.long(), cfg, scale=scale)
+    keys = padded_keys(sc) if cfg.rerank == "keys" else None
+    if keys is not None:
+        q = q.double()
+    ref = retrieve(q, padded_codes(sc), sc.seq_lens.long(), cfg, scale=scale, keys=keys)
     assert torch.equal(out.dense.cpu().bool(), ref.dense.cpu())
     assert torch.equal(out.num_candidates.cpu(), ref.num_candidates.cpu())
     rtt = sc.req_to_token[sc.req_pool_indices.long()]
@@ -47,36 +54,47 @@ def check_against_codec(sc, q, cfg, out, max_diff=0, scale=None):
 
 
 @pytest.mark.parametrize(
-    "d, h, group, dtype, scaled",
+    "d, h, group, dtype, scaled, rerank",
     [
-        (64, 2, 2, torch.float16, False),
-        (128, 1, 8, torch.bfloat16, False),
-        (64, 3, 1, torch.float16, False),
-        (64, 2, 3, torch.bfloat16, True),  # calibration channel scales on the query side
+        (64, 2, 2, torch.float16, False, "code"),
+        (128, 1, 8, torch.bfloat16, False, "code"),
+        (64, 3, 1, torch.float16, False, "code"),
+        (64, 2, 3, torch.bfloat16, True, "code"),  # calibration channel scales, query side
+        (64, 2, 2, torch.float16, False, "keys"),
+        (128, 2, 4, torch.bfloat16, True, "keys"),  # scales reach the collision stage only
     ],
 )
-def test_workspace_matches_codec_retrieve(d, h, group, dtype, scaled):
+def test_workspace_matches_codec_retrieve(d, h, group, dtype, scaled, rerank):
     lens = [700, 90, 555]
-    cfg = ParisKVConfig(topk=24, sink=4, local=8, dense_threshold=100)
+    cfg = ParisKVConfig(topk=24, sink=4, local=8, dense_threshold=100, rerank=rerank)
     sc = make_scenario(lens, h, d, 720, DEV, dtype=dtype, seed=d + group)
     gen = torch.Generator().manual_seed(1)
     q = torch.randn(3, h * group, d, generator=gen).to(DEV)
     scale = (torch.rand(h, d, generator=gen) * 4 + 0.1).to(DEV) if scaled else None
     ws = DecodeWorkspace(cfg, h * group, h, d, max_batch=4, max_context=720, device=DEV, **SMALL)
     indptr_host = ws.plan(sc.seq_lens.cpu())
-    out = ws.run(q, sc.pool, sc.req_to_token, sc.req_pool_indices, scale=scale)
+    keys = sc.key_pool if rerank == "keys" else None
+    out = ws.run(q, sc.pool, sc.req_to_token, sc.req_pool_indices, scale=scale, keys=keys)
     assert torch.equal(indptr_host, out.kv_indptr.cpu())
     assert int(indptr_host[-1]) == h * (2 * cfg.budget + 1)  # the 90-token request: 1 per row
     check_against_codec(sc, q.float(), cfg, out, scale=scale)
-    if scaled:  # the scales change what is retrieved (else the test could not see them)
-        plain = retrieve(q.float(), padded_codes(sc), sc.seq_lens.long(), cfg)
-        got = rows_of(out, h)
-        rtt = sc.req_to_token[sc.req_pool_indices.long()]
-        assert any(
-            set(got[r, hh]) != set(rtt[r][plain.positions[r, hh][plain.valid[r, hh]]].tolist())
+    got, rtt = rows_of(out, h), sc.req_to_token[sc.req_pool_indices.long()]
+
+    def differs_from(other: ParisKVConfig, other_scale) -> bool:
+        keys = padded_keys(sc) if other.rerank == "keys" else None
+        ref = retrieve(q.double(), padded_codes(sc), sc.seq_lens.long(), other, other_scale, keys)
+        return any(
+            set(got[r, hh]) != set(rtt[r][ref.positions[r, hh][ref.valid[r, hh]]].tolist())
             for r in range(3)
             for hh in range(h)
         )
+
+    # What each option changes is seen (else the test could not see it ignored): the
+    # scales what is retrieved, the keys how the candidates rank.
+    if scaled:
+        assert differs_from(cfg, None)
+    if rerank == "keys":
+        assert differs_from(dataclasses.replace(cfg, rerank="code"), scale)
     # The query copy comes only from the CUDA query kernel; without it callers use q.
     assert (ws.contiguous_query(q) is None) == (not ws.use_cuda)
 
@@ -103,14 +121,16 @@ def test_max_candidates_covers_the_adaptive_dip():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("group", [1, 4, 7, 8])
-def test_workspace_at_scale_and_cuda_graph_replay(cuda_device, d, group):
+@pytest.mark.parametrize(
+    "d, group, rerank",
+    [(d, g, "code") for d in (64, 128) for g in (1, 4, 7, 8)] + [(64, 7, "keys"), (128, 4, "keys")],
+)
+def test_workspace_at_scale_and_cuda_graph_replay(cuda_device, d, group, rerank):
     """Every shape the startup check accepts (support.SERVING_HEAD_DIMS, any GQA group)
     retrieves what the codec does (with calibration channel scales on the query side),
-    eagerly and replayed in a CUDA graph."""
+    eagerly and replayed in a CUDA graph; by the codes and by the stored keys."""
     h, nmax = 8, 65536
-    cfg = ParisKVConfig(topk=2048, sink=64, local=256, dense_threshold=8192)
+    cfg = ParisKVConfig(topk=2048, sink=64, local=256, dense_threshold=8192, rerank=rerank)
     lens = [65536, 40000, 5000, 31000]
     sc = make_scenario(lens, h, d, nmax, cuda_device, dtype=torch.bfloat16, seed=d + group)
     q = torch.randn(4, h * group, d, device=cuda_device, dtype=torch.bfloat16)
@@ -118,7 +138,8 @@ def test_workspace_at_scale_and_cuda_graph_replay(cuda_device, d, group):
     ws = DecodeWorkspace(cfg, h * group, h, d, max_batch=4, max_context=nmax, device=cuda_device)
     assert ws.use_cuda  # nvcc is on the device image: the CUDA kernels are used
     ws.plan(sc.seq_lens.cpu())
-    out = ws.run(q, sc.pool, sc.req_to_token, sc.req_pool_indices, scale=scale)
+    keys = sc.key_pool if rerank == "keys" else None
+    out = ws.run(q, sc.pool, sc.req_to_token, sc.req_pool_indices, scale=scale, keys=keys)
     # The CUDA rerank sums a candidate's blocks in another order than the codec: estimates
     # equal to rounding can swap at the top-k boundary (up to 11 of a 2368-token budget
     # were seen, at head_dim 64 with one query head per KV head).
@@ -129,11 +150,12 @@ def test_workspace_at_scale_and_cuda_graph_replay(cuda_device, d, group):
     rpi_buf = sc.req_pool_indices.flip(0).contiguous()
     args = (sc.pool, sc.req_to_token)
     ws.plan(torch.tensor([9000, 8000, 65536, 12000]))
-    ws.run(q, *args, rpi_buf, scale=scale)  # warm up (Triton compiles outside the capture)
+    # warm up (Triton compiles outside the capture)
+    ws.run(q, *args, rpi_buf, scale=scale, keys=keys)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        g_out = ws.run(q, *args, rpi_buf, scale=scale)
+        g_out = ws.run(q, *args, rpi_buf, scale=scale, keys=keys)
     ws.plan(sc.seq_lens.cpu())
     rpi_buf.copy_(sc.req_pool_indices)
     ws.kv_indices.fill_(-1)

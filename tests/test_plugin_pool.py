@@ -15,6 +15,7 @@ from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey
 
 from sglang_pariskv import plugin
 from sglang_pariskv.codec import encode_keys
+from sglang_pariskv.config import ParisKVConfig
 from sglang_pariskv.index.code_pool import code_bytes_per_token
 from sglang_pariskv.index.kv_pool import ParisKVTokenToKVPool
 from sglang_pariskv.pool_sizing import add_code_bytes
@@ -107,6 +108,24 @@ def test_unsupported_pool_modes_are_refused():
         )
 
 
+@cpu_pool_only
+def test_a_pool_for_the_rerank_by_keys_stores_the_signs_only(monkeypatch):
+    """--pariskv-rerank keys: the code pool keeps the sign ids (what the collision scan
+    reads) for every write, and no 3-bit records; a sixth of the code bytes at any D."""
+    monkeypatch.setattr(ParisKVTokenToKVPool, "pariskv_config", ParisKVConfig(rerank="keys"))
+    pool = make_pool()
+    loc = torch.tensor([3, 4, 9])
+    for li in range(LAYERS):
+        k = torch.randn(3, H, D).to(torch.bfloat16)
+        pool.set_kv_buffer(layer(li), loc, k, k.clone())
+        assert torch.equal(pool.pariskv.layers[li].signs[loc], encode_keys(k).signs)
+        assert pool.pariskv.layers[li].mags.numel() == pool.pariskv.layers[li].weights.numel() == 0
+    signs = sum(layer.signs.nbytes for layer in pool.pariskv.layers)
+    assert pool.pariskv.nbytes() == signs == (pool.size + 1) * H * (D // 8) * LAYERS
+    pool.move_kv_cache(torch.tensor([20]), torch.tensor([3]))
+    assert torch.equal(pool.pariskv.layers[0].signs[20], pool.pariskv.layers[0].signs[3])
+
+
 def test_code_bytes_are_counted_in_the_cell_size(monkeypatch):
     from sglang.srt.model_executor import pool_configurator
 
@@ -121,6 +140,8 @@ def test_code_bytes_are_counted_in_the_cell_size(monkeypatch):
     kv_cell = 8 * (128 + 128) * 32 * 2  # Llama-3.1-8B: 8 KV heads, D 128, 32 layers, bf16
     total = add_code_bytes(kv_cell, None, kvc, 32)
     assert total - kv_cell == code_bytes_per_token(8, 128, 32) == 8 * 96 * 32
+    by_keys = add_code_bytes(kv_cell, None, kvc, 32, ParisKVConfig(rerank="keys"))
+    assert by_keys - kv_cell == code_bytes_per_token(8, 128, 32, records=False) == 8 * 16 * 32
     assert (total - kv_cell) / kv_cell == pytest.approx(0.1875)
 
 

@@ -437,12 +437,14 @@ class ParisKVAttnBackend(FlashInferAttnBackend):
             )
         q3 = q.reshape(-1, self.hq, self.d)[:bs]
         self.observer.start(local)
+        by_keys = self.config.rerank == "keys"
         self.ws.run(
             q3,
             self.codes.layers[local],
             self.req_to_token_pool.req_to_token,
             self._rpi32,
             scale=self.codes.calibration(local)[1],
+            keys=self.token_to_kv_pool.get_key_buffer(layer.layer_id) if by_keys else None,
         )
         self.observer.stop(local)
         if self.offload is not None:

@@ -16,6 +16,7 @@ from sglang_pariskv.codec.rotation import rotate, rotation_matrix
 from sglang_pariskv.codec.select import (
     estimate_inner_products,
     rerank_topk,
+    rerank_topk_by_keys,
     select_candidates,
 )
 
@@ -36,6 +37,7 @@ __all__ = [
     "prepare_query",
     "record_bytes",
     "rerank_topk",
+    "rerank_topk_by_keys",
     "retrieve",
     "rotate",
     "rotation_matrix",

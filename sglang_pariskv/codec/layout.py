@@ -4,7 +4,8 @@ Record of one (token, KV head), B = head_dim / 8:
   bytes [0, B)        sign ids, one byte per block
   bytes [B, 4B)       3-bit magnitudes, 3 bytes per block
   bytes [4B, 6B)      weights, float16 little-endian, 2 bytes per block
-6B bytes in all: 96 B at head_dim 128, 48 B at head_dim 64.
+6B bytes in all: 96 B at head_dim 128, 48 B at head_dim 64. A pool that ranks candidates
+by the stored keys (``rerank="keys"``) keeps only the sign ids: B bytes.
 """
 
 from __future__ import annotations
@@ -19,6 +20,13 @@ def record_bytes(head_dim: int) -> int:
     """Bytes of one (token, KV head) record."""
     check_head_dim(head_dim)
     return 6 * (head_dim // 8)
+
+
+def signature_bytes(head_dim: int) -> int:
+    """Bytes of one (token, KV head) sign signature: the part of the record the collision
+    stage reads, and all a pool that reranks by the keys stores."""
+    check_head_dim(head_dim)
+    return head_dim // 8
 
 
 def codes_to_bytes(codes: KeyCodes) -> torch.Tensor:

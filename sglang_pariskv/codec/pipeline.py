@@ -13,8 +13,13 @@ import torch
 from sglang_pariskv.codec.budget import candidate_ratios, num_candidates, zone_lengths
 from sglang_pariskv.codec.collision import centroid_table, collision_scores
 from sglang_pariskv.codec.encode import KeyCodes
-from sglang_pariskv.codec.query import prepare_query
-from sglang_pariskv.codec.select import rerank_topk, select_candidates, zone_mask
+from sglang_pariskv.codec.query import group_queries, prepare_query
+from sglang_pariskv.codec.select import (
+    rerank_topk,
+    rerank_topk_by_keys,
+    select_candidates,
+    zone_mask,
+)
 from sglang_pariskv.config import ParisKVConfig
 
 
@@ -34,11 +39,14 @@ def retrieve(
     seq_lens: torch.Tensor,
     config: ParisKVConfig,
     scale: torch.Tensor | None = None,
+    keys: torch.Tensor | None = None,
 ) -> Retrieval:
     """Pick the attended token positions for decode queries ``[R, Hq, D]``.
 
-    codes: [R, N, Hkv, ...] codes of every request's keys (positions >= seq_len ignored);
-    scale: the calibration's channel scales [Hkv, D] the codes were encoded with (None: 1).
+    codes: [R, N, Hkv, ...] codes of every request's keys (positions >= seq_len ignored;
+    with ``config.rerank == "keys"`` only the signs are read); scale: the calibration's
+    channel scales [Hkv, D] the codes were encoded with (None: 1); keys: the stored keys
+    [R, N, Hkv, D] themselves, which ``config.rerank == "keys"`` ranks the candidates by.
     """
     r, n, hkv, _ = codes.signs.shape
     dev = codes.signs.device
@@ -52,7 +60,14 @@ def retrieve(
     scores = collision_scores(codes.signs, centroid_table(q.blocks))
     in_zone = zone_mask(n, config.sink, config.sink + zone)
     cand_pos, cand_valid = select_candidates(scores, in_zone, counts)
-    top_pos, top_valid = rerank_topk(codes, q, cand_pos, cand_valid, config.topk)
+    if config.rerank == "keys":
+        if keys is None:
+            raise ValueError('rerank "keys" ranks candidates by the stored keys: pass keys')
+        dt = torch.float64 if query.dtype == torch.float64 else torch.float32
+        mean = group_queries(query.to(dt), hkv).mean(dim=2)
+        top_pos, top_valid = rerank_topk_by_keys(keys, mean, cand_pos, cand_valid, config.topk)
+    else:
+        top_pos, top_valid = rerank_topk(codes, q, cand_pos, cand_valid, config.topk)
 
     # Sink and local window, per request (absent where the request is dense).
     sink = torch.arange(config.sink, device=dev)[None, :].expand(r, -1)

@@ -2,8 +2,9 @@
 
 Candidates are the C zone keys with the highest integer collision score; among equal
 scores the earlier position wins (a stable order, so kernels and oracle agree exactly).
-The rerank estimates <k, q> = ||q|| Σ_b w_b <v_b, q_b> from the 3-bit codes and keeps
-the best ``topk`` candidates.
+The rerank estimates <k, q> = ||q|| Σ_b w_b <v_b, q_b> from the 3-bit codes (or, with
+``rerank="keys"``, computes the exact group-mean q·k from the stored keys) and keeps the
+best ``topk`` candidates.
 """
 
 from __future__ import annotations
@@ -68,7 +69,33 @@ def rerank_topk(
     reqs = torch.arange(r, device=positions.device)[:, None, None].expand(r, h, c)
     cand = codes.index(reqs, positions, heads)  # [R, H, C, ...]
     est = estimate_inner_products(cand, query.blocks[:, :, None], query.norm[..., None])
+    return keep_best(est, positions, valid, topk)
+
+
+def rerank_topk_by_keys(
+    keys: torch.Tensor,
+    mean_query: torch.Tensor,
+    positions: torch.Tensor,
+    valid: torch.Tensor,
+    topk: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rerank_topk` with the exact inner products of the stored keys ``[R, N, H, D]``
+    and the group-mean queries ``[R, H, D]`` (float64 when the keys are)."""
+    r, h, c = positions.shape
+    dt = torch.float64 if keys.dtype == torch.float64 else torch.float32
+    heads = torch.arange(h, device=positions.device)[None, :, None].expand(r, h, c)
+    reqs = torch.arange(r, device=positions.device)[:, None, None].expand(r, h, c)
+    cand = keys[reqs, positions, heads].to(dt)  # [R, H, C, D]
+    est = (cand * mean_query.to(dt)[:, :, None]).sum(-1)
+    return keep_best(est, positions, valid, topk)
+
+
+def keep_best(
+    est: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, topk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``topk`` valid candidates of highest ``est`` [R, H, C], best first, ties to the
+    earlier candidate: (positions, valid), each [R, H, min(topk, C)]."""
     est = torch.where(valid, est, float("-inf"))
-    k = min(topk, c)
+    k = min(topk, positions.shape[-1])
     order = torch.sort(est, dim=-1, descending=True, stable=True).indices[..., :k]
     return torch.gather(positions, -1, order), torch.gather(valid, -1, order)

@@ -16,8 +16,13 @@
 // to a shared list, and the block then reranks them, SPLIT adjacent lanes per candidate
 // (rerank_record.cuh). It writes the candidate's KV slot and its estimate at the
 // destination; estimates at and past the row's count C are -inf.
+//
+// With KEYS the estimate is exact instead: the inner product of the candidate's stored key
+// (SGLang's K buffer, [slots, H, D] fp16 / bf16) with the group-mean query, which the block
+// averages from the query rows ([R, H * G, D], contiguous). The code records are not read.
 
 #include <cstdint>
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -29,8 +34,86 @@ namespace {
 constexpr int CH = 1024;           // positions per block: the count pass's chunk
 constexpr int THREADS = CH / 4;    // 4 positions per thread
 constexpr int WARPS = THREADS / 32;
+constexpr int KEY_PARTS = 4;  // lanes per candidate of the rerank by the keys
 
-template <int B>
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+// Eight consecutive 16-bit values of a key row, widened.
+template <typename T>
+__device__ __forceinline__ void widen8(const uint4& v, float* out) {
+  const T* x = reinterpret_cast<const T*>(&v);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) out[j] = to_float(x[j]);
+}
+
+// One part (D / KEY_PARTS dims) of a stored key: E / 8 16-byte loads, all in flight
+// before any is used.
+template <int B, typename KT>
+struct KeyPart {
+  static constexpr int E = 8 * B / KEY_PARTS;  // dims per part
+  uint4 v[E / 8];
+  __device__ __forceinline__ void load(const KT* __restrict__ keys, int64_t rec, int part) {
+    const uint4* src = reinterpret_cast<const uint4*>(keys + rec * (8 * B) + part * E);
+#pragma unroll
+    for (int c = 0; c < E / 8; ++c) v[c] = src[c];
+  }
+  // The part's inner product with the mean query; `qk` holds part p's dims at
+  // p * (E + 8): the padding puts the four parts of a lookup in different banks.
+  __device__ __forceinline__ float dot(const float* qk, int part) const {
+    const float* qp = qk + part * (E + 8);
+    float acc0 = 0.f, acc1 = 0.f;
+#pragma unroll
+    for (int c = 0; c < E / 8; ++c) {
+      float x[8];
+      widen8<KT>(v[c], x);
+#pragma unroll
+      for (int j = 0; j < 8; j += 2) {
+        acc0 = fmaf(x[j], qp[8 * c + j], acc0);
+        acc1 = fmaf(x[j + 1], qp[8 * c + j + 1], acc1);
+      }
+    }
+    return acc0 + acc1;
+  }
+};
+
+// The rerank by the keys: KEY_PARTS adjacent lanes per kept candidate, two candidates per
+// lane at a time, both loaded before either is summed (as the code rerank below).
+template <int B, typename KT>
+__device__ __forceinline__ void rerank_by_keys(const KT* __restrict__ keys, const float* qk,
+                                               const int* list_slot, const int* list_dest,
+                                               int n_list, int h, int H, int tid, int lane,
+                                               int32_t* out_cand, float* out_est) {
+  auto finish = [&](float acc, int i, int part, unsigned mask, int32_t slot) {
+#pragma unroll
+    for (int off = 1; off < KEY_PARTS; off <<= 1) acc += __shfl_xor_sync(mask, acc, off);
+    if (part == 0) {
+      out_cand[list_dest[i]] = slot;
+      out_est[list_dest[i]] = acc;
+    }
+  };
+  const int tasks = KEY_PARTS * n_list;
+  for (int t0 = tid - lane; t0 < tasks; t0 += 2 * THREADS) {
+    int ta = t0 + lane, tb = ta + THREADS;
+    const bool la = ta < tasks, lb = tb < tasks;
+    const unsigned ma = __ballot_sync(0xffffffffu, la);
+    const unsigned mb = __ballot_sync(0xffffffffu, lb);
+    ta = la ? ta : 0;
+    tb = lb ? tb : 0;
+    const int ia = ta / KEY_PARTS, ib = tb / KEY_PARTS;
+    const int pa = ta % KEY_PARTS, pb = tb % KEY_PARTS;
+    const int32_t sa = list_slot[ia], sb = list_slot[ib];
+    KeyPart<B, KT> ka, kb;
+    if (la) ka.load(keys, static_cast<int64_t>(sa) * H + h, pa);
+    if (lb) kb.load(keys, static_cast<int64_t>(sb) * H + h, pb);
+    if (la) finish(ka.dot(qk, pa), ia, pa, ma, sa);
+    if (lb) finish(kb.dot(qk, pb), ib, pb, mb, sb);
+  }
+}
+
+// KEYS false: rerank by the 3-bit records (KT, QT unused). KEYS true: by the stored keys
+// of type KT, the queries of type QT.
+template <int B, bool KEYS, typename KT, typename QT>
 __global__ void __launch_bounds__(THREADS)
     select_rerank_kernel(const uint8_t* __restrict__ scores, const int32_t* __restrict__ thr,
                          const int32_t* __restrict__ take, const int32_t* __restrict__ ngt,
@@ -40,7 +123,8 @@ __global__ void __launch_bounds__(THREADS)
                          const int32_t* __restrict__ req_idx, const uint8_t* __restrict__ signs,
                          const uint8_t* __restrict__ mags, const __half* __restrict__ weights,
                          const float* __restrict__ qb, const float* __restrict__ qn,
-                         const float* __restrict__ levels, int32_t* __restrict__ cand,
+                         const float* __restrict__ levels, const KT* __restrict__ keys,
+                         const QT* __restrict__ query, int G, int32_t* __restrict__ cand,
                          float* __restrict__ est, int64_t zone_start, int64_t nmax, int nch,
                          int64_t cmax, int H) {
   // SPLIT threads per candidate (adjacent lanes), NB = 4 of the record's blocks each: a
@@ -50,7 +134,9 @@ __global__ void __launch_bounds__(THREADS)
   constexpr int NB = 4;
   constexpr int SPLIT = B / NB;
   using Part = pariskv::RecordPart<B, NB>;
-  __shared__ float table[B * pariskv::kRerankTableFloats];
+  constexpr int E = KeyPart<B, KT>::E;
+  // the code rerank's lookup table, or the mean query laid out for KeyPart::dot
+  __shared__ float table[KEYS ? KEY_PARTS * (E + 8) : B * pariskv::kRerankTableFloats];
   __shared__ unsigned long long warp_sums[WARPS];
   __shared__ int warp_scan[WARPS];
   __shared__ int list_slot[CH];
@@ -73,7 +159,15 @@ __global__ void __launch_bounds__(THREADS)
   const int s_thr = thr[row], n_take = take[row], n_above = ngt[row];
   const float norm = qn[row];
   pariskv::RerankTableShare<B, NB, THREADS> tshare;
-  tshare.load(qb + static_cast<int64_t>(row) * B * 8, levels, tid);
+  float qsum = 0.f;  // KEYS: dim tid of the group's query sum
+  if constexpr (KEYS) {
+    if (tid < 8 * B) {
+      const QT* qr = query + (static_cast<int64_t>(r) * H + h) * G * (8 * B) + tid;
+      for (int g = 0; g < G; ++g) qsum += to_float(qr[g * (8 * B)]);
+    }
+  } else {
+    tshare.load(qb + static_cast<int64_t>(row) * B * 8, levels, tid);
+  }
   uint32_t packed = 0;  // this thread's 4 positions' scores
   if ((nmax & 3) == 0 && p0 + 3 < nmax) {  // aligned: one 4-byte load
     packed = *reinterpret_cast<const uint32_t*>(scores + static_cast<int64_t>(row) * nmax + p0);
@@ -109,7 +203,11 @@ __global__ void __launch_bounds__(THREADS)
     const int64_t p = p0 + u;
     slot4[u] = p >= zone_start && p < ze ? rtt_row[p] : 0;
   }
-  tshare.store(table, tid);
+  if constexpr (KEYS) {
+    if (tid < 8 * B) table[(tid / E) * (E + 8) + tid % E] = qsum / G;
+  } else {
+    tshare.store(table, tid);
+  }
   if (tid == 0) n_list = 0;
 
 #pragma unroll
@@ -163,6 +261,11 @@ __global__ void __launch_bounds__(THREADS)
   }
   __syncthreads();
 
+  if constexpr (KEYS) {
+    rerank_by_keys<B, KT>(keys, table, list_slot, list_dest, n_list, h, H, tid, lane,
+                          out_cand, out_est);
+    return;
+  }
   // The rerank: SPLIT lanes per kept record, two records per lane at a time, both loaded
   // before either is evaluated. A warp enters each round together (t0 is warp-uniform), so
   // each shuffle mask is the ballot of the lanes holding that record: whole groups of
@@ -204,16 +307,17 @@ extern "C" int pariskv_select_rerank(const void* scores, const void* thr, const 
                                      const void* zend, const void* counts, const void* rtt,
                                      int64_t stride_rtt, const void* req_idx, const void* signs,
                                      const void* mags, const void* weights, const void* qb,
-                                     const void* qn, const void* levels, void* cand, void* est,
-                                     int64_t zone_start, int64_t nmax, int nch, int64_t cmax,
-                                     int R, int H, int B, int chunk, void* stream) {
+                                     const void* qn, const void* levels, const void* keys,
+                                     const void* query, int G, int key_dtype, void* cand,
+                                     void* est, int64_t zone_start, int64_t nmax, int nch,
+                                     int64_t cmax, int R, int H, int B, int chunk, void* stream) {
   if (R == 0) return 0;
   if (chunk != CH) return -3;  // the count pass must use the same chunk
   if (static_cast<int64_t>(nch) * CH < nmax) return -4;
   dim3 grid(static_cast<unsigned>(nch), static_cast<unsigned>(R * H));
   auto st = static_cast<cudaStream_t>(stream);
-#define PARISKV_LAUNCH(BB)                                                                    \
-  select_rerank_kernel<BB><<<grid, THREADS, 0, st>>>(                                         \
+#define PARISKV_LAUNCH(BB, K, KT, QT)                                                         \
+  select_rerank_kernel<BB, K, KT, QT><<<grid, THREADS, 0, st>>>(                              \
       static_cast<const uint8_t*>(scores), static_cast<const int32_t*>(thr),                  \
       static_cast<const int32_t*>(take), static_cast<const int32_t*>(ngt),                    \
       static_cast<const int32_t*>(gt_cnt), static_cast<const int32_t*>(eq_cnt),               \
@@ -222,14 +326,27 @@ extern "C" int pariskv_select_rerank(const void* scores, const void* thr, const 
       static_cast<const uint8_t*>(signs), static_cast<const uint8_t*>(mags),                  \
       static_cast<const __half*>(weights), static_cast<const float*>(qb),                     \
       static_cast<const float*>(qn), static_cast<const float*>(levels),                       \
+      static_cast<const KT*>(keys), static_cast<const QT*>(query), G,                         \
       static_cast<int32_t*>(cand), static_cast<float*>(est), zone_start, nmax, nch, cmax, H)
+  // key_dtype: 0 the code rerank; else the keys' and the queries' dtypes, 1 fp16, 2 bf16,
+  // as 1 + key + 2 * query (1: fp16 / fp16, 2: bf16 / fp16, 3: fp16 / bf16, 4: bf16 / bf16).
+#define PARISKV_DISPATCH(BB)                                   \
+  switch (key_dtype) {                                         \
+    case 0: PARISKV_LAUNCH(BB, false, __half, __half); break;  \
+    case 1: PARISKV_LAUNCH(BB, true, __half, __half); break;   \
+    case 2: PARISKV_LAUNCH(BB, true, __nv_bfloat16, __half); break; \
+    case 3: PARISKV_LAUNCH(BB, true, __half, __nv_bfloat16); break; \
+    case 4: PARISKV_LAUNCH(BB, true, __nv_bfloat16, __nv_bfloat16); break; \
+    default: return -5;                                        \
+  }
   if (B == 16) {
-    PARISKV_LAUNCH(16);
+    PARISKV_DISPATCH(16);
   } else if (B == 8) {
-    PARISKV_LAUNCH(8);
+    PARISKV_DISPATCH(8);
   } else {
     return -2;
   }
+#undef PARISKV_DISPATCH
 #undef PARISKV_LAUNCH
   return static_cast<int>(cudaGetLastError());
 }

@@ -9,6 +9,10 @@ Keys are encoded relative to a fixed calibration per (layer, KV head) when one i
 :mod:`sglang_pariskv.calibration`): tensors made at construction and never replaced, so
 the codes do not depend on the writing request and captured CUDA graphs keep reading the
 same memory. Retrieval reads the same scales for its queries (:attr:`CodePool.scales`).
+
+A pool for the rerank by the keys (``records=False``) stores the sign signatures only: its
+magnitude and weight tensors have zero width, the kernels write no records, and a token
+costs B bytes per KV head instead of 6B.
 """
 
 from __future__ import annotations
@@ -16,16 +20,21 @@ from __future__ import annotations
 import torch
 
 from sglang_pariskv.codec.encode import KeyCodes, encode_keys
-from sglang_pariskv.codec.layout import record_bytes
+from sglang_pariskv.codec.layout import record_bytes, signature_bytes
 
 
-def code_bytes_per_token(num_kv_heads: int, head_dim: int, num_layers: int) -> int:
-    """Code bytes one token costs across all layers (counted in SGLang's cell size)."""
-    return num_kv_heads * record_bytes(head_dim) * num_layers
+def code_bytes_per_token(
+    num_kv_heads: int, head_dim: int, num_layers: int, records: bool = True
+) -> int:
+    """Code bytes one token costs across all layers (counted in SGLang's cell size):
+    whole records, or (``records=False``) the sign signatures only."""
+    per_head = record_bytes(head_dim) if records else signature_bytes(head_dim)
+    return num_kv_heads * per_head * num_layers
 
 
 class CodePool:
-    """signs / mags / weights tensors per layer, shaped ``[num_slots, kv_heads, ...]``."""
+    """signs / mags / weights tensors per layer, shaped ``[num_slots, kv_heads, ...]`` (mags
+    and weights of width 0 without records)."""
 
     def __init__(
         self,
@@ -37,13 +46,17 @@ class CodePool:
         seed: int = 0,
         centres: torch.Tensor | None = None,
         scales: torch.Tensor | None = None,
+        records: bool = True,
     ):
         """``centres`` and ``scales``: float ``[num_layers, num_kv_heads, head_dim]`` key
-        centres and channel scales (copied to ``device`` as float32), or None for 0 and 1."""
+        centres and channel scales (copied to ``device`` as float32), or None for 0 and 1.
+        ``records``: store the 3-bit records the code rerank reads (False: the signs only,
+        for the rerank by the keys)."""
         b = head_dim // 8
         record_bytes(head_dim)  # validates head_dim
         self.num_slots, self.num_kv_heads, self.head_dim = num_slots, num_kv_heads, head_dim
         self.seed = seed
+        self.records = records
         # On CUDA the fused Triton kernel writes codes in place (encoder None); elsewhere
         # (CPU tests) the codec encodes and the codes are scattered.
         self.encoder = None if torch.device(device).type == "cuda" else encode_keys
@@ -64,11 +77,13 @@ class CodePool:
         self.centres = on_device(centres)
         #: float32 [layers, Hkv, D] on the pool's device, or None (1: no scaling).
         self.scales = on_device(scales)
+        rb = b if records else 0  # blocks of the 3-bit records stored per row
+        shape = (num_slots, num_kv_heads)
         self.layers: list[KeyCodes] = [
             KeyCodes(
-                signs=torch.zeros(num_slots, num_kv_heads, b, dtype=torch.uint8, device=device),
-                mags=torch.zeros(num_slots, num_kv_heads, 3 * b, dtype=torch.uint8, device=device),
-                weights=torch.zeros(num_slots, num_kv_heads, b, dtype=torch.float16, device=device),
+                signs=torch.zeros(*shape, b, dtype=torch.uint8, device=device),
+                mags=torch.zeros(*shape, 3 * rb, dtype=torch.uint8, device=device),
+                weights=torch.zeros(*shape, rb, dtype=torch.float16, device=device),
             )
             for _ in range(num_layers)
         ]
@@ -92,7 +107,8 @@ class CodePool:
             encode_to_pool(keys, loc, dst, seed=self.seed, centre=centre, scale=scale)
         else:
             for d, s in zip(dst, self.encoder(keys, self.seed, centre, scale)):
-                d[loc] = s
+                if d.shape[-1]:  # (a pool without records keeps the signs only)
+                    d[loc] = s
 
     def write_layers(self, loc: torch.Tensor, key_buffers: list[torch.Tensor]) -> None:
         """Encode, for every layer, the key stored at slots ``loc`` [T] of that layer's K

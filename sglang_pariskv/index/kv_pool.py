@@ -61,6 +61,7 @@ class ParisKVTokenToKVPool(MHATokenToKVPool):
             seed=self.pariskv_config.rotation_seed,
             centres=centres,
             scales=scales,
+            records=self.pariskv_config.stores_records,
         )
 
     def _key_calibration(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -51,7 +51,14 @@ _KERNELS: dict[str, tuple[str, list]] = {
     ),
     "select_rerank": (
         "candidate write + rerank",
-        [_P] * 9 + [_I64] + [_P] * 9 + [_I64, _I64, _I32, _I64] + [_I32] * 4 + [_P],
+        [_P] * 9
+        + [_I64]
+        + [_P] * 9
+        + [_I32] * 2
+        + [_P] * 2
+        + [_I64, _I64, _I32, _I64]
+        + [_I32] * 4
+        + [_P],
     ),
     "topk": ("top-k", [_P, _P, _P, _P, _I64] + [_I32] * 4 + [_P]),
     "query_table": (
@@ -254,6 +261,10 @@ def collision_scan_cuda(
     )
 
 
+#: csrc/select_rerank.cu's code of a 16-bit dtype, for keys and queries alike.
+_HALF_CODES = {torch.float16: 0, torch.bfloat16: 1}
+
+
 def select_rerank_cuda(
     scores: torch.Tensor,
     buf,
@@ -270,11 +281,19 @@ def select_rerank_cuda(
     levels: torch.Tensor,
     cand: torch.Tensor,
     est: torch.Tensor,
+    keys: torch.Tensor | None = None,
+    query: torch.Tensor | None = None,
 ) -> None:
     """Candidate write + rerank in one launch (csrc/select_rerank.cu), after
     :func:`select.count_candidates` filled ``buf`` (a :class:`select.CandidateBuffers`):
     ``cand`` receives exactly the KV slots the Triton write would, ``est`` their
-    estimates (as :func:`rerank.rerank_estimates`), -inf at and past each row's C."""
+    estimates (as :func:`rerank.rerank_estimates`), -inf at and past each row's C.
+
+    With ``keys`` (the layer's K buffer, contiguous fp16/bf16 ``[slots, Hkv, D]``) and
+    ``query`` (the decode queries, contiguous fp16/bf16 ``[R, Hq, D]``), ``est`` is the
+    exact inner product of each candidate's key with its group's mean query (as
+    :func:`rerank.rerank_by_keys`), and ``mags`` / ``weights`` / ``query_blocks`` /
+    ``query_norm`` are not read."""
     _require_dtypes(
         "select_rerank_cuda",
         counts=(counts, torch.int64),
@@ -285,6 +304,11 @@ def select_rerank_cuda(
         est=(est, torch.float32),
     )
     r, h, nmax = scores.shape
+    key_dtype, groups = 0, 1
+    if keys is not None:
+        _check_keys_and_query(keys, query, r, h, signs.shape[-1] * 8)
+        key_dtype = 1 + _HALF_CODES[keys.dtype] + 2 * _HALF_CODES[query.dtype]
+        groups = query.shape[1] // h
     _launch(
         "select_rerank",
         scores.device,
@@ -305,6 +329,10 @@ def select_rerank_cuda(
         query_blocks.data_ptr(),
         query_norm.data_ptr(),
         levels.data_ptr(),
+        0 if keys is None else keys.data_ptr(),
+        0 if query is None else query.data_ptr(),
+        groups,
+        key_dtype,
         cand.data_ptr(),
         est.data_ptr(),
         zone_start,
@@ -316,6 +344,27 @@ def select_rerank_cuda(
         signs.shape[-1],
         buf.chunk,
     )
+
+
+def _check_keys_and_query(
+    keys: torch.Tensor, query: torch.Tensor | None, r: int, h: int, d: int
+) -> None:
+    """The rerank by the keys reads raw rows: 16-byte aligned, contiguous, 16-bit."""
+    if query is None:
+        raise ValueError("select_rerank_cuda: the rerank by the keys needs the query")
+    for name, x, lead in (("keys", keys, None), ("query", query, r)):
+        bad = x.dim() != 3 or x.shape[-1] != d or (lead is not None and x.shape[0] != lead)
+        if bad or x.dtype not in _HALF_CODES or not x.is_contiguous() or x.data_ptr() % 16:
+            raise ValueError(
+                f"select_rerank_cuda: {name} must be a contiguous, 16-byte aligned fp16/bf16 "
+                f"[{'slots' if lead is None else lead}, heads, {d}] tensor, got "
+                f"{tuple(x.shape)} {x.dtype}"
+            )
+    if keys.shape[1] != h or query.shape[1] % h:
+        raise ValueError(
+            f"select_rerank_cuda: keys of {keys.shape[1]} heads and a query of "
+            f"{query.shape[1]} heads for {h} KV heads"
+        )
 
 
 #: Thread blocks per row of the CUDA top-k (a Hopper thread-block cluster; see topk.cu).

@@ -80,11 +80,13 @@ def _encode_rows(
     B: tl.constexpr,
     HAS_CENTRE: tl.constexpr,
     HAS_SCALE: tl.constexpr,
+    RECORDS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     LOG2D: tl.constexpr,
 ):
     """Encode the keys at pointers ``key_rows`` [BM] (D contiguous values each) of KV heads
-    ``head`` [BM] into code rows ``out_row`` [BM]."""
+    ``head`` [BM] into code rows ``out_row`` [BM]: the sign ids, and with ``RECORDS`` the
+    magnitudes and weights."""
     d = tl.arange(0, D)
     k = tl.load(key_rows[:, None] + d[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
     if HAS_CENTRE:  # k - m, m the head's fixed centre (fp32 [H, D], contiguous)
@@ -116,11 +118,12 @@ def _encode_rows(
     b = tl.arange(0, B)
     m2 = rmask[:, None]
     tl.store(signs_ptr + out_row[:, None] * B + b[None, :], sign.to(tl.uint8), mask=m2)
-    mag_base = mags_ptr + out_row[:, None] * (3 * B) + 3 * b[None, :]
-    tl.store(mag_base, (word & 0xFF).to(tl.uint8), mask=m2)
-    tl.store(mag_base + 1, ((word >> 8) & 0xFF).to(tl.uint8), mask=m2)
-    tl.store(mag_base + 2, ((word >> 16) & 0xFF).to(tl.uint8), mask=m2)
-    tl.store(w_ptr + out_row[:, None] * B + b[None, :], w.to(tl.float16), mask=m2)
+    if RECORDS:  # (else the records' arithmetic is dead code)
+        mag_base = mags_ptr + out_row[:, None] * (3 * B) + 3 * b[None, :]
+        tl.store(mag_base, (word & 0xFF).to(tl.uint8), mask=m2)
+        tl.store(mag_base + 1, ((word >> 8) & 0xFF).to(tl.uint8), mask=m2)
+        tl.store(mag_base + 2, ((word >> 16) & 0xFF).to(tl.uint8), mask=m2)
+        tl.store(w_ptr + out_row[:, None] * B + b[None, :], w.to(tl.float16), mask=m2)
 
 
 @triton.jit
@@ -143,6 +146,7 @@ def _encode_kernel(
     B: tl.constexpr,
     HAS_CENTRE: tl.constexpr,
     HAS_SCALE: tl.constexpr,
+    RECORDS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     LOG2D: tl.constexpr,
 ):
@@ -155,7 +159,8 @@ def _encode_kernel(
     slot = tl.load(slot_ptr + tok, mask=rmask, other=0).to(tl.int64)
     _encode_rows(
         key_rows, rmask, head, slot * H + head, centre_ptr, scale_ptr, sgn_ptr, thr_ptr,
-        lev_ptr, signs_ptr, mags_ptr, w_ptr, D, B, HAS_CENTRE, HAS_SCALE, BLOCK_M, LOG2D,
+        lev_ptr, signs_ptr, mags_ptr, w_ptr, D, B, HAS_CENTRE, HAS_SCALE, RECORDS, BLOCK_M,
+        LOG2D,
     )  # fmt: skip
 
 
@@ -180,6 +185,7 @@ def _encode_layers_kernel(
     B: tl.constexpr,
     HAS_CENTRE: tl.constexpr,
     HAS_SCALE: tl.constexpr,
+    RECORDS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     LOG2D: tl.constexpr,
 ):
@@ -199,7 +205,7 @@ def _encode_layers_kernel(
     _encode_rows(
         key_rows, rmask, head, slot * H + head, centres_ptr + layer * H * D,
         scales_ptr + layer * H * D, sgn_ptr, thr_ptr, lev_ptr, signs_ptr, mags_ptr, w_ptr,
-        D, B, HAS_CENTRE, HAS_SCALE, BLOCK_M, LOG2D,
+        D, B, HAS_CENTRE, HAS_SCALE, RECORDS, BLOCK_M, LOG2D,
     )  # fmt: skip
 
 
@@ -231,17 +237,17 @@ def encode_to_pool(
     Persistent tensors read by the kernel, so a captured CUDA graph keeps reading them.
 
     pool: :class:`KeyCodes` of pool tensors ``signs [S, Hkv, B]``, ``mags [S, Hkv, 3B]``,
-    ``weights [S, Hkv, B]`` (contiguous). No host sync: safe inside a CUDA graph. The head_dim
-    must be a power of two (64, 128, 256...): the rotation is then one Hadamard block,
-    which the kernel applies as butterflies (2.2x faster than a D x D product on an H100
-    at 32K tokens); other head_dims are refused.
+    ``weights [S, Hkv, B]`` (contiguous; mags and weights of width 0: signs only). No host
+    sync: safe inside a CUDA graph. The head_dim must be a power of two (64, 128, 256...):
+    the rotation is then one Hadamard block, which the kernel applies as butterflies (2.2x
+    faster than a D x D product on an H100 at 32K tokens); other head_dims are refused.
     """
     t, h, d = keys.shape
     check_kernel_head_dim(d)
     b = d // 8
-    for name, x, width in (("signs", pool.signs, b), ("mags", pool.mags, 3 * b)):
-        if x.shape[1:] != (h, width) or not x.is_contiguous():
-            raise ValueError(f"pool.{name} must be contiguous [slots, {h}, {width}]")
+    records = pool_has_records(pool, h, b)
+    if not pool.signs.is_contiguous():
+        raise ValueError(f"pool.signs must be contiguous [slots, {h}, {b}]")
     if keys.stride(-1) != 1:
         keys = keys.contiguous()
     if t == 0:
@@ -269,10 +275,24 @@ def encode_to_pool(
         B=b,
         HAS_CENTRE=centre is not None,
         HAS_SCALE=scale is not None,
+        RECORDS=records,
         BLOCK_M=block_m,
         LOG2D=d.bit_length() - 1,
         num_warps=num_warps,
     )
+
+
+def pool_has_records(pool: KeyCodes, h: int, b: int) -> bool:
+    """Whether ``pool`` stores 3-bit records (mags ``[S, h, 3b]``, weights ``[S, h, b]``)
+    or the signs only (both of width 0); any other shape is an error."""
+    widths = (pool.mags.shape[-1], pool.weights.shape[-1])
+    if pool.signs.shape[1:] != (h, b) or widths not in ((3 * b, b), (0, 0)):
+        raise ValueError(
+            f"pool of signs {tuple(pool.signs.shape)}, mags {tuple(pool.mags.shape)}, weights "
+            f"{tuple(pool.weights.shape)}: expected [slots, {h}, {b}], and [slots, {h}, {3 * b}] "
+            f"and [slots, {h}, {b}] (or width 0 for a pool without records)"
+        )
+    return widths[0] > 0
 
 
 #: torch dtype -> Triton element type of a K buffer :func:`encode_layers_to_pool` reads.
@@ -320,6 +340,7 @@ def encode_layers_to_pool(
         raise ValueError("the K buffers of all layers must share one shape and layout")
     if first.stride(-1) != 1 or first.dtype not in _TL_DTYPES:
         raise ValueError(f"K buffers must have contiguous rows of {list(_TL_DTYPES)}")
+    records = all(pool_has_records(p, h, d // 8) for p in pool)
     if t == 0:
         return
     sgn, thr, lev = encode_constants(d, seed, first.device)
@@ -344,6 +365,7 @@ def encode_layers_to_pool(
         B=d // 8,
         HAS_CENTRE=centres is not None,
         HAS_SCALE=scales is not None,
+        RECORDS=records,
         BLOCK_M=block_m,
         LOG2D=d.bit_length() - 1,
         num_warps=num_warps,

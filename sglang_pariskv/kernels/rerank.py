@@ -7,6 +7,8 @@ pool row ``slot * Hkv + head``; candidates arrive as KV slots, so there is no de
 and past each row's count C. :func:`topk_slots` is one ``torch.topk`` over the row and a
 gather of the winners' slots. Ties between bit-identical float32 estimates are broken
 arbitrarily (codec keeps the earlier candidate); the tests allow exactly that difference.
+:func:`rerank_by_keys` is the exact alternative (``--pariskv-rerank keys``): each candidate's
+stored key row times its group's mean query.
 Where the CUDA kernels build, the workspace runs the rerank fused with the candidate
 write instead (csrc/select_rerank.cu, :func:`cuda_ops.select_rerank_cuda`), and the top-k
 in CUDA (:func:`cuda_ops.topk_cuda`).
@@ -101,6 +103,84 @@ def rerank_estimates(
         cmax,
         H=h,
         B=b,
+        BLOCK_C=block_c,
+    )
+
+
+@triton.jit
+def _rerank_keys_kernel(
+    cand_ptr,
+    counts_ptr,
+    keys_ptr,
+    q_ptr,
+    stride_qr,
+    stride_qh,
+    est_ptr,
+    CMAX,
+    H: tl.constexpr,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    row = tl.program_id(0)  # r * H + h
+    blk = tl.program_id(1)
+    r = row // H
+    h = row % H
+    c = tl.load(counts_ptr + r)
+    idx = blk * BLOCK_C + tl.arange(0, BLOCK_C)
+    out = row.to(tl.int64) * CMAX + idx
+    if blk * BLOCK_C < c:
+        valid = idx < c
+        d = tl.arange(0, D)
+        g = tl.arange(0, BLOCK_G)
+        q_rows = q_ptr + r.to(tl.int64) * stride_qr + (h * G + g)[:, None] * stride_qh
+        qg = tl.load(q_rows + d[None, :], mask=(g < G)[:, None], other=0.0).to(tl.float32)
+        qm = tl.sum(qg, axis=0) / G  # the group's mean query [D]
+        slot = tl.load(cand_ptr + out, mask=valid, other=0).to(tl.int64)
+        k_rows = keys_ptr + (slot * H + h)[:, None] * D + d[None, :]
+        k = tl.load(k_rows, mask=valid[:, None], other=0.0).to(tl.float32)
+        est = tl.sum(k * qm[None, :], axis=1)
+        tl.store(est_ptr + out, tl.where(valid, est, float("-inf")), mask=idx < CMAX)
+    else:
+        tl.store(est_ptr + out, tl.full((BLOCK_C,), float("-inf"), tl.float32), mask=idx < CMAX)
+
+
+def rerank_by_keys(
+    cand: torch.Tensor,
+    counts: torch.Tensor,
+    keys: torch.Tensor,
+    query: torch.Tensor,
+    est: torch.Tensor,
+    block_c: int = 32,
+) -> None:
+    """Exact scores float32 ``est [R, Hkv, CMAX]`` of candidates ``cand`` (int32 KV slots,
+    the first ``counts[r]`` valid; the rest get ``-inf``): the inner product of the key
+    stored at each candidate's slot (``keys``, the layer's contiguous ``[slots, Hkv, D]``
+    K buffer) with the mean of its group's queries (``query [R, Hq, D]``, rows contiguous)."""
+    r, h, cmax = cand.shape
+    if r == 0:
+        return
+    d = keys.shape[-1]
+    if not keys.is_contiguous() or keys.shape[1] != h or query.stride(-1) != 1:
+        raise ValueError(
+            f"rerank_by_keys: keys must be contiguous [slots, {h}, {d}] and the query's rows "
+            f"contiguous, got keys {tuple(keys.shape)} and a query of strides {query.stride()}"
+        )
+    g = query.shape[1] // h
+    _rerank_keys_kernel[(r * h, triton.cdiv(cmax, block_c))](
+        cand,
+        counts,
+        keys,
+        query,
+        query.stride(0),
+        query.stride(1),
+        est,
+        cmax,
+        H=h,
+        G=g,
+        D=d,
+        BLOCK_G=triton.next_power_of_2(g),
         BLOCK_C=block_c,
     )
 

@@ -15,8 +15,9 @@ from :mod:`kernels.launch_geometry`), else Triton and torch. Stages of :meth:`ru
 Triton: query_table (``csrc/query_table.cu`` / ``query_table.py``), scan
 (``csrc/collision_scan.cu`` / ``collision.py``), select (``select.py``: the count pass; the
 Triton path also writes the candidates), rerank (``csrc/select_rerank.cu``, which writes
-the candidates too / ``rerank.py``), topk (``csrc/topk.cu`` / ``torch.topk``), assemble
-(``assemble.py``).
+the candidates too / ``rerank.py``; with ``config.rerank == "keys"`` both score each
+candidate by its stored key instead of its 3-bit code), topk (``csrc/topk.cu`` /
+``torch.topk``), assemble (``assemble.py``).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ from sglang_pariskv.kernels.launch_geometry import (
     topk_cluster_for,
 )
 from sglang_pariskv.kernels.query_table import query_table
-from sglang_pariskv.kernels.rerank import levels, rerank_estimates, topk_slots
+from sglang_pariskv.kernels.rerank import levels, rerank_by_keys, rerank_estimates, topk_slots
 from sglang_pariskv.kernels.select import (
     CandidateBuffers,
     count_candidates,
@@ -132,6 +133,8 @@ class DecodeWorkspace:
         if num_q_heads % num_kv_heads:
             raise ValueError(f"{num_q_heads} query heads over {num_kv_heads} KV heads")
         self.config = config
+        #: "code" or "keys": what the rerank stage reads (``config.rerank``).
+        self.rerank = config.rerank
         self.hq, self.hkv, self.d = num_q_heads, num_kv_heads, head_dim
         self.b = head_dim // 8
         self.max_batch, self.max_context = max_batch, max_context
@@ -217,6 +220,7 @@ class DecodeWorkspace:
         req_pool_indices: torch.Tensor,
         stages: dict | None = None,
         scale: torch.Tensor | None = None,
+        keys: torch.Tensor | None = None,
     ) -> DecodeOutput:
         """Retrieve and assemble the attended indices of decode queries ``q [R, Hq, D]``.
 
@@ -224,9 +228,10 @@ class DecodeWorkspace:
         The batch must be the one of the last :meth:`plan`. ``stages``, when a dict,
         receives each stage's intermediate tensors (tests, benchmarks). ``scale``: this
         layer's calibration channel scales, fp32 ``[Hkv, D]`` (the codes' own,
-        :class:`index.code_pool.CodePool`); None: 1.
+        :class:`index.code_pool.CodePool`); None: 1. ``keys``: this layer's K buffer
+        (contiguous ``[slots, Hkv, D]``), which the rerank by the keys reads.
         """
-        self.bind(q, codes, req_to_token, req_pool_indices, scale)
+        self.bind(q, codes, req_to_token, req_pool_indices, scale, keys)
         for _, stage in self.stages():
             stage()
         st = self._st
@@ -241,15 +246,19 @@ class DecodeWorkspace:
         req_to_token: torch.Tensor,
         req_pool_indices: torch.Tensor,
         scale: torch.Tensor | None = None,
+        keys: torch.Tensor | None = None,
     ) -> None:
         """Set the inputs of the stage methods (``run`` = ``bind`` + every stage)."""
         r = q.shape[0]
         if r != self._r:
             raise ValueError(f"run() with batch {r} but the last plan() was for {self._r}")
+        if self.rerank == "keys" and keys is None:
+            raise ValueError("the rerank by the keys needs the layer's K buffer: pass keys")
         self._st = SimpleNamespace(
             q=q,
             scale=scale,
             codes=codes,
+            keys=keys,
             rtt=req_to_token,
             rpi=req_pool_indices,
             r=r,
@@ -334,6 +343,7 @@ class DecodeWorkspace:
     def _stage_rerank(self) -> None:
         st = self._st
         codes = st.codes
+        by_keys = self.rerank == "keys"
         if self.use_cuda:
             select_rerank_cuda(
                 st.scores,
@@ -351,7 +361,12 @@ class DecodeWorkspace:
                 self.levels,
                 st.cand,
                 st.est,
+                keys=st.keys if by_keys else None,
+                query=self._query_copy[: st.r] if by_keys else None,
             )
+            return
+        if by_keys:
+            rerank_by_keys(st.cand, st.counts, st.keys, st.q, st.est)
             return
         args = (st.cand, st.counts, codes.signs, codes.mags, codes.weights)
         rerank_estimates(*args, st.query.blocks, st.query.norm, st.est)
