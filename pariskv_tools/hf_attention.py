@@ -143,7 +143,8 @@ class ParisKVAttention:
             positions, valid = exact_retrieval(q, keys, self.config)
         else:
             scale = self._calibration(layer, keys.shape[2])[1]
-            ret = retrieve(q, st.codes, torch.tensor([n]), self.config, scale=scale)
+            by_keys = keys if self.config.rerank == "keys" else None
+            ret = retrieve(q, st.codes, torch.tensor([n]), self.config, scale=scale, keys=by_keys)
             positions, valid = ret.positions, ret.valid
         out = sparse_attention(q, keys, values, positions, valid, scaling)
         if self.measure:

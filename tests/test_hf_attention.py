@@ -57,15 +57,16 @@ def test_dense_config_reproduces_sdpa_and_codes_track_the_cache():
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("calibrated", [False, True])
-def test_sparse_decode_attends_exactly_the_retrieved_set(calibrated):
-    """Also with a calibration: codes of (k - m) / s, queries prepared as s ∘ q."""
+@pytest.mark.parametrize("calibrated, rerank", [(False, "code"), (True, "code"), (True, "keys")])
+def test_sparse_decode_attends_exactly_the_retrieved_set(calibrated, rerank):
+    """Also with a calibration: codes of (k - m) / s, queries prepared as s ∘ q; and with
+    the rerank by the keys (the codec then reads the layer's keys)."""
     gen = torch.Generator().manual_seed(2)
     hq, hkv, d, n = 6, 2, 16, 700
     q = torch.randn(1, hq, 1, d, generator=gen)
     k = torch.randn(1, hkv, n, d, generator=gen)
     v = torch.randn(1, hkv, n, d, generator=gen)
-    cfg = ParisKVConfig(topk=50, sink=4, local=16, dense_threshold=0)
+    cfg = ParisKVConfig(topk=50, sink=4, local=16, dense_threshold=0, rerank=rerank)
     centre = scale = cal = None
     if calibrated:
         centre = torch.randn(hkv, d, generator=gen)
@@ -75,9 +76,12 @@ def test_sparse_decode_attends_exactly_the_retrieved_set(calibrated):
     module = types.SimpleNamespace(layer_idx=0)
     out, _ = attn(module, q, k, v, None, scaling=0.3)
     codes = encode_keys(k.transpose(1, 2), centre=centre, scale=scale)
-    ret = retrieve(q[:, :, 0], codes, torch.tensor([n]), cfg, scale=scale)
+    keys = k.transpose(1, 2) if rerank == "keys" else None
+    ret = retrieve(q[:, :, 0], codes, torch.tensor([n]), cfg, scale=scale, keys=keys)
     if calibrated:  # the calibration changes the selection (so the test can see it)
-        plain = retrieve(q[:, :, 0], encode_keys(k.transpose(1, 2)), torch.tensor([n]), cfg)
+        plain = retrieve(
+            q[:, :, 0], encode_keys(k.transpose(1, 2)), torch.tensor([n]), cfg, keys=keys
+        )
         assert not torch.equal(plain.positions, ret.positions)
     mass = []
     for h in range(hq):

@@ -77,22 +77,28 @@ struct KeyPart {
   }
 };
 
-// The rerank by the keys: KEY_PARTS adjacent lanes per kept candidate, two candidates per
-// lane at a time, both loaded before either is summed (as the code rerank below).
-template <int B, typename KT>
-__device__ __forceinline__ void rerank_by_keys(const KT* __restrict__ keys, const float* qk,
-                                               const int* list_slot, const int* list_dest,
-                                               int n_list, int h, int H, int tid, int lane,
-                                               int32_t* out_cand, float* out_est) {
+// The rerank of a block's kept list: PARTS adjacent lanes per candidate, two candidates per
+// lane at a time, both loaded before either is evaluated. A warp enters each round together
+// (t0 is warp-uniform), so each shuffle mask is the ballot of the lanes holding that
+// candidate: whole groups of PARTS lanes, as PARTS divides 32. `load(x, slot, part)` fills a
+// lane's share `x` of the candidate at KV slot `slot`, `score(x, part)` is that share's
+// part of its score; the shares are summed over the lanes and the candidate's first lane
+// writes its slot, and its score times `scale`, at its destination.
+template <int PARTS, typename Share, typename Load, typename Score>
+__device__ __forceinline__ void rerank_list(const int* list_slot, const int* list_dest,
+                                            int n_list, int tid, int lane, float scale,
+                                            int32_t* out_cand, float* out_est, Load load,
+                                            Score score) {
   auto finish = [&](float acc, int i, int part, unsigned mask, int32_t slot) {
 #pragma unroll
-    for (int off = 1; off < KEY_PARTS; off <<= 1) acc += __shfl_xor_sync(mask, acc, off);
+    for (int off = 1; off < PARTS; off <<= 1) acc += __shfl_xor_sync(mask, acc, off);
     if (part == 0) {
-      out_cand[list_dest[i]] = slot;
-      out_est[list_dest[i]] = acc;
+      const int dest = list_dest[i];
+      out_cand[dest] = slot;
+      out_est[dest] = acc * scale;
     }
   };
-  const int tasks = KEY_PARTS * n_list;
+  const int tasks = PARTS * n_list;
   for (int t0 = tid - lane; t0 < tasks; t0 += 2 * THREADS) {
     int ta = t0 + lane, tb = ta + THREADS;
     const bool la = ta < tasks, lb = tb < tasks;
@@ -100,14 +106,14 @@ __device__ __forceinline__ void rerank_by_keys(const KT* __restrict__ keys, cons
     const unsigned mb = __ballot_sync(0xffffffffu, lb);
     ta = la ? ta : 0;
     tb = lb ? tb : 0;
-    const int ia = ta / KEY_PARTS, ib = tb / KEY_PARTS;
-    const int pa = ta % KEY_PARTS, pb = tb % KEY_PARTS;
+    const int ia = ta / PARTS, ib = tb / PARTS;
+    const int pa = ta % PARTS, pb = tb % PARTS;
     const int32_t sa = list_slot[ia], sb = list_slot[ib];
-    KeyPart<B, KT> ka, kb;
-    if (la) ka.load(keys, static_cast<int64_t>(sa) * H + h, pa);
-    if (lb) kb.load(keys, static_cast<int64_t>(sb) * H + h, pb);
-    if (la) finish(ka.dot(qk, pa), ia, pa, ma, sa);
-    if (lb) finish(kb.dot(qk, pb), ib, pb, mb, sb);
+    Share xa, xb;
+    if (la) load(xa, sa, pa);
+    if (lb) load(xb, sb, pb);
+    if (la) finish(score(xa, pa), ia, pa, ma, sa);
+    if (lb) finish(score(xb, pb), ib, pb, mb, sb);
   }
 }
 
@@ -261,42 +267,20 @@ __global__ void __launch_bounds__(THREADS)
   }
   __syncthreads();
 
-  if constexpr (KEYS) {
-    rerank_by_keys<B, KT>(keys, table, list_slot, list_dest, n_list, h, H, tid, lane,
-                          out_cand, out_est);
-    return;
-  }
-  // The rerank: SPLIT lanes per kept record, two records per lane at a time, both loaded
-  // before either is evaluated. A warp enters each round together (t0 is warp-uniform), so
-  // each shuffle mask is the ballot of the lanes holding that record: whole groups of
-  // SPLIT lanes, as SPLIT divides 32.
-  // Sum a record's SPLIT parts over its lanes; its first lane writes the slot and estimate.
-  auto finish = [&](const Part& part, int i, int b0, unsigned mask, int32_t slot) {
-    float acc = part.estimate(table, b0);
-#pragma unroll
-    for (int off = 1; off < SPLIT; off <<= 1) acc += __shfl_xor_sync(mask, acc, off);
-    if (b0 == 0) {
-      const int dest = list_dest[i];
-      out_cand[dest] = slot;
-      out_est[dest] = acc * norm;
-    }
-  };
-  const int tasks = SPLIT * n_list;
-  for (int t0 = tid - lane; t0 < tasks; t0 += 2 * THREADS) {
-    int ta = t0 + lane, tb = ta + THREADS;
-    const bool la = ta < tasks, lb = tb < tasks;
-    const unsigned ma = __ballot_sync(0xffffffffu, la);
-    const unsigned mb = __ballot_sync(0xffffffffu, lb);
-    ta = la ? ta : 0;
-    tb = lb ? tb : 0;
-    const int ia = ta / SPLIT, ib = tb / SPLIT;
-    const int ba = (ta % SPLIT) * NB, bb = (tb % SPLIT) * NB;
-    const int32_t sa = list_slot[ia], sb = list_slot[ib];
-    Part pa, pb;
-    if (la) pa.load(signs, mags, weights, static_cast<int64_t>(sa) * H + h, ba);
-    if (lb) pb.load(signs, mags, weights, static_cast<int64_t>(sb) * H + h, bb);
-    if (la) finish(pa, ia, ba, ma, sa);
-    if (lb) finish(pb, ib, bb, mb, sb);
+  if constexpr (KEYS) {  // KEY_PARTS lanes per candidate, each a quarter of its key
+    rerank_list<KEY_PARTS, KeyPart<B, KT>>(
+        list_slot, list_dest, n_list, tid, lane, 1.f, out_cand, out_est,
+        [&](KeyPart<B, KT>& x, int32_t slot, int p) {
+          x.load(keys, static_cast<int64_t>(slot) * H + h, p);
+        },
+        [&](const KeyPart<B, KT>& x, int p) { return x.dot(table, p); });
+  } else {  // SPLIT lanes per record, NB of its blocks each; the estimate is scaled by ||q||
+    rerank_list<SPLIT, Part>(
+        list_slot, list_dest, n_list, tid, lane, norm, out_cand, out_est,
+        [&](Part& x, int32_t slot, int p) {
+          x.load(signs, mags, weights, static_cast<int64_t>(slot) * H + h, p * NB);
+        },
+        [&](const Part& x, int p) { return x.estimate(table, p * NB); });
   }
 }
 
