@@ -15,7 +15,8 @@ Each prompt is prefilled once, densely, as in serving; its first answer token co
 that prefill, and the rest of the answer is decoded greedily from copies of the same KV
 cache: densely, and for every budget fraction f both with the exact top-k (the zone's
 top-k by exact group-mean q.k: what the budget alone loses) and with ParisKV's retrieval,
-each attending sink + local window + top-k = f x prompt tokens. Both sparse methods run
+each attending sink + local window + top-k = f x prompt tokens (``--methods pariskv_keys``
+adds ParisKV with the rerank by the keys, ``--pariskv-rerank keys``). The sparse methods run
 through the reference integration (``pariskv_tools.hf_attention``: the codec the GPU
 kernels are tested against); with ``--calibration`` ParisKV uses the file's key centres
 and channel scales, as a server given ``--pariskv-calibration`` does. Reported per (task,
@@ -44,7 +45,14 @@ RESULTS = Path(__file__).resolve().parent / "results" / "quality_suite.json"
 TASKS = ("passkey", "multikey_needle", "multivalue_needle", "variable_tracking")
 #: tokens an answer needs at most (7-digit numbers are up to 7 tokens; names 2-3 each)
 MAX_NEW = {"passkey": 10, "multikey_needle": 10, "multivalue_needle": 32, "variable_tracking": 24}
-METHODS = ("exact", "pariskv")
+#: method -> (hf_attention selection, ParisKV rerank)
+METHODS = {
+    "exact": ("exact", "code"),
+    "pariskv": ("pariskv", "code"),
+    "pariskv_keys": ("pariskv", "keys"),
+}
+#: legend of each method in the plot
+LABELS = {"exact": "exact top-k", "pariskv": "ParisKV", "pariskv_keys": "ParisKV, rerank by keys"}
 
 
 def make_task(generators, tok, name: str, context: int, seed: int):
@@ -99,10 +107,13 @@ def run(model, tok, args, calibration=None) -> list[dict]:
                                                 answers["dense"])}  # fmt: skip
             for f in args.budgets:
                 k = topk_for(f, len(prompt), args.sink, args.local)
-                cfg = ParisKVConfig(topk=k, sink=args.sink, local=args.local, dense_threshold=0)
-                for method in METHODS:
+                for method in args.methods:
+                    selection, rerank = METHODS[method]
+                    cfg = ParisKVConfig(
+                        topk=k, sink=args.sink, local=args.local, dense_threshold=0, rerank=rerank
+                    )
                     attn = ParisKVAttention(
-                        cfg, measure=False, selection=method, calibration=calibration
+                        cfg, measure=False, selection=selection, calibration=calibration
                     )
                     install(model, attn)
                     past = copy.deepcopy(out.past_key_values)
@@ -129,7 +140,7 @@ def run(model, tok, args, calibration=None) -> list[dict]:
     return rows
 
 
-def summarise(rows: list[dict], budgets: list[float]) -> list[dict]:
+def summarise(rows: list[dict], budgets: list[float], methods: list[str]) -> list[dict]:
     """Per (task, budget, method): accuracy next to dense's, agreement, identical answers,
     token agreement and log-probability gap with dense's answer teacher-forced."""
     out = []
@@ -138,7 +149,7 @@ def summarise(rows: list[dict], budgets: list[float]) -> list[dict]:
         n = len(mine)
         dense = sum(r["correct"]["dense"] for r in mine) / n
         for f in budgets:
-            for method in METHODS:
+            for method in methods:
                 key = f"{method}@{f}"
                 gap = sum(r["logprob"][key] - r["logprob"]["dense"] for r in mine) / n
                 out.append(
@@ -171,6 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=[0.01, 0.02, 0.05],
         help="attended tokens (sink + local + top-k) as fractions of the prompt",
+    )
+    ap.add_argument(
+        "--methods",
+        nargs="+",
+        choices=list(METHODS),
+        default=["exact", "pariskv"],
+        help="sparse methods beside dense: exact top-k, ParisKV, ParisKV with the rerank by "
+        "the keys",
     )
     ap.add_argument(
         "--calibration",
@@ -214,8 +233,9 @@ def main(argv: list[str] | None = None) -> int:
         "sink": args.sink,
         "local": args.local,
         "budgets": args.budgets,
+        "methods": args.methods,
         "calibration": None if args.calibration is None else str(args.calibration),
-        "summary": summarise(rows, args.budgets),
+        "summary": summarise(rows, args.budgets, args.methods),
         "rows": rows,
         "wall_s": time.perf_counter() - t0,
     }
@@ -234,8 +254,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def plot(report: dict, out: Path) -> Path:
-    """One column per task: accuracy by budget (exact top-k and ParisKV bars, dense a line)
-    above the log-probability gap to dense with dense's answer teacher-forced."""
+    """One column per task: accuracy by budget (a bar per method, dense a line) above the
+    log-probability gap to dense with dense's answer teacher-forced."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -244,17 +264,18 @@ def plot(report: dict, out: Path) -> Path:
     summary = report["summary"]
     names = list(dict.fromkeys(s["task"] for s in summary))
     budgets = report["budgets"]
+    methods = report.get("methods", ["exact", "pariskv"])
+    width = 0.76 / len(methods)
     fig, axes = plt.subplots(2, len(names), figsize=(3.2 * len(names), 6.2), sharey="row")
     axes = axes.reshape(2, len(names))
     for col, name in enumerate(names):
         mine = [s for s in summary if s["task"] == name]
-        for j, method in enumerate(METHODS):
-            xs = [i + (j - 0.5) * 0.38 for i in range(len(budgets))]
+        for j, method in enumerate(methods):
+            xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(budgets))]
             for row, key in enumerate(("acc", "logprob_gap")):
                 ys = [next(s[key] for s in mine if s["method"] == method
                            and s["budget_fraction"] == f) for f in budgets]  # fmt: skip
-                label = "exact top-k" if method == "exact" else "ParisKV"
-                axes[row, col].bar(xs, ys, 0.38, label=label)
+                axes[row, col].bar(xs, ys, width, label=LABELS[method])
         axes[0, col].axhline(mine[0]["dense_acc"], color="k", ls="--", label="dense")
         axes[0, col].set_title(name, fontsize=10)
         axes[0, col].set_ylim(0, 1.05)

@@ -35,8 +35,9 @@ def test_summary_counts_accuracy_agreement_and_identical_answers():
         row("passkey", True, True, True, same_exact=True, same_pariskv=True),
         row("multikey_needle", False, True, False, tok=(0.25, 0.5)),
     ]
-    got = {(s["task"], s["method"]): s for s in bench.summarise(rows, [0.02])}
-    assert set(got) == {(t, m) for t in ("passkey", "multikey_needle") for m in bench.METHODS}
+    methods = ["exact", "pariskv"]
+    got = {(s["task"], s["method"]): s for s in bench.summarise(rows, [0.02], methods)}
+    assert set(got) == {(t, m) for t in ("passkey", "multikey_needle") for m in methods}
     p = got["passkey", "pariskv"]
     assert (p["trials"], p["dense_acc"], p["acc"]) == (3, 2 / 3, 2 / 3)
     assert p["agreement"] == 1 / 3  # only the third prompt scores as dense does
@@ -54,21 +55,23 @@ def test_summary_counts_accuracy_agreement_and_identical_answers():
 def test_a_run_on_a_tiny_model_reports_every_task_budget_and_method(tmp_path):
     path = save_tiny_model(tmp_path / "tiny-llama", "llama")
     out = tmp_path / "suite.json"
+    methods = list(bench.METHODS)
     argv = ["--model", str(path), "--context", "300", "--trials", "1", "--budgets", "0.1",
             "0.5", "--sink", "4", "--local", "8", "--cache-root", str(tmp_path / "cache"),
-            "--out", str(out)]  # fmt: skip
+            "--methods", *methods, "--out", str(out)]  # fmt: skip
     assert bench.main(argv) == 0
     doc = json.loads(out.read_text())
     assert doc["model"]["model_type"] == "llama" and doc["budgets"] == [0.1, 0.5]
     assert [(r["task"], r["seed"]) for r in doc["rows"]] == [(t, 0) for t in bench.TASKS]
     for r in doc["rows"]:
         assert abs(r["prompt_tokens"] - 300) <= 12
-        sparse = {f"{m}@{f}" for m in bench.METHODS for f in (0.1, 0.5)}
+        sparse = {f"{m}@{f}" for m in methods for f in (0.1, 0.5)}
         assert set(r["texts"]) == {"dense"} | sparse
         assert set(r["token_agreement"]) == set(r["logprob"]) == {"dense"} | sparse
         assert r["token_agreement"]["dense"] == 1.0  # dense predicts its own greedy answer
         assert all(0.0 <= a <= 1.0 for a in r["token_agreement"].values())
-    assert doc["summary"] == bench.summarise(doc["rows"], [0.1, 0.5])
+    assert doc["methods"] == methods
+    assert doc["summary"] == bench.summarise(doc["rows"], [0.1, 0.5], methods)
     assert out.with_suffix(".png").stat().st_size > 0
 
 
