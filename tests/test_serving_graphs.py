@@ -76,3 +76,14 @@ def test_min_sparse_tokens_above_every_step_is_sglangs_dense_decode(model_dir, p
     st = dense_steps["stats"]
     assert st["sparse_steps"] == 0 and st["sparse_request_steps"] == 0
     assert st["dense_request_steps"] > 0 and not plain["stats"]
+
+
+def test_the_rerank_by_keys_serves_through_the_captured_graphs(model_dir, plain):
+    """--pariskv-rerank keys: the sparse steps run (the rerank reads the K buffers from
+    inside the captured graphs), and every token decoded densely is SGLang's own."""
+    got = _serve(model_dir, {**CFG, "rerank": "keys"})
+    assert got["stats"]["sparse_request_steps"] > 0
+    dense_tokens = CFG["dense_threshold"] - 220
+    for a, b in zip(got["outs"]["crossing"], plain["outs"]["crossing"]):
+        assert a[:dense_tokens] == b[:dense_tokens]
+    assert got["outs"]["short"] == plain["outs"]["short"]
