@@ -64,10 +64,7 @@ def rerank_topk(
     :func:`select_candidates`. Returns (positions [R, H, k'], valid [R, H, k']) with
     k' = min(topk, C), best first; ties keep the earlier candidate.
     """
-    r, h, c = positions.shape
-    heads = torch.arange(h, device=positions.device)[None, :, None].expand(r, h, c)
-    reqs = torch.arange(r, device=positions.device)[:, None, None].expand(r, h, c)
-    cand = codes.index(reqs, positions, heads)  # [R, H, C, ...]
+    cand = codes.index(*candidate_index(positions))  # [R, H, C, ...]
     est = estimate_inner_products(cand, query.blocks[:, :, None], query.norm[..., None])
     return keep_best(est, positions, valid, topk)
 
@@ -81,13 +78,19 @@ def rerank_topk_by_keys(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`rerank_topk` with the exact inner products of the stored keys ``[R, N, H, D]``
     and the group-mean queries ``[R, H, D]`` (float64 when the keys are)."""
-    r, h, c = positions.shape
     dt = torch.float64 if keys.dtype == torch.float64 else torch.float32
-    heads = torch.arange(h, device=positions.device)[None, :, None].expand(r, h, c)
-    reqs = torch.arange(r, device=positions.device)[:, None, None].expand(r, h, c)
-    cand = keys[reqs, positions, heads].to(dt)  # [R, H, C, D]
+    cand = keys[candidate_index(positions)].to(dt)  # [R, H, C, D]
     est = (cand * mean_query.to(dt)[:, :, None]).sum(-1)
     return keep_best(est, positions, valid, topk)
+
+
+def candidate_index(positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(request, position, head) index tensors, each [R, H, C], that pick each candidate of
+    ``positions [R, H, C]`` from a per-request ``[R, N, H, ...]`` tensor."""
+    r, h, c = positions.shape
+    heads = torch.arange(h, device=positions.device)[None, :, None].expand(r, h, c)
+    reqs = torch.arange(r, device=positions.device)[:, None, None].expand(r, h, c)
+    return reqs, positions, heads
 
 
 def keep_best(

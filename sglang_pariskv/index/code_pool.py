@@ -56,7 +56,6 @@ class CodePool:
         record_bytes(head_dim)  # validates head_dim
         self.num_slots, self.num_kv_heads, self.head_dim = num_slots, num_kv_heads, head_dim
         self.seed = seed
-        self.records = records
         # On CUDA the fused Triton kernel writes codes in place (encoder None); elsewhere
         # (CPU tests) the codec encodes and the codes are scattered.
         self.encoder = None if torch.device(device).type == "cuda" else encode_keys

@@ -24,6 +24,20 @@ from sglang_pariskv.codec.levels import magnitude_levels
 
 
 @triton.jit
+def _candidate_block(counts_ptr, CMAX, H: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's block of one (request, KV head) row's candidates: the row r * H + h,
+    the request r, the head h, the row's count C, the block's first index, its candidate
+    indices [BLOCK_C] and their offsets in the row-major ``[R * H, CMAX]`` candidate and
+    estimate arrays."""
+    row = tl.program_id(0)
+    first = tl.program_id(1) * BLOCK_C
+    r = row // H
+    c = tl.load(counts_ptr + r)
+    idx = first + tl.arange(0, BLOCK_C)
+    return row, r, row % H, c, first, idx, row.to(tl.int64) * CMAX + idx
+
+
+@triton.jit
 def _rerank_kernel(
     cand_ptr,
     counts_ptr,
@@ -39,14 +53,8 @@ def _rerank_kernel(
     B: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    row = tl.program_id(0)  # r * H + h
-    blk = tl.program_id(1)
-    r = row // H
-    h = row % H
-    c = tl.load(counts_ptr + r)
-    idx = blk * BLOCK_C + tl.arange(0, BLOCK_C)
-    out = row.to(tl.int64) * CMAX + idx
-    if blk * BLOCK_C < c:
+    row, _, h, c, first, idx, out = _candidate_block(counts_ptr, CMAX, H, BLOCK_C)
+    if first < c:
         valid = idx < c
         slot = tl.load(cand_ptr + out, mask=valid, other=0).to(tl.int64)
         rec = slot * H + h
@@ -123,14 +131,8 @@ def _rerank_keys_kernel(
     BLOCK_G: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    row = tl.program_id(0)  # r * H + h
-    blk = tl.program_id(1)
-    r = row // H
-    h = row % H
-    c = tl.load(counts_ptr + r)
-    idx = blk * BLOCK_C + tl.arange(0, BLOCK_C)
-    out = row.to(tl.int64) * CMAX + idx
-    if blk * BLOCK_C < c:
+    _, r, h, c, first, idx, out = _candidate_block(counts_ptr, CMAX, H, BLOCK_C)
+    if first < c:
         valid = idx < c
         d = tl.arange(0, D)
         g = tl.arange(0, BLOCK_G)

@@ -133,8 +133,6 @@ class DecodeWorkspace:
         if num_q_heads % num_kv_heads:
             raise ValueError(f"{num_q_heads} query heads over {num_kv_heads} KV heads")
         self.config = config
-        #: "code" or "keys": what the rerank stage reads (``config.rerank``).
-        self.rerank = config.rerank
         self.hq, self.hkv, self.d = num_q_heads, num_kv_heads, head_dim
         self.b = head_dim // 8
         self.max_batch, self.max_context = max_batch, max_context
@@ -252,7 +250,7 @@ class DecodeWorkspace:
         r = q.shape[0]
         if r != self._r:
             raise ValueError(f"run() with batch {r} but the last plan() was for {self._r}")
-        if self.rerank == "keys" and keys is None:
+        if self.config.rerank == "keys" and keys is None:
             raise ValueError("the rerank by the keys needs the layer's K buffer: pass keys")
         self._st = SimpleNamespace(
             q=q,
@@ -343,7 +341,7 @@ class DecodeWorkspace:
     def _stage_rerank(self) -> None:
         st = self._st
         codes = st.codes
-        by_keys = self.rerank == "keys"
+        by_keys = self.config.rerank == "keys"
         if self.use_cuda:
             select_rerank_cuda(
                 st.scores,
