@@ -298,9 +298,9 @@ def plot(path: Path) -> Path:
 
 
 def combine(paths: list[Path], git_commit: str | None = None) -> dict:
-    """Runs of one device (one file per batch size, each with the ``weights`` mode) as one
-    results file: the runs as written, and per batch what retrieval adds to a step in each
-    step mode (its ``step_ms`` minus the weights-only step's)."""
+    """Runs of one device (one file per batch size and rerank, each with the ``weights``
+    mode) as one results file: the runs as written, and per batch and rerank what retrieval
+    adds to a step in each step mode (its ``step_ms`` minus the weights-only step's)."""
     runs = [json.loads(p.read_text()) for p in paths]
     devices = sorted({r["device"] for r in runs})
     if len(devices) != 1:
@@ -311,7 +311,8 @@ def combine(paths: list[Path], git_commit: str | None = None) -> dict:
         if "weights" not in modes:
             raise SystemExit(f"--combine: {path} has no 'weights' mode; rerun it with one")
         floor = modes["weights"]["step_ms"]
-        added[str(r["batch"])] = {
+        rerank = r.get("rerank", "code")  # runs of both reranks: one column each per batch
+        added[str(r["batch"]) if rerank == "code" else f"{r['batch']} ({rerank})"] = {
             m: modes[m]["step_ms"] - floor for m in STEP_MODES if m in modes
         }  # fmt: skip
     out = {"device": devices[0], "versions": runs[0]["versions"]}
