@@ -40,11 +40,13 @@ def test_collision_a_step_ahead_attends_to_the_inline_steps_indices():
     assert all(got[m]["step_ms"] > 0 for m in got)
 
 
-def _run_file(path, device, batch, step_ms):
+def _run_file(path, device, batch, step_ms, rerank=None):
     import json
 
     modes = {m: {"step_ms": v} for m, v in step_ms.items()}
     rep = {"device": device, "versions": {}, "N": 131072, "batch": batch, "layers": 32}
+    if rerank is not None:
+        rep["rerank"] = rerank
     path.write_text(json.dumps(rep | {"weight_mb_per_layer": 436.0, "modes": modes}))
     return path
 
@@ -62,6 +64,14 @@ def test_combine_subtracts_each_runs_weights_step_per_batch(tmp_path):
         "8": {"step": 6.0, "lagged_late_step": 5.0},
     }
     assert got["git_commit"] == "abc1234" and [r["batch"] for r in got["runs"]] == [1, 8]
+
+
+def test_combine_keeps_both_reranks_of_one_batch_apart(tmp_path):
+    from bench_retrieval_in_step import combine
+
+    a = _run_file(tmp_path / "a.json", "H", 5, {"step": 11.0, "weights": 6.0}, "code")
+    b = _run_file(tmp_path / "b.json", "H", 5, {"step": 10.5, "weights": 6.0}, "keys")
+    assert combine([a, b])["added_ms"] == {"5": {"step": 5.0}, "5 (keys)": {"step": 4.5}}
 
 
 def test_combine_refuses_mixed_devices_and_runs_without_the_weights_floor(tmp_path):
