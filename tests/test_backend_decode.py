@@ -27,6 +27,7 @@ from sglang_pariskv.attention.offload_wiring import OffloadDecode
 from sglang_pariskv.attention.step_graphs import StepGraphs
 from sglang_pariskv.codec import encode_keys, retrieve, sparse_attention
 from sglang_pariskv.config import ParisKVConfig
+from sglang_pariskv.index.kv_pool import ParisKVTokenToKVPool
 from sglang_pariskv.kernels import DecodeWorkspace
 from sglang_pariskv.offload.kv_pool import HostOffloadKVPool
 from tests.test_plugin_pool import cpu_pool_only, make_pool
@@ -129,9 +130,14 @@ def decode_batch(rtp, rpi, seq, locs) -> types.SimpleNamespace:
 def setup(monkeypatch, request):
     """The backend over SGLang's pool, or over host offload's pool with a hot cache (the
     dense stand-in then reads the host pool, the sparse call the staged rows)."""
+    return make_backend(monkeypatch, CFG, offload=request.param == "host_offload")
+
+
+def make_backend(monkeypatch, cfg: ParisKVConfig, offload: bool = False):
+    """(backend, pool, req_to_token pool) for ``cfg``, the pool's codes laid out for it."""
     monkeypatch.setattr(FlashInferAttnBackend, "forward_decode", dense_decode_stand_in)
     monkeypatch.setattr(FlashInferAttnBackend, "init_forward_metadata", lambda self, fb: None)
-    offload = request.param == "host_offload"
+    monkeypatch.setattr(ParisKVTokenToKVPool, "pariskv_config", cfg)
     pool = make_pool(
         2048, heads=HKV, head_dim=D, layers=1, dtype=torch.float32,
         cls=HostOffloadKVPool if offload else None,
@@ -139,37 +145,69 @@ def setup(monkeypatch, request):
     rtp = ReqToTokenPool(size=4, max_context_len=MAX_CTX, device="cpu", enable_memory_saver=False)
     b = object.__new__(ParisKVAttnBackend)  # no FlashInfer workspace: CPU stand-ins above
     ws = DecodeWorkspace(
-        CFG, HQ, HKV, D, max_batch=4, max_context=MAX_CTX, device="cpu",
+        cfg, HQ, HKV, D, max_batch=4, max_context=MAX_CTX, device="cpu",
         chunk=64, scan_block=16, scan_tiles=4,
     )  # fmt: skip
     b.__dict__.update(
-        config=CFG, token_to_kv_pool=pool, req_to_token_pool=rtp, codes=pool.pariskv,
+        config=cfg, token_to_kv_pool=pool, req_to_token_pool=rtp, codes=pool.pariskv,
         hkv=HKV, d=D, hq=HQ, tp_rank=0, ws=ws, eager_sparse=TorchHeadAsBatch(ws),
         graph_sparse={}, _sparse=None, _rpi32=None, scale=(SCALE, 0.0),
         _dense_dev=torch.zeros(4, dtype=torch.bool), offload=None, _retrieval_stream=None,
-        graphs=StepGraphs(), deferred=DeferredCodes(pool, CFG, offloaded=offload),
+        graphs=StepGraphs(), deferred=DeferredCodes(pool, cfg, offloaded=offload),
     )  # fmt: skip
     b.observer = DecodeObserver(num_layers=1, tp_rank=0, extra_snapshot=b._offload_snapshot)
     if offload:
         # 32 lines for ~2x(28 + 2) rows per step: hits, conflicts and overflow all occur
-        small = dataclasses.replace(CFG, offload="host", host_pool_gb=1.0, hot_cache_lines=32)
+        small = dataclasses.replace(cfg, offload="host", host_pool_gb=1.0, hot_cache_lines=32)
         b.offload = OffloadDecode(pool, small, ws)
     return b, pool, rtp
 
 
-def oracle(pool, rtp, rpi, seq, q):
+def oracle(pool, rtp, rpi, seq, q, cfg: ParisKVConfig = CFG):
     """Float64: retrieve over the requests' own codes (with the pool's calibration scales
-    on the query side), attend the selected positions."""
+    on the query side; with ``cfg.rerank == "keys"`` ranking by the pool's keys), attend
+    the selected positions."""
     out = []
     scale = pool.pariskv.calibration(0)[1]
     for i in range(len(rpi)):
         slots = rtp.req_to_token[rpi[i], : seq[i]].long()
         codes = pool.pariskv.layers[0].index(slots[None])
-        sel = retrieve(q[i : i + 1].double(), codes, torch.tensor([seq[i]]), CFG, scale=scale)
         kk = pool.get_key_buffer(0)[slots][None].double()
         vv = pool.get_value_buffer(0)[slots][None].double()
+        sel = retrieve(q[i : i + 1].double(), codes, torch.tensor([seq[i]]), cfg, scale=scale,
+                       keys=kk)  # fmt: skip
         out.append(sparse_attention(q[i : i + 1].double(), kk, vv, sel.positions, sel.valid))
     return torch.cat(out)
+
+
+def prefill_random(pool, rtp, layer, rpi, seq, gen) -> int:
+    """A "prefill": request ``rpi[j]`` gets ``seq[j]`` random K/V rows (and their codes) at
+    consecutive slots from 1. Returns the next free slot."""
+    next_slot = 1
+    for i, n in zip(rpi, seq):
+        slots = torch.arange(next_slot, next_slot + n)
+        next_slot += n
+        rtp.req_to_token[i, :n] = slots.to(torch.int32)
+        pool.set_kv_buffer(layer, slots, torch.randn(n, HKV, D, generator=gen),
+                           torch.randn(n, HKV, D, generator=gen))  # fmt: skip
+    return next_slot
+
+
+def decode_steps(b, rtp, layer, rpi, seq, next_slot, gen, steps):
+    """``steps`` decode steps of requests ``rpi`` (``seq`` tokens before the first), each
+    with random q/k/v and new slots from ``next_slot``, through the backend. Yields (the
+    forward batch, its sequence lengths, q [R, Hq, D], k [R, Hkv, D], output [R, Hq, D])."""
+    for _ in range(steps):
+        seq = [n + 1 for n in seq]
+        loc = torch.arange(next_slot, next_slot + len(rpi))
+        next_slot += len(rpi)
+        fb = decode_batch(rtp, rpi, seq, loc)
+        q = torch.randn(len(rpi), HQ, D, generator=gen)
+        k = torch.randn(len(rpi), HKV, D, generator=gen)
+        v = torch.randn(len(rpi), HKV, D, generator=gen)
+        b.init_forward_metadata(fb)
+        got = b.forward_decode(q.reshape(len(rpi), -1), k, v, layer, fb).view(-1, HQ, D)
+        yield fb, seq, q, k, got
 
 
 @pytest.mark.parametrize("calibrated", [False, True])
@@ -183,24 +221,10 @@ def test_mixed_batch_decode_matches_the_oracle_over_steps(setup, calibrated):
         pool.pariskv.scales = torch.rand(1, HKV, D, generator=gen) * 4 + 0.2
     rpi, seq = [3, 1], [300, 40]  # one sparse request (300 > 64), one dense (40)
     layer = types.SimpleNamespace(layer_id=0, is_cross_attention=False)
-    next_slot = 1
-    for i, n in zip(rpi, seq):  # "prefill": KV (and codes) written
-        slots = torch.arange(next_slot, next_slot + n)
-        next_slot += n
-        rtp.req_to_token[i, :n] = slots.to(torch.int32)
-        k = torch.randn(n, HKV, D, generator=gen)
-        pool.set_kv_buffer(layer, slots, k, torch.randn(n, HKV, D, generator=gen))
-    for _step in range(3):
-        seq = [n + 1 for n in seq]
-        loc = torch.arange(next_slot, next_slot + len(rpi))
-        next_slot += len(rpi)
-        fb = decode_batch(rtp, rpi, seq, loc)
-        q = torch.randn(len(rpi), HQ, D, generator=gen)
-        k = torch.randn(len(rpi), HKV, D, generator=gen)
-        v = torch.randn(len(rpi), HKV, D, generator=gen)
-        b.init_forward_metadata(fb)
-        got = b.forward_decode(q.reshape(len(rpi), -1), k, v, layer, fb).view(-1, HQ, D)
-        want = oracle(pool, rtp, rpi, seq, q)
+    next_slot = prefill_random(pool, rtp, layer, rpi, seq, gen)
+    for step in decode_steps(b, rtp, layer, rpi, seq, next_slot, gen, 3):
+        fb, lens, q, _k, got = step  # fb: the last step's batch is planned again below
+        want = oracle(pool, rtp, rpi, lens, q)
         assert b._dense_dev[:2].tolist() == [False, True]
         torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-5)
     assert b.observer.stats.sparse_steps == 3
@@ -221,6 +245,35 @@ def test_mixed_batch_decode_matches_the_oracle_over_steps(setup, calibrated):
         assert snap["offload_host_pool_gib"] > 0
         got = reg.get_sample_value("sglang:pariskv_hot_cache_hits_total", {"tp_rank": "0"})
         assert got == st["hits"]
+
+
+def test_the_rerank_by_keys_ranks_by_the_layers_stored_keys(monkeypatch):
+    """--pariskv-rerank keys: over a pool holding sign signatures only, the backend hands
+    retrieval the layer's K buffer, and a mixed batch matches the oracle that ranks the
+    candidates by those keys, step after step (each step's new keys and signatures
+    written by the backend). Ranking by the 3-bit code instead selects other keys here,
+    so the test tells the two apart."""
+    cfg = dataclasses.replace(CFG, rerank="keys")
+    b, pool, rtp = make_backend(monkeypatch, cfg)
+    assert pool.pariskv.layers[0].mags.numel() == 0  # no records to rank by
+    gen = torch.Generator().manual_seed(5)
+    rpi, seq = [3, 1], [300, 40]
+    layer = types.SimpleNamespace(layer_id=0, is_cross_attention=False)
+    next_slot = prefill_random(pool, rtp, layer, rpi, seq, gen)
+    differs = 0
+    for fb, lens, q, k, got in decode_steps(b, rtp, layer, rpi, seq, next_slot, gen, 3):
+        got = got.double()
+        torch.testing.assert_close(got, oracle(pool, rtp, rpi, lens, q, cfg), atol=2e-5,
+                                   rtol=1e-5)  # fmt: skip
+        assert torch.equal(pool.pariskv.layers[0].signs[fb.out_cache_loc], encode_keys(k).signs)
+        slots = rtp.req_to_token[rpi[0], : lens[0]].long()
+        kk = pool.get_key_buffer(0)[slots][None].double()
+        by_code = retrieve(q[:1].double(), encode_keys(kk), torch.tensor(lens[:1]), CFG)
+        by_code = sparse_attention(q[:1].double(), kk, pool.get_value_buffer(0)[slots][None]
+                                   .double(), by_code.positions, by_code.valid)  # fmt: skip
+        differs += not torch.allclose(got[:1], by_code, atol=2e-5, rtol=1e-5)
+    assert differs > 0
+    assert b.observer.stats.totals.sparse_request_steps == 3
 
 
 def test_step_tensors_are_made_inside_every_captured_run(setup, monkeypatch):
@@ -373,24 +426,10 @@ def test_a_dense_layer_attends_every_row_over_its_whole_context(setup, monkeypat
     gen = torch.Generator().manual_seed(1)
     rpi, seq = [3, 1], [300, 40]
     layer = types.SimpleNamespace(layer_id=0, is_cross_attention=False)
-    next_slot = 1
-    for i, n in zip(rpi, seq):
-        slots = torch.arange(next_slot, next_slot + n)
-        next_slot += n
-        rtp.req_to_token[i, :n] = slots.to(torch.int32)
-        pool.set_kv_buffer(layer, slots, torch.randn(n, HKV, D, generator=gen),
-                           torch.randn(n, HKV, D, generator=gen))  # fmt: skip
-    for _step in range(2):
-        seq = [n + 1 for n in seq]
-        loc = torch.arange(next_slot, next_slot + len(rpi))
-        next_slot += len(rpi)
-        fb = decode_batch(rtp, rpi, seq, loc)
-        q = torch.randn(len(rpi), HQ, D, generator=gen)
-        k = torch.randn(len(rpi), HKV, D, generator=gen)
-        b.init_forward_metadata(fb)
-        got = b.forward_decode(q.reshape(2, -1), k, k, layer, fb).view(-1, HQ, D)
-        torch.testing.assert_close(got.double(), dense_oracle(pool, rtp, rpi, seq, q),
+    next_slot = prefill_random(pool, rtp, layer, rpi, seq, gen)
+    for fb, lens, q, k, got in decode_steps(b, rtp, layer, rpi, seq, next_slot, gen, 2):
+        torch.testing.assert_close(got.double(), dense_oracle(pool, rtp, rpi, lens, q),
                                    atol=2e-5, rtol=1e-5)  # fmt: skip
-        assert seen[-1] == ("full plan", sum(seq)) and planned[-1] == sum(seq)
+        assert seen[-1] == ("full plan", sum(lens)) and planned[-1] == sum(lens)
         assert b.forward_metadata == "the 1-token plan"
-        assert torch.equal(pool.pariskv.layers[0].signs[loc], encode_keys(k).signs)
+        assert torch.equal(pool.pariskv.layers[0].signs[fb.out_cache_loc], encode_keys(k).signs)

@@ -135,7 +135,8 @@ def _sglang_capture_sizes(server_args, pool_size: int) -> list[int]:
     )
     stand_ins = {
         "get_cuda_graph_batch_size_alignment": lambda *a, **k: 1,
-        "get_cuda_graph_max_batch_size": lambda sa, n: n,
+        # (server_args, n) up to 0.5.18, (n) from 0.5.19: n, at alignment 1
+        "get_cuda_graph_max_batch_size": lambda *a: a[-1],
         "get_exec": lambda: published,
         "get_flags": lambda: ns(capture=ns(enable_torch_compile=False)),
         "DllmConfig": ns(from_server_args=lambda sa: None),
