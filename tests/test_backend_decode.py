@@ -247,16 +247,21 @@ def test_mixed_batch_decode_matches_the_oracle_over_steps(setup, calibrated):
         assert got == st["hits"]
 
 
-def test_the_rerank_by_keys_ranks_by_the_layers_stored_keys(monkeypatch):
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_the_rerank_by_keys_ranks_by_the_layers_stored_keys(monkeypatch, calibrated):
     """--pariskv-rerank keys: over a pool holding sign signatures only, the backend hands
     retrieval the layer's K buffer, and a mixed batch matches the oracle that ranks the
     candidates by those keys, step after step (each step's new keys and signatures
     written by the backend). Ranking by the 3-bit code instead selects other keys here,
-    so the test tells the two apart."""
+    so the test tells the two apart. With a calibration, its scales shape the collision
+    stage's query and the rerank still ranks by the raw keys, as attention weighs them."""
     cfg = dataclasses.replace(CFG, rerank="keys")
     b, pool, rtp = make_backend(monkeypatch, cfg)
     assert pool.pariskv.layers[0].mags.numel() == 0  # no records to rank by
     gen = torch.Generator().manual_seed(5)
+    if calibrated:
+        pool.pariskv.centres = torch.randn(1, HKV, D, generator=gen)
+        pool.pariskv.scales = torch.rand(1, HKV, D, generator=gen) * 4 + 0.2
     rpi, seq = [3, 1], [300, 40]
     layer = types.SimpleNamespace(layer_id=0, is_cross_attention=False)
     next_slot = prefill_random(pool, rtp, layer, rpi, seq, gen)
@@ -265,7 +270,9 @@ def test_the_rerank_by_keys_ranks_by_the_layers_stored_keys(monkeypatch):
         got = got.double()
         torch.testing.assert_close(got, oracle(pool, rtp, rpi, lens, q, cfg), atol=2e-5,
                                    rtol=1e-5)  # fmt: skip
-        assert torch.equal(pool.pariskv.layers[0].signs[fb.out_cache_loc], encode_keys(k).signs)
+        centre, scale = pool.pariskv.calibration(0)
+        want = encode_keys(k, centre=centre, scale=scale).signs
+        assert torch.equal(pool.pariskv.layers[0].signs[fb.out_cache_loc], want)
         slots = rtp.req_to_token[rpi[0], : lens[0]].long()
         kk = pool.get_key_buffer(0)[slots][None].double()
         by_code = retrieve(q[:1].double(), encode_keys(kk), torch.tensor(lens[:1]), CFG)
